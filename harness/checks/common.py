@@ -1,0 +1,284 @@
+"""Shared machinery of the checks: thresholds, the run context, cell verdict rules, observations.
+
+Observations are measurements of the target that several checks use (the rotation op's matrix, the
+quantiser's sign vectors, centroid tables, decision thresholds). They are measured once per context
+and cached; every one is a function of the target only, never of the fork's source.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from harness.errors import HarnessError, ProbeCrash, Unsupported
+from harness.reference import turbo as T
+from harness.reference.wht import factor_signed_wht, signed_wht_matrix
+from harness.report.model import Cell, Verdict
+from harness.targets.base import Target
+
+THRESHOLDS_FILE = Path(__file__).resolve().parents[2] / "checks" / "thresholds.toml"
+
+
+def load_thresholds(path: Path | None = None) -> dict:
+    """Thresholds as {section: {key: value}}; reasons under {section: {key + '_reason': text}}.
+
+    Raises:
+        HarnessError: missing file or an entry without a reason.
+    """
+    p = Path(path or THRESHOLDS_FILE)
+    if not p.is_file():
+        raise HarnessError(f"threshold file {p} not found")
+    raw = tomllib.loads(p.read_text())
+    out: dict = {}
+    for sec, entries in raw.items():
+        out[sec] = {}
+        for k, v in entries.items():
+            if not isinstance(v, dict) or "value" not in v or not v.get("reason"):
+                raise HarnessError(f"{p}: [{sec}] {k} needs a value and a one-line reason")
+            out[sec][k] = v["value"]
+            out[sec][k + "_reason"] = v["reason"]
+    return out
+
+
+@dataclass
+class Context:
+    """Everything a check needs: the target, which backend is production, thresholds, evidence dir.
+
+    Args:
+        target: the thing under test.
+        target_backend: production backend name (deviations there FAIL; elsewhere PARTIAL).
+        types: turbo types to check.
+        evidence_dir: folder for evidence files (None: keep nothing).
+        seed: RNG seed for all generated data.
+    """
+
+    target: Target
+    target_backend: str
+    types: list[str]
+    thresholds: dict
+    evidence_dir: Path | None = None
+    seed: int = 1234
+    backends_filter: list[str] | None = None
+    _cache: dict = field(default_factory=dict)
+    log: Callable[[str], None] = lambda s: None
+
+    def rng(self, salt: str) -> np.random.Generator:
+        return np.random.default_rng(abs(hash((self.seed, salt))) % (2 ** 32) if False else
+                                     (self.seed + sum(map(ord, salt)) * 7919) % (2 ** 32))
+
+    def backends(self):
+        bs = self.target.backends()
+        if self.backends_filter:
+            bs = [b for b in bs if b.name in self.backends_filter]
+        return bs
+
+    def th(self, sec: str, key: str):
+        return self.thresholds[sec][key]
+
+    def is_target(self, backend: str, route: str) -> bool:
+        """Production path: on the target backend, and not the reference quantiser no model calls."""
+        return backend == self.target_backend and route != "quantize_chunk"
+
+    def cell(self, check: str, type_: str, backend: str, route: str, metric: str, value, threshold, raw: Verdict,
+             op: str = "<=", caveat: str = "", evidence=None, details=None) -> Cell:
+        """Make a cell, demoting a FAIL on a non-target path to PARTIAL (spec: target vs fallback)."""
+        tgt = self.is_target(backend, route)
+        path = f"{backend}:{route}"
+        v = raw
+        if raw == Verdict.FAIL and not tgt:
+            v = Verdict.PARTIAL
+            caveat = (caveat + "; " if caveat else "") + (
+                f"only on non-target path {path}: anything that uses this path gets the deviation")
+        return Cell(check=check, type=type_, path=path, metric=metric,
+                    value=None if value is None else float(value),
+                    threshold=None if threshold is None else float(threshold), verdict=v, op=op,
+                    caveat=caveat, target=tgt, evidence=list(evidence or []), details=_jsonable(details or {}))
+
+    def evidence(self, check: str, name: str, **arrays) -> list[str]:
+        """Save arrays/numbers to <evidence_dir>/<check>/<name>.npz (+ .json summary of scalars).
+
+        Returns the run-folder-relative paths (empty when evidence is not kept).
+        """
+        if self.evidence_dir is None:
+            return []
+        d = Path(self.evidence_dir) / check
+        d.mkdir(parents=True, exist_ok=True)
+        safe = name.replace(":", "_").replace("/", "_")
+        np.savez_compressed(d / f"{safe}.npz", **{k: np.asarray(v) for k, v in arrays.items()})
+        return [f"evidence/{check}/{safe}.npz"]
+
+    def cached(self, key, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def guarded(ctx: Context, check: str, type_: str, backend: str, route: str, fn) -> list[Cell]:
+    """Run fn() -> list[Cell]; turn Unsupported into a SKIP cell and crashes/errors into an ERROR cell."""
+    try:
+        return fn()
+    except Unsupported as e:
+        return [Cell(check=check, type=type_, path=f"{backend}:{route}", metric="-", value=None, threshold=None,
+                     verdict=Verdict.SKIP, caveat=f"not supported: {e}", target=ctx.is_target(backend, route))]
+    except (ProbeCrash, HarnessError) as e:
+        return [Cell(check=check, type=type_, path=f"{backend}:{route}", metric="-", value=None, threshold=None,
+                     verdict=Verdict.ERROR, caveat=str(e), target=ctx.is_target(backend, route))]
+    except Exception as e:  # a harness bug must not kill the run; it is an ERROR with its location
+        tb = traceback.extract_tb(e.__traceback__)[-1]
+        return [Cell(check=check, type=type_, path=f"{backend}:{route}", metric="-", value=None, threshold=None,
+                     verdict=Verdict.ERROR, caveat=f"harness error {type(e).__name__}: {e} at {tb.filename}:{tb.lineno}",
+                     target=ctx.is_target(backend, route))]
+
+
+def quant_paths(ctx: Context):
+    """[(backend, route)] of every quantise path of the selected backends."""
+    return [(b.name, r) for b in ctx.backends() for r in ctx.target.routes(b.name).quantize]
+
+
+def decode_route(ctx: Context, backend: str, type_name: str = "turbo3") -> str:
+    """The first decode route of a backend that works for this type (cached). Raises Unsupported."""
+    def pick():
+        errs = []
+        for r in ctx.target.routes(backend).decode:
+            try:
+                raw = T.pack(type_name, np.zeros((1, 128), np.uint8), np.ones(1))
+                ctx.target.decode(backend, r, type_name, raw.reshape(-1), 1, 128)
+                return r
+            except (Unsupported, ProbeCrash, HarnessError) as e:
+                errs.append(f"{r}: {e}")
+        raise Unsupported(f"no decode route for {type_name} on {backend} ({'; '.join(errs)})")
+    return ctx.cached(("decode_route", backend, type_name), pick)
+
+
+# ----------------------------------------------------------------------------- observations
+
+def op_matrices(ctx: Context, backend: str) -> dict:
+    """Forward and inverse matrices of the backend's rotation op, from the 128 basis vectors.
+
+    Returns {'R': float64 (128,128) with R @ e_j = column j, 'Rinv': same for the inverse op,
+    'factor': factor_signed_wht(R)}. Raises Unsupported when the op is absent.
+    """
+    def measure():
+        eye = np.eye(128, dtype=np.float32)
+        R = ctx.target.wht(backend, eye, 0, 128).astype(np.float64).T
+        Rinv = ctx.target.wht(backend, eye, 1, 128).astype(np.float64).T
+        return {"R": R, "Rinv": Rinv, "factor": factor_signed_wht(R)}
+    return ctx.cached(("op", backend), measure)
+
+
+def centroid_table(ctx: Context, backend: str, route: str, type_name: str) -> np.ndarray:
+    """Centroid table read by decoding one block per index value (all indices = k, norm 1).
+
+    Packing order cannot affect it. Returns float64 (2**bits,) in index order.
+    """
+    def measure():
+        f = T.fmt(type_name)
+        idx = np.repeat(np.arange(f.levels, dtype=np.uint8)[:, None], 128, axis=1)
+        raw = T.pack(type_name, idx, np.ones(f.levels)).reshape(-1)
+        dec = ctx.target.decode(backend, route, type_name, raw, f.levels, 128).astype(np.float64)
+        return dec[:, 0].copy(), float(np.max(np.abs(dec - dec[:, :1])))
+    return ctx.cached(("table", backend, route, type_name), measure)[0]
+
+
+def own_indices(ctx: Context, backend: str, type_name: str, raw: np.ndarray, nrows: int) -> np.ndarray:
+    """Indices of quantised rows as the backend itself decodes them (packing-order independent).
+
+    Decoded value / stored norm, snapped to the nearest entry of the backend's own table (sorted
+    ascending, so index 0 is the most negative centroid). Returns int array (nrows * ncols/128, 128).
+    """
+    route = decode_route(ctx, backend, type_name)
+    table = np.sort(centroid_table(ctx, backend, route, type_name))
+    f = T.fmt(type_name)
+    blocks = np.asarray(raw, np.uint8).reshape(-1, f.block_bytes)
+    norms = blocks[:, 0:2].copy().view(np.float16).astype(np.float64).reshape(-1)
+    dec = ctx.target.decode(backend, route, type_name, raw, nrows, blocks.shape[0] * 128 // nrows).reshape(-1, 128)
+    safe = np.where(np.isfinite(norms) & (norms != 0), norms, 1.0)
+    u = dec.astype(np.float64) / safe[:, None]
+    return np.argmin(np.abs(u[..., None] - table[None, None, :]), axis=-1)
+
+
+def quantizer_rotation(ctx: Context, backend: str, route: str, type_name: str) -> dict:
+    """Sign pattern of the quantiser's rotation, from quantising the 128 basis vectors.
+
+    Quantising e_j stores the rotated image R e_j = column j of R, whose entries are ±1/sqrt(128);
+    the sign of each decoded coordinate gives sign(R_ij). Returns factor_signed_wht's dict of the
+    sign matrix, plus 'R' = the signed WHT it implies (or None when it is not one).
+    """
+    def measure():
+        eye = np.eye(128, dtype=np.float32)
+        raw = ctx.target.quantize(backend, route, type_name, eye)
+        route_d = decode_route(ctx, backend, type_name)
+        dec = ctx.target.decode(backend, route_d, type_name, raw, 128, 128).astype(np.float64)
+        S = np.sign(dec).T / np.sqrt(128)  # column j from row j
+        fac = factor_signed_wht(S)
+        fac["R"] = signed_wht_matrix(fac["s1"], fac["s2"]) if fac["is_signed_wht"] else None
+        return fac
+    return ctx.cached(("qrot", backend, route, type_name), measure)
+
+
+def _probe_rows(R: np.ndarray, t: np.ndarray, coord: int, table: np.ndarray, ref_coord: int) -> np.ndarray:
+    """Rows x = R^T y with unit y: y[coord] = t, y[ref_coord] = outermost centroid, others at centroids."""
+    from scipy.stats import norm as _norm
+    g = _norm.ppf((np.arange(128) + 0.5) / 128) / np.sqrt(128)  # Gaussian-like spread of coordinates
+    g = np.random.default_rng(7).permutation(g)
+    rest = table[np.argmin(np.abs(g[:, None] - table[None, :]), axis=1)]  # each at a centroid: far from thresholds
+    rest[ref_coord] = table[-1]
+    rest[coord] = 0.0
+    rn = np.linalg.norm(rest)
+    y = np.repeat(rest[None, :], len(t), axis=0)
+    y *= (np.sqrt(1 - t ** 2) / rn)[:, None]
+    y[:, coord] = t
+    return (y @ R).astype(np.float32)  # R^T y as rows: y @ R
+
+
+def decision_thresholds(ctx: Context, backend: str, route: str, type_name: str, half_width: float = 2e-3,
+                        coord: int = 3, ref_coord: int = 77) -> dict:
+    """Measure the quantiser's decision thresholds by sweeping one rotated coordinate across each.
+
+    Inputs are built in the rotated domain with the quantiser's own rotation (quantizer_rotation;
+    the op's matrix when the quantiser is not a signed WHT), so the swept coordinate's value is known.
+    Two grids of 256 points locate each transition to ~1e-8. Returns {'thresholds': float64 (k-1,)
+    (NaN where no transition was found within the window), 'midpoints': (k-1,)}.
+    """
+    def measure():
+        table = np.sort(centroid_table(ctx, backend, decode_route(ctx, backend, type_name), type_name))
+        qr = quantizer_rotation(ctx, backend, route, type_name)
+        R = qr["R"] if qr["R"] is not None else op_matrices(ctx, backend)["R"]
+        mids = 0.5 * (table[1:] + table[:-1])
+        gaps = np.diff(table)
+
+        def index_of(ts):
+            x = _probe_rows(R, ts, coord, table, ref_coord)
+            raw = ctx.target.quantize(backend, route, type_name, x)
+            dec = ctx.target.decode(backend, decode_route(ctx, backend, type_name), type_name, raw, len(ts), 128)
+            dec = dec.astype(np.float64)
+            ratio = dec[:, coord] / np.where(dec[:, ref_coord] != 0, dec[:, ref_coord], 1.0)
+            return np.argmin(np.abs(ratio[:, None] - (table / table[-1])[None, :]), axis=1)
+
+        found = np.full(len(mids), np.nan)
+        for i, m in enumerate(mids):
+            w = min(half_width, 0.45 * min(gaps[i], gaps[i - 1] if i > 0 else gaps[i],
+                                            gaps[i + 1] if i + 1 < len(gaps) else gaps[i]))
+            lo, hi = m - w, m + w
+            for stage in range(2):
+                ts = np.linspace(lo, hi, 256)
+                idx = index_of(ts)
+                up = np.nonzero(idx >= i + 1)[0]
+                if len(up) == 0 or up[0] == 0:
+                    if stage == 1:  # the transition sits at the bracket's edge, within float32 noise
+                        found[i] = hi if len(up) == 0 else lo
+                    break
+                lo, hi = ts[up[0] - 1], ts[up[0]]
+            else:
+                found[i] = 0.5 * (lo + hi)
+        return {"thresholds": found, "midpoints": mids, "table": table}
+    return ctx.cached(("thr", backend, route, type_name), measure)

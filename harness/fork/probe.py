@@ -1,0 +1,280 @@
+"""Build and drive the native probe (``probe.c``) against a fork build.
+
+The probe library is loaded in a separate worker process (``python -m harness.fork.probe``) so that
+a ggml abort or a segfault in the fork kills the worker, not the harness: the call raises
+:class:`~harness.errors.ProbeCrash` and the next call starts a fresh worker.
+Protocol: length-prefixed pickles over the worker's stdin and a private copy of its stdout; the
+worker's own fd 1 is pointed at stderr so that anything ggml prints cannot corrupt the stream.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import re
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from harness.errors import HarnessError, ProbeCrash, Unsupported
+
+PROBE_SRC = Path(__file__).with_name("probe.c")
+LIBNAME = "libturbo_probe.dylib" if sys.platform == "darwin" else "libturbo_probe.so"
+
+
+def wht_nargs(fork: Path) -> int:
+    """Number of arguments of ``ggml_turbo_wht`` in the fork's ggml.h (0 when the op is absent)."""
+    text = (Path(fork) / "ggml" / "include" / "ggml.h").read_text(errors="replace")
+    m = re.search(r"ggml_turbo_wht\s*\(([^;]*?)\)\s*;", text, re.S)
+    if not m:
+        return 0
+    params = re.sub(r"//[^\n]*", "", m.group(1))
+    return params.count(",") + 1
+
+
+def build_probe(bdir: Path, fork: Path, force: bool = False) -> Path:
+    """Compile the probe against the fork's headers and the build's ggml shared libraries.
+
+    Args:
+        bdir: a fork build folder holding ``bin/libggml*.so`` (or .dylib).
+        fork: the fork checkout (for headers).
+    Returns:
+        Path of the probe shared library (rebuilt only when probe.c or the libs are newer).
+    Raises:
+        HarnessError: no compiler, or the compile failed (message quotes the first error).
+    """
+    bdir = Path(bdir)
+    libdir = bdir / "bin"
+    out = bdir / "turbo-probe" / LIBNAME
+    libs = sorted(libdir.glob("libggml-base.*"))
+    if not libs:
+        raise HarnessError(f"no ggml libraries in {libdir}: run `make build` first")
+    newest = max(p.stat().st_mtime for p in [PROBE_SRC, *libs])
+    if out.is_file() and not force and out.stat().st_mtime >= newest:
+        return out
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise HarnessError("no C compiler found for the probe: install gcc or clang, or set CC")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    inc = Path(fork) / "ggml" / "include"
+    cmd = [cc, "-O2", "-shared", "-fPIC", f"-DTP_WHT_NARGS={wht_nargs(fork)}", str(PROBE_SRC),
+           f"-I{inc}", f"-L{libdir}", "-lggml", "-lggml-base", "-lggml-cpu",
+           f"-Wl,-rpath,{libdir.resolve()}", "-o", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:300])
+        raise HarnessError(f"compiling the native probe against {fork} failed: {first}")
+    return out
+
+
+# ----------------------------------------------------------------------------- worker side
+
+def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker process
+    proto_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    proto_in = sys.stdin.buffer
+    lib = ctypes.CDLL(lib_path)
+    I64, P, F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    lib.tp_last_error.restype = ctypes.c_char_p
+    for fn in ("tp_dev_name", "tp_dev_description", "tp_dev_reg_name", "tp_type_name"):
+        getattr(lib, fn).restype = ctypes.c_char_p
+    lib.tp_type_size.restype = I64
+    lib.tp_blck_size.restype = I64
+
+    def ptr(a):
+        return a.ctypes.data_as(P)
+
+    def check(rc, what):
+        if rc == 0:
+            return
+        msg = lib.tp_last_error().decode(errors="replace") or what
+        raise (Unsupported if rc == 1 else HarnessError)(msg)
+
+    def type_id(name):
+        t = lib.tp_type_by_name(name.encode())
+        if t < 0:
+            raise Unsupported(f"this fork build has no ggml type named {name!r}")
+        return t
+
+    def row_size(t, ncols):
+        return ncols // lib.tp_blck_size(t) * lib.tp_type_size(t)
+
+    def devices():
+        return [{"name": lib.tp_dev_name(i).decode(), "description": lib.tp_dev_description(i).decode(),
+                 "reg": lib.tp_dev_reg_name(i).decode(), "kind": ["cpu", "gpu", "accel", "igpu"][lib.tp_dev_type(i)]}
+                for i in range(lib.tp_dev_count())]
+
+    def type_info(name):
+        t = lib.tp_type_by_name(name.encode())
+        if t < 0:
+            return None
+        return {"id": t, "block_size": lib.tp_blck_size(t), "type_size": lib.tp_type_size(t)}
+
+    def set_rows(dev, tname, x):
+        t = type_id(tname)
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.zeros(x.shape[0] * row_size(t, x.shape[1]), np.uint8)
+        check(lib.tp_set_rows(dev.encode(), t, ptr(x), I64(x.shape[0]), I64(x.shape[1]), ptr(out)), "set_rows")
+        return out
+
+    def quantize_chunk(tname, x):
+        t = type_id(tname)
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.zeros(x.shape[0] * row_size(t, x.shape[1]), np.uint8)
+        check(lib.tp_quantize_chunk(t, ptr(x), I64(x.shape[0]), I64(x.shape[1]), ptr(out)), "quantize_chunk")
+        return out
+
+    def to_float(tname, raw, n):
+        t = type_id(tname)
+        raw = np.ascontiguousarray(raw, np.uint8)
+        out = np.zeros(n, np.float32)
+        check(lib.tp_to_float(t, ptr(raw), I64(n), ptr(out)), "to_float")
+        return out
+
+    def decode(dev, tname, raw, nrows, ncols, route):
+        t = type_id(tname)
+        raw = np.ascontiguousarray(raw, np.uint8)
+        out = np.zeros(nrows * ncols, np.float32)
+        check(lib.tp_decode(dev.encode(), t, ptr(raw), I64(nrows), I64(ncols), int(route), ptr(out)), "decode")
+        return out.reshape(nrows, ncols)
+
+    def turbo_wht(dev, x, direction, group):
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.zeros_like(x)
+        check(lib.tp_turbo_wht(dev.encode(), ptr(x), I64(x.shape[0]), I64(x.shape[1]), int(direction), int(group), ptr(out)), "turbo_wht")
+        return out
+
+    def flash_attn(dev, tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv, scale, rotate_q, inverse_out, group, prec_f32):
+        ik, iv = type_id(tk), type_id(tv)
+        q = np.ascontiguousarray(q, np.float32)
+        n_head, n_q = q.shape[0], q.shape[1]
+        kraw = np.ascontiguousarray(kraw, np.uint8)
+        vraw = np.ascontiguousarray(vraw, np.uint8)
+        out = np.zeros(n_q * n_head * Dv, np.float32)
+        check(lib.tp_flash_attn(dev.encode(), ik, ptr(kraw), iv, ptr(vraw), ptr(q), I64(D), I64(Dv), I64(n_q), I64(n_kv),
+                                I64(n_head), I64(n_head_kv), F(scale), int(rotate_q), int(inverse_out), int(group),
+                                int(prec_f32), ptr(out)), "flash_attn")
+        return out.reshape(n_q, n_head, Dv)
+
+    def wht_args():
+        return lib.tp_wht_nargs()
+
+    handlers = {f.__name__: f for f in (devices, type_info, set_rows, quantize_chunk, to_float, decode,
+                                        turbo_wht, flash_attn, wht_args)}
+    while True:
+        hdr = proto_in.read(8)
+        if len(hdr) < 8:
+            return
+        (n,) = struct.unpack("<Q", hdr)
+        method, args = pickle.loads(proto_in.read(n))
+        try:
+            res = ("ok", handlers[method](*args))
+        except Unsupported as e:
+            res = ("unsupported", str(e))
+        except Exception as e:  # reported to the caller, which re-raises as HarnessError
+            res = ("error", f"{type(e).__name__}: {e}")
+        data = pickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL)
+        proto_out.write(struct.pack("<Q", len(data)) + data)
+        proto_out.flush()
+
+
+# ----------------------------------------------------------------------------- client side
+
+class Probe:
+    """Client of one probe worker process. Methods mirror the worker's handlers.
+
+    Args:
+        lib_path: the compiled probe library (:func:`build_probe`).
+        timeout_s: seconds one call may take before the worker is killed (ProbeCrash).
+    """
+
+    def __init__(self, lib_path: Path, timeout_s: float = 600.0, env: dict | None = None):
+        self.lib_path = str(lib_path)
+        self.timeout_s = timeout_s
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.errlog = tempfile.NamedTemporaryFile(prefix="turbo-probe-", suffix=".log", delete=False)
+        self.crashes: list[str] = []
+
+    def _start(self):
+        env = dict(os.environ if self.env is None else self.env)
+        root = str(Path(__file__).resolve().parents[2])
+        env.setdefault("GGML_NO_BACKTRACE", "1")  # no gdb backtrace: slow, and it buries the message
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen([sys.executable, "-m", "harness.fork.probe", self.lib_path],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errlog, env=env)
+
+    def close(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+    def _last_stderr(self) -> str:
+        try:
+            with open(self.errlog.name, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.errlog.name) - 4000))
+                lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        interesting = [ln for ln in lines if not ln.lstrip().startswith("#")
+                       and re.search(r"GGML_ASSERT|GGML_ABORT|fatal error|error:|abort|Segmentation", ln)]
+        return (interesting or lines or [""])[-1].strip()[:300]
+
+    def _read_exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.proc.stdout.read(n - len(buf))
+            if not chunk:
+                break
+            buf += chunk
+        return buf
+
+    def call(self, method: str, *args):
+        """Run one probe call. Raises Unsupported, HarnessError or ProbeCrash."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        data = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self.proc.stdin.write(struct.pack("<Q", len(data)) + data)
+            self.proc.stdin.flush()
+            ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout_s)
+            if not ready:
+                self.proc.kill()
+                self.proc.wait()
+                raise ProbeCrash(f"probe call {method} timed out after {self.timeout_s:.0f} s and was killed")
+            hdr = self._read_exact(8)
+            if len(hdr) < 8:
+                raise EOFError
+            (n,) = struct.unpack("<Q", hdr)
+            status, payload = pickle.loads(self._read_exact(n))
+        except (EOFError, BrokenPipeError, pickle.UnpicklingError):
+            rc = self.proc.wait()
+            sig = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
+            msg = f"fork code crashed in probe call {method} ({sig}): {self._last_stderr() or 'no message'}"
+            self.crashes.append(msg)
+            self.proc = None
+            raise ProbeCrash(msg) from None
+        if status == "ok":
+            return payload
+        if status == "unsupported":
+            raise Unsupported(payload)
+        raise HarnessError(f"probe call {method} failed: {payload}")
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *a: self.call(name, *a)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _serve(sys.argv[1])

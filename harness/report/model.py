@@ -1,0 +1,168 @@
+"""One result model for every check and every renderer: run -> checks -> cells.
+
+A *cell* is one measurement of one check on one (type, path) with its value, threshold, margin,
+verdict and evidence files. Verdicts are ordered PASS < SKIP < PARTIAL < FAIL < ERROR for
+aggregation; SKIP never hides a measured FAIL and ERROR is never shown as a pass.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = "1.0"
+
+
+class Verdict(str, enum.Enum):
+    PASS = "PASS"
+    SKIP = "SKIP"
+    PARTIAL = "PARTIAL"
+    FAIL = "FAIL"
+    ERROR = "ERROR"
+
+    @property
+    def rank(self) -> int:
+        return ["PASS", "SKIP", "PARTIAL", "FAIL", "ERROR"].index(self.value)
+
+
+def worst(verdicts) -> Verdict:
+    """The worst verdict of an iterable (PASS < SKIP < PARTIAL < FAIL < ERROR); SKIP when empty."""
+    vs = [Verdict(v) for v in verdicts]
+    if not vs:
+        return Verdict.SKIP
+    return max(vs, key=lambda v: v.rank)
+
+
+@dataclass
+class Cell:
+    """One measured cell.
+
+    Attributes:
+        check: check id ('PQ1', ..., 'COMPAT', 'SWEEP').
+        type: KV type or pair label ('turbo3', 'q8_0/turbo4').
+        path: 'backend:route' or a case label.
+        metric: what ``value`` measures (e.g. 'max_abs_err').
+        value: the measured number (None when not measured).
+        threshold: the limit it was judged against, with ``op`` ('<=' or '>=').
+        margin: threshold - value for '<=' (positive = inside), value - threshold for '>='.
+        verdict: this cell's verdict after target/fallback rules.
+        caveat: one line explaining PARTIAL/SKIP/ERROR/FAIL.
+        target: whether the path belongs to the production target backend.
+        evidence: run-folder-relative evidence file paths.
+        details: extra measured numbers (all JSON-serialisable).
+    """
+
+    check: str
+    type: str
+    path: str
+    metric: str
+    value: float | None
+    threshold: float | None
+    verdict: Verdict
+    op: str = "<="
+    caveat: str = ""
+    target: bool = True
+    evidence: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def margin(self) -> float | None:
+        if self.value is None or self.threshold is None:
+            return None
+        try:
+            return float(self.threshold - self.value) if self.op == "<=" else float(self.value - self.threshold)
+        except TypeError:
+            return None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["verdict"] = self.verdict.value
+        d["margin"] = self.margin
+        return d
+
+
+@dataclass
+class CheckResult:
+    """All cells of one check, with its aggregated verdict (worst *target* cell, see spec)."""
+
+    id: str
+    title: str
+    cells: list[Cell] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+    error: str = ""
+
+    @property
+    def verdict(self) -> Verdict:
+        if self.error:
+            return Verdict.ERROR
+        if not self.cells:
+            return Verdict.SKIP
+        return worst(c.verdict for c in self.cells)
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "title": self.title,
+            "verdict": self.verdict.value,
+            "duration_s": round(self.duration_s, 3),
+            "error": self.error,
+            "notes": self.notes,
+            "cells": [c.to_dict() for c in self.cells],
+        }
+
+
+@dataclass
+class Run:
+    """A whole run: metadata, check results and free-form sections (coverage, sweeps, matrix)."""
+
+    run_id: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    checks: list[CheckResult] = field(default_factory=list)
+    sections: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def verdict(self) -> Verdict:
+        return worst(c.verdict for c in self.checks)
+
+    def exit_code(self, strict: bool = False) -> int:
+        """0 no FAIL and no ERROR; 1 a FAIL; 2 an ERROR; --strict also fails (1) on PARTIAL."""
+        vs = {c.verdict for c in self.checks}
+        if Verdict.ERROR in vs:
+            return 2
+        if Verdict.FAIL in vs:
+            return 1
+        if strict and Verdict.PARTIAL in vs:
+            return 1
+        return 0
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": "turbo-harness/run",
+            "schema_version": SCHEMA_VERSION,
+            "run_id": self.run_id,
+            "verdict": self.verdict.value,
+            "meta": self.meta,
+            "checks": [c.to_dict() for c in self.checks],
+            "sections": self.sections,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Run":
+        """Rebuild a run from its JSON form. Raises ValueError on an unknown schema major version."""
+        ver = str(d.get("schema_version", ""))
+        if d.get("schema") != "turbo-harness/run" or ver.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            raise ValueError(f"not a turbo-harness run report of schema {SCHEMA_VERSION} (got {d.get('schema')} {ver})")
+        run = cls(run_id=d["run_id"], meta=d.get("meta", {}), sections=d.get("sections", {}))
+        for cd in d.get("checks", []):
+            cr = CheckResult(id=cd["id"], title=cd["title"], notes=cd.get("notes", []),
+                             duration_s=cd.get("duration_s", 0.0), error=cd.get("error", ""))
+            for c in cd.get("cells", []):
+                c = dict(c)
+                c.pop("margin", None)
+                c["verdict"] = Verdict(c["verdict"])
+                cr.cells.append(Cell(**c))
+            run.checks.append(cr)
+        return run

@@ -1,0 +1,80 @@
+"""The thing under test: an interface the checks call, with no knowledge of how it is implemented.
+
+Implementations: :class:`harness.targets.fork.ForkTarget` (the native probe on a fork build) and
+:class:`harness.targets.numpy_target.NumpyTarget` (the reference math with injectable faults, for tests).
+
+Arrays: rows of values are float32 (nrows, ncols); raw quantised bytes are flat uint8 arrays of
+nrows * row_bytes; decoded turbo values are in the rotated domain (the fork never un-rotates K/V).
+Methods raise :class:`harness.errors.Unsupported` when a backend lacks the op, and
+:class:`harness.errors.ProbeCrash` when the implementation crashed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One compute backend of a target: short name ('cpu', 'cuda', 'metal', ...), device, kind."""
+
+    name: str
+    device: str
+    kind: str  # 'cpu' | 'gpu' | 'igpu'
+    description: str = ""
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind in ("gpu", "igpu")
+
+
+@dataclass
+class Routes:
+    """Which routes a backend offers for each role."""
+
+    quantize: list[str] = field(default_factory=lambda: ["set_rows"])
+    decode: list[str] = field(default_factory=list)
+    wht: bool = True
+    attention: bool = True
+
+
+class Target:
+    """Abstract target. Subclasses implement every method below."""
+
+    name = "target"
+
+    def backends(self) -> list[Backend]:
+        raise NotImplementedError
+
+    def routes(self, backend: str) -> Routes:
+        raise NotImplementedError
+
+    def type_info(self, type_name: str) -> dict | None:
+        """{'block_size', 'type_size'} from the build's type traits, or None when the type is absent."""
+        raise NotImplementedError
+
+    def quantize(self, backend: str, route: str, type_name: str, x: np.ndarray) -> np.ndarray:
+        """Quantise float32 rows (n, ncols) on a backend route; returns flat uint8 bytes."""
+        raise NotImplementedError
+
+    def decode(self, backend: str, route: str, type_name: str, raw: np.ndarray, nrows: int, ncols: int) -> np.ndarray:
+        """Decode raw bytes to float32 (nrows, ncols) on a backend route."""
+        raise NotImplementedError
+
+    def wht(self, backend: str, x: np.ndarray, direction: int, group: int = 128) -> np.ndarray:
+        """The fork's rotation op on rows of x (float32 (n, ncols)); direction 0 forward, 1 inverse."""
+        raise NotImplementedError
+
+    def flash_attn(self, backend: str, tk: str, kraw: np.ndarray, tv: str, vraw: np.ndarray, q: np.ndarray,
+                   D: int, Dv: int, n_kv: int, n_head_kv: int, scale: float,
+                   rotate_q: bool, inverse_out: bool, group: int = 128, prec_f32: bool = True) -> np.ndarray:
+        """Flash attention with raw K/V bytes; q float32 (n_head, n_q, D); returns float32 (n_q, n_head, Dv)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Metadata for the report."""
+        return {"target": self.name}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,109 @@
+"""The fork build under test, observed through the native probe."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from harness.errors import HarnessError, Unsupported
+from harness.fork.probe import Probe, build_probe
+from harness.targets.base import Backend, Routes, Target
+
+# ggml registry names that differ from the backend's usual short name
+_REG_ALIASES = {"rocm": "hip", "hip": "hip", "mtl": "metal"}
+
+
+def backend_name(reg_name: str) -> str:
+    """Short backend name for a ggml registry name ('CUDA' -> 'cuda', 'ROCm' -> 'hip', 'Metal' -> 'metal')."""
+    r = reg_name.lower()
+    return _REG_ALIASES.get(r, r)
+
+
+def select_backends(devices: list[dict]) -> list[Backend]:
+    """First device of each registry that can hold a KV cache (cpu, gpu, igpu kinds; BLAS-like
+    accelerators are skipped), in registry order.
+
+    Args:
+        devices: [{'name', 'description', 'reg', 'kind'}] as the probe reports them.
+    """
+    seen: dict[str, Backend] = {}
+    for d in devices:
+        if d["kind"] not in ("cpu", "gpu", "igpu"):
+            continue
+        name = backend_name(d["reg"])
+        if name not in seen:
+            seen[name] = Backend(name=name, device=d["name"], kind=d["kind"], description=d.get("description", ""))
+    return list(seen.values())
+
+
+class ForkTarget(Target):
+    """A fork build driven through the probe worker.
+
+    Args:
+        build_dir: fork build folder (holds bin/libggml*); fork: the checkout (headers).
+        devices: optional fake device list (tests), bypassing the probe's registry listing.
+    """
+
+    def __init__(self, build_dir: Path, fork: Path, timeout_s: float = 600.0, devices: list[dict] | None = None):
+        self.build_dir = Path(build_dir)
+        self.fork = Path(fork)
+        self.lib = build_probe(self.build_dir, self.fork)
+        self.probe = Probe(self.lib, timeout_s=timeout_s)
+        self.name = f"fork:{self.build_dir.name}"
+        self._devices = devices
+        self._backends: list[Backend] | None = None
+        self._types: dict[str, dict | None] = {}
+
+    def backends(self) -> list[Backend]:
+        if self._backends is None:
+            self._backends = select_backends(self._devices if self._devices is not None else self.probe.devices())
+        return self._backends
+
+    def device(self, backend: str) -> str:
+        for b in self.backends():
+            if b.name == backend:
+                return b.device
+        raise HarnessError(f"backend {backend!r} is not in this build (has: {', '.join(b.name for b in self.backends())})")
+
+    def routes(self, backend: str) -> Routes:
+        b = next(b for b in self.backends() if b.name == backend)
+        if b.kind == "cpu":
+            # CPU KV reads go through the type traits' to_float (vec_dot and flash attention use it)
+            return Routes(quantize=["set_rows", "quantize_chunk"], decode=["to_float"])
+        return Routes(quantize=["set_rows"], decode=["cpy", "get_rows"])
+
+    def type_info(self, type_name: str) -> dict | None:
+        if type_name not in self._types:
+            self._types[type_name] = self.probe.type_info(type_name)
+        return self._types[type_name]
+
+    def quantize(self, backend, route, type_name, x):
+        x = np.ascontiguousarray(x, np.float32)
+        if route == "quantize_chunk":
+            return self.probe.quantize_chunk(type_name, x)
+        if route == "set_rows":
+            return self.probe.set_rows(self.device(backend), type_name, x)
+        raise Unsupported(f"unknown quantize route {route!r}")
+
+    def decode(self, backend, route, type_name, raw, nrows, ncols):
+        if route == "to_float":
+            return self.probe.to_float(type_name, raw, nrows * ncols).reshape(nrows, ncols)
+        if route in ("get_rows", "cpy"):
+            return self.probe.decode(self.device(backend), type_name, raw, nrows, ncols, 0 if route == "get_rows" else 1)
+        raise Unsupported(f"unknown decode route {route!r}")
+
+    def wht(self, backend, x, direction, group=128):
+        return self.probe.turbo_wht(self.device(backend), np.ascontiguousarray(x, np.float32), direction, group)
+
+    def flash_attn(self, backend, tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv, scale,
+                   rotate_q, inverse_out, group=128, prec_f32=True):
+        return self.probe.flash_attn(self.device(backend), tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv,
+                                     float(scale), bool(rotate_q), bool(inverse_out), group, bool(prec_f32))
+
+    def describe(self):
+        return {"target": self.name, "build_dir": str(self.build_dir), "probe": str(self.lib),
+                "wht_op_args": self.probe.wht_args(),
+                "backends": [b.__dict__ for b in self.backends()]}
+
+    def close(self):
+        self.probe.close()

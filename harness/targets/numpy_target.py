@@ -1,0 +1,168 @@
+"""A NumPy implementation of a turbo fork, with faults that can be injected one at a time.
+
+It exists to prove that the checks detect what they claim to: a correct NumpyTarget must pass
+every check, and each fault must move the matching check off PASS. It can emulate several
+backends (e.g. a CPU fallback and a GPU) with different faults per backend.
+
+Faults (names accepted in ``faults``):
+    dense_rotation      quantiser and graph op use a dense random orthogonal matrix, not a signed WHT
+    quantizer_signs     the quantiser's WHT uses other sign vectors than the graph op
+    uncorrected_norm    store ||x|| instead of ||x|| / ||c||
+    perturbed_centroids the centroid table (decode and decisions) is moved off Lloyd-Max
+    thresholds_off      decision thresholds shifted off the midpoints
+    swapped_packing     index order inside each byte reversed when packing and unpacking
+    nan_zero_rows       an all-zero row stores a NaN norm (0/0)
+    no_output_inverse   attention ignores the request to inverse-rotate its output
+    skip_q_rotation     attention ignores the request to rotate Q
+    reserved_nonzero    turbo4's reserved field is written non-zero
+    crash_attention     flash attention raises ProbeCrash (a backend that aborts)
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import ortho_group
+
+from harness.errors import ProbeCrash, Unsupported
+from harness.reference import turbo as T
+from harness.reference.attention import attention
+from harness.reference.lloydmax import lloyd_max
+from harness.reference.wht import signed_wht_matrix
+from harness.targets.base import Backend, Routes, Target
+
+KNOWN_FAULTS = {"dense_rotation", "quantizer_signs", "uncorrected_norm", "perturbed_centroids", "thresholds_off",
+                "swapped_packing", "nan_zero_rows", "no_output_inverse", "skip_q_rotation", "reserved_nonzero",
+                "crash_attention"}
+
+
+def _signs(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.choice([-1.0, 1.0], 128), rng.choice([-1.0, 1.0], 128)
+
+
+class _Impl:
+    """One emulated backend's behaviour."""
+
+    def __init__(self, faults: set[str], seed: int = 42):
+        bad = set(faults) - KNOWN_FAULTS
+        if bad:
+            raise ValueError(f"unknown faults {sorted(bad)}; known: {sorted(KNOWN_FAULTS)}")
+        self.faults = set(faults)
+        s1, s2 = _signs(seed)
+        self.R_op = signed_wht_matrix(s1, s2)
+        if "dense_rotation" in self.faults:
+            self.R_op = ortho_group.rvs(128, random_state=seed)
+        self.R_q = self.R_op
+        if "quantizer_signs" in self.faults:
+            t1, t2 = _signs(seed + 1)
+            self.R_q = signed_wht_matrix(t1, t2)
+        self.tables = {}
+        for name, f in T.FORMATS.items():
+            c = lloyd_max(f.bits, "beta", 128).centroids.astype(np.float32)
+            if "perturbed_centroids" in self.faults:
+                c = (c * np.where(np.abs(c) == np.abs(c).max(), 0.85, 1.0)).astype(np.float32)
+            t = (0.5 * (c[1:] + c[:-1])).astype(np.float32)
+            if "thresholds_off" in self.faults:
+                t = (t + np.float32(0.002)).astype(np.float32)
+            self.tables[name] = (c, t)
+
+    def _reorder(self, type_name: str, idx: np.ndarray) -> np.ndarray:
+        # swap neighbours inside each byte: the packer's element order reversed
+        per_byte = {"turbo2": 4, "turbo3": 4, "turbo4": 2}[type_name]
+        n = idx.shape[0]
+        return idx.reshape(n, -1, per_byte)[..., ::-1].reshape(n, 128)
+
+    def quantize(self, type_name, x):
+        x = np.asarray(x, np.float32)
+        if type_name not in T.FORMATS:
+            raise Unsupported(f"numpy target has no quantiser for {type_name}")
+        c, t = self.tables[type_name]
+        n, ncols = x.shape
+        groups = x.reshape(-1, 128)
+        idx, stored, _ = T.quantize(groups, self.R_q, c, t, corrected="uncorrected_norm" not in self.faults)
+        zero = np.linalg.norm(groups.astype(np.float64), axis=1) == 0
+        if "nan_zero_rows" in self.faults:
+            stored = np.where(zero, np.nan, stored)
+        if "swapped_packing" in self.faults:
+            idx = self._reorder(type_name, idx)
+        reserved = np.full(len(idx), 0x3C00, np.uint16) if "reserved_nonzero" in self.faults else None
+        return T.pack(type_name, idx, stored, reserved).reshape(-1)
+
+    def decode(self, type_name, raw, nrows, ncols):
+        if type_name not in T.FORMATS:
+            return T.decode_any(type_name, raw, nrows, ncols)
+        blocks = np.asarray(raw, np.uint8).reshape(-1, T.FORMATS[type_name].block_bytes)
+        idx, norms, _ = T.unpack(type_name, blocks)
+        if "swapped_packing" in self.faults:
+            idx = self._reorder(type_name, idx)
+        c, _ = self.tables[type_name]
+        return (c[idx] * norms.astype(np.float32)[:, None]).reshape(nrows, ncols)
+
+    def wht(self, x, direction):
+        x = np.asarray(x, np.float64)
+        g = x.reshape(-1, 128)
+        out = g @ (self.R_op.T if direction == 0 else self.R_op)
+        return out.reshape(x.shape).astype(np.float32)
+
+
+class NumpyTarget(Target):
+    """NumPy fork emulation.
+
+    Args:
+        faults: faults applied to every backend.
+        backends: list of (name, kind) pairs, default [('cpu', 'cpu')].
+        backend_faults: extra faults per backend name, e.g. {'cpu': {'quantizer_signs'}}.
+    """
+
+    def __init__(self, faults=(), backends=(("cpu", "cpu"),), backend_faults: dict | None = None, seed: int = 42):
+        self.name = "numpy" + (f"[{','.join(sorted(faults))}]" if faults else "")
+        self._backends = [Backend(name=n, device=n.upper(), kind=k) for n, k in backends]
+        bf = backend_faults or {}
+        self.impl = {b.name: _Impl(set(faults) | set(bf.get(b.name, ())), seed) for b in self._backends}
+        self.faults = set(faults)
+
+    def backends(self):
+        return list(self._backends)
+
+    def routes(self, backend):
+        kind = next(b.kind for b in self._backends if b.name == backend)
+        if kind == "cpu":
+            return Routes(quantize=["set_rows", "quantize_chunk"], decode=["to_float"])
+        return Routes(quantize=["set_rows"], decode=["get_rows"])
+
+    def type_info(self, type_name):
+        if type_name in T.FORMATS:
+            return {"block_size": 128, "type_size": T.FORMATS[type_name].block_bytes}
+        if type_name in T.CLASSIC_DECODERS:
+            blk, size, _ = T.CLASSIC_DECODERS[type_name]
+            return {"block_size": blk, "type_size": size}
+        return None
+
+    def quantize(self, backend, route, type_name, x):
+        if type_name in T.CLASSIC_DECODERS:
+            return T.quantize_classic(type_name, np.asarray(x, np.float32))
+        return self.impl[backend].quantize(type_name, x)
+
+    def decode(self, backend, route, type_name, raw, nrows, ncols):
+        return self.impl[backend].decode(type_name, raw, nrows, ncols)
+
+    def wht(self, backend, x, direction, group=128):
+        return self.impl[backend].wht(x, direction)
+
+    def flash_attn(self, backend, tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv, scale,
+                   rotate_q, inverse_out, group=128, prec_f32=True):
+        im = self.impl[backend]
+        if "crash_attention" in im.faults:
+            raise ProbeCrash("emulated ggml abort in flash attention")
+        k = im.decode(tk, kraw, n_head_kv * n_kv, D).reshape(n_head_kv, n_kv, D)
+        v = im.decode(tv, vraw, n_head_kv * n_kv, Dv).reshape(n_head_kv, n_kv, Dv)
+        q = np.asarray(q, np.float32)
+        if rotate_q and "skip_q_rotation" not in im.faults:
+            q = im.wht(q, 0)
+        out = attention(q, k, v, scale).astype(np.float32)
+        if inverse_out and "no_output_inverse" not in im.faults:
+            out = im.wht(out, 1)
+        return out
+
+    def describe(self):
+        return {"target": self.name, "faults": sorted(self.faults),
+                "backend_faults": {b: sorted(i.faults) for b, i in self.impl.items()}}

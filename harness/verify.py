@@ -1,0 +1,125 @@
+"""Run the PolarQuant checks on a target and write the report, one check at a time.
+
+The report is rewritten after every check, so an interrupted or crashed run keeps what it measured.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from harness import __version__
+from harness.checks import pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention
+from harness.checks.common import Context, load_thresholds
+from harness.errors import HarnessError
+from harness.report.model import CheckResult, Run
+from harness.report.render import write_all
+from harness.targets.base import Target
+
+CHECKS = {m.ID: m for m in (pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention)}
+KNOWN_BACKENDS = ("cpu", "cuda", "metal", "vulkan", "hip")
+EXTRA_CHECKS: dict = {}  # id -> module with ID, TITLE, run(ctx); filled by optional modules (compat)
+
+
+def all_checks() -> dict:
+    out = dict(CHECKS)
+    out.update(EXTRA_CHECKS)
+    return out
+
+
+def new_run_id(prefix: str = "run") -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
+
+
+def gpu_info() -> str | None:
+    """GPU name and driver from nvidia-smi / rocm-smi / system_profiler, or None."""
+    probes = [["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+              ["rocm-smi", "--showproductname"]]
+    if sys.platform == "darwin":
+        probes.append(["sysctl", "-n", "machdep.cpu.brand_string"])
+    for cmd in probes:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            if r.returncode == 0 and r.stdout.strip():
+                return r.stdout.strip().splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return None
+
+
+def pick_target_backend(target: Target, requested: str | None) -> str:
+    """The production backend: the requested one (must exist), else the first GPU found, else cpu.
+
+    Raises:
+        HarnessError: the requested backend is not in this build.
+    """
+    names = [b.name for b in target.backends()]
+    if requested:
+        if requested not in names:
+            raise HarnessError(f"backend {requested!r} is not available in this build (has: {', '.join(names)}); "
+                               f"build it with BACKEND={requested} make build on a machine that has it")
+        return requested
+    gpus = [b.name for b in target.backends() if b.is_gpu]
+    return gpus[0] if gpus else ("cpu" if "cpu" in names else names[0])
+
+
+def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: Path, target_backend: str | None = None,
+               backends: list[str] | None = None, meta: dict | None = None, thresholds: dict | None = None,
+               log: Callable[[str], None] = print, run: Run | None = None) -> Run:
+    """Run checks on a target and write reports into run_dir after each check.
+
+    Args:
+        target: the thing under test. check_ids: e.g. ['PQ1', 'PQ3']. types: turbo type names.
+        run_dir: report folder (created). target_backend: production backend (see pick_target_backend).
+        backends: restrict to these backend names (default all the target has).
+    Returns:
+        The Run (also written as run.json, summary.md, junit.xml under run_dir).
+    Raises:
+        HarnessError: unknown check id or backend.
+    """
+    checks = all_checks()
+    unknown = [c for c in check_ids if c not in checks]
+    if unknown:
+        raise HarnessError(f"unknown check {', '.join(unknown)}: choose from {', '.join(checks)}")
+    tb = pick_target_backend(target, target_backend)
+    present = [b.name for b in target.backends()]
+    if backends:
+        missing = [b for b in backends if b not in present]
+        if missing:
+            raise HarnessError(f"backend {', '.join(missing)} not available in this build (has: {', '.join(present)})")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = Context(target=target, target_backend=tb, types=list(types), thresholds=thresholds or load_thresholds(),
+                  evidence_dir=run_dir / "evidence", backends_filter=backends, log=log)
+    run = run or Run(run_id=run_dir.name)
+    run.meta.update({
+        "harness_version": __version__,
+        "command_line": " ".join(shlex.quote(a) for a in sys.argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(run.started)),
+        "host": platform.node(), "platform": platform.platform(),
+        "target_backend": tb,
+        "backends_run": [b.name for b in ctx.backends()],
+        "backends_not_available": [b for b in KNOWN_BACKENDS if b not in present],
+        "types": list(types), "gpu": gpu_info(), "target": target.describe(),
+        **(meta or {}),
+    })
+    run.meta.setdefault("not_run", []).extend(
+        f"{b}: not available on this machine/build, nothing was measured on it" for b in run.meta["backends_not_available"])
+    for cid in check_ids:
+        mod = checks[cid]
+        t0 = time.time()
+        cr = CheckResult(id=cid, title=mod.TITLE)
+        try:
+            cr.cells = mod.run(ctx)
+        except HarnessError as e:
+            cr.error = str(e)
+        cr.duration_s = time.time() - t0
+        run.checks = [c for c in run.checks if c.id != cid] + [cr]
+        log(f"{cid:6s} {cr.verdict.value:8s} {cr.duration_s:6.1f} s  {mod.TITLE}")
+        write_all(run, run_dir)
+    return run

@@ -1,0 +1,76 @@
+"""Every check passes a correct NumPy fork and leaves PASS when its fault is injected."""
+import numpy as np
+import pytest
+
+from harness.checks import pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention
+from harness.report.model import Verdict, worst
+from harness.targets.numpy_target import NumpyTarget
+
+CHECKS = {m.ID: m for m in (pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention)}
+
+
+def verdicts(ctx, ids=CHECKS):
+    return {i: worst(c.verdict for c in CHECKS[i].run(ctx)) for i in ids}
+
+
+def test_correct_target_passes_everything(make_ctx):
+    v = verdicts(make_ctx(NumpyTarget(), types=("turbo2", "turbo3", "turbo4")))
+    assert v == {i: Verdict.PASS for i in CHECKS}, v
+
+
+@pytest.mark.parametrize("fault,check,expected", [
+    ("dense_rotation", "PQ1", {Verdict.FAIL}),
+    ("quantizer_signs", "PQ1", {Verdict.FAIL}),
+    ("uncorrected_norm", "PQ3", {Verdict.FAIL}),
+    ("perturbed_centroids", "PQ2", {Verdict.PARTIAL, Verdict.FAIL}),
+    ("thresholds_off", "PQ2", {Verdict.FAIL}),
+    ("swapped_packing", "PQ4", {Verdict.FAIL}),
+    ("nan_zero_rows", "PQ3", {Verdict.FAIL}),
+    ("no_output_inverse", "PQ6", {Verdict.FAIL}),
+    ("skip_q_rotation", "PQ6", {Verdict.FAIL}),
+    ("reserved_nonzero", "PQ4", {Verdict.FAIL}),
+    ("crash_attention", "PQ6", {Verdict.ERROR}),
+])
+def test_fault_moves_matching_check_off_pass(make_ctx, fault, check, expected):
+    types = ("turbo4",) if fault == "reserved_nonzero" else ("turbo3", "turbo4")
+    ctx = make_ctx(NumpyTarget(faults=[fault]), types=types)
+    got = verdicts(ctx, [check])[check]
+    assert got in expected, f"{fault}: {check} gave {got}"
+
+
+def test_uncorrected_norm_caveat_names_shrinkage(make_ctx):
+    cells = pq3_norms.run(make_ctx(NumpyTarget(faults=["uncorrected_norm"]), types=("turbo2",)))
+    assert any("uncorrected" in c.caveat for c in cells if c.verdict == Verdict.FAIL)
+
+
+def test_perturbed_centroids_reports_outer_centroid_in_sigma(make_ctx):
+    cells = pq2_codebook.run(make_ctx(NumpyTarget(faults=["perturbed_centroids"]), types=("turbo4",)))
+    part = [c for c in cells if c.metric.startswith("distortion") and c.verdict == Verdict.PARTIAL]
+    assert part and "sigma" in part[0].caveat
+    assert part[0].details["outer_centroid_sigma"] < part[0].details["lloyd_max_outer_sigma"]
+
+
+def test_quantizer_sign_fault_is_named(make_ctx):
+    cells = pq1_rotation.run(make_ctx(NumpyTarget(faults=["quantizer_signs"]), types=("turbo3",)))
+    bad = [c for c in cells if c.verdict == Verdict.FAIL]
+    assert bad and all(c.path == "cpu:set_rows" or c.path == "cpu:quantize_chunk" or "cpu" in c.path for c in bad)
+    assert any("sign" in c.caveat for c in bad)
+
+
+def test_fault_only_on_fallback_backend_is_partial_when_gpu_is_target(make_ctx):
+    backends = (("cpu", "cpu"), ("gpu0", "gpu"))
+    tgt = NumpyTarget(backends=backends, backend_faults={"cpu": {"quantizer_signs"}})
+    gpu_target = worst(c.verdict for c in pq1_rotation.run(make_ctx(tgt, target_backend="gpu0", types=("turbo3",))))
+    assert gpu_target == Verdict.PARTIAL
+    tgt = NumpyTarget(backends=backends, backend_faults={"cpu": {"quantizer_signs"}})
+    cells = pq1_rotation.run(make_ctx(tgt, target_backend="cpu", types=("turbo3",)))
+    assert worst(c.verdict for c in cells) == Verdict.FAIL
+    assert any("cpu:set_rows" == c.path and c.verdict == Verdict.FAIL for c in cells)
+
+
+def test_ablations_are_large_on_correct_target(make_ctx):
+    cells = pq6_attention.run(make_ctx(NumpyTarget(), types=("turbo3",)))
+    abl = [c for c in cells if c.metric.startswith("ablation")]
+    assert len(abl) == 2 and all(c.value > 0.5 for c in abl)
+    main = [c for c in cells if c.metric == "rel_err"]
+    assert main and max(c.value for c in main) < 1e-4
