@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 from harness import __version__
-from harness.checks import pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention
+from harness.checks import compat, pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention
 from harness.checks.common import Context, load_thresholds
 from harness.errors import HarnessError
 from harness.report.model import CheckResult, Run
 from harness.report.render import write_all
 from harness.targets.base import Target
 
-CHECKS = {m.ID: m for m in (pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention)}
+CHECKS = {m.ID: m for m in (pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention, compat)}
 KNOWN_BACKENDS = ("cpu", "cuda", "metal", "vulkan", "hip")
 EXTRA_CHECKS: dict = {}  # id -> module with ID, TITLE, run(ctx); filled by optional modules (compat)
 
@@ -95,7 +95,8 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(target=target, target_backend=tb, types=list(types), thresholds=thresholds or load_thresholds(),
-                  evidence_dir=run_dir / "evidence", backends_filter=backends, log=log)
+                  evidence_dir=run_dir / "evidence", backends_filter=backends, log=log,
+                  not_available=[b for b in KNOWN_BACKENDS if b not in present])
     run = run or Run(run_id=run_dir.name)
     run.meta.update({
         "harness_version": __version__,
@@ -116,10 +117,12 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         cr = CheckResult(id=cid, title=mod.TITLE)
         try:
             cr.cells = mod.run(ctx)
+            cr.notes += ctx.sections.pop(f"notes:{cid}", [])
         except HarnessError as e:
             cr.error = str(e)
         cr.duration_s = time.time() - t0
         run.checks = [c for c in run.checks if c.id != cid] + [cr]
+        run.sections.update(ctx.sections)
         log(f"{cid:6s} {cr.verdict.value:8s} {cr.duration_s:6.1f} s  {mod.TITLE}")
         write_all(run, run_dir)
     return run

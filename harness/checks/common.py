@@ -64,12 +64,14 @@ class Context:
     evidence_dir: Path | None = None
     seed: int = 1234
     backends_filter: list[str] | None = None
+    not_available: list[str] = field(default_factory=list)
+    sections: dict = field(default_factory=dict)  # report sections a check adds (coverage, tool output)
     _cache: dict = field(default_factory=dict)
     log: Callable[[str], None] = lambda s: None
 
     def rng(self, salt: str) -> np.random.Generator:
-        return np.random.default_rng(abs(hash((self.seed, salt))) % (2 ** 32) if False else
-                                     (self.seed + sum(map(ord, salt)) * 7919) % (2 ** 32))
+        """A generator seeded from the run seed and a fixed salt: the same data on every path and run."""
+        return np.random.default_rng((self.seed + sum(ord(ch) * (i + 1) for i, ch in enumerate(salt)) * 7919) % (2 ** 32))
 
     def backends(self):
         bs = self.target.backends()

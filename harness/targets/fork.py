@@ -70,7 +70,8 @@ class ForkTarget(Target):
         if b.kind == "cpu":
             # CPU KV reads go through the type traits' to_float (vec_dot and flash attention use it)
             return Routes(quantize=["set_rows", "quantize_chunk"], decode=["to_float"])
-        return Routes(quantize=["set_rows"], decode=["cpy", "get_rows"])
+        # GPU backends: a decode op if the backend has one, else flash attention over one KV row per head
+        return Routes(quantize=["set_rows"], decode=["cpy", "get_rows", "fa_decode"])
 
     def type_info(self, type_name: str) -> dict | None:
         if type_name not in self._types:
@@ -90,7 +91,20 @@ class ForkTarget(Target):
             return self.probe.to_float(type_name, raw, nrows * ncols).reshape(nrows, ncols)
         if route in ("get_rows", "cpy"):
             return self.probe.decode(self.device(backend), type_name, raw, nrows, ncols, 0 if route == "get_rows" else 1)
+        if route == "fa_decode":
+            return self._fa_decode(backend, type_name, raw, nrows, ncols)
         raise Unsupported(f"unknown decode route {route!r}")
+
+    def _fa_decode(self, backend, type_name, raw, nrows, ncols):
+        """Decode rows through flash attention: one head per row, one KV entry, all-zero K (norm 0), so
+        softmax weight 1 and the output is the decoded V row (rotated domain; no WHT ops applied)."""
+        if ncols % 128:
+            raise Unsupported("fa_decode needs rows of whole 128-value groups")
+        zeros = np.zeros((nrows, ncols), np.float32)
+        kraw = self.quantize(backend, "set_rows", type_name, zeros)
+        q = np.zeros((nrows, 1, ncols), np.float32)
+        out = self.flash_attn(backend, type_name, kraw, type_name, raw, q, ncols, ncols, 1, nrows, 1.0, False, False)
+        return out.reshape(nrows, ncols)
 
     def wht(self, backend, x, direction, group=128):
         return self.probe.turbo_wht(self.device(backend), np.ascontiguousarray(x, np.float32), direction, group)

@@ -1,0 +1,246 @@
+"""COMPAT: the cross-backend writer x reader matrix, a coverage table, and the fork's test-backend-ops.
+
+Spec "Cross-backend compatibility": the same rows quantised by every writer path; raw block diffs
+between writers (index and norm fields separately), each index disagreement classified as a
+boundary flip (the reference rotated coordinate lies within ``boundary_flip_abs`` of a decision
+threshold) or a real one; bytes written on A attended on B (cross-decode) vs B's own bytes
+(self-decode); the rotation op compared across backends. A deviation is attributed to the writer
+whose bytes differ from the reference quantiser (target backend's rotation op and thresholds), so a
+fallback writer that is wrong gives PARTIAL naming it, a target writer that is wrong gives FAIL.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from harness.checks.common import Context, decision_thresholds, guarded, op_matrices, quant_paths, quantizer_rotation
+from harness.errors import HarnessError, ProbeCrash, Unsupported
+from harness.reference import turbo as T
+from harness.reference.attention import attention, relative_error
+from harness.report.model import Cell, Verdict
+
+ID, TITLE = "COMPAT", "Cross-backend compatibility (writer x reader matrix)"
+N_ROWS = 512
+
+
+def _rows(ctx: Context) -> np.ndarray:
+    return ctx.rng("compat").standard_normal((N_ROWS, 128)).astype(np.float32)
+
+
+def _reference_bytes(ctx: Context, t: str, x: np.ndarray):
+    tb = ctx.target_backend
+    R = op_matrices(ctx, tb)["R"]
+    thr = decision_thresholds(ctx, tb, "set_rows", t)
+    th = np.where(np.isnan(thr["thresholds"]), thr["midpoints"], thr["thresholds"])
+    idx, stored, y = T.quantize(x, R, thr["table"], th)
+    near = np.min(np.abs(y[..., None] - th[None, None, :]), axis=-1) < ctx.th("general", "boundary_flip_abs")
+    return idx, stored, near
+
+
+def _diff(t: str, a: np.ndarray, b: np.ndarray, near: np.ndarray) -> dict:
+    ia, na, _ = T.unpack(t, a)
+    ib, nb, _ = T.unpack(t, b)
+    dis = ia != ib
+    real = int(np.count_nonzero(dis & ~near))
+    ulps = np.abs(na.view(np.int16).astype(np.int32) - nb.view(np.int16).astype(np.int32))
+    return {"index_diffs": int(np.count_nonzero(dis)), "boundary_flips": int(np.count_nonzero(dis & near)),
+            "real_index_diffs": real, "real_per_element": real / dis.size,
+            "norm_fields_differing": int(np.count_nonzero(ulps)), "norm_max_ulps": int(ulps.max()) if ulps.size else 0,
+            "raw_bytes_differing": int(np.count_nonzero(a != b))}
+
+
+def _writer_matrix(ctx: Context, t: str) -> list[Cell]:
+    x = _rows(ctx)
+    ref_idx, ref_norm, near = _reference_bytes(ctx, t, x)
+    ref_bytes = T.pack(t, ref_idx, ref_norm).reshape(-1)
+    writers, cells, dev = {}, [], {}
+    for backend, route in quant_paths(ctx):
+        def w(backend=backend, route=route):
+            writers[f"{backend}:{route}"] = ctx.target.quantize(backend, route, t, x)
+            d = _diff(t, writers[f"{backend}:{route}"], ref_bytes, near)
+            dev[f"{backend}:{route}"] = d
+            ok = d["real_per_element"] <= 1e-6 and d["norm_max_ulps"] <= 1
+            return [ctx.cell(ID, t, backend, route, "writer_real_index_diff_per_element_vs_reference",
+                             d["real_per_element"], 1e-6, Verdict.PASS if ok else Verdict.FAIL,
+                             caveat="" if ok else f"bytes differ from the reference quantizer: {d['real_index_diffs']} real "
+                                                  f"index diffs, norms up to {d['norm_max_ulps']} fp16 ulps", details=d)]
+        cells += guarded(ctx, ID, t, backend, route, w)
+    for a, b in itertools.combinations(sorted(writers), 2):
+        d = _diff(t, writers[a], writers[b], near)
+        ok = d["real_per_element"] <= 1e-6 and d["norm_max_ulps"] <= 1
+        culprit = max((a, b), key=lambda p: (dev[p]["real_index_diffs"], dev[p]["norm_max_ulps"]))
+        be, route = culprit.split(":")
+        cav = "" if ok else (f"{a} and {b} write different bytes ({d['real_index_diffs']} real index diffs, "
+                             f"{d['boundary_flips']} boundary flips, norm fields up to {d['norm_max_ulps']} ulps); "
+                             f"{culprit} deviates from the reference")
+        c = ctx.cell(ID, t, be, route, "pair_real_index_diff_per_element", d["real_per_element"], 1e-6,
+                     Verdict.PASS if ok else Verdict.FAIL, caveat=cav, details={"writers": [a, b], **d})
+        c.path = f"{a} x {b}"
+        cells.append(c)
+    ctx._cache[("compat_writers", t)] = (x, writers)
+    return cells
+
+
+def _cross_decode(ctx: Context, t: str) -> list[Cell]:
+    x_unused, writers = ctx._cache.get(("compat_writers", t), (None, {}))
+    cells = []
+    rng = ctx.rng(f"compat-attn-{t}")
+    n_kv, nh, nkv = 128, 4, 2
+    kx = (2.0 * rng.standard_normal((nkv * n_kv, 128))).astype(np.float32)
+    vx = rng.standard_normal((nkv * n_kv, 128)).astype(np.float32)
+    q = rng.standard_normal((nh, 4, 128)).astype(np.float32)
+    scale = 1 / np.sqrt(128)
+    writer_paths = [(b, r) for b, r in quant_paths(ctx) if f"{b}:{r}" in writers]
+    for (wb, wr), reader in itertools.product(writer_paths, ctx.backends()):
+        def one(wb=wb, wr=wr, reader=reader):
+            kraw = ctx.target.quantize(wb, wr, t, kx)
+            vraw = ctx.target.quantize(wb, wr, t, vx)
+            qr = quantizer_rotation(ctx, wb, wr, t)
+            Rw = qr["R"] if qr["R"] is not None else op_matrices(ctx, wb)["R"]
+            thr = decision_thresholds(ctx, ctx.target_backend, "set_rows", t)
+            tables = {t: thr["table"]}
+            kd = T.decode_any(t, kraw, nkv * n_kv, 128, tables).astype(np.float64) @ Rw
+            vd = T.decode_any(t, vraw, nkv * n_kv, 128, tables).astype(np.float64) @ Rw
+            ref = attention(q, kd.reshape(nkv, n_kv, 128), vd.reshape(nkv, n_kv, 128), scale)
+            out = ctx.target.flash_attn(reader.name, t, kraw, t, vraw, q, 128, 128, n_kv, nkv, scale, True, True, 128, True)
+            err = relative_error(out, ref)
+            tol = ctx.th("PQ6", "rel_err_f32") if not reader.is_gpu else ctx.th("PQ6", "rel_err_quantized_q")
+            ok = err <= tol
+            c = ctx.cell(ID, t, reader.name, "flash_attn", "cross_decode_rel_err", err, tol,
+                         Verdict.PASS if ok else Verdict.FAIL,
+                         caveat="" if ok else f"bytes written by {wb}:{wr} attended on {reader.name}: error {err:.3g}",
+                         details={"writer": f"{wb}:{wr}", "reader": reader.name, "self": wb == reader.name})
+            # blame the writer when the reader reads its own bytes correctly
+            if not ok and wb != reader.name:
+                c.target = ctx.is_target(wb, wr) and ctx.is_target(reader.name, "flash_attn")
+                if not c.target and c.verdict == Verdict.FAIL:
+                    c.verdict = Verdict.PARTIAL
+                    c.caveat += f"; only a non-target pairing ({wb}:{wr} written, {reader.name} reading)"
+            c.path = f"{wb}:{wr} -> {reader.name}:flash_attn"
+            return [c]
+        cells += guarded(ctx, ID, t, reader.name, "flash_attn", one)
+    return cells
+
+
+def _wht_agreement(ctx: Context) -> list[Cell]:
+    cells = []
+    bs = ctx.backends()
+    mats = {}
+    for b in bs:
+        try:
+            mats[b.name] = op_matrices(ctx, b.name)["R"]
+        except (Unsupported, ProbeCrash, HarnessError) as e:
+            cells.append(Cell(ID, "all", f"{b.name}:turbo_wht", "-", None, None, Verdict.SKIP, caveat=f"not covered: {e}",
+                              target=b.name == ctx.target_backend))
+    for a, b in itertools.combinations(sorted(mats), 2):
+        d = float(np.max(np.abs(mats[a] - mats[b])))
+        tol = ctx.th("PQ1", "max_abs_err")
+        non_target = b if a == ctx.target_backend else a
+        c = ctx.cell(ID, "all", non_target, "turbo_wht", "wht_op_max_abs_diff", d, tol,
+                     Verdict.PASS if d <= tol else Verdict.FAIL,
+                     caveat="" if d <= tol else f"rotation op differs between {a} and {b} by {d:.3g}")
+        c.path = f"{a}:turbo_wht x {b}:turbo_wht"
+        cells.append(c)
+    return cells
+
+
+def coverage(ctx: Context) -> list[dict]:
+    """Coverage table rows: type x role x partner x head_dim x backend -> tested / not supported / error."""
+    rows = []
+    rng = ctx.rng("coverage")
+    for b in ctx.backends():
+        for t in ctx.types:
+            for role, partner, D in itertools.product(("K", "V"), (t, "q8_0", "f16"), (64, 128, 256)):
+                if partner == t and role == "V":
+                    continue  # the symmetric pair is listed once, under K
+                tk, tv = (t, partner) if role == "K" else (partner, t)
+                Dp = -(-D // 128) * 128
+                row = {"backend": b.name, "type": t, "role": role if partner != t else "K+V", "partner": partner,
+                       "head_dim": D, "pair": f"{tk}/{tv}"}
+                try:
+                    n_kv = 32
+                    k = np.zeros((n_kv, Dp), np.float32)
+                    k[:, :D] = rng.standard_normal((n_kv, D))
+                    v = np.zeros((n_kv, Dp), np.float32)
+                    v[:, :D] = rng.standard_normal((n_kv, D))
+                    kraw = ctx.target.quantize(b.name, "set_rows", tk, k) if tk != "f16" else k.astype(np.float16).view(np.uint8).reshape(-1)
+                    vraw = ctx.target.quantize(b.name, "set_rows", tv, v) if tv != "f16" else v.astype(np.float16).view(np.uint8).reshape(-1)
+                    q = np.zeros((2, 1, Dp), np.float32)
+                    q[..., :D] = rng.standard_normal((2, 1, D))
+                    out = ctx.target.flash_attn(b.name, tk, kraw, tv, vraw, q, Dp, Dp, n_kv, 1, 1 / np.sqrt(D),
+                                                tk in T.FORMATS, tv in T.FORMATS, 128, True)
+                    row["status"] = "tested" if np.all(np.isfinite(out)) else "error: non-finite output"
+                except Unsupported as e:
+                    row["status"] = f"not supported: {e}"
+                except (ProbeCrash, HarnessError) as e:
+                    row["status"] = f"error: {e}"
+                rows.append(row)
+    return rows
+
+
+def _coverage_markdown(rows: list[dict], not_available: list[str]) -> str:
+    lines = ["## Coverage (flash attention: type x role x partner x head_dim x backend)", "",
+             "| backend | type | role | partner | head_dim | status |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['type']} | {r['role']} | {r['partner']} | {r['head_dim']} | {r['status'][:120]} |")
+    for b in not_available:
+        lines.append(f"| {b} | all | all | all | all | not covered: backend not available on this machine |")
+    return "\n".join(lines)
+
+
+def run(ctx: Context) -> list[Cell]:
+    """COMPAT cells (writer matrix, cross-decode, WHT agreement); coverage and test-backend-ops go to
+    ``ctx.sections`` for the report."""
+    cells: list[Cell] = []
+    for t in ctx.types:
+        cells += guarded(ctx, ID, t, ctx.target_backend, "set_rows", lambda t=t: _writer_matrix(ctx, t))
+        cells += guarded(ctx, ID, t, ctx.target_backend, "flash_attn", lambda t=t: _cross_decode(ctx, t))
+    cells += guarded(ctx, ID, "all", ctx.target_backend, "turbo_wht", lambda: _wht_agreement(ctx))
+    if len(ctx.backends()) < 2:
+        ctx.sections.setdefault(f"notes:{ID}", []).append(
+            "only one backend in this build: the matrix covers its paths only (writers "
+            f"{', '.join(f'{b}:{r}' for b, r in quant_paths(ctx))}); not covered here: "
+            f"{', '.join(ctx.not_available) or '-'}")
+    rows = coverage(ctx)
+    ctx.sections["coverage"] = {"rows": rows, "markdown": _coverage_markdown(rows, ctx.not_available)}
+    cells += _backend_ops(ctx)
+    return cells
+
+
+def _backend_ops(ctx: Context) -> list[Cell]:
+    """Run the fork's test-backend-ops (when the target is a fork build that has it) and keep its values."""
+    from pathlib import Path
+
+    from harness.runners import backend_ops
+    bdir = getattr(ctx.target, "build_dir", None)
+    binary = Path(bdir) / "bin" / "test-backend-ops" if bdir else None
+    if binary is None or not binary.is_file():
+        ctx.sections["backend_ops"] = {"markdown": "## test-backend-ops\n\nnot run: the binary is not built "
+                                                   "(`turbo-harness build --targets test-backend-ops`)"}
+        return []
+    log = Path(ctx.evidence_dir) / ID / "test-backend-ops.log" if ctx.evidence_dir else None
+    if log:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    res = backend_ops.run(binary, log_path=log)
+    lines = ["## test-backend-ops (the fork's own op tests, turbo-related cases)", "",
+             f"`{res['command']}`" + (f" - {res['note']}" if res["note"] else ""), ""]
+    cells = []
+    if res["results"]:
+        lines += ["| backend | op | params | status | error | tool limit |", "|---|---|---|---|---|---|"]
+        for r in res["results"]:
+            err = "-" if r["error"] is None else f"{r['metric']} {r['error']:.3g}"
+            lim = "-" if r["max_error"] is None else f"{r['max_error']:.3g}"
+            lines.append(f"| {r['backend']} | {r['op']} | {r['params'][:80]} | {r['status']} | {err} | {lim} |")
+        n_fail = sum(r["status"] == "FAIL" for r in res["results"])
+        n_ok = sum(r["status"] == "OK" for r in res["results"])
+        c = Cell(ID, "all", "test-backend-ops", "failed_cases", float(n_fail), 0.0,
+                 Verdict.PASS if n_fail == 0 else Verdict.PARTIAL,
+                 caveat=f"{n_ok} OK, {n_fail} FAIL, {len(res['results']) - n_ok - n_fail} not supported/skipped "
+                        "(the fork's own limits; its failures are shown, not re-judged)",
+                 target=False, evidence=[f"evidence/{ID}/test-backend-ops.log"] if log else [])
+        cells.append(c)
+    elif res["returncode"] not in (0, None) or "timed out" in res["note"]:
+        cells.append(Cell(ID, "all", "test-backend-ops", "-", None, None, Verdict.ERROR, caveat=res["note"], target=False))
+    ctx.sections["backend_ops"] = {"results": res["results"], "note": res["note"], "markdown": "\n".join(lines)}
+    return cells
