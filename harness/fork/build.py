@@ -64,20 +64,34 @@ def git_state(fork: Path) -> dict:
     def g(*args):
         r = subprocess.run(["git", "-C", str(fork), *args], capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else ""
-    commit = g("rev-parse", "HEAD") or "unknown"
+    commit = g("rev-parse", "HEAD") if (Path(fork) / ".git").exists() else ""
+    marker = Path(fork) / ".fork-commit"  # a copy without .git (e.g. carried to another machine) names its commit here
+    if not commit and marker.is_file():
+        return {"commit": marker.read_text().strip(), "describe": "copy without .git (commit from .fork-commit)", "dirty": None}
+    commit = commit or "unknown"
     dirty = bool(g("status", "--porcelain", "--untracked-files=no", "--ignore-submodules")) if commit != "unknown" else None
     return {"commit": commit, "describe": g("log", "-1", "--format=%h %s") or "", "dirty": dirty}
 
 
 def detect_backend() -> str:
-    """Backend to build for this machine: metal on macOS, cuda where nvcc exists, else cpu."""
+    """Backend to build for this machine: $BACKEND, else metal on macOS, cuda where nvcc exists and
+    nvidia-smi lists a GPU, else cpu."""
     if os.environ.get("BACKEND"):
         return os.environ["BACKEND"].lower()
     if sys.platform == "darwin":
         return "metal"
-    if shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists():
+    if (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()) and _nvidia_gpu_present():
         return "cuda"
     return "cpu"
+
+
+def _nvidia_gpu_present() -> bool:
+    """nvcc alone (a toolkit on a machine without a GPU) is not enough to pick CUDA: ask nvidia-smi."""
+    try:
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+        return r.returncode == 0 and "GPU" in r.stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 BACKEND_FLAGS = {
