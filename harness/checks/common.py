@@ -146,6 +146,29 @@ def quant_paths(ctx: Context):
     return [(b.name, r) for b in ctx.backends() for r in ctx.target.routes(b.name).quantize]
 
 
+LOSSY_DECODE = {"fa_decode": 2.0 ** -11}  # route -> relative rounding of its output (flash attention: fp16)
+
+
+def decode_tolerance(route: str, ref: np.ndarray) -> np.ndarray:
+    """Absolute tolerance for comparing a route's decoded values with exact ones: 0 for exact routes,
+    one fp16 rounding (half an ulp, plus a tiny floor) for routes that pass values through fp16."""
+    rel = LOSSY_DECODE.get(route, 0.0)
+    return rel * np.abs(np.asarray(ref, np.float64)) * 1.0001 + (1e-12 if rel else 0.0)
+
+
+def precise_table(ctx: Context, type_name: str, fallback_backend: str) -> np.ndarray:
+    """The centroid table read through an exact decode route (the CPU type traits when present), for
+    midpoints and reference decodes; the given backend's lossy table when no exact route exists."""
+    for b in ctx.target.backends():
+        try:
+            r = decode_route(ctx, b.name, type_name)
+        except Unsupported:
+            continue
+        if r not in LOSSY_DECODE:
+            return centroid_table(ctx, b.name, r, type_name)
+    return centroid_table(ctx, fallback_backend, decode_route(ctx, fallback_backend, type_name), type_name)
+
+
 def decode_route(ctx: Context, backend: str, type_name: str = "turbo3") -> str:
     """The first decode route of a backend that works for this type (cached). Raises Unsupported."""
     def pick():
@@ -252,9 +275,10 @@ def decision_thresholds(ctx: Context, backend: str, route: str, type_name: str, 
     (NaN where no transition was found within the window), 'midpoints': (k-1,)}.
     """
     def measure():
-        table = np.sort(centroid_table(ctx, backend, decode_route(ctx, backend, type_name), type_name))
+        table = np.sort(precise_table(ctx, type_name, backend))
         qr = quantizer_rotation(ctx, backend, route, type_name)
         R = qr["R"] if qr["R"] is not None else op_matrices(ctx, backend)["R"]
+        own_table = np.sort(centroid_table(ctx, backend, decode_route(ctx, backend, type_name), type_name))
         mids = 0.5 * (table[1:] + table[:-1])
         gaps = np.diff(table)
 
@@ -264,7 +288,7 @@ def decision_thresholds(ctx: Context, backend: str, route: str, type_name: str, 
             dec = ctx.target.decode(backend, decode_route(ctx, backend, type_name), type_name, raw, len(ts), 128)
             dec = dec.astype(np.float64)
             ratio = dec[:, coord] / np.where(dec[:, ref_coord] != 0, dec[:, ref_coord], 1.0)
-            return np.argmin(np.abs(ratio[:, None] - (table / table[-1])[None, :]), axis=1)
+            return np.argmin(np.abs(ratio[:, None] - (own_table / own_table[-1])[None, :]), axis=1)
 
         found = np.full(len(mids), np.nan)
         for i, m in enumerate(mids):

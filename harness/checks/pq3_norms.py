@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.checks.common import Context, centroid_table, decode_route, guarded, quant_paths
+from harness.checks.common import Context, decode_route, guarded, precise_table, quant_paths
 from harness.reference import turbo as T
 from harness.report.model import Cell, Verdict
 
@@ -36,7 +36,7 @@ def _cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
     raw = ctx.target.quantize(backend, route, t, x)
     idx, norms, _ = T.unpack(t, raw)
     dr = decode_route(ctx, backend, t)
-    table = centroid_table(ctx, backend, dr, t)
+    table = precise_table(ctx, t, backend)
     c = table[idx]  # permutation of indices inside a block does not change ||c||
     xn = np.linalg.norm(x.astype(np.float64), axis=1)
     cn = np.linalg.norm(c, axis=1)

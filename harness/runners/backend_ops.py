@@ -15,6 +15,7 @@ TURBO_OPS = "TURBO_WHT,SET_ROWS,FLASH_ATTN_EXT,GET_ROWS,CPY"
 
 _BACKEND = re.compile(r"^\s*Backend \d+/\d+: (\S+)")
 _CASE = re.compile(r"^\s{2}(\S+?)\((.*)\): (.*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ERR = re.compile(r"(ERR|NMSE) = ([0-9.eE+-]+) > ([0-9.eE+-]+)")
 
 
@@ -38,7 +39,7 @@ def parse(text: str) -> list[OpResult]:
     Args: text: the tool's stdout. Returns one OpResult per case line.
     """
     out, backend = [], "?"
-    for ln in text.splitlines():
+    for ln in _ANSI.sub("", text).splitlines():
         m = _BACKEND.match(ln)
         if m:
             backend = m.group(1)
@@ -77,18 +78,35 @@ def run(binary: Path, ops: str = TURBO_OPS, timeout_s: float = 900.0, log_path: 
     Returns {'results': [OpResult dicts], 'returncode', 'note'}. A crash or timeout is reported in
     'note' with what was parsed before it; the caller turns it into an ERROR cell.
     """
-    cmd = [str(binary), "test", "-o", ops]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-        text, rc, note = p.stdout + p.stderr, p.returncode, ""
-    except subprocess.TimeoutExpired as e:
-        text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        rc, note = None, f"test-backend-ops timed out after {timeout_s:.0f} s"
+    results, notes, cmds, logs, rcs = [], [], [], [], []
+    for op in ops.split(","):
+        cmd = [str(binary), "test", "-o", op] + ([] if op == "TURBO_WHT" else ["-p", "turbo"])
+        cmds.append(" ".join(cmd))
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_env())
+            text, rc = p.stdout + p.stderr, p.returncode
+        except subprocess.TimeoutExpired as e:
+            text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            rc = None
+            notes.append(f"{op}: timed out after {timeout_s:.0f} s")
+        logs.append(f"$ {' '.join(cmd)}\n{text}")
+        rcs.append(rc)
+        parsed = [r for r in parse(text) if is_turbo_related(r)]
+        results += parsed
+        if rc not in (0, None):
+            last = [ln for ln in _ANSI.sub("", text).splitlines() if ln.strip()][-1:] or [""]
+            notes.append(f"{op}: exited with {rc} ({last[0].strip()[:160]})")
+        if "Skipping CPU backend" in text and not parsed and rc == 0:
+            notes.append(f"{op}: compares other backends with the CPU; this build has only the CPU")
     if log_path:
-        Path(log_path).write_text(text)
-    res = [r for r in parse(text) if is_turbo_related(r)]
-    if rc not in (0, None) and not note:
-        note = f"test-backend-ops exited with {rc}"
-    if "Skipping CPU backend" in text and not res:
-        note = note or "test-backend-ops compares other backends with the CPU; this build has only the CPU"
-    return {"results": [asdict(r) for r in res], "returncode": rc, "note": note, "command": " ".join(cmd)}
+        Path(log_path).write_text("\n".join(logs))
+    crashed = any(rc not in (0, None) for rc in rcs) or any("timed out" in n for n in notes)
+    return {"results": [asdict(r) for r in results], "returncode": 0 if not crashed else 1,
+            "note": "; ".join(dict.fromkeys(notes)), "command": "; ".join(cmds)}
+
+
+def _env():
+    import os
+    env = dict(os.environ)
+    env.setdefault("GGML_NO_BACKTRACE", "1")
+    return env

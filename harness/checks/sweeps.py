@@ -1,0 +1,286 @@
+"""Check SWEEP: judging a model-level sweep (perplexity/KLD/speed/KV memory per K/V pair).
+
+Input: a :class:`harness.runners.sweep.SweepResult` (numbers parsed from the fork's own tools) and the
+rules in ``checks/sweeps.toml``. Output: a CheckResult 'SWEEP' with one cell per (pair, metric) and the
+table that goes into ``run.sections['sweep']``.
+
+Rules (spec "Model-level sweeps"): PPL of a pair vs q8_0 judged on the paired mean
+ln(PPL(Q)/PPL(f16)) difference; FAIL only when the excess over the limit is larger than
+``paired_se`` standard errors, else PARTIAL. KLD is reported above the f16-vs-f16 noise floor.
+Prefill tokens/s ratio to q8_0 at each depth >= ``prefill_ratio_min``. A K/V type the fork used that
+differs from the one asked for (type in the size line, a type-change log line, or a KV size that the
+type traits do not predict) is an ERROR cell quoting the log line, unless ``fork_defaults``.
+"""
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.report.model import Cell, CheckResult, Verdict
+
+SWEEPS_TOML = Path(__file__).resolve().parents[2] / "checks" / "sweeps.toml"
+MIB = 1024.0 * 1024.0
+
+
+def load_rules(path: Path | None = None) -> dict:
+    """Rules as {section: {key: value}} plus {section: {key + '_reason': text}}.
+
+    Raises:
+        HarnessError: file missing, bad TOML, or an entry without value and reason.
+    """
+    p = Path(path or SWEEPS_TOML)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except OSError:
+        raise HarnessError(f"sweep rules file {p} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise HarnessError(f"{p}: {e}") from None
+    out: dict = {}
+    for sec, entries in raw.items():
+        out[sec] = {}
+        for k, v in entries.items():
+            if not isinstance(v, dict) or "value" not in v or not v.get("reason"):
+                raise HarnessError(f"{p}: [{sec}] {k} needs a value and a one-line reason")
+            out[sec][k] = v["value"]
+            out[sec][k + "_reason"] = v["reason"]
+    return out
+
+
+def kv_type_problem(kv: dict | None, want_k: str, want_v: str, model_info, traits: dict, tol_mib: float) -> str:
+    """'' when the KV log shows the asked types, else one line quoting the log line that shows otherwise.
+
+    Args:
+        kv: a parsed :class:`~harness.runners.llama_logs.KvLog` as dict (None: no size line).
+        model_info: ModelInfo (n_head_kv, head_dim_k/v) for the size prediction.
+        traits: {type name: TypeTrait} measured from the build.
+        tol_mib: allowed gap between printed and predicted K or V MiB.
+    """
+    from harness.runners.ggml_types import predict_kv_bytes
+
+    if kv is None:
+        return "no 'llama_kv_cache: size' line in the tool log: cannot tell which K/V types were used"
+    if kv["changes"]:
+        return f"the fork changed the K/V types: \"{kv['changes'][0]}\""
+    if kv["k_type"] != want_k or kv["v_type"] != want_v:
+        return f"asked K={want_k} V={want_v} but the log says: \"{kv['size_line']}\""
+    if model_info is not None and want_k in traits and want_v in traits:
+        pk = predict_kv_bytes(traits[want_k], kv["cells"], kv["seqs"], kv["layers"], model_info.n_head_kv, model_info.head_dim_k) / MIB
+        pv = predict_kv_bytes(traits[want_v], kv["cells"], kv["seqs"], kv["layers"], model_info.n_head_kv, model_info.head_dim_v) / MIB
+        if abs(pk - kv["k_mib"]) > tol_mib or abs(pv - kv["v_mib"]) > tol_mib:
+            return (f"KV size differs from the {want_k}/{want_v} type traits (predicted K {pk:.2f} V {pv:.2f} MiB), "
+                    f"so some layers use other types: \"{kv['size_line']}\"")
+    return ""
+
+
+def _speed_table(bench_recs: dict, ref: str = "q8_0/q8_0") -> list[dict]:
+    """Rows (pair, test, depth, tokens/s, sd, n, ratio to q8_0 and its standard error)."""
+    refrows = {}
+    if ref in bench_recs and bench_recs[ref].ok:
+        refrows = {(r["test"], r["depth"]): r for r in bench_recs[ref].data["rows"]}
+    out = []
+    for label, rec in bench_recs.items():
+        if not rec.ok:
+            continue
+        for r in rec.data["rows"]:
+            n = max(len(r["samples_ts"]), 1)
+            row = {"pair": label, "test": r["test"], "n_tokens": r["n_tokens"], "depth": r["depth"],
+                   "tps": r["avg_ts"], "tps_sd": r["stddev_ts"], "reps": n, "ratio": None, "ratio_se": None}
+            q = refrows.get((r["test"], r["depth"]))
+            if q and q["avg_ts"] > 0 and r["avg_ts"] > 0:
+                ratio = r["avg_ts"] / q["avg_ts"]
+                nq = max(len(q["samples_ts"]), 1)
+                rel = math.sqrt((r["stddev_ts"] / r["avg_ts"]) ** 2 / n + (q["stddev_ts"] / q["avg_ts"]) ** 2 / nq)
+                row["ratio"], row["ratio_se"] = ratio, ratio * rel
+            out.append(row)
+    return out
+
+
+def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -> tuple[CheckResult, dict]:
+    """Judge a sweep.
+
+    Args:
+        result: SweepResult from :func:`harness.runners.sweep.run_sweep`.
+        rules: from :func:`load_rules` (default: checks/sweeps.toml).
+        traits: {name: TypeTrait} of the build (default: read from result.config.bdir).
+
+    Returns:
+        (CheckResult 'SWEEP', section dict with 'rows' (one per pair), 'speed' (one per pair/test/depth),
+        'noise_floor', 'pinned', 'notes', 'rules').
+    """
+    from harness.runners.ggml_types import bits_per_real_value, type_traits
+
+    rules = rules or load_rules()
+    cfg = result.config
+    backend = cfg.backend
+    traits = traits if traits is not None else (result.traits or type_traits(str(cfg.bdir)))
+    k_sig = float(rules["significance"]["paired_se"])
+    tol = float(rules["memory"]["tolerance_mib"])
+    cr = CheckResult("SWEEP", "Model-level sweep: PPL, KL divergence, top-1, speed and KV memory per K/V pair")
+    cr.duration_s = result.seconds
+    mi = result.model_info
+    labels = [f"{k}/{v}" for k, v in cfg.pairs]
+    section: dict = {"pinned": cfg.pinned(), "rows": [], "speed": [], "noise_floor": None, "notes": [],
+                     "rules": {k: v for k, v in rules.items()}, "model": mi.to_dict() if mi else None,
+                     "base": None}
+
+    if result.error:
+        cr.error = result.error
+        for lab in labels:
+            cr.cells.append(Cell("SWEEP", lab, f"{backend}:perplexity", "ppl_vs_q8_0", None, None, Verdict.ERROR,
+                                 caveat=result.error))
+        section["rows"] = [{"pair": lab, "status": "ERROR", "error": result.error} for lab in labels]
+        return cr, section
+
+    # notes beside the rules
+    if mi is not None:
+        if mi.n_embd < rules["notes"]["tiny_model_n_embd"]:
+            cr.notes.append(f"{mi.name} is a tiny model (n_embd {mi.n_embd}, {mi.n_layer} layers): the default rules "
+                            f"are for a real model on real text; expect larger PPL losses than on a production model")
+        if mi.head_dim_k % 128 or mi.head_dim_v % 128:
+            from harness.runners.ggml_types import padded_head
+            ph = padded_head(mi.head_dim_k, "turbo3")
+            cr.notes.append(f"head_dim {mi.head_dim_k} is zero-padded to {ph} for turbo types, so turbo stores "
+                            f"{ph / mi.head_dim_k:g}x the values and loses its memory advantage: compare bits per real value")
+    if result.base is not None and result.base.ok:
+        section["base"] = {"ppl": result.base.data["ppl"], "ppl_se": result.base.data["ppl_se"],
+                           "evidence": list(result.base.evidence)}
+    elif result.base is not None:
+        cr.notes.append(f"f16 baseline failed: {result.base.error}")
+
+    speed = _speed_table(result.bench)
+    section["speed"] = speed
+    q8 = result.ppl.get("q8_0/q8_0")
+    q8s = q8.data["stats"] if q8 is not None and q8.ok else None
+    f16 = result.ppl.get("f16/f16")
+    floor = f16.data["stats"]["kld"] if f16 is not None and f16.ok else None
+    section["noise_floor"] = floor
+    if floor is None:
+        cr.notes.append("no f16/f16 pair in the sweep: KLD is not calibrated against a noise floor")
+    turbo_rule_types = set(rules["speed"]["speed_rule_types"])
+
+    for k, v in cfg.pairs:
+        lab = f"{k}/{v}"
+        row: dict = {"pair": lab, "k": k, "v": v, "status": "ok", "error": "", "caveat": ""}
+        caveats: list[str] = []
+        prec = result.ppl.get(lab)
+        brec = result.bench.get(lab)
+        ev = list(prec.evidence) if prec else []
+        # -------- perplexity / KLD
+        if prec is None or not prec.ok:
+            err = prec.error if prec else "not run"
+            row.update(status="ERROR", error=err)
+            cr.cells.append(Cell("SWEEP", lab, f"{backend}:perplexity", "ppl_vs_q8_0", None, None, Verdict.ERROR,
+                                 caveat=err, evidence=ev))
+        else:
+            s = prec.data["stats"]
+            kv = prec.data["kv"]
+            row.update(ppl=s["ppl"], ppl_se=s.get("ppl_se"), ln_ppl_ratio_vs_f16=s.get("ln_ppl_ratio"),
+                       ln_ppl_ratio_se=s.get("ln_ppl_ratio_se"), kld=s["kld"], kld_se=s.get("kld_se"),
+                       kld_above_floor=(s["kld"] - floor) if floor is not None else None,
+                       kld_p99=s.get("kld_p99"), same_top_p_pct=s.get("same_top_p_pct"),
+                       same_top_p_se=s.get("same_top_p_pct_se"), dp_mean_pct=s.get("dp_mean_pct"),
+                       dp_rms_pct=s.get("dp_rms_pct"), chunks=s.get("chunks"),
+                       kv_mib=kv["size_mib"], k_mib=kv["k_mib"], v_mib=kv["v_mib"],
+                       kv_cells=kv["cells"], graph_splits=kv.get("graph_splits"),
+                       k_used=kv["k_type"], v_used=kv["v_type"], kv_log=kv["size_line"])
+            if mi is not None:
+                from harness.runners.ggml_types import predict_kv_bytes
+                dims = (kv["cells"], kv["seqs"], kv["layers"], mi.n_head_kv)
+                k_bytes, v_bytes = kv["k_mib"] * MIB, kv["v_mib"] * MIB  # as printed (2 decimals)
+                if k in traits and v in traits:
+                    pk = predict_kv_bytes(traits[k], *dims, mi.head_dim_k)
+                    pv = predict_kv_bytes(traits[v], *dims, mi.head_dim_v)
+                    row["kv_pred_mib"] = (pk + pv) / MIB
+                    row["bits_nominal"] = (traits[k].bits_per_value + traits[v].bits_per_value) / 2
+                    if abs(pk / MIB - kv["k_mib"]) <= tol and abs(pv / MIB - kv["v_mib"]) <= tol:
+                        k_bytes, v_bytes = pk, pv  # the log confirms the prediction: use exact bytes
+                row["k_bits_real"] = bits_per_real_value(k_bytes, *dims, mi.head_dim_k)
+                row["v_bits_real"] = bits_per_real_value(v_bytes, *dims, mi.head_dim_v)
+                row["bits_per_value"] = (row["k_bits_real"] + row["v_bits_real"]) / 2
+            if kv.get("padding"):
+                caveats.append("padded " + ", ".join(f"{x} {a}->{b}" for x, (a, b) in sorted(kv["padding"].items())))
+            prob = kv_type_problem(kv, k, v, mi, traits, tol)
+            if prob and not cfg.fork_defaults:
+                row.update(status="ERROR", error=prob)
+                cr.cells.append(Cell("SWEEP", lab, f"{backend}:perplexity", "kv_types", None, None, Verdict.ERROR,
+                                     caveat=prob, evidence=ev))
+            elif prob:
+                caveats.append(f"fork defaults: {prob}")
+            if f16 is not None and f16.ok and row.get("graph_splits") and f16.data["kv"].get("graph_splits") \
+                    and row["graph_splits"] > f16.data["kv"]["graph_splits"]:
+                caveats.append(f"graph splits {row['graph_splits']} vs f16 {f16.data['kv']['graph_splits']}: "
+                               f"attention may have fallen back to the CPU")
+            # paired judgement against q8_0
+            if q8s is not None and "ln_ppl_ratio" in s and lab != "q8_0/q8_0":
+                d = s["ln_ppl_ratio"] - q8s["ln_ppl_ratio"]
+                se = math.hypot(s.get("ln_ppl_ratio_se", 0.0), q8s.get("ln_ppl_ratio_se", 0.0))
+                row.update(ppl_vs_q8_pct=100 * math.expm1(d), d_ln_vs_q8=d, d_ln_vs_q8_se=se)
+                limit = rules["ppl_vs_q8_0"].get(lab)
+                if row["status"] == "ERROR":
+                    pass
+                elif limit is None:
+                    cr.cells.append(Cell("SWEEP", lab, f"{backend}:perplexity", "ppl_vs_q8_0", math.expm1(d), None,
+                                         Verdict.SKIP, caveat="no default rule for this pair: measured only",
+                                         evidence=ev, details={"d_ln": d, "d_ln_se": se}))
+                else:
+                    excess = d - math.log1p(limit)
+                    if excess <= 0:
+                        vd, cav = Verdict.PASS, ""
+                    elif excess <= k_sig * se:
+                        vd, cav = Verdict.PARTIAL, (f"over the +{100 * limit:g}% limit by less than {k_sig:g} paired "
+                                                    f"standard errors ({excess:.4f} <= {k_sig:g} x {se:.4f}): not significant")
+                    else:
+                        vd, cav = Verdict.FAIL, (f"PPL +{100 * math.expm1(d):.2f}% vs q8_0 (limit +{100 * limit:g}%), "
+                                                 f"{excess / se if se else float('inf'):.1f} paired se over")
+                    cr.cells.append(Cell("SWEEP", lab, f"{backend}:perplexity", "ppl_vs_q8_0", math.expm1(d), limit,
+                                         vd, caveat=cav, evidence=ev,
+                                         details={"d_ln": d, "d_ln_se": se, "reason": rules["ppl_vs_q8_0"][lab + "_reason"]}))
+            if lab == "f16/f16":
+                fmax = rules["noise"]["kld_floor_max"]
+                vd = Verdict.PASS if s["kld"] <= fmax else Verdict.PARTIAL
+                cr.cells.append(Cell("SWEEP", lab, f"{backend}:perplexity", "kld_noise_floor", s["kld"], fmax, vd,
+                                     caveat="" if vd == Verdict.PASS else "f16 vs its own baseline is not reproducible: "
+                                     "KLD of other pairs includes this noise", evidence=ev))
+        # -------- speed
+        if cfg.bench:
+            bev = list(brec.evidence) if brec else []
+            if brec is None or not brec.ok:
+                err = brec.error if brec else "not run"
+                row.setdefault("bench_error", err)
+                cr.cells.append(Cell("SWEEP", lab, f"{backend}:bench", "prefill_ratio_vs_q8_0", None, None,
+                                     Verdict.ERROR, caveat=err, evidence=bev))
+                if row["status"] != "ERROR":
+                    row.update(status="ERROR", error=err)
+            else:
+                for kvb in brec.data.get("kv", []):
+                    prob = kv_type_problem(kvb, k, v, None, traits, tol)
+                    if prob and not cfg.fork_defaults:
+                        cr.cells.append(Cell("SWEEP", lab, f"{backend}:bench", "kv_types", None, None, Verdict.ERROR,
+                                             caveat=prob, evidence=bev))
+                        row.update(status="ERROR", error=row["error"] or prob)
+                        break
+                mine = [r for r in speed if r["pair"] == lab]
+                for r in mine:
+                    row[f"{r['test']}_ratio_d{r['depth']}"] = r["ratio"]
+                    row[f"{r['test']}_tps_d{r['depth']}"] = r["tps"]
+                pp = [r for r in mine if r["test"] == "pp" and r["ratio"] is not None]
+                if pp and ({k, v} & turbo_rule_types):
+                    worst_r = min(pp, key=lambda r: r["ratio"])
+                    thr = rules["speed"]["prefill_ratio_min"]
+                    if worst_r["ratio"] >= thr:
+                        vd, cav = Verdict.PASS, ""
+                    elif thr - worst_r["ratio"] <= k_sig * (worst_r["ratio_se"] or 0):
+                        vd, cav = Verdict.PARTIAL, f"below {thr} within {k_sig:g} se of the repetitions' spread"
+                    else:
+                        vd, cav = Verdict.FAIL, (f"prefill {worst_r['ratio']:.2f}x q8_0 at depth {worst_r['depth']} "
+                                                 f"(limit {thr})")
+                    cr.cells.append(Cell("SWEEP", lab, f"{backend}:bench", "prefill_ratio_vs_q8_0", worst_r["ratio"], thr,
+                                         vd, op=">=", caveat=cav, evidence=bev,
+                                         details={"depth": worst_r["depth"], "ratio_se": worst_r["ratio_se"],
+                                                  "reason": rules["speed"]["prefill_ratio_min_reason"]}))
+        row["caveat"] = "; ".join(caveats)
+        section["rows"].append(row)
+    section["notes"] = list(cr.notes)
+    return cr, section

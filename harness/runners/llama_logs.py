@@ -1,0 +1,214 @@
+"""Parsers for the output of the fork's ``llama-perplexity`` and ``llama-bench``.
+
+Everything is parsed from text the tools print (formats of llama.cpp ``tools/perplexity/perplexity.cpp``,
+``tools/llama-bench/llama-bench.cpp`` and the fork's ``src/llama-kv-cache.cpp`` log lines); the
+fixtures under ``tests/fixtures/sweep/`` are real captures of this fork's output.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+# llama_kv_cache: size =    2.20 MiB (   256 cells,  30 layers,  1/1 seqs), K (turbo3):    1.10 MiB, V (turbo3):    1.10 MiB
+_KV_SIZE = re.compile(
+    r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+)/(\d+) seqs\), "
+    r"K \(([^)]+)\):\s*([\d.]+) MiB, V \(([^)]+)\):\s*([\d.]+) MiB")
+# llama_kv_cache: turbo zero-padding K head_dim 64 -> 128 (cache 192 -> 384)
+_KV_PAD = re.compile(r"turbo zero-padding ([KV]) head_dim (\d+) -> (\d+) \(cache (\d+) -> (\d+)\)")
+# lines by which the fork announces that it changes the K/V types it was asked for
+_KV_CHANGES = [
+    re.compile(r"auto-asymmetric:.*upgrading K from (\S+) to (\S+)"),
+    re.compile(r"layer-adaptive mode (\d+) enabled"),
+    re.compile(r"Boundary V (?:mode \d+|auto-enabled)"),
+    re.compile(r"V-only LA mode"),
+]
+_SPLITS = re.compile(r"graph splits = (\d+)")
+
+
+@dataclass
+class KvLog:
+    """What the KV-cache log lines of one context creation say.
+
+    Attributes:
+        size_mib, k_mib, v_mib: total / K / V cache size in MiB as printed (2 decimals).
+        cells: KV cells per stream; layers: layers with a KV cache; seqs: streams (n_seq / n_seq_max).
+        k_type, v_type: ggml type names printed in the size line (the *layer-0 request* after the fork's
+            auto-asymmetric rewrite; per-layer changes are not shown there).
+        padding: {'K'|'V': (head_dim, padded_head_dim)} from the zero-padding lines.
+        changes: verbatim log lines in which the fork announced a type change.
+        size_line: the verbatim size line (for quoting).
+        graph_splits: the largest 'graph splits = N' seen (None when absent).
+    """
+
+    size_mib: float
+    k_type: str
+    k_mib: float
+    v_type: str
+    v_mib: float
+    cells: int
+    layers: int
+    seqs: int
+    size_line: str
+    padding: dict[str, tuple[int, int]] = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)
+    graph_splits: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_kv_logs(text: str) -> list[KvLog]:
+    """Every KV-cache creation found in a tool log, in order (llama-bench -v makes one per test).
+
+    Padding and type-change lines are attributed to the next size line that follows them.
+    Returns [] when there is no size line.
+    """
+    out: list[KvLog] = []
+    pad: dict[str, tuple[int, int]] = {}
+    changes: list[str] = []
+    splits_all = [int(m.group(1)) for m in _SPLITS.finditer(text)]
+    for raw in text.splitlines():
+        line = raw.strip()
+        m = _KV_PAD.search(line)
+        if m:
+            pad[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+            continue
+        if any(p.search(line) for p in _KV_CHANGES):
+            changes.append(line)
+            continue
+        m = _KV_SIZE.search(line)
+        if m:
+            out.append(KvLog(size_mib=float(m.group(1)), cells=int(m.group(2)), layers=int(m.group(3)),
+                             seqs=int(m.group(5)), k_type=m.group(6), k_mib=float(m.group(7)),
+                             v_type=m.group(8), v_mib=float(m.group(9)), size_line=line,
+                             padding=dict(pad), changes=list(changes),
+                             graph_splits=max(splits_all) if splits_all else None))
+            pad, changes = {}, []
+    return out
+
+
+def parse_kv_log(text: str) -> KvLog | None:
+    """The first KV-cache creation of a log (None when the log has no ``llama_kv_cache: size`` line)."""
+    logs = parse_kv_logs(text)
+    return logs[0] if logs else None
+
+
+_NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf)"
+_STAT = re.compile(r"^(?P<key>[^:\[\]]+?)\s*:\s*" + _NUM + r"\s*%?(?:\s*±\s*" + _NUM + r")?\s*%?\s*$")
+_KLD_KEYS = {
+    "Mean PPL(Q)": "ppl",
+    "Mean PPL(base)": "ppl_base",
+    "Cor(ln(PPL(Q)), ln(PPL(base)))": "cor_ln_ppl",
+    "Mean ln(PPL(Q)/PPL(base))": "ln_ppl_ratio",
+    "Mean PPL(Q)/PPL(base)": "ppl_ratio",
+    "Mean PPL(Q)-PPL(base)": "ppl_diff",
+    "Mean    KLD": "kld",
+    "Maximum KLD": "kld_max",
+    "99.9%   KLD": "kld_p99_9",
+    "99.0%   KLD": "kld_p99",
+    "95.0%   KLD": "kld_p95",
+    "Median  KLD": "kld_median",
+    "Mean    Δp": "dp_mean_pct",
+    "Maximum Δp": "dp_max_pct",
+    "Minimum Δp": "dp_min_pct",
+    "Median  Δp": "dp_median_pct",
+    "RMS Δp": "dp_rms_pct",
+    "Same top p": "same_top_p_pct",
+}
+
+
+def parse_kld_stats(text: str) -> dict[str, float]:
+    """Statistics of a ``llama-perplexity --kl-divergence`` run.
+
+    Returns a dict with the keys of ``_KLD_KEYS`` values that were found (e.g. 'ppl', 'ppl_se',
+    'ln_ppl_ratio', 'ln_ppl_ratio_se', 'kld', 'kld_se', 'same_top_p_pct', 'same_top_p_pct_se',
+    'dp_mean_pct', 'dp_rms_pct', 'cor_ln_ppl' (percent)); '<key>_se' is the ± value. Percent values stay
+    in percent. Also 'chunks' (number of per-chunk rows). Empty dict when there is no statistics block.
+    """
+    out: dict[str, float] = {}
+    keys = {re.sub(r"\s+", " ", k): v for k, v in _KLD_KEYS.items()}
+    for raw in text.splitlines():
+        m = _STAT.match(raw.strip())
+        if not m:
+            continue
+        key = keys.get(re.sub(r"\s+", " ", m.group("key").strip()))
+        if key is None:
+            continue
+        out[key] = float(m.group(2))
+        if m.group(3) is not None:
+            out[key + "_se"] = float(m.group(3))
+    rows = re.findall(r"^\s*(\d+)\s+[\d.]+\s*±", text, re.MULTILINE)
+    if out and rows:
+        out["chunks"] = int(rows[-1])
+    return out
+
+
+_FINAL = re.compile(r"Final estimate: PPL = " + _NUM + r" \+/- " + _NUM)
+
+
+def parse_final_ppl(text: str) -> tuple[float, float] | None:
+    """(PPL, standard error) from the 'Final estimate: PPL = x +/- y' line of a plain perplexity run."""
+    m = _FINAL.search(text)
+    return (float(m.group(1)), float(m.group(2))) if m else None
+
+
+def parse_chunk_ppls(text: str) -> list[float]:
+    """Cumulative per-chunk PPL values '[1]46.1962,[2]24.0889,...' of a plain perplexity run."""
+    return [float(x) for x in re.findall(r"\[\d+\]" + _NUM, text)]
+
+
+@dataclass
+class BenchRow:
+    """One llama-bench test: prefill ('pp', n_prompt tokens) or decode ('tg', n_gen tokens) at a depth.
+
+    Attributes:
+        test: 'pp' or 'tg'; n_tokens: n_prompt or n_gen; depth: n_depth (tokens already in the cache).
+        type_k, type_v: types llama-bench reports it asked for.
+        avg_ts, stddev_ts: mean and standard deviation of tokens/s over repetitions.
+        samples_ts: tokens/s of each repetition.
+    """
+
+    test: str
+    n_tokens: int
+    depth: int
+    type_k: str
+    type_v: str
+    avg_ts: float
+    stddev_ts: float
+    samples_ts: list[float]
+    n_batch: int = 0
+    n_ubatch: int = 0
+    n_threads: int = 0
+    flash_attn: bool | None = None
+    n_gpu_layers: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_bench_json(text: str) -> list[BenchRow]:
+    """Rows of ``llama-bench -o json`` output.
+
+    Raises:
+        ValueError: the text is not the JSON array llama-bench prints (message names what is wrong).
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"llama-bench output is not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, list):
+        raise ValueError("llama-bench JSON is not a list of tests")
+    rows = []
+    for d in data:
+        n_p, n_g = int(d.get("n_prompt", 0)), int(d.get("n_gen", 0))
+        test = "pp" if n_p > 0 and n_g == 0 else "tg" if n_g > 0 and n_p == 0 else "pg"
+        rows.append(BenchRow(test=test, n_tokens=n_p or n_g, depth=int(d.get("n_depth", 0)),
+                             type_k=str(d.get("type_k")), type_v=str(d.get("type_v")),
+                             avg_ts=float(d["avg_ts"]), stddev_ts=float(d.get("stddev_ts", math.nan)),
+                             samples_ts=[float(x) for x in d.get("samples_ts", [])],
+                             n_batch=int(d.get("n_batch", 0)), n_ubatch=int(d.get("n_ubatch", 0)),
+                             n_threads=int(d.get("n_threads", 0)), flash_attn=d.get("flash_attn"),
+                             n_gpu_layers=int(d.get("n_gpu_layers", 0))))
+    return rows

@@ -1,0 +1,419 @@
+"""Driving the model-level sweep: one f16-KV baseline, then per K/V pair one ``llama-perplexity
+--kl-divergence`` run and one ``llama-bench`` run, each cached on disk as soon as it finishes.
+
+Cache layout (``$TURBO_SWEEP_CACHE`` or ``<repo>/.cache/sweep``)::
+
+    jobs/<key>.json        one finished job (kind, pair, parsed numbers, evidence file names)
+    ev/<key>/...           the job's command line, stdout and stderr (evidence)
+    base/<key>.kld         the f16 logits baseline (``--kl-divergence-base``), shared by all pairs
+
+``key`` is the SHA-256 of (fork commit + dirty diff, build options and binary identity, model SHA-256,
+corpus SHA-256, ctx, chunks, pair, environment, batch layout, threads, offload, bench settings), so a
+rerun reuses finished jobs, an interrupted sweep resumes, and ``fresh=True`` ignores (and overwrites)
+them. Failed jobs are never cached: a rerun retries them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from harness.errors import HarnessError
+from harness.fork.build import REPO_ROOT, binary, git_state, read_build_meta
+from harness.runners.ggml_types import type_traits
+from harness.runners.inputs import ModelInfo, check_corpus, read_model_info, sha256_file
+from harness.runners.llama_logs import parse_bench_json, parse_kld_stats, parse_kv_log, parse_kv_logs, parse_final_ppl
+from harness.runners.tools import ToolResult, run_tool
+
+PINNED_ENV = {"TURBO_AUTO_ASYMMETRIC": "0", "TURBO_LAYER_ADAPTIVE": "0", "TURBO_SPARSE_V": "0"}
+
+DEFAULT_PAIRS = ("f16/f16,q8_0/q8_0,q4_0/q4_0,turbo4/turbo4,turbo3/turbo3,turbo2/turbo2,"
+                 "q8_0/turbo4,q8_0/turbo3,turbo4/q8_0")
+
+# Defaults sized so the whole default sweep takes ~10-15 min on a 2-core CPU (turbo KV on CPU is
+# 3-25x slower than f16), and a GPU sweep gets enough tokens for tight paired statistics.
+CPU_DEFAULTS = {"ctx": 256, "chunks": 8, "depths": (0, 256), "reps": 3, "n_prompt": 64, "n_gen": 16, "timeout": 900}
+GPU_DEFAULTS = {"ctx": 512, "chunks": 64, "depths": (0, 2048, 8192), "reps": 5, "n_prompt": 512, "n_gen": 128,
+                "timeout": 1800}
+
+
+def parse_pairs(spec: str) -> list[tuple[str, str]]:
+    """'f16/f16,q8_0,q8_0/turbo3' -> [('f16','f16'), ('q8_0','q8_0'), ('q8_0','turbo3')].
+
+    A single name means a symmetric pair. Raises HarnessError on an empty spec or an empty name.
+    """
+    out: list[tuple[str, str]] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        parts = [p.strip() for p in item.split("/")]
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2 or not all(parts):
+            raise HarnessError(f"bad K/V pair {item!r}: write K/V, e.g. q8_0/turbo3 (or one name for K=V)")
+        if (parts[0], parts[1]) not in out:
+            out.append((parts[0], parts[1]))
+    if not out:
+        raise HarnessError("no K/V pairs given: e.g. --pairs f16/f16,q8_0/q8_0,turbo3/turbo3")
+    return out
+
+
+def pair_label(k: str, v: str) -> str:
+    return f"{k}/{v}"
+
+
+def pair_slug(k: str, v: str) -> str:
+    return f"{k}-{v}".replace("/", "_")
+
+
+@dataclass
+class SweepConfig:
+    """Everything that defines a sweep (all sizes in tokens; timeout in seconds per tool call)."""
+
+    model: Path
+    corpus: Path
+    pairs: list[tuple[str, str]]
+    bdir: Path
+    backend: str = "cpu"
+    ctx: int = CPU_DEFAULTS["ctx"]
+    chunks: int = CPU_DEFAULTS["chunks"]
+    depths: tuple[int, ...] = CPU_DEFAULTS["depths"]
+    reps: int = CPU_DEFAULTS["reps"]
+    n_prompt: int = CPU_DEFAULTS["n_prompt"]
+    n_gen: int = CPU_DEFAULTS["n_gen"]
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    ngl: int = 0
+    batch: int = 0     # 0 = ctx (one sequence per pass, the same layout for every cell)
+    ubatch: int = 0    # 0 = min(batch, 512)
+    fresh: bool = False
+    fork_defaults: bool = False
+    timeout: float = CPU_DEFAULTS["timeout"]
+    cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("TURBO_SWEEP_CACHE") or REPO_ROOT / ".cache" / "sweep"))
+    bench: bool = True
+
+    def __post_init__(self):
+        self.batch = self.batch or self.ctx
+        self.ubatch = self.ubatch or min(self.batch, 512)
+
+    def env(self) -> dict[str, str]:
+        """Variables set for every tool call (none under --fork-defaults, which also unsets PINNED_ENV)."""
+        return {} if self.fork_defaults else dict(PINNED_ENV)
+
+    def env_unset(self) -> tuple[str, ...]:
+        return tuple(PINNED_ENV) if self.fork_defaults else ()
+
+    def pinned(self) -> dict:
+        """The settings that change the numbers, as recorded in the report."""
+        return {"ctx": self.ctx, "chunks": self.chunks, "batch": self.batch, "ubatch": self.ubatch,
+                "threads": self.threads, "ngl": self.ngl, "flash_attn": "on", "fit": "off",
+                "depths": list(self.depths), "reps": self.reps, "n_prompt": self.n_prompt, "n_gen": self.n_gen,
+                "env": self.env(), "env_unset": list(self.env_unset()), "fork_defaults": self.fork_defaults,
+                "backend": self.backend, "timeout_s": self.timeout}
+
+
+@dataclass
+class JobRecord:
+    """One finished (or failed) job. ``data`` holds parsed numbers; ``evidence`` maps names to files
+    (absolute, in the cache) holding the raw output they were parsed from."""
+
+    kind: str                    # 'base' | 'ppl' | 'bench'
+    pair: str
+    ok: bool
+    error: str = ""
+    data: dict = field(default_factory=dict)
+    evidence: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    cached: bool = False
+    key: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SweepResult:
+    """The outcome of :func:`run_sweep`: inputs, identity of build/model/corpus, and every job record."""
+
+    config: SweepConfig
+    meta: dict
+    model_info: ModelInfo | None
+    base: JobRecord | None
+    ppl: dict[str, JobRecord] = field(default_factory=dict)
+    bench: dict[str, JobRecord] = field(default_factory=dict)
+    error: str = ""              # a sweep-wide problem (corrupt model, empty corpus) -> every cell ERROR
+    seconds: float = 0.0
+    jobs_run: int = 0
+    jobs_cached: int = 0
+    traits: dict = field(default_factory=dict)  # {type name: TypeTrait} measured from the build
+
+
+def _binary_identity(bdir: Path, names: list[str]) -> dict:
+    out = {}
+    for n in names:
+        for p in [Path(bdir) / "bin" / n]:
+            if p.exists():
+                st = p.stat()
+                out[n] = [st.st_size, int(st.st_mtime)]
+    for lib in sorted((Path(bdir) / "bin").glob("libggml*.so")) + sorted((Path(bdir) / "bin").glob("libllama*.so")):
+        st = lib.stat()
+        out[lib.name] = [st.st_size, int(st.st_mtime)]
+    return out
+
+
+def _fork_identity(bdir: Path) -> dict:
+    meta = read_build_meta(bdir)
+    fork = Path(meta.get("fork_dir") or (REPO_ROOT / "vendor" / "llama.cpp"))
+    st = git_state(fork) if fork.is_dir() else {"commit": "unknown", "describe": "", "dirty": None}
+    diff_sha = ""
+    if st.get("dirty"):
+        r = subprocess.run(["git", "-C", str(fork), "diff", "HEAD"], capture_output=True)
+        diff_sha = hashlib.sha256(r.stdout).hexdigest()
+    cmake = meta.get("cmake_options")
+    if cmake is None:
+        cache = Path(bdir) / "CMakeCache.txt"
+        cmake = hashlib.sha256(cache.read_bytes()).hexdigest() if cache.is_file() else "unknown"
+    return {"fork_dir": str(fork), "fork_commit": st["commit"], "fork_describe": st.get("describe", ""),
+            "fork_dirty": st.get("dirty"), "fork_diff_sha256": diff_sha, "cmake_options": cmake,
+            "compiler": meta.get("cxx_compiler", "")}
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class _Cache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        (self.root / "jobs").mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str) -> JobRecord | None:
+        f = self.root / "jobs" / f"{key}.json"
+        try:
+            d = json.loads(f.read_text())
+            rec = JobRecord(**d)
+        except (OSError, ValueError, TypeError):
+            return None
+        if not all(Path(p).exists() for p in rec.evidence.values()):
+            return None
+        rec.cached = True
+        return rec
+
+    def put(self, rec: JobRecord) -> None:
+        f = self.root / "jobs" / f"{rec.key}.json"
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec.to_dict(), indent=1))
+        os.replace(tmp, f)  # atomic: an interrupted write never leaves a half record
+
+    def ev(self, key: str) -> Path:
+        p = self.root / "ev" / key
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+def _evidence(prefix: Path) -> dict[str, str]:
+    return {f"{prefix.name}.{ext}": str(prefix.with_name(f"{prefix.name}.{ext}")) for ext in ("cmd", "stdout", "stderr")}
+
+
+def _common_args(cfg: SweepConfig) -> list[str]:
+    return ["-t", str(cfg.threads), "-b", str(cfg.batch), "-ub", str(cfg.ubatch), "-ngl", str(cfg.ngl)]
+
+
+def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str) -> JobRecord:
+    ev = cache.ev(key)
+    base_file = cache.root / "base" / f"{key}.kld"
+    base_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file = base_file.with_suffix(".partial")
+    cmd = [str(tool), "-m", str(cfg.model), "-f", str(cfg.corpus), "-c", str(cfg.ctx), "--chunks", str(cfg.chunks),
+           *_common_args(cfg), "-fa", "on", "-fit", "off", "-ctk", "f16", "-ctv", "f16",
+           "--kl-divergence-base", str(tmp_file)]
+    res = run_tool(cmd, cfg.env(), cfg.timeout, ev / "base", cfg.env_unset())
+    rec = JobRecord("base", "f16/f16", res.ok, res.failure(), evidence=_evidence(ev / "base"), seconds=res.seconds, key=key)
+    text = res.stdout + "\n" + res.stderr
+    if res.ok:
+        fin = parse_final_ppl(text)
+        kv = parse_kv_log(res.stderr)
+        if fin is None or not tmp_file.is_file() or tmp_file.stat().st_size == 0:
+            rec.ok, rec.error = False, f"baseline run printed no final PPL or wrote no logits file; see {ev / 'base.stderr'}"
+        elif "tokens" in res.stderr and "you need at least" in res.stderr:
+            rec.ok, rec.error = False, "corpus too short for ctx x chunks"
+        else:
+            os.replace(tmp_file, base_file)
+            rec.data = {"ppl": fin[0], "ppl_se": fin[1], "kv": kv.to_dict() if kv else None, "base_file": str(base_file)}
+            rec.evidence["base.kld"] = str(base_file)
+    return rec
+
+
+def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: str, base_file: str) -> JobRecord:
+    ev = cache.ev(key)
+    cmd = [str(tool), "-m", str(cfg.model), "-c", str(cfg.ctx), *_common_args(cfg), "-fa", "on", "-fit", "off",
+           "-ctk", k, "-ctv", v, "--kl-divergence-base", base_file, "--kl-divergence"]
+    res = run_tool(cmd, cfg.env(), cfg.timeout, ev / "ppl", cfg.env_unset())
+    rec = JobRecord("ppl", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "ppl"), seconds=res.seconds, key=key)
+    if res.ok:
+        stats = parse_kld_stats(res.stdout)
+        kv = parse_kv_log(res.stderr)
+        if "ppl" not in stats or "kld" not in stats:
+            rec.ok, rec.error = False, f"llama-perplexity printed no KL-divergence statistics; see {ev / 'ppl.stdout'}"
+        elif kv is None:
+            rec.ok, rec.error = False, f"no 'llama_kv_cache: size' line in the log; see {ev / 'ppl.stderr'}"
+        else:
+            rec.data = {"stats": stats, "kv": kv.to_dict()}
+    return rec
+
+
+def _run_bench(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: str) -> JobRecord:
+    ev = cache.ev(key)
+    cmd = [str(tool), "-m", str(cfg.model), *_common_args(cfg), "-fa", "1", "-ctk", k, "-ctv", v,
+           "-p", str(cfg.n_prompt), "-n", str(cfg.n_gen), "-d", ",".join(str(d) for d in cfg.depths),
+           "-r", str(cfg.reps), "-o", "json", "-v"]
+    res = run_tool(cmd, cfg.env(), cfg.timeout, ev / "bench", cfg.env_unset())
+    rec = JobRecord("bench", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "bench"), seconds=res.seconds, key=key)
+    if res.ok:
+        try:
+            rows = parse_bench_json(res.stdout)
+        except ValueError as e:
+            rec.ok, rec.error = False, f"{e}; see {ev / 'bench.stdout'}"
+            return rec
+        kvs = parse_kv_logs(res.stderr)
+        rec.data = {"rows": [r.to_dict() for r in rows], "kv": [x.to_dict() for x in kvs]}
+        if not rows:
+            rec.ok, rec.error = False, "llama-bench returned no tests"
+    return rec
+
+
+def _unknown_type_error(k: str, v: str, known: set[str]) -> str:
+    bad = [t for t in (k, v) if t not in known]
+    if not bad:
+        return ""
+    return (f"unknown cache type {bad[0]!r}: this build's ggml knows "
+            f"{', '.join(t for t in sorted(known) if t.startswith(('f', 'b', 'q', 'iq4', 'turbo')))}")
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None] = print,
+              traits: dict | None = None) -> SweepResult:
+    """Run (or resume) a sweep. Never raises for a failing tool or pair: those become failed job records.
+
+    Args:
+        cfg: the sweep configuration.
+        progress: show a tqdm bar of jobs done and time left (on stderr).
+        log: where one-line notes go.
+        traits: {type name: TypeTrait}; default measured from the build's libggml-base (tests inject them).
+
+    Returns:
+        SweepResult; ``error`` is set (and no job runs) when the model or corpus cannot be used.
+
+    Raises:
+        HarnessError: the tools are not built (with the build command).
+        KeyboardInterrupt: after killing the running tool; finished jobs stay cached.
+    """
+    t0 = time.time()
+    ppl_tool = binary(cfg.bdir, "llama-perplexity")
+    bench_tool = binary(cfg.bdir, "llama-bench") if cfg.bench else None
+    traits = traits if traits is not None else type_traits(str(cfg.bdir))
+    fork = _fork_identity(cfg.bdir)
+    meta = {**fork, "build_dir": str(cfg.bdir), "model": str(cfg.model), "corpus": str(cfg.corpus),
+            "pinned": cfg.pinned(), "pairs": [pair_label(k, v) for k, v in cfg.pairs],
+            "turbo_env_inherited": {k: v for k, v in os.environ.items() if k.startswith("TURBO_")},
+            "type_traits": {n: [t.blck, t.size] for n, t in traits.items()
+                            if n in {x for p in cfg.pairs for x in p} | {"f16", "q8_0"}}}
+    result = SweepResult(cfg, meta, None, None, traits=traits)
+    try:
+        result.model_info = read_model_info(cfg.model)
+        check_corpus(cfg.corpus)
+        meta["model_sha256"] = sha256_file(cfg.model)
+        meta["corpus_sha256"] = sha256_file(cfg.corpus)
+    except HarnessError as e:
+        result.error = str(e)
+        result.seconds = time.time() - t0
+        return result
+    meta["model_info"] = result.model_info.to_dict()
+
+    cache = _Cache(cfg.cache_dir)
+    ident = {"fork": fork, "bins": _binary_identity(cfg.bdir, ["llama-perplexity", "llama-bench"]),
+             "model": meta["model_sha256"], "corpus": meta["corpus_sha256"], "env": cfg.env(),
+             "env_unset": cfg.env_unset(), "ctx": cfg.ctx, "chunks": cfg.chunks, "b": cfg.batch, "ub": cfg.ubatch,
+             "t": cfg.threads, "ngl": cfg.ngl, "fa": "on", "fit": "off", "backend": cfg.backend,
+             "inherit": meta["turbo_env_inherited"]}
+    base_key = _key({**ident, "job": "base", "v": 1})
+    bench_ident = {k: v for k, v in ident.items() if k not in ("corpus", "chunks", "ctx")}
+    jobs: list[tuple[str, str, str, str]] = [("base", "f16", "f16", base_key)]
+    for k, v in cfg.pairs:
+        jobs.append(("ppl", k, v, _key({**ident, "job": "ppl", "pair": [k, v], "base": base_key, "v": 1})))
+    if cfg.bench:
+        for k, v in cfg.pairs:
+            jobs.append(("bench", k, v, _key({**bench_ident, "job": "bench", "pair": [k, v], "depths": list(cfg.depths),
+                                              "reps": cfg.reps, "p": cfg.n_prompt, "n": cfg.n_gen, "v": 1})))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), unit="job", desc="sweep", dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} jobs [{elapsed}<{remaining}] {postfix}")
+    try:
+        for kind, k, v, key in jobs:
+            label = pair_label(k, v)
+            if bar is not None:
+                bar.set_postfix_str(f"{kind} {label}")
+            rec = None if cfg.fresh else cache.get(key)
+            if rec is None:
+                err = _unknown_type_error(k, v, set(traits))
+                if err:
+                    rec = JobRecord(kind, label, False, err, key=key)
+                elif kind == "base":
+                    rec = _run_base(cfg, ppl_tool, cache, key)
+                elif kind == "ppl":
+                    if result.base is None or not result.base.ok:
+                        why = result.base.error if result.base else "not run"
+                        rec = JobRecord(kind, label, False, f"no f16 baseline: {why}", key=key)
+                    else:
+                        rec = _run_ppl(cfg, ppl_tool, cache, key, k, v, result.base.data["base_file"])
+                else:
+                    rec = _run_bench(cfg, bench_tool, cache, key, k, v)
+                if rec.ok:
+                    cache.put(rec)
+                    result.jobs_run += 1
+                elif log and not (kind == "ppl" and rec.error.startswith("no f16 baseline")):
+                    (bar.write if bar is not None else log)(f"ERROR {kind} {label}: {rec.error}")
+            else:
+                result.jobs_cached += 1
+            if kind == "base":
+                result.base = rec
+            elif kind == "ppl":
+                result.ppl[label] = rec
+            else:
+                result.bench[label] = rec
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        result.seconds = time.time() - t0
+    return result
+
+
+def copy_evidence(result: SweepResult, run_dir: Path) -> dict[str, list[str]]:
+    """Copy every job's evidence files (except the large logits baseline) into ``run_dir/evidence/<pair>/``.
+
+    Returns {'<kind>:<pair>': [run-folder-relative paths]}.
+    """
+    out: dict[str, list[str]] = {}
+    recs = ([result.base] if result.base else []) + list(result.ppl.values()) + list(result.bench.values())
+    for rec in recs:
+        k, v = rec.pair.split("/")
+        dst = Path(run_dir) / "evidence" / pair_slug(k, v)
+        dst.mkdir(parents=True, exist_ok=True)
+        rels = []
+        for name, src in rec.evidence.items():
+            if name.endswith(".kld"):
+                rels.append(str(src))  # ~100 MB of logits: referenced in place, not copied
+                continue
+            if Path(src).is_file():
+                shutil.copyfile(src, dst / name)
+                rels.append(str((dst / name).relative_to(run_dir)))
+        out[f"{rec.kind}:{rec.pair}"] = rels
+    return out
