@@ -149,8 +149,8 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             n_prompt=dflt["n_prompt"], n_gen=dflt["n_gen"], threads=threads or (os.cpu_count() or 1), ngl=ngl,
             batch=batch, ubatch=ubatch, fresh=fresh, fork_defaults=fork_defaults,
             timeout=timeout or dflt["timeout"], bench=not no_bench)
-        if cfg.ctx < 16 or cfg.chunks < 1:
-            raise HarnessError("--ctx must be >= 16 and --chunks >= 1")
+        if cfg.ctx < 16 or cfg.chunks < 2:
+            raise HarnessError("--ctx must be >= 16 and --chunks >= 2 (llama-perplexity prints KLD statistics only for 2+ chunks)")
         run_id = time.strftime("sweep-%Y%m%d-%H%M%S")
         run_dir = Path(out_dir or (REPO_ROOT / "reports")) / run_id
         def _term(signum, frame):  # `kill` / CI cancellation: stop like Ctrl-C (kill the tool, keep the cache)

@@ -146,14 +146,17 @@ def quant_paths(ctx: Context):
     return [(b.name, r) for b in ctx.backends() for r in ctx.target.routes(b.name).quantize]
 
 
-LOSSY_DECODE = {"fa_decode": 2.0 ** -11}  # route -> relative rounding of its output (flash attention: fp16)
+# route -> relative error bound of its output. fa_decode passes values through a flash-attention kernel
+# (f16 V, f16 softmax arithmetic on GPUs): measured on an H200 CUDA build at up to 5.95e-4 relative
+# (reports/samples/cuda-h200, PQ4 evidence); 1e-3 bounds it while any packing or table error is O(1).
+LOSSY_DECODE = {"fa_decode": 1e-3}
 
 
 def decode_tolerance(route: str, ref: np.ndarray) -> np.ndarray:
     """Absolute tolerance for comparing a route's decoded values with exact ones: 0 for exact routes,
-    one fp16 rounding (half an ulp, plus a tiny floor) for routes that pass values through fp16."""
+    the route's relative error bound (LOSSY_DECODE) times |ref| for routes through half-precision kernels."""
     rel = LOSSY_DECODE.get(route, 0.0)
-    return rel * np.abs(np.asarray(ref, np.float64)) * 1.0001 + (1e-12 if rel else 0.0)
+    return rel * np.abs(np.asarray(ref, np.float64)) + (1e-12 if rel else 0.0)
 
 
 def precise_table(ctx: Context, type_name: str, fallback_backend: str) -> np.ndarray:

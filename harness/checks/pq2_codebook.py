@@ -39,7 +39,7 @@ def _table_cells(ctx: Context, t: str) -> list[Cell]:
         ok = diff <= tol or (lossy and bool(np.all(np.abs(tab - ref) <= decode_tolerance(r, ref))))
         raw = Verdict.PASS if ok else Verdict.FAIL
         cav = f"centroid table differs from {ref_key[0]}:{ref_key[1]} by up to {diff:.3g}" if not ok else (
-            f"read through {r}, which rounds to fp16: equal within that rounding" if lossy else "")
+            f"read through {r} (half-precision kernel): equal within its {LOSSY_DECODE[r]:g} relative error" if lossy else "")
         ev = ctx.evidence(ID, f"{t}_{be}_{r}_table", table=tab)
         cells.append(ctx.cell(ID, t, be, r, "table_abs_diff_vs_reference_path", diff, tol, raw, caveat=cav, evidence=ev,
                               details={"table": tab, "sigma_units": tab * np.sqrt(128), "reference_path": f"{ref_key[0]}:{ref_key[1]}"}))

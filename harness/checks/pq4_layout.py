@@ -46,7 +46,7 @@ def _decode_cells(ctx: Context, t: str, backend: str) -> list[Cell]:
     ref = T.decode(t, raw.reshape(n, -1), table.astype(np.float32))
     mism = int(np.count_nonzero(np.abs(got.astype(np.float64) - ref) > decode_tolerance(route, ref)))
     ev = ctx.evidence(ID, f"{t}_{backend}_{route}_refpack", indices=idx, decoded=got, reference=ref)
-    lossy = "" if not decode_tolerance(route, np.ones(1))[0] else f"compared within fp16 rounding ({route} rounds to fp16)"
+    lossy = "" if not decode_tolerance(route, np.ones(1))[0] else f"compared within {route}'s half-precision error bound"
     return [ctx.cell(ID, t, backend, route, "values_differing_on_reference_packing", mism, 0,
                      Verdict.PASS if mism == 0 else Verdict.FAIL,
                      caveat=lossy if not mism else f"{mism} of {got.size} values decode differently from the reference unpacker "

@@ -46,7 +46,7 @@ class TurboFormat:
         return 8.0 * self.block_bytes / GROUP
 
 
-# block_turbo2_0: half norm; u8 qs[32] (2-bit, 4 per byte)                     -> 10 bytes
+# block_turbo2_0: half norm; u8 qs[32] (2-bit, 4 per byte)                     -> 34 bytes
 # block_turbo3_0: half norm; u8 qs[32] (low 2 bits); u8 signs[16] (bit 2)     -> 50 bytes
 # block_turbo4_0: half norm; half rnorm (reserved, 0); u8 qs[64] (nibbles)    -> 68 bytes
 FORMATS: dict[str, TurboFormat] = {

@@ -259,7 +259,8 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
         stats = parse_kld_stats(res.stdout)
         kv = parse_kv_log(res.stderr)
         if "ppl" not in stats or "kld" not in stats:
-            rec.ok, rec.error = False, f"llama-perplexity printed no KL-divergence statistics; see {ev / 'ppl.stdout'}"
+            rec.ok, rec.error = False, (f"llama-perplexity printed no KL-divergence statistics (it prints them only for 2+ "
+                                        f"chunks); see {ev / 'ppl.stdout'}")
         elif kv is None:
             rec.ok, rec.error = False, f"no 'llama_kv_cache: size' line in the log; see {ev / 'ppl.stderr'}"
         else:
