@@ -70,7 +70,7 @@ def pick_target_backend(target: Target, requested: str | None) -> str:
 
 def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: Path, target_backend: str | None = None,
                backends: list[str] | None = None, meta: dict | None = None, thresholds: dict | None = None,
-               log: Callable[[str], None] = print, run: Run | None = None) -> Run:
+               log: Callable[[str], None] = print, run: Run | None = None, routes: list[str] | None = None) -> Run:
     """Run checks on a target and write reports into run_dir after each check.
 
     Args:
@@ -96,7 +96,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(target=target, target_backend=tb, types=list(types), thresholds=thresholds or load_thresholds(),
                   evidence_dir=run_dir / "evidence", backends_filter=backends, log=log,
-                  not_available=[b for b in KNOWN_BACKENDS if b not in present])
+                  not_available=[b for b in KNOWN_BACKENDS if b not in present], routes_filter=routes)
     run = run or Run(run_id=run_dir.name)
     run.meta.update({
         "harness_version": __version__,
@@ -106,7 +106,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         "target_backend": tb,
         "backends_run": [b.name for b in ctx.backends()],
         "backends_not_available": [b for b in KNOWN_BACKENDS if b not in present],
-        "types": list(types), "gpu": gpu_info(), "target": target.describe(),
+        "types": list(types), "gpu": gpu_info(), "target": target.describe(), "quantize_routes": routes or "all",
         **(meta or {}),
     })
     run.meta.setdefault("not_run", []).extend(

@@ -76,7 +76,7 @@ def test_pack_unpack_roundtrip(t):
     idx = rng.integers(0, f.levels, (7, 128))
     n = rng.uniform(0.1, 10, 7)
     raw = T.pack(t, idx, n)
-    assert raw.shape == (7, f.block_bytes)
+    assert raw.shape == (7, f.group_bytes)
     i2, n2, res = T.unpack(t, raw)
     np.testing.assert_array_equal(i2, idx)
     np.testing.assert_array_equal(n2, n.astype(np.float16))
@@ -124,3 +124,22 @@ def test_attention_gqa_matches_manual():
     p = np.exp(s - s.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     np.testing.assert_allclose(out[:, h, :], p @ v[1], atol=1e-12)
+
+
+def test_legacy_32_value_blocks_selected_from_traits_and_round_trip():
+    try:
+        notes = T.use_build_layouts({"turbo3": {"block_size": 32, "type_size": 14}, "turbo2": {"block_size": 32, "type_size": 10},
+                                     "turbo4": {"block_size": 128, "type_size": 99}})
+        assert T.fmt("turbo3").block == 32 and T.fmt("turbo3").group_bytes == 56
+        assert notes and "turbo4" in notes[0]  # unknown traits keep the default layout and are reported
+        rng = np.random.default_rng(9)
+        idx = rng.integers(0, 8, (3, 128))
+        raw = T.pack("turbo3", idx, [1.0, 2.0, 3.0])
+        assert raw.shape == (3, 56)
+        # every 14-byte block carries the group's norm
+        assert np.all(raw.reshape(12, 14)[:, :2].copy().view(np.float16).reshape(3, 4) == np.array([[1.0], [2.0], [3.0]], np.float16))
+        i2, n2, _ = T.unpack("turbo3", raw)
+        np.testing.assert_array_equal(i2, idx)
+    finally:
+        T.use_build_layouts({})
+    assert T.fmt("turbo3").block == 128

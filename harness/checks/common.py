@@ -64,6 +64,7 @@ class Context:
     evidence_dir: Path | None = None
     seed: int = 1234
     backends_filter: list[str] | None = None
+    routes_filter: list[str] | None = None  # only these quantise routes (e.g. a replay of a commit whose set_rows crashes)
     not_available: list[str] = field(default_factory=list)
     sections: dict = field(default_factory=dict)  # report sections a check adds (coverage, tool output)
     _cache: dict = field(default_factory=dict)
@@ -142,8 +143,9 @@ def guarded(ctx: Context, check: str, type_: str, backend: str, route: str, fn) 
 
 
 def quant_paths(ctx: Context):
-    """[(backend, route)] of every quantise path of the selected backends."""
-    return [(b.name, r) for b in ctx.backends() for r in ctx.target.routes(b.name).quantize]
+    """[(backend, route)] of every quantise path of the selected backends (and routes, when filtered)."""
+    return [(b.name, r) for b in ctx.backends() for r in ctx.target.routes(b.name).quantize
+            if not ctx.routes_filter or r in ctx.routes_filter]
 
 
 # route -> relative error bound of its output. fa_decode passes values through a flash-attention kernel
@@ -226,7 +228,7 @@ def own_indices(ctx: Context, backend: str, type_name: str, raw: np.ndarray, nro
     route = decode_route(ctx, backend, type_name)
     table = np.sort(centroid_table(ctx, backend, route, type_name))
     f = T.fmt(type_name)
-    blocks = np.asarray(raw, np.uint8).reshape(-1, f.block_bytes)
+    blocks = np.asarray(raw, np.uint8).reshape(-1, f.group_bytes)
     norms = blocks[:, 0:2].copy().view(np.float16).astype(np.float64).reshape(-1)
     dec = ctx.target.decode(backend, route, type_name, raw, nrows, blocks.shape[0] * 128 // nrows).reshape(-1, 128)
     safe = np.where(np.isfinite(norms) & (norms != 0), norms, 1.0)

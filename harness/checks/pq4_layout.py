@@ -24,9 +24,10 @@ def _traits_cell(ctx: Context, t: str) -> list[Cell]:
     if info is None:
         return [ctx.cell(ID, t, be, "traits", "-", None, None, Verdict.FAIL,
                          caveat=f"the build has no type named {t}")]
-    mism = int(info["block_size"] != T.GROUP) + int(info["type_size"] != f.block_bytes)
-    cav = "" if not mism else (f"traits say {info['block_size']} values in {info['type_size']} bytes, "
-                               f"format is {T.GROUP} in {f.block_bytes}")
+    mism = int(info["block_size"] != f.block) + int(info["type_size"] != f.block_bytes)
+    cav = (f"traits say {info['block_size']} values in {info['type_size']} bytes, no known layout has that "
+           f"(checked against {f.block} in {f.block_bytes})") if mism else (
+           f"legacy layout: blocks of {f.block} values, the group's norm in each" if f.block != T.GROUP else "")
     return [ctx.cell(ID, t, be, "traits", "mismatched_fields", mism, 0, Verdict.PASS if not mism else Verdict.FAIL,
                      caveat=cav, details={"block_size": info["block_size"], "type_size": info["type_size"],
                                           "bits_per_value": 8.0 * info["type_size"] / info["block_size"]})]
@@ -58,9 +59,9 @@ def _quant_cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
     x = ctx.rng(f"pq4q-{t}").standard_normal((64, 128)).astype(np.float32)
     raw = ctx.target.quantize(backend, route, t, x)
     cells = []
-    if raw.size != 64 * f.block_bytes:
-        return [ctx.cell(ID, t, backend, route, "bytes_written", raw.size, 64 * f.block_bytes, Verdict.FAIL,
-                         caveat=f"wrote {raw.size} bytes for 64 blocks, expected {64 * f.block_bytes}")]
+    if raw.size != 64 * f.group_bytes:
+        return [ctx.cell(ID, t, backend, route, "bytes_written", raw.size, 64 * f.group_bytes, Verdict.FAIL,
+                         caveat=f"wrote {raw.size} bytes for 64 blocks, expected {64 * f.group_bytes}")]
     dr = decode_route(ctx, backend, t)
     table = precise_table(ctx, t, backend)
     own = ctx.target.decode(backend, dr, t, raw, 64, 128)

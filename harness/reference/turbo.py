@@ -21,20 +21,20 @@ GROUP = 128  # rotation group size; one block per group for all three turbo type
 
 @dataclass(frozen=True)
 class TurboFormat:
-    """Byte layout of one turbo block of GROUP values.
+    """Byte layout of a turbo type: blocks of ``block`` values, ``128 // block`` blocks per rotation group.
 
     Attributes:
         name: ggml type name ('turbo2', 'turbo3', 'turbo4').
         bits: index bits per value.
+        block: values per block (128 today; 32 for turbo2/turbo3 in fork commits before b9df4c3d).
         block_bytes: bytes per block.
-        norm_offset: byte offset of the fp16 corrected norm.
-        reserved: (offset, size) of a field that must be zero, or None.
+        reserved: (offset, size) of a per-block field that must be zero, or None.
     """
 
     name: str
     bits: int
+    block: int
     block_bytes: int
-    norm_offset: int = 0
     reserved: tuple[int, int] | None = None
 
     @property
@@ -42,19 +42,55 @@ class TurboFormat:
         return 2 ** self.bits
 
     @property
+    def group_bytes(self) -> int:
+        """Bytes per rotation group of 128 values."""
+        return self.block_bytes * (GROUP // self.block)
+
+    @property
     def bits_per_value(self) -> float:
-        return 8.0 * self.block_bytes / GROUP
+        return 8.0 * self.block_bytes / self.block
 
 
-# block_turbo2_0: half norm; u8 qs[32] (2-bit, 4 per byte)                     -> 34 bytes
-# block_turbo3_0: half norm; u8 qs[32] (low 2 bits); u8 signs[16] (bit 2)     -> 50 bytes
-# block_turbo4_0: half norm; half rnorm (reserved, 0); u8 qs[64] (nibbles)    -> 68 bytes
-FORMATS: dict[str, TurboFormat] = {
-    "turbo2": TurboFormat("turbo2", 2, 2 + GROUP // 4),
-    "turbo3": TurboFormat("turbo3", 3, 2 + GROUP // 4 + GROUP // 8),
-    "turbo4": TurboFormat("turbo4", 4, 4 + GROUP // 2, reserved=(2, 2)),
-}
-TURBO_TYPES = tuple(FORMATS)
+def _layout(name: str, block: int) -> TurboFormat:
+    # turbo2: half norm; u8 qs[block/4] (2-bit, 4 per byte)                  -> 34 bytes for 128 (10 for 32)
+    # turbo3: half norm; u8 qs[block/4] (low 2 bits); u8 signs[block/8] (bit 2) -> 50 bytes for 128 (14 for 32)
+    # turbo4: half norm; half rnorm (reserved, 0); u8 qs[block/2] (nibbles)   -> 68 bytes for 128
+    if name == "turbo2":
+        return TurboFormat(name, 2, block, 2 + block // 4)
+    if name == "turbo3":
+        return TurboFormat(name, 3, block, 2 + block // 4 + block // 8)
+    return TurboFormat(name, 4, block, 4 + block // 2, reserved=(2, 2))
+
+
+# Layouts the harness knows, by (type, values per block). The norm of a group is stored in every block.
+KNOWN_LAYOUTS = {(n, b): _layout(n, b) for n, b in (("turbo2", 128), ("turbo3", 128), ("turbo4", 128),
+                                                    ("turbo2", 32), ("turbo3", 32))}
+DEFAULT_FORMATS: dict[str, TurboFormat] = {n: KNOWN_LAYOUTS[(n, 128)] for n in ("turbo2", "turbo3", "turbo4")}
+FORMATS: dict[str, TurboFormat] = dict(DEFAULT_FORMATS)  # the layouts in use (see use_build_layouts)
+TURBO_TYPES = tuple(DEFAULT_FORMATS)
+
+
+def use_build_layouts(infos: dict[str, dict | None]) -> list[str]:
+    """Select, per type, the known layout matching a build's type traits (block size, bytes per block).
+
+    Args:
+        infos: {type name: {'block_size', 'type_size'} or None}, as a target reports them.
+    Returns:
+        Notes for the report: one line per type whose traits match no known layout (the default
+        128-value layout stays selected, so PQ4 reports the mismatch).
+    """
+    notes = []
+    for name in TURBO_TYPES:
+        info = infos.get(name)
+        FORMATS[name] = DEFAULT_FORMATS[name]
+        if not info:
+            continue
+        lay = KNOWN_LAYOUTS.get((name, int(info["block_size"])))
+        if lay is not None and lay.block_bytes == int(info["type_size"]):
+            FORMATS[name] = lay
+        else:
+            notes.append(f"{name}: traits {info['block_size']} values in {info['type_size']} bytes match no known layout")
+    return notes
 
 
 def fmt(type_name: str) -> TurboFormat:
@@ -69,60 +105,66 @@ def pack(type_name: str, indices: np.ndarray, norms: np.ndarray, reserved: np.nd
     """Pack indices and fp16 norms into raw blocks.
 
     Args:
-        type_name: 'turbo2' | 'turbo3' | 'turbo4'.
-        indices: integer array (n_blocks, 128), values in [0, 2**bits).
-        norms: float array (n_blocks,); stored as IEEE fp16.
-        reserved: optional uint16 array (n_blocks,) written into turbo4's reserved field (tests only).
+        type_name: 'turbo2' | 'turbo3' | 'turbo4' (layout from :data:`FORMATS`).
+        indices: integer array (n_groups, 128), values in [0, 2**bits).
+        norms: float array (n_groups,); stored as IEEE fp16 in every block of the group.
+        reserved: optional uint16 array (n_groups,) written into turbo4's reserved field (tests only).
 
     Returns:
-        uint8 array (n_blocks, block_bytes).
+        uint8 array (n_groups, group_bytes).
     """
     f = fmt(type_name)
     idx = np.asarray(indices).astype(np.uint8)
     n = idx.shape[0]
     if idx.shape != (n, GROUP):
         raise ValueError(f"indices must have shape (n, {GROUP}), got {idx.shape}")
-    out = np.zeros((n, f.block_bytes), dtype=np.uint8)
-    out[:, 0:2] = np.asarray(norms, dtype=np.float16).reshape(n, 1).view(np.uint8)
+    k, B = GROUP // f.block, f.block
+    sub = idx.reshape(n * k, B)
+    m = n * k
+    out = np.zeros((m, f.block_bytes), dtype=np.uint8)
+    out[:, 0:2] = np.repeat(np.asarray(norms, dtype=np.float16).reshape(n), k).reshape(m, 1).view(np.uint8)
     if f.name in ("turbo2", "turbo3"):
-        low = (idx & 0x3).reshape(n, GROUP // 4, 4)
-        out[:, 2:2 + GROUP // 4] = (low[..., 0] | (low[..., 1] << 2) | (low[..., 2] << 4) | (low[..., 3] << 6))
+        low = (sub & 0x3).reshape(m, B // 4, 4)
+        out[:, 2:2 + B // 4] = (low[..., 0] | (low[..., 1] << 2) | (low[..., 2] << 4) | (low[..., 3] << 6))
         if f.name == "turbo3":
-            hi = ((idx >> 2) & 0x1).reshape(n, GROUP // 8, 8)
-            out[:, 2 + GROUP // 4:] = np.packbits(hi, axis=-1, bitorder="little")[..., 0]
+            hi = ((sub >> 2) & 0x1).reshape(m, B // 8, 8)
+            out[:, 2 + B // 4:] = np.packbits(hi, axis=-1, bitorder="little")[..., 0]
     else:
         if reserved is not None:
-            out[:, 2:4] = np.asarray(reserved, dtype=np.uint16).reshape(n, 1).view(np.uint8)
-        nib = (idx & 0xF).reshape(n, GROUP // 2, 2)
+            out[:, 2:4] = np.repeat(np.asarray(reserved, dtype=np.uint16).reshape(n), k).reshape(m, 1).view(np.uint8)
+        nib = (sub & 0xF).reshape(m, B // 2, 2)
         out[:, 4:] = nib[..., 0] | (nib[..., 1] << 4)
-    return out
+    return out.reshape(n, f.group_bytes)
 
 
 def unpack(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unpack raw blocks.
 
     Args:
-        blocks: uint8 array (n_blocks, block_bytes) (or flat bytes of a whole number of blocks).
+        blocks: uint8 array (n_groups, group_bytes) (or flat bytes of a whole number of groups).
 
     Returns:
-        (indices uint8 (n, 128), norms float16 (n,), reserved uint16 (n,) - zeros when the type has none).
+        (indices uint8 (n, 128), norms float16 (n,) from each group's first block,
+        reserved uint16 (n,): the largest reserved value in the group, zeros when the type has none).
     """
     f = fmt(type_name)
+    k, B = GROUP // f.block, f.block
     b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, f.block_bytes)
-    n = b.shape[0]
-    norms = b[:, 0:2].copy().view(np.float16).reshape(n)
+    m = b.shape[0]
+    n = m // k
+    norms = b[:, 0:2].copy().view(np.float16).reshape(n, k)[:, 0].copy()
     reserved = np.zeros(n, dtype=np.uint16)
     if f.name in ("turbo2", "turbo3"):
-        qs = b[:, 2:2 + GROUP // 4]
-        idx = np.stack([(qs >> s) & 0x3 for s in (0, 2, 4, 6)], axis=-1).reshape(n, GROUP)
+        qs = b[:, 2:2 + B // 4]
+        idx = np.stack([(qs >> s) & 0x3 for s in (0, 2, 4, 6)], axis=-1).reshape(m, B)
         if f.name == "turbo3":
-            hi = np.unpackbits(b[:, 2 + GROUP // 4:, None], axis=-1, bitorder="little").reshape(n, GROUP)
+            hi = np.unpackbits(b[:, 2 + B // 4:, None], axis=-1, bitorder="little").reshape(m, B)
             idx = idx | (hi << 2)
     else:
-        reserved = b[:, 2:4].copy().view(np.uint16).reshape(n)
+        reserved = b[:, 2:4].copy().view(np.uint16).reshape(n, k).max(axis=1)
         qs = b[:, 4:]
-        idx = np.stack([qs & 0xF, qs >> 4], axis=-1).reshape(n, GROUP)
-    return idx.astype(np.uint8), norms, reserved
+        idx = np.stack([qs & 0xF, qs >> 4], axis=-1).reshape(m, B)
+    return idx.reshape(n, GROUP).astype(np.uint8), norms, reserved
 
 
 def nearest_index(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -167,7 +209,7 @@ def decode(type_name: str, blocks: np.ndarray, centroids: np.ndarray) -> np.ndar
     """Decode raw blocks to rotated-domain values ``centroid[idx] * norm`` in float32 arithmetic.
 
     Args:
-        blocks: uint8 (n, block_bytes). centroids: float (2**bits,) - the table under test.
+        blocks: uint8 (n, group_bytes). centroids: float (2**bits,) - the table under test.
     Returns:
         float32 array (n, 128). The product is formed in float32, as a C decoder would.
     """
@@ -218,7 +260,7 @@ def decode_any(type_name: str, raw: np.ndarray, nrows: int, ncols: int, centroid
     if type_name in FORMATS:
         if centroids is None or type_name not in centroids:
             raise ValueError(f"decoding {type_name} needs its centroid table")
-        return decode(type_name, raw.reshape(-1, FORMATS[type_name].block_bytes), centroids[type_name]).reshape(nrows, ncols)
+        return decode(type_name, raw.reshape(-1, FORMATS[type_name].group_bytes), centroids[type_name]).reshape(nrows, ncols)
     if type_name in CLASSIC_DECODERS:
         return CLASSIC_DECODERS[type_name][2](raw, nrows * ncols).reshape(nrows, ncols)
     if type_name == "f32":
@@ -231,7 +273,7 @@ def decode_any(type_name: str, raw: np.ndarray, nrows: int, ncols: int, centroid
 def row_bytes(type_name: str, ncols: int) -> int:
     """Bytes of one row of ncols values for the types this module knows (turbo, q8_0, q4_0, f16, f32)."""
     if type_name in FORMATS:
-        return ncols // GROUP * FORMATS[type_name].block_bytes
+        return ncols // GROUP * FORMATS[type_name].group_bytes
     if type_name in CLASSIC_DECODERS:
         blk, size, _ = CLASSIC_DECODERS[type_name]
         return ncols // blk * size

@@ -90,7 +90,7 @@ class _Impl:
     def decode(self, type_name, raw, nrows, ncols):
         if type_name not in T.FORMATS:
             return T.decode_any(type_name, raw, nrows, ncols)
-        blocks = np.asarray(raw, np.uint8).reshape(-1, T.FORMATS[type_name].block_bytes)
+        blocks = np.asarray(raw, np.uint8).reshape(-1, T.FORMATS[type_name].group_bytes)
         idx, norms, _ = T.unpack(type_name, blocks)
         if "swapped_packing" in self.faults:
             idx = self._reorder(type_name, idx)
@@ -131,7 +131,7 @@ class NumpyTarget(Target):
 
     def type_info(self, type_name):
         if type_name in T.FORMATS:
-            return {"block_size": 128, "type_size": T.FORMATS[type_name].block_bytes}
+            return {"block_size": T.FORMATS[type_name].block, "type_size": T.FORMATS[type_name].block_bytes}
         if type_name in T.CLASSIC_DECODERS:
             blk, size, _ = T.CLASSIC_DECODERS[type_name]
             return {"block_size": blk, "type_size": size}
