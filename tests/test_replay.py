@@ -1,0 +1,78 @@
+"""replay / bisect: bad commits, failed builds, the catalogue, and (when builds are cached) real replays."""
+import os
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from harness.cli import cli
+from harness.fork import build as fb
+from harness.replay import load_catalogue
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def invoke(args, env):
+    r = CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
+    return r.exit_code, r.output
+
+
+def fake_fork(tmp_path: Path) -> tuple[Path, str]:
+    repo = tmp_path / "fork"
+    (repo / "ggml" / "include").mkdir(parents=True)
+    (repo / "ggml" / "include" / "ggml.h").write_text("GGML_TYPE_TURBO3_0\n")
+    (repo / "CMakeLists.txt").write_text('cmake_minimum_required(VERSION 3.14)\nproject(x C)\nmessage(FATAL_ERROR "this commit is broken")\n')
+    g = ["git", "-C", str(repo)]
+    subprocess.run(g + ["init", "-q"], check=True)
+    subprocess.run(g + ["add", "."], check=True)
+    subprocess.run(g + ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "broken"], check=True)
+    return repo, subprocess.run(g + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def test_unknown_commit_is_a_clear_usage_error(tmp_path):
+    repo, _ = fake_fork(tmp_path)
+    code, out = invoke(["replay", "0123456789abcdef"], {"FORK_DIR": str(repo), "TURBO_REPLAY_CACHE": str(tmp_path / "c")})
+    assert code == 2 and "not in the fork's history" in out
+    assert out.count("\n") == 1
+
+
+def test_failed_build_exits_2_and_leaves_other_builds_alone(tmp_path):
+    repo, commit = fake_fork(tmp_path)
+    cache = tmp_path / "c"
+    other = cache / "build" / ("f" * 40)
+    other.mkdir(parents=True)
+    (other / "marker").write_text("keep me")
+    code, out = invoke(["replay", commit[:8], "--checks", "PQ4"], {"FORK_DIR": str(repo), "TURBO_REPLAY_CACHE": str(cache)})
+    assert code == 2 and "does not build" in out and "configure" in out
+    assert (other / "marker").read_text() == "keep me"
+    assert (cache / "src" / commit / ".fork-commit").is_file()  # the exported source is cached for a retry
+
+
+def test_catalogue_entries_are_complete():
+    entries = load_catalogue()
+    assert len(entries) >= 3
+    for e in entries:
+        for k in ("id", "fix", "parent", "backend", "check", "types", "expected_parent", "expected_fix", "what"):
+            assert e.get(k), (e.get("id"), k)
+        assert len(e["fix"]) == 40 and len(e["parent"]) == 40
+
+
+def _cached(commit: str) -> bool:
+    root = Path(os.environ.get("TURBO_REPLAY_CACHE") or ROOT / ".cache" / "replay")
+    return (root / "build" / commit / fb.BUILD_META).is_file()
+
+
+def test_replayed_bug_flagged_at_parent_clear_at_fix():
+    e = next(e for e in load_catalogue() if e["id"] == "turbo3-cpu-quantize-stub")
+    if not (_cached(e["parent"]) and _cached(e["fix"])):
+        pytest.skip("replay builds not cached: run `turbo-harness catalogue turbo3-cpu-quantize-stub` once (about 10 min)")
+    fork = fb.fork_dir()
+    from harness.cli_replay import replay_commit
+    verdicts = {}
+    for side in ("parent", "fix"):
+        run, _, built = replay_commit(fork, e[side], [e["check"]], e["types"], None, out=None, log=lambda s: None)
+        assert not built
+        verdicts[side] = run.checks[0].verdict.value
+    assert verdicts["parent"] in ("FAIL", "PARTIAL") and verdicts["fix"] == "PASS"
