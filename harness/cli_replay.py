@@ -156,10 +156,9 @@ def bisect(good, bad, check_id, types, routes, fixed, fork_dir):
     by = {s["commit"]: s for s in steps}
     parent = subprocess.run(["git", "--git-dir", str(gd), "rev-parse", f"{first}^"], capture_output=True, text=True).stdout.strip()
     if parent not in by:  # evidence at the parent too
-        sub = subprocess.run([*oracle, "--commit", parent], capture_output=True, text=True, env=env)
+        subprocess.run([*oracle, "--commit", parent], capture_output=True, text=True, env=env)
         steps = [json.loads(ln) for ln in logf.read_text().splitlines()]
         by = {s["commit"]: s for s in steps}
-        del sub
     subj = subprocess.run(["git", "--git-dir", str(gd), "log", "-1", "--format=%h %s", first], capture_output=True, text=True).stdout.strip()
     click.echo(f"first {word} commit: {subj}")
     for c, name in ((parent, "parent"), (first, word)):

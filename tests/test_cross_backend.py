@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.checks import compat, pq1_rotation, pq2_codebook, pq6_attention
+from harness.checks import compat, pq1_rotation
 from harness.checks.common import decode_tolerance
 from harness.reference import turbo as T
 from harness.report.model import Verdict, worst

@@ -1,5 +1,4 @@
 """Every check passes a correct NumPy fork and leaves PASS when its fault is injected."""
-import numpy as np
 import pytest
 
 from harness.checks import pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention

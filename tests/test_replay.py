@@ -1,7 +1,6 @@
 """replay / bisect: bad commits, failed builds, the catalogue, and (when builds are cached) real replays."""
 import os
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest

@@ -2,7 +2,6 @@
 tools refuse, and the fork's silent layer-adaptive switch. Skipped when the build or model is absent."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

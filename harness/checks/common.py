@@ -24,16 +24,21 @@ from harness.targets.base import Target
 THRESHOLDS_FILE = Path(__file__).resolve().parents[2] / "checks" / "thresholds.toml"
 
 
-def load_thresholds(path: Path | None = None) -> dict:
+def load_thresholds(path: Path | None = None, what: str = "threshold file") -> dict:
     """Thresholds as {section: {key: value}}; reasons under {section: {key + '_reason': text}}.
 
+    Every entry in the TOML file is ``key = { value = ..., reason = "one line" }``.
+
     Raises:
-        HarnessError: missing file or an entry without a reason.
+        HarnessError: missing or malformed file, or an entry without a value and a reason.
     """
     p = Path(path or THRESHOLDS_FILE)
-    if not p.is_file():
-        raise HarnessError(f"threshold file {p} not found")
-    raw = tomllib.loads(p.read_text())
+    try:
+        raw = tomllib.loads(p.read_text())
+    except OSError:
+        raise HarnessError(f"{what} {p} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise HarnessError(f"{p}: {e}") from None
     out: dict = {}
     for sec, entries in raw.items():
         out[sec] = {}

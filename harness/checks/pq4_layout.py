@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.checks.common import Context, centroid_table, decode_route, decode_tolerance, guarded, precise_table, quant_paths
+from harness.checks.common import Context, decode_route, decode_tolerance, guarded, precise_table, quant_paths
 from harness.reference import turbo as T
 from harness.report.model import Cell, Verdict
 
@@ -58,7 +58,6 @@ def _quant_cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
     f = T.fmt(t)
     x = ctx.rng(f"pq4q-{t}").standard_normal((64, 128)).astype(np.float32)
     raw = ctx.target.quantize(backend, route, t, x)
-    cells = []
     if raw.size != 64 * f.group_bytes:
         return [ctx.cell(ID, t, backend, route, "bytes_written", raw.size, 64 * f.group_bytes, Verdict.FAIL,
                          caveat=f"wrote {raw.size} bytes for 64 blocks, expected {64 * f.group_bytes}")]

@@ -14,10 +14,8 @@ type traits do not predict) is an ERROR cell quoting the log line, unless ``fork
 from __future__ import annotations
 
 import math
-import tomllib
 from pathlib import Path
 
-from harness.errors import HarnessError
 from harness.report.model import Cell, CheckResult, Verdict
 
 SWEEPS_TOML = Path(__file__).resolve().parents[2] / "checks" / "sweeps.toml"
@@ -30,22 +28,8 @@ def load_rules(path: Path | None = None) -> dict:
     Raises:
         HarnessError: file missing, bad TOML, or an entry without value and reason.
     """
-    p = Path(path or SWEEPS_TOML)
-    try:
-        raw = tomllib.loads(p.read_text())
-    except OSError:
-        raise HarnessError(f"sweep rules file {p} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise HarnessError(f"{p}: {e}") from None
-    out: dict = {}
-    for sec, entries in raw.items():
-        out[sec] = {}
-        for k, v in entries.items():
-            if not isinstance(v, dict) or "value" not in v or not v.get("reason"):
-                raise HarnessError(f"{p}: [{sec}] {k} needs a value and a one-line reason")
-            out[sec][k] = v["value"]
-            out[sec][k + "_reason"] = v["reason"]
-    return out
+    from harness.checks.common import load_thresholds
+    return load_thresholds(Path(path or SWEEPS_TOML), what="sweep rules file")
 
 
 def kv_type_problem(kv: dict | None, want_k: str, want_v: str, model_info, traits: dict, tol_mib: float) -> str:

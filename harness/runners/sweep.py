@@ -29,7 +29,7 @@ from harness.fork.build import REPO_ROOT, binary, git_state, read_build_meta
 from harness.runners.ggml_types import type_traits
 from harness.runners.inputs import ModelInfo, check_corpus, read_model_info, sha256_file
 from harness.runners.llama_logs import parse_bench_json, parse_kld_stats, parse_kv_log, parse_kv_logs, parse_final_ppl
-from harness.runners.tools import ToolResult, run_tool
+from harness.runners.tools import run_tool
 
 PINNED_ENV = {"TURBO_AUTO_ASYMMETRIC": "0", "TURBO_LAYER_ADAPTIVE": "0", "TURBO_SPARSE_V": "0"}
 
