@@ -84,9 +84,11 @@ def replay(commit, check_list, types, routes, fork_dir, out, strict):
 @click.argument("ids", nargs=-1)
 @click.option("--fork-dir", default=None)
 def catalogue(ids, fork_dir):
-    """Replay catalogue entries (checks/replays.toml) at parent and fix; print both verdict rows."""
+    """Replay catalogue entries (checks/replays.toml) at parent and fix; print both verdict rows.
+
+    Without IDS, the entries marked status = "replayed"; exit 1 when a verdict differs from the catalogue."""
     fork = fb.fork_dir(fork_dir)
-    entries = [e for e in load_catalogue() if not ids or e["id"] in ids]
+    entries = [e for e in load_catalogue() if (e["id"] in ids if ids else e.get("status") == "replayed")]
     if ids and len(entries) != len(set(ids)):
         raise HarnessError(f"unknown catalogue id among {', '.join(ids)}; known: {', '.join(e['id'] for e in load_catalogue())}")
     rows, ok_all = [], True
