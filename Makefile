@@ -9,7 +9,7 @@ BACKEND ?=
 export FORK_DIR
 export BACKEND
 
-.PHONY: all install build verify test sweep doctor clean
+.PHONY: all install build verify test sweep doctor bench clean
 
 all: verify
 
@@ -37,6 +37,11 @@ verify: build
 
 sweep: build $(VENV)/.model
 	$(TH) sweep $(ARGS)
+
+# Speed benchmark (prints figures; not a test): the six checks on the built fork, time per check.
+bench: build
+	$(TH) verify --checks PQ1,PQ2,PQ3,PQ4,PQ5,PQ6 --out build/bench-run | grep -E ' s  |verdict'
+	@$(PY) -c "import json; d=json.load(open('build/bench-run/run.json')); t=[c['duration_s'] for c in d['checks']]; print(f'six checks: {sum(t):.1f} s total (goal < 60 s on 2 cores)')"
 
 doctor: install
 	$(TH) doctor
