@@ -143,6 +143,11 @@ def write_html(run: Run, run_dir: Path) -> Path:
             b64 = base64.b64encode(p.read_bytes()).decode()
             parts.append(f"<figure><img alt='{name}' src='data:image/png;base64,{b64}'><figcaption class=small>"
                          f"plots/{p.name}</figcaption></figure>")
+    from harness.report.plots import check_plots
+    for name, p in check_plots(run, run_dir / "plots").items():
+        b64 = base64.b64encode(p.read_bytes()).decode()
+        parts.append(f"<figure><img alt='{name}' src='data:image/png;base64,{b64}'><figcaption class=small>"
+                     f"plots/{p.name}</figcaption></figure>")
     for c in run.checks:
         cv = c.verdict.value
         parts.append(f"<h2>{html.escape(c.id)}: {html.escape(c.title)} <span class=v style='background:{_COLORS[cv]}'>{cv}</span></h2>")

@@ -1,0 +1,87 @@
+"""Plots of the PolarQuant checks, drawn from the cells' recorded details (no re-measurement).
+
+codebook.png     PQ2: each quantise path's centroid table vs the Lloyd-Max table, in units of sigma = 1/sqrt(128)
+distortion.png   PQ5: NMSE per type and path on Gaussian and outlier rows vs the Lloyd-Max optimum and
+                 TurboQuant's bound (arXiv 2504.19874, Thm. 1), q8_0/q4_0 alongside
+attention.png    PQ6: relative error of every flash-attention case vs its threshold
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from harness.report.model import Run  # noqa: E402
+
+
+def _cells(run: Run, cid: str, metric_prefix: str):
+    for c in run.checks:
+        if c.id == cid:
+            return [x for x in c.cells if x.metric.startswith(metric_prefix) and x.value is not None]
+    return []
+
+
+def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
+    """Draw the plots the run's checks support into out_dir; returns {name: path}."""
+    out_dir = Path(out_dir)
+    made: dict[str, Path] = {}
+    cb = _cells(run, "PQ2", "distortion")
+    if cb:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        types = sorted({c.type for c in cb})
+        fig, axes = plt.subplots(1, len(types), figsize=(4.2 * len(types), 3.6), squeeze=False)
+        for ax, t in zip(axes[0], types):
+            first = next(c for c in cb if c.type == t)
+            lm = first.details["lloyd_max_sigma"]
+            ax.plot(range(len(lm)), lm, "k--", marker="x", label="Lloyd-Max (Beta, d=128)")
+            for c in (c for c in cb if c.type == t):
+                ax.plot(range(len(c.details["table_sigma"])), c.details["table_sigma"], marker="o", ms=3, lw=1,
+                        label=f"{c.path} ({c.value:.2f}x D*)")
+            ax.set_title(f"{t} centroids")
+            ax.set_xlabel("index")
+            ax.set_ylabel("centroid / sigma")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        made["codebook"] = out_dir / "codebook.png"
+        fig.savefig(made["codebook"], dpi=100)
+        plt.close(fig)
+    d5 = _cells(run, "PQ5", "nmse")
+    if d5:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(d5) + 2), 4))
+        xs = range(len(d5))
+        ax.bar([x - 0.2 for x in xs], [c.details["nmse_gaussian"] for c in d5], 0.4, label="Gaussian rows")
+        ax.bar([x + 0.2 for x in xs], [c.details["nmse_outlier"] for c in d5], 0.4, label="one channel 40x")
+        ax.scatter(xs, [c.details["lloyd_max_nmse"] for c in d5], marker="_", s=400, c="k", label="Lloyd-Max optimum", zorder=3)
+        ax.scatter(xs, [c.details["upper_bound"] for c in d5], marker="_", s=400, c="r", label="TurboQuant bound", zorder=3)
+        for name, col in (("q8_0_gaussian_nmse", "g"), ("q4_0_gaussian_nmse", "m")):
+            v = d5[0].details.get(name)
+            if isinstance(v, float):
+                ax.axhline(v, color=col, ls=":", lw=1, label=name.replace("_gaussian_nmse", " (same rows)"))
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs), [f"{c.type}\n{c.path}" for c in d5], fontsize=7)
+        ax.set_ylabel("NMSE")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        made["distortion"] = out_dir / "distortion.png"
+        fig.savefig(made["distortion"], dpi=100)
+        plt.close(fig)
+    d6 = _cells(run, "PQ6", "rel_err")
+    if d6:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(d6) + 2), 4))
+        ax.scatter(range(len(d6)), [max(c.value, 1e-12) for c in d6],
+                   c=["tab:green" if c.verdict.value == "PASS" else "tab:red" for c in d6], s=14)
+        ax.step(range(len(d6)), [c.threshold for c in d6], where="mid", color="k", lw=1, label="threshold")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(d6)), [c.path.split("[")[-1].rstrip("]") for c in d6], rotation=90, fontsize=5)
+        ax.set_ylabel("relative error vs exact attention")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        made["attention"] = out_dir / "attention.png"
+        fig.savefig(made["attention"], dpi=100)
+        plt.close(fig)
+    return made
