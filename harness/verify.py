@@ -120,6 +120,8 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             cr.notes += ctx.sections.pop(f"notes:{cid}", [])
         except HarnessError as e:
             cr.error = str(e)
+        except Exception as e:  # a harness bug: this check is an ERROR, the remaining checks still run
+            cr.error = f"harness error {type(e).__name__}: {e}"
         cr.duration_s = time.time() - t0
         run.checks = [c for c in run.checks if c.id != cid] + [cr]
         run.sections.update(ctx.sections)
