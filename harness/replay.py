@@ -75,9 +75,10 @@ def build_commit(fork: Path, commit: str, targets=("ggml",), log=print, root: Pa
     src = export_source(fork, commit, root)
     fb.require_turbo(src)
     bdir = root / "build" / commit
-    meta = fb.read_build_meta(bdir)
-    if meta and set(targets) <= set(meta.get("targets", [])) and any((bdir / "bin").glob("libggml-base.*")):
-        return src, bdir, meta
+    for cand in ([Path((bdir / "USE").read_text().strip())] if (bdir / "USE").is_file() else []) + [bdir]:
+        meta = fb.read_build_meta(cand)  # a commit that needed the other compiler points at that build
+        if meta and set(targets) <= set(meta.get("targets", [])) and any((cand / "bin").glob("libggml-base.*")):
+            return src, cand, meta
     attempts = [("default", None)]
     if shutil.which("clang") and shutil.which("clang++"):
         attempts.append(("clang", {"CC": "clang", "CXX": "clang++"}))
