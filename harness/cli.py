@@ -37,11 +37,25 @@ def cli():
 
 
 def _types(value: str) -> list[str]:
-    ts = [t.strip() for t in value.split(",") if t.strip()]
+    ts = list(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
+    if not ts:
+        raise click.BadParameter(f"no turbo type given; choose from {', '.join(TURBO_TYPES)}")
     bad = [t for t in ts if t not in TURBO_TYPES]
     if bad:
         raise click.BadParameter(f"unknown turbo type {', '.join(bad)}; choose from {', '.join(TURBO_TYPES)}")
     return ts
+
+
+def _load_run(run_dir: Path):
+    """The Run stored in run_dir/run.json. Raises HarnessError when missing or not a run report."""
+    from harness.report.model import Run
+    p = Path(run_dir) / "run.json"
+    if not p.is_file():
+        raise HarnessError(f"{p} not found: give a run folder written by turbo-harness")
+    try:
+        return Run.from_dict(json.loads(p.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise HarnessError(f"{p} is not a readable turbo-harness run report ({type(e).__name__}: {e})") from None
 
 
 def _open_target(fork_dir: str | None, build_backend: str | None):
@@ -58,12 +72,18 @@ def _open_target(fork_dir: str | None, build_backend: str | None):
 
 def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_backend, out, strict):
     from harness.verify import new_run_id, run_checks
-    target, meta = _open_target(fork_dir, build_backend)
     run_dir = Path(out) if out else REPORTS / new_run_id()
-    click.echo(f"fork {meta.get('fork_commit', '?')[:12]} build {meta.get('build_dir')} -> report {run_dir}")
+    previous = None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise HarnessError(f"--out {run_dir} is a file: give a folder for the report")
+    if (run_dir / "run.json").is_file():  # add to the report already there instead of overwriting it
+        previous = _load_run(run_dir)
+    target, meta = _open_target(fork_dir, build_backend)
+    click.echo(f"fork {meta.get('fork_commit', '?')[:12]} build {meta.get('build_dir')} -> report {run_dir}"
+               + (" (adding to the checks already there)" if previous else ""))
     try:
         run = run_checks(target, check_ids, types, run_dir, target_backend=target_backend, backends=backends,
-                         meta=meta, log=click.echo)
+                         meta=meta, log=click.echo, run=previous)
     finally:
         target.close()
     click.echo(f"verdict {run.verdict.value}; report: {run_dir / 'summary.md'}")
@@ -141,15 +161,8 @@ def list_checks():
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def report(run_dir):
     """Re-render a run's Markdown/JUnit/HTML from its run.json."""
-    from harness.report.model import Run
     from harness.report.render import write_all
-    p = Path(run_dir) / "run.json"
-    if not p.is_file():
-        raise HarnessError(f"{p} not found: give a run folder written by turbo-harness")
-    try:
-        run = Run.from_dict(json.loads(p.read_text()))
-    except (ValueError, KeyError, TypeError) as e:
-        raise HarnessError(f"{p} is not a readable run report: {e}") from None
+    run = _load_run(Path(run_dir))
     for f in write_all(run, Path(run_dir)):
         click.echo(f"wrote {f}")
 
@@ -177,23 +190,25 @@ def doctor(fork_dir):
             continue
         meta = fb.read_build_meta(bdir)
         bins = [b for b in ("llama-perplexity", "llama-bench", "test-backend-ops") if (bdir / "bin" / b).is_file()]
-        line(f"build {bdir.name}", f"{bdir} fork {meta.get('fork_commit', '?')[:12]}; binaries: {', '.join(bins) or 'none'}")
+        mine = bdir.name == fb.detect_backend()
+        has_libs = any((bdir / "bin").glob("libggml-base.*"))
+        line(f"build {bdir.name}", f"{bdir} fork {meta.get('fork_commit', '?')[:12]}; binaries: {', '.join(bins) or 'none'}"
+             + ("" if has_libs else " (no ggml libraries: not built)"), has_libs or not mine)
+        if not has_libs:
+            continue
         try:
             from harness.targets.fork import ForkTarget
             t = ForkTarget(bdir, fb.fork_dir(fork_dir))
             line("  backends", ", ".join(f"{b.name} ({b.device}, {b.kind})" for b in t.backends()))
             t.close()
         except HarnessError as e:
-            line("  probe", str(e), False)
+            line("  probe", str(e), not mine)
     from harness.runners import inputs
-    try:
-        line("model", str(inputs.default_model()))
-    except HarnessError as e:  # the model is needed by `sweep` only
-        line("model", f"not found: {e}", True)
-    try:
-        line("corpus", str(inputs.default_corpus()))
-    except HarnessError as e:
-        line("corpus", f"not found: {e}", True)
+    for name, fn in (("model", inputs.default_model), ("corpus", inputs.default_corpus)):
+        try:
+            line(name, str(fn()))
+        except HarnessError as e:  # needed by `sweep` only: reported, not fatal
+            click.echo(f"--  {name:14s} not found (needed by sweep only): {e}")
     sys.exit(0 if ok else 2)
 
 

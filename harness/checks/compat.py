@@ -62,11 +62,14 @@ def _writer_matrix(ctx: Context, t: str) -> list[Cell]:
             writers[f"{backend}:{route}"] = ctx.target.quantize(backend, route, t, x)
             d = _diff(t, writers[f"{backend}:{route}"], ref_bytes, near)
             dev[f"{backend}:{route}"] = d
+            ev = ctx.evidence(ID, f"{t}_{backend}_{route}_writer", bytes=writers[f"{backend}:{route}"], reference=ref_bytes,
+                              near_threshold=near)
             ok = d["real_per_element"] <= 1e-6 and d["norm_max_ulps"] <= 1
             return [ctx.cell(ID, t, backend, route, "writer_real_index_diff_per_element_vs_reference",
                              d["real_per_element"], 1e-6, Verdict.PASS if ok else Verdict.FAIL,
                              caveat="" if ok else f"bytes differ from the reference quantizer: {d['real_index_diffs']} real "
-                                                  f"index diffs, norms up to {d['norm_max_ulps']} fp16 ulps", details=d)]
+                                                  f"index diffs, norms up to {d['norm_max_ulps']} fp16 ulps", details=d,
+                             evidence=ev)]
         cells += guarded(ctx, ID, t, backend, route, w)
     for a, b in itertools.combinations(sorted(writers), 2):
         d = _diff(t, writers[a], writers[b], near)
@@ -77,7 +80,9 @@ def _writer_matrix(ctx: Context, t: str) -> list[Cell]:
                              f"{d['boundary_flips']} boundary flips, norm fields up to {d['norm_max_ulps']} ulps); "
                              f"{culprit} deviates from the reference")
         c = ctx.cell(ID, t, be, route, "pair_real_index_diff_per_element", d["real_per_element"], 1e-6,
-                     Verdict.PASS if ok else Verdict.FAIL, caveat=cav, details={"writers": [a, b], **d})
+                     Verdict.PASS if ok else Verdict.FAIL, caveat=cav, details={"writers": [a, b], **d},
+                     evidence=[f"evidence/{ID}/{t}_{a.replace(':', '_')}_writer.npz", f"evidence/{ID}/{t}_{b.replace(':', '_')}_writer.npz"]
+                     if ctx.evidence_dir else [])
         c.path = f"{a} x {b}"
         cells.append(c)
     ctx._cache[("compat_writers", t)] = (x, writers)
@@ -108,8 +113,9 @@ def _cross_decode(ctx: Context, t: str) -> list[Cell]:
             err = relative_error(out, ref)
             tol = kernel_precision(ctx, reader.name)["tol"]
             ok = err <= tol
+            ev = ctx.evidence(ID, f"{t}_{wb}_{wr}_to_{reader.name}", out=out, ref=ref)
             c = ctx.cell(ID, t, reader.name, "flash_attn", "cross_decode_rel_err", err, tol,
-                         Verdict.PASS if ok else Verdict.FAIL,
+                         Verdict.PASS if ok else Verdict.FAIL, evidence=ev,
                          caveat="" if ok else f"bytes written by {wb}:{wr} attended on {reader.name}: error {err:.3g}",
                          details={"writer": f"{wb}:{wr}", "reader": reader.name, "self": wb == reader.name})
             # blame the writer when the reader reads its own bytes correctly

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.checks.common import (LOSSY_DECODE, Context, centroid_table, decision_thresholds, decode_route,
-                                   decode_tolerance, guarded, quant_paths)
+from harness.checks.common import (LOSSY_DECODE, Context, centroid_table, decision_thresholds, decode_route, guarded,
+                                   quant_paths)
 from harness.reference import turbo as T
 from harness.reference.lloydmax import expected_distortion, lloyd_max
 from harness.report.model import Cell, Verdict
@@ -34,15 +34,20 @@ def _table_cells(ctx: Context, t: str) -> list[Cell]:
     ref = tables[ref_key]
     tol = ctx.th("PQ2", "table_abs_diff")
     for (be, r), tab in tables.items():
-        diff = float(np.max(np.abs(tab - ref)))
         lossy = r in LOSSY_DECODE
-        ok = diff <= tol or (lossy and bool(np.all(np.abs(tab - ref) <= decode_tolerance(r, ref))))
+        diff = float(np.max(np.abs(tab - ref)))
+        rel = float(np.max(np.abs(tab - ref) / np.maximum(np.abs(ref), 1e-30)))
+        limit = LOSSY_DECODE[r] if lossy else tol
+        value = rel if lossy else diff
+        ok = value <= limit
         raw = Verdict.PASS if ok else Verdict.FAIL
         cav = f"centroid table differs from {ref_key[0]}:{ref_key[1]} by up to {diff:.3g}" if not ok else (
-            f"read through {r} (half-precision kernel): equal within its {LOSSY_DECODE[r]:g} relative error" if lossy else "")
-        ev = ctx.evidence(ID, f"{t}_{be}_{r}_table", table=tab)
-        cells.append(ctx.cell(ID, t, be, r, "table_abs_diff_vs_reference_path", diff, tol, raw, caveat=cav, evidence=ev,
-                              details={"table": tab, "sigma_units": tab * np.sqrt(128), "reference_path": f"{ref_key[0]}:{ref_key[1]}"}))
+            f"read through {r} (half-precision kernel): relative difference within its error bound" if lossy else "")
+        ev = ctx.evidence(ID, f"{t}_{be}_{r}_table", table=tab, reference_table=ref)
+        cells.append(ctx.cell(ID, t, be, r, "table_rel_diff_vs_reference_path" if lossy else "table_abs_diff_vs_reference_path",
+                              value, limit, raw, caveat=cav, evidence=ev,
+                              details={"table": tab, "sigma_units": tab * np.sqrt(128), "abs_diff": diff,
+                                       "reference_path": f"{ref_key[0]}:{ref_key[1]}"}))
     return cells
 
 

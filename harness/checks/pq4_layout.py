@@ -28,8 +28,10 @@ def _traits_cell(ctx: Context, t: str) -> list[Cell]:
     cav = (f"traits say {info['block_size']} values in {info['type_size']} bytes, no known layout has that "
            f"(checked against {f.block} in {f.block_bytes})") if mism else (
            f"legacy layout: blocks of {f.block} values, the group's norm in each" if f.block != T.GROUP else "")
+    ev = ctx.evidence(ID, f"{t}_traits", block_size=info["block_size"], type_size=info["type_size"],
+                      format_block=f.block, format_block_bytes=f.block_bytes)
     return [ctx.cell(ID, t, be, "traits", "mismatched_fields", mism, 0, Verdict.PASS if not mism else Verdict.FAIL,
-                     caveat=cav, details={"block_size": info["block_size"], "type_size": info["type_size"],
+                     caveat=cav, evidence=ev, details={"block_size": info["block_size"], "type_size": info["type_size"],
                                           "bits_per_value": 8.0 * info["type_size"] / info["block_size"]})]
 
 

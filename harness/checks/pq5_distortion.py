@@ -61,12 +61,14 @@ def _cells(ctx: Context, t: str, backend: str, route: str, data: dict, classic: 
     opt = 128 * lloyd_max(bits, "beta", 128).distortion
     bound = turboquant_upper_bound(bits)
     dr = decode_route(ctx, backend, t)
-    res = {}
+    res, per_row = {}, {}
     for name, x in data.items():
         raw = ctx.target.quantize(backend, route, t, x)
         dec = ctx.target.decode(backend, dr, t, raw, x.shape[0], 128)
         xh = ctx.target.wht(backend, dec, 1, 128)
         res[name] = metrics(x, xh, ctx.rng("ip"))
+        per_row[f"{name}_row_sq_err"] = np.sum((xh.astype(np.float64) - x) ** 2, axis=1)
+        per_row[f"{name}_row_sq_norm"] = np.sum(x.astype(np.float64) ** 2, axis=1)
     g, o = res["gaussian"]["nmse"], res["outlier"]["nmse"]
     dep = o / g if g > 0 else float("inf")
     ratio = g / opt
@@ -87,7 +89,8 @@ def _cells(ctx: Context, t: str, backend: str, route: str, data: dict, classic: 
     details = {"nmse_gaussian": g, "nmse_outlier": o, "outlier_over_gaussian": dep, "lloyd_max_nmse": opt,
                "upper_bound": bound, **{f"{k}_{m}": v for k, r in res.items() for m, v in r.items()}, **classic,
                "real_kv": "not covered: needs a model run (see the sweep)"}
-    ev = ctx.evidence(ID, f"{t}_{backend}_{route}", **{f"{k}_{m}": v for k, r in res.items() for m, v in r.items()})
+    ev = ctx.evidence(ID, f"{t}_{backend}_{route}", lloyd_max_nmse=opt, upper_bound=bound, **per_row,
+                      **{f"{k}_{m}": v for k, r in res.items() for m, v in r.items()})
     return [ctx.cell(ID, t, backend, route, "nmse_over_lloyd_max", ratio, tol, raw_v, caveat="; ".join(cav),
                      evidence=ev, details=details)]
 

@@ -131,14 +131,16 @@ def _case(ctx: Context, backend: str, c: dict) -> list[Cell]:
     cells[0].path = f"{backend}:flash_attn[{lab}]"
     if c["ablate"]:
         for name, args in (("no_q_rotation", (False, turbo_v)), ("no_output_inverse", (turbo_k, False))):
-            a_err = relative_error(run_fa(*args), ref)
+            a_out = run_fa(*args)
+            a_err = relative_error(a_out, ref)
             amin = ctx.th("PQ6", "ablation_min")
             ok = a_err > amin
             cell = ctx.cell(ID, f"{tk}/{tv}", backend, "flash_attn", f"ablation_{name}_rel_err", a_err, amin,
                             Verdict.PASS if ok else Verdict.FAIL, op=">=",
                             caveat="" if ok else f"ablation {name} changes the output by only {a_err:.3g}: "
                                                  "the rotation is not where the graph expects it",
-                            details={"case": lab})
+                            details={"case": lab},
+                            evidence=ctx.evidence(ID, f"{backend}_{lab.replace(' ', '_').replace('=', '')}_{name}", out=a_out, ref=ref))
             cell.path = f"{backend}:flash_attn[{lab} ablation {name}]"
             cells.append(cell)
     return cells

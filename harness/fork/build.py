@@ -37,8 +37,12 @@ def fork_dir(explicit: str | os.PathLike | None = None) -> Path:
     Raises:
         HarnessError: the folder is missing or is not a ggml/llama.cpp checkout, with the fix.
     """
-    p = Path(explicit or os.environ.get("FORK_DIR") or DEFAULT_FORK).resolve()
+    given = explicit or os.environ.get("FORK_DIR")
+    p = Path(given or DEFAULT_FORK).resolve()
     if not (p / "ggml" / "include" / "ggml.h").is_file():
+        if given:
+            raise HarnessError(f"no fork checkout at {p} (from {'--fork-dir' if explicit else 'FORK_DIR'}): "
+                               f"point it at a llama.cpp fork checkout (a folder holding ggml/include/ggml.h)")
         raise HarnessError(
             f"no fork checkout at {p}: run `git submodule update --init vendor/llama.cpp` "
             f"(or see README 'Getting the fork') or set FORK_DIR to a llama.cpp fork checkout")
@@ -172,7 +176,7 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
         lf.flush()
         r = subprocess.run(["cmake", "-S", str(fork), "-B", str(bdir), *opts], stdout=lf, stderr=subprocess.STDOUT, env=env)
         if r.returncode != 0:
-            raise HarnessError(f"CMake configure of {fork} for {backend} failed (exit {r.returncode}); see {logf}")
+            raise HarnessError(f"CMake configure of {fork} for {backend} failed: {_cmake_error(logf)} (full log: {logf})")
         for tgt in targets:
             log(f"building {tgt} ({backend}) ...")
             lf.write(f"\n=== build {tgt}\n")
@@ -198,6 +202,16 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
     }
     (bdir / BUILD_META).write_text(json.dumps(meta, indent=2))
     return BuildResult(backend, bdir, meta)
+
+
+def _cmake_error(logf: Path) -> str:
+    """The first 'CMake Error' message of the last configure in a log, with its next line."""
+    lines = logf.read_text(errors="replace").split("=== ")[-1].splitlines()
+    for i, ln in enumerate(lines):
+        if "CMake Error" in ln:
+            nxt = next((x.strip() for x in lines[i + 1:i + 4] if x.strip()), "")
+            return f"{ln.strip()} {nxt}"[:300]
+    return "see the log"
 
 
 def _tail_errors(logf: Path) -> str:

@@ -122,7 +122,9 @@ def pack(type_name: str, indices: np.ndarray, norms: np.ndarray, reserved: np.nd
     sub = idx.reshape(n * k, B)
     m = n * k
     out = np.zeros((m, f.block_bytes), dtype=np.uint8)
-    out[:, 0:2] = np.repeat(np.asarray(norms, dtype=np.float16).reshape(n), k).reshape(m, 1).view(np.uint8)
+    with np.errstate(over="ignore"):  # norms beyond fp16 range store Inf, as an fp16 field does
+        n16 = np.asarray(norms, dtype=np.float64).astype(np.float16)
+    out[:, 0:2] = np.repeat(n16.reshape(n), k).reshape(m, 1).view(np.uint8)
     if f.name in ("turbo2", "turbo3"):
         low = (sub & 0x3).reshape(m, B // 4, 4)
         out[:, 2:2 + B // 4] = (low[..., 0] | (low[..., 1] << 2) | (low[..., 2] << 4) | (low[..., 3] << 6))

@@ -66,11 +66,13 @@ def markdown(run: Run) -> str:
             lines.append(f"- {_md_escape(n)}")
         if not c.cells:
             continue
-        lines += ["", "| type | path | metric | value | threshold | margin | verdict | note |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| type | path | metric | value | threshold | margin | verdict | note | evidence |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for x in c.cells:
             tgt = "" if x.target else " (non-target)"
+            ev = " ".join(f"[{Path(e).name}]({e})" for e in x.evidence) or ("run.json" if x.details else "-")
             lines.append(f"| {x.type} | `{x.path}`{tgt} | {x.metric} | {fmt_num(x.value)} | {x.op} {fmt_num(x.threshold)} | "
-                         f"{fmt_num(x.margin)} | {x.verdict.value} | {_md_escape(x.caveat)} |")
+                         f"{fmt_num(x.margin)} | {x.verdict.value} | {_md_escape(x.caveat)} | {ev} |")
     for name, sec in run.sections.items():
         if isinstance(sec, dict) and sec.get("markdown"):
             lines += ["", sec["markdown"]]
