@@ -75,3 +75,29 @@ def test_replayed_bug_flagged_at_parent_clear_at_fix():
         assert not built
         verdicts[side] = run.checks[0].verdict.value
     assert verdicts["parent"] in ("FAIL", "PARTIAL") and verdicts["fix"] == "PASS"
+
+
+@pytest.mark.parametrize("verdict,fixed,code", [
+    ("PASS", False, 0), ("FAIL", False, 1), ("PARTIAL", False, 1),   # default terms: good = passes
+    ("PASS", True, 1), ("FAIL", True, 0),                            # --fixed: old/broken = flagged, new/fixed = passes
+    ("ERROR", False, 125), ("ERROR", True, 125),                     # could not measure: git bisect skip
+])
+def test_bisect_oracle_maps_lossy_verdicts_to_git_bisect_codes(monkeypatch, tmp_path, verdict, fixed, code):
+    import harness.cli_replay as cr
+    from harness.report.model import Cell, CheckResult, Run, Verdict
+
+    def fake_replay(fork, rev, checks, types, routes, out=None, log=None, label=""):
+        run = Run(run_id="x")
+        cell = Cell("PQ5", "turbo3", "cpu:set_rows", "nmse_over_lloyd_max", 1.0, 1.05, Verdict(verdict))
+        run.checks.append(CheckResult(id="PQ5", title="t", cells=[cell]))
+        return run, tmp_path / "r", False
+    monkeypatch.setattr(cr, "replay_commit", fake_replay)
+    monkeypatch.setattr(cr, "resolve", lambda fork, rev: "a" * 40)
+    monkeypatch.setattr(cr.fb, "fork_dir", lambda *a: tmp_path)
+    # the oracle reads BISECT_HEAD through git; answer it here
+    monkeypatch.setattr(cr.subprocess, "run", lambda *a, **k: type("R", (), {"stdout": "a" * 40 + "\n"})())
+    args = ["bisect-oracle", "--check", "PQ5", "--type", "turbo3", "--log", str(tmp_path / "log.jsonl")]
+    args += ["--fixed"] if fixed else []
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code == code
+    assert '"verdict": "%s"' % verdict in (tmp_path / "log.jsonl").read_text()
