@@ -109,8 +109,8 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         "types": list(types), "gpu": gpu_info(), "target": target.describe(), "quantize_routes": routes or "all",
         **(meta or {}),
     })
-    run.meta.setdefault("not_run", []).extend(
-        f"{b}: not available on this machine/build, nothing was measured on it" for b in run.meta["backends_not_available"])
+    run.meta["not_run"] = [f"{b}: not available on this machine/build, nothing was measured on it"
+                           for b in run.meta["backends_not_available"]]
     for cid in check_ids:
         mod = checks[cid]
         t0 = time.time()
