@@ -23,6 +23,7 @@ CATALOGUE = fb.REPO_ROOT / "checks" / "replays.toml"
 
 
 def cache_root() -> Path:
+    """Replay cache: $TURBO_REPLAY_CACHE, else .cache/replay of the harness checkout (src/ and build/ per commit)."""
     return Path(os.environ.get("TURBO_REPLAY_CACHE") or (fb.REPO_ROOT / ".cache" / "replay"))
 
 

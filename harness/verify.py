@@ -27,12 +27,14 @@ EXTRA_CHECKS: dict = {}  # id -> module with ID, TITLE, run(ctx); filled by opti
 
 
 def all_checks() -> dict:
+    """{check id: module} of every registered check, in run order."""
     out = dict(CHECKS)
     out.update(EXTRA_CHECKS)
     return out
 
 
 def new_run_id(prefix: str = "run") -> str:
+    """A run folder name: prefix, UTC-free local timestamp and the process id (unique per machine)."""
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
 
 

@@ -39,6 +39,7 @@ def cases(types: list[str]) -> list[dict]:
 
 
 def label(c: dict) -> str:
+    """Short case label used in cell paths, e.g. 'turbo3/q8_0 D=128 nq=8 h=4/2'."""
     return f"{c['tk']}/{c['tv']} D={c['D']} nq={c['n_q']} h={c['n_head']}/{c['n_head_kv']}"
 
 

@@ -108,10 +108,12 @@ BACKEND_FLAGS = {
 
 
 def build_root() -> Path:
+    """Folder holding one build folder per backend: $TURBO_BUILD_ROOT, else build/ of the harness checkout."""
     return Path(os.environ.get("TURBO_BUILD_ROOT") or (REPO_ROOT / "build"))
 
 
 def build_dir(backend: str, root: Path | None = None) -> Path:
+    """The build folder of one backend (``<build_root>/<backend>``); not created here."""
     return (root or build_root()) / backend
 
 

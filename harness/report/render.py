@@ -25,6 +25,7 @@ def fmt_num(v) -> str:
 
 
 def write_json(run: Run, run_dir: Path) -> Path:
+    """Write run.json (schema turbo-harness/run, versioned) into run_dir; returns its path."""
     p = Path(run_dir) / "run.json"
     p.write_text(json.dumps(run.to_dict(), indent=1, default=str))
     return p
@@ -81,6 +82,7 @@ def markdown(run: Run) -> str:
 
 
 def write_markdown(run: Run, run_dir: Path) -> Path:
+    """Write summary.md (see :func:`markdown`) into run_dir; returns its path."""
     p = Path(run_dir) / "summary.md"
     p.write_text(markdown(run))
     return p

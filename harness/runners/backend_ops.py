@@ -69,6 +69,7 @@ def parse(text: str) -> list[OpResult]:
 
 
 def is_turbo_related(r: OpResult) -> bool:
+    """True for the rotation op and any case whose parameters name a turbo type."""
     return r.op.startswith("TURBO_WHT") or "turbo" in r.params.lower() or "TURBO" in r.op
 
 

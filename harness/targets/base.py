@@ -45,9 +45,11 @@ class Target:
     name = "target"
 
     def backends(self) -> list[Backend]:
+        """The backends this target can run, in registry order."""
         raise NotImplementedError
 
     def routes(self, backend: str) -> Routes:
+        """The quantise/decode routes a backend offers (see :class:`Routes`)."""
         raise NotImplementedError
 
     def type_info(self, type_name: str) -> dict | None:
