@@ -52,11 +52,12 @@ def _diff(t: str, a: np.ndarray, b: np.ndarray, near: np.ndarray) -> dict:
             "raw_bytes_differing": int(np.count_nonzero(a != b))}
 
 
-def _writer_matrix(ctx: Context, t: str) -> list[Cell]:
+def _writer_matrix(ctx: Context, t: str, writers: dict) -> list[Cell]:
+    """Cells for each writer vs the reference and each pair of writers; fills ``writers`` {path: bytes}."""
     x = _rows(ctx)
     ref_idx, ref_norm, near = _reference_bytes(ctx, t, x)
     ref_bytes = T.pack(t, ref_idx, ref_norm).reshape(-1)
-    writers, cells, dev = {}, [], {}
+    cells, dev = [], {}
     for backend, route in quant_paths(ctx):
         def w(backend=backend, route=route):
             writers[f"{backend}:{route}"] = ctx.target.quantize(backend, route, t, x)
@@ -85,12 +86,11 @@ def _writer_matrix(ctx: Context, t: str) -> list[Cell]:
                      if ctx.evidence_dir else [])
         c.path = f"{a} x {b}"
         cells.append(c)
-    ctx._cache[("compat_writers", t)] = (x, writers)
     return cells
 
 
-def _cross_decode(ctx: Context, t: str) -> list[Cell]:
-    x_unused, writers = ctx._cache.get(("compat_writers", t), (None, {}))
+def _cross_decode(ctx: Context, t: str, writers: dict) -> list[Cell]:
+    """Bytes of every writer that worked, attended on every backend, vs exact attention on those bytes."""
     cells = []
     rng = ctx.rng(f"compat-attn-{t}")
     n_kv, nh, nkv = 128, 4, 2
@@ -201,8 +201,9 @@ def run(ctx: Context) -> list[Cell]:
     ``ctx.sections`` for the report."""
     cells: list[Cell] = []
     for t in ctx.types:
-        cells += guarded(ctx, ID, t, ctx.target_backend, "set_rows", lambda t=t: _writer_matrix(ctx, t))
-        cells += guarded(ctx, ID, t, ctx.target_backend, "flash_attn", lambda t=t: _cross_decode(ctx, t))
+        writers: dict = {}
+        cells += guarded(ctx, ID, t, ctx.target_backend, "set_rows", lambda t=t, w=writers: _writer_matrix(ctx, t, w))
+        cells += guarded(ctx, ID, t, ctx.target_backend, "flash_attn", lambda t=t, w=writers: _cross_decode(ctx, t, w))
     cells += guarded(ctx, ID, "all", ctx.target_backend, "turbo_wht", lambda: _wht_agreement(ctx))
     if len(ctx.backends()) < 2:
         ctx.sections.setdefault(f"notes:{ID}", []).append(
