@@ -12,6 +12,7 @@ import numpy as np
 from harness.checks.common import (Context, decision_thresholds, guarded, op_matrices, own_indices,
                                    quant_paths, quantizer_rotation)
 from harness.reference import turbo as T
+from harness.reference.wht import canonical_signs, factor_signed_wht
 from harness.report.model import Cell, Verdict
 
 ID, TITLE = "PQ1", "Rotation (signed WHT, same on every path, used by the quantizer)"
@@ -47,6 +48,34 @@ def _op_cells(ctx: Context, backend: str, ref_signs) -> list[Cell]:
                                            "sign_mismatches": fac["sign_factor_mismatches"],
                                            "is_signed_wht": fac["is_signed_wht"], "signs_match_target": same,
                                            "s1": fac["s1"], "s2": fac["s2"]})]
+
+
+def _g64_cells(ctx: Context, backend: str, signs128) -> list[Cell]:
+    """The op's 64-value groups (used by the fork for heads that are not a multiple of 128): a 64-point
+    signed WHT, orthogonal, inverse = transpose. Whether its signs are the first 64 of the 128-group
+    signs is recorded, not judged."""
+    eye = np.eye(64, dtype=np.float32)
+    R = ctx.target.wht(backend, eye, 0, 64).astype(np.float64).T
+    Rinv = ctx.target.wht(backend, eye, 1, 64).astype(np.float64).T
+    fac = factor_signed_wht(R)
+    orth = float(np.max(np.abs(R @ R.T - np.eye(64))))
+    inv_t = float(np.max(np.abs(Rinv - R.T)))
+    value = max(orth, inv_t, fac["magnitude_err"])
+    tol = ctx.th("PQ1", "max_abs_err")
+    ok = value <= tol and fac["is_signed_wht"]
+    prefix = None
+    if signs128 is not None and fac["is_signed_wht"]:
+        a = canonical_signs(signs128[0][:64], signs128[1][:64])
+        prefix = bool(np.array_equal(a[0], fac["s1"]) and np.array_equal(a[1], fac["s2"]))
+    ev = ctx.evidence(ID, f"{backend}_turbo_wht_g64", R=R, Rinv=Rinv)
+    c = ctx.cell(ID, "all", backend, "turbo_wht", "max_abs_err_group64", value, tol,
+                 Verdict.PASS if ok else Verdict.FAIL, evidence=ev,
+                 caveat="" if ok else f"64-value groups are not an orthogonal signed WHT "
+                                      f"({fac['sign_factor_mismatches']} sign entries off, error {value:.3g})",
+                 details={"orthogonality_err": orth, "inverse_vs_transpose_err": inv_t, "is_signed_wht": fac["is_signed_wht"],
+                          "signs_are_128_prefix": prefix})
+    c.path = f"{backend}:turbo_wht[g64]"
+    return [c]
 
 
 def _quant_cells(ctx: Context, backend: str, route: str, type_name: str, op_R, op_signs) -> list[Cell]:
@@ -96,6 +125,8 @@ def run(ctx: Context) -> list[Cell]:
             op[b.name] = om
             return _op_cells(ctx, b.name, ref_signs if b.name != ctx.target_backend else None)
         cells += guarded(ctx, ID, "all", b.name, "turbo_wht", one)
+        cells += guarded(ctx, ID, "all", b.name, "turbo_wht[g64]", lambda b=b: _g64_cells(
+            ctx, b.name, (op[b.name]["factor"]["s1"], op[b.name]["factor"]["s2"]) if b.name in op else None))
     for t in ctx.types:
         for backend, route in quant_paths(ctx):
             om = op.get(backend) or op.get(ctx.target_backend)

@@ -43,6 +43,7 @@ class _Impl:
     """One emulated backend's behaviour."""
 
     def __init__(self, faults: set[str], seed: int = 42):
+        self.seed = seed
         bad = set(faults) - KNOWN_FAULTS
         if bad:
             raise ValueError(f"unknown faults {sorted(bad)}; known: {sorted(KNOWN_FAULTS)}")
@@ -97,11 +98,19 @@ class _Impl:
         c, _ = self.tables[type_name]
         return (c[idx] * norms.astype(np.float32)[:, None]).reshape(nrows, ncols)
 
-    def wht(self, x, direction):
+    def wht(self, x, direction, group=128):
         x = np.asarray(x, np.float64)
-        g = x.reshape(-1, 128)
-        out = g @ (self.R_op.T if direction == 0 else self.R_op)
+        R = self.R_op if group == 128 else self._small(group)
+        g = x.reshape(-1, group)
+        out = g @ (R.T if direction == 0 else R)
         return out.reshape(x.shape).astype(np.float32)
+
+    def _small(self, group):
+        # smaller groups: the first `group` entries of the sign vectors, as the fork's op does
+        if "dense_rotation" in self.faults:
+            return ortho_group.rvs(group, random_state=7)
+        s1, s2 = _signs(self.seed)
+        return signed_wht_matrix(s1[:group], s2[:group])
 
 
 class NumpyTarget(Target):
@@ -146,7 +155,7 @@ class NumpyTarget(Target):
         return self.impl[backend].decode(type_name, raw, nrows, ncols)
 
     def wht(self, backend, x, direction, group=128):
-        return self.impl[backend].wht(x, direction)
+        return self.impl[backend].wht(x, direction, group)
 
     def flash_attn(self, backend, tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv, scale,
                    rotate_q, inverse_out, group=128, prec_f32=True):
