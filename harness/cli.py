@@ -212,22 +212,16 @@ def doctor(fork_dir):
     sys.exit(0 if ok else 2)
 
 
-def _register_optional():
-    try:
-        from harness.cli_sweep import sweep
-        cli.add_command(sweep)
-    except ImportError:
-        pass
-    for mod in ("harness.cli_replay",):
-        try:
-            m = __import__(mod, fromlist=["commands"])
-            for c in m.commands:
-                cli.add_command(c)
-        except ImportError:
-            pass
+def _register_subcommands():
+    # sweep and replay live in their own modules; imported here so the group has every command
+    from harness.cli_replay import commands as replay_commands
+    from harness.cli_sweep import sweep
+    cli.add_command(sweep)
+    for c in replay_commands:
+        cli.add_command(c)
 
 
-_register_optional()
+_register_subcommands()
 
 
 def main():

@@ -91,7 +91,7 @@ def catalogue(ids, fork_dir):
     entries = [e for e in load_catalogue() if (e["id"] in ids if ids else e.get("status") == "replayed")]
     if ids and len(entries) != len(set(ids)):
         raise HarnessError(f"unknown catalogue id among {', '.join(ids)}; known: {', '.join(e['id'] for e in load_catalogue())}")
-    rows, ok_all = [], True
+    ok_all = True
     for e in entries:
         for side in ("parent", "fix"):
             rev = e.get(f"replay_{side}", e[side])
@@ -106,9 +106,10 @@ def catalogue(ids, fork_dir):
             exp = e[f"expected_{side}"].split()[0]
             match = v == exp or (side == "parent" and exp in ("FAIL", "PARTIAL") and v in ("FAIL", "PARTIAL"))
             ok_all &= match
-            rows.append((e["id"], side, rev[:10], e["check"], ",".join(e["types"]), v, exp, why[:110], run_dir))
             click.echo(f"{e['id']:28s} {side:6s} {rev[:10]} {e['check']} {','.join(e['types']):14s} "
                        f"{v:8s} (expected {exp}) {'ok' if match else 'MISMATCH'}  {why[:100]}")
+            if run_dir:
+                click.echo(f"{'':36s} report {run_dir / 'summary.md'}")
     sys.exit(0 if ok_all else 1)
 
 

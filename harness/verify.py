@@ -23,14 +23,11 @@ from harness.targets.base import Target
 
 CHECKS = {m.ID: m for m in (pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention, compat)}
 KNOWN_BACKENDS = ("cpu", "cuda", "metal", "vulkan", "hip")
-EXTRA_CHECKS: dict = {}  # id -> module with ID, TITLE, run(ctx); filled by optional modules (compat)
 
 
 def all_checks() -> dict:
     """{check id: module} of every registered check, in run order."""
-    out = dict(CHECKS)
-    out.update(EXTRA_CHECKS)
-    return out
+    return dict(CHECKS)
 
 
 def new_run_id(prefix: str = "run") -> str:

@@ -271,17 +271,6 @@ def decode_any(type_name: str, raw: np.ndarray, nrows: int, ncols: int, centroid
         return raw.view(np.float16).astype(np.float32).reshape(nrows, ncols)
     raise ValueError(f"no reference decoder for type {type_name!r}")
 
-
-def row_bytes(type_name: str, ncols: int) -> int:
-    """Bytes of one row of ncols values for the types this module knows (turbo, q8_0, q4_0, f16, f32)."""
-    if type_name in FORMATS:
-        return ncols // GROUP * FORMATS[type_name].group_bytes
-    if type_name in CLASSIC_DECODERS:
-        blk, size, _ = CLASSIC_DECODERS[type_name]
-        return ncols // blk * size
-    return ncols * {"f32": 4, "f16": 2}[type_name]
-
-
 def quantize_classic(type_name: str, x: np.ndarray) -> np.ndarray:
     """q8_0 / q4_0 quantisers, written from ggml's format definition (blocks of 32; q8_0: d = amax/127,
     q = round(x/d); q4_0: d = max/-8, q = clamp(floor(x/d + 8.5), 0, 15)).
