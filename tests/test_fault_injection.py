@@ -29,6 +29,8 @@ def test_correct_target_passes_everything(make_ctx):
     ("skip_q_rotation", "PQ6", {Verdict.FAIL}),
     ("reserved_nonzero", "PQ4", {Verdict.FAIL}),
     ("crash_attention", "PQ6", {Verdict.ERROR}),
+    ("decode_unrotated", "PQ2", {Verdict.FAIL}),
+    ("decode_unrotated", "PQ4", {Verdict.FAIL}),
 ])
 def test_fault_moves_matching_check_off_pass(make_ctx, fault, check, expected):
     types = ("turbo4",) if fault == "reserved_nonzero" else ("turbo3", "turbo4")
@@ -73,3 +75,9 @@ def test_ablations_are_large_on_correct_target(make_ctx):
     assert len(abl) == 2 and all(c.value > 0.5 for c in abl)
     main = [c for c in cells if c.metric == "rel_err"]
     assert main and max(c.value for c in main) < 1e-4
+
+
+def test_unrotated_decode_is_seen_by_the_constant_block_spread(make_ctx):
+    cells = pq2_codebook.run(make_ctx(NumpyTarget(faults=["decode_unrotated"]), types=("turbo3",)))
+    spread = [c for c in cells if c.metric == "constant_block_rel_spread"]
+    assert spread and all(c.verdict == Verdict.FAIL and c.value > 0.5 for c in spread)

@@ -220,8 +220,16 @@ def centroid_table(ctx: Context, backend: str, route: str, type_name: str) -> np
         idx = np.repeat(np.arange(f.levels, dtype=np.uint8)[:, None], 128, axis=1)
         raw = T.pack(type_name, idx, np.ones(f.levels)).reshape(-1)
         dec = ctx.target.decode(backend, route, type_name, raw, f.levels, 128).astype(np.float64)
-        return dec[:, 0].copy(), float(np.max(np.abs(dec - dec[:, :1])))
+        spread = float(np.max(np.abs(dec - dec[:, :1]) / np.maximum(np.abs(dec[:, :1]), 1e-30)))
+        return dec[:, 0].copy(), spread
     return ctx.cached(("table", backend, route, type_name), measure)[0]
+
+
+def centroid_table_spread(ctx: Context, backend: str, route: str, type_name: str) -> float:
+    """Largest relative difference between the values of one decoded constant-index block (must be 0:
+    every position of a block with one index and one norm decodes to the same centroid)."""
+    centroid_table(ctx, backend, route, type_name)
+    return ctx.cached(("table", backend, route, type_name), lambda: None)[1]
 
 
 def own_indices(ctx: Context, backend: str, type_name: str, raw: np.ndarray, nrows: int) -> np.ndarray:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.checks.common import (LOSSY_DECODE, Context, centroid_table, decision_thresholds, decode_route, guarded,
-                                   quant_paths)
+from harness.checks.common import (LOSSY_DECODE, Context, centroid_table, centroid_table_spread, decision_thresholds,
+                                   decode_route, guarded, quant_paths)
 from harness.reference import turbo as T
 from harness.reference.lloydmax import expected_distortion, lloyd_max
 from harness.report.model import Cell, Verdict
@@ -35,19 +35,30 @@ def _table_cells(ctx: Context, t: str) -> list[Cell]:
     tol = ctx.th("PQ2", "table_abs_diff")
     for (be, r), tab in tables.items():
         lossy = r in LOSSY_DECODE
+        limit = LOSSY_DECODE[r] if lossy else tol
+        ev = ctx.evidence(ID, f"{t}_{be}_{r}_table", table=tab, reference_table=ref)
+        details = {"table": tab, "sigma_units": tab * np.sqrt(128), "reference_path": f"{ref_key[0]}:{ref_key[1]}"}
+        # every path: a block of one index decodes to one value at every position
+        spread = centroid_table_spread(ctx, be, r, t)
+        ok = spread <= limit
+        cells.append(ctx.cell(ID, t, be, r, "constant_block_rel_spread", spread, limit,
+                              Verdict.PASS if ok else Verdict.FAIL, evidence=ev, details=details,
+                              caveat="" if ok else f"a block whose indices are all equal decodes to values that differ "
+                                                   f"by up to {spread:.3g} (relative) across positions"))
+        if (be, r) == ref_key:
+            continue  # the reference path's table is what the others are compared with
         diff = float(np.max(np.abs(tab - ref)))
         rel = float(np.max(np.abs(tab - ref) / np.maximum(np.abs(ref), 1e-30)))
-        limit = LOSSY_DECODE[r] if lossy else tol
         value = rel if lossy else diff
         ok = value <= limit
-        raw = Verdict.PASS if ok else Verdict.FAIL
         cav = f"centroid table differs from {ref_key[0]}:{ref_key[1]} by up to {diff:.3g}" if not ok else (
             f"read through {r} (half-precision kernel): relative difference within its error bound" if lossy else "")
-        ev = ctx.evidence(ID, f"{t}_{be}_{r}_table", table=tab, reference_table=ref)
         cells.append(ctx.cell(ID, t, be, r, "table_rel_diff_vs_reference_path" if lossy else "table_abs_diff_vs_reference_path",
-                              value, limit, raw, caveat=cav, evidence=ev,
-                              details={"table": tab, "sigma_units": tab * np.sqrt(128), "abs_diff": diff,
-                                       "reference_path": f"{ref_key[0]}:{ref_key[1]}"}))
+                              value, limit, Verdict.PASS if ok else Verdict.FAIL, caveat=cav, evidence=ev,
+                              details={**details, "abs_diff": diff}))
+    if len(tables) == 1:
+        ctx.sections.setdefault(f"notes:{ID}", []).append(
+            f"{t}: one decode path in this build ({ref_key[0]}:{ref_key[1]}): no cross-path table comparison")
     return cells
 
 

@@ -16,6 +16,7 @@ Faults (names accepted in ``faults``):
     skip_q_rotation     attention ignores the request to rotate Q
     reserved_nonzero    turbo4's reserved field is written non-zero
     crash_attention     flash attention raises ProbeCrash (a backend that aborts)
+    decode_unrotated    decode returns the original domain (R^T applied), as turbo4's CPU decode did before fe2ead96
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from harness.targets.base import Backend, Routes, Target
 
 KNOWN_FAULTS = {"dense_rotation", "quantizer_signs", "uncorrected_norm", "perturbed_centroids", "thresholds_off",
                 "swapped_packing", "nan_zero_rows", "no_output_inverse", "skip_q_rotation", "reserved_nonzero",
-                "crash_attention"}
+                "crash_attention", "decode_unrotated"}
 
 
 def _signs(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +97,10 @@ class _Impl:
         if "swapped_packing" in self.faults:
             idx = self._reorder(type_name, idx)
         c, _ = self.tables[type_name]
-        return (c[idx] * norms.astype(np.float32)[:, None]).reshape(nrows, ncols)
+        out = c[idx] * norms.astype(np.float32)[:, None]
+        if "decode_unrotated" in self.faults:
+            out = (out.astype(np.float64) @ self.R_q).astype(np.float32)
+        return out.reshape(nrows, ncols)
 
     def wht(self, x, direction, group=128):
         x = np.asarray(x, np.float64)
