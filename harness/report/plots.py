@@ -24,13 +24,21 @@ def _cells(run: Run, cid: str, metric_prefix: str):
     return []
 
 
+def _save(fig, out_dir: Path, name: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    p = out_dir / f"{name}.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    return p
+
+
 def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
     """Draw the plots the run's checks support into out_dir; returns {name: path}."""
     out_dir = Path(out_dir)
     made: dict[str, Path] = {}
     cb = _cells(run, "PQ2", "distortion")
     if cb:
-        out_dir.mkdir(parents=True, exist_ok=True)
         types = sorted({c.type for c in cb})
         fig, axes = plt.subplots(1, len(types), figsize=(4.2 * len(types), 3.6), squeeze=False)
         for ax, t in zip(axes[0], types):
@@ -44,13 +52,9 @@ def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
             ax.set_xlabel("index")
             ax.set_ylabel("centroid / sigma")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        made["codebook"] = out_dir / "codebook.png"
-        fig.savefig(made["codebook"], dpi=100)
-        plt.close(fig)
+        made["codebook"] = _save(fig, out_dir, "codebook")
     d5 = _cells(run, "PQ5", "nmse")
     if d5:
-        out_dir.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(d5) + 2), 4))
         xs = range(len(d5))
         ax.bar([x - 0.2 for x in xs], [c.details["nmse_gaussian"] for c in d5], 0.4, label="Gaussian rows")
@@ -65,13 +69,9 @@ def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
         ax.set_xticks(list(xs), [f"{c.type}\n{c.path}" for c in d5], fontsize=7)
         ax.set_ylabel("NMSE")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        made["distortion"] = out_dir / "distortion.png"
-        fig.savefig(made["distortion"], dpi=100)
-        plt.close(fig)
+        made["distortion"] = _save(fig, out_dir, "distortion")
     d6 = _cells(run, "PQ6", "rel_err")
     if d6:
-        out_dir.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(d6) + 2), 4))
         ax.scatter(range(len(d6)), [max(c.value, 1e-12) for c in d6],
                    c=["tab:green" if c.verdict.value == "PASS" else "tab:red" for c in d6], s=14)
@@ -80,8 +80,5 @@ def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
         ax.set_xticks(range(len(d6)), [c.path.split("[")[-1].rstrip("]") for c in d6], rotation=90, fontsize=5)
         ax.set_ylabel("relative error vs exact attention")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        made["attention"] = out_dir / "attention.png"
-        fig.savefig(made["attention"], dpi=100)
-        plt.close(fig)
+        made["attention"] = _save(fig, out_dir, "attention")
     return made
