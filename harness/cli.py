@@ -144,6 +144,16 @@ def build(backend, targets, fork_dir, jobs):
                f"{' dirty' if res.meta.get('fork_dirty') else ''}); probe {lib}")
 
 
+@cli.command("unpack-fork")
+@click.argument("snapshot", type=click.Path(dir_okay=False))
+@click.option("--dest", default=".cache/fork", show_default=True, help="folder to unpack into (reused when already unpacked)")
+@click.option("--sha256", default=None, help="expected SHA-256 (default: the one stated in the README beside the file)")
+def unpack_fork(snapshot, dest, sha256):
+    """Unpack a fork source snapshot (.tar.xz, hash checked) and print the FORK_DIR to use (no network needed)."""
+    from harness.fork.snapshot import unpack
+    click.echo(unpack(snapshot, dest, sha256))
+
+
 @cli.command("list")
 def list_checks():
     """List the checks and their thresholds (with the reason for each)."""

@@ -9,6 +9,27 @@ import pytest
 from harness.checks.common import Context, load_thresholds
 from harness.fork import build as fb
 
+# CI sets this when it has the fork (snapshot or checkout): then a test that needs the built fork or the model
+# must run, and a skip for want of them is a failure (see .ci/run).
+REQUIRE_FORK = os.environ.get("TURBO_REQUIRE_FORK") == "1"
+
+
+def skip_or_fail(reason: str):
+    """Skip a fork-dependent test with the reason, or fail it when TURBO_REQUIRE_FORK=1 (CI with the fork)."""
+    if REQUIRE_FORK:
+        pytest.fail(f"fork-dependent test could not run although TURBO_REQUIRE_FORK=1: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under TURBO_REQUIRE_FORK=1 a test marked `fork` that skipped (for any reason) is reported as failed."""
+    outcome = yield
+    rep = outcome.get_result()
+    if REQUIRE_FORK and rep.skipped and item.get_closest_marker("fork") is not None:
+        rep.outcome = "failed"
+        rep.longrepr = f"fork test skipped although TURBO_REQUIRE_FORK=1: {rep.longrepr}"
+
 
 @pytest.fixture(scope="session")
 def thresholds():
@@ -28,12 +49,12 @@ def fork_build_or_skip() -> tuple[Path, Path]:
     try:
         fork = fb.fork_dir()
     except Exception as e:
-        pytest.skip(f"no fork checkout ({e})")
+        skip_or_fail(f"no fork checkout ({e})")
     if not fb.has_turbo_types(fork):
-        pytest.skip(f"{fork} has no turbo types")
+        skip_or_fail(f"{fork} has no turbo types")
     bdir = fb.build_dir(os.environ.get("TURBO_TEST_BACKEND", "cpu"))
     if not any((bdir / "bin").glob("libggml-base.*")):
-        pytest.skip(f"fork not built in {bdir}: run `make build` to enable fork tests")
+        skip_or_fail(f"fork not built in {bdir}: run `make build` to enable fork tests")
     return bdir, fork
 
 

@@ -8,6 +8,8 @@ from harness.errors import ProbeCrash
 from harness.reference import turbo as T
 from harness.report.model import Verdict, worst
 
+pytestmark = pytest.mark.fork
+
 
 def test_probe_sees_cpu_and_turbo_types(fork_target):
     assert "cpu" in [b.name for b in fork_target.backends()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import pytest
+from conftest import skip_or_fail
 
 from harness.checks.sweeps import judge_sweep
 from harness.errors import HarnessError
@@ -12,16 +13,17 @@ from harness.report.model import Verdict
 from harness.runners.sweep import SweepConfig, parse_pairs, run_sweep
 
 BDIR = build_dir("cpu")
+pytestmark = pytest.mark.fork
 
 
 def _need():
     if not (BDIR / "bin" / "llama-perplexity").is_file() or not (BDIR / "bin" / "llama-bench").is_file():
-        pytest.skip(f"fork tools not built in {BDIR} (run `make build`)")
+        skip_or_fail(f"fork tools not built in {BDIR} (run `make build`)")
     try:
         from harness.runners.inputs import default_corpus, default_model
         return default_model(), default_corpus()
     except HarnessError as e:
-        pytest.skip(f"default model/corpus unavailable: {e}")
+        skip_or_fail(f"default model/corpus unavailable: {e}")
 
 
 def test_type_traits_measured_from_build():

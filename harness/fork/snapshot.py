@@ -1,0 +1,116 @@
+"""Getting the fork without a git host: unpack a source snapshot (``*.tar.xz``) after checking its SHA-256.
+
+The project's shared folder carries ``forks/llama-cpp-turboquant-<commit>.tar.xz`` with a README beside it
+that states ``sha256 <hex>``; the tarball holds one top folder (``llama.cpp/``) with the commit in
+``.fork-commit``. CI (``.ci/run``) and users without network access unpack it with
+``turbo-harness unpack-fork FILE`` (or ``python -m harness.fork.snapshot FILE``) and point ``FORK_DIR`` at the
+printed folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+STAMP = ".turbo-harness-snapshot"
+
+
+def expected_sha256(snapshot: Path) -> str | None:
+    """The SHA-256 stated for ``snapshot`` in a README*.md beside it, or None when none is stated.
+
+    The README line looks like ``sha256 <64 hex>`` (optionally after the file name). When the README lists
+    several files, the hash on the line naming this file wins; else the only hash in it.
+    """
+    hashes: list[tuple[str, str]] = []
+    for readme in sorted(Path(snapshot).parent.glob("README*")):
+        for line in readme.read_text(errors="replace").splitlines():
+            m = re.search(r"\b([0-9a-f]{64})\b", line, re.I)
+            if m and "sha256" in line.lower():
+                hashes.append((line, m.group(1).lower()))
+    named = [h for line, h in hashes if Path(snapshot).name in line]
+    if named:
+        return named[0]
+    return hashes[0][1] if len(set(h for _, h in hashes)) == 1 else None
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def unpack(snapshot: str | Path, dest: str | Path, sha256: str | None = None) -> Path:
+    """Unpack a fork source snapshot into ``dest`` (once) and return the fork checkout folder inside it.
+
+    Args:
+        snapshot: the ``.tar.xz`` file.
+        dest: folder to unpack into (created); a second call with the same verified snapshot reuses it.
+        sha256: expected hex digest; default the one stated in the README beside the snapshot.
+
+    Returns:
+        The folder holding ``ggml/include/ggml.h`` (``dest/llama.cpp`` for the shared snapshots).
+
+    Raises:
+        HarnessError: missing file, no hash to check against, hash mismatch, or no fork tree inside.
+    """
+    snapshot, dest = Path(snapshot), Path(dest)
+    if not snapshot.is_file():
+        raise HarnessError(f"fork snapshot {snapshot} not found: give the path of a llama-cpp-turboquant-*.tar.xz")
+    want = (sha256 or expected_sha256(snapshot) or "").lower()
+    if not want:
+        raise HarnessError(f"no SHA-256 for {snapshot.name}: state it in a README beside it ('sha256 <hex>') or pass --sha256")
+    stamp = dest / STAMP
+    if stamp.is_file() and stamp.read_text().split()[:1] == [want]:
+        return _tree(dest)
+    got = sha256_of(snapshot)
+    if got != want:
+        raise HarnessError(f"fork snapshot {snapshot} has SHA-256 {got}, expected {want}: the file is corrupt or "
+                           f"not the one the README names; copy it again")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    with tarfile.open(snapshot, "r:xz") as tf:
+        members = tf.getmembers()
+        bad = [m.name for m in members if m.name.startswith("/") or ".." in Path(m.name).parts]
+        if bad:
+            raise HarnessError(f"fork snapshot {snapshot} holds unsafe paths ({bad[0]}): refusing to unpack it")
+        tf.extractall(dest, filter="data") if hasattr(tarfile, "data_filter") else tf.extractall(dest)
+    tree = _tree(dest)
+    stamp.write_text(f"{want} {snapshot.name}\n")
+    return tree
+
+
+def _tree(dest: Path) -> Path:
+    """The unpacked fork checkout: dest itself or its one sub-folder holding ggml/include/ggml.h."""
+    for cand in [dest, *sorted(p for p in dest.iterdir() if p.is_dir())]:
+        if (cand / "ggml" / "include" / "ggml.h").is_file():
+            return cand.resolve()
+    raise HarnessError(f"no fork tree (ggml/include/ggml.h) inside the snapshot unpacked at {dest}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.fork.snapshot FILE [--dest DIR] [--sha256 HEX]``: print the FORK_DIR to use."""
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("snapshot")
+    ap.add_argument("--dest", default=".cache/fork")
+    ap.add_argument("--sha256", default=None)
+    a = ap.parse_args(argv)
+    try:
+        print(unpack(a.snapshot, a.dest, a.sha256))
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
