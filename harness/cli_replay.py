@@ -24,7 +24,7 @@ REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 
 def _checks(value: str | None) -> list[str]:
     from harness.verify import all_checks
-    ids = [c.strip().upper() for c in value.split(",")] if value else [c for c in all_checks() if c != "COMPAT"]
+    ids = [c.strip().upper() for c in value.split(",")] if value else [c for c in all_checks() if c not in ("COMPAT", "MODEL")]
     bad = [c for c in ids if c not in all_checks()]
     if bad:
         raise HarnessError(f"unknown check {', '.join(bad)}: choose from {', '.join(all_checks())}")
@@ -39,93 +39,197 @@ def _types(value: str) -> list[str]:
     return ts
 
 
+def sanitizer_env(sanitize: str | None) -> dict | None:
+    """The probe worker's environment for a sanitizer build: the runtime preloaded (the worker is a Python
+    process that loads the instrumented ggml), leak checks off; None (inherit) without a sanitizer."""
+    if not sanitize:
+        return None
+    cc = os.environ.get("CC") or "cc"
+    lib = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not lib or not Path(lib).is_file():
+        raise HarnessError(f"no AddressSanitizer runtime found ({cc} -print-file-name=libasan.so): install libasan "
+                           f"(apt-get install libasan8) to replay with --sanitize address")
+    return dict(os.environ, LD_PRELOAD=lib, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1")
+
+
 def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], routes: list[str] | None,
-                  out: Path | None = None, log=click.echo, label: str = ""):
-    """Build ``rev`` (cached), run the checks on its CPU backend, write a report labelled with the commit.
+                  out: Path | None = None, log=click.echo, label: str = "", options: dict | None = None,
+                  sanitize: str | None = None):
+    """Build ``rev`` (cached; only the targets the checks need), run the checks on its CPU backend, write a
+    report labelled with the commit.
 
     Returns (run, run_dir, built: bool - whether this call compiled anything new).
     """
+    from harness.replay import targets_for
     from harness.targets.fork import ForkTarget
     from harness.verify import run_checks
     commit = resolve(fork, rev)
-    had = (cache_root() / "build" / commit / fb.BUILD_META).is_file()
-    src, bdir, meta = build_commit(fork, commit, log=log)
+    src, bdir, meta = build_commit(fork, commit, targets=targets_for(checks), log=log, sanitize=sanitize)
+    built = not meta.pop("reused", False)
     run_dir = out or REPORTS / f"replay-{commit[:10]}-{time.strftime('%Y%m%d-%H%M%S')}"
-    target = ForkTarget(bdir, src)
+    target = ForkTarget(bdir, src, env=sanitizer_env(sanitize))
     try:
         meta = dict(meta, fork_commit=commit, fork_dir=str(src), build_dir=str(bdir), replay_of=commit,
                     replay_label=label, fork_describe=subprocess.run(
                         ["git", "--git-dir", str(git_dir_of(fork)), "log", "-1", "--format=%h %s", commit],
                         capture_output=True, text=True).stdout.strip())
-        run = run_checks(target, checks, types, run_dir, target_backend="cpu", meta=meta, log=log, routes=routes)
+        run = run_checks(target, checks, types, run_dir, target_backend="cpu", meta=meta, log=log, routes=routes,
+                         options=options)
     finally:
         target.close()
-    return run, run_dir, not had
+    return run, run_dir, built
 
 
 @click.command()
 @click.argument("commit")
-@click.option("--checks", "check_list", default=None, help="comma-separated check ids (default PQ1-PQ6)")
+@click.option("--checks", "check_list", default=None, help="comma-separated check ids (default PQ1-PQ6; MODEL builds the llama tools)")
 @click.option("--type", "types", default=",".join(TURBO_TYPES), show_default=True)
 @click.option("--routes", default=None, help="only these quantise routes, e.g. quantize_chunk")
+@click.option("--sanitize", type=click.Choice(["address"]), default=None, help="an AddressSanitizer build flavour")
 @click.option("--fork-dir", default=None, help="fork checkout with history (default $FORK_DIR or vendor/llama.cpp)")
 @click.option("--out", default=None)
 @click.option("--strict", is_flag=True)
-def replay(commit, check_list, types, routes, fork_dir, out, strict):
+def replay(commit, check_list, types, routes, sanitize, fork_dir, out, strict):
     """Build the fork at COMMIT (cached under .cache/replay) and run the checks on it."""
     fork = fb.fork_dir(fork_dir)
     run, run_dir, built = replay_commit(fork, commit, _checks(check_list), _types(types),
-                                        routes.split(",") if routes else None, Path(out) if out else None)
+                                        routes.split(",") if routes else None, Path(out) if out else None,
+                                        sanitize=sanitize)
     click.echo(f"{run.meta['fork_commit'][:12]}: {run.verdict.value}; report {run_dir / 'summary.md'}")
     sys.exit(run.exit_code(strict))
 
 
+def judge_side(cr) -> tuple[str, str]:
+    """(verdict, evidence) of one replayed side, with the crash semantics of the spec.
+
+    A cell that is ERROR because the fork's code crashed in a probe call (signal, abort, sanitizer report)
+    counts as FAIL quoting the crash: the build accepted the type, so the crash is the fork's fault and is
+    the bug being replayed. A probe call killed by its timeout (a hang) stays ERROR with that reason.
+    """
+    from harness.report.model import Verdict, worst
+    from harness.runners.crash import classify_probe_message
+    if cr.error:
+        return "ERROR", cr.error
+    judged = []
+    for c in cr.cells:
+        v, why = c.verdict, f"{c.type} {c.path}: {c.caveat}" if c.caveat else f"{c.type} {c.path} {c.metric}={c.value}"
+        if v == Verdict.ERROR:
+            crash = classify_probe_message(c.caveat)
+            if crash and crash.fork_fault:
+                v, why = Verdict.FAIL, f"{c.type} {c.path}: crash of the fork's code: {crash.describe()}"
+            elif crash:
+                why = f"{c.type} {c.path}: hang: {crash.message}"
+        judged.append((v, why))
+    if not judged:
+        return "SKIP", "no cells"
+    w = worst(v for v, _ in judged)
+    if w == Verdict.PASS:
+        return "PASS", f"{len(judged)} cells within thresholds"
+    return w.value, next(why for v, why in judged if v == w)
+
+
+def entry_options(e: dict) -> dict:
+    """Per-check options a catalogue entry names (MODEL: model, pairs, env, flash_attn, must_accept)."""
+    keys = ("model", "pairs", "env", "flash_attn", "must_accept", "state", "ppl")
+    opts = {k: e[k] for k in keys if k in e}
+    return {e["check"]: opts} if opts else {}
+
+
+def _entry(eid: str) -> dict:
+    e = next((x for x in load_catalogue() if x["id"] == eid), None)
+    if e is None:
+        raise HarnessError(f"unknown catalogue id {eid!r}: see checks/replays.toml")
+    return e
+
+
+def _expected(e: dict, side: str) -> str:
+    return e[f"expected_{side}"].split()[0].rstrip(",;:")
+
+
 @click.command()
 @click.argument("ids", nargs=-1)
+@click.option("--backend", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="replay the entries of this backend (cuda needs a CUDA build machine)")
+@click.option("--all", "all_", is_flag=True, help="also try the entries marked 'not replayed'")
 @click.option("--fork-dir", default=None)
-def catalogue(ids, fork_dir):
+def catalogue(ids, backend, all_, fork_dir):
     """Replay catalogue entries (checks/replays.toml) at parent and fix; print both verdict rows.
 
-    Without IDS, the entries marked status = "replayed"; exit 1 when a verdict differs from the catalogue."""
+    Without IDS, the entries of the backend marked status = "replayed"; the others are listed with the
+    reason they are not replayed. Exit 1 when a verdict differs from the catalogue. A parent that crashes on
+    a configuration it accepted is FAIL (the bug), a hang is ERROR with the reason."""
     fork = fb.fork_dir(fork_dir)
-    entries = [e for e in load_catalogue() if (e["id"] in ids if ids else e.get("status") == "replayed")]
-    if ids and len(entries) != len(set(ids)):
-        raise HarnessError(f"unknown catalogue id among {', '.join(ids)}; known: {', '.join(e['id'] for e in load_catalogue())}")
-    ok_all = True
+    every = load_catalogue()
+    if ids:
+        entries = [e for e in every if e["id"] in ids]
+        if len(entries) != len(set(ids)):
+            raise HarnessError(f"unknown catalogue id among {', '.join(ids)}; known: {', '.join(e['id'] for e in every)}")
+    else:
+        mine = [e for e in every if e.get("backend", "cpu") == backend]
+        entries = [e for e in mine if all_ or e.get("status") == "replayed"]
+        for e in mine:
+            if e not in entries:
+                click.echo(f"{e['id']:34s} not replayed: {e.get('reason', e.get('status', ''))[:150]}")
+    ok_all, proven, t_all, n_built, n_reused = True, set(), time.time(), 0, 0
+    rows = []
     for e in entries:
+        t_entry = time.time()
+        verdicts, whys = {}, {}
         for side in ("parent", "fix"):
             rev = e.get(f"replay_{side}", e[side])
+            t0 = time.time()
             try:
-                run, run_dir, _ = replay_commit(fork, rev, [e["check"]], e["types"], e.get("routes"),
-                                                label=f"{e['id']} {side}", log=lambda s: None)
-                v = run.checks[0].verdict.value
-                worst = [c for c in run.checks[0].cells if c.verdict.value == v][:1]
-                why = worst[0].caveat if worst else ""
+                run, run_dir, built = replay_commit(fork, rev, [e["check"]], e["types"], e.get("routes"),
+                                                    label=f"{e['id']} {side}", log=lambda s: None,
+                                                    options=entry_options(e), sanitize=e.get("sanitize"))
+                n_built += built
+                n_reused += not built
+                v, why = judge_side(run.checks[0])
             except HarnessError as err:
-                v, run_dir, why = "ERROR", None, str(err)
-            exp = e[f"expected_{side}"].split()[0]
+                v, run_dir, why, built = "ERROR", None, str(err), False
+            verdicts[side], whys[side] = v, why
+            exp = _expected(e, side)
             match = v == exp or (side == "parent" and exp in ("FAIL", "PARTIAL") and v in ("FAIL", "PARTIAL"))
             ok_all &= match
-            click.echo(f"{e['id']:28s} {side:6s} {rev[:10]} {e['check']} {','.join(e['types']):14s} "
-                       f"{v:8s} (expected {exp}) {'ok' if match else 'MISMATCH'}  {why[:100]}")
+            click.echo(f"{e['id']:34s} {side:6s} {rev[:10]} {e['check']:5s} {','.join(e['types']):14s} {v:8s} "
+                       f"(expected {exp}) {'ok' if match else 'MISMATCH'} {time.time() - t0:6.0f} s"
+                       f"{' built' if built else ''}  {why[:160]}")
             if run_dir:
                 click.echo(f"{'':36s} report {run_dir / 'summary.md'}")
+        flagged = verdicts.get("parent") in ("FAIL", "PARTIAL") or (
+            verdicts.get("parent") == "ERROR" and "hang" in whys.get("parent", ""))
+        if flagged and verdicts.get("fix") == "PASS" and _expected(e, "fix") == "PASS":
+            proven.add(e["fix"])
+        rows.append((e["id"], time.time() - t_entry))
+    total = time.time() - t_all
+    for eid, sec in rows:
+        click.echo(f"  {eid:34s} {sec:7.0f} s")
+    click.echo(f"{len(entries)} entries in {total:.0f} s ({total / 60:.1f} min); builds: {n_built} compiled, "
+               f"{n_reused} reused from the cache; {len(proven)} distinct fix commits proven (parent flagged, fix PASS): "
+               f"{', '.join(sorted(c[:10] for c in proven))}")
     sys.exit(0 if ok_all else 1)
 
 
 @click.command()
 @click.option("--good", required=True, help="an older commit (with --fixed: where the bug is still present)")
 @click.option("--bad", required=True, help="a newer commit (with --fixed: where it is fixed)")
-@click.option("--check", "check_id", required=True)
+@click.option("--check", "check_id", default=None, help="the check whose verdict is the oracle (or --entry)")
 @click.option("--type", "types", default="turbo3", show_default=True)
 @click.option("--routes", default=None)
+@click.option("--entry", default=None, help="take the check, types and options (MODEL pairs, env) from this catalogue entry")
 @click.option("--fixed", is_flag=True, help="find the first commit where the check passes (a fix) instead of the first that fails")
 @click.option("--fork-dir", default=None)
-def bisect(good, bad, check_id, types, routes, fixed, fork_dir):
-    """Drive `git bisect run` with the check's verdict as the oracle; print the commit where it changes."""
+def bisect(good, bad, check_id, types, routes, entry, fixed, fork_dir):
+    """Drive `git bisect run` with the check's verdict as the oracle; print the commit where it changes,
+    the number of builds and the wall time. A crash of the fork's code counts as flagged (FAIL)."""
     fork = fb.fork_dir(fork_dir)
     gd = git_dir_of(fork)
     g, b = resolve(fork, good), resolve(fork, bad)
+    if entry:
+        e = _entry(entry)
+        check_id, types = check_id or e["check"], ",".join(e["types"])
+    if not check_id:
+        raise HarnessError("bisect needs --check ID or --entry CATALOGUE_ID")
     _checks(check_id)
     _types(types)
     work = cache_root() / "bisect"
@@ -144,6 +248,8 @@ def bisect(good, bad, check_id, types, routes, fixed, fork_dir):
     oracle = [sys.executable, "-m", "harness.cli", "bisect-oracle", "--check", check_id, "--type", types, "--log", str(logf)]
     if routes:
         oracle += ["--routes", routes]
+    if entry:
+        oracle += ["--entry", entry]
     if fixed:
         oracle.append("--fixed")
     t0 = time.time()
@@ -170,7 +276,8 @@ def bisect(good, bad, check_id, types, routes, fixed, fork_dir):
         if s.get("report"):
             click.echo(f"          report {s['report']}")
     builds = sum(1 for s in steps if s.get("built"))
-    click.echo(f"{len(steps)} commits evaluated, {builds} new builds, {time.time() - t0:.0f} s; oracle log {logf}")
+    click.echo(f"{len(steps)} commits evaluated, {builds} builds compiled, {len(steps) - builds} reused from the cache, "
+               f"{time.time() - t0:.0f} s wall time; oracle log {logf}")
 
 
 @click.command("bisect-oracle", hidden=True)
@@ -179,19 +286,22 @@ def bisect(good, bad, check_id, types, routes, fixed, fork_dir):
 @click.option("--routes", default=None)
 @click.option("--fixed", is_flag=True)
 @click.option("--log", "log_path", required=True)
+@click.option("--entry", default=None)
 @click.option("--commit", default=None, help="evaluate this commit instead of BISECT_HEAD (no exit-code mapping)")
-def bisect_oracle(check_id, types, routes, fixed, log_path, commit):
-    """git-bisect-run oracle: exit 0 for the old term, 1 for the new term, 125 to skip (no build, ERROR)."""
+def bisect_oracle(check_id, types, routes, fixed, log_path, entry, commit):
+    """git-bisect-run oracle: exit 0 for the old term, 1 for the new term, 125 to skip (no build, ERROR).
+    A crash of the fork's code is FAIL (flagged); a hang or a harness failure is ERROR (skipped)."""
     fork = fb.fork_dir()
     rev = commit or subprocess.run(["git", "rev-parse", "BISECT_HEAD"], capture_output=True, text=True).stdout.strip()
+    e = _entry(entry) if entry else {}
+    t0 = time.time()
     try:
         run, run_dir, built = replay_commit(fork, rev, [check_id.upper()], _types(types),
-                                            routes.split(",") if routes else None, log=lambda s: None)
-        v = run.checks[0].verdict.value
-        bad_cells = [c for c in run.checks[0].cells if c.verdict.value in ("FAIL", "PARTIAL", "ERROR")]
-        ev = f"{bad_cells[0].path} {bad_cells[0].metric}={bad_cells[0].value} ({bad_cells[0].caveat[:90]})" if bad_cells else \
-            "all cells within thresholds"
-        rec = {"commit": resolve(fork, rev), "verdict": v, "built": built, "evidence": ev, "report": str(run_dir)}
+                                            routes.split(",") if routes else None, log=lambda s: None,
+                                            options=entry_options(e) if e else None, sanitize=e.get("sanitize"))
+        v, ev = judge_side(run.checks[0])
+        rec = {"commit": resolve(fork, rev), "verdict": v, "built": built, "evidence": ev[:200], "report": str(run_dir),
+               "seconds": round(time.time() - t0, 1)}
     except HarnessError as e:
         v, rec = "ERROR", {"commit": rev, "verdict": "ERROR", "built": True, "evidence": str(e)[:200]}
     with open(log_path, "a") as f:

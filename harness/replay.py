@@ -1,13 +1,15 @@
 """Replay the checks on any fork commit, and bisect a verdict change with ``git bisect run``.
 
 Sources of a commit are exported from the fork's git (no checkout of the user's tree is touched)
-into ``<cache>/src/<commit>``; builds go to ``<cache>/build/<commit>`` and are reused. The cache is
+into ``<cache>/<commit>/src``; builds go to ``<cache>/<commit>/build[-clang][-asan]`` and are reused; only the
+targets the replayed checks need are built, through ccache when it is installed. The cache is
 ``$TURBO_REPLAY_CACHE`` or ``.cache/replay`` in the harness checkout. A commit that does not build
 with the default compiler is retried with clang when it is installed; a build that still fails is
 an error naming the compiler's message, and no other cached build is touched.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -45,13 +47,22 @@ def resolve(fork: Path, rev: str) -> str:
     return r.stdout.strip()
 
 
+def commit_root(commit: str, root: Path | None = None) -> Path:
+    """Folder of one commit in the replay cache: ``<cache>/<commit>`` holding ``src/`` and ``build-<flavour>/``.
+
+    Source and builds sit side by side so that, with ``CCACHE_BASEDIR=<cache>``, every commit compiles its files
+    under the same relative paths (``../../src/...``) and ccache reuses the objects of files two commits share.
+    """
+    return (root or cache_root()) / commit
+
+
 def export_source(fork: Path, commit: str, root: Path | None = None) -> Path:
-    """Write the commit's tree (minus large model blobs) to <cache>/src/<commit> once; returns the folder."""
-    dest = (root or cache_root()) / "src" / commit
+    """Write the commit's tree (minus large model blobs) to <cache>/<commit>/src once; returns the folder."""
+    dest = commit_root(commit, root) / "src"
     if (dest / ".fork-commit").is_file():
         return dest
-    tmp = Path(tempfile.mkdtemp(prefix=f"src-{commit[:8]}-", dir=dest.parent if dest.parent.exists() else None))
     dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="src-tmp-", dir=dest.parent))
     env = dict(os.environ, GIT_INDEX_FILE=str(tmp / ".git-index"))
     r = subprocess.run(["git", "--git-dir", str(git_dir_of(fork)), "--work-tree", str(tmp), "checkout", commit, "--", ".",
                         *EXCLUDE], capture_output=True, text=True, env=env)
@@ -66,33 +77,73 @@ def export_source(fork: Path, commit: str, root: Path | None = None) -> Path:
     return dest
 
 
-def build_commit(fork: Path, commit: str, targets=("ggml",), log=print, root: Path | None = None) -> tuple[Path, Path, dict]:
-    """Export and build one commit for the CPU (reusing its cached build).
+# CMake targets each check needs at a replayed commit (ggml alone for the probe checks).
+MODEL_TARGETS = ("llama-perplexity", "llama-save-load-state")
+SANITIZERS = {"address": "-DGGML_SANITIZE_ADDRESS=ON"}
 
-    Returns (source dir, build dir, build metadata). Raises HarnessError when it does not build with
-    any available compiler; the message quotes the first compiler error.
+
+def targets_for(checks) -> tuple[str, ...]:
+    """The CMake targets a replay of these checks must build: ggml for the probe checks, plus the llama
+    tools (libllama, llama-perplexity, llama-save-load-state) when the model-level check MODEL is among them."""
+    out = ["ggml"]
+    if any(str(c).upper() == "MODEL" for c in checks):
+        out += list(MODEL_TARGETS)
+    return tuple(out)
+
+
+def ccache_env(root: Path) -> dict:
+    """Environment for a replay build: ccache (when installed) with CCACHE_BASEDIR at the cache root, so the
+    objects of unchanged files are shared between commits; {} without ccache."""
+    if not shutil.which("ccache"):
+        return {}
+    return {"CCACHE_BASEDIR": str(Path(root).resolve()), "CCACHE_NOHASHDIR": "1"}
+
+
+def _flavour(compiler: str, sanitize: str | None) -> str:
+    return "build" + ("" if compiler == "default" else f"-{compiler}") + (f"-{sanitize[:4]}san" if sanitize else "")
+
+
+def build_commit(fork: Path, commit: str, targets=("ggml",), log=print, root: Path | None = None,
+                 sanitize: str | None = None) -> tuple[Path, Path, dict]:
+    """Export and build one commit for the CPU (reusing its cached build), only the given targets.
+
+    A commit that does not build with the default compiler is retried with clang (never edited); the
+    working compiler is remembered per commit. ``sanitize='address'`` builds an AddressSanitizer flavour in
+    its own folder. Returns (source dir, build dir, build metadata, with ``reused``: True when nothing was
+    compiled). Raises HarnessError when it does not build with any available compiler; the message quotes
+    the first compiler error.
     """
     root = root or cache_root()
+    if sanitize and sanitize not in SANITIZERS:
+        raise HarnessError(f"unknown sanitizer {sanitize!r}: use one of {', '.join(SANITIZERS)}")
     src = export_source(fork, commit, root)
     fb.require_turbo(src)
-    bdir = root / "build" / commit
-    for cand in ([Path((bdir / "USE").read_text().strip())] if (bdir / "USE").is_file() else []) + [bdir]:
-        meta = fb.read_build_meta(cand)  # a commit that needed the other compiler points at that build
-        if meta and set(targets) <= set(meta.get("targets", [])) and any((cand / "bin").glob("libggml-base.*")):
-            return src, cand, meta
+    croot = commit_root(commit, root)
+    marker = croot / (f"USE-{sanitize}" if sanitize else "USE")
     attempts = [("default", None)]
     if shutil.which("clang") and shutil.which("clang++"):
         attempts.append(("clang", {"CC": "clang", "CXX": "clang++"}))
+    if marker.is_file():  # a commit that needed the other compiler builds with it from then on
+        first = marker.read_text().strip()
+        attempts.sort(key=lambda a: a[0] != first)
+    for name, _ in attempts:
+        cand = croot / _flavour(name, sanitize)
+        meta = fb.read_build_meta(cand)
+        if meta and set(targets) <= set(meta.get("targets", [])) and any((cand / "bin").glob("libggml-base.*")):
+            return src, cand, dict(meta, reused=True)
+    extra = ["-DLLAMA_BUILD_EXAMPLES=ON"] + ([SANITIZERS[sanitize]] if sanitize else [])
+    if shutil.which("ccache"):
+        extra += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
     errors = []
     for name, cc in attempts:
-        b = bdir if name == "default" else root / "build" / f"{commit}-clang"
-        env = dict(os.environ, **cc) if cc else None
+        b = croot / _flavour(name, sanitize)
+        env = dict(os.environ, **ccache_env(root), **(cc or {}))
         try:
-            res = fb.build("cpu", list(targets), fork=src, bdir=b, log=log, env=env)
-            if b != bdir:  # remember which folder holds this commit's working build
-                bdir.mkdir(parents=True, exist_ok=True)
-                (bdir / "USE").write_text(str(b))
-            return src, b, res.meta
+            res = fb.build("cpu", list(targets), fork=src, bdir=b, log=log, env=env, extra_cmake=extra)
+            marker.write_text(name)
+            meta = dict(res.meta, replay_compiler=name, sanitize=sanitize, ccache=bool(shutil.which("ccache")))
+            (b / fb.BUILD_META).write_text(json.dumps(meta, indent=2))
+            return src, b, dict(meta, reused=False)
         except HarnessError as e:
             errors.append(f"{name}: {e}")
             log(f"build of {commit[:12]} with the {name} compiler failed")

@@ -14,20 +14,27 @@ from pathlib import Path
 from typing import Callable
 
 from harness import __version__
-from harness.checks import compat, pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention
+from harness.checks import compat, model_smoke, pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention
 from harness.checks.common import Context, load_thresholds
 from harness.errors import HarnessError
 from harness.report.model import CheckResult, Run
 from harness.report.render import write_all
 from harness.targets.base import Target
 
-CHECKS = {m.ID: m for m in (pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention, compat)}
+CHECKS = {m.ID: m for m in (pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention, compat, model_smoke)}
+# checks `verify` leaves out unless asked (--checks MODEL): they need the llama tools and a model, not only ggml
+OPT_IN = {"MODEL"}
 KNOWN_BACKENDS = ("cpu", "cuda", "metal", "vulkan", "hip")
 
 
 def all_checks() -> dict:
     """{check id: module} of every registered check, in run order."""
     return dict(CHECKS)
+
+
+def default_checks() -> list[str]:
+    """Check ids `verify` runs without --checks: every registered check but the opt-in ones (OPT_IN)."""
+    return [c for c in CHECKS if c not in OPT_IN]
 
 
 def new_run_id(prefix: str = "run") -> str:
@@ -69,13 +76,15 @@ def pick_target_backend(target: Target, requested: str | None) -> str:
 
 def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: Path, target_backend: str | None = None,
                backends: list[str] | None = None, meta: dict | None = None, thresholds: dict | None = None,
-               log: Callable[[str], None] = print, run: Run | None = None, routes: list[str] | None = None) -> Run:
+               log: Callable[[str], None] = print, run: Run | None = None, routes: list[str] | None = None,
+               options: dict | None = None) -> Run:
     """Run checks on a target and write reports into run_dir after each check.
 
     Args:
         target: the thing under test. check_ids: e.g. ['PQ1', 'PQ3']. types: turbo type names.
         run_dir: report folder (created). target_backend: production backend (see pick_target_backend).
         backends: restrict to these backend names (default all the target has).
+        options: per-check options {check id: {...}} (e.g. MODEL's pairs, env, flash_attn).
     Returns:
         The Run (also written as run.json, summary.md, junit.xml under run_dir).
     Raises:
@@ -95,7 +104,8 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(target=target, target_backend=tb, types=list(types), thresholds=thresholds or load_thresholds(),
                   evidence_dir=run_dir / "evidence", backends_filter=backends, log=log,
-                  not_available=[b for b in KNOWN_BACKENDS if b not in present], routes_filter=routes)
+                  not_available=[b for b in KNOWN_BACKENDS if b not in present], routes_filter=routes,
+                  options=dict(options or {}))
     run = run or Run(run_id=run_dir.name)
     run.meta.update({
         "harness_version": __version__,

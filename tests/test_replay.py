@@ -40,13 +40,13 @@ def test_unknown_commit_is_a_clear_usage_error(tmp_path):
 def test_failed_build_exits_2_and_leaves_other_builds_alone(tmp_path):
     repo, commit = fake_fork(tmp_path)
     cache = tmp_path / "c"
-    other = cache / "build" / ("f" * 40)
+    other = cache / ("f" * 40) / "build"
     other.mkdir(parents=True)
     (other / "marker").write_text("keep me")
     code, out = invoke(["replay", commit[:8], "--checks", "PQ4"], {"FORK_DIR": str(repo), "TURBO_REPLAY_CACHE": str(cache)})
     assert code == 2 and "does not build" in out and "configure" in out
     assert (other / "marker").read_text() == "keep me"
-    assert (cache / "src" / commit / ".fork-commit").is_file()  # the exported source is cached for a retry
+    assert (cache / commit / "src" / ".fork-commit").is_file()  # the exported source is cached for a retry
 
 
 def test_catalogue_entries_are_complete():
@@ -60,7 +60,7 @@ def test_catalogue_entries_are_complete():
 
 def _cached(commit: str) -> bool:
     root = Path(os.environ.get("TURBO_REPLAY_CACHE") or ROOT / ".cache" / "replay")
-    return (root / "build" / commit / fb.BUILD_META).is_file()
+    return any((root / commit).glob(f"build*/{fb.BUILD_META}"))
 
 
 def test_replayed_bug_flagged_at_parent_clear_at_fix():
@@ -86,7 +86,7 @@ def test_bisect_oracle_maps_lossy_verdicts_to_git_bisect_codes(monkeypatch, tmp_
     import harness.cli_replay as cr
     from harness.report.model import Cell, CheckResult, Run, Verdict
 
-    def fake_replay(fork, rev, checks, types, routes, out=None, log=None, label=""):
+    def fake_replay(fork, rev, checks, types, routes, out=None, log=None, label="", options=None, sanitize=None):
         run = Run(run_id="x")
         cell = Cell("PQ5", "turbo3", "cpu:set_rows", "nmse_over_lloyd_max", 1.0, 1.05, Verdict(verdict))
         run.checks.append(CheckResult(id="PQ5", title="t", cells=[cell]))

@@ -71,6 +71,7 @@ class Context:
     backends_filter: list[str] | None = None
     routes_filter: list[str] | None = None  # only these quantise routes (e.g. a replay of a commit whose set_rows crashes)
     not_available: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)  # per-check options, {check id: {...}} (e.g. a replay entry's MODEL pairs/env)
     sections: dict = field(default_factory=dict)  # report sections a check adds (coverage, tool output)
     _cache: dict = field(default_factory=dict)
     log: Callable[[str], None] = lambda s: None

@@ -70,7 +70,7 @@ def error_line(text: str) -> str:
 
 
 def run_tool(cmd: list[str], env_set: dict[str, str], timeout: float, evidence_prefix: Path | None = None,
-             env_unset: tuple[str, ...] = ()) -> ToolResult:
+             env_unset: tuple[str, ...] = (), cwd: Path | None = None) -> ToolResult:
     """Run ``cmd`` with ``env_set`` added to the environment (and ``env_unset`` removed).
 
     Args:
@@ -79,6 +79,7 @@ def run_tool(cmd: list[str], env_set: dict[str, str], timeout: float, evidence_p
         timeout: seconds before the whole process group is killed (SIGKILL).
         evidence_prefix: when given, writes ``<prefix>.cmd``, ``.stdout``, ``.stderr``.
         env_unset: variables removed from the inherited environment.
+        cwd: working folder of the tool (for tools that write files where they run); default the caller's.
 
     Returns:
         ToolResult (never raises for a crashing, missing or hanging binary; a missing binary gives rc 127).
@@ -91,7 +92,8 @@ def run_tool(cmd: list[str], env_set: dict[str, str], timeout: float, evidence_p
     t0 = time.time()
     timed_out = False
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
+                                cwd=cwd)
     except OSError as e:
         res = ToolResult(cmd, 127, "", f"error: cannot execute {cmd[0]}: {e}", time.time() - t0, env=dict(env_set))
         _write_evidence(res, evidence_prefix)

@@ -42,13 +42,16 @@ class ForkTarget(Target):
     Args:
         build_dir: fork build folder (holds bin/libggml*); fork: the checkout (headers).
         devices: optional fake device list (tests), bypassing the probe's registry listing.
+        env: the probe worker's whole environment (default the harness's), e.g. with LD_PRELOAD of the
+            sanitizer runtime for an AddressSanitizer build.
     """
 
-    def __init__(self, build_dir: Path, fork: Path, timeout_s: float = 600.0, devices: list[dict] | None = None):
+    def __init__(self, build_dir: Path, fork: Path, timeout_s: float = 600.0, devices: list[dict] | None = None,
+                 env: dict | None = None):
         self.build_dir = Path(build_dir)
         self.fork = Path(fork)
         self.lib = build_probe(self.build_dir, self.fork)
-        self.probe = Probe(self.lib, timeout_s=timeout_s)
+        self.probe = Probe(self.lib, timeout_s=timeout_s, env=env)
         self.name = f"fork:{self.build_dir.name}"
         self._devices = devices
         self._backends: list[Backend] | None = None
