@@ -195,6 +195,15 @@ def doctor(fork_dir):
     except HarnessError as e:
         line("fork", str(e), False)
     line("backend", f"this machine builds for {fb.detect_backend()}")
+    import shutil
+    import subprocess
+    if shutil.which("ccache"):
+        ver = subprocess.run(["ccache", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+        line("ccache", f"installed ({ver[0] if ver else 'ccache'}): replay and bisect builds reuse the objects of "
+                       f"files that two commits share")
+    else:  # replay works without it, only slower: reported, not fatal
+        click.echo(f"--  {'ccache':14s} not installed: every replayed commit compiles from scratch "
+                   f"(apt-get install ccache makes replay/bisect builds several times faster)")
     for bdir in sorted(fb.build_root().glob("*")) if fb.build_root().is_dir() else []:
         if not (bdir / "bin").is_dir():
             continue

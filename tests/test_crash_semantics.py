@@ -260,3 +260,72 @@ def test_harness_error_stays_error():
 def test_all_pass_side_is_pass_and_empty_side_is_not():
     assert judge_side(probe_result("", Verdict.PASS))[0] == "PASS"
     assert judge_side(CheckResult(id="PQ6", title="t"))[0] == "SKIP"
+
+
+# ----------------------------------------------------------------------------- llama-perplexity (KLD vs f16)
+
+PPL_BODY = """
+while [ $# -gt 0 ]; do case "$1" in -ctk) K=$2; shift;; -ctv) V=$2; shift;; --kl-divergence-base) B=$2; shift;;
+  --kl-divergence) KLD=1;; esac; shift; done
+echo "{kv}" >&2
+echo "sched_reserve: graph splits = 1" >&2
+if [ -z "$KLD" ]; then echo base > "$B"; echo "Final estimate: PPL = 23.6526 +/- 6.93"; exit 0; fi
+{extra}
+echo "Mean PPL(Q)                   :  25.000601 ±   7.187407"
+echo "Mean PPL(base)                :  23.652597 ±   6.934703"
+echo "Mean    KLD:   $KLDVAL ±   0.008353"
+"""
+
+
+def fake_ppl(tmp_path: Path, kld: str, extra: str = "") -> Path:
+    bdir = tmp_path / "build"
+    (bdir / "bin").mkdir(parents=True, exist_ok=True)
+    tool = bdir / "bin" / "llama-perplexity"
+    tool.write_text("#!/bin/bash\nKLDVAL=" + kld + "\n" + PPL_BODY.replace("{kv}", KV.format(k="$K", v="$V"))
+                    .replace("{extra}", extra))
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    return bdir
+
+
+def ppl_cells(tmp_path, bdir, pairs):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text " * 100)
+    import os
+    old = os.environ.get("TURBO_CORPUS")
+    os.environ["TURBO_CORPUS"] = str(corpus)
+    try:
+        return model_smoke.run(model_ctx(tmp_path, bdir, {"state": False, "ppl": True, "pairs": pairs}))
+    finally:
+        if old is None:
+            del os.environ["TURBO_CORPUS"]
+        else:
+            os.environ["TURBO_CORPUS"] = old
+
+
+def test_kld_within_the_types_bound_passes_and_above_fails(tmp_path):
+    cells = ppl_cells(tmp_path, fake_ppl(tmp_path, "0.40"), ["turbo3/turbo3", "turbo4/turbo4"])
+    by = {c.type: c for c in cells if c.metric == "kld_vs_f16"}
+    assert by["turbo3/turbo3"].verdict == Verdict.PASS and by["turbo3/turbo3"].threshold == 0.6
+    assert by["turbo4/turbo4"].verdict == Verdict.FAIL and "corrupts the logits" in by["turbo4/turbo4"].caveat
+    assert next(c for c in cells if c.type == "f16/f16").metric == "ppl"
+
+
+def test_perplexity_abort_after_context_is_fail_naming_prefill(tmp_path):
+    bdir = fake_ppl(tmp_path, "0.1", extra='echo "ggml-cpu/ops.cpp:7: GGML_ASSERT(k->ne[0] == 128) failed" >&2; kill -ABRT $$')
+    cells = ppl_cells(tmp_path, bdir, ["turbo3/turbo3"])
+    c = next(c for c in cells if c.type == "turbo3/turbo3" and c.metric == "phases_finished")
+    assert c.verdict == Verdict.FAIL and c.caveat.startswith("prefill (perplexity chunks) died: aborted (SIGABRT)")
+    assert "GGML_ASSERT(k->ne[0] == 128)" in c.caveat
+
+
+def test_kld_bound_takes_the_looser_side():
+    bounds = load_thresholds()["MODEL"]["kld_max"]
+    assert model_smoke.kld_bound(bounds, "q8_0", "turbo2") == bounds["turbo2"]
+    assert model_smoke.kld_bound(bounds, "q8_0", "iq4_nl") == bounds["other"]
+
+
+def test_doctor_says_whether_ccache_is_installed(tmp_path):
+    from click.testing import CliRunner
+    from harness.cli import cli
+    out = CliRunner().invoke(cli, ["doctor"], env={"FORK_DIR": str(tmp_path)}).output
+    assert "ccache" in out and ("installed" in out)

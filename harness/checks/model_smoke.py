@@ -14,7 +14,7 @@ same build. Judged on:
 - the KV types the log reports (must be the ones asked for; a silent change is ERROR, as in the sweep);
 - the switches asked for in the environment (``LLAMA_ATTN_ROT_K_OVERRIDE=1`` must show ``attn_rot_k = 1``
   in the log for a quantised K cache);
-- PPL finite and KL divergence against the f16 run within ``[MODEL] kld_max``.
+- PPL finite and KL divergence against the f16 run within ``[MODEL] kld_max`` (a smoke bound per cache type).
 
 Options (``Context.options['MODEL']``, e.g. from a replay catalogue entry): ``pairs`` (list of 'K/V'),
 ``env`` ({name: value}), ``flash_attn`` ('on' | 'off' | 'auto'), ``model`` (name or path), ``must_accept``
@@ -41,6 +41,12 @@ SWITCHES = {
     "LLAMA_ATTN_ROT_K_OVERRIDE": ("attn_rot_k", "K"),
     "LLAMA_ATTN_ROT_V_OVERRIDE": ("attn_rot_v", "V"),
 }
+
+
+def kld_bound(bounds: dict, k: str, v: str) -> float:
+    """The KLD smoke bound of a K/V pair: the looser of its two sides' bounds ([MODEL] kld_max, 'other' for
+    types it does not name)."""
+    return max(float(bounds.get(t, bounds["other"])) for t in (k, v))
 
 
 def _pairs(ctx: Context, opts: dict) -> list[tuple[str, str]]:
@@ -151,15 +157,16 @@ def run(ctx: Context) -> list[Cell]:
     must = bool(opts.get("must_accept", False))
     threads = os.cpu_count() or 1
     pairs = _pairs(ctx, opts)
-    have_state = (Path(bdir) / "bin" / "llama-save-load-state").is_file() and opts.get("state", True)
-    have_ppl = (Path(bdir) / "bin" / "llama-perplexity").is_file() and opts.get("ppl", True)
+    want_state, want_ppl = opts.get("state", True), opts.get("ppl", True)
+    have_state = (Path(bdir) / "bin" / "llama-save-load-state").is_file()
+    have_ppl = (Path(bdir) / "bin" / "llama-perplexity").is_file()
     cells: list[Cell] = []
     notes = ctx.sections.setdefault(f"notes:{ID}", [])
     notes.append(f"model {model.name}; flash attention {fa}; env {env}; ctx {th['ctx']}, {th['chunks']} chunks, "
                  f"{th['n_predict']} decode steps")
     with tempfile.TemporaryDirectory(prefix="turbo-model-") as work:
         work = Path(work)
-        for k, v in pairs:
+        for k, v in pairs if want_state else []:
             label = f"{k}/{v}"
             if not have_state:
                 cells.append(_cell(ctx, label, "state_roundtrip", "-", None, None, Verdict.SKIP,
@@ -171,6 +178,8 @@ def run(ctx: Context) -> list[Cell]:
                                    threads=threads, env=env, timeout=float(th["timeout_s"]), evidence=prefix, workdir=work)
             cells.append(judge_exit(ctx, r, "state_roundtrip", len(ms.STATE_PHASES), must, ev))
             cells += judge_log(ctx, r, k, v, env, "state_roundtrip", ev)
+        if not want_ppl:
+            return cells
         if not have_ppl:
             cells.append(_cell(ctx, "-", "perplexity", "-", None, None, Verdict.SKIP,
                                f"llama-perplexity is not built in {bdir}: `turbo-harness build --targets llama-perplexity`"))
@@ -212,12 +221,13 @@ def _perplexity(ctx, bdir, model, corpus, pairs, fa, env, th, threads, must, wor
         c = judge_exit(ctx, r, "perplexity", len(ms.PPL_PHASES), must, ev)
         if c.verdict == Verdict.PASS:
             kld, ppl = r.stats.get("kld"), r.stats.get("ppl")
+            bound = kld_bound(th["kld_max"], k, v)
             if kld is None or ppl is None:
-                c = _cell(ctx, label, "perplexity", "kld_vs_f16", None, th["kld_max"], Verdict.ERROR,
+                c = _cell(ctx, label, "perplexity", "kld_vs_f16", None, bound, Verdict.ERROR,
                           "no KLD statistics in the llama-perplexity output", op="<=", evidence=ev)
             else:
-                ok = math.isfinite(kld) and math.isfinite(ppl) and kld <= th["kld_max"]
-                c = _cell(ctx, label, "perplexity", "kld_vs_f16", kld, th["kld_max"], Verdict.PASS if ok else Verdict.FAIL,
+                ok = math.isfinite(kld) and math.isfinite(ppl) and kld <= bound
+                c = _cell(ctx, label, "perplexity", "kld_vs_f16", kld, bound, Verdict.PASS if ok else Verdict.FAIL,
                           "" if ok else f"mean KLD {kld:.4g} vs the f16 cache of the same build (PPL {ppl:.4g} vs "
                                         f"{r.stats.get('ppl_base', float('nan')):.4g}): the cache corrupts the logits",
                           op="<=", evidence=ev, details={k2: r.stats[k2] for k2 in ("ppl", "ppl_base", "kld", "kld_se",

@@ -22,14 +22,14 @@ from harness.runners.tools import ToolResult, error_line, run_tool
 
 # phase -> a line the tool prints once that phase has finished (searched in stdout + stderr)
 STATE_PHASES = [
-    ("context creation", r"llama_context: +graph splits|warming up the model"),
+    ("context creation", r"graph splits = \d+|warming up the model"),
     ("warm-up/prefill", r"^first run:"),
     ("decode", r"^second run:"),
     ("state restore", r"^single seq run:"),
     ("sequence state copy/restore", r"\bsuccess\s*$"),
 ]
 PPL_PHASES = [
-    ("context creation", r"llama_context: +graph splits"),
+    ("context creation", r"graph splits = \d+"),
     ("prefill (perplexity chunks)", r"Final estimate: PPL|Mean +KLD|^\s*\d+\s+[\d.]+\s*±"),
 ]
 # a context the fork declined with a message (no crash): the tools then print one of these and exit non-zero
