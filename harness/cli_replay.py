@@ -54,7 +54,7 @@ def sanitizer_env(sanitize: str | None) -> dict | None:
 
 def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], routes: list[str] | None,
                   out: Path | None = None, log=click.echo, label: str = "", options: dict | None = None,
-                  sanitize: str | None = None):
+                  sanitize: str | None = None, prefer: str | None = None):
     """Build ``rev`` (cached; only the targets the checks need), run the checks on its CPU backend, write a
     report labelled with the commit.
 
@@ -64,7 +64,7 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
     from harness.targets.fork import ForkTarget
     from harness.verify import run_checks
     commit = resolve(fork, rev)
-    src, bdir, meta = build_commit(fork, commit, targets=targets_for(checks), log=log, sanitize=sanitize)
+    src, bdir, meta = build_commit(fork, commit, targets=targets_for(checks), log=log, sanitize=sanitize, prefer=prefer)
     built = not meta.pop("reused", False)
     run_dir = out or REPORTS / f"replay-{commit[:10]}-{time.strftime('%Y%m%d-%H%M%S')}"
     target = ForkTarget(bdir, src, env=sanitizer_env(sanitize))
@@ -130,9 +130,14 @@ def judge_side(cr) -> tuple[str, str]:
 
 def entry_options(e: dict) -> dict:
     """Per-check options a catalogue entry names (MODEL: model, pairs, env, flash_attn, must_accept)."""
-    keys = ("model", "pairs", "env", "flash_attn", "must_accept", "state", "ppl")
+    keys = ("model", "pairs", "env", "flash_attn", "must_accept", "state", "ppl", "kld")
     opts = {k: e[k] for k in keys if k in e}
     return {e["check"]: opts} if opts else {}
+
+
+def _prefer(e: dict) -> str | None:
+    """'clang' when a catalogue entry says its commits build only with clang (its ``compiler`` field)."""
+    return "clang" if str(e.get("compiler", "")).startswith("clang") else None
 
 
 def _entry(eid: str) -> dict:
@@ -181,7 +186,8 @@ def catalogue(ids, backend, all_, fork_dir):
             try:
                 run, run_dir, built = replay_commit(fork, rev, [e["check"]], e["types"], e.get("routes"),
                                                     label=f"{e['id']} {side}", log=lambda s: None,
-                                                    options=entry_options(e), sanitize=e.get("sanitize"))
+                                                    options=entry_options(e), sanitize=e.get("sanitize"),
+                                                    prefer=_prefer(e))
                 n_built += built
                 n_reused += not built
                 v, why = judge_side(run.checks[0])
@@ -298,7 +304,8 @@ def bisect_oracle(check_id, types, routes, fixed, log_path, entry, commit):
     try:
         run, run_dir, built = replay_commit(fork, rev, [check_id.upper()], _types(types),
                                             routes.split(",") if routes else None, log=lambda s: None,
-                                            options=entry_options(e) if e else None, sanitize=e.get("sanitize"))
+                                            options=entry_options(e) if e else None, sanitize=e.get("sanitize"),
+                                            prefer=_prefer(e) if e else None)
         v, ev = judge_side(run.checks[0])
         rec = {"commit": resolve(fork, rev), "verdict": v, "built": built, "evidence": ev[:200], "report": str(run_dir),
                "seconds": round(time.time() - t0, 1)}

@@ -104,12 +104,12 @@ def _flavour(compiler: str, sanitize: str | None) -> str:
 
 
 def build_commit(fork: Path, commit: str, targets=("ggml",), log=print, root: Path | None = None,
-                 sanitize: str | None = None) -> tuple[Path, Path, dict]:
+                 sanitize: str | None = None, prefer: str | None = None) -> tuple[Path, Path, dict]:
     """Export and build one commit for the CPU (reusing its cached build), only the given targets.
 
     A commit that does not build with the default compiler is retried with clang (never edited); the
     working compiler is remembered per commit. ``sanitize='address'`` builds an AddressSanitizer flavour in
-    its own folder. Returns (source dir, build dir, build metadata, with ``reused``: True when nothing was
+    its own folder; ``prefer='clang'`` tries clang first (a commit known not to build with gcc). Returns (source dir, build dir, build metadata, with ``reused``: True when nothing was
     compiled). Raises HarnessError when it does not build with any available compiler; the message quotes
     the first compiler error.
     """
@@ -123,8 +123,8 @@ def build_commit(fork: Path, commit: str, targets=("ggml",), log=print, root: Pa
     attempts = [("default", None)]
     if shutil.which("clang") and shutil.which("clang++"):
         attempts.append(("clang", {"CC": "clang", "CXX": "clang++"}))
-    if marker.is_file():  # a commit that needed the other compiler builds with it from then on
-        first = marker.read_text().strip()
+    first = marker.read_text().strip() if marker.is_file() else prefer
+    if first:  # a commit that needed the other compiler builds with it from then on
         attempts.sort(key=lambda a: a[0] != first)
     for name, _ in attempts:
         cand = croot / _flavour(name, sanitize)

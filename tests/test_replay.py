@@ -86,7 +86,8 @@ def test_bisect_oracle_maps_lossy_verdicts_to_git_bisect_codes(monkeypatch, tmp_
     import harness.cli_replay as cr
     from harness.report.model import Cell, CheckResult, Run, Verdict
 
-    def fake_replay(fork, rev, checks, types, routes, out=None, log=None, label="", options=None, sanitize=None):
+    def fake_replay(fork, rev, checks, types, routes, out=None, log=None, label="", options=None, sanitize=None,
+                    prefer=None):
         run = Run(run_id="x")
         cell = Cell("PQ5", "turbo3", "cpu:set_rows", "nmse_over_lloyd_max", 1.0, 1.05, Verdict(verdict))
         run.checks.append(CheckResult(id="PQ5", title="t", cells=[cell]))

@@ -18,7 +18,8 @@ same build. Judged on:
 
 Options (``Context.options['MODEL']``, e.g. from a replay catalogue entry): ``pairs`` (list of 'K/V'),
 ``env`` ({name: value}), ``flash_attn`` ('on' | 'off' | 'auto'), ``model`` (name or path), ``must_accept``
-(True), ``state`` / ``ppl`` (False to leave a tool out).
+(True), ``state`` / ``ppl`` (False to leave a tool out), ``kld`` (False: judge the perplexity runs on their exit
+and a finite PPL only, for a commit whose cache quality is known bad for another reason than the one replayed).
 """
 from __future__ import annotations
 
@@ -189,11 +190,11 @@ def run(ctx: Context) -> list[Cell]:
         except HarnessError as e:
             cells.append(_cell(ctx, "-", "perplexity", "-", None, None, Verdict.SKIP, f"no corpus for the KLD runs: {e}"))
             return cells
-        cells += _perplexity(ctx, bdir, model, corpus, pairs, fa, env, th, threads, must, work)
+        cells += _perplexity(ctx, bdir, model, corpus, pairs, fa, env, th, threads, must, work, opts.get("kld", True))
     return cells
 
 
-def _perplexity(ctx, bdir, model, corpus, pairs, fa, env, th, threads, must, work) -> list[Cell]:
+def _perplexity(ctx, bdir, model, corpus, pairs, fa, env, th, threads, must, work, judge_kld=True) -> list[Cell]:
     cells = []
     base = work / "f16.kld"
     kw = dict(fa=fa, ctx=int(th["ctx"]), chunks=int(th["chunks"]), threads=threads, env=env,
@@ -222,7 +223,12 @@ def _perplexity(ctx, bdir, model, corpus, pairs, fa, env, th, threads, must, wor
         if c.verdict == Verdict.PASS:
             kld, ppl = r.stats.get("kld"), r.stats.get("ppl")
             bound = kld_bound(th["kld_max"], k, v)
-            if kld is None or ppl is None:
+            if not judge_kld:
+                ok = ppl is not None and math.isfinite(ppl)
+                c = _cell(ctx, label, "perplexity", "ppl", ppl, None, Verdict.PASS if ok else Verdict.FAIL,
+                          f"KLD {kld} not judged (kld = false for this run)" if ok else f"PPL {ppl} is not finite",
+                          evidence=ev, details={k2: r.stats[k2] for k2 in ("ppl", "ppl_base", "kld") if k2 in r.stats})
+            elif kld is None or ppl is None:
                 c = _cell(ctx, label, "perplexity", "kld_vs_f16", None, bound, Verdict.ERROR,
                           "no KLD statistics in the llama-perplexity output", op="<=", evidence=ev)
             else:
