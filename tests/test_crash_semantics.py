@@ -329,3 +329,27 @@ def test_doctor_says_whether_ccache_is_installed(tmp_path):
     from harness.cli import cli
     out = CliRunner().invoke(cli, ["doctor"], env={"FORK_DIR": str(tmp_path)}).output
     assert "ccache" in out and ("installed" in out)
+
+
+@pytest.mark.parametrize("caveat,fixed,code", [
+    ("fork code crashed in probe call set_rows (signal 11): Segmentation fault", True, 0),   # crash = still broken
+    ("fork code crashed in probe call set_rows (signal 11): Segmentation fault", False, 1),  # crash = bad
+    ("probe call set_rows timed out after 600 s and was killed", True, 125),                 # hang: skip the commit
+])
+def test_bisect_oracle_counts_a_crash_as_flagged_and_skips_a_hang(monkeypatch, tmp_path, caveat, fixed, code):
+    from click.testing import CliRunner
+    import harness.cli_replay as cr
+    from harness.cli import cli
+    from harness.report.model import Run
+
+    def fake_replay(fork, rev, checks, types, routes, **kw):
+        run = Run(run_id="x")
+        run.checks.append(probe_result(caveat))
+        return run, tmp_path / "r", False
+    monkeypatch.setattr(cr, "replay_commit", fake_replay)
+    monkeypatch.setattr(cr, "resolve", lambda fork, rev: "a" * 40)
+    monkeypatch.setattr(cr.fb, "fork_dir", lambda *a: tmp_path)
+    monkeypatch.setattr(cr.subprocess, "run", lambda *a, **k: type("R", (), {"stdout": "a" * 40 + "\n"})())
+    args = ["bisect-oracle", "--check", "PQ6", "--type", "turbo3", "--log", str(tmp_path / "log.jsonl")]
+    r = CliRunner().invoke(cli, args + (["--fixed"] if fixed else []), catch_exceptions=False)
+    assert r.exit_code == code
