@@ -17,7 +17,7 @@ import click
 from harness.errors import HarnessError
 from harness.fork import build as fb
 from harness.reference.turbo import TURBO_TYPES
-from harness.replay import build_commit, cache_root, git_dir_of, load_catalogue, resolve
+from harness.replay import build_commit, cache_root, git_dir_of, history_dir, load_catalogue, resolve
 
 REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 
@@ -91,7 +91,7 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
 @click.option("--strict", is_flag=True)
 def replay(commit, check_list, types, routes, sanitize, fork_dir, out, strict):
     """Build the fork at COMMIT (cached under .cache/replay) and run the checks on it."""
-    fork = fb.fork_dir(fork_dir)
+    fork = history_dir(fork_dir)
     run, run_dir, built = replay_commit(fork, commit, _checks(check_list), _types(types),
                                         routes.split(",") if routes else None, Path(out) if out else None,
                                         sanitize=sanitize)
@@ -163,7 +163,7 @@ def catalogue(ids, backend, all_, fork_dir):
     Without IDS, the entries of the backend marked status = "replayed"; the others are listed with the
     reason they are not replayed. Exit 1 when a verdict differs from the catalogue. A parent that crashes on
     a configuration it accepted is FAIL (the bug), a hang is ERROR with the reason."""
-    fork = fb.fork_dir(fork_dir)
+    fork = history_dir(fork_dir)
     every = load_catalogue()
     if ids:
         entries = [e for e in every if e["id"] in ids]
@@ -228,7 +228,7 @@ def catalogue(ids, backend, all_, fork_dir):
 def bisect(good, bad, check_id, types, routes, entry, fixed, fork_dir):
     """Drive `git bisect run` with the check's verdict as the oracle; print the commit where it changes,
     the number of builds and the wall time. A crash of the fork's code counts as flagged (FAIL)."""
-    fork = fb.fork_dir(fork_dir)
+    fork = history_dir(fork_dir)
     gd = git_dir_of(fork)
     g, b = resolve(fork, good), resolve(fork, bad)
     if entry:
@@ -297,7 +297,7 @@ def bisect(good, bad, check_id, types, routes, entry, fixed, fork_dir):
 def bisect_oracle(check_id, types, routes, fixed, log_path, entry, commit):
     """git-bisect-run oracle: exit 0 for the old term, 1 for the new term, 125 to skip (no build, ERROR).
     A crash of the fork's code is FAIL (flagged); a hang or a harness failure is ERROR (skipped)."""
-    fork = fb.fork_dir()
+    fork = history_dir()
     rev = commit or subprocess.run(["git", "rev-parse", "BISECT_HEAD"], capture_output=True, text=True).stdout.strip()
     e = _entry(entry) if entry else {}
     t0 = time.time()

@@ -37,6 +37,21 @@ def git_dir_of(fork: Path) -> Path:
     return Path(r.stdout.strip())
 
 
+def history_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The fork's history for replay: --fork-dir, else $FORK_DIR, else vendor/llama.cpp; a checkout or a bare
+    repository (replay exports each commit's tree itself, so no work tree is needed).
+
+    Raises:
+        HarnessError: the folder holds no git history, with the fix.
+    """
+    given = explicit or os.environ.get("FORK_DIR")
+    p = Path(given or fb.DEFAULT_FORK).resolve()
+    if not p.exists():
+        raise HarnessError(f"no fork history at {p}: set FORK_DIR (or --fork-dir) to a clone of the fork, bare or not")
+    git_dir_of(p)
+    return p
+
+
 def resolve(fork: Path, rev: str) -> str:
     """Full hash of a commit. Raises HarnessError when the fork's history has no such commit."""
     r = subprocess.run(["git", "--git-dir", str(git_dir_of(fork)), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],

@@ -348,7 +348,7 @@ def test_bisect_oracle_counts_a_crash_as_flagged_and_skips_a_hang(monkeypatch, t
         return run, tmp_path / "r", False
     monkeypatch.setattr(cr, "replay_commit", fake_replay)
     monkeypatch.setattr(cr, "resolve", lambda fork, rev: "a" * 40)
-    monkeypatch.setattr(cr.fb, "fork_dir", lambda *a: tmp_path)
+    monkeypatch.setattr(cr, "history_dir", lambda *a: tmp_path)
     monkeypatch.setattr(cr.subprocess, "run", lambda *a, **k: type("R", (), {"stdout": "a" * 40 + "\n"})())
     args = ["bisect-oracle", "--check", "PQ6", "--type", "turbo3", "--log", str(tmp_path / "log.jsonl")]
     r = CliRunner().invoke(cli, args + (["--fixed"] if fixed else []), catch_exceptions=False)

@@ -67,7 +67,8 @@ def test_replayed_bug_flagged_at_parent_clear_at_fix():
     e = next(e for e in load_catalogue() if e["id"] == "turbo3-cpu-quantize-stub")
     if not (_cached(e["parent"]) and _cached(e["fix"])):
         pytest.skip("replay builds not cached: run `turbo-harness catalogue turbo3-cpu-quantize-stub` once (about 10 min)")
-    fork = fb.fork_dir()
+    from harness.replay import history_dir
+    fork = history_dir()
     from harness.cli_replay import replay_commit
     verdicts = {}
     for side in ("parent", "fix"):
@@ -94,7 +95,7 @@ def test_bisect_oracle_maps_lossy_verdicts_to_git_bisect_codes(monkeypatch, tmp_
         return run, tmp_path / "r", False
     monkeypatch.setattr(cr, "replay_commit", fake_replay)
     monkeypatch.setattr(cr, "resolve", lambda fork, rev: "a" * 40)
-    monkeypatch.setattr(cr.fb, "fork_dir", lambda *a: tmp_path)
+    monkeypatch.setattr(cr, "history_dir", lambda *a: tmp_path)
     # the oracle reads BISECT_HEAD through git; answer it here
     monkeypatch.setattr(cr.subprocess, "run", lambda *a, **k: type("R", (), {"stdout": "a" * 40 + "\n"})())
     args = ["bisect-oracle", "--check", "PQ5", "--type", "turbo3", "--log", str(tmp_path / "log.jsonl")]
