@@ -54,9 +54,9 @@ def sanitizer_env(sanitize: str | None) -> dict | None:
 
 def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], routes: list[str] | None,
                   out: Path | None = None, log=click.echo, label: str = "", options: dict | None = None,
-                  sanitize: str | None = None, prefer: str | None = None):
-    """Build ``rev`` (cached; only the targets the checks need), run the checks on its CPU backend, write a
-    report labelled with the commit.
+                  sanitize: str | None = None, prefer: str | None = None, backend: str = "cpu"):
+    """Build ``rev`` (cached; only the targets the checks need) for ``backend`` (cpu, or cuda on a GPU machine),
+    run the checks with that backend as the target, write a report labelled with the commit.
 
     Returns (run, run_dir, built: bool - whether this call compiled anything new).
     """
@@ -64,7 +64,8 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
     from harness.targets.fork import ForkTarget
     from harness.verify import run_checks
     commit = resolve(fork, rev)
-    src, bdir, meta = build_commit(fork, commit, targets=targets_for(checks), log=log, sanitize=sanitize, prefer=prefer)
+    src, bdir, meta = build_commit(fork, commit, targets=targets_for(checks), log=log, sanitize=sanitize, prefer=prefer,
+                                   backend=backend)
     built = not meta.pop("reused", False)
     run_dir = out or REPORTS / f"replay-{commit[:10]}-{time.strftime('%Y%m%d-%H%M%S')}"
     target = ForkTarget(bdir, src, env=sanitizer_env(sanitize))
@@ -73,7 +74,7 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
                     replay_label=label, fork_describe=subprocess.run(
                         ["git", "--git-dir", str(git_dir_of(fork)), "log", "-1", "--format=%h %s", commit],
                         capture_output=True, text=True).stdout.strip())
-        run = run_checks(target, checks, types, run_dir, target_backend="cpu", meta=meta, log=log, routes=routes,
+        run = run_checks(target, checks, types, run_dir, target_backend=backend, meta=meta, log=log, routes=routes,
                          options=options)
     finally:
         target.close()
@@ -164,6 +165,9 @@ def catalogue(ids, backend, all_, fork_dir):
     reason they are not replayed. Exit 1 when a verdict differs from the catalogue. A parent that crashes on
     a configuration it accepted is FAIL (the bug), a hang is ERROR with the reason."""
     fork = history_dir(fork_dir)
+    if backend == "cuda" and not fb._nvidia_gpu_present():
+        raise HarnessError("catalogue --backend cuda needs a machine with an NVIDIA GPU (nvidia-smi lists none here); "
+                           "run it there with CUDA_ARCH set to the GPU's architecture (90 for an H100/H200)")
     every = load_catalogue()
     if ids:
         entries = [e for e in every if e["id"] in ids]
@@ -187,7 +191,7 @@ def catalogue(ids, backend, all_, fork_dir):
                 run, run_dir, built = replay_commit(fork, rev, [e["check"]], e["types"], e.get("routes"),
                                                     label=f"{e['id']} {side}", log=lambda s: None,
                                                     options=entry_options(e), sanitize=e.get("sanitize"),
-                                                    prefer=_prefer(e))
+                                                    prefer=_prefer(e), backend=e.get("backend", "cpu"))
                 n_built += built
                 n_reused += not built
                 v, why = judge_side(run.checks[0])

@@ -114,17 +114,19 @@ def ccache_env(root: Path) -> dict:
     return {"CCACHE_BASEDIR": str(Path(root).resolve()), "CCACHE_NOHASHDIR": "1"}
 
 
-def _flavour(compiler: str, sanitize: str | None) -> str:
-    return "build" + ("" if compiler == "default" else f"-{compiler}") + (f"-{sanitize[:4]}san" if sanitize else "")
+def _flavour(compiler: str, sanitize: str | None, backend: str = "cpu") -> str:
+    return ("build" + ("" if backend == "cpu" else f"-{backend}") + ("" if compiler == "default" else f"-{compiler}")
+            + (f"-{sanitize[:4]}san" if sanitize else ""))
 
 
 def build_commit(fork: Path, commit: str, targets=("ggml",), log=print, root: Path | None = None,
-                 sanitize: str | None = None, prefer: str | None = None) -> tuple[Path, Path, dict]:
+                 sanitize: str | None = None, prefer: str | None = None, backend: str = "cpu") -> tuple[Path, Path, dict]:
     """Export and build one commit for the CPU (reusing its cached build), only the given targets.
 
     A commit that does not build with the default compiler is retried with clang (never edited); the
     working compiler is remembered per commit. ``sanitize='address'`` builds an AddressSanitizer flavour in
-    its own folder; ``prefer='clang'`` tries clang first (a commit known not to build with gcc). Returns (source dir, build dir, build metadata, with ``reused``: True when nothing was
+    its own folder; ``backend='cuda'`` builds the CUDA backend (``CUDA_ARCH``, e.g. 90, limits the GPU
+    architectures compiled) in ``build-cuda``; ``prefer='clang'`` tries clang first (a commit known not to build with gcc). Returns (source dir, build dir, build metadata, with ``reused``: True when nothing was
     compiled). Raises HarnessError when it does not build with any available compiler; the message quotes
     the first compiler error.
     """
@@ -134,7 +136,7 @@ def build_commit(fork: Path, commit: str, targets=("ggml",), log=print, root: Pa
     src = export_source(fork, commit, root)
     fb.require_turbo(src)
     croot = commit_root(commit, root)
-    marker = croot / (f"USE-{sanitize}" if sanitize else "USE")
+    marker = croot / ("USE" + (f"-{backend}" if backend != "cpu" else "") + (f"-{sanitize}" if sanitize else ""))
     attempts = [("default", None)]
     if shutil.which("clang") and shutil.which("clang++"):
         attempts.append(("clang", {"CC": "clang", "CXX": "clang++"}))
@@ -142,7 +144,7 @@ def build_commit(fork: Path, commit: str, targets=("ggml",), log=print, root: Pa
     if first:  # a commit that needed the other compiler builds with it from then on
         attempts.sort(key=lambda a: a[0] != first)
     for name, _ in attempts:
-        cand = croot / _flavour(name, sanitize)
+        cand = croot / _flavour(name, sanitize, backend)
         meta = fb.read_build_meta(cand)
         if meta and set(targets) <= set(meta.get("targets", [])) and any((cand / "bin").glob("libggml-base.*")):
             return src, cand, dict(meta, reused=True)
@@ -151,10 +153,10 @@ def build_commit(fork: Path, commit: str, targets=("ggml",), log=print, root: Pa
         extra += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
     errors = []
     for name, cc in attempts:
-        b = croot / _flavour(name, sanitize)
+        b = croot / _flavour(name, sanitize, backend)
         env = dict(os.environ, **ccache_env(root), **(cc or {}))
         try:
-            res = fb.build("cpu", list(targets), fork=src, bdir=b, log=log, env=env, extra_cmake=extra)
+            res = fb.build(backend, list(targets), fork=src, bdir=b, log=log, env=env, extra_cmake=extra)
             marker.write_text(name)
             meta = dict(res.meta, replay_compiler=name, sanitize=sanitize, ccache=bool(shutil.which("ccache")))
             (b / fb.BUILD_META).write_text(json.dumps(meta, indent=2))
