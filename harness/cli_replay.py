@@ -39,9 +39,10 @@ def _types(value: str) -> list[str]:
     return ts
 
 
-def sanitizer_env(sanitize: str | None) -> dict | None:
+def sanitizer_env(sanitize: str | None, log_dir: Path | None = None) -> dict | None:
     """The probe worker's environment for a sanitizer build: the runtime preloaded (the worker is a Python
-    process that loads the instrumented ggml), leak checks off; None (inherit) without a sanitizer."""
+    process that loads the instrumented ggml), leak checks off, reports also written under ``log_dir``
+    (``asan.<pid>``) so that the verdict can quote them; None (inherit) without a sanitizer."""
     if not sanitize:
         return None
     cc = os.environ.get("CC") or "cc"
@@ -49,7 +50,18 @@ def sanitizer_env(sanitize: str | None) -> dict | None:
     if not lib or not Path(lib).is_file():
         raise HarnessError(f"no AddressSanitizer runtime found ({cc} -print-file-name=libasan.so): install libasan "
                            f"(apt-get install libasan8) to replay with --sanitize address")
-    return dict(os.environ, LD_PRELOAD=lib, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1")
+    opts = "detect_leaks=0:abort_on_error=0:halt_on_error=1"
+    if log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        opts += f":log_path={Path(log_dir) / 'asan'}"
+    return dict(os.environ, LD_PRELOAD=lib, ASAN_OPTIONS=opts)
+
+
+def sanitizer_reports(run_dir: Path) -> list[str]:
+    """Headlines of the sanitizer reports a replay left under ``<run_dir>/evidence/sanitizer`` (see sanitizer_env)."""
+    from harness.runners.crash import asan_report
+    d = Path(run_dir) / "evidence" / "sanitizer"
+    return [r for f in sorted(d.glob("asan*")) if (r := asan_report(f.read_text(errors="replace")))] if d.is_dir() else []
 
 
 def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], routes: list[str] | None,
@@ -61,6 +73,7 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
     Returns (run, run_dir, built: bool - whether this call compiled anything new).
     """
     from harness.replay import targets_for
+    from harness.report.render import write_all
     from harness.targets.fork import ForkTarget
     from harness.verify import run_checks
     commit = resolve(fork, rev)
@@ -68,7 +81,7 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
                                    backend=backend)
     built = not meta.pop("reused", False)
     run_dir = out or REPORTS / f"replay-{commit[:10]}-{time.strftime('%Y%m%d-%H%M%S')}"
-    target = ForkTarget(bdir, src, env=sanitizer_env(sanitize))
+    target = ForkTarget(bdir, src, env=sanitizer_env(sanitize, run_dir / "evidence" / "sanitizer"))
     try:
         meta = dict(meta, fork_commit=commit, fork_dir=str(src), build_dir=str(bdir), replay_of=commit,
                     replay_label=label, fork_describe=subprocess.run(
@@ -78,6 +91,11 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
                          options=options)
     finally:
         target.close()
+    if sanitize:  # quote the sanitizer's own report beside the probe's crash message
+        run.meta["sanitizer_reports"] = sanitizer_reports(run_dir)
+        for cr in run.checks:
+            cr.notes += [f"{sanitize} sanitizer: {r}" for r in run.meta["sanitizer_reports"]]
+        write_all(run, run_dir)
     return run, run_dir, built
 
 
@@ -100,12 +118,13 @@ def replay(commit, check_list, types, routes, sanitize, fork_dir, out, strict):
     sys.exit(run.exit_code(strict))
 
 
-def judge_side(cr) -> tuple[str, str]:
+def judge_side(cr, sanitizer: list[str] | None = None) -> tuple[str, str]:
     """(verdict, evidence) of one replayed side, with the crash semantics of the spec.
 
     A cell that is ERROR because the fork's code crashed in a probe call (signal, abort, sanitizer report)
     counts as FAIL quoting the crash: the build accepted the type, so the crash is the fork's fault and is
     the bug being replayed. A probe call killed by its timeout (a hang) stays ERROR with that reason.
+    ``sanitizer``: headlines of sanitizer reports of the run; a crash is quoted with the first of them.
     """
     from harness.report.model import Verdict, worst
     from harness.runners.crash import classify_probe_message
@@ -117,7 +136,8 @@ def judge_side(cr) -> tuple[str, str]:
         if v == Verdict.ERROR:
             crash = classify_probe_message(c.caveat)
             if crash and crash.fork_fault:
-                v, why = Verdict.FAIL, f"{c.type} {c.path}: crash of the fork's code: {crash.describe()}"
+                what = f"AddressSanitizer report: {sanitizer[0]}" if sanitizer else crash.describe()
+                v, why = Verdict.FAIL, f"{c.type} {c.path}: crash of the fork's code: {what}"
             elif crash:
                 why = f"{c.type} {c.path}: hang: {crash.message}"
         judged.append((v, why))
@@ -194,7 +214,7 @@ def catalogue(ids, backend, all_, fork_dir):
                                                     prefer=_prefer(e), backend=e.get("backend", "cpu"))
                 n_built += built
                 n_reused += not built
-                v, why = judge_side(run.checks[0])
+                v, why = judge_side(run.checks[0], run.meta.get("sanitizer_reports"))
             except HarnessError as err:
                 v, run_dir, why, built = "ERROR", None, str(err), False
             verdicts[side], whys[side] = v, why
@@ -310,7 +330,7 @@ def bisect_oracle(check_id, types, routes, fixed, log_path, entry, commit):
                                             routes.split(",") if routes else None, log=lambda s: None,
                                             options=entry_options(e) if e else None, sanitize=e.get("sanitize"),
                                             prefer=_prefer(e) if e else None)
-        v, ev = judge_side(run.checks[0])
+        v, ev = judge_side(run.checks[0], run.meta.get("sanitizer_reports"))
         rec = {"commit": resolve(fork, rev), "verdict": v, "built": built, "evidence": ev[:200], "report": str(run_dir),
                "seconds": round(time.time() - t0, 1)}
     except HarnessError as e:

@@ -353,3 +353,14 @@ def test_bisect_oracle_counts_a_crash_as_flagged_and_skips_a_hang(monkeypatch, t
     args = ["bisect-oracle", "--check", "PQ6", "--type", "turbo3", "--log", str(tmp_path / "log.jsonl")]
     r = CliRunner().invoke(cli, args + (["--fixed"] if fixed else []), catch_exceptions=False)
     assert r.exit_code == code
+
+
+def test_replayed_crash_quotes_the_sanitizer_report_written_beside_it(tmp_path):
+    from harness.cli_replay import sanitizer_reports
+    d = tmp_path / "evidence" / "sanitizer"
+    d.mkdir(parents=True)
+    (d / "asan.4242").write_text(ASAN)
+    reps = sanitizer_reports(tmp_path)
+    assert reps and "stack-buffer-overflow" in reps[0] and "quantize_row_turbo4_0_ref" in reps[0]
+    v, why = judge_side(probe_result("fork code crashed in probe call quantize_chunk (exit code 1): ==4242==ABORTING"), reps)
+    assert v == "FAIL" and "AddressSanitizer report: AddressSanitizer: stack-buffer-overflow" in why
