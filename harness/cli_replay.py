@@ -258,6 +258,7 @@ def bisect(good, bad, check_id, types, routes, entry, fixed, fork_dir):
     if entry:
         e = _entry(entry)
         check_id, types = check_id or e["check"], ",".join(e["types"])
+        routes = routes or (",".join(e["routes"]) if e.get("routes") else None)
     if not check_id:
         raise HarnessError("bisect needs --check ID or --entry CATALOGUE_ID")
     _checks(check_id)
