@@ -364,3 +364,25 @@ def test_replayed_crash_quotes_the_sanitizer_report_written_beside_it(tmp_path):
     assert reps and "stack-buffer-overflow" in reps[0] and "quantize_row_turbo4_0_ref" in reps[0]
     v, why = judge_side(probe_result("fork code crashed in probe call quantize_chunk (exit code 1): ==4242==ABORTING"), reps)
     assert v == "FAIL" and "AddressSanitizer report: AddressSanitizer: stack-buffer-overflow" in why
+
+
+def test_replay_takes_a_bare_history_repository(tmp_path):
+    import subprocess
+    from harness.errors import HarnessError
+    from harness.replay import commit_root, export_source, history_dir, resolve, targets_for
+    work = tmp_path / "w"
+    (work / "ggml" / "include").mkdir(parents=True)
+    (work / "ggml" / "include" / "ggml.h").write_text("GGML_TYPE_TURBO3_0\n")
+    g = ["git", "-C", str(work)]
+    subprocess.run(g + ["init", "-q"], check=True)
+    subprocess.run(g + ["add", "."], check=True)
+    subprocess.run(g + ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x"], check=True)
+    bare = tmp_path / "bare.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    fork = history_dir(str(bare))
+    c = resolve(fork, "HEAD")
+    src = export_source(fork, c, tmp_path / "cache")
+    assert src == commit_root(c, tmp_path / "cache") / "src" and (src / "ggml" / "include" / "ggml.h").is_file()
+    with pytest.raises(HarnessError, match="no fork history"):
+        history_dir(str(tmp_path / "missing"))
+    assert targets_for(["PQ1"]) == ("ggml",) and "llama-save-load-state" in targets_for(["PQ1", "MODEL"])
