@@ -123,7 +123,8 @@ def judge_side(cr, sanitizer: list[str] | None = None) -> tuple[str, str]:
 
     A cell that is ERROR because the fork's code crashed in a probe call (signal, abort, sanitizer report)
     counts as FAIL quoting the crash: the build accepted the type, so the crash is the fork's fault and is
-    the bug being replayed. A probe call killed by its timeout (a hang) stays ERROR with that reason.
+    the bug being replayed; so is a SKIP whose reason is such a crash (a route probed and lost to a crash).
+    A probe call killed by its timeout (a hang) stays ERROR with that reason.
     ``sanitizer``: headlines of sanitizer reports of the run; a crash is quoted with the first of them.
     """
     from harness.report.model import Verdict, worst
@@ -133,13 +134,13 @@ def judge_side(cr, sanitizer: list[str] | None = None) -> tuple[str, str]:
     judged = []
     for c in cr.cells:
         v, why = c.verdict, f"{c.type} {c.path}: {c.caveat}" if c.caveat else f"{c.type} {c.path} {c.metric}={c.value}"
-        if v == Verdict.ERROR:
-            crash = classify_probe_message(c.caveat)
+        if v in (Verdict.ERROR, Verdict.SKIP):  # a crash is never a skip: a check that probed a route and lost
+            crash = classify_probe_message(c.caveat)  # the worker to the fork's code reports it as 'not supported'
             if crash and crash.fork_fault:
                 what = f"AddressSanitizer report: {sanitizer[0]}" if sanitizer else crash.describe()
                 v, why = Verdict.FAIL, f"{c.type} {c.path}: crash of the fork's code: {what}"
-            elif crash:
-                why = f"{c.type} {c.path}: hang: {crash.message}"
+            elif crash:  # a hang, also one reported as a skipped route, is ERROR with the reason
+                v, why = Verdict.ERROR, f"{c.type} {c.path}: hang: {crash.message}"
         judged.append((v, why))
     if not judged:
         return "SKIP", "no cells"

@@ -1,7 +1,7 @@
 """Replay the checks on any fork commit, and bisect a verdict change with ``git bisect run``.
 
 Sources of a commit are exported from the fork's git (no checkout of the user's tree is touched)
-into ``<cache>/<commit>/src``; builds go to ``<cache>/<commit>/build[-clang][-asan]`` and are reused; only the
+into ``<cache>/<commit>/src``; builds go to ``<cache>/<commit>/build[-cuda][-clang][-addrsan]`` and are reused; only the
 targets the replayed checks need are built, through ccache when it is installed. The cache is
 ``$TURBO_REPLAY_CACHE`` or ``.cache/replay`` in the harness checkout. A commit that does not build
 with the default compiler is retried with clang when it is installed; a build that still fails is

@@ -386,3 +386,14 @@ def test_replay_takes_a_bare_history_repository(tmp_path):
     with pytest.raises(HarnessError, match="no fork history"):
         history_dir(str(tmp_path / "missing"))
     assert targets_for(["PQ1"]) == ("ggml",) and "llama-save-load-state" in targets_for(["PQ1", "MODEL"])
+
+
+def test_a_route_skipped_because_the_fork_crashed_is_fail_and_a_plain_skip_stays_skip():
+    skipped = "not supported: no decode route for turbo4 on cpu (to_float: fork code crashed in probe call to_float " \
+              "(exit code 1): no message)"
+    v, why = judge_side(probe_result(skipped, Verdict.SKIP), ["AddressSanitizer: stack-buffer-overflow in f x.c:1"])
+    assert v == "FAIL" and "stack-buffer-overflow" in why
+    v, _ = judge_side(probe_result("not supported: this fork build has no ggml_turbo_wht op", Verdict.SKIP))
+    assert v == "SKIP"
+    v, why = judge_side(probe_result("not supported: probe call to_float timed out after 600 s and was killed", Verdict.SKIP))
+    assert v == "ERROR" and "hang" in why

@@ -75,7 +75,8 @@ def asan_report(text: str) -> str:
     m = _ASAN.search(text)
     if not m:
         return ""
-    head = f"{m.group(1)}Sanitizer: {m.group(2).strip()}"
+    kind = re.sub(r" on (unknown )?address 0x[0-9a-f]+.*", "", m.group(2).strip())  # addresses differ run to run
+    head = f"{m.group(1)}Sanitizer: {kind}"
     frame = _ASAN_FRAME.search(text[m.end():])
     summary = re.search(r"SUMMARY: \w+Sanitizer: (.*)", text)
     where = f" in {frame.group(1)} {frame.group(2)}" if frame else (f" ({summary.group(1).strip()})" if summary else "")
