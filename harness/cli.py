@@ -1,6 +1,7 @@
 """turbo-harness command line (Click). Thin: parses options, calls the engine, maps errors to exit codes.
 
-Exit codes: 0 no FAIL and no ERROR; 1 a FAIL (or a PARTIAL with --strict); 2 an ERROR or bad usage.
+Exit codes: 0 no FAIL and no ERROR; 1 a FAIL (or a PARTIAL with --strict); 2 an ERROR or bad usage;
+130 / 143 interrupted by SIGINT / SIGTERM (the partial report is marked INTERRUPTED).
 """
 from __future__ import annotations
 
@@ -77,6 +78,8 @@ def _open_target(fork_dir: str | None, build_backend: str | None):
         meta = {"fork_commit": "unknown", "fork_dirty": None,
                 "provenance_note": f"{bdir} has no {fb.BUILD_META}: the fork commit it was built from is unknown "
                                    f"(rebuild with `turbo-harness build` to record it)"}
+    else:
+        meta["provenance_note"] = f"fork commit, dirty state and options as recorded in {bdir / fb.BUILD_META}"
     meta.update({f"checkout_{k}": v for k, v in state.items()})
     meta.update({"checkout_dir": str(fork), "build_dir": str(bdir)})
     return ForkTarget(bdir, fork), meta
@@ -124,9 +127,10 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
     try:
         if previous is not None:
             _refuse_other_build(previous, meta, target.name, run_dir)
-        click.echo(f"fork {fb.source_label(meta.get('fork_commit'), meta.get('fork_dirty'), meta.get('fork_diff_sha256'))}"
-                   f" build {meta.get('build_dir')} -> report {run_dir}" + (" (adding to the checks already there)" if previous else ""))
-        if meta.get("provenance_note"):
+        what = (f"fork {fb.source_label(meta.get('fork_commit'), meta.get('fork_dirty'), meta.get('fork_diff_sha256'))}"
+                if "fork_commit" in meta else f"target {target.name}")
+        click.echo(f"{what} build {meta.get('build_dir')} -> report {run_dir}" + (" (adding to the checks already there)" if previous else ""))
+        if meta.get("fork_commit") == "unknown" and meta.get("provenance_note"):
             click.echo(f"warning: {meta['provenance_note']}", err=True)
         with interruptible():
             run = run_checks(target, check_ids, types, run_dir, target_backend=target_backend, backends=backends,
@@ -225,14 +229,15 @@ def doctor(fork_dir):
     """Say what the harness finds: fork, commit, builds, backends, binaries, model, corpus."""
     ok = True
 
-    def line(k, v, good=True):
+    def line(k, v, good=True, counts=True):
         nonlocal ok
-        ok = ok and good
+        ok = ok and (good or not counts)
         click.echo(f"{'ok ' if good else 'NO '} {k:14s} {v}")
+    fork, st = None, None
     try:
         fork = fb.fork_dir(fork_dir)
         st = fb.git_state(fork)
-        line("fork", f"{fork} @ {st['commit'][:12]}{' (dirty)' if st['dirty'] else ''} {st['describe']}")
+        line("fork", f"{fork} @ {fb.source_label(st['commit'], st['dirty'], st.get('diff_sha256'))} {st['describe']}")
         line("turbo types", "present" if fb.has_turbo_types(fork) else "MISSING (not a TurboQuant fork)", fb.has_turbo_types(fork))
     except HarnessError as e:
         line("fork", str(e), False)
@@ -244,10 +249,20 @@ def doctor(fork_dir):
         bins = [b for b in ("llama-perplexity", "llama-bench", "test-backend-ops") if (bdir / "bin" / b).is_file()]
         mine = bdir.name == fb.detect_backend()
         has_libs = any((bdir / "bin").glob("libggml-base.*"))
-        line(f"build {bdir.name}", f"{bdir} fork {meta.get('fork_commit', '?')[:12]}; binaries: {', '.join(bins) or 'none'}"
+        built = (fb.source_label(meta.get("fork_commit"), meta.get("fork_dirty"), meta.get("fork_diff_sha256"))
+                 if meta else f"unknown (no {fb.BUILD_META})")
+        line(f"build {bdir.name}", f"{bdir} fork {built}; binaries: {', '.join(bins) or 'none'}"
              + ("" if has_libs else " (no ggml libraries: not built)"), has_libs or not mine)
         if not has_libs:
             continue
+        if fork is not None:  # provenance: the checkout must be what this build was built from
+            try:
+                fb.check_provenance(bdir, fork, meta, st)
+                line("  provenance", f"built from this checkout ({built})" if meta else
+                     f"not recorded: the commit it was built from is unknown; rebuild with `turbo-harness build`", bool(meta) or not mine)
+            except HarnessError as e:
+                line("  provenance", f"MISMATCH: {e}", False, counts=mine)
+                continue  # its probe would be compiled against headers of another source
         try:
             from harness.targets.fork import ForkTarget
             t = ForkTarget(bdir, fb.fork_dir(fork_dir))

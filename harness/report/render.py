@@ -42,7 +42,9 @@ def markdown(run: Run) -> str:
     if run.interrupted:
         lines += interrupted_lines(run.interrupted, "checks") + [""]
     facts = [
-        ("fork", f"{m.get('fork_commit', '?')}{' (dirty)' if m.get('fork_dirty') else ''} {m.get('fork_describe', '')}"),
+        ("fork", f"{m.get('fork_commit', '?')}{' (dirty' + (', diff sha256 ' + m['fork_diff_sha256'][:12] if m.get('fork_diff_sha256') else '') + ')' if m.get('fork_dirty') else ''} "
+                 f"{m.get('fork_describe', '')}" if m.get("fork_commit") else None),
+        ("provenance", m.get("provenance_note")),
         ("fork dir", m.get("fork_dir")),
         ("target backend", m.get("target_backend")),
         ("backends run", ", ".join(m.get("backends_run", [])) or "-"),
@@ -79,7 +81,8 @@ def markdown(run: Run) -> str:
     for name, sec in run.sections.items():
         if isinstance(sec, dict) and sec.get("markdown"):
             lines += ["", sec["markdown"]]
-    lines += ["", "Exit code rule: 0 no FAIL/ERROR, 1 a FAIL (or PARTIAL with --strict), 2 an ERROR or bad usage.", ""]
+    lines += ["", "Exit code rule: 0 no FAIL/ERROR, 1 a FAIL (or PARTIAL with --strict), 2 an ERROR or bad usage, "
+                  "130 / 143 interrupted (SIGINT / SIGTERM).", ""]
     return "\n".join(lines)
 
 
