@@ -4,9 +4,10 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from harness.checks import pq6_attention
-from harness.errors import ProbeCrash
+from harness.errors import HarnessError, ProbeCrash
 from harness.fork.probe import Probe
 from harness.report.model import Verdict
 from harness.targets.numpy_target import NumpyTarget
@@ -58,6 +59,19 @@ def test_each_crash_quotes_its_own_call(tmp_path):
         assert "GGML_ASSERT(ne11 == 64)" in third and "% 128" not in third
         assert p.call("crashy", "ok", "fresh worker answers") == "fresh worker answers"  # restarted clean
         assert p.crashes == [first, second, third]
+    finally:
+        p.close()
+
+
+def test_worker_that_cannot_start_is_a_harness_error_not_a_fork_crash(tmp_path):
+    # a worker exiting with a status (e.g. the library failed to load) is the harness failing to measure
+    script = tmp_path / "broken_worker.py"
+    script.write_text("import sys\nsys.stderr.write('OSError: libturbo_probe.so: cannot open shared object file\\n')\nsys.exit(1)\n")
+    p = Probe("unused.so", timeout_s=60, worker=[sys.executable, str(script)])
+    try:
+        with pytest.raises(HarnessError, match="exit code 1.*cannot open shared object") as e:
+            p.call("devices")
+        assert not isinstance(e.value, ProbeCrash) and not p.crashes
     finally:
         p.close()
 

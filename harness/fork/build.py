@@ -247,6 +247,7 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
     opts = cmake_options(backend, extra_cmake)
     jobs = jobs or os.cpu_count() or 2
     logf = bdir / "turbo-harness-build.log"
+    source = git_state(fork)  # what is compiled: the checkout as the build starts (recorded for provenance)
     t0 = time.time()
     with open(logf, "a") as lf:
         lf.write(f"\n=== {time.ctime()} configure {backend} {opts}\n")
@@ -267,7 +268,7 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
     meta = {
         "backend": backend,
         "fork_dir": str(fork),
-        **{f"fork_{k}": v for k, v in git_state(fork).items()},
+        **{f"fork_{k}": v for k, v in source.items()},
         "cmake_options": opts,
         "c_compiler": _compiler_version(cache.get("CMAKE_C_COMPILER", "cc")),
         "cxx_compiler": _compiler_version(cache.get("CMAKE_CXX_COMPILER", "c++")),

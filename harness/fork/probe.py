@@ -283,10 +283,12 @@ class Probe:
             status, payload = pickle.loads(self._read_exact(n))
         except (EOFError, BrokenPipeError, pickle.UnpicklingError):
             rc = self.proc.wait()
-            sig = f"signal {-rc} ({_signame(-rc)})" if rc < 0 else f"exit code {rc}"
-            msg = f"fork code crashed in probe call {method} ({sig}): {self._last_stderr(self._call_start) or 'no message'}"
-            self.crashes.append(msg)
+            said = self._last_stderr(self._call_start) or "no message"
             self.proc = None
+            if rc >= 0:  # the worker exited instead of dying of a signal: it could not start or serve (harness side)
+                raise HarnessError(f"the probe worker exited (exit code {rc}) during call {method}: {said}") from None
+            msg = f"fork code crashed in probe call {method} (signal {-rc} ({_signame(-rc)})): {said}"
+            self.crashes.append(msg)
             raise ProbeCrash(msg) from None
         if status == "ok":
             return payload
