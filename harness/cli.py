@@ -80,6 +80,9 @@ def _open_target(fork_dir: str | None, build_backend: str | None):
                                    f"(rebuild with `turbo-harness build` to record it)"}
     else:
         meta["provenance_note"] = f"fork commit, dirty state and options as recorded in {bdir / fb.BUILD_META}"
+        if state.get("commit") in (None, "", "unknown"):
+            meta["provenance_warning"] = (f"the checkout {fork} names no commit (no .git, no .fork-commit): it cannot be "
+                                          f"checked against the build's record; the report names the build's record")
     meta.update({f"checkout_{k}": v for k, v in state.items()})
     meta.update({"checkout_dir": str(fork), "build_dir": str(bdir)})
     return ForkTarget(bdir, fork), meta
@@ -132,6 +135,8 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
         click.echo(f"{what} build {meta.get('build_dir')} -> report {run_dir}" + (" (adding to the checks already there)" if previous else ""))
         if meta.get("fork_commit") == "unknown" and meta.get("provenance_note"):
             click.echo(f"warning: {meta['provenance_note']}", err=True)
+        if meta.get("provenance_warning"):
+            click.echo(f"warning: {meta['provenance_warning']}", err=True)
         with interruptible():
             run = run_checks(target, check_ids, types, run_dir, target_backend=target_backend, backends=backends,
                              meta=meta, log=click.echo, run=previous)
@@ -258,8 +263,11 @@ def doctor(fork_dir):
         if fork is not None:  # provenance: the checkout must be what this build was built from
             try:
                 fb.check_provenance(bdir, fork, meta, st)
-                line("  provenance", f"built from this checkout ({built})" if meta else
-                     f"not recorded: the commit it was built from is unknown; rebuild with `turbo-harness build`", bool(meta) or not mine)
+                if meta:
+                    line("  provenance", f"built from this checkout ({built})")
+                else:  # not a mismatch, but reports from it cannot name their commit: said, not fatal
+                    click.echo(f"--    {'provenance':12s} not recorded ({fb.BUILD_META} missing): reports will name the fork "
+                               f"commit as unknown; rebuild with `turbo-harness build` to record it")
             except HarnessError as e:
                 line("  provenance", f"MISMATCH: {e}", False, counts=mine)
                 continue  # its probe would be compiled against headers of another source

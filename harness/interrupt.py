@@ -11,7 +11,9 @@ Usage (any pipeline: verify, sweep)::
             ...                      # run jobs, write the report after each
         except Interrupted as e:
             ...                      # mark the report, list what did not run
+            acknowledge()            # later signals wait for the report to be written
             raise                    # the CLI exits with e.exit_code
+    # and call raise_if_pending() between jobs: a signal that fired inside a destructor is not lost
 """
 from __future__ import annotations
 
@@ -42,25 +44,49 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
+# The signal that arrived and whether a pipeline has caught it. A handler that raises can fire inside a
+# destructor or weakref callback, where Python prints the exception and carries on: the run would then
+# go on as if nothing happened. raise_if_pending() at safe points (between checks, around each cell)
+# raises it again until a pipeline acknowledges it.
+_state = {"pending": None, "acknowledged": False, "active": False}
+
+
+def raise_if_pending() -> None:
+    """Raise :class:`Interrupted` again when a signal arrived inside :func:`interruptible` and its
+    exception has not reached a pipeline yet (it was swallowed where Python ignores exceptions)."""
+    if _state["active"] and _state["pending"] is not None and not _state["acknowledged"]:
+        raise Interrupted(_state["pending"])
+
+
+def acknowledge() -> None:
+    """Called by the pipeline that caught :class:`Interrupted`: later signals are ignored while it
+    writes the partial report (until the :func:`interruptible` block ends)."""
+    _state["acknowledged"] = True
+
+
 @contextmanager
 def interruptible(signals=SIGNALS):
-    """Within the block, the first SIGINT or SIGTERM raises :class:`Interrupted`; later ones are ignored
-    until the block ends, so writing the partial report is not cut short. The previous handlers are
-    restored on exit. Off the main thread (where Python cannot install handlers) it does nothing."""
+    """Within the block, SIGINT and SIGTERM raise :class:`Interrupted` (again at each
+    :func:`raise_if_pending` until a pipeline calls :func:`acknowledge`; after that they are ignored
+    so that writing the partial report is not cut short). The previous handlers are restored on exit.
+    Off the main thread (where Python cannot install handlers) it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    state = {"fired": False}
 
     def handler(signum, frame):
-        if state["fired"]:
+        if _state["acknowledged"]:
             return
-        state["fired"] = True
-        raise Interrupted(signum)
+        if _state["pending"] is None:
+            _state["pending"] = signum
+        raise Interrupted(_state["pending"])
 
+    saved = dict(_state)
+    _state.update(pending=None, acknowledged=False, active=True)
     previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        _state.update(saved)

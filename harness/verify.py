@@ -17,7 +17,7 @@ from harness import __version__
 from harness.checks import compat, pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention
 from harness.checks.common import Context, crash_cell, load_thresholds
 from harness.errors import HarnessError, ProbeCrash
-from harness.interrupt import Interrupted
+from harness.interrupt import Interrupted, acknowledge, raise_if_pending
 from harness.reference import turbo as T
 from harness.report.model import CheckResult, Run
 from harness.report.render import write_all
@@ -122,6 +122,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         if layouts.unknown:
             run.meta["layout_notes"] = layouts.notes
         for cid in check_ids:
+            raise_if_pending()
             current = cid
             mod = checks[cid]
             t0 = time.time()
@@ -129,6 +130,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             try:
                 with T.layouts_in_use(layouts):
                     cr.cells = mod.run(ctx)
+                raise_if_pending()
                 cr.notes += ctx.sections.pop(f"notes:{cid}", [])
             except ProbeCrash as e:  # a fork crash outside any cell: the fork's fault (FAIL), not the harness's
                 cr.cells = [crash_cell(ctx, cid, "all", tb, "-", e)]
@@ -144,6 +146,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             log(f"{cid:6s} {cr.verdict.value:8s} {cr.duration_s:6.1f} s  {mod.TITLE}")
             write_all(run, run_dir)
     except Interrupted as e:
+        acknowledge()
         not_run = [c for c in check_ids if c not in finished]
         run.interrupted = {"signal": e.name, "exit_code": e.exit_code, "in_progress": current, "not_run": not_run}
         write_all(run, run_dir)

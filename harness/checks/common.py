@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from harness.errors import HarnessError, ProbeCrash, Unsupported
+from harness.interrupt import raise_if_pending
 from harness.reference import turbo as T
 from harness.reference.wht import factor_signed_wht, signed_wht_matrix
 from harness.report.model import Cell, Verdict
@@ -146,9 +147,12 @@ def guarded(ctx: Context, check: str, type_: str, backend: str, route: str, fn) 
     op the backend accepted (ProbeCrash) is a FAIL quoting the crash; a HarnessError (the harness could
     not measure) or any other exception (a harness bug, with its location) is an ERROR.
     """
+    raise_if_pending()
     try:
         with T.layouts_in_use(ctx.target.layouts()):
-            return fn()
+            out = fn()
+        raise_if_pending()
+        return out
     except T.UnknownLayout as e:
         return [Cell(check=check, type=type_, path=f"{backend}:{route}", metric="-", value=None, threshold=None,
                      verdict=Verdict.SKIP, caveat=str(e), target=ctx.is_target(backend, route))]
