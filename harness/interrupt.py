@@ -20,6 +20,7 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -44,24 +45,28 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
-# The signal that arrived and whether a pipeline has caught it. A handler that raises can fire inside a
-# destructor or weakref callback, where Python prints the exception and carries on: the run would then
-# go on as if nothing happened. raise_if_pending() at safe points (between checks, around each cell)
-# raises it again until a pipeline acknowledges it.
-_state = {"pending": None, "acknowledged": False, "active": False}
+# The state of the innermost interruptible() block: the signal that arrived and whether a pipeline has
+# caught it. Context-local (set and reset by the block), not module state. A handler that raises can fire
+# inside a destructor or weakref callback, where Python prints the exception and carries on: the run
+# would then go on as if nothing happened. raise_if_pending() at safe points (between checks, around
+# each cell) raises it again until the pipeline acknowledges it.
+_STATE: ContextVar[dict | None] = ContextVar("turbo_interrupt_state", default=None)
 
 
 def raise_if_pending() -> None:
     """Raise :class:`Interrupted` again when a signal arrived inside :func:`interruptible` and its
     exception has not reached a pipeline yet (it was swallowed where Python ignores exceptions)."""
-    if _state["active"] and _state["pending"] is not None and not _state["acknowledged"]:
-        raise Interrupted(_state["pending"])
+    st = _STATE.get()
+    if st is not None and st["pending"] is not None and not st["acknowledged"]:
+        raise Interrupted(st["pending"])
 
 
 def acknowledge() -> None:
     """Called by the pipeline that caught :class:`Interrupted`: later signals are ignored while it
     writes the partial report (until the :func:`interruptible` block ends)."""
-    _state["acknowledged"] = True
+    st = _STATE.get()
+    if st is not None:
+        st["acknowledged"] = True
 
 
 @contextmanager
@@ -73,20 +78,20 @@ def interruptible(signals=SIGNALS):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    st = {"pending": None, "acknowledged": False}
 
     def handler(signum, frame):
-        if _state["acknowledged"]:
+        if st["acknowledged"]:
             return
-        if _state["pending"] is None:
-            _state["pending"] = signum
-        raise Interrupted(_state["pending"])
+        if st["pending"] is None:
+            st["pending"] = signum
+        raise Interrupted(st["pending"])
 
-    saved = dict(_state)
-    _state.update(pending=None, acknowledged=False, active=True)
+    token = _STATE.set(st)
     previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        _state.update(saved)
+        _STATE.reset(token)
