@@ -70,14 +70,29 @@ def _open_target(fork_dir: str | None, build_backend: str | None):
     return ForkTarget(bdir, fork), meta
 
 
-def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_backend, out, strict):
+def _print_headline(run) -> None:
+    """The verdict and one line per finding (the same lines summary.md and report.html start with)."""
+    from harness.report.findings import headline
+    for ln in headline(run):
+        click.echo(ln)
+
+
+def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_backend, out, strict, known_file=None):
+    from harness import usage
     from harness.verify import new_run_id, run_checks
+    target_backend = usage.backend_name(target_backend, "--target")
+    backends = [usage.backend_name(b, "--backend") for b in backends]
+    known = None
+    if known_file:
+        from harness.known import load_known
+        known = load_known(known_file)
     run_dir = Path(out) if out else REPORTS / new_run_id()
     previous = None
     if run_dir.exists() and not run_dir.is_dir():
         raise HarnessError(f"--out {run_dir} is a file: give a folder for the report")
     if (run_dir / "run.json").is_file():  # add to the report already there instead of overwriting it
         previous = _load_run(run_dir)
+    usage.writable_dir(run_dir, "--out")
     target, meta = _open_target(fork_dir, build_backend)
     click.echo(f"fork {meta.get('fork_commit', '?')[:12]} build {meta.get('build_dir')} -> report {run_dir}"
                + (" (adding to the checks already there)" if previous else ""))
@@ -86,8 +101,14 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
                          meta=meta, log=click.echo, run=previous)
     finally:
         target.close()
-    click.echo(f"verdict {run.verdict.value}; report: {run_dir / 'summary.md'}")
-    sys.exit(run.exit_code(strict))
+    from harness.known import apply_known, gate_exit_code
+    if known is not None:
+        from harness.report.render import write_all
+        apply_known(run, known, known_file)
+        write_all(run, run_dir)
+    _print_headline(run)
+    click.echo(f"report: {run_dir / 'summary.md'} ({run_dir / 'report.html'})")
+    sys.exit(gate_exit_code(run, strict))
 
 
 common = [
@@ -98,6 +119,9 @@ common = [
     click.option("--build", "build_backend", default=None, help="which build folder to use (default: this machine's backend)"),
     click.option("--out", default=None, help="report folder (default reports/<run-id>)"),
     click.option("--strict", is_flag=True, help="exit 1 on PARTIAL too"),
+    click.option("--known", "known_file", default=None, type=click.Path(dir_okay=False),
+                 help="known-findings file (e.g. checks/known-findings.toml): accepted findings are XFAIL, "
+                      "anything else non-PASS fails the gate (README 'Known findings')"),
 ]
 
 
@@ -110,23 +134,23 @@ def with_common(f):
 @cli.command()
 @click.argument("check_id")
 @with_common
-def check(check_id, types, target_backend, backends, fork_dir, build_backend, out, strict):
+def check(check_id, types, target_backend, backends, fork_dir, build_backend, out, strict, known_file):
     """Run one check (PQ1..PQ6, COMPAT) and write its report."""
     from harness.verify import all_checks
     cid = check_id.upper()
     if cid not in all_checks():
         raise click.BadParameter(f"unknown check {check_id}; choose from {', '.join(all_checks())}", param_hint="CHECK_ID")
-    _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict)
+    _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file)
 
 
 @cli.command()
 @click.option("--checks", "check_list", default=None, help="comma-separated check ids (default all)")
 @with_common
-def verify(check_list, types, target_backend, backends, fork_dir, build_backend, out, strict):
+def verify(check_list, types, target_backend, backends, fork_dir, build_backend, out, strict, known_file):
     """Run all checks (PQ1-PQ6 and the cross-backend matrix) and write the report."""
     from harness.verify import all_checks
     ids = [c.strip().upper() for c in check_list.split(",")] if check_list else list(all_checks())
-    _run_and_exit(ids, _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict)
+    _run_and_exit(ids, _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file)
 
 
 @cli.command()
@@ -159,12 +183,21 @@ def list_checks():
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-def report(run_dir):
-    """Re-render a run's Markdown/JUnit/HTML from its run.json."""
+@click.option("--known", "known_file", default=None, type=click.Path(dir_okay=False),
+              help="judge the stored run against a known-findings file and exit with the gate's code")
+@click.option("--strict", is_flag=True, help="with no --known: exit 1 on PARTIAL too")
+def report(run_dir, known_file, strict):
+    """Re-render a run's Markdown/JUnit/HTML from its run.json (with --known: and gate it)."""
+    from harness.known import apply_known, gate_exit_code, load_known
     from harness.report.render import write_all
     run = _load_run(Path(run_dir))
+    if known_file:
+        apply_known(run, load_known(known_file), known_file)
     for f in write_all(run, Path(run_dir)):
         click.echo(f"wrote {f}")
+    _print_headline(run)
+    if known_file or strict:
+        sys.exit(gate_exit_code(run, strict))
 
 
 @cli.command()
@@ -172,6 +205,7 @@ def report(run_dir):
 def doctor(fork_dir):
     """Say what the harness finds: fork, commit, builds, backends, binaries, model, corpus."""
     ok = True
+    fork_commit = None
 
     def line(k, v, good=True):
         nonlocal ok
@@ -180,7 +214,8 @@ def doctor(fork_dir):
     try:
         fork = fb.fork_dir(fork_dir)
         st = fb.git_state(fork)
-        line("fork", f"{fork} @ {st['commit'][:12]}{' (dirty)' if st['dirty'] else ''} {st['describe']}")
+        fork_commit = st["commit"]
+        line("fork", _fork_line(fork, st))
         line("turbo types", "present" if fb.has_turbo_types(fork) else "MISSING (not a TurboQuant fork)", fb.has_turbo_types(fork))
     except HarnessError as e:
         line("fork", str(e), False)
@@ -192,7 +227,10 @@ def doctor(fork_dir):
         bins = [b for b in ("llama-perplexity", "llama-bench", "test-backend-ops") if (bdir / "bin" / b).is_file()]
         mine = bdir.name == fb.detect_backend()
         has_libs = any((bdir / "bin").glob("libggml-base.*"))
-        line(f"build {bdir.name}", f"{bdir} fork {meta.get('fork_commit', '?')[:12]}; binaries: {', '.join(bins) or 'none'}"
+        bc = meta.get("fork_commit") or "unknown"
+        built_from = ("the fork above" if fork_commit not in (None, "unknown") and bc == fork_commit
+                      else f"fork {bc[:12]}" + (" (NOT the fork above)" if fork_commit not in (None, "unknown") else ""))
+        line(f"build {bdir.name}", f"{bdir}, built from {built_from}; binaries: {', '.join(bins) or 'none'}"
              + ("" if has_libs else " (no ggml libraries: not built)"), has_libs or not mine)
         if not has_libs:
             continue
@@ -210,6 +248,19 @@ def doctor(fork_dir):
         except HarnessError as e:  # needed by `sweep` only: reported, not fatal
             click.echo(f"--  {name:14s} not found (needed by sweep only): {e}")
     sys.exit(0 if ok else 2)
+
+
+def _fork_line(fork: Path, st: dict) -> str:
+    """'<dir> at <commit> [(dirty)] - <subject>', the commit named once; a copy without git history says so."""
+    commit = st.get("commit") or "unknown"
+    if commit == "unknown":
+        return (f"{fork} (no git history, commit unknown: write the commit hash into {fork / '.fork-commit'} "
+                f"so reports can name it)")
+    dirty = {True: " (dirty)", False: "", None: ""}.get(st.get("dirty"), "")
+    desc = str(st.get("describe") or "")
+    first = desc.split(" ", 1)[0]
+    subject = desc.split(" ", 1)[1] if first and commit.startswith(first) and " " in desc else ("" if commit.startswith(first) and first else desc)
+    return f"{fork} at {commit[:12]}{dirty}" + (f" - {subject}" if subject else "")
 
 
 def _register_subcommands():
