@@ -17,10 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from harness.report.model import Run  # noqa: E402
 
 
-def _cells(run: Run, cid: str, metric_prefix: str):
+def _cells(run: Run, cid: str, metric_prefix: str, needs: tuple[str, ...] = ()):
+    """Measured cells of one check whose metric starts with metric_prefix and whose details hold ``needs``."""
     for c in run.checks:
         if c.id == cid:
-            return [x for x in c.cells if x.metric.startswith(metric_prefix) and x.value is not None]
+            return [x for x in c.cells if x.metric.startswith(metric_prefix) and x.value is not None
+                    and all(k in x.details for k in needs)]
     return []
 
 
@@ -37,7 +39,7 @@ def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
     """Draw the plots the run's checks support into out_dir; returns {name: path}."""
     out_dir = Path(out_dir)
     made: dict[str, Path] = {}
-    cb = _cells(run, "PQ2", "distortion")
+    cb = _cells(run, "PQ2", "distortion", ("lloyd_max_sigma", "table_sigma"))
     if cb:
         types = sorted({c.type for c in cb})
         fig, axes = plt.subplots(1, len(types), figsize=(4.2 * len(types), 3.6), squeeze=False)
@@ -53,7 +55,7 @@ def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
             ax.set_ylabel("centroid / sigma")
             ax.legend(fontsize=7)
         made["codebook"] = _save(fig, out_dir, "codebook")
-    d5 = _cells(run, "PQ5", "nmse")
+    d5 = _cells(run, "PQ5", "nmse", ("nmse_gaussian", "nmse_outlier", "lloyd_max_nmse", "upper_bound"))
     if d5:
         fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(d5) + 2), 4))
         xs = range(len(d5))

@@ -1,0 +1,222 @@
+"""Issue 11, tried as a new user would: bad input is refused up front with one line naming the problem
+and the fix (exit 2), nothing is silently changed, finished work is kept, and the reports and the
+console start with the answer. Fake tools replay real captured output (no fork build needed)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from harness.cli import cli
+from harness.errors import HarnessError
+from harness.runners import sweep as S
+from harness.targets.numpy_target import NumpyTarget
+from harness.verify import run_checks
+from tests.test_sweep_parsers import TRAITS
+from tests.test_sweep_runner import BENCH, FIX, PPL, _script
+
+
+def invoke(args, env=None):
+    r = CliRunner().invoke(cli, args, env=env or {}, catch_exceptions=False)
+    return r.exit_code, r.output
+
+
+def one_error_line(out: str) -> str:
+    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out
+    return lines[0]
+
+
+def _gguf(path: Path, n_ctx_train: int = 8192) -> None:
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(30)
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(576)
+    w.add_head_count(9)
+    w.add_head_count_kv(3)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture
+def sw(tmp_path, monkeypatch):
+    """`sweep` through the CLI with fake llama-perplexity/llama-bench; returns (invoke, number of tool calls)."""
+    bdir = tmp_path / "build"
+    (bdir / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls.log"
+    calls.write_text("")
+    _script(bdir / "bin" / "llama-perplexity", PPL.format(calls=calls, fix=FIX))
+    _script(bdir / "bin" / "llama-bench", BENCH.format(calls=calls, fix=FIX))
+    model = tmp_path / "model.gguf"
+    _gguf(model)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog.\n" * 50)
+    monkeypatch.setattr(S, "type_traits", lambda bdir: TRAITS)
+    env = {"TURBO_SWEEP_CACHE": str(tmp_path / "cache")}
+
+    def run(*args, model_=model, corpus_=corpus):
+        base = ["sweep", "--model", str(model_), "--corpus", str(corpus_), "--build-dir", str(bdir), "--backend", "cpu",
+                "--ctx", "256", "--chunks", "3", "--threads", "2", "--no-progress", "--timeout", "20"]
+        # later options win in click: the test's own --ctx etc. override the defaults above
+        return invoke(base + list(args), env=env)
+
+    def ncalls():
+        return len([ln for ln in calls.read_text().splitlines() if ln.strip()])
+    return type("Sw", (), {"run": staticmethod(run), "ncalls": staticmethod(ncalls), "tmp": tmp_path, "model": model})
+
+
+# ------------------------------------------------------------------ bad input and silent changes
+
+@pytest.mark.parametrize("args, words", [
+    (["--ctx", "0"], "--ctx 0 is too small"),
+    (["--chunks", "0"], "--chunks 0 is too small"),
+    (["--pairs", ""], "no K/V pairs given"),
+    (["--reps", "0"], "--reps 0 is too small"),
+    (["--ctx", "99999999"], "beyond the 8192 tokens"),
+    (["--depths", "0,9000"], "--depths 9000"),
+    (["--backend", "bogus"], "unknown backend 'bogus' for --backend: choose from cpu, cuda"),
+])
+def test_sweep_refuses_bad_numbers_up_front(sw, args, words):
+    code, out = sw.run(*args, "--pairs", "turbo3/turbo3") if args[0] != "--pairs" else sw.run(*args)
+    assert code == 2
+    assert words in one_error_line(out)
+    assert sw.ncalls() == 0  # refused before any tool ran
+
+
+def test_sweep_metal_on_linux_names_the_fix(sw, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    code, out = invoke(["sweep", "--backend", "metal", "--model", str(sw.model), "--no-progress"])
+    line = one_error_line(out)
+    assert code == 2 and "no metal build" in line and "only on macOS" in line
+
+
+def test_tiny_and_binary_corpus_are_refused_with_the_cause(sw):
+    tiny = sw.tmp / "tiny.txt"
+    tiny.write_text("hello you\n")
+    code, out = sw.run("--pairs", "turbo3", corpus_=tiny)
+    line = one_error_line(out)
+    assert code == 2 and "only 10 bytes" in line and "--ctx 256 x --chunks 3 needs 768" in line
+    binary = sw.tmp / "random.bin"
+    binary.write_bytes(bytes(range(256)) * 40)
+    code, out = sw.run("--pairs", "turbo3", corpus_=binary)
+    line = one_error_line(out)
+    assert code == 2 and "not UTF-8 text" in line and "plain-text" in line
+    assert sw.ncalls() == 0
+
+
+def test_unwritable_out_is_one_line_exit_2(sw, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for out_dir in ("/proc/turbo-harness-x", str(blocker / "sub")):
+        code, out = sw.run("--pairs", "turbo3", "--out", out_dir)
+        assert code == 2 and "cannot be written" in one_error_line(out)
+        code, out = invoke(["check", "PQ3", "--out", out_dir])
+        assert code == 2 and "cannot be written" in one_error_line(out)
+    assert sw.ncalls() == 0
+
+
+def test_verify_target_and_backend_names_problem_and_fix(tmp_path, monkeypatch):
+    code, out = invoke(["verify", "--target", "bogus"])
+    line = one_error_line(out)
+    assert code == 2 and "unknown backend 'bogus' for --target" in line and "choose from cpu, cuda, metal" in line
+    assert "make build" not in line
+    monkeypatch.setattr(sys, "platform", "linux")
+    with pytest.raises(HarnessError, match=r"--backend metal: this build has no metal backend .*only on macOS"):
+        run_checks(NumpyTarget(), ["PQ4"], ["turbo3"], tmp_path / "r", backends=["metal"])
+    with pytest.raises(HarnessError, match=r"--target hip: .*AMD GPU.*BACKEND=hip make build"):
+        run_checks(NumpyTarget(), ["PQ4"], ["turbo3"], tmp_path / "r", target_backend="hip")
+
+
+def test_check_one_type_into_an_existing_report_keeps_the_other_types(tmp_path):
+    from harness.cli import _load_run
+    d = tmp_path / "r"
+    run_checks(NumpyTarget(), ["PQ5"], ["turbo2", "turbo3"], d, log=lambda s: None)
+    before = {(c.type, c.path) for c in _load_run(d).checks[0].cells}
+    assert {t for t, _ in before} == {"turbo2", "turbo3"}
+    logs = []
+    run = run_checks(NumpyTarget(faults=["uncorrected_norm"]), ["PQ5"], ["turbo2"], d, log=logs.append, run=_load_run(d))
+    cells = run.checks[0].cells
+    assert {(c.type, c.path) for c in cells} == before  # turbo3's cells are still there, turbo2's were redone
+    assert any("kept the earlier cells of turbo3" in ln for ln in logs)
+    assert any("kept from the earlier run" in n and "turbo3" in n for n in run.checks[0].notes)
+    assert sorted(json.loads((d / "run.json").read_text())["meta"]["types"]) == ["turbo2", "turbo3"]
+
+
+def test_interrupted_fresh_sweep_says_how_to_resume_and_resumes(sw, monkeypatch):
+    real = S.run_tool
+    count = {"n": 0}
+
+    def interrupting(*a, **k):
+        count["n"] += 1
+        if count["n"] == 3:  # base and ppl f16 finish, Ctrl-C during ppl turbo3
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "run_tool", interrupting)
+    code, out = sw.run("--pairs", "f16/f16,turbo3/turbo3", "--no-bench", "--fresh")
+    assert code == 130 and "rerun without --fresh to resume" in out
+    monkeypatch.setattr(S, "run_tool", real)
+    n = sw.ncalls()
+    code, out = sw.run("--pairs", "f16/f16,turbo3/turbo3", "--no-bench", "--out", str(sw.tmp / "rep"))
+    assert "2 cached" in out and sw.ncalls() - n == 1  # only the interrupted job ran again
+
+
+# ------------------------------------------------------------------ reports that start with the answer
+
+def test_sweep_out_is_the_report_folder_and_the_summary_states_the_setup(sw):
+    out_dir = sw.tmp / "my-sweep"
+    code, out = sw.run("--pairs", "f16/f16,q8_0/q8_0,turbo3/turbo3", "--no-bench", "--out", str(out_dir))
+    assert (out_dir / "report.html").is_file() and (out_dir / "summary.md").is_file() and (out_dir / "run.json").is_file()
+    lines = out.strip().splitlines()
+    assert re.match(r"^(PASS|PARTIAL|FAIL|ERROR|SKIP): ", lines[0])  # the console starts with the verdict
+    bad = [c for c in json.loads((out_dir / "run.json").read_text())["checks"][0]["cells"]
+           if c["verdict"] in ("FAIL", "PARTIAL", "ERROR")]
+    assert bad and all(ln.split()[0] in ("FAIL", "PARTIAL", "ERROR") for ln in lines[1:1 + len({(c["verdict"], c["type"], c["metric"]) for c in bad})])
+    md = (out_dir / "summary.md").read_text()
+    assert md.index("**" + lines[0]) < md.index("|")  # verdict and findings before any table
+    for words in ("ctx 256 tokens x 3 chunks", "corpus.txt", "model.gguf"):
+        assert words in md, words
+    # console table: no two columns run together (every value is followed by two spaces or the end)
+    table = [ln for ln in lines if ln.startswith(("f16/f16", "q8_0/q8_0", "turbo3/turbo3"))]
+    assert table and all(not re.search(r"\d[+-]\d", ln) for ln in table)
+    assert all(re.search(r"\d  +[+-]\d", ln) for ln in table if "%" in ln)
+
+
+def test_verify_summary_and_html_start_with_verdict_and_findings(tmp_path):
+    d = tmp_path / "r"
+    run_checks(NumpyTarget(faults=["perturbed_centroids"]), ["PQ2", "PQ5"], ["turbo4"], d, log=lambda s: None)
+    md = (d / "summary.md").read_text()
+    first_table = md.index("\n|")
+    head = md[:first_table]
+    assert "PARTIAL" in head.splitlines()[0] or "FAIL" in head.splitlines()[0]
+    finding = [ln for ln in head.splitlines() if ln.startswith(("- PARTIAL", "- FAIL"))]
+    assert finding and all(" on " in ln and "Means: " in ln and "limit" in ln for ln in finding)
+    html = (d / "report.html").read_text()
+    assert html.index("class=findings") < html.index("class=overview") < html.index("<h2>PQ2")
+    for repr_ in ("['", "None<", ">False<", ">True<", "{'"):
+        assert repr_ not in html, repr_
+
+
+def test_pq5_table_shows_q4_0_and_q8_0_beside_every_turbo_row(tmp_path):
+    d = tmp_path / "r"
+    run_checks(NumpyTarget(), ["PQ5"], ["turbo3", "turbo4"], d, log=lambda s: None)
+    md = (d / "summary.md").read_text()
+    sec = md[md.index("## PQ5"):]
+    header = next(ln for ln in sec.splitlines() if ln.startswith("| type | path | bits"))
+    assert "q8_0 NMSE Gaussian" in header and "q4_0 NMSE Gaussian" in header
+    rows = [ln for ln in sec.splitlines() if ln.startswith(("| turbo3 |", "| turbo4 |")) and "nmse_over" not in ln]
+    assert len(rows) == 4  # two types x two quantise paths
+    col_q8, col_q4 = header.split("|").index(" q8_0 NMSE Gaussian "), header.split("|").index(" q4_0 NMSE Gaussian ")
+    for r in rows:
+        cells = r.split("|")
+        assert re.match(r" [0-9.e-]+ $", cells[col_q8]) and re.match(r" [0-9.e-]+ $", cells[col_q4]), r
