@@ -128,7 +128,9 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             kept = merge_previous(earlier, cr, list(types), [b.name for b in ctx.backends()])
             if kept:
                 log(f"{cid}: kept the earlier cells of {', '.join(kept)} in this report; replaced {', '.join(types)}")
-        run.checks = [c for c in run.checks if c.id != cid] + [cr]
+        order = list(checks)
+        run.checks = sorted([c for c in run.checks if c.id != cid] + [cr],
+                            key=lambda c: order.index(c.id) if c.id in order else len(order))
         if "coverage" in ctx.sections and isinstance(run.sections.get("coverage"), dict):
             ctx.sections["coverage"] = compat.merge_coverage(run.sections["coverage"], ctx.sections["coverage"],
                                                              list(types), [b.name for b in ctx.backends()],

@@ -202,7 +202,7 @@ def test_verify_summary_and_html_start_with_verdict_and_findings(tmp_path):
     finding = [ln for ln in head.splitlines() if ln.startswith(("- PARTIAL", "- FAIL"))]
     assert finding and all(" on " in ln and "Means: " in ln and "limit" in ln for ln in finding)
     html = (d / "report.html").read_text()
-    assert html.index("class=findings") < html.index("class=overview") < html.index("<h2>PQ2")
+    assert html.index("class=findings") < html.index("class=overview") < html.index("<h2 id='PQ2'>")
     for repr_ in ("['", "None<", ">False<", ">True<", "{'"):
         assert repr_ not in html, repr_
 

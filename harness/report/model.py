@@ -194,9 +194,11 @@ def merge_previous(old: CheckResult, new: CheckResult, types: list[str], backend
     if not kept:
         return []
     new.cells = kept + new.cells
-    kept_types = sorted({t for x in kept for t in (_cell_types(x) or {x.type})})
+    kept_types = sorted({t for x in kept for t in (_cell_types(x) or {x.type})} - tset) or sorted(tset)
+    mixed = sorted({x.type for x in kept if _cell_types(x) & tset and not _cell_types(x) <= tset})
     kept_b = sorted({b for x in kept for b in _cell_backends(x, known_backends)} - bset)
-    new.notes.append(f"{len(kept)} cells ({', '.join(kept_types)}{' on ' + ', '.join(kept_b) if kept_b else ''}) are kept "
+    what = ", ".join(kept_types) + (f" (with the mixed pairs {', '.join(mixed)})" if mixed else "")
+    new.notes.append(f"{len(kept)} cells of {what}{' on ' + ', '.join(kept_b) if kept_b else ''} are kept "
                      f"from the earlier run in this folder; this run replaced those of {', '.join(types)}"
                      f" on {', '.join(backends)}")
-    return kept_types
+    return [what]
