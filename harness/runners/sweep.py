@@ -240,9 +240,9 @@ def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str) -> JobRecor
         kv = parse_kv_log(res.stderr)
         if fin is None or not tmp_file.is_file() or tmp_file.stat().st_size == 0:
             import re
-            cause = re.search(r"[^\n]*(?:tokenizes to only|you need at least)[^\n]*", text)
+            cause = "; ".join(m.strip() for m in re.findall(r"[^\n]*(?:you need at least|tokenizes to only)[^\n]*", text))
             rec.ok, rec.error = False, (f"baseline run printed no final PPL or wrote no logits file"
-                                        f"{' (' + cause.group(0).strip()[:200] + ')' if cause else ''}; see {ev / 'base.stderr'}")
+                                        f"{' (' + cause[:300] + ')' if cause else ''}; see {ev / 'base.stderr'}")
         elif "tokens" in res.stderr and "you need at least" in res.stderr:
             rec.ok, rec.error = False, "corpus too short for ctx x chunks"
         else:
