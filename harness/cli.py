@@ -37,13 +37,27 @@ def cli():
 
 
 def _types(value: str) -> list[str]:
+    """The --type list, validated (one-line HarnessError naming the choices)."""
     ts = list(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
     if not ts:
-        raise click.BadParameter(f"no turbo type given; choose from {', '.join(TURBO_TYPES)}")
+        raise HarnessError(f"--type {value!r} names no turbo type: choose from {', '.join(TURBO_TYPES)}")
     bad = [t for t in ts if t not in TURBO_TYPES]
     if bad:
-        raise click.BadParameter(f"unknown turbo type {', '.join(bad)}; choose from {', '.join(TURBO_TYPES)}")
+        raise HarnessError(f"--type: unknown turbo type {', '.join(bad)}: choose from {', '.join(TURBO_TYPES)}")
     return ts
+
+
+def _check_ids(value: str | None) -> list[str]:
+    """The --checks list (default every check), validated before anything is opened."""
+    from harness.verify import all_checks
+    if value is None:
+        return list(all_checks())
+    ids = list(dict.fromkeys(c.strip().upper() for c in value.split(",") if c.strip()))
+    bad = [c for c in ids if c not in all_checks()]
+    if not ids or bad:
+        raise HarnessError(f"--checks {value!r}: {'unknown check ' + ', '.join(bad) if bad else 'names no check'}; "
+                           f"choose from {', '.join(all_checks())} (or leave it out for all)")
+    return ids
 
 
 def _load_run(run_dir: Path):
@@ -94,6 +108,16 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
         previous = _load_run(run_dir)
     usage.writable_dir(run_dir, "--out")
     target, meta = _open_target(fork_dir, build_backend)
+    try:  # the backends asked for exist in this build: said before anything is printed or written
+        from harness.verify import pick_target_backend
+        pick_target_backend(target, target_backend)
+        present = [b.name for b in target.backends()]
+        for b in backends:
+            if b not in present:
+                raise usage.unavailable_backend(b, present, "--backend")
+    except HarnessError:
+        target.close()
+        raise
     click.echo(f"fork {meta.get('fork_commit', '?')[:12]} build {meta.get('build_dir')} -> report {run_dir}"
                + (" (adding to the checks already there)" if previous else ""))
     try:
@@ -139,7 +163,7 @@ def check(check_id, types, target_backend, backends, fork_dir, build_backend, ou
     from harness.verify import all_checks
     cid = check_id.upper()
     if cid not in all_checks():
-        raise click.BadParameter(f"unknown check {check_id}; choose from {', '.join(all_checks())}", param_hint="CHECK_ID")
+        raise HarnessError(f"unknown check {check_id}: choose from {', '.join(all_checks())}")
     _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file)
 
 
@@ -148,8 +172,7 @@ def check(check_id, types, target_backend, backends, fork_dir, build_backend, ou
 @with_common
 def verify(check_list, types, target_backend, backends, fork_dir, build_backend, out, strict, known_file):
     """Run all checks (PQ1-PQ6 and the cross-backend matrix) and write the report."""
-    from harness.verify import all_checks
-    ids = [c.strip().upper() for c in check_list.split(",")] if check_list else list(all_checks())
+    ids = _check_ids(check_list)
     _run_and_exit(ids, _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file)
 
 

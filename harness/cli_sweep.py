@@ -22,9 +22,9 @@ def _ints(s: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(x) for x in s.split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"{s!r}: give comma-separated integers, e.g. 0,256") from None
+        raise HarnessError(f"--depths {s!r}: give comma-separated integers, e.g. 0,256") from None
     if not vals or min(vals) < 0:
-        raise click.BadParameter(f"{s!r}: give comma-separated non-negative integers")
+        raise HarnessError(f"--depths {s!r}: give comma-separated non-negative integers, e.g. 0,256")
     return vals
 
 
@@ -215,7 +215,16 @@ def _check_inputs(cfg) -> None:
     """Before any tool runs: the context fits the model's trained length (bench depths too) and the corpus
     is UTF-8 text long enough for ctx x chunks. A model that cannot be read is left to the sweep, which
     reports it as ERROR cells."""
+    from harness.runners import sweep as sweep_runner
     from harness.runners.inputs import check_corpus, read_model_info
+    try:
+        known = set(sweep_runner.type_traits(str(cfg.bdir)))
+    except HarnessError:
+        known = set()  # the build cannot be read here: the sweep reports it
+    bad = [t for k, v in cfg.pairs for t in (k, v) if known and t not in known]
+    if bad:
+        raise HarnessError(f"--pairs: unknown cache type {bad[0]!r}: this build knows "
+                           f"{', '.join(t for t in sorted(known) if t.startswith(('f1', 'bf', 'q4', 'q5', 'q8', 'iq4', 'turbo')))}")
     try:
         info = read_model_info(cfg.model)
     except HarnessError:

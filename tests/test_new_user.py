@@ -269,3 +269,52 @@ def test_sweep_known_findings_file_gates_the_sweep(sw, tmp_path):
     assert code == 0 and "known-findings gate PASS" in out.splitlines()[0]
     md = (out_dir / "summary.md").read_text()
     assert md.count("- XFAIL") == 3 and "## Known findings" in md  # expected findings are shown, not hidden
+
+
+# ------------------------------------------------------------------ found on a second try from a clean clone
+
+@pytest.fixture
+def numpy_cli(monkeypatch):
+    """`check`/`verify` through the CLI on the NumPy fork (no fork build): _open_target is replaced."""
+    import harness.cli as C
+    monkeypatch.setattr(C, "_open_target", lambda fork_dir, build_backend: (NumpyTarget(), {"fork_commit": "0" * 40}))
+    return invoke
+
+
+@pytest.mark.parametrize("args, words", [
+    (["check", "PQ3", "--type", "turbo5"], "unknown turbo type turbo5: choose from turbo2, turbo3, turbo4"),
+    (["verify", "--type", ""], "names no turbo type"),
+    (["verify", "--checks", ""], "names no check"),
+    (["verify", "--checks", "PQ1,PQ9"], "unknown check PQ9"),
+    (["check", "PQ3", "--target", "metal"], "this build has no metal backend"),
+    (["check", "PQ3", "--backend", "cuda"], "--backend cuda: this build has no cuda backend"),
+])
+def test_verify_usage_errors_are_one_line_before_anything_runs(numpy_cli, tmp_path, args, words):
+    code, out = numpy_cli(args + ["--out", str(tmp_path / "r")])
+    assert code == 2 and words in one_error_line(out)
+    assert not (tmp_path / "r").exists()  # nothing measured, nothing written
+
+
+def test_check_with_fewer_types_through_the_cli_keeps_the_rest_and_says_so(numpy_cli, tmp_path):
+    d = tmp_path / "r"
+    code, out = numpy_cli(["check", "PQ4", "--type", "turbo2,turbo3", "--out", str(d)])
+    assert code == 0
+    code, out = numpy_cli(["check", "PQ4", "--type", "turbo2", "--out", str(d)])
+    assert code == 0 and "kept the earlier cells of turbo3" in out
+    cells = json.loads((d / "run.json").read_text())["checks"][0]["cells"]
+    assert {c["type"] for c in cells} == {"turbo2", "turbo3"}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--depths", "-1"], "--depths '-1': give comma-separated non-negative integers"),
+    (["--depths", ""], "--depths '': give comma-separated"),
+    (["--pairs", "turbo9"], "unknown cache type 'turbo9'"),
+])
+def test_sweep_bad_depths_and_types_are_one_line(sw, args, words):
+    code, out = sw.run(*args)
+    assert code == 2 and words in one_error_line(out) and sw.ncalls() == 0
+
+
+def test_corpus_that_is_not_a_file_is_named_so(sw):
+    code, out = sw.run("--pairs", "turbo3", corpus_=Path("/dev/null"))
+    assert code == 2 and "is not a regular file" in one_error_line(out)

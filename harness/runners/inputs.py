@@ -64,7 +64,8 @@ def check_corpus(path: Path, ctx: int | None = None, chunks: int | None = None, 
     """
     path = Path(path)
     if not path.is_file():
-        raise HarnessError(f"corpus {path} does not exist: pass --corpus FILE or set TURBO_CORPUS")
+        raise HarnessError(f"corpus {path} {'is not a regular file' if path.exists() else 'does not exist'}: "
+                           f"pass --corpus FILE (a plain-text file) or set TURBO_CORPUS")
     size = path.stat().st_size
     with open(path, "rb") as f:
         data = f.read(1 << 24)
