@@ -166,6 +166,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         _check_inputs(cfg)
         run_id = time.strftime("sweep-%Y%m%d-%H%M%S")
         run_dir = usage.writable_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / run_id, "--out")
+        _refuse_other_report(run_dir)
         def _term(signum, frame):  # `kill` / CI cancellation: stop like Ctrl-C (kill the tool, keep the cache)
             raise KeyboardInterrupt
         signal.signal(signal.SIGTERM, _term)
@@ -209,6 +210,22 @@ def _check_numbers(**given) -> None:
         lo, why = _MINIMA[name]
         if v is not None and v < lo:
             raise HarnessError(f"--{name} {v:g} is too small ({why}): give {lo} or more, or leave it out for the default")
+
+
+def _refuse_other_report(run_dir: Path) -> None:
+    """A folder holding a verify/check report is not overwritten by a sweep (a sweep report there is
+    replaced by the new sweep: it is the same kind of run)."""
+    f = Path(run_dir) / "run.json"
+    if not f.is_file():
+        return
+    try:
+        ids = [c.get("id") for c in json.loads(f.read_text()).get("checks", [])]
+    except (OSError, ValueError, AttributeError):
+        ids = ["?"]
+    other = [i for i in ids if i != "SWEEP"]
+    if other:
+        raise HarnessError(f"--out {run_dir} holds another report ({', '.join(map(str, other))}): a sweep would overwrite "
+                           f"it; give a new folder")
 
 
 def _check_inputs(cfg) -> None:

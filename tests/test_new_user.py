@@ -318,3 +318,12 @@ def test_sweep_bad_depths_and_types_are_one_line(sw, args, words):
 def test_corpus_that_is_not_a_file_is_named_so(sw):
     code, out = sw.run("--pairs", "turbo3", corpus_=Path("/dev/null"))
     assert code == 2 and "is not a regular file" in one_error_line(out)
+
+
+def test_sweep_does_not_overwrite_a_verify_report(sw, tmp_path):
+    d = tmp_path / "verify-report"
+    run_checks(NumpyTarget(), ["PQ4"], ["turbo2"], d, log=lambda s: None)
+    before = (d / "run.json").read_text()
+    code, out = sw.run("--pairs", "turbo3", "--no-bench", "--out", str(d))
+    assert code == 2 and "holds another report (PQ4)" in one_error_line(out)
+    assert (d / "run.json").read_text() == before and sw.ncalls() == 0

@@ -140,7 +140,7 @@ _CSS = ("body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-
         "th{background:#eee;white-space:normal}td.l{white-space:normal}table.sweep td.l{min-width:16em}"
         "td:first-child{text-align:left}td.l,th.l{text-align:left}.v{color:#fff;padding:1px 6px;border-radius:3px}"
         ".small{font-size:11px;color:#555}.note{color:#8d6e00}ul.findings{padding-left:1.2em}"
-        "ul.findings li{margin:.35em 0;line-height:1.35}.meta td{text-align:left;word-break:break-word;max-width:1100px}"
+        "ul.findings li{margin:.35em 0;line-height:1.35}.meta td{text-align:left;word-break:break-word;white-space:normal;max-width:1100px}"
         "p.verdict{font-size:1.15em;font-weight:bold}img{max-width:100%}")
 _LABEL_COLORS = {**_COLORS, "XFAIL": "#1565c0", "GROWN": "#c62828", "XPASS": "#c62828"}
 

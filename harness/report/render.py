@@ -75,7 +75,7 @@ def run_facts(run: Run) -> list[tuple[str, str]]:
                   ("corpus", f"{m.get('corpus', '-')} (sha256 {str(m.get('corpus_sha256', '-'))[:16]})"),
                   ("sizes", f"ctx {pin.get('ctx', '-')} tokens x {pin.get('chunks', '-')} chunks; batch {pin.get('batch', '-')}, "
                             f"ubatch {pin.get('ubatch', '-')}; threads {pin.get('threads', '-')}; ngl {pin.get('ngl', '-')}; "
-                            f"bench depths {plain(pin.get('depths'))}")]
+                            + (f"bench depths {plain(pin.get('depths'))}" if sweep.get("speed") else "no speed bench"))]
     facts += [("build", f"{m.get('build_dir', '-')}{'; ' + cmake if cmake else ''}"),
               ("compiler", m.get("cxx_compiler") or m.get("compiler")), ("GPU / driver", m.get("gpu") or "none"),
               ("harness", f"{m.get('harness_version')} - `{m.get('command_line', '')}`"), ("started", m.get("started"))]
@@ -127,6 +127,22 @@ def _detail_table(c) -> list[str]:
     return lines
 
 
+def sweep_markdown(section: dict) -> list[str]:
+    """The sweep's per-pair table for summary.md (PPL, paired change vs q8_0, KLD, top-1, memory, status)."""
+    rows = section.get("rows") or []
+    if not rows:
+        return []
+    lines = ["", "| pair | PPL ± se | vs q8_0 | KLD | top-1 same % | KV MiB | bits / real value | status |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ppl = f"{fmt_num(r.get('ppl'))} ± {fmt_num(r.get('ppl_se'))}" if r.get("ppl") is not None else "-"
+        vs = f"{r['ppl_vs_q8_pct']:+.2f}%" if r.get("ppl_vs_q8_pct") is not None else "-"
+        st = r.get("status", "") + (f": {r['error']}" if r.get("error") else "")
+        lines.append(f"| {r['pair']} | {ppl} | {vs} | {fmt_num(r.get('kld'))} | {fmt_num(r.get('same_top_p_pct'))} | "
+                     f"{fmt_num(r.get('kv_mib'))} | {fmt_num(r.get('bits_per_value'))} | {_md_escape(st)} |")
+    return lines
+
+
 def markdown(run: Run) -> str:
     """The human summary: the verdict and one plain line per finding first, then the overview table,
     what was measured with what, per-check tables, sections and what was not run."""
@@ -153,6 +169,8 @@ def markdown(run: Run) -> str:
             lines.append(f"- {_md_escape(n)}")
         if not c.cells:
             continue
+        if c.id == "SWEEP" and isinstance(run.sections.get("sweep"), dict):
+            lines += sweep_markdown(run.sections["sweep"])
         lines += _detail_table(c)
         lines += ["", "| type | path | metric | value | threshold | margin | verdict | note | evidence |",
                   "|---|---|---|---|---|---|---|---|---|"]
