@@ -327,3 +327,22 @@ def test_sweep_does_not_overwrite_a_verify_report(sw, tmp_path):
     code, out = sw.run("--pairs", "turbo3", "--no-bench", "--out", str(d))
     assert code == 2 and "holds another report (PQ4)" in one_error_line(out)
     assert (d / "run.json").read_text() == before and sw.ncalls() == 0
+
+
+def test_doctor_names_the_commit_once_and_explains_a_copy_without_git(tmp_path):
+    import subprocess
+    fork = tmp_path / "fork"
+    (fork / "ggml" / "include").mkdir(parents=True)
+    (fork / "ggml" / "include" / "ggml.h").write_text("GGML_TYPE_TURBO3_0\n")
+    env = {"FORK_DIR": str(fork), "TURBO_BUILD_ROOT": str(tmp_path / "builds"), "TURBO_CORPUS": str(tmp_path / "c.txt")}
+    code, out = invoke(["doctor"], env=env)
+    line = next(ln for ln in out.splitlines() if ln[4:].startswith("fork"))
+    assert "@ unknown" not in line and "no git history" in line and ".fork-commit" in line
+    g = ["git", "-C", str(fork), "-c", "user.email=a@b", "-c", "user.name=a"]
+    subprocess.run(g + ["init", "-q"], check=True)
+    subprocess.run(g + ["add", "-A"], check=True)
+    subprocess.run(g + ["commit", "-qm", "turbo subject"], check=True)
+    commit = subprocess.run(g + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    code, out = invoke(["doctor"], env=env)
+    line = next(ln for ln in out.splitlines() if ln[4:].startswith("fork"))
+    assert line.count(commit[:9]) == 1 and "turbo subject" in line
