@@ -125,10 +125,12 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
                          meta=meta, log=click.echo, run=previous)
     finally:
         target.close()
-    from harness.known import apply_known, gate_exit_code
+    from harness.known import apply_known, clear_known, gate_exit_code
+    from harness.report.render import write_all
     if known is not None:
-        from harness.report.render import write_all
         apply_known(run, known, known_file)
+        write_all(run, run_dir)
+    elif clear_known(run):  # judged against a file earlier in this folder: not this time
         write_all(run, run_dir)
     _print_headline(run)
     click.echo(f"report: {run_dir / 'summary.md'} ({run_dir / 'report.html'})")

@@ -154,6 +154,17 @@ def apply_known(run: Run, known: list[KnownFinding], source: str) -> dict:
     return section
 
 
+def clear_known(run: Run) -> bool:
+    """Forget a known-findings judgement stored in the run (a later run without ``--known`` must not be
+    gated by an earlier file). Returns True when there was one."""
+    had = run.sections.pop("known", None) is not None
+    for c in run.checks:
+        for x in c.cells:
+            had = had or bool(x.known)
+            x.known = {}
+    return had
+
+
 def gate_exit_code(run: Run, strict: bool = False) -> int:
     """The exit code: :meth:`Run.exit_code` without a known-findings file; with one (``sections['known']``):
     2 an unaccepted ERROR (or a check that errored), 1 a new finding (PARTIAL included), a grown one or an

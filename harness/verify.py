@@ -106,7 +106,8 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         "target_backend": tb,
         "backends_run": [b.name for b in ctx.backends()],
         "backends_not_available": [b for b in KNOWN_BACKENDS if b not in present],
-        "types": sorted(set(run.meta.get("types", [])) | set(types)), "gpu": gpu_info(), "target": target.describe(), "quantize_routes": routes or "all",
+        "types": sorted(set(run.meta.get("types", [])) | set(types)),  # an added check keeps the earlier types
+        "gpu": gpu_info(), "target": target.describe(), "quantize_routes": routes or "all",
         **(meta or {}),
     })
     run.meta["not_run"] = [f"{b}: not available on this machine/build, nothing was measured on it"

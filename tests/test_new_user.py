@@ -346,3 +346,15 @@ def test_doctor_names_the_commit_once_and_explains_a_copy_without_git(tmp_path):
     code, out = invoke(["doctor"], env=env)
     line = next(ln for ln in out.splitlines() if ln[4:].startswith("fork"))
     assert line.count(commit[:9]) == 1 and "turbo subject" in line
+
+
+def test_a_later_check_without_known_is_not_gated_by_an_earlier_file(numpy_cli, tmp_path):
+    d = tmp_path / "r"
+    known = tmp_path / "k.toml"
+    known.write_text('[[finding]]\ncheck = "PQ5"\ntype = "turbo3"\npath = "cpu:*"\nmetric = "nmse_over_lloyd_max"\n'
+                     'reason = "r"\n')
+    code, out = numpy_cli(["check", "PQ4", "--type", "turbo3", "--out", str(d), "--known", str(known)])
+    assert code == 0 and "known-findings gate PASS" in out
+    code, out = numpy_cli(["check", "PQ5", "--type", "turbo3", "--out", str(d)])
+    assert code == 0 and "known-findings gate" not in out
+    assert "known" not in json.loads((d / "run.json").read_text())["sections"]
