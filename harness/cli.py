@@ -106,6 +106,8 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
         raise HarnessError(f"--out {run_dir} is a file: give a folder for the report")
     if (run_dir / "run.json").is_file():  # add to the report already there instead of overwriting it
         previous = _load_run(run_dir)
+        if any(c.id == "SWEEP" for c in previous.checks):
+            raise HarnessError(f"--out {run_dir} holds a sweep report: give another folder for the checks")
     usage.writable_dir(run_dir, "--out")
     target, meta = _open_target(fork_dir, build_backend)
     try:  # the backends asked for exist in this build: said before anything is printed or written

@@ -230,8 +230,7 @@ def _refuse_other_report(run_dir: Path) -> None:
 
 def _check_inputs(cfg) -> None:
     """Before any tool runs: the context fits the model's trained length (bench depths too) and the corpus
-    is UTF-8 text long enough for ctx x chunks. A model that cannot be read is left to the sweep, which
-    reports it as ERROR cells."""
+    is UTF-8 text long enough for ctx x chunks, the model is a readable GGUF, the cache types exist."""
     from harness.runners import sweep as sweep_runner
     from harness.runners.inputs import check_corpus, read_model_info
     try:
@@ -242,11 +241,8 @@ def _check_inputs(cfg) -> None:
     if bad:
         raise HarnessError(f"--pairs: unknown cache type {bad[0]!r}: this build knows "
                            f"{', '.join(t for t in sorted(known) if t.startswith(('f1', 'bf', 'q4', 'q5', 'q8', 'iq4', 'turbo')))}")
-    try:
-        info = read_model_info(cfg.model)
-    except HarnessError:
-        info = None
-    if info is not None and info.n_ctx_train:
+    info = read_model_info(cfg.model)  # a missing or non-GGUF model: one line, before anything runs
+    if info.n_ctx_train:
         if cfg.ctx > info.n_ctx_train:
             raise HarnessError(f"--ctx {cfg.ctx} is beyond the {info.n_ctx_train} tokens {info.name} was trained for "
                                f"({info.arch}.context_length in {Path(cfg.model).name}): give --ctx {info.n_ctx_train} or less")

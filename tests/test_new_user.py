@@ -358,3 +358,22 @@ def test_a_later_check_without_known_is_not_gated_by_an_earlier_file(numpy_cli, 
     code, out = numpy_cli(["check", "PQ5", "--type", "turbo3", "--out", str(d)])
     assert code == 0 and "known-findings gate" not in out
     assert "known" not in json.loads((d / "run.json").read_text())["sections"]
+
+
+def test_missing_or_invalid_model_is_one_line_up_front(sw, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all" * 10)
+    for model in (tmp_path / "nope.gguf", bad):
+        code, out = invoke(["sweep", "--model", str(model), "--corpus", str(sw.tmp / "corpus.txt"), "--build-dir",
+                            str(sw.tmp / "build"), "--backend", "cpu", "--no-progress", "--pairs", "turbo3"])
+        line = one_error_line(out)
+        assert code == 2 and ("does not exist" in line or "not a valid GGUF" in line)
+    assert sw.ncalls() == 0
+
+
+def test_checks_are_not_added_to_a_sweep_report(numpy_cli, sw):
+    d = sw.tmp / "sweep-report"
+    code, out = sw.run("--pairs", "turbo3", "--no-bench", "--out", str(d))
+    assert (d / "run.json").is_file()
+    code, out = numpy_cli(["check", "PQ4", "--out", str(d)])
+    assert code == 2 and "holds a sweep report" in one_error_line(out)
