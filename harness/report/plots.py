@@ -88,6 +88,7 @@ def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
         ax.set_yticks(ys, [c.path.replace(":flash_attn[", ": ").rstrip("]") for c in d6], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("relative error vs exact attention (log)")
+        ax.set_title("PQ6 flash attention per case (green PASS, orange PARTIAL, red FAIL)", fontsize=9)
         ax.grid(axis="x", lw=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         made["attention"] = _save(fig, out_dir, "attention")
