@@ -19,7 +19,7 @@ from harness.checks.common import Context, crash_cell, load_thresholds
 from harness.errors import HarnessError, ProbeCrash
 from harness.interrupt import Interrupted, acknowledge, raise_if_pending
 from harness.reference import turbo as T
-from harness.report.model import CheckResult, Run
+from harness.report.model import CheckResult, Run, merge_previous
 from harness.report.render import write_all
 from harness.targets.base import Target
 
@@ -62,8 +62,8 @@ def pick_target_backend(target: Target, requested: str | None) -> str:
     names = [b.name for b in target.backends()]
     if requested:
         if requested not in names:
-            raise HarnessError(f"backend {requested!r} is not available in this build (has: {', '.join(names)}); "
-                               f"build it with BACKEND={requested} make build on a machine that has it")
+            from harness.usage import backend_name, unavailable_backend
+            raise unavailable_backend(backend_name(requested, "--target"), names, "--target")
         return requested
     gpus = [b.name for b in target.backends() if b.is_gpu]
     return gpus[0] if gpus else ("cpu" if "cpu" in names else names[0])
@@ -94,7 +94,8 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
     if backends:
         missing = [b for b in backends if b not in present]
         if missing:
-            raise HarnessError(f"backend {', '.join(missing)} not available in this build (has: {', '.join(present)})")
+            from harness.usage import backend_name, unavailable_backend
+            raise unavailable_backend(backend_name(missing[0], "--backend"), present, "--backend")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(target=target, target_backend=tb, types=list(types), thresholds=thresholds or load_thresholds(),
@@ -112,7 +113,8 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             "target_backend": tb,
             "backends_run": [b.name for b in ctx.backends()],
             "backends_not_available": [b for b in KNOWN_BACKENDS if b not in present],
-            "types": list(types), "gpu": gpu_info(), "target": target.describe(), "quantize_routes": routes or "all",
+            "types": sorted(set(run.meta.get("types", [])) | set(types)),  # an added check keeps the earlier types
+            "gpu": gpu_info(), "target": target.describe(), "quantize_routes": routes or "all",
             **(meta or {}),
         })
         run.meta["not_run"] = [f"{b}: not available on this machine/build, nothing was measured on it"
@@ -139,7 +141,18 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             except Exception as e:  # a harness bug: this check is an ERROR, the remaining checks still run
                 cr.error = f"harness error {type(e).__name__}: {e}"
             cr.duration_s = time.time() - t0
-            run.checks = [c for c in run.checks if c.id != cid] + [cr]
+            earlier = next((c for c in run.checks if c.id == cid), None)
+            if earlier is not None and not cr.error:  # keep what this run did not redo (other types or backends)
+                kept = merge_previous(earlier, cr, list(types), [b.name for b in ctx.backends()])
+                if kept:
+                    log(f"{cid}: kept the earlier cells of {', '.join(kept)} in this report; replaced {', '.join(types)}")
+            order = list(checks)
+            run.checks = sorted([c for c in run.checks if c.id != cid] + [cr],
+                                key=lambda c: order.index(c.id) if c.id in order else len(order))
+            if "coverage" in ctx.sections and isinstance(run.sections.get("coverage"), dict):
+                ctx.sections["coverage"] = compat.merge_coverage(run.sections["coverage"], ctx.sections["coverage"],
+                                                                 list(types), [b.name for b in ctx.backends()],
+                                                                 ctx.not_available)
             run.sections.update(ctx.sections)
             finished.append(cid)
             current = None

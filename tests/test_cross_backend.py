@@ -72,7 +72,13 @@ def test_coverage_table_lists_every_combination(make_ctx):
     rows = compat.coverage(ctx)
     assert len(rows) == 2 * (3 + 2 * 2 * 3)  # backends x (K+V sym x 3 dims + 2 roles x 2 partners x 3 dims)
     assert {r["head_dim"] for r in rows} == {64, 128, 256} and {r["partner"] for r in rows} == {"turbo4", "q8_0", "f16"}
-    assert all(r["status"] == "tested" for r in rows)
+    # 'tested' only where PQ6 judges the accuracy of that combination; the others are smoke runs and say so
+    judged = [r for r in rows if r["status"].startswith("tested")]
+    assert {(r["pair"], r["head_dim"]) for r in judged} == {("turbo4/turbo4", 64), ("turbo4/turbo4", 128),
+                                                             ("turbo4/turbo4", 256), ("turbo4/q8_0", 128),
+                                                             ("q8_0/turbo4", 128)}
+    assert all(r["status"].startswith("runs, not judged") for r in rows if r not in judged)
+    assert not [r for r in rows if r["partner"] == "f16" and r["status"].startswith("tested")]
 
 
 def test_backend_ops_parser_on_real_cuda_output():

@@ -160,7 +160,13 @@ def _wht_agreement(ctx: Context) -> list[Cell]:
 
 
 def coverage(ctx: Context) -> list[dict]:
-    """Coverage table rows: type x role x partner x head_dim x backend -> tested / not supported / error."""
+    """Coverage table rows: type x role x partner x head_dim x backend -> status.
+
+    A combination that runs with finite output is 'judged by PQ6' when PQ6's case list has it (its
+    accuracy is measured there), else 'runs, not judged' (a smoke run: nothing says its output is right).
+    """
+    from harness.checks.pq6_attention import cases as pq6_cases
+    judged = {(c["tk"], c["tv"], c["D"]) for c in pq6_cases(ctx.types)}
     rows = []
     rng = ctx.rng("coverage")
     for b in ctx.backends():
@@ -184,7 +190,12 @@ def coverage(ctx: Context) -> list[dict]:
                     q[..., :D] = rng.standard_normal((2, 1, D))
                     out = ctx.target.flash_attn(b.name, tk, kraw, tv, vraw, q, Dp, Dp, n_kv, 1, 1 / np.sqrt(D),
                                                 tk in T.FORMATS, tv in T.FORMATS, 128, True)
-                    row["status"] = "tested" if np.all(np.isfinite(out)) else "error: non-finite output"
+                    if not np.all(np.isfinite(out)):
+                        row["status"] = "error: non-finite output"
+                    elif (tk, tv, D) in judged:
+                        row["status"] = "tested: accuracy judged by PQ6"
+                    else:
+                        row["status"] = "runs, not judged: finite output only, no PQ6 accuracy cell"
                 except Unsupported as e:
                     row["status"] = f"not supported: {e}"
                 except (ProbeCrash, HarnessError) as e:
@@ -201,6 +212,14 @@ def _coverage_markdown(rows: list[dict], not_available: list[str]) -> str:
     for b in not_available:
         lines.append(f"| {b} | all | all | all | all | not covered: backend not available on this machine |")
     return "\n".join(lines)
+
+
+def merge_coverage(old: dict, new: dict, types: list[str], backends: list[str], not_available: list[str]) -> dict:
+    """The coverage section of a run that added types or backends to an earlier report: the earlier
+    rows of other types or backends are kept, this run's rows replace the rest."""
+    kept = [r for r in old.get("rows", []) if r.get("type") not in types or r.get("backend") not in backends]
+    rows = kept + list(new.get("rows", []))
+    return {**new, "rows": rows, "markdown": _coverage_markdown(rows, not_available)}
 
 
 def run(ctx: Context) -> list[Cell]:

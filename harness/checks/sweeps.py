@@ -141,7 +141,8 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
     floor = f16.data["stats"]["kld"] if f16 is not None and f16.ok else None
     section["noise_floor"] = floor
     if floor is None:
-        cr.notes.append("no f16/f16 pair in the sweep: KLD is not calibrated against a noise floor")
+        cr.notes.append("the f16/f16 pair failed: KLD is not calibrated against a noise floor" if f16 is not None else
+                        "no f16/f16 pair in the sweep: KLD is not calibrated against a noise floor")
     turbo_rule_types = set(rules["speed"]["speed_rule_types"])
 
     for k, v in cfg.pairs:

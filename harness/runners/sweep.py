@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -244,7 +243,10 @@ def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str) -> JobRecor
         fin = parse_final_ppl(text)
         kv = parse_kv_log(res.stderr)
         if fin is None or not tmp_file.is_file() or tmp_file.stat().st_size == 0:
-            rec.ok, rec.error = False, f"baseline run printed no final PPL or wrote no logits file; see {ev / 'base.stderr'}"
+            import re
+            cause = "; ".join(m.strip() for m in re.findall(r"[^\n]*(?:you need at least|tokenizes to only)[^\n]*", text))
+            rec.ok, rec.error = False, (f"baseline run printed no final PPL or wrote no logits file"
+                                        f"{' (' + cause[:300] + ')' if cause else ''}; see {ev / 'base.stderr'}")
         elif "tokens" in res.stderr and "you need at least" in res.stderr:
             rec.ok, rec.error = False, "corpus too short for ctx x chunks"
         else:
@@ -331,7 +333,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
     result = SweepResult(cfg, meta, None, None, traits=traits)
     try:
         result.model_info = read_model_info(cfg.model)
-        check_corpus(cfg.corpus)
+        check_corpus(cfg.corpus, cfg.ctx, cfg.chunks)
         meta["model_sha256"] = sha256_file(cfg.model)
         meta["corpus_sha256"] = sha256_file(cfg.corpus)
     except HarnessError as e:
