@@ -40,7 +40,7 @@ def markdown(run: Run) -> str:
     m = run.meta
     lines = [f"# turbo-harness run `{run.run_id}`: **{run.headline}**", ""]
     if run.interrupted:
-        lines += interrupted_lines(run.interrupted, "checks") + [""]
+        lines += interrupted_lines(run.interrupted, run.interrupted.get("units", "checks")) + [""]
     facts = [
         ("fork", f"{m.get('fork_commit', '?')}{' (dirty' + (', diff sha256 ' + m['fork_diff_sha256'][:12] if m.get('fork_diff_sha256') else '') + ')' if m.get('fork_dirty') else ''} "
                  f"{m.get('fork_describe', '')}" if m.get("fork_commit") else None),
