@@ -198,6 +198,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
                            f"({', '.join(i['not_run'])}); finished jobs are cached (rerun the same command to resume); "
                            f"partial report {paths['summary.md'] if 'summary.md' in paths else paths['report.html']}")
                 sys.exit(run.exit_code(strict=strict))
+            acknowledge()  # every job ran: a signal now would only cut the report short (about a second)
             run = build_run(result, run_id, sys.argv)
             paths = write_reports(run, result, run_dir)
     except HarnessError as e:

@@ -10,6 +10,13 @@ ln(PPL(Q)/PPL(f16)) difference; FAIL only when the excess over the limit is larg
 Prefill tokens/s ratio to q8_0 at each depth >= ``prefill_ratio_min``. A K/V type the fork used that
 differs from the one asked for (type in the size line, a type-change log line, or a KV size that the
 type traits do not predict) is an ERROR cell quoting the log line, unless ``fork_defaults``.
+
+Integrity (spec "Verdicts", "Who is at fault", "Integrity of a verdict"): a sweep in which no rule was
+applied (no q8_0/q8_0 pair, say) gets a SKIP cell "nothing judged" with the reason, never PASS; a tool
+that crashed on a pair the fork accepted is a FAIL naming the phase (the figures printed before stay in
+the speed table), a clean refusal at start-up is SKIP "refused"; a pair whose graph splits exceed the f16
+baseline's is a PARTIAL placement cell, and its speed cells name that cause; jobs not run because the
+sweep was interrupted are SKIP "not run".
 """
 from __future__ import annotations
 
@@ -174,8 +181,8 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
     base_splits = None
     if result.base is not None and (result.base.data.get("kv") or {}).get("graph_splits"):
         base_splits = result.base.data["kv"]["graph_splits"]
-    elif f16 := result.ppl.get("f16/f16"):
-        base_splits = ((f16.data or {}).get("kv") or {}).get("graph_splits")
+    elif "f16/f16" in result.ppl:
+        base_splits = ((result.ppl["f16/f16"].data or {}).get("kv") or {}).get("graph_splits")
 
     speed = _speed_table(result.bench)
     section["speed"] = speed
@@ -347,11 +354,13 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
     if cfg.baselines_added:
         cr.notes.append(f"added the baseline pairs {', '.join(cfg.baselines_added)} that the rules need "
                         f"(--no-baselines runs only the pairs asked for)")
-    judged = [c for c in cr.cells if c.metric in JUDGED_METRICS and c.verdict in (Verdict.PASS, Verdict.PARTIAL, Verdict.FAIL)]
+    # a rule applied (PASS/PARTIAL/FAIL), or a fork failure found: anything else judged nothing
+    judged = [c for c in cr.cells if c.verdict == Verdict.FAIL
+              or (c.metric in JUDGED_METRICS and c.verdict in (Verdict.PASS, Verdict.PARTIAL))]
     if not judged and not result.error:
         reasons = sorted({c.caveat for c in cr.cells if c.metric in JUDGED_METRICS and c.verdict == Verdict.SKIP})
-        why = "; ".join(reasons) or ("no pair with a rule (" + ", ".join(sorted(rules["ppl_vs_q8_0"]))
-                                     + ") or a turbo speed rule was measured")
+        ruled = sorted(x for x in rules["ppl_vs_q8_0"] if not x.endswith("_reason"))
+        why = "; ".join(reasons) or f"no pair with a rule ({', '.join(ruled)}) or a turbo speed rule was measured"
         cr.notes.insert(0, f"nothing judged: {why}")
         cr.cells.append(Cell("SWEEP", "all", f"{backend}:sweep", "pairs_judged", 0.0, 1.0, Verdict.SKIP, op=">=",
                              caveat=f"nothing judged: {why}"))
