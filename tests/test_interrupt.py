@@ -37,6 +37,8 @@ def test_signal_during_verify_marks_the_partial_report(tmp_path, sig, code):
             if ln.startswith("PQ4 ") or time.time() > deadline:
                 break
         assert any(ln.startswith("PQ4 ") for ln in lines), "".join(lines)
+        while not (out / "report.html").is_file() and time.time() < deadline:  # PQ4's reports are written
+            time.sleep(0.05)
         time.sleep(1.0)  # PQ1 is running (about 4 s at 50 ms per call)
         p.send_signal(sig)
         rest, _ = p.communicate(timeout=60)

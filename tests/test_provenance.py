@@ -131,3 +131,19 @@ def test_doctor_flags_the_mismatch(tmp_path):
     assert code == 2
     [ln] = [ln for ln in out.splitlines() if "provenance" in ln]
     assert ln.startswith("NO") and "MISMATCH" in ln and A[:12] in ln and B[:12] in ln
+
+
+def test_sweep_labels_the_build_record_not_the_moved_checkout(tmp_path):
+    from harness.runners.sweep import _fork_identity
+    repo = fake_fork(tmp_path / "fork")
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "built")
+    built = fb.git_state(repo)["commit"]
+    bdir = fake_build(tmp_path / "build", built, describe="built commit")
+    meta = json.loads((bdir / fb.BUILD_META).read_text())
+    (bdir / fb.BUILD_META).write_text(json.dumps(dict(meta, fork_dir=str(repo))))
+    (repo / "ggml" / "include" / "ggml.h").write_text("// moved on\nGGML_TYPE_TURBO3_0\n")
+    git(repo, "commit", "-qam", "later")  # the checkout moved after the build
+    ident = _fork_identity(bdir)
+    assert ident["fork_commit"] == built and ident["fork_describe"] == "built commit"

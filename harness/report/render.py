@@ -45,6 +45,7 @@ def markdown(run: Run) -> str:
         ("fork", f"{m.get('fork_commit', '?')}{' (dirty' + (', diff sha256 ' + m['fork_diff_sha256'][:12] if m.get('fork_diff_sha256') else '') + ')' if m.get('fork_dirty') else ''} "
                  f"{m.get('fork_describe', '')}" if m.get("fork_commit") else None),
         ("provenance", m.get("provenance_note")),
+        ("layouts the reference does not know", "; ".join(m.get("layout_notes") or []) or None),
         ("fork dir", m.get("fork_dir")),
         ("target backend", m.get("target_backend")),
         ("backends run", ", ".join(m.get("backends_run", [])) or "-"),
