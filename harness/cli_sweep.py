@@ -1,14 +1,14 @@
 """``turbo-harness sweep``: model-level PPL/KLD/speed/KV-memory sweep over K/V cache-type pairs.
 
 Registered by harness/cli.py with ``cli.add_command(sweep)``. Exit codes: 0 no FAIL/ERROR, 1 a FAIL
-(or PARTIAL with --strict), 2 an ERROR or bad usage, 130 interrupted (finished jobs stay cached).
+(or PARTIAL with --strict), 2 an ERROR or bad usage, 130 / 143 interrupted by SIGINT / SIGTERM (the
+partial report is written, marked INTERRUPTED with the jobs not run; finished jobs stay cached).
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
-import signal
 import sys
 import time
 from pathlib import Path
@@ -30,17 +30,31 @@ def _ints(s: str) -> tuple[int, ...]:
 
 def build_run(result, run_id: str, argv: list[str]):
     """Turn a SweepResult into a :class:`harness.report.model.Run` with check 'SWEEP' and
-    ``sections['sweep']`` (evidence copied into the run folder is added by :func:`write_reports`)."""
+    ``sections['sweep']`` (evidence copied into the run folder is added by :func:`write_reports`).
+
+    The metadata names the GPU and driver (nvidia-smi / rocm-smi, as verify does), the backend the tools
+    ran on (the build's backend when layers are offloaded, else cpu), the build's CMake options and
+    compiler from its record; an interrupted result gives an interrupted Run (exit 130 / 143)."""
     from harness import __version__
     from harness.checks.sweeps import judge_sweep
+    from harness.fork.build import read_build_meta
     from harness.report.model import Run
+    from harness.verify import gpu_info
 
     cr, section = judge_sweep(result)
+    cfg = result.config
+    bmeta = read_build_meta(cfg.bdir)
+    cmake = result.meta.get("cmake_options", bmeta.get("cmake_options"))
     meta = {**result.meta, "harness_version": __version__, "command_line": " ".join(argv),
             "python": platform.python_version(), "host": platform.node(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "jobs_run": result.jobs_run, "jobs_cached": result.jobs_cached,
-            "sweep_seconds": round(result.seconds, 1), "target_backend": result.config.backend}
-    run = Run(run_id=run_id, meta=meta)
+            "sweep_seconds": round(result.seconds, 1), "target_backend": cfg.backend,
+            "backends_run": [bmeta.get("backend") or cfg.backend] if cfg.ngl > 0 else ["cpu"],
+            "gpu": gpu_info(), "cxx_compiler": bmeta.get("cxx_compiler") or result.meta.get("compiler") or None,
+            "cuda_compiler": bmeta.get("cuda_compiler"),
+            "cmake_options": cmake if isinstance(cmake, list) else [f"(not recorded; CMakeCache.txt sha256 {cmake})"],
+            "baselines_added": list(cfg.baselines_added), "no_baselines": cfg.no_baselines}
+    run = Run(run_id=run_id, meta=meta, interrupted=result.interrupted)
     run.checks.append(cr)
     run.sections["sweep"] = section
     return run
@@ -89,14 +103,18 @@ def _table_text(section: dict) -> str:
     heads = ["pair", "PPL ± se", "vs q8_0", "KLD", "top1%", "KV MiB", "bits"] + [c.replace("_ratio_d", "@") for c in ratio_cols]
     table = []
     for r in section["rows"]:
+        def g(key):
+            v = r.get(key)
+            return "-" if not isinstance(v, (int, float)) else (f"{v:.3g}" if abs(v) < 0.1 else f"{v:.2f}")
         def f(key, fmt):
             v = r.get(key)
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
         ppl = f"{f('ppl', '.3f')} ± {f('ppl_se', '.3f')}" if r.get("ppl") is not None else "-"
         vs = f"{r['ppl_vs_q8_pct']:+.2f}%" if r.get("ppl_vs_q8_pct") is not None else "-"
         table.append([r["pair"], ppl, vs, f("kld", ".4f"), f("same_top_p_pct", ".1f"), f("kv_mib", ".2f"),
-                      f("bits_per_value", ".2f")] + [f(c, ".2f") for c in ratio_cols]
-                     + [f"{r.get('status')}{(': ' + r['error'][:100]) if r.get('error') else ''}"])
+                      f("bits_per_value", ".2f")] + [g(c) for c in ratio_cols]
+                     + [f"{r.get('status')}{(': ' + r['error'][:160]) if r.get('error') else ''}"
+                        + (f"; placement: {r['placement']}" if r.get("placement") else "")])
     widths = [max(len(str(x)) for x in col) for col in zip(heads + ["status"], *table)]
 
     def line(cells):
@@ -131,16 +149,20 @@ def _table_text(section: dict) -> str:
               help="Known-findings file: accepted findings are XFAIL, anything else non-PASS fails (README 'Known findings').")
 @click.option("--timeout", type=float, default=None, help="Seconds per tool call before it is killed (CPU 900).")
 @click.option("--no-bench", is_flag=True, help="Skip llama-bench (quality and memory only).")
+@click.option("--no-baselines", is_flag=True,
+              help="Run only the pairs given: do not add f16/f16 and q8_0/q8_0 (without q8_0 nothing is judged: SKIP).")
 @click.option("--strict", is_flag=True, help="Exit 1 on PARTIAL too.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, ubatch, fresh, fork_defaults, backend,
-          build_dir, out_dir, known_file, timeout, no_bench, strict, no_progress):
+          build_dir, out_dir, known_file, timeout, no_bench, no_baselines, strict, no_progress):
     """Model-level sweep: PPL ± se, KL divergence vs an f16-cache baseline, top-1 agreement, KV memory
     and prefill/decode speed ratio to q8_0 for K/V cache-type pairs, with the fork's own tools."""
     from harness.fork.build import REPO_ROOT, build_dir as default_build_dir, detect_backend
     from harness.runners.inputs import default_corpus
     from harness.runners.models import resolve_model
-    from harness.runners.sweep import CPU_DEFAULTS, DEFAULT_PAIRS, GPU_DEFAULTS, SweepConfig, parse_pairs, run_sweep
+    from harness.interrupt import Interrupted, acknowledge, interruptible
+    from harness.runners.sweep import (CPU_DEFAULTS, DEFAULT_PAIRS, GPU_DEFAULTS, SweepConfig, parse_pairs, run_sweep,
+                                       with_baselines)
 
     from harness import usage
     from harness.known import apply_known, gate_exit_code, load_known
@@ -159,6 +181,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             model=resolve_model(model),
             corpus=Path(corpus) if corpus else default_corpus(),
             pairs=parse_pairs(DEFAULT_PAIRS if pairs is None else pairs), bdir=bdir, backend=backend,
+            no_baselines=no_baselines,
             ctx=dflt["ctx"] if ctx is None else ctx, chunks=dflt["chunks"] if chunks is None else chunks,
             depths=_ints(depths) if depths is not None else dflt["depths"], reps=dflt["reps"] if reps is None else reps,
             n_prompt=dflt["n_prompt"], n_gen=dflt["n_gen"], threads=threads or (os.cpu_count() or 1), ngl=ngl,
@@ -168,20 +191,35 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         run_id = time.strftime("sweep-%Y%m%d-%H%M%S")
         run_dir = usage.writable_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / run_id, "--out")
         _refuse_other_report(run_dir)
-        def _term(signum, frame):  # `kill` / CI cancellation: stop like Ctrl-C (kill the tool, keep the cache)
-            raise KeyboardInterrupt
-        signal.signal(signal.SIGTERM, _term)
-        try:
-            result = run_sweep(cfg, progress=not no_progress, log=lambda s: click.echo(s, err=True))
-        except KeyboardInterrupt:
-            click.echo("interrupted: the jobs that finished are cached; " +
-                       ("rerun without --fresh to resume (with --fresh every job runs again)" if fresh
-                        else "rerun the same command to resume"), err=True)
-            sys.exit(130)
-        run = build_run(result, run_dir.name, sys.argv)
-        if known is not None:
-            apply_known(run, known, known_file)
-        paths = write_reports(run, result, run_dir)
+        if not no_baselines:
+            cfg.pairs, cfg.baselines_added = with_baselines(cfg.pairs)
+            if cfg.baselines_added:
+                click.echo(f"note: added the baseline pairs {', '.join(cfg.baselines_added)} that the rules need "
+                           f"(--no-baselines to run only the pairs given)", err=True)
+        resume = ("rerun without --fresh to resume (with --fresh every job runs again)" if fresh
+                  else "rerun the same command to resume")
+        with interruptible():  # SIGINT / SIGTERM: kill the tool, keep the cache, write the partial report
+            try:
+                result = run_sweep(cfg, progress=not no_progress, log=lambda s: click.echo(s, err=True))
+            except (Interrupted, KeyboardInterrupt) as e:
+                acknowledge()
+                result = getattr(e, "sweep_result", None)
+                code = getattr(e, "exit_code", 130)
+                if result is None:
+                    click.echo(f"interrupted by {getattr(e, 'name', 'SIGINT')} before any job ran; {resume}", err=True)
+                    sys.exit(code)
+                run = build_run(result, run_dir.name, sys.argv)
+                paths = write_reports(run, result, run_dir)
+                i = result.interrupted
+                click.echo(f"SWEEP INTERRUPTED by {i['signal']}: {len(i['not_run'])} jobs not run "
+                           f"({', '.join(i['not_run'])}); the jobs that finished are cached: {resume}; "
+                           f"partial report {paths['summary.md'] if 'summary.md' in paths else paths['report.html']}", err=True)
+                sys.exit(run.exit_code(strict=strict))
+            acknowledge()  # every job ran: a signal now would only cut the report short (about a second)
+            run = build_run(result, run_dir.name, sys.argv)
+            if known is not None:
+                apply_known(run, known, known_file)
+            paths = write_reports(run, result, run_dir)
     except HarnessError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -4,7 +4,6 @@ console start with the answer. Fake tools replay real captured output (no fork b
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -163,11 +162,11 @@ def test_interrupted_fresh_sweep_says_how_to_resume_and_resumes(sw, monkeypatch)
         return real(*a, **k)
 
     monkeypatch.setattr(S, "run_tool", interrupting)
-    code, out = sw.run("--pairs", "f16/f16,turbo3/turbo3", "--no-bench", "--fresh")
+    code, out = sw.run("--pairs", "f16/f16,turbo3/turbo3", "--no-bench", "--no-baselines", "--fresh")
     assert code == 130 and "rerun without --fresh to resume" in out
     monkeypatch.setattr(S, "run_tool", real)
     n = sw.ncalls()
-    code, out = sw.run("--pairs", "f16/f16,turbo3/turbo3", "--no-bench", "--out", str(sw.tmp / "rep"))
+    code, out = sw.run("--pairs", "f16/f16,turbo3/turbo3", "--no-bench", "--no-baselines", "--out", str(sw.tmp / "rep"))
     assert "2 cached" in out and sw.ncalls() - n == 1  # only the interrupted job ran again
 
 

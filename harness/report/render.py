@@ -153,7 +153,7 @@ def markdown(run: Run) -> str:
     head = headline(run)
     lines = [f"# turbo-harness run `{run.run_id}`: **{run.headline}**", ""]
     if run.interrupted:
-        lines += interrupted_lines(run.interrupted, "checks") + [""]
+        lines += interrupted_lines(run.interrupted, run.interrupted.get("units", "checks")) + [""]
     lines += [f"**{_md_escape(head[0])}**", ""]
     lines += [f"- {_md_escape(h)}" for h in head[1:]]
     setup = sweep_setup_line(run)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +26,12 @@ from typing import Callable
 
 from harness.errors import HarnessError
 from harness.fork.build import REPO_ROOT, binary, git_state, read_build_meta
+from harness.interrupt import Interrupted, raise_if_pending
 from harness.runners.ggml_types import type_traits
 from harness.runners.inputs import ModelInfo, check_corpus, read_model_info, sha256_file
-from harness.runners.llama_logs import parse_bench_json, parse_kld_stats, parse_kv_log, parse_kv_logs, parse_final_ppl
-from harness.runners.tools import run_tool
+from harness.runners.llama_logs import (kld_chunks_done, last_bench_progress, parse_bench_json, parse_bench_json_partial,
+                                        parse_final_ppl, parse_kld_stats, parse_kv_log, parse_kv_logs)
+from harness.runners.tools import ToolResult, error_line, run_tool
 
 PINNED_ENV = {"TURBO_AUTO_ASYMMETRIC": "0", "TURBO_LAYER_ADAPTIVE": "0", "TURBO_SPARSE_V": "0"}
 
@@ -40,6 +43,21 @@ DEFAULT_PAIRS = ("f16/f16,q8_0/q8_0,q4_0/q4_0,turbo4/turbo4,turbo3/turbo3,turbo2
 CPU_DEFAULTS = {"ctx": 256, "chunks": 8, "depths": (0, 256), "reps": 3, "n_prompt": 64, "n_gen": 16, "timeout": 900}
 GPU_DEFAULTS = {"ctx": 512, "chunks": 64, "depths": (0, 2048, 8192), "reps": 5, "n_prompt": 512, "n_gen": 128,
                 "timeout": 1800}
+
+
+# The pairs the sweep's rules need (spec "Model-level sweeps"): f16/f16 calibrates the KLD noise floor against the
+# f16 baseline, q8_0/q8_0 is what every pair's PPL and prefill speed are judged against.
+BASELINE_PAIRS = (("f16", "f16"), ("q8_0", "q8_0"))
+
+
+def with_baselines(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The pairs with the missing :data:`BASELINE_PAIRS` put in front, and the labels of those added.
+
+    Without q8_0/q8_0 no pair can be judged (the rules compare with q8_0) and the sweep would be SKIP
+    ("nothing judged"); without f16/f16 KLD has no noise floor. ``--no-baselines`` skips this.
+    """
+    missing = [p for p in BASELINE_PAIRS if p not in pairs]
+    return missing + [p for p in pairs], [pair_label(k, v) for k, v in missing]
 
 
 def parse_pairs(spec: str) -> list[tuple[str, str]]:
@@ -95,6 +113,8 @@ class SweepConfig:
     timeout: float = CPU_DEFAULTS["timeout"]
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("TURBO_SWEEP_CACHE") or REPO_ROOT / ".cache" / "sweep"))
     bench: bool = True
+    no_baselines: bool = False                                  # --no-baselines: run only the pairs asked for
+    baselines_added: list[str] = field(default_factory=list)    # labels added by with_baselines (for the report)
 
     def __post_init__(self):
         self.batch = self.batch or self.ctx
@@ -130,6 +150,8 @@ class JobRecord:
     seconds: float = 0.0
     cached: bool = False
     key: str = ""
+    fault: str = ""              # failed jobs: 'fork' (FAIL), 'refused' (SKIP), 'harness' (ERROR); see classify_failure
+    phase: str = ""              # failed jobs: the phase that died, e.g. 'decode (tg16 at depth 0)'
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +172,7 @@ class SweepResult:
     jobs_run: int = 0
     jobs_cached: int = 0
     traits: dict = field(default_factory=dict)  # {type name: TypeTrait} measured from the build
+    interrupted: dict | None = None  # {'signal', 'exit_code', 'in_progress', 'not_run'} when a signal stopped it
 
 
 def _binary_identity(bdir: Path, names: list[str]) -> dict:
@@ -228,6 +251,89 @@ def _common_args(cfg: SweepConfig) -> list[str]:
     return ["-t", str(cfg.threads), "-b", str(cfg.batch), "-ub", str(cfg.ubatch), "-ngl", str(cfg.ngl)]
 
 
+def _bench_tests(cfg: SweepConfig) -> list[tuple[str, int, int]]:
+    """The tests llama-bench runs, in its order: for each depth, the prefill test then the decode test
+    ((test 'pp'|'tg', tokens, depth); llama-bench's instance loop: depth outermost, prompts before gens)."""
+    out = []
+    for d in cfg.depths:
+        if cfg.n_prompt > 0:
+            out.append(("pp", cfg.n_prompt, d))
+        if cfg.n_gen > 0:
+            out.append(("tg", cfg.n_gen, d))
+    return out
+
+
+def _after_last_context(stderr: str) -> tuple[bool, str]:
+    """(a KV cache was created, the log after the last one): where the last context got to."""
+    i = stderr.rfind("llama_kv_cache: size")
+    return (i >= 0, stderr[i:] if i >= 0 else "")
+
+
+def _phase(kind: str, res: ToolResult, cfg: SweepConfig) -> str:
+    created, tail = _after_last_context(res.stderr)
+    if kind == "bench":
+        tests = _bench_tests(cfg)
+        prog = last_bench_progress(res.stderr)
+        if prog is not None:
+            n, word = prog
+        else:  # no --progress lines: the test after the last one printed
+            if not created:
+                return "start-up (model load, before the KV cache was created)"
+            rows, _ = parse_bench_json_partial(res.stdout)
+            n = len(rows) + 1
+            word = "prefill" if n - 1 < len(tests) and tests[n - 1][0] == "pp" else "decode"
+        if 0 < n <= len(tests):
+            t, ntok, d = tests[n - 1]
+            return f"{word} ({t}{ntok} at depth {d})"
+        return word
+    if not created:
+        return "start-up (model load, before the KV cache was created)"
+    if "graph splits" not in tail:
+        return "context creation (graph reserve, after the KV cache was created)"
+    done = kld_chunks_done(res.stdout)
+    return f"evaluation of chunk {done + 1} of {cfg.chunks} (batched prefill)"
+
+
+def classify_failure(kind: str, res: ToolResult, cfg: SweepConfig) -> tuple[str, str, str]:
+    """Who is at fault for a failed tool call (spec "Who is at fault decides FAIL or ERROR").
+
+    Args:
+        kind: 'base' | 'ppl' (llama-perplexity) or 'bench' (llama-bench, run with --progress).
+        res: the failed call (``res.ok`` is False).
+        cfg: the sweep (chunks, bench tests, to name the phase).
+
+    Returns:
+        (fault, phase, message): fault 'harness' for a timeout or a binary that cannot run (ERROR);
+        'refused' for a clean non-zero exit before the fork computed anything (its message is quoted;
+        SKIP); 'fork' for a crash (signal) anywhere, or an error exit after computing began (FAIL).
+        phase names where it died, e.g. 'decode (tg16 at depth 0)', 'evaluation of chunk 3 of 8 (batched
+        prefill)', 'start-up (...)'. message is one line naming the tool, the phase, the signal or exit
+        status and the tool's most telling line (GGML_ASSERT ...).
+    """
+    tool = Path(res.cmd[0]).name
+    if res.timed_out or res.rc is None or (res.rc == 127 and "cannot execute" in res.stderr):
+        return "harness", "", res.failure()
+    quote = error_line(res.stderr + "\n" + res.stdout)
+    phase = _phase(kind, res, cfg)
+    if res.rc < 0:
+        try:
+            sig = f"signal {-res.rc} ({signal.Signals(-res.rc).name})"
+        except ValueError:
+            sig = f"signal {-res.rc}"
+        return "fork", phase, f"{tool} crashed in {phase}: killed by {sig}: {quote}"
+    created, tail = _after_last_context(res.stderr)
+    computing = created and "graph splits" in tail
+    if not computing:
+        return "refused", "start-up", f"{tool} refused the configuration at start-up (exit {res.rc}): {quote}"
+    return "fork", phase, f"{tool} failed in {phase} (exit {res.rc}): {quote}"
+
+
+def _failed(rec: JobRecord, res: ToolResult, cfg: SweepConfig) -> JobRecord:
+    if not res.ok:
+        rec.fault, rec.phase, rec.error = classify_failure(rec.kind, res, cfg)
+    return rec
+
+
 def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str) -> JobRecord:
     ev = cache.ev(key)
     base_file = cache.root / "base" / f"{key}.kld"
@@ -237,7 +343,8 @@ def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str) -> JobRecor
            *_common_args(cfg), "-fa", "on", "-fit", "off", "-ctk", "f16", "-ctv", "f16",
            "--kl-divergence-base", str(tmp_file)]
     res = run_tool(cmd, cfg.env(), cfg.timeout, ev / "base", cfg.env_unset())
-    rec = JobRecord("base", "f16/f16", res.ok, res.failure(), evidence=_evidence(ev / "base"), seconds=res.seconds, key=key)
+    rec = _failed(JobRecord("base", "f16/f16", res.ok, res.failure(), evidence=_evidence(ev / "base"), seconds=res.seconds,
+                            key=key), res, cfg)
     text = res.stdout + "\n" + res.stderr
     if res.ok:
         fin = parse_final_ppl(text)
@@ -261,7 +368,11 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
     cmd = [str(tool), "-m", str(cfg.model), "-c", str(cfg.ctx), *_common_args(cfg), "-fa", "on", "-fit", "off",
            "-ctk", k, "-ctv", v, "--kl-divergence-base", base_file, "--kl-divergence"]
     res = run_tool(cmd, cfg.env(), cfg.timeout, ev / "ppl", cfg.env_unset())
-    rec = JobRecord("ppl", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "ppl"), seconds=res.seconds, key=key)
+    rec = _failed(JobRecord("ppl", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "ppl"),
+                            seconds=res.seconds, key=key), res, cfg)
+    if not res.ok:
+        kv = parse_kv_log(res.stderr)
+        rec.data = {"kv": kv.to_dict() if kv else None}  # placement is known even when the run died later
     if res.ok:
         stats = parse_kld_stats(res.stdout)
         kv = parse_kv_log(res.stderr)
@@ -279,9 +390,13 @@ def _run_bench(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v:
     ev = cache.ev(key)
     cmd = [str(tool), "-m", str(cfg.model), *_common_args(cfg), "-fa", "1", "-ctk", k, "-ctv", v,
            "-p", str(cfg.n_prompt), "-n", str(cfg.n_gen), "-d", ",".join(str(d) for d in cfg.depths),
-           "-r", str(cfg.reps), "-o", "json", "-v"]
+           "-r", str(cfg.reps), "-o", "json", "-v", "--progress"]
     res = run_tool(cmd, cfg.env(), cfg.timeout, ev / "bench", cfg.env_unset())
-    rec = JobRecord("bench", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "bench"), seconds=res.seconds, key=key)
+    rec = _failed(JobRecord("bench", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "bench"),
+                            seconds=res.seconds, key=key), res, cfg)
+    if not res.ok:  # keep what the tool measured before it died (llama-bench prints prefill before decode)
+        rows, _ = parse_bench_json_partial(res.stdout)
+        rec.data = {"rows": [r.to_dict() for r in rows], "kv": [x.to_dict() for x in parse_kv_logs(res.stderr)]}
     if res.ok:
         try:
             rows = parse_bench_json(res.stdout)
@@ -318,7 +433,10 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
 
     Raises:
         HarnessError: the tools are not built (with the build command).
-        KeyboardInterrupt: after killing the running tool; finished jobs stay cached.
+        KeyboardInterrupt or harness.interrupt.Interrupted: after killing the running tool; finished jobs
+            stay cached. The exception carries the partial result as ``e.sweep_result`` (its
+            ``interrupted`` names the signal, the job that was running and the jobs not run), so the
+            caller can write the partial report.
     """
     t0 = time.time()
     ppl_tool = binary(cfg.bdir, "llama-perplexity")
@@ -362,8 +480,10 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), unit="job", desc="sweep", dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} jobs [{elapsed}<{remaining}] {postfix}")
+    done = 0
     try:
         for kind, k, v, key in jobs:
+            raise_if_pending()
             label = pair_label(k, v)
             if bar is not None:
                 bar.set_postfix_str(f"{kind} {label}")
@@ -386,7 +506,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
                     cache.put(rec)
                     result.jobs_run += 1
                 elif log and not (kind == "ppl" and rec.error.startswith("no f16 baseline")):
-                    (bar.write if bar is not None else log)(f"ERROR {kind} {label}: {rec.error}")
+                    word = {"fork": "FAIL", "refused": "refused"}.get(rec.fault, "ERROR")
+                    (bar.write if bar is not None else log)(f"{word} {kind} {label}: {rec.error}")
             else:
                 result.jobs_cached += 1
             if kind == "base":
@@ -395,8 +516,16 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
                 result.ppl[label] = rec
             else:
                 result.bench[label] = rec
+            done += 1
             if bar is not None:
                 bar.update(1)
+    except (KeyboardInterrupt, Interrupted) as e:
+        name = getattr(e, "name", "SIGINT")
+        result.interrupted = {"signal": name, "exit_code": getattr(e, "exit_code", 130), "units": "jobs",
+                              "in_progress": f"{jobs[done][0]} {pair_label(*jobs[done][1:3])}" if done < len(jobs) else None,
+                              "not_run": [f"{kd} {pair_label(k, v)}" for kd, k, v, _ in jobs[done:]]}
+        e.sweep_result = result
+        raise
     finally:
         if bar is not None:
             bar.close()

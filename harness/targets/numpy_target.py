@@ -17,6 +17,11 @@ Faults (names accepted in ``faults``):
     reserved_nonzero    turbo4's reserved field is written non-zero
     crash_attention     flash attention raises ProbeCrash (a backend that aborts)
     decode_unrotated    decode returns the original domain (R^T applied), as turbo4's CPU decode did before fe2ead96
+    thresholds_shift_1e-6  every decision threshold moved 1e-6 away from zero (each still within 1e-6 of its
+                        midpoint), as CUDA's turbo4 constants (±0.145561/±0.013964) differ from CPU's
+                        (±0.145560/±0.013963) on fork 69d8e4be4
+    boundary_ties       a rotated coordinate within 1e-7 of a decision threshold gets the neighbouring index
+                        (float32 rounding of another kernel's arithmetic, made deterministic): boundary ties only
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from harness.targets.base import Backend, Routes, Target
 
 KNOWN_FAULTS = {"dense_rotation", "quantizer_signs", "uncorrected_norm", "perturbed_centroids", "thresholds_off",
                 "swapped_packing", "nan_zero_rows", "no_output_inverse", "skip_q_rotation", "reserved_nonzero",
-                "crash_attention", "decode_unrotated"}
+                "crash_attention", "decode_unrotated", "thresholds_shift_1e-6", "boundary_ties"}
+TIE_BAND = 1e-7  # the 'boundary_ties' fault's band around each threshold
 
 
 def _signs(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,6 +72,8 @@ class _Impl:
             t = (0.5 * (c[1:] + c[:-1])).astype(np.float32)
             if "thresholds_off" in self.faults:
                 t = (t + np.float32(0.002)).astype(np.float32)
+            if "thresholds_shift_1e-6" in self.faults:
+                t = (t + np.sign(t) * np.float32(1e-6)).astype(np.float32)
             self.tables[name] = (c, t)
 
     def _reorder(self, type_name: str, idx: np.ndarray) -> np.ndarray:
@@ -82,7 +90,16 @@ class _Impl:
         c, t = self.tables[type_name]
         n, ncols = x.shape
         groups = x.reshape(-1, 128)
-        idx, stored, _ = T.quantize(groups, self.R_q, c, t, corrected="uncorrected_norm" not in self.faults)
+        idx, stored, y = T.quantize(groups, self.R_q, c, t, corrected="uncorrected_norm" not in self.faults)
+        if "boundary_ties" in self.faults:
+            j = np.searchsorted(t, y)
+            lo, hi = np.clip(j - 1, 0, len(t) - 1), np.clip(j, 0, len(t) - 1)
+            k = np.where(np.abs(y - t[lo]) <= np.abs(y - t[hi]), lo, hi)  # the nearest threshold
+            tie = np.abs(y - t[k]) < TIE_BAND
+            idx = np.where(tie, np.where(y >= t[k], k, k + 1), idx).astype(idx.dtype)
+            cn = np.linalg.norm(c.astype(np.float64)[idx], axis=1)  # the corrected norm of the indices stored
+            nrm = np.linalg.norm(groups.astype(np.float64), axis=1)
+            stored = np.where(cn > 1e-10, nrm / np.where(cn > 1e-10, cn, 1.0), nrm)
         zero = np.linalg.norm(groups.astype(np.float64), axis=1) == 0
         if "nan_zero_rows" in self.faults:
             stored = np.where(zero, np.nan, stored)
