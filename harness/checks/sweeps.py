@@ -202,9 +202,11 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
                     if cfg.no_baselines else "no q8_0/q8_0 pair in this sweep: the rules judge every pair against q8_0")
         return f"the q8_0/q8_0 {what} run gave no figures to compare with"
 
+    from harness.runners.sweep import split_pair
     for k, v in cfg.pairs:
         lab = f"{k}/{v}"
-        row: dict = {"pair": lab, "k": k, "v": v, "status": "ok", "error": "", "caveat": ""}
+        k, v, rot = split_pair(k, v)  # 'q4_0/q4_0+rot': the cache types, and the attention rotation switched on
+        row: dict = {"pair": lab, "k": k, "v": v, "rotation": rot, "status": "ok", "error": "", "caveat": ""}
         caveats: list[str] = []
         prec = result.ppl.get(lab)
         brec = result.bench.get(lab)
@@ -352,6 +354,7 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
                                                   "reason": rules["speed"]["prefill_ratio_min_reason"]}))
         row["caveat"] = "; ".join(caveats)
         section["rows"].append(row)
+    cr.cells += vs_q4_0_cells(section["rows"], rules, backend, mi.name if mi is not None else "the model")
     if cfg.baselines_added:
         cr.notes.append(f"added the baseline pairs {', '.join(cfg.baselines_added)} that the rules need "
                         f"(--no-baselines runs only the pairs asked for)")
@@ -367,6 +370,62 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
                              caveat=f"nothing judged: {why}"))
     section["notes"] = list(cr.notes)
     return cr, section
+
+
+def vs_q4_0_cells(rows: list[dict], rules: dict, backend: str, model: str) -> list[Cell]:
+    """The fork's headline claim at equal memory: does each turbo pair beat each q4_0 baseline at the same or
+    fewer bits per real value? One cell per (turbo pair, baseline) with the KLD difference and its uncertainty.
+
+    Args:
+        rows: the sweep rows of :func:`judge_sweep` (need 'kld', 'kld_se', 'bits_per_value', 'ln_ppl_ratio_vs_f16',
+            'ln_ppl_ratio_se'); rows without them are passed over.
+        rules: the [vs_q4_0] section of checks/sweeps.toml: 'baselines' (pair labels, e.g. q4_0/q4_0 and
+            q4_0/q4_0+rot, the latter being what upstream llama.cpp does by default) and 'bits_tolerance'.
+        backend: for the cell path; model: named in the caveats.
+
+    Returns:
+        Cells with metric 'kld_vs_<baseline>' (value = turbo KLD - baseline KLD, nats/token; threshold 0):
+        PASS when turbo is not worse (within ``paired_se`` standard errors) at <= the baseline's bits per real value;
+        PARTIAL ("claim does not hold") when it is worse at equal or fewer bits, or spends more bits than the baseline.
+        The KLD standard errors of the two runs are combined as independent (the runs share the tokens, so this
+        over-states the uncertainty: a conservative test).
+    """
+    r = rules.get("vs_q4_0") or {}
+    k_sig = float(rules["significance"]["paired_se"])
+    tol = float(r.get("bits_tolerance", 0.05))
+    by = {row["pair"]: row for row in rows}
+    out: list[Cell] = []
+    turbo = [row for row in rows if "turbo" in f"{row.get('k')}{row.get('v')}" and row.get("kld") is not None
+             and row.get("bits_per_value") is not None and row.get("status") == "ok"]
+    for base_lab in r.get("baselines", []):
+        b = by.get(base_lab)
+        if b is None or b.get("kld") is None or b.get("bits_per_value") is None or b.get("status") != "ok":
+            for t in turbo:
+                out.append(Cell("SWEEP", t["pair"], f"{backend}:perplexity", f"kld_vs_{base_lab}", None, 0.0, Verdict.SKIP,
+                                caveat=f"not compared: no measured {base_lab} pair in this sweep"))
+            continue
+        for t in turbo:
+            d = t["kld"] - b["kld"]
+            se = math.hypot(t.get("kld_se") or 0.0, b.get("kld_se") or 0.0)
+            dppl = None
+            if t.get("ln_ppl_ratio_vs_f16") is not None and b.get("ln_ppl_ratio_vs_f16") is not None:
+                dppl = 100 * math.expm1(t["ln_ppl_ratio_vs_f16"] - b["ln_ppl_ratio_vs_f16"])
+            bits_t, bits_b = t["bits_per_value"], b["bits_per_value"]
+            facts = (f"{t['pair']} KLD {t['kld']:.4f} at {bits_t:.2f} bits/real value vs {base_lab} {b['kld']:.4f} at "
+                     f"{bits_b:.2f} (difference {d:+.4f} ± {se:.4f}"
+                     + (f", PPL {dppl:+.2f}%" if dppl is not None else "") + f") on {model}")
+            if bits_t > bits_b + tol:
+                vd, cav = Verdict.PARTIAL, (f"claim not shown at equal memory: turbo spends {bits_t - bits_b:.2f} more bits "
+                                            f"per real value than {base_lab}; {facts}")
+            elif d > k_sig * se:
+                vd, cav = Verdict.PARTIAL, f"claim does not hold: turbo is worse than {base_lab} at the same or fewer bits; {facts}"
+            else:
+                vd, cav = Verdict.PASS, f"claim holds: {facts}"
+            out.append(Cell("SWEEP", t["pair"], f"{backend}:perplexity", f"kld_vs_{base_lab}", d, 0.0, vd, caveat=cav,
+                            details={"kld": t["kld"], "kld_se": t.get("kld_se"), "base_kld": b["kld"],
+                                     "base_kld_se": b.get("kld_se"), "bits": bits_t, "base_bits": bits_b,
+                                     "ppl_diff_pct": dppl, "d_kld_se": se, "reason": r.get("baselines_reason", "")}))
+    return out
 
 
 def ratio_text(r: float | None) -> str:

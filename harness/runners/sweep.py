@@ -35,7 +35,7 @@ from harness.runners.tools import ToolResult, error_line, run_tool
 
 PINNED_ENV = {"TURBO_AUTO_ASYMMETRIC": "0", "TURBO_LAYER_ADAPTIVE": "0", "TURBO_SPARSE_V": "0"}
 
-DEFAULT_PAIRS = ("f16/f16,q8_0/q8_0,q4_0/q4_0,turbo4/turbo4,turbo3/turbo3,turbo2/turbo2,"
+DEFAULT_PAIRS = ("f16/f16,q8_0/q8_0,q4_0/q4_0,q4_0/q4_0+rot,turbo4/turbo4,turbo3/turbo3,turbo2/turbo2,"
                  "q8_0/turbo4,q8_0/turbo3,turbo4/q8_0")
 
 # Defaults sized so the whole default sweep takes ~10-15 min on a 2-core CPU (turbo KV on CPU is
@@ -69,11 +69,15 @@ def parse_pairs(spec: str) -> list[tuple[str, str]]:
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
-        parts = [p.strip() for p in item.split("/")]
+        rot = item.endswith(ROT_SUFFIX)
+        parts = [p.strip() for p in item.removesuffix(ROT_SUFFIX).split("/")]
         if len(parts) == 1:
             parts = parts * 2
-        if len(parts) != 2 or not all(parts):
-            raise HarnessError(f"bad K/V pair {item!r}: write K/V, e.g. q8_0/turbo3 (or one name for K=V)")
+        if len(parts) != 2 or not all(parts) or any(ROT_SUFFIX in p for p in parts):
+            raise HarnessError(f"bad K/V pair {item!r}: write K/V, e.g. q8_0/turbo3 (or one name for K=V; "
+                               f"append {ROT_SUFFIX} for the attention rotation, e.g. q4_0/q4_0{ROT_SUFFIX})")
+        if rot:
+            parts[1] += ROT_SUFFIX
         if (parts[0], parts[1]) not in out:
             out.append((parts[0], parts[1]))
     if not out:
@@ -83,6 +87,32 @@ def parse_pairs(spec: str) -> list[tuple[str, str]]:
 
 def pair_label(k: str, v: str) -> str:
     return f"{k}/{v}"
+
+
+# A pair written with this suffix (``q4_0/q4_0+rot``) runs with the Hadamard attention rotation that upstream
+# llama.cpp switches on by default for quantised caches and this fork family switches off; the fork's switches
+# are LLAMA_ATTN_ROT_{K,V}_OVERRIDE (src/llama-kv-cache.cpp), and its log line ``attn_rot_k = 1`` proves it.
+ROT_SUFFIX = "+rot"
+ROT_ENV = {"LLAMA_ATTN_ROT_K_OVERRIDE": "1", "LLAMA_ATTN_ROT_V_OVERRIDE": "1"}
+
+
+def split_pair(k: str, v: str) -> tuple[str, str, bool]:
+    """(K cache type, V cache type, rotation on) of a pair as :func:`parse_pairs` stores it ('q4_0', 'q4_0+rot')."""
+    rot = k.endswith(ROT_SUFFIX) or v.endswith(ROT_SUFFIX)
+    return k.removesuffix(ROT_SUFFIX), v.removesuffix(ROT_SUFFIX), rot
+
+
+def rotation_problem(stderr: str) -> str:
+    """'' when the log shows the attention rotation on for K and V (``attn_rot_k = 1``, ``attn_rot_v = 1``), else
+    the reason the run does not measure what the '+rot' pair names."""
+    import re
+    got = {side: m.group(1) for side, m in ((s, re.search(rf"attn_rot_{s} = (\d+)", stderr)) for s in ("k", "v")) if m}
+    if got.get("k") == "1" and got.get("v") == "1":
+        return ""
+    if not got:
+        return "the log has no 'attn_rot_k = ...' line: this build cannot switch the attention rotation on"
+    return (f"attention rotation asked for ({', '.join(f'{k}=1' for k in ROT_ENV)}) but the log says "
+            f"attn_rot_k = {got.get('k', '?')}, attn_rot_v = {got.get('v', '?')}: the override did not take effect")
 
 
 def pair_slug(k: str, v: str) -> str:
@@ -365,9 +395,10 @@ def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str) -> JobRecor
 
 def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: str, base_file: str) -> JobRecord:
     ev = cache.ev(key)
+    kt, vt, rot = split_pair(k, v)
     cmd = [str(tool), "-m", str(cfg.model), "-c", str(cfg.ctx), *_common_args(cfg), "-fa", "on", "-fit", "off",
-           "-ctk", k, "-ctv", v, "--kl-divergence-base", base_file, "--kl-divergence"]
-    res = run_tool(cmd, cfg.env(), cfg.timeout, ev / "ppl", cfg.env_unset())
+           "-ctk", kt, "-ctv", vt, "--kl-divergence-base", base_file, "--kl-divergence"]
+    res = run_tool(cmd, {**cfg.env(), **(ROT_ENV if rot else {})}, cfg.timeout, ev / "ppl", cfg.env_unset())
     rec = _failed(JobRecord("ppl", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "ppl"),
                             seconds=res.seconds, key=key), res, cfg)
     if not res.ok:
@@ -381,6 +412,8 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
                                         f"chunks); see {ev / 'ppl.stdout'}")
         elif kv is None:
             rec.ok, rec.error = False, f"no 'llama_kv_cache: size' line in the log; see {ev / 'ppl.stderr'}"
+        elif rot and rotation_problem(res.stderr):
+            rec.ok, rec.error = False, f"{rotation_problem(res.stderr)}; see {ev / 'ppl.stderr'}"
         else:
             rec.data = {"stats": stats, "kv": kv.to_dict()}
     return rec
@@ -388,10 +421,11 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
 
 def _run_bench(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: str) -> JobRecord:
     ev = cache.ev(key)
-    cmd = [str(tool), "-m", str(cfg.model), *_common_args(cfg), "-fa", "1", "-ctk", k, "-ctv", v,
+    kt, vt, rot = split_pair(k, v)
+    cmd = [str(tool), "-m", str(cfg.model), *_common_args(cfg), "-fa", "1", "-ctk", kt, "-ctv", vt,
            "-p", str(cfg.n_prompt), "-n", str(cfg.n_gen), "-d", ",".join(str(d) for d in cfg.depths),
            "-r", str(cfg.reps), "-o", "json", "-v", "--progress"]
-    res = run_tool(cmd, cfg.env(), cfg.timeout, ev / "bench", cfg.env_unset())
+    res = run_tool(cmd, {**cfg.env(), **(ROT_ENV if rot else {})}, cfg.timeout, ev / "bench", cfg.env_unset())
     rec = _failed(JobRecord("bench", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "bench"),
                             seconds=res.seconds, key=key), res, cfg)
     if not res.ok:  # keep what the tool measured before it died (llama-bench prints prefill before decode)
@@ -411,7 +445,7 @@ def _run_bench(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v:
 
 
 def _unknown_type_error(k: str, v: str, known: set[str]) -> str:
-    bad = [t for t in (k, v) if t not in known]
+    bad = [t for t in split_pair(k, v)[:2] if t not in known]
     if not bad:
         return ""
     return (f"unknown cache type {bad[0]!r}: this build's ggml knows "
@@ -447,7 +481,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
             "pinned": cfg.pinned(), "pairs": [pair_label(k, v) for k, v in cfg.pairs],
             "turbo_env_inherited": {k: v for k, v in os.environ.items() if k.startswith("TURBO_")},
             "type_traits": {n: [t.blck, t.size] for n, t in traits.items()
-                            if n in {x for p in cfg.pairs for x in p} | {"f16", "q8_0"}}}
+                            if n in {x for p in cfg.pairs for x in split_pair(*p)[:2]} | {"f16", "q8_0"}}}
     result = SweepResult(cfg, meta, None, None, traits=traits)
     try:
         result.model_info = read_model_info(cfg.model)
