@@ -124,7 +124,7 @@ def judge_side(cr, sanitizer: list[str] | None = None) -> tuple[str, str]:
     A cell that is ERROR because the fork's code crashed in a probe call (signal, abort, sanitizer report)
     counts as FAIL quoting the crash: the build accepted the type, so the crash is the fork's fault and is
     the bug being replayed; so is a SKIP whose reason is such a crash (a route probed and lost to a crash).
-    A probe call killed by its timeout (a hang) stays ERROR with that reason.
+    A probe call killed by its timeout (a hang) is ERROR with that reason, also where the check made it FAIL.
     ``sanitizer``: headlines of sanitizer reports of the run; a crash is quoted with the first of them.
     """
     from harness.report.model import Verdict, worst
@@ -134,8 +134,11 @@ def judge_side(cr, sanitizer: list[str] | None = None) -> tuple[str, str]:
     judged = []
     for c in cr.cells:
         v, why = c.verdict, f"{c.type} {c.path}: {c.caveat}" if c.caveat else f"{c.type} {c.path} {c.metric}={c.value}"
-        if v in (Verdict.ERROR, Verdict.SKIP):  # a crash is never a skip: a check that probed a route and lost
-            crash = classify_probe_message(c.caveat)  # the worker to the fork's code reports it as 'not supported'
+        if v in (Verdict.ERROR, Verdict.SKIP, Verdict.FAIL):  # a crash is never a skip (a route probed and lost
+            crash = classify_probe_message(c.caveat, bool(sanitizer))  # to a crash reads 'not supported'); a hang is
+            if v == Verdict.FAIL and (crash is None or crash.fork_fault):  # ERROR even where a check called it FAIL
+                judged.append((v, why))
+                continue
             if crash and crash.fork_fault:
                 what = f"AddressSanitizer report: {sanitizer[0]}" if sanitizer else crash.describe()
                 v, why = Verdict.FAIL, f"{c.type} {c.path}: crash of the fork's code: {what}"

@@ -1,14 +1,14 @@
 """``turbo-harness sweep``: model-level PPL/KLD/speed/KV-memory sweep over K/V cache-type pairs.
 
 Registered by harness/cli.py with ``cli.add_command(sweep)``. Exit codes: 0 no FAIL/ERROR, 1 a FAIL
-(or PARTIAL with --strict), 2 an ERROR or bad usage, 130 interrupted (finished jobs stay cached).
+(or PARTIAL with --strict), 2 an ERROR or bad usage, 130 / 143 interrupted by SIGINT / SIGTERM (the
+partial report is written, marked INTERRUPTED with the jobs not run; finished jobs stay cached).
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
-import signal
 import sys
 import time
 from pathlib import Path
@@ -22,25 +22,39 @@ def _ints(s: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(x) for x in s.split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"{s!r}: give comma-separated integers, e.g. 0,256") from None
+        raise HarnessError(f"--depths {s!r}: give comma-separated integers, e.g. 0,256") from None
     if not vals or min(vals) < 0:
-        raise click.BadParameter(f"{s!r}: give comma-separated non-negative integers")
+        raise HarnessError(f"--depths {s!r}: give comma-separated non-negative integers, e.g. 0,256")
     return vals
 
 
 def build_run(result, run_id: str, argv: list[str]):
     """Turn a SweepResult into a :class:`harness.report.model.Run` with check 'SWEEP' and
-    ``sections['sweep']`` (evidence copied into the run folder is added by :func:`write_reports`)."""
+    ``sections['sweep']`` (evidence copied into the run folder is added by :func:`write_reports`).
+
+    The metadata names the GPU and driver (nvidia-smi / rocm-smi, as verify does), the backend the tools
+    ran on (the build's backend when layers are offloaded, else cpu), the build's CMake options and
+    compiler from its record; an interrupted result gives an interrupted Run (exit 130 / 143)."""
     from harness import __version__
     from harness.checks.sweeps import judge_sweep
+    from harness.fork.build import read_build_meta
     from harness.report.model import Run
+    from harness.verify import gpu_info
 
     cr, section = judge_sweep(result)
+    cfg = result.config
+    bmeta = read_build_meta(cfg.bdir)
+    cmake = result.meta.get("cmake_options", bmeta.get("cmake_options"))
     meta = {**result.meta, "harness_version": __version__, "command_line": " ".join(argv),
             "python": platform.python_version(), "host": platform.node(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "jobs_run": result.jobs_run, "jobs_cached": result.jobs_cached,
-            "sweep_seconds": round(result.seconds, 1), "target_backend": result.config.backend}
-    run = Run(run_id=run_id, meta=meta)
+            "sweep_seconds": round(result.seconds, 1), "target_backend": cfg.backend,
+            "backends_run": [bmeta.get("backend") or cfg.backend] if cfg.ngl > 0 else ["cpu"],
+            "gpu": gpu_info(), "cxx_compiler": bmeta.get("cxx_compiler") or result.meta.get("compiler") or None,
+            "cuda_compiler": bmeta.get("cuda_compiler"),
+            "cmake_options": cmake if isinstance(cmake, list) else [f"(not recorded; CMakeCache.txt sha256 {cmake})"],
+            "baselines_added": list(cfg.baselines_added), "no_baselines": cfg.no_baselines}
+    run = Run(run_id=run_id, meta=meta, interrupted=result.interrupted)
     run.checks.append(cr)
     run.sections["sweep"] = section
     return run
@@ -83,22 +97,30 @@ def write_reports(run, result, run_dir: Path) -> dict[str, Path]:
 
 
 def _table_text(section: dict) -> str:
+    """The sweep table for the console: fixed-width columns separated by two spaces."""
     ratio_cols = sorted({c for r in section["rows"] for c in r if c.startswith(("pp_ratio_d", "tg_ratio_d"))},
                         key=lambda c: (c[:2], int(c.split("_d")[-1])))
-    head = f"{'pair':<15}{'PPL ± se':>18}{'vs q8':>8}{'KLD':>9}{'top1%':>7}{'KV MiB':>8}{'bits':>6}" + \
-        "".join(f"{c.replace('_ratio_d', '@'):>8}" for c in ratio_cols) + "  status"
-    lines = [head]
+    heads = ["pair", "PPL ± se", "vs q8_0", "KLD", "top1%", "KV MiB", "bits"] + [c.replace("_ratio_d", "@") for c in ratio_cols]
+    table = []
     for r in section["rows"]:
+        def g(key):
+            v = r.get(key)
+            return "-" if not isinstance(v, (int, float)) else (f"{v:.3g}" if abs(v) < 0.1 else f"{v:.2f}")
         def f(key, fmt):
             v = r.get(key)
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
         ppl = f"{f('ppl', '.3f')} ± {f('ppl_se', '.3f')}" if r.get("ppl") is not None else "-"
         vs = f"{r['ppl_vs_q8_pct']:+.2f}%" if r.get("ppl_vs_q8_pct") is not None else "-"
-        lines.append(f"{r['pair']:<15}{ppl:>18}{vs:>8}{f('kld', '.4f'):>9}{f('same_top_p_pct', '.1f'):>7}"
-                     f"{f('kv_mib', '.2f'):>8}{f('bits_per_value', '.2f'):>6}"
-                     + "".join(f"{f(c, '.2f'):>8}" for c in ratio_cols)
-                     + f"  {r.get('status')}{(': ' + r['error'][:100]) if r.get('error') else ''}")
-    return "\n".join(lines)
+        table.append([r["pair"], ppl, vs, f("kld", ".4f"), f("same_top_p_pct", ".1f"), f("kv_mib", ".2f"),
+                      f("bits_per_value", ".2f")] + [g(c) for c in ratio_cols]
+                     + [f"{r.get('status')}{(': ' + r['error'][:160]) if r.get('error') else ''}"
+                        + (f"; placement: {r['placement']}" if r.get("placement") else "")])
+    widths = [max(len(str(x)) for x in col) for col in zip(heads + ["status"], *table)]
+
+    def line(cells):
+        out = [str(cells[0]).ljust(widths[0])] + [str(x).rjust(w) for x, w in zip(cells[1:-1], widths[1:-1])]
+        return "  ".join(out + [str(cells[-1])])
+    return "\n".join([line(heads + ["status"])] + [line(r) for r in table])
 
 
 @click.command("sweep")
@@ -121,62 +143,150 @@ def _table_text(section: dict) -> str:
 @click.option("--backend", default=None, help="Build folder backend: cpu, cuda, metal, vulkan, hip (default: detected).")
 @click.option("--build-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Build folder holding bin/llama-perplexity (default: build/<backend>).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Reports folder; the run goes to <out>/<run-id>/ (default: reports/).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Report folder, as for verify (default: reports/<run-id>).")
+@click.option("--known", "known_file", type=click.Path(dir_okay=False), default=None,
+              help="Known-findings file: accepted findings are XFAIL, anything else non-PASS fails (README 'Known findings').")
 @click.option("--timeout", type=float, default=None, help="Seconds per tool call before it is killed (CPU 900).")
 @click.option("--no-bench", is_flag=True, help="Skip llama-bench (quality and memory only).")
+@click.option("--no-baselines", is_flag=True,
+              help="Run only the pairs given: do not add f16/f16 and q8_0/q8_0 (without q8_0 nothing is judged: SKIP).")
 @click.option("--strict", is_flag=True, help="Exit 1 on PARTIAL too.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, ubatch, fresh, fork_defaults, backend,
-          build_dir, out_dir, timeout, no_bench, strict, no_progress):
+          build_dir, out_dir, known_file, timeout, no_bench, no_baselines, strict, no_progress):
     """Model-level sweep: PPL ± se, KL divergence vs an f16-cache baseline, top-1 agreement, KV memory
     and prefill/decode speed ratio to q8_0 for K/V cache-type pairs, with the fork's own tools."""
     from harness.fork.build import REPO_ROOT, build_dir as default_build_dir, detect_backend
     from harness.runners.inputs import default_corpus
     from harness.runners.models import resolve_model
-    from harness.runners.sweep import CPU_DEFAULTS, DEFAULT_PAIRS, GPU_DEFAULTS, SweepConfig, parse_pairs, run_sweep
+    from harness.interrupt import Interrupted, acknowledge, interruptible
+    from harness.runners.sweep import (CPU_DEFAULTS, DEFAULT_PAIRS, GPU_DEFAULTS, SweepConfig, parse_pairs, run_sweep,
+                                       with_baselines)
+
+    from harness import usage
+    from harness.known import apply_known, gate_exit_code, load_known
 
     try:
-        backend = (backend or detect_backend()).lower()
+        backend = usage.backend_name(backend, "--backend") or detect_backend()
+        _check_numbers(ctx=ctx, chunks=chunks, reps=reps, threads=threads, timeout=timeout, ngl=ngl, batch=batch,
+                       ubatch=ubatch)
         ngl = ngl if ngl is not None else (0 if backend == "cpu" else 99)
         dflt = CPU_DEFAULTS if ngl == 0 else GPU_DEFAULTS
         bdir = build_dir or default_build_dir(backend)
+        if build_dir is None and not (bdir / "bin" / "llama-perplexity").is_file() and backend != detect_backend():
+            raise HarnessError(f"--backend {backend}: no {backend} build in {bdir}; {usage.backend_fix(backend)}")
+        known = load_known(known_file) if known_file else None
         cfg = SweepConfig(
             model=resolve_model(model),
             corpus=Path(corpus) if corpus else default_corpus(),
-            pairs=parse_pairs(pairs or DEFAULT_PAIRS), bdir=bdir, backend=backend,
-            ctx=ctx or dflt["ctx"], chunks=chunks or dflt["chunks"],
-            depths=_ints(depths) if depths else dflt["depths"], reps=reps or dflt["reps"],
+            pairs=parse_pairs(DEFAULT_PAIRS if pairs is None else pairs), bdir=bdir, backend=backend,
+            no_baselines=no_baselines,
+            ctx=dflt["ctx"] if ctx is None else ctx, chunks=dflt["chunks"] if chunks is None else chunks,
+            depths=_ints(depths) if depths is not None else dflt["depths"], reps=dflt["reps"] if reps is None else reps,
             n_prompt=dflt["n_prompt"], n_gen=dflt["n_gen"], threads=threads or (os.cpu_count() or 1), ngl=ngl,
             batch=batch, ubatch=ubatch, fresh=fresh, fork_defaults=fork_defaults,
-            timeout=timeout or dflt["timeout"], bench=not no_bench)
-        if cfg.ctx < 16 or cfg.chunks < 2:
-            raise HarnessError("--ctx must be >= 16 and --chunks >= 2 (llama-perplexity prints KLD statistics only for 2+ chunks)")
+            timeout=dflt["timeout"] if timeout is None else timeout, bench=not no_bench)
+        _check_inputs(cfg)
         run_id = time.strftime("sweep-%Y%m%d-%H%M%S")
-        run_dir = Path(out_dir or (REPO_ROOT / "reports")) / run_id
-        def _term(signum, frame):  # `kill` / CI cancellation: stop like Ctrl-C (kill the tool, keep the cache)
-            raise KeyboardInterrupt
-        signal.signal(signal.SIGTERM, _term)
-        try:
-            result = run_sweep(cfg, progress=not no_progress, log=lambda s: click.echo(s, err=True))
-        except KeyboardInterrupt:
-            click.echo("interrupted: finished jobs are cached; rerun the same command to resume", err=True)
-            sys.exit(130)
-        run = build_run(result, run_id, sys.argv)
-        paths = write_reports(run, result, run_dir)
+        run_dir = usage.writable_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / run_id, "--out")
+        _refuse_other_report(run_dir)
+        if not no_baselines:
+            cfg.pairs, cfg.baselines_added = with_baselines(cfg.pairs)
+            if cfg.baselines_added:
+                click.echo(f"note: added the baseline pairs {', '.join(cfg.baselines_added)} that the rules need "
+                           f"(--no-baselines to run only the pairs given)", err=True)
+        resume = ("rerun without --fresh to resume (with --fresh every job runs again)" if fresh
+                  else "rerun the same command to resume")
+        with interruptible():  # SIGINT / SIGTERM: kill the tool, keep the cache, write the partial report
+            try:
+                result = run_sweep(cfg, progress=not no_progress, log=lambda s: click.echo(s, err=True))
+            except (Interrupted, KeyboardInterrupt) as e:
+                acknowledge()
+                result = getattr(e, "sweep_result", None)
+                code = getattr(e, "exit_code", 130)
+                if result is None:
+                    click.echo(f"interrupted by {getattr(e, 'name', 'SIGINT')} before any job ran; {resume}", err=True)
+                    sys.exit(code)
+                run = build_run(result, run_dir.name, sys.argv)
+                paths = write_reports(run, result, run_dir)
+                i = result.interrupted
+                click.echo(f"SWEEP INTERRUPTED by {i['signal']}: {len(i['not_run'])} jobs not run "
+                           f"({', '.join(i['not_run'])}); the jobs that finished are cached: {resume}; "
+                           f"partial report {paths['summary.md'] if 'summary.md' in paths else paths['report.html']}", err=True)
+                sys.exit(run.exit_code(strict=strict))
+            acknowledge()  # every job ran: a signal now would only cut the report short (about a second)
+            run = build_run(result, run_dir.name, sys.argv)
+            if known is not None:
+                apply_known(run, known, known_file)
+            paths = write_reports(run, result, run_dir)
     except HarnessError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    from harness.report.findings import headline
+    from harness.report.render import sweep_setup_line
     sec = run.sections["sweep"]
+    for ln in headline(run):  # the answer first: the verdict and one line per finding
+        click.echo(ln)
+    click.echo(sweep_setup_line(run))
     click.echo(_table_text(sec))
     for n in sec.get("notes", []):
         click.echo(f"note: {n}")
     cr = run.checks[0]
-    if cr.error:
-        click.echo(f"ERROR: {cr.error}")
-    bad = [c for c in cr.cells if c.verdict.value in ("FAIL", "ERROR", "PARTIAL")]
-    for c in bad:
-        click.echo(f"{c.verdict.value:<8}{c.type:<15}{c.metric:<22}{c.caveat}")
     click.echo(f"SWEEP {cr.verdict.value}: {result.jobs_run} jobs run, {result.jobs_cached} cached, "
                f"{result.seconds:.1f} s; report {paths['report.html']}")
-    sys.exit(run.exit_code(strict=strict))
+    sys.exit(gate_exit_code(run, strict=strict))
+
+
+_MINIMA = {"ctx": (16, "tokens per perplexity chunk"), "chunks": (2, "llama-perplexity prints KLD statistics only for 2+ chunks"),
+           "reps": (1, "llama-bench repetitions"), "threads": (1, "CPU threads"), "timeout": (1, "seconds per tool call"),
+           "ngl": (0, "layers offloaded"), "batch": (0, "0 = ctx"), "ubatch": (0, "0 = min(batch, 512)")}
+
+
+def _check_numbers(**given) -> None:
+    """Refuse a number option below its minimum instead of silently using the default (one line, exit 2)."""
+    for name, v in given.items():
+        lo, why = _MINIMA[name]
+        if v is not None and v < lo:
+            raise HarnessError(f"--{name} {v:g} is too small ({why}): give {lo} or more, or leave it out for the default")
+
+
+def _refuse_other_report(run_dir: Path) -> None:
+    """A folder holding a verify/check report is not overwritten by a sweep (a sweep report there is
+    replaced by the new sweep: it is the same kind of run)."""
+    f = Path(run_dir) / "run.json"
+    if not f.is_file():
+        return
+    try:
+        ids = [c.get("id") for c in json.loads(f.read_text()).get("checks", [])]
+    except (OSError, ValueError, AttributeError):
+        ids = ["?"]
+    other = [i for i in ids if i != "SWEEP"]
+    if other:
+        raise HarnessError(f"--out {run_dir} holds another report ({', '.join(map(str, other))}): a sweep would overwrite "
+                           f"it; give a new folder")
+
+
+def _check_inputs(cfg) -> None:
+    """Before any tool runs: the context fits the model's trained length (bench depths too) and the corpus
+    is UTF-8 text long enough for ctx x chunks, the model is a readable GGUF, the cache types exist."""
+    from harness.runners import sweep as sweep_runner
+    from harness.runners.inputs import check_corpus, read_model_info
+    try:
+        known = set(sweep_runner.type_traits(str(cfg.bdir)))
+    except HarnessError:
+        known = set()  # the build cannot be read here: the sweep reports it
+    bad = [t for k, v in cfg.pairs for t in (k, v) if known and t not in known]
+    if bad:
+        raise HarnessError(f"--pairs: unknown cache type {bad[0]!r}: this build knows "
+                           f"{', '.join(t for t in sorted(known) if t.startswith(('f1', 'bf', 'q4', 'q5', 'q8', 'iq4', 'turbo')))}")
+    info = read_model_info(cfg.model)  # a missing or non-GGUF model: one line, before anything runs
+    if info.n_ctx_train:
+        if cfg.ctx > info.n_ctx_train:
+            raise HarnessError(f"--ctx {cfg.ctx} is beyond the {info.n_ctx_train} tokens {info.name} was trained for "
+                               f"({info.arch}.context_length in {Path(cfg.model).name}): give --ctx {info.n_ctx_train} or less")
+        deepest = max(cfg.depths) + max(cfg.n_prompt, cfg.n_gen)
+        if cfg.bench and deepest > info.n_ctx_train:
+            raise HarnessError(f"--depths {max(cfg.depths)} plus the {max(cfg.n_prompt, cfg.n_gen)}-token bench test is beyond the "
+                               f"{info.n_ctx_train} tokens {info.name} was trained for: give smaller --depths or --no-bench")
+    check_corpus(cfg.corpus, cfg.ctx, cfg.chunks)

@@ -1,26 +1,53 @@
 #!/usr/bin/env bash
-# Run the harness on a lent CUDA machine (no network): build the carried fork copy for CUDA in the
-# background (survives the call), wait up to WAIT seconds, then run `verify --target cuda` if built.
-# Usage (from the repo root there): scripts/device-cuda.sh [WAIT]
+# Run the harness on a lent CUDA machine (no network), in phases that fit the device tool's calls.
+# Everything travels in the ignored folder .devcarry/ (each call carries one part of it; the machine keeps
+# ignored files between calls while it is warm):
+#   .devcarry/c1/  the fork snapshot (llama-cpp-turboquant-*.tar.xz + README.md with its sha256),
+#                  wiki.test.raw, model.part00
+#   .devcarry/m2/  model.part01        .devcarry/m3/  model.part02 + model.sha256
+# Usage (repo root there):
+#   scripts/device-cuda.sh build  [WAIT]   unpack the fork, start the CUDA build in the background, wait up to WAIT s
+#   scripts/device-cuda.sh verify [WAIT]   wait for the build, then `verify --target cuda` into $OUT
+#   scripts/device-cuda.sh sweep  [ARGS]   join the model pieces, then a CUDA sweep into $OUT
 set -u
-WAIT=${1:-540}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CUDA_ARCH=${CUDA_ARCH:-90} FORK_DIR=$PWD/.devcarry/fork GGML_NO_BACKTRACE=1
+PHASE=${1:-build}; shift || true
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CUDA_ARCH=${CUDA_ARCH:-90} GGML_NO_BACKTRACE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
-if [ ! -f build/cuda/.harness-built ] && ! pgrep -f "harness.cli build" >/dev/null; then
-  nvidia-smi -L
-  setsid bash -c "python3 -m harness.cli build --backend cuda --targets ggml,test-backend-ops > build/cuda-build.log 2>&1 && touch build/cuda/.harness-built; echo rc=\$? >> build/cuda-build.log" &
-  sleep 2
-fi
-while [ ! -f build/cuda/.harness-built ] && [ $(( $(date +%s) - T0 )) -lt "$WAIT" ]; do
-  if grep -q "^rc=" build/cuda-build.log 2>/dev/null; then break; fi
-  sleep 10
-done
-cp build/cuda-build.log "$OUT/" 2>/dev/null; tail -3 build/cuda/turbo-harness-build.log 2>/dev/null
-if [ ! -f build/cuda/.harness-built ]; then echo "build not finished after $(( $(date +%s) - T0 )) s"; exit 3; fi
-echo "build done; verify starts at $(( $(date +%s) - T0 )) s"
-V0=$(date +%s)
-python3 -m harness.cli verify --target cuda --build cuda --out /tmp/cuda-run 2>&1 | tee "$OUT/verify.log"
-echo "verify took $(( $(date +%s) - V0 )) s"
-tar -czf "$OUT/cuda-run.tgz" -C /tmp cuda-run
-ls -la "$OUT"
+SNAP=$(ls .devcarry/c1/llama-cpp-turboquant-*.tar.xz 2>/dev/null | head -n 1)
+export FORK_DIR=$PWD/.devcarry/fork/llama.cpp
+export PYTHONPATH=$PYTHONPATH:$FORK_DIR/gguf-py   # the fork ships the gguf package; pip has no network there
+wait_build() {
+  while [ ! -f build/cuda/.harness-built ] && [ $(( $(date +%s) - T0 )) -lt "$1" ]; do
+    grep -q "^rc=" build/cuda-build.log 2>/dev/null && break
+    sleep 10
+  done
+  tail -3 build/cuda-build.log 2>/dev/null
+  [ -f build/cuda/.harness-built ]
+}
+case "$PHASE" in
+  build)
+    nvidia-smi -L; nproc
+    [ -d "$FORK_DIR" ] || FORK_DIR=$(python3 -m harness.fork.snapshot "$SNAP" --dest .devcarry/fork) || exit 2
+    mkdir -p build/cuda
+    if [ ! -f build/cuda/.harness-built ] && ! pgrep -f "harness.cli build" >/dev/null; then
+      setsid bash -c "python3 -m harness.cli build --backend cuda --targets ggml,test-backend-ops,llama-perplexity,llama-bench \
+        > build/cuda-build.log 2>&1 && touch build/cuda/.harness-built; echo rc=\$? >> build/cuda-build.log" &
+      sleep 2
+    fi
+    wait_build "${1:-540}" && echo "build done after $(( $(date +%s) - T0 )) s" || echo "build still running after $(( $(date +%s) - T0 )) s"
+    cp build/cuda-build.log "$OUT/" 2>/dev/null ;;
+  verify)
+    wait_build "${1:-500}" || { echo "build not finished"; exit 3; }
+    python3 -m harness.cli verify --target cuda --build cuda --out /tmp/cuda-run 2>&1 | tee "$OUT/verify.log"
+    echo "verify took $(( $(date +%s) - T0 )) s"
+    tar -czf "$OUT/cuda-run.tgz" -C /tmp cuda-run ;;
+  sweep)
+    [ -f .devcarry/model.gguf ] || cat .devcarry/c1/model.part00 .devcarry/m2/model.part01 .devcarry/m3/model.part02 > .devcarry/model.gguf
+    echo "$(cat .devcarry/m3/model.sha256)  .devcarry/model.gguf" | sha256sum -c - || exit 2
+    python3 -m harness.cli sweep --backend cuda --model .devcarry/model.gguf --corpus .devcarry/c1/wiki.test.raw \
+      --no-progress --out /tmp/cuda-sweep "$@" 2>&1 | tee "$OUT/sweep.log"
+    echo "sweep took $(( $(date +%s) - T0 )) s"
+    tar -czf "$OUT/cuda-sweep.tgz" -C /tmp cuda-sweep ;;
+  *) echo "unknown phase $PHASE: build | verify | sweep" >&2; exit 2 ;;
+esac

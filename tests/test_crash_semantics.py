@@ -230,12 +230,12 @@ def probe_result(caveat: str, verdict=Verdict.ERROR) -> CheckResult:
 
 
 def test_replayed_probe_segfault_is_fail_quoting_it():
-    v, why = judge_side(probe_result("fork code crashed in probe call flash_attn (signal 11): Segmentation fault"))
+    v, why = judge_side(probe_result("fork code crashed in probe call flash_attn (signal 11 (SIGSEGV)): Segmentation fault"))
     assert v == "FAIL" and "segmentation fault (SIGSEGV)" in why and "flash_attn" in why
 
 
 def test_replayed_probe_abort_is_fail():
-    msg = "fork code crashed in probe call turbo_wht (signal 6): ggml.c:6050: GGML_ASSERT(a->ne[0] % 128 == 0) failed"
+    msg = "fork code crashed in probe call turbo_wht (signal 6 (SIGABRT)): ggml.c:6050: GGML_ASSERT(a->ne[0] % 128 == 0) failed"
     v, why = judge_side(probe_result(msg))
     assert v == "FAIL" and "GGML_ASSERT(a->ne[0] % 128 == 0)" in why
 
@@ -332,8 +332,8 @@ def test_doctor_says_whether_ccache_is_installed(tmp_path):
 
 
 @pytest.mark.parametrize("caveat,fixed,code", [
-    ("fork code crashed in probe call set_rows (signal 11): Segmentation fault", True, 0),   # crash = still broken
-    ("fork code crashed in probe call set_rows (signal 11): Segmentation fault", False, 1),  # crash = bad
+    ("fork code crashed in probe call set_rows (signal 11 (SIGSEGV)): Segmentation fault", True, 0),   # crash = still broken
+    ("fork code crashed in probe call set_rows (signal 11 (SIGSEGV)): Segmentation fault", False, 1),  # crash = bad
     ("probe call set_rows timed out after 600 s and was killed", True, 125),                 # hang: skip the commit
 ])
 def test_bisect_oracle_counts_a_crash_as_flagged_and_skips_a_hang(monkeypatch, tmp_path, caveat, fixed, code):
@@ -397,3 +397,18 @@ def test_a_route_skipped_because_the_fork_crashed_is_fail_and_a_plain_skip_stays
     assert v == "SKIP"
     v, why = judge_side(probe_result("not supported: probe call to_float timed out after 600 s and was killed", Verdict.SKIP))
     assert v == "ERROR" and "hang" in why
+
+
+def test_old_probe_message_format_still_reads_and_a_check_fail_for_a_hang_is_error():
+    v, why = judge_side(probe_result("fork code crashed in probe call set_rows (signal 11): no message"))
+    assert v == "FAIL" and "SIGSEGV" in why
+    hang = "fork failure on a configuration the backend accepted: probe call flash_attn timed out after 600 s and was killed"
+    v, why = judge_side(probe_result(hang, Verdict.FAIL))
+    assert v == "ERROR" and "hang" in why
+
+
+def test_worker_exit_is_the_harness_side_unless_a_sanitizer_reported():
+    msg = "the probe worker exited (exit code 1) during call to_float: ==1==ABORTING"
+    assert judge_side(probe_result(msg))[0] == "ERROR"
+    v, why = judge_side(probe_result(msg), ["AddressSanitizer: stack-buffer-overflow in f x.c:1"])
+    assert v == "FAIL" and "stack-buffer-overflow" in why

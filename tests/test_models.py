@@ -5,6 +5,7 @@ import sys
 import types
 
 import pytest
+from conftest import skip_or_fail
 
 from harness.errors import HarnessError
 from harness.runners import models
@@ -20,7 +21,7 @@ def test_catalogue_has_both_real_models_with_install_hints():
 
 
 def test_unknown_name_lists_known_models(tmp_path):
-    with pytest.raises(HarnessError, match="not a known model; give a GGUF path or one of smollm2, gemma3"):
+    with pytest.raises(HarnessError, match="not a known model: give a GGUF path or one of smollm2, gemma3"):
         resolve_model("llama-70b")
 
 
@@ -66,13 +67,14 @@ def test_assembled_model_is_hash_checked(monkeypatch, tmp_path):
         resolve_model("fake")
 
 
+@pytest.mark.fork
 def test_real_gemma3_shape_from_header():
     """Gemma 3 270M, when installed: head_dim 256, GQA 4, sliding window 512, 32k trained context (from the GGUF)."""
     from harness.runners.inputs import read_model_info
     try:
         path = resolve_model("gemma3")
     except HarnessError as e:
-        pytest.skip(f"gemma3 not installed: {e}")
+        skip_or_fail(f"gemma3 not installed: {e}")
     mi = read_model_info(path)
     assert (mi.arch, mi.head_dim_k, mi.n_head, mi.n_head_kv) == ("gemma3", 256, 4, 1)
     assert mi.sliding_window == 512 and mi.n_ctx_train == 32768

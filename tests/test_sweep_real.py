@@ -55,7 +55,10 @@ def test_real_tiny_sweep(tmp_path):
     assert t3["kld"] > rows["q8_0/q8_0"]["kld"] > 0
     assert 0 < t3["same_top_p_pct"] < 100
     assert {(c.type, c.verdict) for c in cr.cells if c.metric == "kld_noise_floor"} == {("f16/f16", Verdict.PASS)}
-    assert any(c.type == "q2_K/q2_K" and c.verdict == Verdict.ERROR for c in cr.cells)
+    # refused cleanly at start-up (argument parsing, exit 1): SKIP 'refused' with the fork's message (spec "Who is at fault")
+    assert any(c.type == "q2_K/q2_K" and c.verdict == Verdict.SKIP and c.caveat.startswith("refused")
+               and "Unsupported cache type: q2_K" in c.caveat for c in cr.cells)
+    assert rows["q2_K/q2_K"]["status"] == "refused"
 
 
 def test_real_fork_default_switch_detected(tmp_path):

@@ -90,7 +90,7 @@ def run(cfg):
     return run_sweep(cfg, progress=False, log=lambda s: None, traits=TRAITS)
 
 
-def test_crash_hang_and_unknown_type_become_error_cells_and_the_sweep_completes(fake):
+def test_crash_is_fail_hang_and_unknown_type_are_error_cells_and_the_sweep_completes(fake):
     cfg = fake.cfg("turbo3/turbo3,q4_0/q4_0,turbo4/turbo4,foo/f16,q8_0/q8_0", timeout=2, bench=False)
     t0 = time.time()
     res = run(cfg)
@@ -104,8 +104,10 @@ def test_crash_hang_and_unknown_type_become_error_cells_and_the_sweep_completes(
     assert not unk.ok and "unknown cache type 'foo'" in unk.error and "turbo3" in unk.error
     cr, sec = judge_sweep(res, traits=TRAITS)
     by = {(c.type, c.metric): c for c in cr.cells}
-    assert by[("q4_0/q4_0", "ppl_vs_q8_0")].verdict == Verdict.ERROR
+    # the fork aborted (SIGABRT) on a type it accepted: the fork's fault (FAIL), naming where it died
+    assert by[("q4_0/q4_0", "ppl_vs_q8_0")].verdict == Verdict.FAIL
     assert "GGML_ASSERT" in by[("q4_0/q4_0", "ppl_vs_q8_0")].caveat
+    assert "start-up" in by[("q4_0/q4_0", "ppl_vs_q8_0")].caveat and "SIGABRT" in by[("q4_0/q4_0", "ppl_vs_q8_0")].caveat
     assert by[("turbo4/turbo4", "ppl_vs_q8_0")].verdict == Verdict.ERROR
     assert by[("foo/f16", "ppl_vs_q8_0")].verdict == Verdict.ERROR
     assert cr.verdict == Verdict.ERROR

@@ -7,10 +7,13 @@ SciPy) and the expected squared error of the measured (table, thresholds) under 
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from harness.checks.common import (LOSSY_DECODE, Context, centroid_table, centroid_table_spread, decision_thresholds,
                                    decode_route, guarded, quant_paths)
+from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.reference import turbo as T
 from harness.reference.lloydmax import expected_distortion, lloyd_max
 from harness.report.model import Cell, Verdict
@@ -69,6 +72,8 @@ def _rule_cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
     opt = lloyd_max(bits, "beta", 128)
     missing = int(np.count_nonzero(np.isnan(thr)))
     thr_err = float(np.nanmax(np.abs(thr - mids))) if missing < len(thr) else float("inf")
+    # the transition is located to within its last bracket: judged off the midpoint only beyond that resolution
+    res = float(np.nanmax(d["resolution"])) if "resolution" in d and missing < len(thr) else 0.0
     if missing:
         thr_err = max(thr_err, 2e-3)  # no transition within the ±2e-3 window: at least that far off
     used = np.where(np.isnan(thr), mids, thr)
@@ -82,9 +87,11 @@ def _rule_cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
     details = {"table_sigma": table * sig, "lloyd_max_sigma": opt.centroids * sig,
                "outer_centroid_sigma": float(table[-1] * sig), "lloyd_max_outer_sigma": float(opt.centroids[-1] * sig),
                "distortion": dist, "lloyd_max_distortion": opt.distortion, "thresholds_not_found": missing}
+    details["measurement_resolution"] = res
+    ok_t = thr_err <= tol_t + res
     c1 = ctx.cell(ID, t, backend, route, "threshold_abs_err_vs_midpoint", thr_err, tol_t,
-                  Verdict.PASS if thr_err <= tol_t else Verdict.FAIL,
-                  caveat="" if thr_err <= tol_t else f"decision thresholds off the centroid midpoints by up to {thr_err:.3g}"
+                  Verdict.PASS if ok_t else Verdict.FAIL,
+                  caveat="" if ok_t else f"decision thresholds off the centroid midpoints by up to {thr_err:.3g}"
                   + (f" ({missing} not found within ±2e-3)" if missing else ""), evidence=ev, details=details)
     raw = Verdict.PASS if ratio <= tol_r else Verdict.PARTIAL
     cav = "" if raw == Verdict.PASS else (
@@ -95,11 +102,81 @@ def _rule_cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
     return [c1, c2]
 
 
+def show_thresholds(thr: np.ndarray, which: np.ndarray, decimals: int) -> str:
+    """Thresholds at the positions ``which`` as the report prints them: '±0.145561/±0.013964' where the
+    table is symmetric (threshold j == -threshold k-2-j), else signed values."""
+    out = []
+    for j in which:
+        v = float(thr[j])
+        sym = np.isclose(-thr[len(thr) - 1 - j], v, rtol=0, atol=10.0 ** -decimals) and abs(v) > 10.0 ** -decimals
+        txt = f"±{abs(v):.{decimals}f}" if sym else f"{v:+.{decimals}f}"
+        if txt not in out:
+            out.append(txt)
+    return "/".join(out)
+
+
+def _path_pair_cells(ctx: Context, t: str) -> list[Cell]:
+    """Every two quantise paths' measured decision thresholds compared with each other (spec "Integrity of a
+    verdict" / Paths against each other): two paths each within ``threshold_abs_err`` of the midpoints can
+    still differ from each other, and then bytes written on one decode to other indices on the other.
+
+    PASS: they agree within ``threshold_path_diff`` plus both measurements' resolution. PARTIAL: they differ
+    by more, but each is within ``threshold_abs_err`` of the midpoints: a real but tiny difference, reported
+    with its size (COMPAT counts the index flips it causes). FAIL (PARTIAL on a non-target path): they
+    differ and one of them is off the midpoints (blamed on the one farther off).
+    """
+    meas = {}
+    for backend, route in quant_paths(ctx):
+        try:  # measured (and cached) by the path's own rule cells, where any failure is already reported
+            meas[f"{backend}:{route}"] = decision_thresholds(ctx, backend, route, t)
+        except (Unsupported, ProbeCrash, HarnessError):  # already a cell of this path's _rule_cells
+            continue
+    tol_p = ctx.th("PQ2", "threshold_path_diff")
+    tol_t = ctx.th("PQ2", "threshold_abs_err")
+    cells = []
+    for a, b in itertools.combinations(sorted(meas, key=lambda p: (not ctx.is_target(*p.split(":")), p)), 2):
+        ta, tb = meas[a]["thresholds"], meas[b]["thresholds"]
+        both = ~np.isnan(ta) & ~np.isnan(tb)
+        if not both.any():
+            continue
+        diff = np.where(both, np.abs(ta - tb), 0.0)
+        res = np.where(both, np.nan_to_num(meas[a]["resolution"]) + np.nan_to_num(meas[b]["resolution"]), 0.0)
+        worst = float(diff.max())
+        over = diff > tol_p + res
+        off = {p: float(np.nanmax(np.abs(meas[p]["thresholds"] - meas[p]["midpoints"]))) for p in (a, b)}
+        culprit = max((a, b), key=lambda p: off[p])
+        details = {"paths": [a, b], "max_abs_diff": worst, "thresholds_a": ta, "thresholds_b": tb,
+                   "off_midpoint": off, "differing": int(over.sum())}
+        if not over.any():
+            vd, cav = Verdict.PASS, ""
+        else:
+            top = np.argsort(-np.where(over, diff, -1.0))[:min(2, int(over.sum()))]
+            dec = max(6, int(np.ceil(-np.log10(max(float(diff[top].min()), 1e-12)))))
+            size = (f"{a} thresholds {show_thresholds(ta, np.sort(top)[::-1], dec)} vs {b} "
+                    f"{show_thresholds(tb, np.sort(top)[::-1], dec)}: {int(over.sum())} of {len(ta)} differ, by up to "
+                    f"{worst:.2g}")
+            if max(off.values()) <= tol_t + float(res.max()):
+                vd, cav = Verdict.PARTIAL, (f"{size}; each within {tol_t:g} of the midpoints, but bytes written on one "
+                                            f"path decode to other indices for values between the two (COMPAT counts them)")
+            else:
+                vd, cav = Verdict.FAIL, f"{size}; {culprit} is {off[culprit]:.2g} off the midpoints"
+        be, route = culprit.split(":")
+        c = ctx.cell(ID, t, be, route, "thresholds_max_abs_diff_between_paths", worst, tol_p, vd, caveat=cav,
+                     details=details)
+        c.path = f"{a} x {b}"
+        if vd == Verdict.PARTIAL:
+            c.target = ctx.is_target(*a.split(":")) or ctx.is_target(*b.split(":"))
+        cells.append(c)
+    return cells
+
+
 def run(ctx: Context) -> list[Cell]:
-    """PQ2 cells: table agreement per (type, decode path); thresholds and distortion per (type, quantise path)."""
+    """PQ2 cells: table agreement per (type, decode path); thresholds and distortion per (type, quantise path);
+    thresholds of every two quantise paths against each other."""
     cells: list[Cell] = []
     for t in ctx.types:
         cells += _table_cells(ctx, t)
         for backend, route in quant_paths(ctx):
             cells += guarded(ctx, ID, t, backend, route, lambda t=t, b=backend, r=route: _rule_cells(ctx, t, b, r))
+        cells += guarded(ctx, ID, t, ctx.target_backend, "set_rows", lambda t=t: _path_pair_cells(ctx, t))
     return cells

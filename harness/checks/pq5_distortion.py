@@ -88,7 +88,14 @@ def _cells(ctx: Context, t: str, backend: str, route: str, data: dict, classic: 
         raw_v = Verdict.PASS
     details = {"nmse_gaussian": g, "nmse_outlier": o, "outlier_over_gaussian": dep, "lloyd_max_nmse": opt,
                "upper_bound": bound, **{f"{k}_{m}": v for k, r in res.items() for m, v in r.items()}, **classic,
-               "real_kv": "not covered: needs a model run (see the sweep)"}
+               "real_kv": "not covered: needs a model run (see the sweep)",
+               # the report's PQ5 table: this turbo row with q8_0 and q4_0 measured on the same rows beside it
+               "table_row": {"bits": bits, "NMSE Gaussian": g, "NMSE outlier": o, "outlier / Gaussian": dep,
+                             "Lloyd-Max optimum": opt, "TurboQuant bound": bound,
+                             "q8_0 NMSE Gaussian": classic.get("q8_0_gaussian_nmse"),
+                             "q8_0 NMSE outlier": classic.get("q8_0_outlier_nmse"),
+                             "q4_0 NMSE Gaussian": classic.get("q4_0_gaussian_nmse"),
+                             "q4_0 NMSE outlier": classic.get("q4_0_outlier_nmse")}}
     ev = ctx.evidence(ID, f"{t}_{backend}_{route}", lloyd_max_nmse=opt, upper_bound=bound, **per_row,
                       **{f"{k}_{m}": v for k, r in res.items() for m, v in r.items()})
     return [ctx.cell(ID, t, backend, route, "nmse_over_lloyd_max", ratio, tol, raw_v, caveat="; ".join(cav),

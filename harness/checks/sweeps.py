@@ -10,6 +10,13 @@ ln(PPL(Q)/PPL(f16)) difference; FAIL only when the excess over the limit is larg
 Prefill tokens/s ratio to q8_0 at each depth >= ``prefill_ratio_min``. A K/V type the fork used that
 differs from the one asked for (type in the size line, a type-change log line, or a KV size that the
 type traits do not predict) is an ERROR cell quoting the log line, unless ``fork_defaults``.
+
+Integrity (spec "Verdicts", "Who is at fault", "Integrity of a verdict"): a sweep in which no rule was
+applied (no q8_0/q8_0 pair, say) gets a SKIP cell "nothing judged" with the reason, never PASS; a tool
+that crashed on a pair the fork accepted is a FAIL naming the phase (the figures printed before stay in
+the speed table), a clean refusal at start-up is SKIP "refused"; a pair whose graph splits exceed the f16
+baseline's is a PARTIAL placement cell, and its speed cells name that cause; jobs not run because the
+sweep was interrupted are SKIP "not run".
 """
 from __future__ import annotations
 
@@ -59,15 +66,16 @@ def kv_type_problem(kv: dict | None, want_k: str, want_v: str, model_info, trait
 
 
 def _speed_table(bench_recs: dict, ref: str = "q8_0/q8_0") -> list[dict]:
-    """Rows (pair, test, depth, tokens/s, sd, n, ratio to q8_0 and its standard error)."""
+    """Rows (pair, test, depth, tokens/s, sd, n, ratio to q8_0 and its standard error).
+
+    A job that died part-way keeps the tests it printed before dying (llama-bench prints prefill before
+    decode), so its prefill rows are here even when its decode crashed."""
     refrows = {}
-    if ref in bench_recs and bench_recs[ref].ok:
-        refrows = {(r["test"], r["depth"]): r for r in bench_recs[ref].data["rows"]}
+    if ref in bench_recs:
+        refrows = {(r["test"], r["depth"]): r for r in bench_recs[ref].data.get("rows", [])}
     out = []
     for label, rec in bench_recs.items():
-        if not rec.ok:
-            continue
-        for r in rec.data["rows"]:
+        for r in rec.data.get("rows", []):
             n = max(len(r["samples_ts"]), 1)
             row = {"pair": label, "test": r["test"], "n_tokens": r["n_tokens"], "depth": r["depth"],
                    "tps": r["avg_ts"], "tps_sd": r["stddev_ts"], "reps": n, "ratio": None, "ratio_se": None}
@@ -79,6 +87,38 @@ def _speed_table(bench_recs: dict, ref: str = "q8_0/q8_0") -> list[dict]:
                 row["ratio"], row["ratio_se"] = ratio, ratio * rel
             out.append(row)
     return out
+
+
+# Cells that judge a pair against a rule; a sweep none of whose cells of these metrics has a PASS, PARTIAL or
+# FAIL verdict judged nothing (spec "Verdicts": its verdict is SKIP, "nothing judged", never PASS).
+JUDGED_METRICS = ("ppl_vs_q8_0", "prefill_ratio_vs_q8_0")
+
+
+def failed_job_cell(rec, lab: str, path: str, metric: str, evidence: list[str], interrupted: bool = False) -> Cell:
+    """The cell of a job that did not produce its numbers, by who is at fault (spec "Who is at fault"):
+    the fork crashed or failed after computing began -> FAIL naming the phase; the fork refused the
+    configuration cleanly at start-up -> SKIP 'refused' with its message; not run because the sweep was
+    interrupted -> SKIP; anything else (timeout, harness problem) -> ERROR."""
+    if rec is None:
+        why = "not run: the sweep was interrupted" if interrupted else "not run"
+        return Cell("SWEEP", lab, path, metric, None, None, Verdict.SKIP if interrupted else Verdict.ERROR, caveat=why,
+                    evidence=evidence)
+    details = {"fault": rec.fault or "harness", "phase": rec.phase}
+    if rec.fault == "fork":
+        return Cell("SWEEP", lab, path, metric, None, None, Verdict.FAIL, caveat=f"fork failure: {rec.error}",
+                    evidence=evidence, details=details)
+    if rec.fault == "refused":
+        return Cell("SWEEP", lab, path, metric, None, None, Verdict.SKIP, caveat=f"refused: {rec.error}",
+                    evidence=evidence, details=details)
+    return Cell("SWEEP", lab, path, metric, None, None, Verdict.ERROR, caveat=rec.error, evidence=evidence,
+                details=details)
+
+
+def _status(cell: Cell) -> str:
+    """The row status word of a failed job's cell: FAIL, refused, not run, ERROR."""
+    if cell.verdict == Verdict.SKIP:
+        return "refused" if cell.caveat.startswith("refused") else "not run"
+    return cell.verdict.value
 
 
 def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -> tuple[CheckResult, dict]:
@@ -132,6 +172,17 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
                            "evidence": list(result.base.evidence)}
     elif result.base is not None:
         cr.notes.append(f"f16 baseline failed: {result.base.error}")
+        if result.base.fault in ("fork", "refused"):
+            cr.cells.append(failed_job_cell(result.base, "f16/f16", f"{backend}:perplexity", "f16_baseline_run",
+                                            list(result.base.evidence)))
+    interrupted = result.interrupted is not None
+    base_crashed = result.base is not None and not result.base.ok and result.base.fault in ("fork", "refused")
+    # placement: the f16 baseline run's graph splits are what every pair's are compared with
+    base_splits = None
+    if result.base is not None and (result.base.data.get("kv") or {}).get("graph_splits"):
+        base_splits = result.base.data["kv"]["graph_splits"]
+    elif "f16/f16" in result.ppl:
+        base_splits = ((result.ppl["f16/f16"].data or {}).get("kv") or {}).get("graph_splits")
 
     speed = _speed_table(result.bench)
     section["speed"] = speed
@@ -141,22 +192,48 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
     floor = f16.data["stats"]["kld"] if f16 is not None and f16.ok else None
     section["noise_floor"] = floor
     if floor is None:
-        cr.notes.append("no f16/f16 pair in the sweep: KLD is not calibrated against a noise floor")
+        cr.notes.append("the f16/f16 pair failed: KLD is not calibrated against a noise floor" if f16 is not None else
+                        "no f16/f16 pair in the sweep: KLD is not calibrated against a noise floor")
     turbo_rule_types = set(rules["speed"]["speed_rule_types"])
 
+    def no_q8_why(what: str) -> str:
+        if "q8_0/q8_0" not in labels:
+            return ("no q8_0/q8_0 pair in this sweep (--no-baselines): the rules judge every pair against q8_0"
+                    if cfg.no_baselines else "no q8_0/q8_0 pair in this sweep: the rules judge every pair against q8_0")
+        return f"the q8_0/q8_0 {what} run gave no figures to compare with"
+
+    from harness.runners.sweep import split_pair
     for k, v in cfg.pairs:
         lab = f"{k}/{v}"
-        row: dict = {"pair": lab, "k": k, "v": v, "status": "ok", "error": "", "caveat": ""}
+        k, v, rot = split_pair(k, v)  # 'q4_0/q4_0+rot': the cache types, and the attention rotation switched on
+        row: dict = {"pair": lab, "k": k, "v": v, "rotation": rot, "status": "ok", "error": "", "caveat": ""}
         caveats: list[str] = []
         prec = result.ppl.get(lab)
         brec = result.bench.get(lab)
         ev = list(prec.evidence) if prec else []
+        # -------- placement (from whatever log the pair's runs left, even a run that died later)
+        splits = ((prec.data if prec else {}).get("kv") or {}).get("graph_splits")
+        if splits is None and brec is not None:
+            splits = max((x.get("graph_splits") or 0 for x in brec.data.get("kv", [])), default=0) or None
+        placement = ""
+        if splits is not None and base_splits is not None and splits > base_splits:
+            where = "on the CPU" if backend != "cpu" else "split across backends"
+            placement = (f"graph splits {splits} vs {base_splits} for the f16 baseline: attention ran {where}, "
+                         f"not on {backend} as asked")
+            row["placement"] = placement
+            cr.cells.append(Cell("SWEEP", lab, f"{backend}:placement", "graph_splits_vs_f16_baseline", float(splits),
+                                 float(base_splits), Verdict.PARTIAL,
+                                 caveat=f"placement: {placement}; its speed is the fallback's, not {backend}'s",
+                                 evidence=ev, details={"graph_splits": splits, "baseline_graph_splits": base_splits}))
         # -------- perplexity / KLD
         if prec is None or not prec.ok:
-            err = prec.error if prec else "not run"
-            row.update(status="ERROR", error=err)
-            cr.cells.append(Cell("SWEEP", lab, f"{backend}:perplexity", "ppl_vs_q8_0", None, None, Verdict.ERROR,
-                                 caveat=err, evidence=ev))
+            if prec is not None and base_crashed and prec.error.startswith("no f16 baseline"):
+                c = Cell("SWEEP", lab, f"{backend}:perplexity", "ppl_vs_q8_0", None, None, Verdict.SKIP,
+                         caveat="not measured: the f16 baseline run did not complete (see its cell)", evidence=ev)
+            else:
+                c = failed_job_cell(prec, lab, f"{backend}:perplexity", "ppl_vs_q8_0", ev, interrupted)
+            row.update(status=_status(c), error=c.caveat, phase=(prec.phase if prec else ""))
+            cr.cells.append(c)
         else:
             s = prec.data["stats"]
             kv = prec.data["kv"]
@@ -192,11 +269,13 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
                                      caveat=prob, evidence=ev))
             elif prob:
                 caveats.append(f"fork defaults: {prob}")
-            if f16 is not None and f16.ok and row.get("graph_splits") and f16.data["kv"].get("graph_splits") \
-                    and row["graph_splits"] > f16.data["kv"]["graph_splits"]:
-                caveats.append(f"graph splits {row['graph_splits']} vs f16 {f16.data['kv']['graph_splits']}: "
-                               f"attention may have fallen back to the CPU")
+            if placement:
+                caveats.append(placement)
             # paired judgement against q8_0
+            if q8s is None and lab in rules["ppl_vs_q8_0"] and row["status"] != "ERROR":
+                cr.cells.append(Cell("SWEEP", lab, f"{backend}:perplexity", "ppl_vs_q8_0", None,
+                                     rules["ppl_vs_q8_0"][lab], Verdict.SKIP, caveat=f"not judged: {no_q8_why('perplexity')}",
+                                     evidence=ev))
             if q8s is not None and "ln_ppl_ratio" in s and lab != "q8_0/q8_0":
                 d = s["ln_ppl_ratio"] - q8s["ln_ppl_ratio"]
                 se = math.hypot(s.get("ln_ppl_ratio_se", 0.0), q8s.get("ln_ppl_ratio_se", 0.0))
@@ -231,13 +310,16 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
         if cfg.bench:
             bev = list(brec.evidence) if brec else []
             if brec is None or not brec.ok:
-                err = brec.error if brec else "not run"
-                row.setdefault("bench_error", err)
-                cr.cells.append(Cell("SWEEP", lab, f"{backend}:bench", "prefill_ratio_vs_q8_0", None, None,
-                                     Verdict.ERROR, caveat=err, evidence=bev))
-                if row["status"] != "ERROR":
-                    row.update(status="ERROR", error=err)
-            else:
+                c = failed_job_cell(brec, lab, f"{backend}:bench", "bench_run", bev, interrupted)
+                if brec is not None and brec.fault == "fork" and brec.data.get("rows"):
+                    kept = ", ".join(f"{r['test']}{r['n_tokens']}@d{r['depth']}" for r in brec.data["rows"])
+                    c.caveat += f" (kept the figures measured before: {kept})"
+                row.setdefault("bench_error", c.caveat)
+                row.setdefault("bench_phase", brec.phase if brec else "")
+                cr.cells.append(c)
+                if row["status"] not in ("ERROR", "FAIL") and _status(c) != "not run":
+                    row.update(status=_status(c), error=c.caveat)
+            if brec is not None and brec.data.get("rows"):
                 for kvb in brec.data.get("kv", []):
                     prob = kv_type_problem(kvb, k, v, None, traits, tol)
                     if prob and not cfg.fork_defaults:
@@ -250,6 +332,10 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
                     row[f"{r['test']}_ratio_d{r['depth']}"] = r["ratio"]
                     row[f"{r['test']}_tps_d{r['depth']}"] = r["tps"]
                 pp = [r for r in mine if r["test"] == "pp" and r["ratio"] is not None]
+                if not pp and ({k, v} & turbo_rule_types) and [r for r in mine if r["test"] == "pp"]:
+                    cr.cells.append(Cell("SWEEP", lab, f"{backend}:bench", "prefill_ratio_vs_q8_0", None,
+                                         rules["speed"]["prefill_ratio_min"], Verdict.SKIP, op=">=",
+                                         caveat=f"not judged: {no_q8_why('bench')}", evidence=bev))
                 if pp and ({k, v} & turbo_rule_types):
                     worst_r = min(pp, key=lambda r: r["ratio"])
                     thr = rules["speed"]["prefill_ratio_min"]
@@ -258,13 +344,91 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
                     elif thr - worst_r["ratio"] <= k_sig * (worst_r["ratio_se"] or 0):
                         vd, cav = Verdict.PARTIAL, f"below {thr} within {k_sig:g} se of the repetitions' spread"
                     else:
-                        vd, cav = Verdict.FAIL, (f"prefill {worst_r['ratio']:.2f}x q8_0 at depth {worst_r['depth']} "
-                                                 f"(limit {thr})")
+                        vd, cav = Verdict.FAIL, (f"prefill {ratio_text(worst_r['ratio'])} q8_0 at depth "
+                                                 f"{worst_r['depth']} (limit {thr})")
+                    if placement and vd != Verdict.PASS:
+                        cav += f"; cause: {placement}"
                     cr.cells.append(Cell("SWEEP", lab, f"{backend}:bench", "prefill_ratio_vs_q8_0", worst_r["ratio"], thr,
                                          vd, op=">=", caveat=cav, evidence=bev,
                                          details={"depth": worst_r["depth"], "ratio_se": worst_r["ratio_se"],
                                                   "reason": rules["speed"]["prefill_ratio_min_reason"]}))
         row["caveat"] = "; ".join(caveats)
         section["rows"].append(row)
+    cr.cells += vs_q4_0_cells(section["rows"], rules, backend, mi.name if mi is not None else "the model")
+    if cfg.baselines_added:
+        cr.notes.append(f"added the baseline pairs {', '.join(cfg.baselines_added)} that the rules need "
+                        f"(--no-baselines runs only the pairs asked for)")
+    # a rule applied (PASS/PARTIAL/FAIL), or a fork failure found: anything else judged nothing
+    judged = [c for c in cr.cells if c.verdict == Verdict.FAIL
+              or (c.metric in JUDGED_METRICS and c.verdict in (Verdict.PASS, Verdict.PARTIAL))]
+    if not judged and not result.error:
+        reasons = sorted({c.caveat for c in cr.cells if c.metric in JUDGED_METRICS and c.verdict == Verdict.SKIP})
+        ruled = sorted(x for x in rules["ppl_vs_q8_0"] if not x.endswith("_reason"))
+        why = "; ".join(reasons) or f"no pair with a rule ({', '.join(ruled)}) or a turbo speed rule was measured"
+        cr.notes.insert(0, f"nothing judged: {why}")
+        cr.cells.append(Cell("SWEEP", "all", f"{backend}:sweep", "pairs_judged", 0.0, 1.0, Verdict.SKIP, op=">=",
+                             caveat=f"nothing judged: {why}"))
     section["notes"] = list(cr.notes)
     return cr, section
+
+
+def vs_q4_0_cells(rows: list[dict], rules: dict, backend: str, model: str) -> list[Cell]:
+    """The fork's headline claim at equal memory: does each turbo pair beat each q4_0 baseline at the same or
+    fewer bits per real value? One cell per (turbo pair, baseline) with the KLD difference and its uncertainty.
+
+    Args:
+        rows: the sweep rows of :func:`judge_sweep` (need 'kld', 'kld_se', 'bits_per_value', 'ln_ppl_ratio_vs_f16',
+            'ln_ppl_ratio_se'); rows without them are passed over.
+        rules: the [vs_q4_0] section of checks/sweeps.toml: 'baselines' (pair labels, e.g. q4_0/q4_0 and
+            q4_0/q4_0+rot, the latter being what upstream llama.cpp does by default) and 'bits_tolerance'.
+        backend: for the cell path; model: named in the caveats.
+
+    Returns:
+        Cells with metric 'kld_vs_<baseline>' (value = turbo KLD - baseline KLD, nats/token; threshold 0):
+        PASS when turbo is not worse (within ``paired_se`` standard errors) at <= the baseline's bits per real value;
+        PARTIAL ("claim does not hold") when it is worse at equal or fewer bits, or spends more bits than the baseline.
+        The KLD standard errors of the two runs are combined as independent (the runs share the tokens, so this
+        over-states the uncertainty: a conservative test).
+    """
+    r = rules.get("vs_q4_0") or {}
+    k_sig = float(rules["significance"]["paired_se"])
+    tol = float(r.get("bits_tolerance", 0.05))
+    by = {row["pair"]: row for row in rows}
+    out: list[Cell] = []
+    turbo = [row for row in rows if "turbo" in f"{row.get('k')}{row.get('v')}" and row.get("kld") is not None
+             and row.get("bits_per_value") is not None and row.get("status") == "ok"]
+    for base_lab in r.get("baselines", []):
+        b = by.get(base_lab)
+        if b is None or b.get("kld") is None or b.get("bits_per_value") is None or b.get("status") != "ok":
+            for t in turbo:
+                out.append(Cell("SWEEP", t["pair"], f"{backend}:perplexity", f"kld_vs_{base_lab}", None, 0.0, Verdict.SKIP,
+                                caveat=f"not compared: no measured {base_lab} pair in this sweep"))
+            continue
+        for t in turbo:
+            d = t["kld"] - b["kld"]
+            se = math.hypot(t.get("kld_se") or 0.0, b.get("kld_se") or 0.0)
+            dppl = None
+            if t.get("ln_ppl_ratio_vs_f16") is not None and b.get("ln_ppl_ratio_vs_f16") is not None:
+                dppl = 100 * math.expm1(t["ln_ppl_ratio_vs_f16"] - b["ln_ppl_ratio_vs_f16"])
+            bits_t, bits_b = t["bits_per_value"], b["bits_per_value"]
+            facts = (f"{t['pair']} KLD {t['kld']:.4f} at {bits_t:.2f} bits/real value vs {base_lab} {b['kld']:.4f} at "
+                     f"{bits_b:.2f} (difference {d:+.4f} ± {se:.4f}"
+                     + (f", PPL {dppl:+.2f}%" if dppl is not None else "") + f") on {model}")
+            if bits_t > bits_b + tol:
+                vd, cav = Verdict.PARTIAL, (f"claim not shown at equal memory: turbo spends {bits_t - bits_b:.2f} more bits "
+                                            f"per real value than {base_lab}; {facts}")
+            elif d > k_sig * se:
+                vd, cav = Verdict.PARTIAL, f"claim does not hold: turbo is worse than {base_lab} at the same or fewer bits; {facts}"
+            else:
+                vd, cav = Verdict.PASS, f"claim holds: {facts}"
+            out.append(Cell("SWEEP", t["pair"], f"{backend}:perplexity", f"kld_vs_{base_lab}", d, 0.0, vd, caveat=cav,
+                            details={"kld": t["kld"], "kld_se": t.get("kld_se"), "base_kld": b["kld"],
+                                     "base_kld_se": b.get("kld_se"), "bits": bits_t, "base_bits": bits_b,
+                                     "ppl_diff_pct": dppl, "d_kld_se": se, "reason": r.get("baselines_reason", "")}))
+    return out
+
+
+def ratio_text(r: float | None) -> str:
+    """A speed ratio as the report prints it: 3 significant digits and 'x' ('0.0412x', '0.97x'), so a
+    fallback's tiny ratio never shows as a bare '0.00x'; '-' for None."""
+    return "-" if r is None else f"{r:.3g}x"

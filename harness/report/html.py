@@ -21,7 +21,7 @@ def _fmt(v, nd=4) -> str:
     if isinstance(v, float):
         if math.isnan(v):
             return "nan"
-        return f"{v:.{nd}g}"
+        return f"{v + 0.0:.{nd}g}"  # + 0.0 turns -0.0 into 0
     return str(v)
 
 
@@ -43,34 +43,39 @@ def sweep_plots(section: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
     rows = [r for r in section.get("rows", []) if r.get("bits_per_value") is not None and r.get("ppl") is not None]
+    markers = "osD^vP*Xph<>"
     if rows:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for r in rows:
+        # pairs at the same bits overlap: each pair has its own colour and marker, named in one legend
+        # below the plots (never over a point) instead of text labels that run into each other
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+        for i, r in enumerate(rows):
             bad = r.get("status") == "ERROR"
             for ax, key, se in ((axes[0], "ppl", "ppl_se"), (axes[1], "kld", "kld_se")):
-                ax.errorbar(r["bits_per_value"], r[key], yerr=r.get(se) or 0, fmt="x" if bad else "o", capsize=3)
-                ax.annotate(r["pair"] + (" (ERROR)" if bad else ""), (r["bits_per_value"], r[key]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.errorbar(r["bits_per_value"], r[key], yerr=r.get(se) or 0, fmt=markers[i % len(markers)], capsize=3,
+                            color=f"C{i % 10}", mfc="none" if bad else None, ms=6,
+                            label=(r["pair"] + (" (ERROR)" if bad else "")) if ax is axes[0] else None)
         base = section.get("base") or {}
         if base.get("ppl"):
-            axes[0].axhline(base["ppl"], color="grey", ls="--", lw=0.8, label="f16 baseline")
-            axes[0].legend(fontsize=7)
+            axes[0].axhline(base["ppl"], color="grey", ls="--", lw=0.8, label="f16 baseline PPL")
         if section.get("noise_floor") is not None:
-            axes[1].axhline(max(section["noise_floor"], 1e-6), color="grey", ls="--", lw=0.8, label="f16 noise floor")
-            axes[1].legend(fontsize=7)
+            axes[1].axhline(max(section["noise_floor"], 1e-6), color="grey", ls=":", lw=0.8)
+            axes[1].annotate("f16 noise floor", (axes[1].get_xlim()[0], max(section["noise_floor"], 1e-6)),
+                             textcoords="offset points", xytext=(2, 3), fontsize=7, color="grey")
         axes[0].set(xlabel="bits per real cached value (K,V mean, padding included)", ylabel="PPL (± se)",
                     title="Perplexity vs KV bits")
         axes[1].set(xlabel="bits per real cached value (K,V mean, padding included)", ylabel="mean KLD vs f16 (± se)",
                     title="KL divergence vs KV bits")
         axes[1].set_yscale("symlog", linthresh=1e-3)
-        fig.tight_layout()
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 + 0.045 * ((len(labels) - 1) // 6), 1, 1))
         p = out_dir / "ppl_kld_vs_bits.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
         out["ppl_kld_vs_bits"] = p
     speed = [s for s in section.get("speed", []) if s.get("ratio") is not None]
     if speed:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=False)
         for ax, test, name in ((axes[0], "pp", "prefill"), (axes[1], "tg", "decode")):
             for pair in dict.fromkeys(s["pair"] for s in speed):
                 pts = sorted((s for s in speed if s["pair"] == pair and s["test"] == test), key=lambda s: s["depth"])
@@ -84,8 +89,13 @@ def sweep_plots(section: dict, out_dir: Path) -> dict[str, Path]:
                     ax.axhline(thr, color="red", ls="--", lw=0.8, label=f"rule ≥ {thr}")
             ax.set(xlabel="depth (tokens already in the KV cache)", ylabel=f"{name} tokens/s ÷ q8_0",
                    title=f"{name} speed ratio to q8_0")
-            ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
+        by_label = {}
+        for ax in axes:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                by_label.setdefault(lab, h)
+        fig.legend(list(by_label.values()), list(by_label), loc="lower center", ncol=min(6, len(by_label)), fontsize=8,
+                   frameon=False)  # below the plots: a legend inside an axis covered the lines' first points
+        fig.tight_layout(rect=(0, 0.06 + 0.045 * ((len(by_label) - 1) // 6), 1, 1))
         p = out_dir / "speed_vs_depth.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
@@ -105,37 +115,110 @@ def _sweep_html(section: dict) -> str:
     ratio_cols = sorted({c for r in rows for c in r if c.startswith(("pp_ratio_d", "tg_ratio_d"))},
                         key=lambda c: (c[:2], int(c.split("_d")[-1])))
     cols = _SWEEP_COLS[:13] + [(c, c.replace("_ratio_d", " ÷q8 @d")) for c in ratio_cols] + _SWEEP_COLS[13:]
+    cols = [c for c in cols if c[0] == "pair" or any(r.get(c[0]) not in (None, "") for r in rows)]  # no empty columns
     h = ["<h2>Model-level sweep</h2>"]
     pinned = section.get("pinned") or {}
-    h.append("<p class=small>pinned: " + html.escape(", ".join(f"{k}={v}" for k, v in pinned.items())) + "</p>")
+    from harness.report.render import plain
+    h.append("<p class=small>pinned: " + html.escape("; ".join(f"{k} {plain(v)}" for k, v in pinned.items())) + "</p>")
     if section.get("base"):
         h.append(f"<p>f16 baseline PPL {_fmt(section['base']['ppl'])} ± {_fmt(section['base']['ppl_se'])}; "
                  f"KLD noise floor (f16 vs f16) {_fmt(section.get('noise_floor'))}</p>")
     for n in section.get("notes", []):
         h.append(f"<p class=note>{html.escape(n)}</p>")
-    h.append("<table><tr>" + "".join(f"<th>{html.escape(t)}</th>" for _, t in cols) + "</tr>")
+    h.append("<div style='overflow-x:auto'><table class=sweep><tr>" + "".join(f"<th>{html.escape(t)}</th>" for _, t in cols)
+             + "</tr>")
     for r in rows:
         style = ' style="background:#f3e5f5"' if r.get("status") == "ERROR" else ""
-        h.append(f"<tr{style}>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c, _ in cols) + "</tr>")
-    h.append("</table>")
+        h.append(f"<tr{style}>" + "".join(f"<td{' class=l' if c in ('error', 'caveat') else ''}>"
+                                          f"{html.escape(_fmt(r.get(c)))}</td>" for c, _ in cols) + "</tr>")
+    h.append("</table></div>")
     return "\n".join(h)
 
 
+_CSS = ("body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 5px;text-align:right;vertical-align:top;white-space:nowrap}"
+        "th{background:#eee;white-space:normal}td.l{white-space:normal}table.sweep td.l{min-width:16em}"
+        "td:first-child{text-align:left}td.l,th.l{text-align:left}.v{color:#fff;padding:1px 6px;border-radius:3px}"
+        ".small{font-size:11px;color:#555}.note{color:#8d6e00}ul.findings{padding-left:1.2em}"
+        "ul.findings li{margin:.35em 0;line-height:1.35}.meta td{text-align:left;word-break:break-word;white-space:normal;max-width:1100px}"
+        "p.verdict{font-size:1.15em;font-weight:bold}img{max-width:100%}")
+_LABEL_COLORS = {**_COLORS, "XFAIL": "#1565c0", "GROWN": "#c62828", "XPASS": "#c62828"}
+
+
+def _badge(label: str) -> str:
+    return f"<span class=v style='background:{_LABEL_COLORS.get(label, '#555')}'>{html.escape(label)}</span>"
+
+
+def _md_table_html(md: str) -> str:
+    """A section's Markdown (headings, pipe tables, paragraphs) as HTML, escaped."""
+    out, table = [], []
+
+    def flush():
+        if table:
+            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
+            cells = [[c.strip() for c in r.strip().strip("|").split(" | ")] for r in rows]
+            out.append("<table>" + "".join(
+                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'} class=l>{html.escape(c.strip('`'))}</{'th' if i == 0 else 'td'}>"
+                                 for c in r) + "</tr>" for i, r in enumerate(cells)) + "</table>")
+            table.clear()
+    for ln in md.splitlines():
+        if ln.startswith("|"):
+            table.append(ln)
+            continue
+        flush()
+        if ln.startswith("## "):
+            out.append(f"<h2>{html.escape(ln[3:])}</h2>")
+        elif ln.strip():
+            out.append(f"<p class=small>{html.escape(ln.replace('**', '').replace('`', ''))}</p>")
+    flush()
+    return "\n".join(out)
+
+
 def write_html(run: Run, run_dir: Path) -> Path:
-    """Write ``<run_dir>/report.html`` (standalone: CSS inline, plots as base64 PNG) and return its path."""
+    """Write ``<run_dir>/report.html`` (standalone: CSS inline, plots as base64 PNG) and return its path.
+
+    The page opens with the verdict and one plain line per finding (as summary.md), then an overview
+    table of the checks, what was measured with what, and then the details.
+    """
+    from harness.report.findings import findings, headline, verdict_line
+    from harness.report.render import _detail_table, known_markdown, plain, run_facts, sweep_setup_line
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     v = run.verdict.value
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>turbo-harness {html.escape(run.run_id)}</title>",
-             "<style>body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:2px 5px;text-align:right}th{background:#eee}td:first-child{text-align:left}"
-             ".v{color:#fff;padding:1px 6px;border-radius:3px}.small{font-size:11px;color:#555}.note{color:#8d6e00}</style>",
-             "</head><body>",
-             f"<h1>turbo-harness run {html.escape(run.run_id)} <span class=v style='background:{_COLORS[v]}'>{v}</span></h1>"]
-    meta = {k: run.meta[k] for k in list(run.meta)[:40]}
-    parts.append("<details><summary>run metadata</summary><table>" + "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td style='text-align:left'>{html.escape(str(val))[:400]}</td></tr>"
-        for k, val in meta.items()) + "</table></details>")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>turbo-harness {html.escape(run.run_id)}: {v}</title>",
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>turbo-harness run {html.escape(run.run_id)} {_badge(v)}</h1>",
+             f"<p class=verdict>{html.escape(verdict_line(run))}</p>"]
+    if run.interrupted:
+        i = run.interrupted
+        parts.append(f"<p><b>INTERRUPTED</b> by {html.escape(str(i.get('signal')))} (exit code {i.get('exit_code')}): "
+                     f"partial report; not run: {html.escape(', '.join(i.get('not_run') or []) or 'none')}</p>")
+    items = [(f.label, f.line()[len(f.label):].strip()) for f in findings(run)]
+    items += [("XPASS", ln[5:].strip()) for ln in headline(run) if ln.startswith("XPASS")]
+    if items:
+        parts.append("<ul class=findings>" + "".join(f"<li>{_badge(lab)} {html.escape(text)}</li>" for lab, text in items)
+                     + "</ul>")
+    setup = sweep_setup_line(run)
+    if setup:
+        parts.append(f"<p>{html.escape(setup)}</p>")
+    km = known_markdown(run)
+    if km:
+        parts.append(_md_table_html("\n".join(km)))
+    parts.append("<h2>Overview</h2><table class=overview><tr><th class=l>check</th><th>verdict</th><th>pass</th>"
+                 "<th>partial</th><th>fail</th><th>skip</th><th>error</th><th>time s</th></tr>")
+    for c in run.checks:
+        n = {x: sum(1 for y in c.cells if y.verdict.value == x) for x in ("PASS", "PARTIAL", "FAIL", "SKIP", "ERROR")}
+        parts.append(f"<tr><td><a href='#{html.escape(c.id)}'>{html.escape(c.id)}</a> {html.escape(c.title)}</td>"
+                     f"<td>{_badge(c.verdict.value)}</td>" + "".join(f"<td>{n[x]}</td>" for x in n)
+                     + f"<td>{c.duration_s:.1f}</td></tr>")
+    parts.append("</table>")
+    parts.append("<h2>Run</h2><table class=meta>" + "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(val.replace('`', ''))}</td></tr>" for k, val in run_facts(run))
+        + "</table>")
+    parts.append("<details><summary>all run metadata</summary><table class=meta>" + "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(plain(val))}</td></tr>" for k, val in run.meta.items())
+        + "</table></details>")
     sweep = run.sections.get("sweep")
     if sweep:
         parts.append(_sweep_html(sweep))
@@ -150,21 +233,29 @@ def write_html(run: Run, run_dir: Path) -> Path:
                      f"plots/{p.name}</figcaption></figure>")
     for c in run.checks:
         cv = c.verdict.value
-        parts.append(f"<h2>{html.escape(c.id)}: {html.escape(c.title)} <span class=v style='background:{_COLORS[cv]}'>{cv}</span></h2>")
+        parts.append(f"<h2 id='{html.escape(c.id)}'>{html.escape(c.id)}: {html.escape(c.title)} {_badge(cv)}</h2>")
         if c.error:
             parts.append(f"<p><b>error:</b> {html.escape(c.error)}</p>")
         for n in c.notes:
             parts.append(f"<p class=note>{html.escape(n)}</p>")
-        parts.append("<table><tr><th>type</th><th>path</th><th>metric</th><th>value</th><th>op</th><th>threshold</th>"
-                     "<th>margin</th><th>verdict</th><th>caveat</th><th>evidence</th></tr>")
+        dt = _detail_table(c)
+        if dt:
+            parts.append(_md_table_html("\n".join(dt)))
+        parts.append("<table><tr><th>type</th><th class=l>path</th><th class=l>metric</th><th>value</th><th>op</th>"
+                     "<th>threshold</th><th>margin</th><th>verdict</th><th class=l>caveat</th><th class=l>evidence</th></tr>")
         for cell in c.cells:
             ev = " ".join(f"<a href='{html.escape(e)}'>{html.escape(Path(e).name)}</a>" for e in cell.evidence)
+            kn = f" {_badge(cell.known['status'].upper())}" if cell.known else ""
             parts.append(
-                f"<tr><td>{html.escape(cell.type)}</td><td>{html.escape(cell.path)}</td><td>{html.escape(cell.metric)}</td>"
+                f"<tr><td>{html.escape(cell.type)}</td><td class=l>{html.escape(cell.path)}"
+                f"{'' if cell.target else ' (non-target)'}</td><td class=l>{html.escape(cell.metric)}</td>"
                 f"<td>{_fmt(cell.value)}</td><td>{html.escape(cell.op)}</td><td>{_fmt(cell.threshold)}</td>"
-                f"<td>{_fmt(cell.margin)}</td><td><span class=v style='background:{_COLORS[cell.verdict.value]}'>"
-                f"{cell.verdict.value}</span></td><td style='text-align:left'>{html.escape(cell.caveat)}</td><td>{ev}</td></tr>")
+                f"<td>{_fmt(cell.margin)}</td><td>{_badge(cell.verdict.value)}{kn}</td>"
+                f"<td class=l style='min-width:18em'>{html.escape(cell.caveat)}</td><td class=l>{ev}</td></tr>")
         parts.append("</table>")
+    for name, sec in run.sections.items():
+        if name not in ("sweep", "known") and isinstance(sec, dict) and sec.get("markdown"):
+            parts.append(_md_table_html(sec["markdown"]))
     parts.append("</body></html>")
     out = run_dir / "report.html"
     out.write_text("\n".join(parts))

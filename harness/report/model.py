@@ -51,6 +51,7 @@ class Cell:
         target: whether the path belongs to the production target backend.
         evidence: run-folder-relative evidence file paths.
         details: extra measured numbers (all JSON-serialisable).
+        known: set by a known-findings file (harness.known): {'status': 'xfail'|'grown', 'reason', 'accepted'}.
     """
 
     check: str
@@ -65,6 +66,7 @@ class Cell:
     target: bool = True
     evidence: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    known: dict[str, Any] = field(default_factory=dict)
 
     @property
     def margin(self) -> float | None:
@@ -115,20 +117,34 @@ class CheckResult:
 
 @dataclass
 class Run:
-    """A whole run: metadata, check results and free-form sections (coverage, sweeps, matrix)."""
+    """A whole run: metadata, check results and free-form sections (coverage, sweeps, matrix).
+
+    ``interrupted`` is None for a run that went to its end; for one stopped by a signal it is
+    {'signal': 'SIGINT', 'exit_code': 130, 'in_progress': check id or None, 'not_run': [ids]} (the check
+    in progress is listed among those not run: its cells were not kept).
+    """
 
     run_id: str
     meta: dict[str, Any] = field(default_factory=dict)
     checks: list[CheckResult] = field(default_factory=list)
     sections: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    interrupted: dict[str, Any] | None = None
 
     @property
     def verdict(self) -> Verdict:
         return worst(c.verdict for c in self.checks)
 
+    @property
+    def headline(self) -> str:
+        """The run's verdict as reports print it: 'INTERRUPTED' for a run stopped by a signal."""
+        return "INTERRUPTED" if self.interrupted else self.verdict.value
+
     def exit_code(self, strict: bool = False) -> int:
-        """0 no FAIL and no ERROR; 1 a FAIL; 2 an ERROR; --strict also fails (1) on PARTIAL."""
+        """130 / 143 (128 + signal) for an interrupted run; else 0 no FAIL and no ERROR; 1 a FAIL;
+        2 an ERROR; --strict also fails (1) on PARTIAL."""
+        if self.interrupted:
+            return int(self.interrupted.get("exit_code", 130))
         vs = {c.verdict for c in self.checks}
         if Verdict.ERROR in vs:
             return 2
@@ -143,7 +159,9 @@ class Run:
             "schema": "turbo-harness/run",
             "schema_version": SCHEMA_VERSION,
             "run_id": self.run_id,
-            "verdict": self.verdict.value,
+            "verdict": self.headline,
+            "checks_verdict": self.verdict.value,
+            "interrupted": self.interrupted,
             "meta": self.meta,
             "checks": [c.to_dict() for c in self.checks],
             "sections": self.sections,
@@ -155,7 +173,8 @@ class Run:
         ver = str(d.get("schema_version", ""))
         if d.get("schema") != "turbo-harness/run" or ver.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
             raise ValueError(f"not a turbo-harness run report of schema {SCHEMA_VERSION} (got {d.get('schema')} {ver})")
-        run = cls(run_id=d["run_id"], meta=d.get("meta", {}), sections=d.get("sections", {}))
+        run = cls(run_id=d["run_id"], meta=d.get("meta", {}), sections=d.get("sections", {}),
+                  interrupted=d.get("interrupted"))
         for cd in d.get("checks", []):
             cr = CheckResult(id=cd["id"], title=cd["title"], notes=cd.get("notes", []),
                              duration_s=cd.get("duration_s", 0.0), error=cd.get("error", ""))
@@ -166,3 +185,37 @@ class Run:
                 cr.cells.append(Cell(**c))
             run.checks.append(cr)
         return run
+
+
+def _cell_types(cell: Cell) -> set[str]:
+    return {t for t in cell.type.split("/") if t.startswith("turbo")}
+
+
+def _cell_backends(cell: Cell, known_backends: tuple[str, ...]) -> set[str]:
+    import re
+    head = cell.path.split("[", 1)[0]
+    return {b for b in re.findall(r"([A-Za-z0-9_]+):", head) if b in known_backends}
+
+
+def merge_previous(old: CheckResult, new: CheckResult, types: list[str], backends: list[str],
+                   known_backends: tuple[str, ...] = ("cpu", "cuda", "metal", "vulkan", "hip")) -> list[str]:
+    """Keep the cells of an earlier run of the same check that this run could not have produced.
+
+    A new run of a check with fewer types or backends (``check PQ6 --type turbo2 --out <existing>``)
+    replaces only the cells whose turbo types are all among ``types`` and whose backends are all among
+    ``backends``; the other earlier cells are prepended to ``new.cells`` and a note says which were kept.
+    Returns the turbo types whose earlier cells were kept ([] when nothing was kept).
+    """
+    tset, bset = set(types), set(backends)
+    kept = [x for x in old.cells if not (_cell_types(x) <= tset and _cell_backends(x, known_backends) <= bset)]
+    if not kept:
+        return []
+    new.cells = kept + new.cells
+    kept_types = sorted({t for x in kept for t in (_cell_types(x) or {x.type})} - tset) or sorted(tset)
+    mixed = sorted({x.type for x in kept if _cell_types(x) & tset and not _cell_types(x) <= tset})
+    kept_b = sorted({b for x in kept for b in _cell_backends(x, known_backends)} - bset)
+    what = ", ".join(kept_types) + (f" (with the mixed pairs {', '.join(mixed)})" if mixed else "")
+    new.notes.append(f"{len(kept)} cells of {what}{' on ' + ', '.join(kept_b) if kept_b else ''} are kept "
+                     f"from the earlier run in this folder; this run replaced those of {', '.join(types)}"
+                     f" on {', '.join(backends)}")
+    return [what]

@@ -17,10 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from harness.report.model import Run  # noqa: E402
 
 
-def _cells(run: Run, cid: str, metric_prefix: str):
+def _cells(run: Run, cid: str, metric_prefix: str, needs: tuple[str, ...] = ()):
+    """Measured cells of one check whose metric starts with metric_prefix and whose details hold ``needs``."""
     for c in run.checks:
         if c.id == cid:
-            return [x for x in c.cells if x.metric.startswith(metric_prefix) and x.value is not None]
+            return [x for x in c.cells if x.metric.startswith(metric_prefix) and x.value is not None
+                    and all(k in x.details for k in needs)]
     return []
 
 
@@ -37,7 +39,7 @@ def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
     """Draw the plots the run's checks support into out_dir; returns {name: path}."""
     out_dir = Path(out_dir)
     made: dict[str, Path] = {}
-    cb = _cells(run, "PQ2", "distortion")
+    cb = _cells(run, "PQ2", "distortion", ("lloyd_max_sigma", "table_sigma"))
     if cb:
         types = sorted({c.type for c in cb})
         fig, axes = plt.subplots(1, len(types), figsize=(4.2 * len(types), 3.6), squeeze=False)
@@ -53,9 +55,9 @@ def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
             ax.set_ylabel("centroid / sigma")
             ax.legend(fontsize=7)
         made["codebook"] = _save(fig, out_dir, "codebook")
-    d5 = _cells(run, "PQ5", "nmse")
+    d5 = _cells(run, "PQ5", "nmse", ("nmse_gaussian", "nmse_outlier", "lloyd_max_nmse", "upper_bound"))
     if d5:
-        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(d5) + 2), 4))
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(d5) + 2) + 2.6, 4.2))
         xs = range(len(d5))
         ax.bar([x - 0.2 for x in xs], [c.details["nmse_gaussian"] for c in d5], 0.4, label="Gaussian rows")
         ax.bar([x + 0.2 for x in xs], [c.details["nmse_outlier"] for c in d5], 0.4, label="one channel 40x")
@@ -66,19 +68,28 @@ def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
             if isinstance(v, float):
                 ax.axhline(v, color=col, ls=":", lw=1, label=name.replace("_gaussian_nmse", " (same rows)"))
         ax.set_yscale("log")
-        ax.set_xticks(list(xs), [f"{c.type}\n{c.path}" for c in d5], fontsize=7)
-        ax.set_ylabel("NMSE")
-        ax.legend(fontsize=7)
+        ax.set_xticks(list(xs), [f"{c.type}\n{c.path}" for c in d5], fontsize=8)
+        for tick, c in zip(ax.get_xticklabels(), d5):
+            tick.set_color("#c62828" if c.verdict.value == "FAIL" else ("#ef6c00" if c.verdict.value == "PARTIAL" else "k"))
+        ax.set_ylabel("NMSE (log)")
+        ax.set_title("PQ5 distortion per type and quantise path (tick colour: verdict)", fontsize=9)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, never over a bar
         made["distortion"] = _save(fig, out_dir, "distortion")
     d6 = _cells(run, "PQ6", "rel_err")
     if d6:
-        fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(d6) + 2), 4))
-        ax.scatter(range(len(d6)), [max(c.value, 1e-12) for c in d6],
-                   c=["tab:green" if c.verdict.value == "PASS" else "tab:red" for c in d6], s=14)
-        ax.step(range(len(d6)), [c.threshold for c in d6], where="mid", color="k", lw=1, label="threshold")
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(d6)), [c.path.split("[")[-1].rstrip("]") for c in d6], rotation=90, fontsize=5)
-        ax.set_ylabel("relative error vs exact attention")
-        ax.legend(fontsize=7)
+        # one row per case, labels horizontal and readable; the threshold as a short bar on each row
+        ys = list(range(len(d6)))
+        fig, ax = plt.subplots(figsize=(9, max(3.0, 0.19 * len(d6) + 1.2)))
+        colors = {"PASS": "tab:green", "PARTIAL": "tab:orange"}
+        ax.scatter([max(c.value, 1e-12) for c in d6], ys, c=[colors.get(c.verdict.value, "tab:red") for c in d6], s=16,
+                   zorder=3, label="relative error")
+        ax.scatter([c.threshold for c in d6], ys, marker="|", s=90, c="k", label="threshold")
+        ax.set_xscale("log")
+        ax.set_yticks(ys, [c.path.replace(":flash_attn[", ": ").rstrip("]") for c in d6], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("relative error vs exact attention (log)")
+        ax.set_title("PQ6 flash attention per case (green PASS, orange PARTIAL, red FAIL)", fontsize=9)
+        ax.grid(axis="x", lw=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         made["attention"] = _save(fig, out_dir, "attention")
     return made

@@ -35,30 +35,138 @@ def _md_escape(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(run: Run) -> str:
-    """The human summary: verdict, metadata, per-check tables, sections, what was not run."""
+def plain(v) -> str:
+    """A metadata value as a reader wants it: lists joined, dicts as 'k: v; ...', None as '-', bools yes/no."""
+    if v is None or v == "" or v == [] or v == {}:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(plain(x) for x in v)
+    if isinstance(v, dict):
+        return "; ".join(f"{k}: {plain(x)}" for k, x in v.items())
+    if isinstance(v, float):
+        return fmt_num(v)
+    return str(v)
+
+
+def run_facts(run: Run) -> list[tuple[str, str]]:
+    """(label, text) pairs describing what was measured and with what (fork, build, model, corpus, sizes)."""
     m = run.meta
-    lines = [f"# turbo-harness run `{run.run_id}`: **{run.verdict.value}**", ""]
-    facts = [
-        ("fork", f"{m.get('fork_commit', '?')}{' (dirty)' if m.get('fork_dirty') else ''} {m.get('fork_describe', '')}"),
-        ("fork dir", m.get("fork_dir")),
-        ("target backend", m.get("target_backend")),
-        ("backends run", ", ".join(m.get("backends_run", [])) or "-"),
-        ("backends not available here", ", ".join(m.get("backends_not_available", [])) or "-"),
-        ("build", f"{m.get('build_dir', '-')}; {' '.join(m.get('cmake_options', []))}"),
-        ("compiler", m.get("cxx_compiler")),
-        ("GPU / driver", m.get("gpu") or "none"),
-        ("harness", f"{m.get('harness_version')} - `{m.get('command_line', '')}`"),
-        ("started", m.get("started")),
-    ]
-    for k, v in facts:
-        if v:
-            lines.append(f"- **{k}**: {_md_escape(v)}")
-    lines += ["", "## Verdicts", "", "| check | verdict | cells (pass/partial/fail/skip/error) | time s |", "|---|---|---|---|"]
+    commit = m.get("fork_commit") or "?"
+    dirty = {True: " (dirty)", False: "", None: " (dirty state unknown)"}.get(m.get("fork_dirty"), "")
+    desc = str(m.get("fork_describe") or "")
+    if desc.split(" ", 1)[0] and commit.startswith(desc.split(" ", 1)[0]):
+        desc = desc.split(" ", 1)[1] if " " in desc else ""  # 'abc1234 subject': the commit is already shown
+    cmake = m.get("cmake_options")
+    cmake = " ".join(cmake) if isinstance(cmake, (list, tuple)) else (f"CMake cache sha256 {cmake}" if cmake else "")
+    if m.get("fork_dirty") and m.get("fork_diff_sha256"):
+        dirty = f" (dirty, diff sha256 {m['fork_diff_sha256'][:12]})"
+    facts = [("fork", f"{commit}{dirty}{' - ' + desc if desc else ''}"), ("provenance", m.get("provenance_note")),
+             ("layouts the reference does not know", "; ".join(m.get("layout_notes") or []) or None),
+             ("fork dir", m.get("fork_dir")), ("target backend", m.get("target_backend"))]
+    if "backends_run" in m:
+        facts += [("backends run", plain(m.get("backends_run"))),
+                  ("backends not available here", plain(m.get("backends_not_available")))]
+    if "types" in m:
+        facts.append(("types", plain(m.get("types"))))
+    sweep = run.sections.get("sweep")
+    if isinstance(sweep, dict):
+        pin = sweep.get("pinned") or m.get("pinned") or {}
+        mi = sweep.get("model") or m.get("model_info") or {}
+        facts += [("model", f"{mi.get('name') or '-'} ({m.get('model', '-')}, sha256 {str(m.get('model_sha256', '-'))[:16]})"),
+                  ("corpus", f"{m.get('corpus', '-')} (sha256 {str(m.get('corpus_sha256', '-'))[:16]})"),
+                  ("sizes", f"ctx {pin.get('ctx', '-')} tokens x {pin.get('chunks', '-')} chunks; batch {pin.get('batch', '-')}, "
+                            f"ubatch {pin.get('ubatch', '-')}; threads {pin.get('threads', '-')}; ngl {pin.get('ngl', '-')}; "
+                            + (f"bench depths {plain(pin.get('depths'))}" if sweep.get("speed") else "no speed bench"))]
+    facts += [("build", f"{m.get('build_dir', '-')}{'; ' + cmake if cmake else ''}"),
+              ("compiler", m.get("cxx_compiler") or m.get("compiler")), ("GPU / driver", m.get("gpu") or "none"),
+              ("harness", f"{m.get('harness_version')} - `{m.get('command_line', '')}`"), ("started", m.get("started"))]
+    return [(k, plain(v)) for k, v in facts if v not in (None, "")]
+
+
+def sweep_setup_line(run: Run) -> str:
+    """'Measured on <model> with <corpus>, ctx N x M chunks' for a sweep run ('' otherwise)."""
+    sweep = run.sections.get("sweep")
+    if not isinstance(sweep, dict):
+        return ""
+    m = run.meta
+    pin = sweep.get("pinned") or {}
+    mi = sweep.get("model") or {}
+    return (f"Measured on model {mi.get('name') or Path(str(m.get('model', '-'))).name} "
+            f"({Path(str(m.get('model', '-'))).name}) with corpus {Path(str(m.get('corpus', '-'))).name}, "
+            f"ctx {pin.get('ctx', '-')} tokens x {pin.get('chunks', '-')} chunks, backend {pin.get('backend', '-')}.")
+
+
+def known_markdown(run: Run) -> list[str]:
+    """The known-findings table (every entry, its status per path and reason), or [] without a file."""
+    known = run.sections.get("known")
+    if not isinstance(known, dict) or not known.get("entries"):
+        return []
+    c = known.get("counts", {})
+    lines = ["## Known findings", "",
+             f"File `{known.get('file')}`: gate **{known.get('gate')}** - {c.get('xfail', 0)} expected (XFAIL), "
+             f"{c.get('grown', 0)} grown, {c.get('new', 0)} new, {c.get('xpass', 0)} fixed (XPASS) cells/paths.", "",
+             "| check | type | path | metric | accepted | status | reason |", "|---|---|---|---|---|---|---|"]
+    for e in known["entries"]:
+        for pat, st in (e.get("status") or {p: "-" for p in e["paths"]}).items():
+            lines.append(f"| {e['check']} | {e['type']} | `{pat}` | {e['metric']} | {e.get('verdict', '')} at "
+                         f"{fmt_num(e.get('accepted'))} | {st.upper()} | {_md_escape(e['reason'])} |")
+    return lines + [""]
+
+
+def _detail_table(c) -> list[str]:
+    """A check's comparison table from its cells' ``details['table_row']`` (e.g. PQ5 with q4_0/q8_0 beside
+    every turbo row); [] when no cell has one."""
+    rows = [x for x in c.cells if isinstance(x.details.get("table_row"), dict)]
+    if not rows:
+        return []
+    cols = list(dict.fromkeys(k for x in rows for k in x.details["table_row"]))
+    lines = ["", "| type | path | " + " | ".join(cols) + " | verdict |", "|---|---|" + "---|" * len(cols) + "---|"]
+    for x in rows:
+        tr = x.details["table_row"]
+        lines.append(f"| {x.type} | `{x.path}` | " + " | ".join(_md_escape(fmt_num(tr.get(k))) for k in cols)
+                     + f" | {x.verdict.value} |")
+    return lines
+
+
+def sweep_markdown(section: dict) -> list[str]:
+    """The sweep's per-pair table for summary.md (PPL, paired change vs q8_0, KLD, top-1, memory, status)."""
+    rows = section.get("rows") or []
+    if not rows:
+        return []
+    lines = ["", "| pair | PPL ± se | vs q8_0 | KLD | top-1 same % | KV MiB | bits / real value | status |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ppl = f"{fmt_num(r.get('ppl'))} ± {fmt_num(r.get('ppl_se'))}" if r.get("ppl") is not None else "-"
+        vs = f"{r['ppl_vs_q8_pct']:+.2f}%" if r.get("ppl_vs_q8_pct") is not None else "-"
+        st = r.get("status", "") + (f": {r['error']}" if r.get("error") else "")
+        lines.append(f"| {r['pair']} | {ppl} | {vs} | {fmt_num(r.get('kld'))} | {fmt_num(r.get('same_top_p_pct'))} | "
+                     f"{fmt_num(r.get('kv_mib'))} | {fmt_num(r.get('bits_per_value'))} | {_md_escape(st)} |")
+    return lines
+
+
+def markdown(run: Run) -> str:
+    """The human summary: the verdict and one plain line per finding first, then the overview table,
+    what was measured with what, per-check tables, sections and what was not run."""
+    from harness.report.findings import headline
+    head = headline(run)
+    lines = [f"# turbo-harness run `{run.run_id}`: **{run.headline}**", ""]
+    if run.interrupted:
+        lines += interrupted_lines(run.interrupted, run.interrupted.get("units", "checks")) + [""]
+    lines += [f"**{_md_escape(head[0])}**", ""]
+    lines += [f"- {_md_escape(h)}" for h in head[1:]]
+    setup = sweep_setup_line(run)
+    if setup:
+        lines += ["", setup]
+    lines.append("")
+    lines += known_markdown(run)
+    lines += ["## Verdicts", "", "| check | verdict | cells (pass/partial/fail/skip/error) | time s |", "|---|---|---|---|"]
     for c in run.checks:
         counts = [sum(1 for x in c.cells if x.verdict == v) for v in
                   (Verdict.PASS, Verdict.PARTIAL, Verdict.FAIL, Verdict.SKIP, Verdict.ERROR)]
         lines.append(f"| {c.id} {_md_escape(c.title)} | **{c.verdict.value}** | {'/'.join(map(str, counts))} | {c.duration_s:.1f} |")
+    lines += ["", "## Run", ""] + [f"- **{k}**: {_md_escape(v)}" for k, v in run_facts(run)]
     for c in run.checks:
         lines += ["", f"## {c.id} {c.title}: {c.verdict.value}", ""]
         if c.error:
@@ -67,18 +175,39 @@ def markdown(run: Run) -> str:
             lines.append(f"- {_md_escape(n)}")
         if not c.cells:
             continue
+        if c.id == "SWEEP" and isinstance(run.sections.get("sweep"), dict):
+            lines += sweep_markdown(run.sections["sweep"])
+        lines += _detail_table(c)
         lines += ["", "| type | path | metric | value | threshold | margin | verdict | note | evidence |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for x in c.cells:
             tgt = "" if x.target else " (non-target)"
             ev = " ".join(f"[{Path(e).name}]({e})" for e in x.evidence) or ("run.json" if x.details else "-")
+            kn = f" (known: {x.known['status'].upper()})" if x.known else ""
             lines.append(f"| {x.type} | `{x.path}`{tgt} | {x.metric} | {fmt_num(x.value)} | {x.op} {fmt_num(x.threshold)} | "
-                         f"{fmt_num(x.margin)} | {x.verdict.value} | {_md_escape(x.caveat)} | {ev} |")
+                         f"{fmt_num(x.margin)} | {x.verdict.value}{kn} | {_md_escape(x.caveat)} | {ev} |")
     for name, sec in run.sections.items():
         if isinstance(sec, dict) and sec.get("markdown"):
             lines += ["", sec["markdown"]]
-    lines += ["", "Exit code rule: 0 no FAIL/ERROR, 1 a FAIL (or PARTIAL with --strict), 2 an ERROR or bad usage.", ""]
+    lines += ["", "Exit code rule: 0 no FAIL/ERROR, 1 a FAIL (or PARTIAL with --strict), 2 an ERROR or bad usage; "
+                  "with --known FILE: 0 when every finding is an accepted known one, 1 a new, grown or fixed (XPASS) one.", ""]
     return "\n".join(lines)
+
+
+def interrupted_lines(info: dict, what: str = "checks") -> list[str]:
+    """Markdown lines that mark a partial report: the signal, the exit code and what did not run.
+
+    Args:
+        info: a Run's ``interrupted`` dict ({'signal', 'exit_code', 'in_progress', 'not_run'}).
+        what: the word for the units that did not run ('checks', 'jobs').
+    """
+    not_run = info.get("not_run") or []
+    cur = info.get("in_progress")
+    lines = [f"**INTERRUPTED** by {info.get('signal', 'a signal')} (exit code {info.get('exit_code', '?')}): "
+             f"a partial report; the verdicts below cover only the {what} that finished.", ""]
+    lines.append(f"- {what} not run: {', '.join(not_run) if not_run else 'none'}"
+                 + (f" ({cur} was running and was stopped; its results were not kept)" if cur else ""))
+    return lines
 
 
 def write_markdown(run: Run, run_dir: Path) -> Path:
@@ -90,20 +219,38 @@ def write_markdown(run: Run, run_dir: Path) -> Path:
 
 def write_junit(run: Run, run_dir: Path) -> Path:
     """JUnit XML: one testsuite per check, one testcase per cell. FAIL -> failure, ERROR -> error,
-    SKIP -> skipped, PARTIAL -> passed with a system-out note (``--strict`` is a CLI exit-code rule)."""
+    SKIP -> skipped, PARTIAL -> passed with a system-out note (``--strict`` is a CLI exit-code rule).
+    With a known-findings file applied: an accepted finding is skipped (type xfail), a grown one and a new
+    PARTIAL are failures, and each entry that no longer occurs (XPASS) is a failure of suite 'known-findings'."""
     suites = ET.Element("testsuites", name=f"turbo-harness {run.run_id}")
+    if run.interrupted:  # every check that did not run is an error case: a partial run never reads as green
+        info = run.interrupted
+        s = ET.SubElement(suites, "testsuite", name="INTERRUPTED", tests=str(max(len(info.get("not_run", [])), 1)),
+                          failures="0", errors=str(max(len(info.get("not_run", [])), 1)), skipped="0")
+        for cid in info.get("not_run") or ["run"]:
+            tc = ET.SubElement(s, "testcase", classname="INTERRUPTED", name=f"{cid} not run")
+            ET.SubElement(tc, "error", message=f"INTERRUPTED by {info.get('signal')}: {cid} did not run"
+                          + (" (stopped while running)" if cid == info.get("in_progress") else ""))
+    known = run.sections.get("known")
+    gated = isinstance(known, dict) and "entries" in known
     for c in run.checks:
-        s = ET.SubElement(suites, "testsuite", name=c.id, tests=str(max(len(c.cells), 1)), time=f"{c.duration_s:.3f}",
-                          failures=str(sum(x.verdict == Verdict.FAIL for x in c.cells)),
-                          errors=str(sum(x.verdict == Verdict.ERROR for x in c.cells) + (1 if c.error else 0)),
-                          skipped=str(sum(x.verdict == Verdict.SKIP for x in c.cells)))
+        s = ET.SubElement(suites, "testsuite", name=c.id, tests=str(max(len(c.cells), 1)), time=f"{c.duration_s:.3f}")
         if c.error:
             tc = ET.SubElement(s, "testcase", classname=c.id, name="check")
             ET.SubElement(tc, "error", message=c.error)
         for x in c.cells:
             tc = ET.SubElement(s, "testcase", classname=f"{c.id}.{x.type}", name=f"{x.path} {x.metric}")
             msg = f"{x.metric}={fmt_num(x.value)} threshold {x.op} {fmt_num(x.threshold)}: {x.caveat}"
-            if x.verdict == Verdict.FAIL:
+            status = (x.known or {}).get("status")
+            if status == "xfail":  # an accepted known finding: reported as pytest reports xfail
+                ET.SubElement(tc, "skipped", type="xfail",
+                              message=f"expected {x.verdict.value} (known finding: {x.known.get('reason')}): {msg}")
+            elif status == "grown":
+                ET.SubElement(tc, "failure", message=f"{x.verdict.value} worse than the known finding accepted at "
+                                                     f"{fmt_num(x.known.get('accepted'))}: {msg}")
+            elif gated and x.verdict == Verdict.PARTIAL:
+                ET.SubElement(tc, "failure", message=f"new PARTIAL finding (not in the known-findings file): {msg}")
+            elif x.verdict == Verdict.FAIL:
                 ET.SubElement(tc, "failure", message=msg)
             elif x.verdict == Verdict.ERROR:
                 ET.SubElement(tc, "error", message=msg)
@@ -111,6 +258,20 @@ def write_junit(run: Run, run_dir: Path) -> Path:
                 ET.SubElement(tc, "skipped", message=x.caveat or "skipped")
             elif x.verdict == Verdict.PARTIAL:
                 ET.SubElement(tc, "system-out").text = f"PARTIAL: {msg}"
+    if gated:
+        s = ET.SubElement(suites, "testsuite", name="known-findings", tests=str(len(known["entries"])))
+        for e in known["entries"]:
+            for pat, st in e.get("status", {}).items():
+                tc = ET.SubElement(s, "testcase", classname=f"known.{e['check']}.{e['type']}", name=f"{pat} {e['metric']}")
+                if st == "xpass":
+                    ET.SubElement(tc, "failure", message=f"XPASS: the known finding no longer occurs (fixed); remove it "
+                                                         f"from {known.get('file')}")
+                elif st == "not checked":
+                    ET.SubElement(tc, "skipped", message="not measured in this run")
+    for s in suites:  # counts from the testcases themselves, so xfail/xpass are counted where they are written
+        for tag, attr in (("failure", "failures"), ("error", "errors"), ("skipped", "skipped")):
+            s.set(attr, str(sum(1 for tc in s for ch in tc if ch.tag == tag)))
+        s.set("tests", str(max(len(s), 1)))
     p = Path(run_dir) / "junit.xml"
     ET.ElementTree(suites).write(p, encoding="utf-8", xml_declaration=True)
     return p

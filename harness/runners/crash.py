@@ -110,21 +110,29 @@ def classify(rc: int | None, timed_out: bool, text: str, timeout_s: float | None
     return None
 
 
-_PROBE_CRASH = re.compile(r"fork code crashed in probe call (\S+) \((signal (\d+)|exit code (-?\d+))\): (.*)")
+_PROBE_CRASH = re.compile(r"fork code crashed in probe call (\S+) \((signal (\d+)(?: \(\w+\))?|exit code (-?\d+))\): (.*)")
+_PROBE_EXIT = re.compile(r"the probe worker exited \(exit code (-?\d+)\) during call (\S+?):? (.*)")
 
 
-def classify_probe_message(msg: str) -> Crash | None:
+def classify_probe_message(msg: str, sanitized: bool = False) -> Crash | None:
     """The crash named by a probe worker's message (harness.fork.probe.ProbeCrash text), or None.
 
-    'fork code crashed in probe call set_rows (signal 11): ...' is a segfault of the fork's code (FAIL);
-    'probe call x timed out after 600 s and was killed' is a hang (ERROR).
+    'fork code crashed in probe call set_rows (signal 11 (SIGSEGV)): ...' is a segfault of the fork's code
+    (FAIL); 'probe call x timed out after 600 s and was killed' is a hang (ERROR). 'the probe worker exited
+    (exit code 1) during call x' is the harness's side, except under a sanitizer (``sanitized``), whose
+    report ends the process with exit code 1: then it is the fork's crash.
     """
     if re.search(r"probe call \S+ timed out", msg):
-        return Crash("hang", "", msg)
+        return Crash("hang", "", msg[msg.index("probe call"):])
     m = _PROBE_CRASH.search(msg)
     if not m:
         rep = asan_report(msg)
-        return Crash("asan", "", rep) if rep else None
+        if rep:
+            return Crash("asan", "", rep)
+        e = _PROBE_EXIT.search(msg)
+        if e and sanitized:
+            return Crash("asan", "", f"the worker exited with code {e.group(1)} after a sanitizer report (probe call {e.group(2)})")
+        return None
     rest = m.group(5)
     rep = asan_report(rest) or ("AddressSanitizer" in rest and rest)
     if rep:

@@ -3,7 +3,6 @@ SHA-256, and the attention shape read from the GGUF header (for the KV-size pred
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -43,15 +42,36 @@ def default_corpus() -> Path:
                        f"wiki.test.raw; looked for {p})")
 
 
-def check_corpus(path: Path, min_bytes: int = 1) -> None:
-    """Raise HarnessError when the corpus is missing, unreadable or empty (whitespace only)."""
+def check_corpus(path: Path, ctx: int | None = None, chunks: int | None = None, min_bytes: int = 1) -> None:
+    """Raise HarnessError (problem and fix, one line) when the corpus cannot give the asked measurement.
+
+    Checked before any tool runs: missing, empty (whitespace only), not UTF-8 text (llama-perplexity's
+    tokenizer aborts on invalid text), and, given ``ctx``/``chunks``, too short. A token is at least one
+    byte, so a file of N bytes holds at most N tokens: fewer than 2 x ctx (llama-perplexity's minimum)
+    or than ctx x chunks (it would silently measure fewer chunks) is refused.
+    """
     path = Path(path)
     if not path.is_file():
-        raise HarnessError(f"corpus {path} does not exist: pass --corpus FILE or set TURBO_CORPUS")
+        raise HarnessError(f"corpus {path} {'is not a regular file' if path.exists() else 'does not exist'}: "
+                           f"pass --corpus FILE (a plain-text file) or set TURBO_CORPUS")
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(1 << 16)
-    if len(head.strip()) < min_bytes:
+        data = f.read(1 << 24)
+    if len(data.strip()) < min_bytes:
         raise HarnessError(f"corpus {path} is empty: give a text file with at least ctx x chunks tokens")
+    nul = data.find(b"\0")
+    try:
+        data.decode("utf-8") if len(data) == size else data[:-4].decode("utf-8")  # a cut may split a character
+    except UnicodeDecodeError as e:
+        nul = e.start if nul < 0 else min(nul, e.start)
+    if nul >= 0:
+        raise HarnessError(f"corpus {path} is not UTF-8 text (byte 0x{data[nul]:02x} at offset {nul}): give a plain-text "
+                           f"file such as wikitext-2-raw wiki.test.raw (llama-perplexity aborts on invalid text)")
+    if ctx:
+        need = max(2 * ctx, ctx * (chunks or 1))
+        if size < need:
+            raise HarnessError(f"corpus {path} has only {size} bytes, so at most {size} tokens, but --ctx {ctx} x --chunks "
+                               f"{chunks or 1} needs {need}: give a longer text or lower --ctx/--chunks")
 
 
 _SHA_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "turbo-harness" / "sha256.json"
@@ -88,8 +108,8 @@ class ModelInfo:
     Attributes:
         arch: general.architecture; n_layer: block_count; n_head / n_head_kv: layer-0 head counts;
         head_dim_k / head_dim_v: key/value head width (attention.key_length, else embedding/n_head);
-        name: general.name (or file name); n_ctx_train: <arch>.context_length (trained context, tokens);
-        sliding_window: <arch>.attention.sliding_window (tokens; None for full attention in every layer).
+        name: general.name (or file name); n_ctx_train: {arch}.context_length (0 when absent);
+        sliding_window: {arch}.attention.sliding_window (tokens; None for full attention in every layer).
     """
 
     path: str
@@ -101,7 +121,7 @@ class ModelInfo:
     head_dim_k: int
     head_dim_v: int
     n_embd: int
-    n_ctx_train: int | None = None
+    n_ctx_train: int = 0  # {arch}.context_length: the context the model was trained for (0: not stated)
     sliding_window: int | None = None
 
     def to_dict(self) -> dict:
@@ -160,7 +180,7 @@ def read_model_info(path: Path) -> ModelInfo:
     head_v = first(hv) if hv is not None else head_k
     if len(r.tensors) == 0:
         raise HarnessError(f"model {path} has no tensors")
-    ctx_train = field(f"{arch}.context_length")
+    n_ctx = field(f"{arch}.context_length")
     swa = field(f"{arch}.attention.sliding_window")
     return ModelInfo(str(path), arch, field("general.name", path.name), n_layer, n_head, n_head_kv, head_k, head_v, n_embd,
-                     first(ctx_train) if ctx_train is not None else None, first(swa) if swa is not None else None)
+                     first(n_ctx) if n_ctx is not None else 0, first(swa) if swa is not None else None)

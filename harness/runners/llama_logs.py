@@ -212,3 +212,61 @@ def parse_bench_json(text: str) -> list[BenchRow]:
                              n_threads=int(d.get("n_threads", 0)), flash_attn=d.get("flash_attn"),
                              n_gpu_layers=int(d.get("n_gpu_layers", 0))))
     return rows
+
+
+def parse_bench_json_partial(text: str) -> tuple[list[BenchRow], bool]:
+    """The tests a ``llama-bench -o json`` run printed before it died, and whether the array was closed.
+
+    llama-bench prints ``[``, then each finished test as one JSON object (flushed as soon as the test
+    ends, objects separated by commas) and ``]`` at the very end; a run that aborts in its third test
+    leaves ``[`` and two complete objects. Complete objects are kept, a truncated last one is dropped.
+
+    Returns:
+        (rows, complete): complete is True when the closing ``]`` was printed.
+    """
+    s = text.strip()
+    if not s.startswith("["):
+        return [], False
+    dec = json.JSONDecoder()
+    objs: list[dict] = []
+    i = 1
+    while True:
+        while i < len(s) and s[i] in " \t\r\n,":
+            i += 1
+        if i >= len(s) or s[i] == "]":
+            break
+        try:
+            obj, i = dec.raw_decode(s, i)
+        except json.JSONDecodeError:
+            break  # the object being printed when the tool died
+        if isinstance(obj, dict):
+            objs.append(obj)
+    complete = i < len(s) and s[i] == "]"
+    return parse_bench_json(json.dumps(objs)), complete
+
+
+# llama-bench --progress: "llama-bench: benchmark 2/4: warmup generation run"
+_BENCH_PROGRESS = re.compile(r"llama-bench: benchmark (\d+)/(\d+): (warmup prompt run|warmup generation run|depth run|"
+                             r"prompt run|generation run)")
+BENCH_PHASES = {"warmup prompt run": "prefill warm-up", "warmup generation run": "decode warm-up",
+                "depth run": "depth fill (prefill up to the test depth)", "prompt run": "prefill",
+                "generation run": "decode"}
+
+
+def last_bench_progress(text: str) -> tuple[int, str] | None:
+    """(1-based test number, phase word) of the last ``llama-bench --progress`` line, or None.
+
+    Phase words (from :data:`BENCH_PHASES`): 'prefill warm-up', 'decode warm-up', 'depth fill ...',
+    'prefill', 'decode'.
+    """
+    last = None
+    for m in _BENCH_PROGRESS.finditer(text):
+        last = m
+    return (int(last.group(1)), BENCH_PHASES[last.group(3)]) if last else None
+
+
+def kld_chunks_done(text: str) -> int:
+    """How many per-chunk rows a ``llama-perplexity --kl-divergence`` run printed (``   3   33.04 ± ...``),
+    or how many ``[n]ppl`` values a plain perplexity run printed."""
+    rows = re.findall(r"^\s*(\d+)\s+[-+\d.naif]+\s*±", text, re.MULTILINE)
+    return max(len(rows), len(parse_chunk_ppls(text)))

@@ -103,7 +103,7 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
     p = Path(name).expanduser()
     if p.is_file():
         return p
-    raise HarnessError(f"--model {name}: no such file and not a known model; give a GGUF path or one of "
+    raise HarnessError(f"--model {name} does not exist and is not a known model: give a GGUF path or one of "
                        f"{', '.join(known)}")
 
 

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,14 +26,16 @@ from typing import Callable
 
 from harness.errors import HarnessError
 from harness.fork.build import REPO_ROOT, binary, git_state, read_build_meta
+from harness.interrupt import Interrupted, raise_if_pending
 from harness.runners.ggml_types import type_traits
 from harness.runners.inputs import ModelInfo, check_corpus, read_model_info, sha256_file
-from harness.runners.llama_logs import parse_bench_json, parse_kld_stats, parse_kv_log, parse_kv_logs, parse_final_ppl
-from harness.runners.tools import run_tool
+from harness.runners.llama_logs import (kld_chunks_done, last_bench_progress, parse_bench_json, parse_bench_json_partial,
+                                        parse_final_ppl, parse_kld_stats, parse_kv_log, parse_kv_logs)
+from harness.runners.tools import ToolResult, error_line, run_tool
 
 PINNED_ENV = {"TURBO_AUTO_ASYMMETRIC": "0", "TURBO_LAYER_ADAPTIVE": "0", "TURBO_SPARSE_V": "0"}
 
-DEFAULT_PAIRS = ("f16/f16,q8_0/q8_0,q4_0/q4_0,turbo4/turbo4,turbo3/turbo3,turbo2/turbo2,"
+DEFAULT_PAIRS = ("f16/f16,q8_0/q8_0,q4_0/q4_0,q4_0/q4_0+rot,turbo4/turbo4,turbo3/turbo3,turbo2/turbo2,"
                  "q8_0/turbo4,q8_0/turbo3,turbo4/q8_0")
 
 # Defaults sized so the whole default sweep takes ~10-15 min on a 2-core CPU (turbo KV on CPU is
@@ -41,6 +43,21 @@ DEFAULT_PAIRS = ("f16/f16,q8_0/q8_0,q4_0/q4_0,turbo4/turbo4,turbo3/turbo3,turbo2
 CPU_DEFAULTS = {"ctx": 256, "chunks": 8, "depths": (0, 256), "reps": 3, "n_prompt": 64, "n_gen": 16, "timeout": 900}
 GPU_DEFAULTS = {"ctx": 512, "chunks": 64, "depths": (0, 2048, 8192), "reps": 5, "n_prompt": 512, "n_gen": 128,
                 "timeout": 1800}
+
+
+# The pairs the sweep's rules need (spec "Model-level sweeps"): f16/f16 calibrates the KLD noise floor against the
+# f16 baseline, q8_0/q8_0 is what every pair's PPL and prefill speed are judged against.
+BASELINE_PAIRS = (("f16", "f16"), ("q8_0", "q8_0"))
+
+
+def with_baselines(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The pairs with the missing :data:`BASELINE_PAIRS` put in front, and the labels of those added.
+
+    Without q8_0/q8_0 no pair can be judged (the rules compare with q8_0) and the sweep would be SKIP
+    ("nothing judged"); without f16/f16 KLD has no noise floor. ``--no-baselines`` skips this.
+    """
+    missing = [p for p in BASELINE_PAIRS if p not in pairs]
+    return missing + [p for p in pairs], [pair_label(k, v) for k, v in missing]
 
 
 def parse_pairs(spec: str) -> list[tuple[str, str]]:
@@ -52,11 +69,15 @@ def parse_pairs(spec: str) -> list[tuple[str, str]]:
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
-        parts = [p.strip() for p in item.split("/")]
+        rot = item.endswith(ROT_SUFFIX)
+        parts = [p.strip() for p in item.removesuffix(ROT_SUFFIX).split("/")]
         if len(parts) == 1:
             parts = parts * 2
-        if len(parts) != 2 or not all(parts):
-            raise HarnessError(f"bad K/V pair {item!r}: write K/V, e.g. q8_0/turbo3 (or one name for K=V)")
+        if len(parts) != 2 or not all(parts) or any(ROT_SUFFIX in p for p in parts):
+            raise HarnessError(f"bad K/V pair {item!r}: write K/V, e.g. q8_0/turbo3 (or one name for K=V; "
+                               f"append {ROT_SUFFIX} for the attention rotation, e.g. q4_0/q4_0{ROT_SUFFIX})")
+        if rot:
+            parts[1] += ROT_SUFFIX
         if (parts[0], parts[1]) not in out:
             out.append((parts[0], parts[1]))
     if not out:
@@ -66,6 +87,32 @@ def parse_pairs(spec: str) -> list[tuple[str, str]]:
 
 def pair_label(k: str, v: str) -> str:
     return f"{k}/{v}"
+
+
+# A pair written with this suffix (``q4_0/q4_0+rot``) runs with the Hadamard attention rotation that upstream
+# llama.cpp switches on by default for quantised caches and this fork family switches off; the fork's switches
+# are LLAMA_ATTN_ROT_{K,V}_OVERRIDE (src/llama-kv-cache.cpp), and its log line ``attn_rot_k = 1`` proves it.
+ROT_SUFFIX = "+rot"
+ROT_ENV = {"LLAMA_ATTN_ROT_K_OVERRIDE": "1", "LLAMA_ATTN_ROT_V_OVERRIDE": "1"}
+
+
+def split_pair(k: str, v: str) -> tuple[str, str, bool]:
+    """(K cache type, V cache type, rotation on) of a pair as :func:`parse_pairs` stores it ('q4_0', 'q4_0+rot')."""
+    rot = k.endswith(ROT_SUFFIX) or v.endswith(ROT_SUFFIX)
+    return k.removesuffix(ROT_SUFFIX), v.removesuffix(ROT_SUFFIX), rot
+
+
+def rotation_problem(stderr: str) -> str:
+    """'' when the log shows the attention rotation on for K and V (``attn_rot_k = 1``, ``attn_rot_v = 1``), else
+    the reason the run does not measure what the '+rot' pair names."""
+    import re
+    got = {side: m.group(1) for side, m in ((s, re.search(rf"attn_rot_{s} = (\d+)", stderr)) for s in ("k", "v")) if m}
+    if got.get("k") == "1" and got.get("v") == "1":
+        return ""
+    if not got:
+        return "the log has no 'attn_rot_k = ...' line: this build cannot switch the attention rotation on"
+    return (f"attention rotation asked for ({', '.join(f'{k}=1' for k in ROT_ENV)}) but the log says "
+            f"attn_rot_k = {got.get('k', '?')}, attn_rot_v = {got.get('v', '?')}: the override did not take effect")
 
 
 def pair_slug(k: str, v: str) -> str:
@@ -96,6 +143,8 @@ class SweepConfig:
     timeout: float = CPU_DEFAULTS["timeout"]
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("TURBO_SWEEP_CACHE") or REPO_ROOT / ".cache" / "sweep"))
     bench: bool = True
+    no_baselines: bool = False                                  # --no-baselines: run only the pairs asked for
+    baselines_added: list[str] = field(default_factory=list)    # labels added by with_baselines (for the report)
 
     def __post_init__(self):
         self.batch = self.batch or self.ctx
@@ -131,6 +180,8 @@ class JobRecord:
     seconds: float = 0.0
     cached: bool = False
     key: str = ""
+    fault: str = ""              # failed jobs: 'fork' (FAIL), 'refused' (SKIP), 'harness' (ERROR); see classify_failure
+    phase: str = ""              # failed jobs: the phase that died, e.g. 'decode (tg16 at depth 0)'
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,6 +202,7 @@ class SweepResult:
     jobs_run: int = 0
     jobs_cached: int = 0
     traits: dict = field(default_factory=dict)  # {type name: TypeTrait} measured from the build
+    interrupted: dict | None = None  # {'signal', 'exit_code', 'in_progress', 'not_run'} when a signal stopped it
 
 
 def _binary_identity(bdir: Path, names: list[str]) -> dict:
@@ -167,13 +219,18 @@ def _binary_identity(bdir: Path, names: list[str]) -> dict:
 
 
 def _fork_identity(bdir: Path) -> dict:
+    """What the build was built from, for labels and cache keys: the build's own record
+    (turbo-harness-build.json; spec "Integrity of a verdict" / Provenance), never a checkout that may
+    have moved since. A build without a record falls back to its source folder's state now, and says so."""
     meta = read_build_meta(bdir)
     fork = Path(meta.get("fork_dir") or (REPO_ROOT / "vendor" / "llama.cpp"))
-    st = git_state(fork) if fork.is_dir() else {"commit": "unknown", "describe": "", "dirty": None}
-    diff_sha = ""
-    if st.get("dirty"):
-        r = subprocess.run(["git", "-C", str(fork), "diff", "HEAD"], capture_output=True)
-        diff_sha = hashlib.sha256(r.stdout).hexdigest()
+    if meta.get("fork_commit"):
+        st = {"commit": meta["fork_commit"], "describe": meta.get("fork_describe", ""), "dirty": meta.get("fork_dirty")}
+        diff_sha = meta.get("fork_diff_sha256") or ""
+    else:
+        st = git_state(fork) if fork.is_dir() else {"commit": "unknown", "describe": "", "dirty": None}
+        st["describe"] = (st.get("describe", "") + " (not recorded by the build: the source folder's state now)").strip()
+        diff_sha = st.get("diff_sha256") or ""
     cmake = meta.get("cmake_options")
     if cmake is None:
         cache = Path(bdir) / "CMakeCache.txt"
@@ -224,6 +281,89 @@ def _common_args(cfg: SweepConfig) -> list[str]:
     return ["-t", str(cfg.threads), "-b", str(cfg.batch), "-ub", str(cfg.ubatch), "-ngl", str(cfg.ngl)]
 
 
+def _bench_tests(cfg: SweepConfig) -> list[tuple[str, int, int]]:
+    """The tests llama-bench runs, in its order: for each depth, the prefill test then the decode test
+    ((test 'pp'|'tg', tokens, depth); llama-bench's instance loop: depth outermost, prompts before gens)."""
+    out = []
+    for d in cfg.depths:
+        if cfg.n_prompt > 0:
+            out.append(("pp", cfg.n_prompt, d))
+        if cfg.n_gen > 0:
+            out.append(("tg", cfg.n_gen, d))
+    return out
+
+
+def _after_last_context(stderr: str) -> tuple[bool, str]:
+    """(a KV cache was created, the log after the last one): where the last context got to."""
+    i = stderr.rfind("llama_kv_cache: size")
+    return (i >= 0, stderr[i:] if i >= 0 else "")
+
+
+def _phase(kind: str, res: ToolResult, cfg: SweepConfig) -> str:
+    created, tail = _after_last_context(res.stderr)
+    if kind == "bench":
+        tests = _bench_tests(cfg)
+        prog = last_bench_progress(res.stderr)
+        if prog is not None:
+            n, word = prog
+        else:  # no --progress lines: the test after the last one printed
+            if not created:
+                return "start-up (model load, before the KV cache was created)"
+            rows, _ = parse_bench_json_partial(res.stdout)
+            n = len(rows) + 1
+            word = "prefill" if n - 1 < len(tests) and tests[n - 1][0] == "pp" else "decode"
+        if 0 < n <= len(tests):
+            t, ntok, d = tests[n - 1]
+            return f"{word} ({t}{ntok} at depth {d})"
+        return word
+    if not created:
+        return "start-up (model load, before the KV cache was created)"
+    if "graph splits" not in tail:
+        return "context creation (graph reserve, after the KV cache was created)"
+    done = kld_chunks_done(res.stdout)
+    return f"evaluation of chunk {done + 1} of {cfg.chunks} (batched prefill)"
+
+
+def classify_failure(kind: str, res: ToolResult, cfg: SweepConfig) -> tuple[str, str, str]:
+    """Who is at fault for a failed tool call (spec "Who is at fault decides FAIL or ERROR").
+
+    Args:
+        kind: 'base' | 'ppl' (llama-perplexity) or 'bench' (llama-bench, run with --progress).
+        res: the failed call (``res.ok`` is False).
+        cfg: the sweep (chunks, bench tests, to name the phase).
+
+    Returns:
+        (fault, phase, message): fault 'harness' for a timeout or a binary that cannot run (ERROR);
+        'refused' for a clean non-zero exit before the fork computed anything (its message is quoted;
+        SKIP); 'fork' for a crash (signal) anywhere, or an error exit after computing began (FAIL).
+        phase names where it died, e.g. 'decode (tg16 at depth 0)', 'evaluation of chunk 3 of 8 (batched
+        prefill)', 'start-up (...)'. message is one line naming the tool, the phase, the signal or exit
+        status and the tool's most telling line (GGML_ASSERT ...).
+    """
+    tool = Path(res.cmd[0]).name
+    if res.timed_out or res.rc is None or (res.rc == 127 and "cannot execute" in res.stderr):
+        return "harness", "", res.failure()
+    quote = error_line(res.stderr + "\n" + res.stdout)
+    phase = _phase(kind, res, cfg)
+    if res.rc < 0:
+        try:
+            sig = f"signal {-res.rc} ({signal.Signals(-res.rc).name})"
+        except ValueError:
+            sig = f"signal {-res.rc}"
+        return "fork", phase, f"{tool} crashed in {phase}: killed by {sig}: {quote}"
+    created, tail = _after_last_context(res.stderr)
+    computing = created and "graph splits" in tail
+    if not computing:
+        return "refused", "start-up", f"{tool} refused the configuration at start-up (exit {res.rc}): {quote}"
+    return "fork", phase, f"{tool} failed in {phase} (exit {res.rc}): {quote}"
+
+
+def _failed(rec: JobRecord, res: ToolResult, cfg: SweepConfig) -> JobRecord:
+    if not res.ok:
+        rec.fault, rec.phase, rec.error = classify_failure(rec.kind, res, cfg)
+    return rec
+
+
 def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str) -> JobRecord:
     ev = cache.ev(key)
     base_file = cache.root / "base" / f"{key}.kld"
@@ -233,13 +373,17 @@ def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str) -> JobRecor
            *_common_args(cfg), "-fa", "on", "-fit", "off", "-ctk", "f16", "-ctv", "f16",
            "--kl-divergence-base", str(tmp_file)]
     res = run_tool(cmd, cfg.env(), cfg.timeout, ev / "base", cfg.env_unset())
-    rec = JobRecord("base", "f16/f16", res.ok, res.failure(), evidence=_evidence(ev / "base"), seconds=res.seconds, key=key)
+    rec = _failed(JobRecord("base", "f16/f16", res.ok, res.failure(), evidence=_evidence(ev / "base"), seconds=res.seconds,
+                            key=key), res, cfg)
     text = res.stdout + "\n" + res.stderr
     if res.ok:
         fin = parse_final_ppl(text)
         kv = parse_kv_log(res.stderr)
         if fin is None or not tmp_file.is_file() or tmp_file.stat().st_size == 0:
-            rec.ok, rec.error = False, f"baseline run printed no final PPL or wrote no logits file; see {ev / 'base.stderr'}"
+            import re
+            cause = "; ".join(m.strip() for m in re.findall(r"[^\n]*(?:you need at least|tokenizes to only)[^\n]*", text))
+            rec.ok, rec.error = False, (f"baseline run printed no final PPL or wrote no logits file"
+                                        f"{' (' + cause[:300] + ')' if cause else ''}; see {ev / 'base.stderr'}")
         elif "tokens" in res.stderr and "you need at least" in res.stderr:
             rec.ok, rec.error = False, "corpus too short for ctx x chunks"
         else:
@@ -251,10 +395,15 @@ def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str) -> JobRecor
 
 def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: str, base_file: str) -> JobRecord:
     ev = cache.ev(key)
+    kt, vt, rot = split_pair(k, v)
     cmd = [str(tool), "-m", str(cfg.model), "-c", str(cfg.ctx), *_common_args(cfg), "-fa", "on", "-fit", "off",
-           "-ctk", k, "-ctv", v, "--kl-divergence-base", base_file, "--kl-divergence"]
-    res = run_tool(cmd, cfg.env(), cfg.timeout, ev / "ppl", cfg.env_unset())
-    rec = JobRecord("ppl", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "ppl"), seconds=res.seconds, key=key)
+           "-ctk", kt, "-ctv", vt, "--kl-divergence-base", base_file, "--kl-divergence"]
+    res = run_tool(cmd, {**cfg.env(), **(ROT_ENV if rot else {})}, cfg.timeout, ev / "ppl", cfg.env_unset())
+    rec = _failed(JobRecord("ppl", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "ppl"),
+                            seconds=res.seconds, key=key), res, cfg)
+    if not res.ok:
+        kv = parse_kv_log(res.stderr)
+        rec.data = {"kv": kv.to_dict() if kv else None}  # placement is known even when the run died later
     if res.ok:
         stats = parse_kld_stats(res.stdout)
         kv = parse_kv_log(res.stderr)
@@ -263,6 +412,8 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
                                         f"chunks); see {ev / 'ppl.stdout'}")
         elif kv is None:
             rec.ok, rec.error = False, f"no 'llama_kv_cache: size' line in the log; see {ev / 'ppl.stderr'}"
+        elif rot and rotation_problem(res.stderr):
+            rec.ok, rec.error = False, f"{rotation_problem(res.stderr)}; see {ev / 'ppl.stderr'}"
         else:
             rec.data = {"stats": stats, "kv": kv.to_dict()}
     return rec
@@ -270,11 +421,16 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
 
 def _run_bench(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: str) -> JobRecord:
     ev = cache.ev(key)
-    cmd = [str(tool), "-m", str(cfg.model), *_common_args(cfg), "-fa", "1", "-ctk", k, "-ctv", v,
+    kt, vt, rot = split_pair(k, v)
+    cmd = [str(tool), "-m", str(cfg.model), *_common_args(cfg), "-fa", "1", "-ctk", kt, "-ctv", vt,
            "-p", str(cfg.n_prompt), "-n", str(cfg.n_gen), "-d", ",".join(str(d) for d in cfg.depths),
-           "-r", str(cfg.reps), "-o", "json", "-v"]
-    res = run_tool(cmd, cfg.env(), cfg.timeout, ev / "bench", cfg.env_unset())
-    rec = JobRecord("bench", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "bench"), seconds=res.seconds, key=key)
+           "-r", str(cfg.reps), "-o", "json", "-v", "--progress"]
+    res = run_tool(cmd, {**cfg.env(), **(ROT_ENV if rot else {})}, cfg.timeout, ev / "bench", cfg.env_unset())
+    rec = _failed(JobRecord("bench", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "bench"),
+                            seconds=res.seconds, key=key), res, cfg)
+    if not res.ok:  # keep what the tool measured before it died (llama-bench prints prefill before decode)
+        rows, _ = parse_bench_json_partial(res.stdout)
+        rec.data = {"rows": [r.to_dict() for r in rows], "kv": [x.to_dict() for x in parse_kv_logs(res.stderr)]}
     if res.ok:
         try:
             rows = parse_bench_json(res.stdout)
@@ -289,7 +445,7 @@ def _run_bench(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v:
 
 
 def _unknown_type_error(k: str, v: str, known: set[str]) -> str:
-    bad = [t for t in (k, v) if t not in known]
+    bad = [t for t in split_pair(k, v)[:2] if t not in known]
     if not bad:
         return ""
     return (f"unknown cache type {bad[0]!r}: this build's ggml knows "
@@ -311,7 +467,10 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
 
     Raises:
         HarnessError: the tools are not built (with the build command).
-        KeyboardInterrupt: after killing the running tool; finished jobs stay cached.
+        KeyboardInterrupt or harness.interrupt.Interrupted: after killing the running tool; finished jobs
+            stay cached. The exception carries the partial result as ``e.sweep_result`` (its
+            ``interrupted`` names the signal, the job that was running and the jobs not run), so the
+            caller can write the partial report.
     """
     t0 = time.time()
     ppl_tool = binary(cfg.bdir, "llama-perplexity")
@@ -322,11 +481,11 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
             "pinned": cfg.pinned(), "pairs": [pair_label(k, v) for k, v in cfg.pairs],
             "turbo_env_inherited": {k: v for k, v in os.environ.items() if k.startswith("TURBO_")},
             "type_traits": {n: [t.blck, t.size] for n, t in traits.items()
-                            if n in {x for p in cfg.pairs for x in p} | {"f16", "q8_0"}}}
+                            if n in {x for p in cfg.pairs for x in split_pair(*p)[:2]} | {"f16", "q8_0"}}}
     result = SweepResult(cfg, meta, None, None, traits=traits)
     try:
         result.model_info = read_model_info(cfg.model)
-        check_corpus(cfg.corpus)
+        check_corpus(cfg.corpus, cfg.ctx, cfg.chunks)
         meta["model_sha256"] = sha256_file(cfg.model)
         meta["corpus_sha256"] = sha256_file(cfg.corpus)
     except HarnessError as e:
@@ -355,8 +514,10 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), unit="job", desc="sweep", dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} jobs [{elapsed}<{remaining}] {postfix}")
+    done = 0
     try:
         for kind, k, v, key in jobs:
+            raise_if_pending()
             label = pair_label(k, v)
             if bar is not None:
                 bar.set_postfix_str(f"{kind} {label}")
@@ -379,7 +540,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
                     cache.put(rec)
                     result.jobs_run += 1
                 elif log and not (kind == "ppl" and rec.error.startswith("no f16 baseline")):
-                    (bar.write if bar is not None else log)(f"ERROR {kind} {label}: {rec.error}")
+                    word = {"fork": "FAIL", "refused": "refused"}.get(rec.fault, "ERROR")
+                    (bar.write if bar is not None else log)(f"{word} {kind} {label}: {rec.error}")
             else:
                 result.jobs_cached += 1
             if kind == "base":
@@ -388,8 +550,16 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
                 result.ppl[label] = rec
             else:
                 result.bench[label] = rec
+            done += 1
             if bar is not None:
                 bar.update(1)
+    except (KeyboardInterrupt, Interrupted) as e:
+        name = getattr(e, "name", "SIGINT")
+        result.interrupted = {"signal": name, "exit_code": getattr(e, "exit_code", 130), "units": "jobs",
+                              "in_progress": f"{jobs[done][0]} {pair_label(*jobs[done][1:3])}" if done < len(jobs) else None,
+                              "not_run": [f"{kd} {pair_label(k, v)}" for kd, k, v, _ in jobs[done:]]}
+        e.sweep_result = result
+        raise
     finally:
         if bar is not None:
             bar.close()

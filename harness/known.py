@@ -1,0 +1,178 @@
+"""The known-findings gate: findings a team has accepted, each with a reason and the value it was
+accepted at, so that CI stays green on them and goes red on anything new.
+
+A known-findings file (TOML, e.g. ``checks/known-findings.toml``, passed with ``--known FILE``)
+holds ``[[finding]]`` entries::
+
+    [[finding]]
+    check = "PQ5"                       # check id
+    type = "turbo4"                     # the cell's type (a pair such as "q8_0/turbo3" for PQ6/SWEEP)
+    paths = ["cpu:set_rows"]            # or path = "..."; shell-style patterns (cpu:*) allowed
+    metric = "nmse_over_lloyd_max"      # the cell's metric
+    verdict = "FAIL"                    # the worst verdict accepted (default FAIL)
+    accepted = 1.95                     # the measured value accepted (optional: without it any value is accepted)
+    slack = 0.01                        # relative room above ``accepted`` before it counts as grown (default 0.01)
+    reason = "why this is accepted"     # required, one line
+
+Outcomes (pytest's words): a finding matching an entry within its accepted verdict and value is
+XFAIL (reported, does not fail the gate); one worse than the entry (value beyond accepted x (1 +
+slack), or a worse verdict) is GROWN and fails; a finding matching no entry is new and fails (with a
+known-findings file every non-PASS cell must be listed, PARTIAL included); an entry whose path now
+passes is XPASS (fixed) and fails until the file is updated; an entry whose cells were not measured in
+this run (check, type or backend not run) is 'not checked' and does not count.
+"""
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.report.model import Cell, Run, Verdict
+
+_KEYS = {"check", "type", "path", "paths", "metric", "verdict", "accepted", "slack", "reason"}
+_BAD = (Verdict.PARTIAL, Verdict.FAIL, Verdict.ERROR)
+
+
+@dataclass
+class KnownFinding:
+    """One accepted finding (see the module docstring for the fields)."""
+
+    check: str
+    type: str
+    paths: list[str]
+    metric: str
+    reason: str
+    verdict: Verdict = Verdict.FAIL
+    accepted: float | None = None
+    slack: float = 0.01
+    status: dict[str, str] = field(default_factory=dict)  # path pattern -> xfail / grown / xpass / not checked
+
+    def matches(self, check: str, cell: Cell) -> str | None:
+        """The path pattern this cell matches, or None."""
+        if check != self.check or cell.type != self.type or cell.metric != self.metric:
+            return None
+        return next((p for p in self.paths if fnmatch.fnmatchcase(cell.path, p)), None)
+
+    def grown(self, cell: Cell) -> bool:
+        """True when the cell is worse than accepted: a worse verdict, or a value beyond accepted x (1 + slack)."""
+        if cell.verdict.rank > self.verdict.rank:
+            return True
+        if self.accepted is None or cell.value is None:
+            return False
+        room = abs(self.accepted) * self.slack
+        return cell.value > self.accepted + room if cell.op == "<=" else cell.value < self.accepted - room
+
+    def to_dict(self) -> dict:
+        return {"check": self.check, "type": self.type, "paths": self.paths, "metric": self.metric,
+                "verdict": self.verdict.value, "accepted": self.accepted, "slack": self.slack, "reason": self.reason,
+                "status": dict(self.status)}
+
+
+def load_known(path: str | Path) -> list[KnownFinding]:
+    """Read a known-findings file.
+
+    Raises:
+        HarnessError: the file is missing or not TOML, or an entry lacks check/type/path/metric/reason,
+            has an unknown key, a bad verdict or a non-numeric accepted value (one line naming the entry).
+    """
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise HarnessError(f"known-findings file {p} cannot be read ({e.strerror}): give an existing TOML file "
+                           f"(see README 'Known findings')") from None
+    except tomllib.TOMLDecodeError as e:
+        raise HarnessError(f"known-findings file {p} is not valid TOML ({e}): fix it (see README 'Known findings')") from None
+    extra = set(raw) - {"finding"}
+    if extra:
+        raise HarnessError(f"{p}: unknown table {', '.join(sorted(extra))}: write entries as [[finding]]")
+    out = []
+    for i, e in enumerate(raw.get("finding", []), 1):
+        where = f"{p}: [[finding]] #{i}"
+        bad = set(e) - _KEYS
+        if bad:
+            raise HarnessError(f"{where} has unknown key {', '.join(sorted(bad))}: allowed are {', '.join(sorted(_KEYS))}")
+        paths = e.get("paths") or ([e["path"]] if e.get("path") else [])
+        missing = [k for k in ("check", "type", "metric", "reason") if not e.get(k)] + ([] if paths else ["path"])
+        if missing:
+            raise HarnessError(f"{where} lacks {', '.join(missing)}: every entry names check, type, path(s), metric and a reason")
+        try:
+            verdict = Verdict(str(e.get("verdict", "FAIL")).upper())
+            accepted = None if e.get("accepted") is None else float(e["accepted"])
+            slack = float(e.get("slack", 0.01))
+        except (ValueError, TypeError):
+            raise HarnessError(f"{where}: verdict must be PARTIAL, FAIL or ERROR and accepted/slack numbers") from None
+        out.append(KnownFinding(str(e["check"]).upper(), str(e["type"]), [str(x) for x in paths], str(e["metric"]),
+                                str(e["reason"]), verdict, accepted, slack))
+    if not out:
+        raise HarnessError(f"{p} lists no [[finding]] entries: add one or leave --known out")
+    return out
+
+
+def apply_known(run: Run, known: list[KnownFinding], source: str) -> dict:
+    """Mark the run's cells against the known findings and store the outcome in ``run.sections['known']``.
+
+    Each non-PASS cell that matches an entry gets ``cell.known = {'status': 'xfail'|'grown', 'reason',
+    'accepted'}``; every entry gets a status per path pattern. Returns the section:
+    {'file', 'entries', 'gate' ('PASS'/'FAIL'), 'counts'}.
+    """
+    for c in run.checks:
+        for x in c.cells:
+            x.known = {}
+    for e in known:
+        e.status = {}
+        for pat in e.paths:
+            seen_bad, seen_pass = [], False
+            for c in run.checks:
+                for x in c.cells:
+                    if e.matches(c.id, x) != pat:
+                        continue
+                    if x.verdict in _BAD:
+                        seen_bad.append(x)
+                    elif x.verdict == Verdict.PASS:
+                        seen_pass = True
+            for x in seen_bad:
+                st = "grown" if e.grown(x) else "xfail"
+                if (x.known or {}).get("status") != "grown":  # a cell matched twice keeps the worse outcome
+                    x.known = {"status": st, "reason": e.reason, "accepted": e.accepted}
+            if seen_bad:
+                e.status[pat] = "grown" if any(x.known.get("status") == "grown" for x in seen_bad) else "xfail"
+            else:
+                e.status[pat] = "xpass" if seen_pass else "not checked"
+    counts = {"xfail": 0, "grown": 0, "new": 0, "xpass": 0}
+    for c in run.checks:
+        for x in c.cells:
+            if x.verdict in _BAD:
+                counts[x.known.get("status") or "new"] += 1
+    counts["xpass"] = sum(st == "xpass" for e in known for st in e.status.values())
+    errors = any(c.error for c in run.checks)
+    gate = "PASS" if not errors and counts["grown"] == counts["new"] == counts["xpass"] == 0 else "FAIL"
+    section = {"file": str(source), "entries": [e.to_dict() for e in known], "gate": gate, "counts": counts}
+    run.sections["known"] = section
+    return section
+
+
+def clear_known(run: Run) -> bool:
+    """Forget a known-findings judgement stored in the run (a later run without ``--known`` must not be
+    gated by an earlier file). Returns True when there was one."""
+    had = run.sections.pop("known", None) is not None
+    for c in run.checks:
+        for x in c.cells:
+            had = had or bool(x.known)
+            x.known = {}
+    return had
+
+
+def gate_exit_code(run: Run, strict: bool = False) -> int:
+    """The exit code: :meth:`Run.exit_code` without a known-findings file; with one (``sections['known']``):
+    2 an unaccepted ERROR (or a check that errored), 1 a new finding (PARTIAL included), a grown one or an
+    XPASS, else 0."""
+    known = run.sections.get("known")
+    if not isinstance(known, dict) or "counts" not in known:
+        return run.exit_code(strict)
+    unaccepted = [x for c in run.checks for x in c.cells if x.verdict in _BAD and not x.known]
+    if any(c.error for c in run.checks) or any(x.verdict == Verdict.ERROR for x in unaccepted):
+        return 2
+    return 0 if known["gate"] == "PASS" else 1

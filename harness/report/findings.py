@@ -1,0 +1,159 @@
+"""The answer first: a run's verdict and one plain line per finding, for every renderer and the console.
+
+A *finding* is a group of cells of one check that are not PASS/SKIP and share the verdict, type,
+metric and known-findings status (see :mod:`harness.known`); its line says what is wrong, on which
+type and paths, by how much (the worst value against its limit) and what it means for a user (one
+sentence per check and metric from ``checks/meanings.toml``).
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from harness.report.model import Cell, Run, Verdict
+
+MEANINGS_FILE = Path(__file__).resolve().parents[2] / "checks" / "meanings.toml"
+_BAD = (Verdict.PARTIAL, Verdict.FAIL, Verdict.ERROR)
+
+
+@lru_cache(maxsize=4)
+def load_meanings(path: Path | None = None) -> dict:
+    """{check id: {metric or 'default': sentence}} from checks/meanings.toml ({} when the file is absent)."""
+    p = Path(path or MEANINGS_FILE)
+    try:
+        return tomllib.loads(p.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def meaning(check: str, metric: str, verdict: Verdict) -> str:
+    """The one-sentence meaning of a finding of ``check`` on ``metric`` ('' when none is written down)."""
+    m = load_meanings()
+    if verdict == Verdict.ERROR:
+        return m.get("ERROR", {}).get("default", "")
+    sec = m.get(check, {})
+    return sec.get(metric) or sec.get("default", "")
+
+
+def fmt(v) -> str:
+    """A number for a finding line: 4 significant digits, '-' for None."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+@dataclass
+class Finding:
+    """Cells of one check sharing verdict, type, metric and known status, summarised by the worst one."""
+
+    check: str
+    verdict: Verdict
+    type: str
+    metric: str
+    cells: list[Cell] = field(default_factory=list)
+    known: str = ""          # '' (not in a known-findings file), 'xfail' or 'grown'
+    reason: str = ""         # the known-findings entry's reason
+    accepted: float | None = None
+    error: str = ""          # a check-level error (no cell)
+
+    @property
+    def paths(self) -> list[str]:
+        return list(dict.fromkeys(c.path for c in self.cells))
+
+    @property
+    def worst(self) -> Cell | None:
+        """The cell farthest beyond its limit (the first one when values are missing)."""
+        vals = [c for c in self.cells if c.value is not None]
+        if not vals:
+            return self.cells[0] if self.cells else None
+        return min(vals, key=lambda c: c.margin if c.margin is not None else 0.0)
+
+    @property
+    def label(self) -> str:
+        """'FAIL', 'PARTIAL', 'ERROR', or 'XFAIL' (an accepted known finding) / 'GROWN' (beyond its accepted value)."""
+        return {"xfail": "XFAIL", "grown": "GROWN"}.get(self.known, self.verdict.value)
+
+    def line(self) -> str:
+        """One plain line: label, check, type, paths, value against its limit, the cell's note, what it means."""
+        if self.error:
+            return f"ERROR   {self.check}: {self.error}. Means: {meaning(self.check, '-', Verdict.ERROR)}"
+        w = self.worst
+        paths = self.paths
+        where = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        head = f"{self.label:<8}{self.check} {self.type} on {where}"
+        if w is not None and w.value is not None:
+            how = f"{self.metric} = {fmt(w.value)}" + (f", limit {w.op} {fmt(w.threshold)}" if w.threshold is not None else "")
+        else:
+            how = "not measured"
+        note = f" ({w.caveat})" if w is not None and w.caveat else ""
+        text = f"{head}: {how}{note}."
+        if self.known:
+            acc = f" accepted at {fmt(self.accepted)}" if self.accepted is not None else ""
+            text += (f" Expected (known finding{acc}: {self.reason})." if self.known == "xfail"
+                     else f" Worse than the known finding{acc} ({self.reason}): a regression.")
+        mean = meaning(self.check, self.metric, self.verdict)
+        return text + (f" Means: {mean}" if mean else "")
+
+
+def findings(run: Run) -> list[Finding]:
+    """Every finding of a run, in check order, FAIL/ERROR before PARTIAL, accepted (XFAIL) ones last."""
+    out: list[Finding] = []
+    for c in run.checks:
+        if c.error:
+            out.append(Finding(c.id, Verdict.ERROR, "all", "-", error=c.error))
+        groups: dict[tuple, Finding] = {}
+        for x in c.cells:
+            if x.verdict not in _BAD:
+                continue
+            k = (x.verdict.value, x.type, x.metric, (x.known or {}).get("status", ""))
+            f = groups.get(k)
+            if f is None:
+                kn = x.known or {}
+                f = groups[k] = Finding(c.id, x.verdict, x.type, x.metric, known=kn.get("status", ""),
+                                        reason=kn.get("reason", ""), accepted=kn.get("accepted"))
+            f.cells.append(x)
+        out += groups.values()
+    order = {"FAIL": 0, "ERROR": 0, "GROWN": 0, "PARTIAL": 1, "XFAIL": 2}
+    return sorted(out, key=lambda f: order.get(f.label, 1))
+
+
+def verdict_line(run: Run) -> str:
+    """'FAIL: 1 failing, 1 partial finding' (or 'PASS: every judged cell passed'), plus the gate when
+    a known-findings file was applied."""
+    fs = findings(run)
+    v = run.verdict.value
+    if not fs:
+        text = f"{v}: every judged cell passed" if v == "PASS" else f"{v}: nothing was judged"
+    else:
+        counts: dict[str, int] = {}
+        for f in fs:
+            counts[f.label] = counts.get(f.label, 0) + 1
+        words = {"FAIL": "failing", "ERROR": "not measured (ERROR)", "GROWN": "grown beyond accepted",
+                 "PARTIAL": "partial", "XFAIL": "expected (known)"}
+        parts = [f"{counts[k]} {words[k]}" for k in ("FAIL", "GROWN", "ERROR", "PARTIAL", "XFAIL") if k in counts]
+        text = f"{v}: " + ", ".join(parts) + (" finding" if sum(counts.values()) == 1 else " findings")
+    if run.interrupted:
+        text = f"INTERRUPTED (partial run, not run: {', '.join(run.interrupted.get('not_run') or []) or 'none'}); " + text
+    known = run.sections.get("known")
+    if isinstance(known, dict) and known.get("gate"):
+        text += f"; known-findings gate {known['gate']}"
+    return text
+
+
+def headline(run: Run) -> list[str]:
+    """The lines every report and the console start with: the verdict, one line per finding, and
+    the known-findings entries that no longer occur (XPASS) or were not checked."""
+    lines = [verdict_line(run)] + [f.line() for f in findings(run)]
+    known = run.sections.get("known")
+    if isinstance(known, dict):
+        for e in known.get("entries", []):
+            for pat, st in e.get("status", {}).items():
+                if st == "xpass":
+                    lines.append(f"XPASS   {e['check']} {e['type']} on {pat}: the known finding ({e['metric']}, accepted "
+                                 f"at {fmt(e.get('accepted'))}) no longer occurs. Means: it was fixed; remove it from "
+                                 f"{known.get('file')} so the gate goes green")
+    return lines
