@@ -6,7 +6,7 @@ import pytest
 from harness.reference import turbo as T
 from harness.report.model import Verdict
 from harness.targets.numpy_target import NumpyTarget
-from harness.verify import all_checks, run_checks
+from harness.verify import default_checks, run_checks
 
 TURBO4_66 = T.TurboFormat("turbo4", 4, 128, 66)  # half norm + 64 bytes of nibbles: no rnorm field
 REASON = "turbo4: 128 values in 66 bytes, no known layout"
@@ -25,7 +25,7 @@ def no_harness_errors(run):
 def test_66_byte_turbo4_is_one_finding_and_skips(tmp_path):
     tgt = NumpyTarget(formats={"turbo4": TURBO4_66})
     assert tgt.type_info("turbo4") == {"block_size": 128, "type_size": 66}
-    run = run_checks(tgt, list(all_checks()), ["turbo3", "turbo4"], tmp_path / "r", log=lambda s: None)
+    run = run_checks(tgt, default_checks(), ["turbo3", "turbo4"], tmp_path / "r", log=lambda s: None)
     no_harness_errors(run)
     pq4 = next(ch for ch in run.checks if ch.id == "PQ4")
     findings = [c for c in pq4.cells if c.verdict == Verdict.FAIL]
@@ -50,7 +50,7 @@ def test_unknown_layout_bytes_never_reach_the_reference_unpacker():
 
 def test_32_value_turbo3_blocks_are_measured_with_the_legacy_layout(tmp_path):
     legacy = T.KNOWN_LAYOUTS[("turbo3", 32)]
-    run = run_checks(NumpyTarget(formats={"turbo3": legacy}), list(all_checks()), ["turbo3"], tmp_path / "ok",
+    run = run_checks(NumpyTarget(formats={"turbo3": legacy}), default_checks(), ["turbo3"], tmp_path / "ok",
                      log=lambda s: None)
     no_harness_errors(run)
     assert run.verdict == Verdict.PASS
