@@ -125,7 +125,8 @@ def check(check_id, types, target_backend, backends, fork_dir, build_backend, ou
 def verify(check_list, types, target_backend, backends, fork_dir, build_backend, out, strict):
     """Run all checks (PQ1-PQ6 and the cross-backend matrix) and write the report."""
     from harness.verify import all_checks
-    ids = [c.strip().upper() for c in check_list.split(",")] if check_list else list(all_checks())
+    ids = ([c.strip().upper() for c in check_list.split(",")] if check_list
+           else [c for c, m in all_checks().items() if getattr(m, "IN_VERIFY", True)])
     _run_and_exit(ids, _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict)
 
 

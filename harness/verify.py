@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 from harness import __version__
-from harness.checks import compat, pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention
+from harness.checks import compat, kvreal, pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention
 from harness.checks.common import Context, load_thresholds
 from harness.errors import HarnessError
 from harness.report.model import CheckResult, Run
 from harness.report.render import write_all
 from harness.targets.base import Target
 
-CHECKS = {m.ID: m for m in (pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention, compat)}
+CHECKS = {m.ID: m for m in (pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention, compat, kvreal)}
 KNOWN_BACKENDS = ("cpu", "cuda", "metal", "vulkan", "hip")
 
 
