@@ -453,12 +453,13 @@ def markdown_tables(A: dict, capture_info: dict | None = None) -> str:
             lines.append(f"| {il} | " + " | ".join(cells) + " |")
         lines.append("")
     st = A["stats"]
-    lines += ["vector statistics (kurtosis of unit-row coordinates: 3 = Gaussian):", "",
-              "| layer | K norm | K chan max/med | K kurt before | K kurt after | V norm | V chan max/med | V kurt before | V kurt after |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["vector statistics (kurtosis of unit-row coordinates: 3 = Gaussian; dc = share of the energy in the "
+              "mean vector shared by all tokens):", "",
+              "| layer | K norm | K chan max/med | K kurt before | K kurt after | K dc | V norm | V chan max/med | V kurt before "
+              "| V kurt after | V dc |", "|---" * 11 + "|"]
     for i, il in enumerate(L):
         row = [il] + [_fmt(st[s][m][i]) for s in SIDES for m in ("norm_mean", "chan_scale_max_over_median",
-                                                                   "kurtosis_before", "kurtosis_after")]
+                                                                   "kurtosis_before", "kurtosis_after", "dc_fraction")]
         lines.append("| " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines)
 
