@@ -425,8 +425,14 @@ def loss_notes(A: dict) -> list[str]:
         both = [(e, "K", il) for e, il in zip(ek, A["layers"])] + [(e, "V", il) for e, il in zip(evv, A["layers"])]
         top = sorted(both, reverse=True)[:3]
         top_s = ", ".join(f"{s}{il} ({np.sqrt(e):.3g})" for e, s, il in top)
+        alt = []
+        for p, what in (("lloyd", "the Lloyd-Max table"), ("norot", "no rotation")):
+            if (p, t, "K") in A["res"] and (p, t, "V") in A["res"]:
+                alt.append(f"{what} {A['res'][(p, t, 'K')]['nmse'].mean():.4g}/{A['res'][(p, t, 'V')]['nmse'].mean():.4g}")
+        alt_s = f" (K/V mean NMSE with {', with '.join(alt)}: reference quantiser)" if alt else ""
         out.append(f"{t}: {'K' if share_k > 0.5 else 'V'} carries {max(share_k, 1 - share_k):.0%} of the summed squared "
-                   f"attention-output error; worst layers {top_s}; mean NMSE K {rk['nmse'].mean():.4g}, V {rv['nmse'].mean():.4g}")
+                   f"attention-output error; worst layers {top_s}; mean NMSE K {rk['nmse'].mean():.4g}, V {rv['nmse'].mean():.4g}"
+                   + alt_s)
     return out
 
 
