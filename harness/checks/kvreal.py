@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.checks.common import Context, decode_route, guarded, op_matrices, precise_table
+from harness.checks.common import Context, decode_route, op_matrices, precise_table
 from harness.checks.pq5_distortion import metrics
 from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.reference import turbo as T
@@ -288,7 +288,7 @@ def analyse(ctx: Context, q: dict, k: dict, v: dict, label: str = "model") -> di
             gh = xh[len(allg):].reshape(n_gauss, 1, Dp)[..., :D].reshape(n_gauss, D)
             gauss[(path, t)] = metrics(gx.reshape(n_gauss, D), gh, ctx.rng("kvreal-ip"))["nmse"]
             decoded[(path, t)] = xh[:len(allg)]
-    exact = {il: exact_attention(q[il], k[il], v[il], scale) for il in layers} if q else {}
+    exact = {il: exact_attention(q[il], k[il], v[il], scale) for il in layers if il in q}
     for (path, t), xh in decoded.items():
         for side in SIDES:
             rows = {m: [] for m in ("nmse", "nmse_stored", "cosine", "ip_bias", "ip_spread", "attn_rel_err",

@@ -152,9 +152,13 @@ def capture(exe: Path, model: Path, text: Path, n_tokens: int, out_dir: Path | N
         raise HarnessError(f"K/V capture printed no summary: {r.stdout[-200:]!r}") from None
     (out_dir / "capture.json").write_text(json.dumps(info))
     arrays: dict[str, dict[int, np.ndarray]] = {"Qcur": {}, "Kcur": {}, "Vcur": {}}
+    heads = {"Qcur": info.get("n_head"), "Kcur": info.get("n_head_kv"), "Vcur": info.get("n_head_kv")}
     for name in info.get("tensors", {}):
         kind, il = name.rsplit("-", 1)
-        arrays[kind][int(il)] = np.load(out_dir / f"{name}.npy")
+        a = np.load(out_dir / f"{name}.npy")
+        if a.shape[0] == 1 and a.shape[1] == n_tokens and heads[kind]:  # a 2-D node (tokens, heads*dim): split the heads
+            a = a.reshape(n_tokens, heads[kind], -1)
+        arrays[kind][int(il)] = a
     if not arrays["Kcur"] or not arrays["Vcur"]:
         raise HarnessError(f"K/V capture of {Path(model).name} saw no Kcur-*/Vcur-* tensors: this model's graph "
                            f"names them differently (tensors seen: {', '.join(info.get('tensors', {})) or 'none'})")
