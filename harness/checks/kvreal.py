@@ -12,7 +12,9 @@ Each type (turbo2/3/4, q4_0, q8_0) quantises each layer's K and V on four paths:
   ref    the harness's reference quantiser (reference/turbo.quantize: the fork's measured rotation op
          and centroid table, midpoint thresholds, fp16 corrected norm), decoded and un-rotated in NumPy;
   lloyd  the reference quantiser with the Lloyd-Max table for Beta(63.5, 63.5) (the paper's codebook);
-  norot  the reference quantiser with no rotation (identity): shows what the rotation buys on this data.
+  norot  the reference quantiser with no rotation (identity): shows what the rotation buys on this data;
+  randrot the reference quantiser with random sign vectors (NMSE only, median/min/max over a few draws):
+         shows whether the fork's fixed signs are unlucky on a layer.
 Metrics per (layer, side, type, path): PQ5's NMSE / cosine / inner-product bias and spread on the real
 coordinates (pq5_distortion.metrics), NMSE over the stored (padded) coordinates, and the attention
 error: relative error of the causal attention output softmax(s Q K^T) V (s = 1/sqrt(head_dim), float64)
@@ -177,6 +179,12 @@ def exact_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -
     return _apply(P, v, q.shape[1]), L, P
 
 
+def _nmse(x: np.ndarray, xh: np.ndarray) -> float:
+    """sum ||xh - x||^2 / sum ||x||^2 in float64 (padding coordinates are zero in x and, for turbo, in xh)."""
+    x = np.asarray(x, np.float64)
+    return float(np.sum((np.asarray(xh, np.float64) - x) ** 2) / max(np.sum(x ** 2), 1e-30))
+
+
 def reference_roundtrip(type_name: str, groups: np.ndarray, R: np.ndarray | None, table: np.ndarray | None) -> np.ndarray:
     """Reference quantise + decode of 128-value groups, back in the original domain.
 
@@ -288,6 +296,20 @@ def analyse(ctx: Context, q: dict, k: dict, v: dict, label: str = "model") -> di
             gh = xh[len(allg):].reshape(n_gauss, 1, Dp)[..., :D].reshape(n_gauss, D)
             gauss[(path, t)] = metrics(gx.reshape(n_gauss, D), gh, ctx.rng("kvreal-ip"))["nmse"]
             decoded[(path, t)] = xh[:len(allg)]
+    # the same reference quantiser with random sign vectors: is the fork's fixed rotation unlucky on some layer?
+    n_rand = int(ctx.th("KVREAL", "random_rotations"))
+    for t in types:
+        if t in CLASSIC or isinstance(tables.get(t), Exception) or n_rand <= 0:
+            continue
+        per = {side: [] for side in SIDES}
+        for draw in range(n_rand):
+            s1, s2 = ctx.rng(f"kvreal-rot{draw}").choice([-1.0, 1.0], (2, G))
+            xh = reference_roundtrip(t, allg, signed_wht_matrix(s1, s2), tables[t])
+            for side in SIDES:
+                per[side].append([_nmse(allg[a:b], xh[a:b]) for il in layers for a, b in [spans[(il, side)]]])
+        for side in SIDES:
+            arr = np.asarray(per[side])  # (draws, layers)
+            res[("randrot", t, side)] = {"nmse": np.median(arr, 0), "nmse_min": arr.min(0), "nmse_max": arr.max(0)}
     exact = {il: exact_attention(q[il], k[il], v[il], scale) for il in layers if il in q}
     for (path, t), xh in decoded.items():
         for side in SIDES:
@@ -361,16 +383,23 @@ def _summary_cell(ctx: Context, A: dict, t: str, side: str, ev: list[str]) -> Ce
         cav.append(f"real vectors above {ok:g}x Gaussian")
     else:
         raw = Verdict.PASS
+    rr = res.get(("randrot", t, side))
+    if rr is not None and r["nmse"][w] > rr["nmse_max"][w] * 1.01:
+        cav.append(f"on layer {layers[w]} the fork's fixed sign vectors do worse than every one of "
+                   f"{ctx.th('KVREAL', 'random_rotations')} random signed WHTs (NMSE {rr['nmse_min'][w]:.4g}..{rr['nmse_max'][w]:.4g})")
     ae = r["attn_rel_err"]
     wa = int(np.nanargmax(ae))
     cav.append(f"attention error worst at layer {layers[wa]} ({ae[wa]:.3g})")
     per_layer = {f"{p}_{m}": res[(p, tt, s)][m] for (p, tt, s) in res if tt == t and s == side
-                 for m in ("nmse", "attn_rel_err")}
+                 for m in ("nmse", "attn_rel_err") if m in res[(p, tt, s)]}
     for c in CLASSIC:
         if ("fork", c, side) in res:
             per_layer[f"{c}_nmse"] = res[("fork", c, side)]["nmse"]
             per_layer[f"{c}_attn_rel_err"] = res[("fork", c, side)]["attn_rel_err"]
     norot = res.get(("norot", t, side))
+    if rr is not None:
+        per_layer["random_rotation_nmse_median"] = rr["nmse"]
+        per_layer["random_rotation_nmse_max"] = rr["nmse_max"]
     details = {"layers": layers, "worst_layer": layers[w], "gaussian_nmse": g, "upper_bound": bound,
                "nmse_over_gaussian": ratio, "worst_layer_attention": layers[wa],
                "mean_nmse": float(np.mean(r["nmse"])), "mean_attn_rel_err": float(np.mean(ae)),
@@ -426,7 +455,7 @@ def loss_notes(A: dict) -> list[str]:
         top = sorted(both, reverse=True)[:3]
         top_s = ", ".join(f"{s}{il} ({np.sqrt(e):.3g})" for e, s, il in top)
         alt = []
-        for p, what in (("lloyd", "the Lloyd-Max table"), ("norot", "no rotation")):
+        for p, what in (("lloyd", "the Lloyd-Max table"), ("norot", "no rotation"), ("randrot", "random signs (median)")):
             if (p, t, "K") in A["res"] and (p, t, "V") in A["res"]:
                 alt.append(f"{what} {A['res'][(p, t, 'K')]['nmse'].mean():.4g}/{A['res'][(p, t, 'V')]['nmse'].mean():.4g}")
         alt_s = f" (K/V mean NMSE with {', with '.join(alt)}: reference quantiser)" if alt else ""
