@@ -222,3 +222,21 @@ def test_kvreal_on_the_real_fork(fork_target, make_ctx, monkeypatch):
     summ = [c for c in cells if c.metric == "worst_layer_nmse_over_gaussian"]
     assert len(summ) == 2 and all(c.verdict in (Verdict.PASS, Verdict.PARTIAL) for c in summ)
     assert any("wall time" in n for n in ctx.sections["notes:KVREAL"])
+
+
+def test_data_aligned_with_the_fixed_rotation_is_named(make_ctx):
+    """Keys that the target's fixed rotation maps to near one-hot vectors (rows of R plus a little noise): the
+    K cell FAILs and says the fixed signs do worse than every random signed WHT, which handles the same rows."""
+    target = NumpyTarget()
+    R = target.impl["cpu"].R_op
+    q, k, v = synthetic_qkv(outliers=False)
+    rng = np.random.default_rng(5)
+    j = rng.integers(0, 128, (96, 2))
+    k[0] = (R[j] + 0.02 * rng.standard_normal((96, 2, 128))).astype(np.float32)
+    ctx = make_ctx(target, types=("turbo3",))
+    A = kvreal.analyse(ctx, q, k, v, label="syn")
+    c = _by(kvreal.cells_from_analysis(ctx, A), "worst_layer_nmse_over_gaussian", "K")["turbo3"]
+    assert c.verdict == Verdict.FAIL and c.details["worst_layer"] == 0
+    assert "do worse than every one of" in c.caveat
+    rr = A["res"][("randrot", "turbo3", "K")]
+    assert rr["nmse_max"][0] < 1.1 * A["gauss"][("fork", "turbo3")]
