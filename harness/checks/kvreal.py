@@ -622,6 +622,14 @@ def run(ctx: Context) -> list[Cell]:
     notes.append("paths: fork = set_rows + backend decode + backend inverse rotation; reference = reference/turbo.quantize "
                  f"with {A['rotation']} and the fork's table; judged against Gaussian rows of the same shape on the same path")
     notes += cap.notes
+    try:
+        from harness.runners.inputs import read_model_info
+        swa = read_model_info(Path(model)).sliding_window
+    except HarnessError:
+        swa = None
+    if swa and n_tok > swa:
+        notes.append(f"the model has {swa}-token sliding-window layers: their attention errors here use full causal "
+                     f"attention over {n_tok} tokens (distortion is unaffected); use at most {swa} tokens to match")
     notes += [f"{p}/{t}: not measured: {e}" for (p, t), e in A["errors"].items()]
     notes += loss_notes(A)
     ctx.sections[f"KVREAL {label}"]["wall_s"] = round(t2 - t0, 2)
