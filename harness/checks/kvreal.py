@@ -622,11 +622,7 @@ def run(ctx: Context) -> list[Cell]:
     notes.append("paths: fork = set_rows + backend decode + backend inverse rotation; reference = reference/turbo.quantize "
                  f"with {A['rotation']} and the fork's table; judged against Gaussian rows of the same shape on the same path")
     notes += cap.notes
-    try:
-        from harness.runners.inputs import read_model_info
-        swa = read_model_info(Path(model)).sliding_window
-    except HarnessError:
-        swa = None
+    swa = info.get("sliding_window")  # from the capture tool (GGUF <arch>.attention.sliding_window; 0 = none)
     if swa and n_tok > swa:
         notes.append(f"the model has {swa}-token sliding-window layers: their attention errors here use full causal "
                      f"attention over {n_tok} tokens (distortion is unaffected); use at most {swa} tokens to match")

@@ -246,9 +246,11 @@ int main(int argc, char ** argv) {
     int hk = llama_model_meta_val_str(model, key, val, sizeof(val)) > 0 ? atoi(val) : 0;
     snprintf(key, sizeof(key), "%s.attention.value_length", arch);
     int hv = llama_model_meta_val_str(model, key, val, sizeof(val)) > 0 ? atoi(val) : 0;
-    printf("{\"arch\": \"%s\", \"n_layer\": %d, \"n_head\": %d, \"n_head_kv\": %d, \"n_embd\": %d, "
+    snprintf(key, sizeof(key), "%s.attention.sliding_window", arch);
+    int swa = llama_model_meta_val_str(model, key, val, sizeof(val)) > 0 ? atoi(val) : 0;
+    printf("{\"arch\": \"%s\", \"sliding_window\": %d, \"n_layer\": %d, \"n_head\": %d, \"n_head_kv\": %d, \"n_embd\": %d, "
            "\"key_length\": %d, \"value_length\": %d, \"n_tokens\": %d, \"n_saved\": %d, \"tokens\": [",
-           arch, llama_model_n_layer(model), llama_model_n_head(model), llama_model_n_head_kv(model),
+           arch, swa, llama_model_n_layer(model), llama_model_n_head(model), llama_model_n_head_kv(model),
            llama_model_n_embd(model), hk, hv, n_tokens, st->n_saved);
     for (int i = 0; i < n_tokens; i++) {
         printf("%s%d", i ? ", " : "", toks[i]);
