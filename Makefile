@@ -46,6 +46,7 @@ sweep: build $(VENV)/.model $(if $(filter gemma3,$(MODEL)),$(VENV)/.model-gemma3
 
 # Speed benchmark (prints figures; not a test): the six checks on the built fork, time per check.
 bench: build
+	rm -rf build/bench-run  # a fresh report each time: --out never merges reports of different builds
 	$(TH) verify --checks PQ1,PQ2,PQ3,PQ4,PQ5,PQ6 --out build/bench-run | grep -E ' s  |verdict'
 	@$(PY) -c "import json; d=json.load(open('build/bench-run/run.json')); t=[c['duration_s'] for c in d['checks']]; print(f'six checks: {sum(t):.1f} s total (goal < 60 s on 2 cores)')"
 

@@ -1,6 +1,7 @@
 """turbo-harness command line (Click). Thin: parses options, calls the engine, maps errors to exit codes.
 
-Exit codes: 0 no FAIL and no ERROR; 1 a FAIL (or a PARTIAL with --strict); 2 an ERROR or bad usage.
+Exit codes: 0 no FAIL and no ERROR; 1 a FAIL (or a PARTIAL with --strict); 2 an ERROR or bad usage;
+130 / 143 interrupted by SIGINT / SIGTERM (the partial report is marked INTERRUPTED).
 """
 from __future__ import annotations
 
@@ -59,18 +60,65 @@ def _load_run(run_dir: Path):
 
 
 def _open_target(fork_dir: str | None, build_backend: str | None):
+    """The fork build to measure and the report metadata that names it.
+
+    The fork commit, dirty state and options come from the build's own record
+    (turbo-harness-build.json), never from the checkout, which may have moved since; the checkout's
+    state is kept beside it as ``checkout_*``. Raises HarnessError (one line) when the checkout differs
+    from what the build was built from (:func:`harness.fork.build.check_provenance`).
+    """
     from harness.targets.fork import ForkTarget
     fork = fb.fork_dir(fork_dir)
     fb.require_turbo(fork)
     bdir = fb.find_build(build_backend)
     meta = fb.read_build_meta(bdir)
     state = fb.git_state(fork)
-    meta.update({f"fork_{k}": v for k, v in state.items()})
-    meta.update({"fork_dir": str(fork), "build_dir": str(bdir)})
+    fb.check_provenance(bdir, fork, meta, state)
+    if not meta:  # a build the harness did not make: what it was built from is not known, so it is not claimed
+        meta = {"fork_commit": "unknown", "fork_dirty": None,
+                "provenance_note": f"{bdir} has no {fb.BUILD_META}: the fork commit it was built from is unknown "
+                                   f"(rebuild with `turbo-harness build` to record it)"}
+    else:
+        meta["provenance_note"] = f"fork commit, dirty state and options as recorded in {bdir / fb.BUILD_META}"
+        if state.get("commit") in (None, "", "unknown"):
+            meta["provenance_warning"] = (f"the checkout {fork} names no commit (no .git, no .fork-commit): it cannot be "
+                                          f"checked against the build's record; the report names the build's record")
+    meta.update({f"checkout_{k}": v for k, v in state.items()})
+    meta.update({"checkout_dir": str(fork), "build_dir": str(bdir)})
     return ForkTarget(bdir, fork), meta
 
 
-def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_backend, out, strict):
+def _numpy_target(spec: str):
+    """A NumPy target for tests of the pipeline (hidden --numpy-target): 'FAULT,FAULT' (may be empty);
+    the pseudo-fault 'slow' makes every target call sleep 50 ms so that a run can be interrupted."""
+    import time as _time
+
+    from harness.targets.numpy_target import NumpyTarget
+    faults = [f for f in spec.split(",") if f.strip() and f.strip() != "slow"]
+    target = NumpyTarget(faults=faults)
+    if "slow" in spec.split(","):
+        for name in ("quantize", "decode", "wht", "flash_attn"):
+            fn = getattr(target, name)
+            setattr(target, name, lambda *a, _fn=fn, **k: (_time.sleep(0.05), _fn(*a, **k))[1])
+    return target, {"target_kind": "numpy", "build_dir": f"numpy:{spec}"}
+
+
+def _refuse_other_build(previous, meta: dict, target_name: str, run_dir: Path) -> None:
+    """Raise HarnessError when the report already in run_dir was made from another build (never merged)."""
+    old = dict(fb.build_identity(previous.meta), target=(previous.meta.get("target") or {}).get("target"))
+    new = dict(fb.build_identity(meta), target=target_name)
+    if old != new:
+        diff = [k for k in new if old.get(k) != new.get(k)]
+
+        def show(m):
+            return (f"fork {fb.source_label(m.get('fork_commit'), m.get('fork_dirty'), m.get('fork_diff_sha256'))}, "
+                    f"build {m.get('build_dir') or '?'}")
+        raise HarnessError(f"--out {run_dir} holds a report of another build ({show(old)}; this run: {show(new)}; "
+                           f"differs in {', '.join(diff)}): reports of different builds are never merged, give a new --out folder")
+
+
+def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target=None):
+    from harness.interrupt import Interrupted, interruptible
     from harness.verify import new_run_id, run_checks
     run_dir = Path(out) if out else REPORTS / new_run_id()
     previous = None
@@ -78,12 +126,23 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
         raise HarnessError(f"--out {run_dir} is a file: give a folder for the report")
     if (run_dir / "run.json").is_file():  # add to the report already there instead of overwriting it
         previous = _load_run(run_dir)
-    target, meta = _open_target(fork_dir, build_backend)
-    click.echo(f"fork {meta.get('fork_commit', '?')[:12]} build {meta.get('build_dir')} -> report {run_dir}"
-               + (" (adding to the checks already there)" if previous else ""))
+    target, meta = _numpy_target(numpy_target) if numpy_target is not None else _open_target(fork_dir, build_backend)
     try:
-        run = run_checks(target, check_ids, types, run_dir, target_backend=target_backend, backends=backends,
-                         meta=meta, log=click.echo, run=previous)
+        if previous is not None:
+            _refuse_other_build(previous, meta, target.name, run_dir)
+        what = (f"fork {fb.source_label(meta.get('fork_commit'), meta.get('fork_dirty'), meta.get('fork_diff_sha256'))}"
+                if "fork_commit" in meta else f"target {target.name}")
+        click.echo(f"{what} build {meta.get('build_dir')} -> report {run_dir}" + (" (adding to the checks already there)" if previous else ""))
+        if meta.get("fork_commit") == "unknown" and meta.get("provenance_note"):
+            click.echo(f"warning: {meta['provenance_note']}", err=True)
+        if meta.get("provenance_warning"):
+            click.echo(f"warning: {meta['provenance_warning']}", err=True)
+        with interruptible():
+            run = run_checks(target, check_ids, types, run_dir, target_backend=target_backend, backends=backends,
+                             meta=meta, log=click.echo, run=previous)
+    except Interrupted as e:
+        click.echo(f"interrupted by {e.name}: partial report marked INTERRUPTED in {run_dir / 'summary.md'}", err=True)
+        sys.exit(e.exit_code)
     finally:
         target.close()
     click.echo(f"verdict {run.verdict.value}; report: {run_dir / 'summary.md'}")
@@ -98,6 +157,8 @@ common = [
     click.option("--build", "build_backend", default=None, help="which build folder to use (default: this machine's backend)"),
     click.option("--out", default=None, help="report folder (default reports/<run-id>)"),
     click.option("--strict", is_flag=True, help="exit 1 on PARTIAL too"),
+    click.option("--numpy-target", "numpy_target", default=None, hidden=True,
+                 help="(tests) run on the NumPy emulation with these faults instead of a fork build"),
 ]
 
 
@@ -111,7 +172,7 @@ def with_common(f):
 @click.argument("check_id")
 @click.option("--model", default=None, help="KVREAL only: smollm2 | gemma3 | PATH.gguf (same as $TURBO_MODEL; default smollm2)")
 @with_common
-def check(check_id, model, types, target_backend, backends, fork_dir, build_backend, out, strict):
+def check(check_id, model, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target):
     """Run one check (PQ1..PQ6, COMPAT, KVREAL) and write its report."""
     from harness.verify import all_checks
     cid = check_id.upper()
@@ -119,18 +180,18 @@ def check(check_id, model, types, target_backend, backends, fork_dir, build_back
         raise click.BadParameter(f"unknown check {check_id}; choose from {', '.join(all_checks())}", param_hint="CHECK_ID")
     if model:
         os.environ["TURBO_MODEL"] = model  # read by KVREAL (harness/fork/kvcapture.resolve_model)
-    _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict)
+    _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, numpy_target)
 
 
 @cli.command()
 @click.option("--checks", "check_list", default=None, help="comma-separated check ids (default all)")
 @with_common
-def verify(check_list, types, target_backend, backends, fork_dir, build_backend, out, strict):
+def verify(check_list, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target):
     """Run all checks (PQ1-PQ6 and the cross-backend matrix) and write the report."""
     from harness.verify import all_checks
     ids = ([c.strip().upper() for c in check_list.split(",")] if check_list
            else [c for c, m in all_checks().items() if getattr(m, "IN_VERIFY", True)])
-    _run_and_exit(ids, _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict)
+    _run_and_exit(ids, _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, numpy_target)
 
 
 @cli.command()
@@ -187,14 +248,15 @@ def doctor(fork_dir):
     """Say what the harness finds: fork, commit, builds, backends, binaries, model, corpus."""
     ok = True
 
-    def line(k, v, good=True):
+    def line(k, v, good=True, counts=True):
         nonlocal ok
-        ok = ok and good
+        ok = ok and (good or not counts)
         click.echo(f"{'ok ' if good else 'NO '} {k:14s} {v}")
+    fork, st = None, None
     try:
         fork = fb.fork_dir(fork_dir)
         st = fb.git_state(fork)
-        line("fork", f"{fork} @ {st['commit'][:12]}{' (dirty)' if st['dirty'] else ''} {st['describe']}")
+        line("fork", f"{fork} @ {fb.source_label(st['commit'], st['dirty'], st.get('diff_sha256'))} {st['describe']}")
         line("turbo types", "present" if fb.has_turbo_types(fork) else "MISSING (not a TurboQuant fork)", fb.has_turbo_types(fork))
     except HarnessError as e:
         line("fork", str(e), False)
@@ -206,10 +268,23 @@ def doctor(fork_dir):
         bins = [b for b in ("llama-perplexity", "llama-bench", "test-backend-ops") if (bdir / "bin" / b).is_file()]
         mine = bdir.name == fb.detect_backend()
         has_libs = any((bdir / "bin").glob("libggml-base.*"))
-        line(f"build {bdir.name}", f"{bdir} fork {meta.get('fork_commit', '?')[:12]}; binaries: {', '.join(bins) or 'none'}"
+        built = (fb.source_label(meta.get("fork_commit"), meta.get("fork_dirty"), meta.get("fork_diff_sha256"))
+                 if meta else f"unknown (no {fb.BUILD_META})")
+        line(f"build {bdir.name}", f"{bdir} fork {built}; binaries: {', '.join(bins) or 'none'}"
              + ("" if has_libs else " (no ggml libraries: not built)"), has_libs or not mine)
         if not has_libs:
             continue
+        if fork is not None:  # provenance: the checkout must be what this build was built from
+            try:
+                fb.check_provenance(bdir, fork, meta, st)
+                if meta:
+                    line("  provenance", f"built from this checkout ({built})")
+                else:  # not a mismatch, but reports from it cannot name their commit: said, not fatal
+                    click.echo(f"--    {'provenance':12s} not recorded ({fb.BUILD_META} missing): reports will name the fork "
+                               f"commit as unknown; rebuild with `turbo-harness build` to record it")
+            except HarnessError as e:
+                line("  provenance", f"MISMATCH: {e}", False, counts=mine)
+                continue  # its probe would be compiled against headers of another source
         try:
             from harness.targets.fork import ForkTarget
             t = ForkTarget(bdir, fb.fork_dir(fork_dir))

@@ -15,8 +15,10 @@ from typing import Callable
 
 from harness import __version__
 from harness.checks import compat, kvreal, pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention
-from harness.checks.common import Context, load_thresholds
-from harness.errors import HarnessError
+from harness.checks.common import Context, crash_cell, load_thresholds
+from harness.errors import HarnessError, ProbeCrash
+from harness.interrupt import Interrupted, acknowledge, raise_if_pending
+from harness.reference import turbo as T
 from harness.report.model import CheckResult, Run
 from harness.report.render import write_all
 from harness.targets.base import Target
@@ -80,6 +82,8 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         The Run (also written as run.json, summary.md, junit.xml under run_dir).
     Raises:
         HarnessError: unknown check id or backend.
+        Interrupted: a signal arrived (see :func:`harness.interrupt.interruptible`); the report written
+            before re-raising is marked INTERRUPTED and lists the checks that did not run.
     """
     checks = all_checks()
     unknown = [c for c in check_ids if c not in checks]
@@ -97,33 +101,55 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
                   evidence_dir=run_dir / "evidence", backends_filter=backends, log=log,
                   not_available=[b for b in KNOWN_BACKENDS if b not in present], routes_filter=routes)
     run = run or Run(run_id=run_dir.name)
-    run.meta.update({
-        "harness_version": __version__,
-        "command_line": " ".join(shlex.quote(a) for a in sys.argv),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(run.started)),
-        "host": platform.node(), "platform": platform.platform(),
-        "target_backend": tb,
-        "backends_run": [b.name for b in ctx.backends()],
-        "backends_not_available": [b for b in KNOWN_BACKENDS if b not in present],
-        "types": list(types), "gpu": gpu_info(), "target": target.describe(), "quantize_routes": routes or "all",
-        **(meta or {}),
-    })
-    run.meta["not_run"] = [f"{b}: not available on this machine/build, nothing was measured on it"
-                           for b in run.meta["backends_not_available"]]
-    for cid in check_ids:
-        mod = checks[cid]
-        t0 = time.time()
-        cr = CheckResult(id=cid, title=mod.TITLE)
-        try:
-            cr.cells = mod.run(ctx)
-            cr.notes += ctx.sections.pop(f"notes:{cid}", [])
-        except HarnessError as e:
-            cr.error = str(e)
-        except Exception as e:  # a harness bug: this check is an ERROR, the remaining checks still run
-            cr.error = f"harness error {type(e).__name__}: {e}"
-        cr.duration_s = time.time() - t0
-        run.checks = [c for c in run.checks if c.id != cid] + [cr]
-        run.sections.update(ctx.sections)
-        log(f"{cid:6s} {cr.verdict.value:8s} {cr.duration_s:6.1f} s  {mod.TITLE}")
+    run.interrupted = None  # this invocation's own state; an earlier interrupted run into the same folder is resumed
+    current, finished = None, []
+    try:
+        run.meta.update({
+            "harness_version": __version__,
+            "command_line": " ".join(shlex.quote(a) for a in sys.argv),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(run.started)),
+            "host": platform.node(), "platform": platform.platform(),
+            "target_backend": tb,
+            "backends_run": [b.name for b in ctx.backends()],
+            "backends_not_available": [b for b in KNOWN_BACKENDS if b not in present],
+            "types": list(types), "gpu": gpu_info(), "target": target.describe(), "quantize_routes": routes or "all",
+            **(meta or {}),
+        })
+        run.meta["not_run"] = [f"{b}: not available on this machine/build, nothing was measured on it"
+                               for b in run.meta["backends_not_available"]]
+        layouts = target.layouts()
+        run.meta["layouts"] = layouts.describe()
+        if layouts.unknown:
+            run.meta["layout_notes"] = layouts.notes
+        for cid in check_ids:
+            raise_if_pending()
+            current = cid
+            mod = checks[cid]
+            t0 = time.time()
+            cr = CheckResult(id=cid, title=mod.TITLE)
+            try:
+                with T.layouts_in_use(layouts):
+                    cr.cells = mod.run(ctx)
+                raise_if_pending()
+                cr.notes += ctx.sections.pop(f"notes:{cid}", [])
+            except ProbeCrash as e:  # a fork crash outside any cell: the fork's fault (FAIL), not the harness's
+                cr.cells = [crash_cell(ctx, cid, "all", tb, "-", e)]
+            except HarnessError as e:
+                cr.error = str(e)
+            except Exception as e:  # a harness bug: this check is an ERROR, the remaining checks still run
+                cr.error = f"harness error {type(e).__name__}: {e}"
+            cr.duration_s = time.time() - t0
+            run.checks = [c for c in run.checks if c.id != cid] + [cr]
+            run.sections.update(ctx.sections)
+            finished.append(cid)
+            current = None
+            log(f"{cid:6s} {cr.verdict.value:8s} {cr.duration_s:6.1f} s  {mod.TITLE}")
+            write_all(run, run_dir)
+    except Interrupted as e:
+        acknowledge()
+        not_run = [c for c in check_ids if c not in finished]
+        run.interrupted = {"signal": e.name, "exit_code": e.exit_code, "in_progress": current, "not_run": not_run}
         write_all(run, run_dir)
+        log(f"INTERRUPTED by {e.name}: not run {', '.join(not_run) or 'none'}; partial report in {run_dir}")
+        raise
     return run

@@ -57,16 +57,29 @@ def test_missing_backend_is_usage_error(tmp_path):
         run_checks(NumpyTarget(), ["PQ4"], ["turbo3"], tmp_path / "r", target_backend="cuda")
 
 
-def test_crash_becomes_error_and_earlier_checks_are_kept(tmp_path):
+def test_fork_crash_is_fail_and_earlier_checks_are_kept(tmp_path):
+    # spec "Who is at fault": the fork aborting on an op its backend accepted is the fork's FAIL, quoting the crash
     run_dir = tmp_path / "r"
     run = run_checks(NumpyTarget(faults=["crash_attention"]), ["PQ4", "PQ6"], ["turbo3"], run_dir, log=lambda s: None)
-    assert run.exit_code() == 2
+    assert run.exit_code() == 1
     data = json.loads((run_dir / "run.json").read_text())
     by = {c["id"]: c["verdict"] for c in data["checks"]}
-    assert by == {"PQ4": "PASS", "PQ6": "ERROR"}
+    assert by == {"PQ4": "PASS", "PQ6": "FAIL"}
     assert "emulated ggml abort" in (run_dir / "summary.md").read_text()
     junit = (run_dir / "junit.xml").read_text()
-    assert "<error" in junit and "<failure" not in junit
+    assert "<failure" in junit and "<error" not in junit
+
+
+def test_harness_exception_is_error(tmp_path):
+    # ... while the harness failing to measure (here: a bug raising inside the target adapter) is an ERROR
+    tgt = NumpyTarget()
+
+    def broken(*a, **k):
+        raise ValueError("harness bug")
+    tgt.flash_attn = broken
+    run = run_checks(tgt, ["PQ6"], ["turbo3"], tmp_path / "r", log=lambda s: None)
+    assert run.exit_code() == 2 and run.checks[0].verdict == Verdict.ERROR
+    assert all("harness error ValueError: harness bug" in c.caveat for c in run.checks[0].cells if c.verdict == Verdict.ERROR)
 
 
 def test_exit_codes_fail_partial_strict(tmp_path):

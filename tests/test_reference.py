@@ -127,11 +127,14 @@ def test_attention_gqa_matches_manual():
 
 
 def test_legacy_32_value_blocks_selected_from_traits_and_round_trip():
-    try:
-        notes = T.use_build_layouts({"turbo3": {"block_size": 32, "type_size": 14}, "turbo2": {"block_size": 32, "type_size": 10},
-                                     "turbo4": {"block_size": 128, "type_size": 99}})
+    lay = T.select_layouts({"turbo3": {"block_size": 32, "type_size": 14}, "turbo2": {"block_size": 32, "type_size": 10},
+                            "turbo4": {"block_size": 128, "type_size": 99}})
+    assert lay.formats["turbo3"].block == 32 and "turbo3" not in lay.unknown
+    assert lay.notes and "turbo4: 128 values in 99 bytes, no known layout" in lay.notes[0]  # unknown traits are reported
+    with T.layouts_in_use(lay):
         assert T.fmt("turbo3").block == 32 and T.fmt("turbo3").group_bytes == 56
-        assert notes and "turbo4" in notes[0]  # unknown traits keep the default layout and are reported
+        with pytest.raises(T.UnknownLayout, match="no known layout"):
+            T.fmt("turbo4")
         rng = np.random.default_rng(9)
         idx = rng.integers(0, 8, (3, 128))
         raw = T.pack("turbo3", idx, [1.0, 2.0, 3.0])
@@ -140,6 +143,4 @@ def test_legacy_32_value_blocks_selected_from_traits_and_round_trip():
         assert np.all(raw.reshape(12, 14)[:, :2].copy().view(np.float16).reshape(3, 4) == np.array([[1.0], [2.0], [3.0]], np.float16))
         i2, n2, _ = T.unpack("turbo3", raw)
         np.testing.assert_array_equal(i2, idx)
-    finally:
-        T.use_build_layouts({})
-    assert T.fmt("turbo3").block == 128
+    assert T.fmt("turbo3").block == 128  # nothing global changed

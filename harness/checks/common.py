@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from harness.errors import HarnessError, ProbeCrash, Unsupported
+from harness.interrupt import raise_if_pending
 from harness.reference import turbo as T
 from harness.reference.wht import factor_signed_wht, signed_wht_matrix
 from harness.report.model import Cell, Verdict
@@ -130,14 +131,37 @@ def _jsonable(d):
     return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+def crash_cell(ctx: Context, check: str, type_: str, backend: str, route: str, crash: ProbeCrash) -> Cell:
+    """The cell of a fork crash on a configuration the backend accepted (the probe asks the backend
+    whether it supports each op before running it, so a crash is past that answer): FAIL quoting the
+    signal and what that call printed (spec "Who is at fault"); PARTIAL on a non-target path."""
+    return ctx.cell(check, type_, backend, route, "-", None, None, Verdict.FAIL,
+                    caveat=f"fork failure on a configuration the backend accepted: {crash}")
+
+
 def guarded(ctx: Context, check: str, type_: str, backend: str, route: str, fn) -> list[Cell]:
-    """Run fn() -> list[Cell]; turn Unsupported into a SKIP cell and crashes/errors into an ERROR cell."""
+    """Run fn() -> list[Cell] with the target's layouts in use (:func:`T.layouts_in_use`).
+
+    Who is at fault decides the verdict of what goes wrong: Unsupported (the backend declines the op,
+    or the type's layout is unknown to the reference) is a SKIP with the reason; a fork crash on an
+    op the backend accepted (ProbeCrash) is a FAIL quoting the crash; a HarnessError (the harness could
+    not measure) or any other exception (a harness bug, with its location) is an ERROR.
+    """
+    raise_if_pending()
     try:
-        return fn()
+        with T.layouts_in_use(ctx.target.layouts()):
+            out = fn()
+        raise_if_pending()
+        return out
+    except T.UnknownLayout as e:
+        return [Cell(check=check, type=type_, path=f"{backend}:{route}", metric="-", value=None, threshold=None,
+                     verdict=Verdict.SKIP, caveat=str(e), target=ctx.is_target(backend, route))]
     except Unsupported as e:
         return [Cell(check=check, type=type_, path=f"{backend}:{route}", metric="-", value=None, threshold=None,
                      verdict=Verdict.SKIP, caveat=f"not supported: {e}", target=ctx.is_target(backend, route))]
-    except (ProbeCrash, HarnessError) as e:
+    except ProbeCrash as e:
+        return [crash_cell(ctx, check, type_, backend, route, e)]
+    except HarnessError as e:
         return [Cell(check=check, type=type_, path=f"{backend}:{route}", metric="-", value=None, threshold=None,
                      verdict=Verdict.ERROR, caveat=str(e), target=ctx.is_target(backend, route))]
     except Exception as e:  # a harness bug must not kill the run; it is an ERROR with its location
@@ -182,14 +206,19 @@ def precise_table(ctx: Context, type_name: str, fallback_backend: str) -> np.nda
 def decode_route(ctx: Context, backend: str, type_name: str = "turbo3") -> str:
     """The first decode route of a backend that works for this type (cached). Raises Unsupported."""
     def pick():
-        errs = []
+        raw = T.pack(type_name, np.zeros((1, 128), np.uint8), np.ones(1))  # UnknownLayout: nothing to try
+        errs, crashes = [], []
         for r in ctx.target.routes(backend).decode:
             try:
-                raw = T.pack(type_name, np.zeros((1, 128), np.uint8), np.ones(1))
                 ctx.target.decode(backend, r, type_name, raw.reshape(-1), 1, 128)
                 return r
-            except (Unsupported, ProbeCrash, HarnessError) as e:
+            except ProbeCrash as e:
+                crashes.append(e)
                 errs.append(f"{r}: {e}")
+            except (Unsupported, HarnessError) as e:
+                errs.append(f"{r}: {e}")
+        if crashes:  # a route the backend accepted crashed and none worked: the fork's fault, not a SKIP
+            raise ProbeCrash(f"no decode route for {type_name} on {backend} works: {'; '.join(errs)}")
         raise Unsupported(f"no decode route for {type_name} on {backend} ({'; '.join(errs)})")
     return ctx.cached(("decode_route", backend, type_name), pick)
 

@@ -18,12 +18,21 @@ ID, TITLE = "PQ4", "Layout (traits, packing, reserved field)"
 
 
 def _traits_cell(ctx: Context, t: str) -> list[Cell]:
-    f = T.fmt(t)
     info = ctx.target.type_info(t)
     be = ctx.target_backend
     if info is None:
         return [ctx.cell(ID, t, be, "traits", "-", None, None, Verdict.FAIL,
                          caveat=f"the build has no type named {t}")]
+    layouts = ctx.target.layouts()
+    if t in layouts.unknown:
+        # the finding: the build's blocks match no layout the reference knows, so every check that
+        # reads or writes this type's bytes SKIPs with this reason (never a harness exception)
+        ev = ctx.evidence(ID, f"{t}_traits", block_size=info["block_size"], type_size=info["type_size"])
+        return [ctx.cell(ID, t, be, "traits", "known_layout", 0, 1, Verdict.FAIL, op=">=",
+                         caveat=f"{layouts.unknown[t]}: the checks that need its layout are SKIP", evidence=ev,
+                         details={"block_size": info["block_size"], "type_size": info["type_size"],
+                                  "bits_per_value": 8.0 * info["type_size"] / info["block_size"]})]
+    f = layouts.get(t)
     mism = int(info["block_size"] != f.block) + int(info["type_size"] != f.block_bytes)
     cav = (f"traits say {info['block_size']} values in {info['type_size']} bytes, no known layout has that "
            f"(checked against {f.block} in {f.block_bytes})") if mism else (

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from harness.checks.common import Context, guarded, op_matrices, precise_table, quantizer_rotation
-from harness.errors import Unsupported
+from harness.errors import ProbeCrash, Unsupported
 from harness.reference import turbo as T
 from harness.reference.attention import attention, relative_error
 from harness.report.model import Cell, Verdict
@@ -56,7 +56,8 @@ def kernel_precision(ctx: Context, backend: str) -> dict:
     def measure():
         try:
             return measure_f16()
-        except Unsupported as e:  # no f16 flash attention: judge strictly and say the baseline is missing
+        except (Unsupported, ProbeCrash) as e:  # no f16 flash attention: judge strictly and say the baseline is missing
+            # (a crash of the f16 baseline is not blamed on the turbo cells judged with it)
             return {"f16_kv_rel_err": None, "half": False, "tol": ctx.th("PQ6", "rel_err_f32"),
                     "note": f"kernel precision not measured ({e})"}
 

@@ -6,6 +6,7 @@ dirty state, CMake options and compiler.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -64,17 +65,91 @@ def require_turbo(fork: Path) -> None:
 
 
 def git_state(fork: Path) -> dict:
-    """Commit, short description and dirty flag of a checkout ({} fields 'unknown' when not a git tree)."""
+    """Commit, short description, dirty flag and diff hash of a checkout.
+
+    Returns:
+        {'commit': full hash ('unknown' when not a git tree and no .fork-commit file), 'describe': str,
+        'dirty': bool, or None when unknown (a copy without .git), 'diff_sha256': SHA-256 of
+        ``git diff HEAD --binary`` (tracked changes) when dirty, else None}.
+    """
     def g(*args):
         r = subprocess.run(["git", "-C", str(fork), *args], capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else ""
     commit = g("rev-parse", "HEAD") if (Path(fork) / ".git").exists() else ""
     marker = Path(fork) / ".fork-commit"  # a copy without .git (e.g. carried to another machine) names its commit here
     if not commit and marker.is_file():
-        return {"commit": marker.read_text().strip(), "describe": "copy without .git (commit from .fork-commit)", "dirty": None}
+        return {"commit": marker.read_text().strip(), "describe": "copy without .git (commit from .fork-commit)",
+                "dirty": None, "diff_sha256": None}
     commit = commit or "unknown"
     dirty = bool(g("status", "--porcelain", "--untracked-files=no", "--ignore-submodules")) if commit != "unknown" else None
-    return {"commit": commit, "describe": g("log", "-1", "--format=%h %s") or "", "dirty": dirty}
+    diff = None
+    if dirty:
+        r = subprocess.run(["git", "-C", str(fork), "diff", "HEAD", "--binary"], capture_output=True)
+        diff = hashlib.sha256(r.stdout).hexdigest() if r.returncode == 0 else None
+    return {"commit": commit, "describe": g("log", "-1", "--format=%h %s") or "", "dirty": dirty, "diff_sha256": diff}
+
+
+def _known(commit) -> bool:
+    return bool(commit) and str(commit) != "unknown"
+
+
+def source_label(commit, dirty, diff_sha256=None) -> str:
+    """'69d8e4be4712', '69d8e4be4712 (dirty, diff 1a2b3c4d)' or 'unknown commit' for messages and reports."""
+    if not _known(commit):
+        return "unknown commit"
+    extra = " (dirty" + (f", diff {diff_sha256[:8]}" if diff_sha256 else "") + ")" if dirty else ""
+    return f"{str(commit)[:12]}{extra}"
+
+
+def provenance_mismatch(build_meta: dict, checkout: dict) -> str | None:
+    """How a checkout differs from what a build folder recorded it was built from, or None.
+
+    Args:
+        build_meta: the build's metadata (:func:`read_build_meta`): fork_commit, fork_dirty, fork_diff_sha256.
+        checkout: :func:`git_state` of the checkout a command points at.
+    Returns:
+        None when they agree or cannot be told apart (either side's commit unknown, or a copy without
+        .git whose dirty state is unknown); else a phrase such as 'another commit' or 'another diff'.
+    """
+    b, c = build_meta.get("fork_commit"), checkout.get("commit")
+    if not (_known(b) and _known(c)):
+        return None
+    b, c = str(b), str(c)
+    if not (b.startswith(c) or c.startswith(b)):
+        return "another commit"
+    bd, cd = build_meta.get("fork_dirty"), checkout.get("dirty")
+    if bd is None or cd is None:
+        return None
+    if bool(bd) != bool(cd):
+        return "uncommitted changes in the checkout" if cd else "the build had uncommitted changes the checkout lacks"
+    bh, ch = build_meta.get("fork_diff_sha256"), checkout.get("diff_sha256")
+    if bd and bh and ch and bh != ch:
+        return "another diff"
+    return None
+
+
+def check_provenance(bdir: Path, fork: Path, build_meta: dict | None = None, checkout: dict | None = None) -> None:
+    """Stop when the fork checkout differs from what the build folder was built from.
+
+    Spec "Integrity of a verdict" / Provenance: a command whose checkout differs from the build never
+    measures one and labels the other. Raises HarnessError with one line naming both sources and the fix.
+    """
+    meta = read_build_meta(bdir) if build_meta is None else build_meta
+    st = git_state(fork) if checkout is None else checkout
+    why = provenance_mismatch(meta, st)
+    if why:
+        built = source_label(meta.get("fork_commit"), meta.get("fork_dirty"), meta.get("fork_diff_sha256"))
+        here = source_label(st.get("commit"), st.get("dirty"), st.get("diff_sha256"))
+        raise HarnessError(
+            f"build {bdir} was built from fork {built} but the checkout {fork} is at {here} ({why}): rebuild it from "
+            f"this checkout (`turbo-harness build --fork-dir {fork}`, or `make build`), or point FORK_DIR at the "
+            f"checkout of {str(meta.get('fork_commit'))[:12]}")
+
+
+def build_identity(meta: dict) -> dict:
+    """What makes two reports come from the same build: fork commit, dirty state, diff hash, CMake
+    options and build folder (from a run's metadata). Reports of different identities are never merged."""
+    return {k: meta.get(k) for k in ("fork_commit", "fork_dirty", "fork_diff_sha256", "cmake_options", "build_dir")}
 
 
 def detect_backend() -> str:
@@ -172,6 +247,7 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
     opts = cmake_options(backend, extra_cmake)
     jobs = jobs or os.cpu_count() or 2
     logf = bdir / "turbo-harness-build.log"
+    source = git_state(fork)  # what is compiled: the checkout as the build starts (recorded for provenance)
     t0 = time.time()
     with open(logf, "a") as lf:
         lf.write(f"\n=== {time.ctime()} configure {backend} {opts}\n")
@@ -192,7 +268,7 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
     meta = {
         "backend": backend,
         "fork_dir": str(fork),
-        **{f"fork_{k}": v for k, v in git_state(fork).items()},
+        **{f"fork_{k}": v for k, v in source.items()},
         "cmake_options": opts,
         "c_compiler": _compiler_version(cache.get("CMAKE_C_COMPILER", "cc")),
         "cxx_compiler": _compiler_version(cache.get("CMAKE_CXX_COMPILER", "c++")),

@@ -14,6 +14,7 @@ import pickle
 import re
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -76,6 +77,9 @@ def build_probe(bdir: Path, fork: Path, force: bool = False) -> Path:
 # ----------------------------------------------------------------------------- worker side
 
 def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker process
+    # Ctrl-C reaches the whole process group: the harness handles it (partial report) and closes this
+    # worker; dying here first would make the call in flight look like a fork crash
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     proto_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     proto_in = sys.stdin.buffer
@@ -186,43 +190,61 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
 
 # ----------------------------------------------------------------------------- client side
 
+def _signame(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return "unknown signal"
+
+
 class Probe:
     """Client of one probe worker process. Methods mirror the worker's handlers.
+
+    Each call's crash is reported with what that call printed: the worker's stderr goes to a log file
+    and a crash quotes only the part written since the call began (a fresh worker then serves the next
+    call), never an earlier crash's message.
 
     Args:
         lib_path: the compiled probe library (:func:`build_probe`).
         timeout_s: seconds one call may take before the worker is killed (ProbeCrash).
+        worker: the command that starts a worker (default ``python -m harness.fork.probe lib_path``);
+            tests pass a fake that speaks the same protocol.
     """
 
-    def __init__(self, lib_path: Path, timeout_s: float = 600.0, env: dict | None = None):
+    def __init__(self, lib_path: Path, timeout_s: float = 600.0, env: dict | None = None,
+                 worker: list[str] | None = None):
         self.lib_path = str(lib_path)
         self.timeout_s = timeout_s
         self.env = env
+        self.worker = list(worker) if worker else [sys.executable, "-m", "harness.fork.probe", self.lib_path]
         self.proc: subprocess.Popen | None = None
         self.errlog = tempfile.NamedTemporaryFile(prefix="turbo-probe-", suffix=".log", delete=False)
         self.crashes: list[str] = []
+        self._call_start = 0  # errlog offset where the call in flight began
 
     def _start(self):
         env = dict(os.environ if self.env is None else self.env)
         root = str(Path(__file__).resolve().parents[2])
         env.setdefault("GGML_NO_BACKTRACE", "1")  # no gdb backtrace: slow, and it buries the message
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen([sys.executable, "-m", "harness.fork.probe", self.lib_path],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errlog, env=env)
+        self.proc = subprocess.Popen(self.worker, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errlog, env=env)
 
     def close(self):
         if self.proc and self.proc.poll() is None:
             self.proc.stdin.close()
+            self.proc.stdout.close()  # a worker still answering an abandoned call gets EPIPE and exits
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
         self.proc = None
 
-    def _last_stderr(self) -> str:
+    def _last_stderr(self, since: int = 0) -> str:
+        """The most telling line the worker wrote to stderr after byte offset ``since`` ('' if none)."""
         try:
             with open(self.errlog.name, "rb") as f:
-                f.seek(max(0, os.path.getsize(self.errlog.name) - 4000))
+                f.seek(max(since, os.path.getsize(self.errlog.name) - 4000))
                 lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
         except OSError:
             return ""
@@ -243,6 +265,8 @@ class Probe:
         """Run one probe call. Raises Unsupported, HarnessError or ProbeCrash."""
         if self.proc is None or self.proc.poll() is not None:
             self._start()
+        self.errlog.flush()
+        self._call_start = os.path.getsize(self.errlog.name)
         data = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             self.proc.stdin.write(struct.pack("<Q", len(data)) + data)
@@ -259,10 +283,12 @@ class Probe:
             status, payload = pickle.loads(self._read_exact(n))
         except (EOFError, BrokenPipeError, pickle.UnpicklingError):
             rc = self.proc.wait()
-            sig = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
-            msg = f"fork code crashed in probe call {method} ({sig}): {self._last_stderr() or 'no message'}"
-            self.crashes.append(msg)
+            said = self._last_stderr(self._call_start) or "no message"
             self.proc = None
+            if rc >= 0:  # the worker exited instead of dying of a signal: it could not start or serve (harness side)
+                raise HarnessError(f"the probe worker exited (exit code {rc}) during call {method}: {said}") from None
+            msg = f"fork code crashed in probe call {method} (signal {-rc} ({_signame(-rc)})): {said}"
+            self.crashes.append(msg)
             raise ProbeCrash(msg) from None
         if status == "ok":
             return payload

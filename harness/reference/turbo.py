@@ -12,9 +12,13 @@ the lowest bits first).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from harness.errors import Unsupported
 
 GROUP = 128  # rotation group size; one block per group for all three turbo types
 
@@ -50,6 +54,11 @@ class TurboFormat:
     def bits_per_value(self) -> float:
         return 8.0 * self.block_bytes / self.block
 
+    @property
+    def qs_offset(self) -> int:
+        """Byte offset of the packed indices in a block: after the fp16 norm and the reserved field, if any."""
+        return sum(self.reserved) if self.reserved else 2
+
 
 def _layout(name: str, block: int) -> TurboFormat:
     # turbo2: half norm; u8 qs[block/4] (2-bit, 4 per byte)                  -> 34 bytes for 128 (10 for 32)
@@ -66,46 +75,114 @@ def _layout(name: str, block: int) -> TurboFormat:
 KNOWN_LAYOUTS = {(n, b): _layout(n, b) for n, b in (("turbo2", 128), ("turbo3", 128), ("turbo4", 128),
                                                     ("turbo2", 32), ("turbo3", 32))}
 DEFAULT_FORMATS: dict[str, TurboFormat] = {n: KNOWN_LAYOUTS[(n, 128)] for n in ("turbo2", "turbo3", "turbo4")}
-FORMATS: dict[str, TurboFormat] = dict(DEFAULT_FORMATS)  # the layouts in use (see use_build_layouts)
+FORMATS = DEFAULT_FORMATS  # the specification's layouts (read-only; a target's own are in its Layouts)
 TURBO_TYPES = tuple(DEFAULT_FORMATS)
 
 
-def use_build_layouts(infos: dict[str, dict | None]) -> list[str]:
+class UnknownLayout(Unsupported):
+    """A build's turbo type has block traits that match no layout the reference knows: the checks that
+    need to read or write its bytes SKIP with this one-line reason (PQ4 reports it as its finding)."""
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """The harness's reading of one target's turbo layouts (see :func:`select_layouts`).
+
+    Attributes:
+        formats: {type name: the known layout that matches the target's traits}.
+        unknown: {type name: one-line reason} for types whose traits match no known layout.
+        traits: {type name: (values per block, bytes per block)} as the target reports them.
+    """
+
+    formats: dict = field(default_factory=lambda: dict(DEFAULT_FORMATS))
+    unknown: dict = field(default_factory=dict)
+    traits: dict = field(default_factory=dict)
+
+    @property
+    def notes(self) -> list[str]:
+        """One line per type whose layout is unknown (for the report)."""
+        return [self.unknown[t] for t in TURBO_TYPES if t in self.unknown]
+
+    def get(self, type_name: str) -> TurboFormat:
+        """The layout of a turbo type. Raises UnknownLayout (with the reason) or KeyError (not a turbo type)."""
+        if type_name in self.unknown:
+            raise UnknownLayout(self.unknown[type_name])
+        try:
+            return self.formats[type_name]
+        except KeyError:
+            raise KeyError(f"unknown turbo type {type_name!r}; known: {', '.join(TURBO_TYPES)}") from None
+
+    def describe(self) -> dict:
+        """{type: 'B values / N bytes' or the unknown-layout reason} for the report."""
+        return {t: self.unknown.get(t) or f"{self.formats[t].block} values / {self.formats[t].block_bytes} bytes"
+                for t in TURBO_TYPES}
+
+
+def select_layouts(infos: dict[str, dict | None]) -> Layouts:
     """Select, per type, the known layout matching a build's type traits (block size, bytes per block).
 
     Args:
-        infos: {type name: {'block_size', 'type_size'} or None}, as a target reports them.
+        infos: {type name: {'block_size', 'type_size'} or None}, as a target reports them. A type
+            that is absent (None) keeps the default layout; PQ4 reports it missing.
     Returns:
-        Notes for the report: one line per type whose traits match no known layout (the default
-        128-value layout stays selected, so PQ4 reports the mismatch).
+        Layouts whose ``unknown`` names each type with traits no known layout has, e.g.
+        "turbo4: 128 values in 66 bytes, no known layout". Nothing global is changed: the layouts
+        travel with the target (:meth:`harness.targets.base.Target.layouts`).
     """
-    notes = []
+    formats, unknown, traits = dict(DEFAULT_FORMATS), {}, {}
     for name in TURBO_TYPES:
         info = infos.get(name)
-        FORMATS[name] = DEFAULT_FORMATS[name]
         if not info:
             continue
-        lay = KNOWN_LAYOUTS.get((name, int(info["block_size"])))
-        if lay is not None and lay.block_bytes == int(info["type_size"]):
-            FORMATS[name] = lay
+        blk, size = int(info["block_size"]), int(info["type_size"])
+        traits[name] = (blk, size)
+        lay = KNOWN_LAYOUTS.get((name, blk))
+        if lay is not None and lay.block_bytes == size:
+            formats[name] = lay
         else:
-            notes.append(f"{name}: traits {info['block_size']} values in {info['type_size']} bytes match no known layout")
-    return notes
+            known = ", ".join(f"{f.block} in {f.block_bytes}" for (n, _), f in KNOWN_LAYOUTS.items() if n == name)
+            unknown[name] = (f"{name}: {blk} values in {size} bytes, no known layout (known: {known}); "
+                             f"the reference cannot read or write its blocks")
+    return Layouts(formats, unknown, traits)
 
 
-def fmt(type_name: str) -> TurboFormat:
-    """Look up a turbo format by ggml type name. Raises KeyError with the known names."""
+_ACTIVE: ContextVar[Layouts] = ContextVar("turbo_layouts", default=Layouts())
+
+
+@contextmanager
+def layouts_in_use(lay: Layouts | None):
+    """Make ``lay`` the layouts that :func:`fmt`, :func:`pack`, :func:`unpack` and :func:`decode_any`
+    use for type names inside this block (context-local: another thread or run keeps its own).
+    ``None`` leaves the current ones."""
+    if lay is None:
+        yield
+        return
+    token = _ACTIVE.set(lay)
     try:
-        return FORMATS[type_name]
-    except KeyError:
-        raise KeyError(f"unknown turbo type {type_name!r}; known: {', '.join(FORMATS)}") from None
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def fmt(type_name: str | TurboFormat) -> TurboFormat:
+    """The layout of a turbo type in the layouts in use (see :func:`layouts_in_use`); a TurboFormat is
+    returned as it is (a target emulating a fork passes its own).
+
+    Raises:
+        UnknownLayout: the target's traits for this type match no known layout (a SKIP reason).
+        KeyError: not a turbo type.
+    """
+    if isinstance(type_name, TurboFormat):
+        return type_name
+    return _ACTIVE.get().get(type_name)
 
 
 def pack(type_name: str, indices: np.ndarray, norms: np.ndarray, reserved: np.ndarray | None = None) -> np.ndarray:
     """Pack indices and fp16 norms into raw blocks.
 
     Args:
-        type_name: 'turbo2' | 'turbo3' | 'turbo4' (layout from :data:`FORMATS`).
+        type_name: 'turbo2' | 'turbo3' | 'turbo4' (layout from :func:`fmt`: the layouts in use), or a
+            TurboFormat (a target emulating a fork packs with its own layout).
         indices: integer array (n_groups, 128), values in [0, 2**bits).
         norms: float array (n_groups,); stored as IEEE fp16 in every block of the group.
         reserved: optional uint16 array (n_groups,) written into turbo4's reserved field (tests only).
@@ -132,10 +209,11 @@ def pack(type_name: str, indices: np.ndarray, norms: np.ndarray, reserved: np.nd
             hi = ((sub >> 2) & 0x1).reshape(m, B // 8, 8)
             out[:, 2 + B // 4:] = np.packbits(hi, axis=-1, bitorder="little")[..., 0]
     else:
-        if reserved is not None:
-            out[:, 2:4] = np.repeat(np.asarray(reserved, dtype=np.uint16).reshape(n), k).reshape(m, 1).view(np.uint8)
+        if reserved is not None and f.reserved:
+            o, sz = f.reserved
+            out[:, o:o + sz] = np.repeat(np.asarray(reserved, dtype=np.uint16).reshape(n), k).reshape(m, 1).view(np.uint8)
         nib = (sub & 0xF).reshape(m, B // 2, 2)
-        out[:, 4:] = nib[..., 0] | (nib[..., 1] << 4)
+        out[:, f.qs_offset:] = nib[..., 0] | (nib[..., 1] << 4)
     return out.reshape(n, f.group_bytes)
 
 
@@ -163,8 +241,10 @@ def unpack(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
             hi = np.unpackbits(b[:, 2 + B // 4:, None], axis=-1, bitorder="little").reshape(m, B)
             idx = idx | (hi << 2)
     else:
-        reserved = b[:, 2:4].copy().view(np.uint16).reshape(n, k).max(axis=1)
-        qs = b[:, 4:]
+        if f.reserved:
+            o, sz = f.reserved
+            reserved = b[:, o:o + sz].copy().view(np.uint16).reshape(n, k).max(axis=1)
+        qs = b[:, f.qs_offset:]
         idx = np.stack([qs & 0xF, qs >> 4], axis=-1).reshape(m, B)
     return idx.reshape(n, GROUP).astype(np.uint8), norms, reserved
 
@@ -259,10 +339,10 @@ def decode_any(type_name: str, raw: np.ndarray, nrows: int, ncols: int, centroid
         float32 (nrows, ncols); turbo types in the rotated domain.
     """
     raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-    if type_name in FORMATS:
+    if type_name in TURBO_TYPES:
         if centroids is None or type_name not in centroids:
             raise ValueError(f"decoding {type_name} needs its centroid table")
-        return decode(type_name, raw.reshape(-1, FORMATS[type_name].group_bytes), centroids[type_name]).reshape(nrows, ncols)
+        return decode(type_name, raw.reshape(-1, fmt(type_name).group_bytes), centroids[type_name]).reshape(nrows, ncols)
     if type_name in CLASSIC_DECODERS:
         return CLASSIC_DECODERS[type_name][2](raw, nrows * ncols).reshape(nrows, ncols)
     if type_name == "f32":

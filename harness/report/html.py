@@ -132,6 +132,10 @@ def write_html(run: Run, run_dir: Path) -> Path:
              ".v{color:#fff;padding:1px 6px;border-radius:3px}.small{font-size:11px;color:#555}.note{color:#8d6e00}</style>",
              "</head><body>",
              f"<h1>turbo-harness run {html.escape(run.run_id)} <span class=v style='background:{_COLORS[v]}'>{v}</span></h1>"]
+    if run.interrupted:
+        i = run.interrupted
+        parts.append(f"<p><b>INTERRUPTED</b> by {html.escape(str(i.get('signal')))} (exit code {i.get('exit_code')}): "
+                     f"partial report; not run: {html.escape(', '.join(i.get('not_run') or []) or 'none')}</p>")
     meta = {k: run.meta[k] for k in list(run.meta)[:40]}
     parts.append("<details><summary>run metadata</summary><table>" + "".join(
         f"<tr><td>{html.escape(str(k))}</td><td style='text-align:left'>{html.escape(str(val))[:400]}</td></tr>"

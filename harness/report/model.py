@@ -115,20 +115,34 @@ class CheckResult:
 
 @dataclass
 class Run:
-    """A whole run: metadata, check results and free-form sections (coverage, sweeps, matrix)."""
+    """A whole run: metadata, check results and free-form sections (coverage, sweeps, matrix).
+
+    ``interrupted`` is None for a run that went to its end; for one stopped by a signal it is
+    {'signal': 'SIGINT', 'exit_code': 130, 'in_progress': check id or None, 'not_run': [ids]} (the check
+    in progress is listed among those not run: its cells were not kept).
+    """
 
     run_id: str
     meta: dict[str, Any] = field(default_factory=dict)
     checks: list[CheckResult] = field(default_factory=list)
     sections: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    interrupted: dict[str, Any] | None = None
 
     @property
     def verdict(self) -> Verdict:
         return worst(c.verdict for c in self.checks)
 
+    @property
+    def headline(self) -> str:
+        """The run's verdict as reports print it: 'INTERRUPTED' for a run stopped by a signal."""
+        return "INTERRUPTED" if self.interrupted else self.verdict.value
+
     def exit_code(self, strict: bool = False) -> int:
-        """0 no FAIL and no ERROR; 1 a FAIL; 2 an ERROR; --strict also fails (1) on PARTIAL."""
+        """130 / 143 (128 + signal) for an interrupted run; else 0 no FAIL and no ERROR; 1 a FAIL;
+        2 an ERROR; --strict also fails (1) on PARTIAL."""
+        if self.interrupted:
+            return int(self.interrupted.get("exit_code", 130))
         vs = {c.verdict for c in self.checks}
         if Verdict.ERROR in vs:
             return 2
@@ -143,7 +157,9 @@ class Run:
             "schema": "turbo-harness/run",
             "schema_version": SCHEMA_VERSION,
             "run_id": self.run_id,
-            "verdict": self.verdict.value,
+            "verdict": self.headline,
+            "checks_verdict": self.verdict.value,
+            "interrupted": self.interrupted,
             "meta": self.meta,
             "checks": [c.to_dict() for c in self.checks],
             "sections": self.sections,
@@ -155,7 +171,8 @@ class Run:
         ver = str(d.get("schema_version", ""))
         if d.get("schema") != "turbo-harness/run" or ver.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
             raise ValueError(f"not a turbo-harness run report of schema {SCHEMA_VERSION} (got {d.get('schema')} {ver})")
-        run = cls(run_id=d["run_id"], meta=d.get("meta", {}), sections=d.get("sections", {}))
+        run = cls(run_id=d["run_id"], meta=d.get("meta", {}), sections=d.get("sections", {}),
+                  interrupted=d.get("interrupted"))
         for cd in d.get("checks", []):
             cr = CheckResult(id=cd["id"], title=cd["title"], notes=cd.get("notes", []),
                              duration_s=cd.get("duration_s", 0.0), error=cd.get("error", ""))

@@ -38,9 +38,14 @@ def _md_escape(s: str) -> str:
 def markdown(run: Run) -> str:
     """The human summary: verdict, metadata, per-check tables, sections, what was not run."""
     m = run.meta
-    lines = [f"# turbo-harness run `{run.run_id}`: **{run.verdict.value}**", ""]
+    lines = [f"# turbo-harness run `{run.run_id}`: **{run.headline}**", ""]
+    if run.interrupted:
+        lines += interrupted_lines(run.interrupted, "checks") + [""]
     facts = [
-        ("fork", f"{m.get('fork_commit', '?')}{' (dirty)' if m.get('fork_dirty') else ''} {m.get('fork_describe', '')}"),
+        ("fork", f"{m.get('fork_commit', '?')}{' (dirty' + (', diff sha256 ' + m['fork_diff_sha256'][:12] if m.get('fork_diff_sha256') else '') + ')' if m.get('fork_dirty') else ''} "
+                 f"{m.get('fork_describe', '')}" if m.get("fork_commit") else None),
+        ("provenance", m.get("provenance_note")),
+        ("layouts the reference does not know", "; ".join(m.get("layout_notes") or []) or None),
         ("fork dir", m.get("fork_dir")),
         ("target backend", m.get("target_backend")),
         ("backends run", ", ".join(m.get("backends_run", [])) or "-"),
@@ -77,8 +82,25 @@ def markdown(run: Run) -> str:
     for name, sec in run.sections.items():
         if isinstance(sec, dict) and sec.get("markdown"):
             lines += ["", sec["markdown"]]
-    lines += ["", "Exit code rule: 0 no FAIL/ERROR, 1 a FAIL (or PARTIAL with --strict), 2 an ERROR or bad usage.", ""]
+    lines += ["", "Exit code rule: 0 no FAIL/ERROR, 1 a FAIL (or PARTIAL with --strict), 2 an ERROR or bad usage, "
+                  "130 / 143 interrupted (SIGINT / SIGTERM).", ""]
     return "\n".join(lines)
+
+
+def interrupted_lines(info: dict, what: str = "checks") -> list[str]:
+    """Markdown lines that mark a partial report: the signal, the exit code and what did not run.
+
+    Args:
+        info: a Run's ``interrupted`` dict ({'signal', 'exit_code', 'in_progress', 'not_run'}).
+        what: the word for the units that did not run ('checks', 'jobs').
+    """
+    not_run = info.get("not_run") or []
+    cur = info.get("in_progress")
+    lines = [f"**INTERRUPTED** by {info.get('signal', 'a signal')} (exit code {info.get('exit_code', '?')}): "
+             f"a partial report; the verdicts below cover only the {what} that finished.", ""]
+    lines.append(f"- {what} not run: {', '.join(not_run) if not_run else 'none'}"
+                 + (f" ({cur} was running and was stopped; its results were not kept)" if cur else ""))
+    return lines
 
 
 def write_markdown(run: Run, run_dir: Path) -> Path:
@@ -92,6 +114,14 @@ def write_junit(run: Run, run_dir: Path) -> Path:
     """JUnit XML: one testsuite per check, one testcase per cell. FAIL -> failure, ERROR -> error,
     SKIP -> skipped, PARTIAL -> passed with a system-out note (``--strict`` is a CLI exit-code rule)."""
     suites = ET.Element("testsuites", name=f"turbo-harness {run.run_id}")
+    if run.interrupted:  # every check that did not run is an error case: a partial run never reads as green
+        info = run.interrupted
+        s = ET.SubElement(suites, "testsuite", name="INTERRUPTED", tests=str(max(len(info.get("not_run", [])), 1)),
+                          failures="0", errors=str(max(len(info.get("not_run", [])), 1)), skipped="0")
+        for cid in info.get("not_run") or ["run"]:
+            tc = ET.SubElement(s, "testcase", classname="INTERRUPTED", name=f"{cid} not run")
+            ET.SubElement(tc, "error", message=f"INTERRUPTED by {info.get('signal')}: {cid} did not run"
+                          + (" (stopped while running)" if cid == info.get("in_progress") else ""))
     for c in run.checks:
         s = ET.SubElement(suites, "testsuite", name=c.id, tests=str(max(len(c.cells), 1)), time=f"{c.duration_s:.3f}",
                           failures=str(sum(x.verdict == Verdict.FAIL for x in c.cells)),

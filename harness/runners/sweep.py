@@ -167,13 +167,18 @@ def _binary_identity(bdir: Path, names: list[str]) -> dict:
 
 
 def _fork_identity(bdir: Path) -> dict:
+    """What the build was built from, for labels and cache keys: the build's own record
+    (turbo-harness-build.json; spec "Integrity of a verdict" / Provenance), never a checkout that may
+    have moved since. A build without a record falls back to its source folder's state now, and says so."""
     meta = read_build_meta(bdir)
     fork = Path(meta.get("fork_dir") or (REPO_ROOT / "vendor" / "llama.cpp"))
-    st = git_state(fork) if fork.is_dir() else {"commit": "unknown", "describe": "", "dirty": None}
-    diff_sha = ""
-    if st.get("dirty"):
-        r = subprocess.run(["git", "-C", str(fork), "diff", "HEAD"], capture_output=True)
-        diff_sha = hashlib.sha256(r.stdout).hexdigest()
+    if meta.get("fork_commit"):
+        st = {"commit": meta["fork_commit"], "describe": meta.get("fork_describe", ""), "dirty": meta.get("fork_dirty")}
+        diff_sha = meta.get("fork_diff_sha256") or ""
+    else:
+        st = git_state(fork) if fork.is_dir() else {"commit": "unknown", "describe": "", "dirty": None}
+        st["describe"] = (st.get("describe", "") + " (not recorded by the build: the source folder's state now)").strip()
+        diff_sha = st.get("diff_sha256") or ""
     cmake = meta.get("cmake_options")
     if cmake is None:
         cache = Path(bdir) / "CMakeCache.txt"

@@ -74,6 +74,17 @@ class Target:
         """Flash attention with raw K/V bytes; q float32 (n_head, n_q, D); returns float32 (n_q, n_head, Dv)."""
         raise NotImplementedError
 
+    def layouts(self):
+        """The harness's reading of this target's turbo layouts (:class:`harness.reference.turbo.Layouts`):
+        per turbo type, the known layout that matches the target's type traits, or the reason none does.
+        Measured once from :meth:`type_info` and kept on the target, so two targets in one process each
+        get their own; the checks run inside :func:`harness.reference.turbo.layouts_in_use` of it."""
+        lay = getattr(self, "_layouts", None)
+        if lay is None:
+            from harness.reference import turbo as T
+            lay = self._layouts = T.select_layouts({t: self.type_info(t) for t in T.TURBO_TYPES})
+        return lay
+
     def describe(self) -> dict:
         """Metadata for the report."""
         return {"target": self.name}

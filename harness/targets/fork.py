@@ -53,8 +53,7 @@ class ForkTarget(Target):
         self._devices = devices
         self._backends: list[Backend] | None = None
         self._types: dict[str, dict | None] = {}
-        from harness.reference import turbo as T
-        self.layout_notes = T.use_build_layouts({t: self.type_info(t) for t in T.TURBO_TYPES})
+        self.layout_notes = self.layouts().notes
 
     def backends(self) -> list[Backend]:
         if self._backends is None:
@@ -117,9 +116,8 @@ class ForkTarget(Target):
                                      float(scale), bool(rotate_q), bool(inverse_out), group, bool(prec_f32))
 
     def describe(self):
-        from harness.reference import turbo as T
         return {"target": self.name, "build_dir": str(self.build_dir), "probe": str(self.lib),
-                "layouts": {t: f"{T.fmt(t).block} values / {T.fmt(t).block_bytes} bytes" for t in T.TURBO_TYPES},
+                "layouts": self.layouts().describe(),
                 "layout_notes": self.layout_notes,
                 "wht_op_args": self.probe.wht_args(),
                 "backends": [b.__dict__ for b in self.backends()]}

@@ -43,8 +43,9 @@ def _signs(seed: int) -> tuple[np.ndarray, np.ndarray]:
 class _Impl:
     """One emulated backend's behaviour."""
 
-    def __init__(self, faults: set[str], seed: int = 42):
+    def __init__(self, faults: set[str], seed: int = 42, formats: dict | None = None):
         self.seed = seed
+        self.formats = dict(formats or T.DEFAULT_FORMATS)  # the emulated fork's own block layouts
         bad = set(faults) - KNOWN_FAULTS
         if bad:
             raise ValueError(f"unknown faults {sorted(bad)}; known: {sorted(KNOWN_FAULTS)}")
@@ -58,7 +59,7 @@ class _Impl:
             t1, t2 = _signs(seed + 1)
             self.R_q = signed_wht_matrix(t1, t2)
         self.tables = {}
-        for name, f in T.FORMATS.items():
+        for name, f in self.formats.items():
             c = lloyd_max(f.bits, "beta", 128).centroids.astype(np.float32)
             if "perturbed_centroids" in self.faults:
                 c = (c * np.where(np.abs(c) == np.abs(c).max(), 0.85, 1.0)).astype(np.float32)
@@ -75,8 +76,9 @@ class _Impl:
 
     def quantize(self, type_name, x):
         x = np.asarray(x, np.float32)
-        if type_name not in T.FORMATS:
+        if type_name not in self.formats:
             raise Unsupported(f"numpy target has no quantiser for {type_name}")
+        f = self.formats[type_name]
         c, t = self.tables[type_name]
         n, ncols = x.shape
         groups = x.reshape(-1, 128)
@@ -87,13 +89,14 @@ class _Impl:
         if "swapped_packing" in self.faults:
             idx = self._reorder(type_name, idx)
         reserved = np.full(len(idx), 0x3C00, np.uint16) if "reserved_nonzero" in self.faults else None
-        return T.pack(type_name, idx, stored, reserved).reshape(-1)
+        return T.pack(f, idx, stored, reserved).reshape(-1)
 
     def decode(self, type_name, raw, nrows, ncols):
-        if type_name not in T.FORMATS:
+        if type_name not in self.formats:
             return T.decode_any(type_name, raw, nrows, ncols)
-        blocks = np.asarray(raw, np.uint8).reshape(-1, T.FORMATS[type_name].group_bytes)
-        idx, norms, _ = T.unpack(type_name, blocks)
+        f = self.formats[type_name]
+        blocks = np.asarray(raw, np.uint8).reshape(-1, f.group_bytes)
+        idx, norms, _ = T.unpack(f, blocks)
         if "swapped_packing" in self.faults:
             idx = self._reorder(type_name, idx)
         c, _ = self.tables[type_name]
@@ -124,13 +127,18 @@ class NumpyTarget(Target):
         faults: faults applied to every backend.
         backends: list of (name, kind) pairs, default [('cpu', 'cpu')].
         backend_faults: extra faults per backend name, e.g. {'cpu': {'quantizer_signs'}}.
+        formats: {turbo type: TurboFormat} block layouts this emulated fork uses (default the 128-value
+            layouts); e.g. ``TurboFormat('turbo4', 4, 128, 66)`` for a turbo4 with no reserved rnorm field.
+            Its type traits report them; the harness reads them only through those traits.
     """
 
-    def __init__(self, faults=(), backends=(("cpu", "cpu"),), backend_faults: dict | None = None, seed: int = 42):
+    def __init__(self, faults=(), backends=(("cpu", "cpu"),), backend_faults: dict | None = None, seed: int = 42,
+                 formats: dict | None = None):
         self.name = "numpy" + (f"[{','.join(sorted(faults))}]" if faults else "")
         self._backends = [Backend(name=n, device=n.upper(), kind=k) for n, k in backends]
         bf = backend_faults or {}
-        self.impl = {b.name: _Impl(set(faults) | set(bf.get(b.name, ())), seed) for b in self._backends}
+        self.formats = {**T.DEFAULT_FORMATS, **(formats or {})}
+        self.impl = {b.name: _Impl(set(faults) | set(bf.get(b.name, ())), seed, self.formats) for b in self._backends}
         self.faults = set(faults)
 
     def backends(self):
@@ -143,8 +151,8 @@ class NumpyTarget(Target):
         return Routes(quantize=["set_rows"], decode=["get_rows"])
 
     def type_info(self, type_name):
-        if type_name in T.FORMATS:
-            return {"block_size": T.FORMATS[type_name].block, "type_size": T.FORMATS[type_name].block_bytes}
+        if type_name in self.formats:
+            return {"block_size": self.formats[type_name].block, "type_size": self.formats[type_name].block_bytes}
         if type_name in T.CLASSIC_DECODERS:
             blk, size, _ = T.CLASSIC_DECODERS[type_name]
             return {"block_size": blk, "type_size": size}
