@@ -176,8 +176,9 @@ def check(check_id, model, types, target_backend, backends, fork_dir, build_back
     """Run one check (PQ1..PQ6, COMPAT, KVREAL) and write its report."""
     from harness.verify import all_checks
     cid = check_id.upper()
-    if cid not in all_checks():
-        raise click.BadParameter(f"unknown check {check_id}; choose from {', '.join(all_checks())}", param_hint="CHECK_ID")
+    if cid not in all_checks(optional=True):
+        raise click.BadParameter(f"unknown check {check_id}; choose from {', '.join(all_checks(optional=True))}",
+                                 param_hint="CHECK_ID")
     if model:
         os.environ["TURBO_MODEL"] = model  # read by KVREAL (harness/fork/kvcapture.resolve_model)
     _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, numpy_target)
@@ -189,8 +190,7 @@ def check(check_id, model, types, target_backend, backends, fork_dir, build_back
 def verify(check_list, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target):
     """Run all checks (PQ1-PQ6 and the cross-backend matrix) and write the report."""
     from harness.verify import all_checks
-    ids = ([c.strip().upper() for c in check_list.split(",")] if check_list
-           else [c for c, m in all_checks().items() if getattr(m, "IN_VERIFY", True)])
+    ids = [c.strip().upper() for c in check_list.split(",")] if check_list else list(all_checks())
     _run_and_exit(ids, _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, numpy_target)
 
 
@@ -225,7 +225,7 @@ def list_checks():
     from harness.checks.common import load_thresholds
     from harness.verify import all_checks
     th = load_thresholds()
-    for cid, mod in all_checks().items():
+    for cid, mod in all_checks(optional=True).items():
         click.echo(f"{cid}  {mod.TITLE}")
         for k, v in th.get(cid, {}).items():
             if not k.endswith("_reason"):

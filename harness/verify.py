@@ -27,9 +27,11 @@ CHECKS = {m.ID: m for m in (pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, p
 KNOWN_BACKENDS = ("cpu", "cuda", "metal", "vulkan", "hip")
 
 
-def all_checks() -> dict:
-    """{check id: module} of every registered check, in run order."""
-    return dict(CHECKS)
+def all_checks(optional: bool = False) -> dict:
+    """{check id: module} of the registered checks, in run order: the default set (what `verify` and replays run),
+    plus, with ``optional=True``, checks that run only when named (a module with ``IN_VERIFY = False``, e.g. KVREAL,
+    which runs a model)."""
+    return {k: m for k, m in CHECKS.items() if optional or getattr(m, "IN_VERIFY", True)}
 
 
 def new_run_id(prefix: str = "run") -> str:
@@ -85,7 +87,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         Interrupted: a signal arrived (see :func:`harness.interrupt.interruptible`); the report written
             before re-raising is marked INTERRUPTED and lists the checks that did not run.
     """
-    checks = all_checks()
+    checks = all_checks(optional=True)
     unknown = [c for c in check_ids if c not in checks]
     if unknown:
         raise HarnessError(f"unknown check {', '.join(unknown)}: choose from {', '.join(checks)}")
