@@ -2,7 +2,8 @@
 
 For each model (default: every model of checks/models.toml that is installed) it runs
 ``turbo-harness check KVREAL --model NAME`` as a user would, and prints the process wall time, the
-check's own duration and its capture/analysis split (from the run's notes).
+check's own duration and its capture/analysis split (from the run's notes), and the CPU seconds the run used
+(user + system, all threads): wall time on a shared machine moves with its load, CPU time much less.
 
 usage: python scripts/bench_kvreal.py [MODEL ...]   (report folders go to build/bench-kvreal-<model>)
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -25,9 +27,12 @@ def main(argv: list[str]) -> int:
     for name in names:
         out = ROOT / "build" / f"bench-kvreal-{Path(name).stem}"
         t0 = time.time()
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         r = subprocess.run([sys.executable, "-m", "harness.cli", "check", "KVREAL", "--model", name, "--out", str(out)],
                            cwd=ROOT, capture_output=True, text=True)
         wall = time.time() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)  # less sensitive to a busy machine
         try:
             run = json.loads((out / "run.json").read_text())
         except (OSError, ValueError):
@@ -36,7 +41,7 @@ def main(argv: list[str]) -> int:
         chk = next(c for c in run["checks"] if c["id"] == "KVREAL")
         split = next((n for n in chk["notes"] if n.startswith("wall time")), "")
         skip = next((c["caveat"] for c in chk["cells"] if c["verdict"] == "SKIP"), "")
-        print(f"{name:10s} KVREAL {chk['verdict']:7s} process {wall:6.1f} s, check {chk['duration_s']:6.1f} s"
+        print(f"{name:10s} KVREAL {chk['verdict']:7s} process {wall:6.1f} s wall ({cpu:6.1f} s CPU), check {chk['duration_s']:6.1f} s"
               + (f"; {re.sub('^wall time: ', '', split)}" if split else "") + (f"; skipped: {skip}" if skip else ""))
     return 0
 

@@ -240,3 +240,14 @@ def test_data_aligned_with_the_fixed_rotation_is_named(make_ctx):
     assert "do worse than every one of" in c.caveat
     rr = A["res"][("randrot", "turbo3", "K")]
     assert rr["nmse_max"][0] < 1.1 * A["gauss"][("fork", "turbo3")]
+
+
+def test_blas_threads_are_restored():
+    """The analysis runs BLAS on one thread and gives the previous thread count back."""
+    fns = kvreal._openblas()
+    if fns is None:
+        pytest.skip("no OpenBLAS found in this process")
+    before = fns[0]()
+    with kvreal._SingleThreadedBlas():
+        assert fns[0]() == 1
+    assert fns[0]() == before
