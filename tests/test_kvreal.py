@@ -99,14 +99,14 @@ def test_causal_attention_matches_reference_on_the_last_row():
     q, k, v = synthetic_qkv(D=64, T=16, layers=1, outliers=False)
     out, L = kvreal.causal_attention(q[0], k[0], v[0], 0.125)
     ref = attention(q[0][-1:].transpose(1, 0, 2), k[0].transpose(1, 0, 2), v[0].transpose(1, 0, 2), 0.125)
-    np.testing.assert_allclose(out[-1], ref[0], rtol=1e-10)
+    np.testing.assert_allclose(out[-1], ref[0], rtol=2e-5, atol=1e-6)  # products in float32
     assert np.isneginf(L[0, 0, 1]) and np.isfinite(L[0, 1, 0])
 
 
 def test_attention_errors_are_zero_for_exact_vectors():
     q, k, v = synthetic_qkv(D=64, T=32, layers=1)
     e = kvreal.attention_errors(q[0], k[0], v[0], k[0], v[0], 0.125)
-    assert e["attn_rel_err_K"] < 1e-12 and e["attn_rel_err_V"] < 1e-12 and e["logit_rel_err"] < 1e-12
+    assert e["attn_rel_err_K"] < 1e-12 and e["attn_rel_err_V"] < 1e-12 and e["logit_rel_err"] < 1e-12  # same products
     assert abs(e["softmax_kl"]) < 1e-12
 
 
