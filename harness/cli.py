@@ -54,10 +54,10 @@ def _check_ids(value: str | None) -> list[str]:
     if value is None:
         return default_checks()
     ids = list(dict.fromkeys(c.strip().upper() for c in value.split(",") if c.strip()))
-    bad = [c for c in ids if c not in all_checks()]
+    bad = [c for c in ids if c not in all_checks(optional=True)]
     if not ids or bad:
         raise HarnessError(f"--checks {value!r}: {'unknown check ' + ', '.join(bad) if bad else 'names no check'}; "
-                           f"choose from {', '.join(all_checks())} (or leave it out for all)")
+                           f"choose from {', '.join(all_checks(optional=True))} (or leave it out for all)")
     return ids
 
 
@@ -223,14 +223,18 @@ def with_common(f):
 
 @cli.command()
 @click.argument("check_id")
+@click.option("--model", default=None, help="KVREAL only: smollm2 | gemma3 | PATH.gguf (same as $TURBO_MODEL; default smollm2)")
 @with_common
-def check(check_id, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target, known_file):
-    """Run one check (PQ1..PQ6, COMPAT) and write its report."""
+def check(check_id, model, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target, known_file):
+    """Run one check (PQ1..PQ6, COMPAT, and the opt-in MODEL, KVREAL) and write its report."""
     from harness.verify import all_checks
     cid = check_id.upper()
-    if cid not in all_checks():
-        raise HarnessError(f"unknown check {check_id}: choose from {', '.join(all_checks())}")
-    _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file, numpy_target)
+    if cid not in all_checks(optional=True):
+        raise HarnessError(f"unknown check {check_id}: choose from {', '.join(all_checks(optional=True))}")
+    if model:
+        os.environ["TURBO_MODEL"] = model  # read by KVREAL (harness/fork/kvcapture.resolve_model)
+    _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file,
+                  numpy_target)
 
 
 @cli.command()
@@ -273,7 +277,7 @@ def list_checks():
     from harness.checks.common import load_thresholds
     from harness.verify import all_checks
     th = load_thresholds()
-    for cid, mod in all_checks().items():
+    for cid, mod in all_checks(optional=True).items():
         click.echo(f"{cid}  {mod.TITLE}")
         for k, v in th.get(cid, {}).items():
             if not k.endswith("_reason"):

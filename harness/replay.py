@@ -31,10 +31,19 @@ def cache_root() -> Path:
 
 def git_dir_of(fork: Path) -> Path:
     """The git directory holding the fork's history (a checkout's .git, or a bare repository)."""
-    r = subprocess.run(["git", "-C", str(fork), "rev-parse", "--absolute-git-dir"], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise HarnessError(f"{fork} is not a git checkout: replay needs the fork's history (set FORK_DIR to a clone)")
-    return Path(r.stdout.strip())
+    def rev_parse(*args):
+        r = subprocess.run(["git", "-C", str(fork), "rev-parse", *args], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+    gdir = rev_parse("--absolute-git-dir")
+    # a folder without history of its own inside another repository (e.g. a source snapshot unpacked under the
+    # harness checkout) must not borrow that repository's history
+    top = rev_parse("--show-toplevel") if gdir and rev_parse("--is-bare-repository") != "true" else None
+    own = bool(gdir) and (top is None or Path(top).resolve() == Path(fork).resolve())
+    out = [gdir or ""]
+    if not own:
+        raise HarnessError(f"{fork} is not a git checkout of the fork: replay needs the fork's history (set FORK_DIR to "
+                           f"a clone, bare or not)")
+    return Path(out[0].strip())
 
 
 def history_dir(explicit: str | os.PathLike | None = None) -> Path:

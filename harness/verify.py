@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from harness import __version__
-from harness.checks import compat, model_smoke, pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention
+from harness.checks import (compat, kvreal, model_smoke, pq1_rotation, pq2_codebook, pq3_norms, pq4_layout,
+                            pq5_distortion, pq6_attention)
 from harness.checks.common import Context, crash_cell, load_thresholds
 from harness.errors import HarnessError, ProbeCrash
 from harness.interrupt import Interrupted, acknowledge, raise_if_pending
@@ -23,15 +24,18 @@ from harness.report.model import CheckResult, Run, merge_previous
 from harness.report.render import write_all
 from harness.targets.base import Target
 
-CHECKS = {m.ID: m for m in (pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention, compat, model_smoke)}
-# checks `verify` leaves out unless asked (--checks MODEL): they need the llama tools and a model, not only ggml
-OPT_IN = {"MODEL"}
+CHECKS = {m.ID: m for m in (pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention, compat,
+                            model_smoke, kvreal)}
+# checks `verify` leaves out unless asked (--checks MODEL / check KVREAL): they run a model, not only ggml
+OPT_IN = {"MODEL", "KVREAL"}
 KNOWN_BACKENDS = ("cpu", "cuda", "metal", "vulkan", "hip")
 
 
-def all_checks() -> dict:
-    """{check id: module} of every registered check, in run order."""
-    return dict(CHECKS)
+def all_checks(optional: bool = False) -> dict:
+    """{check id: module} of the registered checks, in run order: the default set (what `verify` and replays run),
+    plus, with ``optional=True``, checks that run only when named (a module with ``IN_VERIFY = False``, e.g. KVREAL,
+    which runs a model)."""
+    return {k: m for k, m in CHECKS.items() if optional or (getattr(m, "IN_VERIFY", True) and k not in OPT_IN)}
 
 
 def default_checks() -> list[str]:
@@ -94,7 +98,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         Interrupted: a signal arrived (see :func:`harness.interrupt.interruptible`); the report written
             before re-raising is marked INTERRUPTED and lists the checks that did not run.
     """
-    checks = all_checks()
+    checks = all_checks(optional=True)
     unknown = [c for c in check_ids if c not in checks]
     if unknown:
         raise HarnessError(f"unknown check {', '.join(unknown)}: choose from {', '.join(checks)}")

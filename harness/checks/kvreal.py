@@ -1,0 +1,691 @@
+"""KVREAL: PQ5's distortion and the attention error on the K/V vectors a real model writes, per layer.
+
+Spec "Real models and long context" (Real K/V) and PQ5. The model (``$TURBO_MODEL`` or ``check KVREAL --model``:
+``smollm2`` (default), ``gemma3`` or a GGUF path; checks/models.toml) runs a few hundred corpus tokens through the fork's own llama
+API (``harness/fork/kvcapture.c``, f16 cache, one batch); the Q, K and V tensors after RoPE are
+captured per layer. Rows are head vectors: float32 (tokens x heads, head_dim), zero-padded to a
+multiple of 128 as the fork pads its turbo caches (head_dim 64 -> 128; 256 = two 128-groups).
+
+Each type (turbo2/3/4, q4_0, q8_0) quantises each layer's K and V on four paths:
+  fork   the target backend's KV write (set_rows), decoded by the backend, rotation undone by the
+         fork's own inverse op (PQ5's path); q4_0/q8_0 bytes decoded by the reference decoders;
+  ref    the harness's reference quantiser (reference/turbo.quantize: the fork's measured rotation op
+         and centroid table, midpoint thresholds, fp16 corrected norm), decoded and un-rotated in NumPy;
+  lloyd  the reference quantiser with the Lloyd-Max table for Beta(63.5, 63.5) (the paper's codebook);
+  norot  the reference quantiser with no rotation (identity): shows what the rotation buys on this data;
+  randrot the reference quantiser with random sign vectors (NMSE only, median/min/max over a few draws):
+         shows whether the fork's fixed signs are unlucky on a layer.
+Metrics per (layer, side, type, path): PQ5's NMSE / cosine / inner-product bias and spread on the real
+coordinates (pq5_distortion.metrics), NMSE over the stored (padded) coordinates, and the attention
+error: relative error of the causal attention output softmax(s Q K^T) V (s = 1/sqrt(head_dim), float64)
+when only K is quantised (side K) or only V (side V), so both sides are in the same units; for K also
+the logit error rms(L_hat - L) / rms(L - rowmean L) over causal pairs and the mean softmax KL.
+
+Cells: per (turbo type, side) the worst layer's NMSE over the NMSE of Gaussian rows of the same
+shape on the same path, judged with PQ5's rules ([KVREAL] in checks/thresholds.toml); per (type,
+side) the fork path's agreement with the reference quantiser (max over layers of |NMSE ratio - 1|).
+Evidence: per-layer statistics (norms, per-channel scale max/median, kurtosis before/after rotation),
+the per-layer metric arrays, the capture summary (tokens, ops) and a plot of NMSE and attention error
+per layer.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from harness.checks.common import Context, decode_route, op_matrices, precise_table
+from harness.checks.pq5_distortion import metrics
+from harness.errors import HarnessError, ProbeCrash, Unsupported
+from harness.reference import turbo as T
+from harness.reference.lloydmax import lloyd_max, turboquant_upper_bound
+from harness.reference.wht import signed_wht_matrix
+from harness.report.model import Cell, Verdict
+
+ID, TITLE = "KVREAL", "Real K/V per layer (distortion and attention error on a model's own vectors)"
+IN_VERIFY = False  # runs a model: `turbo-harness check KVREAL` (or verify --checks ...,KVREAL), not in the default verify
+CLASSIC = ("q4_0", "q8_0")
+SIDES = ("K", "V")
+PATHS_TURBO = ("fork", "ref", "lloyd", "norot")
+PATHS_CLASSIC = ("fork", "ref")
+G = T.GROUP
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def padded_width(d: int) -> int:
+    """Head width as stored in a turbo cache: the next multiple of 128 (64 -> 128, 256 -> 256)."""
+    return ((d + G - 1) // G) * G
+
+
+def pad_heads(x: np.ndarray) -> np.ndarray:
+    """(T, H, D) -> float32 (T, H, Dp) with zeros in the padding (Dp = padded_width(D))."""
+    d = x.shape[-1]
+    dp = padded_width(d)
+    out = np.zeros(x.shape[:-1] + (dp,), np.float32)
+    out[..., :d] = x
+    return out
+
+
+def pearson_kurtosis(u: np.ndarray) -> float:
+    """E[u^4] / E[u^2]^2 over all entries (3 for a Gaussian; large for spiky/outlier data)."""
+    u = np.asarray(u, np.float64).reshape(-1)
+    m2 = np.mean(u ** 2)
+    return float(np.mean(u ** 4) / m2 ** 2) if m2 > 0 else float("nan")
+
+
+def vector_stats(x: np.ndarray, R: np.ndarray) -> dict:
+    """Statistics of one layer's head vectors that explain how a rotation-based quantiser fares.
+
+    Args:
+        x: float (T, H, D) head vectors. R: float64 (128, 128) rotation applied per 128-group.
+    Returns:
+        {'norm_mean', 'norm_std', 'norm_min', 'norm_max', 'max_abs',
+         'chan_scale_max_over_median': max/median over channels of the per-channel RMS,
+         'dc_fraction': ||mean vector||^2 / mean ||x||^2 (energy in a shared offset),
+         'kurtosis_before': Pearson kurtosis of unit-row coordinates, 'kurtosis_after': the same after
+         the rotation (padded rows, every stored coordinate)}.
+    """
+    rows = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    nrm = np.linalg.norm(rows, axis=1)
+    scale = np.sqrt(np.mean(rows ** 2, axis=0))
+    unit = rows / np.where(nrm > 0, nrm, 1.0)[:, None]
+    up = pad_heads(unit[:, None, :]).reshape(-1, G).astype(np.float64)
+    rot = up @ np.asarray(R, np.float64).T
+    mean = rows.mean(axis=0)
+    return {"norm_mean": float(nrm.mean()), "norm_std": float(nrm.std()), "norm_min": float(nrm.min()),
+            "norm_max": float(nrm.max()), "max_abs": float(np.abs(rows).max()),
+            "chan_scale_max_over_median": float(scale.max() / max(np.median(scale), 1e-30)),
+            "dc_fraction": float(np.sum(mean ** 2) / max(np.mean(nrm ** 2), 1e-30)),
+            "kurtosis_before": pearson_kurtosis(unit), "kurtosis_after": pearson_kurtosis(rot)}
+
+
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Causal softmax attention with GQA (reference/attention.attention plus a causal mask; products in float32).
+
+    Args:
+        q: (T, Hq, D); k, v: (T, Hkv, D) with Hq a multiple of Hkv (query head h reads kv head h // (Hq/Hkv)).
+    Returns:
+        (out float64 (T, Hq, D), logits float64 (Hq, T, T) with -inf above the diagonal).
+    """
+    L = _logits(q, k, scale)
+    return _apply(_softmax(L), v, q.shape[1]), L
+
+
+# The attention products run in float32 (BLAS sgemm, half the time of float64 on these small CPUs): their
+# rounding (~1e-7 relative) is four orders below the smallest error measured here (q8_0, ~1e-3); softmax,
+# differences and norms are taken in float64.
+_MM = np.float32
+
+
+def _logits(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+    """scale * q k^T per query head, float64 (Hq, T, T), -inf above the diagonal (batched BLAS matmul)."""
+    rep = q.shape[1] // k.shape[1]
+    qh = np.ascontiguousarray(np.asarray(q, _MM).transpose(1, 0, 2))    # (Hq, T, D)
+    kh = np.repeat(np.asarray(k, _MM).transpose(1, 2, 0), rep, 0)       # (Hq, D, T)
+    L = scale * (qh @ kh).astype(np.float64)
+    T_ = L.shape[-1]
+    L[:, np.triu(np.ones((T_, T_), bool), 1)] = -np.inf
+    return L
+
+
+def _apply(P: np.ndarray, v: np.ndarray, n_head: int) -> np.ndarray:
+    """P (Hq, T, T) times V (T, Hkv, D) per query head -> (T, Hq, D)."""
+    rep = n_head // v.shape[1]
+    vh = np.repeat(np.asarray(v, _MM).transpose(1, 0, 2), rep, 0)  # (Hq, T, D)
+    return (P.astype(_MM) @ vh).astype(np.float64).transpose(1, 0, 2)
+
+
+def _softmax(L: np.ndarray) -> np.ndarray:
+    p = np.exp(L - L.max(axis=-1, keepdims=True))
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def attention_errors(q: np.ndarray, k: np.ndarray, v: np.ndarray, kh: np.ndarray | None, vh: np.ndarray | None,
+                     scale: float, exact: tuple | None = None) -> dict:
+    """Attention error of quantised K (with exact V) or quantised V (with exact K).
+
+    Args:
+        q, k, v: (T, H*, D) exact vectors; kh / vh: the quantised-and-decoded K or V (same shape) or None.
+        exact: (out, L, P) of the exact attention, when already computed (see :func:`exact_attention`).
+    Returns:
+        {'attn_rel_err_K', 'logit_rel_err', 'softmax_kl'} when kh is given and {'attn_rel_err_V'} when vh is:
+        relative Frobenius error of the attention output; rms(L_hat-L)/rms(L - rowmean L) over causal
+        pairs; mean over query rows and heads of KL(p || p_hat) in nats.
+    """
+    out, L, P = exact or exact_attention(q, k, v, scale)
+    ref_n = max(np.linalg.norm(out), 1e-30)
+    res = {}
+    if kh is not None:
+        Lh = _logits(q, kh, scale)
+        Ph = _softmax(Lh)
+        res["attn_rel_err_K"] = float(np.linalg.norm(_apply(Ph, v, q.shape[1]) - out) / ref_n)
+        m = np.isfinite(L)
+        Lc = np.where(m, L, 0.0)
+        rowmean = Lc.sum(-1, keepdims=True) / m.sum(-1, keepdims=True)
+        spread = np.sqrt(np.sum(np.where(m, L - rowmean, 0.0) ** 2) / m.sum())
+        with np.errstate(invalid="ignore"):  # -inf - -inf above the diagonal, masked out
+            err = np.sqrt(np.sum(np.where(m, Lh - L, 0.0) ** 2) / m.sum())
+            kl = np.where(P > 0, P * (np.log(np.where(P > 0, P, 1.0)) - np.log(np.maximum(Ph, 1e-300))), 0.0).sum(-1)
+        res["logit_rel_err"] = float(err / max(spread, 1e-30))
+        res["softmax_kl"] = float(kl.mean())
+    if vh is not None:
+        res["attn_rel_err_V"] = float(np.linalg.norm(_apply(P, vh, q.shape[1]) - out) / ref_n)
+    return res
+
+
+def exact_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> tuple:
+    """(out (T, Hq, D), logits (Hq, T, T), probabilities (Hq, T, T)) of exact causal attention, float64."""
+    L = _logits(q, k, scale)
+    P = _softmax(L)
+    return _apply(P, v, q.shape[1]), L, P
+
+
+def _nmse(x: np.ndarray, xh: np.ndarray) -> float:
+    """sum ||xh - x||^2 / sum ||x||^2 in float64 (padding coordinates are zero in x and, for turbo, in xh)."""
+    x = np.asarray(x, np.float64)
+    return float(np.sum((np.asarray(xh, np.float64) - x) ** 2) / max(np.sum(x ** 2), 1e-30))
+
+
+def reference_roundtrip(type_name: str, groups: np.ndarray, R: np.ndarray | None, table: np.ndarray | None) -> np.ndarray:
+    """Reference quantise + decode of 128-value groups, back in the original domain.
+
+    Args:
+        type_name: turbo type (needs R and table) or 'q4_0' / 'q8_0'.
+        groups: float32 (n, 128). R: (128, 128) forward rotation (identity = no rotation). table: sorted centroids.
+    Returns:
+        float32 (n, 128): turbo: R^T (table[idx] * fp16 corrected norm); classic: ggml's block decode.
+    """
+    groups = np.ascontiguousarray(groups, np.float32)
+    if type_name in CLASSIC:
+        return T.decode_any(type_name, T.quantize_classic(type_name, groups), *groups.shape)
+    table = np.sort(np.asarray(table, np.float64))
+    idx, stored, _ = T.quantize(groups, R, table, 0.5 * (table[1:] + table[:-1]))
+    raw = T.pack(type_name, idx, stored)
+    dec = T.decode(type_name, raw, table).astype(np.float64)
+    return (dec @ np.asarray(R, np.float64)).astype(np.float32)
+
+
+def fork_roundtrip(ctx: Context, backend: str, type_name: str, groups: np.ndarray) -> np.ndarray:
+    """The target's KV write (set_rows) of 128-value groups, decoded by the backend and un-rotated by the
+    backend's inverse rotation op (turbo), or decoded by the reference decoders (q4_0/q8_0), as PQ5 does.
+
+    Returns float32 (n, 128) in the original domain.
+    """
+    groups = np.ascontiguousarray(groups, np.float32)
+    raw = ctx.target.quantize(backend, "set_rows", type_name, groups)
+    if type_name in CLASSIC:
+        return T.decode_any(type_name, raw, *groups.shape)
+    dec = ctx.target.decode(backend, decode_route(ctx, backend, type_name), type_name, raw, groups.shape[0], G)
+    return ctx.target.wht(backend, dec, 1, G)
+
+
+def _rotation(ctx: Context, backend: str) -> tuple[np.ndarray, str]:
+    """The reference's rotation: the signed WHT the backend's op implements, else the harness's own signs."""
+    try:
+        fac = op_matrices(ctx, backend)["factor"]
+        if fac["is_signed_wht"]:
+            return signed_wht_matrix(fac["s1"], fac["s2"]), "the fork's rotation op (a signed WHT)"
+    except (Unsupported, ProbeCrash, HarnessError):
+        pass
+    rng = np.random.default_rng(20250417)
+    s1, s2 = rng.choice([-1.0, 1.0], G), rng.choice([-1.0, 1.0], G)
+    return signed_wht_matrix(s1, s2), "the harness's own signed WHT (the fork's op is absent or not a signed WHT)"
+
+
+# ----------------------------------------------------------------------------- analysis
+
+_BLAS_FUNCS = (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+               ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+               ("openblas_get_num_threads", "openblas_set_num_threads"))
+
+
+def _openblas():
+    """(get, set) thread-count functions of the OpenBLAS this process has loaded (NumPy's), or None.
+
+    Found through /proc/self/maps (Linux) or NumPy's bundled-library folder; None elsewhere.
+    """
+    import ctypes
+    paths = []
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and ".so" in ln.split()[-1]})
+    except OSError:
+        pass
+    paths += [str(p) for p in (Path(np.__file__).resolve().parents[1] / "numpy.libs").glob("*openblas*")]
+    for p in paths:
+        try:
+            lib = ctypes.CDLL(p)
+        except OSError:
+            continue
+        for g, st in _BLAS_FUNCS:
+            if hasattr(lib, g) and hasattr(lib, st):
+                return getattr(lib, g), getattr(lib, st)
+    return None
+
+
+class _SingleThreadedBlas:
+    """Run BLAS on one thread inside the block (restored after). The products here are small (9 x 256 x 256):
+    measured on the 2-core CI machine under load, OpenBLAS's two threads took 143 ms per batched product
+    against 1.6 ms on one thread (they spin waiting for a busy core)."""
+
+    def __enter__(self):
+        self.fns = _openblas()
+        if self.fns:
+            self.old = self.fns[0]()
+            self.fns[1](1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fns and self.old > 0:
+            self.fns[1](self.old)
+        return False
+
+
+def analyse(ctx: Context, q: dict, k: dict, v: dict, label: str = "model") -> dict:
+    """:func:`_analyse` with BLAS on one thread (see :class:`_SingleThreadedBlas`)."""
+    with _SingleThreadedBlas():
+        return _analyse(ctx, q, k, v, label)
+
+
+def _analyse(ctx: Context, q: dict, k: dict, v: dict, label: str = "model") -> dict:
+    """Quantise every layer's K and V on every path and measure distortion and attention error.
+
+    Args:
+        q, k, v: {layer: float32 (T, H, D)} (q: n_head heads; k, v: n_head_kv heads; same D for K and V).
+        label: the model's short name (for evidence names).
+    Returns:
+        {'layers': [...], 'types': [...], 'res': {(path, type, side): {metric: float64 (n_layers,)}},
+         'gauss': {(path, type): nmse on Gaussian rows of the same shape}, 'stats': {side: {stat: (n_layers,)}},
+         'errors': {(path, type): message}, 'rotation': description, 'head_dim': D, 'padded': Dp}.
+    """
+    layers = sorted(set(k) & set(v))
+    types = [t for t in ctx.types if t in T.FORMATS] + list(CLASSIC)
+    tb = ctx.target_backend
+    R, rot_desc = _rotation(ctx, tb)
+    D = k[layers[0]].shape[-1]
+    Dp = padded_width(D)
+    scale = 1.0 / np.sqrt(D)
+    tables = {}
+    for t in types:
+        if t in T.FORMATS:
+            try:
+                tables[t] = np.sort(precise_table(ctx, t, tb))
+            except (Unsupported, ProbeCrash, HarnessError) as e:
+                tables[t] = e
+    # all layers' K and V as one block of 128-groups per type (one probe call per type and path)
+    blocks, spans, off = [], {}, 0
+    for il in layers:
+        for side, src in (("K", k), ("V", v)):
+            gp = pad_heads(src[il]).reshape(-1, G)
+            spans[(il, side)] = (off, off + len(gp))
+            off += len(gp)
+            blocks.append(gp)
+    allg = np.concatenate(blocks)
+    n_gauss = int(ctx.th("KVREAL", "gaussian_rows"))
+    gx = ctx.rng("kvreal-gauss").standard_normal((n_gauss, 1, D)).astype(np.float32)
+    gg = pad_heads(gx).reshape(-1, G)
+    eye = np.eye(G)
+
+    def roundtrip(path, t, x):
+        if path == "fork":
+            return fork_roundtrip(ctx, tb, t, x)
+        if t in CLASSIC:
+            return reference_roundtrip(t, x, None, None)
+        if isinstance(tables.get(t), Exception):
+            raise tables[t]
+        if path == "ref":
+            return reference_roundtrip(t, x, R, tables[t])
+        if path == "lloyd":
+            return reference_roundtrip(t, x, R, lloyd_max(T.fmt(t).bits, "beta", G).centroids)
+        return reference_roundtrip(t, x, eye, tables[t])  # norot
+
+    res, gauss, errors, decoded = {}, {}, {}, {}
+    for t in types:
+        for path in (PATHS_CLASSIC if t in CLASSIC else PATHS_TURBO):
+            try:
+                xh = roundtrip(path, t, np.concatenate([allg, gg]))
+            except (Unsupported, ProbeCrash, HarnessError) as e:
+                errors[(path, t)] = str(e)
+                continue
+            gh = xh[len(allg):].reshape(n_gauss, 1, Dp)[..., :D].reshape(n_gauss, D)
+            gauss[(path, t)] = metrics(gx.reshape(n_gauss, D), gh, ctx.rng("kvreal-ip"))["nmse"]
+            decoded[(path, t)] = xh[:len(allg)]
+    # the same reference quantiser with random sign vectors: is the fork's fixed rotation unlucky on some layer?
+    n_rand = int(ctx.th("KVREAL", "random_rotations"))
+    for t in types:
+        if t in CLASSIC or isinstance(tables.get(t), Exception) or n_rand <= 0:
+            continue
+        per = {side: [] for side in SIDES}
+        for draw in range(n_rand):
+            s1, s2 = ctx.rng(f"kvreal-rot{draw}").choice([-1.0, 1.0], (2, G))
+            xh = reference_roundtrip(t, allg, signed_wht_matrix(s1, s2), tables[t])
+            for side in SIDES:
+                per[side].append([_nmse(allg[a:b], xh[a:b]) for il in layers for a, b in [spans[(il, side)]]])
+        for side in SIDES:
+            arr = np.asarray(per[side])  # (draws, layers)
+            res[("randrot", t, side)] = {"nmse": np.median(arr, 0), "nmse_min": arr.min(0), "nmse_max": arr.max(0)}
+    exact = {il: exact_attention(q[il], k[il], v[il], scale) for il in layers if il in q}
+    for (path, t), xh in decoded.items():
+        for side in SIDES:
+            rows = {m: [] for m in ("nmse", "nmse_stored", "cosine", "ip_bias", "ip_spread", "attn_rel_err",
+                                    "logit_rel_err", "softmax_kl", "decoded_rel_diff_vs_ref")}
+            for il in layers:
+                src = k if side == "K" else v
+                x = src[il]
+                a, b = spans[(il, side)]
+                hp = xh[a:b].reshape(x.shape[:-1] + (Dp,))
+                h = hp[..., :D]
+                m = metrics(x.reshape(-1, D), h.reshape(-1, D), ctx.rng("kvreal-ip"))
+                for key in ("nmse", "cosine", "ip_bias", "ip_spread"):
+                    rows[key].append(m[key])
+                xp = pad_heads(x).astype(np.float64)
+                rows["nmse_stored"].append(float(np.sum((hp - xp) ** 2) / max(np.sum(xp ** 2), 1e-30)))
+                ae = {}
+                if path == "fork" and il in exact:  # attention on the path under test only (the others agree or are ablations)
+                    ae = attention_errors(q[il], k[il], v[il], h if side == "K" else None, h if side == "V" else None,
+                                          scale, exact[il])
+                rows["attn_rel_err"].append(ae.get(f"attn_rel_err_{side}", np.nan))
+                rows["logit_rel_err"].append(ae.get("logit_rel_err", np.nan))
+                rows["softmax_kl"].append(ae.get("softmax_kl", np.nan))
+                ref = decoded.get(("ref", t))
+                if path == "fork" and ref is not None:
+                    d = ref[a:b].reshape(hp.shape)[..., :D].astype(np.float64) - h
+                    rows["decoded_rel_diff_vs_ref"].append(float(np.linalg.norm(d) / max(np.linalg.norm(x), 1e-30)))
+                else:
+                    rows["decoded_rel_diff_vs_ref"].append(np.nan)
+            res[(path, t, side)] = {kk: np.asarray(vv, np.float64) for kk, vv in rows.items()}
+    stats = {side: {} for side in SIDES}
+    for side, src in (("K", k), ("V", v)):
+        per = [vector_stats(src[il], R) for il in layers]
+        for key in per[0]:
+            stats[side][key] = np.asarray([p[key] for p in per])
+    return {"layers": layers, "types": types, "res": res, "gauss": gauss, "stats": stats, "errors": errors,
+            "rotation": rot_desc, "head_dim": D, "padded": Dp, "label": label}
+
+
+# ----------------------------------------------------------------------------- cells
+
+def _path_label(ctx: Context, side: str, label: str) -> str:
+    return f"{ctx.target_backend}:set_rows[{side} {label}]"
+
+
+def _summary_cell(ctx: Context, A: dict, t: str, side: str, ev: list[str]) -> Cell:
+    """Worst layer's NMSE over the same path's Gaussian NMSE, judged with PQ5's rules."""
+    layers, res = A["layers"], A["res"]
+    path = _path_label(ctx, side, A["label"])
+    r = res.get(("fork", t, side))
+    if r is None or ("fork", t) not in A["gauss"]:
+        why = A["errors"].get(("fork", t), "fork path not measured")
+        return Cell(ID, t, path, "-", None, None, Verdict.ERROR, caveat=why, target=True)
+    g = A["gauss"][("fork", t)]
+    ratio = r["nmse"] / g
+    w = int(np.nanargmax(ratio))
+    worst_ratio = float(ratio[w])
+    bound = turboquant_upper_bound(T.fmt(t).bits)
+    ok, fail = ctx.th("KVREAL", "real_over_gaussian"), ctx.th("KVREAL", "real_over_gaussian_fail")
+    worst_stored = float(np.nanmax(r["nmse_stored"]))
+    cav = [f"worst layer {layers[w]}: NMSE {r['nmse'][w]:.4g} = {worst_ratio:.2f}x Gaussian rows ({g:.4g})"]
+    if not np.all(np.isfinite(r["nmse"])) or worst_stored > bound or worst_ratio > fail:
+        raw = Verdict.FAIL
+        if worst_stored > bound:
+            cav.append(f"stored-coordinate NMSE {worst_stored:.4g} above TurboQuant's bound {bound:.4g}"
+                       + (" (Gaussian rows too: the path's codebook, see PQ2/PQ5, not this model's data)" if g > bound else ""))
+        elif worst_ratio > fail:
+            cav.append("strongly data-dependent on this model's vectors")
+    elif worst_ratio > ok:
+        raw = Verdict.PARTIAL
+        cav.append(f"real vectors above {ok:g}x Gaussian")
+    else:
+        raw = Verdict.PASS
+    rr = res.get(("randrot", t, side))
+    if rr is not None and r["nmse"][w] > rr["nmse_max"][w] * 1.01:
+        cav.append(f"on layer {layers[w]} the fork's fixed sign vectors do worse than every one of "
+                   f"{ctx.th('KVREAL', 'random_rotations')} random signed WHTs (NMSE {rr['nmse_min'][w]:.4g}..{rr['nmse_max'][w]:.4g})")
+    ae = r["attn_rel_err"]
+    wa = int(np.nanargmax(ae))
+    cav.append(f"attention error worst at layer {layers[wa]} ({ae[wa]:.3g})")
+    per_layer = {f"{p}_{m}": res[(p, tt, s)][m] for (p, tt, s) in res if tt == t and s == side
+                 for m in ("nmse", "attn_rel_err") if m in res[(p, tt, s)]}
+    for c in CLASSIC:
+        if ("fork", c, side) in res:
+            per_layer[f"{c}_nmse"] = res[("fork", c, side)]["nmse"]
+            per_layer[f"{c}_attn_rel_err"] = res[("fork", c, side)]["attn_rel_err"]
+    norot = res.get(("norot", t, side))
+    if rr is not None:
+        per_layer["random_rotation_nmse_median"] = rr["nmse"]
+        per_layer["random_rotation_nmse_max"] = rr["nmse_max"]
+    details = {"layers": layers, "worst_layer": layers[w], "gaussian_nmse": g, "upper_bound": bound,
+               "nmse_over_gaussian": ratio, "worst_layer_attention": layers[wa],
+               "mean_nmse": float(np.mean(r["nmse"])), "mean_attn_rel_err": float(np.mean(ae)),
+               "mean_cosine": float(np.mean(r["cosine"])), "mean_ip_bias": float(np.mean(r["ip_bias"])),
+               "mean_ip_spread": float(np.mean(r["ip_spread"])),
+               "rotation_gain": (norot["nmse"] / r["nmse"]) if norot is not None else None,
+               "head_dim": A["head_dim"], "stored_width": A["padded"], **per_layer}
+    return _with_path(ctx.cell(ID, t, ctx.target_backend, "set_rows", "worst_layer_nmse_over_gaussian", worst_ratio, ok,
+                               raw, caveat="; ".join(cav), evidence=ev, details=details), path)
+
+
+def _with_path(c: Cell, path: str) -> Cell:
+    c.path = path
+    return c
+
+
+def _agreement_cell(ctx: Context, A: dict, t: str, side: str, ev: list[str]) -> Cell:
+    """The fork path's NMSE vs the reference quantiser's on the same vectors, worst layer."""
+    layers, res = A["layers"], A["res"]
+    path = _path_label(ctx, side, A["label"])
+    f, r = res.get(("fork", t, side)), res.get(("ref", t, side))
+    if f is None or r is None:
+        why = A["errors"].get(("fork", t)) or A["errors"].get(("ref", t)) or "not measured"
+        return Cell(ID, t, path, "-", None, None, Verdict.ERROR, caveat=why, target=True)
+    dev = np.abs(f["nmse"] / r["nmse"] - 1.0)
+    w = int(np.nanargmax(dev))
+    tol = ctx.th("KVREAL", "fork_vs_reference")
+    val = float(dev[w])
+    raw = Verdict.PASS if np.isfinite(val) and val <= tol else Verdict.FAIL
+    cav = "" if raw == Verdict.PASS else (
+        f"layer {layers[w]}: fork NMSE {f['nmse'][w]:.4g} vs reference {r['nmse'][w]:.4g}: the fork's quantiser "
+        f"does not do what the reference does on this model's vectors")
+    details = {"layers": layers, "worst_layer": layers[w], "fork_nmse": f["nmse"], "ref_nmse": r["nmse"],
+               "decoded_rel_diff_vs_ref": f["decoded_rel_diff_vs_ref"],
+               "max_decoded_rel_diff": float(np.nanmax(f["decoded_rel_diff_vs_ref"]))}
+    if ("lloyd", t, side) in res:
+        details["lloyd_max_nmse"] = res[("lloyd", t, side)]["nmse"]
+    return _with_path(ctx.cell(ID, t, ctx.target_backend, "set_rows", "fork_vs_reference_nmse", val, tol, raw,
+                               caveat=cav, evidence=ev, details=details), path)
+
+
+def loss_notes(A: dict) -> list[str]:
+    """One line per type: which side and layers carry the attention error (fork path)."""
+    out = []
+    for t in A["types"]:
+        rk, rv = A["res"].get(("fork", t, "K")), A["res"].get(("fork", t, "V"))
+        if rk is None or rv is None:
+            continue
+        ek, evv = rk["attn_rel_err"] ** 2, rv["attn_rel_err"] ** 2
+        tot = ek.sum() + evv.sum()
+        share_k = ek.sum() / tot if tot > 0 else float("nan")
+        both = [(e, "K", il) for e, il in zip(ek, A["layers"])] + [(e, "V", il) for e, il in zip(evv, A["layers"])]
+        top = sorted(both, reverse=True)[:3]
+        top_s = ", ".join(f"{s}{il} ({np.sqrt(e):.3g})" for e, s, il in top)
+        alt = []
+        for p, what in (("lloyd", "the Lloyd-Max table"), ("norot", "no rotation"), ("randrot", "random signs (median)")):
+            if (p, t, "K") in A["res"] and (p, t, "V") in A["res"]:
+                alt.append(f"{what} {A['res'][(p, t, 'K')]['nmse'].mean():.4g}/{A['res'][(p, t, 'V')]['nmse'].mean():.4g}")
+        alt_s = f" (K/V mean NMSE with {', with '.join(alt)}: reference quantiser)" if alt else ""
+        out.append(f"{t}: {'K' if share_k > 0.5 else 'V'} carries {max(share_k, 1 - share_k):.0%} of the summed squared "
+                   f"attention-output error; worst layers {top_s}; mean NMSE K {rk['nmse'].mean():.4g}, V {rv['nmse'].mean():.4g}"
+                   + alt_s)
+    return out
+
+
+def _fmt(x: float) -> str:
+    return "-" if x is None or not np.isfinite(x) else f"{x:.3g}"
+
+
+def markdown_tables(A: dict, capture_info: dict | None = None) -> str:
+    """Per-layer tables: fork-path NMSE, attention error, and the vectors' statistics."""
+    L, res, types = A["layers"], A["res"], A["types"]
+    head = f"### KVREAL per layer: {A['label']}"
+    lines = [head, ""]
+    if capture_info:
+        lines.append(f"{capture_info.get('arch')} {capture_info.get('n_layer')} layers, n_head {capture_info.get('n_head')}, "
+                     f"n_head_kv {capture_info.get('n_head_kv')}, head_dim {A['head_dim']} (stored {A['padded']}), "
+                     f"{capture_info.get('n_tokens')} tokens; rotation: {A['rotation']}.")
+        lines.append("")
+    for title, metric in (("NMSE (fork path, real coordinates)", "nmse"),
+                          ("attention-output relative error with only this side quantised (fork path)", "attn_rel_err")):
+        lines += [f"{title}:", "", "| layer | " + " | ".join(f"K {t}" for t in types) + " | "
+                  + " | ".join(f"V {t}" for t in types) + " |", "|---" * (1 + 2 * len(types)) + "|"]
+        for i, il in enumerate(L):
+            cells = [_fmt(res[("fork", t, s)][metric][i]) if ("fork", t, s) in res else "-" for s in SIDES for t in types]
+            lines.append(f"| {il} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["K attention-logit error rms(L_hat - L) / rms(L - row mean), causal pairs, queries from the same capture "
+              "(fork path):", "", "| layer | " + " | ".join(types) + " |", "|---" * (1 + len(types)) + "|"]
+    for i, il in enumerate(L):
+        lines.append(f"| {il} | " + " | ".join(_fmt(res[("fork", t, "K")]["logit_rel_err"][i]) if ("fork", t, "K") in res
+                                               else "-" for t in types) + " |")
+    lines.append("")
+    st = A["stats"]
+    lines += ["vector statistics (kurtosis of unit-row coordinates: 3 = Gaussian; dc = share of the energy in the "
+              "mean vector shared by all tokens):", "",
+              "| layer | K norm | K chan max/med | K kurt before | K kurt after | K dc | V norm | V chan max/med | V kurt before "
+              "| V kurt after | V dc |", "|---" * 11 + "|"]
+    for i, il in enumerate(L):
+        row = [il] + [_fmt(st[s][m][i]) for s in SIDES for m in ("norm_mean", "chan_scale_max_over_median",
+                                                                   "kurtosis_before", "kurtosis_after", "dc_fraction")]
+        lines.append("| " + " | ".join(map(str, row)) + " |")
+    return "\n".join(lines)
+
+
+def plot(A: dict, path: Path) -> Path | None:
+    """NMSE and attention error per layer, K and V, one line per type (fork solid, reference dotted)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    colors = dict(zip(A["types"], ["tab:red", "tab:orange", "tab:green", "tab:purple", "tab:blue", "tab:brown"]))
+    for col, side in enumerate(SIDES):
+        for row, metric in enumerate(("nmse", "attn_rel_err")):
+            ax = axes[row][col]
+            for t in A["types"]:
+                for p, ls in (("fork", "-"), ("ref", ":")):
+                    r = A["res"].get((p, t, side))
+                    if r is not None:
+                        ax.plot(A["layers"], r[metric], ls, color=colors[t], marker="o" if p == "fork" else None, ms=3,
+                                label=f"{t} ({p})" if (row, col) == (0, 0) else None)
+            ax.set_yscale("log")
+            ax.set_title(f"{side}: {'NMSE' if metric == 'nmse' else 'attention-output rel. error'}")
+            ax.set_xlabel("layer")
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"KVREAL {A['label']}: per-layer distortion on the model's own K/V")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def cells_from_analysis(ctx: Context, A: dict, capture_info: dict | None = None) -> list[Cell]:
+    """Cells, evidence (npz + plot), notes and the per-layer Markdown section of one analysis."""
+    lab = A["label"]
+    arrays = {f"{p}__{t}__{s}__{m}": v for (p, t, s), r in A["res"].items() for m, v in r.items()}
+    arrays.update({f"stats__{s}__{m}": v for s, d in A["stats"].items() for m, v in d.items()})
+    arrays.update({f"gaussian_nmse__{p}__{t}": v for (p, t), v in A["gauss"].items()})
+    arrays["layers"] = np.asarray(A["layers"])
+    ev = ctx.evidence(ID, f"{lab}_per_layer", **arrays)
+    ev_stats = ctx.evidence(ID, f"{lab}_vector_stats", layers=np.asarray(A["layers"]),
+                            **{f"{s}__{m}": v for s, d in A["stats"].items() for m, v in d.items()})
+    png = None
+    if ctx.evidence_dir is not None:
+        p = plot(A, Path(ctx.evidence_dir) / ID / f"{lab}_per_layer.png")
+        png = f"evidence/{ID}/{p.name}" if p else None
+    evs = ev + ev_stats + ([png] if png else [])
+    cells: list[Cell] = []
+    for t in A["types"]:
+        for side in SIDES:
+            if t in T.FORMATS:
+                cells.append(_summary_cell(ctx, A, t, side, evs))
+            cells.append(_agreement_cell(ctx, A, t, side, ev))
+    md = markdown_tables(A, capture_info)
+    if png:
+        md += f"\n\n![KVREAL {lab} per layer]({png})"
+    ctx.sections[f"KVREAL {lab}"] = {"markdown": md}
+    return cells
+
+
+# ----------------------------------------------------------------------------- run
+
+def run(ctx: Context) -> list[Cell]:
+    """Capture the model's K/V (SKIP when no model, corpus or fork build is available), then analyse."""
+    from harness.fork.kvcapture import NoModel, build_kvcapture, capture, resolve_model
+    from harness.runners.inputs import default_corpus
+    notes = ctx.sections.setdefault(f"notes:{ID}", [])
+    path = f"{ctx.target_backend}:set_rows"
+
+    def skip(why: str) -> list[Cell]:
+        return [Cell(ID, "all", path, "-", None, None, Verdict.SKIP, caveat=why, target=True)]
+    bdir, fork = getattr(ctx.target, "build_dir", None), getattr(ctx.target, "fork", None)
+    if bdir is None or fork is None:
+        return skip("needs a fork build to run a model (this target has none)")
+    try:
+        corpus = default_corpus()
+    except HarnessError as e:
+        return skip(f"no corpus: {e}")
+    try:
+        model, label = resolve_model()
+    except NoModel as e:
+        return skip(f"no model: {e}")
+    except HarnessError as e:
+        return [Cell(ID, "all", path, "-", None, None, Verdict.ERROR, caveat=f"model: {e}", target=True)]
+    n_tok = int(os.environ.get("TURBO_KVREAL_TOKENS") or ctx.th("KVREAL", "tokens"))
+    t0 = time.time()
+    try:
+        exe = build_kvcapture(bdir, fork)
+    except HarnessError as e:
+        return skip(f"cannot build the K/V capture tool: {e}")
+    tmp = tempfile.mkdtemp(prefix="turbo-kvreal-")
+    try:
+        try:
+            cap = capture(exe, model, corpus, n_tok, Path(tmp), timeout_s=float(ctx.th("KVREAL", "timeout_s")))
+        except (ProbeCrash, HarnessError) as e:
+            return [Cell(ID, "all", path, "-", None, None, Verdict.ERROR, caveat=f"K/V capture: {e}", target=True)]
+        if ctx.evidence_dir is not None:
+            d = Path(ctx.evidence_dir) / ID
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(tmp) / "capture.json", d / f"{label}_capture.json")
+        t1 = time.time()
+        kd = {il: a.shape[-1] for il, a in cap.k.items()}
+        if len(set(kd.values())) != 1 or any(cap.v[il].shape[-1] != kd[il] for il in cap.layers):
+            return skip(f"K/V head widths differ between layers or sides ({sorted(set(kd.values()))}): not supported yet")
+        A = analyse(ctx, cap.q, cap.k, cap.v, label)
+        cells = cells_from_analysis(ctx, A, cap.info)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    t2 = time.time()
+    info = cap.info
+    notes.append(f"model {label} ({Path(model).name}): {info.get('arch')}, {len(A['layers'])} layers, n_head {info.get('n_head')}, "
+                 f"n_head_kv {info.get('n_head_kv')}, head_dim {A['head_dim']}"
+                 + (f" zero-padded to {A['padded']} in turbo caches" if A["padded"] != A["head_dim"] else "")
+                 + f"; {n_tok} tokens of {Path(corpus).name}")
+    notes.append(f"wall time: capture {t1 - t0:.1f} s (tool {cap.seconds:.1f} s), analysis {t2 - t1:.1f} s, total {t2 - t0:.1f} s")
+    notes.append("paths: fork = set_rows + backend decode + backend inverse rotation; reference = reference/turbo.quantize "
+                 f"with {A['rotation']} and the fork's table; judged against Gaussian rows of the same shape on the same path")
+    notes += cap.notes
+    swa = info.get("sliding_window")  # from the capture tool (GGUF <arch>.attention.sliding_window; 0 = none)
+    if swa and n_tok > swa:
+        notes.append(f"the model has {swa}-token sliding-window layers: their attention errors here use full causal "
+                     f"attention over {n_tok} tokens (distortion is unaffected); use at most {swa} tokens to match")
+    notes += [f"{p}/{t}: not measured: {e}" for (p, t), e in A["errors"].items()]
+    notes += loss_notes(A)
+    ctx.sections[f"KVREAL {label}"]["wall_s"] = round(t2 - t0, 2)
+    return cells
