@@ -276,7 +276,7 @@ def _check_inputs(cfg) -> None:
         known = set(sweep_runner.type_traits(str(cfg.bdir)))
     except HarnessError:
         known = set()  # the build cannot be read here: the sweep reports it
-    bad = [t for k, v in cfg.pairs for t in (k, v) if known and t not in known]
+    bad = [t for k, v in cfg.pairs for t in sweep_runner.split_pair(k, v)[:2] if known and t not in known]
     if bad:
         raise HarnessError(f"--pairs: unknown cache type {bad[0]!r}: this build knows "
                            f"{', '.join(t for t in sorted(known) if t.startswith(('f1', 'bf', 'q4', 'q5', 'q8', 'iq4', 'turbo')))}")
