@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -77,17 +76,10 @@ def build_kvcapture(bdir: Path, fork: Path, force: bool = False) -> Path:
     newest = max(p.stat().st_mtime for p in [SRC, *libs])
     if out.is_file() and not force and out.stat().st_mtime >= newest:
         return out
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise HarnessError("no C compiler found for the K/V capture tool: install gcc or clang, or set CC")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [cc, "-O2", str(SRC), f"-I{Path(fork) / 'include'}", f"-I{Path(fork) / 'ggml' / 'include'}",
-           f"-L{libdir}", "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{libdir.resolve()}", "-o", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:300])
-        raise HarnessError(f"compiling the K/V capture tool against {fork} failed: {first}")
-    return out
+    from harness.fork.probe import compile_c
+    return compile_c("the K/V capture tool", fork, libdir, out,
+                     [str(SRC), f"-I{Path(fork) / 'include'}", f"-I{Path(fork) / 'ggml' / 'include'}",
+                      "-lllama", "-lggml", "-lggml-base"])
 
 
 @dataclass

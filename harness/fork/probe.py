@@ -59,18 +59,32 @@ def build_probe(bdir: Path, fork: Path, force: bool = False) -> Path:
     newest = max(p.stat().st_mtime for p in [PROBE_SRC, *libs])
     if out.is_file() and not force and out.stat().st_mtime >= newest:
         return out
+    inc = Path(fork) / "ggml" / "include"
+    return compile_c("the native probe", fork, libdir, out,
+                     ["-shared", "-fPIC", f"-DTP_WHT_NARGS={wht_nargs(fork)}", str(PROBE_SRC), f"-I{inc}",
+                      "-lggml", "-lggml-base", "-lggml-cpu"])
+
+
+def compile_c(what: str, fork: Path, libdir: Path, out: Path, args: list[str]) -> Path:
+    """Compile a small C source of the harness against a fork build: ``$CC -O2 ARGS -L<libdir> -rpath <libdir> -o out``.
+
+    Args:
+        what: named in errors ('the native probe'). fork: the checkout (named in errors). libdir: the build's bin/.
+        out: the output file (its folder is created). args: sources, -I, -l and mode flags.
+    Returns:
+        ``out``.
+    Raises:
+        HarnessError: no C compiler (set CC), or the compile failed (its first error line quoted).
+    """
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
-        raise HarnessError("no C compiler found for the probe: install gcc or clang, or set CC")
+        raise HarnessError(f"no C compiler found for {what}: install gcc or clang, or set CC")
     out.parent.mkdir(parents=True, exist_ok=True)
-    inc = Path(fork) / "ggml" / "include"
-    cmd = [cc, "-O2", "-shared", "-fPIC", f"-DTP_WHT_NARGS={wht_nargs(fork)}", str(PROBE_SRC),
-           f"-I{inc}", f"-L{libdir}", "-lggml", "-lggml-base", "-lggml-cpu",
-           f"-Wl,-rpath,{libdir.resolve()}", "-o", str(out)]
+    cmd = [cc, "-O2", *args, f"-L{libdir}", f"-Wl,-rpath,{Path(libdir).resolve()}", "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:300])
-        raise HarnessError(f"compiling the native probe against {fork} failed: {first}")
+        raise HarnessError(f"compiling {what} against {fork} failed: {first}")
     return out
 
 

@@ -8,7 +8,6 @@ printed folder.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import sys
@@ -38,15 +37,6 @@ def expected_sha256(snapshot: Path) -> str | None:
     return hashes[0][1] if len(set(h for _, h in hashes)) == 1 else None
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def unpack(snapshot: str | Path, dest: str | Path, sha256: str | None = None) -> Path:
     """Unpack a fork source snapshot into ``dest`` (once) and return the fork checkout folder inside it.
 
@@ -70,7 +60,8 @@ def unpack(snapshot: str | Path, dest: str | Path, sha256: str | None = None) ->
     stamp = dest / STAMP
     if stamp.is_file() and stamp.read_text().split()[:1] == [want]:
         return _tree(dest)
-    got = sha256_of(snapshot)
+    from harness.runners.inputs import sha256_file
+    got = sha256_file(snapshot)
     if got != want:
         raise HarnessError(f"fork snapshot {snapshot} has SHA-256 {got}, expected {want}: the file is corrupt or "
                            f"not the one the README names; copy it again")
