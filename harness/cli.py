@@ -48,17 +48,19 @@ def _types(value: str) -> list[str]:
     return ts
 
 
+def registry():
+    """The check registry the commands read: the one passed as the group's ``obj`` (tests with a toy check:
+    ``CliRunner().invoke(cli, args, obj=REGISTRY.with_check(toy))``), else :data:`harness.checks.registry.REGISTRY`."""
+    from harness.checks.contract import Registry
+    from harness.checks.registry import REGISTRY
+    ctx = click.get_current_context(silent=True)
+    reg = ctx.find_object(Registry) if ctx is not None else None
+    return reg if reg is not None else REGISTRY
+
+
 def _check_ids(value: str | None) -> list[str]:
-    """The --checks list (default every check but the opt-in MODEL), validated before anything is opened."""
-    from harness.verify import all_checks, default_checks
-    if value is None:
-        return default_checks()
-    ids = list(dict.fromkeys(c.strip().upper() for c in value.split(",") if c.strip()))
-    bad = [c for c in ids if c not in all_checks(optional=True)]
-    if not ids or bad:
-        raise HarnessError(f"--checks {value!r}: {'unknown check ' + ', '.join(bad) if bad else 'names no check'}; "
-                           f"choose from {', '.join(all_checks(optional=True))} (or leave it out for all)")
-    return ids
+    """The --checks list (default every check but the opt-in ones), validated before anything is opened."""
+    return registry().parse_ids(value)
 
 
 def _load_run(run_dir: Path):
@@ -139,7 +141,7 @@ def _print_headline(run) -> None:
 
 
 def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_backend, out, strict, known_file=None,
-                  numpy_target=None):
+                  numpy_target=None, options=None):
     from harness import usage
     from harness.interrupt import Interrupted, interruptible
     from harness.verify import new_run_id, run_checks
@@ -181,7 +183,8 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
             click.echo(f"warning: {meta['provenance_warning']}", err=True)
         with interruptible():
             run = run_checks(target, check_ids, types, run_dir, target_backend=target_backend, backends=backends,
-                             meta=meta, log=click.echo, run=previous)
+                             meta=meta, log=click.echo, run=previous, registry=registry(),
+                             options=options)
     except Interrupted as e:
         click.echo(f"interrupted by {e.name}: partial report marked INTERRUPTED in {run_dir / 'summary.md'}", err=True)
         sys.exit(e.exit_code)
@@ -227,14 +230,9 @@ def with_common(f):
 @with_common
 def check(check_id, model, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target, known_file):
     """Run one check (PQ1..PQ6, COMPAT, and the opt-in MODEL, KVREAL) and write its report."""
-    from harness.verify import all_checks
-    cid = check_id.upper()
-    if cid not in all_checks(optional=True):
-        raise HarnessError(f"unknown check {check_id}: choose from {', '.join(all_checks(optional=True))}")
-    if model:
-        os.environ["TURBO_MODEL"] = model  # read by KVREAL (harness/fork/kvcapture.resolve_model)
+    cid = registry().get(check_id.upper()).id
     _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file,
-                  numpy_target)
+                  numpy_target, options={"KVREAL": {"model": model}} if model else None)
 
 
 @cli.command()
@@ -273,15 +271,15 @@ def unpack_fork(snapshot, dest, sha256):
 
 @cli.command("list")
 def list_checks():
-    """List the checks and their thresholds (with the reason for each)."""
+    """List the checks (what each needs, whether verify runs it) and their thresholds (with the reason for each)."""
     from harness.checks.common import load_thresholds
-    from harness.verify import all_checks
     th = load_thresholds()
-    for cid, mod in all_checks(optional=True).items():
-        click.echo(f"{cid}  {mod.TITLE}")
-        for k, v in th.get(cid, {}).items():
+    for c in registry():
+        click.echo(f"{c.id}  {c.title}  [needs {', '.join(c.needs) or 'nothing'}"
+                   f"{'' if c.in_verify else '; opt-in: not in the default verify'}]")
+        for k, v in th.get(c.rules, {}).items():
             if not k.endswith("_reason"):
-                click.echo(f"    {k} = {v}    # {th[cid][k + '_reason']}")
+                click.echo(f"    {k} = {v}    # {th[c.rules][k + '_reason']}")
 
 
 @cli.command()

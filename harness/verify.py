@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 from harness import __version__
-from harness.checks import (compat, kvreal, model_smoke, pq1_rotation, pq2_codebook, pq3_norms, pq4_layout,
-                            pq5_distortion, pq6_attention)
 from harness.checks.common import Context, crash_cell, load_thresholds
+from harness.checks.contract import Registry
+from harness.checks.registry import REGISTRY
 from harness.errors import HarnessError, ProbeCrash
 from harness.interrupt import Interrupted, acknowledge, raise_if_pending
 from harness.reference import turbo as T
@@ -24,23 +24,20 @@ from harness.report.model import CheckResult, Run, merge_previous
 from harness.report.render import write_all
 from harness.targets.base import Target
 
-CHECKS = {m.ID: m for m in (pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq5_distortion, pq6_attention, compat,
-                            model_smoke, kvreal)}
-# checks `verify` leaves out unless asked (--checks MODEL / check KVREAL): they run a model, not only ggml
-OPT_IN = {"MODEL", "KVREAL"}
 KNOWN_BACKENDS = ("cpu", "cuda", "metal", "vulkan", "hip")
 
 
-def all_checks(optional: bool = False) -> dict:
-    """{check id: module} of the registered checks, in run order: the default set (what `verify` and replays run),
-    plus, with ``optional=True``, checks that run only when named (a module with ``IN_VERIFY = False``, e.g. KVREAL,
-    which runs a model)."""
-    return {k: m for k, m in CHECKS.items() if optional or (getattr(m, "IN_VERIFY", True) and k not in OPT_IN)}
+def all_checks(optional: bool = False, registry: Registry | None = None) -> dict:
+    """{check id: :class:`~harness.checks.contract.Check`} of the registry (default
+    :data:`harness.checks.registry.REGISTRY`), in run order: the default set (what `verify` and replays run), plus,
+    with ``optional=True``, the opt-in checks (``in_verify=False``, e.g. MODEL and KVREAL, which run a model)."""
+    reg = registry or REGISTRY
+    return {c.id: c for c in reg if optional or c.in_verify}
 
 
-def default_checks() -> list[str]:
-    """Check ids `verify` runs without --checks: every registered check but the opt-in ones (OPT_IN)."""
-    return [c for c in CHECKS if c not in OPT_IN]
+def default_checks(registry: Registry | None = None) -> list[str]:
+    """Check ids `verify` runs without --checks: every registered check but the opt-in ones."""
+    return (registry or REGISTRY).default_ids()
 
 
 def new_run_id(prefix: str = "run") -> str:
@@ -83,7 +80,7 @@ def pick_target_backend(target: Target, requested: str | None) -> str:
 def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: Path, target_backend: str | None = None,
                backends: list[str] | None = None, meta: dict | None = None, thresholds: dict | None = None,
                log: Callable[[str], None] = print, run: Run | None = None, routes: list[str] | None = None,
-               options: dict | None = None) -> Run:
+               options: dict | None = None, registry: Registry | None = None) -> Run:
     """Run checks on a target and write reports into run_dir after each check.
 
     Args:
@@ -91,6 +88,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         run_dir: report folder (created). target_backend: production backend (see pick_target_backend).
         backends: restrict to these backend names (default all the target has).
         options: per-check options {check id: {...}} (e.g. MODEL's pairs, env, flash_attn).
+        registry: the checks to choose from (default :data:`harness.checks.registry.REGISTRY`).
     Returns:
         The Run (also written as run.json, summary.md, junit.xml under run_dir).
     Raises:
@@ -98,7 +96,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         Interrupted: a signal arrived (see :func:`harness.interrupt.interruptible`); the report written
             before re-raising is marked INTERRUPTED and lists the checks that did not run.
     """
-    checks = all_checks(optional=True)
+    checks = all_checks(optional=True, registry=registry)
     unknown = [c for c in check_ids if c not in checks]
     if unknown:
         raise HarnessError(f"unknown check {', '.join(unknown)}: choose from {', '.join(checks)}")
@@ -140,14 +138,15 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         for cid in check_ids:
             raise_if_pending()
             current = cid
-            mod = checks[cid]
+            check = checks[cid]
             t0 = time.time()
-            cr = CheckResult(id=cid, title=mod.TITLE)
+            cr = CheckResult(id=cid, title=check.title)
             try:
                 with T.layouts_in_use(layouts):
-                    cr.cells = mod.run(ctx)
+                    out = check.evaluate(ctx)
                 raise_if_pending()
-                cr.notes += ctx.sections.pop(f"notes:{cid}", [])
+                cr.cells, cr.notes, cr.tables = list(out), list(out.notes), list(out.tables)
+                cr.notes += ctx.sections.pop(f"notes:{cid}", [])  # a check written before the contract
             except ProbeCrash as e:  # a fork crash outside any cell: the fork's fault (FAIL), not the harness's
                 cr.cells = [crash_cell(ctx, cid, "all", tb, "-", e)]
             except HarnessError as e:
@@ -160,17 +159,19 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
                 kept = merge_previous(earlier, cr, list(types), [b.name for b in ctx.backends()])
                 if kept:
                     log(f"{cid}: kept the earlier cells of {', '.join(kept)} in this report; replaced {', '.join(types)}")
+                for table in cr.tables:
+                    run.sections.pop(table.id, None)  # the same table as a free-form section of an older report
+                    old = next((t for t in earlier.tables if t.id == table.id), None)
+                    if old is not None:
+                        table.merge_previous(old, list(types), [b.name for b in ctx.backends()])
             order = list(checks)
             run.checks = sorted([c for c in run.checks if c.id != cid] + [cr],
                                 key=lambda c: order.index(c.id) if c.id in order else len(order))
-            if "coverage" in ctx.sections and isinstance(run.sections.get("coverage"), dict):
-                ctx.sections["coverage"] = compat.merge_coverage(run.sections["coverage"], ctx.sections["coverage"],
-                                                                 list(types), [b.name for b in ctx.backends()],
-                                                                 ctx.not_available)
-            run.sections.update(ctx.sections)
+            run.sections.update(ctx.sections)  # free-form sections of a check written before the contract
+            ctx.sections.clear()
             finished.append(cid)
             current = None
-            log(f"{cid:6s} {cr.verdict.value:8s} {cr.duration_s:6.1f} s  {mod.TITLE}")
+            log(f"{cid:6s} {cr.verdict.value:8s} {cr.duration_s:6.1f} s  {check.title}")
             write_all(run, run_dir)
     except Interrupted as e:
         acknowledge()

@@ -14,13 +14,14 @@ import itertools
 
 import numpy as np
 
+from harness.checks.contract import Check, Outcome
 from harness.checks.common import (Context, decision_thresholds, guarded, op_matrices, precise_table, quant_paths,
                                    quantizer_rotation)
 from harness.checks.pq6_attention import kernel_precision
 from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.reference import turbo as T
 from harness.reference.attention import attention, relative_error
-from harness.report.model import Cell, Verdict
+from harness.report.model import Cell, Table, Verdict
 
 ID, TITLE = "COMPAT", "Cross-backend compatibility (writer x reader matrix)"
 
@@ -287,68 +288,61 @@ def coverage(ctx: Context) -> list[dict]:
     return rows
 
 
-def _coverage_markdown(rows: list[dict], not_available: list[str]) -> str:
-    lines = ["## Coverage (flash attention: type x role x partner x head_dim x backend)", "",
-             "| backend | type | role | partner | head_dim | status |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['backend']} | {r['type']} | {r['role']} | {r['partner']} | {r['head_dim']} | {r['status'][:120]} |")
-    for b in not_available:
-        lines.append(f"| {b} | all | all | all | all | not covered: backend not available on this machine |")
-    return "\n".join(lines)
+COVERAGE_COLUMNS = ["backend", "type", "role", "partner", "head_dim", "status"]
 
 
-def merge_coverage(old: dict, new: dict, types: list[str], backends: list[str], not_available: list[str]) -> dict:
-    """The coverage section of a run that added types or backends to an earlier report: the earlier
-    rows of other types or backends are kept, this run's rows replace the rest."""
-    kept = [r for r in old.get("rows", []) if r.get("type") not in types or r.get("backend") not in backends]
-    rows = kept + list(new.get("rows", []))
-    return {**new, "rows": rows, "markdown": _coverage_markdown(rows, not_available)}
+def coverage_table(rows: list[dict], not_available: list[str]) -> Table:
+    """The coverage rows (:func:`coverage`) as the report's table, with a row per backend not available here."""
+    out = [[r[k] for k in COVERAGE_COLUMNS] for r in rows]
+    out += [[b, "all", "all", "all", "all", "not covered: backend not available on this machine"] for b in not_available]
+    return Table("coverage", "Coverage (flash attention: type x role x partner x head_dim x backend)", COVERAGE_COLUMNS,
+                 out, scope={"type": "type", "backend": "backend"})
 
 
-def run(ctx: Context) -> list[Cell]:
-    """COMPAT cells (writer matrix, cross-decode, WHT agreement); coverage and test-backend-ops go to
-    ``ctx.sections`` for the report."""
-    cells: list[Cell] = []
+def run(ctx: Context) -> Outcome:
+    """COMPAT cells (writer matrix, cross-decode, WHT agreement, test-backend-ops), the coverage table and the
+    test-backend-ops table."""
+    cells = Outcome()
     for t in ctx.types:
         writers: dict = {}
         cells += guarded(ctx, ID, t, ctx.target_backend, "set_rows", lambda t=t, w=writers: _writer_matrix(ctx, t, w))
         cells += guarded(ctx, ID, t, ctx.target_backend, "flash_attn", lambda t=t, w=writers: _cross_decode(ctx, t, w))
     cells += guarded(ctx, ID, "all", ctx.target_backend, "turbo_wht", lambda: _wht_agreement(ctx))
     if len(ctx.backends()) < 2:
-        ctx.sections.setdefault(f"notes:{ID}", []).append(
+        cells.notes.append(
             "only one backend in this build: the matrix covers its paths only (writers "
             f"{', '.join(f'{b}:{r}' for b, r in quant_paths(ctx))}); not covered here: "
             f"{', '.join(ctx.not_available) or '-'}")
-    rows = coverage(ctx)
-    ctx.sections["coverage"] = {"rows": rows, "markdown": _coverage_markdown(rows, ctx.not_available)}
-    cells += _backend_ops(ctx)
+    cells.tables.append(coverage_table(coverage(ctx), ctx.not_available))
+    ops_cells, ops_table = _backend_ops(ctx)
+    cells += ops_cells
+    cells.tables.append(ops_table)
     return cells
 
 
-def _backend_ops(ctx: Context) -> list[Cell]:
-    """Run the fork's test-backend-ops (when the target is a fork build that has it) and keep its values."""
-    from pathlib import Path
+BACKEND_OPS_COLUMNS = ["backend", "op", "params", "status", "error", "tool limit"]
 
-    from harness.runners import backend_ops
-    bdir = getattr(ctx.target, "build_dir", None)
-    binary = Path(bdir) / "bin" / "test-backend-ops" if bdir else None
-    if binary is None or not binary.is_file():
-        ctx.sections["backend_ops"] = {"markdown": "## test-backend-ops\n\nnot run: the binary is not built "
-                                                   "(`turbo-harness build --targets test-backend-ops`)"}
-        return []
+
+def _backend_ops(ctx: Context) -> tuple[list[Cell], Table]:
+    """Cells and table of the fork's test-backend-ops, which the target runs (:meth:`Target.backend_ops`)."""
+    from pathlib import Path
+    title = "test-backend-ops (the fork's own op tests, turbo-related cases)"
     log = Path(ctx.evidence_dir) / ID / "test-backend-ops.log" if ctx.evidence_dir else None
     if log:
         log.parent.mkdir(parents=True, exist_ok=True)
-    res = backend_ops.run(binary, log_path=log)
-    lines = ["## test-backend-ops (the fork's own op tests, turbo-related cases)", "",
-             f"`{res['command']}`" + (f" - {res['note']}" if res["note"] else ""), ""]
+    res = ctx.target.backend_ops(log_path=log)
+    if res is None:
+        return [], Table("backend_ops", "test-backend-ops", BACKEND_OPS_COLUMNS,
+                         caption=["not run: the binary is not built (`turbo-harness build --targets test-backend-ops`)"])
+    table = Table("backend_ops", title, BACKEND_OPS_COLUMNS,
+                  caption=[f"`{res['command']}`" + (f" - {res['note']}" if res["note"] else "")],
+                  evidence=[f"evidence/{ID}/test-backend-ops.log"] if log else [])
     cells = []
     if res["results"]:
-        lines += ["| backend | op | params | status | error | tool limit |", "|---|---|---|---|---|---|"]
         for r in res["results"]:
             err = "-" if r["error"] is None else f"{r['metric']} {r['error']:.3g}"
             lim = "-" if r["max_error"] is None else f"{r['max_error']:.3g}"
-            lines.append(f"| {r['backend']} | {r['op']} | {r['params'][:80]} | {r['status']} | {err} | {lim} |")
+            table.rows.append([r["backend"], r["op"], r["params"], r["status"], err, lim])
         n_fail = sum(r["status"] == "FAIL" for r in res["results"])
         n_ok = sum(r["status"] == "OK" for r in res["results"])
         crashed = res["returncode"] not in (0, None)
@@ -361,5 +355,7 @@ def _backend_ops(ctx: Context) -> list[Cell]:
         cells.append(c)
     elif res["returncode"] not in (0, None) or "timed out" in res["note"]:
         cells.append(Cell(ID, "all", "test-backend-ops", "-", None, None, Verdict.ERROR, caveat=res["note"], target=False))
-    ctx.sections["backend_ops"] = {"results": res["results"], "note": res["note"], "markdown": "\n".join(lines)}
-    return cells
+    return cells, table
+
+
+CHECK = Check(ID, TITLE, run, order=70, rules="COMPAT", needs=("probe", "test-backend-ops"))

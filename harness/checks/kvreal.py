@@ -38,13 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.checks.contract import Check, Outcome
 from harness.checks.common import Context, decode_route, op_matrices, precise_table
 from harness.checks.pq5_distortion import metrics
 from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.reference import turbo as T
 from harness.reference.lloydmax import lloyd_max, turboquant_upper_bound
 from harness.reference.wht import signed_wht_matrix
-from harness.report.model import Cell, Verdict
+from harness.report.model import Cell, Table, Verdict
 
 ID, TITLE = "KVREAL", "Real K/V per layer (distortion and attention error on a model's own vectors)"
 IN_VERIFY = False  # runs a model: `turbo-harness check KVREAL` (or verify --checks ...,KVREAL), not in the default verify
@@ -524,44 +525,48 @@ def loss_notes(A: dict) -> list[str]:
     return out
 
 
-def _fmt(x: float) -> str:
-    return "-" if x is None or not np.isfinite(x) else f"{x:.3g}"
+def _num(x) -> float | None:
+    """A table value: the float, or None when it is missing or not finite (rendered '-')."""
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def per_layer_tables(A: dict, capture_info: dict | None = None, image: str = "") -> list[Table]:
+    """Per-layer tables of one analysis: fork-path NMSE, attention error with one side quantised, K attention-logit
+    error, and the vectors' statistics; the first carries the model description and the plot (``image``)."""
+    L, res, types, lab = A["layers"], A["res"], A["types"], A["label"]
+    about = []
+    if capture_info:
+        about.append(f"{capture_info.get('arch')} {capture_info.get('n_layer')} layers, n_head {capture_info.get('n_head')}, "
+                     f"n_head_kv {capture_info.get('n_head_kv')}, head_dim {A['head_dim']} (stored {A['padded']}), "
+                     f"{capture_info.get('n_tokens')} tokens; rotation: {A['rotation']}.")
+    side_cols = ["layer"] + [f"{s} {t}" for s in SIDES for t in types]
+    out = []
+    for metric, title in (("nmse", "NMSE (fork path, real coordinates)"),
+                          ("attn_rel_err", "attention-output relative error with only this side quantised (fork path)")):
+        rows = [[il] + [_num(res[("fork", t, s)][metric][i]) if ("fork", t, s) in res else None
+                        for s in SIDES for t in types] for i, il in enumerate(L)]
+        out.append(Table(f"per_layer:{lab}:{metric}", f"KVREAL per layer, {lab}: {title}", side_cols, rows,
+                         caption=about if not out else [], image=image if not out else ""))
+    out.append(Table(f"per_layer:{lab}:logit_rel_err",
+                     f"KVREAL per layer, {lab}: K attention-logit error rms(L_hat - L) / rms(L - row mean), causal pairs, "
+                     "queries from the same capture (fork path)", ["layer"] + list(types),
+                     [[il] + [_num(res[("fork", t, "K")]["logit_rel_err"][i]) if ("fork", t, "K") in res else None
+                              for t in types] for i, il in enumerate(L)]))
+    st = A["stats"]
+    stat_keys = ("norm_mean", "chan_scale_max_over_median", "kurtosis_before", "kurtosis_after", "dc_fraction")
+    stat_names = ("norm", "chan max/med", "kurt before", "kurt after", "dc")
+    out.append(Table(f"per_layer:{lab}:stats", f"KVREAL per layer, {lab}: vector statistics",
+                     ["layer"] + [f"{s} {n}" for s in SIDES for n in stat_names],
+                     [[il] + [_num(st[s][m][i]) for s in SIDES for m in stat_keys] for i, il in enumerate(L)],
+                     caption=["kurtosis of unit-row coordinates: 3 = Gaussian; dc = share of the energy in the mean "
+                              "vector shared by all tokens"]))
+    return out
 
 
 def markdown_tables(A: dict, capture_info: dict | None = None) -> str:
-    """Per-layer tables: fork-path NMSE, attention error, and the vectors' statistics."""
-    L, res, types = A["layers"], A["res"], A["types"]
-    head = f"### KVREAL per layer: {A['label']}"
-    lines = [head, ""]
-    if capture_info:
-        lines.append(f"{capture_info.get('arch')} {capture_info.get('n_layer')} layers, n_head {capture_info.get('n_head')}, "
-                     f"n_head_kv {capture_info.get('n_head_kv')}, head_dim {A['head_dim']} (stored {A['padded']}), "
-                     f"{capture_info.get('n_tokens')} tokens; rotation: {A['rotation']}.")
-        lines.append("")
-    for title, metric in (("NMSE (fork path, real coordinates)", "nmse"),
-                          ("attention-output relative error with only this side quantised (fork path)", "attn_rel_err")):
-        lines += [f"{title}:", "", "| layer | " + " | ".join(f"K {t}" for t in types) + " | "
-                  + " | ".join(f"V {t}" for t in types) + " |", "|---" * (1 + 2 * len(types)) + "|"]
-        for i, il in enumerate(L):
-            cells = [_fmt(res[("fork", t, s)][metric][i]) if ("fork", t, s) in res else "-" for s in SIDES for t in types]
-            lines.append(f"| {il} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["K attention-logit error rms(L_hat - L) / rms(L - row mean), causal pairs, queries from the same capture "
-              "(fork path):", "", "| layer | " + " | ".join(types) + " |", "|---" * (1 + len(types)) + "|"]
-    for i, il in enumerate(L):
-        lines.append(f"| {il} | " + " | ".join(_fmt(res[("fork", t, "K")]["logit_rel_err"][i]) if ("fork", t, "K") in res
-                                               else "-" for t in types) + " |")
-    lines.append("")
-    st = A["stats"]
-    lines += ["vector statistics (kurtosis of unit-row coordinates: 3 = Gaussian; dc = share of the energy in the "
-              "mean vector shared by all tokens):", "",
-              "| layer | K norm | K chan max/med | K kurt before | K kurt after | K dc | V norm | V chan max/med | V kurt before "
-              "| V kurt after | V dc |", "|---" * 11 + "|"]
-    for i, il in enumerate(L):
-        row = [il] + [_fmt(st[s][m][i]) for s in SIDES for m in ("norm_mean", "chan_scale_max_over_median",
-                                                                   "kurtosis_before", "kurtosis_after", "dc_fraction")]
-        lines.append("| " + " | ".join(map(str, row)) + " |")
-    return "\n".join(lines)
+    """The per-layer tables (:func:`per_layer_tables`) as Markdown."""
+    from harness.report.render import table_markdown
+    return "\n".join(ln for t in per_layer_tables(A, capture_info) for ln in table_markdown(t))
 
 
 def plot(A: dict, path: Path) -> Path | None:
@@ -595,8 +600,8 @@ def plot(A: dict, path: Path) -> Path | None:
     return path
 
 
-def cells_from_analysis(ctx: Context, A: dict, capture_info: dict | None = None) -> list[Cell]:
-    """Cells, evidence (npz + plot), notes and the per-layer Markdown section of one analysis."""
+def cells_from_analysis(ctx: Context, A: dict, capture_info: dict | None = None) -> Outcome:
+    """Cells, evidence (npz + plot) and the per-layer tables of one analysis."""
     lab = A["label"]
     arrays = {f"{p}__{t}__{s}__{m}": v for (p, t, s), r in A["res"].items() for m, v in r.items()}
     arrays.update({f"stats__{s}__{m}": v for s, d in A["stats"].items() for m, v in d.items()})
@@ -610,26 +615,22 @@ def cells_from_analysis(ctx: Context, A: dict, capture_info: dict | None = None)
         p = plot(A, Path(ctx.evidence_dir) / ID / f"{lab}_per_layer.png")
         png = f"evidence/{ID}/{p.name}" if p else None
     evs = ev + ev_stats + ([png] if png else [])
-    cells: list[Cell] = []
+    cells = Outcome(tables=per_layer_tables(A, capture_info, png or ""))
     for t in A["types"]:
         for side in SIDES:
             if t in T.FORMATS:
                 cells.append(_summary_cell(ctx, A, t, side, evs))
             cells.append(_agreement_cell(ctx, A, t, side, ev))
-    md = markdown_tables(A, capture_info)
-    if png:
-        md += f"\n\n![KVREAL {lab} per layer]({png})"
-    ctx.sections[f"KVREAL {lab}"] = {"markdown": md}
     return cells
 
 
 # ----------------------------------------------------------------------------- run
 
-def run(ctx: Context) -> list[Cell]:
+def run(ctx: Context) -> Outcome:
     """Capture the model's K/V (SKIP when no model, corpus or fork build is available), then analyse."""
     from harness.fork.kvcapture import NoModel, build_kvcapture, capture, resolve_model
     from harness.runners.inputs import default_corpus
-    notes = ctx.sections.setdefault(f"notes:{ID}", [])
+    notes: list[str] = []
     path = f"{ctx.target_backend}:set_rows"
 
     def skip(why: str) -> list[Cell]:
@@ -642,7 +643,7 @@ def run(ctx: Context) -> list[Cell]:
     except HarnessError as e:
         return skip(f"no corpus: {e}")
     try:
-        model, label = resolve_model()
+        model, label = resolve_model((ctx.options.get(ID) or {}).get("model"))  # None: $TURBO_MODEL
     except NoModel as e:
         return skip(f"no model: {e}")
     except HarnessError as e:
@@ -687,5 +688,8 @@ def run(ctx: Context) -> list[Cell]:
                      f"attention over {n_tok} tokens (distortion is unaffected); use at most {swa} tokens to match")
     notes += [f"{p}/{t}: not measured: {e}" for (p, t), e in A["errors"].items()]
     notes += loss_notes(A)
-    ctx.sections[f"KVREAL {label}"]["wall_s"] = round(t2 - t0, 2)
+    cells.notes += notes
     return cells
+
+
+CHECK = Check(ID, TITLE, run, order=90, rules="KVREAL", in_verify=False, needs=("model", "corpus", "kv-capture tool"))

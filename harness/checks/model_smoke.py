@@ -28,6 +28,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from harness.checks.contract import Check, Outcome
 from harness.checks.common import Context
 from harness.errors import HarnessError
 from harness.report.model import Cell, Verdict
@@ -142,7 +143,7 @@ def judge_log(ctx: Context, run: ms.SmokeRun, k: str, v: str, env: dict, path: s
     return cells
 
 
-def run(ctx: Context) -> list[Cell]:
+def run(ctx: Context) -> Outcome:
     """Cells per K/V pair: state round trip (exit/phases, KV types, switches), then PPL / KLD vs f16."""
     from harness.runners.inputs import default_corpus
     from harness.runners.models import resolve_model
@@ -161,8 +162,8 @@ def run(ctx: Context) -> list[Cell]:
     want_state, want_ppl = opts.get("state", True), opts.get("ppl", True)
     have_state = (Path(bdir) / "bin" / "llama-save-load-state").is_file()
     have_ppl = (Path(bdir) / "bin" / "llama-perplexity").is_file()
-    cells: list[Cell] = []
-    notes = ctx.sections.setdefault(f"notes:{ID}", [])
+    cells = Outcome()
+    notes = cells.notes
     notes.append(f"model {model.name}; flash attention {fa}; env {env}; ctx {th['ctx']}, {th['chunks']} chunks, "
                  f"{th['n_predict']} decode steps")
     with tempfile.TemporaryDirectory(prefix="turbo-model-") as work:
@@ -241,3 +242,6 @@ def _perplexity(ctx, bdir, model, corpus, pairs, fa, env, th, threads, must, wor
         cells.append(c)
         cells += judge_log(ctx, r, k, v, {}, "perplexity", ev)
     return cells
+
+
+CHECK = Check(ID, TITLE, run, order=80, rules="MODEL", in_verify=False, needs=("llama-save-load-state", "llama-perplexity", "model", "corpus"))

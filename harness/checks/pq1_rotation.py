@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.checks.contract import Check
 from harness.checks.common import (Context, decision_thresholds, guarded, op_matrices, own_indices,
                                    quant_paths, quantizer_rotation)
 from harness.reference import turbo as T
@@ -140,3 +141,6 @@ def run(ctx: Context) -> list[Cell]:
                              lambda backend=backend, route=route, t=t, om=om, signs=signs:
                              _quant_cells(ctx, backend, route, t, om["R"], signs))
     return cells
+
+
+CHECK = Check(ID, TITLE, run, order=10, rules="PQ1", catches={"dense_rotation": ("FAIL",), "quantizer_signs": ("FAIL",)})

@@ -11,6 +11,7 @@ import itertools
 
 import numpy as np
 
+from harness.checks.contract import Check, Outcome
 from harness.checks.common import (LOSSY_DECODE, Context, centroid_table, centroid_table_spread, decision_thresholds,
                                    decode_route, guarded, quant_paths)
 from harness.errors import HarnessError, ProbeCrash, Unsupported
@@ -21,7 +22,7 @@ from harness.report.model import Cell, Verdict
 ID, TITLE = "PQ2", "Codebook and decision rule (Lloyd-Max, midpoints)"
 
 
-def _table_cells(ctx: Context, t: str) -> list[Cell]:
+def _table_cells(ctx: Context, t: str, notes: list[str]) -> list[Cell]:
     cells = []
     tables = {}
     for b in ctx.backends():
@@ -60,7 +61,7 @@ def _table_cells(ctx: Context, t: str) -> list[Cell]:
                               value, limit, Verdict.PASS if ok else Verdict.FAIL, caveat=cav, evidence=ev,
                               details={**details, "abs_diff": diff}))
     if len(tables) == 1:
-        ctx.sections.setdefault(f"notes:{ID}", []).append(
+        notes.append(
             f"{t}: one decode path in this build ({ref_key[0]}:{ref_key[1]}): no cross-path table comparison")
     return cells
 
@@ -170,13 +171,17 @@ def _path_pair_cells(ctx: Context, t: str) -> list[Cell]:
     return cells
 
 
-def run(ctx: Context) -> list[Cell]:
+def run(ctx: Context) -> Outcome:
     """PQ2 cells: table agreement per (type, decode path); thresholds and distortion per (type, quantise path);
-    thresholds of every two quantise paths against each other."""
-    cells: list[Cell] = []
+    thresholds of every two quantise paths against each other. Notes say where only one decode path exists."""
+    cells, notes = Outcome(), []
     for t in ctx.types:
-        cells += _table_cells(ctx, t)
+        cells += _table_cells(ctx, t, notes)
         for backend, route in quant_paths(ctx):
             cells += guarded(ctx, ID, t, backend, route, lambda t=t, b=backend, r=route: _rule_cells(ctx, t, b, r))
         cells += guarded(ctx, ID, t, ctx.target_backend, "set_rows", lambda t=t: _path_pair_cells(ctx, t))
+    cells.notes += notes
     return cells
+
+
+CHECK = Check(ID, TITLE, run, order=20, rules="PQ2", catches={"perturbed_centroids": ("PARTIAL", "FAIL"), "thresholds_off": ("FAIL",), "decode_unrotated": ("FAIL",)})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.checks.contract import Check
 from harness.checks.common import Context, decode_route, guarded, precise_table, quant_paths
 from harness.reference import turbo as T
 from harness.report.model import Cell, Verdict
@@ -103,3 +104,6 @@ def run(ctx: Context) -> list[Cell]:
                     c.verdict = Verdict.FAIL if c.target else Verdict.PARTIAL
                     c.caveat = (c.caveat + "; " if c.caveat else "") + f"paths disagree on fp16 overflow: {ov}"
     return cells
+
+
+CHECK = Check(ID, TITLE, run, order=30, rules="PQ3", catches={"uncorrected_norm": ("FAIL",), "nan_zero_rows": ("FAIL",)})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.checks.contract import Check
 from harness.checks.common import Context, decode_route, decode_tolerance, guarded, precise_table, quant_paths
 from harness.reference import turbo as T
 from harness.report.model import Cell, Verdict
@@ -100,3 +101,6 @@ def run(ctx: Context) -> list[Cell]:
         for backend, route in quant_paths(ctx):
             cells += guarded(ctx, ID, t, backend, route, lambda t=t, b=backend, r=route: _quant_cells(ctx, t, b, r))
     return cells
+
+
+CHECK = Check(ID, TITLE, run, order=40, rules="PQ4", catches={"swapped_packing": ("FAIL",), "reserved_nonzero": ("FAIL",), "decode_unrotated": ("FAIL",)})

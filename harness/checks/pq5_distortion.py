@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.checks.contract import Check
 from harness.checks.common import Context, decode_route, guarded, quant_paths
 from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.reference import turbo as T
@@ -112,3 +113,6 @@ def run(ctx: Context) -> list[Cell]:
             cells += guarded(ctx, ID, t, backend, route,
                              lambda t=t, b=backend, r=route: _cells(ctx, t, b, r, data, classic))
     return cells
+
+
+CHECK = Check(ID, TITLE, run, order=50, rules="PQ5")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.checks.contract import Check
 from harness.checks.common import Context, guarded, op_matrices, precise_table, quantizer_rotation
 from harness.errors import ProbeCrash, Unsupported
 from harness.reference import turbo as T
@@ -167,3 +168,6 @@ def run(ctx: Context) -> list[Cell]:
                     cell.path = f"{b.name}:flash_attn[{label(c)}]"
             cells += got
     return cells
+
+
+CHECK = Check(ID, TITLE, run, order=60, rules="PQ6", catches={"no_output_inverse": ("FAIL",), "skip_q_rotation": ("FAIL",), "crash_attention": ("FAIL",)})

@@ -10,7 +10,7 @@ import html
 import math
 from pathlib import Path
 
-from harness.report.model import Run
+from harness.report.model import Run, Table
 
 _COLORS = {"PASS": "#2e7d32", "SKIP": "#757575", "PARTIAL": "#ef6c00", "FAIL": "#c62828", "ERROR": "#6a1b9a"}
 
@@ -174,6 +174,29 @@ def _md_table_html(md: str) -> str:
     return "\n".join(out)
 
 
+def table_html(table: Table, run_dir: Path | None = None) -> str:
+    """A check's :class:`Table` as HTML: heading, caption, the rows (numbers via ``fmt_num``, None as '-'), its
+    plot (embedded as base64 when the file is in ``run_dir``, else linked) and evidence links; all text escaped."""
+    from harness.report.render import fmt_num
+    h = [f"<h3>{html.escape(table.title)}</h3>"]
+    h += [f"<p class=small>{html.escape(c.replace('`', ''))}</p>" for c in table.caption]
+    if table.rows:
+        h.append("<div style='overflow-x:auto'><table class=data><tr>"
+                 + "".join(f"<th class=l>{html.escape(str(c))}</th>" for c in table.columns) + "</tr>")
+        h += ["<tr>" + "".join(f"<td class=l>{html.escape(fmt_num(v))}</td>" for v in r) + "</tr>" for r in table.rows]
+        h.append("</table></div>")
+    if table.image:
+        img = Path(run_dir) / table.image if run_dir is not None else None
+        src = (f"data:image/png;base64,{base64.b64encode(img.read_bytes()).decode()}" if img is not None and img.is_file()
+               else html.escape(table.image))
+        h.append(f"<figure><img alt='{html.escape(table.title)}' src='{src}'><figcaption class=small>"
+                 f"{html.escape(table.image)}</figcaption></figure>")
+    if table.evidence:
+        h.append("<p class=small>evidence: " + " ".join(f"<a href='{html.escape(e)}'>{html.escape(Path(e).name)}</a>"
+                                                       for e in table.evidence) + "</p>")
+    return "\n".join(h)
+
+
 def write_html(run: Run, run_dir: Path) -> Path:
     """Write ``<run_dir>/report.html`` (standalone: CSS inline, plots as base64 PNG) and return its path.
 
@@ -238,6 +261,7 @@ def write_html(run: Run, run_dir: Path) -> Path:
             parts.append(f"<p><b>error:</b> {html.escape(c.error)}</p>")
         for n in c.notes:
             parts.append(f"<p class=note>{html.escape(n)}</p>")
+        parts += [table_html(t, run_dir) for t in c.tables]
         dt = _detail_table(c)
         if dt:
             parts.append(_md_table_html("\n".join(dt)))
@@ -253,7 +277,7 @@ def write_html(run: Run, run_dir: Path) -> Path:
                 f"<td>{_fmt(cell.margin)}</td><td>{_badge(cell.verdict.value)}{kn}</td>"
                 f"<td class=l style='min-width:18em'>{html.escape(cell.caveat)}</td><td class=l>{ev}</td></tr>")
         parts.append("</table>")
-    for name, sec in run.sections.items():
+    for name, sec in run.sections.items():  # free-form sections of reports written before checks returned tables
         if name not in ("sweep", "known") and isinstance(sec, dict) and sec.get("markdown"):
             parts.append(_md_table_html(sec["markdown"]))
     parts.append("</body></html>")

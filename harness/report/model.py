@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: checks carry structured tables (CheckResult.tables)
 
 
 class Verdict(str, enum.Enum):
@@ -85,8 +85,56 @@ class Cell:
 
 
 @dataclass
+class Table:
+    """A structured table a check returns (coverage, tool output, per-layer values); every renderer shows it.
+
+    Attributes:
+        id: stable name within its check ('coverage', 'backend_ops', 'per_layer:smollm2:nmse').
+        title: heading shown above it.
+        columns: column labels, in order.
+        rows: one list per row, one value per column (numbers, strings or None; JSON-serialisable).
+        caption: lines of text shown above the rows (what was measured, the command line).
+        image: run-folder-relative path of a plot that belongs to the table ('' for none).
+        evidence: run-folder-relative evidence files the values come from.
+        scope: {'type': column, 'backend': column}: which columns say what a row covers, so that a re-run of the
+            check with fewer types or backends replaces only its own rows (:meth:`merge_previous`).
+    """
+
+    id: str
+    title: str
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    caption: list[str] = field(default_factory=list)
+    image: str = ""
+    evidence: list[str] = field(default_factory=list)
+    scope: dict[str, str] = field(default_factory=dict)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The rows as {column label: value} dicts."""
+        return [dict(zip(self.columns, r)) for r in self.rows]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Table":
+        return cls(**{k: d[k] for k in ("id", "title", "columns", "rows", "caption", "image", "evidence", "scope") if k in d})
+
+    def merge_previous(self, old: "Table", types: list[str], backends: list[str]) -> None:
+        """Prepend the rows of an earlier run's table that this run did not redo: a row is redone when its scope
+        columns (``scope['type']``, ``scope['backend']``) name one of ``types`` and one of ``backends``. A table
+        without a scope replaces the earlier one whole."""
+        if not self.scope:
+            return
+        ti = self.columns.index(self.scope["type"]) if "type" in self.scope else None
+        bi = self.columns.index(self.scope["backend"]) if "backend" in self.scope else None
+        kept = [r for r in old.rows if not ((ti is None or r[ti] in types) and (bi is None or r[bi] in backends))]
+        self.rows = kept + [r for r in self.rows if r not in kept]
+
+
+@dataclass
 class CheckResult:
-    """All cells of one check, with its aggregated verdict (worst *target* cell, see spec)."""
+    """All cells of one check, with its aggregated verdict (worst *target* cell, see spec), its notes and tables."""
 
     id: str
     title: str
@@ -94,6 +142,7 @@ class CheckResult:
     notes: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     error: str = ""
+    tables: list[Table] = field(default_factory=list)
 
     @property
     def verdict(self) -> Verdict:
@@ -112,6 +161,7 @@ class CheckResult:
             "error": self.error,
             "notes": self.notes,
             "cells": [c.to_dict() for c in self.cells],
+            "tables": [t.to_dict() for t in self.tables],
         }
 
 
@@ -177,7 +227,8 @@ class Run:
                   interrupted=d.get("interrupted"))
         for cd in d.get("checks", []):
             cr = CheckResult(id=cd["id"], title=cd["title"], notes=cd.get("notes", []),
-                             duration_s=cd.get("duration_s", 0.0), error=cd.get("error", ""))
+                             duration_s=cd.get("duration_s", 0.0), error=cd.get("error", ""),
+                             tables=[Table.from_dict(t) for t in cd.get("tables", [])])
             for c in cd.get("cells", []):
                 c = dict(c)
                 c.pop("margin", None)

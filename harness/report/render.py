@@ -6,7 +6,7 @@ import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from harness.report.model import Run, Verdict
+from harness.report.model import Run, Table, Verdict
 
 
 def fmt_num(v) -> str:
@@ -130,6 +130,22 @@ def _detail_table(c) -> list[str]:
     return lines
 
 
+def table_markdown(table: Table, level: int = 3) -> list[str]:
+    """A check's :class:`Table` as Markdown lines: heading, caption lines, a pipe table (numbers via
+    :func:`fmt_num`, None as '-'), its plot and evidence files."""
+    lines = [f"{'#' * level} {table.title}", ""]
+    lines += [ln for c in table.caption for ln in (c, "")]
+    if table.rows:
+        lines += ["| " + " | ".join(_md_escape(c) for c in table.columns) + " |", "|" + "---|" * len(table.columns)]
+        lines += ["| " + " | ".join(_md_escape(fmt_num(v)) for v in r) + " |" for r in table.rows]
+        lines.append("")
+    if table.image:
+        lines += [f"![{_md_escape(table.title)}]({table.image})", ""]
+    if table.evidence:
+        lines += ["evidence: " + " ".join(f"[{Path(e).name}]({e})" for e in table.evidence), ""]
+    return lines
+
+
 def sweep_markdown(section: dict) -> list[str]:
     """The sweep's per-pair table for summary.md (PPL, paired change vs q8_0, KLD, top-1, memory, status)."""
     rows = section.get("rows") or []
@@ -173,6 +189,8 @@ def markdown(run: Run) -> str:
             lines.append(f"ERROR: {_md_escape(c.error)}")
         for n in c.notes:
             lines.append(f"- {_md_escape(n)}")
+        for t in c.tables:
+            lines += [""] + table_markdown(t)
         if not c.cells:
             continue
         if c.id == "SWEEP" and isinstance(run.sections.get("sweep"), dict):
@@ -186,7 +204,7 @@ def markdown(run: Run) -> str:
             kn = f" (known: {x.known['status'].upper()})" if x.known else ""
             lines.append(f"| {x.type} | `{x.path}`{tgt} | {x.metric} | {fmt_num(x.value)} | {x.op} {fmt_num(x.threshold)} | "
                          f"{fmt_num(x.margin)} | {x.verdict.value}{kn} | {_md_escape(x.caveat)} | {ev} |")
-    for name, sec in run.sections.items():
+    for name, sec in run.sections.items():  # free-form sections of reports written before checks returned tables
         if isinstance(sec, dict) and sec.get("markdown"):
             lines += ["", sec["markdown"]]
     lines += ["", "Exit code rule: 0 no FAIL/ERROR, 1 a FAIL (or PARTIAL with --strict), 2 an ERROR or bad usage; "
@@ -258,6 +276,9 @@ def write_junit(run: Run, run_dir: Path) -> Path:
                 ET.SubElement(tc, "skipped", message=x.caveat or "skipped")
             elif x.verdict == Verdict.PARTIAL:
                 ET.SubElement(tc, "system-out").text = f"PARTIAL: {msg}"
+        if c.notes or c.tables:  # what the check reported besides its cells, as text (JUnit has no tables)
+            ET.SubElement(s, "system-out").text = "\n".join(
+                [f"- {n}" for n in c.notes] + [ln for t in c.tables for ln in [""] + table_markdown(t)])
     if gated:
         s = ET.SubElement(suites, "testsuite", name="known-findings", tests=str(len(known["entries"])))
         for e in known["entries"]:
@@ -269,9 +290,10 @@ def write_junit(run: Run, run_dir: Path) -> Path:
                 elif st == "not checked":
                     ET.SubElement(tc, "skipped", message="not measured in this run")
     for s in suites:  # counts from the testcases themselves, so xfail/xpass are counted where they are written
+        cases = [tc for tc in s if tc.tag == "testcase"]
         for tag, attr in (("failure", "failures"), ("error", "errors"), ("skipped", "skipped")):
-            s.set(attr, str(sum(1 for tc in s for ch in tc if ch.tag == tag)))
-        s.set("tests", str(max(len(s), 1)))
+            s.set(attr, str(sum(1 for tc in cases for ch in tc if ch.tag == tag)))
+        s.set("tests", str(max(len(cases), 1)))
     p = Path(run_dir) / "junit.xml"
     ET.ElementTree(suites).write(p, encoding="utf-8", xml_declaration=True)
     return p

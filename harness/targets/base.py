@@ -85,6 +85,12 @@ class Target:
             lay = self._layouts = T.select_layouts({t: self.type_info(t) for t in T.TURBO_TYPES})
         return lay
 
+    def backend_ops(self, log_path=None) -> dict | None:
+        """The fork's own ``test-backend-ops`` on the turbo-related ops, run by the target (the engine's side, not
+        a check's): :func:`harness.runners.backend_ops.run`'s dict ({'results', 'returncode', 'note', 'command'}),
+        its console output written to ``log_path`` when given; None when this target has no such tool."""
+        return None
+
     def describe(self) -> dict:
         """Metadata for the report."""
         return {"target": self.name}

@@ -118,6 +118,14 @@ class ForkTarget(Target):
         return self.probe.flash_attn(self.device(backend), tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv,
                                      float(scale), bool(rotate_q), bool(inverse_out), group, bool(prec_f32))
 
+    def backend_ops(self, log_path=None):
+        """Run the build's ``bin/test-backend-ops`` (see :meth:`Target.backend_ops`); None when it is not built."""
+        from harness.runners import backend_ops
+        binary = self.build_dir / "bin" / "test-backend-ops"
+        if not binary.is_file():
+            return None
+        return backend_ops.run(binary, log_path=log_path)
+
     def describe(self):
         return {"target": self.name, "build_dir": str(self.build_dir), "probe": str(self.lib),
                 "layouts": self.layouts().describe(),

@@ -1,0 +1,175 @@
+"""The one check contract: a registry every command reads, checks that return tables, renderers that show every
+table, and no module-global state written by a run."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pkgutil
+import sys
+import types
+import xml.etree.ElementTree as ET
+from contextvars import ContextVar
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import harness
+from harness.checks import kvreal
+from harness.checks.contract import Check, Outcome, Registry
+from harness.checks.registry import REGISTRY
+from harness.errors import HarnessError
+from harness.reference import turbo as T
+from harness.report.model import Run, Table, Verdict
+from harness.runners import backend_ops
+from harness.targets.numpy_target import NumpyTarget
+from harness.verify import run_checks
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "backend_ops"
+
+
+class ToolTarget(NumpyTarget):
+    """A NumPy target whose test-backend-ops output is a real CUDA log (the target runs the tool, not the check)."""
+
+    def backend_ops(self, log_path=None):
+        text = (FIX / "cuda_h200_excerpt.log").read_text()
+        if log_path:
+            Path(log_path).write_text(text)
+        from dataclasses import asdict
+        res = [asdict(r) for r in backend_ops.parse(text) if backend_ops.is_turbo_related(r)]
+        return {"results": res, "returncode": 0, "note": "", "command": "test-backend-ops test -o TURBO_WHT (fixture)"}
+
+
+def test_html_json_markdown_junit_show_the_coverage_and_test_backend_ops_tables(tmp_path):
+    run = run_checks(ToolTarget(), ["COMPAT"], ["turbo3"], tmp_path, log=lambda s: None)
+    compat = run.checks[0]
+    tables = {t.id: t for t in compat.tables}
+    assert set(tables) == {"coverage", "backend_ops"}
+    cov, ops = tables["coverage"], tables["backend_ops"]
+    assert len(cov.rows) == 3 + 2 * 2 * 3 + 4  # K+V x 3 dims, 2 roles x 2 partners x 3 dims; 4 backends not here
+    assert ops.rows and {r[1] for r in ops.rows} == {"TURBO_WHT", "FLASH_ATTN_EXT"}
+    assert any(c.path == "test-backend-ops" and c.verdict == Verdict.PASS for c in compat.cells)
+    page = (tmp_path / "report.html").read_text()
+    body = page[page.index("<h2 id='COMPAT'>"):]  # inside COMPAT's own section, as HTML tables
+    for t in (cov, ops):
+        assert f"<h3>{t.title}</h3>" in body.replace("&#x27;", "'")
+        for r in t.rows:
+            assert "<tr>" + "".join(f"<td class=l>{x}</td>" for x in (str(v) for v in r)) + "</tr>" in \
+                body.replace("&#x27;", "'").replace("&amp;", "&"), r
+    md = (tmp_path / "summary.md").read_text()
+    assert f"### {cov.title}" in md and f"### {ops.title}" in md
+    assert "| cuda | all | all | all | all | not covered: backend not available on this machine |" in md
+    stored = json.loads((tmp_path / "run.json").read_text())
+    assert [t["id"] for t in stored["checks"][0]["tables"]] == ["coverage", "backend_ops"]
+    assert Run.from_dict(stored).checks[0].tables == compat.tables  # structured, not Markdown: it round-trips
+    out = [s.find("system-out").text for s in ET.parse(tmp_path / "junit.xml").getroot() if s.get("name") == "COMPAT"][0]
+    assert cov.title in out and ops.title in out and "FLASH_ATTN_EXT" in out
+
+
+def test_kvreal_per_layer_tables_reach_the_html(make_ctx, tmp_path):
+    rng = np.random.default_rng(3)
+    q = {0: rng.standard_normal((64, 4, 128)).astype(np.float32)}
+    k = {0: rng.standard_normal((64, 2, 128)).astype(np.float32)}
+    v = {0: rng.standard_normal((64, 2, 128)).astype(np.float32)}
+    ctx = make_ctx(NumpyTarget(), types=("turbo3",))
+    out = kvreal.cells_from_analysis(ctx, kvreal.analyse(ctx, q, k, v, label="syn"))
+    assert [t.id for t in out.tables] == ["per_layer:syn:nmse", "per_layer:syn:attn_rel_err",
+                                          "per_layer:syn:logit_rel_err", "per_layer:syn:stats"]
+    run = Run("r")
+    from harness.report.model import CheckResult
+    run.checks.append(CheckResult("KVREAL", kvreal.TITLE, cells=list(out), tables=out.tables))
+    from harness.report.html import write_html
+    page = write_html(run, tmp_path).read_text()
+    for t in out.tables:
+        assert f"<h3>{t.title}</h3>" in page.replace("&#x27;", "'")
+    nmse = out.tables[0]
+    assert f"<td class=l>0</td><td class=l>{nmse.rows[0][1]:.3g}</td>" in page
+
+
+def toy_run(ctx):
+    """A toy check: one cell per type, a note and a table; data only."""
+    cells = Outcome(notes=["toy note: nothing measured"],
+                    tables=[Table("toy", "Toy table", ["type", "value"], [[t, 0.25] for t in ctx.types])])
+    for t in ctx.types:
+        cells.append(ctx.cell("TOY", t, ctx.target_backend, "set_rows", "toy_metric", 0.25, 1.0, Verdict.PASS))
+    return cells
+
+
+def test_a_toy_check_added_through_the_registry_alone_appears_everywhere(tmp_path):
+    toy = Check("TOY", "A toy check added by a test", toy_run, order=65)
+    reg = REGISTRY.with_check(toy)
+    assert "TOY" not in REGISTRY and reg.default_ids()[-2:] == ["TOY", "COMPAT"]
+    runner = CliRunner()
+    r = runner.invoke(harness_cli(), ["list"], obj=reg)
+    assert r.exit_code == 0 and "TOY  A toy check added by a test" in r.output
+    out = tmp_path / "run"
+    r = runner.invoke(harness_cli(), ["verify", "--numpy-target", "", "--type", "turbo3", "--out", str(out)], obj=reg)
+    assert r.exit_code == 0, r.output
+    assert "TOY    PASS" in r.output
+    stored = json.loads((out / "run.json").read_text())
+    assert [c["id"] for c in stored["checks"]] == ["PQ1", "PQ2", "PQ3", "PQ4", "PQ5", "PQ6", "TOY", "COMPAT"]
+    toy_json = next(c for c in stored["checks"] if c["id"] == "TOY")
+    assert toy_json["verdict"] == "PASS" and toy_json["notes"] == ["toy note: nothing measured"]
+    assert toy_json["cells"][0]["metric"] == "toy_metric" and toy_json["tables"][0]["rows"] == [["turbo3", 0.25]]
+    page = (out / "report.html").read_text()
+    assert "<h2 id='TOY'>TOY: A toy check added by a test" in page and "<h3>Toy table</h3>" in page
+    assert "toy_metric" in page and "toy note: nothing measured" in page
+    assert "### Toy table" in (out / "summary.md").read_text()
+    # the default registry did not change: without obj, TOY is unknown
+    r = runner.invoke(harness_cli(), ["check", "TOY", "--numpy-target", "", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "unknown check TOY" in r.output
+
+
+def test_registry_refuses_two_checks_with_one_id():
+    with pytest.raises(HarnessError, match="two checks registered as PQ1"):
+        REGISTRY.with_check(Check("PQ1", "another PQ1", toy_run, order=1))
+    assert Registry.discover().ids() == REGISTRY.ids()
+
+
+def harness_cli():
+    from harness.cli import cli
+    return cli
+
+
+def _import_all() -> None:
+    for info in pkgutil.walk_packages(harness.__path__, "harness."):
+        importlib.import_module(info.name)
+
+
+def _module_state() -> dict:
+    """{(module, name): fingerprint} of every value bound at module level in the harness package: the object's
+    identity, and for data (containers, numbers, strings, context variables) its contents."""
+    state = {}
+    for name, mod in list(sys.modules.items()):
+        if not (name == "harness" or name.startswith("harness.")) or mod is None:
+            continue
+        for k, v in vars(mod).items():
+            if k.startswith("__") or isinstance(v, (types.ModuleType, types.FunctionType, type)):
+                continue
+            if isinstance(v, ContextVar):
+                state[(name, k)] = ("contextvar", repr(v.get(None)))
+            elif isinstance(v, (dict, list, set, tuple, frozenset, str, int, float, bool, bytes, type(None), Path)):
+                state[(name, k)] = (id(v), repr(v))
+            elif isinstance(v, Registry):
+                state[(name, k)] = (id(v), tuple(c.id for c in v))
+            else:
+                state[(name, k)] = (id(v), type(v).__name__)
+    return state
+
+
+def test_no_module_global_state_is_written_by_runs_of_two_targets_with_different_layouts(tmp_path):
+    _import_all()
+    before, env = _module_state(), dict(os.environ)
+    odd = NumpyTarget(formats={"turbo4": T.TurboFormat("turbo4", 4, 128, 66)})  # no rnorm field: unknown layout
+    plain = NumpyTarget()
+    r1 = run_checks(odd, ["PQ3", "PQ4"], ["turbo4"], tmp_path / "odd", log=lambda s: None)
+    r2 = run_checks(plain, ["PQ3", "PQ4"], ["turbo4"], tmp_path / "plain", log=lambda s: None)
+    r3 = run_checks(odd, ["PQ4"], ["turbo4"], tmp_path / "odd2", log=lambda s: None)
+    assert r1.verdict == Verdict.FAIL and r2.verdict == Verdict.PASS and r3.verdict == Verdict.FAIL
+    assert "128 values in 66 bytes" in next(c for c in r1.checks[1].cells if c.verdict == Verdict.FAIL).caveat
+    after = _module_state()
+    changed = {k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert not changed, changed
+    assert dict(os.environ) == env
