@@ -5,7 +5,6 @@ Exit codes: 0 no FAIL and no ERROR; 1 a FAIL (or a PARTIAL with --strict); 2 an 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,8 +19,24 @@ from harness.reference.turbo import TURBO_TYPES
 REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 
 
+# commands that live in their own modules, loaded when named (Click's lazy group pattern): no import side effect
+LAZY_COMMANDS = {"sweep": ("harness.cli_sweep", "sweep"), "replay": ("harness.cli_replay", "replay"),
+                 "catalogue": ("harness.cli_replay", "catalogue"), "bisect": ("harness.cli_replay", "bisect"),
+                 "bisect-oracle": ("harness.cli_replay", "bisect_oracle")}
+
+
 class Group(click.Group):
-    """Turns HarnessError into a one-line message and exit code 2."""
+    """Turns HarnessError into a one-line message and exit code 2; loads the commands of LAZY_COMMANDS when named."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS and name not in self.commands:
+            import importlib
+            mod, attr = LAZY_COMMANDS[name]
+            return getattr(importlib.import_module(mod), attr)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx):
         try:
@@ -64,15 +79,9 @@ def _check_ids(value: str | None) -> list[str]:
 
 
 def _load_run(run_dir: Path):
-    """The Run stored in run_dir/run.json. Raises HarnessError when missing or not a run report."""
-    from harness.report.model import Run
-    p = Path(run_dir) / "run.json"
-    if not p.is_file():
-        raise HarnessError(f"{p} not found: give a run folder written by turbo-harness")
-    try:
-        return Run.from_dict(json.loads(p.read_text()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise HarnessError(f"{p} is not a readable turbo-harness run report ({type(e).__name__}: {e})") from None
+    """The Run stored in run_dir/run.json (:func:`harness.pipeline.load_run`)."""
+    from harness.pipeline import load_run
+    return load_run(run_dir)
 
 
 def _open_target(fork_dir: str | None, build_backend: str | None):
@@ -119,20 +128,6 @@ def _numpy_target(spec: str):
     return target, {"target_kind": "numpy", "build_dir": f"numpy:{spec}"}
 
 
-def _refuse_other_build(previous, meta: dict, target_name: str, run_dir: Path) -> None:
-    """Raise HarnessError when the report already in run_dir was made from another build (never merged)."""
-    old = dict(fb.build_identity(previous.meta), target=(previous.meta.get("target") or {}).get("target"))
-    new = dict(fb.build_identity(meta), target=target_name)
-    if old != new:
-        diff = [k for k in new if old.get(k) != new.get(k)]
-
-        def show(m):
-            return (f"fork {fb.source_label(m.get('fork_commit'), m.get('fork_dirty'), m.get('fork_diff_sha256'))}, "
-                    f"build {m.get('build_dir') or '?'}")
-        raise HarnessError(f"--out {run_dir} holds a report of another build ({show(old)}; this run: {show(new)}; "
-                           f"differs in {', '.join(diff)}): reports of different builds are never merged, give a new --out folder")
-
-
 def _print_headline(run) -> None:
     """The verdict and one line per finding (the same lines summary.md and report.html start with)."""
     from harness.report.findings import headline
@@ -142,38 +137,26 @@ def _print_headline(run) -> None:
 
 def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_backend, out, strict, known_file=None,
                   numpy_target=None, options=None):
-    from harness import usage
+    """verify / check through the pipeline (harness.pipeline): run folder, target, checks, reports, exit code."""
+    from harness import pipeline, usage
     from harness.interrupt import Interrupted, interruptible
-    from harness.verify import new_run_id, run_checks
+    from harness.verify import new_run_id
     target_backend = usage.backend_name(target_backend, "--target")
     backends = [usage.backend_name(b, "--backend") for b in backends]
     known = None
     if known_file:
         from harness.known import load_known
         known = load_known(known_file)
-    run_dir = Path(out) if out else REPORTS / new_run_id()
-    previous = None
-    if run_dir.exists() and not run_dir.is_dir():
-        raise HarnessError(f"--out {run_dir} is a file: give a folder for the report")
-    if (run_dir / "run.json").is_file():  # add to the report already there instead of overwriting it
-        previous = _load_run(run_dir)
-        if any(c.id == "SWEEP" for c in previous.checks):
-            raise HarnessError(f"--out {run_dir} holds a sweep report: give another folder for the checks")
-    usage.writable_dir(run_dir, "--out")
+    run_dir, previous = pipeline.prepare_run_dir(Path(out) if out else REPORTS / new_run_id(), "checks")
     target, meta = _numpy_target(numpy_target) if numpy_target is not None else _open_target(fork_dir, build_backend)
-    try:  # the backends asked for exist in this build: said before anything is printed or written
-        from harness.verify import pick_target_backend
-        pick_target_backend(target, target_backend)
-        present = [b.name for b in target.backends()]
-        for b in backends:
-            if b not in present:
-                raise usage.unavailable_backend(b, present, "--backend")
+    try:
+        pipeline.check_backends(target, target_backend, backends)
     except HarnessError:
         target.close()
         raise
     try:
         if previous is not None:
-            _refuse_other_build(previous, meta, target.name, run_dir)
+            pipeline.refuse_other_build(previous, meta, target.name, run_dir)
         what = (f"fork {fb.source_label(meta.get('fork_commit'), meta.get('fork_dirty'), meta.get('fork_diff_sha256'))}"
                 if "fork_commit" in meta else f"target {target.name}")
         click.echo(f"{what} build {meta.get('build_dir')} -> report {run_dir}" + (" (adding to the checks already there)" if previous else ""))
@@ -182,24 +165,17 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
         if meta.get("provenance_warning"):
             click.echo(f"warning: {meta['provenance_warning']}", err=True)
         with interruptible():
-            run = run_checks(target, check_ids, types, run_dir, target_backend=target_backend, backends=backends,
-                             meta=meta, log=click.echo, run=previous, registry=registry(),
-                             options=options)
+            run = pipeline.run_verify(target, meta, check_ids, types, run_dir, previous, target_backend=target_backend,
+                                      backends=backends, registry=registry(), options=options, log=click.echo)
     except Interrupted as e:
         click.echo(f"interrupted by {e.name}: partial report marked INTERRUPTED in {run_dir / 'summary.md'}", err=True)
         sys.exit(e.exit_code)
     finally:
         target.close()
-    from harness.known import apply_known, clear_known, gate_exit_code
-    from harness.report.render import write_all
-    if known is not None:
-        apply_known(run, known, known_file)
-        write_all(run, run_dir)
-    elif clear_known(run):  # judged against a file earlier in this folder: not this time
-        write_all(run, run_dir)
+    code = pipeline.finish(run, run_dir, known, known_file, strict, written=True)
     _print_headline(run)
     click.echo(f"report: {run_dir / 'summary.md'} ({run_dir / 'report.html'})")
-    sys.exit(gate_exit_code(run, strict))
+    sys.exit(code)
 
 
 common = [
@@ -387,18 +363,6 @@ def _fork_line(fork: Path, st: dict) -> str:
     first = desc.split(" ", 1)[0]
     subject = desc.split(" ", 1)[1] if first and commit.startswith(first) and " " in desc else ("" if commit.startswith(first) and first else desc)
     return f"{fork} at {commit[:12]}{dirty}" + (f" - {subject}" if subject else "")
-
-
-def _register_subcommands():
-    # sweep and replay live in their own modules; imported here so the group has every command
-    from harness.cli_replay import commands as replay_commands
-    from harness.cli_sweep import sweep
-    cli.add_command(sweep)
-    for c in replay_commands:
-        cli.add_command(c)
-
-
-_register_subcommands()
 
 
 def main():

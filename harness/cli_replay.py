@@ -114,8 +114,10 @@ def replay(commit, check_list, types, routes, sanitize, fork_dir, out, strict):
     run, run_dir, built = replay_commit(fork, commit, _checks(check_list), _types(types),
                                         routes.split(",") if routes else None, Path(out) if out else None,
                                         sanitize=sanitize)
+    from harness.pipeline import finish
+    code = finish(run, run_dir, strict=strict, written=True)
     click.echo(f"{run.meta['fork_commit'][:12]}: {run.verdict.value}; report {run_dir / 'summary.md'}")
-    sys.exit(run.exit_code(strict))
+    sys.exit(code)
 
 
 def judge_side(cr, sanitizer: list[str] | None = None) -> tuple[str, str]:

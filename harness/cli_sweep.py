@@ -1,6 +1,6 @@
 """``turbo-harness sweep``: model-level PPL/KLD/speed/KV-memory sweep over K/V cache-type pairs.
 
-Registered by harness/cli.py with ``cli.add_command(sweep)``. Exit codes: 0 no FAIL/ERROR, 1 a FAIL
+Loaded by harness/cli.py when named (``LAZY_COMMANDS``); the run goes through :mod:`harness.pipeline`. Exit codes: 0 no FAIL/ERROR, 1 a FAIL
 (or PARTIAL with --strict), 2 an ERROR or bad usage, 130 / 143 interrupted by SIGINT / SIGTERM (the
 partial report is written, marked INTERRUPTED with the jobs not run; finished jobs stay cached).
 """
@@ -164,8 +164,8 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     from harness.runners.sweep import (CPU_DEFAULTS, DEFAULT_PAIRS, GPU_DEFAULTS, SweepConfig, parse_pairs, run_sweep,
                                        with_baselines)
 
-    from harness import usage
-    from harness.known import apply_known, gate_exit_code, load_known
+    from harness import pipeline, usage
+    from harness.known import load_known
 
     try:
         backend = usage.backend_name(backend, "--backend") or detect_backend()
@@ -189,8 +189,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             timeout=dflt["timeout"] if timeout is None else timeout, bench=not no_bench)
         _check_inputs(cfg)
         run_id = time.strftime("sweep-%Y%m%d-%H%M%S")
-        run_dir = usage.writable_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / run_id, "--out")
-        _refuse_other_report(run_dir)
+        run_dir, _ = pipeline.prepare_run_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / run_id, "sweep")
         if not no_baselines:
             cfg.pairs, cfg.baselines_added = with_baselines(cfg.pairs)
             if cfg.baselines_added:
@@ -209,17 +208,19 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
                     click.echo(f"interrupted by {getattr(e, 'name', 'SIGINT')} before any job ran; {resume}", err=True)
                     sys.exit(code)
                 run = build_run(result, run_dir.name, sys.argv)
-                paths = write_reports(run, result, run_dir)
+                paths = {}
+                code = pipeline.finish(run, run_dir, strict=strict,
+                                       write=lambda r, d: paths.update(write_reports(r, result, d)))
                 i = result.interrupted
                 click.echo(f"SWEEP INTERRUPTED by {i['signal']}: {len(i['not_run'])} jobs not run "
                            f"({', '.join(i['not_run'])}); the jobs that finished are cached: {resume}; "
                            f"partial report {paths['summary.md'] if 'summary.md' in paths else paths['report.html']}", err=True)
-                sys.exit(run.exit_code(strict=strict))
+                sys.exit(code)
             acknowledge()  # every job ran: a signal now would only cut the report short (about a second)
             run = build_run(result, run_dir.name, sys.argv)
-            if known is not None:
-                apply_known(run, known, known_file)
-            paths = write_reports(run, result, run_dir)
+            paths = {}
+            code = pipeline.finish(run, run_dir, known, known_file, strict,
+                                   write=lambda r, d: paths.update(write_reports(r, result, d)))
     except HarnessError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -235,7 +236,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     cr = run.checks[0]
     click.echo(f"SWEEP {cr.verdict.value}: {result.jobs_run} jobs run, {result.jobs_cached} cached, "
                f"{result.seconds:.1f} s; report {paths['report.html']}")
-    sys.exit(gate_exit_code(run, strict=strict))
+    sys.exit(code)
 
 
 _MINIMA = {"ctx": (16, "tokens per perplexity chunk"), "chunks": (2, "llama-perplexity prints KLD statistics only for 2+ chunks"),
@@ -249,22 +250,6 @@ def _check_numbers(**given) -> None:
         lo, why = _MINIMA[name]
         if v is not None and v < lo:
             raise HarnessError(f"--{name} {v:g} is too small ({why}): give {lo} or more, or leave it out for the default")
-
-
-def _refuse_other_report(run_dir: Path) -> None:
-    """A folder holding a verify/check report is not overwritten by a sweep (a sweep report there is
-    replaced by the new sweep: it is the same kind of run)."""
-    f = Path(run_dir) / "run.json"
-    if not f.is_file():
-        return
-    try:
-        ids = [c.get("id") for c in json.loads(f.read_text()).get("checks", [])]
-    except (OSError, ValueError, AttributeError):
-        ids = ["?"]
-    other = [i for i in ids if i != "SWEEP"]
-    if other:
-        raise HarnessError(f"--out {run_dir} holds another report ({', '.join(map(str, other))}): a sweep would overwrite "
-                           f"it; give a new folder")
 
 
 def _check_inputs(cfg) -> None:

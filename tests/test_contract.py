@@ -173,3 +173,14 @@ def test_no_module_global_state_is_written_by_runs_of_two_targets_with_different
     changed = {k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)}
     assert not changed, changed
     assert dict(os.environ) == env
+
+
+def test_subcommands_in_their_own_modules_load_when_named_not_on_import():
+    import subprocess
+    code = ("import sys, harness.cli as c; assert 'harness.cli_sweep' not in sys.modules "
+            "and 'harness.cli_replay' not in sys.modules, 'imported on import'; "
+            "names = c.cli.list_commands(None); assert {'sweep', 'replay', 'catalogue', 'bisect'} <= set(names), names")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    r = CliRunner().invoke(harness_cli(), ["sweep", "--help"])
+    assert r.exit_code == 0 and "--pairs" in r.output

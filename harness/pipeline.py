@@ -1,0 +1,142 @@
+"""One pipeline for every command that judges something: run folder -> checks -> reports -> exit code.
+
+``verify`` / ``check`` (:func:`run_verify`), ``sweep`` and ``replay`` all go through it: the report folder is
+prepared and a report already there is kept, refused or replaced by the same rules (:func:`prepare_run_dir`);
+checks run through :func:`harness.verify.run_checks` (which writes the reports after every check); the end is
+:func:`finish`: judge against a known-findings file (or drop an earlier judgement), write every report, and return
+the exit code (README "Exit codes"). The CLI modules only parse options, call these and print.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from harness.errors import HarnessError
+from harness.report.model import Run
+
+# what a report folder holds: a checks report (verify, check, replay) or a sweep report
+KINDS = ("checks", "sweep")
+
+
+def load_run(run_dir: Path) -> Run:
+    """The Run stored in run_dir/run.json. Raises HarnessError when missing or not a run report."""
+    p = Path(run_dir) / "run.json"
+    if not p.is_file():
+        raise HarnessError(f"{p} not found: give a run folder written by turbo-harness")
+    try:
+        return Run.from_dict(json.loads(p.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise HarnessError(f"{p} is not a readable turbo-harness run report ({type(e).__name__}: {e})") from None
+
+
+def _ids_in(run_dir: Path) -> list[str]:
+    """Check ids of the report in run_dir ('?' when it cannot be read)."""
+    try:
+        return [str(c.get("id")) for c in json.loads((Path(run_dir) / "run.json").read_text()).get("checks", [])]
+    except (OSError, ValueError, AttributeError):
+        return ["?"]
+
+
+def prepare_run_dir(run_dir: Path, kind: str, option: str = "--out") -> tuple[Path, Run | None]:
+    """Make sure a report of ``kind`` can be written into ``run_dir`` and say what is there already.
+
+    A checks report is added to an earlier checks report in the folder (returned, to be merged); a sweep report
+    replaces an earlier sweep report (None is returned). A folder holding the other kind of report is refused.
+
+    Returns:
+        (run_dir, the earlier checks report to add to, or None).
+    Raises:
+        HarnessError: run_dir is a file, cannot be written, or holds the other kind of report (one line, the fix).
+    """
+    from harness import usage
+    run_dir = Path(run_dir)
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: one of {KINDS}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise HarnessError(f"{option} {run_dir} is a file: give a folder for the report")
+    previous = None
+    if (run_dir / "run.json").is_file():
+        ids = _ids_in(run_dir)
+        if kind == "checks":
+            if "SWEEP" in ids:
+                raise HarnessError(f"{option} {run_dir} holds a sweep report: give another folder for the checks")
+            previous = load_run(run_dir)
+        elif [i for i in ids if i != "SWEEP"]:
+            raise HarnessError(f"{option} {run_dir} holds another report ({', '.join(i for i in ids if i != 'SWEEP')}): "
+                               f"a sweep would overwrite it; give a new folder")
+    usage.writable_dir(run_dir, option)
+    return run_dir, previous
+
+
+def refuse_other_build(previous: Run, meta: dict, target_name: str, run_dir: Path) -> None:
+    """Raise HarnessError when the report already in run_dir was made from another build (never merged)."""
+    from harness.fork import build as fb
+    old = dict(fb.build_identity(previous.meta), target=(previous.meta.get("target") or {}).get("target"))
+    new = dict(fb.build_identity(meta), target=target_name)
+    if old != new:
+        diff = [k for k in new if old.get(k) != new.get(k)]
+
+        def show(m):
+            return (f"fork {fb.source_label(m.get('fork_commit'), m.get('fork_dirty'), m.get('fork_diff_sha256'))}, "
+                    f"build {m.get('build_dir') or '?'}")
+        raise HarnessError(f"--out {run_dir} holds a report of another build ({show(old)}; this run: {show(new)}; "
+                           f"differs in {', '.join(diff)}): reports of different builds are never merged, give a new --out folder")
+
+
+def check_backends(target, target_backend: str | None, backends: list[str]) -> None:
+    """The backends asked for exist in the target: said before anything is printed or written.
+
+    Raises:
+        HarnessError: a requested production backend or ``--backend`` that the build lacks (with the fix).
+    """
+    from harness import usage
+    from harness.verify import pick_target_backend
+    pick_target_backend(target, target_backend)
+    present = [b.name for b in target.backends()]
+    for b in backends:
+        if b not in present:
+            raise usage.unavailable_backend(b, present, "--backend")
+
+
+def finish(run: Run, run_dir: Path, known: list | None = None, known_file: str | None = None, strict: bool = False,
+           write: Callable[[Run, Path], object] | None = None, written: bool = False) -> int:
+    """The end of every run: judge it against a known-findings file (or drop the judgement of an earlier run in
+    the folder), write every report, and return the exit code.
+
+    Args:
+        known: entries of :func:`harness.known.load_known` (None: no gate). known_file: its path, for the report.
+        strict: exit 1 on PARTIAL too (without a known-findings file).
+        write: the report writer (default :func:`harness.report.render.write_all`; a sweep also writes its CSVs).
+        written: the reports in run_dir are already those of ``run`` (verify writes after every check): they are
+            written again only when the known-findings judgement changed them.
+    Returns:
+        0 no FAIL/ERROR, 1 a FAIL (or PARTIAL with ``strict``, or a new/grown/fixed finding with a gate), 2 an
+        ERROR, 130 / 143 for an interrupted run (:func:`harness.known.gate_exit_code`).
+    """
+    from harness.known import apply_known, clear_known, gate_exit_code
+    from harness.report.render import write_all
+    changed = known is not None
+    if changed:
+        apply_known(run, known, known_file)
+    else:
+        changed = clear_known(run)  # judged against a file earlier in this folder: not this time
+    if changed or not written:
+        (write or write_all)(run, Path(run_dir))
+    return gate_exit_code(run, strict)
+
+
+def run_verify(target, meta: dict, check_ids: list[str], types: list[str], run_dir: Path, previous: Run | None,
+               *, target_backend: str | None = None, backends: list[str] | None = None, registry=None,
+               options: dict | None = None, log: Callable[[str], None] = print) -> Run:
+    """The checks of verify / check on an opened target into run_dir (added to ``previous`` when given).
+
+    Raises:
+        HarnessError: ``previous`` is a report of another build; bad check ids or backends.
+        Interrupted: a signal arrived (the partial report is written and marked; see run_checks).
+    """
+    from harness.verify import run_checks
+    if previous is not None:
+        refuse_other_build(previous, meta, target.name, run_dir)
+    return run_checks(target, check_ids, types, run_dir, target_backend=target_backend, backends=backends, meta=meta,
+                      log=log, run=previous, registry=registry, options=options)
