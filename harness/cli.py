@@ -13,7 +13,7 @@ import click
 
 from harness import __version__
 from harness.errors import HarnessError
-from harness.fork import build as fb
+from harness.fork import backends, build as fb
 from harness.reference.turbo import TURBO_TYPES
 
 REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
@@ -221,7 +221,7 @@ def verify(check_list, types, target_backend, backends, fork_dir, build_backend,
 
 
 @cli.command()
-@click.option("--backend", default=None, help="cpu | cuda | metal | vulkan | hip (default: detect)")
+@click.option("--backend", default=None, help=f"{backends.choices()} (default: detect)")
 @click.option("--targets", default=None, help="CMake targets, comma separated (default: all the harness uses)")
 @click.option("--fork-dir", default=None)
 @click.option("--jobs", "-j", type=int, default=None)

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from harness.errors import HarnessError
+from harness.fork import backends
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -140,7 +141,7 @@ def _table_text(section: dict) -> str:
 @click.option("--fresh", is_flag=True, help="Ignore cached results and rerun every job.")
 @click.option("--fork-defaults", is_flag=True,
               help="Leave TURBO_AUTO_ASYMMETRIC/TURBO_LAYER_ADAPTIVE/TURBO_SPARSE_V unset (the fork may change types).")
-@click.option("--backend", default=None, help="Build folder backend: cpu, cuda, metal, vulkan, hip (default: detected).")
+@click.option("--backend", default=None, help=f"Build folder backend: {backends.choices(', ')} (default: detected).")
 @click.option("--build-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Build folder holding bin/llama-perplexity (default: build/<backend>).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,

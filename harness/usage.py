@@ -11,8 +11,9 @@ import tempfile
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.fork import backends
 
-BACKENDS = ("cpu", "cuda", "metal", "vulkan", "hip")
+BACKENDS = backends.names()  # the backend table's names (harness/fork/backends.py)
 
 
 def writable_dir(path: str | os.PathLike, option: str = "--out") -> Path:
@@ -44,8 +45,8 @@ def backend_fix(name: str) -> str:
         return "Metal exists only on macOS with an Apple GPU: run the harness on a Mac (there `make build` builds Metal)"
     if name == "cpu":
         return "build it with `BACKEND=cpu make build`"
-    hw = {"cuda": "an NVIDIA GPU and the CUDA toolkit", "hip": "an AMD GPU and ROCm",
-          "vulkan": "a GPU with a Vulkan driver and the Vulkan SDK", "metal": "an Apple GPU"}.get(name, "that hardware")
+    spec = backends.find(name)
+    hw = spec.hardware if spec is not None else "that hardware"
     return f"on a machine with {hw}, build it with `BACKEND={name} make build`, or leave the option out"
 
 
@@ -54,8 +55,8 @@ def backend_name(name: str | None, option: str) -> str | None:
     if name is None:
         return None
     n = name.strip().lower()
-    if n not in BACKENDS:
-        raise HarnessError(f"unknown backend {name!r} for {option}: choose from {', '.join(BACKENDS)}")
+    if backends.find(n) is None:
+        raise HarnessError(f"unknown backend {name!r} for {option}: choose from {backends.choices(', ')}")
     return n
 
 

@@ -18,13 +18,14 @@ from harness.checks.common import Context, crash_cell, load_thresholds
 from harness.checks.contract import Registry
 from harness.checks.registry import REGISTRY
 from harness.errors import HarnessError, ProbeCrash
+from harness.fork import backends
 from harness.interrupt import Interrupted, acknowledge, raise_if_pending
 from harness.reference import turbo as T
 from harness.report.model import CheckResult, Run, merge_previous
 from harness.report.render import write_all
 from harness.targets.base import Target
 
-KNOWN_BACKENDS = ("cpu", "cuda", "metal", "vulkan", "hip")
+KNOWN_BACKENDS = backends.names()  # the backend table (harness/fork/backends.py)
 
 
 def all_checks(optional: bool = False, registry: Registry | None = None) -> dict:
@@ -156,7 +157,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             cr.duration_s = time.time() - t0
             earlier = next((c for c in run.checks if c.id == cid), None)
             if earlier is not None and not cr.error:  # keep what this run did not redo (other types or backends)
-                kept = merge_previous(earlier, cr, list(types), [b.name for b in ctx.backends()])
+                kept = merge_previous(earlier, cr, list(types), [b.name for b in ctx.backends()], KNOWN_BACKENDS)
                 if kept:
                     log(f"{cid}: kept the earlier cells of {', '.join(kept)} in this report; replaced {', '.join(types)}")
                 for table in cr.tables:

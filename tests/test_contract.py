@@ -184,3 +184,27 @@ def test_subcommands_in_their_own_modules_load_when_named_not_on_import():
     assert r.returncode == 0, r.stderr
     r = CliRunner().invoke(harness_cli(), ["sweep", "--help"])
     assert r.exit_code == 0 and "--pairs" in r.output
+
+
+def test_a_backend_is_one_row_of_the_backend_table(monkeypatch):
+    """Build flags, command-line names and their fix, registry names and routes all come from the one table."""
+    from harness import usage
+    from harness.fork import backends
+    from harness.fork import build as fb
+    from harness.targets.base import Backend
+    from harness.targets.fork import ForkTarget, select_backends
+    row = backends.BackendSpec("sycl", ("-DGGML_SYCL=ON",), ("sycl", "level_zero"), ("set_rows",), ("get_rows",),
+                               "an Intel GPU and oneAPI")
+    with pytest.raises(HarnessError, match="unknown backend 'sycl'"):
+        fb.cmake_options("sycl")
+    monkeypatch.setattr(backends, "TABLE", backends.TABLE + (row,))
+    assert fb.cmake_options("sycl")[-1] == "-DGGML_SYCL=ON"
+    assert usage.backend_name("SYCL", "--backend") == "sycl" and "an Intel GPU and oneAPI" in usage.backend_fix("sycl")
+    devs = [{"name": "L0", "description": "Arc", "reg": "Level_Zero", "kind": "gpu"},
+            {"name": "CPU", "description": "x86", "reg": "CPU", "kind": "cpu"}]
+    assert [b.name for b in select_backends(devs)] == ["sycl", "cpu"]
+    t = ForkTarget.__new__(ForkTarget)  # routes only: no probe needed
+    t._backends = [Backend("sycl", "L0", "gpu"), Backend("cpu", "CPU", "cpu")]
+    assert t.routes("sycl").decode == ["get_rows"] and t.routes("cpu").quantize == ["set_rows", "quantize_chunk"]
+    r = CliRunner().invoke(harness_cli(), ["build", "--help"])
+    assert all(n in r.output for n in ("cpu", "cuda", "metal", "vulkan", "hip"))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.fork import backends
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FORK = REPO_ROOT / "vendor" / "llama.cpp"
@@ -173,13 +174,7 @@ def _nvidia_gpu_present() -> bool:
         return False
 
 
-BACKEND_FLAGS = {
-    "cpu": ["-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"],
-    "metal": ["-DGGML_METAL=ON"],
-    "cuda": ["-DGGML_CUDA=ON"],
-    "vulkan": ["-DGGML_VULKAN=ON"],
-    "hip": ["-DGGML_HIP=ON"],
-}
+BACKEND_FLAGS = backends.cmake_flags()  # {name: CMake options}, from the one backend table (harness/fork/backends.py)
 
 
 def build_root() -> Path:
@@ -194,11 +189,12 @@ def build_dir(backend: str, root: Path | None = None) -> Path:
 
 def cmake_options(backend: str, extra: list[str] | None = None) -> list[str]:
     """CMake options for a harness build of one backend (shared libs, no server, no curl)."""
-    if backend not in BACKEND_FLAGS:
-        raise HarnessError(f"unknown backend {backend!r}: use one of {', '.join(BACKEND_FLAGS)}")
+    spec = backends.find(backend)
+    if spec is None:
+        raise HarnessError(f"unknown backend {backend!r}: use one of {backends.choices(', ')}")
     opts = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
             "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
-            "-DLLAMA_OPENSSL=OFF"] + BACKEND_FLAGS[backend]
+            "-DLLAMA_OPENSSL=OFF"] + list(spec.cmake)
     if backend == "cuda" and os.environ.get("CUDA_ARCH"):
         opts.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CUDA_ARCH']}")
     return opts + list(extra or [])

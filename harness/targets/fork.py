@@ -6,17 +6,14 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import HarnessError, Unsupported
+from harness.fork import backends
 from harness.fork.probe import Probe, build_probe
 from harness.targets.base import Backend, Routes, Target
 
-# ggml registry names that differ from the backend's usual short name
-_REG_ALIASES = {"rocm": "hip", "hip": "hip", "mtl": "metal"}
-
-
 def backend_name(reg_name: str) -> str:
-    """Short backend name for a ggml registry name ('CUDA' -> 'cuda', 'ROCm' -> 'hip', 'Metal' -> 'metal')."""
-    r = reg_name.lower()
-    return _REG_ALIASES.get(r, r)
+    """Short backend name for a ggml registry name ('CUDA' -> 'cuda', 'ROCm' -> 'hip', 'Metal' -> 'metal'), from the
+    backend table (:func:`harness.fork.backends.from_registry`)."""
+    return backends.from_registry(reg_name)
 
 
 def select_backends(devices: list[dict]) -> list[Backend]:
@@ -70,12 +67,12 @@ class ForkTarget(Target):
         raise HarnessError(f"backend {backend!r} is not in this build (has: {', '.join(b.name for b in self.backends())})")
 
     def routes(self, backend: str) -> Routes:
+        """The backend table's routes for this backend (CPU KV reads go through the type traits' to_float; GPU
+        backends: a decode op if the backend has one, else flash attention over one KV row per head); a backend the
+        table does not know gets the routes of its kind."""
         b = next(b for b in self.backends() if b.name == backend)
-        if b.kind == "cpu":
-            # CPU KV reads go through the type traits' to_float (vec_dot and flash attention use it)
-            return Routes(quantize=["set_rows", "quantize_chunk"], decode=["to_float"])
-        # GPU backends: a decode op if the backend has one, else flash attention over one KV row per head
-        return Routes(quantize=["set_rows"], decode=["cpy", "get_rows", "fa_decode"])
+        spec = backends.find(b.name) or backends.find("cpu" if b.kind == "cpu" else "cuda")
+        return Routes(quantize=list(spec.quantize), decode=list(spec.decode))
 
     def type_info(self, type_name: str) -> dict | None:
         if type_name not in self._types:
