@@ -206,7 +206,7 @@ def with_common(f):
 @with_common
 def check(check_id, model, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target, known_file):
     """Run one check (PQ1..PQ6, COMPAT, and the opt-in MODEL, KVREAL) and write its report."""
-    cid = registry().get(check_id.upper()).id
+    cid = registry().runnable(check_id.upper()).id
     _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file,
                   numpy_target, options={"KVREAL": {"model": model}} if model else None)
 
@@ -249,13 +249,15 @@ def unpack_fork(snapshot, dest, sha256):
 def list_checks():
     """List the checks (what each needs, whether verify runs it) and their thresholds (with the reason for each)."""
     from harness.checks.common import load_thresholds
-    th = load_thresholds()
     for c in registry():
-        click.echo(f"{c.id}  {c.title}  [needs {', '.join(c.needs) or 'nothing'}"
-                   f"{'' if c.in_verify else '; opt-in: not in the default verify'}]")
-        for k, v in th.get(c.rules, {}).items():
-            if not k.endswith("_reason"):
-                click.echo(f"    {k} = {v}    # {th[c.rules][k + '_reason']}")
+        how = ("" if c.in_verify else "; opt-in: not in the default verify") if c.command == "verify" else \
+            f"; run by `turbo-harness {c.command}`"
+        click.echo(f"{c.id}  {c.title}  [needs {', '.join(c.needs) or 'nothing'}{how}]")
+        th = load_thresholds(c.rules_file) if c.rules_file else load_thresholds()
+        for sec in ([c.rules] if c.rules else list(th)):
+            for k, v in th.get(sec, {}).items():
+                if not k.endswith("_reason"):
+                    click.echo(f"    {'' if c.rules else sec + '.'}{k} = {v}    # {th[sec][k + '_reason']}")
 
 
 @cli.command()

@@ -208,3 +208,17 @@ def test_a_backend_is_one_row_of_the_backend_table(monkeypatch):
     assert t.routes("sycl").decode == ["get_rows"] and t.routes("cpu").quantize == ["set_rows", "quantize_chunk"]
     r = CliRunner().invoke(harness_cli(), ["build", "--help"])
     assert all(n in r.output for n in ("cpu", "cuda", "metal", "vulkan", "hip"))
+
+
+def test_sweep_is_in_the_registry_and_runs_only_through_its_command():
+    from harness.checks import sweeps
+    sweep = REGISTRY.get("SWEEP")
+    assert sweep.command == "sweep" and "SWEEP" not in REGISTRY.ids()
+    runner = CliRunner()
+    r = runner.invoke(harness_cli(), ["list"])
+    assert r.exit_code == 0 and f"SWEEP  {sweep.title}" in r.output and "run by `turbo-harness sweep`" in r.output
+    assert "ppl_vs_q8_0." in r.output  # its rules come from checks/sweeps.toml
+    for args in (["verify", "--checks", "PQ1,SWEEP"], ["check", "sweep"]):
+        r = runner.invoke(harness_cli(), args + ["--numpy-target", ""])
+        assert r.exit_code == 2 and "SWEEP runs through `turbo-harness sweep`" in r.output, r.output
+    assert (sweeps.ID, sweeps.TITLE) == (sweep.id, sweep.title)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from harness.errors import HarnessError
@@ -54,6 +55,9 @@ class Check:
         in_verify: whether ``verify`` runs it without ``--checks`` (False: opt-in, e.g. it runs a model).
         catches: {NumPy-target fault: verdicts it must give} (harness.targets.numpy_target faults); the
             fault-injection tests read this table.
+        command: the command that runs it: 'verify' (also ``check`` and ``replay``), or 'sweep' for a check judged
+            from the sweep's own runs (its ``run`` is not called by verify).
+        rules_file: the TOML file of its rules (None: ``checks/thresholds.toml``); with ``rules`` '' every section.
     """
 
     id: str
@@ -64,6 +68,8 @@ class Check:
     needs: tuple[str, ...] = ("probe",)
     in_verify: bool = True
     catches: dict = field(default_factory=dict)
+    command: str = "verify"
+    rules_file: Path | None = None
 
     def evaluate(self, ctx) -> Outcome:
         """Run the check on a context and return its :class:`Outcome`."""
@@ -114,9 +120,22 @@ class Registry:
                 return c
         raise HarnessError(f"unknown check {cid}: choose from {', '.join(self.ids())}")
 
+    def runnable(self, cid: str) -> Check:
+        """The check with this id, if ``verify``/``check`` can run it.
+
+        Raises:
+            HarnessError: unknown id, or a check of another command (names that command).
+        """
+        c = self.get(cid)
+        if c.command != "verify":
+            raise HarnessError(f"{c.id} runs through `turbo-harness {c.command}`, not verify/check: "
+                               f"use `turbo-harness {c.command} --help`")
+        return c
+
     def ids(self, optional: bool = True) -> list[str]:
-        """Check ids in run order: all (``optional=True``) or only those ``verify`` runs by default."""
-        return [c.id for c in self._checks if optional or c.in_verify]
+        """Ids of the checks ``verify``/``check`` can run, in run order: all of them (``optional=True``) or only
+        those ``verify`` runs by default. Checks of another command (SWEEP) are not among them."""
+        return [c.id for c in self._checks if c.command == "verify" and (optional or c.in_verify)]
 
     def default_ids(self) -> list[str]:
         """The ids ``verify`` runs without ``--checks``."""
@@ -131,6 +150,8 @@ class Registry:
         if value is None:
             return self.default_ids()
         ids = list(dict.fromkeys(c.strip().upper() for c in value.split(",") if c.strip()))
+        for c in ids:
+            self.runnable(c)
         bad = [c for c in ids if c not in self]
         if not ids or bad:
             raise HarnessError(f"{option} {value!r}: {'unknown check ' + ', '.join(bad) if bad else 'names no check'}; "

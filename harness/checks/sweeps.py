@@ -23,8 +23,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from harness.checks.contract import Check
 from harness.report.model import Cell, CheckResult, Verdict
 
+ID, TITLE = "SWEEP", "Model-level sweep: PPL, KL divergence, top-1, speed and KV memory per K/V pair"
 SWEEPS_TOML = Path(__file__).resolve().parents[2] / "checks" / "sweeps.toml"
 MIB = 1024.0 * 1024.0
 
@@ -141,7 +143,7 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
     traits = traits if traits is not None else (result.traits or type_traits(str(cfg.bdir)))
     k_sig = float(rules["significance"]["paired_se"])
     tol = float(rules["memory"]["tolerance_mib"])
-    cr = CheckResult("SWEEP", "Model-level sweep: PPL, KL divergence, top-1, speed and KV memory per K/V pair")
+    cr = CheckResult(ID, TITLE)
     cr.duration_s = result.seconds
     mi = result.model_info
     labels = [f"{k}/{v}" for k, v in cfg.pairs]
@@ -432,3 +434,13 @@ def ratio_text(r: float | None) -> str:
     """A speed ratio as the report prints it: 3 significant digits and 'x' ('0.0412x', '0.97x'), so a
     fallback's tiny ratio never shows as a bare '0.00x'; '-' for None."""
     return "-" if r is None else f"{r:.3g}x"
+
+
+def _not_from_verify(ctx):
+    """SWEEP is judged from the sweep's own tool runs (:func:`judge_sweep`), never by verify."""
+    from harness.errors import HarnessError
+    raise HarnessError("SWEEP runs through `turbo-harness sweep`")
+
+
+CHECK = Check(ID, TITLE, _not_from_verify, order=100, rules="", rules_file=SWEEPS_TOML, in_verify=False,
+              command="sweep", needs=("llama-perplexity", "llama-bench", "model", "corpus"))
