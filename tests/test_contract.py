@@ -222,3 +222,21 @@ def test_sweep_is_in_the_registry_and_runs_only_through_its_command():
         r = runner.invoke(harness_cli(), args + ["--numpy-target", ""])
         assert r.exit_code == 2 and "SWEEP runs through `turbo-harness sweep`" in r.output, r.output
     assert (sweeps.ID, sweeps.TITLE) == (sweep.id, sweep.title)
+
+
+@pytest.mark.parametrize("name", [n for n, _ in __import__("harness.report.render", fromlist=["RENDERERS"]).RENDERERS])
+def test_every_output_format_renders_every_part_of_a_check(name, tmp_path):
+    """Each renderer of RENDERERS shows a check's title, verdict, note, table (title, column, values) and cell."""
+    from harness.report.model import Cell, CheckResult
+    from harness.report.render import RENDERERS
+    run = Run("r-formats")
+    run.checks.append(CheckResult("TOY", "Toy check title", notes=["a toy note"],
+                                  tables=[Table("t", "Toy table title", ["col_alpha", "col_beta"], [["row_one", 0.125]])],
+                                  cells=[Cell("TOY", "turbo3", "cpu:set_rows", "toy_metric", 0.5, 1.0, Verdict.FAIL,
+                                              caveat="a toy caveat")]))
+    write = dict(RENDERERS)[name]
+    text = Path(write(run, tmp_path)).read_text()
+    assert Path(tmp_path / name).is_file()
+    for part in ("TOY", "Toy check title", "FAIL", "a toy note", "Toy table title", "col_alpha", "row_one", "0.125",
+                 "toy_metric", "a toy caveat"):
+        assert part in text, (name, part)

@@ -253,6 +253,9 @@ def write_junit(run: Run, run_dir: Path) -> Path:
     gated = isinstance(known, dict) and "entries" in known
     for c in run.checks:
         s = ET.SubElement(suites, "testsuite", name=c.id, tests=str(max(len(c.cells), 1)), time=f"{c.duration_s:.3f}")
+        props = ET.SubElement(s, "properties")
+        ET.SubElement(props, "property", name="title", value=c.title)
+        ET.SubElement(props, "property", name="verdict", value=c.verdict.value)
         if c.error:
             tc = ET.SubElement(s, "testcase", classname=c.id, name="check")
             ET.SubElement(tc, "error", message=c.error)
@@ -299,15 +302,25 @@ def write_junit(run: Run, run_dir: Path) -> Path:
     return p
 
 
-def write_all(run: Run, run_dir: Path) -> list[Path]:
-    """Write run.json, summary.md and junit.xml into run_dir (created if needed); returns the paths."""
+def _write_html(run: Run, run_dir: Path) -> Path:
+    from harness.report.html import write_html  # imported when used: it pulls in matplotlib for the plots
+    return write_html(run, run_dir)
+
+
+# The output formats: (file name, writer(run, run_dir) -> path). Each renders every part of a Run: verdicts,
+# findings, run facts, each check's notes, tables and cells, the known-findings gate, interrupted state.
+# A new output format is one writer added here (README "Adding an output format").
+RENDERERS: tuple[tuple[str, object], ...] = (
+    ("run.json", write_json),
+    ("summary.md", write_markdown),
+    ("junit.xml", write_junit),
+    ("report.html", _write_html),
+)
+
+
+def write_all(run: Run, run_dir: Path, renderers=None) -> list[Path]:
+    """Write every output format of ``renderers`` (default :data:`RENDERERS`: run.json, summary.md, junit.xml,
+    report.html) into run_dir (created if needed); returns the paths written."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = [write_json(run, run_dir), write_markdown(run, run_dir), write_junit(run, run_dir)]
-    try:  # the HTML page with plots, when its renderer is present
-        from harness.report import html as html_renderer
-        if hasattr(html_renderer, "write_html"):
-            out.append(html_renderer.write_html(run, run_dir))
-    except ImportError:
-        pass
-    return out
+    return [write(run, run_dir) for _, write in (RENDERERS if renderers is None else renderers)]
