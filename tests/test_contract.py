@@ -240,3 +240,10 @@ def test_every_output_format_renders_every_part_of_a_check(name, tmp_path):
     for part in ("TOY", "Toy check title", "FAIL", "a toy note", "Toy table title", "col_alpha", "row_one", "0.125",
                  "toy_metric", "a toy caveat"):
         assert part in text, (name, part)
+
+
+def test_the_readme_check_table_has_a_row_for_every_registered_check():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## The checks"):readme.index("Thresholds live in")]
+    rows = {ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| ")} - {"id"}
+    assert rows == {c.id for c in REGISTRY}, rows ^ {c.id for c in REGISTRY}
