@@ -3,6 +3,7 @@ and without the rotation), its helpers, and the capture tool on the real fork an
 reason, when the fork build or the model is absent)."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,7 +129,7 @@ def test_kvreal_skips_without_a_fork_build(make_ctx):
 def test_kvreal_skips_without_a_model(make_ctx, monkeypatch, tmp_path):
     """A fork target but no model: SKIP naming the missing file (no capture attempted)."""
     class FakeFork(NumpyTarget):
-        build_dir, fork = tmp_path, tmp_path
+        runs_models = True
     monkeypatch.setenv("TURBO_MODEL", str(tmp_path / "absent.gguf"))
     cells = kvreal.run(make_ctx(FakeFork()))
     assert len(cells) == 1 and cells[0].verdict == Verdict.SKIP and "absent.gguf" in cells[0].caveat
@@ -250,3 +251,36 @@ def test_blas_threads_are_restored():
     with kvreal._SingleThreadedBlas():
         assert fns[0]() == 1
     assert fns[0]() == before
+
+
+def test_kvreal_reads_the_capture_the_target_made_and_starts_no_process(make_ctx, monkeypatch, tmp_path):
+    """The target runs the model (Target.capture_kv); the check only analyses what it hands back: a NumPy target
+    that 'captures' synthetic K/V gives KVREAL's cells, notes and per-layer tables with no process started."""
+    import subprocess
+
+    from harness.fork.kvcapture import Capture
+    q, k, v = synthetic_qkv(layers=2)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "corpus.txt").write_text("text " * 100)
+    monkeypatch.setenv("TURBO_CORPUS", str(tmp_path / "corpus.txt"))
+
+    class Capturing(NumpyTarget):
+        runs_models = True
+
+        def kv_capture_tool(self):
+            return tmp_path / "tool"
+
+        def capture_kv(self, model, corpus, n_tokens, out_dir, timeout_s=300.0):
+            (Path(out_dir) / "capture.json").write_text("{}")
+            return Capture(q, k, v, {"arch": "toy", "n_head": 4, "n_head_kv": 2}, str(model), 0.1, Path(out_dir))
+
+    def no_process(*a, **kw):
+        raise AssertionError(f"a process was started: {a[:1]}")
+    monkeypatch.setattr(subprocess, "run", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    ctx = make_ctx(Capturing(), types=("turbo3",))
+    ctx.options["KVREAL"] = {"model": str(tmp_path / "m.gguf")}  # the option `check KVREAL --model` sets
+    out = kvreal.run(ctx)
+    assert any(c.metric == "fork_vs_reference_nmse" and c.verdict == Verdict.PASS for c in out)
+    assert any("toy" in n for n in out.notes) and [t.id.split(":")[-1] for t in out.tables] == \
+        ["nmse", "attn_rel_err", "logit_rel_err", "stats"]

@@ -628,15 +628,14 @@ def cells_from_analysis(ctx: Context, A: dict, capture_info: dict | None = None)
 
 def run(ctx: Context) -> Outcome:
     """Capture the model's K/V (SKIP when no model, corpus or fork build is available), then analyse."""
-    from harness.fork.kvcapture import NoModel, build_kvcapture, capture, resolve_model
+    from harness.fork.kvcapture import NoModel, resolve_model
     from harness.runners.inputs import default_corpus
     notes: list[str] = []
     path = f"{ctx.target_backend}:set_rows"
 
     def skip(why: str) -> list[Cell]:
         return [Cell(ID, "all", path, "-", None, None, Verdict.SKIP, caveat=why, target=True)]
-    bdir, fork = getattr(ctx.target, "build_dir", None), getattr(ctx.target, "fork", None)
-    if bdir is None or fork is None:
+    if not ctx.target.runs_models:
         return skip("needs a fork build to run a model (this target has none)")
     try:
         corpus = default_corpus()
@@ -651,13 +650,13 @@ def run(ctx: Context) -> Outcome:
     n_tok = int(os.environ.get("TURBO_KVREAL_TOKENS") or ctx.th("KVREAL", "tokens"))
     t0 = time.time()
     try:
-        exe = build_kvcapture(bdir, fork)
+        ctx.target.kv_capture_tool()  # compiled by the target (cached), so that its time is not the capture's
     except HarnessError as e:
         return skip(f"cannot build the K/V capture tool: {e}")
     tmp = tempfile.mkdtemp(prefix="turbo-kvreal-")
     try:
         try:
-            cap = capture(exe, model, corpus, n_tok, Path(tmp), timeout_s=float(ctx.th("KVREAL", "timeout_s")))
+            cap = ctx.target.capture_kv(model, corpus, n_tok, Path(tmp), timeout_s=float(ctx.th("KVREAL", "timeout_s")))
         except (ProbeCrash, HarnessError) as e:
             return [Cell(ID, "all", path, "-", None, None, Verdict.ERROR, caveat=f"K/V capture: {e}", target=True)]
         if ctx.evidence_dir is not None:

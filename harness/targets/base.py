@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from harness.errors import HarnessError
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -90,6 +92,25 @@ class Target:
         a check's): :func:`harness.runners.backend_ops.run`'s dict ({'results', 'returncode', 'note', 'command'}),
         its console output written to ``log_path`` when given; None when this target has no such tool."""
         return None
+
+    runs_models = False  # whether this target can run a model through the fork's llama library (KVREAL, MODEL)
+
+    def kv_capture_tool(self):
+        """Build (or find, cached) the tool that captures a model's K/V; returns its path.
+
+        Raises:
+            HarnessError: this target runs no model (see :attr:`runs_models`), or the tool cannot be built.
+        """
+        raise HarnessError(f"{self.name} runs no model (not a fork build)")
+
+    def capture_kv(self, model, corpus, n_tokens: int, out_dir, timeout_s: float = 300.0):
+        """Run a model on the first ``n_tokens`` of ``corpus`` and return its per-layer Q/K/V
+        (:class:`harness.fork.kvcapture.Capture`); the target runs the tool, the check only reads the result.
+
+        Raises:
+            HarnessError: the target runs no model, or the tool failed (message quotes it); ProbeCrash: it crashed.
+        """
+        raise HarnessError(f"{self.name} runs no model (not a fork build)")
 
     def describe(self) -> dict:
         """Metadata for the report."""

@@ -123,6 +123,18 @@ class ForkTarget(Target):
             return None
         return backend_ops.run(binary, log_path=log_path)
 
+    runs_models = True
+
+    def kv_capture_tool(self):
+        """The K/V capture tool compiled against this build (:func:`harness.fork.kvcapture.build_kvcapture`)."""
+        from harness.fork.kvcapture import build_kvcapture
+        return build_kvcapture(self.build_dir, self.fork)
+
+    def capture_kv(self, model, corpus, n_tokens, out_dir, timeout_s=300.0):
+        """Capture a model's K/V with this build (:func:`harness.fork.kvcapture.capture`)."""
+        from harness.fork.kvcapture import capture
+        return capture(self.kv_capture_tool(), model, corpus, n_tokens, out_dir, timeout_s=timeout_s)
+
     def describe(self):
         return {"target": self.name, "build_dir": str(self.build_dir), "probe": str(self.lib),
                 "layouts": self.layouts().describe(),
