@@ -109,10 +109,14 @@ class FakeTarget:
     name = "fake-build"
 
     def __init__(self, bdir):
-        self.build_dir = bdir
+        self.bdir = bdir  # no build_dir: MODEL reaches the tools only through the target (model_tools)
 
     def backends(self):
         return []
+
+    def model_tools(self):  # the fake build's scripts, run as a ForkTarget runs its build's tools
+        from harness.runners.model_smoke import ModelTools
+        return ModelTools(self.bdir)
 
 
 def model_ctx(tmp_path, bdir, options=None, timeout=20.0) -> Context:

@@ -148,8 +148,8 @@ def run(ctx: Context) -> Outcome:
     from harness.runners.inputs import default_corpus
     from harness.runners.models import resolve_model
     opts = dict(ctx.options.get(ID, {})) if getattr(ctx, "options", None) else {}
-    bdir = getattr(ctx.target, "build_dir", None)
-    if bdir is None:
+    tools = ctx.target.model_tools()  # the target's build runs the tools; this check judges their results
+    if tools is None:
         return [_cell(ctx, "-", "model", "-", None, None, Verdict.SKIP,
                       f"{ctx.target.name} is not a fork build: MODEL runs the fork's own llama tools")]
     model = resolve_model(opts.get("model"))
@@ -160,8 +160,7 @@ def run(ctx: Context) -> Outcome:
     threads = os.cpu_count() or 1
     pairs = _pairs(ctx, opts)
     want_state, want_ppl = opts.get("state", True), opts.get("ppl", True)
-    have_state = (Path(bdir) / "bin" / "llama-save-load-state").is_file()
-    have_ppl = (Path(bdir) / "bin" / "llama-perplexity").is_file()
+    have_state, have_ppl = tools.has("llama-save-load-state"), tools.has("llama-perplexity")
     cells = Outcome()
     notes = cells.notes
     notes.append(f"model {model.name}; flash attention {fa}; env {env}; ctx {th['ctx']}, {th['chunks']} chunks, "
@@ -172,11 +171,11 @@ def run(ctx: Context) -> Outcome:
             label = f"{k}/{v}"
             if not have_state:
                 cells.append(_cell(ctx, label, "state_roundtrip", "-", None, None, Verdict.SKIP,
-                                   f"llama-save-load-state is not built in {bdir}: `turbo-harness build --targets "
+                                   f"llama-save-load-state is not built in {tools.bdir}: `turbo-harness build --targets "
                                    f"llama-save-load-state` with -DLLAMA_BUILD_EXAMPLES=ON (replay builds have it)"))
                 continue
             prefix, ev = _evidence(ctx, f"{k}-{v}.state")
-            r = ms.state_roundtrip(bdir, model, k, v, fa=fa, ctx=int(th["ctx"]), n_predict=int(th["n_predict"]),
+            r = tools.state_roundtrip(model, k, v, fa=fa, ctx=int(th["ctx"]), n_predict=int(th["n_predict"]),
                                    threads=threads, env=env, timeout=float(th["timeout_s"]), evidence=prefix, workdir=work)
             cells.append(judge_exit(ctx, r, "state_roundtrip", len(ms.STATE_PHASES), must, ev))
             cells += judge_log(ctx, r, k, v, env, "state_roundtrip", ev)
@@ -184,24 +183,24 @@ def run(ctx: Context) -> Outcome:
             return cells
         if not have_ppl:
             cells.append(_cell(ctx, "-", "perplexity", "-", None, None, Verdict.SKIP,
-                               f"llama-perplexity is not built in {bdir}: `turbo-harness build --targets llama-perplexity`"))
+                               f"llama-perplexity is not built in {tools.bdir}: `turbo-harness build --targets llama-perplexity`"))
             return cells
         try:
             corpus = default_corpus()
         except HarnessError as e:
             cells.append(_cell(ctx, "-", "perplexity", "-", None, None, Verdict.SKIP, f"no corpus for the KLD runs: {e}"))
             return cells
-        cells += _perplexity(ctx, bdir, model, corpus, pairs, fa, env, th, threads, must, work, opts.get("kld", True))
+        cells += _perplexity(ctx, tools, model, corpus, pairs, fa, env, th, threads, must, work, opts.get("kld", True))
     return cells
 
 
-def _perplexity(ctx, bdir, model, corpus, pairs, fa, env, th, threads, must, work, judge_kld=True) -> list[Cell]:
+def _perplexity(ctx, tools, model, corpus, pairs, fa, env, th, threads, must, work, judge_kld=True) -> list[Cell]:
     cells = []
     base = work / "f16.kld"
     kw = dict(fa=fa, ctx=int(th["ctx"]), chunks=int(th["chunks"]), threads=threads, env=env,
               timeout=float(th["timeout_s"]), base_file=base)
     prefix, ev = _evidence(ctx, "f16-f16.ppl")
-    r = ms.perplexity(bdir, model, corpus, "f16", "f16", evidence=prefix, write_base=True, **kw)
+    r = tools.perplexity(model, corpus, "f16", "f16", evidence=prefix, write_base=True, **kw)
     c = judge_exit(ctx, r, "perplexity", len(ms.PPL_PHASES), must, ev)
     ppl = r.stats.get("ppl")
     if c.verdict == Verdict.PASS:
@@ -219,7 +218,7 @@ def _perplexity(ctx, bdir, model, corpus, pairs, fa, env, th, threads, must, wor
                                "no f16 baseline: the f16 run did not finish (see its cell)"))
             continue
         prefix, ev = _evidence(ctx, f"{k}-{v}.ppl")
-        r = ms.perplexity(bdir, model, corpus, k, v, evidence=prefix, write_base=False, **kw)
+        r = tools.perplexity(model, corpus, k, v, evidence=prefix, write_base=False, **kw)
         c = judge_exit(ctx, r, "perplexity", len(ms.PPL_PHASES), must, ev)
         if c.verdict == Verdict.PASS:
             kld, ppl = r.stats.get("kld"), r.stats.get("ppl")

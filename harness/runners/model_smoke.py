@@ -137,3 +137,24 @@ def perplexity(bdir: Path, model: Path, corpus: Path, k: str, v: str, *, fa: str
         stats["ppl"], stats["ppl_se"] = fin
     run.stats = stats
     return run
+
+
+@dataclass(frozen=True)
+class ModelTools:
+    """The fork's llama tools of one build folder (``<bdir>/bin``), handed to the MODEL check by its target
+    (:meth:`harness.targets.base.Target.model_tools`): the target's build runs them, the check judges what they
+    return (:class:`SmokeRun`)."""
+
+    bdir: Path
+
+    def has(self, tool: str) -> bool:
+        """Whether ``bin/<tool>`` is built."""
+        return (Path(self.bdir) / "bin" / tool).is_file()
+
+    def state_roundtrip(self, model: Path, k: str, v: str, **kw) -> SmokeRun:
+        """:func:`state_roundtrip` with this build."""
+        return state_roundtrip(self.bdir, model, k, v, **kw)
+
+    def perplexity(self, model: Path, corpus: Path, k: str, v: str, **kw) -> SmokeRun:
+        """:func:`perplexity` with this build."""
+        return perplexity(self.bdir, model, corpus, k, v, **kw)

@@ -112,6 +112,11 @@ class Target:
         """
         raise HarnessError(f"{self.name} runs no model (not a fork build)")
 
+    def model_tools(self):
+        """The fork's llama tools this target runs for the MODEL check
+        (:class:`harness.runners.model_smoke.ModelTools`), or None when it has none (not a fork build)."""
+        return None
+
     def describe(self) -> dict:
         """Metadata for the report."""
         return {"target": self.name}

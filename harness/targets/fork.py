@@ -135,6 +135,11 @@ class ForkTarget(Target):
         from harness.fork.kvcapture import capture
         return capture(self.kv_capture_tool(), model, corpus, n_tokens, out_dir, timeout_s=timeout_s)
 
+    def model_tools(self):
+        """The llama tools of this build (:class:`harness.runners.model_smoke.ModelTools`)."""
+        from harness.runners.model_smoke import ModelTools
+        return ModelTools(self.build_dir)
+
     def describe(self):
         return {"target": self.name, "build_dir": str(self.build_dir), "probe": str(self.lib),
                 "layouts": self.layouts().describe(),
