@@ -247,3 +247,15 @@ def test_the_readme_check_table_has_a_row_for_every_registered_check():
     table = readme[readme.index("## The checks"):readme.index("Thresholds live in")]
     rows = {ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| ")} - {"id"}
     assert rows == {c.id for c in REGISTRY}, rows ^ {c.id for c in REGISTRY}
+
+
+def test_junit_carries_the_sweep_table_like_the_other_formats(tmp_path):
+    from harness.report.model import CheckResult
+    from harness.report.render import write_all
+    run = Run("sweep-r")
+    run.checks.append(CheckResult("SWEEP", "sweep", cells=[]))
+    run.sections["sweep"] = {"rows": [{"pair": "turbo3/turbo3", "ppl": 12.5, "ppl_se": 0.25, "status": "ok"}],
+                             "speed": []}
+    write_all(run, tmp_path)
+    for name in ("summary.md", "report.html", "junit.xml", "run.json"):
+        assert "turbo3/turbo3" in (tmp_path / name).read_text() and "12.5" in (tmp_path / name).read_text(), name

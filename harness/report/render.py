@@ -189,12 +189,12 @@ def markdown(run: Run) -> str:
             lines.append(f"ERROR: {_md_escape(c.error)}")
         for n in c.notes:
             lines.append(f"- {_md_escape(n)}")
+        if c.id == "SWEEP" and isinstance(run.sections.get("sweep"), dict):
+            lines += sweep_markdown(run.sections["sweep"])
         for t in c.tables:
             lines += [""] + table_markdown(t)
         if not c.cells:
             continue
-        if c.id == "SWEEP" and isinstance(run.sections.get("sweep"), dict):
-            lines += sweep_markdown(run.sections["sweep"])
         lines += _detail_table(c)
         lines += ["", "| type | path | metric | value | threshold | margin | verdict | note | evidence |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -279,9 +279,10 @@ def write_junit(run: Run, run_dir: Path) -> Path:
                 ET.SubElement(tc, "skipped", message=x.caveat or "skipped")
             elif x.verdict == Verdict.PARTIAL:
                 ET.SubElement(tc, "system-out").text = f"PARTIAL: {msg}"
-        if c.notes or c.tables:  # what the check reported besides its cells, as text (JUnit has no tables)
+        sweep = sweep_markdown(run.sections["sweep"]) if c.id == "SWEEP" and isinstance(run.sections.get("sweep"), dict) else []
+        if c.notes or c.tables or sweep:  # what the check reported besides its cells, as text (JUnit has no tables)
             ET.SubElement(s, "system-out").text = "\n".join(
-                [f"- {n}" for n in c.notes] + [ln for t in c.tables for ln in [""] + table_markdown(t)])
+                [f"- {n}" for n in c.notes] + sweep + [ln for t in c.tables for ln in [""] + table_markdown(t)])
     if gated:
         s = ET.SubElement(suites, "testsuite", name="known-findings", tests=str(len(known["entries"])))
         for e in known["entries"]:
