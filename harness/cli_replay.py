@@ -17,7 +17,8 @@ import click
 from harness.errors import HarnessError
 from harness.fork import build as fb
 from harness.reference.turbo import TURBO_TYPES
-from harness.replay import build_commit, cache_root, git_dir_of, history_dir, load_catalogue, resolve
+from harness.replay import (bisect_head, build_commit, git_subject, history_dir, load_catalogue, resolve,
+                            run_bisect)
 
 REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 
@@ -84,9 +85,7 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
     target = ForkTarget(bdir, src, env=sanitizer_env(sanitize, run_dir / "evidence" / "sanitizer"))
     try:
         meta = dict(meta, fork_commit=commit, fork_dir=str(src), build_dir=str(bdir), replay_of=commit,
-                    replay_label=label, fork_describe=subprocess.run(
-                        ["git", "--git-dir", str(git_dir_of(fork)), "log", "-1", "--format=%h %s", commit],
-                        capture_output=True, text=True).stdout.strip())
+                    replay_label=label, fork_describe=git_subject(fork, commit))
         run = run_checks(target, checks, types, run_dir, target_backend=backend, meta=meta, log=log, routes=routes,
                          options=options)
     finally:
@@ -259,7 +258,6 @@ def bisect(good, bad, check_id, types, routes, entry, fixed, fork_dir):
     """Drive `git bisect run` with the check's verdict as the oracle; print the commit where it changes,
     the number of builds and the wall time. A crash of the fork's code counts as flagged (FAIL)."""
     fork = history_dir(fork_dir)
-    gd = git_dir_of(fork)
     g, b = resolve(fork, good), resolve(fork, bad)
     if entry:
         e = _entry(entry)
@@ -269,43 +267,14 @@ def bisect(good, bad, check_id, types, routes, entry, fixed, fork_dir):
         raise HarnessError("bisect needs --check ID or --entry CATALOGUE_ID")
     _checks(check_id)
     _types(types)
-    work = cache_root() / "bisect"
-    work.mkdir(parents=True, exist_ok=True)
-    repo = work / "repo.git"
-    if not repo.is_dir():
-        subprocess.run(["git", "clone", "-q", "--bare", "--shared", str(gd), str(repo)], check=True)
-    env = dict(os.environ, GIT_DIR=str(repo), FORK_DIR=str(fork), PYTHONPATH=str(fb.REPO_ROOT))
-    logf = work / f"oracle-{int(time.time())}.jsonl"
-    git = ["git", "--git-dir", str(repo)]
-    subprocess.run(git + ["bisect", "reset"], capture_output=True, env=env)
-    terms = ["--term-old=broken", "--term-new=fixed"] if fixed else []
-    r = subprocess.run(git + ["bisect", "start", "--no-checkout", *terms, b, g], capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise HarnessError(f"git bisect start failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.stdout}")
-    oracle = [sys.executable, "-m", "harness.cli", "bisect-oracle", "--check", check_id, "--type", types, "--log", str(logf)]
-    if routes:
-        oracle += ["--routes", routes]
-    if entry:
-        oracle += ["--entry", entry]
-    if fixed:
-        oracle.append("--fixed")
-    t0 = time.time()
-    r = subprocess.run(git + ["bisect", "run", *oracle], capture_output=True, text=True, env=env)
-    out = r.stdout + r.stderr
-    subprocess.run(git + ["bisect", "reset"], capture_output=True, env=env)
-    word = "fixed" if fixed else "bad"
-    first = next((ln.split()[0] for ln in out.splitlines() if f"is the first {word} commit" in ln), None)
-    steps = [json.loads(ln) for ln in logf.read_text().splitlines()] if logf.is_file() else []
-    if not first:
-        tail = [ln for ln in out.splitlines() if ln.strip()][-3:]
-        raise HarnessError(f"bisect did not converge: {' / '.join(tail)} (oracle log {logf})")
-    by = {s["commit"]: s for s in steps}
-    parent = subprocess.run(["git", "--git-dir", str(gd), "rev-parse", f"{first}^"], capture_output=True, text=True).stdout.strip()
-    if parent not in by:  # evidence at the parent too
-        subprocess.run([*oracle, "--commit", parent], capture_output=True, text=True, env=env)
-        steps = [json.loads(ln) for ln in logf.read_text().splitlines()]
-        by = {s["commit"]: s for s in steps}
-    subj = subprocess.run(["git", "--git-dir", str(gd), "log", "-1", "--format=%h %s", first], capture_output=True, text=True).stdout.strip()
+
+    def oracle_for(logf):
+        cmd = [sys.executable, "-m", "harness.cli", "bisect-oracle", "--check", check_id, "--type", types, "--log", str(logf)]
+        return cmd + (["--routes", routes] if routes else []) + (["--entry", entry] if entry else []) + \
+            (["--fixed"] if fixed else [])
+    res = run_bisect(fork, g, b, oracle_for, fixed)
+    word, subj, by, steps = "fixed" if fixed else "bad", res["subject"], res["steps"], res["evaluated"]
+    parent, first, logf = res["parent"], res["first"], res["log"]
     click.echo(f"first {word} commit: {subj}")
     for c, name in ((parent, "parent"), (first, word)):
         s = by.get(c, {})
@@ -314,7 +283,7 @@ def bisect(good, bad, check_id, types, routes, entry, fixed, fork_dir):
             click.echo(f"          report {s['report']}")
     builds = sum(1 for s in steps if s.get("built"))
     click.echo(f"{len(steps)} commits evaluated, {builds} builds compiled, {len(steps) - builds} reused from the cache, "
-               f"{time.time() - t0:.0f} s wall time; oracle log {logf}")
+               f"{res['seconds']:.0f} s wall time; oracle log {logf}")
 
 
 @click.command("bisect-oracle", hidden=True)
@@ -329,7 +298,7 @@ def bisect_oracle(check_id, types, routes, fixed, log_path, entry, commit):
     """git-bisect-run oracle: exit 0 for the old term, 1 for the new term, 125 to skip (no build, ERROR).
     A crash of the fork's code is FAIL (flagged); a hang or a harness failure is ERROR (skipped)."""
     fork = history_dir()
-    rev = commit or subprocess.run(["git", "rev-parse", "BISECT_HEAD"], capture_output=True, text=True).stdout.strip()
+    rev = commit or bisect_head()
     e = _entry(entry) if entry else {}
     t0 = time.time()
     try:

@@ -182,3 +182,69 @@ def load_catalogue(path: Path | None = None) -> list[dict]:
     if not p.is_file():
         raise HarnessError(f"replay catalogue {p} not found")
     return tomllib.loads(p.read_text()).get("replay", [])
+
+
+def git_subject(fork: Path, commit: str) -> str:
+    """'<short hash> <subject>' of a commit of the fork's history ('' when git cannot say)."""
+    return subprocess.run(["git", "--git-dir", str(git_dir_of(fork)), "log", "-1", "--format=%h %s", commit],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def bisect_head() -> str:
+    """The commit ``git bisect run`` asks its oracle about (BISECT_HEAD of the repository in $GIT_DIR)."""
+    return subprocess.run(["git", "rev-parse", "BISECT_HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def run_bisect(fork: Path, good: str, bad: str, oracle_for, fixed: bool = False, work: Path | None = None) -> dict:
+    """Drive ``git bisect run`` between two commits of the fork with an oracle command, in a bare clone of the
+    fork's history (``<cache>/bisect/repo.git``; the fork's own repository is not touched).
+
+    Args:
+        good, bad: commits (full hashes); with ``fixed`` the terms are broken (good) / fixed (bad).
+        oracle_for: ``oracle_for(log_path) -> argv``: the oracle command, which appends one JSON line per commit
+            it evaluates to ``log_path`` and exits as git-bisect-run expects; run again with ``--commit <parent>``
+            for evidence at the parent of the first changed commit.
+        work: folder for the clone and the oracle log (default ``<cache>/bisect``).
+    Returns:
+        {'first': first bad (or fixed) commit, 'parent': its parent, 'subject': '<hash> <subject>' of first,
+        'steps': {commit: oracle record}, 'evaluated': records in order, 'log': oracle log path, 'seconds': float}.
+    Raises:
+        HarnessError: ``git bisect start`` failed, or the bisection did not converge (quotes git's last lines).
+    """
+    import time
+    gd = git_dir_of(fork)
+    work = Path(work or cache_root() / "bisect")
+    work.mkdir(parents=True, exist_ok=True)
+    repo = work / "repo.git"
+    if not repo.is_dir():
+        subprocess.run(["git", "clone", "-q", "--bare", "--shared", str(gd), str(repo)], check=True)
+    env = dict(os.environ, GIT_DIR=str(repo), FORK_DIR=str(fork), PYTHONPATH=str(fb.REPO_ROOT))
+    logf = work / f"oracle-{int(time.time())}.jsonl"
+    git = ["git", "--git-dir", str(repo)]
+    subprocess.run(git + ["bisect", "reset"], capture_output=True, env=env)
+    terms = ["--term-old=broken", "--term-new=fixed"] if fixed else []
+    r = subprocess.run(git + ["bisect", "start", "--no-checkout", *terms, bad, good], capture_output=True, text=True,
+                       env=env)
+    if r.returncode != 0:
+        raise HarnessError(f"git bisect start failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.stdout}")
+    oracle = list(oracle_for(logf))
+    t0 = time.time()
+    r = subprocess.run(git + ["bisect", "run", *oracle], capture_output=True, text=True, env=env)
+    out = r.stdout + r.stderr
+    subprocess.run(git + ["bisect", "reset"], capture_output=True, env=env)
+    word = "fixed" if fixed else "bad"
+    first = next((ln.split()[0] for ln in out.splitlines() if f"is the first {word} commit" in ln), None)
+
+    def records():
+        return [json.loads(ln) for ln in logf.read_text().splitlines()] if logf.is_file() else []
+    if not first:
+        tail = [ln for ln in out.splitlines() if ln.strip()][-3:]
+        raise HarnessError(f"bisect did not converge: {' / '.join(tail)} (oracle log {logf})")
+    steps = records()
+    parent = subprocess.run(["git", "--git-dir", str(gd), "rev-parse", f"{first}^"], capture_output=True,
+                            text=True).stdout.strip()
+    if parent not in {s["commit"] for s in steps}:  # evidence at the parent too
+        subprocess.run([*oracle, "--commit", parent], capture_output=True, text=True, env=env)
+        steps = records()
+    return {"first": first, "parent": parent, "subject": git_subject(fork, first), "steps": {s["commit"]: s for s in steps},
+            "evaluated": steps, "log": logf, "seconds": time.time() - t0}

@@ -120,3 +120,38 @@ def test_a_snapshot_inside_another_repository_is_not_taken_as_fork_history(tmp_p
     with pytest.raises(HarnessError, match="not a git checkout of the fork"):
         git_dir_of(snap)
     assert git_dir_of(tmp_path) == (tmp_path / ".git").resolve()
+
+
+def test_run_bisect_finds_the_first_bad_commit_with_an_oracle_and_records_the_parent(tmp_path):
+    """The bisection driver (harness.replay.run_bisect, no CLI) on a small history: commit 4 of 6 introduces the
+    bug; the oracle reads each commit's tree; the parent's record is added when git bisect did not visit it."""
+    import json as _json
+    import subprocess as sp
+    import sys as _sys
+
+    from harness.replay import run_bisect
+    fork = tmp_path / "fork"
+    fork.mkdir()
+    git = ["git", "-C", str(fork), "-c", "user.name=t", "-c", "user.email=t@t"]
+    sp.run(git + ["init", "-q"], check=True)
+    commits = []
+    for i in range(6):
+        (fork / "state").write_text(f"{i} " + ("bug\n" if i >= 3 else "ok\n"))
+        sp.run(git + ["add", "state"], check=True)
+        sp.run(git + ["commit", "-q", "-m", f"c{i}"], check=True)
+        commits.append(sp.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
+    oracle = tmp_path / "oracle.py"
+    oracle.write_text(
+        "import json, subprocess, sys\n"
+        "args = sys.argv[1:]\n"
+        "log = args[args.index('--log') + 1]\n"
+        "c = args[args.index('--commit') + 1] if '--commit' in args else "
+        "subprocess.run(['git', 'rev-parse', 'BISECT_HEAD'], capture_output=True, text=True).stdout.strip()\n"
+        "state = subprocess.run(['git', 'show', c + ':state'], capture_output=True, text=True).stdout\n"
+        "open(log, 'a').write(json.dumps({'commit': c, 'verdict': 'FAIL' if 'bug' in state else 'PASS'}) + '\\n')\n"
+        "sys.exit(0 if '--commit' in args else (1 if 'bug' in state else 0))\n")
+    res = run_bisect(fork, commits[0], commits[-1], lambda log: [_sys.executable, str(oracle), "--log", str(log)],
+                     work=tmp_path / "work")
+    assert res["first"] == commits[3] and res["parent"] == commits[2] and res["subject"].endswith(" c3")
+    assert res["steps"][commits[3]]["verdict"] == "FAIL" and res["steps"][commits[2]]["verdict"] == "PASS"
+    assert [_json.loads(x)["commit"] for x in res["log"].read_text().splitlines()] == [s["commit"] for s in res["evaluated"]]
