@@ -1,12 +1,14 @@
 # turbo-harness. `make verify` builds the fork for this machine and runs every check;
 # `make test` runs the test suite. FORK_DIR=... points at another fork checkout; BACKEND=... overrides
 # the backend (metal on macOS, cuda where nvcc exists, else cpu). MODEL=smollm2|gemma3|PATH picks the sweep model.
+# RPC=1 adds ggml's RPC backend and rpc-server to the build (remote devices: --rpc HOST:PORT, README "Remote devices").
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TH := $(VENV)/bin/turbo-harness
 BACKEND ?=
 MODEL ?= smollm2
+RPC ?=
 export FORK_DIR
 export BACKEND
 
@@ -36,7 +38,7 @@ vendor/llama.cpp/ggml/include/ggml.h:
 	  echo "error: no fork checkout in vendor/llama.cpp: see README 'Getting the fork' or set FORK_DIR" >&2; exit 2; }; fi
 
 build: install $(if $(FORK_DIR),,vendor/llama.cpp/ggml/include/ggml.h)
-	$(TH) build $(if $(BACKEND),--backend $(BACKEND),)
+	$(TH) build $(if $(BACKEND),--backend $(BACKEND),) $(if $(filter 1 yes on ON,$(RPC)),--rpc,)
 
 verify: build
 	$(TH) verify $(ARGS)

@@ -6,6 +6,7 @@ CLI prints it and exits 2.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -44,6 +45,9 @@ def backend_fix(name: str) -> str:
         return "Metal exists only on macOS with an Apple GPU: run the harness on a Mac (there `make build` builds Metal)"
     if name == "cpu":
         return "build it with `BACKEND=cpu make build`"
+    if re.fullmatch(r"rpc\d+", name):
+        return ("remote devices come from --rpc HOST:PORT (an rpc-server of the same fork build; README 'Remote "
+                "devices'): rpc0 is the first device of the first server")
     hw = {"cuda": "an NVIDIA GPU and the CUDA toolkit", "hip": "an AMD GPU and ROCm",
           "vulkan": "a GPU with a Vulkan driver and the Vulkan SDK", "metal": "an Apple GPU"}.get(name, "that hardware")
     return f"on a machine with {hw}, build it with `BACKEND={name} make build`, or leave the option out"
@@ -54,8 +58,9 @@ def backend_name(name: str | None, option: str) -> str | None:
     if name is None:
         return None
     n = name.strip().lower()
-    if n not in BACKENDS:
-        raise HarnessError(f"unknown backend {name!r} for {option}: choose from {', '.join(BACKENDS)}")
+    if n not in BACKENDS and not re.fullmatch(r"rpc\d+", n):
+        raise HarnessError(f"unknown backend {name!r} for {option}: choose from {', '.join(BACKENDS)} "
+                           f"(or rpc0, rpc1, ... for the devices of --rpc servers)")
     return n
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from harness.errors import HarnessError, ProbeCrash, Unsupported
+from harness.errors import HarnessError, ProbeCrash, RemoteLost, Unsupported
 from harness.interrupt import raise_if_pending
 from harness.reference import turbo as T
 from harness.reference.wht import factor_signed_wht, signed_wht_matrix
@@ -213,6 +213,8 @@ def decode_route(ctx: Context, backend: str, type_name: str = "turbo3") -> str:
             try:
                 ctx.target.decode(backend, r, type_name, raw.reshape(-1), 1, 128)
                 return r
+            except RemoteLost:  # a remote device's server is gone: no route can say anything (ERROR, not SKIP)
+                raise
             except ProbeCrash as e:
                 crashes.append(e)
                 errs.append(f"{r}: {e}")
