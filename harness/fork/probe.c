@@ -91,6 +91,23 @@ int tp_rpc_add(const char * endpoint) {
     return (int) ggml_backend_reg_dev_count(reg);
 }
 
+/* Bytes the buffer type of device dev allocates for a (ne0 x ne1) tensor of type t. Over RPC a quantised
+   type whose rows are not a multiple of 512 values is sized by the server, with the server's own type
+   traits (ggml-rpc.cpp: get_alloc_size), so this tells the server's row size of a type. -1 on failure. */
+int64_t tp_alloc_size(const char * dev_name, int t, int64_t ne0, int64_t ne1) {
+    ggml_backend_dev_t dev = ggml_backend_dev_by_name(dev_name);
+    if (!dev) {
+        snprintf(tp_err, sizeof(tp_err), "no ggml device named '%s'", dev_name);
+        return -1;
+    }
+    struct ggml_init_params ip = { ggml_tensor_overhead() * 2 + 1024, NULL, true };
+    struct ggml_context * ctx = ggml_init(ip);
+    struct ggml_tensor * x = ggml_new_tensor_2d(ctx, (enum ggml_type) t, ne0, ne1);
+    int64_t n = (int64_t) ggml_backend_buft_get_alloc_size(ggml_backend_dev_buffer_type(dev), x);
+    ggml_free(ctx);
+    return n;
+}
+
 /* ---------- types ---------- */
 
 int tp_type_by_name(const char * name) {

@@ -105,6 +105,7 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
     lib.tp_type_size.restype = I64
     lib.tp_blck_size.restype = I64
     lib.tp_dev_memory_total.restype = I64
+    lib.tp_alloc_size.restype = I64
 
     # remote devices (harness/fork/rpc.py): each rpc-server named in the environment joins the registry before
     # the first call, in the same order in every worker, so 'RPC0' names the same device in a fresh worker
@@ -145,6 +146,15 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
 
     def rpc_status():
         return dict(rpc_down)
+
+    def alloc_size(dev, tname, ne0, ne1):
+        n = lib.tp_alloc_size(on_device(dev), type_id(tname), I64(ne0), I64(ne1))
+        if n < 0:
+            raise HarnessError(lib.tp_last_error().decode(errors="replace"))
+        return int(n)
+
+    def row_bytes(tname, ncols):
+        return int(row_size(type_id(tname), ncols))
 
     def type_info(name):
         t = lib.tp_type_by_name(name.encode())
@@ -202,7 +212,7 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
         return lib.tp_wht_nargs()
 
     handlers = {f.__name__: f for f in (devices, type_info, set_rows, quantize_chunk, to_float, decode,
-                                        turbo_wht, flash_attn, wht_args, rpc_status)}
+                                        turbo_wht, flash_attn, wht_args, rpc_status, alloc_size, row_bytes)}
     while True:
         hdr = proto_in.read(8)
         if len(hdr) < 8:

@@ -107,6 +107,17 @@ class ForkTarget(Target):
         self.backends()
         return self._rpc_devices.get(backend)
 
+    def row_bytes(self, backend: str, type_name: str, ncols: int = 128) -> tuple[int, int]:
+        """(bytes of one row of ``ncols`` values of a type on this backend, the same in this build's traits).
+
+        Over RPC the server sizes quantised tensors itself (ggml-rpc.cpp get_alloc_size, for rows that are not
+        a multiple of 512 values), so the first number is the server's: the difference of two tensor sizes
+        (3 rows minus 1 row, halved) cancels any per-tensor padding the server's backend adds.
+        """
+        a1 = self._remote(backend, f"sizing {type_name}", lambda: self.probe.alloc_size(self.device(backend), type_name, ncols, 1))
+        a3 = self._remote(backend, f"sizing {type_name}", lambda: self.probe.alloc_size(self.device(backend), type_name, ncols, 3))
+        return (a3 - a1) // 2, self.probe.row_bytes(type_name, ncols)
+
     def _remote(self, backend: str, what: str, fn):
         """Run one probe call on a backend; on a remote one, with the RPC time limit and a failure explained.
 
