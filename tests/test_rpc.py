@@ -429,3 +429,42 @@ def test_unreachable_server_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and f"127.0.0.1:{port}" in err[0] and "rpc-server" in err[0], r.stderr
+
+
+def test_sweep_passes_rpc_to_both_tools_and_keys_its_cache_apart(tmp_path):
+    """`sweep --rpc`: llama-perplexity and llama-bench get the fork's own `--rpc HOST:PORT,...`, the report's settings
+    name the servers, and a sweep without --rpc neither gets the option nor reuses the remote results."""
+    from tests.test_sweep_runner import BENCH, FIX, PPL, TRAITS, _script, _write_tiny_gguf
+
+    from harness.runners.sweep import SweepConfig, parse_pairs, run_sweep
+    bdir = tmp_path / "build"
+    (bdir / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls.log"
+    calls.write_text("")
+    _script(bdir / "bin" / "llama-perplexity", PPL.format(calls=calls, fix=FIX))
+    _script(bdir / "bin" / "llama-bench", BENCH.format(calls=calls, fix=FIX))
+    model, corpus = tmp_path / "m.gguf", tmp_path / "c.txt"
+    _write_tiny_gguf(model)
+    corpus.write_text("The quick brown fox jumps over the lazy dog.\n" * 50)
+
+    def cfg(**kw):
+        return SweepConfig(model=model, corpus=corpus, pairs=parse_pairs("turbo3/turbo3"), bdir=bdir, ctx=256, chunks=3,
+                           depths=(0,), reps=1, threads=2, timeout=20, cache_dir=tmp_path / "cache", ngl=99, **kw)
+    eps = ["127.0.0.1:50052", "127.0.0.1:50053"]
+    res = run_sweep(cfg(rpc=eps), progress=False, log=lambda s: None, traits=TRAITS)
+    lines = [ln for ln in calls.read_text().splitlines() if ln.strip()]
+    assert res.jobs_run == 3 and len(lines) == 3
+    assert all("--rpc 127.0.0.1:50052,127.0.0.1:50053" in ln for ln in lines)
+    assert any(ln.startswith("bench ") for ln in lines)
+    assert cfg(rpc=eps).pinned()["rpc"] == eps and "rpc" not in cfg().pinned()
+    res = run_sweep(cfg(), progress=False, log=lambda s: None, traits=TRAITS)
+    new = [ln for ln in calls.read_text().splitlines() if ln.strip()][3:]
+    assert res.jobs_cached == 0 and len(new) == 3 and not any("--rpc" in ln for ln in new)
+
+
+def test_sweep_rpc_needs_a_build_with_rpc_one_line(tmp_path):
+    (tmp_path / "b" / "bin").mkdir(parents=True)
+    r = _cli(["sweep", "--rpc", "127.0.0.1:50052", "--build-dir", str(tmp_path / "b"), "--out", str(tmp_path / "o")])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "RPC backend" in r.stderr and "RPC=1" in r.stderr
+    r = _cli(["sweep", "--rpc", "nohostport", "--build-dir", str(tmp_path / "b"), "--out", str(tmp_path / "o")])
+    assert r.returncode == 2 and "is not HOST:PORT" in r.stderr
