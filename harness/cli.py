@@ -195,6 +195,8 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
         with interruptible():
             run = run_checks(target, check_ids, types, run_dir, target_backend=target_backend, backends=backends,
                              meta=meta, log=click.echo, run=previous)
+        if rpc is not None and rpc.active:  # what happened to the remote servers during the run goes into the report
+            rpc.record_events(run, target, run_dir)
     except Interrupted as e:
         click.echo(f"interrupted by {e.name}: partial report marked INTERRUPTED in {run_dir / 'summary.md'}", err=True)
         sys.exit(e.exit_code)

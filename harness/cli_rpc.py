@@ -97,6 +97,18 @@ class RpcOptions:
         from harness.targets.rpc import handshake
         return {"rpc_handshake": handshake(target, types, log=log)}
 
+    def record_events(self, run, target, run_dir) -> None:
+        """Put the remote servers' events of the run (deaths, restarts, lost connections) into the report's
+        metadata and rewrite the report (the metadata was taken before the first check)."""
+        from harness.report.render import write_all
+        events = list(getattr(target, "rpc_events", []))
+        rpc_meta = (run.meta.get("target") or {}).get("rpc")
+        if events and isinstance(rpc_meta, dict):
+            rpc_meta["events"] = events
+            for line in events:
+                click.echo(f"remote: {line}", err=True)
+            write_all(run, run_dir)
+
     def close(self) -> None:
         """Stop the servers this command started."""
         for s in self.servers.values():

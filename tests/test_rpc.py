@@ -341,6 +341,9 @@ def test_loopback_server_joins_compat_and_pq6_with_the_local_cpus_results(rpc_se
         assert c["value"] == pytest.approx(twins[0]["value"], rel=1e-6, abs=1e-12), (c["path"], c["metric"])
         compared += 1
     assert compared >= 10
+    summary = (out / "summary.md").read_text()
+    assert f"**remote rpc0**: {rpc_server.endpoint}" in summary and "not visible over RPC" in summary
+    assert "type handshake: agrees on f16, q8_0, turbo3" in summary
     cov = run["sections"]["coverage"]["rows"]
     assert [r_["status"] for r_ in cov if r_["backend"] == "rpc0"] == [r_["status"] for r_ in cov if r_["backend"] == "cpu"]
 
@@ -370,7 +373,8 @@ def test_server_killed_mid_run_gives_a_clear_cell_and_a_finished_report(rpc_serv
     local = [c for c in compat["cells"] if "rpc0" not in c["path"] and c["path"].startswith("cpu:set_rows")]
     assert local and all(c["verdict"] == "PASS" for c in local)
     assert next(c for c in run["checks"] if c["id"] == "PQ6")["verdict"] == "PASS"
-    assert (out / "summary.md").is_file() and "no longer reachable" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "no longer reachable" in summary and "**remote event**" in summary
 
 
 @pytest.mark.fork

@@ -78,3 +78,4 @@ def backend_name(device_name: str) -> str:
 def is_rpc_backend(name: str) -> bool:
     """True for the harness's names of remote devices ('rpc0', 'rpc1', ...)."""
     return bool(RPC_NAME.match(name or ""))
+

@@ -66,7 +66,7 @@ class ForkTarget(Target):
 
     def __init__(self, build_dir: Path, fork: Path, timeout_s: float = 600.0, devices: list[dict] | None = None,
                  env: dict | None = None, rpc: list[str] | None = None, rpc_servers: dict | None = None,
-                 rpc_timeout_s: float = 120.0, rpc_restarts: int = 20):
+                 rpc_timeout_s: float = 120.0, rpc_restarts: int = 100):
         self.build_dir = Path(build_dir)
         self.fork = Path(fork)
         self.lib = build_probe(self.build_dir, self.fork)
