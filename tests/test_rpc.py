@@ -472,3 +472,42 @@ def test_sweep_rpc_needs_a_build_with_rpc_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "RPC backend" in r.stderr and "RPC=1" in r.stderr
     r = _cli(["sweep", "--rpc", "nohostport", "--build-dir", str(tmp_path / "b"), "--out", str(tmp_path / "o")])
     assert r.returncode == 2 and "is not HOST:PORT" in r.stderr
+
+
+def test_rpc_compare_matches_cells_across_the_two_runs(tmp_path):
+    """scripts/rpc_compare.py (acceptance 2's comparison): rpc0 cells matched with the direct backend's, a differing
+    verdict or a cell without a counterpart makes it exit 1."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import rpc_compare
+
+    def run(d, cells):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "run.json").write_text(json.dumps({"checks": [{"cells": cells}]}))
+        return tmp_path / d
+
+    def cell(path, verdict, value=0.0, metric="m"):
+        return {"check": "COMPAT", "type": "turbo4", "path": path, "metric": metric, "verdict": verdict, "value": value}
+    direct = run("direct", [cell("cuda:set_rows", "PARTIAL", 7e-6), cell("cpu:set_rows -> cuda:flash_attn", "PASS")])
+    same = run("same", [cell("rpc0:set_rows", "PARTIAL", 7e-6), cell("cpu:set_rows -> rpc0:flash_attn", "PASS"),
+                        cell("cpu:set_rows", "PASS")])
+    other = run("other", [cell("rpc0:set_rows", "PASS"), cell("cpu:set_rows -> rpc0:flash_attn", "PASS")])
+    extra = run("extra", [cell("rpc0:set_rows", "PARTIAL", 7e-6), cell("rpc0:get_rows", "PASS")])
+    assert rpc_compare.main([str(direct), str(same)]) == 0
+    assert rpc_compare.main([str(direct), str(other)]) == 1
+    assert rpc_compare.main([str(direct), str(extra)]) == 1
+    rows, ok = rpc_compare.compare(rpc_compare.cells(direct), rpc_compare.cells(same))
+    assert ok and [r[2] for r in rows] == ["cuda:set_rows", "cpu:set_rows -> cuda:flash_attn"]
+
+
+@pytest.mark.fork
+def test_target_rpc0_makes_the_remote_device_the_production_target(rpc_server, tmp_path):
+    bdir, _ = _rpc_build()
+    out = tmp_path / "run"
+    r = _cli(["check", "PQ4", "--type", "turbo3", "--rpc", rpc_server.endpoint, "--target", "RPC0", "--build", bdir.name,
+              "--out", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["meta"]["target_backend"] == "rpc0"
+    cells = _cells(run)
+    assert any(c["path"].startswith("rpc0:") and c["target"] for c in cells)
+    assert not any(c["path"].startswith("cpu:") and c["target"] for c in cells)
