@@ -166,8 +166,12 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
         if any(c.id == "SWEEP" for c in previous.checks):
             raise HarnessError(f"--out {run_dir} holds a sweep report: give another folder for the checks")
     usage.writable_dir(run_dir, "--out")
-    target, meta = (_numpy_target(numpy_target) if numpy_target is not None
-                    else _open_target(fork_dir, build_backend, rpc))
+    if numpy_target is not None:
+        target, meta = _numpy_target(numpy_target)
+    elif rpc is not None and rpc.active:
+        target, meta = _open_target(fork_dir, build_backend, rpc)
+    else:
+        target, meta = _open_target(fork_dir, build_backend)
     try:  # the backends asked for exist in this build: said before anything is printed or written
         from harness.verify import pick_target_backend
         pick_target_backend(target, target_backend)

@@ -12,7 +12,9 @@
 #   scripts/device-cuda.sh rpc    [WAIT]   COMPAT with the CUDA device behind the build's rpc-server on 127.0.0.1
 #                                          (CPU x RPC(CUDA), --target rpc0), then the direct CUDA COMPAT (CPU x CUDA,
 #                                          --target cuda), and the cell-by-cell comparison, into $OUT
-# The build phase builds with --rpc (ggml's RPC backend and rpc-server), so the rpc phase needs no rebuild.
+# The build phase builds with --rpc (ggml's RPC backend and rpc-server), so the rpc phase needs no rebuild (it adds
+# them to an older build). The machine goes back 30 s after a call: run `rpc` right after `build` (the CUDA build
+# took 324 s on an H200 here; COMPAT twice about 2-4 min).
 set -u
 PHASE=${1:-build}; shift || true
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CUDA_ARCH=${CUDA_ARCH:-90} GGML_NO_BACKTRACE=1
@@ -55,6 +57,9 @@ case "$PHASE" in
     tar -czf "$OUT/cuda-sweep.tgz" -C /tmp cuda-sweep ;;
   rpc)
     wait_build "${1:-500}" || { echo "build not finished"; exit 3; }
+    if [ ! -x build/cuda/bin/rpc-server ]; then  # a build from before --rpc: add ggml RPC and rpc-server (incremental)
+      python3 -m harness.cli build --backend cuda --rpc --targets ggml,rpc-server 2>&1 | tail -2 | tee "$OUT/rpc-build.log"
+    fi
     TYPES=${TYPES:-turbo2,turbo3,turbo4}
     # the harness starts build/cuda/bin/rpc-server -H 127.0.0.1 -d CUDA0 itself (--rpc-local), reads its log and
     # restarts it when an op the CUDA backend lacks aborts it (over RPC every op is "supported")
