@@ -511,3 +511,25 @@ def test_target_rpc0_makes_the_remote_device_the_production_target(rpc_server, t
     cells = _cells(run)
     assert any(c["path"].startswith("rpc0:") and c["target"] for c in cells)
     assert not any(c["path"].startswith("cpu:") and c["target"] for c in cells)
+
+
+@pytest.mark.fork
+def test_a_server_that_comes_back_is_used_again(rpc_server):
+    """A user's server that died gives lost-connection errors (local calls go on); once it is back on its port,
+    the next remote call reaches it again (the worker retries the endpoint instead of remembering it as down)."""
+    from harness.targets.fork import ForkTarget
+    bdir, fork = _rpc_build()
+    t = ForkTarget(bdir, fork, rpc=[rpc_server.endpoint], rpc_timeout_s=60)
+    x = np.random.default_rng(3).standard_normal((4, 128)).astype(np.float32)
+    try:
+        want = t.quantize("cpu", "set_rows", "turbo3", x)
+        assert np.array_equal(t.quantize("rpc0", "set_rows", "turbo3", x), want)
+        rpc_server.kill()
+        for _ in range(2):  # the call that saw it die, then a fresh worker that cannot reach it
+            with pytest.raises(RemoteLost, match="no longer reachable"):
+                t.quantize("rpc0", "set_rows", "turbo3", x)
+        assert np.array_equal(t.quantize("cpu", "set_rows", "turbo3", x), want)
+        rpc_server.start()
+        assert np.array_equal(t.quantize("rpc0", "set_rows", "turbo3", x), want)
+    finally:
+        t.close()

@@ -115,9 +115,14 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
             rpc_down[ep] = lib.tp_last_error().decode(errors="replace")
 
     def on_device(dev):
-        """The device name for ggml; a remote one while an rpc-server could not be reached raises (one line)."""
+        """The device name for ggml; a remote one while an rpc-server cannot be reached raises (one line). A server
+        that was down when this worker started is tried again (it may have been restarted since)."""
         if dev.startswith("RPC") and rpc_down:
-            raise RuntimeError("; ".join(f"{msg}" for msg in rpc_down.values()))
+            for ep in list(rpc_down):
+                if lib.tp_rpc_add(ep.encode()) >= 0:
+                    del rpc_down[ep]
+            if rpc_down:
+                raise RuntimeError("; ".join(f"{msg}" for msg in rpc_down.values()))
         return dev.encode()
 
     def ptr(a):
