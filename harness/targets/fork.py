@@ -136,7 +136,8 @@ class ForkTarget(Target):
         except ProbeCrash as e:
             raise self._remote_failure(backend, ep, what, str(e)) from None
         except HarnessError as e:
-            if "rpc-server" in str(e):  # the worker could not reach the server (it died earlier)
+            from harness.runners.rpc_server import reachable
+            if "rpc-server" in str(e) or not reachable(ep):  # the worker could not reach the server (it died earlier)
                 raise self._remote_failure(backend, ep, what, str(e)) from None
             raise
         finally:
