@@ -533,3 +533,24 @@ def test_a_server_that_comes_back_is_used_again(rpc_server):
         assert np.array_equal(t.quantize("rpc0", "set_rows", "turbo3", x), want)
     finally:
         t.close()
+
+
+def test_a_route_that_kills_the_remote_server_does_not_hide_the_next_route(make_ctx):
+    """Over RPC a route the remote backend lacks can abort the server with a message the harness does not read as
+    'unsupported'; the harness-started server is back for the next route, which is then used."""
+    from harness.checks.common import decode_route
+
+    class FirstRouteKills(NumpyTarget):
+        def routes(self, backend):
+            r = super().routes(backend)
+            if backend == "rpc0":
+                r.decode = ["cpy", "get_rows"]
+            return r
+
+        def decode(self, backend, route, type_name, raw, nrows, ncols):
+            if backend == "rpc0" and route == "cpy":
+                raise RemoteLost("remote rpc0: the rpc-server at 127.0.0.1:9 died (killed by SIGABRT) during cpy "
+                                 "decode turbo3: ops.cpp:4896: fatal error; restarted it for the next cells")
+            return super().decode(backend, route, type_name, raw, nrows, ncols)
+    ctx = make_ctx(FirstRouteKills(backends=(("cpu", "cpu"), ("rpc0", "gpu"))))
+    assert decode_route(ctx, "rpc0", "turbo3") == "get_rows"

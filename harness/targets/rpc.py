@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.errors import HarnessError, Unsupported
+from harness.errors import HarnessError, RemoteLost, Unsupported
 from harness.fork import rpc as R
 from harness.reference import turbo as T
 
@@ -93,12 +93,17 @@ def disagreement(type_name: str, got: np.ndarray, want: np.ndarray) -> float:
 
 def _remote_decode(target, backend: str, t: str, raw: np.ndarray, n: int) -> tuple[str, np.ndarray]:
     """Decode on the remote device through its first route that runs; (route, float (n, 128))."""
-    errs = []
+    errs, lost = [], []
     for route in target.routes(backend).decode:
         try:
             return route, target.decode(backend, route, t, raw, n, 128)
         except Unsupported as e:
             errs.append(f"{route}: {e}")
+        except RemoteLost as e:  # the server died on this route (a harness-started one is back for the next)
+            lost.append(e)
+            errs.append(f"{route}: {e}")
+    if lost:
+        raise RemoteLost(f"no decode route could be measured on {backend} ({'; '.join(errs)})")
     raise Unsupported(f"no decode route runs on {backend} ({'; '.join(errs)})")
 
 
