@@ -25,10 +25,11 @@ def select_backends(devices: list[dict]) -> list[Backend]:
     """First device of each registry that can hold a KV cache (cpu, gpu, igpu kinds; BLAS-like
     accelerators are skipped), in registry order.
 
-    Args:
-        devices: [{'name', 'description', 'reg', 'kind'}] as the probe reports them.
     Remote devices of ggml's RPC backend (registry 'RPC') are each a backend of their own, named from the
     device ('RPC0' -> 'rpc0'), so two rpc-servers give rpc0 and rpc1.
+
+    Args:
+        devices: [{'name', 'description', 'reg', 'kind'}] as the probe reports them.
     """
     seen: dict[str, Backend] = {}
     for d in devices:
