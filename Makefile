@@ -1,16 +1,18 @@
 # turbo-harness. `make verify` builds the fork for this machine and runs every check;
 # `make test` runs the test suite. FORK_DIR=... points at another fork checkout; BACKEND=... overrides
 # the backend (metal on macOS, cuda where nvcc exists, else cpu). MODEL=smollm2|gemma3|PATH picks the sweep model.
+# RPC=1 adds ggml's RPC backend and rpc-server to the build (remote devices: --rpc HOST:PORT, README "Remote devices").
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TH := $(VENV)/bin/turbo-harness
 BACKEND ?=
 MODEL ?= smollm2
+RPC ?=
 export FORK_DIR
 export BACKEND
 
-.PHONY: all install build verify test sweep doctor bench clean
+.PHONY: all install build verify test sweep doctor bench bench-rpc clean
 
 all: verify
 
@@ -36,7 +38,7 @@ vendor/llama.cpp/ggml/include/ggml.h:
 	  echo "error: no fork checkout in vendor/llama.cpp: see README 'Getting the fork' or set FORK_DIR" >&2; exit 2; }; fi
 
 build: install $(if $(FORK_DIR),,vendor/llama.cpp/ggml/include/ggml.h)
-	$(TH) build $(if $(BACKEND),--backend $(BACKEND),)
+	$(TH) build $(if $(BACKEND),--backend $(BACKEND),) $(if $(filter 1 yes on ON,$(RPC)),--rpc,)
 
 verify: build
 	$(TH) verify $(ARGS)
@@ -50,6 +52,12 @@ bench: build
 	rm -rf build/bench-run  # a fresh report each time: --out never merges reports of different builds
 	$(TH) verify --checks PQ1,PQ2,PQ3,PQ4,PQ5,PQ6,COMPAT --out build/bench-run | grep -E ' s  |verdict'
 	@$(PY) -c "import json; d=json.load(open('build/bench-run/run.json')); t={c['id']: c['duration_s'] for c in d['checks']}; s=sum(v for k, v in t.items() if k != 'COMPAT'); print(f'six checks: {s:.1f} s; six checks + COMPAT: {s + t.get(\"COMPAT\", 0):.1f} s total (goal < 10 s on 2 cores)')"
+
+# Speed over ggml RPC (prints figures; not a test): one probe call and COMPAT, local CPU vs the same CPU backend
+# behind the fork's rpc-server on 127.0.0.1, by row count; where the time goes (README "Remote devices").
+bench-rpc: RPC := 1
+bench-rpc: build
+	$(PY) scripts/bench_rpc.py $(ARGS)
 
 doctor: install
 	$(TH) doctor

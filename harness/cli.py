@@ -15,6 +15,7 @@ from harness import __version__
 from harness.errors import HarnessError
 from harness.fork import backends, build as fb
 from harness.reference.turbo import TURBO_TYPES
+from harness.cli_rpc import RPC_OPTIONS, RpcOptions
 
 REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 
@@ -84,8 +85,11 @@ def _load_run(run_dir: Path):
     return load_run(run_dir)
 
 
-def _open_target(fork_dir: str | None, build_backend: str | None):
+def _open_target(fork_dir: str | None, build_backend: str | None, rpc=None):
     """The fork build to measure and the report metadata that names it.
+
+    ``rpc`` (:class:`harness.cli_rpc.RpcOptions`, optional) adds remote devices: the build must have
+    the RPC backend, and the servers must be reachable (one-line HarnessError otherwise).
 
     The fork commit, dirty state and options come from the build's own record
     (turbo-harness-build.json), never from the checkout, which may have moved since; the checkout's
@@ -110,6 +114,8 @@ def _open_target(fork_dir: str | None, build_backend: str | None):
                                           f"checked against the build's record; the report names the build's record")
     meta.update({f"checkout_{k}": v for k, v in state.items()})
     meta.update({"checkout_dir": str(fork), "build_dir": str(bdir)})
+    if rpc is not None and rpc.active:
+        return rpc.open(bdir, fork), meta
     return ForkTarget(bdir, fork), meta
 
 
@@ -136,23 +142,36 @@ def _print_headline(run) -> None:
 
 
 def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_backend, out, strict, known_file=None,
-                  numpy_target=None, options=None):
-    """verify / check through the pipeline (harness.pipeline): run folder, target, checks, reports, exit code."""
+                  numpy_target=None, options=None, rpc=None):
+    """verify / check through the pipeline (harness.pipeline): run folder, target, checks, reports, exit code.
+
+    ``rpc`` (:class:`harness.cli_rpc.RpcOptions`) adds remote devices and their type handshake."""
     from harness import pipeline, usage
     from harness.interrupt import Interrupted, interruptible
     from harness.verify import new_run_id
     target_backend = usage.backend_name(target_backend, "--target")
     backends = [usage.backend_name(b, "--backend") for b in backends]
+    if rpc is not None:
+        rpc.validate(numpy_target is not None)
     known = None
     if known_file:
         from harness.known import load_known
         known = load_known(known_file)
     run_dir, previous = pipeline.prepare_run_dir(Path(out) if out else REPORTS / new_run_id(), "checks")
-    target, meta = _numpy_target(numpy_target) if numpy_target is not None else _open_target(fork_dir, build_backend)
+    if numpy_target is not None:
+        target, meta = _numpy_target(numpy_target)
+    elif rpc is not None and rpc.active:
+        target, meta = _open_target(fork_dir, build_backend, rpc)
+    else:
+        target, meta = _open_target(fork_dir, build_backend)
     try:
         pipeline.check_backends(target, target_backend, backends)
+        if rpc is not None and rpc.active:  # both sides agree on the types before anything is measured
+            meta.update(rpc.handshake(target, types, click.echo))
     except HarnessError:
         target.close()
+        if rpc is not None:
+            rpc.close()
         raise
     try:
         if previous is not None:
@@ -167,11 +186,15 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
         with interruptible():
             run = pipeline.run_verify(target, meta, check_ids, types, run_dir, previous, target_backend=target_backend,
                                       backends=backends, registry=registry(), options=options, log=click.echo)
+        if rpc is not None and rpc.active:  # what happened to the remote servers during the run goes into the report
+            rpc.record_events(run, target, run_dir)
     except Interrupted as e:
         click.echo(f"interrupted by {e.name}: partial report marked INTERRUPTED in {run_dir / 'summary.md'}", err=True)
         sys.exit(e.exit_code)
     finally:
         target.close()
+        if rpc is not None:
+            rpc.close()
     code = pipeline.finish(run, run_dir, known, known_file, strict, written=True)
     _print_headline(run)
     click.echo(f"report: {run_dir / 'summary.md'} ({run_dir / 'report.html'})")
@@ -191,6 +214,7 @@ common = [
     click.option("--known", "known_file", default=None, type=click.Path(dir_okay=False),
                  help="known-findings file (e.g. checks/known-findings.toml): accepted findings are XFAIL, "
                       "anything else non-PASS fails the gate (README 'Known findings')"),
+    *RPC_OPTIONS,
 ]
 
 
@@ -204,20 +228,24 @@ def with_common(f):
 @click.argument("check_id")
 @click.option("--model", default=None, help="KVREAL only: smollm2 | gemma3 | PATH.gguf (same as $TURBO_MODEL; default smollm2)")
 @with_common
-def check(check_id, model, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target, known_file):
+def check(check_id, model, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target, known_file,
+          rpc, rpc_local, rpc_timeout):
     """Run one check (PQ1..PQ6, COMPAT, and the opt-in MODEL, KVREAL) and write its report."""
     cid = registry().runnable(check_id.upper()).id
     _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file,
-                  numpy_target, options={"KVREAL": {"model": model}} if model else None)
+                  numpy_target, options={"KVREAL": {"model": model}} if model else None,
+                  rpc=RpcOptions(rpc, rpc_local, rpc_timeout))
 
 
 @cli.command()
 @click.option("--checks", "check_list", default=None, help="comma-separated check ids (default all)")
 @with_common
-def verify(check_list, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target, known_file):
+def verify(check_list, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target, known_file,
+           rpc, rpc_local, rpc_timeout):
     """Run all checks (PQ1-PQ6 and the cross-backend matrix; MODEL with --checks MODEL) and write the report."""
     ids = _check_ids(check_list)
-    _run_and_exit(ids, _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file, numpy_target)
+    _run_and_exit(ids, _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file,
+                  numpy_target, rpc=RpcOptions(rpc, rpc_local, rpc_timeout))
 
 
 @cli.command()
@@ -225,14 +253,15 @@ def verify(check_list, types, target_backend, backends, fork_dir, build_backend,
 @click.option("--targets", default=None, help="CMake targets, comma separated (default: all the harness uses)")
 @click.option("--fork-dir", default=None)
 @click.option("--jobs", "-j", type=int, default=None)
-def build(backend, targets, fork_dir, jobs):
+@click.option("--rpc", is_flag=True, help="also build ggml's RPC backend and rpc-server (GGML_RPC=ON), for --rpc HOST:PORT")
+def build(backend, targets, fork_dir, jobs, rpc):
     """Build the fork (only the targets the harness uses) and the native probe."""
     from harness.fork.probe import build_probe
     fork = fb.fork_dir(fork_dir)
-    res = fb.build(backend, targets.split(",") if targets else None, fork=fork, jobs=jobs, log=click.echo)
-    lib = build_probe(res.dir, fork)
+    res = fb.build(backend, targets.split(",") if targets else None, fork=fork, jobs=jobs, log=click.echo, rpc=rpc)
+    lib = build_probe(res.dir, fork, force=rpc)
     click.echo(f"built {res.backend} in {res.dir} (fork {res.meta.get('fork_commit', '?')[:12]}"
-               f"{' dirty' if res.meta.get('fork_dirty') else ''}); probe {lib}")
+               f"{' dirty' if res.meta.get('fork_dirty') else ''}{', with RPC' if res.meta.get('rpc') else ''}); probe {lib}")
 
 
 @cli.command("unpack-fork")

@@ -50,7 +50,7 @@ def build_run(result, run_id: str, argv: list[str]):
             "python": platform.python_version(), "host": platform.node(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "jobs_run": result.jobs_run, "jobs_cached": result.jobs_cached,
             "sweep_seconds": round(result.seconds, 1), "target_backend": cfg.backend,
-            "backends_run": [bmeta.get("backend") or cfg.backend] if cfg.ngl > 0 else ["cpu"],
+            "backends_run": ([bmeta.get("backend") or cfg.backend] + [f"rpc {ep}" for ep in cfg.rpc]) if cfg.ngl > 0 else ["cpu"],
             "gpu": gpu_info(), "cxx_compiler": bmeta.get("cxx_compiler") or result.meta.get("compiler") or None,
             "cuda_compiler": bmeta.get("cuda_compiler"),
             "cmake_options": cmake if isinstance(cmake, list) else [f"(not recorded; CMakeCache.txt sha256 {cmake})"],
@@ -154,11 +154,14 @@ def _table_text(section: dict) -> str:
               help="Run only the pairs given: do not add f16/f16 and q8_0/q8_0 (without q8_0 nothing is judged: SKIP).")
 @click.option("--strict", is_flag=True, help="Exit 1 on PARTIAL too.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--rpc", "rpc", default=None, metavar="HOST:PORT[,...]",
+              help="Offload to the devices of these rpc-servers (the fork's own --rpc of llama-perplexity and "
+                   "llama-bench; the build needs RPC: make build RPC=1); README 'Remote devices'.")
 def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, ubatch, fresh, fork_defaults, backend,
-          build_dir, out_dir, known_file, timeout, no_bench, no_baselines, strict, no_progress):
+          build_dir, out_dir, known_file, timeout, no_bench, no_baselines, strict, no_progress, rpc):
     """Model-level sweep: PPL ± se, KL divergence vs an f16-cache baseline, top-1 agreement, KV memory
     and prefill/decode speed ratio to q8_0 for K/V cache-type pairs, with the fork's own tools."""
-    from harness.fork.build import REPO_ROOT, build_dir as default_build_dir, detect_backend
+    from harness.fork.build import REPO_ROOT, build_dir as default_build_dir, detect_backend, has_rpc as fb_has_rpc
     from harness.runners.inputs import default_corpus
     from harness.runners.models import resolve_model
     from harness.interrupt import Interrupted, acknowledge, interruptible
@@ -172,11 +175,19 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         backend = usage.backend_name(backend, "--backend") or detect_backend()
         _check_numbers(ctx=ctx, chunks=chunks, reps=reps, threads=threads, timeout=timeout, ngl=ngl, batch=batch,
                        ubatch=ubatch)
-        ngl = ngl if ngl is not None else (0 if backend == "cpu" else 99)
+        from harness.fork import rpc as R
+        endpoints = R.parse_endpoints(rpc)
+        warn = R.security_warning(endpoints)
+        if warn:
+            click.echo(f"warning: {warn}", err=True)
+        ngl = ngl if ngl is not None else (0 if backend == "cpu" and not endpoints else 99)
         dflt = CPU_DEFAULTS if ngl == 0 else GPU_DEFAULTS
         bdir = build_dir or default_build_dir(backend)
         if build_dir is None and not (bdir / "bin" / "llama-perplexity").is_file() and backend != detect_backend():
             raise HarnessError(f"--backend {backend}: no {backend} build in {bdir}; {usage.backend_fix(backend)}")
+        if endpoints and not fb_has_rpc(bdir):
+            raise HarnessError(f"--rpc needs a build with ggml's RPC backend, and {bdir} has none: rebuild it with "
+                               f"`turbo-harness build --rpc` (or `make build RPC=1`)")
         known = load_known(known_file) if known_file else None
         cfg = SweepConfig(
             model=resolve_model(model),
@@ -187,7 +198,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             depths=_ints(depths) if depths is not None else dflt["depths"], reps=dflt["reps"] if reps is None else reps,
             n_prompt=dflt["n_prompt"], n_gen=dflt["n_gen"], threads=threads or (os.cpu_count() or 1), ngl=ngl,
             batch=batch, ubatch=ubatch, fresh=fresh, fork_defaults=fork_defaults,
-            timeout=dflt["timeout"] if timeout is None else timeout, bench=not no_bench)
+            timeout=dflt["timeout"] if timeout is None else timeout, bench=not no_bench, rpc=endpoints)
         _check_inputs(cfg)
         run_id = time.strftime("sweep-%Y%m%d-%H%M%S")
         run_dir, _ = pipeline.prepare_run_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / run_id, "sweep")

@@ -11,3 +11,8 @@ class ProbeCrash(HarnessError):
 
 class Unsupported(Exception):
     """The device or fork build does not support the requested op (becomes a SKIP/not-covered cell)."""
+
+
+class RemoteLost(HarnessError):
+    """A remote device (ggml RPC) could not be measured: its server died, closed the connection, timed out or
+    is unreachable. An ERROR cell naming the server and its last message, never a hang and never a PASS."""

@@ -6,6 +6,7 @@ CLI prints it and exits 2.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -45,6 +46,9 @@ def backend_fix(name: str) -> str:
         return "Metal exists only on macOS with an Apple GPU: run the harness on a Mac (there `make build` builds Metal)"
     if name == "cpu":
         return "build it with `BACKEND=cpu make build`"
+    if re.fullmatch(r"rpc\d+", name):
+        return ("remote devices come from --rpc HOST:PORT (an rpc-server of the same fork build; README 'Remote "
+                "devices'): rpc0 is the first device of the first server")
     spec = backends.find(name)
     hw = spec.hardware if spec is not None else "that hardware"
     return f"on a machine with {hw}, build it with `BACKEND={name} make build`, or leave the option out"
@@ -55,8 +59,9 @@ def backend_name(name: str | None, option: str) -> str | None:
     if name is None:
         return None
     n = name.strip().lower()
-    if backends.find(n) is None:
-        raise HarnessError(f"unknown backend {name!r} for {option}: choose from {backends.choices(', ')}")
+    if backends.find(n) is None and not re.fullmatch(r"rpc\d+", n):
+        raise HarnessError(f"unknown backend {name!r} for {option}: choose from {backends.choices(', ')} "
+                           f"(or rpc0, rpc1, ... for the devices of --rpc servers)")
     return n
 
 

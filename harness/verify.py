@@ -63,7 +63,7 @@ def gpu_info() -> str | None:
 
 
 def pick_target_backend(target: Target, requested: str | None) -> str:
-    """The production backend: the requested one (must exist), else the first GPU found, else cpu.
+    """The production backend: the requested one (must exist), else the first local GPU found, else cpu.
 
     Raises:
         HarnessError: the requested backend is not in this build.
@@ -74,7 +74,9 @@ def pick_target_backend(target: Target, requested: str | None) -> str:
             from harness.usage import backend_name, unavailable_backend
             raise unavailable_backend(backend_name(requested, "--target"), names, "--target")
         return requested
-    gpus = [b.name for b in target.backends() if b.is_gpu]
+    # a remote device (rpc0, ...) is the production target only when asked (--target rpc0): ggml RPC calls every
+    # remote device a GPU, whatever backend the server runs
+    gpus = [b.name for b in target.backends() if b.is_gpu and not b.name.startswith("rpc")]
     return gpus[0] if gpus else ("cpu" if "cpu" in names else names[0])
 
 

@@ -9,6 +9,12 @@
 #   scripts/device-cuda.sh build  [WAIT]   unpack the fork, start the CUDA build in the background, wait up to WAIT s
 #   scripts/device-cuda.sh verify [WAIT]   wait for the build, then `verify --target cuda` into $OUT
 #   scripts/device-cuda.sh sweep  [ARGS]   join the model pieces, then a CUDA sweep into $OUT
+#   scripts/device-cuda.sh rpc    [WAIT]   COMPAT with the CUDA device behind the build's rpc-server on 127.0.0.1
+#                                          (CPU x RPC(CUDA), --target rpc0), then the direct CUDA COMPAT (CPU x CUDA,
+#                                          --target cuda), and the cell-by-cell comparison, into $OUT
+# The build phase builds with --rpc (ggml's RPC backend and rpc-server), so the rpc phase needs no rebuild (it adds
+# them to an older build). The machine goes back 30 s after a call: run `rpc` right after `build` (the CUDA build
+# took 324 s on an H200 here; COMPAT twice about 2-4 min).
 set -u
 PHASE=${1:-build}; shift || true
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CUDA_ARCH=${CUDA_ARCH:-90} GGML_NO_BACKTRACE=1
@@ -31,7 +37,7 @@ case "$PHASE" in
     [ -d "$FORK_DIR" ] || FORK_DIR=$(python3 -m harness.fork.snapshot "$SNAP" --dest .devcarry/fork) || exit 2
     mkdir -p build/cuda
     if [ ! -f build/cuda/.harness-built ] && ! pgrep -f "harness.cli build" >/dev/null; then
-      setsid bash -c "python3 -m harness.cli build --backend cuda --targets ggml,test-backend-ops,llama-perplexity,llama-bench \
+      setsid bash -c "python3 -m harness.cli build --backend cuda --rpc --targets ggml,test-backend-ops,llama-perplexity,llama-bench \
         > build/cuda-build.log 2>&1 && touch build/cuda/.harness-built; echo rc=\$? >> build/cuda-build.log" &
       sleep 2
     fi
@@ -49,5 +55,21 @@ case "$PHASE" in
       --no-progress --out /tmp/cuda-sweep "$@" 2>&1 | tee "$OUT/sweep.log"
     echo "sweep took $(( $(date +%s) - T0 )) s"
     tar -czf "$OUT/cuda-sweep.tgz" -C /tmp cuda-sweep ;;
-  *) echo "unknown phase $PHASE: build | verify | sweep" >&2; exit 2 ;;
+  rpc)
+    wait_build "${1:-500}" || { echo "build not finished"; exit 3; }
+    if [ ! -x build/cuda/bin/rpc-server ]; then  # a build from before --rpc: add ggml RPC and rpc-server (incremental)
+      python3 -m harness.cli build --backend cuda --rpc --targets ggml,rpc-server 2>&1 | tail -2 | tee "$OUT/rpc-build.log"
+    fi
+    TYPES=${TYPES:-turbo2,turbo3,turbo4}
+    # the harness starts build/cuda/bin/rpc-server -H 127.0.0.1 -d CUDA0 itself (--rpc-local), reads its log and
+    # restarts it when an op the CUDA backend lacks aborts it (over RPC every op is "supported")
+    python3 -m harness.cli check COMPAT --build cuda --type "$TYPES" --rpc-local CUDA0 --backend cpu --backend rpc0 \
+      --target rpc0 --out /tmp/cuda-rpc-run 2>&1 | tee "$OUT/rpc-compat.log"
+    python3 -m harness.cli check COMPAT --build cuda --type "$TYPES" --backend cpu --backend cuda --target cuda \
+      --out /tmp/cuda-direct-run 2>&1 | tee "$OUT/direct-compat.log"
+    python3 scripts/rpc_compare.py /tmp/cuda-direct-run /tmp/cuda-rpc-run --as cuda --remote rpc0 | tee "$OUT/rpc-vs-direct.md"
+    cp build/cuda/rpc-server-logs/rpc-server.log "$OUT/" 2>/dev/null
+    echo "rpc phase took $(( $(date +%s) - T0 )) s"
+    tar -czf "$OUT/cuda-rpc-runs.tgz" -C /tmp cuda-rpc-run cuda-direct-run ;;
+  *) echo "unknown phase $PHASE: build | verify | sweep | rpc" >&2; exit 2 ;;
 esac

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from harness.errors import HarnessError, ProbeCrash, Unsupported
+from harness.errors import HarnessError, ProbeCrash, RemoteLost, Unsupported
 from harness.interrupt import raise_if_pending
 from harness.reference import turbo as T
 from harness.reference.wht import factor_signed_wht, signed_wht_matrix
@@ -210,11 +210,14 @@ def decode_route(ctx: Context, backend: str, type_name: str = "turbo3") -> str:
     """The first decode route of a backend that works for this type (cached). Raises Unsupported."""
     def pick():
         raw = T.pack(type_name, np.zeros((1, 128), np.uint8), np.ones(1))  # UnknownLayout: nothing to try
-        errs, crashes = [], []
+        errs, crashes, lost = [], [], []
         for r in ctx.target.routes(backend).decode:
             try:
                 ctx.target.decode(backend, r, type_name, raw.reshape(-1), 1, 128)
                 return r
+            except RemoteLost as e:  # a remote server died or is gone: try the next route (a server the harness
+                lost.append(e)       # started is back for it); if none works, ERROR (nothing measured), not SKIP
+                errs.append(f"{r}: {e}")
             except ProbeCrash as e:
                 crashes.append(e)
                 errs.append(f"{r}: {e}")
@@ -222,6 +225,8 @@ def decode_route(ctx: Context, backend: str, type_name: str = "turbo3") -> str:
                 errs.append(f"{r}: {e}")
         if crashes:  # a route the backend accepted crashed and none worked: the fork's fault, not a SKIP
             raise ProbeCrash(f"no decode route for {type_name} on {backend} works: {'; '.join(errs)}")
+        if lost:
+            raise RemoteLost(f"no decode route for {type_name} on {backend} could be measured: {'; '.join(errs)}")
         raise Unsupported(f"no decode route for {type_name} on {backend} ({'; '.join(errs)})")
     return ctx.cached(("decode_route", backend, type_name), pick)
 

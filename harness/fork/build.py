@@ -31,6 +31,9 @@ TARGETS = {
     "sweep": ["llama-perplexity", "llama-bench"],
     "compat": ["test-backend-ops"],
 }
+# Added by the --rpc build option: ggml's RPC backend (in libggml) and the fork's own server for it.
+RPC_CMAKE = ["-DGGML_RPC=ON"]
+RPC_TARGETS = ["rpc-server"]
 
 
 def fork_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -217,7 +220,7 @@ class BuildResult:
 
 def build(backend: str | None = None, targets: list[str] | None = None, fork: Path | None = None,
           bdir: Path | None = None, jobs: int | None = None, extra_cmake: list[str] | None = None,
-          log=print, env: dict | None = None) -> BuildResult:
+          log=print, env: dict | None = None, rpc: bool = False) -> BuildResult:
     """Configure (once) and build the given targets of the fork for one backend.
 
     Args:
@@ -225,6 +228,10 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
         targets: CMake targets; default all of :data:`TARGETS`.
         fork: fork checkout; default :func:`fork_dir`.
         bdir: build folder; default ``build/<backend>``.
+        rpc: also build ggml's RPC backend and ``rpc-server`` (CMake ``-DGGML_RPC=ON``, :data:`RPC_CMAKE`), so
+            that remote devices can be checked (``--rpc HOST:PORT``). Whether a build has it is recorded as
+            ``rpc`` in the metadata, read from the build's CMakeCache.txt (a folder configured with RPC earlier
+            keeps it).
 
     Returns:
         BuildResult with the metadata written to ``<bdir>/turbo-harness-build.json``.
@@ -240,7 +247,9 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
     if not shutil.which("cmake"):
         raise HarnessError("cmake not found: install it (apt-get install cmake, or pip install cmake)")
     targets = targets or sorted({t for ts in TARGETS.values() for t in ts})
-    opts = cmake_options(backend, extra_cmake)
+    if rpc:
+        targets = list(dict.fromkeys([*targets, *RPC_TARGETS]))
+    opts = cmake_options(backend, [*(RPC_CMAKE if rpc else []), *(extra_cmake or [])])
     jobs = jobs or os.cpu_count() or 2
     logf = bdir / "turbo-harness-build.log"
     source = git_state(fork)  # what is compiled: the checkout as the build starts (recorded for provenance)
@@ -270,6 +279,7 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
         "cxx_compiler": _compiler_version(cache.get("CMAKE_CXX_COMPILER", "c++")),
         "cuda_compiler": _compiler_version(cache["CMAKE_CUDA_COMPILER"]) if cache.get("CMAKE_CUDA_COMPILER") else None,
         "targets": sorted(set(targets) | set(read_build_meta(bdir).get("targets", []))),
+        "rpc": cache.get("GGML_RPC", "OFF").upper() in ("ON", "1", "TRUE", "YES"),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.time() - t0, 1),
         "machine": platform.machine(),
@@ -317,6 +327,11 @@ def binary(bdir: Path, name: str) -> Path:
     if not p.is_file():
         raise HarnessError(f"{name} is not built in {bdir}: run `make build` (or `turbo-harness build --targets {name}`)")
     return p
+
+
+def has_rpc(bdir: Path) -> bool:
+    """True when a build folder was configured with ggml's RPC backend (GGML_RPC=ON in its CMakeCache.txt)."""
+    return _read_cmake_cache(Path(bdir)).get("GGML_RPC", "OFF").upper() in ("ON", "1", "TRUE", "YES")
 
 
 def find_build(backend: str | None = None) -> Path:

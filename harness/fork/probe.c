@@ -9,7 +9,10 @@
  *     ggml_quantize_chunk (the fork's C quantiser),
  *   - decoding raw bytes through the CPU type traits or a graph op on a device,
  *   - the ggml_turbo_wht op, forward and inverse,
- *   - ggml_flash_attn_ext with raw quantised K/V bytes.
+ *   - ggml_flash_attn_ext with raw quantised K/V bytes,
+ *   - remote devices of ggml's RPC backend (an rpc-server at HOST:PORT) added to the registry, found
+ *     through the registry ("RPC") and its proc address "ggml_backend_rpc_add_server", so that this file
+ *     neither includes ggml-rpc.h nor links the RPC code: a build without RPC says so at run time.
  *
  * Every entry point returns 0 on success, 1 when the device does not support the op (the message
  * says which op), and -1 on any other failure; the message goes to tp_last_error().
@@ -56,6 +59,54 @@ const char * tp_dev_reg_name(int i) {
 
 /* 0 = CPU, 1 = GPU, 2 = ACCEL, 3 = IGPU (ggml_backend_dev_type order) */
 int tp_dev_type(int i) { return (int) ggml_backend_dev_type(ggml_backend_dev_get((size_t) i)); }
+
+/* Total memory of device i in bytes (over RPC: asked from the server). */
+int64_t tp_dev_memory_total(int i) {
+    size_t free_b = 0, total_b = 0;
+    ggml_backend_dev_memory(ggml_backend_dev_get((size_t) i), &free_b, &total_b);
+    return (int64_t) total_b;
+}
+
+/* Add the devices of the rpc-server at endpoint ("host:port") to the registry, as llama.cpp's --rpc does.
+   Returns the number of devices added (>= 1), or -1 with the reason in tp_last_error(). */
+typedef ggml_backend_reg_t (*tp_rpc_add_server_fn)(const char * endpoint);
+
+int tp_rpc_add(const char * endpoint) {
+    ggml_backend_reg_t rpc = ggml_backend_reg_by_name("RPC");
+    if (!rpc) {
+        set_err("this fork build has no RPC backend: rebuild it with `turbo-harness build --rpc` (make build RPC=1)");
+        return -1;
+    }
+    tp_rpc_add_server_fn add = (tp_rpc_add_server_fn) ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_add_server");
+    if (!add) {
+        set_err("the RPC backend of this build has no ggml_backend_rpc_add_server");
+        return -1;
+    }
+    ggml_backend_reg_t reg = add(endpoint);
+    if (!reg) {
+        snprintf(tp_err, sizeof(tp_err), "could not connect to the rpc-server at %s (or it reported no device)", endpoint);
+        return -1;
+    }
+    ggml_backend_register(reg);
+    return (int) ggml_backend_reg_dev_count(reg);
+}
+
+/* Bytes the buffer type of device dev allocates for a (ne0 x ne1) tensor of type t. Over RPC a quantised
+   type whose rows are not a multiple of 512 values is sized by the server, with the server's own type
+   traits (ggml-rpc.cpp: get_alloc_size), so this tells the server's row size of a type. -1 on failure. */
+int64_t tp_alloc_size(const char * dev_name, int t, int64_t ne0, int64_t ne1) {
+    ggml_backend_dev_t dev = ggml_backend_dev_by_name(dev_name);
+    if (!dev) {
+        snprintf(tp_err, sizeof(tp_err), "no ggml device named '%s'", dev_name);
+        return -1;
+    }
+    struct ggml_init_params ip = { ggml_tensor_overhead() * 2 + 1024, NULL, true };
+    struct ggml_context * ctx = ggml_init(ip);
+    struct ggml_tensor * x = ggml_new_tensor_2d(ctx, (enum ggml_type) t, ne0, ne1);
+    int64_t n = (int64_t) ggml_backend_buft_get_alloc_size(ggml_backend_dev_buffer_type(dev), x);
+    ggml_free(ctx);
+    return n;
+}
 
 /* ---------- types ---------- */
 

@@ -104,6 +104,26 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
         getattr(lib, fn).restype = ctypes.c_char_p
     lib.tp_type_size.restype = I64
     lib.tp_blck_size.restype = I64
+    lib.tp_dev_memory_total.restype = I64
+    lib.tp_alloc_size.restype = I64
+
+    # remote devices (harness/fork/rpc.py): each rpc-server named in the environment joins the registry before
+    # the first call, in the same order in every worker, so 'RPC0' names the same device in a fresh worker
+    rpc_down: dict[str, str] = {}
+    for ep in [e for e in os.environ.get("TURBO_PROBE_RPC", "").split(",") if e]:
+        if lib.tp_rpc_add(ep.encode()) < 0:
+            rpc_down[ep] = lib.tp_last_error().decode(errors="replace")
+
+    def on_device(dev):
+        """The device name for ggml; a remote one while an rpc-server cannot be reached raises (one line). A server
+        that was down when this worker started is tried again (it may have been restarted since)."""
+        if dev.startswith("RPC") and rpc_down:
+            for ep in list(rpc_down):
+                if lib.tp_rpc_add(ep.encode()) >= 0:
+                    del rpc_down[ep]
+            if rpc_down:
+                raise RuntimeError("; ".join(f"{msg}" for msg in rpc_down.values()))
+        return dev.encode()
 
     def ptr(a):
         return a.ctypes.data_as(P)
@@ -125,8 +145,21 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
 
     def devices():
         return [{"name": lib.tp_dev_name(i).decode(), "description": lib.tp_dev_description(i).decode(),
-                 "reg": lib.tp_dev_reg_name(i).decode(), "kind": ["cpu", "gpu", "accel", "igpu"][lib.tp_dev_type(i)]}
+                 "reg": lib.tp_dev_reg_name(i).decode(), "kind": ["cpu", "gpu", "accel", "igpu"][lib.tp_dev_type(i)],
+                 "memory_total": int(lib.tp_dev_memory_total(i))}
                 for i in range(lib.tp_dev_count())]
+
+    def rpc_status():
+        return dict(rpc_down)
+
+    def alloc_size(dev, tname, ne0, ne1):
+        n = lib.tp_alloc_size(on_device(dev), type_id(tname), I64(ne0), I64(ne1))
+        if n < 0:
+            raise HarnessError(lib.tp_last_error().decode(errors="replace"))
+        return int(n)
+
+    def row_bytes(tname, ncols):
+        return int(row_size(type_id(tname), ncols))
 
     def type_info(name):
         t = lib.tp_type_by_name(name.encode())
@@ -138,7 +171,7 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
         t = type_id(tname)
         x = np.ascontiguousarray(x, np.float32)
         out = np.zeros(x.shape[0] * row_size(t, x.shape[1]), np.uint8)
-        check(lib.tp_set_rows(dev.encode(), t, ptr(x), I64(x.shape[0]), I64(x.shape[1]), ptr(out)), "set_rows")
+        check(lib.tp_set_rows(on_device(dev), t, ptr(x), I64(x.shape[0]), I64(x.shape[1]), ptr(out)), "set_rows")
         return out
 
     def quantize_chunk(tname, x):
@@ -159,13 +192,13 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
         t = type_id(tname)
         raw = np.ascontiguousarray(raw, np.uint8)
         out = np.zeros(nrows * ncols, np.float32)
-        check(lib.tp_decode(dev.encode(), t, ptr(raw), I64(nrows), I64(ncols), int(route), ptr(out)), "decode")
+        check(lib.tp_decode(on_device(dev), t, ptr(raw), I64(nrows), I64(ncols), int(route), ptr(out)), "decode")
         return out.reshape(nrows, ncols)
 
     def turbo_wht(dev, x, direction, group):
         x = np.ascontiguousarray(x, np.float32)
         out = np.zeros_like(x)
-        check(lib.tp_turbo_wht(dev.encode(), ptr(x), I64(x.shape[0]), I64(x.shape[1]), int(direction), int(group), ptr(out)), "turbo_wht")
+        check(lib.tp_turbo_wht(on_device(dev), ptr(x), I64(x.shape[0]), I64(x.shape[1]), int(direction), int(group), ptr(out)), "turbo_wht")
         return out
 
     def flash_attn(dev, tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv, scale, rotate_q, inverse_out, group, prec_f32):
@@ -175,7 +208,7 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
         kraw = np.ascontiguousarray(kraw, np.uint8)
         vraw = np.ascontiguousarray(vraw, np.uint8)
         out = np.zeros(n_q * n_head * Dv, np.float32)
-        check(lib.tp_flash_attn(dev.encode(), ik, ptr(kraw), iv, ptr(vraw), ptr(q), I64(D), I64(Dv), I64(n_q), I64(n_kv),
+        check(lib.tp_flash_attn(on_device(dev), ik, ptr(kraw), iv, ptr(vraw), ptr(q), I64(D), I64(Dv), I64(n_q), I64(n_kv),
                                 I64(n_head), I64(n_head_kv), F(scale), int(rotate_q), int(inverse_out), int(group),
                                 int(prec_f32), ptr(out)), "flash_attn")
         return out.reshape(n_q, n_head, Dv)
@@ -184,7 +217,7 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
         return lib.tp_wht_nargs()
 
     handlers = {f.__name__: f for f in (devices, type_info, set_rows, quantize_chunk, to_float, decode,
-                                        turbo_wht, flash_attn, wht_args)}
+                                        turbo_wht, flash_attn, wht_args, rpc_status, alloc_size, row_bytes)}
     while True:
         hdr = proto_in.read(8)
         if len(hdr) < 8:

@@ -68,6 +68,8 @@ def run_facts(run: Run) -> list[tuple[str, str]]:
     if "backends_run" in m:
         facts += [("backends run", plain(m.get("backends_run"))),
                   ("backends not available here", plain(m.get("backends_not_available")))]
+        from harness.report.remote import remote_facts
+        facts += remote_facts(m)  # remote devices (--rpc): where they are, what they are, what happened to them
     if "types" in m:
         facts.append(("types", plain(m.get("types"))))
     sweep = run.sections.get("sweep")

@@ -145,6 +145,7 @@ class SweepConfig:
     bench: bool = True
     no_baselines: bool = False                                  # --no-baselines: run only the pairs asked for
     baselines_added: list[str] = field(default_factory=list)    # labels added by with_baselines (for the report)
+    rpc: list[str] = field(default_factory=list)                # --rpc endpoints passed to the tools (remote devices)
 
     def __post_init__(self):
         self.batch = self.batch or self.ctx
@@ -163,7 +164,7 @@ class SweepConfig:
                 "threads": self.threads, "ngl": self.ngl, "flash_attn": "on", "fit": "off",
                 "depths": list(self.depths), "reps": self.reps, "n_prompt": self.n_prompt, "n_gen": self.n_gen,
                 "env": self.env(), "env_unset": list(self.env_unset()), "fork_defaults": self.fork_defaults,
-                "backend": self.backend, "timeout_s": self.timeout}
+                "backend": self.backend, "timeout_s": self.timeout, **({"rpc": list(self.rpc)} if self.rpc else {})}
 
 
 @dataclass
@@ -278,7 +279,10 @@ def _evidence(prefix: Path) -> dict[str, str]:
 
 
 def _common_args(cfg: SweepConfig) -> list[str]:
-    return ["-t", str(cfg.threads), "-b", str(cfg.batch), "-ub", str(cfg.ubatch), "-ngl", str(cfg.ngl)]
+    """Arguments every tool call gets; with remote devices, the fork's own ``--rpc HOST:PORT,...`` (both
+    llama-perplexity and llama-bench take it) so layers are offloaded to the rpc-servers."""
+    rpc = ["--rpc", ",".join(cfg.rpc)] if cfg.rpc else []
+    return ["-t", str(cfg.threads), "-b", str(cfg.batch), "-ub", str(cfg.ubatch), "-ngl", str(cfg.ngl), *rpc]
 
 
 def _bench_tests(cfg: SweepConfig) -> list[tuple[str, int, int]]:
@@ -499,7 +503,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
              "model": meta["model_sha256"], "corpus": meta["corpus_sha256"], "env": cfg.env(),
              "env_unset": cfg.env_unset(), "ctx": cfg.ctx, "chunks": cfg.chunks, "b": cfg.batch, "ub": cfg.ubatch,
              "t": cfg.threads, "ngl": cfg.ngl, "fa": "on", "fit": "off", "backend": cfg.backend,
-             "inherit": meta["turbo_env_inherited"]}
+             "inherit": meta["turbo_env_inherited"], **({"rpc": list(cfg.rpc)} if cfg.rpc else {})}
     base_key = _key({**ident, "job": "base", "v": 1})
     bench_ident = {k: v for k, v in ident.items() if k not in ("corpus", "chunks", "ctx")}
     jobs: list[tuple[str, str, str, str]] = [("base", "f16", "f16", base_key)]

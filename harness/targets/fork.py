@@ -1,12 +1,14 @@
 """The fork build under test, observed through the native probe."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from harness.errors import HarnessError, Unsupported
+from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.fork import backends
+from harness.fork import rpc as R
 from harness.fork.probe import Probe, build_probe
 from harness.targets.base import Backend, Routes, Target
 
@@ -20,6 +22,9 @@ def select_backends(devices: list[dict]) -> list[Backend]:
     """First device of each registry that can hold a KV cache (cpu, gpu, igpu kinds; BLAS-like
     accelerators are skipped), in registry order.
 
+    Remote devices of ggml's RPC backend (registry 'RPC') are each a backend of their own, named from the
+    device ('RPC0' -> 'rpc0'), so two rpc-servers give rpc0 and rpc1.
+
     Args:
         devices: [{'name', 'description', 'reg', 'kind'}] as the probe reports them.
     """
@@ -27,10 +32,17 @@ def select_backends(devices: list[dict]) -> list[Backend]:
     for d in devices:
         if d["kind"] not in ("cpu", "gpu", "igpu"):
             continue
-        name = backend_name(d["reg"])
+        name = R.backend_name(d["name"]) if d["reg"] == "RPC" else backend_name(d["reg"])
         if name not in seen:
             seen[name] = Backend(name=name, device=d["name"], kind=d["kind"], description=d.get("description", ""))
     return list(seen.values())
+
+
+def re_unsupported(line: str) -> bool:
+    """True when a server's last message says its backend cannot run an op or type (ggml-cuda's 'op not
+    supported', 'Unsupported type', a missing kernel), as opposed to a crash."""
+    import re
+    return bool(re.search(r"not supported|unsupported|not implemented|no kernel", line or "", re.I))
 
 
 class ForkTarget(Target):
@@ -41,13 +53,29 @@ class ForkTarget(Target):
         devices: optional fake device list (tests), bypassing the probe's registry listing.
         env: the probe worker's whole environment (default the harness's), e.g. with LD_PRELOAD of the
             sanitizer runtime for an AddressSanitizer build.
+        rpc: endpoints ('HOST:PORT') of rpc-servers whose devices join as backends rpc0, rpc1, ...
+            (:mod:`harness.fork.rpc`); they must be reachable when the devices are first listed.
+        rpc_servers: {endpoint: RpcServer} of servers the harness started itself
+            (:class:`harness.runners.rpc_server.RpcServer`): their log explains a failure, and one that died is
+            restarted (up to ``rpc_restarts`` times) so that the cells after it still run.
+        rpc_timeout_s: seconds one probe call on a remote device may take before it is killed (a hung server or
+            network is a clear cell, never a hung run).
     """
 
     def __init__(self, build_dir: Path, fork: Path, timeout_s: float = 600.0, devices: list[dict] | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, rpc: list[str] | None = None, rpc_servers: dict | None = None,
+                 rpc_timeout_s: float = 120.0, rpc_restarts: int = 100):
         self.build_dir = Path(build_dir)
         self.fork = Path(fork)
         self.lib = build_probe(self.build_dir, self.fork)
+        self.rpc = list(rpc or [])
+        self.rpc_servers = dict(rpc_servers or {})
+        self.rpc_timeout_s = float(rpc_timeout_s)
+        self.rpc_restarts = int(rpc_restarts)
+        self.rpc_events: list[str] = []  # what happened to remote devices during the run (for the report)
+        if self.rpc:
+            env = dict(os.environ if env is None else env)
+            env[R.PROBE_ENV] = ",".join(self.rpc)
         self.probe = Probe(self.lib, timeout_s=timeout_s, env=env)
         self.name = f"fork:{self.build_dir.name}"
         self._devices = devices
@@ -57,8 +85,102 @@ class ForkTarget(Target):
 
     def backends(self) -> list[Backend]:
         if self._backends is None:
-            self._backends = select_backends(self._devices if self._devices is not None else self.probe.devices())
+            devices = self._devices if self._devices is not None else self.probe.devices()
+            if self.rpc and self._devices is None:
+                down = self.probe.rpc_status()
+                if down:
+                    ep, msg = next(iter(down.items()))
+                    raise HarnessError(f"--rpc {ep}: {msg}: start the fork's rpc-server there (README 'Remote devices') "
+                                       f"or fix the address")
+            self._backends = select_backends(devices)
+            self._rpc_devices = {b.name: b.description for b in self._backends if R.is_rpc_backend(b.name)}
         return self._backends
+
+    # ------------------------------------------------------------------ remote devices
+
+    def rpc_endpoint(self, backend: str) -> str | None:
+        """The endpoint of a remote backend ('rpc0' -> '127.0.0.1:50052'), None for a local one."""
+        if not R.is_rpc_backend(backend):
+            return None
+        self.backends()
+        return self._rpc_devices.get(backend)
+
+    def row_bytes(self, backend: str, type_name: str, ncols: int = 128) -> tuple[int, int]:
+        """(bytes of one row of ``ncols`` values of a type on this backend, the same in this build's traits).
+
+        Over RPC the server sizes quantised tensors itself (ggml-rpc.cpp get_alloc_size, for rows that are not
+        a multiple of 512 values), so the first number is the server's: the difference of two tensor sizes
+        (3 rows minus 1 row, halved) cancels any per-tensor padding the server's backend adds.
+        """
+        a1 = self._remote(backend, f"sizing {type_name}", lambda: self.probe.alloc_size(self.device(backend), type_name, ncols, 1))
+        a3 = self._remote(backend, f"sizing {type_name}", lambda: self.probe.alloc_size(self.device(backend), type_name, ncols, 3))
+        return (a3 - a1) // 2, self.probe.row_bytes(type_name, ncols)
+
+    def _remote(self, backend: str, what: str, fn):
+        """Run one probe call on a backend; on a remote one, with the RPC time limit and a failure explained.
+
+        Over RPC every op is 'supported' (the client never asks the server), so a failure shows up as the
+        client aborting or the connection closing. Raises Unsupported when the server's own log says its
+        backend cannot run the op (not covered), else :class:`harness.errors.RemoteLost` (an ERROR cell:
+        nothing was measured) naming the server's state and its last message.
+        """
+        ep = self.rpc_endpoint(backend)
+        if ep is None:
+            return fn()
+        saved = self.probe.timeout_s
+        self.probe.timeout_s = min(saved, self.rpc_timeout_s)
+        try:
+            return fn()
+        except ProbeCrash as e:
+            raise self._remote_failure(backend, ep, what, str(e)) from None
+        except HarnessError as e:
+            from harness.runners.rpc_server import reachable
+            if "rpc-server" in str(e) or not reachable(ep):  # the worker could not reach the server (it died earlier)
+                raise self._remote_failure(backend, ep, what, str(e)) from None
+            raise
+        finally:
+            self.probe.timeout_s = saved
+
+    def _remote_failure(self, backend: str, ep: str, what: str, said: str) -> Exception:
+        """The exception for a failed call on a remote device (see :meth:`_remote`); restarts a server the
+        harness started when it died, so that the next cell finds it again."""
+        from harness.errors import RemoteLost
+        from harness.runners.rpc_server import reachable
+        server = self.rpc_servers.get(ep)
+        timed_out = "timed out" in said
+
+        def restart() -> str:
+            if server.starts > self.rpc_restarts:
+                return f"; not restarted (restarted {self.rpc_restarts} times already)"
+            try:
+                server.start()
+                return "; restarted it for the next cells"
+            except HarnessError as e:
+                return f"; restarting it failed: {e}"
+        if server is not None and timed_out and server.alive():  # a hung server of ours: ended, so the next cell runs
+            server.kill()
+            msg = (f"remote {backend}: {what} on the rpc-server at {ep} took longer than {self.rpc_timeout_s:.0f} s; "
+                   f"the server was killed{restart()}")
+            self.rpc_events.append(msg)
+            return RemoteLost(msg)
+        if server is not None and not server.settle(3.0):
+            line = server.last_line() or "no message"
+            state = server.exit_text()
+            again = restart()
+            self.rpc_events.append(f"{backend} ({ep}): the rpc-server died ({state}) during {what}: {line}{again}")
+            if re_unsupported(line):
+                return Unsupported(f"remote {backend} ({ep}) cannot run {what}: the server said '{line}' and exited ({state})")
+            return RemoteLost(f"remote {backend}: the rpc-server at {ep} died ({state}) during {what}: {line}{again}")
+        if timed_out:
+            msg = f"remote {backend}: {what} on the rpc-server at {ep} took longer than {self.rpc_timeout_s:.0f} s and was stopped"
+        elif reachable(ep):
+            msg = (f"remote {backend}: the rpc-server at {ep} closed the connection during {what} (it rejected the "
+                   f"request or its backend failed: its own log says why); client said: {said[:200]}")
+        else:
+            msg = (f"remote {backend}: lost the connection to the rpc-server at {ep} during {what}: it is no longer "
+                   f"reachable (stopped, crashed, or the SSH tunnel closed)")
+        self.rpc_events.append(msg)
+        return RemoteLost(msg)
 
     def device(self, backend: str) -> str:
         for b in self.backends():
@@ -84,14 +206,15 @@ class ForkTarget(Target):
         if route == "quantize_chunk":
             return self.probe.quantize_chunk(type_name, x)
         if route == "set_rows":
-            return self.probe.set_rows(self.device(backend), type_name, x)
+            return self._remote(backend, f"set_rows {type_name}", lambda: self.probe.set_rows(self.device(backend), type_name, x))
         raise Unsupported(f"unknown quantize route {route!r}")
 
     def decode(self, backend, route, type_name, raw, nrows, ncols):
         if route == "to_float":
             return self.probe.to_float(type_name, raw, nrows * ncols).reshape(nrows, ncols)
         if route in ("get_rows", "cpy"):
-            return self.probe.decode(self.device(backend), type_name, raw, nrows, ncols, 0 if route == "get_rows" else 1)
+            return self._remote(backend, f"{route} decode {type_name}", lambda: self.probe.decode(
+                self.device(backend), type_name, raw, nrows, ncols, 0 if route == "get_rows" else 1))
         if route == "fa_decode":
             return self._fa_decode(backend, type_name, raw, nrows, ncols)
         raise Unsupported(f"unknown decode route {route!r}")
@@ -108,12 +231,14 @@ class ForkTarget(Target):
         return out.reshape(nrows, ncols)
 
     def wht(self, backend, x, direction, group=128):
-        return self.probe.turbo_wht(self.device(backend), np.ascontiguousarray(x, np.float32), direction, group)
+        return self._remote(backend, "turbo_wht", lambda: self.probe.turbo_wht(
+            self.device(backend), np.ascontiguousarray(x, np.float32), direction, group))
 
     def flash_attn(self, backend, tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv, scale,
                    rotate_q, inverse_out, group=128, prec_f32=True):
-        return self.probe.flash_attn(self.device(backend), tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv,
-                                     float(scale), bool(rotate_q), bool(inverse_out), group, bool(prec_f32))
+        return self._remote(backend, f"flash_attn {tk}/{tv}", lambda: self.probe.flash_attn(
+            self.device(backend), tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv,
+            float(scale), bool(rotate_q), bool(inverse_out), group, bool(prec_f32)))
 
     def backend_ops(self, log_path=None):
         """Run the build's ``bin/test-backend-ops`` (see :meth:`Target.backend_ops`); None when it is not built."""
@@ -145,7 +270,25 @@ class ForkTarget(Target):
                 "layouts": self.layouts().describe(),
                 "layout_notes": self.layout_notes,
                 "wht_op_args": self.probe.wht_args(),
-                "backends": [b.__dict__ for b in self.backends()]}
+                "backends": [b.__dict__ for b in self.backends()],
+                **({"rpc": self.describe_rpc()} if self.rpc else {})}
+
+    def describe_rpc(self) -> dict:
+        """What the report says about remote devices: endpoints, each rpc backend's endpoint and memory, the
+        devices a harness-started server said it serves (a server started by hand names none over RPC: the
+        protocol carries no backend name), and what happened to them during the run."""
+        self.backends()
+        mem = {}
+        if self._devices is None:
+            mem = {R.backend_name(d["name"]): d.get("memory_total") for d in self.probe.devices() if d["reg"] == "RPC"}
+        return {"endpoints": list(self.rpc),
+                "devices": {name: {"endpoint": ep, "memory_total_mib": (mem.get(name) or 0) // 2**20}
+                            for name, ep in self._rpc_devices.items()},
+                "started_by_harness": {ep: {"serves": s.served_devices(), "log": str(s.log_path), "starts": s.starts}
+                                       for ep, s in self.rpc_servers.items()},
+                "events": list(self.rpc_events),
+                "note": "over RPC the remote backend's name, build and hardware are not visible: the handshake "
+                        "proved that it quantises and decodes the checked types as this build does"}
 
     def close(self):
         self.probe.close()

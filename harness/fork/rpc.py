@@ -1,0 +1,81 @@
+"""Remote devices through ggml's RPC backend: the ``--rpc HOST:PORT[,HOST:PORT...]`` option.
+
+The fork carries ggml's RPC backend (CMake ``GGML_RPC=ON``, :data:`harness.fork.build.RPC_CMAKE`): a remote
+host runs the fork's ``rpc-server`` and its devices join the local ggml registry as ``RPC0``, ``RPC1``, ...
+(the order of the endpoints, then each server's devices). The harness calls them ``rpc0``, ``rpc1``, ... and
+treats each as one more backend of the writer x reader matrix.
+
+Facts of the fork's RPC code (69d8e4be4, ggml/src/ggml-rpc/ggml-rpc.cpp) this module and its users rely on:
+the protocol has no authentication; the client's supports_op answers yes to every op (a TODO there), so the
+harness finds out by running; a failed call aborts the client ("Remote RPC server crashed or returned
+malformed response") and a failed graph on the server aborts the server; the device type is always GPU
+and the device description is the endpoint, so nothing names the remote backend (CUDA, Metal, CPU).
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from harness.errors import HarnessError
+
+# the probe worker reads the endpoints from this environment variable and adds them to its registry
+PROBE_ENV = "TURBO_PROBE_RPC"
+RPC_NAME = re.compile(r"^rpc(\d+)$")
+
+
+def parse_endpoints(value: str | None, option: str = "--rpc") -> list[str]:
+    """The endpoints of ``--rpc``: 'HOST:PORT[,HOST:PORT...]' -> ['HOST:PORT', ...] (order kept, repeats dropped).
+
+    HOST is a name or an IPv4 address ([IPv6] in brackets); PORT is 1..65535.
+
+    Raises:
+        HarnessError: an entry is not HOST:PORT (one line naming it and the expected form).
+    """
+    if value is None:
+        return []
+    eps = [e.strip() for e in value.split(",") if e.strip()]
+    if not eps:
+        raise HarnessError(f"{option} {value!r} names no server: give HOST:PORT of an rpc-server, e.g. {option} 127.0.0.1:50052")
+    for e in eps:
+        m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", e)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise HarnessError(f"{option} {e!r} is not HOST:PORT: give the address of an rpc-server, e.g. "
+                               f"{option} 127.0.0.1:50052 (an SSH tunnel's local end)")
+    return list(dict.fromkeys(eps))
+
+
+def host_of(endpoint: str) -> str:
+    """The host part of 'HOST:PORT' (brackets of an IPv6 address removed)."""
+    return endpoint.rpartition(":")[0].strip("[]")
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for 'localhost', 127.0.0.0/8 and ::1 (what an SSH tunnel's local end looks like)."""
+    host = host_of(endpoint)
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def security_warning(endpoints: list[str]) -> str | None:
+    """The warning printed for endpoints off the loopback interface, or None when all are loopback."""
+    far = [e for e in endpoints if not is_loopback(e)]
+    if not far:
+        return None
+    return (f"--rpc {', '.join(far)} is not on this machine's loopback: ggml RPC is unauthenticated and unencrypted "
+            f"(anyone who can reach the port can run code on that server and read its memory); bind rpc-server to "
+            f"127.0.0.1 there and forward it, e.g. `ssh -N -L 50052:127.0.0.1:50052 user@host`, then use --rpc 127.0.0.1:50052")
+
+
+def backend_name(device_name: str) -> str:
+    """The harness's name of a remote device: ggml's 'RPC0' -> 'rpc0'."""
+    return device_name.strip().lower()
+
+
+def is_rpc_backend(name: str) -> bool:
+    """True for the harness's names of remote devices ('rpc0', 'rpc1', ...)."""
+    return bool(RPC_NAME.match(name or ""))
+
