@@ -376,3 +376,17 @@ def test_checks_are_not_added_to_a_sweep_report(numpy_cli, sw):
     assert (d / "run.json").is_file()
     code, out = numpy_cli(["check", "PQ4", "--out", str(d)])
     assert code == 2 and "holds a sweep report" in one_error_line(out)
+
+
+def test_a_crash_finding_says_the_fork_crashed_not_what_the_rule_means():
+    """A FAIL cell with no value (the fork's tool aborted, e.g. CUDA flash attention on f16/q8_0) must not borrow
+    the rule's meaning ("loses more perplexity than allowed"): nothing was measured; the meaning is the crash."""
+    from harness.report.findings import findings
+    from harness.report.model import Cell, CheckResult, Run, Verdict
+    crashed = Cell("SWEEP", "f16/q8_0", "cuda:perplexity", "ppl_vs_q8_0", None, 0.025, Verdict.FAIL,
+                   caveat="not measured (fork failure: llama-perplexity crashed)")
+    measured = Cell("SWEEP", "turbo3/turbo3", "cuda:perplexity", "ppl_vs_q8_0", 0.28, 0.025, Verdict.FAIL)
+    run = Run("r", {}, [CheckResult("SWEEP", "Model-level sweep", [crashed, measured])])
+    lines = {f.type: f.line() for f in findings(run)}
+    assert "the fork crashed on this case" in lines["f16/q8_0"] and "perplexity against q8_0" not in lines["f16/q8_0"]
+    assert "perplexity against q8_0" in lines["turbo3/turbo3"] and "crashed" not in lines["turbo3/turbo3"]

@@ -95,7 +95,10 @@ class Finding:
             acc = f" accepted at {fmt(self.accepted)}" if self.accepted is not None else ""
             text += (f" Expected (known finding{acc}: {self.reason})." if self.known == "xfail"
                      else f" Worse than the known finding{acc} ({self.reason}): a regression.")
-        mean = meaning(self.check, self.metric, self.verdict)
+        if w is not None and w.value is None and self.verdict == Verdict.FAIL:
+            mean = load_meanings().get("CRASH", {}).get("default", "")  # a fork failure left nothing to judge
+        else:
+            mean = meaning(self.check, self.metric, self.verdict)
         return text + (f" Means: {mean}" if mean else "")
 
 

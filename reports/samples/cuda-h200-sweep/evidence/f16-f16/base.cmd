@@ -1,0 +1,2 @@
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /work/main/build/cuda/bin/llama-perplexity -m .devcarry/model.gguf -f .devcarry/c1/wiki.test.raw -c 512 --chunks 64 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk f16 -ctv f16 --kl-divergence-base /work/main/.cache/sweep/base/ebeef73fb0575dd25d27788b.partial
+# rc=0 after 4.3 s
