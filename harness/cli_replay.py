@@ -23,13 +23,13 @@ from harness.replay import (bisect_head, build_commit, git_subject, history_dir,
 REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 
 
-def _checks(value: str | None) -> list[str]:
-    from harness.verify import all_checks
-    ids = [c.strip().upper() for c in value.split(",")] if value else [c for c in all_checks() if c not in ("COMPAT", "MODEL")]
-    bad = [c for c in ids if c not in all_checks(optional=True)]
-    if bad:
-        raise HarnessError(f"unknown check {', '.join(bad)}: choose from {', '.join(all_checks(optional=True))}")
-    return ids
+def _checks(value: str | None, option: str = "--checks") -> list[str]:
+    """The checks of a replay, validated by the registry the CLI reads (:func:`harness.cli.registry`) before
+    anything is built: the given ids, or the default verify set without COMPAT (a replay builds one backend and
+    no test-backend-ops)."""
+    from harness.cli import registry
+    reg = registry()
+    return [c for c in reg.default_ids() if c != "COMPAT"] if value is None else reg.parse_ids(value, option)
 
 
 def _types(value: str) -> list[str]:
@@ -265,7 +265,7 @@ def bisect(good, bad, check_id, types, routes, entry, fixed, fork_dir):
         routes = routes or (",".join(e["routes"]) if e.get("routes") else None)
     if not check_id:
         raise HarnessError("bisect needs --check ID or --entry CATALOGUE_ID")
-    _checks(check_id)
+    _checks(check_id, "--check")
     _types(types)
 
     def oracle_for(logf):
@@ -321,5 +321,3 @@ def bisect_oracle(check_id, types, routes, fixed, log_path, entry, commit):
     # default terms: good (0) = passes, bad (1) = flagged; --fixed: broken/old (0) = flagged, fixed/new (1) = passes
     sys.exit((0 if flagged else 1) if fixed else (1 if flagged else 0))
 
-
-commands = [replay, catalogue, bisect, bisect_oracle]

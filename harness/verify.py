@@ -31,9 +31,10 @@ KNOWN_BACKENDS = backends.names()  # the backend table (harness/fork/backends.py
 def all_checks(optional: bool = False, registry: Registry | None = None) -> dict:
     """{check id: :class:`~harness.checks.contract.Check`} of the registry (default
     :data:`harness.checks.registry.REGISTRY`), in run order: the default set (what `verify` and replays run), plus,
-    with ``optional=True``, the opt-in checks (``in_verify=False``, e.g. MODEL and KVREAL, which run a model)."""
+    with ``optional=True``, the opt-in checks (``in_verify=False``, e.g. MODEL and KVREAL, which run a model). Checks of
+    another command (SWEEP) are not among them: run_checks refuses them."""
     reg = registry or REGISTRY
-    return {c.id: c for c in reg if optional or c.in_verify}
+    return {cid: reg.get(cid) for cid in reg.ids(optional)}
 
 
 def default_checks(registry: Registry | None = None) -> list[str]:
@@ -98,9 +99,8 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             before re-raising is marked INTERRUPTED and lists the checks that did not run.
     """
     checks = all_checks(optional=True, registry=registry)
-    unknown = [c for c in check_ids if c not in checks]
-    if unknown:
-        raise HarnessError(f"unknown check {', '.join(unknown)}: choose from {', '.join(checks)}")
+    for cid in check_ids:  # unknown, or a check of another command (SWEEP): one line naming the choices
+        (registry or REGISTRY).runnable(cid)
     tb = pick_target_backend(target, target_backend)
     present = [b.name for b in target.backends()]
     if backends:

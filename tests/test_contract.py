@@ -259,3 +259,29 @@ def test_junit_carries_the_sweep_table_like_the_other_formats(tmp_path):
     write_all(run, tmp_path)
     for name in ("summary.md", "report.html", "junit.xml", "run.json"):
         assert "turbo3/turbo3" in (tmp_path / name).read_text() and "12.5" in (tmp_path / name).read_text(), name
+
+
+def test_a_check_list_error_names_the_option_and_a_sweep_check_is_refused_everywhere(tmp_path, monkeypatch):
+    """`--checks` with an unknown id says which option and the choices; SWEEP (another command's check) is refused in
+    one line by verify, run_checks, replay and bisect before anything is built or written."""
+    runner = CliRunner()
+    r = runner.invoke(harness_cli(), ["verify", "--checks", "PQ1,PQ9", "--numpy-target", "", "--out", str(tmp_path / "v")])
+    assert r.exit_code == 2 and "--checks 'PQ1,PQ9': unknown check PQ9; choose from PQ1" in r.output, r.output
+    assert "(or leave it out for all)" in r.output and "SWEEP" not in r.output.split("choose from")[1]
+    with pytest.raises(HarnessError, match="SWEEP runs through `turbo-harness sweep`"):
+        run_checks(NumpyTarget(), ["PQ1", "SWEEP"], ["turbo3"], tmp_path / "rc", log=lambda s: None)
+    assert not (tmp_path / "rc").exists()
+    import harness.cli_replay as cr
+
+    def no_build(*a, **k):
+        raise AssertionError("a refused check list must not build anything")
+    monkeypatch.setattr(cr, "history_dir", lambda *a: tmp_path)
+    monkeypatch.setattr(cr, "resolve", lambda fork, rev: "a" * 40)
+    monkeypatch.setattr(cr, "replay_commit", no_build)
+    monkeypatch.setattr(cr, "run_bisect", no_build)
+    for args in (["replay", "HEAD", "--checks", "PQ1,SWEEP"], ["bisect", "--good", "a", "--bad", "b", "--check", "sweep"]):
+        r = runner.invoke(harness_cli(), args)
+        assert r.exit_code == 2 and "SWEEP runs through `turbo-harness sweep`" in r.output, (args, r.output)
+    r = runner.invoke(harness_cli(), ["replay", "HEAD", "--checks", "PQ7"])
+    assert r.exit_code == 2 and "unknown check PQ7" in r.output
+    assert cr._checks(None) == [c for c in REGISTRY.default_ids() if c != "COMPAT"]
