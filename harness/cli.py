@@ -78,12 +78,6 @@ def _check_ids(value: str | None) -> list[str]:
     return registry().parse_ids(value)
 
 
-def _load_run(run_dir: Path):
-    """The Run stored in run_dir/run.json (:func:`harness.pipeline.load_run`)."""
-    from harness.pipeline import load_run
-    return load_run(run_dir)
-
-
 def _open_target(fork_dir: str | None, build_backend: str | None):
     """The fork build to measure and the report metadata that names it.
 
@@ -269,7 +263,8 @@ def report(run_dir, known_file, strict):
     """Re-render a run's Markdown/JUnit/HTML from its run.json (with --known: and gate it)."""
     from harness.known import apply_known, gate_exit_code, load_known
     from harness.report.render import write_all
-    run = _load_run(Path(run_dir))
+    from harness.pipeline import load_run
+    run = load_run(Path(run_dir))
     if known_file:
         apply_known(run, load_known(known_file), known_file)
     for f in write_all(run, Path(run_dir)):

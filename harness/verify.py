@@ -147,7 +147,6 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
                     out = check.evaluate(ctx)
                 raise_if_pending()
                 cr.cells, cr.notes, cr.tables = list(out), list(out.notes), list(out.tables)
-                cr.notes += ctx.sections.pop(f"notes:{cid}", [])  # a check written before the contract
             except ProbeCrash as e:  # a fork crash outside any cell: the fork's fault (FAIL), not the harness's
                 cr.cells = [crash_cell(ctx, cid, "all", tb, "-", e)]
             except HarnessError as e:
@@ -168,8 +167,6 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             order = list(checks)
             run.checks = sorted([c for c in run.checks if c.id != cid] + [cr],
                                 key=lambda c: order.index(c.id) if c.id in order else len(order))
-            run.sections.update(ctx.sections)  # free-form sections of a check written before the contract
-            ctx.sections.clear()
             finished.append(cid)
             current = None
             log(f"{cid:6s} {cr.verdict.value:8s} {cr.duration_s:6.1f} s  {check.title}")

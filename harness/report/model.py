@@ -249,13 +249,15 @@ def _cell_backends(cell: Cell, known_backends: tuple[str, ...]) -> set[str]:
 
 
 def merge_previous(old: CheckResult, new: CheckResult, types: list[str], backends: list[str],
-                   known_backends: tuple[str, ...] = ("cpu", "cuda", "metal", "vulkan", "hip")) -> list[str]:
+                   known_backends: tuple[str, ...]) -> list[str]:
     """Keep the cells of an earlier run of the same check that this run could not have produced.
 
     A new run of a check with fewer types or backends (``check PQ6 --type turbo2 --out <existing>``)
     replaces only the cells whose turbo types are all among ``types`` and whose backends are all among
     ``backends``; the other earlier cells are prepended to ``new.cells`` and a note says which were kept.
-    Returns the turbo types whose earlier cells were kept ([] when nothing was kept).
+    ``known_backends``: the backend names a cell path may start with (the backend table,
+    :func:`harness.fork.backends.names`). Returns the turbo types whose earlier cells were kept ([] when nothing
+    was kept).
     """
     tset, bset = set(types), set(backends)
     kept = [x for x in old.cells if not (_cell_types(x) <= tset and _cell_backends(x, known_backends) <= bset)]
