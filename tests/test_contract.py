@@ -285,3 +285,17 @@ def test_a_check_list_error_names_the_option_and_a_sweep_check_is_refused_everyw
     r = runner.invoke(harness_cli(), ["replay", "HEAD", "--checks", "PQ7"])
     assert r.exit_code == 2 and "unknown check PQ7" in r.output
     assert cr._checks(None) == [c for c in REGISTRY.default_ids() if c != "COMPAT"]
+
+
+def test_a_table_plot_is_embedded_when_in_the_run_folder_and_linked_otherwise(tmp_path):
+    import base64
+
+    from harness.report.html import table_html
+    png = b"\x89PNG\r\n\x1a\n-not-really-a-png"
+    (tmp_path / "evidence").mkdir()
+    (tmp_path / "evidence" / "p.png").write_bytes(png)
+    shown = table_html(Table("t", "K <norm> & 'V'", ["a"], [[1]], image="evidence/p.png"), tmp_path)
+    assert f"src='data:image/png;base64,{base64.b64encode(png).decode()}'" in shown
+    assert "alt='K &lt;norm&gt; &amp; &#x27;V&#x27;'" in shown and "<figcaption class=small>evidence/p.png<" in shown
+    linked = table_html(Table("t", "T", ["a"], [[1]], image="evidence/missing.png"), tmp_path)
+    assert "src='evidence/missing.png'" in linked and "base64" not in linked
