@@ -71,23 +71,29 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
     """Build ``rev`` (cached; only the targets the checks need) for ``backend`` (cpu, or cuda on a GPU machine),
     run the checks with that backend as the target, write a report labelled with the commit.
 
+    The report folder follows the rules of every checks run (:func:`harness.pipeline.prepare_run_dir`, checked
+    before anything is built): a sweep report there is refused, a checks report of the same build is added to,
+    one of another build is refused.
+
     Returns (run, run_dir, built: bool - whether this call compiled anything new).
     """
+    from harness import pipeline
+    from harness.cli import registry
     from harness.replay import targets_for
     from harness.report.render import write_all
     from harness.targets.fork import ForkTarget
-    from harness.verify import run_checks
     commit = resolve(fork, rev)
+    run_dir, previous = pipeline.prepare_run_dir(out or REPORTS / f"replay-{commit[:10]}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                                 "checks")
     src, bdir, meta = build_commit(fork, commit, targets=targets_for(checks), log=log, sanitize=sanitize, prefer=prefer,
                                    backend=backend)
     built = not meta.pop("reused", False)
-    run_dir = out or REPORTS / f"replay-{commit[:10]}-{time.strftime('%Y%m%d-%H%M%S')}"
     target = ForkTarget(bdir, src, env=sanitizer_env(sanitize, run_dir / "evidence" / "sanitizer"))
     try:
         meta = dict(meta, fork_commit=commit, fork_dir=str(src), build_dir=str(bdir), replay_of=commit,
                     replay_label=label, fork_describe=git_subject(fork, commit))
-        run = run_checks(target, checks, types, run_dir, target_backend=backend, meta=meta, log=log, routes=routes,
-                         options=options)
+        run = pipeline.run_verify(target, meta, checks, types, run_dir, previous, target_backend=backend, log=log,
+                                  routes=routes, options=options, registry=registry())
     finally:
         target.close()
     if sanitize:  # quote the sanitizer's own report beside the probe's crash message

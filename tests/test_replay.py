@@ -155,3 +155,40 @@ def test_run_bisect_finds_the_first_bad_commit_with_an_oracle_and_records_the_pa
     assert res["first"] == commits[3] and res["parent"] == commits[2] and res["subject"].endswith(" c3")
     assert res["steps"][commits[3]]["verdict"] == "FAIL" and res["steps"][commits[2]]["verdict"] == "PASS"
     assert [_json.loads(x)["commit"] for x in res["log"].read_text().splitlines()] == [s["commit"] for s in res["evaluated"]]
+
+
+def test_replay_follows_the_run_folder_rules_of_every_checks_run(tmp_path, monkeypatch):
+    """A replay's --out is prepared like verify's: a sweep report there is refused before anything is built, a checks
+    report of the same build is added to, one of another build is refused and left as it was."""
+    import json
+
+    import harness.cli_replay as cr
+    import harness.targets.fork as tf
+    from harness.targets.numpy_target import NumpyTarget
+    repo, commit = fake_fork(tmp_path)
+    builds = []
+
+    def fake_build(fork, c, targets=(), log=None, sanitize=None, prefer=None, backend="cpu"):
+        builds.append(c)
+        bdir = tmp_path / f"build{len(builds) if len(builds) > 2 else 1}"
+        return repo, bdir, {"cmake_options": ["-DX=1"], "reused": True}
+    monkeypatch.setattr(cr, "build_commit", fake_build)
+    monkeypatch.setattr(tf, "ForkTarget", lambda bdir, src, env=None: NumpyTarget())
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "run.json").write_text(json.dumps({"run_id": "s", "checks": [{"id": "SWEEP", "title": "t", "cells": []}]}))
+    before = (sweep_dir / "run.json").read_text()
+    code, out = invoke(["replay", commit, "--fork-dir", str(repo), "--checks", "PQ4", "--type", "turbo3",
+                        "--out", str(sweep_dir)], {})
+    assert code == 2 and "holds a sweep report" in out and not builds and (sweep_dir / "run.json").read_text() == before
+    d = tmp_path / "r"
+    args = ["replay", commit, "--fork-dir", str(repo), "--type", "turbo3", "--out", str(d)]
+    code, out = invoke(args + ["--checks", "PQ4"], {})
+    assert code == 0, out
+    code, out = invoke(args + ["--checks", "PQ3"], {})  # the same build: added to the report
+    assert code == 0, out
+    assert [c["id"] for c in json.loads((d / "run.json").read_text())["checks"]] == ["PQ3", "PQ4"]
+    kept = (d / "run.json").read_text()
+    code, out = invoke(args + ["--checks", "PQ3"], {})  # another build folder: refused, the report left alone
+    assert code == 2 and "holds a report of another build" in out and "differs in build_dir" in out, out
+    assert (d / "run.json").read_text() == kept
