@@ -159,9 +159,9 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
                 kept = merge_previous(earlier, cr, list(types), [b.name for b in ctx.backends()], KNOWN_BACKENDS)
                 if kept:
                     log(f"{cid}: kept the earlier cells of {', '.join(kept)} in this report; replaced {', '.join(types)}")
-                for table in cr.tables:
-                    run.sections.pop(table.id, None)  # the same table as a free-form section of an older report
-                    old = next((t for t in earlier.tables if t.id == table.id), None)
+                for table in cr.tables:  # the same table in the earlier report, or as a section of a 1.0 report
+                    legacy = table.from_legacy_section(run.sections.pop(table.id, None))
+                    old = next((t for t in earlier.tables if t.id == table.id), legacy)
                     if old is not None:
                         table.merge_previous(old, list(types), [b.name for b in ctx.backends()])
             order = list(checks)

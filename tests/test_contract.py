@@ -299,3 +299,25 @@ def test_a_table_plot_is_embedded_when_in_the_run_folder_and_linked_otherwise(tm
     assert "alt='K &lt;norm&gt; &amp; &#x27;V&#x27;'" in shown and "<figcaption class=small>evidence/p.png<" in shown
     linked = table_html(Table("t", "T", ["a"], [[1]], image="evidence/missing.png"), tmp_path)
     assert "src='evidence/missing.png'" in linked and "base64" not in linked
+
+
+def test_a_check_re_run_into_a_report_of_schema_1_0_keeps_the_coverage_rows_of_other_types(tmp_path):
+    """Before tables, COMPAT's coverage was the section run.sections['coverage'] (rows as dicts); a re-run of COMPAT
+    with fewer types into such a report replaces that section by its table and keeps the other types' rows."""
+    from harness.pipeline import load_run
+    d = tmp_path / "r"
+    run_checks(NumpyTarget(), ["COMPAT"], ["turbo2", "turbo3"], d, log=lambda s: None)
+    stored = json.loads((d / "run.json").read_text())
+    cov = next(t for t in stored["checks"][0].pop("tables") if t["id"] == "coverage")
+    stored["sections"]["coverage"] = {"rows": [dict(zip(cov["columns"], r), pair="x") for r in cov["rows"]],
+                                      "markdown": "## Coverage (old)"}
+    stored["schema_version"] = "1.0"
+    (d / "run.json").write_text(json.dumps(stored))
+    old_turbo3 = [r for r in cov["rows"] if r[1] == "turbo3"]
+    assert old_turbo3
+    run = run_checks(NumpyTarget(), ["COMPAT"], ["turbo2"], d, log=lambda s: None, run=load_run(d))
+    table = next(t for t in run.checks[0].tables if t.id == "coverage")
+    assert "coverage" not in run.sections
+    assert [r for r in table.rows if r[1] == "turbo3"] == old_turbo3
+    assert {r[1] for r in table.rows} == {"turbo2", "turbo3", "all"}
+    assert len(table.rows) == len(cov["rows"]) and "## Coverage (old)" not in (d / "summary.md").read_text()

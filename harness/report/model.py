@@ -120,6 +120,16 @@ class Table:
     def from_dict(cls, d: dict) -> "Table":
         return cls(**{k: d[k] for k in ("id", "title", "columns", "rows", "caption", "image", "evidence", "scope") if k in d})
 
+    def from_legacy_section(self, section: Any) -> "Table | None":
+        """The same table as a report of schema 1.0 stored it: a free-form ``run.sections[id]`` whose ``rows`` are
+        dicts keyed by this table's column labels (COMPAT's coverage); None when the section is not of that shape
+        (then it is only replaced)."""
+        rows = section.get("rows") if isinstance(section, dict) else None
+        if not rows or not all(isinstance(r, dict) and set(self.columns) <= set(r) for r in rows):
+            return None
+        return Table(self.id, self.title, list(self.columns), [[r[c] for c in self.columns] for r in rows],
+                     scope=dict(self.scope))
+
     def merge_previous(self, old: "Table", types: list[str], backends: list[str]) -> None:
         """Prepend the rows of an earlier run's table that this run did not redo: a row is redone when its scope
         columns (``scope['type']``, ``scope['backend']``) name one of ``types`` and one of ``backends``. A table
