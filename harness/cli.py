@@ -29,9 +29,11 @@ class Group(click.Group):
     """Turns HarnessError into a one-line message and exit code 2; loads the commands of LAZY_COMMANDS when named."""
 
     def list_commands(self, ctx):
+        """Every command name, the lazily loaded ones included (for --help)."""
         return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
 
     def get_command(self, ctx, name):
+        """The command called ``name``, importing its module first when it is one of LAZY_COMMANDS."""
         if name in LAZY_COMMANDS and name not in self.commands:
             import importlib
             mod, attr = LAZY_COMMANDS[name]

@@ -114,10 +114,12 @@ class Table:
         return [dict(zip(self.columns, r)) for r in self.rows]
 
     def to_dict(self) -> dict:
+        """The table as stored in run.json (every field)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Table":
+        """A table read back from run.json (fields it lacks take their defaults)."""
         return cls(**{k: d[k] for k in ("id", "title", "columns", "rows", "caption", "image", "evidence", "scope") if k in d})
 
     def from_legacy_section(self, section: Any) -> "Table | None":
