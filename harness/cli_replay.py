@@ -115,10 +115,17 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
 @click.option("--strict", is_flag=True)
 def replay(commit, check_list, types, routes, sanitize, fork_dir, out, strict):
     """Build the fork at COMMIT (cached under .cache/replay) and run the checks on it."""
+    from harness.interrupt import Interrupted, interruptible
     fork = history_dir(fork_dir)
-    run, run_dir, built = replay_commit(fork, commit, _checks(check_list), _types(types),
-                                        routes.split(",") if routes else None, Path(out) if out else None,
-                                        sanitize=sanitize)
+    checks, ts = _checks(check_list), _types(types)
+    try:
+        with interruptible():  # as verify: the partial report is marked INTERRUPTED, exit 130 / 143
+            run, run_dir, built = replay_commit(fork, commit, checks, ts, routes.split(",") if routes else None,
+                                                Path(out) if out else None, sanitize=sanitize)
+    except Interrupted as e:
+        click.echo(f"interrupted by {e.name}: a replay whose checks had started has its partial report marked "
+                   f"INTERRUPTED (summary.md of its report folder)", err=True)
+        sys.exit(e.exit_code)
     from harness.pipeline import finish
     code = finish(run, run_dir, strict=strict, written=True)
     click.echo(f"{run.meta['fork_commit'][:12]}: {run.verdict.value}; report {run_dir / 'summary.md'}")

@@ -192,3 +192,39 @@ def test_replay_follows_the_run_folder_rules_of_every_checks_run(tmp_path, monke
     code, out = invoke(args + ["--checks", "PQ3"], {})  # another build folder: refused, the report left alone
     assert code == 2 and "holds a report of another build" in out and "differs in build_dir" in out, out
     assert (d / "run.json").read_text() == kept
+
+
+def test_a_signal_during_a_replay_marks_its_partial_report_and_exits_143(tmp_path, monkeypatch):
+    """replay is interruptible like verify: SIGTERM inside a check leaves the report marked INTERRUPTED, with the
+    checks not run, and the exit code 143 (not a traceback, not the FAIL code)."""
+    import json
+    import signal
+
+    import harness.cli_replay as cr
+    import harness.targets.fork as tf
+    from harness.checks.contract import Check
+    from harness.checks.registry import REGISTRY
+    from harness.targets.numpy_target import NumpyTarget
+    repo, commit = fake_fork(tmp_path)
+    monkeypatch.setattr(cr, "build_commit", lambda fork, c, **kw: (repo, tmp_path / "b", {"reused": True}))
+    monkeypatch.setattr(tf, "ForkTarget", lambda bdir, src, env=None: NumpyTarget())
+
+    def sigterm(ctx):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return []
+    reg = REGISTRY.with_check(Check("TERM", "sends SIGTERM", sigterm, order=15))
+    d = tmp_path / "r"
+
+    def unhandled(signum, frame):  # what a replay without its own handler would meet (instead of killing pytest)
+        raise RuntimeError("SIGTERM reached the test's handler: replay does not handle it")
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        r = CliRunner().invoke(cli, ["replay", commit, "--fork-dir", str(repo), "--checks", "PQ1,TERM,PQ3", "--type",
+                                     "turbo3", "--out", str(d)], obj=reg)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert r.exit_code == 143, r.output
+    assert "interrupted by SIGTERM" in r.output
+    stored = json.loads((d / "run.json").read_text())
+    assert stored["interrupted"]["not_run"] == ["TERM", "PQ3"] and [c["id"] for c in stored["checks"]] == ["PQ1"]
+    assert stored["interrupted"]["in_progress"] == "TERM"
