@@ -33,11 +33,9 @@ def _checks(value: str | None, option: str = "--checks") -> list[str]:
 
 
 def _types(value: str) -> list[str]:
-    ts = [t.strip() for t in value.split(",") if t.strip()]
-    bad = [t for t in ts if t not in TURBO_TYPES]
-    if bad:
-        raise HarnessError(f"unknown turbo type {', '.join(bad)}: choose from {', '.join(TURBO_TYPES)}")
-    return ts
+    """The --type list, validated as verify validates it (:func:`harness.cli._types`)."""
+    from harness.cli import _types as types_of
+    return types_of(value)
 
 
 def sanitizer_env(sanitize: str | None, log_dir: Path | None = None) -> dict | None:

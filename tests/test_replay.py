@@ -228,3 +228,14 @@ def test_a_signal_during_a_replay_marks_its_partial_report_and_exits_143(tmp_pat
     stored = json.loads((d / "run.json").read_text())
     assert stored["interrupted"]["not_run"] == ["TERM", "PQ3"] and [c["id"] for c in stored["checks"]] == ["PQ1"]
     assert stored["interrupted"]["in_progress"] == "TERM"
+
+
+def test_replay_and_bisect_check_types_as_verify_does(tmp_path, monkeypatch):
+    import harness.cli_replay as cr
+    monkeypatch.setattr(cr, "history_dir", lambda *a: tmp_path)
+    monkeypatch.setattr(cr, "resolve", lambda fork, rev: "a" * 40)
+    for args in (["replay", "HEAD", "--type", " , "], ["bisect", "--good", "a", "--bad", "b", "--check", "PQ1", "--type", ""]):
+        code, out = invoke(args, {})
+        assert code == 2 and "names no turbo type" in out, (args, out)
+    code, out = invoke(["replay", "HEAD", "--type", "turbo3,turbo9"], {})
+    assert code == 2 and "--type: unknown turbo type turbo9: choose from turbo2, turbo3, turbo4" in out
