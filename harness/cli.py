@@ -30,9 +30,11 @@ class Group(click.Group):
     """Turns HarnessError into a one-line message and exit code 2; loads the commands of LAZY_COMMANDS when named."""
 
     def list_commands(self, ctx):
+        """Every command name, the lazily loaded ones included (for --help)."""
         return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
 
     def get_command(self, ctx, name):
+        """The command called ``name``, importing its module first when it is one of LAZY_COMMANDS."""
         if name in LAZY_COMMANDS and name not in self.commands:
             import importlib
             mod, attr = LAZY_COMMANDS[name]
@@ -77,12 +79,6 @@ def registry():
 def _check_ids(value: str | None) -> list[str]:
     """The --checks list (default every check but the opt-in ones), validated before anything is opened."""
     return registry().parse_ids(value)
-
-
-def _load_run(run_dir: Path):
-    """The Run stored in run_dir/run.json (:func:`harness.pipeline.load_run`)."""
-    from harness.pipeline import load_run
-    return load_run(run_dir)
 
 
 def _open_target(fork_dir: str | None, build_backend: str | None, rpc=None):
@@ -298,7 +294,8 @@ def report(run_dir, known_file, strict):
     """Re-render a run's Markdown/JUnit/HTML from its run.json (with --known: and gate it)."""
     from harness.known import apply_known, gate_exit_code, load_known
     from harness.report.render import write_all
-    run = _load_run(Path(run_dir))
+    from harness.pipeline import load_run
+    run = load_run(Path(run_dir))
     if known_file:
         apply_known(run, load_known(known_file), known_file)
     for f in write_all(run, Path(run_dir)):

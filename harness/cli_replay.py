@@ -23,21 +23,19 @@ from harness.replay import (bisect_head, build_commit, git_subject, history_dir,
 REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 
 
-def _checks(value: str | None) -> list[str]:
-    from harness.verify import all_checks
-    ids = [c.strip().upper() for c in value.split(",")] if value else [c for c in all_checks() if c not in ("COMPAT", "MODEL")]
-    bad = [c for c in ids if c not in all_checks(optional=True)]
-    if bad:
-        raise HarnessError(f"unknown check {', '.join(bad)}: choose from {', '.join(all_checks(optional=True))}")
-    return ids
+def _checks(value: str | None, option: str = "--checks") -> list[str]:
+    """The checks of a replay, validated by the registry the CLI reads (:func:`harness.cli.registry`) before
+    anything is built: the given ids, or the default verify set without COMPAT (a replay builds one backend and
+    no test-backend-ops)."""
+    from harness.cli import registry
+    reg = registry()
+    return [c for c in reg.default_ids() if c != "COMPAT"] if value is None else reg.parse_ids(value, option)
 
 
 def _types(value: str) -> list[str]:
-    ts = [t.strip() for t in value.split(",") if t.strip()]
-    bad = [t for t in ts if t not in TURBO_TYPES]
-    if bad:
-        raise HarnessError(f"unknown turbo type {', '.join(bad)}: choose from {', '.join(TURBO_TYPES)}")
-    return ts
+    """The --type list, validated as verify validates it (:func:`harness.cli._types`)."""
+    from harness.cli import _types as types_of
+    return types_of(value)
 
 
 def sanitizer_env(sanitize: str | None, log_dir: Path | None = None) -> dict | None:
@@ -71,23 +69,29 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
     """Build ``rev`` (cached; only the targets the checks need) for ``backend`` (cpu, or cuda on a GPU machine),
     run the checks with that backend as the target, write a report labelled with the commit.
 
+    The report folder follows the rules of every checks run (:func:`harness.pipeline.prepare_run_dir`, checked
+    before anything is built): a sweep report there is refused, a checks report of the same build is added to,
+    one of another build is refused.
+
     Returns (run, run_dir, built: bool - whether this call compiled anything new).
     """
+    from harness import pipeline
+    from harness.cli import registry
     from harness.replay import targets_for
     from harness.report.render import write_all
     from harness.targets.fork import ForkTarget
-    from harness.verify import run_checks
     commit = resolve(fork, rev)
+    run_dir, previous = pipeline.prepare_run_dir(out or REPORTS / f"replay-{commit[:10]}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                                 "checks")
     src, bdir, meta = build_commit(fork, commit, targets=targets_for(checks), log=log, sanitize=sanitize, prefer=prefer,
                                    backend=backend)
     built = not meta.pop("reused", False)
-    run_dir = out or REPORTS / f"replay-{commit[:10]}-{time.strftime('%Y%m%d-%H%M%S')}"
     target = ForkTarget(bdir, src, env=sanitizer_env(sanitize, run_dir / "evidence" / "sanitizer"))
     try:
         meta = dict(meta, fork_commit=commit, fork_dir=str(src), build_dir=str(bdir), replay_of=commit,
                     replay_label=label, fork_describe=git_subject(fork, commit))
-        run = run_checks(target, checks, types, run_dir, target_backend=backend, meta=meta, log=log, routes=routes,
-                         options=options)
+        run = pipeline.run_verify(target, meta, checks, types, run_dir, previous, target_backend=backend, log=log,
+                                  routes=routes, options=options, registry=registry())
     finally:
         target.close()
     if sanitize:  # quote the sanitizer's own report beside the probe's crash message
@@ -109,10 +113,17 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
 @click.option("--strict", is_flag=True)
 def replay(commit, check_list, types, routes, sanitize, fork_dir, out, strict):
     """Build the fork at COMMIT (cached under .cache/replay) and run the checks on it."""
+    from harness.interrupt import Interrupted, interruptible
     fork = history_dir(fork_dir)
-    run, run_dir, built = replay_commit(fork, commit, _checks(check_list), _types(types),
-                                        routes.split(",") if routes else None, Path(out) if out else None,
-                                        sanitize=sanitize)
+    checks, ts = _checks(check_list), _types(types)
+    try:
+        with interruptible():  # as verify: the partial report is marked INTERRUPTED, exit 130 / 143
+            run, run_dir, built = replay_commit(fork, commit, checks, ts, routes.split(",") if routes else None,
+                                                Path(out) if out else None, sanitize=sanitize)
+    except Interrupted as e:
+        click.echo(f"interrupted by {e.name}: a replay whose checks had started has its partial report marked "
+                   f"INTERRUPTED (summary.md of its report folder)", err=True)
+        sys.exit(e.exit_code)
     from harness.pipeline import finish
     code = finish(run, run_dir, strict=strict, written=True)
     click.echo(f"{run.meta['fork_commit'][:12]}: {run.verdict.value}; report {run_dir / 'summary.md'}")
@@ -265,7 +276,7 @@ def bisect(good, bad, check_id, types, routes, entry, fixed, fork_dir):
         routes = routes or (",".join(e["routes"]) if e.get("routes") else None)
     if not check_id:
         raise HarnessError("bisect needs --check ID or --entry CATALOGUE_ID")
-    _checks(check_id)
+    _checks(check_id, "--check")
     _types(types)
 
     def oracle_for(logf):
@@ -321,5 +332,3 @@ def bisect_oracle(check_id, types, routes, fixed, log_path, entry, commit):
     # default terms: good (0) = passes, bad (1) = flagged; --fixed: broken/old (0) = flagged, fixed/new (1) = passes
     sys.exit((0 if flagged else 1) if fixed else (1 if flagged else 0))
 
-
-commands = [replay, catalogue, bisect, bisect_oracle]

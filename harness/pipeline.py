@@ -128,8 +128,9 @@ def finish(run: Run, run_dir: Path, known: list | None = None, known_file: str |
 
 def run_verify(target, meta: dict, check_ids: list[str], types: list[str], run_dir: Path, previous: Run | None,
                *, target_backend: str | None = None, backends: list[str] | None = None, registry=None,
-               options: dict | None = None, log: Callable[[str], None] = print) -> Run:
-    """The checks of verify / check on an opened target into run_dir (added to ``previous`` when given).
+               options: dict | None = None, routes: list[str] | None = None, log: Callable[[str], None] = print) -> Run:
+    """The checks of verify / check / replay on an opened target into run_dir (added to ``previous`` when given);
+    ``routes``: only these quantise routes (a replay of a commit where another route crashes).
 
     Raises:
         HarnessError: ``previous`` is a report of another build; bad check ids or backends.
@@ -139,4 +140,4 @@ def run_verify(target, meta: dict, check_ids: list[str], types: list[str], run_d
     if previous is not None:
         refuse_other_build(previous, meta, target.name, run_dir)
     return run_checks(target, check_ids, types, run_dir, target_backend=target_backend, backends=backends, meta=meta,
-                      log=log, run=previous, registry=registry, options=options)
+                      log=log, run=previous, registry=registry, options=options, routes=routes)

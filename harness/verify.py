@@ -31,9 +31,10 @@ KNOWN_BACKENDS = backends.names()  # the backend table (harness/fork/backends.py
 def all_checks(optional: bool = False, registry: Registry | None = None) -> dict:
     """{check id: :class:`~harness.checks.contract.Check`} of the registry (default
     :data:`harness.checks.registry.REGISTRY`), in run order: the default set (what `verify` and replays run), plus,
-    with ``optional=True``, the opt-in checks (``in_verify=False``, e.g. MODEL and KVREAL, which run a model)."""
+    with ``optional=True``, the opt-in checks (``in_verify=False``, e.g. MODEL and KVREAL, which run a model). Checks of
+    another command (SWEEP) are not among them: run_checks refuses them."""
     reg = registry or REGISTRY
-    return {c.id: c for c in reg if optional or c.in_verify}
+    return {cid: reg.get(cid) for cid in reg.ids(optional)}
 
 
 def default_checks(registry: Registry | None = None) -> list[str]:
@@ -100,9 +101,8 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             before re-raising is marked INTERRUPTED and lists the checks that did not run.
     """
     checks = all_checks(optional=True, registry=registry)
-    unknown = [c for c in check_ids if c not in checks]
-    if unknown:
-        raise HarnessError(f"unknown check {', '.join(unknown)}: choose from {', '.join(checks)}")
+    for cid in check_ids:  # unknown, or a check of another command (SWEEP): one line naming the choices
+        (registry or REGISTRY).runnable(cid)
     tb = pick_target_backend(target, target_backend)
     present = [b.name for b in target.backends()]
     if backends:
@@ -149,7 +149,6 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
                     out = check.evaluate(ctx)
                 raise_if_pending()
                 cr.cells, cr.notes, cr.tables = list(out), list(out.notes), list(out.tables)
-                cr.notes += ctx.sections.pop(f"notes:{cid}", [])  # a check written before the contract
             except ProbeCrash as e:  # a fork crash outside any cell: the fork's fault (FAIL), not the harness's
                 cr.cells = [crash_cell(ctx, cid, "all", tb, "-", e)]
             except HarnessError as e:
@@ -162,16 +161,14 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
                 kept = merge_previous(earlier, cr, list(types), [b.name for b in ctx.backends()], KNOWN_BACKENDS)
                 if kept:
                     log(f"{cid}: kept the earlier cells of {', '.join(kept)} in this report; replaced {', '.join(types)}")
-                for table in cr.tables:
-                    run.sections.pop(table.id, None)  # the same table as a free-form section of an older report
-                    old = next((t for t in earlier.tables if t.id == table.id), None)
+                for table in cr.tables:  # the same table in the earlier report, or as a section of a 1.0 report
+                    legacy = table.from_legacy_section(run.sections.pop(table.id, None))
+                    old = next((t for t in earlier.tables if t.id == table.id), legacy)
                     if old is not None:
                         table.merge_previous(old, list(types), [b.name for b in ctx.backends()])
             order = list(checks)
             run.checks = sorted([c for c in run.checks if c.id != cid] + [cr],
                                 key=lambda c: order.index(c.id) if c.id in order else len(order))
-            run.sections.update(ctx.sections)  # free-form sections of a check written before the contract
-            ctx.sections.clear()
             finished.append(cid)
             current = None
             log(f"{cid:6s} {cr.verdict.value:8s} {cr.duration_s:6.1f} s  {check.title}")

@@ -259,3 +259,65 @@ def test_junit_carries_the_sweep_table_like_the_other_formats(tmp_path):
     write_all(run, tmp_path)
     for name in ("summary.md", "report.html", "junit.xml", "run.json"):
         assert "turbo3/turbo3" in (tmp_path / name).read_text() and "12.5" in (tmp_path / name).read_text(), name
+
+
+def test_a_check_list_error_names_the_option_and_a_sweep_check_is_refused_everywhere(tmp_path, monkeypatch):
+    """`--checks` with an unknown id says which option and the choices; SWEEP (another command's check) is refused in
+    one line by verify, run_checks, replay and bisect before anything is built or written."""
+    runner = CliRunner()
+    r = runner.invoke(harness_cli(), ["verify", "--checks", "PQ1,PQ9", "--numpy-target", "", "--out", str(tmp_path / "v")])
+    assert r.exit_code == 2 and "--checks 'PQ1,PQ9': unknown check PQ9; choose from PQ1" in r.output, r.output
+    assert "(or leave it out for all)" in r.output and "SWEEP" not in r.output.split("choose from")[1]
+    with pytest.raises(HarnessError, match="SWEEP runs through `turbo-harness sweep`"):
+        run_checks(NumpyTarget(), ["PQ1", "SWEEP"], ["turbo3"], tmp_path / "rc", log=lambda s: None)
+    assert not (tmp_path / "rc").exists()
+    import harness.cli_replay as cr
+
+    def no_build(*a, **k):
+        raise AssertionError("a refused check list must not build anything")
+    monkeypatch.setattr(cr, "history_dir", lambda *a: tmp_path)
+    monkeypatch.setattr(cr, "resolve", lambda fork, rev: "a" * 40)
+    monkeypatch.setattr(cr, "replay_commit", no_build)
+    monkeypatch.setattr(cr, "run_bisect", no_build)
+    for args in (["replay", "HEAD", "--checks", "PQ1,SWEEP"], ["bisect", "--good", "a", "--bad", "b", "--check", "sweep"]):
+        r = runner.invoke(harness_cli(), args)
+        assert r.exit_code == 2 and "SWEEP runs through `turbo-harness sweep`" in r.output, (args, r.output)
+    r = runner.invoke(harness_cli(), ["replay", "HEAD", "--checks", "PQ7"])
+    assert r.exit_code == 2 and "unknown check PQ7" in r.output
+    assert cr._checks(None) == [c for c in REGISTRY.default_ids() if c != "COMPAT"]
+
+
+def test_a_table_plot_is_embedded_when_in_the_run_folder_and_linked_otherwise(tmp_path):
+    import base64
+
+    from harness.report.html import table_html
+    png = b"\x89PNG\r\n\x1a\n-not-really-a-png"
+    (tmp_path / "evidence").mkdir()
+    (tmp_path / "evidence" / "p.png").write_bytes(png)
+    shown = table_html(Table("t", "K <norm> & 'V'", ["a"], [[1]], image="evidence/p.png"), tmp_path)
+    assert f"src='data:image/png;base64,{base64.b64encode(png).decode()}'" in shown
+    assert "alt='K &lt;norm&gt; &amp; &#x27;V&#x27;'" in shown and "<figcaption class=small>evidence/p.png<" in shown
+    linked = table_html(Table("t", "T", ["a"], [[1]], image="evidence/missing.png"), tmp_path)
+    assert "src='evidence/missing.png'" in linked and "base64" not in linked
+
+
+def test_a_check_re_run_into_a_report_of_schema_1_0_keeps_the_coverage_rows_of_other_types(tmp_path):
+    """Before tables, COMPAT's coverage was the section run.sections['coverage'] (rows as dicts); a re-run of COMPAT
+    with fewer types into such a report replaces that section by its table and keeps the other types' rows."""
+    from harness.pipeline import load_run
+    d = tmp_path / "r"
+    run_checks(NumpyTarget(), ["COMPAT"], ["turbo2", "turbo3"], d, log=lambda s: None)
+    stored = json.loads((d / "run.json").read_text())
+    cov = next(t for t in stored["checks"][0].pop("tables") if t["id"] == "coverage")
+    stored["sections"]["coverage"] = {"rows": [dict(zip(cov["columns"], r), pair="x") for r in cov["rows"]],
+                                      "markdown": "## Coverage (old)"}
+    stored["schema_version"] = "1.0"
+    (d / "run.json").write_text(json.dumps(stored))
+    old_turbo3 = [r for r in cov["rows"] if r[1] == "turbo3"]
+    assert old_turbo3
+    run = run_checks(NumpyTarget(), ["COMPAT"], ["turbo2"], d, log=lambda s: None, run=load_run(d))
+    table = next(t for t in run.checks[0].tables if t.id == "coverage")
+    assert "coverage" not in run.sections
+    assert [r for r in table.rows if r[1] == "turbo3"] == old_turbo3
+    assert {r[1] for r in table.rows} == {"turbo2", "turbo3", "all"}
+    assert len(table.rows) == len(cov["rows"]) and "## Coverage (old)" not in (d / "summary.md").read_text()

@@ -70,6 +70,25 @@ def test_verify_on_the_fork_reproduces_the_committed_sample(tmp_path):
         assert cf["verdict"] == cs["verdict"], (k, cf["caveat"], cs["caveat"])
         if isinstance(cs["value"], (int, float)) and cs["value"] is not None and math.isfinite(cs["value"]):
             assert cf["value"] == pytest.approx(cs["value"], rel=0.05, abs=1e-6), k
+    assert {c["id"]: c["notes"] for c in fresh["checks"]} == {c["id"]: c["notes"] for c in sample["checks"]}
+    # COMPAT's coverage and test-backend-ops are the same too (a sample of schema 1.0 keeps them as sections)
+    def table(run, tid):
+        return next((t for c in run["checks"] for t in c.get("tables", []) if t["id"] == tid), None)
+
+    def coverage(run):
+        t = table(run, "coverage")
+        rows = ([[r[k] for k in ("backend", "type", "role", "partner", "head_dim", "status")]
+                 for r in run["sections"]["coverage"]["rows"]] if t is None else t["rows"])
+        return [r for r in rows if not str(r[-1]).startswith("not covered: backend not available")]
+
+    def backend_ops(run):
+        t = table(run, "backend_ops")
+        if t is None:
+            sec = run["sections"]["backend_ops"]
+            return [[r["backend"], r["op"], r["params"], r["status"]] for r in sec["results"]], sec["note"]
+        return [r[:4] for r in t["rows"]], t["caption"][0].split("` - ", 1)[-1]
+    assert coverage(sample) and coverage(fresh) == coverage(sample)
+    assert backend_ops(sample)[1] and backend_ops(fresh) == backend_ops(sample)
     # the evidence each cell names is in the fresh run folder
     missing = [e for c in a.values() for e in c.get("evidence", []) if not (out / e).exists()]
     assert not missing, missing[:5]

@@ -173,8 +173,10 @@ def test_capture_survives_a_crashing_or_hanging_tool(tmp_path):
 
 
 def test_not_in_the_default_verify():
+    from harness.checks.registry import REGISTRY
     from harness.verify import all_checks
-    assert "KVREAL" in all_checks(optional=True) and "KVREAL" not in all_checks() and kvreal.IN_VERIFY is False
+    assert "KVREAL" in all_checks(optional=True) and "KVREAL" not in all_checks() and kvreal.CHECK.in_verify is False
+    assert REGISTRY.get("KVREAL") is kvreal.CHECK and "KVREAL" not in REGISTRY.default_ids()
 
 
 # ----------------------------------------------------------------------------- on the real fork

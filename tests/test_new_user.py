@@ -137,7 +137,7 @@ def test_verify_target_and_backend_names_problem_and_fix(tmp_path, monkeypatch):
 
 
 def test_check_one_type_into_an_existing_report_keeps_the_other_types(tmp_path):
-    from harness.cli import _load_run
+    from harness.pipeline import load_run as _load_run
     d = tmp_path / "r"
     run_checks(NumpyTarget(), ["PQ5"], ["turbo2", "turbo3"], d, log=lambda s: None)
     before = {(c.type, c.path) for c in _load_run(d).checks[0].cells}

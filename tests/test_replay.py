@@ -155,3 +155,87 @@ def test_run_bisect_finds_the_first_bad_commit_with_an_oracle_and_records_the_pa
     assert res["first"] == commits[3] and res["parent"] == commits[2] and res["subject"].endswith(" c3")
     assert res["steps"][commits[3]]["verdict"] == "FAIL" and res["steps"][commits[2]]["verdict"] == "PASS"
     assert [_json.loads(x)["commit"] for x in res["log"].read_text().splitlines()] == [s["commit"] for s in res["evaluated"]]
+
+
+def test_replay_follows_the_run_folder_rules_of_every_checks_run(tmp_path, monkeypatch):
+    """A replay's --out is prepared like verify's: a sweep report there is refused before anything is built, a checks
+    report of the same build is added to, one of another build is refused and left as it was."""
+    import json
+
+    import harness.cli_replay as cr
+    import harness.targets.fork as tf
+    from harness.targets.numpy_target import NumpyTarget
+    repo, commit = fake_fork(tmp_path)
+    builds = []
+
+    def fake_build(fork, c, targets=(), log=None, sanitize=None, prefer=None, backend="cpu"):
+        builds.append(c)
+        bdir = tmp_path / f"build{len(builds) if len(builds) > 2 else 1}"
+        return repo, bdir, {"cmake_options": ["-DX=1"], "reused": True}
+    monkeypatch.setattr(cr, "build_commit", fake_build)
+    monkeypatch.setattr(tf, "ForkTarget", lambda bdir, src, env=None: NumpyTarget())
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "run.json").write_text(json.dumps({"run_id": "s", "checks": [{"id": "SWEEP", "title": "t", "cells": []}]}))
+    before = (sweep_dir / "run.json").read_text()
+    code, out = invoke(["replay", commit, "--fork-dir", str(repo), "--checks", "PQ4", "--type", "turbo3",
+                        "--out", str(sweep_dir)], {})
+    assert code == 2 and "holds a sweep report" in out and not builds and (sweep_dir / "run.json").read_text() == before
+    d = tmp_path / "r"
+    args = ["replay", commit, "--fork-dir", str(repo), "--type", "turbo3", "--out", str(d)]
+    code, out = invoke(args + ["--checks", "PQ4"], {})
+    assert code == 0, out
+    code, out = invoke(args + ["--checks", "PQ3"], {})  # the same build: added to the report
+    assert code == 0, out
+    assert [c["id"] for c in json.loads((d / "run.json").read_text())["checks"]] == ["PQ3", "PQ4"]
+    kept = (d / "run.json").read_text()
+    code, out = invoke(args + ["--checks", "PQ3"], {})  # another build folder: refused, the report left alone
+    assert code == 2 and "holds a report of another build" in out and "differs in build_dir" in out, out
+    assert (d / "run.json").read_text() == kept
+
+
+def test_a_signal_during_a_replay_marks_its_partial_report_and_exits_143(tmp_path, monkeypatch):
+    """replay is interruptible like verify: SIGTERM inside a check leaves the report marked INTERRUPTED, with the
+    checks not run, and the exit code 143 (not a traceback, not the FAIL code)."""
+    import json
+    import signal
+
+    import harness.cli_replay as cr
+    import harness.targets.fork as tf
+    from harness.checks.contract import Check
+    from harness.checks.registry import REGISTRY
+    from harness.targets.numpy_target import NumpyTarget
+    repo, commit = fake_fork(tmp_path)
+    monkeypatch.setattr(cr, "build_commit", lambda fork, c, **kw: (repo, tmp_path / "b", {"reused": True}))
+    monkeypatch.setattr(tf, "ForkTarget", lambda bdir, src, env=None: NumpyTarget())
+
+    def sigterm(ctx):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return []
+    reg = REGISTRY.with_check(Check("TERM", "sends SIGTERM", sigterm, order=15))
+    d = tmp_path / "r"
+
+    def unhandled(signum, frame):  # what a replay without its own handler would meet (instead of killing pytest)
+        raise RuntimeError("SIGTERM reached the test's handler: replay does not handle it")
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        r = CliRunner().invoke(cli, ["replay", commit, "--fork-dir", str(repo), "--checks", "PQ1,TERM,PQ3", "--type",
+                                     "turbo3", "--out", str(d)], obj=reg)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert r.exit_code == 143, r.output
+    assert "interrupted by SIGTERM" in r.output
+    stored = json.loads((d / "run.json").read_text())
+    assert stored["interrupted"]["not_run"] == ["TERM", "PQ3"] and [c["id"] for c in stored["checks"]] == ["PQ1"]
+    assert stored["interrupted"]["in_progress"] == "TERM"
+
+
+def test_replay_and_bisect_check_types_as_verify_does(tmp_path, monkeypatch):
+    import harness.cli_replay as cr
+    monkeypatch.setattr(cr, "history_dir", lambda *a: tmp_path)
+    monkeypatch.setattr(cr, "resolve", lambda fork, rev: "a" * 40)
+    for args in (["replay", "HEAD", "--type", " , "], ["bisect", "--good", "a", "--bad", "b", "--check", "PQ1", "--type", ""]):
+        code, out = invoke(args, {})
+        assert code == 2 and "names no turbo type" in out, (args, out)
+    code, out = invoke(["replay", "HEAD", "--type", "turbo3,turbo9"], {})
+    assert code == 2 and "--type: unknown turbo type turbo9: choose from turbo2, turbo3, turbo4" in out

@@ -73,9 +73,6 @@ class Context:
     routes_filter: list[str] | None = None  # only these quantise routes (e.g. a replay of a commit whose set_rows crashes)
     not_available: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)  # per-check options, {check id: {...}} (e.g. a replay entry's MODEL pairs/env)
-    # free-form report sections of checks written before the contract (a check now returns notes and tables in its
-    # Outcome, harness.checks.contract); kept so that such a check still reports, read once per check by run_checks
-    sections: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict)
     log: Callable[[str], None] = lambda s: None
 

@@ -48,7 +48,6 @@ from harness.reference.wht import signed_wht_matrix
 from harness.report.model import Cell, Table, Verdict
 
 ID, TITLE = "KVREAL", "Real K/V per layer (distortion and attention error on a model's own vectors)"
-IN_VERIFY = False  # runs a model: `turbo-harness check KVREAL` (or verify --checks ...,KVREAL), not in the default verify
 CLASSIC = ("q4_0", "q8_0")
 SIDES = ("K", "V")
 PATHS_TURBO = ("fork", "ref", "lloyd", "norot")
@@ -691,4 +690,5 @@ def run(ctx: Context) -> Outcome:
     return cells
 
 
+# in_verify=False: it runs a model (`turbo-harness check KVREAL`, or verify --checks ...,KVREAL)
 CHECK = Check(ID, TITLE, run, order=90, rules="KVREAL", in_verify=False, needs=("model", "corpus", "kv-capture tool"))

@@ -47,7 +47,6 @@ TABLE: tuple[BackendSpec, ...] = (
 )
 
 
-
 def names() -> tuple[str, ...]:
     """The backend names, in table order ('cpu', 'cuda', 'metal', 'vulkan', 'hip')."""
     return tuple(b.name for b in TABLE)
@@ -64,11 +63,6 @@ def from_registry(reg_name: str) -> str:
     registry the table does not know keeps its lower-cased name."""
     r = reg_name.lower()
     return next((b.name for b in TABLE if r in b.registry), r)
-
-
-def cmake_flags() -> dict[str, list[str]]:
-    """{backend name: CMake options that select it}."""
-    return {b.name: list(b.cmake) for b in TABLE}
 
 
 def choices(sep: str = " | ") -> str:

@@ -177,9 +177,6 @@ def _nvidia_gpu_present() -> bool:
         return False
 
 
-BACKEND_FLAGS = backends.cmake_flags()  # {name: CMake options}, from the one backend table (harness/fork/backends.py)
-
-
 def build_root() -> Path:
     """Folder holding one build folder per backend: $TURBO_BUILD_ROOT, else build/ of the harness checkout."""
     return Path(os.environ.get("TURBO_BUILD_ROOT") or (REPO_ROOT / "build"))

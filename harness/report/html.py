@@ -174,6 +174,15 @@ def _md_table_html(md: str) -> str:
     return "\n".join(out)
 
 
+def _figure(alt: str, image: Path | None, caption: str) -> str:
+    """A plot as an HTML figure: the PNG embedded as base64 when ``image`` is a file, else linked by ``caption``
+    (its run-folder-relative path); alt text and caption escaped."""
+    src = (f"data:image/png;base64,{base64.b64encode(image.read_bytes()).decode()}"
+           if image is not None and image.is_file() else html.escape(caption))
+    return (f"<figure><img alt='{html.escape(alt)}' src='{src}'><figcaption class=small>{html.escape(caption)}"
+            f"</figcaption></figure>")
+
+
 def table_html(table: Table, run_dir: Path | None = None) -> str:
     """A check's :class:`Table` as HTML: heading, caption, the rows (numbers via ``fmt_num``, None as '-'), its
     plot (embedded as base64 when the file is in ``run_dir``, else linked) and evidence links; all text escaped."""
@@ -186,11 +195,7 @@ def table_html(table: Table, run_dir: Path | None = None) -> str:
         h += ["<tr>" + "".join(f"<td class=l>{html.escape(fmt_num(v))}</td>" for v in r) + "</tr>" for r in table.rows]
         h.append("</table></div>")
     if table.image:
-        img = Path(run_dir) / table.image if run_dir is not None else None
-        src = (f"data:image/png;base64,{base64.b64encode(img.read_bytes()).decode()}" if img is not None and img.is_file()
-               else html.escape(table.image))
-        h.append(f"<figure><img alt='{html.escape(table.title)}' src='{src}'><figcaption class=small>"
-                 f"{html.escape(table.image)}</figcaption></figure>")
+        h.append(_figure(table.title, Path(run_dir) / table.image if run_dir is not None else None, table.image))
     if table.evidence:
         h.append("<p class=small>evidence: " + " ".join(f"<a href='{html.escape(e)}'>{html.escape(Path(e).name)}</a>"
                                                        for e in table.evidence) + "</p>")
@@ -245,15 +250,9 @@ def write_html(run: Run, run_dir: Path) -> Path:
     sweep = run.sections.get("sweep")
     if sweep:
         parts.append(_sweep_html(sweep))
-        for name, p in sweep_plots(sweep, run_dir / "plots").items():
-            b64 = base64.b64encode(p.read_bytes()).decode()
-            parts.append(f"<figure><img alt='{name}' src='data:image/png;base64,{b64}'><figcaption class=small>"
-                         f"plots/{p.name}</figcaption></figure>")
+        parts += [_figure(name, p, f"plots/{p.name}") for name, p in sweep_plots(sweep, run_dir / "plots").items()]
     from harness.report.plots import check_plots
-    for name, p in check_plots(run, run_dir / "plots").items():
-        b64 = base64.b64encode(p.read_bytes()).decode()
-        parts.append(f"<figure><img alt='{name}' src='data:image/png;base64,{b64}'><figcaption class=small>"
-                     f"plots/{p.name}</figcaption></figure>")
+    parts += [_figure(name, p, f"plots/{p.name}") for name, p in check_plots(run, run_dir / "plots").items()]
     for c in run.checks:
         cv = c.verdict.value
         parts.append(f"<h2 id='{html.escape(c.id)}'>{html.escape(c.id)}: {html.escape(c.title)} {_badge(cv)}</h2>")

@@ -114,11 +114,23 @@ class Table:
         return [dict(zip(self.columns, r)) for r in self.rows]
 
     def to_dict(self) -> dict:
+        """The table as stored in run.json (every field)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Table":
+        """A table read back from run.json (fields it lacks take their defaults)."""
         return cls(**{k: d[k] for k in ("id", "title", "columns", "rows", "caption", "image", "evidence", "scope") if k in d})
+
+    def from_legacy_section(self, section: Any) -> "Table | None":
+        """The same table as a report of schema 1.0 stored it: a free-form ``run.sections[id]`` whose ``rows`` are
+        dicts keyed by this table's column labels (COMPAT's coverage); None when the section is not of that shape
+        (then it is only replaced)."""
+        rows = section.get("rows") if isinstance(section, dict) else None
+        if not rows or not all(isinstance(r, dict) and set(self.columns) <= set(r) for r in rows):
+            return None
+        return Table(self.id, self.title, list(self.columns), [[r[c] for c in self.columns] for r in rows],
+                     scope=dict(self.scope))
 
     def merge_previous(self, old: "Table", types: list[str], backends: list[str]) -> None:
         """Prepend the rows of an earlier run's table that this run did not redo: a row is redone when its scope
@@ -249,13 +261,15 @@ def _cell_backends(cell: Cell, known_backends: tuple[str, ...]) -> set[str]:
 
 
 def merge_previous(old: CheckResult, new: CheckResult, types: list[str], backends: list[str],
-                   known_backends: tuple[str, ...] = ("cpu", "cuda", "metal", "vulkan", "hip")) -> list[str]:
+                   known_backends: tuple[str, ...]) -> list[str]:
     """Keep the cells of an earlier run of the same check that this run could not have produced.
 
     A new run of a check with fewer types or backends (``check PQ6 --type turbo2 --out <existing>``)
     replaces only the cells whose turbo types are all among ``types`` and whose backends are all among
     ``backends``; the other earlier cells are prepended to ``new.cells`` and a note says which were kept.
-    Returns the turbo types whose earlier cells were kept ([] when nothing was kept).
+    ``known_backends``: the backend names a cell path may start with (the backend table,
+    :func:`harness.fork.backends.names`). Returns the turbo types whose earlier cells were kept ([] when nothing
+    was kept).
     """
     tset, bset = set(types), set(backends)
     kept = [x for x in old.cells if not (_cell_types(x) <= tset and _cell_backends(x, known_backends) <= bset)]
