@@ -394,8 +394,9 @@ def _fork_line(fork: Path, st: dict) -> str:
 def _register_subcommands():
     # sweep and replay live in their own modules; imported here so the group has every command
     from harness.cli_replay import commands as replay_commands
-    from harness.cli_sweep import sweep
+    from harness.cli_sweep import sweep, sweep_compare
     cli.add_command(sweep)
+    cli.add_command(sweep_compare)
     for c in replay_commands:
         cli.add_command(c)
 

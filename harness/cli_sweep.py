@@ -350,3 +350,25 @@ def _check_inputs(cfg) -> None:
     if cfg.decode_prompts:
         from harness.runners.decode import corpus_prompts
         corpus_prompts(cfg.corpus, cfg.decode_prompts, cfg.decode_n_prompt)
+
+
+@click.command("sweep-compare")
+@click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder for compare.md and kld_vs_bits_models.png (default: reports/compare-<time>).")
+def sweep_compare(run_dirs, out_dir):
+    """Sweeps of several models side by side: one table per model (PPL, KLD, top-1, bits per real value, vs-q4_0
+    verdicts, decode agreement) and KLD vs bits per real value with every pair, one line per model. Reads the
+    run.json of each sweep report folder (e.g. reports/samples/sweep-cpu-smollm2 reports/samples/sweep-cpu-gemma3)."""
+    from harness import usage
+    from harness.fork.build import REPO_ROOT
+    from harness.report.compare import write_compare
+    try:
+        out = usage.writable_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / time.strftime("compare-%Y%m%d-%H%M%S"),
+                                 "--out")
+        md, png = write_compare(list(run_dirs), out)
+    except HarnessError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(md.read_text())
+    click.echo(f"wrote {md} and {png}")
