@@ -410,3 +410,42 @@ def test_real_decode_tool_on_smollm2(tmp_path):
     assert sum(firsts) >= 4, firsts
     r = subprocess.run([str(exe), str(model), str(prompts), "32", "8", "nope", "f16", "2"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown cache type nope" in r.stderr
+
+
+def test_gguf_without_attention_metadata_and_missing_package_are_one_line_exit_2(fake, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    bare = fake.tmp / "bare.gguf"
+    w = gguf.GGUFWriter(str(bare), "llama")  # an architecture but no block_count / head_count
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    code, lines = _cli(fake, "--model", str(bare))
+    assert code == 2 and len(lines) == 1 and "lacks the attention metadata" in lines[0] and "--model" in lines[0], lines
+    from harness.runners import models
+    m = models.KnownModel(name="fake", title="Fake", package="fake-pkg-xyz", module="fake_pkg_xyz_not_there",
+                          pip="pip install fake-pkg-xyz", source="assemble", file="f.gguf", make=".venv/.model-fake",
+                          reason="test")
+    monkeypatch.setattr(models, "known_models", lambda: {"fake": m})
+    code, lines = _cli(fake, "--model", "fake")
+    assert code == 2 and len(lines) == 1 and "not installed" in lines[0] and "make .venv/.model-fake" in lines[0], lines
+    assert not [ln for ln in fake.calls.read_text().splitlines() if ln.strip()]
+
+
+def test_bad_input_after_a_sweep_keeps_its_finished_jobs(fake, monkeypatch):
+    """A rerun refused for bad input (here depths the corpus is too short for) runs nothing and leaves the job cache as
+    it was: the corrected command takes every finished job from it."""
+    from harness.runners import sweep as S
+    monkeypatch.setattr(S, "type_traits", lambda bdir: TRAITS)
+    args = ["--pairs", "f16/f16,q8_0/q8_0", "--ctx", "256", "--chunks", "4", "--decode-prompts", "0"]
+    code, _ = _cli(fake, *args, "--kld-depths", "256,512")
+    assert (fake.tmp / "r" / "run.json").is_file()
+    n = len(fake.calls.read_text().splitlines())
+    jobs = sorted((fake.tmp / "cache" / "jobs").glob("*.json"))
+    code, lines = _cli(fake, *args, "--kld-depths", "256,65536")  # the corpus is far too short for 2 x 65536 tokens
+    assert code == 2 and "--kld-depths 256,65536" in lines[0] and "bytes" in lines[0]
+    assert sorted((fake.tmp / "cache" / "jobs").glob("*.json")) == jobs and len(fake.calls.read_text().splitlines()) == n
+    code2, _ = _cli(fake, *args, "--kld-depths", "256,512")
+    assert code2 == code and len(fake.calls.read_text().splitlines()) == n  # all from the cache

@@ -202,7 +202,9 @@ def _read_model_info(path: Path) -> ModelInfo:
         n_head = first(field(f"{arch}.attention.head_count"))
         n_head_kv = first(field(f"{arch}.attention.head_count_kv", n_head))
     except (TypeError, ValueError):
-        raise HarnessError(f"model {path} lacks {arch}.block_count/embedding_length/attention.head_count") from None
+        raise HarnessError(f"model {path} lacks the attention metadata {arch}.block_count/embedding_length/attention.head_count "
+                           f"that the KV-cache sizes need: give a GGUF written by llama.cpp's convert_hf_to_gguf.py, or "
+                           f"another --model") from None
     hk = field(f"{arch}.attention.key_length")
     hv = field(f"{arch}.attention.value_length")
     head_k = first(hk) if hk is not None else n_embd // n_head
