@@ -254,6 +254,9 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     click.echo(_table_text(sec))
     for n in sec.get("notes", []):
         click.echo(f"note: {n}")
+    for name in ("decode", "depth"):  # their tables as summary.md has them
+        if isinstance(run.sections.get(name), dict) and run.sections[name].get("markdown"):
+            click.echo("\n" + run.sections[name]["markdown"])
     cr = run.checks[0]
     click.echo(f"SWEEP {cr.verdict.value}: {result.jobs_run} jobs run, {result.jobs_cached} cached, "
                f"{result.seconds:.1f} s; report {paths['report.html']}")
