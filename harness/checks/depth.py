@@ -50,12 +50,21 @@ def depth_cells(result, rules: dict, backend: str) -> tuple[list[Cell], dict | N
         b = result.depth_base.get(d)
         if b is not None and not b.ok and b.fault in ("fork", "refused"):
             cells.append(failed_job_cell(b, "f16/f16", path, f"depth{d}_baseline_run", list(b.evidence), interrupted))
+    from harness.checks.sweeps import kv_type_problem
+    from harness.runners.sweep import split_pair
+    tol = float(rules["memory"]["tolerance_mib"])
     for k, v in cfg.depth_pairs:
         lab = f"{k}/{v}"
         got: dict[int, dict] = {}
+        wrong = ""
         for d in depths:
             rec = result.depth.get((d, lab))
-            if rec is not None and rec.ok:
+            prob = "" if rec is None or not rec.ok or cfg.fork_defaults else kv_type_problem(
+                rec.data.get("kv"), *split_pair(k, v)[:2], result.model_info, result.traits or {}, tol)
+            if prob:  # the fork used other K/V types than asked: not a measurement of this pair (as in the main table)
+                wrong = wrong or f"ctx {d}: {prob}"
+                rows.append({"pair": lab, "ctx": d, "error": prob})
+            elif rec is not None and rec.ok:
                 s = rec.data["stats"]
                 got[d] = {"pair": lab, "ctx": d, "kld": s["kld"], "kld_se": s.get("kld_se") or 0.0, "ppl": s["ppl"],
                           "same_top_p_pct": s.get("same_top_p_pct"), "chunks": s.get("chunks"),
@@ -64,6 +73,9 @@ def depth_cells(result, rules: dict, backend: str) -> tuple[list[Cell], dict | N
             else:
                 rows.append({"pair": lab, "ctx": d, "error": rec.error if rec else "not run"})
         lo, hi = depths[0], depths[-1]
+        if wrong:
+            cells.append(Cell("SWEEP", lab, path, "kld_growth_with_depth", None, None, Verdict.ERROR, caveat=wrong))
+            continue
         if lo not in got or hi not in got:
             missing = [d for d in (lo, hi) if d not in got]
             rec = result.depth.get((missing[0], lab))
