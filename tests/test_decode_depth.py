@@ -469,3 +469,19 @@ def test_bad_input_after_a_sweep_keeps_its_finished_jobs(fake, monkeypatch):
     assert sorted((fake.tmp / "cache" / "jobs").glob("*.json")) == jobs and len(fake.calls.read_text().splitlines()) == n
     code2, _ = _cli(fake, *args, "--kld-depths", "256,512")
     assert code2 == code and len(fake.calls.read_text().splitlines()) == n  # all from the cache
+
+
+def test_model_header_is_memoised_until_the_file_changes(tmp_path, monkeypatch):
+    """gguf reads Gemma 3's whole 262k-token vocabulary (~26 s here): the shape is memoised by path, size and mtime."""
+    from harness.runners import inputs
+    monkeypatch.setattr(inputs, "_INFO_CACHE", tmp_path / "model_info.json")
+    m = tmp_path / "m.gguf"
+    _write_tiny_gguf(m)
+    first = inputs.read_model_info(m)
+    assert first.n_head_kv == 3 and (tmp_path / "model_info.json").is_file()
+    reads = []
+    real = inputs._read_model_info
+    monkeypatch.setattr(inputs, "_read_model_info", lambda p: reads.append(p) or real(p))
+    assert inputs.read_model_info(m) == first and reads == []
+    os.utime(m, ns=(m.stat().st_atime_ns, m.stat().st_mtime_ns + 10**9))  # the file changed: read again
+    assert inputs.read_model_info(m).n_layer == 30 and reads == [m]

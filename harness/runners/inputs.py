@@ -160,6 +160,7 @@ def read_model_info(path: Path) -> ModelInfo:
         except TypeError:
             pass  # written by another version of ModelInfo: read the file again
     info = _read_model_info(path)
+    memo = {k: v for k, v in list(memo.items())[-63:] if Path(k.split("|")[0]).exists()}  # the recent, existing ones
     memo[key] = info.to_dict()
     try:
         _INFO_CACHE.parent.mkdir(parents=True, exist_ok=True)
