@@ -485,3 +485,10 @@ def test_model_header_is_memoised_until_the_file_changes(tmp_path, monkeypatch):
     assert inputs.read_model_info(m) == first and reads == []
     os.utime(m, ns=(m.stat().st_atime_ns, m.stat().st_mtime_ns + 10**9))  # the file changed: read again
     assert inputs.read_model_info(m).n_layer == 30 and reads == [m]
+
+
+def test_new_sweep_metrics_have_their_own_meaning():
+    from harness.report.findings import load_meanings
+    m = load_meanings()["SWEEP"]
+    for metric in ("decode_prefix_vs_batched", "decode_prefix_vs_q4_0", "decode_run", "kld_growth_with_depth"):
+        assert metric in m and m[metric] != m["default"], metric
