@@ -117,7 +117,8 @@ def depth_cells(result, rules: dict, backend: str) -> tuple[list[Cell], dict | N
         notes.append(f"{mi.name} has sliding-window attention (window {w}): its SWA layers attend to the last {w} tokens "
                      f"only, so beyond {w} tokens ({', '.join(map(str, deep)) or 'no depth measured here'}) only its "
                      f"full-attention layers read the deeper cache; a growth with depth there comes from those layers")
-    sec = {"depths": depths, "tokens": depth_tokens(cfg.kld_depths), "rows": rows, "growth": growth, "notes": notes}
+    sec = {"depths": depths, "tokens": depth_tokens(cfg.kld_depths), "rows": rows, "growth": growth, "notes": notes,
+           "sliding_window": mi.sliding_window if mi is not None else None}
     sec["markdown"] = depth_markdown(sec, rules)
     return cells, sec
 
@@ -155,16 +156,23 @@ def depth_plot(sec: dict, out_dir: Path) -> Path | None:
     if not ok:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    floor = []  # pairs at the noise floor (KLD ~0 at every depth, e.g. f16/f16 on a deterministic backend): named only
     for i, p in enumerate(dict.fromkeys(x["pair"] for x in ok)):
         pts = sorted((x for x in ok if x["pair"] == p), key=lambda x: x["ctx"])
-        ax.errorbar([x["ctx"] for x in pts], [max(x["kld"], 1e-6) for x in pts], yerr=[x["kld_se"] for x in pts],
-                    marker="osD^vP*X"[i % 8], capsize=3, label=p)
+        if all(x["kld"] <= 1e-5 for x in pts):
+            floor.append(p)
+            continue
+        ax.errorbar([x["ctx"] for x in pts], [x["kld"] for x in pts], yerr=[x["kld_se"] for x in pts],
+                    marker="osD^vP*X"[i % 8], capsize=3, label=p, color=f"C{i % 10}")
+    if sec.get("sliding_window"):
+        ax.axvline(sec["sliding_window"], color="grey", ls="--", lw=0.8,
+                   label=f"sliding window {sec['sliding_window']} (SWA layers see no further)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(sec["depths"], [str(d) for d in sec["depths"]])
     ax.set(xlabel="context length per chunk (scored tokens see d/2..d-1 cached tokens)", ylabel="mean KLD vs f16 (± se)",
            title=f"KL divergence vs depth (same {sec['tokens']} tokens)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title=(f"KLD <= 1e-5 at every depth: {', '.join(floor)}" if floor else None), title_fontsize=7)
     ax.grid(lw=0.3)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
