@@ -31,11 +31,14 @@ GOAL = 0.05  # issue 13, acceptance 6: harness overhead <= 5% of the sweep's wal
 
 def tool_seconds(run_dir: Path) -> tuple[float, int]:
     """(sum of the tool calls' wall times in seconds, number of calls) from the ``*.cmd`` evidence files of a sweep
-    report folder (each ends with ``# rc=N after S s`` or ``# timed out after S s``)."""
-    total, n = 0.0, 0
+    report folder (each ends with ``# rc=N after S s`` or ``# timed out after S s``). A run that the report lists
+    twice (the depth table's run at the main context is the main run: ``depth256-ppl.cmd`` = ``ppl.cmd``) counts once."""
+    total, n, seen = 0.0, 0, set()
     for f in sorted((run_dir / "evidence").rglob("*.cmd")):
-        m = re.search(r"after ([\d.]+) s", f.read_text())
-        if m:
+        text = f.read_text()
+        m = re.search(r"after ([\d.]+) s", text)
+        if m and text not in seen:
+            seen.add(text)
             total += float(m.group(1))
             n += 1
     return total, n

@@ -60,3 +60,6 @@ def test_bench_sums_the_tool_times_recorded_in_the_evidence(tmp_path):
         (tmp_path / "evidence" / pair).mkdir(parents=True)
         (tmp_path / "evidence" / pair / "x.cmd").write_text(text)
     assert mod.tool_seconds(tmp_path) == (pytest.approx(930.5), 3)
+    # the depth table's copy of the main run is the same tool call: counted once
+    (tmp_path / "evidence" / "f16-f16" / "depth256-ppl.cmd").write_text("X=1 llama-perplexity ...\n# rc=0 after 27.5 s\n")
+    assert mod.tool_seconds(tmp_path) == (pytest.approx(930.5), 3)
