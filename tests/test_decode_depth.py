@@ -89,7 +89,8 @@ def _result(pairs: str, decode: dict, rows_top1: dict, n_gen: int = 32, prompts:
         if isinstance(toks, JobRecord):
             res.decode[lab] = toks
         else:
-            res.decode[lab] = JobRecord("decode", lab, True, data={"out": {"tokens": toks, "gaps": [], "texts": [
+            res.decode[lab] = JobRecord("decode", lab, True, data={"out": {"tokens": toks, "gaps": [
+                [0.01 * (j + 1) for j in range(len(t))] for t in toks], "texts": [
                 " ".join(map(str, t[:4])) for t in toks], "complete": True}}, evidence={"decode.stdout": "x"})
     rows = [{"pair": lab, "same_top_p_pct": p} for lab, p in rows_top1.items()]
     return res, rows
@@ -139,6 +140,8 @@ def test_decode_only_bug_is_fail_lossy_pair_partial_good_pair_pass():
     assert ("q8_0/q8_0", "decode_prefix_vs_q4_0") not in by  # only turbo pairs are set beside q4_0
     assert ("f16/f16", "decode_prefix_vs_batched") not in by  # the reference is not judged against itself
     rows_by = {r["pair"]: r for r in rows}
+    assert by[("turbo3/turbo3", "decode_prefix_vs_batched")].details["f16_margin_at_divergence"] == pytest.approx(
+        [0.04, 0.03, 0.04])  # the f16 run's margin at the token where the pair left it
     assert rows_by["turbo4/turbo4"]["decode_first_div"] == "0, 0, 0"
     assert "| turbo4/turbo4 |" in sec["markdown"] and "0, 0, 0" in sec["markdown"] and "FAIL" in sec["markdown"]
 

@@ -117,8 +117,12 @@ def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[l
         n_early = sum(1 for f in firsts if f is not None and f <= early)
         is_early = n_early > majority * len(cmp)
         p_top = row.get("same_top_p_pct")
+        ref_gaps = ref.data["out"].get("gaps") or []
+        # how close the f16 cache's own choice was where the pair left it (a near-tie flips on any noise)
+        margins = [ref_gaps[i][f] if f is not None and i < len(ref_gaps) and f < len(ref_gaps[i]) else None
+                   for i, f in enumerate(firsts)]
         d = {"agree_pct": 100 * agree, "first_divergence": firsts, "prefixes": prefixes, "n_gen": n_gen,
-             "early_prompts": n_early, "batched_top1_pct": p_top}
+             "early_prompts": n_early, "batched_top1_pct": p_top, "f16_margin_at_divergence": margins}
         firsts_txt = ", ".join("none" if f is None else str(f) for f in firsts)
         facts = (f"greedy decode agrees with the f16 cache on {100 * agree:.0f}% of {sum(c['n'] for c in cmp)} tokens; "
                  f"first divergence per prompt at token {firsts_txt} (of {n_gen})")
@@ -178,22 +182,25 @@ def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[l
 
 
 def decode_markdown(sec: dict, rules: dict) -> str:
-    """The decode table for summary.md / report.html: per pair the token agreement, the first divergence per prompt,
-    the batched top-1 agreement and the probability of so early a divergence given it; then the first prompt's
-    continuation per pair (so garbling is visible)."""
+    """The decode table for summary.md / report.html: per pair the token agreement, the first divergence per prompt
+    and the f16 cache's top-1 minus top-2 logit there (a small margin is a near-tie that any noise flips), the batched
+    top-1 agreement and the probability of so early a divergence given it; then the first prompt's continuation per
+    pair (so garbling is visible)."""
     s = sec["settings"]
     r = rules.get("decode") or {}
     lines = [f"## Decode agreement (greedy, {s['prompts']} corpus prompts x {s['prompt_tokens']} tokens, "
              f"{s['generated_tokens']} tokens generated one at a time, vs the f16 cache)", "",
              f"Rule: {r.get('early_position_reason', '')}; {r.get('alpha_reason', '')}", "",
-             "| pair | tokens agree % | first divergence per prompt | batched top-1 % | P(so few agree given batched) | verdict |",
-             "|---|---|---|---|---|---|"]
+             "| pair | tokens agree % | first divergence per prompt | f16 top-1 margin there (logits) | batched top-1 % | "
+             "P(so few agree given batched) | verdict |",
+             "|---|---|---|---|---|---|---|"]
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
     for x in sec["rows"]:
         fd = ", ".join("none" if v is None else str(v) for v in x.get("first_divergence", [])) or "-"
-        lines.append(f"| {x['pair']} | {f(x.get('agree_pct'), '.0f')} | {fd} | {f(x.get('batched_top1_pct'), '.1f')} | "
+        mg = ", ".join("-" if v is None else format(v, ".2f") for v in x.get("f16_margin_at_divergence", [])) or "-"
+        lines.append(f"| {x['pair']} | {f(x.get('agree_pct'), '.0f')} | {fd} | {mg} | {f(x.get('batched_top1_pct'), '.1f')} | "
                      f"{f(x.get('p_value'), '.2g')} | {x['status']}{(': ' + x['error']) if x.get('error') else ''} |")
     texts = sec.get("texts") or {}
     if texts.get(REF):
