@@ -495,3 +495,29 @@ def test_new_sweep_metrics_have_their_own_meaning():
     m = load_meanings()["SWEEP"]
     for metric in ("decode_prefix_vs_batched", "decode_prefix_vs_q4_0", "decode_run", "kld_growth_with_depth"):
         assert metric in m and m[metric] != m["default"], metric
+
+
+def test_gemma3_captured_runs_give_meaningful_cells():
+    """judge_sweep on llama-perplexity output captured from the fork on Gemma 3 270M (ctx 256 x 8 chunks, CPU): both
+    KV caches counted, no padding note, the SWA note, bits per real value 16 / 8.5 / 4.5 / 3.125, and the vs-q4_0
+    cell saying plainly that turbo3 is worse than q4_0 at fewer bits (KLD 0.51 vs 0.13)."""
+    pairs = ("f16", "q8_0", "q4_0", "turbo3")
+    cfg = SweepConfig(model=Path("gemma3.gguf"), corpus=Path("c.txt"), pairs=parse_pairs(",".join(pairs)), bdir=Path("b"),
+                      bench=False)
+    res = SweepResult(cfg, {}, GEMMA, JobRecord("base", "f16/f16", True, data={"ppl": 22.8, "ppl_se": 2.3}), traits=TRAITS)
+    for t in pairs:
+        stats = parse_kld_stats((GEMMA_FIX / f"kld_{t}.stdout").read_text())
+        kv = parse_kv_log((GEMMA_FIX / f"kld_{t}.stderr").read_text()).to_dict()
+        res.ppl[f"{t}/{t}"] = JobRecord("ppl", f"{t}/{t}", True, data={"stats": stats, "kv": kv})
+    cr, sec = judge_sweep(res, traits=TRAITS)
+    rows = {r["pair"]: r for r in sec["rows"]}
+    assert {p: rows[p]["bits_per_value"] for p in rows} == pytest.approx(
+        {"f16/f16": 16.0, "q8_0/q8_0": 8.5, "q4_0/q4_0": 4.5, "turbo3/turbo3": 3.125})
+    assert all(r["status"] == "ok" and r["kv_mib"] > 0 for r in rows.values())  # no 'KV size differs' ERROR
+    assert rows["turbo3/turbo3"]["kv_mib"] == pytest.approx(0.88, abs=0.011)  # 0.15 non-SWA + 0.73 SWA
+    notes = " ".join(cr.notes)
+    assert "no padding" in notes and "zero-padded" not in notes and "sliding-window attention (window 512)" in notes
+    by = {(c.type, c.metric): c for c in cr.cells}
+    c = by[("turbo3/turbo3", "kld_vs_q4_0/q4_0")]
+    assert c.verdict == Verdict.PARTIAL and "claim does not hold" in c.caveat and "3.12 bits" in c.caveat
+    assert by[("turbo3/turbo3", "ppl_vs_q8_0")].verdict == Verdict.FAIL
