@@ -521,3 +521,40 @@ def test_gemma3_captured_runs_give_meaningful_cells():
     c = by[("turbo3/turbo3", "kld_vs_q4_0/q4_0")]
     assert c.verdict == Verdict.PARTIAL and "claim does not hold" in c.caveat and "3.12 bits" in c.caveat
     assert by[("turbo3/turbo3", "ppl_vs_q8_0")].verdict == Verdict.FAIL
+
+
+@pytest.mark.fork
+def test_real_sweep_with_decode_and_depth_on_smollm2(tmp_path):
+    """The CLI on the real fork and SmolLM2, small: decode agreement and two depths end up as cells, tables, a plot
+    and evidence; q8_0 is near-lossless in both (no FAIL from the new rules)."""
+    import subprocess
+    import sys
+    from tests.conftest import fork_build_or_skip, skip_or_fail
+    bdir, _ = fork_build_or_skip()
+    for tool in ("llama-perplexity", "libllama.so"):
+        if not (bdir / "bin" / tool).exists():
+            skip_or_fail(f"{tool} not built in {bdir}: run `make build`")
+    from harness.errors import HarnessError
+    from harness.runners.models import resolve_model
+    try:
+        resolve_model("smollm2")
+    except HarnessError as e:
+        skip_or_fail(str(e))
+    out = tmp_path / "r"
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", "--pairs", "f16/f16,q8_0/q8_0", "--ctx", "64",
+                        "--chunks", "4", "--no-bench", "--kld-depths", "64,128", "--depth-pairs", "f16/f16,q8_0/q8_0",
+                        "--decode-prompts", "2", "--decode-prompt-tokens", "16", "--decode-tokens", "4",
+                        "--threads", str(min(2, os.cpu_count() or 1)), "--no-progress", "--out", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "TURBO_SWEEP_CACHE": str(tmp_path / "cache")},
+                       cwd=Path(__file__).parents[1], timeout=900)
+    assert r.returncode in (0, 1), r.stdout[-2000:] + r.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    cells = {(c["type"], c["metric"]): c for c in run["checks"][0]["cells"]}
+    dec = cells[("q8_0/q8_0", "decode_prefix_vs_batched")]
+    assert dec["verdict"] in ("PASS", "PARTIAL") and len(dec["details"]["first_divergence"]) == 2
+    dep = cells[("q8_0/q8_0", "kld_growth_with_depth")]
+    assert dep["verdict"] != "ERROR" and dep["details"]["short"] == 64 and dep["details"]["long"] == 128
+    assert cells[("f16/f16", "kld_growth_with_depth")]["verdict"] == "PASS"
+    assert (out / "plots" / "kld_vs_depth.png").is_file() and (out / "evidence" / "q8_0-q8_0" / "decode.stdout").is_file()
+    md = (out / "summary.md").read_text()
+    assert "## Decode agreement" in md and "## KL divergence vs depth" in md
