@@ -63,3 +63,11 @@ def test_bench_sums_the_tool_times_recorded_in_the_evidence(tmp_path):
     # the depth table's copy of the main run is the same tool call: counted once
     (tmp_path / "evidence" / "f16-f16" / "depth256-ppl.cmd").write_text("X=1 llama-perplexity ...\n# rc=0 after 27.5 s\n")
     assert mod.tool_seconds(tmp_path) == (pytest.approx(930.5), 3)
+
+
+def test_the_model_line_is_the_best_kld_at_that_memory_or_less():
+    from harness.report.compare import pareto_front
+    rows = [{"pair": "a", "bits_per_value": 8.5, "kld": 0.005}, {"pair": "b", "bits_per_value": 4.5, "kld": 0.15},
+            {"pair": "c", "bits_per_value": 4.5, "kld": 0.05}, {"pair": "d", "bits_per_value": 6.25, "kld": 0.25},
+            {"pair": "e", "bits_per_value": 4.25, "kld": 1.1}]
+    assert [r["pair"] for r in pareto_front(rows)] == ["e", "c", "a"]

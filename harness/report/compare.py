@@ -75,9 +75,19 @@ def compare_markdown(sweeps: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats at equal or lower memory: sorted by bits per real value, each kept only when its
+    KLD is lower than every row with fewer or equal bits before it (the best quality a model reaches per bit budget)."""
+    out: list[dict] = []
+    for r in sorted(rows, key=lambda r: (r["bits_per_value"], r["kld"])):
+        if not out or r["kld"] < out[-1]["kld"]:
+            out.append(r)
+    return out
+
+
 def compare_plot(sweeps: list[dict], out: Path) -> Path:
-    """KLD (log) vs bits per real cached value: a colour and a line per model through its pairs (in order of bits),
-    a marker per pair (the same marker for a pair in every model)."""
+    """KLD (log) vs bits per real cached value: a colour per model, every pair as a marker (the same marker for a pair
+    in every model) and one line per model through its Pareto front (:func:`pareto_front`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,14 +102,15 @@ def compare_plot(sweeps: list[dict], out: Path) -> Path:
         if not pts:
             continue
         col = f"C{i % 10}"
-        ax.plot([r["bits_per_value"] for r in pts], [max(r["kld"], 1e-5) for r in pts], "-", color=col, lw=1, alpha=0.6,
-                label=f"{s['model']} ({s['shape']})")
+        front = pareto_front(pts)  # the model's line: the lowest KLD reachable at that many bits or fewer
+        ax.plot([r["bits_per_value"] for r in front], [max(r["kld"], 1e-5) for r in front], "-", color=col, lw=1.2,
+                alpha=0.7, label=f"{s['model']} ({s['shape']})")
         for r in pts:
             ax.errorbar(r["bits_per_value"], max(r["kld"], 1e-5), yerr=r.get("kld_se") or 0, fmt=markers[r["pair"]],
                         color=col, capsize=2, ms=7, mfc="none" if r["pair"].endswith("+rot") else col)
     ax.set_yscale("log")
     ax.set(xlabel="bits per real cached value (K,V mean; padding counted)", ylabel="mean KLD vs the f16 cache (± se)",
-           title="KL divergence vs KV memory, every pair of each sweep (one line per model)")
+           title="KL divergence vs KV memory, every pair (line: each model's best KLD at that many bits or fewer)")
     ax.grid(lw=0.3, which="both")
     model_legend = ax.legend(loc="upper right", fontsize=8)
     ax.add_artist(model_legend)
