@@ -12,7 +12,7 @@ RPC ?=
 export FORK_DIR
 export BACKEND
 
-.PHONY: all install build verify test sweep doctor bench bench-rpc clean
+.PHONY: all install build verify test sweep sweep-compare doctor bench bench-rpc bench-sweep clean
 
 all: verify
 
@@ -45,6 +45,19 @@ verify: build
 
 sweep: build $(VENV)/.model $(if $(filter gemma3,$(MODEL)),$(VENV)/.model-gemma3,)
 	$(TH) sweep --model $(MODEL) $(ARGS)
+
+# Both known models' sweep reports side by side: one table per model and KLD vs bits per real value, one line per
+# model (reads the run.json of the folders given in RUNS; measures nothing again)
+RUNS ?= reports/samples/sweep-cpu-smollm2 reports/samples/sweep-cpu-gemma3
+sweep-compare: install
+	$(TH) sweep-compare $(RUNS) --out $(or $(OUT),reports/compare)
+
+# Harness overhead of a model-level sweep (prints figures; not a test): the default Gemma 3 CPU sweep with an empty
+# job cache, its wall time against the sum of the fork binaries' own run times (goal: overhead <= 5%), and
+# KVREAL's wall time per model. BENCH_MODEL=smollm2 benchmarks the other model; ARGS are passed to the sweep.
+BENCH_MODEL ?= gemma3
+bench-sweep: build $(VENV)/.model $(VENV)/.model-gemma3
+	$(PY) scripts/bench_sweep.py --model $(BENCH_MODEL) $(ARGS)
 
 # Speed benchmark (prints figures; not a test): the six checks and COMPAT (2^20 values per type) on the
 # built fork, time per check.

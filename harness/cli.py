@@ -21,7 +21,8 @@ REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 
 
 # commands that live in their own modules, loaded when named (Click's lazy group pattern): no import side effect
-LAZY_COMMANDS = {"sweep": ("harness.cli_sweep", "sweep"), "replay": ("harness.cli_replay", "replay"),
+LAZY_COMMANDS = {"sweep": ("harness.cli_sweep", "sweep"),
+                 "sweep-compare": ("harness.cli_sweep", "sweep_compare"), "replay": ("harness.cli_replay", "replay"),
                  "catalogue": ("harness.cli_replay", "catalogue"), "bisect": ("harness.cli_replay", "bisect"),
                  "bisect-oracle": ("harness.cli_replay", "bisect_oracle")}
 

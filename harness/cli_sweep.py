@@ -19,13 +19,13 @@ from harness.errors import HarnessError
 from harness.fork import backends
 
 
-def _ints(s: str) -> tuple[int, ...]:
+def _ints(s: str, opt: str = "--depths") -> tuple[int, ...]:
     try:
         vals = tuple(int(x) for x in s.split(",") if x.strip())
     except ValueError:
-        raise HarnessError(f"--depths {s!r}: give comma-separated integers, e.g. 0,256") from None
+        raise HarnessError(f"{opt} {s!r}: give comma-separated integers, e.g. 0,256") from None
     if not vals or min(vals) < 0:
-        raise HarnessError(f"--depths {s!r}: give comma-separated non-negative integers, e.g. 0,256")
+        raise HarnessError(f"{opt} {s!r}: give comma-separated non-negative integers, e.g. 0,256")
     return vals
 
 
@@ -57,6 +57,9 @@ def build_run(result, run_id: str, argv: list[str]):
             "baselines_added": list(cfg.baselines_added), "no_baselines": cfg.no_baselines}
     run = Run(run_id=run_id, meta=meta, interrupted=result.interrupted)
     run.checks.append(cr)
+    for name in ("decode", "depth"):  # sections of their own: rendered from their 'markdown' by every renderer
+        if name in section:
+            run.sections[name] = section.pop(name)
     run.sections["sweep"] = section
     return run
 
@@ -74,8 +77,16 @@ def write_reports(run, result, run_dir: Path) -> dict[str, Path]:
     run.sections["sweep"]["evidence"] = ev
     # point cells at the copies inside the run folder
     for cell in run.checks[0].cells:
+        if cell.path.endswith((":decode", ":perplexity-depth")):  # decode / depth jobs: every run of that pair
+            kind = "decode" if cell.path.endswith(":decode") else "depth"
+            cell.evidence = [p for key, ps in ev.items() if key.split(":", 1)[0] == kind
+                             and key.split(":", 1)[1].split("@")[0] == cell.type for p in ps] or cell.evidence
+            continue
         kind = "bench" if cell.path.endswith(":bench") else "ppl"
         cell.evidence = ev.get(f"{kind}:{cell.type}", cell.evidence)
+    if "depth" in run.sections:
+        from harness.checks.depth import depth_plot
+        depth_plot(run.sections["depth"], run_dir / "plots")
     out = {}
     rows = run.sections["sweep"]["rows"]
     pd.DataFrame(rows).to_csv(run_dir / "sweep.csv", index=False)
@@ -157,8 +168,18 @@ def _table_text(section: dict) -> str:
 @click.option("--rpc", "rpc", default=None, metavar="HOST:PORT[,...]",
               help="Offload to the devices of these rpc-servers (the fork's own --rpc of llama-perplexity and "
                    "llama-bench; the build needs RPC: make build RPC=1); README 'Remote devices'.")
+@click.option("--decode-prompts", type=int, default=None,
+              help="Corpus prompts for the greedy-decode agreement per pair (default 3; 0 = no decode).")
+@click.option("--decode-tokens", type=int, default=None, help="Tokens generated per decode prompt (default 32).")
+@click.option("--decode-prompt-tokens", type=int, default=None, help="Prompt tokens per decode prompt (default 64).")
+@click.option("--kld-depths", default=None,
+              help="Context lengths for KLD vs depth, comma-separated, on the same 2 x longest tokens "
+                   "(CPU 256,1024; GPU 512,4096; 'none' = off).")
+@click.option("--depth-pairs", default=None,
+              help=f"Pairs measured at every --kld-depths length (default {'{'}DEPTH_PAIRS{'}'}).")
 def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, ubatch, fresh, fork_defaults, backend,
-          build_dir, out_dir, known_file, timeout, no_bench, no_baselines, strict, no_progress, rpc):
+          build_dir, out_dir, known_file, timeout, no_bench, no_baselines, strict, no_progress, rpc, decode_prompts,
+          decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs):
     """Model-level sweep: PPL ± se, KL divergence vs an f16-cache baseline, top-1 agreement, KV memory
     and prefill/decode speed ratio to q8_0 for K/V cache-type pairs, with the fork's own tools."""
     from harness.fork.build import REPO_ROOT, build_dir as default_build_dir, detect_backend, has_rpc as fb_has_rpc
@@ -199,6 +220,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             n_prompt=dflt["n_prompt"], n_gen=dflt["n_gen"], threads=threads or (os.cpu_count() or 1), ngl=ngl,
             batch=batch, ubatch=ubatch, fresh=fresh, fork_defaults=fork_defaults,
             timeout=dflt["timeout"] if timeout is None else timeout, bench=not no_bench, rpc=endpoints)
+        _decode_depth_options(cfg, decode_prompts, decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs)
         _check_inputs(cfg)
         run_id = time.strftime("sweep-%Y%m%d-%H%M%S")
         run_dir, _ = pipeline.prepare_run_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / run_id, "sweep")
@@ -245,6 +267,9 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     click.echo(_table_text(sec))
     for n in sec.get("notes", []):
         click.echo(f"note: {n}")
+    for name in ("decode", "depth"):  # their tables as summary.md has them
+        if isinstance(run.sections.get(name), dict) and run.sections[name].get("markdown"):
+            click.echo("\n" + run.sections[name]["markdown"])
     cr = run.checks[0]
     click.echo(f"SWEEP {cr.verdict.value}: {result.jobs_run} jobs run, {result.jobs_cached} cached, "
                f"{result.seconds:.1f} s; report {paths['report.html']}")
@@ -264,6 +289,28 @@ def _check_numbers(**given) -> None:
             raise HarnessError(f"--{name} {v:g} is too small ({why}): give {lo} or more, or leave it out for the default")
 
 
+def _decode_depth_options(cfg, prompts, tokens, prompt_tokens, kld_depths, depth_pairs) -> None:
+    """Set the decode-agreement and depth settings of ``cfg`` from the options (defaults: harness/runners/decode.py
+    DECODE_DEFAULTS, harness/runners/depth.py CPU_DEPTHS/GPU_DEPTHS/DEPTH_PAIRS). Raises HarnessError for bad values."""
+    from harness.runners.decode import DECODE_DEFAULTS
+    from harness.runners.depth import CPU_DEPTHS, DEPTH_PAIRS, GPU_DEPTHS, check_depths
+    from harness.runners.sweep import parse_pairs
+    for name, v, lo in (("--decode-prompts", prompts, 0), ("--decode-tokens", tokens, 1),
+                        ("--decode-prompt-tokens", prompt_tokens, 1)):
+        if v is not None and v < lo:
+            raise HarnessError(f"{name} {v} is too small: give {lo} or more, or leave it out for the default")
+    cfg.decode_prompts = DECODE_DEFAULTS["prompts"] if prompts is None else prompts
+    cfg.decode_n_gen = DECODE_DEFAULTS["n_gen"] if tokens is None else tokens
+    cfg.decode_n_prompt = DECODE_DEFAULTS["n_prompt"] if prompt_tokens is None else prompt_tokens
+    if kld_depths is not None and kld_depths.strip().lower() in ("none", "off", "0", ""):
+        cfg.kld_depths = ()
+    else:
+        cfg.kld_depths = (tuple(sorted(set(_ints(kld_depths, "--kld-depths")))) if kld_depths is not None
+                          else (CPU_DEPTHS if cfg.ngl == 0 else GPU_DEPTHS))
+        check_depths(cfg.kld_depths)
+    cfg.depth_pairs = parse_pairs(depth_pairs or DEPTH_PAIRS) if cfg.kld_depths else []
+
+
 def _check_inputs(cfg) -> None:
     """Before any tool runs: the context fits the model's trained length (bench depths too) and the corpus
     is UTF-8 text long enough for ctx x chunks, the model is a readable GGUF, the cache types exist."""
@@ -274,8 +321,9 @@ def _check_inputs(cfg) -> None:
     except HarnessError:
         known = set()  # the build cannot be read here: the sweep reports it
     bad = [t for k, v in cfg.pairs for t in sweep_runner.split_pair(k, v)[:2] if known and t not in known]
-    if bad:
-        raise HarnessError(f"--pairs: unknown cache type {bad[0]!r}: this build knows "
+    bad_d = [t for k, v in cfg.depth_pairs for t in sweep_runner.split_pair(k, v)[:2] if known and t not in known]
+    if bad or bad_d:
+        raise HarnessError(f"{'--pairs' if bad else '--depth-pairs'}: unknown cache type {(bad or bad_d)[0]!r}: this build knows "
                            f"{', '.join(t for t in sorted(known) if t.startswith(('f1', 'bf', 'q4', 'q5', 'q8', 'iq4', 'turbo')))}")
     info = read_model_info(cfg.model)  # a missing or non-GGUF model: one line, before anything runs
     if info.n_ctx_train:
@@ -286,4 +334,41 @@ def _check_inputs(cfg) -> None:
         if cfg.bench and deepest > info.n_ctx_train:
             raise HarnessError(f"--depths {max(cfg.depths)} plus the {max(cfg.n_prompt, cfg.n_gen)}-token bench test is beyond the "
                                f"{info.n_ctx_train} tokens {info.name} was trained for: give smaller --depths or --no-bench")
+        if cfg.kld_depths and max(cfg.kld_depths) > info.n_ctx_train:
+            raise HarnessError(f"--kld-depths {max(cfg.kld_depths)} is beyond the {info.n_ctx_train} tokens {info.name} was "
+                               f"trained for: give lengths up to {info.n_ctx_train} (or --kld-depths none)")
+        if cfg.decode_prompts and cfg.decode_n_prompt + cfg.decode_n_gen > info.n_ctx_train:
+            raise HarnessError(f"--decode-prompt-tokens {cfg.decode_n_prompt} + --decode-tokens {cfg.decode_n_gen} is beyond "
+                               f"the {info.n_ctx_train} tokens {info.name} was trained for: give fewer tokens")
     check_corpus(cfg.corpus, cfg.ctx, cfg.chunks)
+    if cfg.kld_depths:
+        from harness.runners.depth import depth_tokens
+        try:
+            check_corpus(cfg.corpus, max(cfg.kld_depths), depth_tokens(cfg.kld_depths) // max(cfg.kld_depths))
+        except HarnessError as e:
+            raise HarnessError(f"{e} (for --kld-depths {','.join(map(str, cfg.kld_depths))}; or --kld-depths none)") from None
+    if cfg.decode_prompts:
+        from harness.runners.decode import corpus_prompts
+        corpus_prompts(cfg.corpus, cfg.decode_prompts, cfg.decode_n_prompt)
+
+
+@click.command("sweep-compare")
+@click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder for compare.md and kld_vs_bits_models.png (default: reports/compare-<time>).")
+def sweep_compare(run_dirs, out_dir):
+    """Sweeps of several models side by side: one table per model (PPL, KLD, top-1, bits per real value, vs-q4_0
+    verdicts, decode agreement) and KLD vs bits per real value with every pair, one line per model. Reads the
+    run.json of each sweep report folder (e.g. reports/samples/sweep-cpu-smollm2 reports/samples/sweep-cpu-gemma3)."""
+    from harness import usage
+    from harness.fork.build import REPO_ROOT
+    from harness.report.compare import write_compare
+    try:
+        out = usage.writable_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / time.strftime("compare-%Y%m%d-%H%M%S"),
+                                 "--out")
+        md, png = write_compare(list(run_dirs), out)
+    except HarnessError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(md.read_text())
+    click.echo(f"wrote {md} and {png}")

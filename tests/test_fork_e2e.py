@@ -119,7 +119,8 @@ def test_small_sweep_on_the_real_model_parses_sane_numbers_and_resumes(tmp_path)
     _model_or_fail()
     env = {"TURBO_SWEEP_CACHE": str(tmp_path / "cache")}
     args = ["sweep", "--pairs", "f16/f16,q8_0/q8_0,turbo3/turbo3", "--ctx", "128", "--chunks", "2", "--depths", "0",
-            "--reps", "1", "--threads", str(min(2, os.cpu_count() or 1)), "--no-progress", "--backend", "cpu"]
+            "--reps", "1", "--threads", str(min(2, os.cpu_count() or 1)), "--no-progress", "--backend", "cpu",
+            "--decode-prompts", "0", "--kld-depths", "none"]  # decode and depth on the fork: tests/test_decode_depth.py
     r1 = _cli(args + ["--out", str(tmp_path / "a")], env)
     assert r1.returncode in (0, 1), r1.stdout + r1.stderr  # PASS/PARTIAL or a rule FAIL; never ERROR
     run = _find_run(tmp_path / "a")

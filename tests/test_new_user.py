@@ -65,7 +65,8 @@ def sw(tmp_path, monkeypatch):
 
     def run(*args, model_=model, corpus_=corpus):
         base = ["sweep", "--model", str(model_), "--corpus", str(corpus_), "--build-dir", str(bdir), "--backend", "cpu",
-                "--ctx", "256", "--chunks", "3", "--threads", "2", "--no-progress", "--timeout", "20"]
+                "--ctx", "256", "--chunks", "3", "--threads", "2", "--no-progress", "--timeout", "20",
+                "--decode-prompts", "0", "--kld-depths", "none"]  # decode and depth: tests/test_decode_depth.py
         # later options win in click: the test's own --ctx etc. override the defaults above
         return invoke(base + list(args), env=env)
 

@@ -112,7 +112,7 @@ def fake(tmp_path):
     def cli_args(pairs, *extra):
         return ["sweep", "--pairs", pairs, "--build-dir", str(bdir), "--model", str(model), "--corpus", str(corpus),
                 "--backend", "cpu", "--ctx", "256", "--chunks", "3", "--depths", "0", "--reps", "3", "--threads", "2",
-                "--out", str(tmp_path / "reports"), "--no-progress", *extra]
+                "--out", str(tmp_path / "reports"), "--no-progress", "--decode-prompts", "0", "--kld-depths", "none", *extra]
 
     return type("Fake", (), {"d": d, "bdir": bdir, "tmp": tmp_path, "cfg": staticmethod(cfg),
                              "cli_args": staticmethod(cli_args)})

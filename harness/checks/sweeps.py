@@ -59,8 +59,10 @@ def kv_type_problem(kv: dict | None, want_k: str, want_v: str, model_info, trait
     if kv["k_type"] != want_k or kv["v_type"] != want_v:
         return f"asked K={want_k} V={want_v} but the log says: \"{kv['size_line']}\""
     if model_info is not None and want_k in traits and want_v in traits:
-        pk = predict_kv_bytes(traits[want_k], kv["cells"], kv["seqs"], kv["layers"], model_info.n_head_kv, model_info.head_dim_k) / MIB
-        pv = predict_kv_bytes(traits[want_v], kv["cells"], kv["seqs"], kv["layers"], model_info.n_head_kv, model_info.head_dim_v) / MIB
+        from harness.runners.llama_logs import kv_dims
+        pk = predict_kv_bytes(traits[want_k], *kv_dims(kv), model_info.n_head_kv, model_info.head_dim_k) / MIB
+        pv = predict_kv_bytes(traits[want_v], *kv_dims(kv), model_info.n_head_kv, model_info.head_dim_v) / MIB
+        tol_mib *= max(1, len(kv.get("parts") or []))  # each cache's size line is rounded on its own
         if abs(pk - kv["k_mib"]) > tol_mib or abs(pv - kv["v_mib"]) > tol_mib:
             return (f"KV size differs from the {want_k}/{want_v} type traits (predicted K {pk:.2f} V {pv:.2f} MiB), "
                     f"so some layers use other types: \"{kv['size_line']}\"")
@@ -169,6 +171,16 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
             ph = padded_head(mi.head_dim_k, "turbo3")
             cr.notes.append(f"head_dim {mi.head_dim_k} is zero-padded to {ph} for turbo types, so turbo stores "
                             f"{ph / mi.head_dim_k:g}x the values and loses its memory advantage: compare bits per real value")
+        else:
+            cr.notes.append(f"head_dim {mi.head_dim_k} is {mi.head_dim_k // 128} whole 128-value turbo group"
+                            f"{'s' if mi.head_dim_k > 128 else ''}: no padding, turbo keeps its memory advantage")
+        if mi.sliding_window:
+            w = mi.sliding_window
+            cr.notes.append(f"{mi.name} has interleaved sliding-window attention (window {w}): the KV size counts its SWA "
+                            f"and full-attention caches together; at ctx {cfg.ctx} "
+                            + (f"the window covers the whole chunk, so every layer attends to every earlier token "
+                               f"(see the depth table for contexts beyond {w})" if cfg.ctx <= w else
+                               f"the SWA layers attend only to the last {w} tokens"))
     if result.base is not None and result.base.ok:
         section["base"] = {"ppl": result.base.data["ppl"], "ppl_se": result.base.data["ppl_se"],
                            "evidence": list(result.base.evidence)}
@@ -250,14 +262,16 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
                        k_used=kv["k_type"], v_used=kv["v_type"], kv_log=kv["size_line"])
             if mi is not None:
                 from harness.runners.ggml_types import predict_kv_bytes
-                dims = (kv["cells"], kv["seqs"], kv["layers"], mi.n_head_kv)
+                from harness.runners.llama_logs import kv_dims
+                dims = (*kv_dims(kv), mi.n_head_kv)
                 k_bytes, v_bytes = kv["k_mib"] * MIB, kv["v_mib"] * MIB  # as printed (2 decimals)
                 if k in traits and v in traits:
                     pk = predict_kv_bytes(traits[k], *dims, mi.head_dim_k)
                     pv = predict_kv_bytes(traits[v], *dims, mi.head_dim_v)
                     row["kv_pred_mib"] = (pk + pv) / MIB
                     row["bits_nominal"] = (traits[k].bits_per_value + traits[v].bits_per_value) / 2
-                    if abs(pk / MIB - kv["k_mib"]) <= tol and abs(pv / MIB - kv["v_mib"]) <= tol:
+                    tol_kv = tol * max(1, len(kv.get("parts") or []))  # each cache's size line is rounded on its own
+                    if abs(pk / MIB - kv["k_mib"]) <= tol_kv and abs(pv / MIB - kv["v_mib"]) <= tol_kv:
                         k_bytes, v_bytes = pk, pv  # the log confirms the prediction: use exact bytes
                 row["k_bits_real"] = bits_per_real_value(k_bytes, *dims, mi.head_dim_k)
                 row["v_bits_real"] = bits_per_real_value(v_bytes, *dims, mi.head_dim_v)
@@ -357,6 +371,13 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
         row["caveat"] = "; ".join(caveats)
         section["rows"].append(row)
     cr.cells += vs_q4_0_cells(section["rows"], rules, backend, mi.name if mi is not None else "the model")
+    from harness.checks.decode import decode_cells
+    from harness.checks.depth import depth_cells
+    for name, (cells, sub) in (("decode", decode_cells(result, section["rows"], rules, backend)),
+                               ("depth", depth_cells(result, rules, backend))):
+        cr.cells += cells
+        if sub is not None:
+            section[name] = sub  # build_run moves it to run.sections[name] (rendered from its 'markdown')
     if cfg.baselines_added:
         cr.notes.append(f"added the baseline pairs {', '.join(cfg.baselines_added)} that the rules need "
                         f"(--no-baselines runs only the pairs asked for)")

@@ -168,6 +168,9 @@ def _md_table_html(md: str) -> str:
         flush()
         if ln.startswith("## "):
             out.append(f"<h2>{html.escape(ln[3:])}</h2>")
+        elif ln.startswith("![") and "](" in ln and ln.endswith(")"):  # a plot written beside the page
+            alt, src = ln[2:-1].split("](", 1)
+            out.append(f"<figure><img alt='{html.escape(alt)}' src='{html.escape(src)}'></figure>")
         elif ln.strip():
             out.append(f"<p class=small>{html.escape(ln.replace('**', '').replace('`', ''))}</p>")
     flush()

@@ -132,8 +132,15 @@ class ModelInfo:
         return self.n_head / self.n_head_kv if self.n_head_kv else float("nan")
 
 
+_INFO_CACHE = _SHA_CACHE.with_name("model_info.json")
+
+
 def read_model_info(path: Path) -> ModelInfo:
     """Validate a GGUF file with the ``gguf`` package and read its attention shape.
+
+    gguf's reader parses the whole header, vocabulary included (about 26 s for Gemma 3's 262k tokens on a 2-core
+    CPU), so the result is memoised by (path, size, mtime) in ~/.cache/turbo-harness/model_info.json, as
+    :func:`sha256_file` does: a file that changes is read again.
 
     Raises:
         HarnessError: missing file, not a GGUF / truncated / corrupt, or missing attention keys.
@@ -141,6 +148,29 @@ def read_model_info(path: Path) -> ModelInfo:
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"model {path} does not exist: pass --model FILE.gguf")
+    st = path.resolve().stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(_INFO_CACHE.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if isinstance(memo.get(key), dict):
+        try:
+            return ModelInfo(**{**memo[key], "path": str(path)})
+        except TypeError:
+            pass  # written by another version of ModelInfo: read the file again
+    info = _read_model_info(path)
+    memo = {k: v for k, v in list(memo.items())[-63:] if Path(k.split("|")[0]).exists()}  # the recent, existing ones
+    memo[key] = info.to_dict()
+    try:
+        _INFO_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        _INFO_CACHE.write_text(json.dumps(memo))
+    except OSError:
+        pass
+    return info
+
+
+def _read_model_info(path: Path) -> ModelInfo:
     try:
         import gguf
     except ImportError:
@@ -173,7 +203,9 @@ def read_model_info(path: Path) -> ModelInfo:
         n_head = first(field(f"{arch}.attention.head_count"))
         n_head_kv = first(field(f"{arch}.attention.head_count_kv", n_head))
     except (TypeError, ValueError):
-        raise HarnessError(f"model {path} lacks {arch}.block_count/embedding_length/attention.head_count") from None
+        raise HarnessError(f"model {path} lacks the attention metadata {arch}.block_count/embedding_length/attention.head_count "
+                           f"that the KV-cache sizes need: give a GGUF written by llama.cpp's convert_hf_to_gguf.py, or "
+                           f"another --model") from None
     hk = field(f"{arch}.attention.key_length")
     hv = field(f"{arch}.attention.value_length")
     head_k = first(hk) if hk is not None else n_embd // n_head

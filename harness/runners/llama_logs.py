@@ -54,9 +54,38 @@ class KvLog:
     padding: dict[str, tuple[int, int]] = field(default_factory=dict)
     changes: list[str] = field(default_factory=list)
     graph_splits: int | None = None
+    # a model with interleaved sliding-window attention (Gemma 3) has two caches per context, a non-SWA one and an
+    # SWA one, each with its own size line: they are merged into one KvLog (sizes and layers summed) and listed
+    # here as {'swa', 'cells', 'layers', 'k_mib', 'v_mib', 'size_line'}; [] for a single cache
+    parts: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def kv_dims(kv: dict) -> tuple[int, int, int]:
+    """(cells, seqs, layers) of a KvLog dict for :func:`harness.runners.ggml_types.predict_kv_bytes`: the printed
+    ones, or for a merged SWA + non-SWA log whose caches have different cell counts, (1, seqs, sum of cells x layers)
+    so that the product is still the number of cached rows per stream."""
+    parts = kv.get("parts") or []
+    if parts and len({p["cells"] for p in parts}) > 1:
+        return 1, kv["seqs"], sum(p["cells"] * p["layers"] for p in parts)
+    return kv["cells"], kv["seqs"], kv["layers"]
+
+
+def _merge_swa(first: KvLog, swa: KvLog) -> KvLog:
+    """One KvLog for a context with a non-SWA and an SWA cache (see KvLog.parts)."""
+    def part(x: KvLog, is_swa: bool) -> dict:
+        return {"swa": is_swa, "cells": x.cells, "layers": x.layers, "k_mib": x.k_mib, "v_mib": x.v_mib,
+                "k_type": x.k_type, "v_type": x.v_type, "size_line": x.size_line}
+    parts = (first.parts or [part(first, False)]) + [part(swa, True)]
+    kt = first.k_type if swa.k_type == first.k_type else f"{first.k_type}+{swa.k_type}"
+    vt = first.v_type if swa.v_type == first.v_type else f"{first.v_type}+{swa.v_type}"
+    return KvLog(size_mib=round(first.size_mib + swa.size_mib, 4), k_type=kt, k_mib=round(first.k_mib + swa.k_mib, 4),
+                 v_type=vt, v_mib=round(first.v_mib + swa.v_mib, 4), cells=first.cells, layers=first.layers + swa.layers,
+                 seqs=first.seqs, size_line=f"{first.size_line} + SWA: {swa.size_line}",
+                 padding={**first.padding, **swa.padding}, changes=first.changes + swa.changes,
+                 graph_splits=first.graph_splits, parts=parts)
 
 
 def parse_kv_logs(text: str) -> list[KvLog]:
@@ -69,8 +98,12 @@ def parse_kv_logs(text: str) -> list[KvLog]:
     pad: dict[str, tuple[int, int]] = {}
     changes: list[str] = []
     splits_all = [int(m.group(1)) for m in _SPLITS.finditer(text)]
+    swa_next = False
     for raw in text.splitlines():
         line = raw.strip()
+        if "llama_kv_cache_iswa: creating" in line:  # the next size line is the non-SWA or the SWA cache of one context
+            swa_next = "non-SWA" not in line
+            continue
         m = _KV_PAD.search(line)
         if m:
             pad[m.group(1)] = (int(m.group(2)), int(m.group(3)))
@@ -80,12 +113,16 @@ def parse_kv_logs(text: str) -> list[KvLog]:
             continue
         m = _KV_SIZE.search(line)
         if m:
-            out.append(KvLog(size_mib=float(m.group(1)), cells=int(m.group(2)), layers=int(m.group(3)),
-                             seqs=int(m.group(5)), k_type=m.group(6), k_mib=float(m.group(7)),
-                             v_type=m.group(8), v_mib=float(m.group(9)), size_line=line,
-                             padding=dict(pad), changes=list(changes),
-                             graph_splits=max(splits_all) if splits_all else None))
-            pad, changes = {}, []
+            kv = KvLog(size_mib=float(m.group(1)), cells=int(m.group(2)), layers=int(m.group(3)),
+                       seqs=int(m.group(5)), k_type=m.group(6), k_mib=float(m.group(7)),
+                       v_type=m.group(8), v_mib=float(m.group(9)), size_line=line,
+                       padding=dict(pad), changes=list(changes),
+                       graph_splits=max(splits_all) if splits_all else None)
+            if swa_next and out:
+                out[-1] = _merge_swa(out[-1], kv)
+            else:
+                out.append(kv)
+            pad, changes, swa_next = {}, [], False
     return out
 
 

@@ -146,6 +146,15 @@ class SweepConfig:
     no_baselines: bool = False                                  # --no-baselines: run only the pairs asked for
     baselines_added: list[str] = field(default_factory=list)    # labels added by with_baselines (for the report)
     rpc: list[str] = field(default_factory=list)                # --rpc endpoints passed to the tools (remote devices)
+    # decode agreement (harness/runners/decode.py): greedy decode of decode_n_gen tokens after decode_n_prompt prompt
+    # tokens, for decode_prompts corpus prompts (0 = off), with the f16 cache and with each pair
+    decode_prompts: int = 0
+    decode_n_prompt: int = 64
+    decode_n_gen: int = 32
+    # depth (harness/runners/depth.py): KLD of depth_pairs at each context length in kld_depths (() = off), all on
+    # the same depth_tokens tokens of the corpus
+    kld_depths: tuple[int, ...] = ()
+    depth_pairs: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self):
         self.batch = self.batch or self.ctx
@@ -204,6 +213,9 @@ class SweepResult:
     jobs_cached: int = 0
     traits: dict = field(default_factory=dict)  # {type name: TypeTrait} measured from the build
     interrupted: dict | None = None  # {'signal', 'exit_code', 'in_progress', 'not_run'} when a signal stopped it
+    decode: dict[str, JobRecord] = field(default_factory=dict)         # pair label -> greedy-decode job
+    depth: dict[tuple[int, str], JobRecord] = field(default_factory=dict)  # (ctx, pair label) -> KLD job at that depth
+    depth_base: dict[int, JobRecord] = field(default_factory=dict)     # ctx -> f16 baseline at that depth
 
 
 def _binary_identity(bdir: Path, names: list[str]) -> dict:
@@ -260,6 +272,7 @@ class _Cache:
         if not all(Path(p).exists() for p in rec.evidence.values()):
             return None
         rec.cached = True
+        _reparse_kv(rec)
         return rec
 
     def put(self, rec: JobRecord) -> None:
@@ -272,6 +285,24 @@ class _Cache:
         p = self.root / "ev" / key
         p.mkdir(parents=True, exist_ok=True)
         return p
+
+
+def _reparse_kv(rec: JobRecord) -> None:
+    """Re-read a cached job's KV-cache log lines from its evidence with the current parser, so that a parser
+    improvement (e.g. the SWA cache of Gemma 3 counted with the non-SWA one) reaches results cached before it."""
+    name = {"base": "base.stderr", "ppl": "ppl.stderr", "bench": "bench.stderr"}.get(rec.kind)
+    if not name or name not in rec.evidence or not rec.ok:
+        return
+    try:
+        text = Path(rec.evidence[name]).read_text(errors="replace")
+    except OSError:
+        return
+    if rec.kind == "bench":
+        rec.data["kv"] = [x.to_dict() for x in parse_kv_logs(text)]
+    else:
+        kv = parse_kv_log(text)
+        if kv is not None:
+            rec.data["kv"] = kv.to_dict()
 
 
 def _evidence(prefix: Path) -> dict[str, str]:
@@ -456,6 +487,15 @@ def _unknown_type_error(k: str, v: str, known: set[str]) -> str:
             f"{', '.join(t for t in sorted(known) if t.startswith(('f', 'b', 'q', 'iq4', 'turbo')))}")
 
 
+def job_ident(cfg: SweepConfig, fork: dict, meta: dict) -> dict:
+    """What a perplexity job's cache key is made of (build, model, corpus, environment, sizes, layout)."""
+    return {"fork": fork, "bins": _binary_identity(cfg.bdir, ["llama-perplexity", "llama-bench"]),
+            "model": meta["model_sha256"], "corpus": meta["corpus_sha256"], "env": cfg.env(),
+            "env_unset": cfg.env_unset(), "ctx": cfg.ctx, "chunks": cfg.chunks, "b": cfg.batch, "ub": cfg.ubatch,
+            "t": cfg.threads, "ngl": cfg.ngl, "fa": "on", "fit": "off", "backend": cfg.backend,
+            "inherit": meta["turbo_env_inherited"], **({"rpc": list(cfg.rpc)} if cfg.rpc else {})}
+
+
 def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None] = print,
               traits: dict | None = None) -> SweepResult:
     """Run (or resume) a sweep. Never raises for a failing tool or pair: those become failed job records.
@@ -499,11 +539,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
     meta["model_info"] = result.model_info.to_dict()
 
     cache = _Cache(cfg.cache_dir)
-    ident = {"fork": fork, "bins": _binary_identity(cfg.bdir, ["llama-perplexity", "llama-bench"]),
-             "model": meta["model_sha256"], "corpus": meta["corpus_sha256"], "env": cfg.env(),
-             "env_unset": cfg.env_unset(), "ctx": cfg.ctx, "chunks": cfg.chunks, "b": cfg.batch, "ub": cfg.ubatch,
-             "t": cfg.threads, "ngl": cfg.ngl, "fa": "on", "fit": "off", "backend": cfg.backend,
-             "inherit": meta["turbo_env_inherited"], **({"rpc": list(cfg.rpc)} if cfg.rpc else {})}
+    ident = job_ident(cfg, fork, meta)
     base_key = _key({**ident, "job": "base", "v": 1})
     bench_ident = {k: v for k, v in ident.items() if k not in ("corpus", "chunks", "ctx")}
     jobs: list[tuple[str, str, str, str]] = [("base", "f16", "f16", base_key)]
@@ -513,6 +549,14 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
         for k, v in cfg.pairs:
             jobs.append(("bench", k, v, _key({**bench_ident, "job": "bench", "pair": [k, v], "depths": list(cfg.depths),
                                               "reps": cfg.reps, "p": cfg.n_prompt, "n": cfg.n_gen, "v": 1})))
+    # decode agreement and depth jobs (their own modules): (kind, key) -> (run() -> JobRecord, store(JobRecord))
+    from harness.runners.decode import plan_decode
+    from harness.runners.depth import plan_depth
+    extra: dict[tuple[str, str], tuple[Callable[[], JobRecord], Callable[[JobRecord], None]]] = {}
+    for plan in (plan_depth, plan_decode):
+        for job, run, store in plan(cfg, result, ident, cache, ppl_tool):
+            jobs.append(job)
+            extra[(job[0], job[3])] = (run, store)  # by kind too: a depth job may share a main job's key
     bar = None
     if progress:
         from tqdm import tqdm
@@ -530,6 +574,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
                 err = _unknown_type_error(k, v, set(traits))
                 if err:
                     rec = JobRecord(kind, label, False, err, key=key)
+                elif (kind, key) in extra:
+                    rec = extra[(kind, key)][0]()
                 elif kind == "base":
                     rec = _run_base(cfg, ppl_tool, cache, key)
                 elif kind == "ppl":
@@ -543,12 +589,14 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
                 if rec.ok:
                     cache.put(rec)
                     result.jobs_run += 1
-                elif log and not (kind == "ppl" and rec.error.startswith("no f16 baseline")):
+                elif log and not (kind in ("ppl", "depth") and rec.error.startswith("no f16 baseline")):
                     word = {"fork": "FAIL", "refused": "refused"}.get(rec.fault, "ERROR")
                     (bar.write if bar is not None else log)(f"{word} {kind} {label}: {rec.error}")
             else:
                 result.jobs_cached += 1
-            if kind == "base":
+            if (kind, key) in extra:
+                extra[(kind, key)][1](rec)
+            elif kind == "base":
                 result.base = rec
             elif kind == "ppl":
                 result.ppl[label] = rec
@@ -578,6 +626,7 @@ def copy_evidence(result: SweepResult, run_dir: Path) -> dict[str, list[str]]:
     """
     out: dict[str, list[str]] = {}
     recs = ([result.base] if result.base else []) + list(result.ppl.values()) + list(result.bench.values())
+    recs += list(result.decode.values()) + list(result.depth_base.values()) + list(result.depth.values())
     for rec in recs:
         k, v = rec.pair.split("/")
         dst = Path(run_dir) / "evidence" / pair_slug(k, v)
@@ -590,5 +639,5 @@ def copy_evidence(result: SweepResult, run_dir: Path) -> dict[str, list[str]]:
             if Path(src).is_file():
                 shutil.copyfile(src, dst / name)
                 rels.append(str((dst / name).relative_to(run_dir)))
-        out[f"{rec.kind}:{rec.pair}"] = rels
+        out[f"{rec.kind}:{rec.pair}" + (f"@{rec.data.get('ctx')}" if rec.kind.startswith("depth") else "")] = rels
     return out

@@ -1,0 +1,101 @@
+"""Depth: KL divergence of a few K/V pairs at several context lengths on the same text.
+
+For each context length ``d`` of ``--kld-depths`` the sweep runs ``llama-perplexity`` with ``-c d`` over the same
+``2 x max(depths)`` corpus tokens (``tokens / d`` chunks): an f16-cache baseline (``--kl-divergence-base``) and then
+each pair of ``--depth-pairs`` against it. llama-perplexity scores the second half of every chunk, so the KLD at
+context ``d`` is the mean over tokens that see between ``d/2`` and ``d - 1`` earlier tokens in the cache; a loss
+that grows as the cache fills shows as KLD rising with ``d``. A depth equal to the main sweep's ``--ctx`` (with
+the same number of tokens) is the main run itself, taken from the cache.
+
+Runs are the sweep's own perplexity jobs (:func:`harness.runners.sweep._run_base`, ``_run_ppl``) on a copy of the
+sweep configuration with the context, chunks and batch of that depth; judging is in :mod:`harness.checks.depth`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+# CPU: 256 is the main sweep's context (cached) and 1024 goes past Gemma 3's 512-token sliding window, on the
+# same 2048 tokens as the main sweep (about 1-3 min per pair on 2 cores); GPU: the spec's 512 and 4096.
+CPU_DEPTHS = (256, 1024)
+GPU_DEPTHS = (512, 4096)
+DEPTH_PAIRS = "f16/f16,q8_0/q8_0,q4_0/q4_0,turbo4/turbo4,turbo3/turbo3"
+
+
+def depth_tokens(depths: tuple[int, ...]) -> int:
+    """Corpus tokens every depth is measured on: two chunks of the longest context (llama-perplexity prints KLD
+    statistics only for two or more chunks)."""
+    return 2 * max(depths)
+
+
+def check_depths(depths: tuple[int, ...]) -> None:
+    """Refuse depths that cannot cover the same tokens: each must divide ``depth_tokens(depths)`` and be >= 16.
+
+    Raises:
+        HarnessError: one line naming the bad depth and the fix.
+    """
+    if len(depths) < 2:
+        raise HarnessError(f"--kld-depths {','.join(map(str, depths))}: give two or more context lengths, e.g. 256,1024 "
+                           f"(or --kld-depths none)")
+    total = depth_tokens(depths)
+    for d in depths:
+        if d < 16 or total % d:
+            raise HarnessError(f"--kld-depths: {d} does not divide the {total} tokens of two {max(depths)}-token chunks: "
+                               f"give lengths that divide the longest one's double, e.g. 512,4096")
+
+
+def depth_config(cfg, d: int):
+    """A copy of the sweep configuration that measures context ``d`` over :func:`depth_tokens` tokens
+    (batch = d, micro-batch min(d, 512), as the main sweep's default layout); decode and depth switched off."""
+    return dataclasses.replace(cfg, ctx=d, chunks=depth_tokens(cfg.kld_depths) // d, batch=0, ubatch=0,
+                               kld_depths=(), decode_prompts=0, depth_pairs=[])
+
+
+def _as_depth(rec, d: int, kind: str):
+    """A relabelled copy of a perplexity job record for the depth table (the cache keeps the original)."""
+    ev = {f"depth{d}-{n}": p for n, p in rec.evidence.items()}
+    return dataclasses.replace(rec, kind=kind, evidence=ev, data={**rec.data, "ctx": d})
+
+
+def plan_depth(cfg, result, ident: dict, cache, ppl_tool: Path):
+    """The sweep's depth jobs: per context length an f16 baseline, then each of ``cfg.depth_pairs``.
+
+    Args:
+        cfg: SweepConfig (``kld_depths`` () means no jobs). result: the SweepResult the jobs fill
+            (``result.depth_base[d]``, ``result.depth[(d, label)]``). ident: the main sweep's job identity.
+        cache: the sweep's job cache. ppl_tool: the llama-perplexity binary.
+    Returns:
+        [((kind, k, v, key), run() -> JobRecord, store(JobRecord))]; the keys are the main sweep's perplexity keys
+        for that context, so a depth equal to the main ``--ctx`` reuses the main runs.
+    """
+    from harness.runners.sweep import JobRecord, _key, _run_base, _run_ppl, pair_label
+    if not cfg.kld_depths or not cfg.depth_pairs:
+        return []
+    out = []
+    for d in cfg.kld_depths:
+        cd = depth_config(cfg, d)
+        ident_d = {**ident, "ctx": cd.ctx, "chunks": cd.chunks, "b": cd.batch, "ub": cd.ubatch}
+        base_key = _key({**ident_d, "job": "base", "v": 1})
+
+        def run_base(cd=cd, key=base_key):
+            return _run_base(cd, ppl_tool, cache, key)
+
+        def store_base(rec, d=d):
+            result.depth_base[d] = _as_depth(rec, d, "depth_base")
+        out.append((("depth_base", "f16", "f16", base_key), run_base, store_base))
+        for k, v in cfg.depth_pairs:
+            key = _key({**ident_d, "job": "ppl", "pair": [k, v], "base": base_key, "v": 1})
+            label = pair_label(k, v)
+
+            def run(cd=cd, key=key, k=k, v=v, label=label, d=d):
+                b = result.depth_base.get(d)
+                if b is None or not b.ok:
+                    return JobRecord("ppl", label, False, f"no f16 baseline: {b.error if b else 'not run'}", key=key)
+                return _run_ppl(cd, ppl_tool, cache, key, k, v, b.data["base_file"])
+
+            def store(rec, d=d, label=label):
+                result.depth[(d, label)] = _as_depth(rec, d, "depth")
+            out.append((("depth", k, v, key), run, store))
+    return out
