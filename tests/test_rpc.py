@@ -556,3 +556,57 @@ def test_a_route_that_kills_the_remote_server_does_not_hide_the_next_route(make_
             return super().decode(backend, route, type_name, raw, nrows, ncols)
     ctx = make_ctx(FirstRouteKills(backends=(("cpu", "cpu"), ("rpc0", "gpu"))))
     assert decode_route(ctx, "rpc0", "turbo3") == "get_rows"
+
+
+# ----------------------------------------------------------------------------- found by trying it as a new user
+
+def test_empty_or_non_finite_rpc_values_are_refused_not_ignored(tmp_path):
+    """`--rpc ''` and `--rpc-local ''` were taken as 'no remote device' and the run went on locally (a report with
+    no rpc0, exit 0); `--rpc-timeout nan` compared false with 0 and switched the time limit off."""
+    from harness.cli_rpc import RpcOptions
+    for raw, local, what in (("", None, "names no server"), (None, "", "names no device"), (" , ", None, "names no server")):
+        opts = RpcOptions(raw, local)
+        assert opts.active
+        with pytest.raises(HarnessError, match=what):
+            opts.validate()
+    for t in ("nan", "inf", "-inf"):
+        with pytest.raises(HarnessError, match="--rpc-timeout .*finite number of seconds"):
+            RpcOptions("127.0.0.1:1", None, float(t)).validate()
+    # the command line: one line, exit 2, before the fork is looked at (here there is none)
+    for args in (["--rpc", ""], ["--rpc-local", ""], ["--rpc", "127.0.0.1:1", "--rpc-timeout", "nan"]):
+        r = _cli(["check", "PQ4", *args, "--out", str(tmp_path / "r")], env={"FORK_DIR": str(tmp_path / "nofork")})
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--rpc" in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "r" / "run.json").exists()
+
+
+def test_endpoint_messages_name_the_actual_problem():
+    """A port out of range and an IPv6 address without brackets each get their own fix, not 'is not HOST:PORT'."""
+    for bad, said in (("127.0.0.1:0", "port 0 is out of range"), ("127.0.0.1:99999", "port 99999 is out of range"),
+                      ("::1:50052", "needs brackets"), ("fe80::1", "needs brackets")):
+        with pytest.raises(HarnessError, match=said) as e:
+            R.parse_endpoints(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(HarnessError, match="is not HOST:PORT"):
+        R.parse_endpoints("127.0.0.1:")
+
+
+def test_a_sub_second_rpc_timeout_is_printed_as_given():
+    """--rpc-timeout 0.5 was reported as 'took longer than 0 s'."""
+    t = _target_with(_Probe(ProbeCrash("probe call set_rows timed out after 0.5 s and was killed")),
+                     {"127.0.0.1:9": _Server("", alive=True)})
+    t.rpc_timeout_s = 0.5
+    with pytest.raises(RemoteLost, match="took longer than 0.5 s"):
+        t.quantize("rpc0", "set_rows", "turbo3", np.zeros((1, 128), np.float32))
+
+
+def test_a_lost_server_is_one_event_not_one_per_remote_call():
+    """A server killed mid-run made every later remote call add the same event: ~100 identical console lines and
+    'remote event' rows in summary.md. Equal events (but for the call) collapse into the first plus a count."""
+    lost = "remote rpc0: lost the connection to the rpc-server at 127.0.0.1:9 during {}: it is no longer reachable"
+    died = "rpc0 (127.0.0.1:9): the rpc-server died (killed by SIGABRT) during set_rows turbo3: boom; restarted"
+    events = [lost.format("set_rows q8_0"), died, *[lost.format(f"set_rows turbo{i % 3 + 2}") for i in range(60)]]
+    out = R.collapse_events(events)
+    assert out == [lost.format("set_rows q8_0") + " (and 60 more remote calls failed the same way)", died]
+    assert R.collapse_events([died, died]) == [died + " (and 1 more remote call failed the same way)"]
+    assert R.collapse_events([]) == []
+

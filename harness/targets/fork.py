@@ -159,7 +159,7 @@ class ForkTarget(Target):
                 return f"; restarting it failed: {e}"
         if server is not None and timed_out and server.alive():  # a hung server of ours: ended, so the next cell runs
             server.kill()
-            msg = (f"remote {backend}: {what} on the rpc-server at {ep} took longer than {self.rpc_timeout_s:.0f} s; "
+            msg = (f"remote {backend}: {what} on the rpc-server at {ep} took longer than {self.rpc_timeout_s:g} s; "
                    f"the server was killed{restart()}")
             self.rpc_events.append(msg)
             return RemoteLost(msg)
@@ -172,7 +172,7 @@ class ForkTarget(Target):
                 return Unsupported(f"remote {backend} ({ep}) cannot run {what}: the server said '{line}' and exited ({state})")
             return RemoteLost(f"remote {backend}: the rpc-server at {ep} died ({state}) during {what}: {line}{again}")
         if timed_out:
-            msg = f"remote {backend}: {what} on the rpc-server at {ep} took longer than {self.rpc_timeout_s:.0f} s and was stopped"
+            msg = f"remote {backend}: {what} on the rpc-server at {ep} took longer than {self.rpc_timeout_s:g} s and was stopped"
         elif reachable(ep):
             msg = (f"remote {backend}: the rpc-server at {ep} closed the connection during {what} (it rejected the "
                    f"request or its backend failed: its own log says why); client said: {said[:200]}")
