@@ -610,3 +610,56 @@ def test_a_lost_server_is_one_event_not_one_per_remote_call():
     assert R.collapse_events([died, died]) == [died + " (and 1 more remote call failed the same way)"]
     assert R.collapse_events([]) == []
 
+
+def test_sweep_refuses_an_unreachable_rpc_server_before_it_runs(tmp_path):
+    """The fork's tools print 'Failed to connect to HOST:PORT' and carry on locally (exit 0), so a sweep with a
+    dead --rpc measured this machine and its report said 'backends run: cpu, rpc HOST:PORT'."""
+    bdir = tmp_path / "b"
+    (bdir / "bin").mkdir(parents=True)
+    (bdir / "CMakeCache.txt").write_text("GGML_RPC:BOOL=ON\n")
+    port = free_port()
+    r = _cli(["sweep", "--rpc", f"127.0.0.1:{port}", "--build-dir", str(bdir), "--out", str(tmp_path / "o")])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"127.0.0.1:{port}" in r.stderr and "rpc-server" in r.stderr and not (tmp_path / "o" / "run.json").exists()
+
+
+def test_sweep_job_whose_tool_did_not_reach_the_server_is_an_error_never_a_result(tmp_path):
+    """A server lost during the sweep: the tool's 'Failed to connect to' line makes the job fail (ERROR, not
+    cached), and a record an older harness cached from such a run is not reused."""
+    from tests.test_sweep_runner import BENCH, FIX, PPL, TRAITS, _script, _write_tiny_gguf
+
+    from harness.runners.sweep import SweepConfig, parse_pairs, run_sweep
+    bdir = tmp_path / "build"
+    (bdir / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls.log"
+    calls.write_text("")
+    unreached = 'echo "Failed to connect to 127.0.0.1:50052" >&2\n'
+
+    def tools(fail: bool):
+        for name, text in (("llama-perplexity", PPL), ("llama-bench", BENCH)):
+            body = text.format(calls=calls, fix=FIX)
+            if fail:
+                first, rest = body.split("\n", 1)
+                body = first + "\n" + unreached + rest
+            _script(bdir / "bin" / name, body)
+    model, corpus = tmp_path / "m.gguf", tmp_path / "c.txt"
+    _write_tiny_gguf(model)
+    corpus.write_text("The quick brown fox jumps over the lazy dog.\n" * 50)
+    cfg = SweepConfig(model=model, corpus=corpus, pairs=parse_pairs("turbo3/turbo3"), bdir=bdir, ctx=256, chunks=3,
+                      depths=(0,), reps=1, threads=2, timeout=20, cache_dir=tmp_path / "cache", ngl=99,
+                      rpc=["127.0.0.1:50052"])
+    tools(fail=True)
+    res = run_sweep(cfg, progress=False, log=lambda s: None, traits=TRAITS)
+    assert res.jobs_run == 0 and not res.base.ok and "could not reach the rpc-server at 127.0.0.1:50052" in res.base.error
+    bench = res.bench["turbo3/turbo3"]
+    assert not bench.ok and "nothing was measured remotely" in bench.error
+    assert not res.ppl["turbo3/turbo3"].ok
+    # a run that reached the server is cached; the same record with the connect failure in its log is not reused
+    tools(fail=False)
+    res = run_sweep(cfg, progress=False, log=lambda s: None, traits=TRAITS)
+    assert res.jobs_run == 3 and res.base.ok
+    assert run_sweep(cfg, progress=False, log=lambda s: None, traits=TRAITS).jobs_cached == 3
+    stderr = Path(res.bench["turbo3/turbo3"].evidence["bench.stderr"])
+    stderr.write_text("Failed to connect to 127.0.0.1:50052\n" + stderr.read_text())
+    again = run_sweep(cfg, progress=False, log=lambda s: None, traits=TRAITS)
+    assert again.jobs_cached == 2 and again.jobs_run == 1 and again.bench["turbo3/turbo3"].ok
