@@ -663,3 +663,14 @@ def test_sweep_job_whose_tool_did_not_reach_the_server_is_an_error_never_a_resul
     stderr.write_text("Failed to connect to 127.0.0.1:50052\n" + stderr.read_text())
     again = run_sweep(cfg, progress=False, log=lambda s: None, traits=TRAITS)
     assert again.jobs_cached == 2 and again.jobs_run == 1 and again.bench["turbo3/turbo3"].ok
+
+
+def test_rpc_local_with_an_unknown_device_says_what_the_option_takes(tmp_path):
+    """`--rpc-local NOPE` quoted the server's 'error: unknown device: NOPE' and stopped there: no fix."""
+    fake = tmp_path / "rpc-server"
+    fake.write_text("#!/bin/sh\necho 'error: unknown device: NOPE' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(HarnessError) as e:
+        RpcServer(fake, devices=["NOPE"], log_path=tmp_path / "srv.log").start()
+    msg = str(e.value)
+    assert "\n" not in msg and "unknown device: NOPE" in msg and "--rpc-local CPU" in msg
