@@ -674,3 +674,16 @@ def test_rpc_local_with_an_unknown_device_says_what_the_option_takes(tmp_path):
         RpcServer(fake, devices=["NOPE"], log_path=tmp_path / "srv.log").start()
     msg = str(e.value)
     assert "\n" not in msg and "unknown device: NOPE" in msg and "--rpc-local CPU" in msg
+
+
+def test_bench_rpc_bad_arguments_are_one_line_exit_2(tmp_path):
+    """`make bench-rpc ARGS=...` (scripts/bench_rpc.py): bad row counts, zero repetitions and a missing build were
+    Python tracebacks (ValueError, or a HarnessError from the first probe call)."""
+    script = ROOT / "scripts" / "bench_rpc.py"
+    for args, said in ((["--rows", "abc"], "--rows"), (["--rows", ""], "--rows"), (["--rows", "0"], "--rows"),
+                       (["--compat-rows", "8,-1"], "--compat-rows"), (["--reps", "0"], "--reps"),
+                       (["--build", "nope"], "not built")):
+        r = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "TURBO_BUILD_ROOT": str(tmp_path / "builds")})
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert said in r.stderr and "Traceback" not in r.stderr
