@@ -687,3 +687,28 @@ def test_bench_rpc_bad_arguments_are_one_line_exit_2(tmp_path):
                            env={**os.environ, "TURBO_BUILD_ROOT": str(tmp_path / "builds")})
         assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, (args, r.stderr)
         assert said in r.stderr and "Traceback" not in r.stderr
+
+
+def test_handshake_stopped_by_the_time_limit_names_the_time_limit_not_another_commit():
+    """`--rpc-timeout 1e-9` (or a slow tunnel) stopped the handshake with 'the server is probably a build of another
+    fork commit': the wrong fix. A call that ran past the limit now names --rpc-timeout."""
+    from harness.targets.rpc import handshake
+
+    class Slow(_Remote):
+        def quantize(self, backend, route, t, x):
+            if backend == "rpc0":
+                raise RemoteLost("remote rpc0: set_rows f16 on the rpc-server at 127.0.0.1:50052 took longer than "
+                                 "0.5 s and was stopped")
+            return super().quantize(backend, route, t, x)
+    with pytest.raises(HarnessError) as e:
+        handshake(Slow(), ["turbo3"])
+    msg = str(e.value)
+    assert "\n" not in msg and "--rpc-timeout" in msg and "another fork commit" not in msg
+    # a lost connection during the handshake keeps the other-commit advice (such a server aborts on unknown ops)
+    class Lost(_Remote):
+        def quantize(self, backend, route, t, x):
+            if backend == "rpc0":
+                raise RemoteLost("remote rpc0: lost the connection to the rpc-server at 127.0.0.1:50052")
+            return super().quantize(backend, route, t, x)
+    with pytest.raises(HarnessError, match="another fork commit"):
+        handshake(Lost(), ["turbo3"])
