@@ -324,3 +324,14 @@ def test_a_check_re_run_into_a_report_of_schema_1_0_keeps_the_coverage_rows_of_o
     assert [r for r in table.rows if r[1] == "turbo3"] == old_turbo3
     assert {r[1] for r in table.rows} == {"turbo2", "turbo3", "all"}
     assert len(table.rows) == len(cov["rows"]) and "## Coverage (old)" not in (d / "summary.md").read_text()
+
+
+def test_verify_help_does_not_promise_every_check_by_default():
+    """`verify --help` said '--checks ... (default all)' and named only MODEL as opt-in, while the default leaves
+    out every opt-in check (MODEL, KVREAL): the help must not say 'all' and must name each opt-in check's way in."""
+    r = CliRunner().invoke(harness_cli(), ["verify", "--help"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "check ids (default all)" not in text and "opt-in" in text
+    for c in REGISTRY:
+        if c.command == "verify" and not c.in_verify:
+            assert c.id in text, c.id
