@@ -712,3 +712,14 @@ def test_handshake_stopped_by_the_time_limit_names_the_time_limit_not_another_co
             return super().quantize(backend, route, t, x)
     with pytest.raises(HarnessError, match="another fork commit"):
         handshake(Lost(), ["turbo3"])
+
+
+def test_a_stored_report_with_repeated_remote_events_renders_each_kind_once():
+    """`turbo-harness report` on a run written before events were collapsed listed the same lost connection once
+    per remote call (97 'remote event' rows in one real run)."""
+    from harness.report.remote import remote_facts
+    lost = "remote rpc0: lost the connection to the rpc-server at 127.0.0.1:9 during set_rows {}: no longer reachable"
+    meta = {"target": {"rpc": {"devices": {"rpc0": {"endpoint": "127.0.0.1:9", "memory_total_mib": 1}},
+                               "events": [lost.format(t) for t in ("q8_0", "turbo2", "turbo3", "turbo4")]}}}
+    events = [text for label, text in remote_facts(meta) if label == "remote event"]
+    assert events == [lost.format("q8_0") + " (and 3 more remote calls failed the same way)"]
