@@ -362,6 +362,11 @@ def doctor(fork_dir):
             except HarnessError as e:
                 line("  provenance", f"MISMATCH: {e}", False, counts=mine)
                 continue  # its probe would be compiled against headers of another source
+        rpc_note = ("" if (bdir / "bin" / "rpc-server").is_file()
+                    else " (no rpc-server binary here: --rpc-local needs `turbo-harness build --rpc`)")
+        click.echo(f"--    {'remote (RPC)':12s} " + (  # README 'Remote devices': not fatal either way
+            f"yes: --rpc HOST:PORT and --rpc-local DEVICE work with this build{rpc_note}" if fb.has_rpc(bdir)
+            else "no: --rpc needs a build with ggml RPC: `turbo-harness build --rpc` (or `make build RPC=1`)"))
         try:
             from harness.targets.fork import ForkTarget
             t = ForkTarget(bdir, fb.fork_dir(fork_dir))

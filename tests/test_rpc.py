@@ -724,3 +724,25 @@ def test_a_stored_report_with_repeated_remote_events_renders_each_kind_once():
                                "events": [lost.format(t) for t in ("q8_0", "turbo2", "turbo3", "turbo4")]}}}
     events = [text for label, text in remote_facts(meta) if label == "remote event"]
     assert events == [lost.format("q8_0") + " (and 3 more remote calls failed the same way)"]
+
+
+def test_doctor_says_whether_each_build_can_use_remote_devices(tmp_path):
+    """`doctor` never said whether a build has ggml RPC, so a new user learnt it only from `--rpc` failing."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+    root = tmp_path / "builds"
+    for name, rpc, server in (("cpu", "ON", True), ("cuda", "OFF", False), ("vulkan", "ON", False)):
+        (root / name / "bin").mkdir(parents=True)
+        (root / name / "bin" / "libggml-base.so").write_text("")
+        (root / name / "CMakeCache.txt").write_text(f"GGML_RPC:BOOL={rpc}\n")
+        if server:
+            (root / name / "bin" / "rpc-server").write_text("")
+    out = CliRunner().invoke(cli, ["doctor"], env={"TURBO_BUILD_ROOT": str(root),
+                                                  "FORK_DIR": str(tmp_path / "nofork")}).output
+    remote = [ln for ln in out.splitlines() if "remote (RPC)" in ln]
+    assert len(remote) == 3, out
+    cpu, cuda, vulkan = remote  # builds in name order
+    assert "yes" in cpu and "rpc-server" not in cpu
+    assert "no:" in cuda and "build --rpc" in cuda
+    assert "yes" in vulkan and "no rpc-server binary" in vulkan
