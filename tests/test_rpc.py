@@ -746,3 +746,42 @@ def test_doctor_says_whether_each_build_can_use_remote_devices(tmp_path):
     assert "yes" in cpu and "rpc-server" not in cpu
     assert "no:" in cuda and "build --rpc" in cuda
     assert "yes" in vulkan and "no rpc-server binary" in vulkan
+
+
+@pytest.mark.fork
+def test_a_port_that_accepts_but_never_answers_is_one_line_within_the_rpc_timeout(tmp_path):
+    """A port that accepts connections but never answers RPC's hello (an rpc-server busy with another client: it
+    serves one at a time; a stuck server; another service) held `check --rpc` for the probe's 600 s limit, ignoring
+    --rpc-timeout, because the probe's first call (the type listing) connects to the servers."""
+    import socket
+    import threading
+    bdir, _ = _rpc_build()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])  # accepted, never answered
+            except OSError:
+                pass
+    th = threading.Thread(target=accept, daemon=True)
+    th.start()
+    try:
+        t0 = time.time()
+        r = _cli(["check", "PQ4", "--type", "turbo3", "--rpc", f"127.0.0.1:{port}", "--rpc-timeout", "3",
+                  "--build", bdir.name, "--out", str(tmp_path / "r")], timeout=120)
+        assert time.time() - t0 < 60
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"127.0.0.1:{port}" in r.stderr and "no answer within 3 s" in r.stderr and "--rpc-timeout" in r.stderr
+    finally:
+        stop.set()
+        th.join()
+        for c in held:
+            c.close()
+        srv.close()
