@@ -235,11 +235,13 @@ def check(check_id, model, types, target_backend, backends, fork_dir, build_back
 
 
 @cli.command()
-@click.option("--checks", "check_list", default=None, help="comma-separated check ids (default all)")
+@click.option("--checks", "check_list", default=None,
+              help="comma-separated check ids (default: every check but the opt-in ones, which `list` marks)")
 @with_common
 def verify(check_list, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target, known_file,
            rpc, rpc_local, rpc_timeout):
-    """Run all checks (PQ1-PQ6 and the cross-backend matrix; MODEL with --checks MODEL) and write the report."""
+    """Run the default checks (PQ1-PQ6 and the cross-backend matrix; the opt-in ones, e.g. MODEL and KVREAL, with
+    --checks) and write the report."""
     ids = _check_ids(check_list)
     _run_and_exit(ids, _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file,
                   numpy_target, rpc=RpcOptions(rpc, rpc_local, rpc_timeout))
@@ -361,6 +363,11 @@ def doctor(fork_dir):
             except HarnessError as e:
                 line("  provenance", f"MISMATCH: {e}", False, counts=mine)
                 continue  # its probe would be compiled against headers of another source
+        rpc_note = ("" if (bdir / "bin" / "rpc-server").is_file()
+                    else " (no rpc-server binary here: --rpc-local needs `turbo-harness build --rpc`)")
+        click.echo(f"--    {'remote (RPC)':12s} " + (  # README 'Remote devices': not fatal either way
+            f"yes: --rpc HOST:PORT and --rpc-local DEVICE work with this build{rpc_note}" if fb.has_rpc(bdir)
+            else "no: --rpc needs a build with ggml RPC: `turbo-harness build --rpc` (or `make build RPC=1`)"))
         try:
             from harness.targets.fork import ForkTarget
             t = ForkTarget(bdir, fb.fork_dir(fork_dir))

@@ -8,6 +8,8 @@ is restarted for the next cell).
 """
 from __future__ import annotations
 
+import math
+
 import click
 
 from harness.errors import HarnessError
@@ -42,7 +44,8 @@ class RpcOptions:
 
     @property
     def active(self) -> bool:
-        return bool(self.raw or self.local_raw)
+        """True when --rpc or --rpc-local was given at all (an empty value is given, and refused by validate)."""
+        return self.raw is not None or self.local_raw is not None
 
     def validate(self, numpy_target: bool = False) -> None:
         """Check the values before anything starts; print the security warning for non-loopback servers.
@@ -54,8 +57,8 @@ class RpcOptions:
             return
         if numpy_target:
             raise HarnessError("--rpc/--rpc-local need a fork build (remote devices are ggml devices): leave out --numpy-target")
-        if self.timeout <= 0:
-            raise HarnessError(f"--rpc-timeout {self.timeout:g}: give a number of seconds above 0 (default 120)")
+        if not math.isfinite(self.timeout) or self.timeout <= 0:  # nan compares false: it would mean no limit
+            raise HarnessError(f"--rpc-timeout {self.timeout:g}: give a finite number of seconds above 0 (default 120)")
         self.endpoints = R.parse_endpoints(self.raw)
         if self.local_raw is not None:
             self.local_devices = [d.strip() for d in self.local_raw.split(",") if d.strip()]
@@ -101,7 +104,7 @@ class RpcOptions:
         """Put the remote servers' events of the run (deaths, restarts, lost connections) into the report's
         metadata and rewrite the report (the metadata was taken before the first check)."""
         from harness.report.render import write_all
-        events = list(getattr(target, "rpc_events", []))
+        events = R.collapse_events(list(getattr(target, "rpc_events", [])))
         rpc_meta = (run.meta.get("target") or {}).get("rpc")
         if events and isinstance(rpc_meta, dict):
             rpc_meta["events"] = events

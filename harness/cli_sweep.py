@@ -209,6 +209,11 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         if endpoints and not fb_has_rpc(bdir):
             raise HarnessError(f"--rpc needs a build with ggml's RPC backend, and {bdir} has none: rebuild it with "
                                f"`turbo-harness build --rpc` (or `make build RPC=1`)")
+        from harness.runners.rpc_server import reachable
+        for ep in endpoints:  # the fork's tools carry on without an unreachable server: the sweep would run locally
+            if not reachable(ep):
+                raise HarnessError(f"--rpc {ep}: nothing accepts connections there: start the fork's rpc-server "
+                                   f"there (README 'Remote devices') or fix the address")
         known = load_known(known_file) if known_file else None
         cfg = SweepConfig(
             model=resolve_model(model),

@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.checks.common import load_thresholds  # noqa: E402
+from harness.errors import HarnessError  # noqa: E402
 from harness.fork import build as fb  # noqa: E402
 from harness.runners.rpc_server import RpcServer  # noqa: E402
 from harness.targets.fork import ForkTarget  # noqa: E402
@@ -134,19 +135,40 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--build", default="cpu", help="build folder backend (default cpu)")
     a = ap.parse_args(argv)
-    bdir, fork = fb.find_build(a.build), fb.fork_dir()
-    if not fb.has_rpc(bdir):
-        print(f"error: {bdir} has no RPC backend: `make build RPC=1`", file=sys.stderr)
+    try:
+        rows, compat_rows = _counts(a.rows, "--rows"), _counts(a.compat_rows, "--compat-rows")
+        if a.reps < 1:
+            raise HarnessError(f"--reps {a.reps}: give 1 or more repetitions (default 5)")
+        bdir, fork = fb.find_build(a.build), fb.fork_dir()
+        if not fb.has_rpc(bdir):
+            raise HarnessError(f"{bdir} has no RPC backend: `make build RPC=1`")
+        with RpcServer(fb.binary(bdir, "rpc-server"), log_path=bdir / "rpc-server-logs" / "bench.log") as srv:
+            target = ForkTarget(bdir, fork, rpc=[srv.endpoint], rpc_servers={srv.endpoint: srv})
+            try:
+                print(f"rpc-server {srv.endpoint} ({', '.join(srv.served_devices())}); build {bdir}")
+                calls(target, a.type, rows, a.reps)
+                compat(target, a.type, compat_rows)
+            finally:
+                target.close()
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    with RpcServer(fb.binary(bdir, "rpc-server"), log_path=bdir / "rpc-server-logs" / "bench.log") as srv:
-        target = ForkTarget(bdir, fork, rpc=[srv.endpoint], rpc_servers={srv.endpoint: srv})
-        try:
-            print(f"rpc-server {srv.endpoint} ({', '.join(srv.served_devices())}); build {bdir}")
-            calls(target, a.type, [int(r) for r in a.rows.split(",")], a.reps)
-            compat(target, a.type, [int(r) for r in a.compat_rows.split(",")])
-        finally:
-            target.close()
     return 0
+
+
+def _counts(value: str, option: str) -> list[int]:
+    """A comma-separated list of row counts, each a whole number >= 1.
+
+    Raises:
+        HarnessError: an empty list or an entry that is not a positive whole number (one line with the fix).
+    """
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise HarnessError(f"{option} {value!r}: give row counts of 1 or more, comma-separated, e.g. {option} 1024,8192")
+    return out
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ def _cli(args, env=None, timeout=900):
 
 def test_endpoints_are_parsed_and_bad_ones_refused_in_one_line():
     assert R.parse_endpoints("127.0.0.1:50052, gpu-box:1,127.0.0.1:50052") == ["127.0.0.1:50052", "gpu-box:1"]
-    assert R.parse_endpoints("[::1]:50052") == ["[::1]:50052"]
     for bad in ("127.0.0.1", "host:0", "host:70000", "a b:1", ","):
         with pytest.raises(HarnessError) as e:
             R.parse_endpoints(bad)
@@ -556,3 +555,233 @@ def test_a_route_that_kills_the_remote_server_does_not_hide_the_next_route(make_
             return super().decode(backend, route, type_name, raw, nrows, ncols)
     ctx = make_ctx(FirstRouteKills(backends=(("cpu", "cpu"), ("rpc0", "gpu"))))
     assert decode_route(ctx, "rpc0", "turbo3") == "get_rows"
+
+
+# ----------------------------------------------------------------------------- found by trying it as a new user
+
+def test_empty_or_non_finite_rpc_values_are_refused_not_ignored(tmp_path):
+    """`--rpc ''` and `--rpc-local ''` were taken as 'no remote device' and the run went on locally (a report with
+    no rpc0, exit 0); `--rpc-timeout nan` compared false with 0 and switched the time limit off."""
+    from harness.cli_rpc import RpcOptions
+    for raw, local, what in (("", None, "names no server"), (None, "", "names no device"), (" , ", None, "names no server")):
+        opts = RpcOptions(raw, local)
+        assert opts.active
+        with pytest.raises(HarnessError, match=what):
+            opts.validate()
+    for t in ("nan", "inf", "-inf"):
+        with pytest.raises(HarnessError, match="--rpc-timeout .*finite number of seconds"):
+            RpcOptions("127.0.0.1:1", None, float(t)).validate()
+    # the command line: one line, exit 2, before the fork is looked at (here there is none)
+    for args in (["--rpc", ""], ["--rpc-local", ""], ["--rpc", "127.0.0.1:1", "--rpc-timeout", "nan"]):
+        r = _cli(["check", "PQ4", *args, "--out", str(tmp_path / "r")], env={"FORK_DIR": str(tmp_path / "nofork")})
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--rpc" in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "r" / "run.json").exists()
+
+
+def test_endpoint_messages_name_the_actual_problem():
+    """A port out of range and an IPv6 address each get their own fix, not 'is not HOST:PORT'. An IPv6 address was
+    accepted in brackets and then failed as 'could not connect ... start the rpc-server there': the fork's RPC code
+    is IPv4-only (parse_endpoint splits at the first ':', sockets are AF_INET)."""
+    for bad, said in (("127.0.0.1:0", "port 0 is out of range"), ("127.0.0.1:99999", "port 99999 is out of range"),
+                      ("::1:50052", "IPv4 only"), ("fe80::1", "IPv4 only"), ("[::1]:50052", "IPv4 only")):
+        with pytest.raises(HarnessError, match=said) as e:
+            R.parse_endpoints(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(HarnessError, match="is not HOST:PORT"):
+        R.parse_endpoints("127.0.0.1:")
+
+
+def test_a_sub_second_rpc_timeout_is_printed_as_given():
+    """--rpc-timeout 0.5 was reported as 'took longer than 0 s'."""
+    t = _target_with(_Probe(ProbeCrash("probe call set_rows timed out after 0.5 s and was killed")),
+                     {"127.0.0.1:9": _Server("", alive=True)})
+    t.rpc_timeout_s = 0.5
+    with pytest.raises(RemoteLost, match="took longer than 0.5 s"):
+        t.quantize("rpc0", "set_rows", "turbo3", np.zeros((1, 128), np.float32))
+
+
+def test_a_lost_server_is_one_event_not_one_per_remote_call():
+    """A server killed mid-run made every later remote call add the same event: ~100 identical console lines and
+    'remote event' rows in summary.md. Equal events (but for the call) collapse into the first plus a count."""
+    lost = "remote rpc0: lost the connection to the rpc-server at 127.0.0.1:9 during {}: it is no longer reachable"
+    died = "rpc0 (127.0.0.1:9): the rpc-server died (killed by SIGABRT) during set_rows turbo3: boom; restarted"
+    events = [lost.format("set_rows q8_0"), died, *[lost.format(f"set_rows turbo{i % 3 + 2}") for i in range(60)]]
+    out = R.collapse_events(events)
+    assert out == [lost.format("set_rows q8_0") + " (and 60 more remote calls failed the same way)", died]
+    assert R.collapse_events([died, died]) == [died + " (and 1 more remote call failed the same way)"]
+    assert R.collapse_events([]) == []
+
+
+def test_sweep_refuses_an_unreachable_rpc_server_before_it_runs(tmp_path):
+    """The fork's tools print 'Failed to connect to HOST:PORT' and carry on locally (exit 0), so a sweep with a
+    dead --rpc measured this machine and its report said 'backends run: cpu, rpc HOST:PORT'."""
+    bdir = tmp_path / "b"
+    (bdir / "bin").mkdir(parents=True)
+    (bdir / "CMakeCache.txt").write_text("GGML_RPC:BOOL=ON\n")
+    port = free_port()
+    r = _cli(["sweep", "--rpc", f"127.0.0.1:{port}", "--build-dir", str(bdir), "--out", str(tmp_path / "o")])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"127.0.0.1:{port}" in r.stderr and "rpc-server" in r.stderr and not (tmp_path / "o" / "run.json").exists()
+
+
+def test_sweep_job_whose_tool_did_not_reach_the_server_is_an_error_never_a_result(tmp_path):
+    """A server lost during the sweep: the tool's 'Failed to connect to' line makes the job fail (ERROR, not
+    cached), and a record an older harness cached from such a run is not reused."""
+    from tests.test_sweep_runner import BENCH, FIX, PPL, TRAITS, _script, _write_tiny_gguf
+
+    from harness.runners.sweep import SweepConfig, parse_pairs, run_sweep
+    bdir = tmp_path / "build"
+    (bdir / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls.log"
+    calls.write_text("")
+    unreached = 'echo "Failed to connect to 127.0.0.1:50052" >&2\n'
+
+    def tools(fail: bool):
+        for name, text in (("llama-perplexity", PPL), ("llama-bench", BENCH)):
+            body = text.format(calls=calls, fix=FIX)
+            if fail:
+                first, rest = body.split("\n", 1)
+                body = first + "\n" + unreached + rest
+            _script(bdir / "bin" / name, body)
+    model, corpus = tmp_path / "m.gguf", tmp_path / "c.txt"
+    _write_tiny_gguf(model)
+    corpus.write_text("The quick brown fox jumps over the lazy dog.\n" * 50)
+    cfg = SweepConfig(model=model, corpus=corpus, pairs=parse_pairs("turbo3/turbo3"), bdir=bdir, ctx=256, chunks=3,
+                      depths=(0,), reps=1, threads=2, timeout=20, cache_dir=tmp_path / "cache", ngl=99,
+                      rpc=["127.0.0.1:50052"])
+    tools(fail=True)
+    res = run_sweep(cfg, progress=False, log=lambda s: None, traits=TRAITS)
+    assert res.jobs_run == 0 and not res.base.ok and "could not reach the rpc-server at 127.0.0.1:50052" in res.base.error
+    bench = res.bench["turbo3/turbo3"]
+    assert not bench.ok and "nothing was measured remotely" in bench.error
+    assert not res.ppl["turbo3/turbo3"].ok
+    # a run that reached the server is cached; the same record with the connect failure in its log is not reused
+    tools(fail=False)
+    res = run_sweep(cfg, progress=False, log=lambda s: None, traits=TRAITS)
+    assert res.jobs_run == 3 and res.base.ok
+    assert run_sweep(cfg, progress=False, log=lambda s: None, traits=TRAITS).jobs_cached == 3
+    stderr = Path(res.bench["turbo3/turbo3"].evidence["bench.stderr"])
+    stderr.write_text("Failed to connect to 127.0.0.1:50052\n" + stderr.read_text())
+    again = run_sweep(cfg, progress=False, log=lambda s: None, traits=TRAITS)
+    assert again.jobs_cached == 2 and again.jobs_run == 1 and again.bench["turbo3/turbo3"].ok
+
+
+def test_rpc_local_with_an_unknown_device_says_what_the_option_takes(tmp_path):
+    """`--rpc-local NOPE` quoted the server's 'error: unknown device: NOPE' and stopped there: no fix."""
+    fake = tmp_path / "rpc-server"
+    fake.write_text("#!/bin/sh\necho 'error: unknown device: NOPE' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(HarnessError) as e:
+        RpcServer(fake, devices=["NOPE"], log_path=tmp_path / "srv.log").start()
+    msg = str(e.value)
+    assert "\n" not in msg and "unknown device: NOPE" in msg and "--rpc-local CPU" in msg
+
+
+def test_bench_rpc_bad_arguments_are_one_line_exit_2(tmp_path):
+    """`make bench-rpc ARGS=...` (scripts/bench_rpc.py): bad row counts, zero repetitions and a missing build were
+    Python tracebacks (ValueError, or a HarnessError from the first probe call)."""
+    script = ROOT / "scripts" / "bench_rpc.py"
+    for args, said in ((["--rows", "abc"], "--rows"), (["--rows", ""], "--rows"), (["--rows", "0"], "--rows"),
+                       (["--compat-rows", "8,-1"], "--compat-rows"), (["--reps", "0"], "--reps"),
+                       (["--build", "nope"], "not built")):
+        r = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "TURBO_BUILD_ROOT": str(tmp_path / "builds")})
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert said in r.stderr and "Traceback" not in r.stderr
+
+
+def test_handshake_stopped_by_the_time_limit_names_the_time_limit_not_another_commit():
+    """`--rpc-timeout 1e-9` (or a slow tunnel) stopped the handshake with 'the server is probably a build of another
+    fork commit': the wrong fix. A call that ran past the limit now names --rpc-timeout."""
+    from harness.targets.rpc import handshake
+
+    class Slow(_Remote):
+        def quantize(self, backend, route, t, x):
+            if backend == "rpc0":
+                raise RemoteLost("remote rpc0: set_rows f16 on the rpc-server at 127.0.0.1:50052 took longer than "
+                                 "0.5 s and was stopped")
+            return super().quantize(backend, route, t, x)
+    with pytest.raises(HarnessError) as e:
+        handshake(Slow(), ["turbo3"])
+    msg = str(e.value)
+    assert "\n" not in msg and "--rpc-timeout" in msg and "another fork commit" not in msg
+    # a lost connection during the handshake keeps the other-commit advice (such a server aborts on unknown ops)
+    class Lost(_Remote):
+        def quantize(self, backend, route, t, x):
+            if backend == "rpc0":
+                raise RemoteLost("remote rpc0: lost the connection to the rpc-server at 127.0.0.1:50052")
+            return super().quantize(backend, route, t, x)
+    with pytest.raises(HarnessError, match="another fork commit"):
+        handshake(Lost(), ["turbo3"])
+
+
+def test_a_stored_report_with_repeated_remote_events_renders_each_kind_once():
+    """`turbo-harness report` on a run written before events were collapsed listed the same lost connection once
+    per remote call (97 'remote event' rows in one real run)."""
+    from harness.report.remote import remote_facts
+    lost = "remote rpc0: lost the connection to the rpc-server at 127.0.0.1:9 during set_rows {}: no longer reachable"
+    meta = {"target": {"rpc": {"devices": {"rpc0": {"endpoint": "127.0.0.1:9", "memory_total_mib": 1}},
+                               "events": [lost.format(t) for t in ("q8_0", "turbo2", "turbo3", "turbo4")]}}}
+    events = [text for label, text in remote_facts(meta) if label == "remote event"]
+    assert events == [lost.format("q8_0") + " (and 3 more remote calls failed the same way)"]
+
+
+def test_doctor_says_whether_each_build_can_use_remote_devices(tmp_path):
+    """`doctor` never said whether a build has ggml RPC, so a new user learnt it only from `--rpc` failing."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+    root = tmp_path / "builds"
+    for name, rpc, server in (("cpu", "ON", True), ("cuda", "OFF", False), ("vulkan", "ON", False)):
+        (root / name / "bin").mkdir(parents=True)
+        (root / name / "bin" / "libggml-base.so").write_text("")
+        (root / name / "CMakeCache.txt").write_text(f"GGML_RPC:BOOL={rpc}\n")
+        if server:
+            (root / name / "bin" / "rpc-server").write_text("")
+    out = CliRunner().invoke(cli, ["doctor"], env={"TURBO_BUILD_ROOT": str(root),
+                                                  "FORK_DIR": str(tmp_path / "nofork")}).output
+    remote = [ln for ln in out.splitlines() if "remote (RPC)" in ln]
+    assert len(remote) == 3, out
+    cpu, cuda, vulkan = remote  # builds in name order
+    assert "yes" in cpu and "rpc-server" not in cpu
+    assert "no:" in cuda and "build --rpc" in cuda
+    assert "yes" in vulkan and "no rpc-server binary" in vulkan
+
+
+@pytest.mark.fork
+def test_a_port_that_accepts_but_never_answers_is_one_line_within_the_rpc_timeout(tmp_path):
+    """A port that accepts connections but never answers RPC's hello (an rpc-server busy with another client: it
+    serves one at a time; a stuck server; another service) held `check --rpc` for the probe's 600 s limit, ignoring
+    --rpc-timeout, because the probe's first call (the type listing) connects to the servers."""
+    import socket
+    import threading
+    bdir, _ = _rpc_build()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])  # accepted, never answered
+            except OSError:
+                pass
+    th = threading.Thread(target=accept, daemon=True)
+    th.start()
+    try:
+        t0 = time.time()
+        r = _cli(["check", "PQ4", "--type", "turbo3", "--rpc", f"127.0.0.1:{port}", "--rpc-timeout", "3",
+                  "--build", bdir.name, "--out", str(tmp_path / "r")], timeout=120)
+        assert time.time() - t0 < 60
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"127.0.0.1:{port}" in r.stderr and "no answer within 3 s" in r.stderr and "--rpc-timeout" in r.stderr
+    finally:
+        stop.set()
+        th.join()
+        for c in held:
+            c.close()
+        srv.close()

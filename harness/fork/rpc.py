@@ -26,7 +26,8 @@ RPC_NAME = re.compile(r"^rpc(\d+)$")
 def parse_endpoints(value: str | None, option: str = "--rpc") -> list[str]:
     """The endpoints of ``--rpc``: 'HOST:PORT[,HOST:PORT...]' -> ['HOST:PORT', ...] (order kept, repeats dropped).
 
-    HOST is a name or an IPv4 address ([IPv6] in brackets); PORT is 1..65535.
+    HOST is a name or an IPv4 address (the fork's RPC code is IPv4-only: ggml-rpc's parse_endpoint splits at the
+    first ':' and transport.cpp opens AF_INET sockets, so an IPv6 address is refused here); PORT is 1..65535.
 
     Raises:
         HarnessError: an entry is not HOST:PORT (one line naming it and the expected form).
@@ -37,8 +38,15 @@ def parse_endpoints(value: str | None, option: str = "--rpc") -> list[str]:
     if not eps:
         raise HarnessError(f"{option} {value!r} names no server: give HOST:PORT of an rpc-server, e.g. {option} 127.0.0.1:50052")
     for e in eps:
-        m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", e)
-        if not m or not 0 < int(m.group(2)) < 65536:
+        if e.startswith("[") or e.count(":") > 1:
+            raise HarnessError(f"{option} {e!r}: ggml RPC connects over IPv4 only (the fork's client and rpc-server "
+                               f"open AF_INET sockets and split the endpoint at its first ':'): give an IPv4 address "
+                               f"or a host name, e.g. {option} 127.0.0.1:50052")
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+):(\d+)", e)
+        if m and not 0 < int(m.group(2)) < 65536:
+            raise HarnessError(f"{option} {e!r}: port {int(m.group(2))} is out of range: give a port from 1 to 65535, "
+                               f"e.g. {option} 127.0.0.1:50052")
+        if not m:
             raise HarnessError(f"{option} {e!r} is not HOST:PORT: give the address of an rpc-server, e.g. "
                                f"{option} 127.0.0.1:50052 (an SSH tunnel's local end)")
     return list(dict.fromkeys(eps))
@@ -79,3 +87,20 @@ def is_rpc_backend(name: str) -> bool:
     """True for the harness's names of remote devices ('rpc0', 'rpc1', ...)."""
     return bool(RPC_NAME.match(name or ""))
 
+
+def collapse_events(events: list[str]) -> list[str]:
+    """The remote servers' events of a run, each kind once: a server lost early makes every later remote call
+    fail the same way ('lost the connection ... during set_rows turbo3: ...'), which would bury the first event
+    under a hundred copies. Events equal but for the call they happened in ('during ...:') become the first one
+    plus how many more calls failed that way; order of first occurrence kept."""
+    first: dict[str, int] = {}
+    out: list[list] = []
+    for line in events:
+        key = re.sub(r" during [^:]*:", " during:", line)
+        if key in first:
+            out[first[key]][1] += 1
+        else:
+            first[key] = len(out)
+            out.append([line, 0])
+    return [line if n == 0 else f"{line} (and {n} more remote call{'s' if n > 1 else ''} failed the same way)"
+            for line, n in out]

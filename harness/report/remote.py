@@ -23,6 +23,7 @@ def remote_facts(meta: dict) -> list[tuple[str, str]]:
         agree = [t for t, r in (hs.get(name) or {}).items() if "not_covered" not in r]
         out.append((f"remote {name}", f"{ep}, {d.get('memory_total_mib', '?')} MiB; {serves}; type handshake: "
                                       f"{'agrees on ' + ', '.join(agree) if agree else 'not run'}"))
-    for ev in rpc.get("events") or []:
+    from harness.fork.rpc import collapse_events
+    for ev in collapse_events(list(rpc.get("events") or [])):  # reports written before events were collapsed too
         out.append(("remote event", ev))
     return out

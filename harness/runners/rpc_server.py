@@ -108,8 +108,10 @@ class RpcServer:
         t0 = time.time()
         while time.time() - t0 < wait_s:
             if self.proc.poll() is not None:
-                raise HarnessError(f"rpc-server exited at start ({self.exit_text()}): {self.last_line() or 'no message'}"
-                                   f" (log {self.log_path})")
+                last = self.last_line() or "no message"
+                fix = (f": --rpc-local takes ggml device names of this build, e.g. --rpc-local CPU (CUDA0, MTL0 "
+                       f"where built; `turbo-harness doctor` lists the backends)" if "unknown device" in last else "")
+                raise HarnessError(f"rpc-server exited at start ({self.exit_text()}): {last}{fix} (log {self.log_path})")
             if reachable(self.endpoint, 1.0):
                 return self
             time.sleep(0.1)

@@ -115,6 +115,19 @@ def rotation_problem(stderr: str) -> str:
             f"attn_rot_k = {got.get('k', '?')}, attn_rot_v = {got.get('v', '?')}: the override did not take effect")
 
 
+def rpc_unreached(endpoints, stderr: str) -> str:
+    """'' when the tool reached every ``--rpc`` server, else why its run does not measure the remote devices.
+
+    The fork's tools print 'Failed to connect to HOST:PORT' (ggml-rpc.cpp) for a server they cannot reach, then
+    carry on with the local devices only and exit 0: such a run measured this machine, not the remote one."""
+    missed = [ep for ep in endpoints or () if f"Failed to connect to {ep}" in stderr]
+    if not missed:
+        return ""
+    return (f"the tool could not reach the rpc-server at {', '.join(missed)} ('Failed to connect to {missed[0]}' in "
+            f"its log) and ran on this machine's devices only: nothing was measured remotely; start the server "
+            f"(README 'Remote devices') and rerun")
+
+
 def pair_slug(k: str, v: str) -> str:
     return f"{k}-{v}".replace("/", "_")
 
@@ -411,7 +424,9 @@ def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str) -> JobRecor
     rec = _failed(JobRecord("base", "f16/f16", res.ok, res.failure(), evidence=_evidence(ev / "base"), seconds=res.seconds,
                             key=key), res, cfg)
     text = res.stdout + "\n" + res.stderr
-    if res.ok:
+    if res.ok and rpc_unreached(cfg.rpc, res.stderr):
+        rec.ok, rec.error = False, rpc_unreached(cfg.rpc, res.stderr)
+    elif res.ok:
         fin = parse_final_ppl(text)
         kv = parse_kv_log(res.stderr)
         if fin is None or not tmp_file.is_file() or tmp_file.stat().st_size == 0:
@@ -442,7 +457,9 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
     if res.ok:
         stats = parse_kld_stats(res.stdout)
         kv = parse_kv_log(res.stderr)
-        if "ppl" not in stats or "kld" not in stats:
+        if rpc_unreached(cfg.rpc, res.stderr):
+            rec.ok, rec.error = False, rpc_unreached(cfg.rpc, res.stderr)
+        elif "ppl" not in stats or "kld" not in stats:
             rec.ok, rec.error = False, (f"llama-perplexity printed no KL-divergence statistics (it prints them only for 2+ "
                                         f"chunks); see {ev / 'ppl.stdout'}")
         elif kv is None:
@@ -466,6 +483,9 @@ def _run_bench(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v:
     if not res.ok:  # keep what the tool measured before it died (llama-bench prints prefill before decode)
         rows, _ = parse_bench_json_partial(res.stdout)
         rec.data = {"rows": [r.to_dict() for r in rows], "kv": [x.to_dict() for x in parse_kv_logs(res.stderr)]}
+    if res.ok and rpc_unreached(cfg.rpc, res.stderr):
+        rec.ok, rec.error = False, rpc_unreached(cfg.rpc, res.stderr)
+        return rec
     if res.ok:
         try:
             rows = parse_bench_json(res.stdout)
@@ -570,6 +590,10 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
             if bar is not None:
                 bar.set_postfix_str(f"{kind} {label}")
             rec = None if cfg.fresh else cache.get(key)
+            if rec is not None and cfg.rpc and any(
+                    rpc_unreached(cfg.rpc, Path(p).read_text(errors="replace"))
+                    for n, p in rec.evidence.items() if n.endswith(".stderr")):
+                rec = None  # cached by a harness that did not look: a local run filed as a remote one; run it again
             if rec is None:
                 err = _unknown_type_error(k, v, set(traits))
                 if err:

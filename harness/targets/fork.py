@@ -1,6 +1,7 @@
 """The fork build under test, observed through the native probe."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -81,11 +82,12 @@ class ForkTarget(Target):
         self._devices = devices
         self._backends: list[Backend] | None = None
         self._types: dict[str, dict | None] = {}
-        self.layout_notes = self.layouts().notes
+        with self._rpc_first_contact():  # the worker's first call connects to every --rpc server
+            self.layout_notes = self.layouts().notes
 
     def backends(self) -> list[Backend]:
         if self._backends is None:
-            devices = self._devices if self._devices is not None else self.probe.devices()
+            devices = self._devices if self._devices is not None else self._list_devices()
             if self.rpc and self._devices is None:
                 down = self.probe.rpc_status()
                 if down:
@@ -97,6 +99,41 @@ class ForkTarget(Target):
         return self._backends
 
     # ------------------------------------------------------------------ remote devices
+
+    def _list_devices(self) -> list[dict]:
+        """The probe's device listing (with ``--rpc`` endpoints, under the RPC time limit)."""
+        with self._rpc_first_contact():
+            return self.probe.devices()
+
+    @contextlib.contextmanager
+    def _rpc_first_contact(self):
+        """Run the enclosed probe calls under the RPC time limit when there are ``--rpc`` endpoints.
+
+        The probe worker connects to every server on its first call and waits for the answer to RPC's hello. A
+        port that accepts the connection but never answers (an rpc-server busy with another client: it serves one
+        at a time; a stuck server; another service) would otherwise hold the run for the probe's whole limit
+        (600 s) and then be reported as a crash of the probe.
+
+        Raises:
+            HarnessError: no answer within ``rpc_timeout_s`` (one line naming the endpoints and the causes).
+        """
+        if not self.rpc:
+            yield
+            return
+        saved = self.probe.timeout_s
+        self.probe.timeout_s = min(saved, self.rpc_timeout_s)
+        try:
+            yield
+        except ProbeCrash as e:
+            if "timed out" not in str(e):
+                raise
+            raise HarnessError(
+                f"--rpc {', '.join(self.rpc)}: no answer within {self.rpc_timeout_s:g} s (--rpc-timeout): the port "
+                f"accepts connections but no rpc-server answered there (rpc-server serves one client at a time: "
+                f"another run may hold it; or it is stuck, or another service listens there); free or restart the "
+                f"server, or fix the address") from None
+        finally:
+            self.probe.timeout_s = saved
 
     def rpc_endpoint(self, backend: str) -> str | None:
         """The endpoint of a remote backend ('rpc0' -> '127.0.0.1:50052'), None for a local one."""
@@ -159,7 +196,7 @@ class ForkTarget(Target):
                 return f"; restarting it failed: {e}"
         if server is not None and timed_out and server.alive():  # a hung server of ours: ended, so the next cell runs
             server.kill()
-            msg = (f"remote {backend}: {what} on the rpc-server at {ep} took longer than {self.rpc_timeout_s:.0f} s; "
+            msg = (f"remote {backend}: {what} on the rpc-server at {ep} took longer than {self.rpc_timeout_s:g} s; "
                    f"the server was killed{restart()}")
             self.rpc_events.append(msg)
             return RemoteLost(msg)
@@ -172,7 +209,7 @@ class ForkTarget(Target):
                 return Unsupported(f"remote {backend} ({ep}) cannot run {what}: the server said '{line}' and exited ({state})")
             return RemoteLost(f"remote {backend}: the rpc-server at {ep} died ({state}) during {what}: {line}{again}")
         if timed_out:
-            msg = f"remote {backend}: {what} on the rpc-server at {ep} took longer than {self.rpc_timeout_s:.0f} s and was stopped"
+            msg = f"remote {backend}: {what} on the rpc-server at {ep} took longer than {self.rpc_timeout_s:g} s and was stopped"
         elif reachable(ep):
             msg = (f"remote {backend}: the rpc-server at {ep} closed the connection during {what} (it rejected the "
                    f"request or its backend failed: its own log says why); client said: {said[:200]}")

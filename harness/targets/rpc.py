@@ -164,6 +164,10 @@ def handshake(target, types: list[str], log=lambda s: None) -> dict:
                 log(f"rpc handshake: {be} {t}: not covered ({e})")
                 continue
             except HarnessError as e:
+                if " took longer than " in str(e):  # the time limit, not the types: say which knob it is
+                    raise HarnessError(
+                        f"type handshake with {be} ({ep}) stopped while {step} {t}: {e}: give the link more time "
+                        f"(--rpc-timeout, default 120 s) or check that the server is not stuck") from None
                 raise HarnessError(
                     f"type handshake with {be} ({ep}) stopped while {step} {t}: {e}: the server is probably a build of "
                     f"another fork commit (type or op numbers differ); run rpc-server from the same fork build as "
