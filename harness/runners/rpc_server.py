@@ -109,8 +109,8 @@ class RpcServer:
         while time.time() - t0 < wait_s:
             if self.proc.poll() is not None:
                 last = self.last_line() or "no message"
-                fix = (f": --rpc-local takes ggml device names of this build, e.g. --rpc-local CPU (CUDA0, MTL0 "
-                       f"where built; `turbo-harness doctor` lists the backends)" if "unknown device" in last else "")
+                fix = (": --rpc-local takes ggml device names of this build, e.g. --rpc-local CPU (CUDA0, MTL0 "
+                       "where built; `turbo-harness doctor` lists the backends)" if "unknown device" in last else "")
                 raise HarnessError(f"rpc-server exited at start ({self.exit_text()}): {last}{fix} (log {self.log_path})")
             if reachable(self.endpoint, 1.0):
                 return self
