@@ -5,6 +5,8 @@
 #   .devcarry/c1/  the fork snapshot (llama-cpp-turboquant-*.tar.xz + README.md with its sha256),
 #                  wiki.test.raw, model.part00
 #   .devcarry/m2/  model.part01        .devcarry/m3/  model.part02 + model.sha256
+# A call carries at most 64 MiB including the tracked tree (about 28 MB with the samples): keep each folder
+# under about 35 MB (split -b 25M -d model.gguf model.part); the sweep phase joins every model.part* it finds.
 # Usage (repo root there):
 #   scripts/device-cuda.sh build  [WAIT]   unpack the fork, start the CUDA build in the background, wait up to WAIT s
 #   scripts/device-cuda.sh verify [WAIT]   wait for the build, then `verify --target cuda` into $OUT
@@ -49,8 +51,9 @@ case "$PHASE" in
     echo "verify took $(( $(date +%s) - T0 )) s"
     tar -czf "$OUT/cuda-run.tgz" -C /tmp cuda-run ;;
   sweep)
-    [ -f .devcarry/model.gguf ] || cat .devcarry/c1/model.part00 .devcarry/m2/model.part01 .devcarry/m3/model.part02 > .devcarry/model.gguf
-    echo "$(cat .devcarry/m3/model.sha256)  .devcarry/model.gguf" | sha256sum -c - || exit 2
+    # the pieces (split -b 25M -d model.gguf model.part) may lie in any carried folder: joined in name order
+    [ -f .devcarry/model.gguf ] || cat $(ls .devcarry/*/model.part* | awk -F/ '{print $NF" "$0}' | sort | cut -d' ' -f2) > .devcarry/model.gguf
+    echo "$(cat .devcarry/*/model.sha256 | head -n 1)  .devcarry/model.gguf" | sha256sum -c - || exit 2
     python3 -m harness.cli sweep --backend cuda --model .devcarry/model.gguf --corpus .devcarry/c1/wiki.test.raw \
       --no-progress --out /tmp/cuda-sweep "$@" 2>&1 | tee "$OUT/sweep.log"
     echo "sweep took $(( $(date +%s) - T0 )) s"
