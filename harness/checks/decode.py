@@ -20,6 +20,7 @@ Verdicts per pair (f16/f16 is the reference itself):
   decode-only); or decode agrees less than ``alpha`` predicts without the early-divergence pattern; or a turbo
   pair's agreeing prefixes are shorter than a cache as good as q4_0/q4_0 (its batched top-1) would give with
   probability ``alpha`` (cell ``decode_prefix_vs_q4_0``).
+- ERROR when a run gave fewer prompts or tokens than asked (nothing, or less than asked, was compared).
 - PASS otherwise. A decode run that crashed after its context was created is FAIL (the phase named), a clean
   refusal SKIP, a harness problem ERROR.
 """
@@ -110,7 +111,17 @@ def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[l
             drows.append({"pair": lab, "status": "SKIP", "error": "no f16 reference"})
             continue
         n_gen = cfg.decode_n_gen
-        cmp = [compare_tokens(a, b) for a, b in zip(ref.data["out"]["tokens"], rec.data["out"]["tokens"])]
+        ref_t, got_t = ref.data["out"]["tokens"], rec.data["out"]["tokens"]
+        cmp = [compare_tokens(a, b) for a, b in zip(ref_t, got_t)]
+        short = [len(t) for t in ref_t + got_t if len(t) != n_gen]
+        if not cmp or len(ref_t) != len(got_t) or short:
+            # nothing (or less than asked) was compared: a p-value over missing tokens would read as agreement
+            why = (f"the decode runs gave {len(got_t)} prompts (f16 reference: {len(ref_t)}) with "
+                   f"{', '.join(map(str, short)) or n_gen} tokens where {n_gen} were asked: not compared")
+            cells.append(Cell("SWEEP", lab, path, "decode_prefix_vs_batched", None, alpha, Verdict.ERROR, op=">=",
+                              caveat=why, evidence=ev))
+            drows.append({"pair": lab, "status": "ERROR", "error": why})
+            continue
         agree = sum(c["same"] for c in cmp) / max(sum(c["n"] for c in cmp), 1)
         firsts = [c["first_divergence"] for c in cmp]
         prefixes = [c["prefix"] for c in cmp]

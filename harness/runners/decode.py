@@ -178,6 +178,10 @@ def decode_job(cfg, exe: Path, prompts_file: Path, cache, key: str, k: str, v: s
     if not out.complete or len(out.tokens) != cfg.decode_prompts:
         rec.ok, rec.fault = False, "harness"
         rec.error = f"the decode tool printed {len(out.tokens)} of {cfg.decode_prompts} prompts; see {ev / 'decode.stdout'}"
+    elif any(len(t) != cfg.decode_n_gen for t in out.tokens):
+        rec.ok, rec.fault = False, "harness"
+        rec.error = (f"the decode tool printed {', '.join(str(len(t)) for t in out.tokens)} tokens per prompt, "
+                     f"{cfg.decode_n_gen} asked; see {ev / 'decode.stdout'}")
     elif not kvs:
         rec.ok, rec.fault = False, "harness"
         rec.error = f"no 'llama_kv_cache: size' line in the decode log; see {ev / 'decode.stderr'}"
