@@ -431,8 +431,16 @@ def test_real_decode_tool_on_smollm2(tmp_path):
     # q8_0 is near-lossless: greedy decode follows f16 for at least the first tokens of most prompts
     firsts = [compare_tokens(a, b)["prefix"] for a, b in zip(outs["f16"].tokens, outs["q8_0"].tokens)]
     assert sum(firsts) >= 4, firsts
-    r = subprocess.run([str(exe), str(model), str(prompts), "32", "8", "nope", "f16", "2"], capture_output=True, text=True)
+    r = subprocess.run([str(exe), str(model), str(prompts), "32", "8", "nope", "f16", "2"], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 2 and "unknown cache type nope" in r.stderr
+    # the sweep's -ngl is the 8th argument (layers offloaded as llama-perplexity's -ngl); a negative one is bad input
+    r = subprocess.run([str(exe), str(model), str(prompts), "32", "2", "f16", "f16", "2", "99"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and parse_decode_output(r.stdout).complete, r.stderr[-500:]
+    r = subprocess.run([str(exe), str(model), str(prompts), "32", "2", "f16", "f16", "2", "-1"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "N_GPU_LAYERS" in r.stderr
 
 
 def test_gguf_without_attention_metadata_and_missing_package_are_one_line_exit_2(fake, monkeypatch):
@@ -618,3 +626,32 @@ def test_depth_baseline_that_timed_out_is_an_error_not_a_skip():
     v = {(c.type, c.metric): c.verdict for c in cells}
     assert v[("f16/f16", "depth1024_baseline_run")] == Verdict.ERROR
     assert v[("turbo3/turbo3", "kld_growth_with_depth")] == Verdict.SKIP
+
+
+def test_decode_runs_where_the_sweep_offloads_and_says_where_it_ran(fake, monkeypatch):
+    """turbo-decode loaded every model with n_gpu_layers 0: a CUDA sweep's decode ran the CPU's decode kernels (the
+    decode-only bug it is meant to catch lives in the GPU's) and its cells said 'cuda:decode'. The sweep's -ngl is
+    now passed to the tool; a cell says the CPU when nothing was offloaded, and with --rpc that decode stayed local."""
+    import harness.runners.tools as tools
+    from harness.runners import decode as dec
+    from harness.runners.tools import ToolResult
+    seen = []
+    monkeypatch.setattr(tools, "run_tool", lambda cmd, *a, **k: seen.append(list(cmd)) or ToolResult(
+        list(cmd), None, "", "", 0.1, True))
+
+    class Cache:
+        def ev(self, key):
+            return fake.tmp / key
+    dec.decode_job(fake.cfg("f16/f16", ngl=99), Path("x"), Path("p"), Cache(), "k1", "f16", "f16")
+    assert seen[-1][-1] == "99"
+    src = dec.SRC.read_text()
+    assert "mp.n_gpu_layers = n_gpu_layers;" in src and "mp.n_gpu_layers = 0;" not in src
+    res, rows = _result("f16/f16,q8_0/q8_0", {"f16/f16": REF, "q8_0/q8_0": REF}, {"q8_0/q8_0": 95.0})
+    res.config.backend, res.config.ngl = "cuda", 0
+    cells, sec = decode_cells(res, rows, load_rules(), "cuda")
+    assert {c.path for c in cells} == {"cpu:decode"}
+    res.config.ngl, res.config.rpc = 99, ["127.0.0.1:50052"]
+    cells, sec = decode_cells(res, rows, load_rules(), "cuda")
+    assert {c.path for c in cells} == {"cuda:decode"}
+    assert all("not on the rpc-server 127.0.0.1:50052" in c.caveat for c in cells)
+    assert "not on the rpc-server" in sec["markdown"]

@@ -80,7 +80,13 @@ def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[l
     alpha = float(r.get("alpha", 0.01))
     by_row = {row["pair"]: row for row in rows}
     interrupted = result.interrupted is not None
-    path = f"{backend}:decode"
+    # where the tool ran: with -ngl 0 every layer and its cache are on the CPU whatever the sweep's backend, and the
+    # tool never reaches --rpc servers (it runs on this machine's devices only)
+    where = backend if getattr(cfg, "ngl", 0) > 0 else "cpu"
+    path = f"{where}:decode"
+    rpc = list(getattr(cfg, "rpc", None) or [])
+    local_note = (f" (decode ran on this machine's {where}, not on the rpc-server{'s' if len(rpc) > 1 else ''} "
+                  f"{', '.join(rpc)}: turbo-decode does not reach remote devices)" if rpc else "")
     cells: list[Cell] = []
     drows: list[dict] = []
     ref = result.decode.get(REF)
@@ -186,7 +192,10 @@ def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[l
                           details={"prefixes": x["prefixes"], "q4_0_top1_pct": q4_top,
                                    "q4_0_decode_agree_pct": q4_dec["agree_pct"] if q4_dec else None,
                                    "reason": r.get("vs_q4_0_reason", "")}))
-    settings = {"prompts": cfg.decode_prompts, "prompt_tokens": cfg.decode_n_prompt, "generated_tokens": cfg.decode_n_gen}
+    for c in cells:
+        c.caveat += local_note
+    settings = {"prompts": cfg.decode_prompts, "prompt_tokens": cfg.decode_n_prompt, "generated_tokens": cfg.decode_n_gen,
+                "ran_on": where + local_note}
     sec = {"rows": drows, "texts": texts, "settings": settings}
     sec["markdown"] = decode_markdown(sec, rules)
     return cells, sec
@@ -200,7 +209,8 @@ def decode_markdown(sec: dict, rules: dict) -> str:
     s = sec["settings"]
     r = rules.get("decode") or {}
     lines = [f"## Decode agreement (greedy, {s['prompts']} corpus prompts x {s['prompt_tokens']} tokens, "
-             f"{s['generated_tokens']} tokens generated one at a time, vs the f16 cache)", "",
+             f"{s['generated_tokens']} tokens generated one at a time, vs the f16 cache; ran on "
+             f"{s.get('ran_on', '?')})", "",
              f"Rule: {r.get('early_position_reason', '')}; {r.get('alpha_reason', '')}", "",
              "| pair | tokens agree % | first divergence per prompt | f16 top-1 margin there (logits) | batched top-1 % | "
              "P(so few agree given batched) | verdict |",

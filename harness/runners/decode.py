@@ -156,7 +156,7 @@ def decode_job(cfg, exe: Path, prompts_file: Path, cache, key: str, k: str, v: s
     ev = cache.ev(key)
     kt, vt, rot = split_pair(k, v)
     cmd = [str(exe), str(cfg.model), str(prompts_file), str(cfg.decode_n_prompt), str(cfg.decode_n_gen), kt, vt,
-           str(cfg.threads)]
+           str(cfg.threads), str(cfg.ngl)]
     res = run_tool(cmd, {**cfg.env(), **(ROT_ENV if rot else {})}, cfg.timeout, ev / "decode", cfg.env_unset())
     rec = JobRecord("decode", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "decode"),
                     seconds=res.seconds, key=key)
