@@ -65,6 +65,10 @@ def build_probe(bdir: Path, fork: Path, force: bool = False) -> Path:
                       "-lggml", "-lggml-base", "-lggml-cpu"])
 
 
+# A one-file compile takes well under a second; a compiler that hangs (a stuck wrapper, a licence server) is stopped.
+COMPILE_TIMEOUT_S = 300.0
+
+
 def compile_c(what: str, fork: Path, libdir: Path, out: Path, args: list[str]) -> Path:
     """Compile a small C source of the harness against a fork build: ``$CC -O2 ARGS -L<libdir> -rpath <libdir> -o out``.
 
@@ -74,14 +78,29 @@ def compile_c(what: str, fork: Path, libdir: Path, out: Path, args: list[str]) -
     Returns:
         ``out``.
     Raises:
-        HarnessError: no C compiler (set CC), or the compile failed (its first error line quoted).
+        HarnessError: no C compiler (set CC), the compiler could not be started or ran past
+            :data:`COMPILE_TIMEOUT_S`, or the compile failed (its first error line quoted).
     """
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise HarnessError(f"no C compiler found for {what}: install gcc or clang, or set CC")
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [cc, "-O2", *args, f"-L{libdir}", f"-Wl,-rpath,{Path(libdir).resolve()}", "-o", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the compiler's own children (cc1, as, ld) hold the pipes too
+            proc.communicate()
+            raise
+        r = subprocess.CompletedProcess(cmd, proc.returncode, "", err)
+    except subprocess.TimeoutExpired:
+        raise HarnessError(f"compiling {what} with {cc} took longer than {COMPILE_TIMEOUT_S:g} s and was stopped: "
+                           f"check the compiler (set CC)") from None
+    except OSError as e:
+        raise HarnessError(f"could not run the C compiler {cc} for {what}: {e.strerror or e}: install gcc or clang, "
+                           f"or set CC") from None
     if r.returncode != 0:
         first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:300])
         raise HarnessError(f"compiling {what} against {fork} failed: {first}")
