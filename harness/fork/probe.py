@@ -127,21 +127,19 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
     lib.tp_alloc_size.restype = I64
 
     # remote devices (harness/fork/rpc.py): each rpc-server named in the environment joins the registry before
-    # the first call, in the same order in every worker, so 'RPC0' names the same device in a fresh worker
-    rpc_down: dict[str, str] = {}
-    for ep in [e for e in os.environ.get("TURBO_PROBE_RPC", "").split(",") if e]:
-        if lib.tp_rpc_add(ep.encode()) < 0:
-            rpc_down[ep] = lib.tp_last_error().decode(errors="replace")
+    # the first call, strictly in endpoint order in every worker, so 'RPC0' names the same device in a fresh worker
+    from harness.fork.rpc import RegistryJoin
+
+    def _add(ep):
+        return None if lib.tp_rpc_add(ep.encode()) >= 0 else lib.tp_last_error().decode(errors="replace")
+    rpc_join = RegistryJoin(os.environ.get("TURBO_PROBE_RPC", "").split(","), _add)
 
     def on_device(dev):
         """The device name for ggml; a remote one while an rpc-server cannot be reached raises (one line). A server
-        that was down when this worker started is tried again (it may have been restarted since)."""
-        if dev.startswith("RPC") and rpc_down:
-            for ep in list(rpc_down):
-                if lib.tp_rpc_add(ep.encode()) >= 0:
-                    del rpc_down[ep]
-            if rpc_down:
-                raise RuntimeError("; ".join(f"{msg}" for msg in rpc_down.values()))
+        that was down when this worker started is tried again (it may have been restarted since), and the ones
+        after it only then (:class:`harness.fork.rpc.RegistryJoin`)."""
+        if dev.startswith("RPC") and not rpc_join.join():
+            raise RuntimeError("; ".join(f"{msg}" for msg in rpc_join.down.values()))
         return dev.encode()
 
     def ptr(a):
@@ -169,7 +167,7 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
                 for i in range(lib.tp_dev_count())]
 
     def rpc_status():
-        return dict(rpc_down)
+        return rpc_join.status()
 
     def alloc_size(dev, tname, ne0, ne1):
         n = lib.tp_alloc_size(on_device(dev), type_id(tname), I64(ne0), I64(ne1))
