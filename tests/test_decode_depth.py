@@ -655,3 +655,19 @@ def test_decode_runs_where_the_sweep_offloads_and_says_where_it_ran(fake, monkey
     assert {c.path for c in cells} == {"cuda:decode"}
     assert all("not on the rpc-server 127.0.0.1:50052" in c.caveat for c in cells)
     assert "not on the rpc-server" in sec["markdown"]
+
+
+def test_decode_vs_q4_0_uses_the_baseline_the_rule_names():
+    """[decode] vs_q4_0 in checks/sweeps.toml named the baseline pair, but the code read 'q4_0/q4_0' itself: the
+    rule's value changed nothing."""
+    res, rows = _result("f16/f16,q4_0/q4_0,q4_0/q4_0+rot,turbo3/turbo3", {
+        "f16/f16": REF, "q4_0/q4_0": REF, "q4_0/q4_0+rot": REF, "turbo3/turbo3": _diverge_at([3, 2, 3])},
+        {"q4_0/q4_0": 10.0, "q4_0/q4_0+rot": 99.0, "turbo3/turbo3": 64.0})
+    rules = load_rules()
+    cells, _ = decode_cells(res, rows, rules, "cpu")
+    c = next(c for c in cells if c.metric == "decode_prefix_vs_q4_0")
+    assert c.verdict == Verdict.PASS and c.details["q4_0_top1_pct"] == 10.0
+    rules["decode"]["vs_q4_0"] = "q4_0/q4_0+rot"
+    cells, _ = decode_cells(res, rows, rules, "cpu")
+    c = next(c for c in cells if c.metric == "decode_prefix_vs_q4_0")
+    assert c.verdict == Verdict.PARTIAL and c.details["q4_0_top1_pct"] == 99.0 and "q4_0/q4_0+rot" in c.caveat

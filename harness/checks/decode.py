@@ -18,8 +18,8 @@ Verdicts per pair (f16/f16 is the reference itself):
   batched top-1 agreement: the signature of a decode-only bug.
 - PARTIAL: most prompts diverge that early but the batched figures predict it (a lossy pair, the loss is not
   decode-only); or decode agrees less than ``alpha`` predicts without the early-divergence pattern; or a turbo
-  pair's agreeing prefixes are shorter than a cache as good as q4_0/q4_0 (its batched top-1) would give with
-  probability ``alpha`` (cell ``decode_prefix_vs_q4_0``).
+  pair's agreeing prefixes are shorter than a cache as good as q4_0/q4_0 (the rule's ``vs_q4_0`` pair; its batched
+  top-1) would give with probability ``alpha`` (cell ``decode_prefix_vs_q4_0``).
 - ERROR when a run gave fewer prompts or tokens than asked (nothing, or less than asked, was compared).
 - PASS otherwise. A decode run that crashed after its context was created is FAIL (the phase named), a clean
   refusal SKIP, a harness problem ERROR.
@@ -172,20 +172,21 @@ def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[l
         drows.append({"pair": lab, "status": vd.value, **d})
     # a turbo pair's decode beside q4_0 (the equal-memory baseline): would a cache as good as q4_0 (its batched top-1
     # agreement) give this few agreeing tokens? (q4_0's own 3-prompt decode is too noisy to compare with directly)
-    q4_row = by_row.get("q4_0/q4_0", {})
+    q4_lab = str(r.get("vs_q4_0", "q4_0/q4_0"))  # the rule names the baseline pair
+    q4_row = by_row.get(q4_lab, {})
     q4_top = q4_row.get("same_top_p_pct")
-    q4_dec = next((x for x in drows if x["pair"] == "q4_0/q4_0" and "agree_pct" in x), None)
+    q4_dec = next((x for x in drows if x["pair"] == q4_lab and "agree_pct" in x), None)
     for x in drows:
         if "turbo" not in x["pair"] or "prefixes" not in x:
             continue
         if q4_top is None:
             cells.append(Cell("SWEEP", x["pair"], path, "decode_prefix_vs_q4_0", None, alpha, Verdict.SKIP, op=">=",
-                              caveat="not compared: no measured q4_0/q4_0 pair in this sweep"))
+                              caveat=f"not compared: no measured {q4_lab} pair in this sweep"))
             continue
         pv = prefix_pvalue(x["prefixes"], x["n_gen"], q4_top / 100.0)
         facts = (f"agreeing prefixes {', '.join(map(str, x['prefixes']))} of {x['n_gen']} tokens; a cache as good as "
-                 f"q4_0/q4_0 (batched top-1 {q4_top:.1f}%) gives this few with probability {pv:.2g}"
-                 + (f" (q4_0/q4_0's own decode: {q4_dec['agree_pct']:.0f}% of tokens agree)" if q4_dec else ""))
+                 f"{q4_lab} (batched top-1 {q4_top:.1f}%) gives this few with probability {pv:.2g}"
+                 + (f" ({q4_lab}'s own decode: {q4_dec['agree_pct']:.0f}% of tokens agree)" if q4_dec else ""))
         vd = Verdict.PASS if pv >= alpha else Verdict.PARTIAL
         cav = facts if vd == Verdict.PASS else f"decode follows the f16 tokens far less than q4_0 would: {facts} (< {alpha:g})"
         cells.append(Cell("SWEEP", x["pair"], path, "decode_prefix_vs_q4_0", pv, alpha, vd, op=">=", caveat=cav,
