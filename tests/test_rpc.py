@@ -809,3 +809,15 @@ def test_remote_devices_join_in_endpoint_order_even_when_one_was_down():
     up["10.0.0.1:1"] = True  # the harness restarted it
     assert j.join() and j.status() == {}
     assert names == {"RPC0": "10.0.0.1:1", "RPC1": "10.0.0.2:2"}
+
+
+def test_rpc_server_that_cannot_be_executed_is_one_line(tmp_path, monkeypatch):
+    """An rpc-server file that is not executable (no stdbuf wrapper in between) escaped as a PermissionError
+    traceback from subprocess.Popen."""
+    from harness.errors import HarnessError
+    from harness.runners import rpc_server as S
+    b = tmp_path / "rpc-server"
+    b.write_text("not a program")
+    monkeypatch.setattr(S.shutil, "which", lambda name: None)
+    with pytest.raises(HarnessError, match="could not start .*rpc-server"):
+        S.RpcServer(b, log_path=tmp_path / "log").start(wait_s=2)
