@@ -431,8 +431,16 @@ def test_real_decode_tool_on_smollm2(tmp_path):
     # q8_0 is near-lossless: greedy decode follows f16 for at least the first tokens of most prompts
     firsts = [compare_tokens(a, b)["prefix"] for a, b in zip(outs["f16"].tokens, outs["q8_0"].tokens)]
     assert sum(firsts) >= 4, firsts
-    r = subprocess.run([str(exe), str(model), str(prompts), "32", "8", "nope", "f16", "2"], capture_output=True, text=True)
+    r = subprocess.run([str(exe), str(model), str(prompts), "32", "8", "nope", "f16", "2"], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 2 and "unknown cache type nope" in r.stderr
+    # the sweep's -ngl is the 8th argument (layers offloaded as llama-perplexity's -ngl); a negative one is bad input
+    r = subprocess.run([str(exe), str(model), str(prompts), "32", "2", "f16", "f16", "2", "99"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and parse_decode_output(r.stdout).complete, r.stderr[-500:]
+    r = subprocess.run([str(exe), str(model), str(prompts), "32", "2", "f16", "f16", "2", "-1"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "N_GPU_LAYERS" in r.stderr
 
 
 def test_gguf_without_attention_metadata_and_missing_package_are_one_line_exit_2(fake, monkeypatch):
@@ -558,3 +566,108 @@ def test_real_sweep_with_decode_and_depth_on_smollm2(tmp_path):
     assert (out / "plots" / "kld_vs_depth.png").is_file() and (out / "evidence" / "q8_0-q8_0" / "decode.stdout").is_file()
     md = (out / "summary.md").read_text()
     assert "## Decode agreement" in md and "## KL divergence vs depth" in md
+
+
+# ----------------------------------------------------------------------------- review: nothing measured is never PASS
+
+def test_decode_with_no_or_too_few_tokens_is_an_error_not_a_pass():
+    """A decode run that printed 0 tokens per prompt compared nothing: it was PASS ('agrees on 0% of 0 tokens',
+    p-value 0.37 against a 28% batched top-1)."""
+    res, rows = _result("f16/f16,turbo2/turbo2", {"f16/f16": [[], [], []], "turbo2/turbo2": [[], [], []]},
+                        {"turbo2/turbo2": 28.0})
+    cells, sec = decode_cells(res, rows, load_rules(), "cpu")
+    c = next(c for c in cells if c.metric == "decode_prefix_vs_batched")
+    assert c.verdict == Verdict.ERROR and "not compared" in c.caveat
+    # fewer tokens than asked on one prompt, or fewer prompts than the reference: ERROR too
+    short = [list(r) for r in REF]
+    short[1] = short[1][:5]
+    for got in (short, REF[:2]):
+        res, rows = _result("f16/f16,q8_0/q8_0", {"f16/f16": REF, "q8_0/q8_0": got}, {"q8_0/q8_0": 30.0})
+        cells, _ = decode_cells(res, rows, load_rules(), "cpu")
+        assert [c.verdict for c in cells if c.metric == "decode_prefix_vs_batched"] == [Verdict.ERROR]
+
+
+def test_decode_job_with_fewer_tokens_than_asked_is_not_kept(fake, monkeypatch):
+    """The runner refuses a run whose prompts have fewer tokens than --decode-tokens (the tool printed 'done')."""
+    import harness.runners.tools as tools
+    from harness.runners import decode as dec
+    from harness.runners.tools import ToolResult
+    cfg = fake.cfg("f16/f16", decode_prompts=2, decode_n_gen=4)
+    out = ('{"prompt": 0, "tokens": [1, 2, 3, 4]}\n{"prompt": 1, "tokens": []}\n'
+           '{"done": true, "n_prompts": 2, "n_gen": 4}\n')
+
+    class Cache:
+        def ev(self, key):
+            return fake.tmp / key
+    monkeypatch.setattr(tools, "run_tool", lambda cmd, *a, **k: ToolResult(list(cmd), 0, out, "", 0.1, False))
+    rec = dec.decode_job(cfg, Path("x"), Path("p"), Cache(), "k1", "f16", "f16")
+    assert not rec.ok and rec.fault == "harness" and "4, 0 tokens per prompt, 4 asked" in rec.error
+
+
+def test_depth_pair_failing_at_a_middle_depth_is_its_own_cell():
+    """Three depths, the pair crashed at the middle one: only the shortest and longest were looked at, so the crash
+    was hidden and the pair PASS."""
+    res = _depth_result({(256, "turbo3/turbo3"): (0.2, 0.01), (1024, "turbo3/turbo3"): (0.2, 0.01)},
+                        depths=(256, 512, 1024))
+    res.depth[(512, "turbo3/turbo3")] = JobRecord("ppl", "turbo3/turbo3", False, "llama-perplexity killed by signal 11",
+                                                  fault="fork")
+    cells, _ = depth_cells(res, load_rules(), "cpu")
+    v = {c.metric: c.verdict for c in cells if c.type == "turbo3/turbo3"}
+    assert v == {"depth512_run": Verdict.FAIL, "kld_growth_with_depth": Verdict.PASS}
+
+
+def test_depth_baseline_that_timed_out_is_an_error_not_a_skip():
+    """The f16 baseline at one depth timed out (the harness could not measure): its pairs are SKIP, so without the
+    baseline's own ERROR cell the depth part had no ERROR at all."""
+    res = _depth_result({(256, "turbo3/turbo3"): (0.2, 0.01)})
+    res.depth_base[1024] = JobRecord("ppl", "f16/f16", False, "llama-perplexity timed out after 900 s", fault="harness")
+    res.depth[(1024, "turbo3/turbo3")] = JobRecord("ppl", "turbo3/turbo3", False, "no f16 baseline: timed out")
+    cells, _ = depth_cells(res, load_rules(), "cpu")
+    v = {(c.type, c.metric): c.verdict for c in cells}
+    assert v[("f16/f16", "depth1024_baseline_run")] == Verdict.ERROR
+    assert v[("turbo3/turbo3", "kld_growth_with_depth")] == Verdict.SKIP
+
+
+def test_decode_runs_where_the_sweep_offloads_and_says_where_it_ran(fake, monkeypatch):
+    """turbo-decode loaded every model with n_gpu_layers 0: a CUDA sweep's decode ran the CPU's decode kernels (the
+    decode-only bug it is meant to catch lives in the GPU's) and its cells said 'cuda:decode'. The sweep's -ngl is
+    now passed to the tool; a cell says the CPU when nothing was offloaded, and with --rpc that decode stayed local."""
+    import harness.runners.tools as tools
+    from harness.runners import decode as dec
+    from harness.runners.tools import ToolResult
+    seen = []
+    monkeypatch.setattr(tools, "run_tool", lambda cmd, *a, **k: seen.append(list(cmd)) or ToolResult(
+        list(cmd), None, "", "", 0.1, True))
+
+    class Cache:
+        def ev(self, key):
+            return fake.tmp / key
+    dec.decode_job(fake.cfg("f16/f16", ngl=99), Path("x"), Path("p"), Cache(), "k1", "f16", "f16")
+    assert seen[-1][-1] == "99"
+    src = dec.SRC.read_text()
+    assert "mp.n_gpu_layers = n_gpu_layers;" in src and "mp.n_gpu_layers = 0;" not in src
+    res, rows = _result("f16/f16,q8_0/q8_0", {"f16/f16": REF, "q8_0/q8_0": REF}, {"q8_0/q8_0": 95.0})
+    res.config.backend, res.config.ngl = "cuda", 0
+    cells, sec = decode_cells(res, rows, load_rules(), "cuda")
+    assert {c.path for c in cells} == {"cpu:decode"}
+    res.config.ngl, res.config.rpc = 99, ["127.0.0.1:50052"]
+    cells, sec = decode_cells(res, rows, load_rules(), "cuda")
+    assert {c.path for c in cells} == {"cuda:decode"}
+    assert all("not on the rpc-server 127.0.0.1:50052" in c.caveat for c in cells)
+    assert "not on the rpc-server" in sec["markdown"]
+
+
+def test_decode_vs_q4_0_uses_the_baseline_the_rule_names():
+    """[decode] vs_q4_0 in checks/sweeps.toml named the baseline pair, but the code read 'q4_0/q4_0' itself: the
+    rule's value changed nothing."""
+    res, rows = _result("f16/f16,q4_0/q4_0,q4_0/q4_0+rot,turbo3/turbo3", {
+        "f16/f16": REF, "q4_0/q4_0": REF, "q4_0/q4_0+rot": REF, "turbo3/turbo3": _diverge_at([3, 2, 3])},
+        {"q4_0/q4_0": 10.0, "q4_0/q4_0+rot": 99.0, "turbo3/turbo3": 64.0})
+    rules = load_rules()
+    cells, _ = decode_cells(res, rows, rules, "cpu")
+    c = next(c for c in cells if c.metric == "decode_prefix_vs_q4_0")
+    assert c.verdict == Verdict.PASS and c.details["q4_0_top1_pct"] == 10.0
+    rules["decode"]["vs_q4_0"] = "q4_0/q4_0+rot"
+    cells, _ = decode_cells(res, rows, rules, "cpu")
+    c = next(c for c in cells if c.metric == "decode_prefix_vs_q4_0")
+    assert c.verdict == Verdict.PARTIAL and c.details["q4_0_top1_pct"] == 99.0 and "q4_0/q4_0+rot" in c.caveat

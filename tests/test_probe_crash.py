@@ -110,3 +110,27 @@ def test_pq6_cells_each_get_their_own_crash_and_fail(tmp_path, make_ctx):
     assert all(c.verdict == Verdict.FAIL for c in crashed)
     assert not any(c.verdict == Verdict.ERROR for c in cells)
     assert any(c.verdict == Verdict.PASS for c in cells)  # the other shapes were measured after the crashes
+
+
+def test_compile_c_stops_a_hanging_compiler_and_reports_an_unstartable_one(tmp_path, monkeypatch):
+    """compile_c (the native probe and turbo-decode) ran the compiler without a time limit: a compiler that hangs
+    hung the sweep. It is stopped after COMPILE_TIMEOUT_S with one line, its children included (a shell wrapper's
+    child holds the output pipe); a compiler that cannot be started is one line too, not a traceback."""
+    import time
+
+    from harness.errors import HarnessError
+    from harness.fork import probe as P
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\nsleep 60\necho done\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setattr(P, "COMPILE_TIMEOUT_S", 1.0)
+    t0 = time.time()
+    with pytest.raises(HarnessError, match="took longer than 1 s"):
+        P.compile_c("the test tool", tmp_path, tmp_path, tmp_path / "out" / "x", ["x.c"])
+    assert time.time() - t0 < 20
+    noexec = tmp_path / "cc2"
+    noexec.write_text("not a program")
+    monkeypatch.setenv("CC", str(noexec))
+    with pytest.raises(HarnessError, match="could not run the C compiler"):
+        P.compile_c("the test tool", tmp_path, tmp_path, tmp_path / "out" / "x", ["x.c"])

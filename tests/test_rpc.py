@@ -785,3 +785,39 @@ def test_a_port_that_accepts_but_never_answers_is_one_line_within_the_rpc_timeou
         for c in held:
             c.close()
         srv.close()
+
+
+def test_remote_devices_join_in_endpoint_order_even_when_one_was_down():
+    """ggml names a remote device from a process-wide counter when its server is added. A fresh probe worker that
+    found the first server down added the second, whose device became 'RPC0'; once the first server was back it
+    became 'RPC1', so every 'rpc0' cell was measured on the other server's device. Servers now join strictly in
+    endpoint order: a down server holds back the ones after it."""
+    from harness.fork.rpc import RegistryJoin
+    names: dict[str, str] = {}
+    up = {"10.0.0.1:1": False, "10.0.0.2:2": True}
+
+    def add(ep):  # ggml_backend_rpc_add_server: one device per server, named from the counter at the time
+        if not up[ep]:
+            return f"could not connect to the rpc-server at {ep}"
+        if ep not in names.values():
+            names[f"RPC{len(names)}"] = ep
+        return None
+    j = RegistryJoin(["10.0.0.1:1", "10.0.0.2:2"], add)
+    assert names == {} and not j.join()
+    assert set(j.status()) == {"10.0.0.1:1", "10.0.0.2:2"} and "could not connect" in j.status()["10.0.0.1:1"]
+    assert "waits for 10.0.0.1:1" in j.status()["10.0.0.2:2"]
+    up["10.0.0.1:1"] = True  # the harness restarted it
+    assert j.join() and j.status() == {}
+    assert names == {"RPC0": "10.0.0.1:1", "RPC1": "10.0.0.2:2"}
+
+
+def test_rpc_server_that_cannot_be_executed_is_one_line(tmp_path, monkeypatch):
+    """An rpc-server file that is not executable (no stdbuf wrapper in between) escaped as a PermissionError
+    traceback from subprocess.Popen."""
+    from harness.errors import HarnessError
+    from harness.runners import rpc_server as S
+    b = tmp_path / "rpc-server"
+    b.write_text("not a program")
+    monkeypatch.setattr(S.shutil, "which", lambda name: None)
+    with pytest.raises(HarnessError, match="could not start .*rpc-server"):
+        S.RpcServer(b, log_path=tmp_path / "log").start(wait_s=2)

@@ -18,8 +18,9 @@ Verdicts per pair (f16/f16 is the reference itself):
   batched top-1 agreement: the signature of a decode-only bug.
 - PARTIAL: most prompts diverge that early but the batched figures predict it (a lossy pair, the loss is not
   decode-only); or decode agrees less than ``alpha`` predicts without the early-divergence pattern; or a turbo
-  pair's agreeing prefixes are shorter than a cache as good as q4_0/q4_0 (its batched top-1) would give with
-  probability ``alpha`` (cell ``decode_prefix_vs_q4_0``).
+  pair's agreeing prefixes are shorter than a cache as good as q4_0/q4_0 (the rule's ``vs_q4_0`` pair; its batched
+  top-1) would give with probability ``alpha`` (cell ``decode_prefix_vs_q4_0``).
+- ERROR when a run gave fewer prompts or tokens than asked (nothing, or less than asked, was compared).
 - PASS otherwise. A decode run that crashed after its context was created is FAIL (the phase named), a clean
   refusal SKIP, a harness problem ERROR.
 """
@@ -79,7 +80,13 @@ def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[l
     alpha = float(r.get("alpha", 0.01))
     by_row = {row["pair"]: row for row in rows}
     interrupted = result.interrupted is not None
-    path = f"{backend}:decode"
+    # where the tool ran: with -ngl 0 every layer and its cache are on the CPU whatever the sweep's backend, and the
+    # tool never reaches --rpc servers (it runs on this machine's devices only)
+    where = backend if getattr(cfg, "ngl", 0) > 0 else "cpu"
+    path = f"{where}:decode"
+    rpc = list(getattr(cfg, "rpc", None) or [])
+    local_note = (f" (decode ran on this machine's {where}, not on the rpc-server{'s' if len(rpc) > 1 else ''} "
+                  f"{', '.join(rpc)}: turbo-decode does not reach remote devices)" if rpc else "")
     cells: list[Cell] = []
     drows: list[dict] = []
     ref = result.decode.get(REF)
@@ -110,7 +117,17 @@ def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[l
             drows.append({"pair": lab, "status": "SKIP", "error": "no f16 reference"})
             continue
         n_gen = cfg.decode_n_gen
-        cmp = [compare_tokens(a, b) for a, b in zip(ref.data["out"]["tokens"], rec.data["out"]["tokens"])]
+        ref_t, got_t = ref.data["out"]["tokens"], rec.data["out"]["tokens"]
+        cmp = [compare_tokens(a, b) for a, b in zip(ref_t, got_t)]
+        short = [len(t) for t in ref_t + got_t if len(t) != n_gen]
+        if not cmp or len(ref_t) != len(got_t) or short:
+            # nothing (or less than asked) was compared: a p-value over missing tokens would read as agreement
+            why = (f"the decode runs gave {len(got_t)} prompts (f16 reference: {len(ref_t)}) with "
+                   f"{', '.join(map(str, short)) or n_gen} tokens where {n_gen} were asked: not compared")
+            cells.append(Cell("SWEEP", lab, path, "decode_prefix_vs_batched", None, alpha, Verdict.ERROR, op=">=",
+                              caveat=why, evidence=ev))
+            drows.append({"pair": lab, "status": "ERROR", "error": why})
+            continue
         agree = sum(c["same"] for c in cmp) / max(sum(c["n"] for c in cmp), 1)
         firsts = [c["first_divergence"] for c in cmp]
         prefixes = [c["prefix"] for c in cmp]
@@ -155,27 +172,31 @@ def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[l
         drows.append({"pair": lab, "status": vd.value, **d})
     # a turbo pair's decode beside q4_0 (the equal-memory baseline): would a cache as good as q4_0 (its batched top-1
     # agreement) give this few agreeing tokens? (q4_0's own 3-prompt decode is too noisy to compare with directly)
-    q4_row = by_row.get("q4_0/q4_0", {})
+    q4_lab = str(r.get("vs_q4_0", "q4_0/q4_0"))  # the rule names the baseline pair
+    q4_row = by_row.get(q4_lab, {})
     q4_top = q4_row.get("same_top_p_pct")
-    q4_dec = next((x for x in drows if x["pair"] == "q4_0/q4_0" and "agree_pct" in x), None)
+    q4_dec = next((x for x in drows if x["pair"] == q4_lab and "agree_pct" in x), None)
     for x in drows:
         if "turbo" not in x["pair"] or "prefixes" not in x:
             continue
         if q4_top is None:
             cells.append(Cell("SWEEP", x["pair"], path, "decode_prefix_vs_q4_0", None, alpha, Verdict.SKIP, op=">=",
-                              caveat="not compared: no measured q4_0/q4_0 pair in this sweep"))
+                              caveat=f"not compared: no measured {q4_lab} pair in this sweep"))
             continue
         pv = prefix_pvalue(x["prefixes"], x["n_gen"], q4_top / 100.0)
         facts = (f"agreeing prefixes {', '.join(map(str, x['prefixes']))} of {x['n_gen']} tokens; a cache as good as "
-                 f"q4_0/q4_0 (batched top-1 {q4_top:.1f}%) gives this few with probability {pv:.2g}"
-                 + (f" (q4_0/q4_0's own decode: {q4_dec['agree_pct']:.0f}% of tokens agree)" if q4_dec else ""))
+                 f"{q4_lab} (batched top-1 {q4_top:.1f}%) gives this few with probability {pv:.2g}"
+                 + (f" ({q4_lab}'s own decode: {q4_dec['agree_pct']:.0f}% of tokens agree)" if q4_dec else ""))
         vd = Verdict.PASS if pv >= alpha else Verdict.PARTIAL
         cav = facts if vd == Verdict.PASS else f"decode follows the f16 tokens far less than q4_0 would: {facts} (< {alpha:g})"
         cells.append(Cell("SWEEP", x["pair"], path, "decode_prefix_vs_q4_0", pv, alpha, vd, op=">=", caveat=cav,
                           details={"prefixes": x["prefixes"], "q4_0_top1_pct": q4_top,
                                    "q4_0_decode_agree_pct": q4_dec["agree_pct"] if q4_dec else None,
                                    "reason": r.get("vs_q4_0_reason", "")}))
-    settings = {"prompts": cfg.decode_prompts, "prompt_tokens": cfg.decode_n_prompt, "generated_tokens": cfg.decode_n_gen}
+    for c in cells:
+        c.caveat += local_note
+    settings = {"prompts": cfg.decode_prompts, "prompt_tokens": cfg.decode_n_prompt, "generated_tokens": cfg.decode_n_gen,
+                "ran_on": where + local_note}
     sec = {"rows": drows, "texts": texts, "settings": settings}
     sec["markdown"] = decode_markdown(sec, rules)
     return cells, sec
@@ -189,7 +210,8 @@ def decode_markdown(sec: dict, rules: dict) -> str:
     s = sec["settings"]
     r = rules.get("decode") or {}
     lines = [f"## Decode agreement (greedy, {s['prompts']} corpus prompts x {s['prompt_tokens']} tokens, "
-             f"{s['generated_tokens']} tokens generated one at a time, vs the f16 cache)", "",
+             f"{s['generated_tokens']} tokens generated one at a time, vs the f16 cache; ran on "
+             f"{s.get('ran_on', '?')})", "",
              f"Rule: {r.get('early_position_reason', '')}; {r.get('alpha_reason', '')}", "",
              "| pair | tokens agree % | first divergence per prompt | f16 top-1 margin there (logits) | batched top-1 % | "
              "P(so few agree given batched) | verdict |",

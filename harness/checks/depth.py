@@ -8,7 +8,8 @@ score different positions of the same text, so this is conservative).
 
 Verdict per pair: PARTIAL ("KLD grows with depth") when the growth exceeds ``paired_se`` standard errors *and*
 ``rel_growth_min`` of the short-context KLD; PASS otherwise; a pair not measured at two depths is SKIP/ERROR/FAIL
-by who is at fault. The f16/f16 pair is the noise floor (0 on a deterministic backend) and is listed, not judged.
+by who is at fault, and so is a pair's run at a depth between them (its own cell) and a depth's f16 baseline run.
+The f16/f16 pair is the noise floor (0 on a deterministic backend) and is listed, not judged.
 For a model with sliding-window attention the report says which layers see the deeper context.
 """
 from __future__ import annotations
@@ -48,8 +49,9 @@ def depth_cells(result, rules: dict, backend: str) -> tuple[list[Cell], dict | N
     growth: list[dict] = []
     for d in depths:
         b = result.depth_base.get(d)
-        if b is not None and not b.ok and b.fault in ("fork", "refused"):
-            cells.append(failed_job_cell(b, "f16/f16", path, f"depth{d}_baseline_run", list(b.evidence), interrupted))
+        if b is None or not b.ok:  # every fault: a baseline that timed out is the harness's ERROR, not its pairs' SKIP
+            cells.append(failed_job_cell(b, "f16/f16", path, f"depth{d}_baseline_run", list(b.evidence) if b else [],
+                                         interrupted))
     from harness.checks.sweeps import kv_type_problem
     from harness.runners.sweep import split_pair
     tol = float(rules["memory"]["tolerance_mib"])
@@ -76,6 +78,13 @@ def depth_cells(result, rules: dict, backend: str) -> tuple[list[Cell], dict | N
         if wrong:
             cells.append(Cell("SWEEP", lab, path, "kld_growth_with_depth", None, None, Verdict.ERROR, caveat=wrong))
             continue
+        for d in depths[1:-1]:  # a depth between the two judged ones that did not complete is its own cell
+            if d not in got:
+                rec = result.depth.get((d, lab))
+                if rec is not None and not rec.ok and rec.error.startswith("no f16 baseline"):
+                    continue  # the baseline's own cell says it
+                cells.append(failed_job_cell(rec, lab, path, f"depth{d}_run", list(rec.evidence) if rec else [],
+                                             interrupted))
         if lo not in got or hi not in got:
             missing = [d for d in (lo, hi) if d not in got]
             rec = result.depth.get((missing[0], lab))

@@ -12,7 +12,9 @@
  * stderr: llama.cpp's own log (the KV-cache size line names the types really used) and a line
  *   "turbo-decode: phase <prefill|decode> prompt <i> [token <j>]" before each step, so a crash names its phase.
  *
- * usage: turbo-decode MODEL.gguf PROMPTS_FILE N_PROMPT N_GEN TYPE_K TYPE_V [N_THREADS]
+ * usage: turbo-decode MODEL.gguf PROMPTS_FILE N_PROMPT N_GEN TYPE_K TYPE_V [N_THREADS [N_GPU_LAYERS]]
+ * N_GPU_LAYERS (default 0) is llama.cpp's -ngl: the layers, and their K/V cache, on the build's GPU backend, so
+ * that a GPU sweep's decode runs the GPU's decode kernels (with 0 every layer runs on the CPU).
  * exit codes: 0 ok; 2 bad input (message on stderr); 3 the model or context could not be created (the
  * configuration was refused); 4 llama_decode failed after the context was created.
  */
@@ -75,16 +77,17 @@ static char * read_file(const char * path, size_t * len) {
 
 int main(int argc, char ** argv) {
     if (argc < 7) {
-        fprintf(stderr, "usage: %s MODEL.gguf PROMPTS_FILE N_PROMPT N_GEN TYPE_K TYPE_V [N_THREADS]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL.gguf PROMPTS_FILE N_PROMPT N_GEN TYPE_K TYPE_V [N_THREADS [N_GPU_LAYERS]]\n", argv[0]);
         return 2;
     }
     const char * model_path = argv[1];
     const int n_prompt = atoi(argv[3]);
     const int n_gen = atoi(argv[4]);
     const int n_threads = argc > 7 ? atoi(argv[7]) : 2;
+    const int n_gpu_layers = argc > 8 ? atoi(argv[8]) : 0;
     enum ggml_type tk, tv;
-    if (n_prompt < 1 || n_gen < 1 || n_threads < 1) {
-        fprintf(stderr, "turbo-decode: N_PROMPT, N_GEN and N_THREADS must be positive\n");
+    if (n_prompt < 1 || n_gen < 1 || n_threads < 1 || n_gpu_layers < 0) {
+        fprintf(stderr, "turbo-decode: N_PROMPT, N_GEN and N_THREADS must be positive, N_GPU_LAYERS >= 0\n");
         return 2;
     }
     if (!type_by_name(argv[5], &tk) || !type_by_name(argv[6], &tv)) {
@@ -101,7 +104,7 @@ int main(int argc, char ** argv) {
     llama_log_set(log_to_stderr, NULL);
     llama_backend_init();
     struct llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = 0;
+    mp.n_gpu_layers = n_gpu_layers;
     struct llama_model * model = llama_model_load_from_file(model_path, mp);
     if (!model) {
         fprintf(stderr, "turbo-decode: could not load model %s\n", model_path);

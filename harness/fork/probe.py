@@ -65,6 +65,10 @@ def build_probe(bdir: Path, fork: Path, force: bool = False) -> Path:
                       "-lggml", "-lggml-base", "-lggml-cpu"])
 
 
+# A one-file compile takes well under a second; a compiler that hangs (a stuck wrapper, a licence server) is stopped.
+COMPILE_TIMEOUT_S = 300.0
+
+
 def compile_c(what: str, fork: Path, libdir: Path, out: Path, args: list[str]) -> Path:
     """Compile a small C source of the harness against a fork build: ``$CC -O2 ARGS -L<libdir> -rpath <libdir> -o out``.
 
@@ -74,14 +78,29 @@ def compile_c(what: str, fork: Path, libdir: Path, out: Path, args: list[str]) -
     Returns:
         ``out``.
     Raises:
-        HarnessError: no C compiler (set CC), or the compile failed (its first error line quoted).
+        HarnessError: no C compiler (set CC), the compiler could not be started or ran past
+            :data:`COMPILE_TIMEOUT_S`, or the compile failed (its first error line quoted).
     """
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise HarnessError(f"no C compiler found for {what}: install gcc or clang, or set CC")
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [cc, "-O2", *args, f"-L{libdir}", f"-Wl,-rpath,{Path(libdir).resolve()}", "-o", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the compiler's own children (cc1, as, ld) hold the pipes too
+            proc.communicate()
+            raise
+        r = subprocess.CompletedProcess(cmd, proc.returncode, "", err)
+    except subprocess.TimeoutExpired:
+        raise HarnessError(f"compiling {what} with {cc} took longer than {COMPILE_TIMEOUT_S:g} s and was stopped: "
+                           f"check the compiler (set CC)") from None
+    except OSError as e:
+        raise HarnessError(f"could not run the C compiler {cc} for {what}: {e.strerror or e}: install gcc or clang, "
+                           f"or set CC") from None
     if r.returncode != 0:
         first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:300])
         raise HarnessError(f"compiling {what} against {fork} failed: {first}")
@@ -108,21 +127,19 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
     lib.tp_alloc_size.restype = I64
 
     # remote devices (harness/fork/rpc.py): each rpc-server named in the environment joins the registry before
-    # the first call, in the same order in every worker, so 'RPC0' names the same device in a fresh worker
-    rpc_down: dict[str, str] = {}
-    for ep in [e for e in os.environ.get("TURBO_PROBE_RPC", "").split(",") if e]:
-        if lib.tp_rpc_add(ep.encode()) < 0:
-            rpc_down[ep] = lib.tp_last_error().decode(errors="replace")
+    # the first call, strictly in endpoint order in every worker, so 'RPC0' names the same device in a fresh worker
+    from harness.fork.rpc import RegistryJoin
+
+    def _add(ep):
+        return None if lib.tp_rpc_add(ep.encode()) >= 0 else lib.tp_last_error().decode(errors="replace")
+    rpc_join = RegistryJoin(os.environ.get("TURBO_PROBE_RPC", "").split(","), _add)
 
     def on_device(dev):
         """The device name for ggml; a remote one while an rpc-server cannot be reached raises (one line). A server
-        that was down when this worker started is tried again (it may have been restarted since)."""
-        if dev.startswith("RPC") and rpc_down:
-            for ep in list(rpc_down):
-                if lib.tp_rpc_add(ep.encode()) >= 0:
-                    del rpc_down[ep]
-            if rpc_down:
-                raise RuntimeError("; ".join(f"{msg}" for msg in rpc_down.values()))
+        that was down when this worker started is tried again (it may have been restarted since), and the ones
+        after it only then (:class:`harness.fork.rpc.RegistryJoin`)."""
+        if dev.startswith("RPC") and not rpc_join.join():
+            raise RuntimeError("; ".join(f"{msg}" for msg in rpc_join.down.values()))
         return dev.encode()
 
     def ptr(a):
@@ -150,7 +167,7 @@ def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker proc
                 for i in range(lib.tp_dev_count())]
 
     def rpc_status():
-        return dict(rpc_down)
+        return rpc_join.status()
 
     def alloc_size(dev, tname, ne0, ne1):
         n = lib.tp_alloc_size(on_device(dev), type_id(tname), I64(ne0), I64(ne1))

@@ -104,3 +104,48 @@ def collapse_events(events: list[str]) -> list[str]:
             out.append([line, 0])
     return [line if n == 0 else f"{line} (and {n} more remote call{'s' if n > 1 else ''} failed the same way)"
             for line, n in out]
+
+
+class RegistryJoin:
+    """Adds the ``--rpc`` servers to a ggml registry strictly in endpoint order (used by the probe worker).
+
+    ggml names a remote device from a process-wide counter at the moment its server is added ('RPC0' is the
+    first device added, whichever server it is on; ggml-rpc.cpp ggml_backend_rpc_add_server), and the harness
+    maps 'rpc0' to the first endpoint. A fresh worker that skipped a server that was down and added the next
+    one would give that next server's device the name 'RPC0', and once the first server was back (the harness
+    restarts the servers it started) every 'rpc0' cell would be measured on the other machine's device. So no
+    server is added before every server ahead of it is: a down server blocks the ones after it until it is back.
+
+    Args:
+        endpoints: the ``--rpc`` endpoints in order. add: ``add(endpoint) -> str | None`` adds one server's devices
+            to the registry and returns None, or the reason it could not.
+    """
+
+    def __init__(self, endpoints: list[str], add):
+        self.pending = [e for e in endpoints if e]
+        self.add = add
+        self.down: dict[str, str] = {}
+        self.join()
+
+    def join(self) -> bool:
+        """Add the pending servers in order, stopping at the first that cannot be added; True when all are in."""
+        while self.pending:
+            ep = self.pending[0]
+            err = self.add(ep)
+            if err is not None:
+                self.down = {ep: err}
+                return False
+            self.pending.pop(0)
+        self.down = {}
+        return True
+
+    def status(self) -> dict[str, str]:
+        """{endpoint: why} of the server blocking the rest ({} when every server is in the registry); the servers
+        behind it are listed as waiting for it."""
+        if not self.pending:
+            return {}
+        first = self.pending[0]
+        out = {first: self.down.get(first, "not added yet")}
+        for ep in self.pending[1:]:
+            out[ep] = f"not added: it waits for {first} (devices are numbered in endpoint order)"
+        return out

@@ -156,7 +156,7 @@ def decode_job(cfg, exe: Path, prompts_file: Path, cache, key: str, k: str, v: s
     ev = cache.ev(key)
     kt, vt, rot = split_pair(k, v)
     cmd = [str(exe), str(cfg.model), str(prompts_file), str(cfg.decode_n_prompt), str(cfg.decode_n_gen), kt, vt,
-           str(cfg.threads)]
+           str(cfg.threads), str(cfg.ngl)]
     res = run_tool(cmd, {**cfg.env(), **(ROT_ENV if rot else {})}, cfg.timeout, ev / "decode", cfg.env_unset())
     rec = JobRecord("decode", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "decode"),
                     seconds=res.seconds, key=key)
@@ -178,6 +178,10 @@ def decode_job(cfg, exe: Path, prompts_file: Path, cache, key: str, k: str, v: s
     if not out.complete or len(out.tokens) != cfg.decode_prompts:
         rec.ok, rec.fault = False, "harness"
         rec.error = f"the decode tool printed {len(out.tokens)} of {cfg.decode_prompts} prompts; see {ev / 'decode.stdout'}"
+    elif any(len(t) != cfg.decode_n_gen for t in out.tokens):
+        rec.ok, rec.fault = False, "harness"
+        rec.error = (f"the decode tool printed {', '.join(str(len(t)) for t in out.tokens)} tokens per prompt, "
+                     f"{cfg.decode_n_gen} asked; see {ev / 'decode.stdout'}")
     elif not kvs:
         rec.ok, rec.fault = False, "harness"
         rec.error = f"no 'llama_kv_cache: size' line in the decode log; see {ev / 'decode.stderr'}"

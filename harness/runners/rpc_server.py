@@ -90,8 +90,8 @@ class RpcServer:
         """Start the server and wait until its port accepts connections.
 
         Raises:
-            HarnessError: the binary is missing, the server exited at start (its last line quoted), or the
-                port did not open within ``wait_s`` seconds (the server is stopped again).
+            HarnessError: the binary is missing or cannot be run, the server exited at start (its last line
+                quoted), or the port did not open within ``wait_s`` seconds (the server is stopped again).
         """
         if not self.binary.is_file():
             raise HarnessError(f"{self.binary} not found: build the fork with RPC (`turbo-harness build --rpc`, "
@@ -102,8 +102,12 @@ class RpcServer:
             log.flush()
             env = dict(os.environ if self.env is None else self.env)
             env.setdefault("GGML_NO_BACKTRACE", "1")  # no gdb backtrace on an abort: slow, and it buries the message
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+            try:
+                self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                             start_new_session=True)
+            except OSError as e:  # not executable, wrong architecture: one line, not a traceback
+                raise HarnessError(f"could not start {self.binary}: {e.strerror or e}: rebuild the fork with RPC "
+                                   f"(`turbo-harness build --rpc`)") from None
         self.starts += 1
         t0 = time.time()
         while time.time() - t0 < wait_s:
