@@ -17,7 +17,7 @@ from harness.runners import sweep as S
 from harness.targets.numpy_target import NumpyTarget
 from harness.verify import run_checks
 from tests.test_sweep_parsers import TRAITS
-from tests.test_sweep_runner import BENCH, FIX, PPL, _script
+from tests.test_sweep_runner import _script, fake_tools
 
 
 def invoke(args, env=None):
@@ -50,12 +50,7 @@ def _gguf(path: Path, n_ctx_train: int = 8192) -> None:
 @pytest.fixture
 def sw(tmp_path, monkeypatch):
     """`sweep` through the CLI with fake llama-perplexity/llama-bench; returns (invoke, number of tool calls)."""
-    bdir = tmp_path / "build"
-    (bdir / "bin").mkdir(parents=True)
-    calls = tmp_path / "calls.log"
-    calls.write_text("")
-    _script(bdir / "bin" / "llama-perplexity", PPL.format(calls=calls, fix=FIX))
-    _script(bdir / "bin" / "llama-bench", BENCH.format(calls=calls, fix=FIX))
+    bdir, calls = fake_tools(tmp_path)
     model = tmp_path / "model.gguf"
     _gguf(model)
     corpus = tmp_path / "corpus.txt"

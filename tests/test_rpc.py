@@ -439,15 +439,10 @@ def test_unreachable_server_is_one_line_exit_2(tmp_path):
 def test_sweep_passes_rpc_to_both_tools_and_keys_its_cache_apart(tmp_path):
     """`sweep --rpc`: llama-perplexity and llama-bench get the fork's own `--rpc HOST:PORT,...`, the report's settings
     name the servers, and a sweep without --rpc neither gets the option nor reuses the remote results."""
-    from tests.test_sweep_runner import BENCH, FIX, PPL, TRAITS, _script, _write_tiny_gguf
+    from tests.test_sweep_runner import TRAITS, _write_tiny_gguf, fake_tools
 
     from harness.runners.sweep import SweepConfig, parse_pairs, run_sweep
-    bdir = tmp_path / "build"
-    (bdir / "bin").mkdir(parents=True)
-    calls = tmp_path / "calls.log"
-    calls.write_text("")
-    _script(bdir / "bin" / "llama-perplexity", PPL.format(calls=calls, fix=FIX))
-    _script(bdir / "bin" / "llama-bench", BENCH.format(calls=calls, fix=FIX))
+    bdir, calls = fake_tools(tmp_path)
     model, corpus = tmp_path / "m.gguf", tmp_path / "c.txt"
     _write_tiny_gguf(model)
     corpus.write_text("The quick brown fox jumps over the lazy dog.\n" * 50)

@@ -45,14 +45,21 @@ def _script(path: Path, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 
-@pytest.fixture
-def fake(tmp_path):
+def fake_tools(tmp_path: Path) -> tuple[Path, Path]:
+    """A build folder ``tmp_path/build`` whose llama-perplexity and llama-bench are the fake scripts PPL and BENCH,
+    each appending its command line to ``tmp_path/calls.log``; returns (build folder, calls log)."""
     bdir = tmp_path / "build"
     (bdir / "bin").mkdir(parents=True)
     calls = tmp_path / "calls.log"
     calls.write_text("")
     _script(bdir / "bin" / "llama-perplexity", PPL.format(calls=calls, fix=FIX))
     _script(bdir / "bin" / "llama-bench", BENCH.format(calls=calls, fix=FIX))
+    return bdir, calls
+
+
+@pytest.fixture
+def fake(tmp_path):
+    bdir, calls = fake_tools(tmp_path)
     model = tmp_path / "model.gguf"
     _write_tiny_gguf(model)
     corpus = tmp_path / "corpus.txt"

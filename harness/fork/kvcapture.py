@@ -68,18 +68,8 @@ def build_kvcapture(bdir: Path, fork: Path, force: bool = False) -> Path:
     Raises:
         HarnessError: libllama not built, no compiler, or the compile failed (first error quoted).
     """
-    libdir = Path(bdir) / "bin"
-    libs = sorted(libdir.glob("libllama.*"))
-    if not libs:
-        raise HarnessError(f"no libllama in {libdir}: build the fork's llama target (`make build`)")
-    out = Path(bdir) / "turbo-probe" / EXE
-    newest = max(p.stat().st_mtime for p in [SRC, *libs])
-    if out.is_file() and not force and out.stat().st_mtime >= newest:
-        return out
-    from harness.fork.probe import compile_c
-    return compile_c("the K/V capture tool", fork, libdir, out,
-                     [str(SRC), f"-I{Path(fork) / 'include'}", f"-I{Path(fork) / 'ggml' / 'include'}",
-                      "-lllama", "-lggml", "-lggml-base"])
+    from harness.fork.probe import build_llama_tool
+    return build_llama_tool("the K/V capture tool", SRC, EXE, bdir, fork, force)
 
 
 @dataclass

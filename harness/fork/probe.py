@@ -107,6 +107,32 @@ def compile_c(what: str, fork: Path, libdir: Path, out: Path, args: list[str]) -
     return out
 
 
+def build_llama_tool(what: str, src: Path, exe: str, bdir: Path, fork: Path, force: bool = False) -> Path:
+    """Compile a small C tool of the harness that runs models through the fork's llama API (the K/V capture tool,
+    the greedy-decode tool) into ``<bdir>/turbo-probe/<exe>``, unless the executable is newer than ``src`` and the
+    build's libllama.
+
+    Args:
+        what: named in errors ('the greedy-decode tool'). src: the C source. exe: the executable's file name.
+        bdir: a fork build folder holding ``bin/libllama.so`` (or .dylib). fork: the checkout (``include/llama.h``,
+            ``ggml/include``). force: compile even when the executable is up to date.
+    Returns:
+        Path of the executable.
+    Raises:
+        HarnessError: libllama not built, or as :func:`compile_c`.
+    """
+    libdir = Path(bdir) / "bin"
+    libs = sorted(libdir.glob("libllama.*"))
+    if not libs:
+        raise HarnessError(f"no libllama in {libdir}: build the fork's llama target (`make build`)")
+    out = Path(bdir) / "turbo-probe" / exe
+    newest = max(p.stat().st_mtime for p in [Path(src), *libs])
+    if out.is_file() and not force and out.stat().st_mtime >= newest:
+        return out
+    return compile_c(what, fork, libdir, out, [str(src), f"-I{Path(fork) / 'include'}",
+                                               f"-I{Path(fork) / 'ggml' / 'include'}", "-lllama", "-lggml", "-lggml-base"])
+
+
 # ----------------------------------------------------------------------------- worker side
 
 def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker process

@@ -77,15 +77,36 @@ def check_corpus(path: Path, ctx: int | None = None, chunks: int | None = None, 
 _SHA_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "turbo-harness" / "sha256.json"
 
 
+def _file_key(path: Path) -> str:
+    """The memo key of a file: 'resolved path|size|mtime_ns' (a file that changes gets a new key)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _memo_load(memo_file: Path) -> dict:
+    """A JSON memo file's contents ({} when absent or unreadable)."""
+    try:
+        memo = json.loads(Path(memo_file).read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _memo_save(memo_file: Path, memo: dict) -> None:
+    """Write a JSON memo file; a memo that cannot be written is skipped (it only saves time)."""
+    try:
+        Path(memo_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(memo_file).write_text(json.dumps(memo))
+    except OSError:
+        pass
+
+
 def sha256_file(path: Path) -> str:
     """SHA-256 (hex) of a file, memoised by (path, size, mtime) in ~/.cache/turbo-harness/sha256.json."""
     path = Path(path).resolve()
-    st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    try:
-        memo = json.loads(_SHA_CACHE.read_text())
-    except (OSError, ValueError):
-        memo = {}
+    key = _file_key(path)
+    memo = _memo_load(_SHA_CACHE)
     if key in memo:
         return memo[key]
     h = hashlib.sha256()
@@ -93,11 +114,7 @@ def sha256_file(path: Path) -> str:
         for blk in iter(lambda: f.read(1 << 20), b""):
             h.update(blk)
     memo[key] = h.hexdigest()
-    try:
-        _SHA_CACHE.parent.mkdir(parents=True, exist_ok=True)
-        _SHA_CACHE.write_text(json.dumps(memo))
-    except OSError:
-        pass
+    _memo_save(_SHA_CACHE, memo)
     return memo[key]
 
 
@@ -148,12 +165,8 @@ def read_model_info(path: Path) -> ModelInfo:
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"model {path} does not exist: pass --model FILE.gguf")
-    st = path.resolve().stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    try:
-        memo = json.loads(_INFO_CACHE.read_text())
-    except (OSError, ValueError):
-        memo = {}
+    key = _file_key(path)
+    memo = _memo_load(_INFO_CACHE)
     if isinstance(memo.get(key), dict):
         try:
             return ModelInfo(**{**memo[key], "path": str(path)})
@@ -162,11 +175,7 @@ def read_model_info(path: Path) -> ModelInfo:
     info = _read_model_info(path)
     memo = {k: v for k, v in list(memo.items())[-63:] if Path(k.split("|")[0]).exists()}  # the recent, existing ones
     memo[key] = info.to_dict()
-    try:
-        _INFO_CACHE.parent.mkdir(parents=True, exist_ok=True)
-        _INFO_CACHE.write_text(json.dumps(memo))
-    except OSError:
-        pass
+    _memo_save(_INFO_CACHE, memo)
     return info
 
 
