@@ -154,6 +154,8 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
     if known_file:
         from harness.known import load_known
         known = load_known(known_file)
+    if build_backend is None and target_backend and numpy_target is None and fb.build_dir(target_backend).joinpath("bin").is_dir():
+        build_backend = target_backend  # --target vulkan measures the vulkan build when there is one
     run_dir, previous = pipeline.prepare_run_dir(Path(out) if out else REPORTS / new_run_id(), "checks")
     if numpy_target is not None:
         target, meta = _numpy_target(numpy_target)

@@ -73,12 +73,35 @@ def pick_target_backend(target: Target, requested: str | None) -> str:
     if requested:
         if requested not in names:
             from harness.usage import backend_name, unavailable_backend
+            why = getattr(target, "missing_device", lambda b: None)(requested)
+            if why:
+                raise HarnessError(f"--target {requested}: {why}")
             raise unavailable_backend(backend_name(requested, "--target"), names, "--target")
         return requested
     # a remote device (rpc0, ...) is the production target only when asked (--target rpc0): ggml RPC calls every
     # remote device a GPU, whatever backend the server runs
     gpus = [b.name for b in target.backends() if b.is_gpu and not b.name.startswith("rpc")]
     return gpus[0] if gpus else ("cpu" if "cpu" in names else names[0])
+
+
+def mark_examination(cr: CheckResult, backends_run) -> None:
+    """Say on every cell of a backend not plainly executed how it was examined (spec "Every backend, and how it was
+    examined"): ``details['examined']`` and the caveat carry the backend's mode note (e.g. 'Vulkan on a software
+    device (lavapipe): shader logic, not GPU arithmetic'), and the check gets one note per such backend."""
+    import re
+    notes = {b.name: b.mode_note for b in backends_run if b.mode_note}
+    seen = []
+    for c in cr.cells:
+        on = [n for n in dict.fromkeys(re.findall(r"([A-Za-z0-9_]+):", c.path)) if n in notes]
+        for n in on:
+            c.details.setdefault("examined", {})[n] = notes[n]
+            if notes[n] not in c.caveat:
+                c.caveat = "; ".join(x for x in (c.caveat, f"{n}: {notes[n]}") if x)
+            seen.append(n)
+    for n in dict.fromkeys(seen):
+        line = f"{n}: {notes[n]}"
+        if line not in cr.notes:
+            cr.notes.append(line)
 
 
 def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: Path, target_backend: str | None = None,
@@ -127,6 +150,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             "host": platform.node(), "platform": platform.platform(),
             "target_backend": tb,
             "backends_run": [b.name for b in ctx.backends()],
+            "backends_examined": {b.name: b.mode_note or b.mode for b in ctx.backends()},
             "backends_not_available": [b for b in KNOWN_BACKENDS if b not in present],
             "types": sorted(set(run.meta.get("types", [])) | set(types)),  # an added check keeps the earlier types
             "gpu": gpu_info(), "target": target.describe(), "quantize_routes": routes or "all",
@@ -156,6 +180,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             except Exception as e:  # a harness bug: this check is an ERROR, the remaining checks still run
                 cr.error = f"harness error {type(e).__name__}: {e}"
             cr.duration_s = time.time() - t0
+            mark_examination(cr, ctx.backends())
             earlier = next((c for c in run.checks if c.id == cid), None)
             if earlier is not None and not cr.error:  # keep what this run did not redo (other types or backends)
                 kept = merge_previous(earlier, cr, list(types), [b.name for b in ctx.backends()], KNOWN_BACKENDS)

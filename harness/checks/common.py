@@ -228,6 +228,32 @@ def decode_route(ctx: Context, backend: str, type_name: str = "turbo3") -> str:
     return ctx.cached(("decode_route", backend, type_name), pick)
 
 
+def byte_reader(ctx: Context, backend: str, type_name: str) -> tuple[str, str]:
+    """(backend, decode route) that reads the bytes a backend writes for a type.
+
+    The backend's own first working decode route (:func:`decode_route`); for a writer-only backend (one that
+    quantises a type it cannot decode, as Vulkan writes turbo2/turbo4 but reads only turbo3 on fork 69d8e4be4),
+    the first exact decode route of another backend: the bytes are the common block format, so any reader decodes
+    them, and the writer is still judged (spec "Every backend, and how it was examined").
+
+    Raises:
+        Unsupported: no backend of the target decodes the type exactly (the backend's own reason).
+    """
+    try:
+        return backend, decode_route(ctx, backend, type_name)
+    except Unsupported as own:
+        for b in ctx.target.backends():
+            if b.name == backend:
+                continue
+            try:
+                r = decode_route(ctx, b.name, type_name)
+            except Unsupported:
+                continue
+            if r not in LOSSY_DECODE:
+                return b.name, r
+        raise own
+
+
 # ----------------------------------------------------------------------------- observations
 
 def op_matrices(ctx: Context, backend: str) -> dict:
@@ -287,14 +313,14 @@ def quantizer_rotation(ctx: Context, backend: str, route: str, type_name: str) -
     """Sign pattern of the quantiser's rotation, from quantising the 128 basis vectors.
 
     Quantising e_j stores the rotated image R e_j = column j of R, whose entries are ±1/sqrt(128);
-    the sign of each decoded coordinate gives sign(R_ij). Returns factor_signed_wht's dict of the
+    the sign of each decoded coordinate gives sign(R_ij) (decoded by :func:`byte_reader`). Returns factor_signed_wht's dict of the
     sign matrix, plus 'R' = the signed WHT it implies (or None when it is not one).
     """
     def measure():
         eye = np.eye(128, dtype=np.float32)
         raw = ctx.target.quantize(backend, route, type_name, eye)
-        route_d = decode_route(ctx, backend, type_name)
-        dec = ctx.target.decode(backend, route_d, type_name, raw, 128, 128).astype(np.float64)
+        rb, route_d = byte_reader(ctx, backend, type_name)
+        dec = ctx.target.decode(rb, route_d, type_name, raw, 128, 128).astype(np.float64)
         S = np.sign(dec).T / np.sqrt(128)  # column j from row j
         fac = factor_signed_wht(S)
         fac["R"] = signed_wht_matrix(fac["s1"], fac["s2"]) if fac["is_signed_wht"] else None
@@ -323,7 +349,8 @@ def decision_thresholds(ctx: Context, backend: str, route: str, type_name: str, 
 
     Inputs are built in the rotated domain with the quantiser's own rotation (quantizer_rotation;
     the op's matrix when the quantiser is not a signed WHT), so the swept coordinate's value is known.
-    Two grids of 256 points locate each transition to ~1e-8. Returns {'thresholds': float64 (k-1,)
+    Two grids of 256 points locate each transition to ~1e-8. The indices are read by :func:`byte_reader` (another
+    backend's decoder for a writer-only backend). Returns {'thresholds': float64 (k-1,)
     (NaN where no transition was found within the window), 'midpoints': (k-1,), 'table': (k,),
     'resolution': float64 (k-1,), the width of the last bracket (the true transition lies within
     ±resolution/2 of the value returned; ~6e-8 for a ±2e-3 window; NaN where not found)}.
@@ -332,14 +359,15 @@ def decision_thresholds(ctx: Context, backend: str, route: str, type_name: str, 
         table = np.sort(precise_table(ctx, type_name, backend))
         qr = quantizer_rotation(ctx, backend, route, type_name)
         R = qr["R"] if qr["R"] is not None else op_matrices(ctx, backend)["R"]
-        own_table = np.sort(centroid_table(ctx, backend, decode_route(ctx, backend, type_name), type_name))
+        rb, rr = byte_reader(ctx, backend, type_name)  # another backend's reader when this one only writes the type
+        own_table = np.sort(centroid_table(ctx, rb, rr, type_name))
         mids = 0.5 * (table[1:] + table[:-1])
         gaps = np.diff(table)
 
         def index_of(ts):
             x = _probe_rows(R, ts, coord, table, ref_coord)
             raw = ctx.target.quantize(backend, route, type_name, x)
-            dec = ctx.target.decode(backend, decode_route(ctx, backend, type_name), type_name, raw, len(ts), 128)
+            dec = ctx.target.decode(rb, rr, type_name, raw, len(ts), 128)
             dec = dec.astype(np.float64)
             ratio = dec[:, coord] / np.where(dec[:, ref_coord] != 0, dec[:, ref_coord], 1.0)
             return np.argmin(np.abs(ratio[:, None] - (own_table / own_table[-1])[None, :]), axis=1)

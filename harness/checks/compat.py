@@ -14,14 +14,15 @@ import itertools
 
 import numpy as np
 
+from harness.checks.compat_tables import backend_ops_cells, coverage, coverage_table  # noqa: F401 (coverage: re-exported)
 from harness.checks.contract import Check, Outcome
-from harness.checks.common import (Context, decision_thresholds, guarded, op_matrices, precise_table, quant_paths,
-                                   quantizer_rotation)
+from harness.checks.common import (Context, byte_reader, decision_thresholds, guarded, op_matrices, precise_table,
+                                   quant_paths, quantizer_rotation)
 from harness.checks.pq6_attention import kernel_precision
 from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.reference import turbo as T
 from harness.reference.attention import attention, relative_error
-from harness.report.model import Cell, Table, Verdict
+from harness.report.model import Cell, Verdict
 
 ID, TITLE = "COMPAT", "Cross-backend compatibility (writer x reader matrix)"
 
@@ -40,12 +41,30 @@ def _thresholds(ctx: Context, backend: str, route: str, t: str) -> dict | None:
         return None
 
 
+def _reference_path(ctx: Context, t: str) -> tuple[str, str]:
+    """The writer whose rotation op and measured thresholds define the reference quantiser: the target backend's
+    set_rows, else the first other quantise path whose thresholds can be measured (a target that cannot write the
+    type still gets the other writers judged)."""
+    def pick():
+        paths = [(ctx.target_backend, "set_rows")] + [p for p in quant_paths(ctx) if p != (ctx.target_backend, "set_rows")]
+        errs = []
+        for b, r in paths:
+            try:
+                decision_thresholds(ctx, b, r, t)
+                op_matrices(ctx, b)
+                return b, r
+            except (Unsupported, HarnessError) as e:
+                errs.append(f"{b}:{r}: {e}")
+        raise Unsupported(f"no writer's thresholds for {t} can be measured ({'; '.join(errs)})")
+    return ctx.cached(("compat_ref", t), pick)
+
+
 def _reference_bytes(ctx: Context, t: str, x: np.ndarray):
     """The reference quantiser's (indices, stored norms, rotated unit coordinates y float64 (n, 128), thresholds
-    used (k-1,)), with the target backend's rotation op and measured thresholds."""
-    tb = ctx.target_backend
-    R = op_matrices(ctx, tb)["R"]
-    thr = decision_thresholds(ctx, tb, "set_rows", t)
+    used (k-1,)), with the rotation op and measured thresholds of :func:`_reference_path` (the target backend's)."""
+    rb, rr = _reference_path(ctx, t)
+    R = op_matrices(ctx, rb)["R"]
+    thr = decision_thresholds(ctx, rb, rr, t)
     th = np.where(np.isnan(thr["thresholds"]), thr["midpoints"], thr["thresholds"])
     idx, stored, y = T.quantize(x, R, thr["table"], th)
     return idx, stored, y, th
@@ -140,7 +159,8 @@ def _writer_matrix(ctx: Context, t: str, writers: dict) -> list[Cell]:
     x = _rows(ctx)
     ref_idx, ref_norm, y, ref_th = _reference_bytes(ctx, t, x)
     ref_bytes = T.pack(t, ref_idx, ref_norm).reshape(-1)
-    ref_thr = _thresholds(ctx, ctx.target_backend, "set_rows", t)
+    ref_path = _reference_path(ctx, t)
+    ref_thr = _thresholds(ctx, *ref_path, t)
     cells, dev, thr = [], {}, {}
     for backend, route in quant_paths(ctx):
         def w(backend=backend, route=route):
@@ -150,7 +170,12 @@ def _writer_matrix(ctx: Context, t: str, writers: dict) -> list[Cell]:
             d = _diff(ctx, t, writers[p], ref_bytes, y, thr[p], ref_thr, ref_th)
             dev[p] = d
             ev = ctx.evidence(ID, f"{t}_{backend}_{route}_writer", bytes=writers[p], reference=ref_bytes)
-            vd, cav = _verdict(ctx, d, p, f"the reference ({ctx.target_backend}:set_rows thresholds)")
+            vd, cav = _verdict(ctx, d, p, f"the reference ({':'.join(ref_path)} thresholds)")
+            reader = byte_reader(ctx, backend, t)
+            if reader[0] != backend:  # a writer-only backend: judged through another reader of the same bytes
+                d["reader"] = ":".join(reader)
+                cav = "; ".join(x for x in (cav, f"{backend} writes {t} but cannot read it: its bytes were read by "
+                                                 f"{':'.join(reader)}") if x)
             return [ctx.cell(ID, t, backend, route, "writer_real_index_diff_per_element_vs_reference",
                              d["real_per_element"], ctx.th("COMPAT", "real_index_rate"), vd, caveat=cav, details=d,
                              evidence=ev)]
@@ -243,62 +268,6 @@ def _wht_agreement(ctx: Context) -> list[Cell]:
     return cells
 
 
-def coverage(ctx: Context) -> list[dict]:
-    """Coverage table rows: type x role x partner x head_dim x backend -> status.
-
-    A combination that runs with finite output is 'judged by PQ6' when PQ6's case list has it (its
-    accuracy is measured there), else 'runs, not judged' (a smoke run: nothing says its output is right).
-    """
-    from harness.checks.pq6_attention import cases as pq6_cases
-    judged = {(c["tk"], c["tv"], c["D"]) for c in pq6_cases(ctx.types)}
-    rows = []
-    rng = ctx.rng("coverage")
-    for b in ctx.backends():
-        for t in ctx.types:
-            for role, partner, D in itertools.product(("K", "V"), (t, "q8_0", "f16"), (64, 128, 256)):
-                if partner == t and role == "V":
-                    continue  # the symmetric pair is listed once, under K
-                tk, tv = (t, partner) if role == "K" else (partner, t)
-                Dp = -(-D // 128) * 128
-                row = {"backend": b.name, "type": t, "role": role if partner != t else "K+V", "partner": partner,
-                       "head_dim": D, "pair": f"{tk}/{tv}"}
-                try:
-                    n_kv = 32
-                    k = np.zeros((n_kv, Dp), np.float32)
-                    k[:, :D] = rng.standard_normal((n_kv, D))
-                    v = np.zeros((n_kv, Dp), np.float32)
-                    v[:, :D] = rng.standard_normal((n_kv, D))
-                    kraw = ctx.target.quantize(b.name, "set_rows", tk, k) if tk != "f16" else k.astype(np.float16).view(np.uint8).reshape(-1)
-                    vraw = ctx.target.quantize(b.name, "set_rows", tv, v) if tv != "f16" else v.astype(np.float16).view(np.uint8).reshape(-1)
-                    q = np.zeros((2, 1, Dp), np.float32)
-                    q[..., :D] = rng.standard_normal((2, 1, D))
-                    out = ctx.target.flash_attn(b.name, tk, kraw, tv, vraw, q, Dp, Dp, n_kv, 1, 1 / np.sqrt(D),
-                                                tk in T.FORMATS, tv in T.FORMATS, 128, True)
-                    if not np.all(np.isfinite(out)):
-                        row["status"] = "error: non-finite output"
-                    elif (tk, tv, D) in judged:
-                        row["status"] = "tested: accuracy judged by PQ6"
-                    else:
-                        row["status"] = "runs, not judged: finite output only, no PQ6 accuracy cell"
-                except Unsupported as e:
-                    row["status"] = f"not supported: {e}"
-                except (ProbeCrash, HarnessError) as e:
-                    row["status"] = f"error: {e}"
-                rows.append(row)
-    return rows
-
-
-COVERAGE_COLUMNS = ["backend", "type", "role", "partner", "head_dim", "status"]
-
-
-def coverage_table(rows: list[dict], not_available: list[str]) -> Table:
-    """The coverage rows (:func:`coverage`) as the report's table, with a row per backend not available here."""
-    out = [[r[k] for k in COVERAGE_COLUMNS] for r in rows]
-    out += [[b, "all", "all", "all", "all", "not covered: backend not available on this machine"] for b in not_available]
-    return Table("coverage", "Coverage (flash attention: type x role x partner x head_dim x backend)", COVERAGE_COLUMNS,
-                 out, scope={"type": "type", "backend": "backend"})
-
-
 def run(ctx: Context) -> Outcome:
     """COMPAT cells (writer matrix, cross-decode, WHT agreement, test-backend-ops), the coverage table and the
     test-backend-ops table."""
@@ -314,48 +283,10 @@ def run(ctx: Context) -> Outcome:
             f"{', '.join(f'{b}:{r}' for b, r in quant_paths(ctx))}); not covered here: "
             f"{', '.join(ctx.not_available) or '-'}")
     cells.tables.append(coverage_table(coverage(ctx), ctx.not_available))
-    ops_cells, ops_table = _backend_ops(ctx)
+    ops_cells, ops_table = backend_ops_cells(ctx)
     cells += ops_cells
     cells.tables.append(ops_table)
     return cells
-
-
-BACKEND_OPS_COLUMNS = ["backend", "op", "params", "status", "error", "tool limit"]
-
-
-def _backend_ops(ctx: Context) -> tuple[list[Cell], Table]:
-    """Cells and table of the fork's test-backend-ops, which the target runs (:meth:`Target.backend_ops`)."""
-    from pathlib import Path
-    title = "test-backend-ops (the fork's own op tests, turbo-related cases)"
-    log = Path(ctx.evidence_dir) / ID / "test-backend-ops.log" if ctx.evidence_dir else None
-    if log:
-        log.parent.mkdir(parents=True, exist_ok=True)
-    res = ctx.target.backend_ops(log_path=log)
-    if res is None:
-        return [], Table("backend_ops", "test-backend-ops", BACKEND_OPS_COLUMNS,
-                         caption=["not run: the binary is not built (`turbo-harness build --targets test-backend-ops`)"])
-    table = Table("backend_ops", title, BACKEND_OPS_COLUMNS,
-                  caption=[f"`{res['command']}`" + (f" - {res['note']}" if res["note"] else "")],
-                  evidence=[f"evidence/{ID}/test-backend-ops.log"] if log else [])
-    cells = []
-    if res["results"]:
-        for r in res["results"]:
-            err = "-" if r["error"] is None else f"{r['metric']} {r['error']:.3g}"
-            lim = "-" if r["max_error"] is None else f"{r['max_error']:.3g}"
-            table.rows.append([r["backend"], r["op"], r["params"], r["status"], err, lim])
-        n_fail = sum(r["status"] == "FAIL" for r in res["results"])
-        n_ok = sum(r["status"] == "OK" for r in res["results"])
-        crashed = res["returncode"] not in (0, None)
-        c = Cell(ID, "all", "test-backend-ops", "failed_cases", float(n_fail), 0.0,
-                 Verdict.PASS if n_fail == 0 and not crashed else Verdict.PARTIAL,
-                 caveat=f"{n_ok} OK, {n_fail} FAIL, {len(res['results']) - n_ok - n_fail} not supported/skipped "
-                        "(the fork's own limits; its failures are shown, not re-judged)"
-                        + (f"; the tool aborted: {res['note']}" if crashed else ""),
-                 target=False, evidence=[f"evidence/{ID}/test-backend-ops.log"] if log else [])
-        cells.append(c)
-    elif res["returncode"] not in (0, None) or "timed out" in res["note"]:
-        cells.append(Cell(ID, "all", "test-backend-ops", "-", None, None, Verdict.ERROR, caveat=res["note"], target=False))
-    return cells, table
 
 
 CHECK = Check(ID, TITLE, run, order=70, rules="COMPAT", needs=("probe", "test-backend-ops"))

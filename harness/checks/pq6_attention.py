@@ -23,8 +23,15 @@ from harness.report.model import Cell, Verdict
 ID, TITLE = "PQ6", "Attention (flash attention with turbo K/V vs exact)"
 
 
-def cases(types: list[str]) -> list[dict]:
-    """The case list: dicts with tk, tv, D (real head_dim), n_q, n_head, n_head_kv, ablate."""
+def cases(types: list[str], software: bool = False) -> list[dict]:
+    """The case list: dicts with tk, tv, D (real head_dim), n_q, n_head, n_head_kv, ablate.
+
+    ``software``: the list for a software device (lavapipe runs flash attention on the CPU, seconds per call):
+    every head_dim class once with one query row, the prefill shape (8 rows) once at D=128 with its ablations,
+    q8_0 beside each turbo type once each way, and the mixed pairs with one query row.
+    """
+    if software:
+        return [c for c in cases(types) if c["n_q"] == 1 or c["ablate"]]
     out = []
     for t in types:
         for D in (64, 128, 256):
@@ -161,7 +168,7 @@ def run(ctx: Context) -> list[Cell]:
     """PQ6 cells per backend x case (+ ablation cells)."""
     cells: list[Cell] = []
     for b in ctx.backends():
-        for c in cases(ctx.types):
+        for c in cases(ctx.types, b.software):
             got = guarded(ctx, ID, f"{c['tk']}/{c['tv']}", b.name, "flash_attn", lambda b=b, c=c: _case(ctx, b.name, c))
             for cell in got:
                 if cell.path == f"{b.name}:flash_attn":

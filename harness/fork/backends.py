@@ -24,6 +24,14 @@ class BackendSpec:
         decode: decode routes, in the order tried ('to_float': the CPU type traits; 'cpy' / 'get_rows': the GPU ops;
             'fa_decode': flash attention over one KV row, for a backend without a decode op).
         hardware: what a machine needs to build and run it (used in the fix of an error message).
+        title: the backend's name in prose ('Vulkan').
+        features: the harness features a build of it makes without --targets (keys of
+            :data:`harness.fork.build.TARGETS`).
+        software: conformant software drivers of this backend, as (lower-case fragment of the device name or
+            driver, name in prose): a device matching one is examined as "executed on a software device"
+            (:func:`examination`).
+        visible_env: the environment variable through which ggml is told which devices of this backend to use
+            (set by the harness for software devices, which ggml ignores otherwise; :mod:`harness.fork.vulkan`).
     """
 
     name: str
@@ -32,17 +40,47 @@ class BackendSpec:
     quantize: tuple[str, ...]
     decode: tuple[str, ...]
     hardware: str
+    title: str = ""
+    features: tuple[str, ...] = ("checks", "sweep", "compat")
+    software: tuple[tuple[str, str], ...] = ()
+    visible_env: str | None = None
+
+
+# How a backend's cells were examined (spec "Every backend, and how it was examined"); kept on each Backend of a
+# target (harness.targets.base.Backend.mode) so that cells, coverage and reports can say it.
+EXECUTED = "executed"
+EXECUTED_SOFTWARE = "executed on a software device"
+
+
+def examination(name: str, device: str = "", description: str = "") -> tuple[str, str]:
+    """How a device of a backend is examined: (mode, note for cells and coverage).
+
+    A device whose name or description matches one of its row's :attr:`BackendSpec.software` drivers is
+    (:data:`EXECUTED_SOFTWARE`, 'Vulkan on a software device (lavapipe): shader logic, not GPU arithmetic');
+    any other local device is (:data:`EXECUTED`, '').
+    """
+    spec = find(name)
+    text = f"{device} {description}".lower()
+    for frag, prose in (spec.software if spec else ()):
+        if frag in text:
+            return EXECUTED_SOFTWARE, f"{spec.title or spec.name} on a software device ({prose}): shader logic, not GPU arithmetic"
+    return EXECUTED, ""
 
 
 _GPU_Q, _GPU_D = ("set_rows",), ("cpy", "get_rows", "fa_decode")
 
 TABLE: tuple[BackendSpec, ...] = (
     BackendSpec("cpu", ("-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"), ("cpu",), ("set_rows", "quantize_chunk"), ("to_float",),
-                "any CPU"),
+                "any CPU", title="CPU"),
     BackendSpec("cuda", ("-DGGML_CUDA=ON",), ("cuda",), _GPU_Q, _GPU_D, "an NVIDIA GPU and the CUDA toolkit"),
     BackendSpec("metal", ("-DGGML_METAL=ON",), ("metal", "mtl"), _GPU_Q, _GPU_D, "an Apple GPU"),
+    # model-level tools (llama-perplexity, llama-bench) only with --targets: the checks and test-backend-ops are what
+    # runs on a software device (Mesa's lavapipe) in CI; lavapipe reports itself as 'llvmpipe (LLVM ..)'
     BackendSpec("vulkan", ("-DGGML_VULKAN=ON",), ("vulkan",), _GPU_Q, _GPU_D,
-                "a GPU with a Vulkan driver and the Vulkan SDK"),
+                "a Vulkan driver (a GPU's, or Mesa's lavapipe: apt-get install mesa-vulkan-drivers) and the Vulkan "
+                "loader", title="Vulkan", features=("checks", "compat"),
+                software=(("llvmpipe", "lavapipe"), ("lavapipe", "lavapipe"), ("swiftshader", "SwiftShader")),
+                visible_env="GGML_VK_VISIBLE_DEVICES"),
     BackendSpec("hip", ("-DGGML_HIP=ON",), ("hip", "rocm"), _GPU_Q, _GPU_D, "an AMD GPU and ROCm"),
 )
 

@@ -243,10 +243,16 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
     bdir.mkdir(parents=True, exist_ok=True)
     if not shutil.which("cmake"):
         raise HarnessError("cmake not found: install it (apt-get install cmake, or pip install cmake)")
-    targets = targets or sorted({t for ts in TARGETS.values() for t in ts})
+    targets = targets or default_targets(backend)
     if rpc:
         targets = list(dict.fromkeys([*targets, *RPC_TARGETS]))
     opts = cmake_options(backend, [*(RPC_CMAKE if rpc else []), *(extra_cmake or [])])
+    extra_meta = {}
+    if backend == "vulkan":  # packages, and headers new enough for the fork (fetched into .cache/ when the system's are old)
+        from harness.fork import vulkan
+        vk_cmake, vk_env, extra_meta["vulkan"] = vulkan.prepare_build(log)
+        opts += vk_cmake
+        env = {**(env or os.environ), **vk_env}
     jobs = jobs or os.cpu_count() or 2
     logf = bdir / "turbo-harness-build.log"
     source = git_state(fork)  # what is compiled: the checkout as the build starts (recorded for provenance)
@@ -280,9 +286,18 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.time() - t0, 1),
         "machine": platform.machine(),
+        **extra_meta,
     }
     (bdir / BUILD_META).write_text(json.dumps(meta, indent=2))
     return BuildResult(backend, bdir, meta)
+
+
+def default_targets(backend: str) -> list[str]:
+    """The CMake targets a build of a backend makes without --targets: those of the features its backend-table row
+    lists (:attr:`harness.fork.backends.BackendSpec.features`; all of :data:`TARGETS` for a backend it does not know)."""
+    spec = backends.find(backend)
+    feats = spec.features if spec else tuple(TARGETS)
+    return sorted({t for f in feats for t in TARGETS[f]})
 
 
 def _cmake_error(logf: Path) -> str:

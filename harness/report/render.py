@@ -68,6 +68,15 @@ def run_facts(run: Run) -> list[tuple[str, str]]:
     if "backends_run" in m:
         facts += [("backends run", plain(m.get("backends_run"))),
                   ("backends not available here", plain(m.get("backends_not_available")))]
+        examined = m.get("backends_examined") or {}
+        if examined:
+            facts.append(("how each backend was examined", "; ".join(f"{b}: {v}" for b, v in examined.items())))
+        vk = m.get("vulkan") or {}
+        vk_run = (m.get("target") or {}).get("vulkan") or {}
+        if vk or vk_run:
+            facts.append(("Vulkan", f"headers {vk.get('headers', '?')} ({vk.get('headers_source', '?')}); "
+                                    f"glslc {vk.get('glslc', '?')}; driver {vk_run.get('driver') or vk.get('driver', '?')}"
+                                    + (f"; {vk_run['visible_devices']}" if vk_run.get("visible_devices") else "")))
         from harness.report.remote import remote_facts
         facts += remote_facts(m)  # remote devices (--rpc): where they are, what they are, what happened to them
     if "types" in m:

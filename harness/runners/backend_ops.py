@@ -11,7 +11,6 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-TURBO_OPS = "TURBO_WHT,SET_ROWS,FLASH_ATTN_EXT,GET_ROWS,CPY"
 
 _BACKEND = re.compile(r"^\s*Backend \d+/\d+: (\S+)", re.M)
 _CASE = re.compile(r"^\s{2}(\S+?)\((.*)\): (.*)$")
@@ -73,44 +72,86 @@ def is_turbo_related(r: OpResult) -> bool:
     return r.op.startswith("TURBO_WHT") or "turbo" in r.params.lower() or "TURBO" in r.op
 
 
-def run(binary: Path, ops: str = TURBO_OPS, timeout_s: float = 900.0, log_path: Path | None = None) -> dict:
-    """Run test-backend-ops in test mode on the turbo-related ops.
+@dataclass(frozen=True)
+class Group:
+    """One test-backend-ops process: an op (``-o``; an op name or a test's own name such as SET_ROWS_TURBO3), an
+    optional regex on the case parameters (``-p``), and the seconds it may take."""
 
-    Returns {'results': [OpResult dicts], 'returncode', 'note'}. A crash or timeout is reported in
-    'note' with what was parsed before it; the caller turns it into an ERROR cell.
+    op: str
+    params: str | None
+    timeout_s: float
+
+    def command(self, binary: Path) -> list[str]:
+        return [str(binary), "test", "-o", self.op] + (["-p", self.params] if self.params else [])
+
+
+# Every turbo-related case: the rotation op, set_rows into turbo types (ggml's generic SET_ROWS cases with a turbo
+# destination, and the fork's own SET_ROWS_TURBO3 round-trip test, which the op name alone does not select), flash
+# attention, get_rows and cpy with turbo K/V.
+PLAN = (Group("TURBO_WHT", None, 900), Group("SET_ROWS", "turbo", 900), Group("SET_ROWS_TURBO3", None, 900),
+        Group("FLASH_ATTN_EXT", "turbo", 900), Group("GET_ROWS", "turbo", 900), Group("CPY", "turbo", 900))
+
+# On a software device (lavapipe runs shaders on the CPU): flash attention takes seconds per case, so only the
+# cases with kv=113 (a partial KV block), no GQA broadcast, one or three queries, no ALiBi and no softcap run
+# (both mask and sinks settings, f32 precision); the other groups are small. Each group has a time limit: what
+# does not finish in it is a SKIP 'not run in time' with the count of cases that ran.
+SOFTWARE_FA = (r"nr23=\[1,1\],kv=113,nb=[13],mask=[01],sinks=[01],max_bias=0\.000000,logit_softcap=0\.000000,"
+               r"prec=f32,type_KV=turbo")
+SOFTWARE_PLAN = (Group("TURBO_WHT", None, 120), Group("SET_ROWS", "turbo", 120), Group("SET_ROWS_TURBO3", None, 120),
+                 Group("FLASH_ATTN_EXT", SOFTWARE_FA, 180), Group("GET_ROWS", "turbo", 120), Group("CPY", "turbo", 120))
+
+
+def run(binary: Path, plan: tuple[Group, ...] = PLAN, log_path: Path | None = None, env: dict | None = None) -> dict:
+    """Run test-backend-ops in test mode, one process per group of the plan.
+
+    Args:
+        binary: the test-backend-ops executable. plan: the groups (:data:`PLAN`, or :data:`SOFTWARE_PLAN` for a
+            software device). log_path: where the console output goes. env: the process environment (default the
+            harness's; a Vulkan build on a software device needs GGML_VK_VISIBLE_DEVICES, :mod:`harness.fork.vulkan`).
+    Returns:
+        {'results': [OpResult dicts], 'returncode': 0, or 1 when a group crashed or exited non-zero, 'note',
+        'command', 'groups': [{'op', 'params', 'status': 'ran' | 'not run in time' | 'exited N', 'cases': cases
+        parsed, 'seconds', 'limit_s'}]}. A group past its time limit is not a failure: its status says so, with
+        the count of cases that ran before it was stopped.
     """
-    results, notes, cmds, logs, rcs = [], [], [], [], []
-    for op in ops.split(","):
-        cmd = [str(binary), "test", "-o", op] + ([] if op == "TURBO_WHT" else ["-p", "turbo"])
+    import time
+    results, notes, cmds, logs, groups = [], [], [], [], []
+    for g in plan:
+        cmd = g.command(binary)
         cmds.append(" ".join(cmd))
+        t0 = time.time()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_env())
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=g.timeout_s, env=_env(env))
             text, rc = p.stdout + p.stderr, p.returncode
         except subprocess.TimeoutExpired as e:
             text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
             rc = None
-            notes.append(f"{op}: timed out after {timeout_s:.0f} s")
+        secs = time.time() - t0
         logs.append(f"$ {' '.join(cmd)}\n{text}")
-        rcs.append(rc)
         parsed = [r for r in parse(text) if is_turbo_related(r)]
         results += parsed
-        if rc not in (0, None):
+        status = "ran" if rc == 0 else ("not run in time" if rc is None else f"exited {rc}")
+        groups.append({"op": g.op, "params": g.params, "status": status, "cases": len(parsed), "seconds": round(secs, 1),
+                       "limit_s": g.timeout_s})
+        if rc is None:
+            notes.append(f"{g.op}: not run in time ({len(parsed)} cases run in {g.timeout_s:.0f} s, then stopped)")
+        elif rc != 0:
             last = [ln for ln in _ANSI.sub("", text).splitlines() if ln.strip()][-1:] or [""]
-            notes.append(f"{op}: exited with {rc} ({last[0].strip()[:160]})")
+            notes.append(f"{g.op}: exited with {rc} ({last[0].strip()[:160]})")
         plain = _ANSI.sub("", text)
         others = [b for b in _BACKEND.findall(plain) if not b.upper().startswith("CPU")]
         if not parsed and rc == 0:
-            notes.append(f"{op}: compares other backends with the CPU; this build has only the CPU" if not others
-                         else f"{op}: no turbo-related cases in this test-backend-ops")
+            notes.append(f"{g.op}: compares other backends with the CPU; this build has only the CPU" if not others
+                         else f"{g.op}: no turbo-related cases in this test-backend-ops")
     if log_path:
         Path(log_path).write_text("\n".join(logs))
-    crashed = any(rc not in (0, None) for rc in rcs) or any("timed out" in n for n in notes)
-    return {"results": [asdict(r) for r in results], "returncode": 0 if not crashed else 1,
-            "note": "; ".join(dict.fromkeys(notes)), "command": "; ".join(cmds)}
+    crashed = any(gr["status"].startswith("exited") for gr in groups)
+    return {"results": [asdict(r) for r in results], "returncode": 1 if crashed else 0,
+            "note": "; ".join(dict.fromkeys(notes)), "command": "; ".join(cmds), "groups": groups}
 
 
-def _env():
+def _env(env: dict | None = None):
     import os
-    env = dict(os.environ)
+    env = dict(os.environ if env is None else env)
     env.setdefault("GGML_NO_BACKTRACE", "1")
     return env

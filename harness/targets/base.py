@@ -19,12 +19,23 @@ from harness.errors import HarnessError
 
 @dataclass(frozen=True)
 class Backend:
-    """One compute backend of a target: short name ('cpu', 'cuda', 'metal', ...), device, kind."""
+    """One compute backend of a target: short name ('cpu', 'cuda', 'metal', ...), device, kind, and how its cells
+    are examined (spec "Every backend, and how it was examined"): ``mode`` 'executed' (the fork's kernels ran on
+    the backend's device) or 'executed on a software device' (a conformant software driver such as lavapipe), with
+    ``mode_note`` the words cells and coverage carry for it ('' for plain execution)."""
 
     name: str
     device: str
     kind: str  # 'cpu' | 'gpu' | 'igpu'
     description: str = ""
+    mode: str = "executed"
+    mode_note: str = ""
+
+    @property
+    def software(self) -> bool:
+        """True on a software device: work there is sized down (flash attention is slow on it)."""
+        from harness.fork.backends import EXECUTED_SOFTWARE
+        return self.mode == EXECUTED_SOFTWARE
 
     @property
     def is_gpu(self) -> bool:

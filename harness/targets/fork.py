@@ -35,7 +35,8 @@ def select_backends(devices: list[dict]) -> list[Backend]:
             continue
         name = R.backend_name(d["name"]) if d["reg"] == "RPC" else backend_name(d["reg"])
         if name not in seen:
-            seen[name] = Backend(name=name, device=d["name"], kind=d["kind"], description=d.get("description", ""))
+            desc = d.get("description", "")
+            seen[name] = Backend(name, d["name"], d["kind"], desc, *backends.examination(name, d["name"], desc))
     return list(seen.values())
 
 
@@ -61,13 +62,19 @@ class ForkTarget(Target):
             restarted (up to ``rpc_restarts`` times) so that the cells after it still run.
         rpc_timeout_s: seconds one probe call on a remote device may take before it is killed (a hung server or
             network is a clear cell, never a hung run).
+        vk_devices: this machine's Vulkan devices (:func:`harness.fork.vulkan.list_devices`; tests pass a fake list);
+            read only for a build with the Vulkan backend, default listed with vulkaninfo. When all are software
+            devices, the probe and test-backend-ops get ``GGML_VK_VISIBLE_DEVICES`` naming them
+            (:func:`harness.fork.vulkan.device_env`).
     """
 
     def __init__(self, build_dir: Path, fork: Path, timeout_s: float = 600.0, devices: list[dict] | None = None,
                  env: dict | None = None, rpc: list[str] | None = None, rpc_servers: dict | None = None,
-                 rpc_timeout_s: float = 120.0, rpc_restarts: int = 100):
+                 rpc_timeout_s: float = 120.0, rpc_restarts: int = 100, vk_devices: list[dict] | None = None):
         self.build_dir = Path(build_dir)
         self.fork = Path(fork)
+        env, self.vulkan = self._vulkan_env(env, vk_devices)
+        self.env = env
         self.lib = build_probe(self.build_dir, self.fork)
         self.rpc = list(rpc or [])
         self.rpc_servers = dict(rpc_servers or {})
@@ -84,6 +91,25 @@ class ForkTarget(Target):
         self._types: dict[str, dict | None] = {}
         with self._rpc_first_contact():  # the worker's first call connects to every --rpc server
             self.layout_notes = self.layouts().notes
+
+    def _vulkan_env(self, env: dict | None, vk_devices: list[dict] | None) -> tuple[dict | None, dict | None]:
+        """(the environment of the fork's processes, the report's Vulkan facts or None for a build without Vulkan)."""
+        from harness.fork import vulkan
+        if not vulkan.build_has_vulkan(self.build_dir):
+            return env, None
+        devs = vk_devices if vk_devices is not None else vulkan.list_devices()
+        new, note = vulkan.device_env(dict(os.environ if env is None else env), devs)
+        return new, {"driver": vulkan.driver_line(devs), "visible_devices": note or "not set (ggml's default: GPUs only)",
+                     "devices": devs}
+
+    def missing_device(self, backend: str) -> str | None:
+        """Why a backend the build has shows no device here (e.g. a Vulkan build on a machine without a Vulkan
+        device), or None."""
+        if backend == "vulkan" and self.vulkan is not None and "vulkan" not in [b.name for b in self.backends()]:
+            return (f"the build has the Vulkan backend but ggml found no Vulkan device here (vulkaninfo: "
+                    f"{self.vulkan['driver']}): install a Vulkan driver (`apt-get install mesa-vulkan-drivers` gives "
+                    f"Mesa's software device, lavapipe) or run on a machine with a GPU")
+        return None
 
     def backends(self) -> list[Backend]:
         if self._backends is None:
@@ -283,7 +309,9 @@ class ForkTarget(Target):
         binary = self.build_dir / "bin" / "test-backend-ops"
         if not binary.is_file():
             return None
-        return backend_ops.run(binary, log_path=log_path)
+        soft = [b.name for b in self.backends() if b.software]
+        return backend_ops.run(binary, log_path=log_path, env=self.env,
+                               plan=backend_ops.SOFTWARE_PLAN if soft else backend_ops.PLAN)
 
     runs_models = True
 
@@ -308,6 +336,7 @@ class ForkTarget(Target):
                 "layout_notes": self.layout_notes,
                 "wht_op_args": self.probe.wht_args(),
                 "backends": [b.__dict__ for b in self.backends()],
+                **({"vulkan": {k: v for k, v in self.vulkan.items() if k != "devices"}} if self.vulkan else {}),
                 **({"rpc": self.describe_rpc()} if self.rpc else {})}
 
     def describe_rpc(self) -> dict:

@@ -147,12 +147,20 @@ class NumpyTarget(Target):
         formats: {turbo type: TurboFormat} block layouts this emulated fork uses (default the 128-value
             layouts); e.g. ``TurboFormat('turbo4', 4, 128, 66)`` for a turbo4 with no reserved rnorm field.
             Its type traits report them; the harness reads them only through those traits.
+        unreadable: {backend: types} a backend can write but not read (decode and flash attention raise
+            Unsupported), as Vulkan writes turbo2/turbo4 but reads only turbo3 on fork 69d8e4be4.
+        devices: {backend: device name}, e.g. {'vulkan': 'llvmpipe (LLVM 15.0.6, 256 bits)'} for a software device
+            (the backend table decides the examination mode from it); default the upper-cased name.
     """
 
     def __init__(self, faults=(), backends=(("cpu", "cpu"),), backend_faults: dict | None = None, seed: int = 42,
-                 formats: dict | None = None):
+                 formats: dict | None = None, unreadable: dict | None = None, devices: dict | None = None):
+        from harness.fork.backends import examination
         self.name = "numpy" + (f"[{','.join(sorted(faults))}]" if faults else "")
-        self._backends = [Backend(name=n, device=n.upper(), kind=k) for n, k in backends]
+        devs = dict(devices or {})
+        self._backends = [Backend(n, devs.get(n, n.upper()), k, "", *examination(n, devs.get(n, n.upper())))
+                          for n, k in backends]
+        self.unreadable = {b: set(ts) for b, ts in (unreadable or {}).items()}
         bf = backend_faults or {}
         self.formats = {**T.DEFAULT_FORMATS, **(formats or {})}
         self.impl = {b.name: _Impl(set(faults) | set(bf.get(b.name, ())), seed, self.formats) for b in self._backends}
@@ -180,7 +188,13 @@ class NumpyTarget(Target):
             return T.quantize_classic(type_name, np.asarray(x, np.float32))
         return self.impl[backend].quantize(type_name, x)
 
+    def _readable(self, backend, *types):
+        bad = [t for t in types if t in self.unreadable.get(backend, ())]
+        if bad:
+            raise Unsupported(f"{backend} cannot read {', '.join(bad)} (emulated: a writer-only type)")
+
     def decode(self, backend, route, type_name, raw, nrows, ncols):
+        self._readable(backend, type_name)
         return self.impl[backend].decode(type_name, raw, nrows, ncols)
 
     def wht(self, backend, x, direction, group=128):
@@ -188,6 +202,7 @@ class NumpyTarget(Target):
 
     def flash_attn(self, backend, tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv, scale,
                    rotate_q, inverse_out, group=128, prec_f32=True):
+        self._readable(backend, tk, tv)
         im = self.impl[backend]
         if "crash_attention" in im.faults:
             raise ProbeCrash("emulated ggml abort in flash attention")
