@@ -30,6 +30,7 @@ HEADERS_PACKAGE = "libvulkan-dev"
 PACKAGES = {"mesa-vulkan-drivers": "a Vulkan driver (lavapipe)", "glslc": "the shader compiler",
             "libvulkan-dev": "the Vulkan loader", "vulkan-tools": "vulkaninfo"}
 SOFTWARE_TYPE = "PHYSICAL_DEVICE_TYPE_CPU"
+GLSLC_CACHE = Path(__file__).resolve().parent / "glslc-cache"  # glslc with a cache of its outputs (see the script)
 
 
 def cache_dir() -> Path:
@@ -187,8 +188,10 @@ def prepare_build(log=print) -> tuple[list[str], dict, dict]:
     """What a Vulkan build of the fork needs on this machine: packages installed, headers found or fetched.
 
     Returns:
-        (extra CMake options (``-DVulkan_INCLUDE_DIR=...``), environment additions (``CPATH`` with the headers
-        first), the build record's ``vulkan`` entry: {'headers', 'headers_source', 'glslc', 'driver'}).
+        (extra CMake options (``-DVulkan_INCLUDE_DIR=...``; ``-DVulkan_GLSLC_EXECUTABLE=`` :data:`GLSLC_CACHE`, glslc
+        behind a cache of its SPIR-V outputs, since ccache does not cache shaders), environment additions (``CPATH``
+        with the headers first), the build record's ``vulkan`` entry: {'headers', 'headers_source', 'glslc',
+        'driver'}).
     Raises:
         HarnessError: a package or the headers cannot be had (see :func:`install_packages`, :func:`ensure_headers`).
     """
@@ -201,7 +204,7 @@ def prepare_build(log=print) -> tuple[list[str], dict, dict]:
     glslc = subprocess.run(["glslc", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     record = {"headers": h["version"], "headers_source": h["source"], "headers_include": inc,
               "glslc": glslc[0] if glslc else "?", "driver": driver_line(list_devices())}
-    return [f"-DVulkan_INCLUDE_DIR={inc}"], env, record
+    return [f"-DVulkan_INCLUDE_DIR={inc}", f"-DVulkan_GLSLC_EXECUTABLE={GLSLC_CACHE}"], env, record
 
 
 # ----------------------------------------------------------------------------- devices
