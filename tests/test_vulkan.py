@@ -284,3 +284,34 @@ def test_writer_cell_values_are_finite_numbers(make_ctx):
     cells = compat.run(make_ctx(_vk_target(), target_backend="vulkan", types=("turbo4",)))
     w = _writer_cell(cells, "turbo4")
     assert np.isfinite(w.value) and w.details["values"] == 2 ** 20
+
+
+def test_glslc_cache_serves_a_repeated_compile_and_misses_on_any_change(tmp_path):
+    import subprocess
+    calls = tmp_path / "calls"
+    fake = _exe(tmp_path / "fake-glslc", f"""import sys
+open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')
+a = sys.argv[1:]
+out = a[a.index('-o') + 1]
+body = ('spv:' + ' '.join(x for x in a if x.startswith('-D'))).encode()
+sys.stdout.buffer.write(body) if out == '-' else open(out, 'wb').write(body)
+""")
+    src = tmp_path / "shaders"
+    src.mkdir()
+    (src / "a.comp").write_text("void main() {}\n#include \"types.glsl\"\n")
+    (src / "types.glsl").write_text("// v1\n")
+    env = dict(os.environ, TURBO_GLSLC=str(fake), TURBO_GLSLC_CACHE=str(tmp_path / "cache"))
+
+    def glslc(*args):
+        return subprocess.run([str(vulkan.GLSLC_CACHE), "-fshader-stage=compute", *args], env=env, check=True,
+                              capture_output=True).stdout
+    glslc(str(src / "a.comp"), "-o", str(tmp_path / "1.spv"), "-DX=1")
+    glslc(str(src / "a.comp"), "-o", str(tmp_path / "2.spv"), "-DX=1", "-MD", "-MF", str(tmp_path / "2.d"))
+    assert len(calls.read_text().splitlines()) == 1  # the second compile came from the cache
+    assert (tmp_path / "2.spv").read_bytes() == (tmp_path / "1.spv").read_bytes() == b"spv:-DX=1"
+    assert str(src / "types.glsl") in (tmp_path / "2.d").read_text()  # dependencies: the whole shader folder
+    glslc(str(src / "a.comp"), "-o", str(tmp_path / "3.spv"), "-DX=2")  # another define
+    (src / "types.glsl").write_text("// v2\n")  # an included file changed
+    glslc(str(src / "a.comp"), "-o", str(tmp_path / "4.spv"), "-DX=1")
+    assert glslc(str(src / "a.comp"), "-o", "-") == b"spv:"  # to stdout: passed through, never cached
+    assert len(calls.read_text().splitlines()) == 4

@@ -1,8 +1,8 @@
 """Vulkan on this machine: the packages a build needs, headers new enough for the fork, the devices and driver.
 
 - Packages (Debian): ``mesa-vulkan-drivers`` (Mesa's lavapipe, a conformant software Vulkan device on the CPU),
-  ``glslc`` (the shader compiler ggml-vulkan's build runs), ``libvulkan-dev`` (the loader) and ``vulkan-tools``
-  (``vulkaninfo``, which lists the devices and their driver). :func:`install_packages` installs the missing ones
+  ``glslc`` (the shader compiler ggml-vulkan's build runs), ``libvulkan-dev`` (the loader), ``spirv-headers``
+  and ``vulkan-tools`` (``vulkaninfo``, which lists the devices and their driver). :func:`install_packages` installs the missing ones
   with apt-get when it can.
 - Headers: the fork's ggml-vulkan uses ``VK_EXT_layer_settings`` (``vk::LayerSettingEXT``), which Debian 12's
   headers (1.3.239) lack. :func:`ensure_headers` returns the system's include folder when it has that extension,
@@ -28,7 +28,8 @@ NEEDED_SYMBOL = "VkLayerSettingEXT"  # VK_EXT_layer_settings, used by the fork's
 NEWER_SUITE = "trixie"  # Debian 13: libvulkan-dev 1.4.309 (has VK_EXT_layer_settings)
 HEADERS_PACKAGE = "libvulkan-dev"
 PACKAGES = {"mesa-vulkan-drivers": "a Vulkan driver (lavapipe)", "glslc": "the shader compiler",
-            "libvulkan-dev": "the Vulkan loader", "vulkan-tools": "vulkaninfo"}
+            "libvulkan-dev": "the Vulkan loader", "vulkan-tools": "vulkaninfo",
+            "spirv-headers": "SPIR-V headers (ggml-vulkan.cpp includes spirv/unified1/spirv.hpp)"}
 SOFTWARE_TYPE = "PHYSICAL_DEVICE_TYPE_CPU"
 GLSLC_CACHE = Path(__file__).resolve().parent / "glslc-cache"  # glslc with a cache of its outputs (see the script)
 
@@ -68,7 +69,8 @@ def _missing_packages() -> list[str]:
     have_loader = any(Path(d).glob("libvulkan.so*") for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
                                                               "/usr/lib", "/usr/local/lib") if Path(d).is_dir())
     checks = {"mesa-vulkan-drivers": have_icd, "glslc": bool(shutil.which("glslc")), "libvulkan-dev": have_loader,
-              "vulkan-tools": bool(shutil.which("vulkaninfo"))}
+              "vulkan-tools": bool(shutil.which("vulkaninfo")),
+              "spirv-headers": Path("/usr/include/spirv/unified1/spirv.hpp").is_file()}
     return [p for p, ok in checks.items() if not ok]
 
 
