@@ -78,7 +78,7 @@ def doctor(fork_dir):
                                          for b in t.backends()))
             if t.vulkan is not None:  # a Vulkan build: headers it was built with, the driver, device visibility
                 line("  vulkan", f"headers {meta.get('vulkan', {}).get('headers', '?')}; driver {t.vulkan['driver']}; "
-                                 f"GGML_VK_VISIBLE_DEVICES {t.vulkan['visible_devices']}", "vulkan" in
+                                 f"device visibility: {t.vulkan['visible_devices']}", "vulkan" in
                      [b.name for b in t.backends()], counts=mine)
             t.close()
         except HarnessError as e:

@@ -154,6 +154,7 @@ def fetch_headers(cache: Path, log=print) -> Path:
     deb = debs[-1]
     version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True).stdout.strip()
     dest = Path(cache) / "vulkan-headers" / (version.split("-")[0] or deb.stem)
+    dest.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["dpkg", "-x", str(deb), str(dest)], capture_output=True, text=True)
     if r.returncode != 0:
         raise HarnessError(f"dpkg -x {deb.name} failed: {r.stderr.strip()[:200]}")
