@@ -315,3 +315,13 @@ sys.stdout.buffer.write(body) if out == '-' else open(out, 'wb').write(body)
     glslc(str(src / "a.comp"), "-o", str(tmp_path / "4.spv"), "-DX=1")
     assert glslc(str(src / "a.comp"), "-o", "-") == b"spv:"  # to stdout: passed through, never cached
     assert len(calls.read_text().splitlines()) == 4
+
+
+def test_software_device_coverage_skips_slow_unjudged_smoke_runs_and_says_so(make_ctx):
+    rows = compat.coverage(make_ctx(_vk_target(), target_backend="vulkan", types=("turbo3",)))
+    vk = [r for r in rows if r["backend"] == "vulkan"]
+    skipped = [r for r in vk if r["status"].startswith("not run on a software device")]
+    assert skipped and all(r["head_dim"] != 128 and not r["pair"] == "turbo3/turbo3" for r in skipped)
+    assert all(r["status"].startswith("tested") for r in vk if r["pair"] == "turbo3/turbo3")  # every head_dim judged
+    cpu = [r for r in rows if r["backend"] == "cpu"]
+    assert not any(r["status"].startswith("not run") for r in cpu)
