@@ -325,3 +325,19 @@ def test_software_device_coverage_skips_slow_unjudged_smoke_runs_and_says_so(mak
     assert all(r["status"].startswith("tested") for r in vk if r["pair"] == "turbo3/turbo3")  # every head_dim judged
     cpu = [r for r in rows if r["backend"] == "cpu"]
     assert not any(r["status"].startswith("not run") for r in cpu)
+
+
+def test_cases_finished_before_the_time_limit_are_counted_even_from_a_block_buffered_tool(tmp_path):
+    # a C tool's printf into a pipe is block-buffered: killed at the limit, its finished cases must still be counted
+    import shutil
+    if not shutil.which("stdbuf") or not shutil.which("cc"):
+        pytest.skip("needs coreutils' stdbuf and a C compiler")
+    import subprocess
+    src = tmp_path / "tbo.c"
+    src.write_text('#include <stdio.h>\n#include <unistd.h>\nint main(void){printf("Backend 1/2: Vulkan0\\n");'
+                   'for(int i=0;i<2;i++) printf("  FLASH_ATTN_EXT(hsk=128,nb=%d,type_KV=turbo3): OK\\n", i);'
+                   'sleep(30); return 0;}\n')
+    exe = tmp_path / "test-backend-ops"
+    subprocess.run(["cc", "-o", str(exe), str(src)], check=True)
+    res = backend_ops.run(exe, plan=(backend_ops.Group("FLASH_ATTN_EXT", "turbo", 2),))
+    assert res["groups"][0]["status"] == "not run in time" and res["groups"][0]["cases"] == 2

@@ -84,6 +84,13 @@ class Group:
     def command(self, binary: Path) -> list[str]:
         return [str(binary), "test", "-o", self.op] + (["-p", self.params] if self.params else [])
 
+    def launch(self, binary: Path) -> list[str]:
+        """:meth:`command`, line-buffered where coreutils' stdbuf exists: printf into a pipe is block-buffered, and
+        a process stopped at its time limit would take the lines of the cases it finished with it."""
+        import shutil
+        stdbuf = shutil.which("stdbuf")
+        return ([stdbuf, "-oL", "-eL"] if stdbuf else []) + self.command(binary)
+
 
 # Every turbo-related case: the rotation op, set_rows into turbo types (ggml's generic SET_ROWS cases with a turbo
 # destination, and the fork's own SET_ROWS_TURBO3 round-trip test, which the op name alone does not select), flash
@@ -121,7 +128,7 @@ def run(binary: Path, plan: tuple[Group, ...] = PLAN, log_path: Path | None = No
         cmds.append(" ".join(cmd))
         t0 = time.time()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=g.timeout_s, env=_env(env))
+            p = subprocess.run(g.launch(binary), capture_output=True, text=True, timeout=g.timeout_s, env=_env(env))
             text, rc = p.stdout + p.stderr, p.returncode
         except subprocess.TimeoutExpired as e:
             text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
