@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness import __version__
-from harness.checks.common import Context, crash_cell, load_thresholds
+from harness.checks.common import Context, annotate_modes, crash_cell, load_thresholds
 from harness.checks.contract import Registry
 from harness.checks.registry import REGISTRY
 from harness.errors import HarnessError, ProbeCrash
@@ -127,6 +127,9 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             "host": platform.node(), "platform": platform.platform(),
             "target_backend": tb,
             "backends_run": [b.name for b in ctx.backends()],
+            "backend_modes": {b.name: {"mode": getattr(b, "mode", "executed"), "label": getattr(b, "mode_label", "executed"),
+                                       "of": getattr(b, "family", b.name), "note": b.description}
+                              for b in ctx.backends()},
             "backends_not_available": [b for b in KNOWN_BACKENDS if b not in present],
             "types": sorted(set(run.meta.get("types", [])) | set(types)),  # an added check keeps the earlier types
             "gpu": gpu_info(), "target": target.describe(), "quantize_routes": routes or "all",
@@ -149,6 +152,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
                     out = check.evaluate(ctx)
                 raise_if_pending()
                 cr.cells, cr.notes, cr.tables = list(out), list(out.notes), list(out.tables)
+                annotate_modes(cr.cells, ctx.backends())
             except ProbeCrash as e:  # a fork crash outside any cell: the fork's fault (FAIL), not the harness's
                 cr.cells = [crash_cell(ctx, cid, "all", tb, "-", e)]
             except HarnessError as e:

@@ -31,6 +31,11 @@ def _table_cells(ctx: Context, t: str, notes: list[str]) -> list[Cell]:
             tables[(b.name, r)] = centroid_table(ctx, b.name, r, t)
             return []
         cells += guarded(ctx, ID, t, b.name, "decode", one)
+        for r2 in ctx.target.routes(b.name).readers:  # further reads of the same bytes (metal-src:dequant_t4)
+            def more(b=b, r2=r2):
+                tables[(b.name, r2)] = centroid_table(ctx, b.name, r2, t)
+                return []
+            cells += guarded(ctx, ID, t, b.name, r2, more)
     exact = [k for k in tables if k[1] not in LOSSY_DECODE]
     ref_key = next((k for k in exact if k[0] == ctx.target_backend), next(iter(exact or tables), None))
     if ref_key is None:
