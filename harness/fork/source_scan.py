@@ -156,6 +156,7 @@ def numbers(item: Item, text: str | None = None) -> list[tuple[float, int, str]]
     part of the item's text (default all of it), taken from its start."""
     t = item.text if text is None else text
     masked = _mask(t)
+    nl = [m.start() for m in re.finditer("\n", t)]
     out = []
     for m in NUM.finditer(masked):
         raw = m.group(1).replace(" ", "")
@@ -163,7 +164,7 @@ def numbers(item: Item, text: str | None = None) -> list[tuple[float, int, str]]
             v = float(raw)
         except ValueError:
             continue
-        out.append((v, item.line + t.count("\n", 0, m.start()), (m.group(2) or "").lower()))
+        out.append((v, item.line + bisect.bisect_left(nl, m.start()), (m.group(2) or "").lower()))
     return out
 
 

@@ -126,6 +126,11 @@ class Target:
         its console output written to ``log_path`` when given; None when this target has no such tool."""
         return None
 
+    def source_dir(self):
+        """The fork checkout this target was built from (its sources are read by the AUDIT check), or None (a
+        NumPy target has none unless a test gives it one as ``fork``)."""
+        return getattr(self, "fork", None)
+
     runs_models = False  # whether this target can run a model through the fork's llama library (KVREAL, MODEL)
 
     def kv_capture_tool(self):
