@@ -264,8 +264,17 @@ def run(ctx: Context) -> Outcome:
     au.unreadable()
     au.missing()
     found = sorted({t.backend for t in tabs})
+    audited: dict = {}
+    for x in tabs:
+        if x.kind in ("centroids", "thresholds", "signs", "struct") and x.backend != "common":
+            fams = audited.setdefault(x.backend, set())
+            fams.update(ctx.types if not x.bits else [f"turbo{x.bits}"])
     out = Outcome(au.cells, notes=[f"backends audited from source: {', '.join(found)} (tables found by name and value "
                                    f"pattern in {fork})"] + au.notes)
+    from harness.checks.examined import examination
+    exam = examination(ctx, audited)
+    out.notes.insert(0, f"examined: {exam.caption[0]}")
+    out.tables.append(exam)
     out.tables.append(Table("audit", "Source audit: every table found, per backend", COLUMNS, au.rows,
                             scope={"type": "type", "backend": "backend"}))
     for bits, t in au.bits.items():

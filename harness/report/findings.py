@@ -144,6 +144,9 @@ def verdict_line(run: Run) -> str:
     known = run.sections.get("known")
     if isinstance(known, dict) and known.get("gate"):
         text += f"; known-findings gate {known['gate']}"
+    exam = next((tb for c in run.checks for tb in c.tables if tb.id == "examination" and tb.caption), None)
+    if exam is not None:  # which backends ran and which were only read (spec "Every backend, and how it was examined")
+        text += f" [{exam.caption[0]}]"
     return text
 
 
