@@ -57,8 +57,11 @@ class _Audit:
         self.bits = {int(t[-1]): t for t in ctx.types if t[-1].isdigit()}
 
     def cell(self, tab, metric, value, threshold, v, caveat="", type_=None, details=None):
-        c = self.ctx.cell(ID, type_ or (f"turbo{tab.bits}" if tab.bits else "all"), tab.backend, "source", metric,
+        # ggml-common.h is every backend's (the traits' own structs): judged as the target backend's
+        be = self.ctx.target_backend if tab.backend == "common" else tab.backend
+        c = self.ctx.cell(ID, type_ or (f"turbo{tab.bits}" if tab.bits else "all"), be, "source", metric,
                           value, threshold, v, caveat=caveat, details={"where": tab.where, "table": tab.name, **(details or {})})
+        c.path = f"{tab.backend}:source"
         self.cells.append(c)
         self.rows.append([tab.backend, c.type, tab.kind, tab.name, tab.precision, tab.where, _short(tab.values) if
                           tab.values.size and tab.kind != "struct" else tab.note, f"{v.value}: {caveat}" if caveat else v.value])
@@ -183,11 +186,12 @@ class _Audit:
             if kind != "signs":
                 other.setdefault(kind, []).append((a, b))
                 continue
-            got = canonical_signs(a.values, b.values)
             if ref is None:
                 self.cell(a, "-", None, None, Verdict.SKIP, "no reference sign vectors (PQ1 could not recover them)")
                 continue
-            bad = int(np.count_nonzero(got[0] != ref[0]) + np.count_nonzero(got[1] != ref[1]))
+            # (s1, s2) and (-s1, -s2) give the same rotation: the nearer of the two is counted
+            x, r = np.concatenate([a.values, b.values]), np.concatenate([ref[0], ref[1]]).astype(float)
+            bad = int(min(np.count_nonzero(x != r), np.count_nonzero(-x != r)))
             self.cell(a, "wht_sign_mismatches_vs_reference", bad, 0, Verdict.PASS if bad == 0 else Verdict.FAIL,
                       f"(s1, s2) = {a.name}/{b.name} ({prec}) vs {how}" if not bad else
                       f"{bad} of 256 signs of {a.name}/{b.name} ({a.where}, {b.where}) differ from {how}: a path using "

@@ -237,7 +237,7 @@ def _chains(masked: str, nl: list) -> list[tuple[str, list[tuple[float, int, str
 def scan_file(backend: str, path: Path, fork: Path, common_macros: dict) -> list[SrcTable]:
     """Every table of one source file (see the module doc)."""
     data = path.read_bytes()
-    if b"turbo" not in data.lower():
+    if b"turbo" not in data.lower() and "turbo" not in path.name.lower():
         return []
     text = data.decode(errors="replace")
     rel = path.relative_to(fork).as_posix()
