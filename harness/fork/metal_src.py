@@ -60,6 +60,20 @@ class Extract:
     missing: dict = field(default_factory=dict)    # 'turbo3:set_rows' -> reason
     left_out: dict = field(default_factory=dict)   # item name -> reason (GPU-only features)
 
+    def to_json(self) -> str:
+        """What a cached shim needs to say about its extract (no fork text)."""
+        import json
+        return json.dumps({"items": [[it.name, it.line] for it in self.items], "set_rows": self.set_rows,
+                           "dequant": self.dequant, "has_wht": self.has_wht, "missing": self.missing,
+                           "left_out": self.left_out})
+
+    @classmethod
+    def from_json(cls, source: Path, text: str) -> "Extract":
+        import json
+        d = json.loads(text)
+        items = [S.Item(n, "", source, ln, ln, "") for n, ln in d.pop("items")]
+        return cls(source=source, items=items, **d)
+
     def text(self) -> str:
         """The items in file order, each behind a #line of its place in the fork's file."""
         return "".join(f'#line {it.line} "{self.source}"\n{it.text}\n' for it in self.items)
@@ -225,20 +239,28 @@ def build_shim(fork: Path, ex: Extract | None = None, cache: Path | None = None)
         Unsupported: no Metal source, no C++ compiler, or the fork's Metal code does not compile through the shim
             (the message quotes the first error with its place in the fork's file): nothing can run on the host.
     """
-    ex = ex or extract(fork)
     fork = Path(fork)
+    src = metal_source(fork)
+    if src is None:
+        raise Unsupported(f"the fork has no Metal source ({METAL_REL} absent): nothing to run on the host")
     impl = fork / "ggml/src/ggml-metal/ggml-metal-impl.h"
-    if not impl.is_file():
-        raise Unsupported("the Metal shim needs ggml/src/ggml-metal/ggml-metal-impl.h, which this fork lacks")
+    common = fork / "ggml/src/ggml-common.h"
+    for h in (impl, common):
+        if not h.is_file():
+            raise Unsupported(f"the Metal shim needs {h.relative_to(fork)}, which this fork lacks")
     cxx = _compiler()
+    # the key: every input of the unit (the Metal source, the headers, the shim header, this module, compiler, flags)
+    h = hashlib.sha256()
+    for part in (src.read_bytes(), impl.read_bytes(), common.read_bytes(), SHIM_H.read_bytes(),
+                 Path(__file__).read_bytes(), cxx.encode(), " ".join(FLAGS).encode()):
+        h.update(hashlib.sha256(part).digest())
+    d = (cache or cache_root()) / h.hexdigest()[:24]
+    lib, meta = d / "libturbo_metal_src.so", d / "extract.json"
+    if lib.is_file() and meta.is_file() and ex is None:
+        return lib, Extract.from_json(src, meta.read_text()), False
+    ex = ex or extract(fork)
     unit = ('#include "metal_shim.h"\n#include <cstring>\n' + common_decls(fork, cxx) +
             f'#include "{impl}"\n' + ex.text() + '#line 1 "turbo-harness-driver.cpp"\n' + _driver(ex))
-    key = hashlib.sha256("\0".join([unit, SHIM_H.read_text(), impl.read_text(errors="replace"), cxx,
-                                    " ".join(FLAGS)]).encode()).hexdigest()[:24]
-    d = (cache or cache_root()) / key
-    lib = d / "libturbo_metal_src.so"
-    if lib.is_file():
-        return lib, ex, False
     d.mkdir(parents=True, exist_ok=True)
     (d / "metal_shim.h").write_text(SHIM_H.read_text())
     (d / "unit.cpp").write_text(unit)
@@ -255,6 +277,7 @@ def build_shim(fork: Path, ex: Extract | None = None, cache: Path | None = None)
         first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:300])
         raise Unsupported(f"the fork's Metal code does not compile for the host through the shim: {first.strip()}")
     os.replace(tmp, lib)
+    meta.write_text(ex.to_json())
     return lib, ex, True
 
 

@@ -42,8 +42,9 @@ HALF = re.compile(r"\b(half\d?|__half2?|float16_t|f16vec\d|ggml_half)\b")
 _T = r"(?:float|double|half\d?|__half2?|float16_t|f16vec\d|vec\d|ggml_half|int|int8_t|uint8_t|uint|int32_t|uint32_t)"
 ARRAY = re.compile(r"\[([^\]\n]*)\]\s*=\s*(?:[A-Za-z_]\w*\s*\[\s*\w*\s*\]\s*)?([({])")
 DECL_BEFORE = re.compile(r"\b" + _T + r"\s+([A-Za-z_]\w*)\s*$")
-RUNTIME = re.compile(r"\b" + _T + r"\s+(\w*(?:rotation|centroid|signs|qjl)\w*)\s*\[[^\]\n]+\]\s*;", re.I)
+RUNTIME = re.compile(r"^(?:static\s+)?" + _T + r"\s+(\w*(?:rotation|centroid|signs|qjl)\w*)\s*\[[^\]\n]+\]\s*;", re.I | re.M)
 CHAIN = re.compile(r"\bif\s*\(\s*([A-Za-z_]\w*)\s*<\s*(-?\s*(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?)[fF]?\s*\)")
+_CMP_NUM = re.compile(r"<\s*-?\s*\d*\.\d+[fF]?\s*\)")
 FUNC = re.compile(r"\b([A-Za-z_]\w*)\s*\([^;{}()]*(?:\([^()]*\)[^;{}()]*)*\)\s*(?:const\s*)?\{")
 INV_SQRT = re.compile(r"(?<![\w.])0\.088388347\d*[fFhH]?(?![\w.])")
 
@@ -212,6 +213,8 @@ def _chains(masked: str, nl: list) -> list[tuple[str, list[tuple[float, int, str
     comparison within 400 characters of the previous; named after the enclosing function."""
     import bisect
     runs, cur, var, last = [], [], None, -10 ** 9
+    if not _CMP_NUM.search(masked):
+        return []
     for m in CHAIN.finditer(masked):
         v = float(m.group(2).replace(" ", ""))
         entry = (v, bisect.bisect_left(nl, m.start()) + 1, "", m.start())
@@ -237,7 +240,7 @@ def _chains(masked: str, nl: list) -> list[tuple[str, list[tuple[float, int, str
 def scan_file(backend: str, path: Path, fork: Path, common_macros: dict) -> list[SrcTable]:
     """Every table of one source file (see the module doc)."""
     data = path.read_bytes()
-    if b"turbo" not in data.lower() and "turbo" not in path.name.lower():
+    if not any(w in data for w in (b"turbo", b"TURBO", b"Turbo")) and "turbo" not in path.name.lower():
         return []
     text = data.decode(errors="replace")
     rel = path.relative_to(fork).as_posix()
@@ -277,9 +280,7 @@ def scan_file(backend: str, path: Path, fork: Path, common_macros: dict) -> list
         if t is not None and t.kind == "thresholds":
             out.append(t)
     for m in RUNTIME.finditer(masked):
-        before = masked[masked.rfind("\n", 0, m.start()) + 1:m.start()]
-        if "turbo" in (m.group(1) + rel).lower() and re.fullmatch(r"\s*(static\s+)?", before) and \
-                (before.strip() or not before):  # a file-scope table (static, or at column 0), not a local buffer
+        if "turbo" in (m.group(1) + rel).lower():  # a file-scope table (at column 0), not a local buffer
             out.append(SrcTable(backend, rel, bisect.bisect_left(nl, m.start()) + 1, m.group(1), "runtime",
                                 note=f"{m.group(1)} has no literal initializer: it is computed at run time"))
     for m in INV_SQRT.finditer(masked):
