@@ -290,4 +290,4 @@ def run(ctx: Context) -> Outcome:
     return out
 
 
-CHECK = Check(ID, TITLE, run, order=5, rules="PQ2", needs=("source",))
+CHECK = Check(ID, TITLE, run, order=75, rules="PQ2", needs=("source",))

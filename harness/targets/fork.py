@@ -102,9 +102,10 @@ class ForkTarget(Target):
 
     def _is_host(self, backend: str) -> bool:
         """Whether a backend's code runs on the host (metal-src), not through the probe."""
-        if self._backends is None and backend not in self.host:
+        host = self.__dict__.setdefault("host", {})  # (a target made without __init__, as in tests, has none)
+        if self.__dict__.get("_backends") is None and backend not in host:
             self.backends()
-        return backend in self.host
+        return backend in host
 
     def _add_host_backends(self) -> None:
         """metal-src (:mod:`harness.targets.metal_src`) when the fork ships Metal source and no local Metal device is
