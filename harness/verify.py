@@ -145,6 +145,12 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             raise_if_pending()
             current = cid
             check = checks[cid]
+            if "source" in check.needs and target.source_dir() is None:  # nothing to read: not run, said so
+                run.meta["not_run"].append(f"{cid}: this target has no fork source to read (not a fork build)")
+                log(f"{cid:6s} not run: the target has no fork source to read")
+                finished.append(cid)
+                current = None
+                continue
             t0 = time.time()
             cr = CheckResult(id=cid, title=check.title)
             try:
