@@ -275,6 +275,11 @@ def run(ctx: Context) -> Outcome:
             fams.update(ctx.types if not x.bits else [f"turbo{x.bits}"])
     out = Outcome(au.cells, notes=[f"backends audited from source: {', '.join(found)} (tables found by name and value "
                                    f"pattern in {fork})"] + au.notes)
+    for backend, other in A.shared_sources(fork).items():  # HIP compiles CUDA's sources: audited with them
+        if other in audited and backend not in audited:
+            audited[backend] = set(audited[other])
+            out.notes.append(f"{backend} compiles {other}'s kernel sources (ggml/src/ggml-{backend}/CMakeLists.txt): "
+                             f"its tables are {other}'s, audited above")
     from harness.checks.examined import examination
     exam = examination(ctx, audited)
     out.notes.insert(0, f"examined: {exam.caption[0]}")

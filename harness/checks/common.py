@@ -322,11 +322,21 @@ def quantizer_rotation(ctx: Context, backend: str, route: str, type_name: str) -
     return ctx.cached(("qrot", backend, route, type_name), measure)
 
 
+_SPREAD: list = []
+
+
+def _spread() -> np.ndarray:
+    """Gaussian-like spread of 128 coordinates (normal quantiles / sqrt(128), a fixed permutation), computed once."""
+    if not _SPREAD:
+        from scipy.stats import norm as _norm
+        g = _norm.ppf((np.arange(128) + 0.5) / 128) / np.sqrt(128)
+        _SPREAD.append(np.random.default_rng(7).permutation(g))
+    return _SPREAD[0].copy()
+
+
 def _probe_rows(R: np.ndarray, t: np.ndarray, coord: int, table: np.ndarray, ref_coord: int) -> np.ndarray:
     """Rows x = R^T y with unit y: y[coord] = t, y[ref_coord] = outermost centroid, others at centroids."""
-    from scipy.stats import norm as _norm
-    g = _norm.ppf((np.arange(128) + 0.5) / 128) / np.sqrt(128)  # Gaussian-like spread of coordinates
-    g = np.random.default_rng(7).permutation(g)
+    g = _spread()
     rest = table[np.argmin(np.abs(g[:, None] - table[None, :]), axis=1)]  # each at a centroid: far from thresholds
     rest[ref_coord] = table[-1]
     rest[coord] = 0.0

@@ -292,6 +292,17 @@ def scan_file(backend: str, path: Path, fork: Path, common_macros: dict) -> list
     return out
 
 
+def shared_sources(fork: Path) -> dict[str, str]:
+    """{backend: backend whose sources it compiles}, read from the fork's CMake: ggml-hip's CMakeLists globs
+    ``../ggml-cuda/*.cu`` (HIP builds CUDA's kernels), so HIP's tables are CUDA's."""
+    out = {}
+    for backend, other in (("hip", "cuda"), ("sycl", "cuda"), ("opencl", "cuda")):
+        cm = Path(fork) / f"ggml/src/ggml-{backend}/CMakeLists.txt"
+        if cm.is_file() and re.search(rf"\.\./ggml-{other}/\*\.cu\b", cm.read_text(errors="replace")):
+            out[backend] = other
+    return out
+
+
 def scan(fork: Path) -> list[SrcTable]:
     """Every table of every backend source of a fork (empty list when it has none of the folders)."""
     fork = Path(fork)
