@@ -145,20 +145,18 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             raise_if_pending()
             current = cid
             check = checks[cid]
-            if "source" in check.needs and target.source_dir() is None:  # nothing to read: not run, said so
-                run.meta["not_run"].append(f"{cid}: this target has no fork source to read (not a fork build)")
-                log(f"{cid:6s} not run: the target has no fork source to read")
-                finished.append(cid)
-                current = None
-                continue
             t0 = time.time()
             cr = CheckResult(id=cid, title=check.title)
+            if "source" in check.needs and target.source_dir() is None:  # nothing to read: SKIP, judges nothing
+                cr.not_applicable = "this target has no fork source to read (not a fork build)"
+                cr.notes = [f"not run: {cr.not_applicable}"]
             try:
-                with T.layouts_in_use(layouts):
-                    out = check.evaluate(ctx)
-                raise_if_pending()
-                cr.cells, cr.notes, cr.tables = list(out), list(out.notes), list(out.tables)
-                annotate_modes(cr.cells, ctx.backends())
+                if not cr.not_applicable:
+                    with T.layouts_in_use(layouts):
+                        out = check.evaluate(ctx)
+                    raise_if_pending()
+                    cr.cells, cr.notes, cr.tables = list(out), list(out.notes), list(out.tables)
+                    annotate_modes(cr.cells, ctx.backends())
             except ProbeCrash as e:  # a fork crash outside any cell: the fork's fault (FAIL), not the harness's
                 cr.cells = [crash_cell(ctx, cid, "all", tb, "-", e)]
             except HarnessError as e:

@@ -112,7 +112,7 @@ def extract(fork: Path) -> Extract:
             continue
         for it in its:
             chosen[(name, it.line)] = it
-            todo += [w for w in set(S.IDENT.findall(S._mask(it.text))) if w in by_name and w != name]
+            todo += [w for w in set(S.IDENT.findall(S.mask(it.text))) if w in by_name and w != name]
     ex.items = sorted(chosen.values(), key=lambda it: it.line)
     names = {it.name for it in ex.items}
     ex.has_wht = "kernel_turbo_wht" in names
@@ -299,10 +299,14 @@ class MetalSource:
             raise Unsupported(self.extract.missing.get(why, f"{name} is not in the Metal shim")) from None
 
     def block(self, t: str) -> tuple[int, int]:
-        """(values per block, bytes per block) of a type as the Metal source's structs define them."""
+        """(values per block, bytes per block) of a type as the Metal source's structs define them (QK_TURBO*,
+        sizeof(block_turbo*_0)). Raises Unsupported for a type the shim lacks."""
         return int(self._fn(f"th_qk_{t}", t)()), int(self._fn(f"th_bytes_{t}", t)())
 
     def set_rows(self, t: str, x: np.ndarray) -> np.ndarray:
+        """Quantise float32 rows (n, ncols) with the Metal ``kernel_set_rows_*`` of type t, one row per threadgroup;
+        returns the blocks as flat uint8 (n * ncols / QK * block bytes). Raises Unsupported for rows that are not
+        whole 128-value groups or a type without a set_rows kernel."""
         qk, nb = self.block(t)
         x = np.ascontiguousarray(x, np.float32)
         n, ncols = x.shape
@@ -314,6 +318,9 @@ class MetalSource:
         return out
 
     def dequant(self, t: str, route: str, raw: np.ndarray, nvalues: int) -> np.ndarray:
+        """Decode flat uint8 blocks to float32 (nvalues,) through ``dequantize_*`` (route 'dequant', 16 values per
+        call) or ``dequantize_*_t4`` ('dequant_t4', 4 per call). Values stay in the rotated domain (as on Metal).
+        Raises Unsupported when the bytes are not whole blocks or the function is missing."""
         qk, nb = self.block(t)
         raw = np.ascontiguousarray(raw, np.uint8)
         nblocks = nvalues // qk
@@ -325,6 +332,8 @@ class MetalSource:
         return out
 
     def wht(self, x: np.ndarray, direction: int) -> np.ndarray:
+        """``kernel_turbo_wht`` (half4 butterfly) on float32 values in 128-value groups; direction 0 forward, 1
+        inverse. Returns float32 of x's shape."""
         x = np.ascontiguousarray(x, np.float32)
         if x.size % 128:
             raise Unsupported("kernel_turbo_wht works on whole 128-value groups")

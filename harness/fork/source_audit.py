@@ -9,7 +9,7 @@ is, and these are collected with their ``file:line``:
   their values: sign vectors (all +-1, 128 or 64 long; QJL by name), centroid tables (2^b values of both signs),
   magnitude tables (2^(b-1) positive values), decision thresholds (2^b - 1 ascending values), each f32 or f16 (by
   its declared type or an ``h`` suffix);
-- threshold tables written as code: ``if (v < -0.145560f) return 0; ...`` chains (:func:`source_scan.comparison_chain`);
+- threshold tables written as code: ``if (v < -0.145560f) return 0; ...`` chains (:func:`_chains`);
 - the 1/sqrt(128) normalisation constant wherever it is a literal;
 - the ``block_turbo*_0`` structs (field order and sizes, array sizes evaluated with the file's and ggml-common.h's
   ``#define`` s);
@@ -244,7 +244,7 @@ def scan_file(backend: str, path: Path, fork: Path, common_macros: dict) -> list
         return []
     text = data.decode(errors="replace")
     rel = path.relative_to(fork).as_posix()
-    masked = S._mask(text)
+    masked = S.mask(text)
     nl = [m.start() for m in re.finditer("\n", text)]
     out: list[SrcTable] = []
     for m in ARRAY.finditer(masked):

@@ -5,9 +5,8 @@ table (up to its ``;``), a struct typedef. Comments, strings and preprocessor li
 brace in a comment cannot move a boundary. Each item keeps its name, its first and last line (1-based) and its text,
 so a finding can name ``file:line`` and the Metal shim can compile the fork's own text.
 
-Also here: numeric literals of an item with the line of each (:func:`numbers`), the values of a braced
-initializer (:func:`initializer`) and comparison chains ``if (v < c) ...`` (:func:`comparison_chain`), which the
-source audit reads as tables.
+Also here: the numeric literals of a piece of source with the line of each (:func:`numbers`), which the source
+audit reads as tables.
 """
 from __future__ import annotations
 
@@ -60,6 +59,9 @@ def _mask(text: str) -> str:
     """The text with comments, string/char literals and preprocessor lines replaced by spaces (newlines kept), so
     offsets and line numbers stay those of the original."""
     return _SKIP.sub(_blank, text)
+
+
+mask = _mask  # public name: the Metal extraction and the source audit read masked text
 
 
 def _strip_header(head: str) -> str:
@@ -166,49 +168,3 @@ def numbers(item: Item, text: str | None = None) -> list[tuple[float, int, str]]
             continue
         out.append((v, item.line + bisect.bisect_left(nl, m.start()), (m.group(2) or "").lower()))
     return out
-
-
-def initializer(item: Item) -> list[tuple[float, int, str]] | None:
-    """The numbers of a table's braced initializer (after its '='), flattened (half4(...) groups included), or None
-    when the item has none or holds something that is not a number (an expression, a name)."""
-    masked = _mask(item.text)
-    eq = masked.find("=")
-    if eq < 0:
-        return None
-    body = masked[eq + 1:]
-    a, b = body.find("{"), body.rfind("}")
-    if a < 0 or b < a:
-        return None
-    inner = body[a + 1:b]
-    # constructor wrappers of vector literals (half4(...), make_half2(...), __float2half(...)) are allowed
-    stripped = re.sub(r"\b[A-Za-z_]\w*\s*\(", "(", inner)
-    stripped = NUM.sub(" 0 ", stripped)
-    if re.search(r"[A-Za-z_]", stripped):
-        return None
-    prefix = item.text[:eq + 1 + a + 1]
-    off = item.text[:len(prefix)].count("\n")
-    sub = Item(item.name, item.kind, item.file, item.line + off, item.end_line, item.text[eq + 1 + a + 1:eq + 1 + b])
-    return numbers(sub)
-
-
-CMP = re.compile(r"\b([A-Za-z_]\w*)\s*<\s*(-?\s*(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?)[fF]?\s*\)")
-
-
-def comparison_chain(item: Item, min_len: int = 3) -> list[tuple[str, list[tuple[float, int]]]]:
-    """Runs of ``if (v < CONST)`` comparisons on one variable with increasing constants in a function (a threshold
-    table written as code): [(variable, [(value, file line), ...])], each run at least ``min_len`` long."""
-    masked = _mask(item.text)
-    runs: list[tuple[str, list[tuple[float, int]]]] = []
-    cur_var, cur = None, []
-    for m in CMP.finditer(masked):
-        var, v = m.group(1), float(m.group(2).replace(" ", ""))
-        line = item.line + masked.count("\n", 0, m.start())
-        if var == cur_var and cur and v > cur[-1][0]:
-            cur.append((v, line))
-            continue
-        if len(cur) >= min_len:
-            runs.append((cur_var, cur))
-        cur_var, cur = var, [(v, line)]
-    if len(cur) >= min_len:
-        runs.append((cur_var, cur))
-    return runs
