@@ -146,8 +146,10 @@ def test_fp16_lut_rounded_to_8_bits_is_flagged(fork_copy, make_ctx):
 # ----------------------------------------------------------------------------- fixture forks (no build needed)
 
 COMMON_OTHER = """
+#define QK_TURBO2 32
 #define QK_TURBO3 32
 #define QK_TURBO4 128
+typedef struct { ggml_half norm; uint8_t qs[QK_TURBO2 / 4]; } block_turbo2_0;
 typedef struct { ggml_half norm; uint8_t qs[QK_TURBO3 / 4]; uint8_t signs[QK_TURBO3 / 8]; } block_turbo3_0;
 typedef struct { ggml_half norm; uint8_t qs[QK_TURBO4 / 2]; } block_turbo4_0;
 """
@@ -176,10 +178,11 @@ def test_other_layouts_and_no_metal_give_findings_or_skips(tmp_path, make_ctx, m
         root = _fixture_fork(tmp_path / name, m, c4)
         target = NumpyTarget()
         target.fork = root
-        out = audit.run(make_ctx(target, types=["turbo3", "turbo4"]))
+        out = audit.run(make_ctx(target, types=["turbo2", "turbo3", "turbo4"]))
         assert out and all(c.verdict in (Verdict.PASS, Verdict.PARTIAL, Verdict.FAIL, Verdict.SKIP) for c in out)
         structs = _cells(out, "common:source", "block_bytes_vs_traits")
         assert structs and {c.verdict for c in structs} == {Verdict.FAIL}, [(c.type, c.value, c.caveat) for c in structs]
+        assert {c.type for c in structs} == {"turbo2", "turbo3", "turbo4"}
         assert any("66" in c.caveat for c in structs) and any("14" in c.caveat for c in structs)
         assert [c for c in out if c.verdict == Verdict.SKIP], "tables absent from a backend are SKIP, never PASS"
         routes = MetalSrcRoutes(root)

@@ -108,10 +108,11 @@ class ForkTarget(Target):
         return backend in host
 
     def _add_host_backends(self) -> None:
-        """metal-src (:mod:`harness.targets.metal_src`) when the fork ships Metal source and no local Metal device is
-        in the build (a real device takes precedence)."""
+        """metal-src (:mod:`harness.targets.metal_src`) when the fork ships Metal source, no local Metal device is in
+        the build and no remote device was asked for (``--rpc``: a Mac behind it is the real witness, and takes
+        precedence)."""
         from harness.targets.metal_src import MetalSrcRoutes
-        if MetalSrcRoutes.available(self.fork) and not any(b.name == "metal" for b in self._backends):
+        if MetalSrcRoutes.available(self.fork) and not self.rpc and not any(b.name == "metal" for b in self._backends):
             r = MetalSrcRoutes(self.fork)
             self.host[r.name] = r
             self._backends.append(r.backend())

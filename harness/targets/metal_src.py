@@ -1,8 +1,8 @@
 """The route ``metal-src``: the fork's Metal per-block code run on the host CPU (:mod:`harness.fork.metal_src`).
 
 A fork build target (:class:`harness.targets.fork.ForkTarget`) offers it as one more backend when the fork ships
-``ggml-metal.metal`` and no real Metal device is in the build (a Mac - local, or behind ``--rpc`` with ``--target``
-naming it - is always the better witness). Its paths:
+``ggml-metal.metal``, no real Metal device is in the build and no remote device was asked for (a Mac - local, or
+behind ``--rpc`` - is always the better witness and takes precedence). Its paths:
 
 - ``metal-src:set_rows``: ``kernel_set_rows_turbo*`` (normalise, ``turbo_rotate_forward``, the midpoint chains, norm
   correction), one row per threadgroup;
