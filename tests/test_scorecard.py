@@ -77,6 +77,15 @@ def test_root_finding_is_upstream_first(tmp_path):
     from harness.pipeline import load_run
     run = load_run(Path(__file__).resolve().parents[1] / "reports" / "samples" / "cpu-verify")
     assert root_finding(run).startswith("PARTIAL PQ2 turbo4")
+    # a type missing from the build (often by design on an experiment branch) comes after the fork's other findings
+    from harness.report.model import Cell, Verdict
+    pq4 = next(c for c in run.checks if c.id == "PQ4")
+    pq4.cells.append(Cell("PQ4", "turbo2", "cpu:traits", "-", None, None, Verdict.FAIL,
+                          caveat="the build has no type named turbo2"))
+    assert root_finding(run).startswith("PARTIAL PQ2 turbo4")
+    for c in run.checks:
+        c.cells = [x for x in c.cells if x.verdict.value == "PASS" or "no type named" in x.caveat]
+    assert root_finding(run).startswith("FAIL PQ4 turbo2") and "no type named turbo2" in root_finding(run)
 
 
 def test_fork_identity_from_a_git_checkout(tmp_path, three_runs):
@@ -101,3 +110,43 @@ def test_bad_input(tmp_path):
     assert r.exit_code == 2 and "give one or more run folders" in r.output
     with pytest.raises(Exception):
         load_scorecard([])
+
+
+def test_make_scorecard_reuses_a_build_only_by_provenance(tmp_path):
+    """`make scorecard FORKS=...` (harness.fork.forks): one build folder per fork commit, reused only when its record
+    matches the checkout and it holds the targets and the probe."""
+    from harness.fork import build as fb
+    from harness.fork import forks
+    repo = tmp_path / "fork"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *a],
+                                    check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (repo / "f").write_text("x")
+    git("add", "f")
+    git("commit", "-qm", "c")
+    st = fb.git_state(repo)
+    assert forks.label(st) == st["commit"][:12]
+    bdir = tmp_path / "b" / "cpu"
+    assert forks.reusable(bdir, repo, st, forks.SCORECARD_TARGETS) == "no build recorded there"
+    (bdir / "turbo-probe").mkdir(parents=True)
+    meta = {"fork_commit": st["commit"], "fork_dirty": False, "fork_diff_sha256": None, "targets": ["ggml"]}
+    (bdir / fb.BUILD_META).write_text(json.dumps(meta))
+    assert "test-backend-ops not built" in forks.reusable(bdir, repo, st, forks.SCORECARD_TARGETS)
+    (bdir / fb.BUILD_META).write_text(json.dumps(dict(meta, targets=forks.SCORECARD_TARGETS)))
+    assert forks.reusable(bdir, repo, st, forks.SCORECARD_TARGETS) == "no probe built"
+    (bdir / "turbo-probe" / "libturbo_probe.so").write_text("")
+    assert forks.reusable(bdir, repo, st, forks.SCORECARD_TARGETS) is None  # same commit, clean, complete: reused
+    (repo / "f").write_text("changed")  # uncommitted change: another label, and this build is not reused for it
+    dirty = fb.git_state(repo)
+    assert forks.label(dirty).startswith(st["commit"][:12] + "-dirty-")
+    assert "uncommitted changes" in forks.reusable(bdir, repo, dirty, forks.SCORECARD_TARGETS)
+    git("commit", "-qam", "d")
+    assert "another commit" in forks.reusable(bdir, repo, fb.git_state(repo), forks.SCORECARD_TARGETS)
+    assert forks.main([]) == 2
+
+
+def test_make_scorecard_without_forks_is_one_line_exit_2():
+    r = subprocess.run(["make", "-s", "scorecard", "FORKS="], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "make scorecard FORKS=" in r.stderr

@@ -19,10 +19,10 @@ types) are named in :attr:`Diff.notes` at the top of every output: never a silen
 from __future__ import annotations
 
 import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.checks.common import load_thresholds
 from harness.report.model import Cell, Run, Verdict
 
 DIFF_RULES = Path(__file__).resolve().parents[2] / "checks" / "diff.toml"
@@ -177,8 +177,27 @@ def side(run: Run, run_dir: str) -> dict:
 
 
 def load_diff_rules(path: Path | None = None) -> dict:
-    """{'se_factor', 'rel_tolerance', 'abs_floor'} from checks/diff.toml. Raises HarnessError on a bad file."""
-    return load_thresholds(path or DIFF_RULES, "diff rules file")["noise"]
+    """{'se_factor', 'rel_tolerance', 'abs_floor'} from checks/diff.toml (each entry ``{ value, reason }``, as in
+    thresholds.toml; read here with tomllib alone, so that `diff` does not load the checks' SciPy).
+
+    Raises:
+        HarnessError: the file is missing or malformed, or an entry lacks a number or a reason (one line).
+    """
+    from harness.errors import HarnessError
+    p = Path(path or DIFF_RULES)
+    try:
+        raw = tomllib.loads(p.read_text()).get("noise", {})
+    except OSError:
+        raise HarnessError(f"diff rules file {p} not found: restore checks/diff.toml") from None
+    except tomllib.TOMLDecodeError as e:
+        raise HarnessError(f"{p}: {e}") from None
+    out = {}
+    for k in ("se_factor", "rel_tolerance", "abs_floor"):
+        v = raw.get(k)
+        if not isinstance(v, dict) or not isinstance(v.get("value"), (int, float)) or not v.get("reason"):
+            raise HarnessError(f"{p}: [noise] {k} needs a number value and a one-line reason")
+        out[k] = float(v["value"])
+    return out
 
 
 def _flat(d, prefix="") -> dict:

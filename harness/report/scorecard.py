@@ -187,16 +187,18 @@ def score(run: Run, check: str, t: str, missing: dict[str, str]) -> Score:
 def root_finding(run: Run) -> str:
     """The one finding a maintainer fixes first: the fork's findings (FAIL, PARTIAL) by :data:`ROOT_ORDER` (layout
     before rotation before norms before codebook ... before model results: an upstream PARTIAL codebook is the root of
-    a downstream FAIL in distortion), FAIL before PARTIAL within a check; an ERROR (the harness could not measure)
-    only when the fork has no finding; 'none: ...' when every judged cell passed. The finding's own plain line (harness.report.findings)."""
+    a downstream FAIL in distortion), FAIL before PARTIAL within a check; a type missing from the build only after
+    the other findings; an ERROR (the harness could not measure) only when the fork has no finding; 'none: ...' when every judged cell passed. The finding's own plain line (harness.report.findings)."""
     fs = [f for f in findings(run) if f.label not in ("XFAIL",)]
     if not fs:
         return f"none: {run.headline}, every judged cell passed" if run.verdict == Verdict.PASS else f"none ({run.headline})"
 
-    def key(f: Finding):  # the fork's findings (FAIL, PARTIAL) upstream first; the harness's ERRORs last
+    def key(f: Finding):  # the fork's findings (FAIL, PARTIAL) upstream first; a type the build lacks (often by
+        # design on an experiment branch) after them; the harness's ERRORs last
         grade = {"FAIL": 0, "GROWN": 0, "PARTIAL": 1}.get(f.label, 2)
+        absent = bool(f.cells) and all(x.value is None and "no type named" in x.caveat for x in f.cells)
         order = ROOT_ORDER.index(f.check) if f.check in ROOT_ORDER else len(ROOT_ORDER)
-        return grade == 2, order, grade
+        return grade == 2, absent, order, grade
     f = min(fs, key=key)
     line = f.line()
     line = line.split(" Means: ")[0]  # the finding itself; its meaning is in the run's own report
