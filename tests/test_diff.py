@@ -108,6 +108,15 @@ def test_verdict_change_without_value_move_is_listed(tmp_path):
     cell(new, *PQ5_T3)["verdict"] = "FAIL"
     d = diff_runs(Run.from_dict(base), Run.from_dict(new))
     assert [(c.label, c.type) for c in d.changes] == [("WORSE", "turbo3")] and "PASS -> FAIL" in d.changes[0].why
+    # a finding that is no longer measured is never an improvement: FAIL -> SKIP is worse, SKIP -> PASS better
+    from harness.report.diff import verdict_change
+    assert verdict_change(Verdict.FAIL, Verdict.SKIP) == "worse" and verdict_change(Verdict.PASS, Verdict.ERROR) == "worse"
+    assert verdict_change(Verdict.SKIP, Verdict.PASS) == "better" and verdict_change(Verdict.ERROR, Verdict.FAIL) == "worse"
+    assert verdict_change(Verdict.FAIL, Verdict.PARTIAL) == "better"
+    gone = copy.deepcopy(new)
+    cell(gone, *PQ5_T3)["verdict"], cell(gone, *PQ5_T3)["value"] = "SKIP", None
+    d = diff_runs(Run.from_dict(new), Run.from_dict(gone))
+    assert [c.label for c in d.changes] == ["WORSE"] and d.exit_code("worse") == 1
 
 
 def test_other_rules_or_sizes_are_said_not_compared_silently(tmp_path):
@@ -128,7 +137,7 @@ def test_other_rules_or_sizes_are_said_not_compared_silently(tmp_path):
     md = (tmp_path / "d" / "diff.md").read_text()
     assert md.index("OTHER SIZES") < md.index("## Changes")  # at the top, before any change
     # a run that did not record its rules is said so
-    assert "did not record its rules" in diff_runs(Run.from_dict(sample()), Run.from_dict(sample())).notes[0]
+    assert "did not record their rules" in diff_runs(Run.from_dict(sample()), Run.from_dict(sample())).notes[0]
 
 
 def test_sweep_values_use_their_own_se(tmp_path):

@@ -150,7 +150,8 @@ class Diff:
         else:
             order = ["WORSE", "NEW FINDING", "DISAPPEARED", "APPEARED", "BETTER", "MOVED", "RULE CHANGED"]
             text = (f"{len(self.changes)} change{'s' if len(self.changes) != 1 else ''}: "
-                    + ", ".join(f"{cs[k]} {k.lower()}" for k in order if k in cs)
+                    + ", ".join(f"{cs[k]} {k.lower()}{'s' if k == 'NEW FINDING' and cs[k] > 1 else ''}"
+                                for k in order if k in cs)
                     + f"; {self.unchanged} cells unchanged within their noise")
         if not self.comparable:
             text = "NOT LIKE FOR LIKE (other rules or sizes, see the notes); " + text
@@ -217,9 +218,10 @@ def comparability(base: Run, new: Run) -> tuple[list[str], bool]:
     notes, ok = [], True
     a, b = side(base, ""), side(new, "")
     if a["rules"] is None or b["rules"] is None:
-        which = " and ".join(n for n, s in (("BASE", a), ("NEW", b)) if s["rules"] is None)
-        notes.append(f"{which} did not record its rules (a report from before rules were stored): limits are "
-                     f"compared cell by cell only")
+        both = a["rules"] is None and b["rules"] is None
+        which = "BASE and NEW" if both else ("BASE" if a["rules"] is None else "NEW")
+        notes.append(f"{which} did not record {'their' if both else 'its'} rules (a report from before rules were "
+                     f"stored): limits are compared cell by cell only")
     else:
         fa, fb = _flat(a["rules"]), _flat(b["rules"])
         diff = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
@@ -244,7 +246,8 @@ def comparability(base: Run, new: Run) -> tuple[list[str], bool]:
             notes.append(f"OTHER {what.upper()}: sha256 {str(a[key])[:12]} -> {str(b[key])[:12]}: values are not like for like")
     for key, what in (("types", "types"), ("backends_run", "backends run"), ("target_backend", "target backend")):
         if a[key] != b[key]:
-            notes.append(f"{what} differ: BASE {a[key] or '-'}, NEW {b[key] or '-'} (cells of the others appear or disappear)")
+            show = lambda v: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else (v or "-")
+            notes.append(f"other {what}: BASE {show(a[key])}, NEW {show(b[key])} (cells of the others appear or disappear)")
     for name, run in (("BASE", base), ("NEW", new)):
         if run.interrupted:
             notes.append(f"{name} was INTERRUPTED (not run: {', '.join(run.interrupted.get('not_run') or []) or 'none'}): "
@@ -279,6 +282,17 @@ def _fmt(v) -> str:
     return fmt_num(v)
 
 
+def verdict_change(a: Verdict, b: Verdict) -> str:
+    """'worse' or 'better' for a verdict going from ``a`` to ``b``: a cell no longer measured (SKIP) or no longer
+    measurable (ERROR) is worse whatever it was, never better (a FAIL that turns SKIP hides a finding); a cell
+    measured again is better only when it passes; else by the order PASS < PARTIAL < FAIL."""
+    if b in (Verdict.SKIP, Verdict.ERROR):
+        return "worse"
+    if a in (Verdict.SKIP, Verdict.ERROR):
+        return "better" if b == Verdict.PASS else "worse"
+    return "worse" if b.rank > a.rank else "better"
+
+
 def compare_cells(a: Cell, b: Cell, rules: dict) -> Change | None:
     """The change between two matched cells, or None when they agree (same verdict, value within its noise)."""
     mk = dict(check=b.check, type=b.type, path=b.path, metric=b.metric, base=a, new=b)
@@ -287,7 +301,7 @@ def compare_cells(a: Cell, b: Cell, rules: dict) -> Change | None:
                                                 f"{_fmt(b.threshold)} in NEW: verdicts {a.verdict.value} -> {b.verdict.value} "
                                                 f"are not comparable")
     if a.verdict != b.verdict:
-        kind = "worse" if b.verdict.rank > a.verdict.rank else "better"
+        kind = verdict_change(a.verdict, b.verdict)
         why = f"verdict {a.verdict.value} -> {b.verdict.value}; {b.metric} {_fmt(a.value)} -> {_fmt(b.value)}"
         return Change(kind, **mk, why=why + (f" ({b.caveat})" if b.caveat and kind == "worse" else ""))
     if not (isinstance(a.value, (int, float)) and isinstance(b.value, (int, float))):
