@@ -144,6 +144,7 @@ def test_make_scorecard_reuses_a_build_only_by_provenance(tmp_path):
     git("commit", "-qam", "d")
     assert "another commit" in forks.reusable(bdir, repo, fb.git_state(repo), forks.SCORECARD_TARGETS)
     assert forks.main([]) == 2
+    assert forks.targets_for("cpu") == ["ggml"] and "test-backend-ops" in forks.targets_for("cuda")
 
 
 def test_make_scorecard_without_forks_is_one_line_exit_2():

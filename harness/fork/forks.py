@@ -24,6 +24,13 @@ from harness.fork import build as fb
 SCORECARD_TARGETS = fb.TARGETS["checks"] + fb.TARGETS["compat"]
 
 
+def targets_for(backend: str) -> list[str]:
+    """The targets to build for ``backend``: :data:`SCORECARD_TARGETS`, but ggml alone on the CPU, where
+    test-backend-ops has nothing to compare (it compares other backends with the CPU; COMPAT then says "not run:
+    the binary is not built") and building it costs libllama and common, several times ggml's build."""
+    return fb.TARGETS["checks"] if backend == "cpu" else SCORECARD_TARGETS
+
+
 def label(state: dict) -> str:
     """'<commit[:12]>' or '<commit[:12]>-dirty-<diff[:8]>' for a checkout's :func:`harness.fork.build.git_state`.
 
@@ -100,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         root = forks_root() / lab
         env = dict(os.environ, TURBO_BUILD_ROOT=str(root), FORK_DIR=str(fork))
-        why = reusable(fb.build_dir(backend, root), fork, fb.git_state(fork), SCORECARD_TARGETS)
+        targets = targets_for(backend)
+        why = reusable(fb.build_dir(backend, root), fork, fb.git_state(fork), targets)
         if why is None:
             print(f"{fork}: reusing the build in {fb.build_dir(backend, root)} (same commit, dirty state and diff)")
         else:
             print(f"{fork}: building into {fb.build_dir(backend, root)} ({why})")
-            if run([th, "build", "--backend", backend, "--fork-dir", str(fork), "--targets", ",".join(SCORECARD_TARGETS)], env):
+            if run([th, "build", "--backend", backend, "--fork-dir", str(fork), "--targets", ",".join(targets)], env):
                 failed.append(d)
                 continue
         out = Path(a.out) / "forks" / lab
