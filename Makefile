@@ -54,14 +54,15 @@ sweep-compare: install
 
 # Several forks side by side: builds each checkout of FORKS into its own folder under build/forks/<commit> (reused
 # when its recorded provenance matches the checkout), verifies each into reports/forks/<commit>, then writes
-# reports/scorecard/ (scorecard.md, .html, .json). RUNS_SC=... scores existing run folders without building.
+# reports/scorecard/ (scorecard.md, .html, .json); OUT=DIR puts both under DIR. RUNS_SC=... scores existing run
+# folders without building.
 FORKS ?=
 scorecard: install
 ifneq ($(strip $(RUNS_SC)),)
 	$(TH) scorecard $(RUNS_SC) --out $(or $(OUT),reports/scorecard)
 else
 	@if [ -z "$(strip $(FORKS))" ]; then echo 'error: give the fork checkouts: make scorecard FORKS="dir1 dir2 ..." (or RUNS_SC="run1 run2" for existing reports)' >&2; exit 2; fi
-	$(PY) -m harness.fork.forks $(if $(BACKEND),--backend $(BACKEND),) $(FORKS)
+	$(PY) -m harness.fork.forks $(if $(BACKEND),--backend $(BACKEND),) $(if $(OUT),--out $(OUT),) $(FORKS)
 endif
 
 # Speed of diff and scorecard on existing runs (prints figures; not a test): goals diff <= 1 s, scorecard of N runs
