@@ -14,7 +14,7 @@ import click
 from harness import __version__
 from harness.errors import HarnessError
 from harness.fork import backends, build as fb
-from harness.reference.turbo import TURBO_TYPES
+from harness.turbo_types import TURBO_TYPES
 from harness.cli_rpc import RPC_OPTIONS, RpcOptions
 
 REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))

@@ -16,8 +16,9 @@ from pathlib import Path
 from harness.report.findings import Finding, findings
 from harness.report.model import Cell, Run, Verdict, worst
 from harness.report.render import fmt_num
+from harness.turbo_types import TURBO_TYPES
 
-TYPES = ("turbo2", "turbo3", "turbo4")
+TYPES = TURBO_TYPES
 BITS = {"turbo2": 2, "turbo3": 3, "turbo4": 4}  # index bits per value of each type (spec; harness/reference/turbo.py)
 # Which finding is the root a maintainer fixes first: the byte layout (nothing else can be read right without it),
 # then the rotation, the stored norms and the codebook (each feeds every later stage), then what they cause
