@@ -151,3 +151,21 @@ def test_make_scorecard_without_forks_is_one_line_exit_2():
     r = subprocess.run(["make", "-s", "scorecard", "FORKS="], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "make scorecard FORKS=" in r.stderr
+
+
+def test_mixed_pair_of_a_missing_type_is_scored_under_the_type_that_failed():
+    """turbo3/turbo2 crashing in turbo3's set_rows on a build without turbo2 is turbo3's FAIL, not turbo2's; on a
+    build with both types a mixed pair counts for both (a failure is never hidden)."""
+    from harness.report.model import Cell, CheckResult, Run, Verdict
+    from harness.report.scorecard import missing_types, score
+    crash = Cell("PQ6", "turbo3/turbo2", "cpu:flash_attn[turbo3/turbo2]", "rel_err", None, 0.005, Verdict.FAIL,
+                 caveat="fork code crashed in probe call set_rows")
+    pure = Cell("PQ6", "turbo2/turbo2", "cpu:flash_attn[turbo2/turbo2]", "rel_err", None, 0.005, Verdict.SKIP,
+                caveat="not supported: this fork build has no ggml type named 'turbo2'")
+    traits = Cell("PQ4", "turbo2", "cpu:traits", "-", None, None, Verdict.FAIL, caveat="the build has no type named turbo2")
+    run = Run("r", meta={"types": ["turbo2", "turbo3", "turbo4"]},
+              checks=[CheckResult("PQ4", "Layout", [traits]), CheckResult("PQ6", "Attention", [pure, crash])])
+    miss = missing_types(run)
+    assert score(run, "PQ6", "turbo2", miss).verdict == "SKIP" and score(run, "PQ6", "turbo3", miss).verdict == "FAIL"
+    run.checks[0].cells = []  # turbo2 present: the mixed pair's FAIL shows under both types
+    assert score(run, "PQ6", "turbo2", missing_types(run)).verdict == "FAIL"
