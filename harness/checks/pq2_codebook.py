@@ -89,12 +89,12 @@ def _rule_cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
                "outer_centroid_sigma": float(table[-1] * sig), "lloyd_max_outer_sigma": float(opt.centroids[-1] * sig),
                "distortion": dist, "lloyd_max_distortion": opt.distortion, "thresholds_not_found": missing}
     details["measurement_resolution"] = res
-    details["rule"] = {"limit": tol_t + res, "breach": "FAIL"}  # judged at the threshold plus the resolution (harness.report.rejudge)
     ok_t = thr_err <= tol_t + res
     c1 = ctx.cell(ID, t, backend, route, "threshold_abs_err_vs_midpoint", thr_err, tol_t,
                   Verdict.PASS if ok_t else Verdict.FAIL,
                   caveat="" if ok_t else f"decision thresholds off the centroid midpoints by up to {thr_err:.3g}"
-                  + (f" ({missing} not found within ±2e-3)" if missing else ""), evidence=ev, details=details)
+                  + (f" ({missing} not found within ±2e-3)" if missing else ""), evidence=ev,
+                  details={**details, "rule": {"limit": tol_t + res}})  # judged at tol + resolution
     raw = Verdict.PASS if ratio <= tol_r else Verdict.PARTIAL
     cav = "" if raw == Verdict.PASS else (
         f"distortion {ratio:.3f}x the Lloyd-Max optimum; outer centroid {table[-1] * sig:.3f} sigma "
