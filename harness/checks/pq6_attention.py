@@ -162,7 +162,8 @@ def run(ctx: Context) -> list[Cell]:
     cells: list[Cell] = []
     for b in ctx.backends():
         for c in cases(ctx.types):
-            got = guarded(ctx, ID, f"{c['tk']}/{c['tv']}", b.name, "flash_attn", lambda b=b, c=c: _case(ctx, b.name, c))
+            got = guarded(ctx, ID, f"{c['tk']}/{c['tv']}", b.name, "flash_attn", lambda b=b, c=c: _case(ctx, b.name, c),
+                          case=f"{label(c)} on {b.name}")
             for cell in got:
                 if cell.path == f"{b.name}:flash_attn":
                     cell.path = f"{b.name}:flash_attn[{label(c)}]"
