@@ -16,7 +16,7 @@ from harness.errors import HarnessError
 from harness.fork import backends, build as fb
 from harness.reference.turbo import TURBO_TYPES
 from harness.cli_rpc import RPC_OPTIONS, RpcOptions
-from harness.cli_types import (BackendName, BuildName, CommaList, ModelArg, OneLineUsage, Sha256, existing_dir,
+from harness.cli_types import (AtLeast, BackendName, BuildName, CommaList, ModelArg, OneLineUsage, Sha256, existing_dir,
                                existing_file, out_dir)
 
 REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
@@ -307,7 +307,7 @@ def verify(check_list, types, target_backend, backends, fork_dir, build_backend,
 @click.option("--targets", default=None, type=CommaList("CMake target"),
               help="CMake targets, comma separated (default: all the harness uses)")
 @click.option("--fork-dir", default=None, type=existing_dir())
-@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, help="parallel compile jobs (at least 1)")
+@click.option("--jobs", "-j", type=AtLeast(1, "parallel compile jobs"), default=None, help="parallel compile jobs (at least 1)")
 @click.option("--rpc", is_flag=True, help="also build ggml's RPC backend and rpc-server (GGML_RPC=ON), for --rpc HOST:PORT")
 def build(backend, targets, fork_dir, jobs, rpc):
     """Build the fork (only the targets the harness uses) and the native probe."""

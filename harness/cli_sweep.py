@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from harness.cli_types import BackendName, CommaList, ModelArg, Seconds
+from harness.cli_types import AtLeast, BackendName, CommaList, ModelArg, Seconds
 from harness.errors import HarnessError
 from harness.fork import backends
 
@@ -168,16 +168,16 @@ def _table_text(section: dict) -> str:
               help="smollm2 | gemma3 (known models, checks/models.toml) or a GGUF path (default: smollm2).")
 @click.option("--corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Plain-text corpus (default: $TURBO_CORPUS, else ../shared/data/wikitext-2-raw/wiki.test.raw).")
-@click.option("--ctx", type=click.IntRange(min=16), default=None, help="Context per perplexity chunk (CPU 256, GPU 512).")
-@click.option("--chunks", type=click.IntRange(min=2), default=None,
+@click.option("--ctx", type=AtLeast(16, "tokens per perplexity chunk"), default=None, help="Context per perplexity chunk (CPU 256, GPU 512).")
+@click.option("--chunks", type=AtLeast(2, "llama-perplexity prints KLD statistics only for 2+ chunks"), default=None,
               help="Chunks of the corpus (CPU 8, GPU 64; at least 2: llama-perplexity prints KLD only for 2+).")
 @click.option("--pairs", default=None, type=CommaList("K/V pair", check=_pairs), help="Comma-separated K/V pairs, e.g. f16/f16,q8_0/turbo3 (one name = K=V).")
-@click.option("--ngl", type=click.IntRange(min=0), default=None, help="Layers offloaded to the GPU (CPU backend 0, else 99).")
+@click.option("--ngl", type=AtLeast(0, "layers offloaded"), default=None, help="Layers offloaded to the GPU (CPU backend 0, else 99).")
 @click.option("--depths", default=None, type=CommaList("depth", check=_ints), help="llama-bench depths, comma-separated (CPU 0,256; GPU 0,2048,8192).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
-@click.option("--reps", type=click.IntRange(min=1), default=None, help="llama-bench repetitions (CPU 3, GPU 5).")
-@click.option("--batch", type=click.IntRange(min=1), default=None, help="-b (default: ctx, one sequence per pass).")
-@click.option("--ubatch", type=click.IntRange(min=1), default=None, help="-ub (default: min(batch, 512)).")
+@click.option("--threads", type=AtLeast(1, "CPU threads"), default=None, help="CPU threads (default: all cores).")
+@click.option("--reps", type=AtLeast(1, "llama-bench repetitions"), default=None, help="llama-bench repetitions (CPU 3, GPU 5).")
+@click.option("--batch", type=AtLeast(1, "-b, tokens per batch"), default=None, help="-b (default: ctx, one sequence per pass).")
+@click.option("--ubatch", type=AtLeast(1, "-ub, tokens per micro-batch"), default=None, help="-ub (default: min(batch, 512)).")
 @click.option("--fresh", is_flag=True, help="Ignore cached results and rerun every job.")
 @click.option("--fork-defaults", is_flag=True,
               help="Leave TURBO_AUTO_ASYMMETRIC/TURBO_LAYER_ADAPTIVE/TURBO_SPARSE_V unset (the fork may change types).")
@@ -197,10 +197,10 @@ def _table_text(section: dict) -> str:
 @click.option("--rpc", "rpc", default=None, metavar="HOST:PORT[,...]", type=CommaList("HOST:PORT", check=_endpoints),
               help="Offload to the devices of these rpc-servers (the fork's own --rpc of llama-perplexity and "
                    "llama-bench; the build needs RPC: make build RPC=1); README 'Remote devices'.")
-@click.option("--decode-prompts", type=click.IntRange(min=0), default=None,
+@click.option("--decode-prompts", type=AtLeast(0, "0 = no decode"), default=None,
               help="Corpus prompts for the greedy-decode agreement per pair (default 3; 0 = no decode).")
-@click.option("--decode-tokens", type=click.IntRange(min=1), default=None, help="Tokens generated per decode prompt (default 32).")
-@click.option("--decode-prompt-tokens", type=click.IntRange(min=1), default=None, help="Prompt tokens per decode prompt (default 64).")
+@click.option("--decode-tokens", type=AtLeast(1, "tokens generated per prompt"), default=None, help="Tokens generated per decode prompt (default 32).")
+@click.option("--decode-prompt-tokens", type=AtLeast(1, "prompt tokens per prompt"), default=None, help="Prompt tokens per decode prompt (default 64).")
 @click.option("--kld-depths", default=None, type=CommaList("context length", check=_kld_depths, none_words=("none", "off", "0")),
               help="Context lengths for KLD vs depth, comma-separated, on the same 2 x longest tokens "
                    "(CPU 256,1024; GPU 512,4096; 'none' = off).")
@@ -292,6 +292,8 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     except HarnessError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    from harness.interrupt import hold_until_exit
+    hold_until_exit()  # the report is written and its exit code decided: a late signal must not contradict them
     from harness.report.findings import headline
     from harness.report.render import sweep_setup_line
     sec = run.sections["sweep"]

@@ -33,6 +33,25 @@ class OneLineUsage(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+class AtLeast(click.IntRange):
+    """An integer of at least ``lo``; a smaller one is refused with why (never replaced by the default)."""
+
+    def __init__(self, lo: int, why: str = ""):
+        super().__init__(min=lo)
+        self.why = why
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as e:
+            try:
+                v = int(value)
+            except (TypeError, ValueError):
+                raise e from None
+            self.fail(f"{v} is too small{f' ({self.why})' if self.why else ''}: give {self.min} or more, or leave it "
+                      f"out for the default", param, ctx)
+
+
 class Seconds(click.FloatRange):
     """A finite number of seconds above ``lo`` (NaN and inf are refused: NaN compares false and would mean no limit)."""
 
@@ -100,11 +119,12 @@ class BackendName(click.ParamType):
         if value is None:
             return None
         from harness import usage
+        from harness.fork import backends
         try:
-            return usage.backend_name(str(value), "/".join(param.opts) if param else "--backend")
-        except HarnessError as e:
-            self.fail(_strip_option(str(e)).replace(f"unknown backend {value!r} for ", f"unknown backend {value!r}; "),
-                      param, ctx)
+            return usage.backend_name(str(value), "--backend")
+        except HarnessError:
+            self.fail(f"unknown backend {value!r}: choose from {backends.choices(', ')} (or rpc0, rpc1, ... for the "
+                      f"devices of --rpc servers)", param, ctx)
 
 
 class BuildName(click.ParamType):
@@ -146,7 +166,7 @@ class ModelArg(click.ParamType):
             return v
         p = Path(v).expanduser()
         if not p.is_file():
-            self.fail(f"{v!r} is neither a known model ({', '.join(names)}) nor a file: give a name or a .gguf path",
+            self.fail(f"{v} does not exist and is not a known model ({', '.join(names)}): give a .gguf path or a name",
                       param, ctx)
         try:
             with open(p, "rb") as f:
@@ -154,7 +174,7 @@ class ModelArg(click.ParamType):
         except OSError as e:
             self.fail(f"{v} cannot be read ({e.strerror}): give a readable .gguf file", param, ctx)
         if magic != b"GGUF":
-            self.fail(f"{v} is not a GGUF file (it does not start with 'GGUF'): give a model converted to GGUF, "
+            self.fail(f"{v} is not a valid GGUF file (it does not start with 'GGUF'): give a model converted to GGUF, "
                       f"or a name ({', '.join(names)})", param, ctx)
         return v
 

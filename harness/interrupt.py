@@ -133,8 +133,10 @@ def hold_until_exit() -> None:
     """Called once the final report is written and its exit code decided: in the console program, signals that
     arrive from now on are ignored until the process ends (a SIGINT after the 'report:' line must not turn a
     PASS report into exit 130). Under a test runner (not the console program) it does nothing."""
+    if not STANDALONE["on"] or threading.current_thread() is not threading.main_thread():
+        return
     st = _DEFERRED.get()
-    if st is not None and STANDALONE["on"] and threading.current_thread() is threading.main_thread():
-        st["hold"] = True
-        for s in SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
+    if st is not None:
+        st["hold"] = True  # the deferred block must not put its handlers back
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

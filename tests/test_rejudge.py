@@ -15,7 +15,6 @@ from click.testing import CliRunner
 
 from harness.cli import cli
 from harness.report.model import Cell, CheckResult, Run, Verdict
-from harness.report.rejudge import rejudge
 from harness.report.render import write_all
 from harness.targets.numpy_target import NumpyTarget
 from harness.verify import run_checks
@@ -70,6 +69,7 @@ def test_edited_verdicts_are_rejudged_under_known_too(tmp_path):
 def test_unedited_runs_are_not_rejudged(tmp_path):
     """1 (no false alarm): runs straight from the checks, with faults that give FAIL and PARTIAL cells, re-judge
     to the same verdicts: the stored rules (threshold, op, recorded limits) are the ones the checks applied."""
+    from harness.report.rejudge import rejudge
     for faults, checks, t in [([], ["PQ1", "PQ2", "PQ3", "PQ4", "PQ5"], "turbo3"),
                               (["perturbed_centroids"], ["PQ2", "PQ5"], "turbo4"),
                               (["uncorrected_norm"], ["PQ3"], "turbo3"), (["dense_rotation"], ["PQ1"], "turbo3")]:
