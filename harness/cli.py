@@ -357,8 +357,17 @@ def report(run_dir, known_file, strict):
     from harness.report.rejudge import rejudge, rejudge_line
     from harness.report.render import write_all
     from harness.pipeline import load_run
-    run = load_run(Path(run_dir))
+    from harness import runlock
+    cannot_write = (f"cannot write the reports into {run_dir} ({{}}): copy the folder somewhere writable and run "
+                    f"`turbo-harness report` on the copy")
     known = load_known(known_file) if known_file else None
+    try:
+        runlock.acquire(Path(run_dir), "RUN_DIR")  # not while a run writes it; read-modify-write under the lock
+    except runlock.Locked:
+        raise
+    except HarnessError:
+        raise HarnessError(cannot_write.format("its lock file cannot be created")) from None
+    run = load_run(Path(run_dir))
     line = rejudge_line(rejudge(run))
     if line:
         click.echo(line, err=True)
@@ -368,8 +377,7 @@ def report(run_dir, known_file, strict):
         for f in write_all(run, Path(run_dir)):
             click.echo(f"wrote {f}")
     except OSError as e:
-        raise HarnessError(f"cannot write the reports into {run_dir} ({e.strerror or e}): copy the folder somewhere "
-                           f"writable and run `turbo-harness report` on the copy") from None
+        raise HarnessError(cannot_write.format(e.strerror or e)) from None
     _print_headline(run)
     sys.exit(gate_exit_code(run, strict))
 

@@ -110,7 +110,8 @@ def test_second_run_into_a_locked_folder_stops_naming_the_holder(tmp_path):
             first.kill()
     assert first.returncode == 0
     assert sorted(c["id"] for c in json.loads((out / "run.json").read_text())["checks"]) == ["PQ1", "PQ4"]
-    # the folder is free again once the first run ended
+    # the folder is free again once the first run ended, and no lock file is left in it
+    assert not (out / ".turbo-harness.lock").exists()
     r = CliRunner().invoke(cli, ["check", "PQ4", "--numpy-target", "slow", "--type", "turbo3", "--out", str(out)])
     assert r.exit_code == 0, r.output
 
