@@ -100,3 +100,23 @@ def test_root_cause_k_side_loss_on_sweep_and_kvreal(sample, evidence):
     assert len(roots) == 1 and "the loss is on the K side" in roots[0] and evidence in roots[0], roots
     pointing = [ln for ln in head if ln.endswith("Follows from root cause 1 above.")]
     assert pointing and not [ln for ln in pointing if "prefill" in ln]
+
+
+class _NoToFloat(NumpyTarget):
+    """A build whose turbo3 type traits have no to_float (the probe's own message for it)."""
+
+    def decode(self, backend, route, type_name, raw, nrows, ncols):
+        if route == "to_float" and type_name == "turbo3":
+            from harness.errors import HarnessError
+            raise HarnessError("probe call to_float failed: type has no to_float in its traits")
+        return super().decode(backend, route, type_name, raw, nrows, ncols)
+
+
+def test_root_cause_missing_trait_said_once(tmp_path):
+    """5.5 (missing trait): every path that needs the missing to_float is SKIP with the probe's reason; one
+    root-cause line right after the verdict names the trait once (the cells repeat it 6 times)."""
+    run = _run(_NoToFloat(), ["PQ4", "PQ2"], ["turbo3"], tmp_path)
+    head = headline(run)
+    roots = [ln for ln in head if ln.startswith("ROOT")]
+    assert len(roots) == 1 and head[1] == roots[0], head
+    assert "turbo3: the build's type traits lack to_float" in roots[0]

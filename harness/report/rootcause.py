@@ -117,7 +117,7 @@ def root_causes(run: Run) -> list[RootCause]:
     for t, paths in sorted(_by_cause(run, "missing_type").items()):
         out.append(RootCause("missing_type", _sentence("missing_type", types=t), {t}))
     traits: dict[str, set[str]] = {}
-    for _, x in _bad_cells(run):
+    for x in (x for c in run.checks for x in c.cells if x.verdict != Verdict.PASS):  # SKIPs it caused say it too
         m = _TRAIT.search(x.caveat or "")
         if m:
             traits.setdefault(m.group(1), set()).update(p for p in x.type.split("/") if p.startswith("turbo"))
