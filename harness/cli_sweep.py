@@ -188,7 +188,7 @@ def _table_text(section: dict) -> str:
               help="Report folder, as for verify (default: reports/<run-id>).")
 @click.option("--known", "known_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Known-findings file: accepted findings are XFAIL, anything else non-PASS fails (README 'Known findings').")
-@click.option("--timeout", type=Seconds(0.0), default=None, help="Seconds per tool call before it is killed (CPU 900).")
+@click.option("--timeout", type=Seconds(1.0, open_=False), default=None, help="Seconds per tool call before it is killed (CPU 900).")
 @click.option("--no-bench", is_flag=True, help="Skip llama-bench (quality and memory only).")
 @click.option("--no-baselines", is_flag=True,
               help="Run only the pairs given: do not add f16/f16 and q8_0/q8_0 (without q8_0 nothing is judged: SKIP).")
@@ -223,8 +223,6 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
 
     try:
         backend = usage.backend_name(backend, "--backend") or detect_backend()
-        _check_numbers(ctx=ctx, chunks=chunks, reps=reps, threads=threads, timeout=timeout, ngl=ngl, batch=batch,
-                       ubatch=ubatch)
         from harness.fork import rpc as R
         endpoints = R.parse_endpoints(rpc)
         warn = R.security_warning(endpoints)
@@ -312,29 +310,13 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     sys.exit(code)
 
 
-_MINIMA = {"ctx": (16, "tokens per perplexity chunk"), "chunks": (2, "llama-perplexity prints KLD statistics only for 2+ chunks"),
-           "reps": (1, "llama-bench repetitions"), "threads": (1, "CPU threads"), "timeout": (1, "seconds per tool call"),
-           "ngl": (0, "layers offloaded"), "batch": (0, "0 = ctx"), "ubatch": (0, "0 = min(batch, 512)")}
-
-
-def _check_numbers(**given) -> None:
-    """Refuse a number option below its minimum instead of silently using the default (one line, exit 2)."""
-    for name, v in given.items():
-        lo, why = _MINIMA[name]
-        if v is not None and v < lo:
-            raise HarnessError(f"--{name} {v:g} is too small ({why}): give {lo} or more, or leave it out for the default")
-
-
 def _decode_depth_options(cfg, prompts, tokens, prompt_tokens, kld_depths, depth_pairs) -> None:
     """Set the decode-agreement and depth settings of ``cfg`` from the options (defaults: harness/runners/decode.py
-    DECODE_DEFAULTS, harness/runners/depth.py CPU_DEPTHS/GPU_DEPTHS/DEPTH_PAIRS). Raises HarnessError for bad values."""
+    DECODE_DEFAULTS, harness/runners/depth.py CPU_DEPTHS/GPU_DEPTHS/DEPTH_PAIRS); the numbers' minima were checked
+    while parsing (harness.cli_types.AtLeast). Raises HarnessError for bad depths."""
     from harness.runners.decode import DECODE_DEFAULTS
     from harness.runners.depth import CPU_DEPTHS, DEPTH_PAIRS, GPU_DEPTHS, check_depths
     from harness.runners.sweep import parse_pairs
-    for name, v, lo in (("--decode-prompts", prompts, 0), ("--decode-tokens", tokens, 1),
-                        ("--decode-prompt-tokens", prompt_tokens, 1)):
-        if v is not None and v < lo:
-            raise HarnessError(f"{name} {v} is too small: give {lo} or more, or leave it out for the default")
     cfg.decode_prompts = DECODE_DEFAULTS["prompts"] if prompts is None else prompts
     cfg.decode_n_gen = DECODE_DEFAULTS["n_gen"] if tokens is None else tokens
     cfg.decode_n_prompt = DECODE_DEFAULTS["n_prompt"] if prompt_tokens is None else prompt_tokens

@@ -53,12 +53,13 @@ class AtLeast(click.IntRange):
 
 
 class Seconds(click.FloatRange):
-    """A finite number of seconds above ``lo`` (NaN and inf are refused: NaN compares false and would mean no limit)."""
+    """A finite number of seconds above ``lo`` (at least ``lo`` with ``open_=False``); NaN and inf are refused (NaN
+    compares false and would mean no limit)."""
 
     name = "seconds"
 
-    def __init__(self, lo: float = 0.0):
-        super().__init__(min=lo, min_open=True)
+    def __init__(self, lo: float = 0.0, open_: bool = True):
+        super().__init__(min=lo, min_open=open_)
 
     def convert(self, value, param, ctx):
         v = super().convert(value, param, ctx)
