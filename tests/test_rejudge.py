@@ -133,3 +133,15 @@ def test_build_given_a_folder_points_the_right_way(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.exit_code == 2 and len(lines) == 1, r.output
     assert "BACKEND=" not in lines[0] and f"TURBO_BUILD_ROOT={b.parent}" in lines[0] and "--build cpu" in lines[0]
+
+
+def test_sample_reports_are_not_rejudged():
+    """1 (no false alarm on real reports): every sample report the CLI wrote (verify, KVREAL, sweeps on CPU and
+    CUDA, RPC, replays) re-judges to the verdicts it stores, 'nothing judged' SKIPs and listed noise floors included."""
+    from pathlib import Path
+
+    from harness.report.rejudge import rejudge
+    samples = sorted((Path(__file__).resolve().parents[1] / "reports" / "samples").rglob("run.json"))
+    assert len(samples) >= 10
+    for p in samples:
+        assert rejudge(Run.from_dict(json.loads(p.read_text()))) == [], p

@@ -26,9 +26,10 @@ from harness.report.model import Cell, Run, Verdict
 
 OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "<": operator.lt, ">": operator.gt}
 
-# cells listed, not judged by their value (the rule lives in the check's module; kept here too for reports
-# written before cells recorded their rule): (check, metric, type)
-LISTED = {("SWEEP", "kld_growth_with_depth", "f16/f16")}  # the noise floor of the depth sweep (checks/depth.py)
+# the breach verdict of cells whose check rules it otherwise, for reports written before cells recorded their rule
+# (new cells carry it in details['rule']): (check, metric, type) -> 'none' (listed, not judged) or a verdict
+LEGACY_RULES = {("SWEEP", "kld_growth_with_depth", "f16/f16"): "none",  # the depth sweep's noise floor (checks/depth.py)
+                ("SWEEP", "pairs_judged", "all"): "SKIP"}  # 'nothing judged' is a SKIP, never a FAIL (checks/sweeps.py)
 
 
 @dataclass
@@ -53,7 +54,8 @@ def allowed(cell: Cell, check: str = "") -> Verdict | None:
     rule = cell.details.get("rule") if isinstance(cell.details, dict) else None
     rule = rule if isinstance(rule, dict) else {}
     limit = rule.get("limit", cell.threshold)
-    if (check or cell.check, cell.metric, cell.type) in LISTED or rule.get("breach") == "none":
+    breach = rule.get("breach") or LEGACY_RULES.get((check or cell.check, cell.metric, cell.type))
+    if breach == "none":
         return None
     if cell.value is None or limit is None or cell.op not in OPS:
         return None
@@ -63,7 +65,7 @@ def allowed(cell: Cell, check: str = "") -> Verdict | None:
         return None
     if not math.isnan(v) and OPS[cell.op](v, lim):
         return None
-    breach = str(rule.get("breach") or ("FAIL" if cell.target else "PARTIAL")).upper()
+    breach = str(breach or ("FAIL" if cell.target else "PARTIAL")).upper()
     return Verdict(breach) if breach in Verdict.__members__ else Verdict.FAIL
 
 
