@@ -276,14 +276,17 @@ def check(check_id, model, types, target_backend, backends, fork_dir, build_back
           rpc, rpc_local, rpc_timeout):
     """Run one check (PQ1..PQ6, COMPAT, and the opt-in MODEL, KVREAL) and write its report."""
     cid = registry().runnable(check_id.upper()).id
-    if model is not None:  # an option that does not apply is refused, never silently ignored
-        if cid != "KVREAL":
-            raise HarnessError(f"--model applies to KVREAL only (the check that reads K/V from a model); {cid} reads no "
-                               f"model: leave --model out")
-        if numpy_target is None:  # the model is read now, as sweep does: a file that is not a GGUF stops here
-            from harness.runners.inputs import read_model_info
-            from harness.runners.models import resolve_model
-            read_model_info(resolve_model(model))
+    if model is not None and cid != "KVREAL":  # an option that does not apply is refused, never silently ignored
+        raise HarnessError(f"--model applies to KVREAL only (the check that reads K/V from a model); {cid} reads no "
+                           f"model: leave --model out")
+    spec = model or os.environ.get("TURBO_MODEL")
+    if cid == "KVREAL" and spec and numpy_target is None:  # read now, as sweep does: a file that is not a GGUF stops here
+        from harness.runners.inputs import read_model_info
+        from harness.runners.models import resolve_model
+        try:
+            read_model_info(resolve_model(spec))
+        except HarnessError as e:
+            raise HarnessError(f"{'--model' if model else '$TURBO_MODEL'}: {e}") from None
     _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file,
                   numpy_target, options={"KVREAL": {"model": model}} if model else None,
                   rpc=RpcOptions(rpc, rpc_local, rpc_timeout))

@@ -38,6 +38,11 @@ def test_check_kvreal_refuses_a_fake_model_up_front(tmp_path):
     line = _line(CliRunner().invoke(cli, ["check", "KVREAL", "--model", str(fake), "--out", str(out)]))
     assert "--model" in line and "GGUF" in line
     assert not out.exists()
+    # the same file named by $TURBO_MODEL (KVREAL's other way to get a model) is read up front too
+    r = CliRunner(env={"TURBO_MODEL": str(fake)}).invoke(cli, ["check", "KVREAL", "--out", str(out)])
+    line = _line(r)
+    assert "$TURBO_MODEL" in line and "not a valid GGUF" in line
+    assert not out.exists()
 
 
 def test_check_refuses_model_where_it_does_not_apply(tmp_path):
