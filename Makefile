@@ -12,7 +12,7 @@ RPC ?=
 export FORK_DIR
 export BACKEND
 
-.PHONY: all install build verify test sweep sweep-compare doctor bench bench-rpc bench-sweep clean
+.PHONY: all install build verify test sweep sweep-compare scorecard doctor bench bench-rpc bench-diff bench-sweep clean
 
 all: verify
 
@@ -51,6 +51,24 @@ sweep: build $(VENV)/.model $(if $(filter gemma3,$(MODEL)),$(VENV)/.model-gemma3
 RUNS ?= reports/samples/sweep-cpu-smollm2 reports/samples/sweep-cpu-gemma3
 sweep-compare: install
 	$(TH) sweep-compare $(RUNS) --out $(or $(OUT),reports/compare)
+
+# Several forks side by side: builds each checkout of FORKS into its own folder under build/forks/<commit> (reused
+# when its recorded provenance matches the checkout), verifies each into reports/forks/<commit>, then writes
+# reports/scorecard/ (scorecard.md, .html, .json); OUT=DIR puts both under DIR. RUNS_SC=... scores existing run
+# folders without building.
+FORKS ?=
+scorecard: install
+ifneq ($(strip $(RUNS_SC)),)
+	$(TH) scorecard $(RUNS_SC) --out $(or $(OUT),reports/scorecard)
+else
+	@if [ -z "$(strip $(FORKS))" ]; then echo 'error: give the fork checkouts: make scorecard FORKS="dir1 dir2 ..." (or RUNS_SC="run1 run2" for existing reports)' >&2; exit 2; fi
+	$(PY) -m harness.fork.forks $(if $(BACKEND),--backend $(BACKEND),) $(if $(OUT),--out $(OUT),) $(FORKS)
+endif
+
+# Speed of diff and scorecard on existing runs (prints figures; not a test): goals diff <= 1 s, scorecard of N runs
+# <= 1 s + 0.1 s x N.
+bench-diff: install
+	$(PY) scripts/bench_diff.py $(ARGS)
 
 # Harness overhead of a model-level sweep (prints figures; not a test): the default Gemma 3 CPU sweep with an empty
 # job cache, its wall time against the sum of the fork binaries' own run times (goal: overhead <= 5%), and

@@ -14,7 +14,7 @@ import click
 from harness import __version__
 from harness.errors import HarnessError
 from harness.fork import backends, build as fb
-from harness.reference.turbo import TURBO_TYPES
+from harness.turbo_types import TURBO_TYPES
 from harness.cli_rpc import RPC_OPTIONS, RpcOptions
 from harness.cli_types import (AtLeast, BackendName, BuildName, CommaList, ModelArg, OneLineUsage, Sha256, existing_dir,
                                existing_file, out_dir)
@@ -26,7 +26,8 @@ REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 LAZY_COMMANDS = {"sweep": ("harness.cli_sweep", "sweep"), "doctor": ("harness.cli_doctor", "doctor"),
                  "sweep-compare": ("harness.cli_sweep", "sweep_compare"), "replay": ("harness.cli_replay", "replay"),
                  "catalogue": ("harness.cli_replay", "catalogue"), "bisect": ("harness.cli_replay", "bisect"),
-                 "bisect-oracle": ("harness.cli_replay", "bisect_oracle")}
+                 "bisect-oracle": ("harness.cli_replay", "bisect_oracle"),
+                 "diff": ("harness.cli_compare", "diff"), "scorecard": ("harness.cli_compare", "scorecard")}
 
 
 class Group(click.Group):

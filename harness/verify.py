@@ -81,6 +81,13 @@ def pick_target_backend(target: Target, requested: str | None) -> str:
     return gpus[0] if gpus else ("cpu" if "cpu" in names else names[0])
 
 
+def rules_of(thresholds: dict) -> dict:
+    """The rules a run was judged by, as stored in run.json (``meta['rules']``): {section: {key: value}} without
+    the reasons, so that ``turbo-harness diff`` can say when two runs used other limits or sizes."""
+    return {sec: {k: v for k, v in entries.items() if not k.endswith("_reason")}
+            for sec, entries in thresholds.items() if isinstance(entries, dict)}
+
+
 def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: Path, target_backend: str | None = None,
                backends: list[str] | None = None, meta: dict | None = None, thresholds: dict | None = None,
                log: Callable[[str], None] = print, run: Run | None = None, routes: list[str] | None = None,
@@ -136,8 +143,10 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
                                for b in run.meta["backends_not_available"]]
         layouts = target.layouts()
         run.meta["layouts"] = layouts.describe()
+        run.meta["layout_traits"] = {t: list(v) for t, v in layouts.traits.items()}  # absent type: not listed
         if layouts.unknown:
             run.meta["layout_notes"] = layouts.notes
+        run.meta["rules"] = rules_of(ctx.thresholds)
         for cid in check_ids:
             raise_if_pending()
             current = cid
