@@ -358,7 +358,6 @@ def report(run_dir, known_file, strict):
     """Re-judge a run from its run.json (each cell from its value, threshold and op), re-render its
     Markdown/JUnit/HTML and exit as verify would (with --known: and gate it)."""
     from harness.known import apply_known, gate_exit_code, load_known
-    from harness.report.rejudge import rejudge, rejudge_line
     from harness.report.render import write_all
     from harness.pipeline import load_run
     from harness import runlock
@@ -371,10 +370,7 @@ def report(run_dir, known_file, strict):
         raise
     except HarnessError:
         raise HarnessError(cannot_write.format("its lock file cannot be created")) from None
-    run = load_run(Path(run_dir))
-    line = rejudge_line(rejudge(run))
-    if line:
-        click.echo(line, err=True)
+    run = load_run(Path(run_dir), log=lambda line: click.echo(line, err=True))  # re-judged from its evidence
     if known is not None:
         apply_known(run, known, known_file)
     try:

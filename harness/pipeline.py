@@ -19,18 +19,25 @@ from harness.report.model import Run
 KINDS = ("checks", "sweep")
 
 
-def load_run(run_dir: Path) -> Run:
-    """The Run stored in run_dir/run.json. Raises HarnessError when missing or not a run report."""
+def load_run(run_dir: Path, log: Callable[[str], None] | None = None) -> Run:
+    """The Run stored in run_dir/run.json, re-judged from its evidence (:func:`harness.report.rejudge.rejudge`: each
+    cell from its value, threshold and op, never from the verdict string it carries); ``log`` gets the one line that
+    says so when stored verdicts disagree. Raises HarnessError when missing or not a run report."""
+    from harness.report.rejudge import rejudge, rejudge_line
     p = Path(run_dir) / "run.json"
     if not p.is_file():
         raise HarnessError(f"{p} not found: give a run folder written by turbo-harness")
     try:
-        return Run.from_dict(json.loads(p.read_text()))
+        run = Run.from_dict(json.loads(p.read_text()))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise HarnessError(f"{p} is not a readable turbo-harness run report ({type(e).__name__}: {e}): it is left as it "
                            f"is; restore it from the run's copy, or move it away and give the folder again") from None
     except OSError as e:
         raise HarnessError(f"{p} cannot be read ({e.strerror}): give a run folder you can read") from None
+    line = rejudge_line(rejudge(run))
+    if line and log is not None:
+        log(line)
+    return run
 
 
 def _ids_in(run_dir: Path) -> list[str]:

@@ -107,14 +107,14 @@ def test_bad_value_is_exit_2_and_one_line_naming_it(tmp_path, monkeypatch, comma
     monkeypatch.setenv("TURBO_REPORTS", str(tmp_path / "reports"))
     cmd = dict(_commands())[command]
     p = next(x for x in cmd.params if x.name == param)
-    required = []
-    for q in cmd.params:
-        if q is p or not q.required:
-            continue
-        required += ([q.opts[0]] if isinstance(q, click.Option) else []) + [_good_value(q, tmp_path)]
     name = p.opts[0] if isinstance(p, click.Option) else p.human_readable_name
     for bad in _bad_values(p, tmp_path):
-        args = [command, *required] + ([name, bad] if isinstance(p, click.Option) else [bad])
+        args = [command]  # in declaration order, so that a bad argument lands in its own position
+        for q in cmd.params:
+            if q is p:
+                args += [name, bad] if isinstance(p, click.Option) else [bad]
+            elif q.required:
+                args += ([q.opts[0]] if isinstance(q, click.Option) else []) + [_good_value(q, tmp_path)]
         r = CliRunner().invoke(cli, args)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         where = f"{' '.join(map(repr, args))}: exit {r.exit_code}, stderr {r.stderr!r}"
