@@ -28,9 +28,9 @@ def _run_dir(d: str, what: str) -> Path:
 
 
 @click.command("diff")
-@click.argument("base_run", type=click.Path())
-@click.argument("new_run", type=click.Path())
-@click.option("--out", default=None, help="folder for diff.json, diff.md, diff.html, junit.xml (default reports/diff-BASE-NEW)")
+@click.argument("base_run", type=click.Path(exists=True, file_okay=False))
+@click.argument("new_run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="folder for diff.json, diff.md, diff.html, junit.xml (default reports/diff-BASE-NEW)")
 @click.option("--fail-on", "fail_on", type=click.Choice(["worse", "changed", "never"]), default="worse", show_default=True,
               help="exit 1 when something got worse (worse, new finding, disappeared) | on any change or other rules/sizes")
 def diff(base_run, new_run, out, fail_on):
@@ -41,7 +41,7 @@ def diff(base_run, new_run, out, fail_on):
     from harness.report.diff_render import write_diff
     b, n = _run_dir(base_run, "BASE_RUN"), _run_dir(new_run, "NEW_RUN")
     rules = load_diff_rules()
-    base, new = load_run(b), load_run(n)
+    base, new = (load_run(d, log=lambda line, d=d: click.echo(f"{d}: {line}", err=True)) for d in (b, n))
     kind = {"SWEEP" in [c.id for c in r.checks] for r in (base, new)}
     if len(kind) > 1:
         raise HarnessError(f"{b} and {n} are not the same kind of report (one is a sweep): diff a sweep with a sweep, "
@@ -59,8 +59,8 @@ def diff(base_run, new_run, out, fail_on):
 
 
 @click.command("scorecard")
-@click.argument("run_dirs", nargs=-1, type=click.Path())
-@click.option("--out", default=None, help="folder for scorecard.json, scorecard.md, scorecard.html (default reports/scorecard)")
+@click.argument("run_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="folder for scorecard.json, scorecard.md, scorecard.html (default reports/scorecard)")
 def scorecard(run_dirs, out):
     """Several fork builds side by side: a row per run (repository, commit, branch), a column per check x type,
     the layout per type, the backends executed and the root finding per fork."""

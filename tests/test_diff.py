@@ -159,6 +159,6 @@ def test_sweep_values_use_their_own_se(tmp_path):
 
 def test_bad_input_is_one_line_exit_2(tmp_path):
     code, out = invoke("diff", str(tmp_path / "nope"), str(SAMPLES / "cpu-verify"))
-    assert code == 2 and out.strip().startswith("error: BASE_RUN") and len(out.strip().splitlines()) == 1
+    assert code == 2 and "'BASE_RUN'" in out and "does not exist" in out and len(out.strip().splitlines()) == 1
     code, out = invoke("diff", str(SAMPLES / "sweep-cpu-smollm2"), str(SAMPLES / "cpu-verify"), "--out", str(tmp_path / "o"))
     assert code == 2 and "not the same kind of report" in out

@@ -149,21 +149,26 @@ def _jsonable(d):
     return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def crash_cell(ctx: Context, check: str, type_: str, backend: str, route: str, crash: ProbeCrash) -> Cell:
+def crash_cell(ctx: Context, check: str, type_: str, backend: str, route: str, crash: ProbeCrash,
+               case: str | None = None) -> Cell:
     """The cell of a fork crash on a configuration the backend accepted (the probe asks the backend
     whether it supports each op before running it, so a crash is past that answer): FAIL quoting the
-    signal and what that call printed (spec "Who is at fault"); PARTIAL on a non-target path."""
+    signal and what that call printed (spec "Who is at fault"); PARTIAL on a non-target path. The note names
+    the case that crashed (``case``, e.g. 'turbo3/q8_0 D=128 nq=8 h=4/2'; default the type and path), so that
+    many crash cells do not read alike."""
+    what = case or f"{type_} on {backend}:{route}"
     return ctx.cell(check, type_, backend, route, "-", None, None, Verdict.FAIL,
-                    caveat=f"fork failure on a configuration the backend accepted: {crash}")
+                    caveat=f"fork failure on a configuration the backend accepted: {crash} (case {what})")
 
 
-def guarded(ctx: Context, check: str, type_: str, backend: str, route: str, fn) -> list[Cell]:
+def guarded(ctx: Context, check: str, type_: str, backend: str, route: str, fn, case: str | None = None) -> list[Cell]:
     """Run fn() -> list[Cell] with the target's layouts in use (:func:`T.layouts_in_use`).
 
     Who is at fault decides the verdict of what goes wrong: Unsupported (the backend declines the op,
     or the type's layout is unknown to the reference) is a SKIP with the reason; a fork crash on an
     op the backend accepted (ProbeCrash) is a FAIL quoting the crash; a HarnessError (the harness could
-    not measure) or any other exception (a harness bug, with its location) is an ERROR.
+    not measure) or any other exception (a harness bug, with its location) is an ERROR. ``case`` names the
+    configuration in a crash cell's note (:func:`crash_cell`).
     """
     raise_if_pending()
     try:
@@ -178,7 +183,7 @@ def guarded(ctx: Context, check: str, type_: str, backend: str, route: str, fn) 
         return [Cell(check=check, type=type_, path=f"{backend}:{route}", metric="-", value=None, threshold=None,
                      verdict=Verdict.SKIP, caveat=f"not supported: {e}", target=ctx.is_target(backend, route))]
     except ProbeCrash as e:
-        return [crash_cell(ctx, check, type_, backend, route, e)]
+        return [crash_cell(ctx, check, type_, backend, route, e, case)]
     except HarnessError as e:
         return [Cell(check=check, type=type_, path=f"{backend}:{route}", metric="-", value=None, threshold=None,
                      verdict=Verdict.ERROR, caveat=str(e), target=ctx.is_target(backend, route))]

@@ -88,17 +88,23 @@ def _g64_cells(ctx: Context, backend: str, signs128) -> list[Cell]:
 
 
 def _quant_cells(ctx: Context, backend: str, route: str, type_name: str, op_R, op_signs) -> list[Cell]:
+    n = int(ctx.th("PQ1", "random_rows"))
+    x = ctx.rng(f"pq1-{type_name}").standard_normal((n, 128)).astype(np.float32)
+    got = own_indices(ctx, backend, type_name, ctx.target.quantize(backend, route, type_name, x), n)
+    if not np.any(got):  # what the evidence shows directly: no rotation can be read from an all-zero output
+        tol = ctx.th("PQ1", "index_mismatch_frac")
+        ev = ctx.evidence(ID, f"{type_name}_{backend}_{route}", indices=got)
+        return [ctx.cell(ID, type_name, backend, route, "nonzero_index_frac", 0.0, 0.0, Verdict.FAIL, op=">",
+                         caveat=f"the quantiser writes no indices (all zero): every one of the {got.size} indices it "
+                                f"stored for {n} random rows is 0", evidence=ev,
+                         details={"cause": "zero_indices", "indices": int(got.size)})]
     qr = quantizer_rotation(ctx, backend, route, type_name)
     caveats = []
     if not qr["is_signed_wht"]:
         caveats.append(f"quantizer rotation is not a signed WHT ({qr['sign_factor_mismatches']} sign entries off)")
     elif op_signs is not None and not (np.array_equal(qr["s1"], op_signs[0]) and np.array_equal(qr["s2"], op_signs[1])):
         caveats.append("quantizer sign vectors differ from the graph op's")
-    # index agreement on random rows vs the reference quantiser with the graph op's rotation
-    n = int(ctx.th("PQ1", "random_rows"))
-    x = ctx.rng(f"pq1-{type_name}").standard_normal((n, 128)).astype(np.float32)
-    raw_b = ctx.target.quantize(backend, route, type_name, x)
-    got = own_indices(ctx, backend, type_name, raw_b, n)
+    # index agreement on random rows (got, above) vs the reference quantiser with the graph op's rotation
     thr = decision_thresholds(ctx, backend, route, type_name)
     t = np.where(np.isnan(thr["thresholds"]), thr["midpoints"], thr["thresholds"])
     ref_idx, _, y = T.quantize(x, op_R, thr["table"], t)
@@ -155,4 +161,5 @@ def run(ctx: Context) -> list[Cell]:
     return cells
 
 
-CHECK = Check(ID, TITLE, run, order=10, rules="PQ1", catches={"dense_rotation": ("FAIL",), "quantizer_signs": ("FAIL",)})
+CHECK = Check(ID, TITLE, run, order=10, rules="PQ1", catches={"dense_rotation": ("FAIL",), "quantizer_signs": ("FAIL",),
+                                                             "zero_indices": ("FAIL",)})

@@ -98,7 +98,8 @@ def _rule_cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
     c1 = ctx.cell(ID, t, backend, route, "threshold_abs_err_vs_midpoint", thr_err, tol_t,
                   Verdict.PASS if ok_t else Verdict.FAIL,
                   caveat="" if ok_t else f"decision thresholds off the centroid midpoints by up to {thr_err:.3g}"
-                  + (f" ({missing} not found within ±2e-3)" if missing else ""), evidence=ev, details=details)
+                  + (f" ({missing} not found within ±2e-3)" if missing else ""), evidence=ev,
+                  details={**details, "rule": {"limit": tol_t + res}})  # judged at tol + resolution
     raw = Verdict.PASS if ratio <= tol_r else Verdict.PARTIAL
     cav = "" if raw == Verdict.PASS else (
         f"distortion {ratio:.3f}x the Lloyd-Max optimum; outer centroid {table[-1] * sig:.3f} sigma "

@@ -22,8 +22,9 @@ def _traits_cell(ctx: Context, t: str) -> list[Cell]:
     info = ctx.target.type_info(t)
     be = ctx.target_backend
     if info is None:
-        return [ctx.cell(ID, t, be, "traits", "-", None, None, Verdict.FAIL,
-                         caveat=f"the build has no type named {t}")]
+        return [ctx.cell(ID, t, be, "traits", "type_present", 0, 1, Verdict.FAIL, op=">=",
+                         caveat=f"the build has no type named {t} (measured: its type traits are absent; nothing crashed)",
+                         details={"cause": "missing_type"})]
     layouts = ctx.target.layouts()
     if t in layouts.unknown:
         # the finding: the build's blocks match no layout the reference knows, so every check that

@@ -166,7 +166,8 @@ def run(ctx: Context) -> Outcome:
             cells.notes.append(f"{b.name}: flash attention not examined: {r.attention_note or 'the backend has none'}")
             continue
         for c in cases(ctx.types):
-            got = guarded(ctx, ID, f"{c['tk']}/{c['tv']}", b.name, "flash_attn", lambda b=b, c=c: _case(ctx, b.name, c))
+            got = guarded(ctx, ID, f"{c['tk']}/{c['tv']}", b.name, "flash_attn", lambda b=b, c=c: _case(ctx, b.name, c),
+                          case=f"{label(c)} on {b.name}")
             for cell in got:
                 if cell.path == f"{b.name}:flash_attn":
                     cell.path = f"{b.name}:flash_attn[{label(c)}]"
