@@ -1,5 +1,8 @@
-"""`turbo-harness doctor`: what the harness finds on this machine (fork, builds, backends and how each is examined,
-Vulkan headers/driver, binaries, models, corpus). Exit 0 when everything the default build needs is there, else 2."""
+"""``turbo-harness doctor``: what the harness finds (fork, commit, builds, backends and how each is examined, the
+Vulkan headers/driver/device visibility of a Vulkan build, binaries, model, corpus).
+
+Loaded by harness/cli.py when named (``LAZY_COMMANDS``).
+"""
 from __future__ import annotations
 
 import sys
@@ -7,12 +10,13 @@ from pathlib import Path
 
 import click
 
+from harness.cli_types import existing_dir
 from harness.errors import HarnessError
 from harness.fork import build as fb
 
 
 @click.command()
-@click.option("--fork-dir", default=None)
+@click.option("--fork-dir", default=None, type=existing_dir())
 def doctor(fork_dir):
     """Say what the harness finds: fork, commit, builds, backends, binaries, model, corpus."""
     ok = True
@@ -74,7 +78,7 @@ def doctor(fork_dir):
         try:
             from harness.targets.fork import ForkTarget
             t = ForkTarget(bdir, fb.fork_dir(fork_dir))
-            line("  backends", ", ".join(f"{b.name} ({b.device}, {b.kind}{', ' + b.mode if b.mode_note else ''})"
+            line("  backends", ", ".join(f"{b.name} ({b.device}, {b.kind}{', ' + b.mode_label if b.mode_note else ''})"
                                          for b in t.backends()))
             if t.vulkan is not None:  # a Vulkan build: headers it was built with, the driver, device visibility
                 line("  vulkan", f"headers {meta.get('vulkan', {}).get('headers', '?')}; driver {t.vulkan['driver']}; "

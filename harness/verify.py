@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness import __version__
-from harness.checks.common import Context, crash_cell, load_thresholds
+from harness.checks.common import Context, annotate_modes, crash_cell, load_thresholds
 from harness.checks.contract import Registry
 from harness.checks.registry import REGISTRY
 from harness.errors import HarnessError, ProbeCrash
@@ -84,24 +84,11 @@ def pick_target_backend(target: Target, requested: str | None) -> str:
     return gpus[0] if gpus else ("cpu" if "cpu" in names else names[0])
 
 
-def mark_examination(cr: CheckResult, backends_run) -> None:
-    """Say on every cell of a backend not plainly executed how it was examined (spec "Every backend, and how it was
-    examined"): ``details['examined']`` and the caveat carry the backend's mode note (e.g. 'Vulkan on a software
-    device (lavapipe): shader logic, not GPU arithmetic'), and the check gets one note per such backend."""
-    import re
-    notes = {b.name: b.mode_note for b in backends_run if b.mode_note}
-    seen = []
-    for c in cr.cells:
-        on = [n for n in dict.fromkeys(re.findall(r"([A-Za-z0-9_]+):", c.path)) if n in notes]
-        for n in on:
-            c.details.setdefault("examined", {})[n] = notes[n]
-            if notes[n] not in c.caveat:
-                c.caveat = "; ".join(x for x in (c.caveat, f"{n}: {notes[n]}") if x)
-            seen.append(n)
-    for n in dict.fromkeys(seen):
-        line = f"{n}: {notes[n]}"
-        if line not in cr.notes:
-            cr.notes.append(line)
+def rules_of(thresholds: dict) -> dict:
+    """The rules a run was judged by, as stored in run.json (``meta['rules']``): {section: {key: value}} without
+    the reasons, so that ``turbo-harness diff`` can say when two runs used other limits or sizes."""
+    return {sec: {k: v for k, v in entries.items() if not k.endswith("_reason")}
+            for sec, entries in thresholds.items() if isinstance(entries, dict)}
 
 
 def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: Path, target_backend: str | None = None,
@@ -150,7 +137,10 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             "host": platform.node(), "platform": platform.platform(),
             "target_backend": tb,
             "backends_run": [b.name for b in ctx.backends()],
-            "backends_examined": {b.name: b.mode_note or b.mode for b in ctx.backends()},
+            "backend_modes": {b.name: {"mode": getattr(b, "mode", "executed"), "label": getattr(b, "mode_label", "executed"),
+                                       "of": getattr(b, "family", b.name),
+                                       "note": getattr(b, "mode_note", "") or b.description}
+                              for b in ctx.backends()},
             "backends_not_available": [b for b in KNOWN_BACKENDS if b not in present],
             "types": sorted(set(run.meta.get("types", [])) | set(types)),  # an added check keeps the earlier types
             "gpu": gpu_info(), "target": target.describe(), "quantize_routes": routes or "all",
@@ -160,19 +150,26 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
                                for b in run.meta["backends_not_available"]]
         layouts = target.layouts()
         run.meta["layouts"] = layouts.describe()
+        run.meta["layout_traits"] = {t: list(v) for t, v in layouts.traits.items()}  # absent type: not listed
         if layouts.unknown:
             run.meta["layout_notes"] = layouts.notes
+        run.meta["rules"] = rules_of(ctx.thresholds)
         for cid in check_ids:
             raise_if_pending()
             current = cid
             check = checks[cid]
             t0 = time.time()
             cr = CheckResult(id=cid, title=check.title)
+            if "source" in check.needs and target.source_dir() is None:  # nothing to read: SKIP, judges nothing
+                cr.not_applicable = "this target has no fork source to read (not a fork build)"
+                cr.notes = [f"not run: {cr.not_applicable}"]
             try:
-                with T.layouts_in_use(layouts):
-                    out = check.evaluate(ctx)
-                raise_if_pending()
-                cr.cells, cr.notes, cr.tables = list(out), list(out.notes), list(out.tables)
+                if not cr.not_applicable:
+                    with T.layouts_in_use(layouts):
+                        out = check.evaluate(ctx)
+                    raise_if_pending()
+                    cr.cells, cr.notes, cr.tables = list(out), list(out.notes), list(out.tables)
+                    annotate_modes(cr.cells, ctx.backends())
             except ProbeCrash as e:  # a fork crash outside any cell: the fork's fault (FAIL), not the harness's
                 cr.cells = [crash_cell(ctx, cid, "all", tb, "-", e)]
             except HarnessError as e:
@@ -180,7 +177,6 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             except Exception as e:  # a harness bug: this check is an ERROR, the remaining checks still run
                 cr.error = f"harness error {type(e).__name__}: {e}"
             cr.duration_s = time.time() - t0
-            mark_examination(cr, ctx.backends())
             earlier = next((c for c in run.checks if c.id == cid), None)
             if earlier is not None and not cr.error:  # keep what this run did not redo (other types or backends)
                 kept = merge_previous(earlier, cr, list(types), [b.name for b in ctx.backends()], KNOWN_BACKENDS)

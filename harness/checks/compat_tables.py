@@ -34,6 +34,12 @@ def coverage(ctx: Context) -> list[dict]:
     rng = ctx.rng("coverage")
     for b in ctx.backends():
         judged = {(c["tk"], c["tv"], c["D"]) for c in pq6_cases(ctx.types, b.software)}
+        rts = ctx.target.routes(b.name)
+        if not rts.attention:  # not examined here, with the reason (metal-src: simdgroup semantics)
+            rows += [{"backend": b.name, "type": t, "role": "all", "partner": "all", "head_dim": "all",
+                      "status": f"not examined: {rts.attention_note or 'no flash attention on this backend'}",
+                      "mode": b.mode_note or b.mode_label} for t in ctx.types]
+            continue
         for t in ctx.types:
             for role, partner, D in itertools.product(("K", "V"), (t, "q8_0", "f16"), (64, 128, 256)):
                 if partner == t and role == "V":
@@ -41,7 +47,7 @@ def coverage(ctx: Context) -> list[dict]:
                 tk, tv = (t, partner) if role == "K" else (partner, t)
                 Dp = -(-D // 128) * 128
                 row = {"backend": b.name, "type": t, "role": role if partner != t else "K+V", "partner": partner,
-                       "head_dim": D, "pair": f"{tk}/{tv}", "mode": b.mode_note or b.mode}
+                       "head_dim": D, "pair": f"{tk}/{tv}", "mode": b.mode_note or b.mode_label}
                 if b.software and D != 128 and (tk, tv, D) not in judged:
                     row["status"] = (f"not run on a software device: its flash-attention pipeline for head_dim {D} takes "
                                      f"minutes to compile there; PQ6 judges head_dim {D} with {t}/{t}")
@@ -78,7 +84,7 @@ COVERAGE_COLUMNS = ["backend", "type", "role", "partner", "head_dim", "status", 
 
 def coverage_table(rows: list[dict], not_available: list[str]) -> Table:
     """The coverage rows (:func:`coverage`) as the report's table, with a row per backend not available here."""
-    out = [[r[k] for k in COVERAGE_COLUMNS] for r in rows]
+    out = [[r.get(k, "-") for k in COVERAGE_COLUMNS] for r in rows]
     out += [[b, "all", "all", "all", "all", "not covered: backend not available on this machine", "not examined"]
             for b in not_available]
     return Table("coverage", "Coverage (flash attention: type x role x partner x head_dim x backend)", COVERAGE_COLUMNS,

@@ -49,7 +49,7 @@ class BackendSpec:
 # How a backend's cells were examined (spec "Every backend, and how it was examined"); kept on each Backend of a
 # target (harness.targets.base.Backend.mode) so that cells, coverage and reports can say it.
 EXECUTED = "executed"
-EXECUTED_SOFTWARE = "executed on a software device"
+EXECUTED_SOFTWARE = "software"  # keys of harness.targets.base.MODES
 
 
 def examination(name: str, device: str = "", description: str = "") -> tuple[str, str]:

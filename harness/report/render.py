@@ -68,9 +68,6 @@ def run_facts(run: Run) -> list[tuple[str, str]]:
     if "backends_run" in m:
         facts += [("backends run", plain(m.get("backends_run"))),
                   ("backends not available here", plain(m.get("backends_not_available")))]
-        examined = m.get("backends_examined") or {}
-        if examined:
-            facts.append(("how each backend was examined", "; ".join(f"{b}: {v}" for b, v in examined.items())))
         vk = m.get("vulkan") or {}
         vk_run = (m.get("target") or {}).get("vulkan") or {}
         if vk or vk_run:
