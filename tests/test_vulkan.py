@@ -340,3 +340,34 @@ def test_cases_finished_before_the_time_limit_are_counted_even_from_a_block_buff
     subprocess.run(["cc", "-o", str(exe), str(src)], check=True)
     res = backend_ops.run(exe, plan=(backend_ops.Group("FLASH_ATTN_EXT", "turbo", 2),))
     assert res["groups"][0]["status"] == "not run in time" and res["groups"][0]["cases"] == 2
+
+
+def test_an_audited_source_path_does_not_carry_the_execution_note():
+    from harness.checks.common import annotate_modes
+    from harness.report.model import Cell
+    from harness.targets.base import Backend
+    vk = Backend("vulkan", "Vulkan0", "gpu", LAVAPIPE, *backends.examination("vulkan", "Vulkan0", LAVAPIPE))
+    ran = Cell("PQ1", "turbo3", "vulkan:set_rows", "m", 0.0, 1.0, Verdict.PASS)
+    audited = Cell("AUDIT", "turbo4", "vulkan:source", "m", 0.0, 1.0, Verdict.PASS)
+    annotate_modes([ran, audited], [vk])
+    assert "software device" in ran.caveat and "software device" not in audited.caveat
+
+
+VK_SAMPLE = Path(__file__).resolve().parents[1] / "reports" / "samples" / "vulkan-lavapipe"
+
+
+@pytest.mark.skipif(not (VK_SAMPLE / "run.json").is_file(), reason="Vulkan sample report not present")
+def test_the_vulkan_sample_judges_every_vulkan_writer_and_passes_its_known_findings_gate():
+    import json
+
+    from harness.known import apply_known, gate_exit_code, load_known
+    from harness.report.model import Run
+    run = Run.from_dict(json.loads((VK_SAMPLE / "run.json").read_text()))
+    assert run.meta["vulkan"]["headers"] >= "1.3.261" and "llvmpipe" in run.meta["target"]["vulkan"]["driver"]
+    compat_cells = next(c for c in run.checks if c.id == "COMPAT").cells
+    for t in ("turbo2", "turbo3", "turbo4"):  # every turbo type's Vulkan writer, against the reference and the CPU
+        w = [c for c in compat_cells if c.type == t and c.path == "vulkan:set_rows" and c.metric.startswith("writer_")]
+        pair = [c for c in compat_cells if c.type == t and c.path == "cpu:set_rows x vulkan:set_rows"]
+        assert w and w[0].verdict != Verdict.SKIP and pair and pair[0].verdict != Verdict.SKIP, t
+    apply_known(run, load_known(Path(__file__).resolve().parents[1] / "checks" / "known-findings-vulkan.toml"))
+    assert gate_exit_code(run, False) == 0

@@ -138,7 +138,8 @@ def annotate_modes(cells: list[Cell], backends) -> None:
     if not notes:
         return
     for c in cells:
-        named = [n for n in notes if re.search(rf"(^|[\s>]){re.escape(n)}:", c.path or "")]
+        # a backend's source read by the audit ('vulkan:source') was not executed: it keeps no execution note
+        named = [n for n in notes if re.search(rf"(^|[\s>]){re.escape(n)}:(?!source\b)", c.path or "")]
         for n in named:
             if notes[n] not in (c.caveat or ""):
                 c.caveat = (c.caveat + "; " if c.caveat else "") + notes[n]
