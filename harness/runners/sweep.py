@@ -36,16 +36,20 @@ from harness.runners.sweep_jobs import (_after_last_context, _bench_tests, _bina
                                         _unknown_type_error, classify_failure, job_ident)
 from harness.runners.tools import run_tool
 
-def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str) -> JobRecord:
+def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str = "f16", v: str = "f16") -> JobRecord:
+    """One plain ``llama-perplexity`` run that saves its logits (``--kl-divergence-base``): the f16 baseline of a
+    sweep, or (with ``k``, ``v``) a pair's logits that another backend's run of the pair is scored against
+    (:mod:`harness.runners.xbackend`). ``data``: ppl, ppl_se, kv, base_file (the logits, kept in the cache)."""
     ev = cache.ev(key)
+    kt, vt, rot = split_pair(k, v)
     base_file = cache.root / "base" / f"{key}.kld"
     base_file.parent.mkdir(parents=True, exist_ok=True)
     tmp_file = base_file.with_suffix(".partial")
     cmd = [str(tool), "-m", str(cfg.model), "-f", str(cfg.corpus), "-c", str(cfg.ctx), "--chunks", str(cfg.chunks),
-           *_common_args(cfg), "-fa", "on", "-fit", "off", "-ctk", "f16", "-ctv", "f16",
+           *_common_args(cfg), "-fa", "on", "-fit", "off", "-ctk", kt, "-ctv", vt,
            "--kl-divergence-base", str(tmp_file)]
-    res = run_tool(cmd, cfg.env(), cfg.timeout, ev / "base", cfg.env_unset())
-    rec = _failed(JobRecord("base", "f16/f16", res.ok, res.failure(), evidence=_evidence(ev / "base"), seconds=res.seconds,
+    res = run_tool(cmd, {**cfg.env(), **(ROT_ENV if rot else {})}, cfg.timeout, ev / "base", cfg.env_unset())
+    rec = _failed(JobRecord("base", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "base"), seconds=res.seconds,
                             key=key), res, cfg)
     text = res.stdout + "\n" + res.stderr
     if res.ok and rpc_unreached(cfg.rpc, res.stderr):
@@ -60,6 +64,8 @@ def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str) -> JobRecor
                                         f"{' (' + cause[:300] + ')' if cause else ''}; see {ev / 'base.stderr'}")
         elif "tokens" in res.stderr and "you need at least" in res.stderr:
             rec.ok, rec.error = False, "corpus too short for ctx x chunks"
+        elif rot and rotation_problem(res.stderr):
+            rec.ok, rec.error = False, f"{rotation_problem(res.stderr)}; see {ev / 'base.stderr'}"
         else:
             os.replace(tmp_file, base_file)
             rec.data = {"ppl": fin[0], "ppl_se": fin[1], "kv": kv.to_dict() if kv else None, "base_file": str(base_file)}
@@ -124,6 +130,17 @@ def _run_bench(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v:
 
 
 
+def machine_load() -> dict:
+    """The machine's load now: {'load_1min', 'load_5min', 'load_15min' (os.getloadavg: runnable processes averaged over
+    1/5/15 minutes), 'cpus' (os.cpu_count())}; loads None where the OS has no load average. A speed figure measured
+    at a load above the number of CPUs shared them with other work (spec "Speed verdicts carry their noise")."""
+    try:
+        l1, l5, l15 = (round(x, 2) for x in os.getloadavg())
+    except (OSError, AttributeError):
+        l1 = l5 = l15 = None
+    return {"load_1min": l1, "load_5min": l5, "load_15min": l15, "cpus": os.cpu_count()}
+
+
 def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None] = print,
               traits: dict | None = None) -> SweepResult:
     """Run (or resume) a sweep. Never raises for a failing tool or pair: those become failed job records.
@@ -154,6 +171,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
             "turbo_env_inherited": {k: v for k, v in os.environ.items() if k.startswith("TURBO_")},
             "type_traits": {n: [t.blck, t.size] for n, t in traits.items()
                             if n in {x for p in cfg.pairs for x in split_pair(*p)[:2]} | {"f16", "q8_0"}}}
+    meta["load_start"] = machine_load()
     result = SweepResult(cfg, meta, None, None, traits=traits)
     try:
         result.model_info = read_model_info(cfg.model)
@@ -248,6 +266,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
         if bar is not None:
             bar.close()
         result.seconds = time.time() - t0
+        meta["load_end"] = machine_load()
     return result
 
 

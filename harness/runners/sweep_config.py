@@ -148,6 +148,11 @@ class SweepConfig:
     # the same depth_tokens tokens of the corpus
     kld_depths: tuple[int, ...] = ()
     depth_pairs: list[tuple[str, str]] = field(default_factory=list)
+    # cross-backend sweeps (harness/runners/xbackend.py): variables that keep the tools on this side's backend (e.g.
+    # CUDA_VISIBLE_DEVICES='' for the CPU side of a CUDA build; harness/fork/backends.py hide_env) and the fork's
+    # own --device list ('none' = the CPU only; '' = not passed)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    devices: str = ""
 
     def __post_init__(self):
         self.batch = self.batch or self.ctx
@@ -155,7 +160,7 @@ class SweepConfig:
 
     def env(self) -> dict[str, str]:
         """Variables set for every tool call (none under --fork-defaults, which also unsets PINNED_ENV)."""
-        return {} if self.fork_defaults else dict(PINNED_ENV)
+        return {**({} if self.fork_defaults else PINNED_ENV), **self.extra_env}
 
     def env_unset(self) -> tuple[str, ...]:
         return tuple(PINNED_ENV) if self.fork_defaults else ()
@@ -166,7 +171,8 @@ class SweepConfig:
                 "threads": self.threads, "ngl": self.ngl, "flash_attn": "on", "fit": "off",
                 "depths": list(self.depths), "reps": self.reps, "n_prompt": self.n_prompt, "n_gen": self.n_gen,
                 "env": self.env(), "env_unset": list(self.env_unset()), "fork_defaults": self.fork_defaults,
-                "backend": self.backend, "timeout_s": self.timeout, **({"rpc": list(self.rpc)} if self.rpc else {})}
+                "backend": self.backend, "timeout_s": self.timeout, **({"rpc": list(self.rpc)} if self.rpc else {}),
+                **({"devices": self.devices} if self.devices else {})}
 
 
 @dataclass

@@ -112,7 +112,8 @@ def _common_args(cfg: SweepConfig) -> list[str]:
     """Arguments every tool call gets; with remote devices, the fork's own ``--rpc HOST:PORT,...`` (both
     llama-perplexity and llama-bench take it) so layers are offloaded to the rpc-servers."""
     rpc = ["--rpc", ",".join(cfg.rpc)] if cfg.rpc else []
-    return ["-t", str(cfg.threads), "-b", str(cfg.batch), "-ub", str(cfg.ubatch), "-ngl", str(cfg.ngl), *rpc]
+    dev = ["-dev", cfg.devices] if cfg.devices else []
+    return ["-t", str(cfg.threads), "-b", str(cfg.batch), "-ub", str(cfg.ubatch), "-ngl", str(cfg.ngl), *rpc, *dev]
 
 
 def _bench_tests(cfg: SweepConfig) -> list[tuple[str, int, int]]:
@@ -213,4 +214,5 @@ def job_ident(cfg: SweepConfig, fork: dict, meta: dict) -> dict:
             "model": meta["model_sha256"], "corpus": meta["corpus_sha256"], "env": cfg.env(),
             "env_unset": cfg.env_unset(), "ctx": cfg.ctx, "chunks": cfg.chunks, "b": cfg.batch, "ub": cfg.ubatch,
             "t": cfg.threads, "ngl": cfg.ngl, "fa": "on", "fit": "off", "backend": cfg.backend,
-            "inherit": meta["turbo_env_inherited"], **({"rpc": list(cfg.rpc)} if cfg.rpc else {})}
+            "inherit": meta["turbo_env_inherited"], **({"rpc": list(cfg.rpc)} if cfg.rpc else {}),
+            **({"devices": cfg.devices} if cfg.devices else {})}
