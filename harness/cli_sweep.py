@@ -177,9 +177,13 @@ def _table_text(section: dict) -> str:
                    "(CPU 256,1024; GPU 512,4096; 'none' = off).")
 @click.option("--depth-pairs", default=None,
               help=f"Pairs measured at every --kld-depths length (default {'{'}DEPTH_PAIRS{'}'}).")
+@click.option("--backends", "backends_spec", default=None, metavar="A,B[,...]",
+              help=f"Cross-backend sweep: the same pairs on each backend ({backends.choices(', ')}, rpcN = the N-th "
+                   f"--rpc server), each scored against the first one's logits of the pair; noise floor f16/f16 A vs B.")
+@click.option("--target", "target", default=None, help="With --backends: the backend under test (default the second).")
 def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, ubatch, fresh, fork_defaults, backend,
           build_dir, out_dir, known_file, timeout, no_bench, no_baselines, strict, no_progress, rpc, decode_prompts,
-          decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs):
+          decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs, backends_spec, target):
     """Model-level sweep: PPL ± se, KL divergence vs an f16-cache baseline, top-1 agreement, KV memory
     and prefill/decode speed ratio to q8_0 for K/V cache-type pairs, with the fork's own tools."""
     from harness.fork.build import REPO_ROOT, build_dir as default_build_dir, detect_backend, has_rpc as fb_has_rpc
@@ -193,17 +197,29 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     from harness.known import load_known
 
     try:
+        from harness.fork import rpc as R
+        endpoints = R.parse_endpoints(rpc)
+        names = None
+        if backends_spec is not None:
+            from harness.runners.xbackend import parse_backends
+            if backend:
+                raise HarnessError("--backend and --backends: give one (--backends A,B compares backends)")
+            names = parse_backends(backends_spec, len(endpoints))
+            backend = next((n for n in names if n != "cpu" and not n.startswith("rpc")), "cpu")
+        elif target:
+            raise HarnessError("--target needs --backends A,B (the backend under test among them)")
         backend = usage.backend_name(backend, "--backend") or detect_backend()
         _check_numbers(ctx=ctx, chunks=chunks, reps=reps, threads=threads, timeout=timeout, ngl=ngl, batch=batch,
                        ubatch=ubatch)
-        from harness.fork import rpc as R
-        endpoints = R.parse_endpoints(rpc)
         warn = R.security_warning(endpoints)
         if warn:
             click.echo(f"warning: {warn}", err=True)
         ngl = ngl if ngl is not None else (0 if backend == "cpu" and not endpoints else 99)
         dflt = CPU_DEFAULTS if ngl == 0 else GPU_DEFAULTS
         bdir = build_dir or default_build_dir(backend)
+        if names and endpoints and build_dir is None:  # the rpc sides' build (the template's build is replaced per side)
+            from harness.cli_xbackend import CrossOptions, side_build_dir
+            bdir = side_build_dir(next(n for n in names if n.startswith("rpc")), CrossOptions(names, endpoints, None, None, Path(".")))
         if build_dir is None and not (bdir / "bin" / "llama-perplexity").is_file() and backend != detect_backend():
             raise HarnessError(f"--backend {backend}: no {backend} build in {bdir}; {usage.backend_fix(backend)}")
         if endpoints and not fb_has_rpc(bdir):
@@ -234,6 +250,10 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             if cfg.baselines_added:
                 click.echo(f"note: added the baseline pairs {', '.join(cfg.baselines_added)} that the rules need "
                            f"(--no-baselines to run only the pairs given)", err=True)
+        if names:
+            from harness.cli_xbackend import CrossOptions, run_cross
+            sys.exit(run_cross(cfg, CrossOptions(names, endpoints, target, build_dir, run_dir, strict, not no_progress,
+                                                 known, known_file), sys.argv))
         resume = ("rerun without --fresh to resume (with --fresh every job runs again)" if fresh
                   else "rerun the same command to resume")
         with interruptible():  # SIGINT / SIGTERM: kill the tool, keep the cache, write the partial report

@@ -38,6 +38,9 @@ def _ids_in(run_dir: Path) -> list[str]:
         return ["?"]
 
 
+SWEEP_IDS = ("SWEEP", "XBACKEND")  # the checks of sweep reports (one backend, or several compared)
+
+
 def prepare_run_dir(run_dir: Path, kind: str, option: str = "--out") -> tuple[Path, Run | None]:
     """Make sure a report of ``kind`` can be written into ``run_dir`` and say what is there already.
 
@@ -59,11 +62,11 @@ def prepare_run_dir(run_dir: Path, kind: str, option: str = "--out") -> tuple[Pa
     if (run_dir / "run.json").is_file():
         ids = _ids_in(run_dir)
         if kind == "checks":
-            if "SWEEP" in ids:
+            if {"SWEEP", "XBACKEND"} & set(ids):
                 raise HarnessError(f"{option} {run_dir} holds a sweep report: give another folder for the checks")
             previous = load_run(run_dir)
-        elif [i for i in ids if i != "SWEEP"]:
-            raise HarnessError(f"{option} {run_dir} holds another report ({', '.join(i for i in ids if i != 'SWEEP')}): "
+        elif [i for i in ids if i not in SWEEP_IDS]:
+            raise HarnessError(f"{option} {run_dir} holds another report ({', '.join(i for i in ids if i not in SWEEP_IDS)}): "
                                f"a sweep would overwrite it; give a new folder")
     usage.writable_dir(run_dir, option)
     return run_dir, previous
