@@ -387,13 +387,16 @@ def sweep_compare(run_dirs, out_dir):
     run.json of each sweep report folder (e.g. reports/samples/sweep-cpu-smollm2 reports/samples/sweep-cpu-gemma3)."""
     from harness import usage
     from harness.fork.build import REPO_ROOT
-    from harness.report.compare import write_compare
+    from harness.report.compare import compare_warnings, write_compare
     try:
         out = usage.writable_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / time.strftime("compare-%Y%m%d-%H%M%S"),
                                  "--out")
         md, png = write_compare(list(run_dirs), out)
+        warns = compare_warnings(list(run_dirs))
     except HarnessError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    for w in warns:
+        click.echo(f"warning: {w}", err=True)
     click.echo(md.read_text())
     click.echo(f"wrote {md} and {png}")

@@ -251,3 +251,21 @@ def test_cpu_against_rpc0_on_this_machine(tmp_path):
     assert all(c.verdict != Verdict.ERROR for c in cr.cells), sec["markdown"]
     assert res.passes["scoring"] == 3 and res.passes["logits"] == 2
     assert "rpc0 vs cpu" in sec["markdown"]
+
+
+def test_sweep_compare_warns_on_different_ctx_chunks_and_labels_by_backend(tmp_path):
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+    from harness.report.compare import compare_warnings
+    samples = ROOT / "reports" / "samples"
+    cpu, cuda = samples / "sweep-cpu-smollm2", samples / "cuda-h200-sweep"
+    warns = compare_warnings([cpu, cuda])
+    assert any(w.startswith("the sweeps differ in ctx") for w in warns)
+    assert any(w.startswith("the sweeps differ in chunks") for w in warns)
+    assert compare_warnings([cpu, cpu]) == []
+    r = CliRunner().invoke(cli, ["sweep-compare", str(cpu), str(cuda), "--out", str(tmp_path / "cmp")])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "not directly comparable" in md and "warning: the sweeps differ in ctx" in r.output
+    assert " on cpu (" in md and " on cuda (" in md  # each table (and plot line) names its backend
