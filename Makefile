@@ -55,9 +55,11 @@ sweep-compare: install
 # Harness overhead of a model-level sweep (prints figures; not a test): the default Gemma 3 CPU sweep with an empty
 # job cache, its wall time against the sum of the fork binaries' own run times (goal: overhead <= 5%), and
 # KVREAL's wall time per model. BENCH_MODEL=smollm2 benchmarks the other model; ARGS are passed to the sweep.
+# BENCH_BACKENDS=cpu,rpc0 benchmarks a cross-backend sweep (a loopback rpc-server is started) and prints its model
+# passes against the bound: the per-backend sweeps plus one scoring pass per pair.
 BENCH_MODEL ?= gemma3
 bench-sweep: build $(VENV)/.model $(VENV)/.model-gemma3
-	$(PY) scripts/bench_sweep.py --model $(BENCH_MODEL) $(ARGS)
+	$(PY) scripts/bench_sweep.py --model $(BENCH_MODEL) $(if $(BENCH_BACKENDS),--backends $(BENCH_BACKENDS),) $(ARGS)
 
 # Speed benchmark (prints figures; not a test): the six checks and COMPAT (2^20 values per type) on the
 # built fork, time per check.
