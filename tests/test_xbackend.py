@@ -269,3 +269,59 @@ def test_sweep_compare_warns_on_different_ctx_chunks_and_labels_by_backend(tmp_p
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "not directly comparable" in md and "warning: the sweeps differ in ctx" in r.output
     assert " on cpu (" in md and " on cuda (" in md  # each table (and plot line) names its backend
+
+
+def _dec(pair, tokens, gaps=None):
+    from harness.runners.sweep import JobRecord
+    return JobRecord("decode", pair, True, data={"out": {"tokens": tokens, "gaps": gaps or [[0.5] * len(t) for t in tokens],
+                                                         "texts": [""] * len(tokens), "complete": True}, "kv": []})
+
+
+def test_decode_across_backends_early_divergence_names_the_backend_and_near_ties_pass(tmp_path):
+    from harness.checks.xdecode import xdecode_cells
+    from harness.runners.sweep import SweepResult
+    from harness.runners.xbackend import XResult
+    tpl = SweepConfig(model=tmp_path / "m", corpus=tmp_path / "c", pairs=parse_pairs("f16/f16,turbo3/turbo3"),
+                      bdir=tmp_path, ctx=64, decode_prompts=3, decode_n_gen=8)
+    cfg = XConfig([side_config("cpu", tpl, tmp_path, []), side_config("cuda", tpl, tmp_path, [])])
+    ref = [[1, 2, 3, 4, 5, 6, 7, 8]] * 3
+    garbled = [[9, 9, 9, 9, 9, 9, 9, 9]] * 3
+    res = XResult(cfg)
+    for name, side in zip(("cpu", "cuda"), cfg.sides):
+        res.sweeps[name] = SweepResult(side, {}, None, None)
+        res.sweeps[name].decode["f16/f16"] = _dec("f16/f16", ref)
+    res.sweeps["cpu"].decode["turbo3/turbo3"] = _dec("turbo3/turbo3", ref)
+    res.sweeps["cuda"].decode["turbo3/turbo3"] = _dec("turbo3/turbo3", garbled)
+    rows = [{"backend": "cuda", "pair": "f16/f16", "top1_pct": 99.0}, {"backend": "cuda", "pair": "turbo3/turbo3", "top1_pct": 99.0}]
+    cells, drows = xdecode_cells(res, rows, load_rules())
+    by = {c.type: c for c in cells}
+    assert by["turbo3/turbo3"].verdict == Verdict.FAIL and "cuda strays further" in by["turbo3/turbo3"].caveat
+    assert by["f16/f16"].verdict == Verdict.PASS
+    # the same divergence where the reference's own choice was a near-tie and the batched agreement is low: not FAIL
+    rows[1]["top1_pct"] = 20.0
+    cells, _ = xdecode_cells(res, rows, load_rules())
+    assert {c.type: c for c in cells}["turbo3/turbo3"].verdict == Verdict.PASS
+    # a decode that did not run on one backend is not compared, never PASS
+    res.sweeps["cuda"].decode.pop("turbo3/turbo3")
+    cells, _ = xdecode_cells(res, rows, load_rules())
+    c = {c.type: c for c in cells}["turbo3/turbo3"]
+    assert c.verdict == Verdict.SKIP and "did not complete on cuda" in c.caveat
+
+
+def test_speed_spread_covering_the_limit_is_not_fail_and_load_is_noted():
+    from harness.checks.sweep_rules import _speed_table, load_note
+    from harness.runners.sweep import JobRecord
+
+    def bench(pair, samples):
+        n = len(samples)
+        m = sum(samples) / n
+        sd = (sum((x - m) ** 2 for x in samples) / max(n - 1, 1)) ** 0.5
+        return JobRecord("bench", pair, True, data={"rows": [{"test": "pp", "n_tokens": 64, "depth": 0, "avg_ts": m,
+                                                              "stddev_ts": sd, "samples_ts": samples}]})
+    rows = _speed_table({"q8_0/q8_0": bench("q8_0/q8_0", [100.0, 60.0, 100.0]),
+                         "turbo3/turbo3": bench("turbo3/turbo3", [80.0, 80.0, 80.0])})
+    t = next(r for r in rows if r["pair"] == "turbo3/turbo3")
+    assert t["ratio"] < 0.95 and t["ratio_lo"] == pytest.approx(0.8) and t["ratio_hi"] == pytest.approx(80 / 60)
+    assert load_note({"load_start": {"load_1min": 7.9, "cpus": 2}, "load_end": {"load_1min": 8.2, "cpus": 2}}).startswith(
+        "measured at load 7.9 (start) / 8.2 (end) on 2 CPUs")
+    assert load_note({"load_start": {"load_1min": 0.5, "cpus": 2}, "load_end": {"load_1min": 1.0, "cpus": 2}}) == ""
