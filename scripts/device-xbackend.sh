@@ -34,6 +34,8 @@ case "$PHASE" in
     [ -f "$M" ] || cat $(ls .devcarry/*/$NAME.part* | awk -F/ '{print $NF" "$0}' | sort | cut -d' ' -f2) > "$M"
     echo "$(cat .devcarry/*/$NAME.sha256 | head -n 1)  $M" | sha256sum -c - || { rm -f "$M"; exit 2; }
     rm -rf /tmp/xb-$NAME /root/xb-$NAME.done
+    # the greedy-decode tool once, before two sweeps could compile it into the same build folder at the same time
+    python3 -c "from harness.runners.decode import build_decode_tool as b; from pathlib import Path as P; print(b(P('/root/xbuild/cuda'), P('$FORK_DIR')))" || exit 3
     setsid bash -c "python3 -m harness.cli sweep --backends cpu,cuda --model $M --corpus .devcarry/c1/wiki.test.raw \
       --ctx 512 --chunks 4 --pairs $PAIRS --no-bench --kld-depths none --no-progress --out /tmp/xb-$NAME \
       > /root/xb-$NAME.log 2>&1; echo rc=\$? >> /root/xb-$NAME.log; touch /root/xb-$NAME.done" < /dev/null > /dev/null 2>&1 &
