@@ -40,7 +40,7 @@ base = a[a.index("--kl-divergence-base") + 1]
 mib = lambda t: predict_kv_bytes(TRAITS[t], ctx, 1, 30, 3, 64) / 2**20
 sys.stderr.write(f"llama_kv_cache: size = {{mib(ctk) + mib(ctv):8.2f}} MiB ({{ctx:6d}} cells,  30 layers,  1/1 seqs), "
                  f"K ({{ctk}}): {{mib(ctk):8.2f}} MiB, V ({{ctv}}): {{mib(ctv):8.2f}} MiB\n")
-sys.stderr.write("sched_reserve: graph splits = 1\n")
+sys.stderr.write(f"sched_reserve: graph splits = {{conf.get('splits', {{}}).get(ctk, 1)}}\n")
 sys.stderr.flush()
 if ctk in conf["crash"]:
     sys.stderr.write("/src/ggml-cuda/fattn.cu:77: GGML_ASSERT(fake crash) failed\n"); sys.stderr.flush()
@@ -65,12 +65,13 @@ print(f"Same top p: {{100 - 100 * kld:.3f}} ± 0.100 %")
 '''
 
 
-def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=()) -> Path:
+def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None) -> Path:
     bdir = root / name
     (bdir / "bin").mkdir(parents=True, exist_ok=True)
     _script(bdir / "bin" / "llama-perplexity", FAKE.format(py=sys.executable, root=str(ROOT)))
     (bdir / "fake.json").write_text(json.dumps({"name": name, "jitter": jitter, "shift": shift or {},
-                                                "crash": list(crash), "calls": str(calls)}))
+                                                "crash": list(crash), "calls": str(calls),
+                                                "splits": splits or {}}))
     return bdir
 
 
@@ -150,6 +151,13 @@ def test_crash_on_b_only_is_its_own_cell_never_pass(xb):
     res, cr, sec = xb.run(xb.make(a={"crash": ["turbo3"]}, pairs="f16/f16,turbo3/turbo3"))
     c = _cells(cr, "cross_compared")["turbo3/turbo3"]
     assert c.verdict == Verdict.FAIL and "ran on cuda only" in c.caveat and c.target is False
+
+
+def test_pair_placed_on_the_cpu_on_b_is_its_own_cell(xb):
+    res, cr, sec = xb.run(xb.make(pairs="f16/f16,turbo3/turbo3", b={"splits": {"turbo3": 5}}))
+    c = _cells(cr, "cross_compared")["turbo3/turbo3"]
+    assert c.verdict == Verdict.PARTIAL and "not compared on cuda" in c.caveat and "graph splits 5" in c.caveat
+    assert "turbo3/turbo3" not in _cells(cr, "cross_kld_vs_floor")
 
 
 def test_nothing_compared_is_never_pass(xb):

@@ -109,6 +109,16 @@ def judge_xbackend(res, sections: dict[str, dict], rules: dict) -> tuple[CheckRe
                 row.update(status=vd.value, note=cav)
                 rows_out.append(row)
                 continue
+            placement = rb.get("placement") or ra.get("placement")
+            if placement:  # one side's attention ran elsewhere: the runs do not compare the two backends
+                who = b_name if rb.get("placement") else a_name
+                c = Cell(ID, lab, path, "cross_compared", s["kld"], None, Verdict.PARTIAL, evidence=ev, target=who == target,
+                         caveat=f"not compared on {who}: its run of {lab} was placed elsewhere ({placement}); the KLD "
+                                f"{s['kld']:.4g} measured does not compare {b_name} with {a_name}")
+                cr.cells.append(c)
+                row.update(status="PARTIAL", note=c.caveat)
+                rows_out.append(row)
+                continue
             if floor is None:
                 why = fl.error if fl is not None else "not run"
                 c = Cell(ID, lab, path, "cross_kld_vs_floor", s["kld"], None, Verdict.SKIP, evidence=ev,
@@ -137,9 +147,6 @@ def judge_xbackend(res, sections: dict[str, dict], rules: dict) -> tuple[CheckRe
                 else:
                     vd = Verdict.PARTIAL
                     cav = f"backends disagree, and neither moved clearly further from its own f16 ({own}); {facts}"
-            placement = rb.get("placement") or ra.get("placement")
-            if placement and vd == Verdict.PASS:
-                vd, cav = Verdict.PARTIAL, f"compared, but not on the backend asked for: {placement}; {facts}"
             cr.cells.append(Cell(ID, lab, path, "cross_kld_vs_floor", s["kld"], limit, vd, caveat=cav, evidence=ev,
                                  target=(who or b_name) == target,
                                  details={"floor": floor, "floor_se": floor_se, "kld_se": se, "moved_further": who,
