@@ -4,7 +4,6 @@ real thing on this machine: CPU against the same CPU backend behind a loopback r
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -225,7 +224,7 @@ def test_cli_backends_writes_both_sweeps_and_the_comparison(xb, monkeypatch):
 
 @pytest.mark.fork
 def test_cpu_against_rpc0_on_this_machine(tmp_path):
-    """The real fork: CPU (2 threads) against the CPU backend behind a loopback rpc-server (1 thread), tiny context."""
+    """The real fork: CPU (2 threads) against the CPU backend behind a loopback rpc-server (1 thread), tiny context (ctx 128 x 2 chunks: llama-perplexity prints KLD statistics from 100 scored tokens)."""
     from conftest import fork_build_or_skip, skip_or_fail
     from harness.fork import build as fb
     from harness.runners.models import resolve_model
@@ -237,14 +236,15 @@ def test_cpu_against_rpc0_on_this_machine(tmp_path):
         model = resolve_model("smollm2")
     except HarnessError as e:
         skip_or_fail(f"no SmolLM2 model: {e}")
-    corpus = Path(os.environ.get("TURBO_CORPUS") or ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
-    if not corpus.is_file():
-        from harness.runners.inputs import default_corpus
+    from harness.runners.inputs import default_corpus
+    try:
         corpus = default_corpus()
+    except HarnessError as e:
+        skip_or_fail(str(e))
     srv = RpcServer(bdir / "bin" / "rpc-server", threads=1, log_path=tmp_path / "rpc.log").start()
     try:
         tpl = SweepConfig(model=model, corpus=corpus, pairs=parse_pairs("f16/f16,q8_0/q8_0,turbo3/turbo3"), bdir=bdir,
-                          ctx=64, chunks=2, threads=2, timeout=300, cache_dir=tmp_path / "cache", bench=False,
+                          ctx=128, chunks=2, threads=2, timeout=300, cache_dir=tmp_path / "cache", bench=False,
                           decode_prompts=1, decode_n_prompt=16, decode_n_gen=4)
         cfg = XConfig([side_config("cpu", tpl, bdir, []), side_config("rpc0", tpl, bdir, [srv.endpoint])])
         res = run_xbackend(cfg, progress=False, log=lambda s: None)

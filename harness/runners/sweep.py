@@ -90,8 +90,11 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
         if rpc_unreached(cfg.rpc, res.stderr):
             rec.ok, rec.error = False, rpc_unreached(cfg.rpc, res.stderr)
         elif "ppl" not in stats or "kld" not in stats:
-            rec.ok, rec.error = False, (f"llama-perplexity printed no KL-divergence statistics (it prints them only for 2+ "
-                                        f"chunks); see {ev / 'ppl.stdout'}")
+            scored = cfg.chunks * (cfg.ctx // 2 - 1)  # it scores the second half of each chunk
+            few = (f": ctx {cfg.ctx} x {cfg.chunks} chunks scores only {scored} tokens and it prints statistics for "
+                   f"100 or more (tools/perplexity: 'kld.count < 100'); give a larger --ctx or --chunks" if scored < 100
+                   else " (it prints them only for 2+ chunks)")
+            rec.ok, rec.error = False, f"llama-perplexity printed no KL-divergence statistics{few}; see {ev / 'ppl.stdout'}"
         elif kv is None:
             rec.ok, rec.error = False, f"no 'llama_kv_cache: size' line in the log; see {ev / 'ppl.stderr'}"
         elif rot and rotation_problem(res.stderr):
