@@ -9,6 +9,7 @@
 #   build          unpack the fork, start the CUDA build (llama-perplexity) in the background, return
 #   sweep NAME     (NAME smol | gemma) wait for the build, join NAME's pieces, start the sweep in the background
 #   collect NAME [WAIT]   wait up to WAIT s for NAME's sweep, then its report folder and log into $OUT
+#   run NAME [WAIT]       sweep then collect, in one call
 set -u
 PHASE=${1:-build}; NAME=${2:-smol}; WAIT=${3:-540}
 XB=$PWD/.devcarry/xb
@@ -40,6 +41,8 @@ case "$PHASE" in
       --ctx 512 --chunks 4 --pairs $PAIRS --no-bench --kld-depths none --no-progress --out /tmp/xb-$NAME \
       > /root/xb-$NAME.log 2>&1; echo rc=\$? >> /root/xb-$NAME.log; touch /root/xb-$NAME.done" < /dev/null > /dev/null 2>&1 &
     sleep 3; echo "sweep $NAME started"; tail -3 /root/xb-$NAME.log ;;
+  run)  # sweep in the foreground (wait for the build first), then its report into $OUT: one call instead of two
+    "$0" sweep "$NAME" "$WAIT" && "$0" collect "$NAME" 600 ;;
   collect)
     waitfor /root/xb-$NAME.done "$WAIT" && echo "sweep $NAME done" || echo "sweep $NAME still running"
     cp /root/xb-$NAME.log "$OUT/" 2>/dev/null; tail -40 /root/xb-$NAME.log
