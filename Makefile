@@ -12,7 +12,7 @@ RPC ?=
 export FORK_DIR
 export BACKEND
 
-.PHONY: all install build verify test sweep sweep-compare doctor bench bench-rpc bench-sweep clean
+.PHONY: all install build verify test sweep sweep-compare scorecard doctor bench bench-rpc bench-diff bench-sweep clean
 
 all: verify
 
@@ -52,6 +52,24 @@ RUNS ?= reports/samples/sweep-cpu-smollm2 reports/samples/sweep-cpu-gemma3
 sweep-compare: install
 	$(TH) sweep-compare $(RUNS) --out $(or $(OUT),reports/compare)
 
+# Several forks side by side: builds each checkout of FORKS into its own folder under build/forks/<commit> (reused
+# when its recorded provenance matches the checkout), verifies each into reports/forks/<commit>, then writes
+# reports/scorecard/ (scorecard.md, .html, .json); OUT=DIR puts both under DIR. RUNS_SC=... scores existing run
+# folders without building.
+FORKS ?=
+scorecard: install
+ifneq ($(strip $(RUNS_SC)),)
+	$(TH) scorecard $(RUNS_SC) --out $(or $(OUT),reports/scorecard)
+else
+	@if [ -z "$(strip $(FORKS))" ]; then echo 'error: give the fork checkouts: make scorecard FORKS="dir1 dir2 ..." (or RUNS_SC="run1 run2" for existing reports)' >&2; exit 2; fi
+	$(PY) -m harness.fork.forks $(if $(BACKEND),--backend $(BACKEND),) $(if $(OUT),--out $(OUT),) $(FORKS)
+endif
+
+# Speed of diff and scorecard on existing runs (prints figures; not a test): goals diff <= 1 s, scorecard of N runs
+# <= 1 s + 0.1 s x N.
+bench-diff: install
+	$(PY) scripts/bench_diff.py $(ARGS)
+
 # Harness overhead of a model-level sweep (prints figures; not a test): the default Gemma 3 CPU sweep with an empty
 # job cache, its wall time against the sum of the fork binaries' own run times (goal: overhead <= 5%), and
 # KVREAL's wall time per model. BENCH_MODEL=smollm2 benchmarks the other model; ARGS are passed to the sweep.
@@ -62,11 +80,12 @@ bench-sweep: build $(VENV)/.model $(VENV)/.model-gemma3
 	$(PY) scripts/bench_sweep.py --model $(BENCH_MODEL) $(if $(BENCH_BACKENDS),--backends $(BENCH_BACKENDS),) $(ARGS)
 
 # Speed benchmark (prints figures; not a test): the six checks and COMPAT (2^20 values per type) on the
-# built fork, time per check.
+# built fork, time per check; the source audit and the Metal shim (first compile, cached load).
 bench: build
 	rm -rf build/bench-run  # a fresh report each time: --out never merges reports of different builds
-	$(TH) verify --checks PQ1,PQ2,PQ3,PQ4,PQ5,PQ6,COMPAT --out build/bench-run | grep -E ' s  |verdict'
-	@$(PY) -c "import json; d=json.load(open('build/bench-run/run.json')); t={c['id']: c['duration_s'] for c in d['checks']}; s=sum(v for k, v in t.items() if k != 'COMPAT'); print(f'six checks: {s:.1f} s; six checks + COMPAT: {s + t.get(\"COMPAT\", 0):.1f} s total (goal < 10 s on 2 cores)')"
+	$(TH) verify --checks AUDIT,PQ1,PQ2,PQ3,PQ4,PQ5,PQ6,COMPAT --out build/bench-run | grep -E ' s  |verdict'
+	@$(PY) -c "import json; d=json.load(open('build/bench-run/run.json')); t={c['id']: c['duration_s'] for c in d['checks']}; s=sum(v for k, v in t.items() if k not in ('COMPAT', 'AUDIT')); print(f'six checks: {s:.1f} s; six checks + COMPAT: {s + t.get(\"COMPAT\", 0):.1f} s total (goal < 10 s on 2 cores); AUDIT {t.get(\"AUDIT\", 0):.1f} s; verify (all of them): {sum(t.values()):.1f} s (goal <= 15 s)')"
+	$(PY) scripts/bench_metal.py
 
 # Speed over ggml RPC (prints figures; not a test): one probe call and COMPAT, local CPU vs the same CPU backend
 # behind the fork's rpc-server on 127.0.0.1, by row count; where the time goes (README "Remote devices").

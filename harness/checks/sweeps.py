@@ -320,7 +320,7 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
         why = "; ".join(reasons) or f"no pair with a rule ({', '.join(ruled)}) or a turbo speed rule was measured"
         cr.notes.insert(0, f"nothing judged: {why}")
         cr.cells.append(Cell("SWEEP", "all", f"{backend}:sweep", "pairs_judged", 0.0, 1.0, Verdict.SKIP, op=">=",
-                             caveat=f"nothing judged: {why}"))
+                             caveat=f"nothing judged: {why}", details={"rule": {"breach": "SKIP"}}))  # nothing judged
     section["notes"] = list(cr.notes)
     return cr, section
 

@@ -162,7 +162,8 @@ def judge_xbackend(res, sections: dict[str, dict], rules: dict) -> tuple[CheckRe
     if not judged:
         cr.notes.insert(0, "nothing compared: no pair was measured on both backends against a noise floor")
         cr.cells.append(Cell(ID, "all", f"{target}:vs-{a_name}", "pairs_compared", 0.0, 1.0, Verdict.SKIP, op=">=",
-                             caveat="nothing compared: no pair was measured on both backends against a noise floor"))
+                             caveat="nothing compared: no pair was measured on both backends against a noise floor",
+                             details={"rule": {"breach": "SKIP"}}))  # nothing compared is SKIP, never judged by number
     sec = {"rows": rows_out, "floor": floors, "decode": drows, "target": target, "reference": a_name,
            "rules": dict(x), "load": {"start": res.load_start, "end": res.load_end}, "passes": res.passes}
     sec["markdown"] = xbackend_markdown(sec)

@@ -155,6 +155,7 @@ class CheckResult:
     duration_s: float = 0.0
     error: str = ""
     tables: list[Table] = field(default_factory=list)
+    not_applicable: str = ""  # why the check could not apply to this target (e.g. no fork source): SKIP, not aggregated
 
     @property
     def verdict(self) -> Verdict:
@@ -174,6 +175,7 @@ class CheckResult:
             "notes": self.notes,
             "cells": [c.to_dict() for c in self.cells],
             "tables": [t.to_dict() for t in self.tables],
+            **({"not_applicable": self.not_applicable} if self.not_applicable else {}),
         }
 
 
@@ -195,7 +197,9 @@ class Run:
 
     @property
     def verdict(self) -> Verdict:
-        return worst(c.verdict for c in self.checks)
+        """Worst verdict of the checks that applied to the target (a check that could not apply, e.g. the source
+        audit of a target with no fork source, is shown as SKIP with its reason but judges nothing)."""
+        return worst(c.verdict for c in self.checks if not c.not_applicable)
 
     @property
     def headline(self) -> str:
@@ -240,7 +244,7 @@ class Run:
         for cd in d.get("checks", []):
             cr = CheckResult(id=cd["id"], title=cd["title"], notes=cd.get("notes", []),
                              duration_s=cd.get("duration_s", 0.0), error=cd.get("error", ""),
-                             tables=[Table.from_dict(t) for t in cd.get("tables", [])])
+                             not_applicable=cd.get("not_applicable", ""), tables=[Table.from_dict(t) for t in cd.get("tables", [])])
             for c in cd.get("cells", []):
                 c = dict(c)
                 c.pop("margin", None)

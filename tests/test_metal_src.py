@@ -1,0 +1,191 @@
+"""metal-src (the fork's Metal per-block code on the host) and AUDIT (every backend's tables from source).
+
+Each fault is one edit on a COPY of the fork's sources in tmp_path (the real checkout is never touched); the checks
+must move off PASS and name what changed. Fixture forks written here (other layouts, no Metal) must give findings or
+SKIPs, never an exception.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.checks import audit, compat, pq1_rotation, pq2_codebook
+from harness.errors import Unsupported
+from harness.report.model import Verdict
+from harness.targets.numpy_target import NumpyTarget
+from tests.conftest import fork_build_or_skip
+
+FILES = ("ggml/include", "ggml/src/ggml-common.h", "ggml/src/ggml-turbo-quant.c", "ggml/src/ggml-metal/ggml-metal.metal",
+         "ggml/src/ggml-metal/ggml-metal-impl.h", "ggml/src/ggml-cuda/turbo-quant.cuh")
+METAL = "ggml/src/ggml-metal/ggml-metal.metal"
+
+
+def _copy(fork: Path, dst: Path) -> Path:
+    for rel in FILES:
+        src, out = fork / rel, dst / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, out)
+    return dst
+
+
+def _edit(root: Path, table: str, fn) -> None:
+    """Apply fn to the initializer text of one Metal table (found by name)."""
+    p = root / METAL
+    text = p.read_text()
+    m = re.search(rf"{table}\s*\[[^\]]*\]\s*=\s*\{{(.*?)\}};", text, re.S)
+    assert m, table
+    p.write_text(text[:m.start(1)] + fn(m.group(1)) + text[m.end(1):])
+
+
+@pytest.fixture
+def fork_copy(tmp_path, monkeypatch):
+    bdir, fork = fork_build_or_skip()
+    monkeypatch.setenv("TURBO_HARNESS_CACHE", str(tmp_path.parent / "metal-src-cache"))
+    return bdir, _copy(fork, tmp_path / "fork")
+
+
+def _target(bdir, root):
+    from harness.targets.fork import ForkTarget
+    return ForkTarget(bdir, root)
+
+
+def _cells(out, path_part=None, metric=None):
+    return [c for c in out if (path_part is None or path_part in c.path) and (metric is None or c.metric == metric)]
+
+
+@pytest.mark.fork
+def test_metal_midpoint_moved_1e6_is_partial_in_audit_and_compat(fork_copy, make_ctx):
+    bdir, root = fork_copy
+    t = _target(bdir, root)
+    try:
+        clean = audit.run(make_ctx(t, types=["turbo4"]))
+        assert not [c for c in _cells(clean, "metal:source", "threshold_max_abs_diff_vs_target_source")
+                    if c.verdict != Verdict.PASS]
+    finally:
+        t.close()
+    _edit(root, "turbo_mid_4bit", lambda s: s.replace(" 0.013963f", " 0.013964f", 1))
+    t = _target(bdir, root)
+    try:
+        ctx = make_ctx(t, types=["turbo4"])
+        out = audit.run(ctx)
+        bad = [c for c in _cells(out, "metal:source", "threshold_max_abs_diff_vs_target_source") if c.verdict == Verdict.PARTIAL]
+        assert bad and "ggml-metal.metal:" in bad[0].caveat and "ggml-turbo-quant.c:" in bad[0].caveat, out
+        assert abs(bad[0].value - 1e-6) < 1e-7
+        cells = compat._writer_matrix(ctx, "turbo4", {})
+        pair = [c for c in cells if "metal-src:set_rows" in c.path and " x " in c.path and "cpu:set_rows" in c.path]
+        assert pair and pair[0].verdict == Verdict.PARTIAL, [(c.path, c.verdict, c.caveat) for c in cells]
+        assert pair[0].details["threshold_flips"] > 0 and "Metal source on the host CPU" in pair[0].caveat + str(
+            [b.description for b in t.backends()])
+    finally:
+        t.close()
+
+
+@pytest.mark.fork
+def test_metal_first_sign_flipped_fails_pq1_on_metal_src(fork_copy, make_ctx):
+    bdir, root = fork_copy
+    _edit(root, "turbo_wht_signs1", lambda s: re.sub(r"-?1\.0f", lambda m: "1.0f" if m.group(0).startswith("-") else "-1.0f", s, count=1))
+    t = _target(bdir, root)
+    try:
+        ctx = make_ctx(t, target_backend="metal-src", types=["turbo3"])
+        out = pq1_rotation.run(ctx)
+        q = _cells(out, "metal-src:set_rows")
+        assert q and q[0].verdict == Verdict.FAIL and "sign" in q[0].caveat, [(c.path, c.verdict, c.caveat) for c in out]
+        aud = audit.run(make_ctx(t, types=["turbo3"]))
+        s = [c for c in _cells(aud, "metal:source", "wht_sign_mismatches_vs_reference") if c.verdict != Verdict.PASS]
+        assert s and s[0].value == 1
+    finally:
+        t.close()
+
+
+@pytest.mark.fork
+def test_unparseable_metal_table_is_skip_never_pass(fork_copy, make_ctx):
+    bdir, root = fork_copy
+    _edit(root, "turbo_mid_4bit", lambda s: s.replace("-0.145560f", "-TURBO_OUTER_MID", 1))
+    t = _target(bdir, root)
+    try:
+        out = audit.run(make_ctx(t, types=["turbo4"]))
+        metal = _cells(out, "metal:source")
+        skips = [c for c in metal if c.verdict == Verdict.SKIP and "turbo_mid_4bit" in c.caveat]
+        assert skips, [(c.metric, c.verdict, c.caveat) for c in metal]
+        assert not [c for c in metal if c.type == "turbo4" and "threshold" in c.metric and c.verdict == Verdict.PASS]
+        with pytest.raises(Unsupported, match="does not compile"):  # the shim cannot build it: metal-src cells SKIP
+            t.quantize("metal-src", "set_rows", "turbo4", np.ones((1, 128), np.float32))
+    finally:
+        t.close()
+
+
+@pytest.mark.fork
+def test_fp16_lut_rounded_to_8_bits_is_flagged(fork_copy, make_ctx):
+    bdir, root = fork_copy
+
+    def round8(s):
+        def r(m):
+            v = float(m.group(1))
+            e = np.floor(np.log2(abs(v))) if v else 0
+            return f"{np.round(v / 2 ** (e - 7)) * 2 ** (e - 7):.9f}h"
+        return re.sub(r"(-?\d+\.\d+)h", r, s)
+    _edit(root, "turbo_centroids_4bit_h", round8)
+    t = _target(bdir, root)
+    try:
+        ctx = make_ctx(t, types=["turbo4"])
+        out = audit.run(ctx)
+        f16 = [c for c in _cells(out, "metal:source", "fp16_copy_ulps_from_correct_rounding")
+               if c.details["table"] == "turbo_centroids_4bit_h"]
+        assert f16 and f16[0].verdict == Verdict.PARTIAL and f16[0].value > 0
+        cells = pq2_codebook._table_cells(ctx, "turbo4", [])
+        t4 = _cells(cells, "metal-src:dequant_t4", "table_rel_diff_vs_reference_path")
+        assert t4 and t4[0].verdict == Verdict.PARTIAL, [(c.path, c.metric, c.verdict, c.value) for c in cells]
+    finally:
+        t.close()
+
+
+# ----------------------------------------------------------------------------- fixture forks (no build needed)
+
+COMMON_OTHER = """
+#define QK_TURBO2 32
+#define QK_TURBO3 32
+#define QK_TURBO4 128
+typedef struct { ggml_half norm; uint8_t qs[QK_TURBO2 / 4]; } block_turbo2_0;
+typedef struct { ggml_half norm; uint8_t qs[QK_TURBO3 / 4]; uint8_t signs[QK_TURBO3 / 8]; } block_turbo3_0;
+typedef struct { ggml_half norm; uint8_t qs[QK_TURBO4 / 2]; } block_turbo4_0;
+"""
+
+
+def _fixture_fork(root: Path, metal: str | None, centroids4) -> Path:
+    (root / "ggml/src/ggml-metal").mkdir(parents=True)
+    (root / "ggml/src/ggml-common.h").write_text(COMMON_OTHER)
+    c = ", ".join(f"{v:.6f}f" for v in centroids4)
+    mids = ", ".join(f"{v:.6f}f" for v in 0.5 * (centroids4[1:] + centroids4[:-1]))
+    (root / "ggml/src/ggml-turbo-quant.c").write_text(
+        f"static const float CENTROIDS_4BIT[16] = {{ {c} }};\nstatic const float MID_4BIT[15] = {{ {mids} }};\n")
+    if metal is not None:
+        (root / METAL).write_text(metal)
+    return root
+
+
+def test_other_layouts_and_no_metal_give_findings_or_skips(tmp_path, make_ctx, monkeypatch):
+    from harness.reference.lloydmax import lloyd_max
+    from harness.targets.metal_src import MetalSrcRoutes
+    monkeypatch.setenv("TURBO_HARNESS_CACHE", str(tmp_path / "cache"))
+    c4 = lloyd_max(4, "beta", 128).centroids
+    metal = ("constant float turbo_centroids_4bit[16] = { " + ", ".join(f"{v:.6f}f" for v in c4) + " };\n"
+             "constant half turbo_centroids_4bit_h[16] = { " + ", ".join(f"{v:.6f}h" for v in c4) + " };\n")
+    for name, m in (("other-layouts", metal), ("no-metal", None)):
+        root = _fixture_fork(tmp_path / name, m, c4)
+        target = NumpyTarget()
+        target.fork = root
+        out = audit.run(make_ctx(target, types=["turbo2", "turbo3", "turbo4"]))
+        assert out and all(c.verdict in (Verdict.PASS, Verdict.PARTIAL, Verdict.FAIL, Verdict.SKIP) for c in out)
+        structs = _cells(out, "common:source", "block_bytes_vs_traits")
+        assert structs and {c.verdict for c in structs} == {Verdict.FAIL}, [(c.type, c.value, c.caveat) for c in structs]
+        assert {c.type for c in structs} == {"turbo2", "turbo3", "turbo4"}
+        assert any("66" in c.caveat for c in structs) and any("14" in c.caveat for c in structs)
+        assert [c for c in out if c.verdict == Verdict.SKIP], "tables absent from a backend are SKIP, never PASS"
+        routes = MetalSrcRoutes(root)
+        assert MetalSrcRoutes.available(root) == (m is not None)
+        with pytest.raises(Unsupported):
+            routes.quantize("set_rows", "turbo4", np.ones((1, 128), np.float32))
