@@ -228,15 +228,8 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     try:
         from harness.fork import rpc as R
         endpoints = R.parse_endpoints(rpc)
-        names = None
-        if backends_spec is not None:
-            from harness.runners.xbackend import parse_backends
-            if backend:
-                raise HarnessError("--backend and --backends: give one (--backends A,B compares backends)")
-            names = parse_backends(backends_spec, len(endpoints))
-            backend = next((n for n in names if n != "cpu" and not n.startswith("rpc")), "cpu")
-        elif target:
-            raise HarnessError("--target needs --backends A,B (the backend under test among them)")
+        from harness.cli_xbackend import cross_names, rpc_build_dir
+        names, backend = cross_names(backends_spec, backend, target, endpoints)
         backend = usage.backend_name(backend, "--backend") or detect_backend()
         warn = R.security_warning(endpoints)
         if warn:
@@ -244,9 +237,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         ngl = ngl if ngl is not None else (0 if backend == "cpu" and not endpoints else 99)
         dflt = CPU_DEFAULTS if ngl == 0 else GPU_DEFAULTS
         bdir = build_dir or default_build_dir(backend)
-        if names and endpoints and build_dir is None:  # the rpc sides' build (the template's build is replaced per side)
-            from harness.cli_xbackend import CrossOptions, side_build_dir
-            bdir = side_build_dir(next(n for n in names if n.startswith("rpc")), CrossOptions(names, endpoints, None, None, Path(".")))
+        bdir = rpc_build_dir(names, endpoints, build_dir) or bdir  # --backends with rpcN: the build with ggml RPC
         if build_dir is None and not (bdir / "bin" / "llama-perplexity").is_file() and backend != detect_backend():
             raise HarnessError(f"--backend {backend}: no {backend} build in {bdir}; {usage.backend_fix(backend)}")
         if endpoints and not fb_has_rpc(bdir):

@@ -31,6 +31,30 @@ class CrossOptions:
     known_file: str | None = None
 
 
+def cross_names(spec: str | None, backend: str | None, target: str | None, endpoints: list[str]):
+    """(the --backends names or None, the backend whose build and defaults the sweep template takes: the first GPU
+    backend named, else cpu; or ``backend`` unchanged without --backends).
+
+    Raises:
+        HarnessError: --backend with --backends, --target without --backends, or a bad --backends list."""
+    if spec is None:
+        if target:
+            raise HarnessError("--target needs --backends A,B (the backend under test among them)")
+        return None, backend
+    from harness.runners.xbackend import parse_backends
+    if backend:
+        raise HarnessError("--backend and --backends: give one (--backends A,B compares backends)")
+    names = parse_backends(spec, len(endpoints))
+    return names, next((n for n in names if n != "cpu" and not n.startswith("rpc")), "cpu")
+
+
+def rpc_build_dir(names: list[str] | None, endpoints: list[str], build_dir: Path | None) -> Path | None:
+    """The build of the rpcN sides (the one the sweep template checks for ggml RPC), or None when none is named."""
+    if not names or build_dir is not None or not any(n.startswith("rpc") for n in names):
+        return None
+    return side_build_dir(next(n for n in names if n.startswith("rpc")), CrossOptions(names, endpoints, None, None, Path(".")))
+
+
 def side_build_dir(name: str, opts: CrossOptions) -> Path:
     """The build folder a side's tools come from: --build-dir when given; rpcN: the CPU build (it needs ggml RPC); a
     GPU backend: build/<name>; cpu: build/cpu, else the build of another side (its GPU hidden: see side_config).
