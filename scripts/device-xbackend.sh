@@ -4,6 +4,8 @@
 # carried in .devcarry/xb/ (harness/, checks/, scripts/) and, in ignored folders carried one per call:
 #   .devcarry/c1/  the fork snapshot (llama-cpp-turboquant-*.tar.xz + README.md with its sha256) and wiki.test.raw
 #   .devcarry/s*/  smol.part*  (+ smol.sha256)      .devcarry/g*/  gemma.part* (+ gemma.sha256)
+# Each call carries at most 64 MiB with the tracked tree (45.6 MiB on 2026-12-07: about 18 MiB left per call), so
+# SmolLM2 (94 MiB) takes about 7 calls of pieces (split -b 15M) and Gemma 3 (241 MiB) about 14.
 # The build and the sweeps' job cache live outside the checkout (/root/xbuild, /root/xcache), so carrying the code
 # again does not remove them. Phases:
 #   build          unpack the fork, start the CUDA build (llama-perplexity) in the background, return
