@@ -94,7 +94,10 @@ def judge_xbackend(res, sections: dict[str, dict], rules: dict) -> tuple[CheckRe
                 rows_out.append(row)
                 continue
             s = rec.data["stats"]
-            ratio = math.exp(s["ln_ppl_ratio"]) if s.get("ln_ppl_ratio") is not None else None
+            # PPL of B's run over the reference's own run of the pair (both from full-precision logits): the fork's
+            # ln(PPL(Q)/PPL(base)) reads the base's uint16-compressed log-probs and carries their rounding (~0.4%)
+            a_ppl = (res.logits.get(lab).data or {}).get("ppl") if res.logits.get(lab) is not None else None
+            ratio = s["ppl"] / a_ppl if a_ppl else None
             row.update(kld=s["kld"], kld_se=s.get("kld_se"), top1_pct=s.get("same_top_p_pct"), ppl_ratio=ratio,
                        floor=floor, limit=limit, x_floor=(s["kld"] / floor if floor else None))
             ev = list(rec.evidence)
