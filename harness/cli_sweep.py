@@ -42,6 +42,12 @@ def _endpoints(s: str):
     return R.parse_endpoints(s)
 
 
+def _backends(s: str):
+    """--backends checked while parsing (names, repeats); whether rpcN has its --rpc server is checked in the command."""
+    from harness.runners.xbackend import parse_backends
+    return parse_backends(s, n_rpc=1 << 30)
+
+
 def _kld_depths(s: str):
     """--kld-depths checked while parsing: non-negative integers the depth runner accepts."""
     from harness.runners.depth import check_depths
@@ -206,10 +212,11 @@ def _table_text(section: dict) -> str:
                    "(CPU 256,1024; GPU 512,4096; 'none' = off).")
 @click.option("--depth-pairs", default=None, type=CommaList("K/V pair", check=_pairs),
               help=f"Pairs measured at every --kld-depths length (default {_default_depth_pairs()}).")
-@click.option("--backends", "backends_spec", default=None, metavar="A,B[,...]",
+@click.option("--backends", "backends_spec", default=None, metavar="A,B[,...]", type=CommaList("backend", check=_backends),
               help=f"Cross-backend sweep: the same pairs on each backend ({backends.choices(', ')}, rpcN = the N-th "
                    f"--rpc server), each scored against the first one's logits of the pair; noise floor f16/f16 A vs B.")
-@click.option("--target", "target", default=None, help="With --backends: the backend under test (default the second).")
+@click.option("--target", "target", default=None, type=BackendName(),
+              help="With --backends: the backend under test (default the second).")
 def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, ubatch, fresh, fork_defaults, backend,
           build_dir, out_dir, known_file, timeout, no_bench, no_baselines, strict, no_progress, rpc, decode_prompts,
           decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs, backends_spec, target):
