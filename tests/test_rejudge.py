@@ -145,3 +145,36 @@ def test_sample_reports_are_not_rejudged():
     assert len(samples) >= 10
     for p in samples:
         assert rejudge(Run.from_dict(json.loads(p.read_text()))) == [], p
+
+
+def test_a_value_stored_as_text_is_rejudged_not_a_traceback(tmp_path):
+    """An edited run.json whose value is the string "1.945" (verdict PASS): re-judged FAIL like the number, one line,
+    exit 1; before, formatting the note raised ValueError out of `report` as a traceback."""
+    d = _pq5_run(tmp_path)
+    _edit_to_pass(d)
+    data = json.loads((d / "run.json").read_text())
+    data["checks"][0]["cells"][1]["value"] = "1.945"
+    (d / "run.json").write_text(json.dumps(data))
+    r = CliRunner().invoke(cli, ["report", str(d)], catch_exceptions=False)
+    assert r.exit_code == 1, r.output
+    assert "re-judged 1 cell" in r.output
+
+
+def test_not_applicable_cannot_hide_judged_cells(tmp_path):
+    """A check marked not applicable (no fork source) is left out of the run's verdict only while it judged nothing:
+    'not_applicable' edited onto a check with a FAIL cell must not turn the run's headline PASS (the exit code
+    already said 1: headline and exit code disagreed)."""
+    d = _pq5_run(tmp_path)
+    data = json.loads((d / "run.json").read_text())
+    data["checks"][0]["not_applicable"] = "this target has no fork source to read"
+    (d / "run.json").write_text(json.dumps(data))
+    r = CliRunner().invoke(cli, ["report", str(d)], catch_exceptions=False)
+    assert r.exit_code == 1, r.output
+    assert "FAIL" in (d / "summary.md").read_text().splitlines()[0] + r.output
+    run = Run.from_dict(json.loads((d / "run.json").read_text()))
+    assert run.verdict == Verdict.FAIL
+    # a check that judged nothing (the real case) stays out of the verdict
+    run.checks.append(CheckResult("AUDIT", "Source audit", [], not_applicable="no fork source"))
+    run.checks = [run.checks[-1]] + [CheckResult("PQ1", "x", [Cell("PQ1", "turbo3", "cpu:set_rows", "m", 0.0, 1.0,
+                                                                  Verdict.PASS)])]
+    assert run.verdict == Verdict.PASS

@@ -198,8 +198,9 @@ class Run:
     @property
     def verdict(self) -> Verdict:
         """Worst verdict of the checks that applied to the target (a check that could not apply, e.g. the source
-        audit of a target with no fork source, is shown as SKIP with its reason but judges nothing)."""
-        return worst(c.verdict for c in self.checks if not c.not_applicable)
+        audit of a target with no fork source, is shown as SKIP with its reason but judges nothing). A check marked
+        not applicable that holds anything worse than SKIP (a report edited to hide it) counts like any other."""
+        return worst(c.verdict for c in self.checks if not (c.not_applicable and c.verdict == Verdict.SKIP))
 
     @property
     def headline(self) -> str:

@@ -54,10 +54,10 @@ def allowed(cell: Cell, check: str = "") -> Verdict | None:
     rule = cell.details.get("rule") if isinstance(cell.details, dict) else None
     rule = rule if isinstance(rule, dict) else {}
     limit = rule.get("limit", cell.threshold)
-    breach = rule.get("breach") or LEGACY_RULES.get((check or cell.check, cell.metric, cell.type))
+    breach = rule.get("breach") or LEGACY_RULES.get((str(check or cell.check), str(cell.metric), str(cell.type)))
     if breach == "none":
         return None
-    if cell.value is None or limit is None or cell.op not in OPS:
+    if cell.value is None or limit is None or not isinstance(cell.op, str) or cell.op not in OPS:
         return None
     try:
         v, lim = float(cell.value), float(limit)
@@ -84,7 +84,7 @@ def rejudge(run: Run) -> list[Rejudged]:
                 continue
             out.append(Rejudged(cr.id, c, c.verdict))
             lim = (c.details.get("rule") or {}).get("limit", c.threshold) if isinstance(c.details, dict) else c.threshold
-            note = f"re-judged: stored {c.verdict.value}, but value {c.value:.6g} is not {c.op} {float(lim):.6g}"
+            note = f"re-judged: stored {c.verdict.value}, but value {float(c.value):.6g} is not {c.op} {float(lim):.6g}"
             c.verdict = want
             c.caveat = f"{note}; {c.caveat}" if c.caveat else note
     return out
