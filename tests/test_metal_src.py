@@ -189,3 +189,28 @@ def test_other_layouts_and_no_metal_give_findings_or_skips(tmp_path, make_ctx, m
         assert MetalSrcRoutes.available(root) == (m is not None)
         with pytest.raises(Unsupported):
             routes.quantize("set_rows", "turbo4", np.ones((1, 128), np.float32))
+
+
+@pytest.mark.fork
+def test_a_named_table_that_no_longer_reads_as_a_codebook_is_skip_not_dropped(fork_copy, make_ctx):
+    """CPU's dequantiser has its own CENTROIDS_4BIT (the second copy in ggml-turbo-quant.c). Two of its values
+    swapped: the table is no longer ascending, so it is not classified as centroids; it was dropped without a word and
+    the first copy (the quantiser's) made every cpu turbo4 centroid cell PASS. It must be a SKIP naming the table."""
+    bdir, root = fork_copy
+    p = root / "ggml/src/ggml-turbo-quant.c"
+    text = p.read_text()
+    starts = [m.start() for m in re.finditer(r"CENTROIDS_4BIT\s*\[16\]\s*=\s*\{", text)]
+    assert len(starts) >= 2
+    head, tail = text[:starts[1]], text[starts[1]:]
+    tail = tail.replace("0.117195f,  0.173926f", "0.173926f,  0.117195f", 1)
+    assert tail != text[starts[1]:]
+    p.write_text(head + tail)
+    t = _target(bdir, root)
+    try:
+        out = audit.run(make_ctx(t, types=["turbo4"]))
+        cpu = _cells(out, "cpu:source")
+        skips = [c for c in cpu if c.verdict == Verdict.SKIP and "CENTROIDS_4BIT" in c.caveat and c.type == "turbo4"]
+        assert skips, [(c.metric, c.verdict.value, c.caveat) for c in cpu]
+        assert "ggml-turbo-quant.c" in skips[0].caveat
+    finally:
+        t.close()
