@@ -214,3 +214,20 @@ def test_a_named_table_that_no_longer_reads_as_a_codebook_is_skip_not_dropped(fo
         assert "ggml-turbo-quant.c" in skips[0].caveat
     finally:
         t.close()
+
+
+@pytest.mark.fork
+def test_target_backend_with_no_table_found_is_skip(fork_copy, make_ctx):
+    """The target backend's own tables not found (here ggml-turbo-quant.c absent from the copy): AUDIT judged the
+    other backends against each other and said nothing of the target's; the target gets a SKIP per missing table."""
+    bdir, root = fork_copy
+    (root / "ggml/src/ggml-turbo-quant.c").unlink()
+    t = _target(bdir, root)
+    try:
+        out = audit.run(make_ctx(t, types=["turbo4"]))
+        cpu = [c for c in _cells(out, "cpu:source") if c.type == "turbo4"]
+        assert {c.verdict for c in cpu} == {Verdict.SKIP}, [(c.metric, c.verdict.value, c.caveat) for c in cpu]
+        assert any("centroids table found in cpu" in c.caveat for c in cpu)
+        assert all(c.target for c in cpu)
+    finally:
+        t.close()

@@ -235,7 +235,11 @@ class _Audit:
                                   "a dense matrix literal: not a signed WHT's sign vectors; not audited"])
 
     def missing(self) -> None:
-        backends = sorted({t.backend for t in self.tabs if t.kind in ("centroids", "thresholds", "signs")})
+        from harness.fork.source_audit import BACKEND_DIRS
+        backends = {t.backend for t in self.tabs if t.kind in ("centroids", "thresholds", "signs")}
+        if self.ctx.target_backend in {b for _, b in BACKEND_DIRS}:  # the target's tables are never left unsaid
+            backends.add(self.ctx.target_backend)
+        backends = sorted(backends)
         for b in backends:
             for bits, t in self.bits.items():
                 for kind in ("centroids", "thresholds"):
