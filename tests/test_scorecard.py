@@ -170,3 +170,23 @@ def test_mixed_pair_of_a_missing_type_is_scored_under_the_type_that_failed():
     assert score(run, "PQ6", "turbo2", miss).verdict == "SKIP" and score(run, "PQ6", "turbo3", miss).verdict == "FAIL"
     run.checks[0].cells = []  # turbo2 present: the mixed pair's FAIL shows under both types
     assert score(run, "PQ6", "turbo2", missing_types(run)).verdict == "FAIL"
+
+
+def test_a_skipped_target_path_is_not_scored_pass_by_a_fallback_that_passed():
+    """PQ5 turbo4: the target path (cpu:set_rows) not measured (SKIP), a fallback path (quantize_chunk) PASS. The run's
+    verdict is SKIP; the scorecard showed PASS (the fallback's value, the SKIP in the small print). The target path
+    decides: SKIP with its reason."""
+    from harness.report.model import Cell, CheckResult, Run, Verdict
+    from harness.report.scorecard import score
+    run = Run(run_id="r", meta={"target_backend": "cpu", "types": ["turbo4"]})
+    run.checks.append(CheckResult("PQ5", "Distortion", [
+        Cell("PQ5", "turbo4", "cpu:set_rows", "nmse_over_lloyd_max", None, 1.05, Verdict.SKIP, caveat="not measured: x",
+             target=True),
+        Cell("PQ5", "turbo4", "cpu:quantize_chunk", "nmse_over_lloyd_max", 1.0, 1.05, Verdict.PASS, target=False)]))
+    s = score(run, "PQ5", "turbo4", {})
+    assert s.verdict == "SKIP" and "not measured: x" in s.text, s
+    # with the target path measured, SKIPs elsewhere do not hide its PASS
+    run.checks[0].cells[0] = Cell("PQ5", "turbo4", "cpu:set_rows", "nmse_over_lloyd_max", 1.0, 1.05, Verdict.PASS,
+                                  target=True)
+    run.checks[0].cells[1].verdict, run.checks[0].cells[1].target = Verdict.SKIP, False
+    assert score(run, "PQ5", "turbo4", {}).verdict == "PASS"

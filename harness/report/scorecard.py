@@ -181,8 +181,11 @@ def score(run: Run, check: str, t: str, missing: dict[str, str]) -> Score:
         return Score(v.value, _key_value([x for x in cells if x.verdict == v]))
     passed = [x for x in cells if x.verdict == Verdict.PASS]
     skipped = [x for x in cells if x.verdict == Verdict.SKIP]
-    if not passed:  # nothing measured: the first reason
-        return Score("SKIP", next((x.caveat for x in skipped if x.caveat), "skipped (no reason recorded)"))
+    if not passed or (any(x.target for x in skipped) and not any(x.target for x in passed)):
+        # nothing measured, or nothing on the target path (a fallback's PASS does not stand for it): the first reason
+        first = next((x for x in skipped if x.caveat and (x.target or not passed)), None)
+        more = f"; {len(passed)} cells PASS on other paths" if passed else ""
+        return Score("SKIP", (first.caveat if first else "skipped (no reason recorded)") + more)
     extra = f"; {len(skipped)} cells SKIP ({skipped[0].caveat or 'no reason recorded'})" if skipped else ""
     return Score("PASS", _key_value(passed) + extra)  # SKIP cells beside measured PASS ones do not hide them
 
