@@ -231,3 +231,28 @@ def test_target_backend_with_no_table_found_is_skip(fork_copy, make_ctx):
         assert all(c.target for c in cpu)
     finally:
         t.close()
+
+
+@pytest.mark.fork
+def test_every_sign_pair_of_a_file_is_audited(fork_copy, make_ctx):
+    """Vulkan's copy_to_quant.comp holds three (s1, s2) pairs, one per type (TS1/TS2, TS1_T2/TS2_T2, TS1_T4/TS2_T4).
+    Only the first pair of a file was compared: one sign flipped in TS1_T4 (Vulkan's turbo4 writer) gave no cell at
+    all. Every pair is judged; the flip is a finding naming TS1_T4."""
+    bdir, root = fork_copy
+    rel = "ggml/src/ggml-vulkan/vulkan-shaders/copy_to_quant.comp"
+    src = (fork_build_or_skip()[1] / rel).read_text()
+    m = re.search(r"TS1_T4\s*\[128\]\s*=\s*float\[128\]\(\s*(-?1)", src)
+    assert m, "TS1_T4 not in the fork's Vulkan copy_to_quant.comp"
+    flipped = src[:m.start(1)] + ("1" if m.group(1) == "-1" else "-1") + src[m.end(1):]
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(flipped)
+    t = _target(bdir, root)
+    try:
+        out = audit.run(make_ctx(t, types=["turbo4"]))
+        vk = _cells(out, "vulkan:source", "wht_sign_mismatches_vs_reference")
+        names = {c.details.get("table"): c for c in vk}
+        assert {"TS1", "TS1_T2", "TS1_T4"} <= set(names), sorted(names)
+        assert names["TS1_T4"].verdict in (Verdict.PARTIAL, Verdict.FAIL) and names["TS1_T4"].value == 1
+        assert names["TS1"].verdict == Verdict.PASS
+    finally:
+        t.close()

@@ -176,13 +176,19 @@ class _Audit:
         for tab in self.tabs:
             if tab.kind in ("signs", "qjl_signs", "signs64"):
                 groups[(tab.file, tab.kind, tab.precision)].append(tab)
-        pairs = {k: (v[0], v[1]) for k, v in groups.items() if len(v) >= 2}
+        pairs = {}  # every (s1, s2) pair of a file in the order written (one pair per type in Vulkan's shaders)
+        for k, v in groups.items():
+            for j in range(0, len(v) - 1, 2):
+                pairs[(*k, j)] = (v[j], v[j + 1])
+            if len(v) % 2:
+                self.cell(v[-1], "-", None, None, Verdict.SKIP, f"{v[-1].name} ({v[-1].where}): a {k[1]} vector "
+                          f"without its pair in {k[0]}: not audited")
         if ref is None:
             tgt = next((p for k, p in pairs.items() if k[1] == "signs" and p[0].backend == self.ctx.target_backend), None)
             if tgt is not None:
                 ref, how = canonical_signs(tgt[0].values, tgt[1].values), f"{tgt[0].where}/{tgt[1].line}"
         other = {}
-        for (f, kind, prec), (a, b) in pairs.items():
+        for (f, kind, prec, _), (a, b) in pairs.items():
             if kind != "signs":
                 other.setdefault(kind, []).append((a, b))
                 continue
