@@ -256,3 +256,16 @@ def test_every_sign_pair_of_a_file_is_audited(fork_copy, make_ctx):
         assert names["TS1"].verdict == Verdict.PASS
     finally:
         t.close()
+
+
+def test_an_fp16_copy_with_no_f32_table_is_skip_not_a_note(make_ctx):
+    """A backend whose turbo3 codebook is only written in half precision (no f32 table of the type anywhere): the copy
+    cannot be compared with anything; that was a note only, so the type's audit showed no cell for it. It is SKIP."""
+    from harness.fork.source_audit import SrcTable
+    c = np.linspace(-0.2, 0.2, 8)
+    tab = SrcTable("metal", "ggml/src/ggml-metal/ggml-metal.metal", 10, "turbo_centroids_3bit_h", "centroids", bits=3,
+                   precision="f16", values=c.astype(np.float16).astype(np.float64), lines=list(range(10, 18)))
+    au = audit._Audit(make_ctx(NumpyTarget(), types=["turbo3"]), [tab])
+    au.half_copies()
+    assert [(x.verdict, x.type, x.path) for x in au.cells] == [(Verdict.SKIP, "turbo3", "metal:source")], au.cells
+    assert "no f32 table" in au.cells[0].caveat
