@@ -190,3 +190,29 @@ def test_a_skipped_target_path_is_not_scored_pass_by_a_fallback_that_passed():
                                   target=True)
     run.checks[0].cells[1].verdict, run.checks[0].cells[1].target = Verdict.SKIP, False
     assert score(run, "PQ5", "turbo4", {}).verdict == "PASS"
+
+
+def test_make_scorecard_never_empties_a_folder_it_did_not_write(tmp_path, monkeypatch):
+    """`make scorecard OUT=DIR` verifies each fork into DIR/forks/<label>, removing an earlier report there first. A
+    folder of that name that holds no turbo-harness report (the user's own files) was removed as well; it is kept,
+    and that fork is reported as not scored (exit 2)."""
+    from harness.fork import build as fb
+    from harness.fork import forks
+    commit = "a" * 40
+    monkeypatch.setattr(fb, "fork_dir", lambda d: Path(d))
+    monkeypatch.setattr(fb, "require_turbo", lambda f: None)
+    monkeypatch.setattr(fb, "git_state", lambda f: {"commit": commit, "dirty": False})
+    monkeypatch.setattr(forks, "reusable", lambda *a: None)
+    calls = []
+    monkeypatch.setattr(forks, "run", lambda cmd, env: calls.append(cmd) or 0)
+    mine = tmp_path / "out" / "forks" / commit[:12] / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my notes")
+    assert forks.main([str(tmp_path / "fork"), "--out", str(tmp_path / "out"), "--backend", "cpu"]) == 2
+    assert mine.read_text() == "my notes"
+    assert not any("verify" in c for c in calls)
+    # an earlier report of the harness there is replaced
+    mine.unlink()
+    (mine.parent / "run.json").write_text("{}")
+    assert forks.main([str(tmp_path / "fork"), "--out", str(tmp_path / "out"), "--backend", "cpu"]) == 0
+    assert not (mine.parent / "run.json").exists() and any("verify" in c for c in calls)
