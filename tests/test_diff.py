@@ -201,3 +201,15 @@ def test_a_worse_verdict_under_a_changed_rule_still_fails_the_gate(tmp_path):
     code, out = invoke("diff", str(bdir), str(write(tmp_path, "new2", new)), "--out", str(tmp_path / "d2"),
                        "--fail-on", "worse")
     assert code == 0, out
+
+
+def test_a_cell_whose_detail_table_is_data_is_still_matched(tmp_path):
+    """PQ2 cells carry their centroid values in details['table'] (a list); only a table's name (AUDIT: a string) is
+    part of a cell's identity, so new centroid values do not turn the cell into 'disappeared' + 'appeared'."""
+    base = sample()
+    new = copy.deepcopy(base)
+    c = next(x for ch in new["checks"] if ch["id"] == "PQ2" for x in ch["cells"] if isinstance(x["details"].get("table"), list))
+    c["details"]["table"] = [v * 1.0001 for v in c["details"]["table"]]
+    code, out = invoke("diff", str(write(tmp_path, "base", base)), str(write(tmp_path, "new", new)),
+                       "--out", str(tmp_path / "d"))
+    assert code == 0 and "no change" in out, out

@@ -41,7 +41,8 @@ def cell_key(c: Cell) -> tuple:
     """(check, type, path, metric, case, table): what makes a cell the same cell in two runs (``table``: the source
     table an AUDIT cell judges, by name: line numbers move between commits, names do not)."""
     d = c.details if isinstance(c.details, dict) else {}
-    return (c.check, c.type, c.path, c.metric, str(d.get("case", "")), str(d.get("table", "")))
+    name = d.get("table") if isinstance(d.get("table"), str) else ""  # PQ2 keeps its centroid values there: data
+    return (c.check, c.type, c.path, c.metric, str(d.get("case", "")), name)
 
 
 def keyed(cells: list[Cell]) -> dict[tuple, Cell]:
