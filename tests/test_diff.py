@@ -213,3 +213,17 @@ def test_a_cell_whose_detail_table_is_data_is_still_matched(tmp_path):
     code, out = invoke("diff", str(write(tmp_path, "base", base)), str(write(tmp_path, "new", new)),
                        "--out", str(tmp_path / "d"))
     assert code == 0 and "no change" in out, out
+
+
+def test_out_into_a_run_folder_is_refused(tmp_path):
+    """diff writes junit.xml: given a run folder as --out (NEW's own), it replaced the run's junit.xml (the one CI
+    publishes for the verify run). A folder holding a run.json is refused, one line, exit 2, nothing changed."""
+    d = sample()
+    base, new = write(tmp_path, "base", d), write(tmp_path, "new", copy.deepcopy(d))
+    (new / "junit.xml").write_text("<testsuites name='the run'/>")
+    r = CliRunner().invoke(cli, ["diff", str(base), str(new), "--out", str(new)])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--out" in lines[0] and "run.json" in lines[0], r.stderr
+    assert (new / "junit.xml").read_text() == "<testsuites name='the run'/>"
+    assert not (new / "diff.json").exists()
