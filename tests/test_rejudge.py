@@ -178,3 +178,21 @@ def test_not_applicable_cannot_hide_judged_cells(tmp_path):
     run.checks = [run.checks[-1]] + [CheckResult("PQ1", "x", [Cell("PQ1", "turbo3", "cpu:set_rows", "m", 0.0, 1.0,
                                                                   Verdict.PASS)])]
     assert run.verdict == Verdict.PASS
+
+
+def test_a_pass_with_no_measured_value_is_not_taken_on_trust(tmp_path):
+    """A crash cell (FAIL, no value: nothing to re-judge by number) edited to PASS rendered PASS and exited 0.
+    Nothing measured is never PASS: such a cell is re-judged SKIP with the reason, and the run is no longer PASS."""
+    run = Run(run_id="r", meta={"target_backend": "cpu"})
+    run.checks.append(CheckResult("PQ1", "Rotation", [
+        Cell("PQ1", "turbo3", "cpu:set_rows", "real_index_mismatch_frac", 0.0, 1e-6, Verdict.PASS),
+        Cell("PQ1", "turbo4", "cpu:set_rows", "-", None, None, Verdict.FAIL, caveat="fork code crashed (signal 11)")]))
+    d = tmp_path / "run"
+    write_all(run, d)
+    _edit_to_pass(d)
+    r = CliRunner().invoke(cli, ["report", str(d)], catch_exceptions=False)
+    assert "re-judged 1 cell" in r.output, r.output
+    again = Run.from_dict(json.loads((d / "run.json").read_text()))
+    assert again.verdict != Verdict.PASS
+    cell = again.checks[0].cells[1]
+    assert cell.verdict == Verdict.SKIP and "no measured value" in cell.caveat

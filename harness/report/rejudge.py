@@ -8,6 +8,8 @@ what those numbers allow and corrects a verdict that claims better than its valu
 * a value outside its threshold (``value op threshold`` false, NaN included) cannot be PASS or SKIP: it becomes
   the verdict a breach gets under the spec's target-vs-fallback rule (FAIL on the target path, PARTIAL on a
   fallback path, :meth:`harness.checks.common.Context.cell`), or the breach verdict the cell records;
+* a PASS with no measured value (no check writes one; a crash cell's FAIL edited to PASS looks so) is SKIP:
+  nothing measured is never PASS;
 * a verdict worse than its numbers (PARTIAL, FAIL, ERROR) is kept: checks judge several criteria, the stored
   value is the headline one, and a worse verdict never hides a problem.
 
@@ -79,6 +81,11 @@ def rejudge(run: Run) -> list[Rejudged]:
     out = []
     for cr in run.checks:
         for c in cr.cells:
+            if c.verdict == Verdict.PASS and c.value is None:  # no check writes one: nothing measured is never PASS
+                out.append(Rejudged(cr.id, c, c.verdict))
+                note = "re-judged: stored PASS, but the cell holds no measured value"
+                c.verdict, c.caveat = Verdict.SKIP, f"{note}; {c.caveat}" if c.caveat else note
+                continue
             want = allowed(c, cr.id)
             if want is None or c.verdict not in (Verdict.PASS, Verdict.SKIP) or want.rank <= c.verdict.rank:
                 continue
