@@ -71,7 +71,7 @@ def scorecard(run_dirs, out):
     dirs = [_run_dir(d, "RUN_DIR") for d in run_dirs]
     if not dirs:
         raise HarnessError("give one or more run folders (verify reports of the forks), e.g. reports/samples/cpu-verify")
-    sc = load_scorecard(dirs)
+    sc = load_scorecard(dirs, log=lambda line: click.echo(line, err=True))
     paths = write_scorecard(sc, _out_dir(out, "scorecard"))
     for r in sc.rows:
         click.echo(f"{r.verdict:<8} {r.fork}: {r.root}")

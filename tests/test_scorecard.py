@@ -216,3 +216,22 @@ def test_make_scorecard_never_empties_a_folder_it_did_not_write(tmp_path, monkey
     (mine.parent / "run.json").write_text("{}")
     assert forks.main([str(tmp_path / "fork"), "--out", str(tmp_path / "out"), "--backend", "cpu"]) == 0
     assert not (mine.parent / "run.json").exists() and any("verify" in c for c in calls)
+
+
+def test_scorecard_says_when_it_rejudged_a_run(tmp_path):
+    """A run whose cell verdicts were edited to PASS is re-judged when the scorecard reads it (as `report` and `diff`
+    do) and the scorecard says so on stderr, naming the folder; it did so silently."""
+    from harness.report.model import Cell, CheckResult, Run, Verdict
+    from harness.report.render import write_all
+    run = Run(run_id="r", meta={"target_backend": "cpu", "types": ["turbo4"]})
+    run.checks.append(CheckResult("PQ5", "Distortion", [Cell("PQ5", "turbo4", "cpu:set_rows", "nmse_over_lloyd_max",
+                                                              1.945, 1.05, Verdict.FAIL, target=True)]))
+    d = tmp_path / "run"
+    write_all(run, d)
+    data = json.loads((d / "run.json").read_text())
+    data["checks"][0]["cells"][0]["verdict"] = "PASS"
+    (d / "run.json").write_text(json.dumps(data))
+    r = CliRunner().invoke(cli, ["scorecard", str(d), "--out", str(tmp_path / "sc")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "re-judged 1 cell" in r.stderr and str(d) in r.stderr, r.stderr
+    assert r.stdout.splitlines()[0].startswith("FAIL")

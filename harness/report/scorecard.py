@@ -236,10 +236,13 @@ def build(runs: list[tuple[Run, str]]) -> Scorecard:
     return Scorecard(rows, columns)
 
 
-def load_scorecard(run_dirs: list[Path]) -> Scorecard:
-    """Read the runs and build the scorecard. Raises HarnessError (one line) for a folder without a run report."""
+def load_scorecard(run_dirs: list[Path], log=None) -> Scorecard:
+    """Read the runs (re-judged from their evidence: ``log(line)`` gets the line for a run whose stored verdicts
+    disagree with its numbers) and build the scorecard. Raises HarnessError (one line) for a folder without a run
+    report."""
     from harness.errors import HarnessError
     from harness.pipeline import load_run
     if not run_dirs:
         raise HarnessError("give one or more run folders (verify reports), e.g. reports/samples/cpu-verify")
-    return build([(load_run(Path(d)), str(d)) for d in run_dirs])
+    return build([(load_run(Path(d), log=None if log is None else (lambda line, d=d: log(f"{d}: {line}"))), str(d))
+                  for d in run_dirs])
