@@ -269,3 +269,14 @@ def test_an_fp16_copy_with_no_f32_table_is_skip_not_a_note(make_ctx):
     au.half_copies()
     assert [(x.verdict, x.type, x.path) for x in au.cells] == [(Verdict.SKIP, "turbo3", "metal:source")], au.cells
     assert "no f32 table" in au.cells[0].caveat
+
+
+def test_misshapen_tables_are_unparsed_but_other_codebooks_are_not():
+    """A turbo-named table of a turbo table's size that does not classify is 'unparsed' (SKIP); a 1-bit codebook
+    (CENTROIDS_1BIT, two values, in forks with QJL) is not a turbo type's table and is not flagged."""
+    from harness.fork.source_audit import _misshapen
+    c4 = np.linspace(-0.17, 0.17, 16)
+    c4[[14, 15]] = c4[[15, 14]]
+    t = _misshapen("cpu", "ggml/src/ggml-turbo-quant.c", 578, "CENTROIDS_4BIT", [(v, 578, "") for v in c4])
+    assert t is not None and t.kind == "unparsed" and t.bits == 4
+    assert _misshapen("cpu", "x.c", 27, "CENTROIDS_1BIT", [(-0.07, 27, ""), (0.07, 27, "")]) is None

@@ -142,8 +142,10 @@ def _misshapen(backend: str, rel: str, line: int, name: str, vals: list[tuple[fl
     and judge the backend on its other copies. None for anything else (other types' tables, sign vectors)."""
     v = np.array([x[0] for x in vals], np.float64)
     sizes = {n for b in (2, 3, 4) for n in (2 ** b - 1, 2 ** b, 2 ** (b - 1))}
+    other_bits = re.search(r"(\d+)\s*_?bit", name, re.I)  # e.g. CENTROIDS_1BIT (a QJL sign codebook): not a turbo type's
     if not re.search(r"centroid|codebook|_mid|thresh|_lut|_mag", name, re.I) or v.size not in sizes \
-            or np.all(np.abs(v) == 1.0) or np.max(np.abs(v)) > 0.5:
+            or np.all(np.abs(v) == 1.0) or np.max(np.abs(v)) > 0.5 \
+            or (other_bits and other_bits.group(1) not in ("2", "3", "4")):
         return None
     return SrcTable(backend, rel, line, name, "unparsed", bits=_bits_hint(name),
                     note=f"{name} at {rel}:{line} has {v.size} values that do not form a turbo table (centroids and "
