@@ -90,6 +90,8 @@ def xdecode_cells(res, rows: list[dict], rules: dict) -> tuple[list[Cell], list[
                        + (f"; {who} strays further from its own f16 decode" if who else "") + f": {facts}")
             elif pval is not None and pval < alpha or (pval is None and is_early):
                 vd, cav = Verdict.PARTIAL, f"decode agrees across backends less than batched evaluation predicts: {facts}"
+            elif pval is None:  # tokens compared, but nothing to judge them against: never PASS
+                vd, cav = Verdict.SKIP, f"not judged: {facts}"
             else:
                 vd, cav = Verdict.PASS, facts
             cells.append(Cell(ID, lab, path, "cross_decode_prefix", pval, alpha, vd, op=">=", caveat=cav,
