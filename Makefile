@@ -1,7 +1,10 @@
-# turbo-harness. `make verify` builds the fork for this machine and runs every check;
-# `make test` runs the test suite. FORK_DIR=... points at another fork checkout; BACKEND=... overrides
-# the backend (metal on macOS, cuda where nvcc exists, else cpu). MODEL=smollm2|gemma3|PATH picks the sweep model.
-# RPC=1 adds ggml's RPC backend and rpc-server to the build (remote devices: --rpc HOST:PORT, README "Remote devices").
+# turbo-harness. `make verify` builds what the checks need for this machine and runs every check; `make test` runs
+# the test suite (preparing what the fork tests need first when a fork is found). The fork is found as every command
+# finds it (harness/fork/locate.py): FORK_DIR=..., else a vendor/llama.cpp checkout, else the snapshot unpacked before
+# (remembered in .cache/fork-dir), else ../shared/forks/llama-cpp-turboquant-*.tar.xz (hash checked, unpacked once).
+# BACKEND=... overrides the backend (metal on macOS, cuda where nvcc exists, else cpu). MODEL=smollm2|gemma3|PATH picks
+# the sweep model. RPC=1 adds ggml's RPC backend and rpc-server (README "Remote devices"). TARGETS=all builds every
+# tool now (otherwise llama-perplexity, llama-bench and libllama are built the first time a command needs them).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,10 +12,11 @@ TH := $(VENV)/bin/turbo-harness
 BACKEND ?=
 MODEL ?= smollm2
 RPC ?=
+TARGETS ?=
 export FORK_DIR
 export BACKEND
 
-.PHONY: all install build verify test sweep sweep-compare doctor bench bench-rpc bench-sweep clean
+.PHONY: all install fork build verify test test-ready sweep sweep-compare doctor bench bench-rpc bench-sweep clean
 
 all: verify
 
@@ -33,12 +37,13 @@ $(VENV)/.model-gemma3: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-vendor/llama.cpp/ggml/include/ggml.h:
-	@if [ -z "$(FORK_DIR)" ]; then git submodule update --init vendor/llama.cpp || { \
-	  echo "error: no fork checkout in vendor/llama.cpp: see README 'Getting the fork' or set FORK_DIR" >&2; exit 2; }; fi
+# the fork (harness.fork.locate): prints where it came from; with nothing else found, tries the git submodule (network)
+fork: install
+	@$(PY) -m harness.fork.locate --fetch --describe
 
-build: install $(if $(FORK_DIR),,vendor/llama.cpp/ggml/include/ggml.h)
-	$(TH) build $(if $(BACKEND),--backend $(BACKEND),) $(if $(filter 1 yes on ON,$(RPC)),--rpc,)
+build: install
+	@$(PY) -m harness.fork.locate --fetch >/dev/null
+	$(TH) build $(if $(BACKEND),--backend $(BACKEND),) $(if $(filter 1 yes on ON,$(RPC)),--rpc,) $(if $(TARGETS),--targets $(TARGETS),)
 
 verify: build
 	$(TH) verify $(ARGS)
@@ -75,8 +80,15 @@ bench-rpc: build
 doctor: install
 	$(TH) doctor
 
+# The README's test command. When a fork is found, the fork tests need the CPU build with every tool and ggml RPC, and
+# the two models: test-ready prepares them first (built once; later runs find them up to date).
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	@if $(PY) -m harness.fork.locate >/dev/null 2>&1; then $(MAKE) --no-print-directory test-ready; \
+	  else echo "note: no fork found (README 'Getting the fork'): the fork tests will skip"; fi
+	$(PY) -m pytest -q -rs $(ARGS)
+
+test-ready: install $(VENV)/.model $(VENV)/.model-gemma3
+	$(TH) build --backend cpu --rpc --targets all
 
 clean:
 	rm -rf build $(VENV)

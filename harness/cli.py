@@ -21,7 +21,7 @@ REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 
 
 # commands that live in their own modules, loaded when named (Click's lazy group pattern): no import side effect
-LAZY_COMMANDS = {"sweep": ("harness.cli_sweep", "sweep"),
+LAZY_COMMANDS = {"sweep": ("harness.cli_sweep", "sweep"), "doctor": ("harness.cli_doctor", "doctor"),
                  "sweep-compare": ("harness.cli_sweep", "sweep_compare"), "replay": ("harness.cli_replay", "replay"),
                  "catalogue": ("harness.cli_replay", "catalogue"), "bisect": ("harness.cli_replay", "bisect"),
                  "bisect-oracle": ("harness.cli_replay", "bisect_oracle")}
@@ -96,7 +96,7 @@ def _open_target(fork_dir: str | None, build_backend: str | None, rpc=None):
     from harness.targets.fork import ForkTarget
     fork = fb.fork_dir(fork_dir)
     fb.require_turbo(fork)
-    bdir = fb.find_build(build_backend)
+    bdir = fb.find_build(build_backend, fork)
     meta = fb.read_build_meta(bdir)
     state = fb.git_state(fork)
     fb.check_provenance(bdir, fork, meta, state)
@@ -249,14 +249,19 @@ def verify(check_list, types, target_backend, backends, fork_dir, build_backend,
 
 @cli.command()
 @click.option("--backend", default=None, help=f"{backends.choices()} (default: detect)")
-@click.option("--targets", default=None, help="CMake targets, comma separated (default: all the harness uses)")
+@click.option("--targets", default=None,
+              help="CMake targets, comma separated (default: what verify needs: ggml, test-backend-ops; 'all': also "
+                   "llama-perplexity, llama-bench and libllama, which other commands otherwise build on first use)")
 @click.option("--fork-dir", default=None)
 @click.option("--jobs", "-j", type=int, default=None)
 @click.option("--rpc", is_flag=True, help="also build ggml's RPC backend and rpc-server (GGML_RPC=ON), for --rpc HOST:PORT")
 def build(backend, targets, fork_dir, jobs, rpc):
-    """Build the fork (only the targets the harness uses) and the native probe."""
+    """Build the fork (what verify needs, or --targets) and the native probe, printing progress every 30 s."""
+    from harness.fork.locate import locate
     from harness.fork.probe import build_probe
-    fork = fb.fork_dir(fork_dir)
+    found = locate(fork_dir)
+    fork = found.path
+    click.echo(f"fork: {found.describe()}")
     res = fb.build(backend, targets.split(",") if targets else None, fork=fork, jobs=jobs, log=click.echo, rpc=rpc)
     lib = build_probe(res.dir, fork, force=rpc)
     click.echo(f"built {res.backend} in {res.dir} (fork {res.meta.get('fork_commit', '?')[:12]}"
@@ -268,9 +273,13 @@ def build(backend, targets, fork_dir, jobs, rpc):
 @click.option("--dest", default=".cache/fork", show_default=True, help="folder to unpack into (reused when already unpacked)")
 @click.option("--sha256", default=None, help="expected SHA-256 (default: the one stated in the README beside the file)")
 def unpack_fork(snapshot, dest, sha256):
-    """Unpack a fork source snapshot (.tar.xz, hash checked) and print the FORK_DIR to use (no network needed)."""
+    """Unpack a fork source snapshot (.tar.xz, hash checked) and print its folder (no network needed). The folder is
+    remembered in .cache/fork-dir: later commands use it without FORK_DIR (unless FORK_DIR or vendor/llama.cpp is set)."""
+    from harness.fork.locate import remember
     from harness.fork.snapshot import unpack
-    click.echo(unpack(snapshot, dest, sha256))
+    tree = unpack(snapshot, dest, sha256)
+    remember(tree)
+    click.echo(tree)
 
 
 @cli.command("list")
@@ -306,99 +315,6 @@ def report(run_dir, known_file, strict):
     _print_headline(run)
     if known_file or strict:
         sys.exit(gate_exit_code(run, strict))
-
-
-@cli.command()
-@click.option("--fork-dir", default=None)
-def doctor(fork_dir):
-    """Say what the harness finds: fork, commit, builds, backends, binaries, model, corpus."""
-    ok = True
-    fork_commit = None
-
-    def line(k, v, good=True, counts=True):
-        nonlocal ok
-        ok = ok and (good or not counts)
-        click.echo(f"{'ok ' if good else 'NO '} {k:14s} {v}")
-    fork, st = None, None
-    try:
-        fork = fb.fork_dir(fork_dir)
-        st = fb.git_state(fork)
-        fork_commit = st["commit"]
-        line("fork", _fork_line(fork, st))
-        line("turbo types", "present" if fb.has_turbo_types(fork) else "MISSING (not a TurboQuant fork)", fb.has_turbo_types(fork))
-    except HarnessError as e:
-        line("fork", str(e), False)
-    line("backend", f"this machine builds for {fb.detect_backend()}")
-    import shutil
-    import subprocess
-    if shutil.which("ccache"):
-        ver = subprocess.run(["ccache", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-        line("ccache", f"installed ({ver[0] if ver else 'ccache'}): replay and bisect builds reuse the objects of "
-                       f"files that two commits share")
-    else:  # replay works without it, only slower: reported, not fatal
-        click.echo(f"--  {'ccache':14s} not installed: every replayed commit compiles from scratch "
-                   f"(apt-get install ccache makes replay/bisect builds several times faster)")
-    for bdir in sorted(fb.build_root().glob("*")) if fb.build_root().is_dir() else []:
-        if not (bdir / "bin").is_dir():
-            continue
-        meta = fb.read_build_meta(bdir)
-        bins = [b for b in ("llama-perplexity", "llama-bench", "test-backend-ops") if (bdir / "bin" / b).is_file()]
-        mine = bdir.name == fb.detect_backend()
-        has_libs = any((bdir / "bin").glob("libggml-base.*"))
-        bc = meta.get("fork_commit") or "unknown"
-        built_from = ("the fork above" if fork_commit not in (None, "unknown") and bc == fork_commit
-                      else f"fork {bc[:12]}" + (" (NOT the fork above)" if fork_commit not in (None, "unknown") else ""))
-        line(f"build {bdir.name}", f"{bdir}, built from {built_from}; binaries: {', '.join(bins) or 'none'}"
-             + ("" if has_libs else " (no ggml libraries: not built)"), has_libs or not mine)
-        if not has_libs:
-            continue
-        if fork is not None:  # provenance: the checkout must be what this build was built from
-            try:
-                fb.check_provenance(bdir, fork, meta, st)
-                if meta:
-                    line("  provenance", f"built from this checkout ({fb.source_label(meta.get('fork_commit'), meta.get('fork_dirty'), meta.get('fork_diff_sha256'))})")
-                else:  # not a mismatch, but reports from it cannot name their commit: said, not fatal
-                    click.echo(f"--    {'provenance':12s} not recorded ({fb.BUILD_META} missing): reports will name the fork "
-                               f"commit as unknown; rebuild with `turbo-harness build` to record it")
-            except HarnessError as e:
-                line("  provenance", f"MISMATCH: {e}", False, counts=mine)
-                continue  # its probe would be compiled against headers of another source
-        rpc_note = ("" if (bdir / "bin" / "rpc-server").is_file()
-                    else " (no rpc-server binary here: --rpc-local needs `turbo-harness build --rpc`)")
-        click.echo(f"--    {'remote (RPC)':12s} " + (  # README 'Remote devices': not fatal either way
-            f"yes: --rpc HOST:PORT and --rpc-local DEVICE work with this build{rpc_note}" if fb.has_rpc(bdir)
-            else "no: --rpc needs a build with ggml RPC: `turbo-harness build --rpc` (or `make build RPC=1`)"))
-        try:
-            from harness.targets.fork import ForkTarget
-            t = ForkTarget(bdir, fb.fork_dir(fork_dir))
-            line("  backends", ", ".join(f"{b.name} ({b.device}, {b.kind})" for b in t.backends()))
-            t.close()
-        except HarnessError as e:
-            line("  probe", str(e), not mine)
-    from harness.runners import inputs, models
-    for mname, m in models.known_models().items():
-        try:  # needed by `sweep` only: reported, not fatal
-            line(f"model {mname}", f"{models.model_path(m)} ({m.title})")
-        except HarnessError as e:
-            click.echo(f"--  {'model ' + mname:14s} not found (needed by sweep only): {e}")
-    try:
-        line("corpus", str(inputs.default_corpus()))
-    except HarnessError as e:
-        click.echo(f"--  {'corpus':14s} not found (needed by sweep only): {e}")
-    sys.exit(0 if ok else 2)
-
-
-def _fork_line(fork: Path, st: dict) -> str:
-    """'<dir> at <commit> [(dirty)] - <subject>', the commit named once; a copy without git history says so."""
-    commit = st.get("commit") or "unknown"
-    if commit == "unknown":
-        return (f"{fork} (no git history, commit unknown: write the commit hash into {fork / '.fork-commit'} "
-                f"so reports can name it)")
-    dirty = {True: " (dirty)", False: "", None: ""}.get(st.get("dirty"), "")
-    desc = str(st.get("describe") or "")
-    first = desc.split(" ", 1)[0]
-    subject = desc.split(" ", 1)[1] if first and commit.startswith(first) and " " in desc else ("" if commit.startswith(first) and first else desc)
-    return f"{fork} at {commit[:12]}{dirty}" + (f" - {subject}" if subject else "")
 
 
 def main():

@@ -23,9 +23,16 @@ def skip_or_fail(reason: str):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Under TURBO_REQUIRE_FORK=1 a test marked `fork` that skipped (for any reason) is reported as failed."""
+    """Under TURBO_REQUIRE_FORK=1 a test marked `fork` that skipped (for any reason) is reported as failed.
+
+    A skip raised in a shared helper (:func:`skip_or_fail`, a fixture here) is reported at the test that skipped
+    (``tests/test_x.py:42``), not at the helper's line in conftest.py: ``pytest -rs`` then names the test."""
     outcome = yield
     rep = outcome.get_result()
+    if rep.skipped and isinstance(rep.longrepr, tuple) and len(rep.longrepr) == 3 \
+            and Path(str(rep.longrepr[0])).name == "conftest.py":
+        path, line0, _ = item.location
+        rep.longrepr = (path, (line0 or 0) + 1, rep.longrepr[2])
     if REQUIRE_FORK and rep.skipped and item.get_closest_marker("fork") is not None:
         rep.outcome = "failed"
         rep.longrepr = f"fork test skipped although TURBO_REQUIRE_FORK=1: {rep.longrepr}"
