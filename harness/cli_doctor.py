@@ -80,6 +80,9 @@ def doctor(fork_dir):
         click.echo(f"--    {'remote (RPC)':12s} " + (  # README 'Remote devices': not fatal either way
             f"yes: --rpc HOST:PORT and --rpc-local DEVICE work with this build{rpc_note}" if fb.has_rpc(bdir)
             else "no: --rpc needs a build with ggml RPC: `turbo-harness build --rpc` (or `make build RPC=1`)"))
+        if fork is None:  # the probe compiles against the checkout's headers
+            click.echo(f"--    {'probe':12s} not tried: no fork checkout to compile it against (see the fork line)")
+            continue
         try:
             from harness.targets.fork import ForkTarget
             t = ForkTarget(bdir, fork)
