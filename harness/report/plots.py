@@ -7,14 +7,35 @@ attention.png    PQ6: relative error of every flash-attention case vs its thresh
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
-import matplotlib
+from harness.report.model import Run
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+SOURCE_SHA = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]  # a changed drawing code redraws
 
-from harness.report.model import Run  # noqa: E402
+
+def _subplots(*args, figsize, **kw):
+    """(figure, axes) drawn without pyplot (a bare matplotlib Figure renders PNG through Agg): pyplot's import and
+    backend set-up cost about a second, and matplotlib is imported only when a plot is actually drawn."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kw)
+
+
+def _fingerprint(cells) -> str:
+    """SHA-256 of everything a plot shows (each cell's type, path, metric, value, threshold, verdict, details)."""
+    data = [(c.type, c.path, c.metric, c.value, c.threshold, c.verdict.value, c.details) for c in cells]
+    text = json.dumps(data, sort_keys=True, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    return hashlib.sha256((SOURCE_SHA + text).encode()).hexdigest()
+
+
+def _fresh(out_dir: Path, name: str, key: str) -> Path | None:
+    """The plot already drawn from the same data (its key beside it), else None. The report is rewritten after
+    every check; without this every rewrite drew every plot again (issue 23: most of verify's non-check time)."""
+    p, k = out_dir / f"{name}.png", out_dir / f".{name}.key"
+    return p if p.is_file() and k.is_file() and k.read_text() == key else None
 
 
 def _cells(run: Run, cid: str, metric_prefix: str, needs: tuple[str, ...] = ()):
@@ -26,23 +47,27 @@ def _cells(run: Run, cid: str, metric_prefix: str, needs: tuple[str, ...] = ()):
     return []
 
 
-def _save(fig, out_dir: Path, name: str) -> Path:
+def _save(fig, out_dir: Path, name: str, key: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     p = out_dir / f"{name}.png"
     fig.savefig(p, dpi=100)
-    plt.close(fig)
+    (out_dir / f".{name}.key").write_text(key)
     return p
 
 
 def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
-    """Draw the plots the run's checks support into out_dir; returns {name: path}."""
+    """Draw the plots the run's checks support into out_dir (a plot whose data did not change since it was drawn
+    there is kept, not drawn again); returns {name: path}."""
     out_dir = Path(out_dir)
     made: dict[str, Path] = {}
     cb = _cells(run, "PQ2", "distortion", ("lloyd_max_sigma", "table_sigma"))
-    if cb:
+    key = _fingerprint(cb)
+    if cb and _fresh(out_dir, "codebook", key):
+        made["codebook"] = out_dir / "codebook.png"
+    elif cb:
         types = sorted({c.type for c in cb})
-        fig, axes = plt.subplots(1, len(types), figsize=(4.2 * len(types), 3.6), squeeze=False)
+        fig, axes = _subplots(1, len(types), figsize=(4.2 * len(types), 3.6), squeeze=False)
         for ax, t in zip(axes[0], types):
             first = next(c for c in cb if c.type == t)
             lm = first.details["lloyd_max_sigma"]
@@ -54,10 +79,13 @@ def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
             ax.set_xlabel("index")
             ax.set_ylabel("centroid / sigma")
             ax.legend(fontsize=7)
-        made["codebook"] = _save(fig, out_dir, "codebook")
+        made["codebook"] = _save(fig, out_dir, "codebook", key)
     d5 = _cells(run, "PQ5", "nmse", ("nmse_gaussian", "nmse_outlier", "lloyd_max_nmse", "upper_bound"))
-    if d5:
-        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(d5) + 2) + 2.6, 4.2))
+    key = _fingerprint(d5)
+    if d5 and _fresh(out_dir, "distortion", key):
+        made["distortion"] = out_dir / "distortion.png"
+    elif d5:
+        fig, ax = _subplots(figsize=(max(6, 0.9 * len(d5) + 2) + 2.6, 4.2))
         xs = range(len(d5))
         ax.bar([x - 0.2 for x in xs], [c.details["nmse_gaussian"] for c in d5], 0.4, label="Gaussian rows")
         ax.bar([x + 0.2 for x in xs], [c.details["nmse_outlier"] for c in d5], 0.4, label="one channel 40x")
@@ -74,12 +102,15 @@ def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
         ax.set_ylabel("NMSE (log)")
         ax.set_title("PQ5 distortion per type and quantise path (tick colour: verdict)", fontsize=9)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, never over a bar
-        made["distortion"] = _save(fig, out_dir, "distortion")
+        made["distortion"] = _save(fig, out_dir, "distortion", key)
     d6 = _cells(run, "PQ6", "rel_err")
-    if d6:
+    key = _fingerprint(d6)
+    if d6 and _fresh(out_dir, "attention", key):
+        made["attention"] = out_dir / "attention.png"
+    elif d6:
         # one row per case, labels horizontal and readable; the threshold as a short bar on each row
         ys = list(range(len(d6)))
-        fig, ax = plt.subplots(figsize=(9, max(3.0, 0.19 * len(d6) + 1.2)))
+        fig, ax = _subplots(figsize=(9, max(3.0, 0.19 * len(d6) + 1.2)))
         colors = {"PASS": "tab:green", "PARTIAL": "tab:orange"}
         ax.scatter([max(c.value, 1e-12) for c in d6], ys, c=[colors.get(c.verdict.value, "tab:red") for c in d6], s=16,
                    zorder=3, label="relative error")
@@ -91,5 +122,5 @@ def check_plots(run: Run, out_dir: Path) -> dict[str, Path]:
         ax.set_title("PQ6 flash attention per case (green PASS, orange PARTIAL, red FAIL)", fontsize=9)
         ax.grid(axis="x", lw=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-        made["attention"] = _save(fig, out_dir, "attention")
+        made["attention"] = _save(fig, out_dir, "attention", key)
     return made
