@@ -16,7 +16,7 @@ TARGETS ?=
 export FORK_DIR
 export BACKEND
 
-.PHONY: all install fork build verify test test-ready sweep sweep-compare doctor bench bench-rpc bench-sweep clean
+.PHONY: all install fork build verify test test-ready catalogue sweep sweep-compare doctor bench bench-rpc bench-sweep clean
 
 all: verify
 
@@ -75,6 +75,13 @@ bench: build
 bench-rpc: RPC := 1
 bench-rpc: build
 	$(PY) scripts/bench_rpc.py $(ARGS)
+
+# The replay catalogue (README "Replaying fork commits"; checks/replays.toml): unit-level entries build ggml only, every
+# commit through ccache; two entries' commits build with clang only, so clang is installed first when missing.
+catalogue: install
+	@command -v clang >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get install -y -qq clang >/dev/null 2>&1; } || echo "note: clang not installed: the clang entries will not build"
+	$(TH) catalogue $(ARGS)
 
 doctor: install
 	$(TH) doctor
