@@ -133,7 +133,11 @@ def test_build_folder_is_keyed_by_source_and_the_first_keeps_its_name(tmp_path):
 FAKE_CMAKE = r"""#!/usr/bin/env python3
 import sys, time, os, pathlib
 a = sys.argv[1:]
-if "--build" in a:
+if "-S" in a:
+    b = pathlib.Path(a[a.index("-B") + 1]); b.mkdir(parents=True, exist_ok=True)
+    (b / "CMakeCache.txt").write_text("GGML_RPC:BOOL=" + ("ON" if "-DGGML_RPC=ON" in a else "OFF") + "\n")
+    with open(b / "calls.txt", "a") as f: f.write("configure\n")
+elif "--build" in a:
     b = pathlib.Path(a[a.index("--build") + 1]); t = a[a.index("--target") + 1]
     for i in range(1, 5):
         print(f"[{i}/4] Building CXX object src/{t}{i}.o", flush=True); time.sleep(float(os.environ.get("FAKE_DELAY", "0")))
@@ -188,7 +192,8 @@ def test_build_progress_is_printed_during_a_long_build(tmp_path, fake_cmake, mon
         rc, prog, secs = run_with_progress(["cmake", "--build", str(tmp_path), "--target", "ggml"], "ggml", lf,
                                            lines.append, every_s=0.5)
     assert rc == 0 and prog.done == 4 and prog.total == 4 and prog.compiled == 4
-    assert lines and all(ln.startswith("  ... ggml: ") and "build steps" in ln and " s" in ln for ln in lines), lines
+    assert lines and all(ln.startswith("  ... ggml: ") and ln.endswith(" s") for ln in lines), lines
+    assert any("/4 build steps (" in ln for ln in lines), lines
     assert "Building CXX object" in (tmp_path / "log").read_text()
 
 
@@ -198,3 +203,14 @@ def test_progress_reads_makefile_output_too():
                "[ 41%] Linking CXX shared library libggml.so"]:
         p.feed(ln)
     assert p.describe() == "2 compile units, 41%"
+
+
+def test_a_rebuild_with_the_same_options_skips_the_configure_step(tmp_path, fake_cmake):
+    fork = _fork(tmp_path / "f")
+    bdir = tmp_path / "build" / "cpu"
+    fb.build("cpu", ["ggml"], fork=fork, bdir=bdir, log=lambda s: None)
+    fb.build("cpu", ["ggml"], fork=fork, bdir=bdir, log=lambda s: None)
+    assert (bdir / "calls.txt").read_text().split() == ["configure", "ggml", "ggml"]
+    res = fb.build("cpu", ["ggml"], fork=fork, bdir=bdir, log=lambda s: None, rpc=True)  # new options: configured
+    assert (bdir / "calls.txt").read_text().split()[3:] == ["configure", "ggml", "rpc-server"]
+    assert res.meta["rpc"] is True and "ggml" in res.meta["targets"]

@@ -219,13 +219,20 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
     logf = bdir / "turbo-harness-build.log"
     source = git_state(fork)  # what is compiled: the checkout as the build starts (recorded for provenance)
     t0 = time.time()
-    with open(logf, "a") as lf:
-        lf.write(f"\n=== {time.ctime()} configure {backend} {opts + launch}\n")
-        lf.flush()
-        r = subprocess.run(["cmake", "-S", str(fork), "-B", str(bdir), *gen, *opts, *launch], stdout=lf,
-                           stderr=subprocess.STDOUT, env=env)
-        if r.returncode != 0:
-            raise HarnessError(f"CMake configure of {fork} for {backend} failed: {_cmake_error(logf)} (full log: {logf})")
+    configure = [*opts, *launch]
+    prev = read_build_meta(bdir)
+    # configured before with the same options from the same folder: the build tool re-runs CMake itself when a
+    # CMakeLists.txt changes, so only a new folder or new options need the (10-20 s) configure step
+    if not ((bdir / "CMakeCache.txt").is_file() and prev.get("configured_with") == configure
+            and prev.get("fork_dir") == str(fork)):
+        with open(logf, "a") as lf:
+            lf.write(f"\n=== {time.ctime()} configure {backend} {configure}\n")
+            lf.flush()
+            r = subprocess.run(["cmake", "-S", str(fork), "-B", str(bdir), *gen, *configure], stdout=lf,
+                               stderr=subprocess.STDOUT, env=env)
+            if r.returncode != 0:
+                raise HarnessError(f"CMake configure of {fork} for {backend} failed: {_cmake_error(logf)} "
+                                   f"(full log: {logf})")
     _compile(bdir, backend, targets, jobs, env, log)
     cache = _read_cmake_cache(bdir)
     meta = {
@@ -233,6 +240,7 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
         "fork_dir": str(fork),
         **{f"fork_{k}": v for k, v in source.items()},
         "cmake_options": opts,
+        "configured_with": configure,
         "c_compiler": _compiler_version(cache.get("CMAKE_C_COMPILER", "cc")),
         "cxx_compiler": _compiler_version(cache.get("CMAKE_CXX_COMPILER", "c++")),
         "cuda_compiler": _compiler_version(cache["CMAKE_CUDA_COMPILER"]) if cache.get("CMAKE_CUDA_COMPILER") else None,

@@ -44,6 +44,8 @@ class Progress:
 
     def describe(self) -> str:
         """'112/240 build steps (98 compile units)' (Ninja) or '98 compile units, 41%' (Makefiles)."""
+        if not (self.total or self.compiled or self.percent is not None):
+            return "no step finished yet"
         if self.total:
             return f"{self.done}/{self.total} build steps ({self.compiled} compiled)"
         return f"{self.compiled} compile units" + (f", {self.percent}%" if self.percent is not None else "")
