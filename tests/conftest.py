@@ -61,7 +61,7 @@ def fork_build_or_skip() -> tuple[Path, Path]:
         skip_or_fail(f"{fork} has no turbo types")
     bdir = fb.build_dir(os.environ.get("TURBO_TEST_BACKEND", "cpu"))
     if not any((bdir / "bin").glob("libggml-base.*")):
-        skip_or_fail(f"fork not built in {bdir}: run `make build` to enable fork tests")
+        skip_or_fail(f"fork not built in {bdir}: run `make test-ready` (make test does) to enable the fork tests")
     return bdir, fork
 
 
