@@ -135,7 +135,8 @@ import sys, time, os, pathlib
 a = sys.argv[1:]
 if "-S" in a:
     b = pathlib.Path(a[a.index("-B") + 1]); b.mkdir(parents=True, exist_ok=True)
-    (b / "CMakeCache.txt").write_text("GGML_RPC:BOOL=" + ("ON" if "-DGGML_RPC=ON" in a else "OFF") + "\n")
+    (b / "CMakeCache.txt").write_text("GGML_RPC:BOOL=" + ("ON" if "-DGGML_RPC=ON" in a else "OFF") + "\n"
+        + "".join(f"{x[2:].split('=')[0]}:STRING=ccache\n" for x in a if "LAUNCHER=ccache" in x))
     with open(b / "calls.txt", "a") as f: f.write("configure\n")
 elif "--build" in a:
     b = pathlib.Path(a[a.index("--build") + 1]); t = a[a.index("--target") + 1]
@@ -214,3 +215,18 @@ def test_a_rebuild_with_the_same_options_skips_the_configure_step(tmp_path, fake
     res = fb.build("cpu", ["ggml"], fork=fork, bdir=bdir, log=lambda s: None, rpc=True)  # new options: configured
     assert (bdir / "calls.txt").read_text().split()[3:] == ["configure", "ggml", "rpc-server"]
     assert res.meta["rpc"] is True and "ggml" in res.meta["targets"]
+
+
+def test_ccache_is_the_launcher_of_a_new_folder_only(tmp_path, fake_cmake, monkeypatch):
+    monkeypatch.delenv("TURBO_CCACHE", raising=False)
+    if not fb.shutil.which("ccache"):
+        pytest.skip("ccache not installed on this machine")
+    fork = _fork(tmp_path / "f")
+    new = fb.build("cpu", ["ggml"], fork=fork, bdir=tmp_path / "new", log=lambda s: None)
+    assert new.meta["ccache"] and any("LAUNCHER=ccache" in o for o in new.meta["configured_with"])
+    assert not any("LAUNCHER" in o for o in new.meta["cmake_options"])  # not part of what identifies a build
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "CMakeCache.txt").write_text("GGML_RPC:BOOL=OFF\n")  # configured before, without a launcher
+    res = fb.build("cpu", ["ggml"], fork=fork, bdir=old, log=lambda s: None)
+    assert not res.meta["ccache"]

@@ -213,8 +213,11 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
     if rpc:
         targets = list(dict.fromkeys([*targets, *RPC_TARGETS]))
     opts = cmake_options(backend, [*(RPC_CMAKE if rpc else []), *(extra_cmake or [])])
-    launch = launcher_options(backend, opts)
-    gen = ["-G", "Ninja"] if shutil.which("ninja") and not (bdir / "CMakeCache.txt").is_file() else []
+    existing = _read_cmake_cache(bdir)
+    # ccache and Ninja for a new folder; a folder configured before keeps its generator (CMake cannot change it) and
+    # gets no launcher it did not have (a changed compile command would make Ninja recompile everything)
+    launch = launcher_options(backend, opts) if not existing or existing.get("CMAKE_C_COMPILER_LAUNCHER") else []
+    gen = ["-G", "Ninja"] if shutil.which("ninja") and not existing else []
     env = _ccache_env(dict(env or os.environ), fork, bdir) if launch else env
     logf = bdir / "turbo-harness-build.log"
     source = git_state(fork)  # what is compiled: the checkout as the build starts (recorded for provenance)
