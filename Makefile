@@ -20,9 +20,9 @@ export BACKEND
 
 all: verify
 
+# (the venv's own pip installs the package; upgrading pip first cost a round trip to the index on every new clone)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
