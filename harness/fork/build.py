@@ -236,7 +236,7 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
             if r.returncode != 0:
                 raise HarnessError(f"CMake configure of {fork} for {backend} failed: {_cmake_error(logf)} "
                                    f"(full log: {logf})")
-    _compile(bdir, backend, targets, jobs, env, log)
+    _build_targets(bdir, fork, backend, targets, jobs, env, log)
     cache = _read_cmake_cache(bdir)
     meta = {
         "backend": backend,
@@ -257,6 +257,21 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
     }
     (bdir / BUILD_META).write_text(json.dumps(meta, indent=2))
     return BuildResult(backend, bdir, meta)
+
+
+def _build_targets(bdir: Path, fork: Path, backend: str, targets: list[str], jobs: int | None, env: dict | None,
+                   log) -> None:
+    """Build the targets: test-backend-ops compiled against ggml alone when its source allows
+    (:mod:`harness.fork.standalone`; ``TURBO_BACKEND_OPS_CMAKE=1`` uses the CMake target), the rest through CMake."""
+    from harness.fork import standalone
+    alone = ("test-backend-ops" in targets and os.environ.get("TURBO_BACKEND_OPS_CMAKE") != "1"
+             and standalone.ggml_only(fork))
+    cm = [t for t in targets if not (alone and t == "test-backend-ops")]
+    if alone and "ggml" not in cm:
+        cm.insert(0, "ggml")
+    _compile(bdir, backend, cm, jobs, env, log)
+    if alone:
+        standalone.build_backend_ops(fork, bdir, log, env, cxx=_read_cmake_cache(bdir).get("CMAKE_CXX_COMPILER"))
 
 
 def _compile(bdir: Path, backend: str, targets: list[str], jobs: int | None, env: dict | None, log) -> None:
@@ -339,7 +354,7 @@ def ensure_built(bdir: Path, names: list[str], log=None) -> None:
     why = "; ".join(f"{n} for {NEEDED_BY[n]}" for n in missing if n in NEEDED_BY)
     log(f"building {what} in {bdir} the first time it is needed ({why or 'asked for'}; later runs reuse it) ...")
     env = _ccache_env(dict(os.environ), fork, bdir) if meta.get("ccache") else None
-    _compile(bdir, meta.get("backend", "cpu"), missing, None, env, log)
+    _build_targets(bdir, fork, meta.get("backend", "cpu"), missing, None, env, log)
     meta["targets"] = sorted(set(meta.get("targets", [])) | set(missing))
     (bdir / BUILD_META).write_text(json.dumps(meta, indent=2))
 
