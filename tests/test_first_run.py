@@ -232,3 +232,32 @@ def test_ccache_is_the_launcher_of_a_new_folder_only(tmp_path, fake_cmake, monke
     (old / "CMakeCache.txt").write_text("GGML_RPC:BOOL=OFF\n")  # configured before, without a launcher
     res = fb.build("cpu", ["ggml"], fork=fork, bdir=old, log=lambda s: None)
     assert not res.meta["ccache"]
+
+
+FAKE_CXX = r"""#!/usr/bin/env python3
+import sys, pathlib
+a = sys.argv[1:]
+out = pathlib.Path(a[a.index("-o") + 1]); out.write_text("#!/bin/sh\n"); out.chmod(0o755)
+with open(out.parent.parent / "calls.txt", "a") as f: f.write("c++ " + pathlib.Path([x for x in a if x.endswith(".cpp")][0]).name + "\n")
+"""
+
+
+def test_backend_ops_is_compiled_against_ggml_alone_once(tmp_path, fake_cmake, monkeypatch):
+    """Its CMake target drags libllama and llama-common in (about 200 files for a source that includes only ggml)."""
+    (fake_cmake / "fakecxx").write_text(FAKE_CXX)
+    (fake_cmake / "fakecxx").chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake_cmake / "fakecxx"))
+    monkeypatch.setenv("TURBO_CCACHE", "0")
+    fork = _fork(tmp_path / "f")
+    (fork / "tests").mkdir()
+    (fork / "tests" / "test-backend-ops.cpp").write_text("#include <ggml.h>\n#include <ggml-backend.h>\n#include <vector>\n")
+    bdir = tmp_path / "build" / "cpu"
+    res = fb.build("cpu", None, fork=fork, bdir=bdir, log=lambda s: None)
+    assert (bdir / "calls.txt").read_text().splitlines() == ["configure", "ggml", "c++ test-backend-ops.cpp"]
+    assert "test-backend-ops" in res.meta["targets"] and (bdir / "bin" / "test-backend-ops").is_file()
+    fb.build("cpu", None, fork=fork, bdir=bdir, log=lambda s: None)  # up to date: not compiled again
+    assert (bdir / "calls.txt").read_text().splitlines()[3:] == ["ggml"]
+    # a source that needs more than ggml goes through its CMake target
+    (fork / "tests" / "test-backend-ops.cpp").write_text('#include <ggml.h>\n#include "common.h"\n')
+    fb.build("cpu", None, fork=fork, bdir=tmp_path / "b2", log=lambda s: None)
+    assert (tmp_path / "b2" / "calls.txt").read_text().splitlines() == ["configure", "ggml test-backend-ops"]
