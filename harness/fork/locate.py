@@ -130,7 +130,7 @@ def locate(explicit: str | os.PathLike | None = None, unpack: bool = True, fetch
             "vendor/llama.cpp` (needs network) ...")
         try:
             subprocess.run(["git", "-C", str(REPO_ROOT), "submodule", "update", "--init", "vendor/llama.cpp"],
-                           timeout=900, check=False)
+                           timeout=600, check=False, env=dict(os.environ, GIT_TERMINAL_PROMPT="0"))
         except (OSError, subprocess.TimeoutExpired):
             pass
         if is_fork(VENDOR):
