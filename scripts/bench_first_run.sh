@@ -45,10 +45,10 @@ stage() {
   return $rc
 }
 
-echo "first run of $REPO -> $DEST (log $LOG); $(nproc) cores; ccache $([ $COLD = 1 ] && echo 'empty (--cold)' || echo 'as it is')" | tee "$LOG"
 rm -rf "$DEST"
 unset FORK_DIR TURBO_BUILD_ROOT TURBO_REQUIRE_FORK BACKEND
 [ "$COLD" = 1 ] && export CCACHE_DIR=$DEST.ccache && rm -rf "$CCACHE_DIR"
+echo "first run of $REPO -> $DEST (log $LOG); $(nproc) cores; ccache $([ $COLD = 1 ] && echo 'empty (--cold)' || echo 'as it is') (${CCACHE_DIR:-default folder})" | tee "$LOG"
 
 stage clone git clone -q "$REPO" "$DEST" || exit 1
 cd "$DEST" || exit 1
