@@ -47,3 +47,19 @@ def test_bench_prints_whole_verify_wall_beside_the_checks(tmp_path):
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("run 1:"))
     assert "verify wall" in line and "checks' own" in line and "load " in line and "the rest" in line
+
+
+def test_a_plot_drawn_in_the_background_is_in_the_final_report(pq2_run, tmp_path):
+    with plots.in_background():
+        assert "codebook" not in plots.check_plots(pq2_run, tmp_path) or (tmp_path / "codebook.png").is_file()
+    made = plots.check_plots(pq2_run, tmp_path)  # outside: waits for the worker
+    assert made["codebook"].is_file() and (tmp_path / ".codebook.key").is_file() and not plots._pending
+
+
+def test_verify_report_has_every_plot(tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["verify", "--numpy-target", "", "--type", "turbo3", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    html = (out / "report.html").read_text()
+    assert sorted(p.name for p in (out / "plots").glob("*.png")) == ["attention.png", "codebook.png", "distortion.png"]
+    assert html.count("data:image/png;base64,") >= 3
