@@ -33,12 +33,17 @@ def ggml_only(fork: Path) -> bool:
     return True
 
 
-def compile_command(fork: Path, bdir: Path, cxx: str, ccache: bool) -> list[str]:
-    """The compile-and-link command (the CMake build's flags for this file, ggml libraries only)."""
+def compile_commands(fork: Path, bdir: Path, cxx: str, ccache: bool) -> list[list[str]]:
+    """The compile command (the CMake build's flags for this file; ``-c``, so that ccache can keep the object) and
+    the link command (the build's ggml libraries only)."""
     libdir = (Path(bdir) / "bin").resolve()
-    return [*(["ccache"] if ccache else []), cxx, "-O3", "-DNDEBUG", "-std=gnu++17", "-DGGML_SHARED",
-            "-DGGML_BACKEND_SHARED", "-pthread", str(Path(fork) / SOURCE), f"-I{Path(fork) / 'ggml' / 'include'}",
-            f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lggml", "-lggml-base", "-o", str(libdir / "test-backend-ops")]
+    obj = (Path(bdir) / "turbo-probe" / "test-backend-ops.o").resolve()
+    compile_ = [*(["ccache"] if ccache else []), cxx, "-O3", "-DNDEBUG", "-std=gnu++17", "-DGGML_SHARED",
+                "-DGGML_BACKEND_SHARED", "-pthread", "-c", str(Path(fork) / SOURCE),
+                f"-I{Path(fork) / 'ggml' / 'include'}", "-o", str(obj)]
+    link = [cxx, "-pthread", str(obj), f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lggml", "-lggml-base",
+            "-o", str(libdir / "test-backend-ops")]
+    return [compile_, link]
 
 
 def build_backend_ops(fork: Path, bdir: Path, log, env: dict | None = None, cxx: str | None = None) -> Path:
@@ -57,25 +62,30 @@ def build_backend_ops(fork: Path, bdir: Path, log, env: dict | None = None, cxx:
     if not cxx:
         raise HarnessError("no C++ compiler found for test-backend-ops: install g++ or clang++, or set CXX")
     ccache = bool(shutil.which("ccache")) and os.environ.get("TURBO_CCACHE", "1") != "0"
-    cmd = compile_command(fork, bdir, cxx, ccache)
+    cmds = compile_commands(fork, bdir, cxx, ccache)
     out = Path(bdir) / "bin" / "test-backend-ops"
     stamp = Path(bdir) / "bin" / ".test-backend-ops.cmd"
+    said = "\n".join(" ".join(c[1:] if c[0] == "ccache" else c) for c in cmds)  # with or without ccache: the same
     inputs = [Path(fork) / SOURCE, *sorted((Path(bdir) / "bin").glob("libggml*"))]
-    if out.is_file() and stamp.is_file() and stamp.read_text() == " ".join(cmd[1:] if ccache else cmd) \
+    if out.is_file() and stamp.is_file() and stamp.read_text() == said \
             and out.stat().st_mtime >= max(p.stat().st_mtime for p in inputs):
         return out  # up to date: compiled with the same command, newer than the source and the libraries
     logf = Path(bdir) / "turbo-harness-build.log"
+    (Path(bdir) / "turbo-probe").mkdir(parents=True, exist_ok=True)
     log("compiling test-backend-ops against ggml alone (its CMake target would also build libllama and llama-common, "
         "which it does not use) ...")
-    with open(logf, "a") as lf:
-        lf.write("\n=== " + " ".join(cmd) + "\n")
-        lf.flush()
-        rc, _, secs = run_with_progress(cmd, "test-backend-ops", lf, log, env=env)
-    if rc != 0:
-        text = logf.read_text(errors="replace").split("\n=== ")[-1]
-        first = next((ln.strip() for ln in text.splitlines() if "error" in ln), "see the log")[:300]
-        raise HarnessError(f"compiling test-backend-ops against ggml failed: {first} (full log: {logf})")
-    stamp.write_text(" ".join(cmd[1:] if ccache else cmd))
+    secs = 0.0
+    for cmd in cmds:
+        with open(logf, "a") as lf:
+            lf.write("\n=== " + " ".join(cmd) + "\n")
+            lf.flush()
+            rc, _, t = run_with_progress(cmd, "test-backend-ops", lf, log, env=env)
+        secs += t
+        if rc != 0:
+            text = logf.read_text(errors="replace").split("\n=== ")[-1]
+            first = next((ln.strip() for ln in text.splitlines() if "error" in ln), "see the log")[:300]
+            raise HarnessError(f"compiling test-backend-ops against ggml failed: {first} (full log: {logf})")
+    stamp.write_text(said)
     if secs >= 30:
         log(f"  compiled test-backend-ops in {secs:.0f} s")
     return out
