@@ -269,9 +269,11 @@ def _build_targets(bdir: Path, fork: Path, backend: str, targets: list[str], job
     cm = [t for t in targets if not (alone and t == "test-backend-ops")]
     if alone and "ggml" not in cm:
         cm.insert(0, "ggml")
-    _compile(bdir, backend, cm, jobs, env, log)
-    if alone:
-        standalone.build_backend_ops(fork, bdir, log, env, cxx=_read_cmake_cache(bdir).get("CMAKE_CXX_COMPILER"))
+    if alone:  # its object compiles beside the CMake build; the link follows it
+        standalone.build_backend_ops(fork, bdir, log, env, cxx=_read_cmake_cache(bdir).get("CMAKE_CXX_COMPILER"),
+                                     during=lambda: _compile(bdir, backend, cm, jobs, env, log))
+    else:
+        _compile(bdir, backend, cm, jobs, env, log)
 
 
 def _compile(bdir: Path, backend: str, targets: list[str], jobs: int | None, env: dict | None, log) -> None:

@@ -46,46 +46,75 @@ def compile_commands(fork: Path, bdir: Path, cxx: str, ccache: bool) -> list[lis
     return [compile_, link]
 
 
-def build_backend_ops(fork: Path, bdir: Path, log, env: dict | None = None, cxx: str | None = None) -> Path:
+def _step(cmd: list[str], logf: Path, log, env) -> tuple[int, float]:
+    """Run one compile or link command into its own log, with progress every 30 s: (exit code, seconds)."""
+    from harness.fork.progress import run_with_progress
+    with open(logf, "a") as lf:
+        lf.write("\n=== " + " ".join(cmd) + "\n")
+        lf.flush()
+        rc, _, secs = run_with_progress(cmd, "test-backend-ops", lf, log, env=env)
+    return rc, secs
+
+
+def _failed(logf: Path) -> HarnessError:
+    text = logf.read_text(errors="replace").split("\n=== ")[-1]
+    first = next((ln.strip() for ln in text.splitlines() if "error" in ln), "see the log")[:300]
+    return HarnessError(f"compiling test-backend-ops against ggml failed: {first} (full log: {logf})")
+
+
+def build_backend_ops(fork: Path, bdir: Path, log, env: dict | None = None, cxx: str | None = None,
+                      during=None) -> Path:
     """Compile ``test-backend-ops`` against the build's ggml (see the module docstring); progress every 30 s.
 
+    The object needs only ggml's headers, so it compiles while ``during()`` runs (the CMake build of ggml: on 2 cores
+    the one large file fills the serial tail of that build); the link waits for the libraries.
+
     Args:
-        fork: the checkout; bdir: a build folder whose ``bin/`` holds libggml. log: one line per step.
-        env: environment of the compile (ccache's); cxx: C++ compiler (default the CMake build's, else $CXX, c++).
+        fork: the checkout; bdir: a build folder whose ``bin/`` holds libggml once ``during`` returns.
+        log: one line per step. env: environment of the compile (ccache's).
+        cxx: C++ compiler (default the CMake build's, else $CXX, c++). during: called while the object compiles.
     Returns:
         ``<bdir>/bin/test-backend-ops``.
     Raises:
-        HarnessError: no C++ compiler, or the compile failed (its first error quoted, the log named).
+        HarnessError: no C++ compiler, or the compile or link failed (its first error quoted, the log named); an
+            error of ``during`` is raised as it is (after the compile has stopped).
     """
-    from harness.fork.progress import run_with_progress
+    import threading
     cxx = cxx or os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
         raise HarnessError("no C++ compiler found for test-backend-ops: install g++ or clang++, or set CXX")
     ccache = bool(shutil.which("ccache")) and os.environ.get("TURBO_CCACHE", "1") != "0"
-    cmds = compile_commands(fork, bdir, cxx, ccache)
-    out = Path(bdir) / "bin" / "test-backend-ops"
+    compile_, link = compile_commands(fork, bdir, cxx, ccache)
+    obj, out = Path(compile_[-1]), Path(link[-1])
+    logf = Path(bdir) / "turbo-harness-build-test-backend-ops.log"
     stamp = Path(bdir) / "bin" / ".test-backend-ops.cmd"
-    said = "\n".join(" ".join(c[1:] if c[0] == "ccache" else c) for c in cmds)  # with or without ccache: the same
-    inputs = [Path(fork) / SOURCE, *sorted((Path(bdir) / "bin").glob("libggml*"))]
-    if out.is_file() and stamp.is_file() and stamp.read_text() == said \
-            and out.stat().st_mtime >= max(p.stat().st_mtime for p in inputs):
-        return out  # up to date: compiled with the same command, newer than the source and the libraries
-    logf = Path(bdir) / "turbo-harness-build.log"
-    (Path(bdir) / "turbo-probe").mkdir(parents=True, exist_ok=True)
-    log("compiling test-backend-ops against ggml alone (its CMake target would also build libllama and llama-common, "
-        "which it does not use) ...")
-    secs = 0.0
-    for cmd in cmds:
-        with open(logf, "a") as lf:
-            lf.write("\n=== " + " ".join(cmd) + "\n")
-            lf.flush()
-            rc, _, t = run_with_progress(cmd, "test-backend-ops", lf, log, env=env)
-        secs += t
-        if rc != 0:
-            text = logf.read_text(errors="replace").split("\n=== ")[-1]
-            first = next((ln.strip() for ln in text.splitlines() if "error" in ln), "see the log")[:300]
-            raise HarnessError(f"compiling test-backend-ops against ggml failed: {first} (full log: {logf})")
+    said = "\n".join(" ".join(c[1:] if c[0] == "ccache" else c) for c in (compile_, link))  # ccache or not: the same
+    src = Path(fork) / SOURCE
+    obj_fresh = stamp.is_file() and stamp.read_text() == said and obj.is_file() \
+        and obj.stat().st_mtime >= src.stat().st_mtime
+    result: dict = {}
+    worker = None
+    if not obj_fresh:
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        log("compiling test-backend-ops against ggml alone (its CMake target would also build libllama and "
+            "llama-common, which it does not use) ...")
+        worker = threading.Thread(target=lambda: result.update(zip(("rc", "secs"), _step(compile_, logf, log, env))))
+        worker.start()
+    try:
+        if during is not None:
+            during()
+    finally:
+        if worker is not None:
+            worker.join()
+    if worker is not None and result.get("rc") != 0:
+        raise _failed(logf)
+    libs = sorted((Path(bdir) / "bin").glob("libggml*"))
+    if worker is None and out.is_file() and out.stat().st_mtime >= max(p.stat().st_mtime for p in [obj, *libs]):
+        return out  # up to date: the same commands, newer than the source and the libraries
+    rc, _ = _step(link, logf, log, env)
+    if rc != 0:
+        raise _failed(logf)
     stamp.write_text(said)
-    if secs >= 30:
-        log(f"  compiled test-backend-ops in {secs:.0f} s")
+    if result.get("secs", 0) >= 30:
+        log(f"  compiled test-backend-ops in {result['secs']:.0f} s")
     return out
