@@ -16,7 +16,8 @@ TARGETS ?=
 export FORK_DIR
 export BACKEND
 
-.PHONY: all install fork build verify test test-ready catalogue sweep sweep-compare doctor bench bench-rpc bench-sweep clean
+.PHONY: all install fork build verify test test-ready catalogue sweep sweep-compare scorecard doctor bench bench-rpc bench-diff \
+	bench-sweep clean
 
 all: verify
 
@@ -57,6 +58,24 @@ RUNS ?= reports/samples/sweep-cpu-smollm2 reports/samples/sweep-cpu-gemma3
 sweep-compare: install
 	$(TH) sweep-compare $(RUNS) --out $(or $(OUT),reports/compare)
 
+# Several forks side by side: builds each checkout of FORKS into its own folder under build/forks/<commit> (reused
+# when its recorded provenance matches the checkout), verifies each into reports/forks/<commit>, then writes
+# reports/scorecard/ (scorecard.md, .html, .json); OUT=DIR puts both under DIR. RUNS_SC=... scores existing run
+# folders without building.
+FORKS ?=
+scorecard: install
+ifneq ($(strip $(RUNS_SC)),)
+	$(TH) scorecard $(RUNS_SC) --out $(or $(OUT),reports/scorecard)
+else
+	@if [ -z "$(strip $(FORKS))" ]; then echo 'error: give the fork checkouts: make scorecard FORKS="dir1 dir2 ..." (or RUNS_SC="run1 run2" for existing reports)' >&2; exit 2; fi
+	$(PY) -m harness.fork.forks $(if $(BACKEND),--backend $(BACKEND),) $(if $(OUT),--out $(OUT),) $(FORKS)
+endif
+
+# Speed of diff and scorecard on existing runs (prints figures; not a test): goals diff <= 1 s, scorecard of N runs
+# <= 1 s + 0.1 s x N.
+bench-diff: install
+	$(PY) scripts/bench_diff.py $(ARGS)
+
 # Harness overhead of a model-level sweep (prints figures; not a test): the default Gemma 3 CPU sweep with an empty
 # job cache, its wall time against the sum of the fork binaries' own run times (goal: overhead <= 5%), and
 # KVREAL's wall time per model. BENCH_MODEL=smollm2 benchmarks the other model; ARGS are passed to the sweep.
@@ -65,10 +84,12 @@ bench-sweep: build $(VENV)/.model $(VENV)/.model-gemma3
 	$(PY) scripts/bench_sweep.py --model $(BENCH_MODEL) $(ARGS)
 
 # Speed benchmark (prints figures; not a test): the whole `verify` wall time (process start to report written) beside
-# the six checks' and COMPAT's own (2^20 values per type), and what the rest went to, with the machine load beside
-# each figure (scripts/bench_verify.py; ARGS, e.g. --reps 3, are passed to it).
+# the checks' own (the six checks and COMPAT at 2^20 values per type, and AUDIT), what the rest went to, with the
+# machine load beside each figure (scripts/bench_verify.py; ARGS, e.g. --reps 3, are passed to it); then the Metal shim
+# (first compile, cached load).
 bench: build
 	$(PY) scripts/bench_verify.py $(ARGS)
+	$(PY) scripts/bench_metal.py
 
 # Speed over ggml RPC (prints figures; not a test): one probe call and COMPAT, local CPU vs the same CPU backend
 # behind the fork's rpc-server on 127.0.0.1, by row count; where the time goes (README "Remote devices").

@@ -14,8 +14,10 @@ import click
 from harness import __version__
 from harness.errors import HarnessError
 from harness.fork import backends, build as fb
-from harness.reference.turbo import TURBO_TYPES
+from harness.turbo_types import TURBO_TYPES
 from harness.cli_rpc import RPC_OPTIONS, RpcOptions
+from harness.cli_types import (AtLeast, BackendName, BuildName, CommaList, ModelArg, OneLineUsage, Sha256, existing_dir,
+                               existing_file, out_dir)
 
 REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 
@@ -24,7 +26,8 @@ REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 LAZY_COMMANDS = {"sweep": ("harness.cli_sweep", "sweep"), "doctor": ("harness.cli_doctor", "doctor"),
                  "sweep-compare": ("harness.cli_sweep", "sweep_compare"), "replay": ("harness.cli_replay", "replay"),
                  "catalogue": ("harness.cli_replay", "catalogue"), "bisect": ("harness.cli_replay", "bisect"),
-                 "bisect-oracle": ("harness.cli_replay", "bisect_oracle")}
+                 "bisect-oracle": ("harness.cli_replay", "bisect_oracle"),
+                 "diff": ("harness.cli_compare", "diff"), "scorecard": ("harness.cli_compare", "scorecard")}
 
 
 class Group(click.Group):
@@ -42,9 +45,18 @@ class Group(click.Group):
             return getattr(importlib.import_module(mod), attr)
         return super().get_command(ctx, name)
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        """The group's own options parsed; a usage error is one line (:class:`harness.cli_types.OneLineUsage`)."""
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise OneLineUsage(e) from None
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a command's bad option or argument: one line, exit 2
+            raise OneLineUsage(e) from None
         except HarnessError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
@@ -118,12 +130,16 @@ def _open_target(fork_dir: str | None, build_backend: str | None, rpc=None):
 
 def _numpy_target(spec: str):
     """A NumPy target for tests of the pipeline (hidden --numpy-target): 'FAULT,FAULT' (may be empty);
-    the pseudo-fault 'slow' makes every target call sleep 50 ms so that a run can be interrupted."""
+    the pseudo-fault 'slow' makes every target call sleep 50 ms so that a run can be interrupted, 'slowclose'
+    makes closing the target (the teardown) take 3 s."""
     import time as _time
 
     from harness.targets.numpy_target import NumpyTarget
-    faults = [f for f in spec.split(",") if f.strip() and f.strip() != "slow"]
+    faults = [f for f in spec.split(",") if f.strip() and f.strip() not in ("slow", "slowclose")]
     target = NumpyTarget(faults=faults)
+    if "slowclose" in spec.split(","):  # teardown takes 3 s and says when it starts (tests of a signal in teardown)
+        close = target.close
+        target.close = lambda: (click.echo("(test) closing the target", err=True), _time.sleep(3.0), close())[2]
     if "slow" in spec.split(","):
         for name in ("quantize", "decode", "wht", "flash_attn"):
             fn = getattr(target, name)
@@ -183,32 +199,63 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
         with interruptible():
             run = pipeline.run_verify(target, meta, check_ids, types, run_dir, previous, target_backend=target_backend,
                                       backends=backends, registry=registry(), options=options, log=click.echo)
-        if rpc is not None and rpc.active:  # what happened to the remote servers during the run goes into the report
-            rpc.record_events(run, target, run_dir)
     except Interrupted as e:
         click.echo(f"interrupted by {e.name}: partial report marked INTERRUPTED in {run_dir / 'summary.md'}", err=True)
-        sys.exit(e.exit_code)
-    finally:
         target.close()
         if rpc is not None:
             rpc.close()
-    code = pipeline.finish(run, run_dir, known, known_file, strict, written=True)
-    _print_headline(run)
-    click.echo(f"report: {run_dir / 'summary.md'} ({run_dir / 'report.html'})")
-    sys.exit(code)
+        sys.exit(e.exit_code)
+    except BaseException:
+        target.close()
+        if rpc is not None:
+            rpc.close()
+        raise
+    _teardown_and_exit(run, run_dir, target, rpc, known, known_file, strict)
+
+
+def _teardown_and_exit(run, run_dir: Path, target, rpc, known, known_file, strict) -> None:
+    """After the last check: close the target, write the final report, print it and exit, with SIGINT/SIGTERM
+    deferred (harness.interrupt.deferred) so that exit code and report agree: a signal before the final report is
+    written marks it INTERRUPTED (exit 130/143); one after it is ignored (the report and its code stand)."""
+    from harness import pipeline
+    from harness.interrupt import deferred, hold_until_exit
+    with deferred() as st:
+        try:
+            if rpc is not None and rpc.active:  # what happened to the remote servers during the run goes into the report
+                rpc.record_events(run, target, run_dir)
+        finally:
+            target.close()
+            if rpc is not None:
+                rpc.close()
+        if st["pending"] is not None:
+            import signal as _signal
+            name = _signal.Signals(st["pending"]).name
+            run.interrupted = {"signal": name, "exit_code": 128 + st["pending"], "in_progress": None, "not_run": [],
+                               "during": "teardown, after every check had finished"}
+            click.echo(f"interrupted by {name} during teardown: report marked INTERRUPTED in {run_dir / 'summary.md'}",
+                       err=True)
+        code = pipeline.finish(run, run_dir, known, known_file, strict, written=st["pending"] is None)
+        hold_until_exit()
+        _print_headline(run)
+        click.echo(f"report: {run_dir / 'summary.md'} ({run_dir / 'report.html'})")
+        sys.exit(code)
 
 
 common = [
-    click.option("--type", "types", default=",".join(TURBO_TYPES), show_default=True, help="turbo types, comma separated"),
-    click.option("--target", "target_backend", default=None, help="production backend (default: first GPU found, else cpu)"),
-    click.option("--backend", "backends", multiple=True, help="only these backends (repeatable); default all in the build"),
-    click.option("--fork-dir", default=None, help="fork checkout (default $FORK_DIR or vendor/llama.cpp)"),
-    click.option("--build", "build_backend", default=None, help="which build folder to use (default: this machine's backend)"),
-    click.option("--out", default=None, help="report folder (default reports/<run-id>)"),
+    click.option("--type", "types", default=",".join(TURBO_TYPES), show_default=True, help="turbo types, comma separated",
+                 type=CommaList("turbo type", choices=lambda: TURBO_TYPES)),
+    click.option("--target", "target_backend", default=None, type=BackendName(),
+                 help="production backend (default: first GPU found, else cpu)"),
+    click.option("--backend", "backends", multiple=True, type=BackendName(),
+                 help="only these backends (repeatable); default all in the build"),
+    click.option("--fork-dir", default=None, type=existing_dir(), help="fork checkout (default $FORK_DIR or vendor/llama.cpp)"),
+    click.option("--build", "build_backend", default=None, type=BuildName(),
+                 help="the backend whose build folder ($TURBO_BUILD_ROOT/<backend>) to use (default: this machine's backend)"),
+    click.option("--out", default=None, type=out_dir(), help="report folder (default reports/<run-id>)"),
     click.option("--strict", is_flag=True, help="exit 1 on PARTIAL too"),
     click.option("--numpy-target", "numpy_target", default=None, hidden=True,
                  help="(tests) run on the NumPy emulation with these faults instead of a fork build"),
-    click.option("--known", "known_file", default=None, type=click.Path(dir_okay=False),
+    click.option("--known", "known_file", default=None, type=existing_file(),
                  help="known-findings file (e.g. checks/known-findings.toml): accepted findings are XFAIL, "
                       "anything else non-PASS fails the gate (README 'Known findings')"),
     *RPC_OPTIONS,
@@ -223,19 +270,31 @@ def with_common(f):
 
 @cli.command()
 @click.argument("check_id")
-@click.option("--model", default=None, help="KVREAL only: smollm2 | gemma3 | PATH.gguf (same as $TURBO_MODEL; default smollm2)")
+@click.option("--model", default=None, type=ModelArg(),
+              help="KVREAL only: smollm2 | gemma3 | PATH.gguf (same as $TURBO_MODEL; default smollm2)")
 @with_common
 def check(check_id, model, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target, known_file,
           rpc, rpc_local, rpc_timeout):
     """Run one check (PQ1..PQ6, COMPAT, and the opt-in MODEL, KVREAL) and write its report."""
     cid = registry().runnable(check_id.upper()).id
+    if model is not None and cid != "KVREAL":  # an option that does not apply is refused, never silently ignored
+        raise HarnessError(f"--model applies to KVREAL only (the check that reads K/V from a model); {cid} reads no "
+                           f"model: leave --model out")
+    spec = model or os.environ.get("TURBO_MODEL")
+    if cid == "KVREAL" and spec and numpy_target is None:  # read now, as sweep does: a file that is not a GGUF stops here
+        from harness.runners.inputs import read_model_info
+        from harness.runners.models import resolve_model
+        try:
+            read_model_info(resolve_model(spec))
+        except HarnessError as e:
+            raise HarnessError(f"{'--model' if model else '$TURBO_MODEL'}: {e}") from None
     _run_and_exit([cid], _types(types), target_backend, list(backends), fork_dir, build_backend, out, strict, known_file,
                   numpy_target, options={"KVREAL": {"model": model}} if model else None,
                   rpc=RpcOptions(rpc, rpc_local, rpc_timeout))
 
 
 @cli.command()
-@click.option("--checks", "check_list", default=None,
+@click.option("--checks", "check_list", default=None, type=CommaList("check id", check=lambda v: registry().parse_ids(v)),
               help="comma-separated check ids (default: every check but the opt-in ones, which `list` marks)")
 @with_common
 def verify(check_list, types, target_backend, backends, fork_dir, build_backend, out, strict, numpy_target, known_file,
@@ -248,12 +307,12 @@ def verify(check_list, types, target_backend, backends, fork_dir, build_backend,
 
 
 @cli.command()
-@click.option("--backend", default=None, help=f"{backends.choices()} (default: detect)")
-@click.option("--targets", default=None,
+@click.option("--backend", default=None, type=BackendName(), help=f"{backends.choices()} (default: detect)")
+@click.option("--targets", default=None, type=CommaList("CMake target"),
               help="CMake targets, comma separated (default: what verify needs: ggml, test-backend-ops; 'all': also "
                    "llama-perplexity, llama-bench and libllama, which other commands otherwise build on first use)")
-@click.option("--fork-dir", default=None)
-@click.option("--jobs", "-j", type=int, default=None)
+@click.option("--fork-dir", default=None, type=existing_dir())
+@click.option("--jobs", "-j", type=AtLeast(1, "parallel compile jobs"), default=None, help="parallel compile jobs (at least 1)")
 @click.option("--rpc", is_flag=True, help="also build ggml's RPC backend and rpc-server (GGML_RPC=ON), for --rpc HOST:PORT")
 def build(backend, targets, fork_dir, jobs, rpc):
     """Build the fork (what verify needs, or --targets) and the native probe, printing progress every 30 s."""
@@ -269,9 +328,10 @@ def build(backend, targets, fork_dir, jobs, rpc):
 
 
 @cli.command("unpack-fork")
-@click.argument("snapshot", type=click.Path(dir_okay=False))
-@click.option("--dest", default=".cache/fork", show_default=True, help="folder to unpack into (reused when already unpacked)")
-@click.option("--sha256", default=None, help="expected SHA-256 (default: the one stated in the README beside the file)")
+@click.argument("snapshot", type=existing_file())
+@click.option("--dest", default=".cache/fork", show_default=True, type=out_dir(),
+              help="folder to unpack into (reused when already unpacked)")
+@click.option("--sha256", default=None, type=Sha256(), help="expected SHA-256 (default: the one stated in the README beside the file)")
 def unpack_fork(snapshot, dest, sha256):
     """Unpack a fork source snapshot (.tar.xz, hash checked) and print its folder (no network needed). The folder is
     remembered in .cache/fork-dir: later commands use it without FORK_DIR (unless FORK_DIR or vendor/llama.cpp is set)."""
@@ -298,26 +358,41 @@ def list_checks():
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--known", "known_file", default=None, type=click.Path(dir_okay=False),
+@click.argument("run_dir", type=existing_dir())
+@click.option("--known", "known_file", default=None, type=existing_file(),
               help="judge the stored run against a known-findings file and exit with the gate's code")
 @click.option("--strict", is_flag=True, help="with no --known: exit 1 on PARTIAL too")
 def report(run_dir, known_file, strict):
-    """Re-render a run's Markdown/JUnit/HTML from its run.json (with --known: and gate it)."""
+    """Re-judge a run from its run.json (each cell from its value, threshold and op), re-render its
+    Markdown/JUnit/HTML and exit as verify would (with --known: and gate it)."""
     from harness.known import apply_known, gate_exit_code, load_known
     from harness.report.render import write_all
     from harness.pipeline import load_run
-    run = load_run(Path(run_dir))
-    if known_file:
-        apply_known(run, load_known(known_file), known_file)
-    for f in write_all(run, Path(run_dir)):
-        click.echo(f"wrote {f}")
+    from harness import runlock
+    cannot_write = (f"cannot write the reports into {run_dir} ({{}}): copy the folder somewhere writable and run "
+                    f"`turbo-harness report` on the copy")
+    known = load_known(known_file) if known_file else None
+    try:
+        runlock.acquire(Path(run_dir), "RUN_DIR")  # not while a run writes it; read-modify-write under the lock
+    except runlock.Locked:
+        raise
+    except HarnessError:
+        raise HarnessError(cannot_write.format("its lock file cannot be created")) from None
+    run = load_run(Path(run_dir), log=lambda line: click.echo(line, err=True))  # re-judged from its evidence
+    if known is not None:
+        apply_known(run, known, known_file)
+    try:
+        for f in write_all(run, Path(run_dir)):
+            click.echo(f"wrote {f}")
+    except OSError as e:
+        raise HarnessError(cannot_write.format(e.strerror or e)) from None
     _print_headline(run)
-    if known_file or strict:
-        sys.exit(gate_exit_code(run, strict))
+    sys.exit(gate_exit_code(run, strict))
 
 
 def main():
+    from harness.interrupt import STANDALONE
+    STANDALONE["on"] = True  # the console program: signals after the final report are ignored to the exit
     cli()
 
 

@@ -1,5 +1,8 @@
 """``turbo-harness doctor``: what the harness finds (fork and where it came from, builds, backends, binaries, model,
-corpus), each line with what works from here when something is missing."""
+corpus), each line with what works from here when something is missing.
+
+Loaded by harness/cli.py when named (``LAZY_COMMANDS``).
+"""
 from __future__ import annotations
 
 import sys
@@ -7,13 +10,14 @@ from pathlib import Path
 
 import click
 
+from harness.cli_types import existing_dir
 from harness.errors import HarnessError
 from harness.fork import build as fb
 from harness.fork.locate import locate
 
 
 @click.command("doctor")
-@click.option("--fork-dir", default=None)
+@click.option("--fork-dir", default=None, type=existing_dir())
 def doctor(fork_dir):
     """Say what the harness finds: fork, commit, builds, backends, binaries, model, corpus."""
     ok = True

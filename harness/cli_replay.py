@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from harness.cli_types import CommaList, existing_dir, out_dir
 from harness.errors import HarnessError
 from harness.fork import build as fb
 from harness.reference.turbo import TURBO_TYPES
@@ -21,6 +22,22 @@ from harness.replay import (bisect_head, build_commit, git_subject, history_dir,
                             run_bisect)
 
 REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
+
+
+def _route_names() -> list[str]:
+    """Every quantise route a backend of the backend table has (harness/fork/backends.py)."""
+    from harness.fork import backends
+    return list(dict.fromkeys(r for b in backends.TABLE for r in b.quantize))
+
+
+def _check_ids(value: str) -> list[str]:
+    """--checks checked while parsing, by the registry the CLI reads."""
+    from harness.cli import registry
+    return registry().parse_ids(value)
+
+
+TYPES = CommaList("turbo type", choices=lambda: TURBO_TYPES)
+ROUTES = CommaList("quantise route", choices=_route_names)
 
 
 def _checks(value: str | None, option: str = "--checks") -> list[str]:
@@ -104,12 +121,12 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
 
 @click.command()
 @click.argument("commit")
-@click.option("--checks", "check_list", default=None, help="comma-separated check ids (default PQ1-PQ6; MODEL builds the llama tools)")
-@click.option("--type", "types", default=",".join(TURBO_TYPES), show_default=True)
-@click.option("--routes", default=None, help="only these quantise routes, e.g. quantize_chunk")
+@click.option("--checks", "check_list", default=None, type=CommaList("check id", check=_check_ids), help="comma-separated check ids (default PQ1-PQ6; MODEL builds the llama tools)")
+@click.option("--type", "types", default=",".join(TURBO_TYPES), show_default=True, type=TYPES, help="turbo types, comma separated")
+@click.option("--routes", default=None, type=ROUTES, help="only these quantise routes, e.g. quantize_chunk")
 @click.option("--sanitize", type=click.Choice(["address"]), default=None, help="an AddressSanitizer build flavour")
-@click.option("--fork-dir", default=None, help="fork checkout with history (default $FORK_DIR or vendor/llama.cpp)")
-@click.option("--out", default=None)
+@click.option("--fork-dir", default=None, type=existing_dir(), help="fork checkout with history (default $FORK_DIR or vendor/llama.cpp)")
+@click.option("--out", default=None, type=out_dir(), help="report folder (default reports/replay-<commit>-<time>)")
 @click.option("--strict", is_flag=True)
 def replay(commit, check_list, types, routes, sanitize, fork_dir, out, strict):
     """Build the fork at COMMIT (cached under .cache/replay) and run the checks on it."""
@@ -193,7 +210,7 @@ def _expected(e: dict, side: str) -> str:
 @click.option("--backend", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="replay the entries of this backend (cuda needs a CUDA build machine)")
 @click.option("--all", "all_", is_flag=True, help="also try the entries marked 'not replayed'")
-@click.option("--fork-dir", default=None)
+@click.option("--fork-dir", default=None, type=existing_dir())
 def catalogue(ids, backend, all_, fork_dir):
     """Replay catalogue entries (checks/replays.toml) at parent and fix; print both verdict rows.
 
@@ -260,11 +277,11 @@ def catalogue(ids, backend, all_, fork_dir):
 @click.option("--good", required=True, help="an older commit (with --fixed: where the bug is still present)")
 @click.option("--bad", required=True, help="a newer commit (with --fixed: where it is fixed)")
 @click.option("--check", "check_id", default=None, help="the check whose verdict is the oracle (or --entry)")
-@click.option("--type", "types", default="turbo3", show_default=True)
-@click.option("--routes", default=None)
+@click.option("--type", "types", default="turbo3", show_default=True, type=TYPES, help="turbo types, comma separated")
+@click.option("--routes", default=None, type=ROUTES, help="only these quantise routes, comma separated")
 @click.option("--entry", default=None, help="take the check, types and options (MODEL pairs, env) from this catalogue entry")
 @click.option("--fixed", is_flag=True, help="find the first commit where the check passes (a fix) instead of the first that fails")
-@click.option("--fork-dir", default=None)
+@click.option("--fork-dir", default=None, type=existing_dir())
 def bisect(good, bad, check_id, types, routes, entry, fixed, fork_dir):
     """Drive `git bisect run` with the check's verdict as the oracle; print the commit where it changes,
     the number of builds and the wall time. A crash of the fork's code counts as flagged (FAIL)."""
@@ -299,10 +316,10 @@ def bisect(good, bad, check_id, types, routes, entry, fixed, fork_dir):
 
 @click.command("bisect-oracle", hidden=True)
 @click.option("--check", "check_id", required=True)
-@click.option("--type", "types", required=True)
-@click.option("--routes", default=None)
+@click.option("--type", "types", required=True, type=TYPES)
+@click.option("--routes", default=None, type=ROUTES)
 @click.option("--fixed", is_flag=True)
-@click.option("--log", "log_path", required=True)
+@click.option("--log", "log_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--entry", default=None)
 @click.option("--commit", default=None, help="evaluate this commit instead of BISECT_HEAD (no exit-code mapping)")
 def bisect_oracle(check_id, types, routes, fixed, log_path, entry, commit):

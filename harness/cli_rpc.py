@@ -12,18 +12,19 @@ import math
 
 import click
 
+from harness.cli_types import CommaList, Seconds
 from harness.errors import HarnessError
 from harness.fork import build as fb
 from harness.fork import rpc as R
 
 RPC_OPTIONS = [
-    click.option("--rpc", "rpc", default=None, metavar="HOST:PORT[,...]",
+    click.option("--rpc", "rpc", default=None, metavar="HOST:PORT[,...]", type=CommaList("HOST:PORT", check=R.parse_endpoints),
                  help="also check the devices of these rpc-servers (same fork build; ggml RPC): they join the matrix "
                       "as rpc0, rpc1, ... (--target rpc0 makes one the production target); README 'Remote devices'"),
-    click.option("--rpc-local", "rpc_local", default=None, metavar="DEVICE[,...]",
+    click.option("--rpc-local", "rpc_local", default=None, metavar="DEVICE[,...]", type=CommaList("ggml device"),
                  help="start this build's rpc-server on 127.0.0.1 serving these ggml devices (e.g. CPU, CUDA0) and "
                       "check them over RPC"),
-    click.option("--rpc-timeout", "rpc_timeout", type=float, default=120.0, show_default=True,
+    click.option("--rpc-timeout", "rpc_timeout", type=Seconds(0.0), default=120.0, show_default=True,
                  help="seconds one call on a remote device may take before it is stopped"),
 ]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from harness.cli_types import AtLeast, BackendName, CommaList, ModelArg, Seconds
 from harness.errors import HarnessError
 from harness.fork import backends
 
@@ -27,6 +28,33 @@ def _ints(s: str, opt: str = "--depths") -> tuple[int, ...]:
     if not vals or min(vals) < 0:
         raise HarnessError(f"{opt} {s!r}: give comma-separated non-negative integers, e.g. 0,256")
     return vals
+
+
+def _pairs(s: str):
+    """--pairs / --depth-pairs checked while parsing (harness.runners.sweep.parse_pairs)."""
+    from harness.runners.sweep import parse_pairs
+    return parse_pairs(s)
+
+
+def _endpoints(s: str):
+    """--rpc checked while parsing: HOST:PORT entries, no server named twice (harness.fork.rpc.parse_endpoints)."""
+    from harness.fork import rpc as R
+    return R.parse_endpoints(s)
+
+
+def _kld_depths(s: str):
+    """--kld-depths checked while parsing: non-negative integers the depth runner accepts."""
+    from harness.runners.depth import check_depths
+    check_depths(tuple(sorted(set(_ints(s, "--kld-depths")))))
+
+
+def _default_depth_pairs() -> str:
+    """The default --depth-pairs, for the help text (read from harness/runners/depth.py, not a placeholder)."""
+    try:
+        from harness.runners.depth import DEPTH_PAIRS
+        return str(DEPTH_PAIRS)
+    except ImportError:
+        return "see README"
 
 
 def build_run(result, run_id: str, argv: list[str]):
@@ -136,47 +164,48 @@ def _table_text(section: dict) -> str:
 
 
 @click.command("sweep")
-@click.option("--model", default=None,
+@click.option("--model", default=None, type=ModelArg(),
               help="smollm2 | gemma3 (known models, checks/models.toml) or a GGUF path (default: smollm2).")
-@click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Plain-text corpus (default: $TURBO_CORPUS, else ../shared/data/wikitext-2-raw/wiki.test.raw).")
-@click.option("--ctx", type=int, default=None, help="Context per perplexity chunk (CPU 256, GPU 512).")
-@click.option("--chunks", type=int, default=None, help="Chunks of the corpus (CPU 8, GPU 64).")
-@click.option("--pairs", default=None, help="Comma-separated K/V pairs, e.g. f16/f16,q8_0/turbo3 (one name = K=V).")
-@click.option("--ngl", type=int, default=None, help="Layers offloaded to the GPU (CPU backend 0, else 99).")
-@click.option("--depths", default=None, help="llama-bench depths, comma-separated (CPU 0,256; GPU 0,2048,8192).")
-@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
-@click.option("--reps", type=int, default=None, help="llama-bench repetitions (CPU 3, GPU 5).")
-@click.option("--batch", type=int, default=0, help="-b (default: ctx, one sequence per pass).")
-@click.option("--ubatch", type=int, default=0, help="-ub (default: min(batch, 512)).")
+@click.option("--ctx", type=AtLeast(16, "tokens per perplexity chunk"), default=None, help="Context per perplexity chunk (CPU 256, GPU 512).")
+@click.option("--chunks", type=AtLeast(2, "llama-perplexity prints KLD statistics only for 2+ chunks"), default=None,
+              help="Chunks of the corpus (CPU 8, GPU 64; at least 2: llama-perplexity prints KLD only for 2+).")
+@click.option("--pairs", default=None, type=CommaList("K/V pair", check=_pairs), help="Comma-separated K/V pairs, e.g. f16/f16,q8_0/turbo3 (one name = K=V).")
+@click.option("--ngl", type=AtLeast(0, "layers offloaded"), default=None, help="Layers offloaded to the GPU (CPU backend 0, else 99).")
+@click.option("--depths", default=None, type=CommaList("depth", check=_ints), help="llama-bench depths, comma-separated (CPU 0,256; GPU 0,2048,8192).")
+@click.option("--threads", type=AtLeast(1, "CPU threads"), default=None, help="CPU threads (default: all cores).")
+@click.option("--reps", type=AtLeast(1, "llama-bench repetitions"), default=None, help="llama-bench repetitions (CPU 3, GPU 5).")
+@click.option("--batch", type=AtLeast(1, "-b, tokens per batch"), default=None, help="-b (default: ctx, one sequence per pass).")
+@click.option("--ubatch", type=AtLeast(1, "-ub, tokens per micro-batch"), default=None, help="-ub (default: min(batch, 512)).")
 @click.option("--fresh", is_flag=True, help="Ignore cached results and rerun every job.")
 @click.option("--fork-defaults", is_flag=True,
               help="Leave TURBO_AUTO_ASYMMETRIC/TURBO_LAYER_ADAPTIVE/TURBO_SPARSE_V unset (the fork may change types).")
-@click.option("--backend", default=None, help=f"Build folder backend: {backends.choices(', ')} (default: detected).")
-@click.option("--build-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--backend", default=None, type=BackendName(), help=f"Build folder backend: {backends.choices(', ')} (default: detected).")
+@click.option("--build-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Build folder holding bin/llama-perplexity (default: build/<backend>).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder, as for verify (default: reports/<run-id>).")
-@click.option("--known", "known_file", type=click.Path(dir_okay=False), default=None,
+@click.option("--known", "known_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Known-findings file: accepted findings are XFAIL, anything else non-PASS fails (README 'Known findings').")
-@click.option("--timeout", type=float, default=None, help="Seconds per tool call before it is killed (CPU 900).")
+@click.option("--timeout", type=Seconds(1.0, open_=False), default=None, help="Seconds per tool call before it is killed (CPU 900).")
 @click.option("--no-bench", is_flag=True, help="Skip llama-bench (quality and memory only).")
 @click.option("--no-baselines", is_flag=True,
               help="Run only the pairs given: do not add f16/f16 and q8_0/q8_0 (without q8_0 nothing is judged: SKIP).")
 @click.option("--strict", is_flag=True, help="Exit 1 on PARTIAL too.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--rpc", "rpc", default=None, metavar="HOST:PORT[,...]",
+@click.option("--rpc", "rpc", default=None, metavar="HOST:PORT[,...]", type=CommaList("HOST:PORT", check=_endpoints),
               help="Offload to the devices of these rpc-servers (the fork's own --rpc of llama-perplexity and "
                    "llama-bench; the build needs RPC: make build RPC=1); README 'Remote devices'.")
-@click.option("--decode-prompts", type=int, default=None,
+@click.option("--decode-prompts", type=AtLeast(0, "0 = no decode"), default=None,
               help="Corpus prompts for the greedy-decode agreement per pair (default 3; 0 = no decode).")
-@click.option("--decode-tokens", type=int, default=None, help="Tokens generated per decode prompt (default 32).")
-@click.option("--decode-prompt-tokens", type=int, default=None, help="Prompt tokens per decode prompt (default 64).")
-@click.option("--kld-depths", default=None,
+@click.option("--decode-tokens", type=AtLeast(1, "tokens generated per prompt"), default=None, help="Tokens generated per decode prompt (default 32).")
+@click.option("--decode-prompt-tokens", type=AtLeast(1, "prompt tokens per prompt"), default=None, help="Prompt tokens per decode prompt (default 64).")
+@click.option("--kld-depths", default=None, type=CommaList("context length", check=_kld_depths, none_words=("none", "off", "0")),
               help="Context lengths for KLD vs depth, comma-separated, on the same 2 x longest tokens "
                    "(CPU 256,1024; GPU 512,4096; 'none' = off).")
-@click.option("--depth-pairs", default=None,
-              help=f"Pairs measured at every --kld-depths length (default {'{'}DEPTH_PAIRS{'}'}).")
+@click.option("--depth-pairs", default=None, type=CommaList("K/V pair", check=_pairs),
+              help=f"Pairs measured at every --kld-depths length (default {_default_depth_pairs()}).")
 def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, ubatch, fresh, fork_defaults, backend,
           build_dir, out_dir, known_file, timeout, no_bench, no_baselines, strict, no_progress, rpc, decode_prompts,
           decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs):
@@ -194,8 +223,6 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
 
     try:
         backend = usage.backend_name(backend, "--backend") or detect_backend()
-        _check_numbers(ctx=ctx, chunks=chunks, reps=reps, threads=threads, timeout=timeout, ngl=ngl, batch=batch,
-                       ubatch=ubatch)
         from harness.fork import rpc as R
         endpoints = R.parse_endpoints(rpc)
         warn = R.security_warning(endpoints)
@@ -223,7 +250,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             ctx=dflt["ctx"] if ctx is None else ctx, chunks=dflt["chunks"] if chunks is None else chunks,
             depths=_ints(depths) if depths is not None else dflt["depths"], reps=dflt["reps"] if reps is None else reps,
             n_prompt=dflt["n_prompt"], n_gen=dflt["n_gen"], threads=threads or (os.cpu_count() or 1), ngl=ngl,
-            batch=batch, ubatch=ubatch, fresh=fresh, fork_defaults=fork_defaults,
+            batch=batch or 0, ubatch=ubatch or 0, fresh=fresh, fork_defaults=fork_defaults,
             timeout=dflt["timeout"] if timeout is None else timeout, bench=not no_bench, rpc=endpoints)
         _decode_depth_options(cfg, decode_prompts, decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs)
         _check_inputs(cfg)
@@ -263,6 +290,8 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     except HarnessError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    from harness.interrupt import hold_until_exit
+    hold_until_exit()  # the report is written and its exit code decided: a late signal must not contradict them
     from harness.report.findings import headline
     from harness.report.render import sweep_setup_line
     sec = run.sections["sweep"]
@@ -281,29 +310,13 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     sys.exit(code)
 
 
-_MINIMA = {"ctx": (16, "tokens per perplexity chunk"), "chunks": (2, "llama-perplexity prints KLD statistics only for 2+ chunks"),
-           "reps": (1, "llama-bench repetitions"), "threads": (1, "CPU threads"), "timeout": (1, "seconds per tool call"),
-           "ngl": (0, "layers offloaded"), "batch": (0, "0 = ctx"), "ubatch": (0, "0 = min(batch, 512)")}
-
-
-def _check_numbers(**given) -> None:
-    """Refuse a number option below its minimum instead of silently using the default (one line, exit 2)."""
-    for name, v in given.items():
-        lo, why = _MINIMA[name]
-        if v is not None and v < lo:
-            raise HarnessError(f"--{name} {v:g} is too small ({why}): give {lo} or more, or leave it out for the default")
-
-
 def _decode_depth_options(cfg, prompts, tokens, prompt_tokens, kld_depths, depth_pairs) -> None:
     """Set the decode-agreement and depth settings of ``cfg`` from the options (defaults: harness/runners/decode.py
-    DECODE_DEFAULTS, harness/runners/depth.py CPU_DEPTHS/GPU_DEPTHS/DEPTH_PAIRS). Raises HarnessError for bad values."""
+    DECODE_DEFAULTS, harness/runners/depth.py CPU_DEPTHS/GPU_DEPTHS/DEPTH_PAIRS); the numbers' minima were checked
+    while parsing (harness.cli_types.AtLeast). Raises HarnessError for bad depths."""
     from harness.runners.decode import DECODE_DEFAULTS
     from harness.runners.depth import CPU_DEPTHS, DEPTH_PAIRS, GPU_DEPTHS, check_depths
     from harness.runners.sweep import parse_pairs
-    for name, v, lo in (("--decode-prompts", prompts, 0), ("--decode-tokens", tokens, 1),
-                        ("--decode-prompt-tokens", prompt_tokens, 1)):
-        if v is not None and v < lo:
-            raise HarnessError(f"{name} {v} is too small: give {lo} or more, or leave it out for the default")
     cfg.decode_prompts = DECODE_DEFAULTS["prompts"] if prompts is None else prompts
     cfg.decode_n_gen = DECODE_DEFAULTS["n_gen"] if tokens is None else tokens
     cfg.decode_n_prompt = DECODE_DEFAULTS["n_prompt"] if prompt_tokens is None else prompt_tokens
@@ -358,8 +371,8 @@ def _check_inputs(cfg) -> None:
 
 
 @click.command("sweep-compare")
-@click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+@click.argument("run_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for compare.md and kld_vs_bits_models.png (default: reports/compare-<time>).")
 def sweep_compare(run_dirs, out_dir):
     """Sweeps of several models side by side: one table per model (PPL, KLD, top-1, bits per real value, vs-q4_0
@@ -369,6 +382,9 @@ def sweep_compare(run_dirs, out_dir):
     from harness.fork.build import REPO_ROOT
     from harness.report.compare import write_compare
     try:
+        if out_dir is not None and (Path(out_dir) / "run.json").is_file():  # a verify or sweep report: never written into
+            raise HarnessError(f"--out {out_dir} holds a turbo-harness run report (run.json): sweep-compare does not "
+                               f"write into report folders; give a new folder, e.g. --out reports/compare")
         out = usage.writable_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / time.strftime("compare-%Y%m%d-%H%M%S"),
                                  "--out")
         md, png = write_compare(list(run_dirs), out)

@@ -95,3 +95,48 @@ def interruptible(signals=SIGNALS):
         for s, h in previous.items():
             signal.signal(s, h)
         _STATE.reset(token)
+
+
+@contextmanager
+def deferred(signals=SIGNALS):
+    """Within the block SIGINT and SIGTERM are recorded, not raised: the teardown after the last check (closing
+    the target, writing the final report) runs to its end, and the caller marks the report INTERRUPTED when
+    ``state['pending']`` (the first signal number, or None) is set, so that exit code and report agree.
+    The previous handlers are restored on exit, unless :func:`hold_until_exit` was called inside the block.
+    Off the main thread it only yields the state."""
+    st: dict = {"pending": None, "hold": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield st
+        return
+
+    def handler(signum, frame):
+        if st["pending"] is None:
+            st["pending"] = signum
+    previous = {s: signal.signal(s, handler) for s in signals}
+    _DEFERRED.set(st)
+    try:
+        yield st
+    finally:
+        if not st["hold"]:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        _DEFERRED.set(None)
+
+
+_DEFERRED: ContextVar[dict | None] = ContextVar("turbo_deferred_state", default=None)
+# set by the console entry point (harness.cli.main): the process ends right after the command, so signals that
+# arrive once the final report is written are ignored to the end (exit code and report already agree)
+STANDALONE = {"on": False}
+
+
+def hold_until_exit() -> None:
+    """Called once the final report is written and its exit code decided: in the console program, signals that
+    arrive from now on are ignored until the process ends (a SIGINT after the 'report:' line must not turn a
+    PASS report into exit 130). Under a test runner (not the console program) it does nothing."""
+    if not STANDALONE["on"] or threading.current_thread() is not threading.main_thread():
+        return
+    st = _DEFERRED.get()
+    if st is not None:
+        st["hold"] = True  # the deferred block must not put its handlers back
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

@@ -19,15 +19,25 @@ from harness.report.model import Run
 KINDS = ("checks", "sweep")
 
 
-def load_run(run_dir: Path) -> Run:
-    """The Run stored in run_dir/run.json. Raises HarnessError when missing or not a run report."""
+def load_run(run_dir: Path, log: Callable[[str], None] | None = None) -> Run:
+    """The Run stored in run_dir/run.json, re-judged from its evidence (:func:`harness.report.rejudge.rejudge`: each
+    cell from its value, threshold and op, never from the verdict string it carries); ``log`` gets the one line that
+    says so when stored verdicts disagree. Raises HarnessError when missing or not a run report."""
+    from harness.report.rejudge import rejudge, rejudge_line
     p = Path(run_dir) / "run.json"
     if not p.is_file():
         raise HarnessError(f"{p} not found: give a run folder written by turbo-harness")
     try:
-        return Run.from_dict(json.loads(p.read_text()))
+        run = Run.from_dict(json.loads(p.read_text()))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise HarnessError(f"{p} is not a readable turbo-harness run report ({type(e).__name__}: {e})") from None
+        raise HarnessError(f"{p} is not a readable turbo-harness run report ({type(e).__name__}: {e}): it is left as it "
+                           f"is; restore it from the run's copy, or move it away and give the folder again") from None
+    except OSError as e:
+        raise HarnessError(f"{p} cannot be read ({e.strerror}): give a run folder you can read") from None
+    line = rejudge_line(rejudge(run))
+    if line and log is not None:
+        log(line)
+    return run
 
 
 def _ids_in(run_dir: Path) -> list[str]:
@@ -55,9 +65,25 @@ def prepare_run_dir(run_dir: Path, kind: str, option: str = "--out") -> tuple[Pa
         raise ValueError(f"kind {kind!r}: one of {KINDS}")
     if run_dir.exists() and not run_dir.is_dir():
         raise HarnessError(f"{option} {run_dir} is a file: give a folder for the report")
+    usage.writable_dir(run_dir, option)
+    from harness import runlock
+    runlock.acquire(run_dir, option)  # one writer per folder: the merge below is read-modify-write under the lock
+    try:
+        return run_dir, _previous(run_dir, kind, option)
+    except BaseException:
+        runlock.release(run_dir)
+        raise
+
+
+def _previous(run_dir: Path, kind: str, option: str) -> Run | None:
+    """The earlier checks report in run_dir to add to (None for none or a sweep); HarnessError for a folder holding
+    the other kind of report or an unreadable one (see :func:`prepare_run_dir`)."""
     previous = None
     if (run_dir / "run.json").is_file():
         ids = _ids_in(run_dir)
+        if ids == ["?"]:  # unreadable: never merged into, never overwritten
+            raise HarnessError(f"{option} {run_dir} holds a run.json that is not a readable turbo-harness report: it is "
+                               f"left as it is; give a new {option} folder (or move {run_dir / 'run.json'} away)")
         if kind == "checks":
             if "SWEEP" in ids:
                 raise HarnessError(f"{option} {run_dir} holds a sweep report: give another folder for the checks")
@@ -65,8 +91,7 @@ def prepare_run_dir(run_dir: Path, kind: str, option: str = "--out") -> tuple[Pa
         elif [i for i in ids if i != "SWEEP"]:
             raise HarnessError(f"{option} {run_dir} holds another report ({', '.join(i for i in ids if i != 'SWEEP')}): "
                                f"a sweep would overwrite it; give a new folder")
-    usage.writable_dir(run_dir, option)
-    return run_dir, previous
+    return previous
 
 
 def refuse_other_build(previous: Run, meta: dict, target_name: str, run_dir: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness import __version__
-from harness.checks.common import Context, crash_cell, load_thresholds
+from harness.checks.common import Context, annotate_modes, crash_cell, load_thresholds
 from harness.checks.contract import Registry
 from harness.checks.registry import REGISTRY
 from harness.errors import HarnessError, ProbeCrash
@@ -82,6 +82,13 @@ def pick_target_backend(target: Target, requested: str | None) -> str:
     return gpus[0] if gpus else ("cpu" if "cpu" in names else names[0])
 
 
+def rules_of(thresholds: dict) -> dict:
+    """The rules a run was judged by, as stored in run.json (``meta['rules']``): {section: {key: value}} without
+    the reasons, so that ``turbo-harness diff`` can say when two runs used other limits or sizes."""
+    return {sec: {k: v for k, v in entries.items() if not k.endswith("_reason")}
+            for sec, entries in thresholds.items() if isinstance(entries, dict)}
+
+
 def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: Path, target_backend: str | None = None,
                backends: list[str] | None = None, meta: dict | None = None, thresholds: dict | None = None,
                log: Callable[[str], None] = print, run: Run | None = None, routes: list[str] | None = None,
@@ -128,6 +135,9 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             "host": platform.node(), "platform": platform.platform(),
             "target_backend": tb,
             "backends_run": [b.name for b in ctx.backends()],
+            "backend_modes": {b.name: {"mode": getattr(b, "mode", "executed"), "label": getattr(b, "mode_label", "executed"),
+                                       "of": getattr(b, "family", b.name), "note": b.description}
+                              for b in ctx.backends()},
             "backends_not_available": [b for b in KNOWN_BACKENDS if b not in present],
             "types": sorted(set(run.meta.get("types", [])) | set(types)),  # an added check keeps the earlier types
             "gpu": gpu_info(), "target": target.describe(), "quantize_routes": routes or "all",
@@ -137,19 +147,26 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
                                for b in run.meta["backends_not_available"]]
         layouts = target.layouts()
         run.meta["layouts"] = layouts.describe()
+        run.meta["layout_traits"] = {t: list(v) for t, v in layouts.traits.items()}  # absent type: not listed
         if layouts.unknown:
             run.meta["layout_notes"] = layouts.notes
+        run.meta["rules"] = rules_of(ctx.thresholds)
         for cid in check_ids:
             raise_if_pending()
             current = cid
             check = checks[cid]
             t0 = time.time()
             cr = CheckResult(id=cid, title=check.title)
+            if "source" in check.needs and target.source_dir() is None:  # nothing to read: SKIP, judges nothing
+                cr.not_applicable = "this target has no fork source to read (not a fork build)"
+                cr.notes = [f"not run: {cr.not_applicable}"]
             try:
-                with T.layouts_in_use(layouts):
-                    out = check.evaluate(ctx)
-                raise_if_pending()
-                cr.cells, cr.notes, cr.tables = list(out), list(out.notes), list(out.tables)
+                if not cr.not_applicable:
+                    with T.layouts_in_use(layouts):
+                        out = check.evaluate(ctx)
+                    raise_if_pending()
+                    cr.cells, cr.notes, cr.tables = list(out), list(out.notes), list(out.tables)
+                    annotate_modes(cr.cells, ctx.backends())
             except ProbeCrash as e:  # a fork crash outside any cell: the fork's fault (FAIL), not the harness's
                 cr.cells = [crash_cell(ctx, cid, "all", tb, "-", e)]
             except HarnessError as e:

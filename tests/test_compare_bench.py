@@ -46,6 +46,9 @@ def test_a_folder_that_is_not_a_sweep_report_is_one_line_exit_2(tmp_path):
         load_sweep(tmp_path / "v")
     from harness.cli import cli
     r = CliRunner().invoke(cli, ["sweep-compare", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "does not exist" in r.output and len(r.output.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(cli, ["sweep-compare", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "holds no run.json" in r.output and len(r.output.strip().splitlines()) == 1
 
 

@@ -269,7 +269,7 @@ def test_a_check_list_error_names_the_option_and_a_sweep_check_is_refused_everyw
     one line by verify, run_checks, replay and bisect before anything is built or written."""
     runner = CliRunner()
     r = runner.invoke(harness_cli(), ["verify", "--checks", "PQ1,PQ9", "--numpy-target", "", "--out", str(tmp_path / "v")])
-    assert r.exit_code == 2 and "--checks 'PQ1,PQ9': unknown check PQ9; choose from PQ1" in r.output, r.output
+    assert r.exit_code == 2 and "'--checks': 'PQ1,PQ9': unknown check PQ9; choose from PQ1" in r.output, r.output
     assert "(or leave it out for all)" in r.output and "SWEEP" not in r.output.split("choose from")[1]
     with pytest.raises(HarnessError, match="SWEEP runs through `turbo-harness sweep`"):
         run_checks(NumpyTarget(), ["PQ1", "SWEEP"], ["turbo3"], tmp_path / "rc", log=lambda s: None)

@@ -385,7 +385,7 @@ def _cli(fake, *args):
     (["--kld-depths", "300,1024"], "does not divide"),
     (["--kld-depths", "1024"], "two or more context lengths"),
     (["--kld-depths", "256,65536"], "beyond the"),
-    (["--decode-tokens", "0"], "--decode-tokens 0 is too small"),
+    (["--decode-tokens", "0"], "'--decode-tokens': 0 is too small"),
     (["--decode-prompts", "40"], "paragraphs"),
 ])
 def test_bad_depth_and_decode_options_are_one_line_exit_2(fake, monkeypatch, args, words):

@@ -22,7 +22,7 @@ def test_the_registry_names_a_catching_check_for_every_fault():
     caught = {f for f, _, _ in FAULT_TABLE}
     # the two tie/threshold-shift faults are COMPAT's (tests/test_paths_against_each_other.py): tiny by design
     assert caught == KNOWN_FAULTS - {"thresholds_shift_1e-6", "boundary_ties"}, sorted(KNOWN_FAULTS ^ caught)
-    assert len(FAULT_TABLE) == 13
+    assert len(FAULT_TABLE) == 14
 
 
 def test_correct_target_passes_everything(make_ctx):

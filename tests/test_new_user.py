@@ -73,13 +73,13 @@ def sw(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ bad input and silent changes
 
 @pytest.mark.parametrize("args, words", [
-    (["--ctx", "0"], "--ctx 0 is too small"),
-    (["--chunks", "0"], "--chunks 0 is too small"),
-    (["--pairs", ""], "no K/V pairs given"),
-    (["--reps", "0"], "--reps 0 is too small"),
+    (["--ctx", "0"], "'--ctx': 0 is too small"),
+    (["--chunks", "0"], "'--chunks': 0 is too small"),
+    (["--pairs", ""], "'--pairs': '' names no K/V pair"),
+    (["--reps", "0"], "'--reps': 0 is too small"),
     (["--ctx", "99999999"], "beyond the 8192 tokens"),
     (["--depths", "0,9000"], "--depths 9000"),
-    (["--backend", "bogus"], "unknown backend 'bogus' for --backend: choose from cpu, cuda"),
+    (["--backend", "bogus"], "'--backend': unknown backend 'bogus': choose from cpu, cuda"),
 ])
 def test_sweep_refuses_bad_numbers_up_front(sw, args, words):
     code, out = sw.run(*args, "--pairs", "turbo3/turbo3") if args[0] != "--pairs" else sw.run(*args)
@@ -123,7 +123,7 @@ def test_unwritable_out_is_one_line_exit_2(sw, tmp_path):
 def test_verify_target_and_backend_names_problem_and_fix(tmp_path, monkeypatch):
     code, out = invoke(["verify", "--target", "bogus"])
     line = one_error_line(out)
-    assert code == 2 and "unknown backend 'bogus' for --target" in line and "choose from cpu, cuda, metal" in line
+    assert code == 2 and "'--target': unknown backend 'bogus'" in line and "choose from cpu, cuda, metal" in line
     assert "make build" not in line
     monkeypatch.setattr(sys, "platform", "linux")
     with pytest.raises(HarnessError, match=r"--backend metal: this build has no metal backend .*only on macOS"):
@@ -301,8 +301,8 @@ def test_check_with_fewer_types_through_the_cli_keeps_the_rest_and_says_so(numpy
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--depths", "-1"], "--depths '-1': give comma-separated non-negative integers"),
-    (["--depths", ""], "--depths '': give comma-separated"),
+    (["--depths", "-1"], "'--depths': '-1': give comma-separated non-negative integers"),
+    (["--depths", ""], "'--depths': '' names no depth: give a comma-separated list"),
     (["--pairs", "turbo9"], "unknown cache type 'turbo9'"),
 ])
 def test_sweep_bad_depths_and_types_are_one_line(sw, args, words):

@@ -239,4 +239,4 @@ def test_replay_and_bisect_check_types_as_verify_does(tmp_path, monkeypatch):
         code, out = invoke(args, {})
         assert code == 2 and "names no turbo type" in out, (args, out)
     code, out = invoke(["replay", "HEAD", "--type", "turbo3,turbo9"], {})
-    assert code == 2 and "--type: unknown turbo type turbo9: choose from turbo2, turbo3, turbo4" in out
+    assert code == 2 and "'--type': unknown turbo type turbo9: choose from turbo2, turbo3, turbo4" in out

@@ -127,25 +127,48 @@ class Context:
         return self._cache[key]
 
 
+def annotate_modes(cells: list[Cell], backends) -> None:
+    """Say in every cell how its backends were examined when that is not 'executed' (spec "Every backend, and how
+    it was examined"): a cell whose path names a backend of another mode (metal-src:set_rows, 'cpu:set_rows x
+    metal-src:set_rows') gets that backend's description (e.g. "Metal source on the host CPU: ...") in its caveat
+    and ``details['examined']``. Cells are changed in place."""
+    import re
+    notes = {b.name: b.description or b.mode_label for b in backends if getattr(b, "mode", "executed") != "executed"}
+    if not notes:
+        return
+    for c in cells:
+        named = [n for n in notes if re.search(rf"(^|[\s>]){re.escape(n)}:", c.path or "")]
+        for n in named:
+            if notes[n] not in (c.caveat or ""):
+                c.caveat = (c.caveat + "; " if c.caveat else "") + notes[n]
+        if named:
+            c.details = {**(c.details or {}), "examined": {n: notes[n] for n in named}}
+
+
 def _jsonable(d):
     return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def crash_cell(ctx: Context, check: str, type_: str, backend: str, route: str, crash: ProbeCrash) -> Cell:
+def crash_cell(ctx: Context, check: str, type_: str, backend: str, route: str, crash: ProbeCrash,
+               case: str | None = None) -> Cell:
     """The cell of a fork crash on a configuration the backend accepted (the probe asks the backend
     whether it supports each op before running it, so a crash is past that answer): FAIL quoting the
-    signal and what that call printed (spec "Who is at fault"); PARTIAL on a non-target path."""
+    signal and what that call printed (spec "Who is at fault"); PARTIAL on a non-target path. The note names
+    the case that crashed (``case``, e.g. 'turbo3/q8_0 D=128 nq=8 h=4/2'; default the type and path), so that
+    many crash cells do not read alike."""
+    what = case or f"{type_} on {backend}:{route}"
     return ctx.cell(check, type_, backend, route, "-", None, None, Verdict.FAIL,
-                    caveat=f"fork failure on a configuration the backend accepted: {crash}")
+                    caveat=f"fork failure on a configuration the backend accepted: {crash} (case {what})")
 
 
-def guarded(ctx: Context, check: str, type_: str, backend: str, route: str, fn) -> list[Cell]:
+def guarded(ctx: Context, check: str, type_: str, backend: str, route: str, fn, case: str | None = None) -> list[Cell]:
     """Run fn() -> list[Cell] with the target's layouts in use (:func:`T.layouts_in_use`).
 
     Who is at fault decides the verdict of what goes wrong: Unsupported (the backend declines the op,
     or the type's layout is unknown to the reference) is a SKIP with the reason; a fork crash on an
     op the backend accepted (ProbeCrash) is a FAIL quoting the crash; a HarnessError (the harness could
-    not measure) or any other exception (a harness bug, with its location) is an ERROR.
+    not measure) or any other exception (a harness bug, with its location) is an ERROR. ``case`` names the
+    configuration in a crash cell's note (:func:`crash_cell`).
     """
     raise_if_pending()
     try:
@@ -160,7 +183,7 @@ def guarded(ctx: Context, check: str, type_: str, backend: str, route: str, fn) 
         return [Cell(check=check, type=type_, path=f"{backend}:{route}", metric="-", value=None, threshold=None,
                      verdict=Verdict.SKIP, caveat=f"not supported: {e}", target=ctx.is_target(backend, route))]
     except ProbeCrash as e:
-        return [crash_cell(ctx, check, type_, backend, route, e)]
+        return [crash_cell(ctx, check, type_, backend, route, e, case)]
     except HarnessError as e:
         return [Cell(check=check, type=type_, path=f"{backend}:{route}", metric="-", value=None, threshold=None,
                      verdict=Verdict.ERROR, caveat=str(e), target=ctx.is_target(backend, route))]
@@ -180,7 +203,9 @@ def quant_paths(ctx: Context):
 # route -> relative error bound of its output. fa_decode passes values through a flash-attention kernel
 # (f16 V, f16 softmax arithmetic on GPUs): measured on an H200 CUDA build at up to 5.95e-4 relative
 # (reports/samples/cuda-h200, PQ4 evidence); 1e-3 bounds it while any packing or table error is O(1).
-LOSSY_DECODE = {"fa_decode": 1e-3}
+# dequant_t4 (metal-src) reads a half-precision copy of the table: a correctly rounded fp16 copy is within 2^-11
+# relative of the float table (4.9e-4 bounds it); a copy rounded more coarsely is beyond it.
+LOSSY_DECODE = {"fa_decode": 1e-3, "dequant_t4": 4.9e-4}
 
 
 def decode_tolerance(route: str, ref: np.ndarray) -> np.ndarray:
@@ -302,11 +327,21 @@ def quantizer_rotation(ctx: Context, backend: str, route: str, type_name: str) -
     return ctx.cached(("qrot", backend, route, type_name), measure)
 
 
+_SPREAD: list = []
+
+
+def _spread() -> np.ndarray:
+    """Gaussian-like spread of 128 coordinates (normal quantiles / sqrt(128), a fixed permutation), computed once."""
+    if not _SPREAD:
+        from scipy.stats import norm as _norm
+        g = _norm.ppf((np.arange(128) + 0.5) / 128) / np.sqrt(128)
+        _SPREAD.append(np.random.default_rng(7).permutation(g))
+    return _SPREAD[0].copy()
+
+
 def _probe_rows(R: np.ndarray, t: np.ndarray, coord: int, table: np.ndarray, ref_coord: int) -> np.ndarray:
     """Rows x = R^T y with unit y: y[coord] = t, y[ref_coord] = outermost centroid, others at centroids."""
-    from scipy.stats import norm as _norm
-    g = _norm.ppf((np.arange(128) + 0.5) / 128) / np.sqrt(128)  # Gaussian-like spread of coordinates
-    g = np.random.default_rng(7).permutation(g)
+    g = _spread()
     rest = table[np.argmin(np.abs(g[:, None] - table[None, :]), axis=1)]  # each at a centroid: far from thresholds
     rest[ref_coord] = table[-1]
     rest[coord] = 0.0

@@ -13,7 +13,7 @@ from harness.checks.contract import Check
 from harness.checks.common import (Context, decision_thresholds, guarded, op_matrices, own_indices,
                                    quant_paths, quantizer_rotation)
 from harness.reference import turbo as T
-from harness.reference.wht import canonical_signs, factor_signed_wht
+from harness.reference.wht import canonical_signs, factor_signed_wht, signed_wht_matrix
 from harness.report.model import Cell, Verdict
 
 ID, TITLE = "PQ1", "Rotation (signed WHT, same on every path, used by the quantizer)"
@@ -22,7 +22,8 @@ ID, TITLE = "PQ1", "Rotation (signed WHT, same on every path, used by the quanti
 def _op_cells(ctx: Context, backend: str, ref_signs) -> list[Cell]:
     om = op_matrices(ctx, backend)
     R, Rinv, fac = om["R"], om["Rinv"], om["factor"]
-    tol = ctx.th("PQ1", "max_abs_err")
+    half = _half_op(ctx, backend)
+    tol = ctx.th("PQ1", "max_abs_err_half" if half else "max_abs_err")
     orth = float(np.max(np.abs(R @ R.T - np.eye(128))))
     inv_t = float(np.max(np.abs(Rinv - R.T)))
     x = ctx.rng("pq1-rt").standard_normal((64, 128)).astype(np.float32)
@@ -30,8 +31,10 @@ def _op_cells(ctx: Context, backend: str, ref_signs) -> list[Cell]:
     back = ctx.target.wht(backend, fwd, 1, 128).astype(np.float64)
     rt = float(np.max(np.abs(back - x)) / max(np.max(np.abs(x)), 1e-30))
     lin = float(np.max(np.abs(fwd.astype(np.float64) - x.astype(np.float64) @ R.T)))
+    if half:  # a half-precision op's error scales with the values: judged relative to the largest input
+        lin /= max(float(np.max(np.abs(x))), 1e-30)
     value = max(orth, inv_t, rt, lin, fac["magnitude_err"])
-    caveats = []
+    caveats = ["half-precision rotation op: judged with max_abs_err_half, linearity relative to the input"] if half else []
     if not fac["is_signed_wht"]:
         caveats.append(f"not a signed WHT: {fac['sign_factor_mismatches']} sign entries do not factor as D2·H·D1, "
                        f"max ||R_ij|-1/sqrt(128)| = {fac['magnitude_err']:.3g}")
@@ -49,6 +52,11 @@ def _op_cells(ctx: Context, backend: str, ref_signs) -> list[Cell]:
                                            "sign_mismatches": fac["sign_factor_mismatches"],
                                            "is_signed_wht": fac["is_signed_wht"], "signs_match_target": same,
                                            "s1": fac["s1"], "s2": fac["s2"]})]
+
+
+def _half_op(ctx: Context, backend: str) -> bool:
+    """Whether a backend's rotation op computes in half precision (its routes say so: metal-src's half4 kernel)."""
+    return getattr(ctx.target.routes(backend), "wht_precision", "f32") == "f16"
 
 
 def _g64_cells(ctx: Context, backend: str, signs128) -> list[Cell]:
@@ -80,17 +88,23 @@ def _g64_cells(ctx: Context, backend: str, signs128) -> list[Cell]:
 
 
 def _quant_cells(ctx: Context, backend: str, route: str, type_name: str, op_R, op_signs) -> list[Cell]:
+    n = int(ctx.th("PQ1", "random_rows"))
+    x = ctx.rng(f"pq1-{type_name}").standard_normal((n, 128)).astype(np.float32)
+    got = own_indices(ctx, backend, type_name, ctx.target.quantize(backend, route, type_name, x), n)
+    if not np.any(got):  # what the evidence shows directly: no rotation can be read from an all-zero output
+        tol = ctx.th("PQ1", "index_mismatch_frac")
+        ev = ctx.evidence(ID, f"{type_name}_{backend}_{route}", indices=got)
+        return [ctx.cell(ID, type_name, backend, route, "nonzero_index_frac", 0.0, 0.0, Verdict.FAIL, op=">",
+                         caveat=f"the quantiser writes no indices (all zero): every one of the {got.size} indices it "
+                                f"stored for {n} random rows is 0", evidence=ev,
+                         details={"cause": "zero_indices", "indices": int(got.size)})]
     qr = quantizer_rotation(ctx, backend, route, type_name)
     caveats = []
     if not qr["is_signed_wht"]:
         caveats.append(f"quantizer rotation is not a signed WHT ({qr['sign_factor_mismatches']} sign entries off)")
     elif op_signs is not None and not (np.array_equal(qr["s1"], op_signs[0]) and np.array_equal(qr["s2"], op_signs[1])):
         caveats.append("quantizer sign vectors differ from the graph op's")
-    # index agreement on random rows vs the reference quantiser with the graph op's rotation
-    n = int(ctx.th("PQ1", "random_rows"))
-    x = ctx.rng(f"pq1-{type_name}").standard_normal((n, 128)).astype(np.float32)
-    raw_b = ctx.target.quantize(backend, route, type_name, x)
-    got = own_indices(ctx, backend, type_name, raw_b, n)
+    # index agreement on random rows (got, above) vs the reference quantiser with the graph op's rotation
     thr = decision_thresholds(ctx, backend, route, type_name)
     t = np.where(np.isnan(thr["thresholds"]), thr["midpoints"], thr["thresholds"])
     ref_idx, _, y = T.quantize(x, op_R, thr["table"], t)
@@ -126,6 +140,8 @@ def run(ctx: Context) -> list[Cell]:
             op[b.name] = om
             return _op_cells(ctx, b.name, ref_signs if b.name != ctx.target_backend else None)
         cells += guarded(ctx, ID, "all", b.name, "turbo_wht", one)
+        if 64 not in ctx.target.routes(b.name).wht_groups:  # e.g. Metal's kernel_turbo_wht: 128-value groups only
+            continue
         cells += guarded(ctx, ID, "all", b.name, "turbo_wht[g64]", lambda b=b: _g64_cells(
             ctx, b.name, (op[b.name]["factor"]["s1"], op[b.name]["factor"]["s2"]) if b.name in op else None))
     for t in ctx.types:
@@ -137,10 +153,13 @@ def run(ctx: Context) -> list[Cell]:
                                   target=ctx.is_target(backend, route)))
                 continue
             signs = (om["factor"]["s1"], om["factor"]["s2"]) if om["factor"]["is_signed_wht"] else None
+            # a half-precision op's matrix carries fp16 rounding; the exact signed WHT of its signs is the reference
+            R = signed_wht_matrix(*signs) if signs is not None and backend in op and _half_op(ctx, backend) else om["R"]
             cells += guarded(ctx, ID, t, backend, route,
-                             lambda backend=backend, route=route, t=t, om=om, signs=signs:
-                             _quant_cells(ctx, backend, route, t, om["R"], signs))
+                             lambda backend=backend, route=route, t=t, R=R, signs=signs:
+                             _quant_cells(ctx, backend, route, t, R, signs))
     return cells
 
 
-CHECK = Check(ID, TITLE, run, order=10, rules="PQ1", catches={"dense_rotation": ("FAIL",), "quantizer_signs": ("FAIL",)})
+CHECK = Check(ID, TITLE, run, order=10, rules="PQ1", catches={"dense_rotation": ("FAIL",), "quantizer_signs": ("FAIL",),
+                                                             "zero_indices": ("FAIL",)})

@@ -31,6 +31,11 @@ def _table_cells(ctx: Context, t: str, notes: list[str]) -> list[Cell]:
             tables[(b.name, r)] = centroid_table(ctx, b.name, r, t)
             return []
         cells += guarded(ctx, ID, t, b.name, "decode", one)
+        for r2 in ctx.target.routes(b.name).readers:  # further reads of the same bytes (metal-src:dequant_t4)
+            def more(b=b, r2=r2):
+                tables[(b.name, r2)] = centroid_table(ctx, b.name, r2, t)
+                return []
+            cells += guarded(ctx, ID, t, b.name, r2, more)
     exact = [k for k in tables if k[1] not in LOSSY_DECODE]
     ref_key = next((k for k in exact if k[0] == ctx.target_backend), next(iter(exact or tables), None))
     if ref_key is None:
@@ -93,7 +98,8 @@ def _rule_cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
     c1 = ctx.cell(ID, t, backend, route, "threshold_abs_err_vs_midpoint", thr_err, tol_t,
                   Verdict.PASS if ok_t else Verdict.FAIL,
                   caveat="" if ok_t else f"decision thresholds off the centroid midpoints by up to {thr_err:.3g}"
-                  + (f" ({missing} not found within ±2e-3)" if missing else ""), evidence=ev, details=details)
+                  + (f" ({missing} not found within ±2e-3)" if missing else ""), evidence=ev,
+                  details={**details, "rule": {"limit": tol_t + res}})  # judged at tol + resolution
     raw = Verdict.PASS if ratio <= tol_r else Verdict.PARTIAL
     cav = "" if raw == Verdict.PASS else (
         f"distortion {ratio:.3f}x the Lloyd-Max optimum; outer centroid {table[-1] * sig:.3f} sigma "

@@ -22,8 +22,9 @@ def _traits_cell(ctx: Context, t: str) -> list[Cell]:
     info = ctx.target.type_info(t)
     be = ctx.target_backend
     if info is None:
-        return [ctx.cell(ID, t, be, "traits", "-", None, None, Verdict.FAIL,
-                         caveat=f"the build has no type named {t}")]
+        return [ctx.cell(ID, t, be, "traits", "type_present", 0, 1, Verdict.FAIL, op=">=",
+                         caveat=f"the build has no type named {t} (measured: its type traits are absent; nothing crashed)",
+                         details={"cause": "missing_type"})]
     layouts = ctx.target.layouts()
     if t in layouts.unknown:
         # the finding: the build's blocks match no layout the reference knows, so every check that
@@ -45,9 +46,10 @@ def _traits_cell(ctx: Context, t: str) -> list[Cell]:
                                           "bits_per_value": 8.0 * info["type_size"] / info["block_size"]})]
 
 
-def _decode_cells(ctx: Context, t: str, backend: str) -> list[Cell]:
+def _decode_cells(ctx: Context, t: str, backend: str, route: str | None = None) -> list[Cell]:
+    """Reference packing decoded on a backend's first working decode route (or the given further reader)."""
     f = T.fmt(t)
-    route = decode_route(ctx, backend, t)
+    route = route or decode_route(ctx, backend, t)
     table = precise_table(ctx, t, backend)
     rng = ctx.rng(f"pq4-{t}")
     n = 64
@@ -98,6 +100,8 @@ def run(ctx: Context) -> list[Cell]:
         cells += guarded(ctx, ID, t, ctx.target_backend, "traits", lambda t=t: _traits_cell(ctx, t))
         for b in ctx.backends():
             cells += guarded(ctx, ID, t, b.name, "decode", lambda t=t, b=b: _decode_cells(ctx, t, b.name))
+            for r in ctx.target.routes(b.name).readers:  # further reads of the same bytes (metal-src:dequant_t4)
+                cells += guarded(ctx, ID, t, b.name, r, lambda t=t, b=b, r=r: _decode_cells(ctx, t, b.name, r))
         for backend, route in quant_paths(ctx):
             cells += guarded(ctx, ID, t, backend, route, lambda t=t, b=backend, r=route: _quant_cells(ctx, t, b, r))
     return cells

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.checks.contract import Check
+from harness.checks.contract import Check, Outcome
 from harness.checks.common import Context, guarded, op_matrices, precise_table, quantizer_rotation
 from harness.errors import ProbeCrash, Unsupported
 from harness.reference import turbo as T
@@ -157,12 +157,17 @@ def _case(ctx: Context, backend: str, c: dict) -> list[Cell]:
     return cells
 
 
-def run(ctx: Context) -> list[Cell]:
+def run(ctx: Context) -> Outcome:
     """PQ6 cells per backend x case (+ ablation cells)."""
-    cells: list[Cell] = []
+    cells = Outcome()
     for b in ctx.backends():
+        r = ctx.target.routes(b.name)
+        if not r.attention:  # e.g. metal-src: device code run on the host has no flash attention
+            cells.notes.append(f"{b.name}: flash attention not examined: {r.attention_note or 'the backend has none'}")
+            continue
         for c in cases(ctx.types):
-            got = guarded(ctx, ID, f"{c['tk']}/{c['tv']}", b.name, "flash_attn", lambda b=b, c=c: _case(ctx, b.name, c))
+            got = guarded(ctx, ID, f"{c['tk']}/{c['tv']}", b.name, "flash_attn", lambda b=b, c=c: _case(ctx, b.name, c),
+                          case=f"{label(c)} on {b.name}")
             for cell in got:
                 if cell.path == f"{b.name}:flash_attn":
                     cell.path = f"{b.name}:flash_attn[{label(c)}]"

@@ -390,7 +390,7 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
         why = "; ".join(reasons) or f"no pair with a rule ({', '.join(ruled)}) or a turbo speed rule was measured"
         cr.notes.insert(0, f"nothing judged: {why}")
         cr.cells.append(Cell("SWEEP", "all", f"{backend}:sweep", "pairs_judged", 0.0, 1.0, Verdict.SKIP, op=">=",
-                             caveat=f"nothing judged: {why}"))
+                             caveat=f"nothing judged: {why}", details={"rule": {"breach": "SKIP"}}))  # nothing judged
     section["notes"] = list(cr.notes)
     return cr, section
 
@@ -447,7 +447,8 @@ def vs_q4_0_cells(rows: list[dict], rules: dict, backend: str, model: str) -> li
             out.append(Cell("SWEEP", t["pair"], f"{backend}:perplexity", f"kld_vs_{base_lab}", d, 0.0, vd, caveat=cav,
                             details={"kld": t["kld"], "kld_se": t.get("kld_se"), "base_kld": b["kld"],
                                      "base_kld_se": b.get("kld_se"), "bits": bits_t, "base_bits": bits_b,
-                                     "ppl_diff_pct": dppl, "d_kld_se": se, "reason": r.get("baselines_reason", "")}))
+                                     "ppl_diff_pct": dppl, "d_kld_se": se, "reason": r.get("baselines_reason", ""),
+                                     "rule": {"limit": k_sig * se, "breach": "PARTIAL"}}))
     return out
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 from harness.errors import HarnessError
 from harness.fork import backends
 from harness.fork.provenance import (BUILD_META, build_identity, check_provenance, git_state, has_turbo_types,  # noqa: F401
-                                     head_commit, provenance_mismatch, read_build_meta, require_turbo, source_label)
+                                     head_commit, provenance_mismatch, public_url, read_build_meta, require_turbo,
+                                     source_label)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FORK = REPO_ROOT / "vendor" / "llama.cpp"

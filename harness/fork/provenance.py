@@ -36,7 +36,9 @@ def git_state(fork: Path) -> dict:
     Returns:
         {'commit': full hash ('unknown' when not a git tree and no .fork-commit file), 'describe': str,
         'dirty': bool, or None when unknown (a copy without .git), 'diff_sha256': SHA-256 of
-        ``git diff HEAD --binary`` (tracked changes) when dirty, else None}.
+        ``git diff HEAD --binary`` (tracked changes) when dirty, else None, 'branch': the checked-out branch
+        (None when detached or unknown), 'remote': origin's URL without credentials (None when unknown)}.
+        A copy without .git has no 'branch'/'remote' keys.
     """
     def g(*args):
         r = subprocess.run(["git", "-C", str(fork), *args], capture_output=True, text=True)
@@ -52,7 +54,17 @@ def git_state(fork: Path) -> dict:
     if dirty:
         r = subprocess.run(["git", "-C", str(fork), "diff", "HEAD", "--binary"], capture_output=True)
         diff = hashlib.sha256(r.stdout).hexdigest() if r.returncode == 0 else None
-    return {"commit": commit, "describe": g("log", "-1", "--format=%h %s") or "", "dirty": dirty, "diff_sha256": diff}
+    return {"commit": commit, "describe": g("log", "-1", "--format=%h %s") or "", "dirty": dirty, "diff_sha256": diff,
+            "branch": g("branch", "--show-current") or None if commit != "unknown" else None,
+            "remote": public_url(g("config", "--get", "remote.origin.url")) if commit != "unknown" else None}
+
+
+def public_url(url: str) -> str | None:
+    """A remote URL as a report may name it: any user name or token before '@' in an http(s) URL removed;
+    None for ''."""
+    if not url:
+        return None
+    return re.sub(r"^(https?://)[^/@]*@", r"\1", url.strip())
 
 
 def _known(commit) -> bool:

@@ -49,7 +49,33 @@ def parse_endpoints(value: str | None, option: str = "--rpc") -> list[str]:
         if not m:
             raise HarnessError(f"{option} {e!r} is not HOST:PORT: give the address of an rpc-server, e.g. "
                                f"{option} 127.0.0.1:50052 (an SSH tunnel's local end)")
-    return list(dict.fromkeys(eps))
+    eps = list(dict.fromkeys(eps))
+    same = _same_server(eps)
+    if same:
+        raise HarnessError(f"{option} {same[0]} and {same[1]} are the same rpc-server (both resolve to {same[2]}): its "
+                           f"devices would be compared with themselves; give each server once")
+    return eps
+
+
+def _same_server(eps: list[str]) -> tuple[str, str, str] | None:
+    """Two endpoints that name one server (same port, host names resolving to a common IPv4 address), as
+    (first, second, 'ADDRESS:PORT'); None when all differ. A name that does not resolve is left to the
+    reachability check."""
+    import socket
+    seen: dict[str, str] = {}
+    for e in eps:
+        host, port = e.rsplit(":", 1)
+        try:
+            addrs = {ai[4][0] for ai in socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)}
+        except (OSError, UnicodeError):
+            addrs = {host}
+        for a in sorted(addrs):
+            key = f"{a}:{int(port)}"
+            if key in seen and seen[key] != e:
+                return seen[key], e, key
+        for a in addrs:
+            seen.setdefault(f"{a}:{int(port)}", e)
+    return None
 
 
 def host_of(endpoint: str) -> str:

@@ -8,10 +8,13 @@ printed folder.
 """
 from __future__ import annotations
 
+import lzma
+import os
 import re
 import shutil
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -60,23 +63,69 @@ def unpack(snapshot: str | Path, dest: str | Path, sha256: str | None = None) ->
     stamp = dest / STAMP
     if stamp.is_file() and stamp.read_text().split()[:1] == [want]:
         return _tree(dest)
+    _refuse_foreign(dest)  # before the (slow) hash: a folder the harness did not make is never touched
     from harness.runners.inputs import sha256_file
     got = sha256_file(snapshot)
     if got != want:
         raise HarnessError(f"fork snapshot {snapshot} has SHA-256 {got}, expected {want}: the file is corrupt or "
                            f"not the one the README names; copy it again")
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    with tarfile.open(snapshot, "r:xz") as tf:
-        members = tf.getmembers()
-        bad = [m.name for m in members if m.name.startswith("/") or ".." in Path(m.name).parts]
-        if bad:
-            raise HarnessError(f"fork snapshot {snapshot} holds unsafe paths ({bad[0]}): refusing to unpack it")
-        tf.extractall(dest, filter="data") if hasattr(tarfile, "data_filter") else tf.extractall(dest)
-    tree = _tree(dest)
-    stamp.write_text(f"{want} {snapshot.name}\n")
-    return tree
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.unpacking-", dir=dest.parent))
+    except OSError as e:
+        raise HarnessError(f"--dest {dest}: cannot create a folder beside it ({e.strerror}): give a writable --dest") from None
+    try:
+        _extract(snapshot, tmp)
+        _tree(tmp)
+        (tmp / STAMP).write_text(f"{want} {snapshot.name}\n")
+        _replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _tree(dest)
+
+
+def _refuse_foreign(dest: Path) -> None:
+    """Raise HarnessError when ``dest`` is a file or a non-empty folder that unpack-fork did not make (no stamp)."""
+    if dest.exists() and not dest.is_dir():
+        raise HarnessError(f"--dest {dest} is a file: give a folder to unpack into")
+    if dest.is_dir() and not (dest / STAMP).is_file() and any(dest.iterdir()):
+        raise HarnessError(f"--dest {dest} is a folder unpack-fork did not make (no {STAMP} in it) and is not empty: "
+                           f"it is left as it is; give a new or empty folder")
+
+
+def _extract(snapshot: Path, into: Path) -> None:
+    """Unpack the .tar.xz into the folder ``into``; every read error of the archive is one-line HarnessError."""
+    try:
+        with tarfile.open(snapshot, "r:xz") as tf:
+            members = tf.getmembers()
+            bad = [m.name for m in members if m.name.startswith("/") or ".." in Path(m.name).parts]
+            if bad:
+                raise HarnessError(f"fork snapshot {snapshot} holds unsafe paths ({bad[0]}): refusing to unpack it")
+            tf.extractall(into, filter="data") if hasattr(tarfile, "data_filter") else tf.extractall(into)
+    except (tarfile.TarError, lzma.LZMAError, EOFError) as e:
+        what = "truncated" if isinstance(e, EOFError) else f"not a readable .tar.xz ({type(e).__name__}: {e})"
+        raise HarnessError(f"fork snapshot {snapshot} is {what}: nothing was unpacked; copy the file again") from None
+    except OSError as e:
+        raise HarnessError(f"unpacking {snapshot} failed ({e.strerror or e}): nothing was changed at the destination; "
+                           f"free space or give another --dest") from None
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    """Move the finished unpack ``tmp`` to ``dest``; an earlier unpack there (stamped) or an empty folder goes."""
+    _refuse_foreign(dest)
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}") if dest.is_dir() else None
+    try:
+        if old is not None:
+            dest.rename(old)
+        tmp.rename(dest)
+    except OSError as e:
+        if old is not None and old.exists() and not dest.exists():
+            old.rename(dest)  # the earlier unpack goes back where it was
+        raise HarnessError(f"moving the new unpack to --dest {dest} failed ({e.strerror or e}): the earlier content "
+                           f"is left as it was; free space or give another --dest") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _tree(dest: Path) -> Path:

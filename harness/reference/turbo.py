@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from harness.errors import Unsupported
+from harness.turbo_types import TURBO_TYPES
 
 GROUP = 128  # rotation group size; one block per group for all three turbo types
 
@@ -74,9 +75,8 @@ def _layout(name: str, block: int) -> TurboFormat:
 # Layouts the harness knows, by (type, values per block). The norm of a group is stored in every block.
 KNOWN_LAYOUTS = {(n, b): _layout(n, b) for n, b in (("turbo2", 128), ("turbo3", 128), ("turbo4", 128),
                                                     ("turbo2", 32), ("turbo3", 32))}
-DEFAULT_FORMATS: dict[str, TurboFormat] = {n: KNOWN_LAYOUTS[(n, 128)] for n in ("turbo2", "turbo3", "turbo4")}
+DEFAULT_FORMATS: dict[str, TurboFormat] = {n: KNOWN_LAYOUTS[(n, 128)] for n in TURBO_TYPES}
 FORMATS = DEFAULT_FORMATS  # the specification's layouts (read-only; a target's own are in its Layouts)
-TURBO_TYPES = tuple(DEFAULT_FORMATS)
 
 
 class UnknownLayout(Unsupported):

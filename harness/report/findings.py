@@ -59,6 +59,7 @@ class Finding:
     reason: str = ""         # the known-findings entry's reason
     accepted: float | None = None
     error: str = ""          # a check-level error (no cell)
+    root: int = 0            # the root cause (1-based, harness.report.rootcause) it follows from; 0 for none
 
     @property
     def paths(self) -> list[str]:
@@ -95,11 +96,21 @@ class Finding:
             acc = f" accepted at {fmt(self.accepted)}" if self.accepted is not None else ""
             text += (f" Expected (known finding{acc}: {self.reason})." if self.known == "xfail"
                      else f" Worse than the known finding{acc} ({self.reason}): a regression.")
-        if w is not None and w.value is None and self.verdict == Verdict.FAIL:
-            mean = load_meanings().get("CRASH", {}).get("default", "")  # a fork failure left nothing to judge
+        cause = w.details.get("cause") if w is not None and isinstance(w.details, dict) else None
+        if cause and load_meanings().get("CAUSE", {}).get(cause):
+            mean = load_meanings()["CAUSE"][cause]  # what the evidence shows directly (e.g. all-zero indices)
+        elif w is not None and w.value is None and self.verdict == Verdict.FAIL and _crashed(w):
+            mean = load_meanings().get("CRASH", {}).get("default", "")  # a fork crash left nothing to judge
         else:
             mean = meaning(self.check, self.metric, self.verdict)
-        return text + (f" Means: {mean}" if mean else "")
+        text += f" Means: {mean}" if mean else ""
+        return text + (f" Follows from root cause {self.root} above." if self.root else "")
+
+
+def _crashed(cell: Cell) -> bool:
+    """Whether the cell's own note says the fork crashed or failed (only then is the crash meaning shown)."""
+    c = (cell.caveat or "").lower()
+    return any(w in c for w in ("crash", "fork failure", "signal", "aborted"))
 
 
 def findings(run: Run) -> list[Finding]:
@@ -120,8 +131,18 @@ def findings(run: Run) -> list[Finding]:
                                         reason=kn.get("reason", ""), accepted=kn.get("accepted"))
             f.cells.append(x)
         out += groups.values()
+    from harness.report.rootcause import root_causes
+    roots = root_causes(run)
+    for f in out:
+        f.root = next((i for i, r in enumerate(roots, 1) for x in f.cells if r.covers(f.check, x)), 0)
     order = {"FAIL": 0, "ERROR": 0, "GROWN": 0, "PARTIAL": 1, "XFAIL": 2}
     return sorted(out, key=lambda f: order.get(f.label, 1))
+
+
+def root_lines(run: Run) -> list[str]:
+    """'ROOT 1  <sentence>' per root cause several findings share (harness.report.rootcause), in order."""
+    from harness.report.rootcause import root_causes
+    return [f"ROOT {i}  {r.text}" for i, r in enumerate(root_causes(run), 1) if r.text]
 
 
 def verdict_line(run: Run) -> str:
@@ -144,13 +165,16 @@ def verdict_line(run: Run) -> str:
     known = run.sections.get("known")
     if isinstance(known, dict) and known.get("gate"):
         text += f"; known-findings gate {known['gate']}"
+    exam = next((tb for c in run.checks for tb in c.tables if tb.id == "examination" and tb.caption), None)
+    if exam is not None:  # which backends ran and which were only read (spec "Every backend, and how it was examined")
+        text += f" [{exam.caption[0]}]"
     return text
 
 
 def headline(run: Run) -> list[str]:
     """The lines every report and the console start with: the verdict, one line per finding, and
     the known-findings entries that no longer occur (XPASS) or were not checked."""
-    lines = [verdict_line(run)] + [f.line() for f in findings(run)]
+    lines = [verdict_line(run)] + root_lines(run) + [f.line() for f in findings(run)]
     known = run.sections.get("known")
     if isinstance(known, dict):
         for e in known.get("entries", []):

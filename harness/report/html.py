@@ -225,7 +225,8 @@ def write_html(run: Run, run_dir: Path) -> Path:
         i = run.interrupted
         parts.append(f"<p><b>INTERRUPTED</b> by {html.escape(str(i.get('signal')))} (exit code {i.get('exit_code')}): "
                      f"partial report; not run: {html.escape(', '.join(i.get('not_run') or []) or 'none')}</p>")
-    items = [(f.label, f.line()[len(f.label):].strip()) for f in findings(run)]
+    items = [("ROOT", ln[4:].strip()) for ln in headline(run) if ln.startswith("ROOT ")]  # root causes first
+    items += [(f.label, f.line()[len(f.label):].strip()) for f in findings(run)]
     items += [("XPASS", ln[5:].strip()) for ln in headline(run) if ln.startswith("XPASS")]
     if items:
         parts.append("<ul class=findings>" + "".join(f"<li>{_badge(lab)} {html.escape(text)}</li>" for lab, text in items)

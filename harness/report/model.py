@@ -155,6 +155,7 @@ class CheckResult:
     duration_s: float = 0.0
     error: str = ""
     tables: list[Table] = field(default_factory=list)
+    not_applicable: str = ""  # why the check could not apply to this target (e.g. no fork source): SKIP, not aggregated
 
     @property
     def verdict(self) -> Verdict:
@@ -174,6 +175,7 @@ class CheckResult:
             "notes": self.notes,
             "cells": [c.to_dict() for c in self.cells],
             "tables": [t.to_dict() for t in self.tables],
+            **({"not_applicable": self.not_applicable} if self.not_applicable else {}),
         }
 
 
@@ -195,7 +197,10 @@ class Run:
 
     @property
     def verdict(self) -> Verdict:
-        return worst(c.verdict for c in self.checks)
+        """Worst verdict of the checks that applied to the target (a check that could not apply, e.g. the source
+        audit of a target with no fork source, is shown as SKIP with its reason but judges nothing). A check marked
+        not applicable that holds anything worse than SKIP (a report edited to hide it) counts like any other."""
+        return worst(c.verdict for c in self.checks if not (c.not_applicable and c.verdict == Verdict.SKIP))
 
     @property
     def headline(self) -> str:
@@ -240,14 +245,30 @@ class Run:
         for cd in d.get("checks", []):
             cr = CheckResult(id=cd["id"], title=cd["title"], notes=cd.get("notes", []),
                              duration_s=cd.get("duration_s", 0.0), error=cd.get("error", ""),
-                             tables=[Table.from_dict(t) for t in cd.get("tables", [])])
-            for c in cd.get("cells", []):
+                             not_applicable=cd.get("not_applicable", ""), tables=[Table.from_dict(t) for t in cd.get("tables", [])])
+            for i, c in enumerate(cd.get("cells", [])):
                 c = dict(c)
                 c.pop("margin", None)
+                _check_cell(c, f"cell {i + 1} of check {cr.id}")
                 c["verdict"] = Verdict(c["verdict"])
                 cr.cells.append(Cell(**c))
             run.checks.append(cr)
         return run
+
+
+_NUM = (int, float)
+_CELL_FIELDS = {"check": (str,), "type": (str,), "path": (str,), "metric": (str,), "value": _NUM + (type(None),),
+                "threshold": _NUM + (type(None),), "op": (str,), "caveat": (str,), "target": (bool,),
+                "evidence": (list,), "details": (dict,), "known": (dict,)}
+
+
+def _check_cell(c: dict, where: str) -> None:
+    """Raise ValueError naming the field when a stored cell's field has the wrong JSON type (an edited or damaged
+    run.json): every reader relies on these types (numbers for value/threshold, an object for details)."""
+    for k, types in _CELL_FIELDS.items():
+        if k in c and not isinstance(c[k], types):
+            raise ValueError(f"{where}: field '{k}' is {type(c[k]).__name__}, not "
+                             f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}")
 
 
 def _cell_types(cell: Cell) -> set[str]:

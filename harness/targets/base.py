@@ -17,14 +17,43 @@ import numpy as np
 from harness.errors import HarnessError
 
 
+# How a backend's cells were examined (spec "Every backend, and how it was examined"): the mode travels on the
+# backend (:attr:`Backend.mode`) and every renderer shows its label.
+MODES = {
+    "executed": "executed",
+    "software": "executed on a software device",
+    "source": "source on the host",
+    "audited": "audited from source",
+    "none": "not examined",
+}
+
+
 @dataclass(frozen=True)
 class Backend:
-    """One compute backend of a target: short name ('cpu', 'cuda', 'metal', ...), device, kind."""
+    """One compute backend of a target: short name ('cpu', 'cuda', 'metal', ...), device, kind.
+
+    ``mode`` says how its cells examine it (a key of :data:`MODES`: 'executed' for the fork's kernels on that
+    backend's device, 'software' for a conformant software driver, 'source' for the backend's device code compiled
+    for the host); ``of`` names the backend family it stands for when its name is not one ('metal-src' -> 'metal').
+    """
 
     name: str
     device: str
-    kind: str  # 'cpu' | 'gpu' | 'igpu'
+    kind: str  # 'cpu' | 'gpu' | 'igpu' | 'src' (device code run on the host)
     description: str = ""
+    mode: str = "executed"
+    of: str = ""
+
+    @property
+    def family(self) -> str:
+        """The backend-table name this backend examines ('metal' for 'metal-src')."""
+        return self.of or self.name
+
+    @property
+    def mode_label(self) -> str:
+        """The coverage word for :attr:`mode` ('source on the host'), with the device where it ran."""
+        label = MODES.get(self.mode, self.mode)
+        return f"{label} ({self.device})" if self.mode in ("executed", "software") and self.device else label
 
     @property
     def is_gpu(self) -> bool:
@@ -37,8 +66,12 @@ class Routes:
 
     quantize: list[str] = field(default_factory=lambda: ["set_rows"])
     decode: list[str] = field(default_factory=list)
+    readers: list[str] = field(default_factory=list)  # further decode routes judged beside the first that works
     wht: bool = True
     attention: bool = True
+    attention_note: str = ""  # why attention is not examined on this backend (attention False)
+    wht_groups: tuple = (128, 64)  # group sizes its rotation op takes
+    wht_precision: str = "f32"  # 'f16': the rotation op computes in half precision (PQ1 judges it with max_abs_err_half)
 
 
 class Target:
@@ -92,6 +125,11 @@ class Target:
         a check's): :func:`harness.runners.backend_ops.run`'s dict ({'results', 'returncode', 'note', 'command'}),
         its console output written to ``log_path`` when given; None when this target has no such tool."""
         return None
+
+    def source_dir(self):
+        """The fork checkout this target was built from (its sources are read by the AUDIT check), or None (a
+        NumPy target has none unless a test gives it one as ``fork``)."""
+        return getattr(self, "fork", None)
 
     runs_models = False  # whether this target can run a model through the fork's llama library (KVREAL, MODEL)
 

@@ -81,6 +81,7 @@ class ForkTarget(Target):
         self.name = f"fork:{self.build_dir.name}"
         self._devices = devices
         self._backends: list[Backend] | None = None
+        self.host: dict = {}  # backends whose device code runs on the host: {name: routes object}
         self._types: dict[str, dict | None] = {}
         with self._rpc_first_contact():  # the worker's first call connects to every --rpc server
             self.layout_notes = self.layouts().notes
@@ -95,8 +96,26 @@ class ForkTarget(Target):
                     raise HarnessError(f"--rpc {ep}: {msg}: start the fork's rpc-server there (README 'Remote devices') "
                                        f"or fix the address")
             self._backends = select_backends(devices)
+            self._add_host_backends()
             self._rpc_devices = {b.name: b.description for b in self._backends if R.is_rpc_backend(b.name)}
         return self._backends
+
+    def _is_host(self, backend: str) -> bool:
+        """Whether a backend's code runs on the host (metal-src), not through the probe."""
+        host = self.__dict__.setdefault("host", {})  # (a target made without __init__, as in tests, has none)
+        if self.__dict__.get("_backends") is None and backend not in host:
+            self.backends()
+        return backend in host
+
+    def _add_host_backends(self) -> None:
+        """metal-src (:mod:`harness.targets.metal_src`) when the fork ships Metal source, no local Metal device is in
+        the build and no remote device was asked for (``--rpc``: a Mac behind it is the real witness, and takes
+        precedence)."""
+        from harness.targets.metal_src import MetalSrcRoutes
+        if MetalSrcRoutes.available(self.fork) and not self.rpc and not any(b.name == "metal" for b in self._backends):
+            r = MetalSrcRoutes(self.fork)
+            self.host[r.name] = r
+            self._backends.append(r.backend())
 
     # ------------------------------------------------------------------ remote devices
 
@@ -230,6 +249,8 @@ class ForkTarget(Target):
         backends: a decode op if the backend has one, else flash attention over one KV row per head); a backend the
         table does not know gets the routes of its kind."""
         b = next(b for b in self.backends() if b.name == backend)
+        if self._is_host(backend):
+            return self.host[backend].routes()
         spec = backends.find(b.name) or backends.find("cpu" if b.kind == "cpu" else "cuda")
         return Routes(quantize=list(spec.quantize), decode=list(spec.decode))
 
@@ -240,6 +261,8 @@ class ForkTarget(Target):
 
     def quantize(self, backend, route, type_name, x):
         x = np.ascontiguousarray(x, np.float32)
+        if self._is_host(backend):
+            return self.host[backend].quantize(route, type_name, x)
         if route == "quantize_chunk":
             return self.probe.quantize_chunk(type_name, x)
         if route == "set_rows":
@@ -247,6 +270,8 @@ class ForkTarget(Target):
         raise Unsupported(f"unknown quantize route {route!r}")
 
     def decode(self, backend, route, type_name, raw, nrows, ncols):
+        if self._is_host(backend):
+            return self.host[backend].decode(route, type_name, raw, nrows, ncols)
         if route == "to_float":
             return self.probe.to_float(type_name, raw, nrows * ncols).reshape(nrows, ncols)
         if route in ("get_rows", "cpy"):
@@ -268,11 +293,15 @@ class ForkTarget(Target):
         return out.reshape(nrows, ncols)
 
     def wht(self, backend, x, direction, group=128):
+        if self._is_host(backend):
+            return self.host[backend].wht(np.ascontiguousarray(x, np.float32), direction, group)
         return self._remote(backend, "turbo_wht", lambda: self.probe.turbo_wht(
             self.device(backend), np.ascontiguousarray(x, np.float32), direction, group))
 
     def flash_attn(self, backend, tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv, scale,
                    rotate_q, inverse_out, group=128, prec_f32=True):
+        if self._is_host(backend):
+            return self.host[backend].flash_attn()
         return self._remote(backend, f"flash_attn {tk}/{tv}", lambda: self.probe.flash_attn(
             self.device(backend), tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv,
             float(scale), bool(rotate_q), bool(inverse_out), group, bool(prec_f32)))
@@ -308,6 +337,7 @@ class ForkTarget(Target):
                 "layout_notes": self.layout_notes,
                 "wht_op_args": self.probe.wht_args(),
                 "backends": [b.__dict__ for b in self.backends()],
+                **({"host_backends": {n: r.describe() for n, r in self.host.items()}} if self.host else {}),
                 **({"rpc": self.describe_rpc()} if self.rpc else {})}
 
     def describe_rpc(self) -> dict:

@@ -16,6 +16,7 @@ Faults (names accepted in ``faults``):
     skip_q_rotation     attention ignores the request to rotate Q
     reserved_nonzero    turbo4's reserved field is written non-zero
     crash_attention     flash attention raises ProbeCrash (a backend that aborts)
+    zero_indices        the quantiser stores index 0 for every value (a fork's CPU turbo2/turbo3 quantisers did)
     decode_unrotated    decode returns the original domain (R^T applied), as turbo4's CPU decode did before fe2ead96
     thresholds_shift_1e-6  every decision threshold moved 1e-6 away from zero (each still within 1e-6 of its
                         midpoint), as CUDA's turbo4 constants (±0.145561/±0.013964) differ from CPU's
@@ -37,7 +38,7 @@ from harness.targets.base import Backend, Routes, Target
 
 KNOWN_FAULTS = {"dense_rotation", "quantizer_signs", "uncorrected_norm", "perturbed_centroids", "thresholds_off",
                 "swapped_packing", "nan_zero_rows", "no_output_inverse", "skip_q_rotation", "reserved_nonzero",
-                "crash_attention", "decode_unrotated", "thresholds_shift_1e-6", "boundary_ties"}
+                "crash_attention", "decode_unrotated", "thresholds_shift_1e-6", "boundary_ties", "zero_indices"}
 TIE_BAND = 1e-7  # the 'boundary_ties' fault's band around each threshold
 
 
@@ -103,6 +104,8 @@ class _Impl:
         zero = np.linalg.norm(groups.astype(np.float64), axis=1) == 0
         if "nan_zero_rows" in self.faults:
             stored = np.where(zero, np.nan, stored)
+        if "zero_indices" in self.faults:  # a quantiser that writes no indices (a fork's CPU turbo2/turbo3 did)
+            idx = np.zeros_like(idx)
         if "swapped_packing" in self.faults:
             idx = self._reorder(type_name, idx)
         reserved = np.full(len(idx), 0x3C00, np.uint16) if "reserved_nonzero" in self.faults else None
