@@ -1,9 +1,8 @@
 """Finding a fork checkout, building it with CMake (only what a command needs), and recording what was built.
 
 Build folders live under ``build/`` of the harness checkout (or ``$TURBO_BUILD_ROOT``). The first fork built for a
-backend gets ``build/<backend>``; a build of another source (another checkout folder, or the same folder at another
-commit) gets ``build/<backend>-<commit12>-<path hash>`` (:func:`build_dir`), so a second fork never rebuilds the
-first and switching back reuses it. Each folder holds ``turbo-harness-build.json`` with the fork commit, dirty
+backend gets ``build/<backend>``; another checkout gets ``build/<backend>-<folder name>-<path hash>``
+(:func:`build_dir`), so a second fork never rebuilds the first and switching back reuses it. Each folder holds ``turbo-harness-build.json`` with the fork commit, dirty
 state, CMake options and compiler (:mod:`harness.fork.provenance`).
 
 What is built: ``verify`` needs ggml, ``test-backend-ops`` and the probe (:data:`CORE_TARGETS`); the llama tools
@@ -87,29 +86,31 @@ def build_root() -> Path:
     return Path(os.environ.get("TURBO_BUILD_ROOT") or (REPO_ROOT / "build"))
 
 
-def source_key(fork: Path, commit: str | None = None) -> str:
-    """'69d8e4be4712-3fa2c1': the checkout's commit (12 hex; 'unknown') and a hash of its resolved folder: names
-    the build folder of a source that is not the backend's first (:func:`build_dir`)."""
+def source_key(fork: Path) -> str:
+    """'llama.cpp-3fa2c1': the checkout folder's name and a hash of its resolved path: names the build folder of a
+    checkout that is not the backend's first (:func:`build_dir`)."""
     fork = Path(fork).resolve()
-    commit = commit or head_commit(fork)
-    return f"{str(commit)[:12]}-{hashlib.sha256(str(fork).encode()).hexdigest()[:6]}"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", fork.name)[:40] or "fork"
+    return f"{name}-{hashlib.sha256(str(fork).encode()).hexdigest()[:6]}"
 
 
-def _built_from(bdir: Path) -> tuple[str | None, str | None]:
-    """(source folder, commit) a build folder was configured from: its record, else its CMakeCache (a build that
-    has not finished yet has no record); (None, None) for an empty folder."""
+def _built_from(bdir: Path) -> str | None:
+    """The source folder a build folder was configured from: its record, else its CMakeCache (a build that has not
+    finished yet has no record); None for an empty folder."""
     meta = read_build_meta(bdir)
     if meta.get("fork_dir"):
-        return str(Path(meta["fork_dir"]).resolve()), meta.get("fork_commit")
+        return str(Path(meta["fork_dir"]).resolve())
     home = _read_cmake_cache(bdir).get("CMAKE_HOME_DIRECTORY")
-    return (str(Path(home).resolve()), None) if home else (None, None)
+    return str(Path(home).resolve()) if home else None
 
 
 def build_dir(backend: str, root: Path | None = None, fork: Path | None = None) -> Path:
     """The build folder of one backend for one fork checkout; not created here.
 
-    ``<root>/<backend>`` (the historical name) when it is empty or was built from this checkout folder at this commit
-    (a dirty checkout rebuilds there incrementally); else ``<root>/<backend>-<source_key>`` (:func:`source_key`).
+    ``<root>/<backend>`` (the historical name) when it is empty or was built from this checkout folder; else
+    ``<root>/<backend>-<source_key>`` (:func:`source_key`): a second fork (another checkout) never rebuilds the first,
+    while one checkout that moves to another commit or carries edits rebuilds its own folder incrementally (the build
+    records what it was built from; a command whose checkout differs from that record rebuilds or stops).
     Without ``fork`` the checkout is found as every command finds it (:mod:`harness.fork.locate`, without unpacking a
     snapshot); when there is none, ``<root>/<backend>``.
 
@@ -125,12 +126,10 @@ def build_dir(backend: str, root: Path | None = None, fork: Path | None = None) 
         except HarnessError:
             return legacy
     fork = Path(fork).resolve()
-    src, built_commit = _built_from(legacy)
-    commit = head_commit(fork)
-    if src is None or (src == str(fork) and (built_commit in (None, "unknown") or commit == "unknown"
-                                             or str(built_commit)[:12] == commit[:12])):
+    src = _built_from(legacy)
+    if src is None or src == str(fork):
         return legacy
-    return root / f"{backend}-{source_key(fork, commit)}"
+    return root / f"{backend}-{source_key(fork)}"
 
 
 def cmake_options(backend: str, extra: list[str] | None = None) -> list[str]:
