@@ -38,6 +38,22 @@ def pytest_runtest_makereport(item, call):
         rep.longrepr = f"fork test skipped although TURBO_REQUIRE_FORK=1: {rep.longrepr}"
 
 
+@pytest.fixture(autouse=True)
+def _keep_the_remembered_fork():
+    """`unpack-fork` remembers the folder it unpacked (.cache/fork-dir): a test that unpacks a toy snapshot must not
+    change which fork the later tests (and the user's next command) find. Restored after every test."""
+    from harness.fork.locate import memo_file
+    f = memo_file()
+    before = f.read_text() if f.is_file() else None
+    yield
+    after = f.read_text() if f.is_file() else None
+    if after != before:
+        if before is None:
+            f.unlink(missing_ok=True)
+        else:
+            f.write_text(before)
+
+
 @pytest.fixture(scope="session")
 def thresholds():
     return load_thresholds()
