@@ -16,6 +16,8 @@ def _out_dir(out: str | None, default: str) -> Path:
     p = Path(out) if out else REPORTS / default
     if p.exists() and not p.is_dir():
         raise HarnessError(f"--out {p} is a file: give a folder for the report")
+    if (p / "run.json").is_file():  # its junit.xml and reports are the run's own: never replaced by a comparison
+        raise HarnessError(f"--out {p} holds a run report (run.json): give another folder, e.g. {p / default.split('-')[0]}")
     usage.writable_dir(p, "--out")
     return p
 
@@ -69,7 +71,7 @@ def scorecard(run_dirs, out):
     dirs = [_run_dir(d, "RUN_DIR") for d in run_dirs]
     if not dirs:
         raise HarnessError("give one or more run folders (verify reports of the forks), e.g. reports/samples/cpu-verify")
-    sc = load_scorecard(dirs)
+    sc = load_scorecard(dirs, log=lambda line: click.echo(line, err=True))
     paths = write_scorecard(sc, _out_dir(out, "scorecard"))
     for r in sc.rows:
         click.echo(f"{r.verdict:<8} {r.fork}: {r.root}")

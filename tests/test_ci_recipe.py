@@ -85,6 +85,7 @@ class Runner:
     def __init__(self, ws: Path, artifacts: Path, env: dict, ref: str):
         self.ws, self.artifacts, self.env, self.ref = ws, artifacts, env, ref
         self.failed, self.log = False, []
+        self.download_error = False
 
     def expand(self, v: str) -> str:
         return (str(v).replace("${{ github.workspace }}", str(self.ws))
@@ -110,8 +111,11 @@ class Runner:
             return 0
         if name == "dawidd6/action-download-artifact":
             src = self.artifacts / w["name"]
-            if not src.is_dir():
-                return 1  # no artifact yet (if_no_artifact_found: warn, continue-on-error)
+            if self.download_error:  # the artifact API failed (not 'no artifact yet'): the action fails
+                return 1
+            if not src.is_dir():  # no artifact yet: the action warns and succeeds with if_no_artifact_found: warn
+                self.log.append(f"download {w['name']}: no artifact found (warning)")
+                return 0 if w.get("if_no_artifact_found") == "warn" else 1
             shutil.copytree(src, self.ws / w["path"], dirs_exist_ok=True)
             return 0
         raise AssertionError(f"step uses {name}, which this test cannot play")
@@ -203,3 +207,20 @@ def test_plain_shell_version_runs_all_steps(workspace):
     assert p.returncode == 1 and "WORSE" in p.stdout, p.stdout + p.stderr
     p = subprocess.run([script, "nonsense"], cwd=ws, env=env, capture_output=True, text=True)
     assert p.returncode == 2 and "unknown step" in p.stderr
+
+
+def test_a_failed_download_of_the_accepted_run_is_never_green(workspace):
+    """The download step had continue-on-error: a download that failed for any reason (not only 'no artifact yet',
+    which if_no_artifact_found: warn already covers) left reports/accepted empty, the diff step said 'nothing to
+    compare with' and passed, and the job went green and was accepted without comparing anything."""
+    ws, artifacts, env = workspace
+    wf = load_workflow()
+    args = dict(env, VERIFY_ARGS="--numpy-target= --checks PQ4 --type turbo3")
+    first = Runner(ws, artifacts, args, "refs/heads/main")
+    assert first.run(wf)["accept this run (main, green)"] == 0, "\n".join(first.log)
+    shutil.rmtree(ws / "reports")
+    second = Runner(ws, artifacts, args, "refs/heads/main")
+    second.download_error = True
+    codes = second.run(wf)
+    assert second.failed, (codes, "\n".join(second.log))
+    assert codes["accept this run (main, green)"] is None and codes["gate (known findings and diff)"] is None, codes

@@ -164,3 +164,66 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     assert code == 2 and "'BASE_RUN'" in out and "does not exist" in out and len(out.strip().splitlines()) == 1
     code, out = invoke("diff", str(SAMPLES / "sweep-cpu-smollm2"), str(SAMPLES / "cpu-verify"), "--out", str(tmp_path / "o"))
     assert code == 2 and "not the same kind of report" in out
+
+
+def test_two_cells_of_one_key_are_both_compared(tmp_path):
+    """AUDIT holds several cells of one (check, type, path, metric) (e.g. CPU's CENTROIDS_4BIT at two lines of
+    ggml-turbo-quant.c): a FAIL on the first of them must not be hidden behind the second, which still passes."""
+    base = sample()
+    audit = next(c for c in base["checks"] if c["id"] == "AUDIT")
+    key = ("turbo4", "cpu:source", "centroids_max_abs_diff_vs_target_source")
+    twins = [x for x in audit["cells"] if (x["type"], x["path"], x["metric"]) == key]
+    assert len(twins) >= 2 and all(x["verdict"] == "PASS" for x in twins)
+    new = copy.deepcopy(base)
+    first = next(x for c in new["checks"] if c["id"] == "AUDIT" for x in c["cells"]
+                 if (x["type"], x["path"], x["metric"]) == key)
+    first["value"], first["verdict"] = 0.01, "FAIL"
+    code, out = invoke("diff", str(write(tmp_path, "base", base)), str(write(tmp_path, "new", new)),
+                       "--out", str(tmp_path / "d"), "--fail-on", "worse")
+    assert code == 1, out
+    assert "WORSE" in out and "centroids_max_abs_diff_vs_target_source" in out
+
+
+def test_a_worse_verdict_under_a_changed_rule_still_fails_the_gate(tmp_path):
+    """A cell judged PASS in BASE and FAIL in NEW against another limit is listed as RULE CHANGED, but a CI gate on
+    'worse' must not let it through: the new run found a problem whatever limit found it."""
+    base = sample()
+    new = copy.deepcopy(base)
+    c = cell(new, *PQ5_T3)
+    assert cell(base, *PQ5_T3)["verdict"] == "PASS"
+    c["threshold"], c["verdict"] = c["value"] / 2, "FAIL"
+    bdir, ndir = write(tmp_path, "base", base), write(tmp_path, "new", new)
+    code, out = invoke("diff", str(bdir), str(ndir), "--out", str(tmp_path / "d"), "--fail-on", "worse")
+    assert code == 1, out
+    assert "RULE CHANGED" in out
+    # a rule loosened with the verdict unchanged or better is no failure
+    c["threshold"], c["verdict"] = c["value"] * 2, "PASS"
+    code, out = invoke("diff", str(bdir), str(write(tmp_path, "new2", new)), "--out", str(tmp_path / "d2"),
+                       "--fail-on", "worse")
+    assert code == 0, out
+
+
+def test_a_cell_whose_detail_table_is_data_is_still_matched(tmp_path):
+    """PQ2 cells carry their centroid values in details['table'] (a list); only a table's name (AUDIT: a string) is
+    part of a cell's identity, so new centroid values do not turn the cell into 'disappeared' + 'appeared'."""
+    base = sample()
+    new = copy.deepcopy(base)
+    c = next(x for ch in new["checks"] if ch["id"] == "PQ2" for x in ch["cells"] if isinstance(x["details"].get("table"), list))
+    c["details"]["table"] = [v * 1.0001 for v in c["details"]["table"]]
+    code, out = invoke("diff", str(write(tmp_path, "base", base)), str(write(tmp_path, "new", new)),
+                       "--out", str(tmp_path / "d"))
+    assert code == 0 and "no change" in out, out
+
+
+def test_out_into_a_run_folder_is_refused(tmp_path):
+    """diff writes junit.xml: given a run folder as --out (NEW's own), it replaced the run's junit.xml (the one CI
+    publishes for the verify run). A folder holding a run.json is refused, one line, exit 2, nothing changed."""
+    d = sample()
+    base, new = write(tmp_path, "base", d), write(tmp_path, "new", copy.deepcopy(d))
+    (new / "junit.xml").write_text("<testsuites name='the run'/>")
+    r = CliRunner().invoke(cli, ["diff", str(base), str(new), "--out", str(new)])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--out" in lines[0] and "run.json" in lines[0], r.stderr
+    assert (new / "junit.xml").read_text() == "<testsuites name='the run'/>"
+    assert not (new / "diff.json").exists()

@@ -189,3 +189,94 @@ def test_other_layouts_and_no_metal_give_findings_or_skips(tmp_path, make_ctx, m
         assert MetalSrcRoutes.available(root) == (m is not None)
         with pytest.raises(Unsupported):
             routes.quantize("set_rows", "turbo4", np.ones((1, 128), np.float32))
+
+
+@pytest.mark.fork
+def test_a_named_table_that_no_longer_reads_as_a_codebook_is_skip_not_dropped(fork_copy, make_ctx):
+    """CPU's dequantiser has its own CENTROIDS_4BIT (the second copy in ggml-turbo-quant.c). Two of its values
+    swapped: the table is no longer ascending, so it is not classified as centroids; it was dropped without a word and
+    the first copy (the quantiser's) made every cpu turbo4 centroid cell PASS. It must be a SKIP naming the table."""
+    bdir, root = fork_copy
+    p = root / "ggml/src/ggml-turbo-quant.c"
+    text = p.read_text()
+    starts = [m.start() for m in re.finditer(r"CENTROIDS_4BIT\s*\[16\]\s*=\s*\{", text)]
+    assert len(starts) >= 2
+    head, tail = text[:starts[1]], text[starts[1]:]
+    tail = tail.replace("0.117195f,  0.173926f", "0.173926f,  0.117195f", 1)
+    assert tail != text[starts[1]:]
+    p.write_text(head + tail)
+    t = _target(bdir, root)
+    try:
+        out = audit.run(make_ctx(t, types=["turbo4"]))
+        cpu = _cells(out, "cpu:source")
+        skips = [c for c in cpu if c.verdict == Verdict.SKIP and "CENTROIDS_4BIT" in c.caveat and c.type == "turbo4"]
+        assert skips, [(c.metric, c.verdict.value, c.caveat) for c in cpu]
+        assert "ggml-turbo-quant.c" in skips[0].caveat
+    finally:
+        t.close()
+
+
+@pytest.mark.fork
+def test_target_backend_with_no_table_found_is_skip(fork_copy, make_ctx):
+    """The target backend's own tables not found (here ggml-turbo-quant.c absent from the copy): AUDIT judged the
+    other backends against each other and said nothing of the target's; the target gets a SKIP per missing table."""
+    bdir, root = fork_copy
+    (root / "ggml/src/ggml-turbo-quant.c").unlink()
+    t = _target(bdir, root)
+    try:
+        out = audit.run(make_ctx(t, types=["turbo4"]))
+        cpu = [c for c in _cells(out, "cpu:source") if c.type == "turbo4"]
+        assert {c.verdict for c in cpu} == {Verdict.SKIP}, [(c.metric, c.verdict.value, c.caveat) for c in cpu]
+        assert any("centroids table found in cpu" in c.caveat for c in cpu)
+        assert all(c.target for c in cpu)
+    finally:
+        t.close()
+
+
+@pytest.mark.fork
+def test_every_sign_pair_of_a_file_is_audited(fork_copy, make_ctx):
+    """Vulkan's copy_to_quant.comp holds three (s1, s2) pairs, one per type (TS1/TS2, TS1_T2/TS2_T2, TS1_T4/TS2_T4).
+    Only the first pair of a file was compared: one sign flipped in TS1_T4 (Vulkan's turbo4 writer) gave no cell at
+    all. Every pair is judged; the flip is a finding naming TS1_T4."""
+    bdir, root = fork_copy
+    rel = "ggml/src/ggml-vulkan/vulkan-shaders/copy_to_quant.comp"
+    src = (fork_build_or_skip()[1] / rel).read_text()
+    m = re.search(r"TS1_T4\s*\[128\]\s*=\s*float\[128\]\(\s*(-?1)", src)
+    assert m, "TS1_T4 not in the fork's Vulkan copy_to_quant.comp"
+    flipped = src[:m.start(1)] + ("1" if m.group(1) == "-1" else "-1") + src[m.end(1):]
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(flipped)
+    t = _target(bdir, root)
+    try:
+        out = audit.run(make_ctx(t, types=["turbo4"]))
+        vk = _cells(out, "vulkan:source", "wht_sign_mismatches_vs_reference")
+        names = {c.details.get("table"): c for c in vk}
+        assert {"TS1", "TS1_T2", "TS1_T4"} <= set(names), sorted(names)
+        assert names["TS1_T4"].verdict in (Verdict.PARTIAL, Verdict.FAIL) and names["TS1_T4"].value == 1
+        assert names["TS1"].verdict == Verdict.PASS
+    finally:
+        t.close()
+
+
+def test_an_fp16_copy_with_no_f32_table_is_skip_not_a_note(make_ctx):
+    """A backend whose turbo3 codebook is only written in half precision (no f32 table of the type anywhere): the copy
+    cannot be compared with anything; that was a note only, so the type's audit showed no cell for it. It is SKIP."""
+    from harness.fork.source_audit import SrcTable
+    c = np.linspace(-0.2, 0.2, 8)
+    tab = SrcTable("metal", "ggml/src/ggml-metal/ggml-metal.metal", 10, "turbo_centroids_3bit_h", "centroids", bits=3,
+                   precision="f16", values=c.astype(np.float16).astype(np.float64), lines=list(range(10, 18)))
+    au = audit._Audit(make_ctx(NumpyTarget(), types=["turbo3"]), [tab])
+    au.half_copies()
+    assert [(x.verdict, x.type, x.path) for x in au.cells] == [(Verdict.SKIP, "turbo3", "metal:source")], au.cells
+    assert "no f32 table" in au.cells[0].caveat
+
+
+def test_misshapen_tables_are_unparsed_but_other_codebooks_are_not():
+    """A turbo-named table of a turbo table's size that does not classify is 'unparsed' (SKIP); a 1-bit codebook
+    (CENTROIDS_1BIT, two values, in forks with QJL) is not a turbo type's table and is not flagged."""
+    from harness.fork.source_audit import _misshapen
+    c4 = np.linspace(-0.17, 0.17, 16)
+    c4[[14, 15]] = c4[[15, 14]]
+    t = _misshapen("cpu", "ggml/src/ggml-turbo-quant.c", 578, "CENTROIDS_4BIT", [(v, 578, "") for v in c4])
+    assert t is not None and t.kind == "unparsed" and t.bits == 4
+    assert _misshapen("cpu", "x.c", 27, "CENTROIDS_1BIT", [(-0.07, 27, ""), (0.07, 27, "")]) is None

@@ -134,3 +134,33 @@ def test_signal_during_teardown_marks_the_report_interrupted(tmp_path):
     data = json.loads((out / "run.json").read_text())
     assert p.returncode == 130 and data["verdict"] == "INTERRUPTED", (p.returncode, data["verdict"])
     assert data["interrupted"]["signal"] == "SIGINT" and [c["id"] for c in data["checks"]] == ["PQ4"]
+
+
+def test_unpack_fork_keeps_the_earlier_unpack_when_the_final_move_fails(tmp_path, monkeypatch):
+    """2.1: the earlier unpack is moved aside before the new one is moved into place; when that last move failed
+    (an OSError), the earlier unpack stayed hidden under a dot-name and the error escaped as a traceback. It is
+    put back and the error is one line."""
+    from pathlib import Path
+
+    from harness.errors import HarnessError
+    from harness.fork import snapshot as S
+    snap, _ = _snapshot(tmp_path)
+    dest = tmp_path / "fork"
+    S.unpack(snap, dest)
+    (dest / S.STAMP).write_text("0" * 64 + " an-older.tar.xz\n")  # an earlier unpack of another snapshot
+    (dest / "earlier.txt").write_text("earlier unpack")
+    real = Path.rename
+
+    def rename(self, target):
+        if ".unpacking-" in self.name:
+            raise OSError(28, "No space left on device")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    try:
+        S.unpack(snap, dest)
+        raise AssertionError("the failed move was not reported")
+    except HarnessError as e:
+        assert "No space left" in str(e) or "failed" in str(e)
+    assert (dest / "earlier.txt").read_text() == "earlier unpack"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fork.")], list(tmp_path.iterdir())

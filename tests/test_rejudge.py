@@ -145,3 +145,72 @@ def test_sample_reports_are_not_rejudged():
     assert len(samples) >= 10
     for p in samples:
         assert rejudge(Run.from_dict(json.loads(p.read_text()))) == [], p
+
+
+def test_a_value_stored_as_text_is_one_line_not_a_traceback(tmp_path):
+    """An edited run.json whose value is the string "1.945" (verdict PASS): before, formatting the re-judging note
+    raised ValueError out of `report` as a traceback. The cell's value is not a number: the report is not readable,
+    one line naming the field, exit 2 (never taken as PASS)."""
+    d = _pq5_run(tmp_path)
+    _edit_to_pass(d)
+    data = json.loads((d / "run.json").read_text())
+    data["checks"][0]["cells"][1]["value"] = "1.945"
+    (d / "run.json").write_text(json.dumps(data))
+    r = CliRunner().invoke(cli, ["report", str(d)], catch_exceptions=False)
+    assert r.exit_code == 2, r.output
+    assert "field 'value' is str" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_not_applicable_cannot_hide_judged_cells(tmp_path):
+    """A check marked not applicable (no fork source) is left out of the run's verdict only while it judged nothing:
+    'not_applicable' edited onto a check with a FAIL cell must not turn the run's headline PASS (the exit code
+    already said 1: headline and exit code disagreed)."""
+    d = _pq5_run(tmp_path)
+    data = json.loads((d / "run.json").read_text())
+    data["checks"][0]["not_applicable"] = "this target has no fork source to read"
+    (d / "run.json").write_text(json.dumps(data))
+    r = CliRunner().invoke(cli, ["report", str(d)], catch_exceptions=False)
+    assert r.exit_code == 1, r.output
+    assert "FAIL" in (d / "summary.md").read_text().splitlines()[0] + r.output
+    run = Run.from_dict(json.loads((d / "run.json").read_text()))
+    assert run.verdict == Verdict.FAIL
+    # a check that judged nothing (the real case) stays out of the verdict
+    run.checks.append(CheckResult("AUDIT", "Source audit", [], not_applicable="no fork source"))
+    run.checks = [run.checks[-1]] + [CheckResult("PQ1", "x", [Cell("PQ1", "turbo3", "cpu:set_rows", "m", 0.0, 1.0,
+                                                                  Verdict.PASS)])]
+    assert run.verdict == Verdict.PASS
+
+
+def test_a_pass_with_no_measured_value_is_not_taken_on_trust(tmp_path):
+    """A crash cell (FAIL, no value: nothing to re-judge by number) edited to PASS rendered PASS and exited 0.
+    Nothing measured is never PASS: such a cell is re-judged SKIP with the reason, and the run is no longer PASS."""
+    run = Run(run_id="r", meta={"target_backend": "cpu"})
+    run.checks.append(CheckResult("PQ1", "Rotation", [
+        Cell("PQ1", "turbo3", "cpu:set_rows", "real_index_mismatch_frac", 0.0, 1e-6, Verdict.PASS),
+        Cell("PQ1", "turbo4", "cpu:set_rows", "-", None, None, Verdict.FAIL, caveat="fork code crashed (signal 11)")]))
+    d = tmp_path / "run"
+    write_all(run, d)
+    _edit_to_pass(d)
+    r = CliRunner().invoke(cli, ["report", str(d)], catch_exceptions=False)
+    assert "re-judged 1 cell" in r.output, r.output
+    again = Run.from_dict(json.loads((d / "run.json").read_text()))
+    assert again.verdict != Verdict.PASS
+    cell = again.checks[0].cells[1]
+    assert cell.verdict == Verdict.SKIP and "no measured value" in cell.caveat
+
+
+@pytest.mark.parametrize("field,bad", [("details", ["x"]), ("value", [1.0]), ("caveat", 3), ("evidence", "a.npz"),
+                                        ("path", None), ("known", "xfail"), ("threshold", "abc")])
+def test_a_cell_of_the_wrong_shape_is_one_line_not_a_traceback(tmp_path, field, bad):
+    """An edited run.json whose cell holds a field of the wrong JSON type: `report` and `diff` stopped with an
+    AttributeError traceback (details a list: 'list' object has no attribute 'get'). One line naming the file and
+    the cell, exit 2."""
+    d = _pq5_run(tmp_path)
+    data = json.loads((d / "run.json").read_text())
+    data["checks"][0]["cells"][1][field] = bad
+    (d / "run.json").write_text(json.dumps(data))
+    for args in (["report", str(d)], ["diff", str(d), str(d), "--out", str(tmp_path / "o")]):
+        r = CliRunner().invoke(cli, args)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1, (args, r.output)
+        assert "run.json" in lines[0] and field in lines[0], lines

@@ -170,3 +170,68 @@ def test_mixed_pair_of_a_missing_type_is_scored_under_the_type_that_failed():
     assert score(run, "PQ6", "turbo2", miss).verdict == "SKIP" and score(run, "PQ6", "turbo3", miss).verdict == "FAIL"
     run.checks[0].cells = []  # turbo2 present: the mixed pair's FAIL shows under both types
     assert score(run, "PQ6", "turbo2", missing_types(run)).verdict == "FAIL"
+
+
+def test_a_skipped_target_path_is_not_scored_pass_by_a_fallback_that_passed():
+    """PQ5 turbo4: the target path (cpu:set_rows) not measured (SKIP), a fallback path (quantize_chunk) PASS. The run's
+    verdict is SKIP; the scorecard showed PASS (the fallback's value, the SKIP in the small print). The target path
+    decides: SKIP with its reason."""
+    from harness.report.model import Cell, CheckResult, Run, Verdict
+    from harness.report.scorecard import score
+    run = Run(run_id="r", meta={"target_backend": "cpu", "types": ["turbo4"]})
+    run.checks.append(CheckResult("PQ5", "Distortion", [
+        Cell("PQ5", "turbo4", "cpu:set_rows", "nmse_over_lloyd_max", None, 1.05, Verdict.SKIP, caveat="not measured: x",
+             target=True),
+        Cell("PQ5", "turbo4", "cpu:quantize_chunk", "nmse_over_lloyd_max", 1.0, 1.05, Verdict.PASS, target=False)]))
+    s = score(run, "PQ5", "turbo4", {})
+    assert s.verdict == "SKIP" and "not measured: x" in s.text, s
+    # with the target path measured, SKIPs elsewhere do not hide its PASS
+    run.checks[0].cells[0] = Cell("PQ5", "turbo4", "cpu:set_rows", "nmse_over_lloyd_max", 1.0, 1.05, Verdict.PASS,
+                                  target=True)
+    run.checks[0].cells[1].verdict, run.checks[0].cells[1].target = Verdict.SKIP, False
+    assert score(run, "PQ5", "turbo4", {}).verdict == "PASS"
+
+
+def test_make_scorecard_never_empties_a_folder_it_did_not_write(tmp_path, monkeypatch):
+    """`make scorecard OUT=DIR` verifies each fork into DIR/forks/<label>, removing an earlier report there first. A
+    folder of that name that holds no turbo-harness report (the user's own files) was removed as well; it is kept,
+    and that fork is reported as not scored (exit 2)."""
+    from harness.fork import build as fb
+    from harness.fork import forks
+    commit = "a" * 40
+    monkeypatch.setattr(fb, "fork_dir", lambda d: Path(d))
+    monkeypatch.setattr(fb, "require_turbo", lambda f: None)
+    monkeypatch.setattr(fb, "git_state", lambda f: {"commit": commit, "dirty": False})
+    monkeypatch.setattr(forks, "reusable", lambda *a: None)
+    calls = []
+    monkeypatch.setattr(forks, "run", lambda cmd, env: calls.append(cmd) or 0)
+    mine = tmp_path / "out" / "forks" / commit[:12] / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my notes")
+    assert forks.main([str(tmp_path / "fork"), "--out", str(tmp_path / "out"), "--backend", "cpu"]) == 2
+    assert mine.read_text() == "my notes"
+    assert not any("verify" in c for c in calls)
+    # an earlier report of the harness there is replaced
+    mine.unlink()
+    (mine.parent / "run.json").write_text("{}")
+    assert forks.main([str(tmp_path / "fork"), "--out", str(tmp_path / "out"), "--backend", "cpu"]) == 0
+    assert not (mine.parent / "run.json").exists() and any("verify" in c for c in calls)
+
+
+def test_scorecard_says_when_it_rejudged_a_run(tmp_path):
+    """A run whose cell verdicts were edited to PASS is re-judged when the scorecard reads it (as `report` and `diff`
+    do) and the scorecard says so on stderr, naming the folder; it did so silently."""
+    from harness.report.model import Cell, CheckResult, Run, Verdict
+    from harness.report.render import write_all
+    run = Run(run_id="r", meta={"target_backend": "cpu", "types": ["turbo4"]})
+    run.checks.append(CheckResult("PQ5", "Distortion", [Cell("PQ5", "turbo4", "cpu:set_rows", "nmse_over_lloyd_max",
+                                                              1.945, 1.05, Verdict.FAIL, target=True)]))
+    d = tmp_path / "run"
+    write_all(run, d)
+    data = json.loads((d / "run.json").read_text())
+    data["checks"][0]["cells"][0]["verdict"] = "PASS"
+    (d / "run.json").write_text(json.dumps(data))
+    r = CliRunner().invoke(cli, ["scorecard", str(d), "--out", str(tmp_path / "sc")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "re-judged 1 cell" in r.stderr and str(d) in r.stderr, r.stderr
+    assert r.stdout.splitlines()[0].startswith("FAIL")

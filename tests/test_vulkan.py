@@ -268,11 +268,6 @@ def test_old_system_headers_use_the_newer_ones_unpacked_in_the_cache(tmp_path):
     assert vulkan.ensure_headers(tmp_path / "cache", system=new_sys)["source"] == "system"
 
 
-def test_vulkan_build_makes_only_what_runs_on_it():
-    assert fb.default_targets("vulkan") == ["ggml", "test-backend-ops"]
-    assert "llama-perplexity" in fb.default_targets("cpu")
-
-
 @pytest.mark.parametrize("text,want", [("GGML_VULKAN:BOOL=ON\n", True), ("GGML_VULKAN:BOOL=OFF\n", False), ("", False)])
 def test_build_has_vulkan_reads_the_cmake_cache(tmp_path, text, want):
     (tmp_path / "CMakeCache.txt").write_text(text)

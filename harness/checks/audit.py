@@ -130,8 +130,9 @@ class _Audit:
     def half_copies(self) -> None:
         for tab in [t for t in self.tabs if t.precision == "f16" and t.kind in ("centroids", "magnitudes")]:
             ref = self.ref_of("centroids", tab.bits)
-            if ref is None:
-                self.notes.append(f"{tab.where} {tab.name}: fp16 copy with no f32 table of its type to compare with")
+            if ref is None:  # nothing to compare it with: SKIP (a note alone left the table without a cell)
+                self.cell(tab, "-", None, None, Verdict.SKIP, f"{tab.name}: fp16 copy with no f32 table of its type "
+                                                             f"to compare with: not audited")
                 continue
             c = np.sort(ref.values)
             want = c if tab.kind == "centroids" else c[len(c) // 2:]
@@ -176,13 +177,19 @@ class _Audit:
         for tab in self.tabs:
             if tab.kind in ("signs", "qjl_signs", "signs64"):
                 groups[(tab.file, tab.kind, tab.precision)].append(tab)
-        pairs = {k: (v[0], v[1]) for k, v in groups.items() if len(v) >= 2}
+        pairs = {}  # every (s1, s2) pair of a file in the order written (one pair per type in Vulkan's shaders)
+        for k, v in groups.items():
+            for j in range(0, len(v) - 1, 2):
+                pairs[(*k, j)] = (v[j], v[j + 1])
+            if len(v) % 2:
+                self.cell(v[-1], "-", None, None, Verdict.SKIP, f"{v[-1].name} ({v[-1].where}): a {k[1]} vector "
+                          f"without its pair in {k[0]}: not audited")
         if ref is None:
             tgt = next((p for k, p in pairs.items() if k[1] == "signs" and p[0].backend == self.ctx.target_backend), None)
             if tgt is not None:
                 ref, how = canonical_signs(tgt[0].values, tgt[1].values), f"{tgt[0].where}/{tgt[1].line}"
         other = {}
-        for (f, kind, prec), (a, b) in pairs.items():
+        for (f, kind, prec, _), (a, b) in pairs.items():
             if kind != "signs":
                 other.setdefault(kind, []).append((a, b))
                 continue
@@ -235,7 +242,11 @@ class _Audit:
                                   "a dense matrix literal: not a signed WHT's sign vectors; not audited"])
 
     def missing(self) -> None:
-        backends = sorted({t.backend for t in self.tabs if t.kind in ("centroids", "thresholds", "signs")})
+        from harness.fork.source_audit import BACKEND_DIRS
+        backends = {t.backend for t in self.tabs if t.kind in ("centroids", "thresholds", "signs")}
+        if self.ctx.target_backend in {b for _, b in BACKEND_DIRS}:  # the target's tables are never left unsaid
+            backends.add(self.ctx.target_backend)
+        backends = sorted(backends)
         for b in backends:
             for bits, t in self.bits.items():
                 for kind in ("centroids", "thresholds"):

@@ -24,9 +24,10 @@ class BackendSpec:
         decode: decode routes, in the order tried ('to_float': the CPU type traits; 'cpy' / 'get_rows': the GPU ops;
             'fa_decode': flash attention over one KV row, for a backend without a decode op).
         hardware: what a machine needs to build and run it (used in the fix of an error message).
+        hide_env: variables that hide its devices from a process of a build that has it, so that the tools run on
+            the CPU alone (the CPU side of a cross-backend sweep, :mod:`harness.runners.xbackend`); () when none is
+            known (then only ``-ngl 0 -dev none`` keeps the tools off it).
         title: the backend's name in prose ('Vulkan').
-        features: the harness features a build of it makes without --targets (keys of
-            :data:`harness.fork.build.TARGETS`).
         software: conformant software drivers of this backend, as (lower-case fragment of the device name or
             driver, name in prose): a device matching one is examined as "executed on a software device"
             (:func:`examination`).
@@ -40,8 +41,8 @@ class BackendSpec:
     quantize: tuple[str, ...]
     decode: tuple[str, ...]
     hardware: str
+    hide_env: tuple[tuple[str, str], ...] = ()
     title: str = ""
-    features: tuple[str, ...] = ("checks", "sweep", "compat")
     software: tuple[tuple[str, str], ...] = ()
     visible_env: str | None = None
 
@@ -72,16 +73,17 @@ _GPU_Q, _GPU_D = ("set_rows",), ("cpy", "get_rows", "fa_decode")
 TABLE: tuple[BackendSpec, ...] = (
     BackendSpec("cpu", ("-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"), ("cpu",), ("set_rows", "quantize_chunk"), ("to_float",),
                 "any CPU", title="CPU"),
-    BackendSpec("cuda", ("-DGGML_CUDA=ON",), ("cuda",), _GPU_Q, _GPU_D, "an NVIDIA GPU and the CUDA toolkit"),
+    BackendSpec("cuda", ("-DGGML_CUDA=ON",), ("cuda",), _GPU_Q, _GPU_D, "an NVIDIA GPU and the CUDA toolkit",
+                (("CUDA_VISIBLE_DEVICES", ""),)),
     BackendSpec("metal", ("-DGGML_METAL=ON",), ("metal", "mtl"), _GPU_Q, _GPU_D, "an Apple GPU"),
-    # model-level tools (llama-perplexity, llama-bench) only with --targets: the checks and test-backend-ops are what
-    # runs on a software device (Mesa's lavapipe) in CI; lavapipe reports itself as 'llvmpipe (LLVM ..)'
+    # lavapipe (Mesa's software Vulkan device) reports itself as 'llvmpipe (LLVM ..)'
     BackendSpec("vulkan", ("-DGGML_VULKAN=ON",), ("vulkan",), _GPU_Q, _GPU_D,
                 "a Vulkan driver (a GPU's, or Mesa's lavapipe: apt-get install mesa-vulkan-drivers) and the Vulkan "
-                "loader", title="Vulkan", features=("checks", "compat"),
+                "loader", (("GGML_VK_VISIBLE_DEVICES", ""),), title="Vulkan",
                 software=(("llvmpipe", "lavapipe"), ("lavapipe", "lavapipe"), ("swiftshader", "SwiftShader")),
                 visible_env="GGML_VK_VISIBLE_DEVICES"),
-    BackendSpec("hip", ("-DGGML_HIP=ON",), ("hip", "rocm"), _GPU_Q, _GPU_D, "an AMD GPU and ROCm"),
+    BackendSpec("hip", ("-DGGML_HIP=ON",), ("hip", "rocm"), _GPU_Q, _GPU_D, "an AMD GPU and ROCm",
+                (("HIP_VISIBLE_DEVICES", ""), ("ROCR_VISIBLE_DEVICES", ""))),
 )
 
 

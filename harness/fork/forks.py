@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(d)
                 continue
         out = Path(a.out) / "forks" / lab
+        if out.exists() and not (out / "run.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+            print(f"error: {out} holds no turbo-harness report: it is left as it is; move it away or give another "
+                  f"OUT=DIR", file=sys.stderr)  # never remove what the harness did not write
+            failed.append(d)
+            continue
         if out.exists():
             shutil.rmtree(out)  # a fresh report of this build: never merged with an older one
         rc = run([th, "verify", "--fork-dir", str(fork), "--build", backend, "--out", str(out)], env)

@@ -114,13 +114,18 @@ def _extract(snapshot: Path, into: Path) -> None:
 def _replace(tmp: Path, dest: Path) -> None:
     """Move the finished unpack ``tmp`` to ``dest``; an earlier unpack there (stamped) or an empty folder goes."""
     _refuse_foreign(dest)
-    if dest.is_dir():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        dest.rename(old)
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}") if dest.is_dir() else None
+    try:
+        if old is not None:
+            dest.rename(old)
         tmp.rename(dest)
+    except OSError as e:
+        if old is not None and old.exists() and not dest.exists():
+            old.rename(dest)  # the earlier unpack goes back where it was
+        raise HarnessError(f"moving the new unpack to --dest {dest} failed ({e.strerror or e}): the earlier content "
+                           f"is left as it was; free space or give another --dest") from None
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dest)
 
 
 def _tree(dest: Path) -> Path:

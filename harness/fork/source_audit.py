@@ -135,6 +135,23 @@ def _classify(backend: str, rel: str, name: str, prefix: str, vals: list[tuple[f
     return None
 
 
+def _misshapen(backend: str, rel: str, line: int, name: str, vals: list[tuple[float, int, str]]) -> SrcTable | None:
+    """A table named like a turbo table (centroids, thresholds, midpoints, magnitudes, fp16 LUT) with the size and scale
+    of one (2^b - 1, 2^b or 2^(b-1) values for b = 2..4, all within +-0.5) that :func:`_classify` did not accept (not
+    ascending, signs not symmetric): an 'unparsed' table, so the audit says SKIP where it would otherwise drop the table
+    and judge the backend on its other copies. None for anything else (other types' tables, sign vectors)."""
+    v = np.array([x[0] for x in vals], np.float64)
+    sizes = {n for b in (2, 3, 4) for n in (2 ** b - 1, 2 ** b, 2 ** (b - 1))}
+    other_bits = re.search(r"(\d+)\s*_?bit", name, re.I)  # e.g. CENTROIDS_1BIT (a QJL sign codebook): not a turbo type's
+    if not re.search(r"centroid|codebook|_mid|thresh|_lut|_mag", name, re.I) or v.size not in sizes \
+            or np.all(np.abs(v) == 1.0) or np.max(np.abs(v)) > 0.5 \
+            or (other_bits and other_bits.group(1) not in ("2", "3", "4")):
+        return None
+    return SrcTable(backend, rel, line, name, "unparsed", bits=_bits_hint(name),
+                    note=f"{name} at {rel}:{line} has {v.size} values that do not form a turbo table (centroids and "
+                         f"thresholds ascend, magnitudes are positive and ascend): the audit cannot judge it")
+
+
 def _match_close(text: str, i: int) -> int:
     """Offset just past the bracket closing the one at text[i] ('(' or '{'); -1 when unbalanced."""
     open_c = text[i]
@@ -273,6 +290,8 @@ def scan_file(backend: str, path: Path, fork: Path, common_macros: dict) -> list
                                          f"({' '.join(body.split())[:60]}...): the audit cannot read it"))
             continue
         t = _classify(backend, rel, name, prefix, vals)
+        if t is None:
+            t = _misshapen(backend, rel, line0, name, vals)
         if t is not None:
             out.append(t)
     for name, vals in _chains(masked, nl):

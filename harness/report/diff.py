@@ -23,6 +23,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.report.diff_sides import SIZE_KEYS, comparability, side  # noqa: F401  (re-exported)
 from harness.report.model import Cell, Run, Verdict
 
 DIFF_RULES = Path(__file__).resolve().parents[2] / "checks" / "diff.toml"
@@ -32,16 +33,29 @@ DIFF_RULES = Path(__file__).resolve().parents[2] / "checks" / "diff.toml"
 # its se on the ln scale, converted by :func:`cell_se`.
 SE_KEYS = (("ppl_vs_q8_0", "d_ln_se"), ("kld_vs_", "d_kld_se"), ("prefill_ratio", "ratio_se"),
            ("decode_ratio", "ratio_se"), ("kld_growth", "growth_se"), ("", "se"))
-# Rules that set how much is measured (rows, keys, tokens, context): runs that differ in them measure other samples.
-SIZE_KEYS = ("rows", "random_rows", "n_kv", "tokens", "ctx", "chunks", "batch", "ubatch", "depths", "reps",
-             "n_prompt", "n_gen", "outlier_scale")
 KINDS = ("worse", "appeared", "disappeared", "better", "moved", "rule changed")
 WORSE = ("worse", "disappeared")  # --fail-on worse also fails on an appeared cell that is a finding (see Change.bad)
 
 
 def cell_key(c: Cell) -> tuple:
-    """(check, type, path, metric, case): what makes a cell the same cell in two runs."""
-    return (c.check, c.type, c.path, c.metric, str(c.details.get("case", "")))
+    """(check, type, path, metric, case, table): what makes a cell the same cell in two runs (``table``: the source
+    table an AUDIT cell judges, by name: line numbers move between commits, names do not)."""
+    d = c.details if isinstance(c.details, dict) else {}
+    name = d.get("table") if isinstance(d.get("table"), str) else ""  # PQ2 keeps its centroid values there: data
+    return (c.check, c.type, c.path, c.metric, str(d.get("case", "")), name)
+
+
+def keyed(cells: list[Cell]) -> dict[tuple, Cell]:
+    """{key: cell} for one check's cells: :func:`cell_key`, plus the cell's ordinal among cells of an equal key
+    (two definitions of one table under preprocessor conditions, repeated crash cells), so that no cell hides
+    behind another of its key: the n-th of a key is matched with the n-th of that key in the other run."""
+    out: dict[tuple, Cell] = {}
+    seen: dict[tuple, int] = {}
+    for c in cells:
+        k = cell_key(c)
+        n = seen[k] = seen.get(k, -1) + 1
+        out[k + ((n,) if n else ())] = c
+    return out
 
 
 def cell_se(c: Cell) -> float | None:
@@ -83,12 +97,20 @@ class Change:
     def bad(self) -> bool:
         """True for what ``--fail-on worse`` fails on: worse, disappeared, or an appeared cell that is a finding
         (or a new check that could not measure)."""
-        if self.kind in WORSE:
+        if self.kind in WORSE or self.worse_rule_changed:
             return True
         if self.kind == "appeared" and self.metric == "check error":
             return True
         return self.kind == "appeared" and self.new is not None and self.new.verdict in (
             Verdict.PARTIAL, Verdict.FAIL, Verdict.ERROR)
+
+    @property
+    def worse_rule_changed(self) -> bool:
+        """A cell judged against another limit whose verdict got worse (PASS -> FAIL): listed as RULE CHANGED, and
+        still a failure for ``--fail-on worse`` (the new run found a problem whatever limit found it)."""
+        a, b = self.base, self.new
+        return (self.kind == "rule changed" and a is not None and b is not None and a.verdict != b.verdict
+                and verdict_change(a.verdict, b.verdict) == "worse")
 
     @property
     def label(self) -> str:
@@ -165,18 +187,6 @@ class Diff:
                 "changes": [c.to_dict() for c in self.changes]}
 
 
-def side(run: Run, run_dir: str) -> dict:
-    """What a diff says about one run: folder, id, verdict, fork build, rules and sizes it was made with."""
-    m = run.meta
-    sweep = run.sections.get("sweep") if isinstance(run.sections.get("sweep"), dict) else {}
-    return {"dir": run_dir, "run_id": run.run_id, "verdict": run.headline, "fork_commit": m.get("fork_commit"),
-            "fork_dirty": m.get("fork_dirty"), "fork_describe": m.get("fork_describe"),
-            "build_dir": m.get("build_dir"), "target_backend": m.get("target_backend"), "types": m.get("types"),
-            "backends_run": m.get("backends_run"), "started": m.get("started"),
-            "rules": m.get("rules") or sweep.get("rules"), "sizes": sweep.get("pinned") or m.get("pinned"),
-            "model_sha256": m.get("model_sha256"), "corpus_sha256": m.get("corpus_sha256")}
-
-
 def load_diff_rules(path: Path | None = None) -> dict:
     """{'se_factor', 'rel_tolerance', 'abs_floor'} from checks/diff.toml (each entry ``{ value, reason }``, as in
     thresholds.toml; read here with tomllib alone, so that `diff` does not load the checks' SciPy).
@@ -199,60 +209,6 @@ def load_diff_rules(path: Path | None = None) -> dict:
             raise HarnessError(f"{p}: [noise] {k} needs a number value and a one-line reason")
         out[k] = float(v["value"])
     return out
-
-
-def _flat(d, prefix="") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif not str(k).endswith("_reason"):
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def comparability(base: Run, new: Run) -> tuple[list[str], bool]:
-    """Notes on what differs in how the two runs were made (rules, sizes, model, corpus, types, backends) and
-    whether they are like for like (same rules and sizes). A run that did not record its rules (written before
-    ``meta['rules']``) is said so; its cells' own limits are still compared one by one."""
-    notes, ok = [], True
-    a, b = side(base, ""), side(new, "")
-    if a["rules"] is None or b["rules"] is None:
-        both = a["rules"] is None and b["rules"] is None
-        which = "BASE and NEW" if both else ("BASE" if a["rules"] is None else "NEW")
-        notes.append(f"{which} did not record {'their' if both else 'its'} rules (a report from before rules were "
-                     f"stored): limits are compared cell by cell only")
-    else:
-        fa, fb = _flat(a["rules"]), _flat(b["rules"])
-        diff = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
-        sizes = [k for k in diff if k.rsplit(".", 1)[-1] in SIZE_KEYS]
-        limits = [k for k in diff if k not in sizes]
-        if sizes:
-            ok = False
-            notes.append("OTHER SIZES: " + "; ".join(f"{k} {fa.get(k, 'unset')} -> {fb.get(k, 'unset')}" for k in sizes)
-                         + ": the runs measured other samples, so values and their noise are not like for like")
-        if limits:
-            ok = False
-            notes.append("OTHER RULES: " + "; ".join(f"{k} {fa.get(k, 'unset')} -> {fb.get(k, 'unset')}" for k in limits)
-                         + ": verdicts of cells judged by these limits are not compared (RULE CHANGED)")
-    sa, sb = _flat(a["sizes"]), _flat(b["sizes"])
-    sdiff = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
-    if sdiff:
-        ok = False
-        notes.append("OTHER SWEEP SETTINGS: " + "; ".join(f"{k} {sa.get(k, 'unset')} -> {sb.get(k, 'unset')}" for k in sdiff))
-    for key, what in (("model_sha256", "model"), ("corpus_sha256", "corpus")):
-        if a[key] != b[key] and (a[key] or b[key]):
-            ok = False
-            notes.append(f"OTHER {what.upper()}: sha256 {str(a[key])[:12]} -> {str(b[key])[:12]}: values are not like for like")
-    for key, what in (("types", "types"), ("backends_run", "backends run"), ("target_backend", "target backend")):
-        if a[key] != b[key]:
-            show = lambda v: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else (v or "-")
-            notes.append(f"other {what}: BASE {show(a[key])}, NEW {show(b[key])} (cells of the others appear or disappear)")
-    for name, run in (("BASE", base), ("NEW", new)):
-        if run.interrupted:
-            notes.append(f"{name} was INTERRUPTED (not run: {', '.join(run.interrupted.get('not_run') or []) or 'none'}): "
-                         f"its missing checks show as disappeared or appeared")
-    return notes, ok
 
 
 def _direction(c: Cell, delta: float) -> str:
@@ -362,8 +318,7 @@ def diff_runs(base: Run, new: Run, base_dir: str = "", new_dir: str = "", rules:
             kind = "worse" if nc.error and not bc.error else ("better" if bc.error and not nc.error else "moved")
             d.changes.append(Change(kind, cid, "all", "*", "check error",
                                     why=f"check error: {bc.error or 'none'} -> {nc.error or 'none'}"))
-        bcells = {cell_key(x): x for x in bc.cells}
-        ncells = {cell_key(x): x for x in nc.cells}
+        bcells, ncells = keyed(bc.cells), keyed(nc.cells)
         for k, x in ncells.items():
             a = bcells.get(k)
             if a is None:

@@ -198,8 +198,9 @@ class Run:
     @property
     def verdict(self) -> Verdict:
         """Worst verdict of the checks that applied to the target (a check that could not apply, e.g. the source
-        audit of a target with no fork source, is shown as SKIP with its reason but judges nothing)."""
-        return worst(c.verdict for c in self.checks if not c.not_applicable)
+        audit of a target with no fork source, is shown as SKIP with its reason but judges nothing). A check marked
+        not applicable that holds anything worse than SKIP (a report edited to hide it) counts like any other."""
+        return worst(c.verdict for c in self.checks if not (c.not_applicable and c.verdict == Verdict.SKIP))
 
     @property
     def headline(self) -> str:
@@ -245,13 +246,29 @@ class Run:
             cr = CheckResult(id=cd["id"], title=cd["title"], notes=cd.get("notes", []),
                              duration_s=cd.get("duration_s", 0.0), error=cd.get("error", ""),
                              not_applicable=cd.get("not_applicable", ""), tables=[Table.from_dict(t) for t in cd.get("tables", [])])
-            for c in cd.get("cells", []):
+            for i, c in enumerate(cd.get("cells", [])):
                 c = dict(c)
                 c.pop("margin", None)
+                _check_cell(c, f"cell {i + 1} of check {cr.id}")
                 c["verdict"] = Verdict(c["verdict"])
                 cr.cells.append(Cell(**c))
             run.checks.append(cr)
         return run
+
+
+_NUM = (int, float)
+_CELL_FIELDS = {"check": (str,), "type": (str,), "path": (str,), "metric": (str,), "value": _NUM + (type(None),),
+                "threshold": _NUM + (type(None),), "op": (str,), "caveat": (str,), "target": (bool,),
+                "evidence": (list,), "details": (dict,), "known": (dict,)}
+
+
+def _check_cell(c: dict, where: str) -> None:
+    """Raise ValueError naming the field when a stored cell's field has the wrong JSON type (an edited or damaged
+    run.json): every reader relies on these types (numbers for value/threshold, an object for details)."""
+    for k, types in _CELL_FIELDS.items():
+        if k in c and not isinstance(c[k], types):
+            raise ValueError(f"{where}: field '{k}' is {type(c[k]).__name__}, not "
+                             f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}")
 
 
 def _cell_types(cell: Cell) -> set[str]:

@@ -8,6 +8,8 @@ what those numbers allow and corrects a verdict that claims better than its valu
 * a value outside its threshold (``value op threshold`` false, NaN included) cannot be PASS or SKIP: it becomes
   the verdict a breach gets under the spec's target-vs-fallback rule (FAIL on the target path, PARTIAL on a
   fallback path, :meth:`harness.checks.common.Context.cell`), or the breach verdict the cell records;
+* a PASS with no measured value (no check writes one; a crash cell's FAIL edited to PASS looks so) is SKIP:
+  nothing measured is never PASS;
 * a verdict worse than its numbers (PARTIAL, FAIL, ERROR) is kept: checks judge several criteria, the stored
   value is the headline one, and a worse verdict never hides a problem.
 
@@ -54,10 +56,10 @@ def allowed(cell: Cell, check: str = "") -> Verdict | None:
     rule = cell.details.get("rule") if isinstance(cell.details, dict) else None
     rule = rule if isinstance(rule, dict) else {}
     limit = rule.get("limit", cell.threshold)
-    breach = rule.get("breach") or LEGACY_RULES.get((check or cell.check, cell.metric, cell.type))
+    breach = rule.get("breach") or LEGACY_RULES.get((str(check or cell.check), str(cell.metric), str(cell.type)))
     if breach == "none":
         return None
-    if cell.value is None or limit is None or cell.op not in OPS:
+    if cell.value is None or limit is None or not isinstance(cell.op, str) or cell.op not in OPS:
         return None
     try:
         v, lim = float(cell.value), float(limit)
@@ -79,12 +81,17 @@ def rejudge(run: Run) -> list[Rejudged]:
     out = []
     for cr in run.checks:
         for c in cr.cells:
+            if c.verdict == Verdict.PASS and c.value is None:  # no check writes one: nothing measured is never PASS
+                out.append(Rejudged(cr.id, c, c.verdict))
+                note = "re-judged: stored PASS, but the cell holds no measured value"
+                c.verdict, c.caveat = Verdict.SKIP, f"{note}; {c.caveat}" if c.caveat else note
+                continue
             want = allowed(c, cr.id)
             if want is None or c.verdict not in (Verdict.PASS, Verdict.SKIP) or want.rank <= c.verdict.rank:
                 continue
             out.append(Rejudged(cr.id, c, c.verdict))
             lim = (c.details.get("rule") or {}).get("limit", c.threshold) if isinstance(c.details, dict) else c.threshold
-            note = f"re-judged: stored {c.verdict.value}, but value {c.value:.6g} is not {c.op} {float(lim):.6g}"
+            note = f"re-judged: stored {c.verdict.value}, but value {float(c.value):.6g} is not {c.op} {float(lim):.6g}"
             c.verdict = want
             c.caveat = f"{note}; {c.caveat}" if c.caveat else note
     return out

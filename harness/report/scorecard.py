@@ -181,8 +181,11 @@ def score(run: Run, check: str, t: str, missing: dict[str, str]) -> Score:
         return Score(v.value, _key_value([x for x in cells if x.verdict == v]))
     passed = [x for x in cells if x.verdict == Verdict.PASS]
     skipped = [x for x in cells if x.verdict == Verdict.SKIP]
-    if not passed:  # nothing measured: the first reason
-        return Score("SKIP", next((x.caveat for x in skipped if x.caveat), "skipped (no reason recorded)"))
+    if not passed or (any(x.target for x in skipped) and not any(x.target for x in passed)):
+        # nothing measured, or nothing on the target path (a fallback's PASS does not stand for it): the first reason
+        first = next((x for x in skipped if x.caveat and (x.target or not passed)), None)
+        more = f"; {len(passed)} cells PASS on other paths" if passed else ""
+        return Score("SKIP", (first.caveat if first else "skipped (no reason recorded)") + more)
     extra = f"; {len(skipped)} cells SKIP ({skipped[0].caveat or 'no reason recorded'})" if skipped else ""
     return Score("PASS", _key_value(passed) + extra)  # SKIP cells beside measured PASS ones do not hide them
 
@@ -233,10 +236,13 @@ def build(runs: list[tuple[Run, str]]) -> Scorecard:
     return Scorecard(rows, columns)
 
 
-def load_scorecard(run_dirs: list[Path]) -> Scorecard:
-    """Read the runs and build the scorecard. Raises HarnessError (one line) for a folder without a run report."""
+def load_scorecard(run_dirs: list[Path], log=None) -> Scorecard:
+    """Read the runs (re-judged from their evidence: ``log(line)`` gets the line for a run whose stored verdicts
+    disagree with its numbers) and build the scorecard. Raises HarnessError (one line) for a folder without a run
+    report."""
     from harness.errors import HarnessError
     from harness.pipeline import load_run
     if not run_dirs:
         raise HarnessError("give one or more run folders (verify reports), e.g. reports/samples/cpu-verify")
-    return build([(load_run(Path(d)), str(d)) for d in run_dirs])
+    return build([(load_run(Path(d), log=None if log is None else (lambda line, d=d: log(f"{d}: {line}"))), str(d))
+                  for d in run_dirs])
