@@ -262,9 +262,22 @@ _CELL_FIELDS = {"check": (str,), "type": (str,), "path": (str,), "metric": (str,
                 "evidence": (list,), "details": (dict,), "known": (dict,)}
 
 
+_REQUIRED = ("check", "type", "path", "metric", "value", "threshold", "verdict")
+CELL_OPS = ("<=", ">=", "==", "<", ">")  # the comparisons cells are judged with (harness.report.rejudge.OPS)
+
+
 def _check_cell(c: dict, where: str) -> None:
-    """Raise ValueError naming the field when a stored cell's field has the wrong JSON type (an edited or damaged
-    run.json): every reader relies on these types (numbers for value/threshold, an object for details)."""
+    """Raise ValueError naming the field when a stored cell's field is missing, has the wrong JSON type, or holds a
+    verdict or op no check writes (an edited or damaged run.json): every reader relies on these types (numbers for
+    value/threshold, an object for details), and a cell whose op is unknown could not be re-judged from its value
+    (its stored PASS would be taken on trust)."""
+    for k in _REQUIRED:
+        if k not in c:
+            raise ValueError(f"{where}: field '{k}' is missing")
+    if not isinstance(c["verdict"], str) or c["verdict"] not in Verdict.__members__:
+        raise ValueError(f"{where}: field 'verdict' is {c['verdict']!r}, not one of {', '.join(Verdict.__members__)}")
+    if "op" in c and c["op"] not in CELL_OPS:
+        raise ValueError(f"{where}: field 'op' is {c['op']!r}, not one of {', '.join(CELL_OPS)}")
     for k, types in _CELL_FIELDS.items():
         if k in c and not isinstance(c[k], types):
             raise ValueError(f"{where}: field '{k}' is {type(c[k]).__name__}, not "
