@@ -89,6 +89,8 @@ def load_known(path: str | Path) -> list[KnownFinding]:
     extra = set(raw) - {"finding"}
     if extra:
         raise HarnessError(f"{p}: unknown table {', '.join(sorted(extra))}: write entries as [[finding]]")
+    from harness.checks.registry import REGISTRY
+    ids = [*REGISTRY.ids(), "SWEEP"]  # every registered check, and the sweep's cells (check SWEEP)
     out = []
     for i, e in enumerate(raw.get("finding", []), 1):
         where = f"{p}: [[finding]] #{i}"
@@ -102,6 +104,9 @@ def load_known(path: str | Path) -> list[KnownFinding]:
         missing = [k for k in ("check", "type", "metric", "reason") if not e.get(k)] + ([] if paths else ["path"])
         if missing:
             raise HarnessError(f"{where} lacks {', '.join(missing)}: every entry names check, type, path(s), metric and a reason")
+        if str(e["check"]).upper() not in ids:
+            raise HarnessError(f"{where}: check {str(e['check'])!r} is not a check of this harness (it could never "
+                               f"match): choose from {', '.join(ids)}")
         try:
             verdict = Verdict(str(e.get("verdict", "FAIL")).upper())
             accepted = None if e.get("accepted") is None else float(e["accepted"])

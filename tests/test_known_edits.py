@@ -68,3 +68,24 @@ def test_a_good_entry_still_gates(tmp_path):
     assert r.exit_code == 1, r.output
     r, _ = _report(tmp_path, 'paths = ["*"]\nverdict = "PARTIAL"\naccepted = 3.0\n')
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("check", ["PQ9", "pq22", "SWEEPS"])
+def test_an_entry_for_a_check_that_does_not_exist_is_refused(tmp_path, check):
+    """check = "PQ9" (a typo) can never match a cell: it was silently 'not checked'. One line naming the ids."""
+    d = _run(tmp_path)
+    known = tmp_path / "known.toml"
+    known.write_text(_ENTRY.replace('"PQ2"', f'"{check}"') + 'paths = ["*"]\n')
+    r = CliRunner().invoke(cli, ["report", str(d), "--known", str(known)], catch_exceptions=False)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and check in lines[0] and "SWEEP" in lines[0] and "PQ1" in lines[0], lines
+
+
+def test_an_entry_for_the_sweep_or_an_opt_in_check_is_fine(tmp_path):
+    d = _run(tmp_path)
+    for check in ("SWEEP", "KVREAL", "MODEL"):
+        known = tmp_path / f"{check}.toml"
+        known.write_text(_ENTRY.replace('"PQ2"', f'"{check}"') + 'paths = ["*"]\n')
+        r = CliRunner().invoke(cli, ["report", str(d), "--known", str(known)], catch_exceptions=False)
+        assert r.exit_code == 1, r.output  # the two PQ2 PARTIALs are new findings
