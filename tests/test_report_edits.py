@@ -67,3 +67,36 @@ def test_an_unknown_verdict_is_named(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.exit_code == 2 and len(lines) == 1, r.output
     assert "field 'verdict'" in lines[0] and "PASS" in lines[0], lines
+
+
+def _edit_run(d, fn):
+    data = json.loads((d / "run.json").read_text())
+    fn(data)
+    (d / "run.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("what,edit", [
+    ("meta", lambda r: r.update(meta="x")),
+    ("sections", lambda r: r.update(sections=[1])),
+    ("checks", lambda r: r.update(checks={"PQ3": 1})),
+    ("run_id", lambda r: r.update(run_id=7)),
+    ("interrupted", lambda r: r.update(interrupted="yes")),
+    ("duration_s", lambda r: r["checks"][0].update(duration_s="x")),
+    ("id", lambda r: r["checks"][0].update(id=5)),
+    ("notes", lambda r: r["checks"][0].update(notes="a note")),
+    ("tables", lambda r: r["checks"][0].update(tables=[1])),
+    ("cells", lambda r: r["checks"][0].update(cells={})),
+    ("check 1", lambda r: r["checks"].__setitem__(0, "PQ3")),
+])
+def test_a_run_of_the_wrong_shape_is_one_line_not_a_traceback(tmp_path, what, edit):
+    """run.json edited at run or check level (meta a string, a check id a number, cells an object): `report`,
+    `diff`, `scorecard` and a `check --out` into the folder stopped with a traceback (AttributeError: 'str' object
+    has no attribute 'get'; TypeError from round()), or read cells {} as 'nothing judged'. One line, exit 2."""
+    d = _run(tmp_path)
+    _edit_run(d, edit)
+    for args in (["report", str(d)], ["diff", str(d), str(d), "--out", str(tmp_path / "o")],
+                 ["scorecard", str(d), "--out", str(tmp_path / "s")]):
+        r = CliRunner().invoke(cli, args)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1, (args, r.output, repr(r.exception))
+        assert "run.json" in lines[0] and what in lines[0], lines
