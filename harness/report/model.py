@@ -278,6 +278,9 @@ def _check_shape(d: dict) -> None:
     for k, types in _RUN_FIELDS.items():
         if k in d and not isinstance(d[k], types):
             raise ValueError(f"field '{k}' is {type(d[k]).__name__}, not {_types_text(types)}")
+    if "sweep" in d.get("sections", {}):
+        from harness.report.sweep_shape import check_sweep_section
+        check_sweep_section(d["sections"]["sweep"])
     for i, cd in enumerate(d.get("checks", []), 1):
         if not isinstance(cd, dict):
             raise ValueError(f"check {i} is {type(cd).__name__}, not an object")
