@@ -1,7 +1,10 @@
-# turbo-harness. `make verify` builds the fork for this machine and runs every check;
-# `make test` runs the test suite. FORK_DIR=... points at another fork checkout; BACKEND=... overrides
-# the backend (metal on macOS, cuda where nvcc exists, else cpu). MODEL=smollm2|gemma3|PATH picks the sweep model.
-# RPC=1 adds ggml's RPC backend and rpc-server to the build (remote devices: --rpc HOST:PORT, README "Remote devices").
+# turbo-harness. `make verify` builds what the checks need for this machine and runs every check; `make test` runs
+# the test suite (preparing what the fork tests need first when a fork is found). The fork is found as every command
+# finds it (harness/fork/locate.py): FORK_DIR=..., else a vendor/llama.cpp checkout, else the snapshot unpacked before
+# (remembered in .cache/fork-dir), else ../shared/forks/llama-cpp-turboquant-*.tar.xz (hash checked, unpacked once).
+# BACKEND=... overrides the backend (metal on macOS, cuda where nvcc exists, else cpu). MODEL=smollm2|gemma3|PATH picks
+# the sweep model. RPC=1 adds ggml's RPC backend and rpc-server (README "Remote devices"). TARGETS=all builds every
+# tool now (otherwise llama-perplexity, llama-bench and libllama are built the first time a command needs them).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,16 +12,18 @@ TH := $(VENV)/bin/turbo-harness
 BACKEND ?=
 MODEL ?= smollm2
 RPC ?=
+TARGETS ?=
 export FORK_DIR
 export BACKEND
 
-.PHONY: all install build verify test sweep sweep-compare scorecard doctor bench bench-rpc bench-diff bench-sweep clean
+.PHONY: all install fork build verify test test-ready catalogue sweep sweep-compare scorecard doctor bench bench-rpc bench-diff \
+	bench-sweep clean
 
 all: verify
 
+# (the venv's own pip installs the package; upgrading pip first cost a round trip to the index on every new clone)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
@@ -33,12 +38,13 @@ $(VENV)/.model-gemma3: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-vendor/llama.cpp/ggml/include/ggml.h:
-	@if [ -z "$(FORK_DIR)" ]; then git submodule update --init vendor/llama.cpp || { \
-	  echo "error: no fork checkout in vendor/llama.cpp: see README 'Getting the fork' or set FORK_DIR" >&2; exit 2; }; fi
+# the fork (harness.fork.locate): prints where it came from; with nothing else found, tries the git submodule (network)
+fork: install
+	@$(PY) -m harness.fork.locate --fetch --describe
 
-build: install $(if $(FORK_DIR),,vendor/llama.cpp/ggml/include/ggml.h)
-	$(TH) build $(if $(BACKEND),--backend $(BACKEND),) $(if $(filter 1 yes on ON,$(RPC)),--rpc,)
+build: install
+	@$(PY) -m harness.fork.locate --fetch >/dev/null
+	$(TH) build $(if $(BACKEND),--backend $(BACKEND),) $(if $(filter 1 yes on ON,$(RPC)),--rpc,) $(if $(TARGETS),--targets $(TARGETS),)
 
 verify: build
 	$(TH) verify $(ARGS)
@@ -73,16 +79,18 @@ bench-diff: install
 # Harness overhead of a model-level sweep (prints figures; not a test): the default Gemma 3 CPU sweep with an empty
 # job cache, its wall time against the sum of the fork binaries' own run times (goal: overhead <= 5%), and
 # KVREAL's wall time per model. BENCH_MODEL=smollm2 benchmarks the other model; ARGS are passed to the sweep.
+# BENCH_BACKENDS=cpu,rpc0 benchmarks a cross-backend sweep (a loopback rpc-server is started) and prints its model
+# passes against the bound: the per-backend sweeps plus one scoring pass per pair.
 BENCH_MODEL ?= gemma3
 bench-sweep: build $(VENV)/.model $(VENV)/.model-gemma3
-	$(PY) scripts/bench_sweep.py --model $(BENCH_MODEL) $(ARGS)
+	$(PY) scripts/bench_sweep.py --model $(BENCH_MODEL) $(if $(BENCH_BACKENDS),--backends $(BENCH_BACKENDS),) $(ARGS)
 
-# Speed benchmark (prints figures; not a test): the six checks and COMPAT (2^20 values per type) on the
-# built fork, time per check; the source audit and the Metal shim (first compile, cached load).
+# Speed benchmark (prints figures; not a test): the whole `verify` wall time (process start to report written) beside
+# the checks' own (the six checks and COMPAT at 2^20 values per type, and AUDIT), what the rest went to, with the
+# machine load beside each figure (scripts/bench_verify.py; ARGS, e.g. --reps 3, are passed to it); then the Metal shim
+# (first compile, cached load).
 bench: build
-	rm -rf build/bench-run  # a fresh report each time: --out never merges reports of different builds
-	$(TH) verify --checks AUDIT,PQ1,PQ2,PQ3,PQ4,PQ5,PQ6,COMPAT --out build/bench-run | grep -E ' s  |verdict'
-	@$(PY) -c "import json; d=json.load(open('build/bench-run/run.json')); t={c['id']: c['duration_s'] for c in d['checks']}; s=sum(v for k, v in t.items() if k not in ('COMPAT', 'AUDIT')); print(f'six checks: {s:.1f} s; six checks + COMPAT: {s + t.get(\"COMPAT\", 0):.1f} s total (goal < 10 s on 2 cores); AUDIT {t.get(\"AUDIT\", 0):.1f} s; verify (all of them): {sum(t.values()):.1f} s (goal <= 15 s)')"
+	$(PY) scripts/bench_verify.py $(ARGS)
 	$(PY) scripts/bench_metal.py
 
 # Speed over ggml RPC (prints figures; not a test): one probe call and COMPAT, local CPU vs the same CPU backend
@@ -91,11 +99,25 @@ bench-rpc: RPC := 1
 bench-rpc: build
 	$(PY) scripts/bench_rpc.py $(ARGS)
 
+# The replay catalogue (README "Replaying fork commits"; checks/replays.toml): unit-level entries build ggml only, every
+# commit through ccache; two entries' commits build with clang only, so clang is installed first when missing.
+catalogue: install
+	@command -v clang >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get install -y -qq clang >/dev/null 2>&1; } || echo "note: clang not installed: the clang entries will not build"
+	$(TH) catalogue $(ARGS)
+
 doctor: install
 	$(TH) doctor
 
+# The README's test command. When a fork is found, the fork tests need the CPU build with every tool and ggml RPC, and
+# the two models: test-ready prepares them first (built once; later runs find them up to date).
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	@if $(PY) -m harness.fork.locate >/dev/null 2>&1; then $(MAKE) --no-print-directory test-ready; \
+	  else echo "note: no fork found (README 'Getting the fork'): the fork tests will skip"; fi
+	$(PY) -m pytest -q -rs $(ARGS)
+
+test-ready: install $(VENV)/.model $(VENV)/.model-gemma3
+	$(TH) build --backend cpu --rpc --targets all
 
 clean:
 	rm -rf build $(VENV)

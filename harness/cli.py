@@ -108,7 +108,7 @@ def _open_target(fork_dir: str | None, build_backend: str | None, rpc=None):
     from harness.targets.fork import ForkTarget
     fork = fb.fork_dir(fork_dir)
     fb.require_turbo(fork)
-    bdir = fb.find_build(build_backend)
+    bdir = fb.find_build(build_backend, fork)
     meta = fb.read_build_meta(bdir)
     state = fb.git_state(fork)
     fb.check_provenance(bdir, fork, meta, state)
@@ -309,14 +309,18 @@ def verify(check_list, types, target_backend, backends, fork_dir, build_backend,
 @cli.command()
 @click.option("--backend", default=None, type=BackendName(), help=f"{backends.choices()} (default: detect)")
 @click.option("--targets", default=None, type=CommaList("CMake target"),
-              help="CMake targets, comma separated (default: all the harness uses)")
+              help="CMake targets, comma separated (default: what verify needs: ggml, test-backend-ops; 'all': also "
+                   "llama-perplexity, llama-bench and libllama, which other commands otherwise build on first use)")
 @click.option("--fork-dir", default=None, type=existing_dir())
 @click.option("--jobs", "-j", type=AtLeast(1, "parallel compile jobs"), default=None, help="parallel compile jobs (at least 1)")
 @click.option("--rpc", is_flag=True, help="also build ggml's RPC backend and rpc-server (GGML_RPC=ON), for --rpc HOST:PORT")
 def build(backend, targets, fork_dir, jobs, rpc):
-    """Build the fork (only the targets the harness uses) and the native probe."""
+    """Build the fork (what verify needs, or --targets) and the native probe, printing progress every 30 s."""
+    from harness.fork.locate import locate
     from harness.fork.probe import build_probe
-    fork = fb.fork_dir(fork_dir)
+    found = locate(fork_dir)
+    fork = found.path
+    click.echo(f"fork: {found.describe()}")
     res = fb.build(backend, targets.split(",") if targets else None, fork=fork, jobs=jobs, log=click.echo, rpc=rpc)
     lib = build_probe(res.dir, fork, force=rpc)
     click.echo(f"built {res.backend} in {res.dir} (fork {res.meta.get('fork_commit', '?')[:12]}"
@@ -329,9 +333,13 @@ def build(backend, targets, fork_dir, jobs, rpc):
               help="folder to unpack into (reused when already unpacked)")
 @click.option("--sha256", default=None, type=Sha256(), help="expected SHA-256 (default: the one stated in the README beside the file)")
 def unpack_fork(snapshot, dest, sha256):
-    """Unpack a fork source snapshot (.tar.xz, hash checked) and print the FORK_DIR to use (no network needed)."""
+    """Unpack a fork source snapshot (.tar.xz, hash checked) and print its folder (no network needed). The folder is
+    remembered in .cache/fork-dir: later commands use it without FORK_DIR (unless FORK_DIR or vendor/llama.cpp is set)."""
+    from harness.fork.locate import remember
     from harness.fork.snapshot import unpack
-    click.echo(unpack(snapshot, dest, sha256))
+    tree = unpack(snapshot, dest, sha256)
+    remember(tree)
+    click.echo(tree)
 
 
 @cli.command("list")

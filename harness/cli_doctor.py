@@ -1,4 +1,5 @@
-"""``turbo-harness doctor``: what the harness finds (fork, commit, builds, backends, binaries, model, corpus).
+"""``turbo-harness doctor``: what the harness finds (fork and where it came from, builds, backends, binaries, model,
+corpus), each line with what works from here when something is missing.
 
 Loaded by harness/cli.py when named (``LAZY_COMMANDS``).
 """
@@ -12,9 +13,10 @@ import click
 from harness.cli_types import existing_dir
 from harness.errors import HarnessError
 from harness.fork import build as fb
+from harness.fork.locate import locate
 
 
-@click.command()
+@click.command("doctor")
 @click.option("--fork-dir", default=None, type=existing_dir())
 def doctor(fork_dir):
     """Say what the harness finds: fork, commit, builds, backends, binaries, model, corpus."""
@@ -27,29 +29,37 @@ def doctor(fork_dir):
         click.echo(f"{'ok ' if good else 'NO '} {k:14s} {v}")
     fork, st = None, None
     try:
-        fork = fb.fork_dir(fork_dir)
+        found = locate(fork_dir)  # unpacks a found snapshot once (offline), as make verify and CI would
+        fork = found.path
         st = fb.git_state(fork)
         fork_commit = st["commit"]
         line("fork", _fork_line(fork, st))
+        click.echo(f"--    {'found as':12s} {found.describe()}")
         line("turbo types", "present" if fb.has_turbo_types(fork) else "MISSING (not a TurboQuant fork)", fb.has_turbo_types(fork))
     except HarnessError as e:
         line("fork", str(e), False)
-    line("backend", f"this machine builds for {fb.detect_backend()}")
+    backend = fb.detect_backend()
+    line("backend", f"this machine builds for {backend}"
+         + (f"; this fork's build folder: {fb.build_dir(backend, fork=fork)}" if fork is not None else ""))
     import shutil
     import subprocess
     if shutil.which("ccache"):
         ver = subprocess.run(["ccache", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-        line("ccache", f"installed ({ver[0] if ver else 'ccache'}): replay and bisect builds reuse the objects of "
-                       f"files that two commits share")
+        line("ccache", f"installed ({ver[0] if ver else 'ccache'}): every build uses it (TURBO_CCACHE=0 turns it "
+                       f"off): rebuilds, other clones and replayed commits reuse the objects of unchanged files")
     else:  # replay works without it, only slower: reported, not fatal
-        click.echo(f"--  {'ccache':14s} not installed: every replayed commit compiles from scratch "
-                   f"(apt-get install ccache makes replay/bisect builds several times faster)")
+        click.echo(f"--  {'ccache':14s} not installed: every build and replayed commit compiles from scratch "
+                   f"(apt-get install ccache makes rebuilds and replay/bisect builds several times faster)")
+    my_bdir = fb.build_dir(backend, fork=fork) if fork is not None else None
+    if my_bdir is not None and not any((my_bdir / "bin").glob("libggml-base.*")):
+        click.echo(f"--  {'build':14s} none yet for this fork in {my_bdir}: `make verify` builds what verify needs "
+                   f"(ggml, test-backend-ops, the probe); other tools are built the first time a command needs them")
     for bdir in sorted(fb.build_root().glob("*")) if fb.build_root().is_dir() else []:
         if not (bdir / "bin").is_dir():
             continue
         meta = fb.read_build_meta(bdir)
-        bins = [b for b in ("llama-perplexity", "llama-bench", "test-backend-ops") if (bdir / "bin" / b).is_file()]
-        mine = bdir.name == fb.detect_backend()
+        bins = [b for b in ("test-backend-ops", "llama-perplexity", "llama-bench", "rpc-server") if (bdir / "bin" / b).is_file()]
+        mine = bdir == my_bdir
         has_libs = any((bdir / "bin").glob("libggml-base.*"))
         bc = meta.get("fork_commit") or "unknown"
         built_from = ("the fork above" if fork_commit not in (None, "unknown") and bc == fork_commit
@@ -74,9 +84,12 @@ def doctor(fork_dir):
         click.echo(f"--    {'remote (RPC)':12s} " + (  # README 'Remote devices': not fatal either way
             f"yes: --rpc HOST:PORT and --rpc-local DEVICE work with this build{rpc_note}" if fb.has_rpc(bdir)
             else "no: --rpc needs a build with ggml RPC: `turbo-harness build --rpc` (or `make build RPC=1`)"))
+        if fork is None:  # the probe compiles against the checkout's headers
+            click.echo(f"--    {'probe':12s} not tried: no fork checkout to compile it against (see the fork line)")
+            continue
         try:
             from harness.targets.fork import ForkTarget
-            t = ForkTarget(bdir, fb.fork_dir(fork_dir))
+            t = ForkTarget(bdir, fork)
             line("  backends", ", ".join(f"{b.name} ({b.device}, {b.kind})" for b in t.backends()))
             t.close()
         except HarnessError as e:

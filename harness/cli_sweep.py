@@ -42,6 +42,12 @@ def _endpoints(s: str):
     return R.parse_endpoints(s)
 
 
+def _backends(s: str):
+    """--backends checked while parsing (names, repeats); whether rpcN has its --rpc server is checked in the command."""
+    from harness.runners.xbackend import parse_backends
+    return parse_backends(s, n_rpc=1 << 30)
+
+
 def _kld_depths(s: str):
     """--kld-depths checked while parsing: non-negative integers the depth runner accepts."""
     from harness.runners.depth import check_depths
@@ -136,33 +142,6 @@ def write_reports(run, result, run_dir: Path) -> dict[str, Path]:
     return out
 
 
-def _table_text(section: dict) -> str:
-    """The sweep table for the console: fixed-width columns separated by two spaces."""
-    ratio_cols = sorted({c for r in section["rows"] for c in r if c.startswith(("pp_ratio_d", "tg_ratio_d"))},
-                        key=lambda c: (c[:2], int(c.split("_d")[-1])))
-    heads = ["pair", "PPL ± se", "vs q8_0", "KLD", "top1%", "KV MiB", "bits"] + [c.replace("_ratio_d", "@") for c in ratio_cols]
-    table = []
-    for r in section["rows"]:
-        def g(key):
-            v = r.get(key)
-            return "-" if not isinstance(v, (int, float)) else (f"{v:.3g}" if abs(v) < 0.1 else f"{v:.2f}")
-        def f(key, fmt):
-            v = r.get(key)
-            return format(v, fmt) if isinstance(v, (int, float)) else "-"
-        ppl = f"{f('ppl', '.3f')} ± {f('ppl_se', '.3f')}" if r.get("ppl") is not None else "-"
-        vs = f"{r['ppl_vs_q8_pct']:+.2f}%" if r.get("ppl_vs_q8_pct") is not None else "-"
-        table.append([r["pair"], ppl, vs, f("kld", ".4f"), f("same_top_p_pct", ".1f"), f("kv_mib", ".2f"),
-                      f("bits_per_value", ".2f")] + [g(c) for c in ratio_cols]
-                     + [f"{r.get('status')}{(': ' + r['error'][:160]) if r.get('error') else ''}"
-                        + (f"; placement: {r['placement']}" if r.get("placement") else "")])
-    widths = [max(len(str(x)) for x in col) for col in zip(heads + ["status"], *table)]
-
-    def line(cells):
-        out = [str(cells[0]).ljust(widths[0])] + [str(x).rjust(w) for x, w in zip(cells[1:-1], widths[1:-1])]
-        return "  ".join(out + [str(cells[-1])])
-    return "\n".join([line(heads + ["status"])] + [line(r) for r in table])
-
-
 @click.command("sweep")
 @click.option("--model", default=None, type=ModelArg(),
               help="smollm2 | gemma3 (known models, checks/models.toml) or a GGUF path (default: smollm2).")
@@ -206,9 +185,14 @@ def _table_text(section: dict) -> str:
                    "(CPU 256,1024; GPU 512,4096; 'none' = off).")
 @click.option("--depth-pairs", default=None, type=CommaList("K/V pair", check=_pairs),
               help=f"Pairs measured at every --kld-depths length (default {_default_depth_pairs()}).")
+@click.option("--backends", "backends_spec", default=None, metavar="A,B[,...]", type=CommaList("backend", check=_backends),
+              help=f"Cross-backend sweep: the same pairs on each backend ({backends.choices(', ')}, rpcN = the N-th "
+                   f"--rpc server), each scored against the first one's logits of the pair; noise floor f16/f16 A vs B.")
+@click.option("--target", "target", default=None, type=BackendName(),
+              help="With --backends: the backend under test (default the second).")
 def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, ubatch, fresh, fork_defaults, backend,
           build_dir, out_dir, known_file, timeout, no_bench, no_baselines, strict, no_progress, rpc, decode_prompts,
-          decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs):
+          decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs, backends_spec, target):
     """Model-level sweep: PPL ± se, KL divergence vs an f16-cache baseline, top-1 agreement, KV memory
     and prefill/decode speed ratio to q8_0 for K/V cache-type pairs, with the fork's own tools."""
     from harness.fork.build import REPO_ROOT, build_dir as default_build_dir, detect_backend, has_rpc as fb_has_rpc
@@ -222,15 +206,18 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     from harness.known import load_known
 
     try:
-        backend = usage.backend_name(backend, "--backend") or detect_backend()
         from harness.fork import rpc as R
         endpoints = R.parse_endpoints(rpc)
+        from harness.cli_xbackend import cross_names, rpc_build_dir
+        names, backend = cross_names(backends_spec, backend, target, endpoints)
+        backend = usage.backend_name(backend, "--backend") or detect_backend()
         warn = R.security_warning(endpoints)
         if warn:
             click.echo(f"warning: {warn}", err=True)
         ngl = ngl if ngl is not None else (0 if backend == "cpu" and not endpoints else 99)
         dflt = CPU_DEFAULTS if ngl == 0 else GPU_DEFAULTS
         bdir = build_dir or default_build_dir(backend)
+        bdir = rpc_build_dir(names, endpoints, build_dir) or bdir  # --backends with rpcN: the build with ggml RPC
         if build_dir is None and not (bdir / "bin" / "llama-perplexity").is_file() and backend != detect_backend():
             raise HarnessError(f"--backend {backend}: no {backend} build in {bdir}; {usage.backend_fix(backend)}")
         if endpoints and not fb_has_rpc(bdir):
@@ -261,6 +248,10 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             if cfg.baselines_added:
                 click.echo(f"note: added the baseline pairs {', '.join(cfg.baselines_added)} that the rules need "
                            f"(--no-baselines to run only the pairs given)", err=True)
+        if names:
+            from harness.cli_xbackend import CrossOptions, run_cross
+            sys.exit(run_cross(cfg, CrossOptions(names, endpoints, target, build_dir, run_dir, strict, not no_progress,
+                                                 known, known_file), sys.argv))
         resume = ("rerun without --fresh to resume (with --fresh every job runs again)" if fresh
                   else "rerun the same command to resume")
         with interruptible():  # SIGINT / SIGTERM: kill the tool, keep the cache, write the partial report
@@ -298,7 +289,8 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     for ln in headline(run):  # the answer first: the verdict and one line per finding
         click.echo(ln)
     click.echo(sweep_setup_line(run))
-    click.echo(_table_text(sec))
+    from harness.report.render import sweep_table_text
+    click.echo(sweep_table_text(sec))
     for n in sec.get("notes", []):
         click.echo(f"note: {n}")
     for name in ("decode", "depth"):  # their tables as summary.md has them
@@ -380,7 +372,7 @@ def sweep_compare(run_dirs, out_dir):
     run.json of each sweep report folder (e.g. reports/samples/sweep-cpu-smollm2 reports/samples/sweep-cpu-gemma3)."""
     from harness import usage
     from harness.fork.build import REPO_ROOT
-    from harness.report.compare import write_compare
+    from harness.report.compare import compare_warnings, write_compare
     try:
         if out_dir is not None and (Path(out_dir) / "run.json").is_file():  # a verify or sweep report: never written into
             raise HarnessError(f"--out {out_dir} holds a turbo-harness run report (run.json): sweep-compare does not "
@@ -388,8 +380,11 @@ def sweep_compare(run_dirs, out_dir):
         out = usage.writable_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / time.strftime("compare-%Y%m%d-%H%M%S"),
                                  "--out")
         md, png = write_compare(list(run_dirs), out)
+        warns = compare_warnings(list(run_dirs))
     except HarnessError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    for w in warns:
+        click.echo(f"warning: {w}", err=True)
     click.echo(md.read_text())
     click.echo(f"wrote {md} and {png}")

@@ -48,6 +48,9 @@ def _ids_in(run_dir: Path) -> list[str]:
         return ["?"]
 
 
+SWEEP_IDS = ("SWEEP", "XBACKEND")  # the checks of sweep reports (one backend, or several compared)
+
+
 def prepare_run_dir(run_dir: Path, kind: str, option: str = "--out") -> tuple[Path, Run | None]:
     """Make sure a report of ``kind`` can be written into ``run_dir`` and say what is there already.
 
@@ -85,11 +88,11 @@ def _previous(run_dir: Path, kind: str, option: str) -> Run | None:
             raise HarnessError(f"{option} {run_dir} holds a run.json that is not a readable turbo-harness report: it is "
                                f"left as it is; give a new {option} folder (or move {run_dir / 'run.json'} away)")
         if kind == "checks":
-            if "SWEEP" in ids:
+            if {"SWEEP", "XBACKEND"} & set(ids):
                 raise HarnessError(f"{option} {run_dir} holds a sweep report: give another folder for the checks")
             previous = load_run(run_dir)
-        elif [i for i in ids if i != "SWEEP"]:
-            raise HarnessError(f"{option} {run_dir} holds another report ({', '.join(i for i in ids if i != 'SWEEP')}): "
+        elif [i for i in ids if i not in SWEEP_IDS]:
+            raise HarnessError(f"{option} {run_dir} holds another report ({', '.join(i for i in ids if i not in SWEEP_IDS)}): "
                                f"a sweep would overwrite it; give a new folder")
     return previous
 

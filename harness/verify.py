@@ -22,6 +22,7 @@ from harness.fork import backends
 from harness.interrupt import Interrupted, acknowledge, raise_if_pending
 from harness.reference import turbo as T
 from harness.report.model import CheckResult, Run, merge_previous
+from harness.report.plots import in_background as plots_in_background
 from harness.report.render import write_all
 from harness.targets.base import Target
 
@@ -189,7 +190,11 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             finished.append(cid)
             current = None
             log(f"{cid:6s} {cr.verdict.value:8s} {cr.duration_s:6.1f} s  {check.title}")
-            write_all(run, run_dir)
+            if cid == check_ids[-1]:
+                write_all(run, run_dir)  # the last write waits for every plot: the finished report has them all
+            else:
+                with plots_in_background():  # this check's plot is drawn while the next one measures
+                    write_all(run, run_dir)
     except Interrupted as e:
         acknowledge()
         not_run = [c for c in check_ids if c not in finished]

@@ -34,7 +34,7 @@ def tool_seconds(run_dir: Path) -> tuple[float, int]:
     report folder (each ends with ``# rc=N after S s`` or ``# timed out after S s``). A run that the report lists
     twice (the depth table's run at the main context is the main run: ``depth256-ppl.cmd`` = ``ppl.cmd``) counts once."""
     total, n, seen = 0.0, 0, set()
-    for f in sorted((run_dir / "evidence").rglob("*.cmd")):
+    for f in sorted(run_dir.rglob("*.cmd")):  # a cross-backend report: <backend>/evidence/... and evidence/cross/...
         text = f.read_text()
         m = re.search(r"after ([\d.]+) s", text)
         if m and text not in seen:
@@ -49,7 +49,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="gemma3")
     ap.add_argument("--kvreal", default="smollm2,gemma3", help="models for the KVREAL timing ('' = none)")
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "bench-sweep")
+    ap.add_argument("--backends", default="", help="a cross-backend sweep (e.g. cpu,rpc0: a loopback rpc-server with "
+                    "1 thread is started for rpc0 unless --rpc is given)")
     args, extra = ap.parse_known_args(argv)
+    srv = None
+    if args.backends:
+        extra = ["--backends", args.backends, *extra]
+        if "rpc0" in args.backends and "--rpc" not in extra:
+            from harness.fork.build import build_dir
+            from harness.runners.rpc_server import RpcServer
+            srv = RpcServer(build_dir("cpu") / "bin" / "rpc-server", threads=1,
+                            log_path=args.out.parent / "bench-rpc-server.log").start()
+            extra += ["--rpc", srv.endpoint]
+    try:
+        return _bench(args, extra)
+    finally:
+        if srv is not None:
+            srv.stop()
+
+
+def _bench(args, extra: list[str]) -> int:
     th = [sys.executable, "-m", "harness.cli"]
     shutil.rmtree(args.out, ignore_errors=True)
     env = dict(os.environ, TURBO_SWEEP_CACHE=str(args.out / "cache"))
@@ -69,6 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  wall time of the command      {wall:8.1f} s")
     print(f"  fork binaries' own run times  {tools:8.1f} s  ({n} tool calls, from evidence/*/*.cmd)")
     print(f"  harness overhead              {over:8.1f} s  = {100 * over / wall:.1f}% of the wall time (goal <= {100 * GOAL:g}%)")
+    mp = meta.get("model_passes")
+    if mp:  # a cross-backend sweep: llama-perplexity passes against the bound of issue 20
+        pairs = len(json.loads((report / "run.json").read_text())["sections"]["xbackend"]["rows"]) // max(
+            len(meta.get("backends", [])) - 1, 1)
+        bound = mp["sweeps"] + pairs * (len(meta["backends"]) - 1)
+        total = mp["sweeps"] + mp["logits"] + mp["scoring"]
+        print(f"  model passes (llama-perplexity) {total:6d}  = {mp['sweeps']} in the per-backend sweeps + "
+              f"{mp['logits']} reference logits runs + {mp['scoring']} cross scoring runs")
+        print(f"  bound: per-backend sweeps + one scoring pass per pair = {bound}: "
+              f"{'within' if total <= bound else f'{total - bound} over (the reference logits runs: llama-perplexity cannot save logits while it scores)'}")
     ok = over <= GOAL * wall
     for m in [x for x in args.kvreal.split(",") if x.strip()]:
         out = args.out / f"kvreal-{m}"

@@ -23,12 +23,35 @@ def skip_or_fail(reason: str):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Under TURBO_REQUIRE_FORK=1 a test marked `fork` that skipped (for any reason) is reported as failed."""
+    """Under TURBO_REQUIRE_FORK=1 a test marked `fork` that skipped (for any reason) is reported as failed.
+
+    A skip raised in a shared helper (:func:`skip_or_fail`, a fixture here) is reported at the test that skipped
+    (``tests/test_x.py:42``), not at the helper's line in conftest.py: ``pytest -rs`` then names the test."""
     outcome = yield
     rep = outcome.get_result()
+    if rep.skipped and isinstance(rep.longrepr, tuple) and len(rep.longrepr) == 3 \
+            and Path(str(rep.longrepr[0])).name == "conftest.py":
+        path, line0, _ = item.location
+        rep.longrepr = (path, (line0 or 0) + 1, rep.longrepr[2])
     if REQUIRE_FORK and rep.skipped and item.get_closest_marker("fork") is not None:
         rep.outcome = "failed"
         rep.longrepr = f"fork test skipped although TURBO_REQUIRE_FORK=1: {rep.longrepr}"
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_remembered_fork():
+    """`unpack-fork` remembers the folder it unpacked (.cache/fork-dir): a test that unpacks a toy snapshot must not
+    change which fork the later tests (and the user's next command) find. Restored after every test."""
+    from harness.fork.locate import memo_file
+    f = memo_file()
+    before = f.read_text() if f.is_file() else None
+    yield
+    after = f.read_text() if f.is_file() else None
+    if after != before:
+        if before is None:
+            f.unlink(missing_ok=True)
+        else:
+            f.write_text(before)
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +77,7 @@ def fork_build_or_skip() -> tuple[Path, Path]:
         skip_or_fail(f"{fork} has no turbo types")
     bdir = fb.build_dir(os.environ.get("TURBO_TEST_BACKEND", "cpu"))
     if not any((bdir / "bin").glob("libggml-base.*")):
-        skip_or_fail(f"fork not built in {bdir}: run `make build` to enable fork tests")
+        skip_or_fail(f"fork not built in {bdir}: run `make test-ready` (make test does) to enable the fork tests")
     return bdir, fork
 
 

@@ -27,13 +27,13 @@ def test_unrelated_skip():
 '''
 
 
-def _run(tmp_path: Path, strict: bool) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, strict: bool, *args: str) -> subprocess.CompletedProcess:
     shutil.copy(HERE / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_probe.py").write_text(PROBE_TESTS)
     env = {k: v for k, v in os.environ.items() if k != "TURBO_REQUIRE_FORK"}
     if strict:
         env["TURBO_REQUIRE_FORK"] = "1"
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", str(tmp_path)],
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", *args, str(tmp_path)],
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -46,3 +46,13 @@ def test_fork_skips_fail_only_in_strict_mode(tmp_path, strict):
     else:
         assert r.returncode == 0, r.stdout
         assert "3 skipped" in r.stdout
+
+
+def test_skip_reason_names_the_test_not_the_shared_skip_function(tmp_path):
+    """Issue 23: `pytest -rs` pointed 12 skips at tests/conftest.py:21 (skip_or_fail); each now names its test."""
+    r = _run(tmp_path, False, "-rs")
+    skips = [ln for ln in r.stdout.splitlines() if ln.startswith("SKIPPED")]
+    assert len(skips) == 3, r.stdout
+    assert not any("conftest.py" in ln for ln in skips), skips
+    line = PROBE_TESTS.splitlines().index("def test_needs_build():") + 1
+    assert any(f"test_probe.py:{line}: fork not built in build/cpu" in ln for ln in skips), skips

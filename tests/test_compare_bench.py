@@ -34,7 +34,8 @@ def test_two_models_give_one_table_each_and_one_plot(tmp_path):
                                                                                        "q4_0/q4_0+rot": "PARTIAL"})], swa=512)
     md, png = write_compare([a, b], tmp_path / "out")
     text = md.read_text()
-    assert "## smol (head_dim 64" in text and "## gemma (head_dim 256" in text and "SWA window 512" in text
+    assert "## smol on " in text and "(head_dim 64" in text and "## gemma on " in text and "(head_dim 256" in text
+    assert "SWA window 512" in text
     assert "| turbo3/turbo3 | 20.00 ± 2.00 | 0.5100 ± 0.0100 | 64.0 | 3.125 | PARTIAL | PARTIAL | 40 | 0, 3, none |" in text
     assert png.is_file() and png.stat().st_size > 5000
 

@@ -405,7 +405,7 @@ def test_real_decode_tool_on_smollm2(tmp_path):
     from tests.conftest import fork_build_or_skip, skip_or_fail
     bdir, fork = fork_build_or_skip()
     if not any((bdir / "bin").glob("libllama.*")):
-        skip_or_fail(f"no libllama in {bdir}: run `make build`")
+        skip_or_fail(f"no libllama in {bdir}: run `make test-ready` (make test does)")
     from harness.errors import HarnessError
     from harness.runners.decode import build_decode_tool
     from harness.runners.inputs import default_corpus
@@ -541,7 +541,7 @@ def test_real_sweep_with_decode_and_depth_on_smollm2(tmp_path):
     bdir, _ = fork_build_or_skip()
     for tool in ("llama-perplexity", "libllama.so"):
         if not (bdir / "bin" / tool).exists():
-            skip_or_fail(f"{tool} not built in {bdir}: run `make build`")
+            skip_or_fail(f"{tool} not built in {bdir}: run `make test-ready` (make test does)")
     from harness.errors import HarnessError
     from harness.runners.models import resolve_model
     try:

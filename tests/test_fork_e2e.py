@@ -115,7 +115,7 @@ def test_small_sweep_on_the_real_model_parses_sane_numbers_and_resumes(tmp_path)
     bdir, _ = fork_build_or_skip()
     for tool in ("llama-perplexity", "llama-bench"):
         if not (bdir / "bin" / tool).is_file():
-            skip_or_fail(f"{tool} not built in {bdir}: run `make build`")
+            skip_or_fail(f"{tool} not built in {bdir}: run `make test-ready` (make test does)")
     _model_or_fail()
     env = {"TURBO_SWEEP_CACHE": str(tmp_path / "cache")}
     args = ["sweep", "--pairs", "f16/f16,q8_0/q8_0,turbo3/turbo3", "--ctx", "128", "--chunks", "2", "--depths", "0",

@@ -65,14 +65,15 @@ def _cached(commit: str) -> bool:
 
 def test_replayed_bug_flagged_at_parent_clear_at_fix():
     e = next(e for e in load_catalogue() if e["id"] == "turbo3-cpu-quantize-stub")
-    if not (_cached(e["parent"]) and _cached(e["fix"])):
-        pytest.skip("replay builds not cached: run `turbo-harness catalogue turbo3-cpu-quantize-stub` once (about 10 min)")
     from harness.errors import HarnessError
     from harness.replay import history_dir
-    try:
+    try:  # first: without the fork's history (a snapshot has none) no command could make the builds
         fork = history_dir()
-    except HarnessError as e:  # CI's snapshot has no git history: replays need a clone of the fork
-        pytest.skip(f"no fork git history: {e}")
+    except HarnessError as err:  # CI's snapshot has no git history: replays need a clone of the fork
+        pytest.skip(f"no fork git history (replays export old commits from it): {err}")
+    if not (_cached(e["parent"]) and _cached(e["fix"])):
+        pytest.skip(f"replay builds not cached: `make catalogue ARGS=turbo3-cpu-quantize-stub` builds them once "
+                    f"(about 10 min, from the history at {fork})")
     from harness.cli_replay import replay_commit
     verdicts = {}
     for side in ("parent", "fix"):

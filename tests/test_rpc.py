@@ -287,7 +287,7 @@ def test_handshake_stops_on_another_types_bytes_with_one_line(a, b):
 def _rpc_build():
     bdir, fork = fork_build_or_skip()
     if not fb.has_rpc(bdir) or not (bdir / "bin" / "rpc-server").is_file():
-        skip_or_fail(f"the fork build in {bdir} has no RPC backend or rpc-server: build it with `make build RPC=1`")
+        skip_or_fail(f"the fork build in {bdir} has no RPC backend or rpc-server: build it with `make test-ready` (make test does)")
     return bdir, fork
 
 

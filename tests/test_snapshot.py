@@ -66,7 +66,8 @@ def test_unsafe_member_is_refused(tmp_path):
 
 def test_cli_unpack_fork_prints_fork_dir_and_exit_2_on_bad_hash(tmp_path):
     snap, digest = _snapshot(tmp_path)
-    r = CliRunner().invoke(cli, ["unpack-fork", str(snap), "--dest", str(tmp_path / "d")])
+    env = {"TURBO_CACHE": str(tmp_path / "cache")}  # the command remembers the folder: not in this checkout's .cache
+    r = CliRunner().invoke(cli, ["unpack-fork", str(snap), "--dest", str(tmp_path / "d")], env=env)
     assert r.exit_code == 0 and r.output.strip().endswith("llama.cpp")
-    r = CliRunner().invoke(cli, ["unpack-fork", str(snap), "--dest", str(tmp_path / "e"), "--sha256", "0" * 64])
+    r = CliRunner().invoke(cli, ["unpack-fork", str(snap), "--dest", str(tmp_path / "e"), "--sha256", "0" * 64], env=env)
     assert r.exit_code == 2 and "expected" in r.output and len(r.output.strip().splitlines()) == 1

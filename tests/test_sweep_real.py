@@ -18,7 +18,7 @@ pytestmark = pytest.mark.fork
 
 def _need():
     if not (BDIR / "bin" / "llama-perplexity").is_file() or not (BDIR / "bin" / "llama-bench").is_file():
-        skip_or_fail(f"fork tools not built in {BDIR} (run `make build`)")
+        skip_or_fail(f"fork tools not built in {BDIR} (run `make test-ready`; make test does)")
     try:
         from harness.runners.inputs import default_corpus, default_model
         return default_model(), default_corpus()

@@ -24,6 +24,9 @@ class BackendSpec:
         decode: decode routes, in the order tried ('to_float': the CPU type traits; 'cpy' / 'get_rows': the GPU ops;
             'fa_decode': flash attention over one KV row, for a backend without a decode op).
         hardware: what a machine needs to build and run it (used in the fix of an error message).
+        hide_env: variables that hide its devices from a process of a build that has it, so that the tools run on
+            the CPU alone (the CPU side of a cross-backend sweep, :mod:`harness.runners.xbackend`); () when none is
+            known (then only ``-ngl 0 -dev none`` keeps the tools off it).
     """
 
     name: str
@@ -32,6 +35,7 @@ class BackendSpec:
     quantize: tuple[str, ...]
     decode: tuple[str, ...]
     hardware: str
+    hide_env: tuple[tuple[str, str], ...] = ()
 
 
 _GPU_Q, _GPU_D = ("set_rows",), ("cpy", "get_rows", "fa_decode")
@@ -39,11 +43,13 @@ _GPU_Q, _GPU_D = ("set_rows",), ("cpy", "get_rows", "fa_decode")
 TABLE: tuple[BackendSpec, ...] = (
     BackendSpec("cpu", ("-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"), ("cpu",), ("set_rows", "quantize_chunk"), ("to_float",),
                 "any CPU"),
-    BackendSpec("cuda", ("-DGGML_CUDA=ON",), ("cuda",), _GPU_Q, _GPU_D, "an NVIDIA GPU and the CUDA toolkit"),
+    BackendSpec("cuda", ("-DGGML_CUDA=ON",), ("cuda",), _GPU_Q, _GPU_D, "an NVIDIA GPU and the CUDA toolkit",
+                (("CUDA_VISIBLE_DEVICES", ""),)),
     BackendSpec("metal", ("-DGGML_METAL=ON",), ("metal", "mtl"), _GPU_Q, _GPU_D, "an Apple GPU"),
     BackendSpec("vulkan", ("-DGGML_VULKAN=ON",), ("vulkan",), _GPU_Q, _GPU_D,
                 "a GPU with a Vulkan driver and the Vulkan SDK"),
-    BackendSpec("hip", ("-DGGML_HIP=ON",), ("hip", "rocm"), _GPU_Q, _GPU_D, "an AMD GPU and ROCm"),
+    BackendSpec("hip", ("-DGGML_HIP=ON",), ("hip", "rocm"), _GPU_Q, _GPU_D, "an AMD GPU and ROCm",
+                (("HIP_VISIBLE_DEVICES", ""), ("ROCR_VISIBLE_DEVICES", ""))),
 )
 
 

@@ -1,8 +1,15 @@
-"""Finding a fork checkout, building it with CMake, and recording what was built.
+"""Finding a fork checkout, building it with CMake (only what a command needs), and recording what was built.
 
-Build folders live under ``build/<backend>`` of the harness checkout (or ``$TURBO_BUILD_ROOT``), one
-per backend, so reruns are incremental. Each holds ``turbo-harness-build.json`` with the fork commit,
-dirty state, CMake options and compiler.
+Build folders live under ``build/`` of the harness checkout (or ``$TURBO_BUILD_ROOT``). The first fork built for a
+backend gets ``build/<backend>``; another checkout gets ``build/<backend>-<folder name>-<path hash>``
+(:func:`build_dir`), so a second fork never rebuilds the first and switching back reuses it. Each folder holds ``turbo-harness-build.json`` with the fork commit, dirty
+state, CMake options and compiler (:mod:`harness.fork.provenance`).
+
+What is built: ``verify`` needs ggml, ``test-backend-ops`` and the probe (:data:`CORE_TARGETS`); the llama tools
+(``llama-perplexity``, ``llama-bench``, libllama) and ``rpc-server`` are built the first time a command asks for
+them (:func:`ensure_built`, called by :func:`binary`). New folders use Ninja when installed and ccache when
+installed (``TURBO_CCACHE=0`` turns it off); a build prints progress at least every 30 s
+(:mod:`harness.fork.progress`).
 """
 from __future__ import annotations
 
@@ -20,152 +27,37 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.fork import backends
+from harness.fork.provenance import (BUILD_META, build_identity, check_provenance, git_state, has_turbo_types,  # noqa: F401
+                                     head_commit, provenance_mismatch, public_url, read_build_meta, require_turbo,
+                                     source_label)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FORK = REPO_ROOT / "vendor" / "llama.cpp"
-BUILD_META = "turbo-harness-build.json"
 
-# Targets each harness feature needs; only these are built.
+# What each harness feature needs; a command builds only its own (issue 23: verify does not wait for llama-bench).
+CORE_TARGETS = ["ggml", "test-backend-ops"]  # verify: the probe links ggml; COMPAT runs test-backend-ops
 TARGETS = {
     "checks": ["ggml"],
-    "sweep": ["llama-perplexity", "llama-bench"],
     "compat": ["test-backend-ops"],
+    "sweep": ["llama-perplexity", "llama-bench"],
+    "llama": ["llama"],  # libllama: the K/V capture and greedy-decode tools link it
 }
+ALL_TARGETS = sorted({t for ts in TARGETS.values() for t in ts})
 # Added by the --rpc build option: ggml's RPC backend (in libggml) and the fork's own server for it.
 RPC_CMAKE = ["-DGGML_RPC=ON"]
 RPC_TARGETS = ["rpc-server"]
 
 
 def fork_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The fork checkout to use: the argument, else $FORK_DIR, else vendor/llama.cpp.
+    """The fork checkout to use: the argument, else $FORK_DIR, else a vendor/llama.cpp checkout, else the unpacked
+    snapshot remembered in .cache/fork-dir, else a snapshot in ../shared/forks (hash checked, unpacked once):
+    :func:`harness.fork.locate.locate`, the one discovery every command, the Makefile, doctor and CI use.
 
     Raises:
-        HarnessError: the folder is missing or is not a ggml/llama.cpp checkout, with the fix.
+        HarnessError: the folder given is not a ggml/llama.cpp checkout, or nothing is found, with what works.
     """
-    given = explicit or os.environ.get("FORK_DIR")
-    p = Path(given or DEFAULT_FORK).resolve()
-    if not (p / "ggml" / "include" / "ggml.h").is_file():
-        if given:
-            raise HarnessError(f"no fork checkout at {p} (from {'--fork-dir' if explicit else 'FORK_DIR'}): "
-                               f"point it at a llama.cpp fork checkout (a folder holding ggml/include/ggml.h)")
-        raise HarnessError(
-            f"no fork checkout at {p}: run `git submodule update --init vendor/llama.cpp` "
-            f"(or see README 'Getting the fork') or set FORK_DIR to a llama.cpp fork checkout")
-    return p
-
-
-def has_turbo_types(fork: Path) -> bool:
-    """True when the fork's ggml declares the turbo KV-cache types (GGML_TYPE_TURBO*)."""
-    text = (fork / "ggml" / "include" / "ggml.h").read_text(errors="replace")
-    return bool(re.search(r"GGML_TYPE_TURBO[234]_0", text))
-
-
-def require_turbo(fork: Path) -> None:
-    """Raise HarnessError when the checkout has no turbo types (e.g. upstream llama.cpp)."""
-    if not has_turbo_types(fork):
-        raise HarnessError(
-            f"{fork} has no TurboQuant KV types (no GGML_TYPE_TURBO*_0 in ggml.h): point FORK_DIR at a "
-            f"TurboQuant fork such as TheTom/llama-cpp-turboquant")
-
-
-def git_state(fork: Path) -> dict:
-    """Commit, short description, dirty flag and diff hash of a checkout.
-
-    Returns:
-        {'commit': full hash ('unknown' when not a git tree and no .fork-commit file), 'describe': str,
-        'dirty': bool, or None when unknown (a copy without .git), 'diff_sha256': SHA-256 of
-        ``git diff HEAD --binary`` (tracked changes) when dirty, else None, 'branch': the checked-out branch
-        (None when detached or unknown), 'remote': origin's URL without credentials (None when unknown)}.
-        A copy without .git has no 'branch'/'remote' keys.
-    """
-    def g(*args):
-        r = subprocess.run(["git", "-C", str(fork), *args], capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else ""
-    commit = g("rev-parse", "HEAD") if (Path(fork) / ".git").exists() else ""
-    marker = Path(fork) / ".fork-commit"  # a copy without .git (e.g. carried to another machine) names its commit here
-    if not commit and marker.is_file():
-        return {"commit": marker.read_text().strip(), "describe": "copy without .git (commit from .fork-commit)",
-                "dirty": None, "diff_sha256": None}
-    commit = commit or "unknown"
-    dirty = bool(g("status", "--porcelain", "--untracked-files=no", "--ignore-submodules")) if commit != "unknown" else None
-    diff = None
-    if dirty:
-        r = subprocess.run(["git", "-C", str(fork), "diff", "HEAD", "--binary"], capture_output=True)
-        diff = hashlib.sha256(r.stdout).hexdigest() if r.returncode == 0 else None
-    return {"commit": commit, "describe": g("log", "-1", "--format=%h %s") or "", "dirty": dirty, "diff_sha256": diff,
-            "branch": g("branch", "--show-current") or None if commit != "unknown" else None,
-            "remote": public_url(g("config", "--get", "remote.origin.url")) if commit != "unknown" else None}
-
-
-def public_url(url: str) -> str | None:
-    """A remote URL as a report may name it: any user name or token before '@' in an http(s) URL removed;
-    None for ''."""
-    if not url:
-        return None
-    return re.sub(r"^(https?://)[^/@]*@", r"\1", url.strip())
-
-
-def _known(commit) -> bool:
-    return bool(commit) and str(commit) != "unknown"
-
-
-def source_label(commit, dirty, diff_sha256=None) -> str:
-    """'69d8e4be4712', '69d8e4be4712 (dirty, diff 1a2b3c4d)' or 'unknown commit' for messages and reports."""
-    if not _known(commit):
-        return "unknown commit"
-    extra = " (dirty" + (f", diff {diff_sha256[:8]}" if diff_sha256 else "") + ")" if dirty else ""
-    return f"{str(commit)[:12]}{extra}"
-
-
-def provenance_mismatch(build_meta: dict, checkout: dict) -> str | None:
-    """How a checkout differs from what a build folder recorded it was built from, or None.
-
-    Args:
-        build_meta: the build's metadata (:func:`read_build_meta`): fork_commit, fork_dirty, fork_diff_sha256.
-        checkout: :func:`git_state` of the checkout a command points at.
-    Returns:
-        None when they agree or cannot be told apart (either side's commit unknown, or a copy without
-        .git whose dirty state is unknown); else a phrase such as 'another commit' or 'another diff'.
-    """
-    b, c = build_meta.get("fork_commit"), checkout.get("commit")
-    if not (_known(b) and _known(c)):
-        return None
-    b, c = str(b), str(c)
-    if not (b.startswith(c) or c.startswith(b)):
-        return "another commit"
-    bd, cd = build_meta.get("fork_dirty"), checkout.get("dirty")
-    if bd is None or cd is None:
-        return None
-    if bool(bd) != bool(cd):
-        return "uncommitted changes in the checkout" if cd else "the build had uncommitted changes the checkout lacks"
-    bh, ch = build_meta.get("fork_diff_sha256"), checkout.get("diff_sha256")
-    if bd and bh and ch and bh != ch:
-        return "another diff"
-    return None
-
-
-def check_provenance(bdir: Path, fork: Path, build_meta: dict | None = None, checkout: dict | None = None) -> None:
-    """Stop when the fork checkout differs from what the build folder was built from.
-
-    Spec "Integrity of a verdict" / Provenance: a command whose checkout differs from the build never
-    measures one and labels the other. Raises HarnessError with one line naming both sources and the fix.
-    """
-    meta = read_build_meta(bdir) if build_meta is None else build_meta
-    st = git_state(fork) if checkout is None else checkout
-    why = provenance_mismatch(meta, st)
-    if why:
-        built = source_label(meta.get("fork_commit"), meta.get("fork_dirty"), meta.get("fork_diff_sha256"))
-        here = source_label(st.get("commit"), st.get("dirty"), st.get("diff_sha256"))
-        raise HarnessError(
-            f"build {bdir} was built from fork {built} but the checkout {fork} is at {here} ({why}): rebuild it from "
-            f"this checkout (`turbo-harness build --fork-dir {fork}`, or `make build`), or point FORK_DIR at the "
-            f"checkout of {str(meta.get('fork_commit'))[:12]}")
-
-
-def build_identity(meta: dict) -> dict:
-    """What makes two reports come from the same build: fork commit, dirty state, diff hash, CMake
-    options and build folder (from a run's metadata). Reports of different identities are never merged."""
-    return {k: meta.get(k) for k in ("fork_commit", "fork_dirty", "fork_diff_sha256", "cmake_options", "build_dir")}
+    from harness.fork.locate import locate
+    return locate(explicit).path
 
 
 def detect_backend() -> str:
@@ -194,13 +86,55 @@ def build_root() -> Path:
     return Path(os.environ.get("TURBO_BUILD_ROOT") or (REPO_ROOT / "build"))
 
 
-def build_dir(backend: str, root: Path | None = None) -> Path:
-    """The build folder of one backend (``<build_root>/<backend>``); not created here."""
-    return (root or build_root()) / backend
+def source_key(fork: Path) -> str:
+    """'llama.cpp-3fa2c1': the checkout folder's name and a hash of its resolved path: names the build folder of a
+    checkout that is not the backend's first (:func:`build_dir`)."""
+    fork = Path(fork).resolve()
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", fork.name)[:40] or "fork"
+    return f"{name}-{hashlib.sha256(str(fork).encode()).hexdigest()[:6]}"
+
+
+def _built_from(bdir: Path) -> str | None:
+    """The source folder a build folder was configured from: its record, else its CMakeCache (a build that has not
+    finished yet has no record); None for an empty folder."""
+    meta = read_build_meta(bdir)
+    if meta.get("fork_dir"):
+        return str(Path(meta["fork_dir"]).resolve())
+    home = _read_cmake_cache(bdir).get("CMAKE_HOME_DIRECTORY")
+    return str(Path(home).resolve()) if home else None
+
+
+def build_dir(backend: str, root: Path | None = None, fork: Path | None = None) -> Path:
+    """The build folder of one backend for one fork checkout; not created here.
+
+    ``<root>/<backend>`` (the historical name) when it is empty or was built from this checkout folder; else
+    ``<root>/<backend>-<source_key>`` (:func:`source_key`): a second fork (another checkout) never rebuilds the first,
+    while one checkout that moves to another commit or carries edits rebuilds its own folder incrementally (the build
+    records what it was built from; a command whose checkout differs from that record rebuilds or stops).
+    Without ``fork`` the checkout is found as every command finds it (:mod:`harness.fork.locate`, without unpacking a
+    snapshot); when there is none, ``<root>/<backend>``.
+
+    Args:
+        backend: 'cpu' | 'cuda' | ...; root: default :func:`build_root`; fork: the checkout.
+    """
+    root = Path(root or build_root())
+    legacy = root / backend
+    if fork is None:
+        from harness.fork.locate import locate
+        try:
+            fork = locate(unpack=False).path
+        except HarnessError:
+            return legacy
+    fork = Path(fork).resolve()
+    src = _built_from(legacy)
+    if src is None or src == str(fork):
+        return legacy
+    return root / f"{backend}-{source_key(fork)}"
 
 
 def cmake_options(backend: str, extra: list[str] | None = None) -> list[str]:
-    """CMake options for a harness build of one backend (shared libs, no server, no curl)."""
+    """CMake options for a harness build of one backend (shared libs, no server, no curl); these are recorded with
+    the build (the compiler launcher, which does not change what is built, is added by :func:`build` apart)."""
     spec = backends.find(backend)
     if spec is None:
         raise HarnessError(f"unknown backend {backend!r}: use one of {backends.choices(', ')}")
@@ -210,6 +144,24 @@ def cmake_options(backend: str, extra: list[str] | None = None) -> list[str]:
     if backend == "cuda" and os.environ.get("CUDA_ARCH"):
         opts.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CUDA_ARCH']}")
     return opts + list(extra or [])
+
+
+def launcher_options(backend: str, opts: list[str]) -> list[str]:
+    """ccache as the compiler launcher when installed (``TURBO_CCACHE=0`` turns it off) and ``opts`` set none:
+    a rebuild of sources compiled before (another clone, another build folder, a replayed commit) is mostly hits."""
+    if os.environ.get("TURBO_CCACHE", "1") == "0" or not shutil.which("ccache") or any("LAUNCHER" in o for o in opts):
+        return []
+    langs = ["C", "CXX"] + (["CUDA"] if backend == "cuda" else [])
+    return [f"-DCMAKE_{lang}_COMPILER_LAUNCHER=ccache" for lang in langs]
+
+
+def _ccache_env(env: dict, fork: Path, bdir: Path) -> dict:
+    """CCACHE_BASEDIR (unless set) at the folder holding both the source and the build, so that the cache hits
+    across clones in other folders (compile lines then name relative paths)."""
+    if "CCACHE_BASEDIR" in env:
+        return env
+    base = os.path.commonpath([str(Path(fork).resolve()), str(Path(bdir).resolve())])
+    return dict(env, CCACHE_BASEDIR=base, CCACHE_NOHASHDIR="1") if base != os.sep else env
 
 
 def _compiler_version(cc: str) -> str:
@@ -230,17 +182,19 @@ class BuildResult:
 def build(backend: str | None = None, targets: list[str] | None = None, fork: Path | None = None,
           bdir: Path | None = None, jobs: int | None = None, extra_cmake: list[str] | None = None,
           log=print, env: dict | None = None, rpc: bool = False) -> BuildResult:
-    """Configure (once) and build the given targets of the fork for one backend.
+    """Configure and build the given targets of the fork for one backend (incremental in an existing folder).
 
     Args:
         backend: 'cpu' | 'cuda' | 'metal' | 'vulkan' | 'hip'; default :func:`detect_backend`.
-        targets: CMake targets; default all of :data:`TARGETS`.
+        targets: CMake targets; default :data:`CORE_TARGETS` (what ``verify`` needs); ``['all']``: every target the
+            harness uses (:data:`ALL_TARGETS`).
         fork: fork checkout; default :func:`fork_dir`.
-        bdir: build folder; default ``build/<backend>``.
+        bdir: build folder; default :func:`build_dir` of this backend and checkout.
         rpc: also build ggml's RPC backend and ``rpc-server`` (CMake ``-DGGML_RPC=ON``, :data:`RPC_CMAKE`), so
             that remote devices can be checked (``--rpc HOST:PORT``). Whether a build has it is recorded as
             ``rpc`` in the metadata, read from the build's CMakeCache.txt (a folder configured with RPC earlier
             keeps it).
+        log: called with one line per target and a progress line at least every 30 s.
 
     Returns:
         BuildResult with the metadata written to ``<bdir>/turbo-harness-build.json``.
@@ -249,52 +203,96 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
         HarnessError: missing cmake, configure or build failure (message names the log file).
     """
     backend = backend or detect_backend()
-    fork = fork or fork_dir()
+    fork = Path(fork or fork_dir())
     require_turbo(fork)
-    bdir = Path(bdir or build_dir(backend))
+    bdir = Path(bdir or build_dir(backend, fork=fork))
     bdir.mkdir(parents=True, exist_ok=True)
     if not shutil.which("cmake"):
         raise HarnessError("cmake not found: install it (apt-get install cmake, or pip install cmake)")
-    targets = targets or sorted({t for ts in TARGETS.values() for t in ts})
+    targets = ALL_TARGETS if targets in (["all"], ("all",)) else list(targets or CORE_TARGETS)
     if rpc:
         targets = list(dict.fromkeys([*targets, *RPC_TARGETS]))
     opts = cmake_options(backend, [*(RPC_CMAKE if rpc else []), *(extra_cmake or [])])
-    jobs = jobs or os.cpu_count() or 2
+    existing = _read_cmake_cache(bdir)
+    # ccache and Ninja for a new folder; a folder configured before keeps its generator (CMake cannot change it) and
+    # gets no launcher it did not have (a changed compile command would make Ninja recompile everything)
+    launch = launcher_options(backend, opts) if not existing or existing.get("CMAKE_C_COMPILER_LAUNCHER") else []
+    gen = ["-G", "Ninja"] if shutil.which("ninja") and not existing else []
+    env = _ccache_env(dict(env or os.environ), fork, bdir) if launch else env
     logf = bdir / "turbo-harness-build.log"
     source = git_state(fork)  # what is compiled: the checkout as the build starts (recorded for provenance)
     t0 = time.time()
-    with open(logf, "a") as lf:
-        lf.write(f"\n=== {time.ctime()} configure {backend} {opts}\n")
-        lf.flush()
-        r = subprocess.run(["cmake", "-S", str(fork), "-B", str(bdir), *opts], stdout=lf, stderr=subprocess.STDOUT, env=env)
-        if r.returncode != 0:
-            raise HarnessError(f"CMake configure of {fork} for {backend} failed: {_cmake_error(logf)} (full log: {logf})")
-        for tgt in targets:
-            log(f"building {tgt} ({backend}) ...")
-            lf.write(f"\n=== build {tgt}\n")
+    configure = [*opts, *launch]
+    prev = read_build_meta(bdir)
+    # configured before with the same options from the same folder: the build tool re-runs CMake itself when a
+    # CMakeLists.txt changes, so only a new folder or new options need the (10-20 s) configure step
+    if not ((bdir / "CMakeCache.txt").is_file() and prev.get("configured_with") == configure
+            and prev.get("fork_dir") == str(fork)):
+        with open(logf, "a") as lf:
+            lf.write(f"\n=== {time.ctime()} configure {backend} {configure}\n")
             lf.flush()
-            r = subprocess.run(["cmake", "--build", str(bdir), "-j", str(jobs), "--target", tgt],
-                               stdout=lf, stderr=subprocess.STDOUT, env=env)
+            r = subprocess.run(["cmake", "-S", str(fork), "-B", str(bdir), *gen, *configure], stdout=lf,
+                               stderr=subprocess.STDOUT, env=env)
             if r.returncode != 0:
-                tail = _tail_errors(logf)
-                raise HarnessError(f"building {tgt} for {backend} failed: {tail} (full log: {logf})")
+                raise HarnessError(f"CMake configure of {fork} for {backend} failed: {_cmake_error(logf)} "
+                                   f"(full log: {logf})")
+    _build_targets(bdir, fork, backend, targets, jobs, env, log)
     cache = _read_cmake_cache(bdir)
     meta = {
         "backend": backend,
         "fork_dir": str(fork),
         **{f"fork_{k}": v for k, v in source.items()},
         "cmake_options": opts,
+        "configured_with": configure,
         "c_compiler": _compiler_version(cache.get("CMAKE_C_COMPILER", "cc")),
         "cxx_compiler": _compiler_version(cache.get("CMAKE_CXX_COMPILER", "c++")),
         "cuda_compiler": _compiler_version(cache["CMAKE_CUDA_COMPILER"]) if cache.get("CMAKE_CUDA_COMPILER") else None,
         "targets": sorted(set(targets) | set(read_build_meta(bdir).get("targets", []))),
         "rpc": cache.get("GGML_RPC", "OFF").upper() in ("ON", "1", "TRUE", "YES"),
+        "ccache": bool(launch) or any("ccache" in o for o in opts),
+        "generator": cache.get("CMAKE_GENERATOR"),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.time() - t0, 1),
         "machine": platform.machine(),
     }
     (bdir / BUILD_META).write_text(json.dumps(meta, indent=2))
     return BuildResult(backend, bdir, meta)
+
+
+def _build_targets(bdir: Path, fork: Path, backend: str, targets: list[str], jobs: int | None, env: dict | None,
+                   log) -> None:
+    """Build the targets: test-backend-ops compiled against ggml alone when its source allows
+    (:mod:`harness.fork.standalone`; ``TURBO_BACKEND_OPS_CMAKE=1`` uses the CMake target), the rest through CMake."""
+    from harness.fork import standalone
+    alone = ("test-backend-ops" in targets and os.environ.get("TURBO_BACKEND_OPS_CMAKE") != "1"
+             and standalone.ggml_only(fork))
+    cm = [t for t in targets if not (alone and t == "test-backend-ops")]
+    if alone and "ggml" not in cm:
+        cm.insert(0, "ggml")
+    if alone:  # its object compiles beside the CMake build; the link follows it
+        standalone.build_backend_ops(fork, bdir, log, env, cxx=_read_cmake_cache(bdir).get("CMAKE_CXX_COMPILER"),
+                                     during=lambda: _compile(bdir, backend, cm, jobs, env, log))
+    else:
+        _compile(bdir, backend, cm, jobs, env, log)
+
+
+def _compile(bdir: Path, backend: str, targets: list[str], jobs: int | None, env: dict | None, log) -> None:
+    """``cmake --build`` the targets in one call (the build tool then overlaps them: test-backend-ops' one large
+    file compiles beside ggml's), with a progress line at least every 30 s; HarnessError on failure."""
+    from harness.fork.progress import run_with_progress
+    jobs = jobs or os.cpu_count() or 2
+    logf = bdir / "turbo-harness-build.log"
+    what = ", ".join(targets)
+    with open(logf, "a") as lf:
+        log(f"building {what} ({backend}) ...")
+        lf.write(f"\n=== build {what}\n")
+        lf.flush()
+        cmd = ["cmake", "--build", str(bdir), "-j", str(jobs), *[a for t in targets for a in ("--target", t)]]
+        rc, prog, secs = run_with_progress(cmd, what, lf, log, env=env)
+        if rc != 0:
+            raise HarnessError(f"building {what} for {backend} failed: {_tail_errors(logf)} (full log: {logf})")
+        if secs >= 30:
+            log(f"  built {what} in {secs:.0f} s ({prog.describe()})")
 
 
 def _cmake_error(logf: Path) -> str:
@@ -324,17 +322,62 @@ def _read_cmake_cache(bdir: Path) -> dict:
     return out
 
 
-def read_build_meta(bdir: Path) -> dict:
-    """The metadata of a build folder ({} when it was not built by the harness)."""
-    f = Path(bdir) / BUILD_META
-    return json.loads(f.read_text()) if f.is_file() else {}
+# What needs a tool the first time (named in the one line that says it is being built).
+NEEDED_BY = {"llama-perplexity": "sweep and MODEL", "llama-bench": "sweep", "llama": "the K/V capture and decode tools",
+             "rpc-server": "--rpc-local", "test-backend-ops": "COMPAT"}
 
 
-def binary(bdir: Path, name: str) -> Path:
-    """Path of a built tool. Raises HarnessError naming the make target when it is missing."""
+def ensure_built(bdir: Path, names: list[str], log=None) -> None:
+    """Build the targets among ``names`` that a harness build folder lacks, from the checkout it was built from, with
+    the options it was configured with (a tool built the first time a command needs it; one line says so).
+
+    ``names`` are binaries in ``bin/`` ('llama-perplexity'), or 'llama' for libllama. Nothing happens when all exist.
+
+    Raises:
+        HarnessError: the folder was not made by the harness (no record of its source), its source is gone or has
+            moved to another commit or diff (a tool built from it would not be what the report names), a
+            ``rpc-server`` is asked of a build without ggml RPC, or the build fails.
+    """
+    bdir = Path(bdir)
+    missing = [n for n in names if not _has_output(bdir, n)]
+    if not missing:
+        return
+    meta = read_build_meta(bdir)
+    fork = Path(meta.get("fork_dir") or "/nonexistent")
+    what = ", ".join(missing)
+    if not meta or not (fork / "ggml" / "include" / "ggml.h").is_file():
+        raise HarnessError(f"{what} is not built in {bdir}, and the folder does not record a fork checkout to build it "
+                           f"from: run `turbo-harness build --targets {','.join(missing)}` (or `make build TARGETS=all`)")
+    if any(n in RPC_TARGETS for n in missing) and not has_rpc(bdir):
+        raise HarnessError(f"rpc-server needs a build with ggml's RPC backend, and {bdir} has none: rebuild it with "
+                           f"`turbo-harness build --rpc` (or `make build RPC=1`)")
+    check_provenance(bdir, fork, meta)
+    log = log or (lambda s: print(s, file=sys.stderr))
+    why = "; ".join(f"{n} for {NEEDED_BY[n]}" for n in missing if n in NEEDED_BY)
+    log(f"building {what} in {bdir} the first time it is needed ({why or 'asked for'}; later runs reuse it) ...")
+    env = _ccache_env(dict(os.environ), fork, bdir) if meta.get("ccache") else None
+    _build_targets(bdir, fork, meta.get("backend", "cpu"), missing, None, env, log)
+    meta["targets"] = sorted(set(meta.get("targets", [])) | set(missing))
+    (bdir / BUILD_META).write_text(json.dumps(meta, indent=2))
+
+
+def _has_output(bdir: Path, name: str) -> bool:
+    if name == "llama":
+        return any((bdir / "bin").glob("libllama.*"))
+    if name == "ggml":
+        return any((bdir / "bin").glob("libggml-base.*"))
+    return (bdir / "bin" / name).is_file()
+
+
+def binary(bdir: Path, name: str, build_missing: bool = True) -> Path:
+    """Path of a built tool, built first when missing and the folder records its fork checkout
+    (:func:`ensure_built`). Raises HarnessError naming the command that builds it when it cannot be had."""
     p = Path(bdir) / "bin" / name
+    if not p.is_file() and build_missing and read_build_meta(Path(bdir)):
+        ensure_built(Path(bdir), [name])
     if not p.is_file():
-        raise HarnessError(f"{name} is not built in {bdir}: run `make build` (or `turbo-harness build --targets {name}`)")
+        raise HarnessError(f"{name} is not built in {bdir}: run `make build TARGETS=all` (or `turbo-harness build "
+                           f"--targets {name}`)")
     return p
 
 
@@ -343,14 +386,14 @@ def has_rpc(bdir: Path) -> bool:
     return _read_cmake_cache(Path(bdir)).get("GGML_RPC", "OFF").upper() in ("ON", "1", "TRUE", "YES")
 
 
-def find_build(backend: str | None = None) -> Path:
-    """The build folder for a backend that holds the ggml shared libraries.
+def find_build(backend: str | None = None, fork: Path | None = None) -> Path:
+    """The build folder for a backend and fork checkout (:func:`build_dir`) that holds the ggml shared libraries.
 
     Raises:
         HarnessError: nothing built yet, with the command that builds it.
     """
     backend = backend or detect_backend()
-    bdir = build_dir(backend)
+    bdir = build_dir(backend, fork=fork)
     if not any((bdir / "bin").glob("libggml-base.*")):
         raise HarnessError(f"the fork is not built for {backend} in {bdir}: run `make build` (BACKEND={backend})")
     return bdir

@@ -119,12 +119,18 @@ def build_llama_tool(what: str, src: Path, exe: str, bdir: Path, fork: Path, for
     Returns:
         Path of the executable.
     Raises:
-        HarnessError: libllama not built, or as :func:`compile_c`.
+        HarnessError: libllama not built and not buildable (:func:`harness.fork.build.ensure_built`), or as
+            :func:`compile_c`.
     """
     libdir = Path(bdir) / "bin"
     libs = sorted(libdir.glob("libllama.*"))
     if not libs:
-        raise HarnessError(f"no libllama in {libdir}: build the fork's llama target (`make build`)")
+        from harness.fork.build import ensure_built, read_build_meta
+        if read_build_meta(Path(bdir)):  # a harness build: libllama is built the first time a tool needs it
+            ensure_built(Path(bdir), ["llama"])
+            libs = sorted(libdir.glob("libllama.*"))
+    if not libs:
+        raise HarnessError(f"no libllama in {libdir}: build the fork's llama target (`turbo-harness build --targets all`)")
     out = Path(bdir) / "turbo-probe" / exe
     newest = max(p.stat().st_mtime for p in [Path(src), *libs])
     if out.is_file() and not force and out.stat().st_mtime >= newest:

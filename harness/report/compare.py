@@ -53,9 +53,36 @@ def load_sweep(run_dir: Path) -> dict:
     if mi:
         shape = (f"head_dim {mi.get('head_dim_k')}, {mi.get('n_head')}/{mi.get('n_head_kv')} heads, {mi.get('n_layer')} layers"
                  + (f", SWA window {mi['sliding_window']}" if mi.get("sliding_window") else ""))
-    return {"dir": str(run_dir), "model": mi.get("name") or Path(d.get("meta", {}).get("model", "?")).name,
-            "model_file": d.get("meta", {}).get("model", ""), "shape": shape, "rows": sec["rows"], "vs_q4_0": vs,
-            "decode": dec, "pinned": sec.get("pinned") or {}}
+    meta = d.get("meta", {})
+    pinned = sec.get("pinned") or {}
+    model = mi.get("name") or Path(meta.get("model", "?")).name
+    backend = pinned.get("backend") or meta.get("target_backend") or "?"
+    return {"dir": str(run_dir), "model": model, "model_file": meta.get("model", ""), "shape": shape, "rows": sec["rows"],
+            "vs_q4_0": vs, "decode": dec, "pinned": pinned, "backend": backend, "label": f"{model} on {backend}",
+            "model_sha256": meta.get("model_sha256"), "corpus_sha256": meta.get("corpus_sha256"),
+            "corpus": meta.get("corpus", "")}
+
+
+def sweep_mismatches(sweeps: list[dict]) -> list[str]:
+    """Why the sweeps' figures are not directly comparable, one line each ([] when they are).
+
+    Sweeps differing in ctx or chunks (KLD and PPL depend on both), in the corpus (SHA-256; its file name when no hash
+    was recorded), or of the same model name but different model files (SHA-256) are named; different models are what
+    the comparison is for and are not a mismatch."""
+    out = []
+    for what, get in (("ctx", lambda s: s["pinned"].get("ctx")), ("chunks", lambda s: s["pinned"].get("chunks")),
+                      ("corpus", lambda s: (s["corpus_sha256"] or "")[:12] or Path(s["corpus"] or "?").name)):
+        vals = {s["label"] + f" ({s['dir']})": get(s) for s in sweeps}
+        if len(set(map(str, vals.values()))) > 1:
+            out.append(f"the sweeps differ in {what}: " + "; ".join(f"{k}: {v}" for k, v in vals.items()))
+    by_model: dict[str, set] = {}
+    for s in sweeps:
+        by_model.setdefault(s["model"], set()).add(s["model_sha256"] or "?")
+    for m, hashes in by_model.items():
+        if len(hashes) > 1:
+            out.append(f"the sweeps of {m} used different model files (sha256 {', '.join(sorted(h[:12] for h in hashes))}): "
+                       f"not the same weights")
+    return out
 
 
 def compare_markdown(sweeps: list[dict]) -> str:
@@ -63,9 +90,12 @@ def compare_markdown(sweeps: list[dict]) -> str:
     def f(v, fmt):
         return "-" if not isinstance(v, (int, float)) else format(v, fmt)
     lines = ["# Sweeps side by side", ""]
+    bad = sweep_mismatches(sweeps)
+    if bad:
+        lines += ["**Warning: these sweeps are not directly comparable.**", ""] + [f"- {b}" for b in bad] + [""]
     for s in sweeps:
         p = s["pinned"]
-        lines += [f"## {s['model']} ({s['shape']})", "",
+        lines += [f"## {s['label']} ({s['shape']})", "",
                   f"From `{s['dir']}`: ctx {p.get('ctx')} x {p.get('chunks')} chunks, backend {p.get('backend')}.", "",
                   "| pair | PPL ± se | KLD ± se | top-1 % | bits / real value | vs q4_0 | vs q4_0+rot | decode agree % | first divergence |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -113,7 +143,7 @@ def compare_plot(sweeps: list[dict], out: Path) -> Path:
         col = f"C{i % 10}"
         front = pareto_front(pts)  # the model's line: the lowest KLD reachable at that many bits or fewer
         ax.plot([r["bits_per_value"] for r in front], [max(r["kld"], 1e-5) for r in front], "-", color=col, lw=1.2,
-                alpha=0.7, label=f"{s['model']} ({s['shape']})")
+                alpha=0.7, label=f"{s['label']}, ctx {s['pinned'].get('ctx')} x {s['pinned'].get('chunks')} ({s['shape']})")
         for r in pts:
             ax.errorbar(r["bits_per_value"], max(r["kld"], 1e-5), yerr=r.get("kld_se") or 0, fmt=markers[r["pair"]],
                         color=col, capsize=2, ms=7, mfc="none" if r["pair"].endswith("+rot") else col)
@@ -149,3 +179,8 @@ def write_compare(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
     md = out_dir / "compare.md"
     md.write_text(compare_markdown(sweeps))
     return md, png
+
+
+def compare_warnings(run_dirs: list[Path]) -> list[str]:
+    """:func:`sweep_mismatches` of the sweep report folders (for the command line's stderr)."""
+    return sweep_mismatches([load_sweep(Path(d)) for d in run_dirs])

@@ -148,6 +148,33 @@ def table_markdown(table: Table, level: int = 3) -> list[str]:
     return lines
 
 
+def sweep_table_text(section: dict) -> str:
+    """The sweep table for the console: fixed-width columns separated by two spaces."""
+    ratio_cols = sorted({c for r in section["rows"] for c in r if c.startswith(("pp_ratio_d", "tg_ratio_d"))},
+                        key=lambda c: (c[:2], int(c.split("_d")[-1])))
+    heads = ["pair", "PPL ± se", "vs q8_0", "KLD", "top1%", "KV MiB", "bits"] + [c.replace("_ratio_d", "@") for c in ratio_cols]
+    table = []
+    for r in section["rows"]:
+        def g(key):
+            v = r.get(key)
+            return "-" if not isinstance(v, (int, float)) else (f"{v:.3g}" if abs(v) < 0.1 else f"{v:.2f}")
+        def f(key, fmt):
+            v = r.get(key)
+            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+        ppl = f"{f('ppl', '.3f')} ± {f('ppl_se', '.3f')}" if r.get("ppl") is not None else "-"
+        vs = f"{r['ppl_vs_q8_pct']:+.2f}%" if r.get("ppl_vs_q8_pct") is not None else "-"
+        table.append([r["pair"], ppl, vs, f("kld", ".4f"), f("same_top_p_pct", ".1f"), f("kv_mib", ".2f"),
+                      f("bits_per_value", ".2f")] + [g(c) for c in ratio_cols]
+                     + [f"{r.get('status')}{(': ' + r['error'][:160]) if r.get('error') else ''}"
+                        + (f"; placement: {r['placement']}" if r.get("placement") else "")])
+    widths = [max(len(str(x)) for x in col) for col in zip(heads + ["status"], *table)]
+
+    def line(cells):
+        out = [str(cells[0]).ljust(widths[0])] + [str(x).rjust(w) for x, w in zip(cells[1:-1], widths[1:-1])]
+        return "  ".join(out + [str(cells[-1])])
+    return "\n".join([line(heads + ["status"])] + [line(r) for r in table])
+
+
 def sweep_markdown(section: dict) -> list[str]:
     """The sweep's per-pair table for summary.md (PPL, paired change vs q8_0, KLD, top-1, memory, status)."""
     rows = section.get("rows") or []

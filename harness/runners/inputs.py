@@ -27,7 +27,8 @@ def default_model() -> Path:
 
 
 def default_corpus() -> Path:
-    """$TURBO_CORPUS, else ``../shared/data/wikitext-2-raw/wiki.test.raw`` relative to the repo.
+    """$TURBO_CORPUS, else ``../shared/data/wikitext-2-raw/wiki.test.raw`` relative to the repo (or to one of the two
+    folders above it, as the fork snapshot is found: a clone or worktree may sit one level deeper).
 
     Raises:
         HarnessError: neither exists (says how to provide one).
@@ -36,8 +37,10 @@ def default_corpus() -> Path:
     if env:
         return Path(env)
     p = (REPO_ROOT / DEFAULT_CORPUS_REL).resolve()
-    if p.is_file():
-        return p
+    for base in [REPO_ROOT, *list(REPO_ROOT.parents)[:2]]:
+        cand = (base / DEFAULT_CORPUS_REL).resolve()
+        if cand.is_file():
+            return cand
     raise HarnessError(f"no corpus: set TURBO_CORPUS or pass --corpus (a plain-text file such as wikitext-2-raw "
                        f"wiki.test.raw; looked for {p})")
 

@@ -1,0 +1,177 @@
+"""``turbo-harness sweep --backends A,B[,...]``: the cross-backend sweep (:mod:`harness.runners.xbackend`), judged by
+:mod:`harness.checks.xbackend`.
+
+Writes, into the report folder: each backend's own sweep report in ``<folder>/<backend>/`` (as ``sweep --backend``
+writes it) and the comparison (check XBACKEND: summary.md, report.html, run.json, xbackend.csv) at the top. Exit
+code: the worst of the comparison's and the backends' own (0 / 1 FAIL, or PARTIAL with --strict / 2 ERROR);
+130 / 143 when interrupted (finished jobs stay cached: rerun the same command to resume).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from harness.errors import HarnessError
+
+
+@dataclass
+class CrossOptions:
+    """The cross-backend part of a ``sweep`` command line."""
+
+    names: list[str]            # --backends, reference first
+    endpoints: list[str]        # --rpc endpoints (rpcN is the N-th)
+    target: str | None          # --target (default: the second backend)
+    build_dir: Path | None      # --build-dir (every side uses it when given)
+    run_dir: Path
+    strict: bool = False
+    progress: bool = True
+    known: list | None = None
+    known_file: str | None = None
+
+
+def cross_names(spec: str | None, backend: str | None, target: str | None, endpoints: list[str]):
+    """(the --backends names or None, the backend whose build and defaults the sweep template takes: the first GPU
+    backend named, else cpu; or ``backend`` unchanged without --backends).
+
+    Raises:
+        HarnessError: --backend with --backends, --target without --backends, or a bad --backends list."""
+    if spec is None:
+        if target:
+            raise HarnessError("--target needs --backends A,B (the backend under test among them)")
+        return None, backend
+    from harness.runners.xbackend import parse_backends
+    if backend:
+        raise HarnessError("--backend and --backends: give one (--backends A,B compares backends)")
+    names = parse_backends(spec, len(endpoints))
+    return names, next((n for n in names if n != "cpu" and not n.startswith("rpc")), "cpu")
+
+
+def rpc_build_dir(names: list[str] | None, endpoints: list[str], build_dir: Path | None) -> Path | None:
+    """The build of the rpcN sides (the one the sweep template checks for ggml RPC), or None when none is named."""
+    if not names or build_dir is not None or not any(n.startswith("rpc") for n in names):
+        return None
+    return side_build_dir(next(n for n in names if n.startswith("rpc")), CrossOptions(names, endpoints, None, None, Path(".")))
+
+
+def side_build_dir(name: str, opts: CrossOptions) -> Path:
+    """The build folder a side's tools come from: --build-dir when given; rpcN: the CPU build (it needs ggml RPC); a
+    GPU backend: build/<name>; cpu: build/cpu, else the build of another side (its GPU hidden: see side_config).
+
+    Raises:
+        HarnessError: no such build (with the command that makes it)."""
+    from harness import usage
+    from harness.fork.build import build_dir as default_build_dir, has_rpc
+    if opts.build_dir is not None:
+        return Path(opts.build_dir)
+    have = lambda d: (d / "bin" / "llama-perplexity").is_file()  # noqa: E731
+    if name.startswith("rpc"):
+        d = default_build_dir("cpu")
+        others = [default_build_dir(n) for n in opts.names if not n.startswith("rpc") and n != "cpu"]
+        for cand in [d] + others:
+            if have(cand) and has_rpc(cand):
+                return cand
+        raise HarnessError(f"--backends {name}: no build with ggml's RPC backend in {d}: build one with "
+                           f"`turbo-harness build --rpc` (or `make build RPC=1`), or give --build-dir")
+    d = default_build_dir(name)
+    if have(d):
+        return d
+    if name == "cpu":
+        for n in opts.names:
+            if n != "cpu" and not n.startswith("rpc") and have(default_build_dir(n)):
+                return default_build_dir(n)
+    raise HarnessError(f"--backends {name}: no {name} build in {d}; {usage.backend_fix(name)}")
+
+
+def run_cross(template, opts: CrossOptions, argv: list[str]) -> int:
+    """Run, judge and write a cross-backend sweep; returns the exit code (prints the comparison table).
+
+    Args:
+        template: the SweepConfig the ``sweep`` options made (pairs, sizes, model, corpus, decode; its backend, build
+            folder and offload are replaced per side). opts: the cross-backend options. argv: for the report.
+    Raises:
+        HarnessError: bad --backends/--target, a side without a build, sides that cannot be compared.
+    """
+    from harness import pipeline
+    from harness.checks.sweeps import load_rules
+    from harness.checks.xbackend import judge_xbackend
+    from harness.cli_sweep import build_run, write_reports
+    from harness.interrupt import Interrupted, acknowledge, interruptible
+    from harness.runners.xbackend import XConfig, check_sides, run_xbackend, side_config
+
+    sides = [side_config(n, template, side_build_dir(n, opts), opts.endpoints) for n in opts.names]
+    xcfg = XConfig(sides, target=(opts.target or "").lower())
+    check_sides(xcfg)
+    log = lambda s: click.echo(s, err=True)  # noqa: E731
+    with interruptible():
+        try:
+            res = run_xbackend(xcfg, progress=opts.progress, log=log)
+        except (Interrupted, KeyboardInterrupt) as e:
+            acknowledge()
+            click.echo(f"interrupted by {getattr(e, 'name', 'SIGINT')}: the jobs that finished are cached; rerun the "
+                       f"same command to resume", err=True)
+            return getattr(e, "exit_code", 130)
+        acknowledge()
+    rules = load_rules()
+    codes, sections = [], {}
+    for side in sides:
+        sres = res.sweeps[side.backend]
+        run = build_run(sres, f"{opts.run_dir.name}-{side.backend}", argv)
+        sections[side.backend] = run.sections["sweep"]
+        codes.append(pipeline.finish(run, opts.run_dir / side.backend, strict=opts.strict,
+                                     write=lambda r, d, sres=sres: write_reports(r, sres, d)))
+    cr, sec = judge_xbackend(res, sections, rules)
+    top = _top_run(res, cr, sec, opts, argv)
+    codes.append(pipeline.finish(top, opts.run_dir, opts.known, opts.known_file, opts.strict,
+                                 write=lambda r, d: _write_top(r, res, d)))
+    from harness.report.findings import headline
+    for ln in headline(top):
+        click.echo(ln)
+    click.echo(sec["markdown"])
+    for side in sides:
+        v = next(c.verdict.value for c in pipeline.load_run(opts.run_dir / side.backend).checks if c.id == "SWEEP")
+        click.echo(f"{side.backend}'s own sweep: SWEEP {v}; report {opts.run_dir / side.backend / 'summary.md'}")
+    click.echo(f"XBACKEND {cr.verdict.value}: {res.jobs_run} jobs run, {res.jobs_cached} cached, {res.seconds:.1f} s; "
+               f"report {opts.run_dir / 'summary.md'}")
+    return max(codes, key=lambda c: (c in (130, 143), c))
+
+
+def _top_run(res, cr, sec, opts: CrossOptions, argv: list[str]):
+    """The comparison's :class:`~harness.report.model.Run`: check XBACKEND, section 'xbackend', and metadata naming
+    every side (backend, build, offload, devices, environment) and the shared settings."""
+    import platform
+
+    from harness import __version__
+    from harness.report.model import Run
+    from harness.verify import gpu_info
+    a = res.sweeps[res.config.ref.backend]
+    meta = {"harness_version": __version__, "command_line": " ".join(argv), "host": platform.node(),
+            "python": platform.python_version(), "gpu": gpu_info(), "model": str(res.config.ref.model),
+            "model_sha256": a.meta.get("model_sha256"), "corpus": str(res.config.ref.corpus),
+            "corpus_sha256": a.meta.get("corpus_sha256"), "fork_commit": a.meta.get("fork_commit"),
+            "fork_describe": a.meta.get("fork_describe"), "fork_dirty": a.meta.get("fork_dirty"),
+            "backends": [s.backend for s in res.config.sides], "target_backend": res.config.target,
+            "sides": {s.backend: res.sweeps[s.backend].meta.get("pinned", s.pinned()) | {"build_dir": str(s.bdir)}
+                      for s in res.config.sides if s.backend in res.sweeps},
+            "load_start": res.load_start, "load_end": res.load_end, "model_passes": res.passes,
+            "jobs_run": res.jobs_run, "jobs_cached": res.jobs_cached, "sweep_seconds": round(res.seconds, 1)}
+    run = Run(run_id=opts.run_dir.name, meta=meta)
+    run.checks.append(cr)
+    run.sections["xbackend"] = sec
+    return run
+
+
+def _write_top(run, res, run_dir: Path) -> None:
+    """Evidence of the logits and scoring runs, xbackend.csv, and every renderer's report."""
+    import pandas as pd
+
+    from harness.report.render import write_all
+    from harness.runners.xbackend import copy_cross_evidence
+    ev = copy_cross_evidence(res, run_dir)
+    for c in run.checks[0].cells:
+        if c.metric in ("cross_kld_vs_floor", "noise_floor", "cross_compared"):
+            c.evidence = ev.get(f"cross:{c.path.split(':')[0]}:{c.type}", c.evidence) + ev.get(f"logits:{c.type}", [])
+    pd.DataFrame(run.sections["xbackend"]["rows"]).to_csv(Path(run_dir) / "xbackend.csv", index=False)
+    write_all(run, run_dir)
+

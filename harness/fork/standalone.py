@@ -1,0 +1,120 @@
+"""The fork's ``test-backend-ops`` compiled by the harness against ggml alone.
+
+The fork's CMake target links ``test-backend-ops`` with libllama and llama-common (every test of llama.cpp's
+``tests/`` does), so asking CMake for it compiles about 200 more files than ``verify`` needs, although the source
+includes only ggml's headers. When that holds for the checkout, the harness compiles the fork's own
+``tests/test-backend-ops.cpp``, unchanged, with the compiler, defines and optimisation the CMake build uses
+(``-O3 -DNDEBUG``, ``GGML_SHARED``, ``GGML_BACKEND_SHARED``) and links it with the build's ggml libraries only, into
+``<build>/bin/test-backend-ops`` where the CMake target would have put it. A source that includes anything else
+(a later fork version) is built through CMake as before.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+SOURCE = Path("tests") / "test-backend-ops.cpp"
+# headers the source may include for the ggml-only compile: ggml's own and the standard library's
+_OWN = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.M)
+
+
+def ggml_only(fork: Path) -> bool:
+    """True when the fork's test-backend-ops.cpp includes no project header but ggml's (``ggml*.h``)."""
+    src = Path(fork) / SOURCE
+    if not src.is_file():
+        return False
+    for inc in _OWN.findall(src.read_text(errors="replace")):
+        if "/" in inc or "." in inc and not inc.startswith("ggml"):
+            return False
+    return True
+
+
+def compile_commands(fork: Path, bdir: Path, cxx: str, ccache: bool) -> list[list[str]]:
+    """The compile command (the CMake build's flags for this file; ``-c``, so that ccache can keep the object) and
+    the link command (the build's ggml libraries only)."""
+    libdir = (Path(bdir) / "bin").resolve()
+    obj = (Path(bdir) / "turbo-probe" / "test-backend-ops.o").resolve()
+    compile_ = [*(["ccache"] if ccache else []), cxx, "-O3", "-DNDEBUG", "-std=gnu++17", "-DGGML_SHARED",
+                "-DGGML_BACKEND_SHARED", "-pthread", "-c", str(Path(fork) / SOURCE),
+                f"-I{Path(fork) / 'ggml' / 'include'}", "-o", str(obj)]
+    link = [cxx, "-pthread", str(obj), f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lggml", "-lggml-base",
+            "-o", str(libdir / "test-backend-ops")]
+    return [compile_, link]
+
+
+def _step(cmd: list[str], logf: Path, log, env) -> tuple[int, float]:
+    """Run one compile or link command into its own log, with progress every 30 s: (exit code, seconds)."""
+    from harness.fork.progress import run_with_progress
+    with open(logf, "a") as lf:
+        lf.write("\n=== " + " ".join(cmd) + "\n")
+        lf.flush()
+        rc, _, secs = run_with_progress(cmd, "test-backend-ops", lf, log, env=env)
+    return rc, secs
+
+
+def _failed(logf: Path) -> HarnessError:
+    text = logf.read_text(errors="replace").split("\n=== ")[-1]
+    first = next((ln.strip() for ln in text.splitlines() if "error" in ln), "see the log")[:300]
+    return HarnessError(f"compiling test-backend-ops against ggml failed: {first} (full log: {logf})")
+
+
+def build_backend_ops(fork: Path, bdir: Path, log, env: dict | None = None, cxx: str | None = None,
+                      during=None) -> Path:
+    """Compile ``test-backend-ops`` against the build's ggml (see the module docstring); progress every 30 s.
+
+    The object needs only ggml's headers, so it compiles while ``during()`` runs (the CMake build of ggml: on 2 cores
+    the one large file fills the serial tail of that build); the link waits for the libraries.
+
+    Args:
+        fork: the checkout; bdir: a build folder whose ``bin/`` holds libggml once ``during`` returns.
+        log: one line per step. env: environment of the compile (ccache's).
+        cxx: C++ compiler (default the CMake build's, else $CXX, c++). during: called while the object compiles.
+    Returns:
+        ``<bdir>/bin/test-backend-ops``.
+    Raises:
+        HarnessError: no C++ compiler, or the compile or link failed (its first error quoted, the log named); an
+            error of ``during`` is raised as it is (after the compile has stopped).
+    """
+    import threading
+    cxx = cxx or os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise HarnessError("no C++ compiler found for test-backend-ops: install g++ or clang++, or set CXX")
+    ccache = bool(shutil.which("ccache")) and os.environ.get("TURBO_CCACHE", "1") != "0"
+    compile_, link = compile_commands(fork, bdir, cxx, ccache)
+    obj, out = Path(compile_[-1]), Path(link[-1])
+    logf = Path(bdir) / "turbo-harness-build-test-backend-ops.log"
+    stamp = Path(bdir) / "bin" / ".test-backend-ops.cmd"
+    said = "\n".join(" ".join(c[1:] if c[0] == "ccache" else c) for c in (compile_, link))  # ccache or not: the same
+    src = Path(fork) / SOURCE
+    obj_fresh = stamp.is_file() and stamp.read_text() == said and obj.is_file() \
+        and obj.stat().st_mtime >= src.stat().st_mtime
+    result: dict = {}
+    worker = None
+    if not obj_fresh:
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        log("compiling test-backend-ops against ggml alone (its CMake target would also build libllama and "
+            "llama-common, which it does not use) ...")
+        worker = threading.Thread(target=lambda: result.update(zip(("rc", "secs"), _step(compile_, logf, log, env))))
+        worker.start()
+    try:
+        if during is not None:
+            during()
+    finally:
+        if worker is not None:
+            worker.join()
+    if worker is not None and result.get("rc") != 0:
+        raise _failed(logf)
+    libs = sorted((Path(bdir) / "bin").glob("libggml*"))
+    if worker is None and out.is_file() and out.stat().st_mtime >= max(p.stat().st_mtime for p in [obj, *libs]):
+        return out  # up to date: the same commands, newer than the source and the libraries
+    rc, _ = _step(link, logf, log, env)
+    if rc != 0:
+        raise _failed(logf)
+    stamp.write_text(said)
+    if result.get("secs", 0) >= 30:
+        log(f"  compiled test-backend-ops in {result['secs']:.0f} s")
+    return out

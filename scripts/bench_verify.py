@@ -1,0 +1,71 @@
+"""`make bench`: the whole `turbo-harness verify` wall time (process start to report written, as a user waits for it)
+beside the checks' own times, and what the rest went to, with the machine load beside each figure.
+
+Runs ``turbo-harness verify --checks AUDIT,PQ1..PQ6,COMPAT --out DIR`` as a child process (``--reps N`` runs, median),
+then reads the checks' durations from the run's ``run.json``. Prints figures; it is not a test. Goal (issue 23):
+whole verify <= 8 s wall at load <= 2 after the build, the six checks + COMPAT < 10 s on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS = "AUDIT,PQ1,PQ2,PQ3,PQ4,PQ5,PQ6,COMPAT"
+
+
+def load() -> str:
+    """'load 1.23' (1-minute load average) for the line of a figure."""
+    return f"load {os.getloadavg()[0]:.2f}"
+
+
+def one_run(out: Path, extra: list[str]) -> tuple[float, dict, int]:
+    """(wall seconds from spawn to exit, {check id: seconds}, exit code) of one verify into a fresh ``out``."""
+    shutil.rmtree(out, ignore_errors=True)  # a fresh report each time: --out never merges reports of different builds
+    cmd = [sys.executable, "-m", "harness.cli", "verify", "--checks", CHECKS, "--out", str(out), *extra]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.monotonic() - t0
+    f = out / "run.json"
+    if not f.is_file():
+        sys.stderr.write(r.stdout[-3000:])
+        raise SystemExit(f"error: verify wrote no report ({out}): see its output above")
+    d = json.loads(f.read_text())
+    return wall, {c["id"]: c["duration_s"] for c in d["checks"]}, r.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "build" / "bench-run"))
+    ap.add_argument("--reps", type=int, default=1, help="runs (the median is printed beside each one)")
+    a, extra = ap.parse_known_args(argv)
+    walls, checks = [], []
+    for i in range(a.reps):
+        before = load()
+        wall, t, rc = one_run(Path(a.out), extra)
+        s6 = sum(v for k, v in t.items() if k not in ("COMPAT", "AUDIT"))
+        total = sum(t.values())
+        walls.append(wall)
+        checks.append(total)
+        print("  ".join(f"{k} {v:.1f} s" for k, v in t.items()) + f"   ({before} before, {load()} after)")
+        print(f"run {i + 1}: verify wall {wall:.1f} s (process start to report written, exit {rc}); checks' own "
+              f"{total:.1f} s (six checks {s6:.1f} s + COMPAT {t.get('COMPAT', 0.0):.1f} s + AUDIT "
+              f"{t.get('AUDIT', 0.0):.1f} s); the rest (start-up, "
+              f"imports, reports, plots) {wall - total:.1f} s; {load()}")
+    if a.reps > 1:
+        print(f"median of {a.reps}: verify wall {statistics.median(walls):.1f} s, checks {statistics.median(checks):.1f} s; "
+              f"{load()}")
+    print("goal: verify wall <= 8 s at load <= 2 after the build; six checks + COMPAT < 10 s on 2 cores; all checks "
+          "<= 15 s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

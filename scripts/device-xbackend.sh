@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The cross-backend sample (CPU vs CUDA, `turbo-harness sweep --backends cpu,cuda`) on a lent CUDA machine, in
+# phases that fit the device tool's calls. Run from the root of the checkout that travels, with this branch's code
+# carried in .devcarry/xb/ (harness/, checks/, scripts/) and, in ignored folders carried one per call:
+#   .devcarry/c1/  the fork snapshot (llama-cpp-turboquant-*.tar.xz + README.md with its sha256) and wiki.test.raw
+#   .devcarry/s*/  smol.part*  (+ smol.sha256)      .devcarry/g*/  gemma.part* (+ gemma.sha256)
+# Each call carries at most 64 MiB with the tracked tree (45.6 MiB on 2026-12-07: about 18 MiB left per call), so
+# SmolLM2 (94 MiB) takes about 7 calls of pieces (split -b 15M) and Gemma 3 (241 MiB) about 14.
+# The build and the sweeps' job cache live outside the checkout (/root/xbuild, /root/xcache), so carrying the code
+# again does not remove them. Phases:
+#   build          unpack the fork, start the CUDA build (llama-perplexity) in the background, return
+#   sweep NAME     (NAME smol | gemma) wait for the build, join NAME's pieces, start the sweep in the background
+#   collect NAME [WAIT]   wait up to WAIT s for NAME's sweep, then its report folder and log into $OUT
+#   run NAME [WAIT]       sweep then collect, in one call
+set -u
+PHASE=${1:-build}; NAME=${2:-smol}; WAIT=${3:-540}
+XB=$PWD/.devcarry/xb
+export PYTHONPATH=$XB:/root/xfork/llama.cpp/gguf-py PYTHONUNBUFFERED=1 CUDA_ARCH=${CUDA_ARCH:-90} GGML_NO_BACKTRACE=1
+export TURBO_BUILD_ROOT=/root/xbuild TURBO_SWEEP_CACHE=/root/xcache FORK_DIR=/root/xfork/llama.cpp
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s)
+PAIRS=f16/f16,q8_0/q8_0,q4_0/q4_0,q4_0/q4_0+rot,turbo4/turbo4,turbo3/turbo3,q8_0/turbo3,turbo3/q8_0
+waitfor() { while [ ! -f "$1" ] && [ $(( $(date +%s) - T0 )) -lt "$2" ]; do sleep 5; done; [ -f "$1" ]; }
+case "$PHASE" in
+  build)
+    nvidia-smi -L; nproc; pwd; ls .devcarry
+    [ -d "$FORK_DIR" ] || python3 -m harness.fork.snapshot .devcarry/c1/llama-cpp-turboquant-*.tar.xz --dest /root/xfork || exit 2
+    mkdir -p /root/xbuild
+    if [ ! -f /root/xbuild/.done ] && ! pgrep -f "harness.cli build" >/dev/null; then
+      setsid bash -c "python3 -m harness.cli build --backend cuda --targets ggml,llama-perplexity > /root/xbuild.log 2>&1 \
+        && touch /root/xbuild/.done; echo rc=\$? >> /root/xbuild.log" < /dev/null > /dev/null 2>&1 &
+    fi
+    sleep 5; tail -3 /root/xbuild.log ;;
+  sweep)
+    waitfor /root/xbuild/.done "$WAIT" || { tail -5 /root/xbuild.log; echo "build not finished"; exit 3; }
+    M=/root/$NAME.gguf
+    [ -f "$M" ] || cat $(ls .devcarry/*/$NAME.part* | awk -F/ '{print $NF" "$0}' | sort | cut -d' ' -f2) > "$M"
+    echo "$(cat .devcarry/*/$NAME.sha256 | head -n 1)  $M" | sha256sum -c - || { rm -f "$M"; exit 2; }
+    rm -rf /tmp/xb-$NAME /root/xb-$NAME.done
+    # the greedy-decode tool once, before two sweeps could compile it into the same build folder at the same time
+    python3 -c "from harness.runners.decode import build_decode_tool as b; from pathlib import Path as P; print(b(P('/root/xbuild/cuda'), P('$FORK_DIR')))" || exit 3
+    setsid bash -c "python3 -m harness.cli sweep --backends cpu,cuda --model $M --corpus .devcarry/c1/wiki.test.raw \
+      --ctx 512 --chunks 4 --pairs $PAIRS --no-bench --kld-depths none --no-progress --out /tmp/xb-$NAME \
+      > /root/xb-$NAME.log 2>&1; echo rc=\$? >> /root/xb-$NAME.log; touch /root/xb-$NAME.done" < /dev/null > /dev/null 2>&1 &
+    sleep 3; echo "sweep $NAME started"; tail -3 /root/xb-$NAME.log ;;
+  run)  # sweep in the foreground (wait for the build first), then its report into $OUT: one call instead of two
+    "$0" sweep "$NAME" "$WAIT" && "$0" collect "$NAME" 600 ;;
+  collect)
+    waitfor /root/xb-$NAME.done "$WAIT" && echo "sweep $NAME done" || echo "sweep $NAME still running"
+    cp /root/xb-$NAME.log "$OUT/" 2>/dev/null; tail -40 /root/xb-$NAME.log
+    [ -d /tmp/xb-$NAME ] && tar -czf "$OUT/xb-$NAME.tgz" -C /tmp xb-$NAME ;;
+  *) echo "unknown phase $PHASE: build | sweep NAME | collect NAME [WAIT]" >&2; exit 2 ;;
+esac
