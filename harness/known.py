@@ -24,6 +24,7 @@ this run (check, type or backend not run) is 'not checked' and does not count.
 from __future__ import annotations
 
 import fnmatch
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,8 @@ def load_known(path: str | Path) -> list[KnownFinding]:
     extra = set(raw) - {"finding"}
     if extra:
         raise HarnessError(f"{p}: unknown table {', '.join(sorted(extra))}: write entries as [[finding]]")
+    from harness.checks.registry import REGISTRY
+    ids = [*REGISTRY.ids(), "SWEEP"]  # every registered check, and the sweep's cells (check SWEEP)
     out = []
     for i, e in enumerate(raw.get("finding", []), 1):
         where = f"{p}: [[finding]] #{i}"
@@ -95,15 +98,28 @@ def load_known(path: str | Path) -> list[KnownFinding]:
         if bad:
             raise HarnessError(f"{where} has unknown key {', '.join(sorted(bad))}: allowed are {', '.join(sorted(_KEYS))}")
         paths = e.get("paths") or ([e["path"]] if e.get("path") else [])
+        paths = [paths] if isinstance(paths, str) else paths  # paths = "cpu:*": one pattern, not its characters
+        if not isinstance(paths, list) or not all(isinstance(x, str) for x in paths):
+            raise HarnessError(f"{where}: paths must be a list of path patterns, e.g. paths = [\"cpu:set_rows\", \"cuda:*\"]")
         missing = [k for k in ("check", "type", "metric", "reason") if not e.get(k)] + ([] if paths else ["path"])
         if missing:
             raise HarnessError(f"{where} lacks {', '.join(missing)}: every entry names check, type, path(s), metric and a reason")
+        if str(e["check"]).upper() not in ids:
+            raise HarnessError(f"{where}: check {str(e['check'])!r} is not a check of this harness (it could never "
+                               f"match): choose from {', '.join(ids)}")
         try:
             verdict = Verdict(str(e.get("verdict", "FAIL")).upper())
             accepted = None if e.get("accepted") is None else float(e["accepted"])
             slack = float(e.get("slack", 0.01))
         except (ValueError, TypeError):
-            raise HarnessError(f"{where}: verdict must be PARTIAL, FAIL or ERROR and accepted/slack numbers") from None
+            verdict = accepted = slack = None
+        # NaN compares false, so a NaN accepted/slack would never count a finding as grown (the gate would pass
+        # however far it grew); a negative slack or a PASS/SKIP 'worst accepted verdict' has no meaning
+        if verdict not in _BAD or slack is None or not (math.isfinite(slack) and slack >= 0) or (
+                accepted is not None and not math.isfinite(accepted)):
+            raise HarnessError(f"{where}: verdict must be PARTIAL, FAIL or ERROR, accepted a finite number and slack a "
+                               f"finite number >= 0 (got verdict {e.get('verdict', 'FAIL')!r}, accepted "
+                               f"{e.get('accepted')!r}, slack {e.get('slack', 0.01)!r})")
         out.append(KnownFinding(str(e["check"]).upper(), str(e["type"]), [str(x) for x in paths], str(e["metric"]),
                                 str(e["reason"]), verdict, accepted, slack))
     if not out:

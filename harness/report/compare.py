@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.report.sweep_shape import check_sweep_section
 
 BASELINES = ("q4_0/q4_0", "q4_0/q4_0+rot")
 
@@ -30,6 +31,14 @@ def load_sweep(run_dir: Path) -> dict:
         raise HarnessError(f"{run_dir} holds no run.json: give folders written by `turbo-harness sweep --out DIR`") from None
     except ValueError as e:
         raise HarnessError(f"{f} is not valid JSON ({e}): rerun the sweep into that folder") from None
+    try:  # the shape every reader relies on (a damaged or hand-edited run.json is one line, not a traceback)
+        if not isinstance(d, dict) or not isinstance(d.get("sections") or {}, dict):
+            raise ValueError("the file or its 'sections' is not a JSON object")
+        if "sweep" in (d.get("sections") or {}):
+            check_sweep_section(d["sections"]["sweep"])
+    except ValueError as e:
+        raise HarnessError(f"{f} is not a readable turbo-harness run report ({e}): rerun the sweep into that "
+                           f"folder") from None
     sec = (d.get("sections") or {}).get("sweep")
     if not isinstance(sec, dict) or not sec.get("rows"):
         raise HarnessError(f"{run_dir} is not a sweep report (no sweep table in run.json): give sweep report folders")

@@ -237,9 +237,12 @@ class Run:
     @classmethod
     def from_dict(cls, d: dict) -> "Run":
         """Rebuild a run from its JSON form. Raises ValueError on an unknown schema major version."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the file holds a JSON {type(d).__name__}, not a run report object")
         ver = str(d.get("schema_version", ""))
         if d.get("schema") != "turbo-harness/run" or ver.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
             raise ValueError(f"not a turbo-harness run report of schema {SCHEMA_VERSION} (got {d.get('schema')} {ver})")
+        _check_shape(d)
         run = cls(run_id=d["run_id"], meta=d.get("meta", {}), sections=d.get("sections", {}),
                   interrupted=d.get("interrupted"))
         for cd in d.get("checks", []):
@@ -257,14 +260,57 @@ class Run:
 
 
 _NUM = (int, float)
+_RUN_FIELDS = {"run_id": (str,), "meta": (dict,), "sections": (dict,), "interrupted": (dict, type(None)),
+               "checks": (list,)}
+_CHECK_FIELDS = {"id": (str,), "title": (str,), "notes": (list,), "duration_s": _NUM, "error": (str,),
+                 "not_applicable": (str,), "tables": (list,), "cells": (list,)}
+
+
+def _types_text(types: tuple) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _check_shape(d: dict) -> None:
+    """Raise ValueError naming the field when run.json's run or check level has the wrong JSON type (an edited or
+    damaged report: meta a string, a check id a number, cells an object), before any reader trips over it."""
+    if not isinstance(d, dict):
+        raise ValueError(f"the file holds a JSON {type(d).__name__}, not an object")
+    for k, types in _RUN_FIELDS.items():
+        if k in d and not isinstance(d[k], types):
+            raise ValueError(f"field '{k}' is {type(d[k]).__name__}, not {_types_text(types)}")
+    if "sweep" in d.get("sections", {}):
+        from harness.report.sweep_shape import check_sweep_section
+        check_sweep_section(d["sections"]["sweep"])
+    for i, cd in enumerate(d.get("checks", []), 1):
+        if not isinstance(cd, dict):
+            raise ValueError(f"check {i} is {type(cd).__name__}, not an object")
+        for k, types in _CHECK_FIELDS.items():
+            if k in cd and not isinstance(cd[k], types):
+                raise ValueError(f"check {i}: field '{k}' is {type(cd[k]).__name__}, not {_types_text(types)}")
+        if not all(isinstance(t, dict) for t in cd.get("tables", [])) or not all(
+                isinstance(c, dict) for c in cd.get("cells", [])):
+            raise ValueError(f"check {i}: every entry of 'tables' and 'cells' must be an object")
 _CELL_FIELDS = {"check": (str,), "type": (str,), "path": (str,), "metric": (str,), "value": _NUM + (type(None),),
                 "threshold": _NUM + (type(None),), "op": (str,), "caveat": (str,), "target": (bool,),
                 "evidence": (list,), "details": (dict,), "known": (dict,)}
 
 
+_REQUIRED = ("check", "type", "path", "metric", "value", "threshold", "verdict")
+CELL_OPS = ("<=", ">=", "==", "<", ">")  # the comparisons cells are judged with (harness.report.rejudge.OPS)
+
+
 def _check_cell(c: dict, where: str) -> None:
-    """Raise ValueError naming the field when a stored cell's field has the wrong JSON type (an edited or damaged
-    run.json): every reader relies on these types (numbers for value/threshold, an object for details)."""
+    """Raise ValueError naming the field when a stored cell's field is missing, has the wrong JSON type, or holds a
+    verdict or op no check writes (an edited or damaged run.json): every reader relies on these types (numbers for
+    value/threshold, an object for details), and a cell whose op is unknown could not be re-judged from its value
+    (its stored PASS would be taken on trust)."""
+    for k in _REQUIRED:
+        if k not in c:
+            raise ValueError(f"{where}: field '{k}' is missing")
+    if not isinstance(c["verdict"], str) or c["verdict"] not in Verdict.__members__:
+        raise ValueError(f"{where}: field 'verdict' is {c['verdict']!r}, not one of {', '.join(Verdict.__members__)}")
+    if "op" in c and c["op"] not in CELL_OPS:
+        raise ValueError(f"{where}: field 'op' is {c['op']!r}, not one of {', '.join(CELL_OPS)}")
     for k, types in _CELL_FIELDS.items():
         if k in c and not isinstance(c[k], types):
             raise ValueError(f"{where}: field '{k}' is {type(c[k]).__name__}, not "
