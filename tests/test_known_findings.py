@@ -110,7 +110,8 @@ def test_entries_for_checks_not_run_are_not_checked_and_do_not_fail(tmp_path):
     run.checks = [c for c in run.checks if c.id == "PQ5"]
     section = apply_known(run, load_known(KNOWN), "k")
     assert gate_exit_code(run) == 0
-    assert section["entries"][0]["status"] == {"cpu:set_rows": "not checked", "cpu:quantize_chunk": "not checked"}
+    status = section["entries"][0]["status"]
+    assert set(status) >= {"cpu:set_rows", "cpu:quantize_chunk"} and set(status.values()) == {"not checked"}
 
 
 def test_without_a_known_file_the_exit_code_is_unchanged(tmp_path):
