@@ -235,3 +235,19 @@ def test_scorecard_says_when_it_rejudged_a_run(tmp_path):
     assert r.exit_code == 0, r.output
     assert "re-judged 1 cell" in r.stderr and str(d) in r.stderr, r.stderr
     assert r.stdout.splitlines()[0].startswith("FAIL")
+
+
+def test_a_type_absence_measured_by_pq4_is_a_missing_type_ranked_after_other_findings():
+    """PQ4 records a missing type as a measured cell (type_present = 0, limit >= 1): the scorecard still reads it as
+    a type the build lacks (layout column, and ranked after the fork's other findings), not as the root finding."""
+    from harness.report.model import Cell, CheckResult, Run, Verdict
+    from harness.report.scorecard import missing_types
+    absent = Cell("PQ4", "turbo2", "cpu:traits", "type_present", 0, 1, Verdict.FAIL, op=">=",
+                  caveat="the build has no type named turbo2 (measured: its type traits are absent; nothing crashed)")
+    crash = Cell("PQ4", "turbo3", "cpu:set_rows", "mismatches", None, 0, Verdict.FAIL,
+                 caveat="fork code crashed in probe call set_rows")
+    run = Run("r", meta={"types": ["turbo2", "turbo3", "turbo4"]}, checks=[CheckResult("PQ4", "Layout", [absent, crash])])
+    assert "type missing from the build" in missing_types(run)["turbo2"]
+    assert root_finding(run).startswith("FAIL PQ4 turbo3"), root_finding(run)
+    run.checks[0].cells = [absent]
+    assert root_finding(run).startswith("FAIL PQ4 turbo2")

@@ -107,12 +107,20 @@ def fork_identity(meta: dict) -> tuple[str, str, str]:
     return repo, commit, branch or "unknown"
 
 
+def is_absence(x) -> bool:
+    """True for a cell that records a type the build lacks: PQ4's measured ``type_present = 0`` (traits absent), or
+    an older report's unmeasured cell whose caveat says the build has no type of that name."""
+    if x.metric == "type_present":
+        return x.value == 0
+    return x.value is None and "no type named" in x.caveat
+
+
 def missing_types(run: Run) -> dict[str, str]:
     """{type: reason} for turbo types the build does not have (PQ4's traits cell, or the recorded layout traits)."""
     out = {}
     for c in run.checks:
         for x in c.cells:
-            if x.check == "PQ4" and x.path.endswith(":traits") and x.value is None and "no type named" in x.caveat:
+            if x.check == "PQ4" and x.path.endswith(":traits") and is_absence(x):
                 out[x.type] = f"type missing from the build ({x.caveat})"
     traits = run.meta.get("layout_traits")
     if isinstance(traits, dict):
@@ -202,7 +210,7 @@ def root_finding(run: Run) -> str:
     def key(f: Finding):  # the fork's findings (FAIL, PARTIAL) upstream first; a type the build lacks (often by
         # design on an experiment branch) after them; the harness's ERRORs last
         grade = {"FAIL": 0, "GROWN": 0, "PARTIAL": 1}.get(f.label, 2)
-        absent = bool(f.cells) and all(x.value is None and "no type named" in x.caveat for x in f.cells)
+        absent = bool(f.cells) and all(is_absence(x) for x in f.cells)
         order = ROOT_ORDER.index(f.check) if f.check in ROOT_ORDER else len(ROOT_ORDER)
         return grade == 2, absent, order, grade
     f = min(fs, key=key)
