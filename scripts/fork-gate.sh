@@ -8,7 +8,9 @@
 #   FORK_DIR       the fork checkout (required for build and verify)
 #   REPORT_DIR     where this run's report goes (default reports/ci-run); verify starts it fresh
 #   ACCEPTED_DIR   the last accepted run (a REPORT_DIR of an earlier job, e.g. downloaded as an artifact); when it
-#                  holds no run.json the diff step says so and passes (the first run has nothing to compare with)
+#                  holds no run.json the diff step says so and passes (the first run has nothing to compare with),
+#                  unless REQUIRE_ACCEPTED=1: then a missing accepted run (a wrong path, a failed download) fails
+#                  the gate with exit 2 instead of passing every time
 #   KNOWN          known-findings file (default: checks/known-findings.toml of the harness; '' for none)
 #   FAIL_ON        diff's --fail-on: worse (default) | changed | never
 #   TURBO_BUILD_ROOT  build folder root (default build/ of the harness); BACKEND  backend to build (default: detect)
@@ -52,6 +54,11 @@ step_verify() {
 
 step_diff() {
   if [ ! -f "$ACCEPTED_DIR/run.json" ]; then
+    if [ "${REQUIRE_ACCEPTED:-0}" = 1 ]; then
+      echo "fork-gate: no accepted run in $ACCEPTED_DIR although REQUIRE_ACCEPTED=1: fix the path or the artifact download" >&2
+      mkdir -p "$STATE" && echo 2 > "$STATE/diff"
+      return 0
+    fi
     echo "fork-gate: no accepted run in $ACCEPTED_DIR: nothing to compare with (accept this run to start the history)"
     mkdir -p "$STATE" && echo 0 > "$STATE/diff"
     return 0

@@ -224,3 +224,23 @@ def test_a_failed_download_of_the_accepted_run_is_never_green(workspace):
     codes = second.run(wf)
     assert second.failed, (codes, "\n".join(second.log))
     assert codes["accept this run (main, green)"] is None and codes["gate (known findings and diff)"] is None, codes
+
+
+def test_shell_gate_with_require_accepted_fails_when_the_accepted_run_is_missing(tmp_path):
+    """REQUIRE_ACCEPTED=1: a missing accepted run (wrong path, failed download) fails the gate (exit 2) instead of
+    passing every time; without it the first run passes with a note."""
+    import subprocess
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fork-gate.sh"
+    rep = tmp_path / "run"
+    state = tmp_path / "run.gate"
+    state.mkdir()
+    (state / "verify").write_text("0\n")
+    env = {**os.environ, "REPORT_DIR": str(rep), "ACCEPTED_DIR": str(tmp_path / "nowhere")}
+    for require, want in (("1", 2), ("0", 0)):
+        e = {**env, "REQUIRE_ACCEPTED": require}
+        d = subprocess.run(["bash", str(script), "diff"], env=e, capture_output=True, text=True, timeout=60)
+        assert d.returncode == 0, d.stderr
+        g = subprocess.run(["bash", str(script), "gate"], env=e, capture_output=True, text=True, timeout=60)
+        assert g.returncode == want, (require, g.stdout, d.stdout, d.stderr)
+        if require == "1":
+            assert "REQUIRE_ACCEPTED=1" in d.stderr
