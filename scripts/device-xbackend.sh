@@ -12,9 +12,10 @@
 #   sweep NAME     (NAME smol | gemma) wait for the build, join NAME's pieces, start the sweep in the background
 #   collect NAME [WAIT]   wait up to WAIT s for NAME's sweep, then its report folder and log into $OUT
 #   run NAME [WAIT]       sweep then collect, in one call
+#   verify [WAIT]         wait for the build, then `verify --target cuda`, timed, its report into $OUT
 set -u
 PHASE=${1:-build}; NAME=${2:-smol}; WAIT=${3:-540}
-XB=$PWD/.devcarry/xb
+XB=${XB:-$PWD/.devcarry/xb}; [ -d "$XB/harness" ] || XB=$PWD   # the code: carried copy, else the tree itself
 export PYTHONPATH=$XB:/root/xfork/llama.cpp/gguf-py PYTHONUNBUFFERED=1 CUDA_ARCH=${CUDA_ARCH:-90} GGML_NO_BACKTRACE=1
 export TURBO_BUILD_ROOT=/root/xbuild TURBO_SWEEP_CACHE=/root/xcache FORK_DIR=/root/xfork/llama.cpp
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -27,7 +28,7 @@ case "$PHASE" in
     [ -d "$FORK_DIR" ] || python3 -m harness.fork.snapshot .devcarry/c1/llama-cpp-turboquant-*.tar.xz --dest /root/xfork || exit 2
     mkdir -p /root/xbuild
     if [ ! -f /root/xbuild/.done ] && ! pgrep -f "harness.cli build" >/dev/null; then
-      setsid bash -c "python3 -m harness.cli build --backend cuda --targets ggml,llama-perplexity > /root/xbuild.log 2>&1 \
+      setsid bash -c "python3 -m harness.cli build --backend cuda --targets ggml,llama-perplexity,test-backend-ops > /root/xbuild.log 2>&1 \
         && touch /root/xbuild/.done; echo rc=\$? >> /root/xbuild.log" < /dev/null > /dev/null 2>&1 &
     fi
     sleep 5; tail -3 /root/xbuild.log ;;
@@ -45,6 +46,12 @@ case "$PHASE" in
     sleep 3; echo "sweep $NAME started"; tail -3 /root/xb-$NAME.log ;;
   run)  # sweep in the foreground (wait for the build first), then its report into $OUT: one call instead of two
     "$0" sweep "$NAME" "$WAIT" && "$0" collect "$NAME" 600 ;;
+  verify)  # wait for the build, then `verify --target cuda` timed (#23: per-check times), its report into $OUT
+    waitfor /root/xbuild/.done "$WAIT" || { tail -5 /root/xbuild.log; echo "build not finished"; exit 3; }
+    S=$(date +%s); uptime
+    python3 -m harness.cli verify --target cuda --out /tmp/xb-verify 2>&1 | tee "$OUT/verify.log"
+    echo "verify wall $(( $(date +%s) - S )) s"; uptime
+    tar -czf "$OUT/xb-verify.tgz" -C /tmp xb-verify ;;
   collect)
     waitfor /root/xb-$NAME.done "$WAIT" && echo "sweep $NAME done" || echo "sweep $NAME still running"
     cp /root/xb-$NAME.log "$OUT/" 2>/dev/null; tail -40 /root/xb-$NAME.log
