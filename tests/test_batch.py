@@ -266,3 +266,30 @@ def test_compat_batched_gives_the_numbers_of_single_calls(fork_target, tmp_path)
     assert costs["by_method"].get("flash_attn", [0])[0] <= len(device_backends)
     assert run_s.meta["check_costs"]["COMPAT"]["by_method"]["flash_attn"][0] >= (15 + 3) * len(device_backends)
     assert {"writes", "writer matrix", "cross-decode", "coverage", "test-backend-ops"} <= set(costs["parts_s"])
+
+
+def test_a_probe_built_from_other_sources_is_rebuilt_whatever_its_file_time(tmp_path, monkeypatch):
+    """A newer libturbo_probe.so of another harness version (without the batch entry points) must not be taken for
+    this one's: the probe is rebuilt when its sources' digest differs from the one it was built from."""
+    from harness.fork import probe as P
+    bdir, fork = tmp_path / "b", tmp_path / "fork"
+    (bdir / "bin").mkdir(parents=True)
+    (bdir / "bin" / "libggml-base.so").write_text("")
+    (fork / "ggml" / "include").mkdir(parents=True)
+    (fork / "ggml" / "include" / "ggml.h").write_text("")
+    built = []
+
+    def fake_compile(what, fork_, libdir, out, args):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("lib")
+        built.append(out)
+        return out
+    monkeypatch.setattr(P, "compile_c", fake_compile)
+    out = P.build_probe(bdir, fork)
+    assert len(built) == 1
+    P.build_probe(bdir, fork)
+    assert len(built) == 1  # same sources, libs not newer: kept
+    out.with_name(out.name + ".sources").write_text("digest of another version's sources\n")
+    out.touch()  # newer than everything: file times alone would keep it
+    P.build_probe(bdir, fork)
+    assert len(built) == 2

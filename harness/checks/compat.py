@@ -351,4 +351,5 @@ class _Clock:
         finally:
             self.timings[part] = round(self.timings.get(part, 0.0) + time.monotonic() - t0, 3)
 
+
 CHECK = Check(ID, TITLE, run, order=70, rules="COMPAT", needs=("probe", "test-backend-ops"))

@@ -46,23 +46,30 @@ def build_probe(bdir: Path, fork: Path, force: bool = False) -> Path:
         bdir: a fork build folder holding ``bin/libggml*.so`` (or .dylib).
         fork: the fork checkout (for headers).
     Returns:
-        Path of the probe shared library (rebuilt only when probe.c or the libs are newer).
+        Path of the probe shared library, rebuilt when the libs are newer or the probe's sources differ from the
+        ones it was built from (their digest is kept beside it: a library of another harness version, with other
+        entry points, is never taken for this one's because of file times).
     Raises:
         HarnessError: no compiler, or the compile failed (message quotes the first error).
     """
+    import hashlib
     bdir = Path(bdir)
     libdir = bdir / "bin"
     out = bdir / "turbo-probe" / LIBNAME
     libs = sorted(libdir.glob("libggml-base.*"))
     if not libs:
         raise HarnessError(f"no ggml libraries in {libdir}: run `make build` first")
-    newest = max(p.stat().st_mtime for p in [*PROBE_SOURCES, *libs])
-    if out.is_file() and not force and out.stat().st_mtime >= newest:
-        return out
     inc = Path(fork) / "ggml" / "include"
-    return compile_c("the native probe", fork, libdir, out,
-                     ["-shared", "-fPIC", f"-DTP_WHT_NARGS={wht_nargs(fork)}", *(str(p) for p in PROBE_SOURCES[:2]), f"-I{inc}",
-                      "-lggml", "-lggml-base", "-lggml-cpu"])
+    args = ["-shared", "-fPIC", f"-DTP_WHT_NARGS={wht_nargs(fork)}", *(str(p) for p in PROBE_SOURCES[:2]), f"-I{inc}",
+            "-lggml", "-lggml-base", "-lggml-cpu"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in PROBE_SOURCES) + " ".join(args).encode()).hexdigest()
+    stamp = out.with_name(out.name + ".sources")
+    fresh = out.is_file() and out.stat().st_mtime >= max(p.stat().st_mtime for p in libs)
+    if fresh and not force and stamp.is_file() and stamp.read_text().strip() == digest:
+        return out
+    compile_c("the native probe", fork, libdir, out, args)
+    stamp.write_text(digest + "\n")
+    return out
 
 
 # A one-file compile takes well under a second; a compiler that hangs (a stuck wrapper, a licence server) is stopped.
