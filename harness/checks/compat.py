@@ -178,9 +178,12 @@ def _write_all(ctx: Context, x: np.ndarray) -> dict:
     return out
 
 
-def _writer_matrix(ctx: Context, t: str, writers: dict, written, x: np.ndarray) -> list[Cell]:
+def _writer_matrix(ctx: Context, t: str, writers: dict, written=None, x: np.ndarray | None = None) -> list[Cell]:
     """Cells for each writer vs the reference and each pair of writers; fills ``writers`` {path: bytes} from
-    ``written`` (:func:`_write_all`'s answers, or its exception) for the rows ``x``."""
+    ``written`` (:func:`_write_all`'s answers, or its exception; made here when not given) for the rows ``x``
+    (default :func:`_rows`)."""
+    x = _rows(ctx) if x is None else x
+    written = _write_all(ctx, x) if written is None else written
     ref_idx, ref_norm, y, ref_th = _reference_bytes(ctx, t, x)
     ref_bytes = T.pack(t, ref_idx, ref_norm).reshape(-1)
     ref_path = _reference_path(ctx, t)
