@@ -294,3 +294,23 @@ def test_tools_built_from_an_earlier_commit_are_rebuilt_when_the_folder_moves_to
     last = (bdir / "calls.txt").read_text().splitlines()[-1].split()
     assert sorted(last) == ["ggml", "llama", "llama-perplexity"], last
     assert res.meta["fork_commit"] == "2" * 40 and any("rebuilt too" in ln for ln in lines), lines
+
+
+def test_backend_ops_object_is_compiled_again_when_a_ggml_header_changes(tmp_path, fake_cmake, monkeypatch):
+    """The object includes ggml's headers (type ids, op enums): a commit that changes only ggml.h left the old object,
+    linked against the new libraries (test-backend-ops then tests other type ids than it names)."""
+    (fake_cmake / "fakecxx").write_text(FAKE_CXX)
+    (fake_cmake / "fakecxx").chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake_cmake / "fakecxx"))
+    monkeypatch.setenv("TURBO_CCACHE", "0")
+    fork = _fork(tmp_path / "f")
+    (fork / "tests").mkdir()
+    (fork / "tests" / "test-backend-ops.cpp").write_text("#include <ggml.h>\n")
+    bdir = tmp_path / "build" / "cpu"
+    fb.build("cpu", None, fork=fork, bdir=bdir, log=lambda s: None)
+    obj = bdir / "turbo-probe" / "test-backend-ops.o"
+    later = obj.stat().st_mtime + 10
+    os.utime(fork / "ggml" / "include" / "ggml.h", (later, later))  # only the header changed
+    fb.build("cpu", None, fork=fork, bdir=bdir, log=lambda s: None)
+    again = (bdir / "calls.txt").read_text().splitlines()[4:]
+    assert sorted(again[:2]) == ["c++ -c", "ggml"] and again[2:] == ["c++ link"], again
