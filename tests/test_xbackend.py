@@ -35,6 +35,7 @@ a = sys.argv[1:]
 with open(conf["calls"], "a") as f:
     f.write(conf["name"] + " " + " ".join(a) + "\n")
 ctk, ctv, ctx = a[a.index("-ctk") + 1], a[a.index("-ctv") + 1], int(a[a.index("-c") + 1])
+ctk, ctv = conf.get("sub", {{}}).get(ctk, ctk), conf.get("sub", {{}}).get(ctv, ctv)  # a fork that silently uses others
 base = a[a.index("--kl-divergence-base") + 1]
 mib = lambda t: predict_kv_bytes(TRAITS[t], ctx, 1, 30, 3, 64) / 2**20
 sys.stderr.write(f"llama_kv_cache: size = {{mib(ctk) + mib(ctv):8.2f}} MiB ({{ctx:6d}} cells,  30 layers,  1/1 seqs), "
@@ -64,13 +65,13 @@ print(f"Same top p: {{100 - 100 * kld:.3f}} ± 0.100 %")
 '''
 
 
-def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None) -> Path:
+def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None, sub=None) -> Path:
     bdir = root / name
     (bdir / "bin").mkdir(parents=True, exist_ok=True)
     _script(bdir / "bin" / "llama-perplexity", FAKE.format(py=sys.executable, root=str(ROOT)))
     (bdir / "fake.json").write_text(json.dumps({"name": name, "jitter": jitter, "shift": shift or {},
                                                 "crash": list(crash), "calls": str(calls),
-                                                "splits": splits or {}}))
+                                                "splits": splits or {}, "sub": sub or {}}))
     return bdir
 
 
@@ -157,6 +158,22 @@ def test_pair_placed_on_the_cpu_on_b_is_its_own_cell(xb):
     c = _cells(cr, "cross_compared")["turbo3/turbo3"]
     assert c.verdict == Verdict.PARTIAL and "not compared on cuda" in c.caveat and "graph splits 5" in c.caveat
     assert "turbo3/turbo3" not in _cells(cr, "cross_kld_vs_floor")
+
+
+def test_a_pair_whose_runs_used_other_kv_types_is_not_judged_agreeing(xb):
+    """Both backends' builds silently run turbo3 as q8_0: their logits agree, but no turbo3 was compared. The
+    per-backend sweeps said ERROR (the log names q8_0); XBACKEND judged the scoring run alone and said PASS."""
+    res, cr, sec = xb.run(xb.make(a={"sub": {"turbo3": "q8_0"}}, b={"sub": {"turbo3": "q8_0"}}))
+    assert "turbo3/turbo3" not in _cells(cr, "cross_kld_vs_floor")
+    c = _cells(cr, "cross_compared")["turbo3/turbo3"]
+    assert c.verdict == Verdict.ERROR and "K=turbo3" in c.caveat and "q8_0" in c.caveat, c.caveat
+    assert _cells(cr, "cross_kld_vs_floor")["q8_0/q8_0"].verdict == Verdict.PASS
+    row = next(r for r in sec["rows"] if r["pair"] == "turbo3/turbo3")
+    assert row["status"] == "ERROR"
+    # only the target's run substituted: named as the target's
+    res, cr, sec = xb.run(xb.make(b={"sub": {"turbo3": "q8_0"}}))
+    c = _cells(cr, "cross_compared")["turbo3/turbo3"]
+    assert c.verdict == Verdict.ERROR and c.path.startswith("cuda:") and "cuda's run" in c.caveat, c.caveat
 
 
 def test_nothing_compared_is_never_pass(xb):
