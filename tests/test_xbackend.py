@@ -215,6 +215,18 @@ def test_side_settings_and_bad_backends(tmp_path):
         check_sides(XConfig([cpu, other]))
 
 
+def test_sides_built_from_different_fork_commits_are_refused(xb):
+    """build/cpu from one commit, build/cuda from another: every difference would be the commits', and the report
+    named the reference side's commit only."""
+    cfg = xb.make()
+    for side, commit in zip(cfg.sides, ("1" * 40, "2" * 40)):
+        (side.bdir / "turbo-harness-build.json").write_text(json.dumps({"fork_commit": commit, "fork_dirty": False}))
+    with pytest.raises(HarnessError, match="built from fork 222222222222 .* from 111111111111"):
+        check_sides(cfg)
+    (cfg.sides[1].bdir / "turbo-harness-build.json").write_text(json.dumps({"fork_commit": "1" * 40, "fork_dirty": False}))
+    check_sides(cfg)  # the same source: compared
+
+
 def test_cli_backends_writes_both_sweeps_and_the_comparison(xb, monkeypatch):
     from click.testing import CliRunner
 
