@@ -14,6 +14,7 @@ from harness.checks import compat, pq6_attention
 from harness.checks.compat_tables import backend_ops_cells
 from harness.fork import backends, vulkan
 from harness.fork import build as fb
+from harness.errors import Unsupported
 from harness.report.model import Verdict
 from harness.runners import backend_ops
 from harness.targets.fork import select_backends
@@ -367,3 +368,20 @@ def test_the_vulkan_sample_judges_every_vulkan_writer_and_passes_its_known_findi
     known = Path(__file__).resolve().parents[1] / "checks" / "known-findings-vulkan.toml"
     apply_known(run, load_known(known), str(known))
     assert gate_exit_code(run, False) == 0
+
+
+def test_a_writer_no_backend_reads_exactly_keeps_its_measured_verdict(make_ctx, monkeypatch):
+    """The writer's bytes are compared with the reference quantiser's through the reference decoder; naming a backend
+    reader is only the caveat. When none read the type exactly (only lossy routes), byte_reader's Unsupported turned
+    the measured FAIL into a SKIP 'not supported'."""
+    real = compat.byte_reader
+
+    def no_reader(ctx, backend, t):
+        if backend == "vulkan":
+            raise Unsupported("no exact decode route for turbo2 (emulated)")
+        return real(ctx, backend, t)
+    monkeypatch.setattr(compat, "byte_reader", no_reader)
+    bad = compat.run(make_ctx(_vk_target(backend_faults={"vulkan": {"uncorrected_norm"}}), target_backend="vulkan",
+                              types=("turbo2",)))
+    w = _writer_cell(bad, "turbo2")
+    assert w.verdict == Verdict.FAIL and "read by the reference decoder" in w.caveat, (w.verdict, w.caveat)
