@@ -385,3 +385,17 @@ def test_a_writer_no_backend_reads_exactly_keeps_its_measured_verdict(make_ctx, 
                               types=("turbo2",)))
     w = _writer_cell(bad, "turbo2")
     assert w.verdict == Verdict.FAIL and "read by the reference decoder" in w.caveat, (w.verdict, w.caveat)
+
+
+def test_backend_ops_with_no_case_tested_is_skip_not_pass(make_ctx):
+    """Every case 'not supported' (a backend that takes none of the turbo ops): 0 FAIL of 0 run was a PASS."""
+    res = {"command": "test-backend-ops -o SET_ROWS", "note": "", "returncode": 0, "groups": [],
+           "results": [{"backend": "Vulkan0", "op": "SET_ROWS", "params": f"type={t}", "status": "not supported",
+                        "error": None, "metric": None, "max_error": None} for t in ("turbo3", "turbo4")]}
+
+    class T(NumpyTarget):
+        def backend_ops(self, log_path=None):
+            return res
+    cells, _ = backend_ops_cells(make_ctx(T(), types=("turbo3",)))
+    c = next(c for c in cells if c.metric == "failed_cases")
+    assert c.verdict == Verdict.SKIP and c.caveat.startswith("no case was tested: 0 OK, 0 FAIL, 2 not supported")
