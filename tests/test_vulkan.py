@@ -399,3 +399,20 @@ def test_backend_ops_with_no_case_tested_is_skip_not_pass(make_ctx):
     cells, _ = backend_ops_cells(make_ctx(T(), types=("turbo3",)))
     c = next(c for c in cells if c.metric == "failed_cases")
     assert c.verdict == Verdict.SKIP and c.caveat.startswith("no case was tested: 0 OK, 0 FAIL, 2 not supported")
+
+
+def test_examination_table_says_executed_only_where_a_cell_measured_it(make_ctx):
+    """Vulkan writes turbo2 but cannot read it: the examination table said 'executed on a software device: cpy' for
+    its turbo2 decode and 'executed' for its turbo2 attention (the routes the backend table offers, for every type)."""
+    from harness.checks import pq4_layout
+    from harness.checks.examined import examination
+    ctx = make_ctx(_vk_target(), target_backend="vulkan", types=("turbo2", "turbo3"))
+    ctx.done = {"PQ4": list(pq4_layout.run(ctx)), "COMPAT": list(compat.run(ctx))}
+    rows = {(r[0], r[1], r[2]): r[3] for r in examination(ctx, {}).rows}
+    assert rows[("vulkan", "turbo2", "decode")].startswith("not examined on vulkan: "), rows[("vulkan", "turbo2", "decode")]
+    assert "cannot read turbo2" in rows[("vulkan", "turbo2", "decode")]
+    assert rows[("vulkan", "turbo2", "attention")].startswith("not examined on vulkan: ")
+    assert rows[("vulkan", "turbo2", "quantize")] == "executed on a software device (llvmpipe (LLVM 15.0.6, 256 bits)): set_rows"
+    assert rows[("vulkan", "turbo3", "decode")].endswith(": get_rows") and rows[("vulkan", "turbo3", "attention")] \
+        .startswith("executed on a software device")
+    assert rows[("cpu", "turbo2", "decode")].startswith("executed")
