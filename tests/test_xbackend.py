@@ -40,6 +40,8 @@ base = a[a.index("--kl-divergence-base") + 1]
 mib = lambda t: predict_kv_bytes(TRAITS[t], ctx, 1, 30, 3, 64) / 2**20
 sys.stderr.write(f"llama_kv_cache: size = {{mib(ctk) + mib(ctv):8.2f}} MiB ({{ctx:6d}} cells,  30 layers,  1/1 seqs), "
                  f"K ({{ctk}}): {{mib(ctk):8.2f}} MiB, V ({{ctv}}): {{mib(ctv):8.2f}} MiB\n")
+if int(a[a.index("-ngl") + 1]) > 0 and not conf.get("no_device"):
+    sys.stderr.write(f"llama_model_load_from_file_impl: using device {{conf['name'].upper()}}0 (fake) - 1000 MiB free\n")
 sys.stderr.write(f"sched_reserve: graph splits = {{conf.get('splits', {{}}).get(ctk, 1)}}\n")
 sys.stderr.flush()
 if ctk in conf["crash"]:
@@ -65,13 +67,15 @@ print(f"Same top p: {{100 - 100 * kld:.3f}} ± 0.100 %")
 '''
 
 
-def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None, sub=None) -> Path:
+def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None, sub=None,
+               no_device=False) -> Path:
     bdir = root / name
     (bdir / "bin").mkdir(parents=True, exist_ok=True)
     _script(bdir / "bin" / "llama-perplexity", FAKE.format(py=sys.executable, root=str(ROOT)))
     (bdir / "fake.json").write_text(json.dumps({"name": name, "jitter": jitter, "shift": shift or {},
                                                 "crash": list(crash), "calls": str(calls),
-                                                "splits": splits or {}, "sub": sub or {}}))
+                                                "splits": splits or {}, "sub": sub or {},
+                                                "no_device": no_device}))
     return bdir
 
 
@@ -174,6 +178,24 @@ def test_a_pair_whose_runs_used_other_kv_types_is_not_judged_agreeing(xb):
     res, cr, sec = xb.run(xb.make(b={"sub": {"turbo3": "q8_0"}}))
     c = _cells(cr, "cross_compared")["turbo3/turbo3"]
     assert c.verdict == Verdict.ERROR and c.path.startswith("cuda:") and "cuda's run" in c.caveat, c.caveat
+
+
+def test_a_gpu_side_whose_tools_used_no_device_is_not_compared(xb):
+    """A Vulkan build on a machine whose only Vulkan device is lavapipe: ggml ignores it unless told, llama-perplexity
+    ignores -ngl 99 and runs on the CPU (exit 0, no 'using device' line). The comparison was CPU against CPU, every
+    pair PASS 'agrees within the floor rule'."""
+    cfg = xb.make(b={"no_device": True})
+    res, cr, sec = xb.run(cfg)
+    assert not _cells(cr, "cross_kld_vs_floor") and cr.verdict != Verdict.PASS
+    c = _cells(cr, "cross_compared")["turbo3/turbo3"]
+    assert c.verdict == Verdict.ERROR and "used no cuda device" in c.caveat, c.caveat
+    assert "used no cuda device" in res.sweeps["cuda"].base.error
+    # a record cached by a harness that did not look is run again, not reused
+    from harness.runners.sweep_jobs import _Cache
+    rec = res.cross[("cuda", "turbo3/turbo3")]
+    rec.ok, rec.error, rec.data = True, "", {"stats": {"kld": 0.0, "ppl": 10.0}, "kv": {}}
+    _Cache(cfg.sides[1].cache_dir).put(rec)
+    assert S.cached_run(cfg.sides[1], _Cache(cfg.sides[1].cache_dir), rec.key) is None
 
 
 def test_nothing_compared_is_never_pass(xb):

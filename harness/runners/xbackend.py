@@ -216,7 +216,7 @@ def _ref_logits(side: SweepConfig, res: SweepResult, k: str, v: str, out: XResul
     err = S._unknown_type_error(k, v, set(traits if traits is not None else res.traits))
     if err:
         return JobRecord("base", lab, False, err, key=key, fault="harness")
-    rec = None if side.fresh else S._Cache(side.cache_dir).get(key)
+    rec = None if side.fresh else S.cached_run(side, S._Cache(side.cache_dir), key)
     if rec is not None:
         out.jobs_cached += 1
         return rec
@@ -241,7 +241,7 @@ def _cross_job(side: SweepConfig, res: SweepResult, ref_name: str, logits: JobRe
     ident = S.job_ident(side, S._fork_identity(side.bdir), res.meta)
     key = S._key({**ident, "job": "xscore", "pair": [k, v], "ref": logits.key or logits.data.get("base_file"), "v": 1})
     cache = S._Cache(side.cache_dir)
-    rec = None if side.fresh else cache.get(key)
+    rec = None if side.fresh else S.cached_run(side, cache, key)
     if rec is not None:
         out.jobs_cached += 1
         return rec
