@@ -416,3 +416,13 @@ def test_examination_table_says_executed_only_where_a_cell_measured_it(make_ctx)
     assert rows[("vulkan", "turbo3", "decode")].endswith(": get_rows") and rows[("vulkan", "turbo3", "attention")] \
         .startswith("executed on a software device")
     assert rows[("cpu", "turbo2", "decode")].startswith("executed")
+
+
+def test_verdict_line_names_how_backends_were_examined_without_audit(tmp_path):
+    """Spec: the verdict line names the backends executed and those only audited. It did so only through AUDIT's
+    table: a run of other checks said nothing of which backends ran, on what device, and which were not examined."""
+    from harness.report.findings import verdict_line
+    run = run_checks(_vk_target(), ["PQ4"], ["turbo3"], tmp_path / "r", target_backend="vulkan", log=lambda s: None)
+    line = verdict_line(run)
+    assert line.endswith("[executed: cpu; executed on a software device: vulkan; not examined: cuda, metal, hip "
+                         "(no source audit in this report)]"), line
