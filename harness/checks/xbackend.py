@@ -79,7 +79,9 @@ def judge_xbackend(res, sections: dict[str, dict], rules: dict) -> tuple[CheckRe
         rows_b = {r["pair"]: r for r in sections.get(b_name, {}).get("rows", [])}
         path = f"{b_name}:vs-{a_name}"
         fl = res.cross.get((b_name, REF))
-        floor = fl.data["stats"]["kld"] if fl is not None and fl.ok else None
+        fl_bad = fl is not None and fl.ok and _kv_problem(fl, res.logits.get(REF), REF, a_name, b_name,
+                                                          cfg.ref.fork_defaults) is not None
+        floor = fl.data["stats"]["kld"] if fl is not None and fl.ok and not fl_bad else None
         floor_se = (fl.data["stats"].get("kld_se") or 0.0) if floor is not None else None
         limit = max(mult * floor, kmin) if floor is not None else None
         floors[b_name] = {"kld": floor, "kld_se": floor_se, "limit": limit}
@@ -134,7 +136,7 @@ def judge_xbackend(res, sections: dict[str, dict], rules: dict) -> tuple[CheckRe
                 rows_out.append(row)
                 continue
             if floor is None:
-                why = fl.error if fl is not None else "not run"
+                why = ("its runs did not use the f16 cache" if fl_bad else fl.error) if fl is not None else "not run"
                 c = Cell(ID, lab, path, "cross_kld_vs_floor", s["kld"], None, Verdict.SKIP, evidence=ev,
                          caveat=f"not judged: no measured noise floor (f16/f16 {b_name} vs {a_name}: {why})")
                 cr.cells.append(c)
