@@ -35,10 +35,13 @@ a = sys.argv[1:]
 with open(conf["calls"], "a") as f:
     f.write(conf["name"] + " " + " ".join(a) + "\n")
 ctk, ctv, ctx = a[a.index("-ctk") + 1], a[a.index("-ctv") + 1], int(a[a.index("-c") + 1])
+ctk, ctv = conf.get("sub", {{}}).get(ctk, ctk), conf.get("sub", {{}}).get(ctv, ctv)  # a fork that silently uses others
 base = a[a.index("--kl-divergence-base") + 1]
 mib = lambda t: predict_kv_bytes(TRAITS[t], ctx, 1, 30, 3, 64) / 2**20
 sys.stderr.write(f"llama_kv_cache: size = {{mib(ctk) + mib(ctv):8.2f}} MiB ({{ctx:6d}} cells,  30 layers,  1/1 seqs), "
                  f"K ({{ctk}}): {{mib(ctk):8.2f}} MiB, V ({{ctv}}): {{mib(ctv):8.2f}} MiB\n")
+if int(a[a.index("-ngl") + 1]) > 0 and not conf.get("no_device"):
+    sys.stderr.write(f"llama_model_load_from_file_impl: using device {{conf['name'].upper()}}0 (fake) - 1000 MiB free\n")
 sys.stderr.write(f"sched_reserve: graph splits = {{conf.get('splits', {{}}).get(ctk, 1)}}\n")
 sys.stderr.flush()
 if ctk in conf["crash"]:
@@ -64,13 +67,15 @@ print(f"Same top p: {{100 - 100 * kld:.3f}} ± 0.100 %")
 '''
 
 
-def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None) -> Path:
+def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None, sub=None,
+               no_device=False) -> Path:
     bdir = root / name
     (bdir / "bin").mkdir(parents=True, exist_ok=True)
     _script(bdir / "bin" / "llama-perplexity", FAKE.format(py=sys.executable, root=str(ROOT)))
     (bdir / "fake.json").write_text(json.dumps({"name": name, "jitter": jitter, "shift": shift or {},
                                                 "crash": list(crash), "calls": str(calls),
-                                                "splits": splits or {}}))
+                                                "splits": splits or {}, "sub": sub or {},
+                                                "no_device": no_device}))
     return bdir
 
 
@@ -159,6 +164,45 @@ def test_pair_placed_on_the_cpu_on_b_is_its_own_cell(xb):
     assert "turbo3/turbo3" not in _cells(cr, "cross_kld_vs_floor")
 
 
+def test_a_pair_whose_runs_used_other_kv_types_is_not_judged_agreeing(xb):
+    """Both backends' builds silently run turbo3 as q8_0: their logits agree, but no turbo3 was compared. The
+    per-backend sweeps said ERROR (the log names q8_0); XBACKEND judged the scoring run alone and said PASS."""
+    res, cr, sec = xb.run(xb.make(a={"sub": {"turbo3": "q8_0"}}, b={"sub": {"turbo3": "q8_0"}}))
+    assert "turbo3/turbo3" not in _cells(cr, "cross_kld_vs_floor")
+    c = _cells(cr, "cross_compared")["turbo3/turbo3"]
+    assert c.verdict == Verdict.ERROR and "K=turbo3" in c.caveat and "q8_0" in c.caveat, c.caveat
+    assert _cells(cr, "cross_kld_vs_floor")["q8_0/q8_0"].verdict == Verdict.PASS
+    row = next(r for r in sec["rows"] if r["pair"] == "turbo3/turbo3")
+    assert row["status"] == "ERROR"
+    # the floor's own runs not on the f16 cache: no floor to judge any pair against
+    res, cr, sec = xb.run(xb.make(b={"sub": {"f16": "q8_0"}}, pairs="f16/f16,q8_0/q8_0"))
+    assert _cells(cr, "cross_compared")["f16/f16"].verdict == Verdict.ERROR
+    c = _cells(cr, "cross_kld_vs_floor")["q8_0/q8_0"]
+    assert c.verdict == Verdict.SKIP and "did not use the f16 cache" in c.caveat, c.caveat
+    # only the target's run substituted: named as the target's
+    res, cr, sec = xb.run(xb.make(b={"sub": {"turbo3": "q8_0"}}))
+    c = _cells(cr, "cross_compared")["turbo3/turbo3"]
+    assert c.verdict == Verdict.ERROR and c.path.startswith("cuda:") and "cuda's run" in c.caveat, c.caveat
+
+
+def test_a_gpu_side_whose_tools_used_no_device_is_not_compared(xb):
+    """A Vulkan build on a machine whose only Vulkan device is lavapipe: ggml ignores it unless told, llama-perplexity
+    ignores -ngl 99 and runs on the CPU (exit 0, no 'using device' line). The comparison was CPU against CPU, every
+    pair PASS 'agrees within the floor rule'."""
+    cfg = xb.make(b={"no_device": True})
+    res, cr, sec = xb.run(cfg)
+    assert not _cells(cr, "cross_kld_vs_floor") and cr.verdict != Verdict.PASS
+    c = _cells(cr, "cross_compared")["turbo3/turbo3"]
+    assert c.verdict == Verdict.ERROR and "used no cuda device" in c.caveat, c.caveat
+    assert "used no cuda device" in res.sweeps["cuda"].base.error
+    # a record cached by a harness that did not look is run again, not reused
+    from harness.runners.sweep_jobs import _Cache
+    rec = res.cross[("cuda", "turbo3/turbo3")]
+    rec.ok, rec.error, rec.data = True, "", {"stats": {"kld": 0.0, "ppl": 10.0}, "kv": {}}
+    _Cache(cfg.sides[1].cache_dir).put(rec)
+    assert S.cached_run(cfg.sides[1], _Cache(cfg.sides[1].cache_dir), rec.key) is None
+
+
 def test_nothing_compared_is_never_pass(xb):
     res, cr, sec = xb.run(xb.make(pairs="f16/f16", a={"crash": ["f16"]}, no_baselines=True))
     assert cr.verdict != Verdict.PASS
@@ -196,6 +240,18 @@ def test_side_settings_and_bad_backends(tmp_path):
                                             bdir=tmp_path, ctx=128), tmp_path, [])
     with pytest.raises(HarnessError, match="differ in ctx"):
         check_sides(XConfig([cpu, other]))
+
+
+def test_sides_built_from_different_fork_commits_are_refused(xb):
+    """build/cpu from one commit, build/cuda from another: every difference would be the commits', and the report
+    named the reference side's commit only."""
+    cfg = xb.make()
+    for side, commit in zip(cfg.sides, ("1" * 40, "2" * 40)):
+        (side.bdir / "turbo-harness-build.json").write_text(json.dumps({"fork_commit": commit, "fork_dirty": False}))
+    with pytest.raises(HarnessError, match="built from fork 222222222222 .* from 111111111111"):
+        check_sides(cfg)
+    (cfg.sides[1].bdir / "turbo-harness-build.json").write_text(json.dumps({"fork_commit": "1" * 40, "fork_dirty": False}))
+    check_sides(cfg)  # the same source: compared
 
 
 def test_cli_backends_writes_both_sweeps_and_the_comparison(xb, monkeypatch):

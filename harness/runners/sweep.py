@@ -29,12 +29,24 @@ from harness.runners.llama_logs import (parse_bench_json, parse_bench_json_parti
                                         parse_kv_log, parse_kv_logs)
 from harness.runners.sweep_config import (BASELINE_PAIRS, CPU_DEFAULTS, DEFAULT_PAIRS, GPU_DEFAULTS,  # noqa: F401
                                           PINNED_ENV, ROT_ENV, ROT_SUFFIX, JobRecord, SweepConfig, SweepResult,
-                                          pair_label, pair_slug, parse_pairs, rotation_problem, rpc_unreached,
+                                          pair_label, pair_slug, parse_pairs, rotation_problem, rpc_unreached, run_problem,
                                           split_pair, with_baselines)
 from harness.runners.sweep_jobs import (_after_last_context, _bench_tests, _binary_identity, _Cache,  # noqa: F401
                                         _common_args, _evidence, _failed, _fork_identity, _key, _phase, _reparse_kv,
                                         _unknown_type_error, classify_failure, job_ident)
 from harness.runners.tools import run_tool
+
+
+def cached_run(cfg: SweepConfig, cache: _Cache, key: str) -> JobRecord | None:
+    """The cached record of a job, or None when there is none or its tool's log shows it did not measure where it was
+    asked (:func:`run_problem`): cached by a harness that did not look (a local run filed as a remote one, a CPU run
+    filed as a GPU one), it runs again."""
+    rec = cache.get(key)
+    if rec is not None and rec.ok and any(run_problem(cfg, Path(p).read_text(errors="replace"))
+                                          for n, p in rec.evidence.items() if n.endswith(".stderr") and Path(p).is_file()):
+        return None
+    return rec
+
 
 def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str = "f16", v: str = "f16") -> JobRecord:
     """One plain ``llama-perplexity`` run that saves its logits (``--kl-divergence-base``): the f16 baseline of a
@@ -52,8 +64,8 @@ def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str = "f
     rec = _failed(JobRecord("base", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "base"), seconds=res.seconds,
                             key=key), res, cfg)
     text = res.stdout + "\n" + res.stderr
-    if res.ok and rpc_unreached(cfg.rpc, res.stderr):
-        rec.ok, rec.error = False, rpc_unreached(cfg.rpc, res.stderr)
+    if res.ok and run_problem(cfg, res.stderr):
+        rec.ok, rec.error = False, run_problem(cfg, res.stderr)
     elif res.ok:
         fin = parse_final_ppl(text)
         kv = parse_kv_log(res.stderr)
@@ -87,8 +99,8 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
     if res.ok:
         stats = parse_kld_stats(res.stdout)
         kv = parse_kv_log(res.stderr)
-        if rpc_unreached(cfg.rpc, res.stderr):
-            rec.ok, rec.error = False, rpc_unreached(cfg.rpc, res.stderr)
+        if run_problem(cfg, res.stderr):
+            rec.ok, rec.error = False, run_problem(cfg, res.stderr)
         elif "ppl" not in stats or "kld" not in stats:
             scored = cfg.chunks * (cfg.ctx // 2 - 1)  # it scores the second half of each chunk
             few = (f": ctx {cfg.ctx} x {cfg.chunks} chunks scores only {scored} tokens and it prints statistics for "
@@ -116,8 +128,8 @@ def _run_bench(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v:
     if not res.ok:  # keep what the tool measured before it died (llama-bench prints prefill before decode)
         rows, _ = parse_bench_json_partial(res.stdout)
         rec.data = {"rows": [r.to_dict() for r in rows], "kv": [x.to_dict() for x in parse_kv_logs(res.stderr)]}
-    if res.ok and rpc_unreached(cfg.rpc, res.stderr):
-        rec.ok, rec.error = False, rpc_unreached(cfg.rpc, res.stderr)
+    if res.ok and run_problem(cfg, res.stderr):
+        rec.ok, rec.error = False, run_problem(cfg, res.stderr)
         return rec
     if res.ok:
         try:
@@ -218,11 +230,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
             label = pair_label(k, v)
             if bar is not None:
                 bar.set_postfix_str(f"{kind} {label}")
-            rec = None if cfg.fresh else cache.get(key)
-            if rec is not None and cfg.rpc and any(
-                    rpc_unreached(cfg.rpc, Path(p).read_text(errors="replace"))
-                    for n, p in rec.evidence.items() if n.endswith(".stderr")):
-                rec = None  # cached by a harness that did not look: a local run filed as a remote one; run it again
+            rec = None if cfg.fresh else cached_run(cfg, cache, key)
             if rec is None:
                 err = _unknown_type_error(k, v, set(traits))
                 if err:

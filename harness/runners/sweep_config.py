@@ -108,6 +108,27 @@ def rpc_unreached(endpoints, stderr: str) -> str:
             f"(README 'Remote devices') and rerun")
 
 
+def no_device_used(cfg, stderr: str) -> str:
+    """'' unless a run asked to offload to a GPU backend's device used none, else why it measured the CPU instead.
+
+    llama.cpp prints 'llama_model_load_from_file_impl: using device Vulkan0 (...)' for every device it loads the model
+    with (src/llama.cpp; layers go to them as -ngl says); a tool of a GPU build that sees no device of it (a Vulkan
+    build on a machine whose only Vulkan device is lavapipe, which ggml ignores unless ``GGML_VK_VISIBLE_DEVICES``
+    names it; CUDA_VISIBLE_DEVICES hiding every GPU) prints none, ignores ``-ngl`` and runs on the CPU with exit 0. Checked for a side that offloads
+    (``ngl`` > 0) on a backend other than the CPU; a remote side is :func:`rpc_unreached`'s."""
+    if cfg.ngl <= 0 or cfg.backend in ("cpu", "") or cfg.rpc or "using device " in stderr:
+        return ""
+    return (f"the tool used no {cfg.backend} device (no 'using device' line in its log: it ignored -ngl {cfg.ngl} and ran "
+            f"on the CPU), so nothing was measured on {cfg.backend}: make the device visible to it (a software Vulkan "
+            f"device: GGML_VK_VISIBLE_DEVICES=0) or check the driver")
+
+
+def run_problem(cfg, stderr: str) -> str:
+    """'' when a finished run measured where it was asked to, else why not (:func:`rpc_unreached`,
+    :func:`no_device_used`)."""
+    return rpc_unreached(cfg.rpc, stderr) or no_device_used(cfg, stderr)
+
+
 def pair_slug(k: str, v: str) -> str:
     return f"{k}-{v}".replace("/", "_")
 

@@ -91,14 +91,28 @@ class XConfig:
 
 
 def check_sides(cfg: XConfig) -> None:
-    """Raise HarnessError when the sides differ in what makes logits comparable (model, corpus, ctx, chunks, pairs),
-    or the target is not one of them."""
+    """Raise HarnessError when the sides differ in what makes logits comparable (model, corpus, ctx, chunks, pairs, the
+    fork source their builds record: commit, dirty state, diff), or the target is not one of them."""
     a = cfg.ref
     for s in cfg.sides[1:]:
         for what in ("model", "corpus", "ctx", "chunks", "pairs"):
             if getattr(s, what) != getattr(a, what):
                 raise HarnessError(f"--backends: {s.backend} and {a.backend} differ in {what} "
                                    f"({getattr(s, what)} vs {getattr(a, what)}): logits of different runs cannot be compared")
+    from harness.fork.provenance import source_label
+    from harness.runners.sweep_jobs import _fork_identity
+    ids = {s.backend: _fork_identity(s.bdir) for s in cfg.sides}
+    fa = ids[a.backend]
+    for s in cfg.sides[1:]:
+        fs = ids[s.backend]
+        if "unknown" in (str(fa["fork_commit"]), str(fs["fork_commit"])):
+            continue  # a build without a record: nothing to compare (its report says the commit is unknown)
+        if [str(fa[k]) for k in ("fork_commit", "fork_dirty", "fork_diff_sha256")] != \
+                [str(fs[k]) for k in ("fork_commit", "fork_dirty", "fork_diff_sha256")]:
+            lab = lambda f: source_label(f["fork_commit"], f["fork_dirty"], f["fork_diff_sha256"])  # noqa: E731
+            raise HarnessError(f"--backends: {s.backend}'s build {s.bdir} was built from fork {lab(fs)} and "
+                               f"{a.backend}'s {a.bdir} from {lab(fa)}: a difference would be the commits', not the "
+                               f"backends'; rebuild both from one checkout (or give --build-dir)")
     if cfg.target not in [s.backend for s in cfg.sides]:
         raise HarnessError(f"--target {cfg.target}: not one of --backends {','.join(s.backend for s in cfg.sides)}")
 
@@ -202,7 +216,7 @@ def _ref_logits(side: SweepConfig, res: SweepResult, k: str, v: str, out: XResul
     err = S._unknown_type_error(k, v, set(traits if traits is not None else res.traits))
     if err:
         return JobRecord("base", lab, False, err, key=key, fault="harness")
-    rec = None if side.fresh else S._Cache(side.cache_dir).get(key)
+    rec = None if side.fresh else S.cached_run(side, S._Cache(side.cache_dir), key)
     if rec is not None:
         out.jobs_cached += 1
         return rec
@@ -227,7 +241,7 @@ def _cross_job(side: SweepConfig, res: SweepResult, ref_name: str, logits: JobRe
     ident = S.job_ident(side, S._fork_identity(side.bdir), res.meta)
     key = S._key({**ident, "job": "xscore", "pair": [k, v], "ref": logits.key or logits.data.get("base_file"), "v": 1})
     cache = S._Cache(side.cache_dir)
-    rec = None if side.fresh else cache.get(key)
+    rec = None if side.fresh else S.cached_run(side, cache, key)
     if rec is not None:
         out.jobs_cached += 1
         return rec
