@@ -23,9 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A fake llama-perplexity. Each build folder has fake.json: {"name", "jitter", "shift": {type: x}, "crash": [types]}.
 # A run's logits are the point pos = LOSS[ctk] + shift[ctk] + jitter; the KLD of a run against saved logits is
-# |pos - saved pos| (so two backends' f16 runs differ by their jitters: the floor). Logits files hold the point.
+# |pos - saved pos| (so two backends' f16 runs differ by their jitters: the floor). Logits files are in the fork's
+# layout (harness/runners/logit_files.py) over a 2-token vocabulary: every row has log p = [-pos, -pos - 17], so the
+# KLD of a saved run against a saved run at pos 0 (the f16 baseline on a backend without jitter) is pos.
 FAKE = r'''#!{py}
-import json, os, signal, sys
+import json, os, signal, struct, sys
 sys.path.insert(0, {root!r})
 from harness.runners.ggml_types import predict_kv_bytes
 from tests.test_sweep_parsers import TRAITS
@@ -45,12 +47,21 @@ if ctk in conf["crash"]:
     sys.stderr.write("/src/ggml-cuda/fattn.cu:77: GGML_ASSERT(fake crash) failed\n"); sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGABRT)
 pos = LOSS[ctk] + conf["shift"].get(ctk, 0.0) + conf["jitter"]
+pos = 17.0 - struct.unpack("<f", struct.pack("<f", 17.0 - pos))[0]  # as a logits file holds it (float32)
 ppl = 10.0 * (1.0 + pos)
 if "--kl-divergence" not in a:
-    json.dump({{"backend": conf["name"], "ctk": ctk, "pos": pos}}, open(base, "w"))
+    chunks = int(a[a.index("--chunks") + 1])
+    rows = chunks * (ctx - 1 - ctx // 2)
+    with open(base, "wb") as f:  # "_logits_", n_ctx, n_vocab, n_chunk, tokens, rows of [scale, min, q0, q1]
+        f.write(b"_logits_" + struct.pack("<Iii", ctx, 2, chunks) + bytes(4 * ctx * chunks))
+        f.write(struct.pack("<ffHH", 17.0 - pos, -17.0, 1, 0) * rows)
     print(f"Final estimate: PPL = {{ppl:.4f}} +/- 0.10000")
     sys.exit(0)
-ref = json.load(open(base))
+with open(base, "rb") as f:
+    n_ctx, n_vocab, n_chunk = struct.unpack("<Iii", f.read(20)[8:])
+    f.seek(20 + 4 * n_ctx * n_chunk)
+    scale, mn, q0, q1 = struct.unpack("<ffHH", f.read(12))
+ref = {{"pos": -(scale * q0 + mn)}}
 kld = abs(pos - ref["pos"])
 lnr = pos - ref["pos"]
 print("====== Perplexity statistics ======")
@@ -115,7 +126,9 @@ def test_equal_logits_pass_at_a_zero_floor_without_dividing_by_it(xb):
     assert all(c.verdict == Verdict.PASS and c.value == 0.0 for c in cross.values())
     assert cross["turbo3/turbo3"].threshold == pytest.approx(load_rules()["xbackend"]["kld_min"])  # max(10 x 0, min)
     row = next(r for r in sec["rows"] if r["pair"] == "turbo3/turbo3")
-    assert row["x_floor"] is None and row["own_kld"] == pytest.approx(0.03) and row["own_kld_ref"] == pytest.approx(0.03)
+    # own KLD: cuda's printed by its llama-perplexity (6 decimals), cpu's computed by the harness from its two files
+    assert row["x_floor"] is None and row["own_kld"] == pytest.approx(0.03, abs=2e-6)
+    assert row["own_kld_ref"] == pytest.approx(0.03, abs=2e-6)
     assert cr.verdict == Verdict.PASS
     assert "noise floor (f16/f16) KLD 0" in sec["markdown"]
 
@@ -165,16 +178,23 @@ def test_nothing_compared_is_never_pass(xb):
     assert any(c.metric == "pairs_compared" and c.verdict == Verdict.SKIP for c in cr.cells)
 
 
-def test_model_passes_are_the_two_sweeps_plus_logits_and_scoring_and_a_rerun_is_cached(xb):
+def test_model_passes_are_within_the_two_sweeps_plus_one_scoring_pass_per_pair_and_a_rerun_is_cached(xb):
     cfg = xb.make()
     res, cr, sec = xb.run(cfg)
     n_pairs = 3
-    sweeps = 2 * (1 + n_pairs)       # each backend: its f16 baseline and every pair against it
-    assert res.passes == {"sweeps": sweeps, "logits": n_pairs - 1, "scoring": n_pairs}
-    assert xb.ncalls() == sweeps + (n_pairs - 1) + n_pairs
-    # B's scoring runs read A's logits of the same pair (f16/f16: A's own baseline)
+    sweeps = 2 * (1 + n_pairs)       # each backend: its f16 baseline and one pass per pair
+    bound = sweeps + n_pairs         # spec: the two per-backend sweeps plus one scoring pass per pair
+    assert res.passes == {"sweeps": sweeps, "scoring": n_pairs, "bound": bound}
+    assert xb.ncalls() == bound      # the tool calls themselves, counted by the fake
+    # A's pass of each pair saves its logits (no --kl-divergence); B's runs are scored against A's file of the pair
+    a_lines = [ln for ln in xb.calls.read_text().splitlines() if ln.startswith("cpu")]
+    assert len(a_lines) == 1 + n_pairs and not any("--kl-divergence " in ln + " " for ln in a_lines)
     lines = [ln for ln in xb.calls.read_text().splitlines() if ln.startswith("cuda") and "--kl-divergence " in ln + " "]
-    assert any(str(res.logits["turbo3/turbo3"].data["base_file"]) in ln for ln in lines)
+    for lab in ("f16/f16", "q8_0/q8_0", "turbo3/turbo3"):
+        f = str(res.logits[lab].data["base_file"])
+        assert f != str(res.sweeps["cpu"].base.data["base_file"]) and any(f in ln for ln in lines)
+    assert res.sweeps["cpu"].ppl["turbo3/turbo3"].data["measured_by"]["kld"].startswith("harness")
+    assert "are the harness's, computed from the two logit files" in sec["markdown"]
     n = xb.ncalls()
     res2, cr2, _ = xb.run(cfg)
     assert xb.ncalls() == n and res2.jobs_run == 0 and cr2.verdict == cr.verdict
@@ -257,7 +277,7 @@ def test_cpu_against_rpc0_on_this_machine(tmp_path):
     cross = _cells(cr, "cross_kld_vs_floor")
     assert set(cross) == {"q8_0/q8_0", "turbo3/turbo3"}, sec["markdown"]
     assert all(c.verdict != Verdict.ERROR for c in cr.cells), sec["markdown"]
-    assert res.passes["scoring"] == 3 and res.passes["logits"] == 2
+    assert res.passes == {"sweeps": 8, "scoring": 3, "bound": 11}  # 3N+2 (it was 4N+1 = 13 with separate logits runs)
     assert "rpc0 vs cpu" in sec["markdown"]
 
 
