@@ -38,6 +38,9 @@ with open(conf["calls"], "a") as f:
     f.write(conf["name"] + " " + " ".join(a) + "\n")
 ctk, ctv, ctx = a[a.index("-ctk") + 1], a[a.index("-ctv") + 1], int(a[a.index("-c") + 1])
 base = a[a.index("--kl-divergence-base") + 1]
+if ctk in conf.get("refuse", []):  # a clean refusal at start-up, before any KV cache exists
+    sys.stderr.write(f"llama_init_from_model: failed to initialize the context: {{ctk}} is not supported here\n")
+    sys.exit(1)
 mib = lambda t: predict_kv_bytes(TRAITS[t], ctx, 1, 30, 3, 64) / 2**20
 sys.stderr.write(f"llama_kv_cache: size = {{mib(ctk) + mib(ctv):8.2f}} MiB ({{ctx:6d}} cells,  30 layers,  1/1 seqs), "
                  f"K ({{ctk}}): {{mib(ctk):8.2f}} MiB, V ({{ctv}}): {{mib(ctv):8.2f}} MiB\n")
@@ -75,13 +78,13 @@ print(f"Same top p: {{100 - 100 * kld:.3f}} ± 0.100 %")
 '''
 
 
-def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None) -> Path:
+def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None, refuse=()) -> Path:
     bdir = root / name
     (bdir / "bin").mkdir(parents=True, exist_ok=True)
     _script(bdir / "bin" / "llama-perplexity", FAKE.format(py=sys.executable, root=str(ROOT)))
     (bdir / "fake.json").write_text(json.dumps({"name": name, "jitter": jitter, "shift": shift or {},
                                                 "crash": list(crash), "calls": str(calls),
-                                                "splits": splits or {}}))
+                                                "splits": splits or {}, "refuse": list(refuse)}))
     return bdir
 
 
