@@ -246,9 +246,14 @@ def test_cli_backends_writes_both_sweeps_and_the_comparison(xb, monkeypatch):
 
 
 @pytest.mark.fork
-def test_cpu_against_rpc0_on_this_machine(tmp_path):
-    """The real fork: CPU (2 threads) against the CPU backend behind a loopback rpc-server (1 thread), tiny context (ctx 128 x 2 chunks: llama-perplexity prints KLD statistics from 100 scored tokens)."""
+def test_cpu_against_rpc0_on_this_machine(tmp_path, monkeypatch):
+    """The cross-backend sweep in CI (issue 20 "Where it runs"), through the command line as a user runs it: CPU (2
+    threads) against the CPU backend behind a loopback rpc-server (1 thread), SmolLM2, tiny context (ctx 128 x 2
+    chunks: llama-perplexity prints KLD statistics from 100 scored tokens), 3 pairs, one decode prompt."""
+    from click.testing import CliRunner
+
     from conftest import fork_build_or_skip, skip_or_fail
+    from harness.cli import cli
     from harness.fork import build as fb
     from harness.runners.models import resolve_model
     from harness.runners.rpc_server import RpcServer
@@ -256,32 +261,39 @@ def test_cpu_against_rpc0_on_this_machine(tmp_path):
     if not fb.has_rpc(bdir) or not (bdir / "bin" / "rpc-server").is_file():
         skip_or_fail(f"{bdir} has no RPC backend / rpc-server: build with `turbo-harness build --rpc`")
     try:
-        model = resolve_model("smollm2")
+        resolve_model("smollm2")
     except HarnessError as e:
         skip_or_fail(f"no SmolLM2 model: {e}")
-    from harness.runners.inputs import default_corpus
-    try:
-        corpus = default_corpus()
-    except HarnessError as e:
-        skip_or_fail(str(e))
+    monkeypatch.setenv("TURBO_SWEEP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "xb"
     srv = RpcServer(bdir / "bin" / "rpc-server", threads=1, log_path=tmp_path / "rpc.log").start()
     try:
-        tpl = SweepConfig(model=model, corpus=corpus, pairs=parse_pairs("f16/f16,q8_0/q8_0,turbo3/turbo3"), bdir=bdir,
-                          ctx=128, chunks=2, threads=2, timeout=300, cache_dir=tmp_path / "cache", bench=False,
-                          decode_prompts=1, decode_n_prompt=16, decode_n_gen=4)
-        cfg = XConfig([side_config("cpu", tpl, bdir, []), side_config("rpc0", tpl, bdir, [srv.endpoint])])
-        res = run_xbackend(cfg, progress=False, log=lambda s: None)
-        secs = {s.backend: judge_sweep(res.sweeps[s.backend])[1] for s in cfg.sides}
-        cr, sec = judge_xbackend(res, secs, load_rules())
+        r = CliRunner().invoke(cli, ["sweep", "--backends", "cpu,rpc0", "--rpc", srv.endpoint, "--model", "smollm2",
+                                     "--build-dir", str(bdir), "--ctx", "128", "--chunks", "2", "--threads", "2",
+                                     "--pairs", "f16/f16,q8_0/q8_0,turbo3/turbo3", "--no-bench", "--kld-depths", "none",
+                                     "--decode-prompts", "1", "--decode-prompt-tokens", "16", "--decode-tokens", "4",
+                                     "--no-progress", "--out", str(out)])
     finally:
         srv.stop()
-    fl = _cells(cr, "noise_floor")["f16/f16"]
-    assert fl.value is not None and fl.value < 0.005, sec["markdown"]
-    cross = _cells(cr, "cross_kld_vs_floor")
-    assert set(cross) == {"q8_0/q8_0", "turbo3/turbo3"}, sec["markdown"]
-    assert all(c.verdict != Verdict.ERROR for c in cr.cells), sec["markdown"]
-    assert res.passes == {"sweeps": 8, "scoring": 3, "bound": 11}  # 3N+2 (it was 4N+1 = 13 with separate logits runs)
-    assert "rpc0 vs cpu" in sec["markdown"]
+    assert (out / "run.json").is_file(), r.output
+    d = json.loads((out / "run.json").read_text())
+    cr = d["checks"][0]
+    cells = {(c["metric"], c["type"]): c for c in cr["cells"]}
+    md = d["sections"]["xbackend"]["markdown"]
+    assert cells[("noise_floor", "f16/f16")]["value"] < 0.005, md
+    assert {t for m, t in cells if m == "cross_kld_vs_floor"} == {"q8_0/q8_0", "turbo3/turbo3"}, md
+    assert all(c["verdict"] != "ERROR" for c in cr["cells"]), md
+    assert r.exit_code in (0, 1), r.output  # PASS, or a finding; never a harness error
+    # 3N+2 llama-perplexity passes (it was 4N+1 = 13 with separate logits runs), counted by the harness and in the
+    # evidence (each call's command line once)
+    assert d["meta"]["model_passes"] == {"sweeps": 8, "scoring": 3, "bound": 11}
+    cmds = {f.read_text() for f in out.rglob("*.cmd") if "llama-perplexity" in f.read_text()}
+    assert len(cmds) == 11
+    assert "rpc0 vs cpu" in md and "are the harness's, computed from the two logit files" in md
+    rows = {x["pair"]: x for x in d["sections"]["xbackend"]["rows"]}
+    assert rows["turbo3/turbo3"]["own_kld_ref"] > 0 and rows["turbo3/turbo3"]["own_kld"] > 0  # cpu's and rpc0's own
+    cpu = json.loads((out / "cpu" / "run.json").read_text())
+    assert any("computed by the harness from the two saved logit files" in n for n in cpu["checks"][0]["notes"])
 
 
 def test_sweep_compare_warns_on_different_ctx_chunks_and_labels_by_backend(tmp_path):

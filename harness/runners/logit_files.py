@@ -100,31 +100,30 @@ def open_logits(path: str | Path) -> LogitsFile:
     return LogitsFile(path, n_ctx, n_vocab, n_chunk, tokens, rows)
 
 
-def _dequant(rows: np.ndarray, n_vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    """(log p float32 [n, n_vocab], q uint16 [n, n_vocab]) of a block of rows (log p = scale * q + min_log_prob)."""
-    hdr = np.ascontiguousarray(rows[:, :4]).view("<f4")  # [n, 2]: scale, min_log_prob
-    q = rows[:, 4:4 + n_vocab]
-    logp = q.astype(np.float32)
-    logp *= hdr[:, :1]
-    logp += hdr[:, 1:2]
-    return logp, q
+_P_MIN = np.float32(math.exp(LOG_P_MIN))  # log p > -16  <=>  p > e^-16 (exp is monotone)
 
 
 def _block(base: LogitsFile, other: LogitsFile, tgt: np.ndarray, lo: int, hi: int) -> dict[str, np.ndarray]:
-    """Per-row figures of rows lo..hi: kld, nll_base, nll, same_top (bool)."""
-    lp, qp = _dequant(base.rows[lo:hi], base.n_vocab)
-    lq, qq = _dequant(other.rows[lo:hi], other.n_vocab)
+    """Per-row figures of rows lo..hi: kld (float64), nll_base, nll (float64, nats), same_top (bool).
+
+    With log p = sp q_p + mp and log q = sq q_q + mq (each row's scale and minimum), in nine passes over the block:
+    d = log p - log q = sp q_p - sq q_q + (mp - mq); p = exp(sp q_p + mp), zeroed where p <= e^-16; KLD = p . d."""
+    rp, rq = base.rows[lo:hi], other.rows[lo:hi]
+    hp, hq = np.ascontiguousarray(rp[:, :4]).view("<f4"), np.ascontiguousarray(rq[:, :4]).view("<f4")  # [n, 2]
+    up, uq = rp[:, 4:4 + base.n_vocab], rq[:, 4:4 + other.n_vocab]
+    lp = np.multiply(up, hp[:, :1], dtype=np.float32)          # sp q_p
+    d = np.multiply(uq, -hq[:, :1], dtype=np.float32)          # -sq q_q
+    d += lp
+    d += hp[:, 1:2] - hq[:, 1:2]                               # log p - log q
+    lp += hp[:, 1:2]                                           # log p
+    np.exp(lp, out=lp)                                         # p
+    np.multiply(lp, lp > _P_MIN, out=lp)                       # the fork sums only where log p > -16
+    kld = np.matmul(lp[:, None, :], d[:, :, None])[:, 0, 0].astype(np.float64)
     idx = np.arange(hi - lo)
     t = tgt[lo:hi]
-    nll_base = -lp[idx, t].astype(np.float64)
-    nll = -lq[idx, t].astype(np.float64)
-    same = qp.argmax(axis=1) == qq.argmax(axis=1)  # first maximum on both sides, as the fork's loop takes it
-    lq -= lp                      # log q - log p
-    np.negative(lq, out=lq)       # log p - log q
-    p = np.exp(lp)
-    p[lp <= LOG_P_MIN] = 0.0
-    p *= lq
-    kld = p.sum(axis=1, dtype=np.float64)
+    nll_base = -(hp[:, 0].astype(np.float64) * up[idx, t] + hp[:, 1])
+    nll = -(hq[:, 0].astype(np.float64) * uq[idx, t] + hq[:, 1])
+    same = up.argmax(axis=1) == uq.argmax(axis=1)  # first maximum on both sides, as the fork's loop takes it
     return {"kld": kld, "nll_base": nll_base, "nll": nll, "same": same}
 
 
