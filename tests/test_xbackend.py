@@ -249,7 +249,8 @@ def test_cli_backends_writes_both_sweeps_and_the_comparison(xb, monkeypatch):
 def test_cpu_against_rpc0_on_this_machine(tmp_path, monkeypatch):
     """The cross-backend sweep in CI (issue 20 "Where it runs"), through the command line as a user runs it: CPU (2
     threads) against the CPU backend behind a loopback rpc-server (1 thread), SmolLM2, tiny context (ctx 128 x 2
-    chunks: llama-perplexity prints KLD statistics from 100 scored tokens), 3 pairs, one decode prompt."""
+    chunks: llama-perplexity prints KLD statistics from 100 scored tokens), two pairs (the f16/f16 floor and turbo3),
+    one decode prompt: 3N+2 = 8 llama-perplexity passes."""
     from click.testing import CliRunner
 
     from conftest import fork_build_or_skip, skip_or_fail
@@ -270,7 +271,7 @@ def test_cpu_against_rpc0_on_this_machine(tmp_path, monkeypatch):
     try:
         r = CliRunner().invoke(cli, ["sweep", "--backends", "cpu,rpc0", "--rpc", srv.endpoint, "--model", "smollm2",
                                      "--build-dir", str(bdir), "--ctx", "128", "--chunks", "2", "--threads", "2",
-                                     "--pairs", "f16/f16,q8_0/q8_0,turbo3/turbo3", "--no-bench", "--kld-depths", "none",
+                                     "--pairs", "f16/f16,turbo3/turbo3", "--no-baselines", "--no-bench", "--kld-depths", "none",
                                      "--decode-prompts", "1", "--decode-prompt-tokens", "16", "--decode-tokens", "4",
                                      "--no-progress", "--out", str(out)])
     finally:
@@ -281,14 +282,14 @@ def test_cpu_against_rpc0_on_this_machine(tmp_path, monkeypatch):
     cells = {(c["metric"], c["type"]): c for c in cr["cells"]}
     md = d["sections"]["xbackend"]["markdown"]
     assert cells[("noise_floor", "f16/f16")]["value"] < 0.005, md
-    assert {t for m, t in cells if m == "cross_kld_vs_floor"} == {"q8_0/q8_0", "turbo3/turbo3"}, md
+    assert {t for m, t in cells if m == "cross_kld_vs_floor"} == {"turbo3/turbo3"}, md
     assert all(c["verdict"] != "ERROR" for c in cr["cells"]), md
     assert r.exit_code in (0, 1), r.output  # PASS, or a finding; never a harness error
-    # 3N+2 llama-perplexity passes (it was 4N+1 = 13 with separate logits runs), counted by the harness and in the
+    # 3N+2 llama-perplexity passes (it was 4N+1 = 9 with separate logits runs), counted by the harness and in the
     # evidence (each call's command line once)
-    assert d["meta"]["model_passes"] == {"sweeps": 8, "scoring": 3, "bound": 11}
+    assert d["meta"]["model_passes"] == {"sweeps": 6, "scoring": 2, "bound": 8}
     cmds = {f.read_text() for f in out.rglob("*.cmd") if "llama-perplexity" in f.read_text()}
-    assert len(cmds) == 11
+    assert len(cmds) == 8
     assert "rpc0 vs cpu" in md and "are the harness's, computed from the two logit files" in md
     rows = {x["pair"]: x for x in d["sections"]["xbackend"]["rows"]}
     assert rows["turbo3/turbo3"]["own_kld_ref"] > 0 and rows["turbo3/turbo3"]["own_kld"] > 0  # cpu's and rpc0's own
