@@ -293,6 +293,10 @@ def test_cpu_against_rpc0_on_this_machine(tmp_path, monkeypatch):
     assert "rpc0 vs cpu" in md and "are the harness's, computed from the two logit files" in md
     rows = {x["pair"]: x for x in d["sections"]["xbackend"]["rows"]}
     assert rows["turbo3/turbo3"]["own_kld_ref"] > 0 and rows["turbo3/turbo3"]["own_kld"] > 0  # cpu's and rpc0's own
+    # every evidence link of the comparison resolves (the decode cells' point into each side's own report)
+    links = [e for c in cr["cells"] for e in c["evidence"]]
+    assert any("/evidence/turbo3-turbo3/decode.stdout" in e for e in links)
+    assert all((out / e).is_file() or Path(e).is_file() for e in links), [e for e in links if not (out / e).is_file()]
     cpu = json.loads((out / "cpu" / "run.json").read_text())
     assert any("computed by the harness from the two saved logit files" in n for n in cpu["checks"][0]["notes"])
 
