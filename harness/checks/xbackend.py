@@ -263,9 +263,15 @@ def xbackend_markdown(sec: dict) -> str:
     ld = sec.get("load") or {}
     st, en = ld.get("start") or {}, ld.get("end") or {}
     p = sec.get("passes") or {}
-    lines += [f"Machine load (1 min): {st.get('load_1min', '?')} at start, {en.get('load_1min', '?')} at end, on "
-              f"{st.get('cpus', '?')} CPUs. Model passes (llama-perplexity): {p.get('sweeps', '?')} in the per-backend "
-              f"sweeps + {p.get('logits', '?')} reference logits runs + {p.get('scoring', '?')} cross scoring runs."]
+    total = (p["sweeps"] + p["scoring"]) if "sweeps" in p and "scoring" in p else "?"
+    lines += [f"Who measured what: every KLD, top-1 and PPL of a backend against {a}'s logits, and each compared "
+              f"backend's own KLD vs its own f16, are llama-perplexity's; {a}'s own KLD, top-1 and Δp vs its own f16 "
+              f"are the harness's, computed from the two logit files llama-perplexity saved (harness/runners/"
+              f"logit_files.py; {a}'s PPL of each pair is llama-perplexity's).", "",
+              f"Machine load (1 min): {st.get('load_1min', '?')} at start, {en.get('load_1min', '?')} at end, on "
+              f"{st.get('cpus', '?')} CPUs. Model passes (llama-perplexity): {total} = {p.get('sweeps', '?')} in the "
+              f"per-backend sweeps + {p.get('scoring', '?')} cross scoring runs (bound: the per-backend sweeps plus "
+              f"one scoring pass per pair and backend = {p.get('bound', '?')})."]
     return "\n".join(lines)
 
 

@@ -174,6 +174,9 @@ class SweepConfig:
     # own --device list ('none' = the CPU only; '' = not passed)
     extra_env: dict[str, str] = field(default_factory=dict)
     devices: str = ""
+    # the reference side of a cross-backend sweep: each pair's one llama-perplexity pass saves its logits (scored
+    # by the other backends) and its KLD vs this side's f16 is computed from the two files (runners/logit_files.py)
+    save_pair_logits: bool = False
 
     def __post_init__(self):
         self.batch = self.batch or self.ctx
@@ -193,7 +196,8 @@ class SweepConfig:
                 "depths": list(self.depths), "reps": self.reps, "n_prompt": self.n_prompt, "n_gen": self.n_gen,
                 "env": self.env(), "env_unset": list(self.env_unset()), "fork_defaults": self.fork_defaults,
                 "backend": self.backend, "timeout_s": self.timeout, **({"rpc": list(self.rpc)} if self.rpc else {}),
-                **({"devices": self.devices} if self.devices else {})}
+                **({"devices": self.devices} if self.devices else {}),
+                **({"save_pair_logits": True} if self.save_pair_logits else {})}
 
 
 @dataclass
