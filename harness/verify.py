@@ -155,6 +155,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         if layouts.unknown:
             run.meta["layout_notes"] = layouts.notes
         run.meta["rules"] = rules_of(ctx.thresholds)
+        ctx.done.update({c.id: c.cells for c in run.checks})  # what ran on which backend: AUDIT's examination table
         for cid in check_ids:
             raise_if_pending()
             current = cid
@@ -196,6 +197,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             run.checks = sorted([c for c in run.checks if c.id != cid] + [cr],
                                 key=lambda c: order.index(c.id) if c.id in order else len(order))
             finished.append(cid)
+            ctx.done[cid] = cr.cells
             current = None
             log(f"{cid:6s} {cr.verdict.value:8s} {cr.duration_s:6.1f} s  {check.title}")
             if parts:

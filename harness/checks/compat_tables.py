@@ -152,9 +152,11 @@ def backend_ops_cells(ctx: Context, timings: dict | None = None) -> tuple[list[C
         n_fail = sum(r["status"] == "FAIL" for r in res["results"])
         n_ok = sum(r["status"] == "OK" for r in res["results"])
         crashed = res["returncode"] not in (0, None)
-        c = Cell(ID, "all", "test-backend-ops", "failed_cases", float(n_fail), 0.0,
-                 Verdict.PASS if n_fail == 0 and not crashed else Verdict.PARTIAL,
-                 caveat=f"{n_ok} OK, {n_fail} FAIL, {len(res['results']) - n_ok - n_fail} not supported/skipped "
+        # no case ran to completion (every one not supported or skipped): nothing was tested, never PASS
+        vd = (Verdict.PARTIAL if n_fail or crashed else Verdict.PASS if n_ok else Verdict.SKIP)
+        c = Cell(ID, "all", "test-backend-ops", "failed_cases", float(n_fail), 0.0, vd,
+                 caveat=("no case was tested: " if vd == Verdict.SKIP else "")
+                        + f"{n_ok} OK, {n_fail} FAIL, {len(res['results']) - n_ok - n_fail} not supported/skipped "
                         "(the fork's own limits; its failures are shown, not re-judged)"
                         + (f"; the tool aborted: {res['note']}" if crashed else "")
                         + (f"; not run in time: {', '.join(g['op'] for g in late)}" if late else ""),
