@@ -144,7 +144,7 @@ def catalogue(ids, backend, all_, fork_dir, one_tree, json_out):
 @click.command("replay-export")
 @click.argument("ids", nargs=-1)
 @click.option("--backend", type=click.Choice(["cpu", "cuda"]), default=None,
-              help="without IDS: every entry of this backend (default: every entry)")
+              help="without IDS: every entry of this backend (default: every entry, or none when --commit is given)")
 @click.option("--commit", "commits", multiple=True, help="also this commit (repeatable)")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="the sources folder to write or add to")
 @click.option("--fork-dir", default=None, type=existing_dir(), help="the fork's git history")
@@ -160,8 +160,10 @@ def replay_export(ids, backend, commits, out, fork_dir):
         chosen = [e for e in every if e["id"] in ids]
         if len(chosen) != len(set(ids)):
             raise HarnessError(f"unknown catalogue id among {', '.join(ids)}; known: {', '.join(e['id'] for e in every)}")
-    else:
+    elif backend or not commits:
         chosen = [e for e in every if backend is None or e.get("backend", "cpu") == backend]
+    else:  # only the commits named
+        chosen = []
     revs = list(dict.fromkeys([e.get(f"replay_{s}", e[s]) for e in chosen for s in ("parent", "fix")] + list(commits)))
     if not revs:
         raise HarnessError("nothing to export: name catalogue entries or --commit HASH")

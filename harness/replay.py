@@ -74,7 +74,7 @@ def build_env(root: Path) -> dict:
     is kept from seeing any repository around the exported tree (GIT_CEILING_DIRECTORIES at the cache root, no
     GIT_DIR of a bisection): the fork's CMake would otherwise stamp the enclosing repository's commit into ggml
     (GGML_COMMIT), which differs from the replayed commit and changes with every commit of that repository."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR")}
+    env = rs.git_env()
     env["GIT_CEILING_DIRECTORIES"] = str(Path(root).resolve())
     if shutil.which("ccache"):
         env.update(CCACHE_BASEDIR=str(Path(root).resolve()), CCACHE_NOHASHDIR="1")

@@ -26,6 +26,13 @@ EXCLUDE = [":(exclude)models/ggml-vocab-*.gguf", ":(exclude)tools/server/public/
 # also left out of exported tarballs: what no CMake configure or compile of ggml / libllama / the tools reads
 SLIM = ["docs", "models", "media", "benches", "tools/server/public", "tools/server/webui", ".github", ".devops"]
 INDEX = "replay-sources.json"
+GIT_VARS = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR")
+
+
+def git_env() -> dict:
+    """The environment without git's repository variables (a bisection sets GIT_DIR to its own clone): every git
+    call here names the repository it reads itself."""
+    return {k: v for k, v in os.environ.items() if k not in GIT_VARS}
 
 
 def is_sources(path: str | os.PathLike) -> bool:
@@ -52,7 +59,7 @@ def git_dir_of(fork: Path) -> Path:
                            f"clone of the fork")
 
     def rev_parse(*args):
-        r = subprocess.run(["git", "-C", str(fork), "rev-parse", *args], capture_output=True, text=True)
+        r = subprocess.run(["git", "-C", str(fork), "rev-parse", *args], capture_output=True, text=True, env=git_env())
         return r.stdout.strip() if r.returncode == 0 else None
     gdir = rev_parse("--absolute-git-dir")
     # a folder without history of its own inside another repository (e.g. a source snapshot unpacked under the
@@ -91,7 +98,7 @@ def resolve(fork: Path, rev: str) -> str:
                                f"export it where the history is (`turbo-harness replay-export {rev} --out DIR`)")
         return hits[0]
     r = subprocess.run(["git", "--git-dir", str(git_dir_of(fork)), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=git_env())
     if r.returncode != 0 or not r.stdout.strip():
         raise HarnessError(f"commit {rev!r} is not in the fork's history at {fork}: give a hash or ref that "
                            f"`git -C {fork} log` shows")
@@ -103,14 +110,14 @@ def git_subject(fork: Path, commit: str) -> str:
     if is_sources(fork):
         return load_index(fork).get(commit, {}).get("subject", "")
     return subprocess.run(["git", "--git-dir", str(git_dir_of(fork)), "log", "-1", "--format=%h %s", commit],
-                          capture_output=True, text=True).stdout.strip()
+                          capture_output=True, text=True, env=git_env()).stdout.strip()
 
 
 def checkout_tree(fork: Path, commit: str, dest: Path, exclude: list[str] = ()) -> None:
     """Write a commit's tree from the git history into the empty folder ``dest`` (paths in ``exclude`` left out).
 
     Raises HarnessError when git cannot (the message quotes git's last line)."""
-    env = dict(os.environ, GIT_INDEX_FILE=str(dest / ".git-index"))
+    env = dict(git_env(), GIT_INDEX_FILE=str(dest / ".git-index"))
     spec = [*EXCLUDE, *(f":(exclude){p}" for p in exclude)]
     r = subprocess.run(["git", "--git-dir", str(git_dir_of(fork)), "--work-tree", str(dest), "checkout", commit, "--", ".",
                         *spec], capture_output=True, text=True, env=env)
