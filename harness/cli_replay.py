@@ -84,7 +84,9 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
                   out: Path | None = None, log=click.echo, label: str = "", options: dict | None = None,
                   sanitize: str | None = None, prefer: str | None = None, backend: str = "cpu", one_tree: bool = False):
     """Build ``rev`` (cached; only the targets the checks need) for ``backend`` (cpu, or cuda on a GPU machine),
-    run the checks with that backend as the target, write a report labelled with the commit.
+    run the checks with that backend as the target and on it alone, write a report labelled with the commit. (The
+    harness's host routes of the fork's other backends, such as metal-src, judge the Metal source of a commit; they
+    are no part of the replay of the backend built.)
 
     The report folder follows the rules of every checks run (:func:`harness.pipeline.prepare_run_dir`, checked
     before anything is built): a sweep report there is refused, a checks report of the same build is added to,
@@ -112,7 +114,7 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
         meta = dict(meta, fork_commit=commit, fork_dir=str(src), build_dir=str(bdir), replay_of=commit,
                     replay_label=label, fork_describe=git_subject(fork, commit))
         run = pipeline.run_verify(target, meta, checks, types, run_dir, previous, target_backend=backend, log=log,
-                                  routes=routes, options=options, registry=registry())
+                                  routes=routes, options=options, registry=registry(), backends=[backend])
     finally:
         target.close()
     if sanitize:  # quote the sanitizer's own report beside the probe's crash message

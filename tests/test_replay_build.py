@@ -215,3 +215,18 @@ def test_catalogue_record_and_exit_code_follow_the_verdicts(tmp_path, monkeypatc
     parent_verdict["v"] = Verdict.PASS  # the parent not flagged: a mismatch, exit 1, nothing proven
     r = CliRunner().invoke(cli, ["catalogue", e["id"], "--fork-dir", str(src), "--json", str(rec)], catch_exceptions=False)
     assert r.exit_code == 1 and "MISMATCH" in r.output and not json.loads(rec.read_text())["entries"][0]["proven"]
+
+
+def test_a_replay_judges_the_backend_it_built_alone(tmp_path, monkeypatch):
+    """Another backend of the target (the harness's metal-src host routes of an old commit's Metal source, say) is no
+    part of a CPU replay: its cells would decide the verdict of a bug it does not have."""
+    import harness.cli_replay as cr
+    import harness.targets.fork as tf
+    from harness.targets.numpy_target import NumpyTarget
+    repo, (c1, _, _) = fake_fork(tmp_path)
+    monkeypatch.setattr(cr, "build_commit", lambda fork, c, **kw: (repo, tmp_path / "b", {"cmake_options": [], "reused": True}))
+    monkeypatch.setattr(tf, "ForkTarget", lambda bdir, src, env=None: NumpyTarget(
+        backends=(("cpu", "cpu"), ("metal", "gpu")), backend_faults={"metal": {"zero_indices"}}))
+    run, _, built = cr.replay_commit(repo, c1, ["PQ1"], ["turbo3"], None, out=tmp_path / "r", log=lambda s: None)
+    paths = {c.path.split(":")[0] for c in run.checks[0].cells}
+    assert paths == {"cpu"} and run.checks[0].verdict.value == "PASS" and not built
