@@ -117,6 +117,7 @@ def checkout_tree(fork: Path, commit: str, dest: Path, exclude: list[str] = ()) 
     """Write a commit's tree from the git history into the empty folder ``dest`` (paths in ``exclude`` left out).
 
     Raises HarnessError when git cannot (the message quotes git's last line)."""
+    dest = Path(dest).resolve()
     env = dict(git_env(), GIT_INDEX_FILE=str(dest / ".git-index"))
     spec = [*EXCLUDE, *(f":(exclude){p}" for p in exclude)]
     r = subprocess.run(["git", "--git-dir", str(git_dir_of(fork)), "--work-tree", str(dest), "checkout", commit, "--", ".",
@@ -184,6 +185,7 @@ def export_tarballs(fork: Path, revs: list[str], out: Path, log=print, preset: i
     A commit already in the index with its file present is kept. Returns the index ({commit: info}). Raises
     HarnessError when a commit is not in the history or git cannot write its tree.
     """
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     index = load_index(out) if is_sources(out) else {}
     for rev in revs:
