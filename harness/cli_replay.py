@@ -82,7 +82,8 @@ def sanitizer_reports(run_dir: Path) -> list[str]:
 
 def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], routes: list[str] | None,
                   out: Path | None = None, log=click.echo, label: str = "", options: dict | None = None,
-                  sanitize: str | None = None, prefer: str | None = None, backend: str = "cpu", one_tree: bool = False):
+                  sanitize: str | None = None, prefer: str | None = None, backend: str = "cpu",
+                  one_tree: bool | None = None):
     """Build ``rev`` (cached; only the targets the checks need) for ``backend`` (cpu, or cuda on a GPU machine),
     run the checks with that backend as the target and on it alone, write a report labelled with the commit. (The
     harness's host routes of the fork's other backends, such as metal-src, judge the Metal source of a commit; they
@@ -92,7 +93,8 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
     before anything is built): a sweep report there is refused, a checks report of the same build is added to,
     one of another build is refused.
 
-    ``one_tree``: build in one source tree per flavour (:func:`harness.replay.build_commit`; machines without ccache).
+    ``one_tree``: build in one source tree per flavour (:func:`harness.replay.build_commit`; machines without ccache);
+    default ``$TURBO_REPLAY_ONE_TREE=1``.
 
     Returns (run, run_dir, built: bool - whether this call compiled anything new; ``run.meta`` has the build's
     ``build_seconds`` and ``build_cpu_seconds``).
@@ -103,6 +105,7 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
     from harness.report.render import write_all
     from harness.targets.fork import ForkTarget
     commit = resolve(fork, rev)
+    one_tree = os.environ.get("TURBO_REPLAY_ONE_TREE") == "1" if one_tree is None else one_tree
     run_dir, previous = pipeline.prepare_run_dir(out or REPORTS / f"replay-{commit[:10]}-{time.strftime('%Y%m%d-%H%M%S')}",
                                                  "checks")
     src, bdir, meta = build_commit(fork, commit, targets=targets_for(checks, options), log=log, sanitize=sanitize,

@@ -1,8 +1,10 @@
 """Replay the checks on any fork commit, and bisect a verdict change with ``git bisect run``.
 
-Sources of a commit are exported from the fork's git (no checkout of the user's tree is touched)
-into ``<cache>/<commit>/src``; builds go to ``<cache>/<commit>/build[-cuda][-clang][-addrsan]`` and are reused; only the
-targets the replayed checks need are built, through ccache when it is installed. The cache is
+Sources of a commit are exported from the fork's git, or unpacked from a folder of exported tarballs on a machine
+without git (:mod:`harness.replay_src`; no checkout of the user's tree is touched), into ``<cache>/<commit>/src``;
+builds go to ``<cache>/<commit>/build[-cuda][-clang][-addrsan]`` and are reused when the build recorded there is of
+that commit; only the targets the replayed checks need are built, through ccache when it is installed (or, with
+``one_tree``, in one source tree per flavour that is synced from commit to commit). The cache is
 ``$TURBO_REPLAY_CACHE`` or ``.cache/replay`` in the harness checkout. A commit that does not build
 with the default compiler is retried with clang when it is installed; a build that still fails is
 an error naming the compiler's message, and no other cached build is touched.

@@ -30,6 +30,7 @@ collect() {
   [ -f /root/rc.done ] && echo "catalogue finished after $(( $(date +%s) - T0 )) s of this call" \
     || echo "catalogue still running after $(( $(date +%s) - T0 )) s: call '$0 collect' again at once"
   uptime
+  tail -n 2 /root/rc-cache/tree-*/build/turbo-harness-build.log 2>/dev/null | cut -c1-300  # the build's last steps
   cp "$LOG" "$OUT/catalogue.log" 2>/dev/null
   cp /root/rc-record.json "$OUT/record.json" 2>/dev/null
   for b in /root/rc-cache/tree-*/build; do  # the build logs (configure + compile), one per flavour
