@@ -16,7 +16,7 @@ TARGETS ?=
 export FORK_DIR
 export BACKEND
 
-.PHONY: all install fork build verify test test-ready catalogue sweep sweep-compare scorecard doctor bench bench-rpc bench-diff \
+.PHONY: all install fork build verify test test-ready catalogue bench-catalogue sweep sweep-compare scorecard doctor bench bench-rpc bench-diff \
 	bench-sweep clean
 
 all: verify
@@ -103,8 +103,14 @@ bench-rpc: build
 # commit through ccache; two entries' commits build with clang only, so clang is installed first when missing.
 catalogue: install
 	@command -v clang >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  apt-get install -y -qq clang >/dev/null 2>&1; } || echo "note: clang not installed: the clang entries will not build"
+	  { apt-get install -y -qq clang >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq clang; } >/dev/null 2>&1; }; } \
+	  || echo "note: clang not installed: the clang entries will not build"
 	$(TH) catalogue $(ARGS)
+
+# Speed of the replay catalogue (prints figures; not a test): cold (empty private ccache and replay cache under
+# .cache/bench-catalogue) then warm, each build's wall and CPU seconds, the load beside them (scripts/bench_catalogue.py)
+bench-catalogue: install
+	$(PY) scripts/bench_catalogue.py $(ARGS)
 
 doctor: install
 	$(TH) doctor

@@ -25,8 +25,9 @@ REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 # commands that live in their own modules, loaded when named (Click's lazy group pattern): no import side effect
 LAZY_COMMANDS = {"sweep": ("harness.cli_sweep", "sweep"), "doctor": ("harness.cli_doctor", "doctor"),
                  "sweep-compare": ("harness.cli_sweep", "sweep_compare"), "replay": ("harness.cli_replay", "replay"),
-                 "catalogue": ("harness.cli_replay", "catalogue"), "bisect": ("harness.cli_replay", "bisect"),
+                 "catalogue": ("harness.cli_catalogue", "catalogue"), "bisect": ("harness.cli_replay", "bisect"),
                  "bisect-oracle": ("harness.cli_replay", "bisect_oracle"),
+                 "replay-export": ("harness.cli_catalogue", "replay_export"),
                  "diff": ("harness.cli_compare", "diff"), "scorecard": ("harness.cli_compare", "scorecard")}
 
 

@@ -82,15 +82,22 @@ def sanitizer_reports(run_dir: Path) -> list[str]:
 
 def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], routes: list[str] | None,
                   out: Path | None = None, log=click.echo, label: str = "", options: dict | None = None,
-                  sanitize: str | None = None, prefer: str | None = None, backend: str = "cpu"):
+                  sanitize: str | None = None, prefer: str | None = None, backend: str = "cpu",
+                  one_tree: bool | None = None):
     """Build ``rev`` (cached; only the targets the checks need) for ``backend`` (cpu, or cuda on a GPU machine),
-    run the checks with that backend as the target, write a report labelled with the commit.
+    run the checks with that backend as the target and on it alone, write a report labelled with the commit. (The
+    harness's host routes of the fork's other backends, such as metal-src, judge the Metal source of a commit; they
+    are no part of the replay of the backend built.)
 
     The report folder follows the rules of every checks run (:func:`harness.pipeline.prepare_run_dir`, checked
     before anything is built): a sweep report there is refused, a checks report of the same build is added to,
     one of another build is refused.
 
-    Returns (run, run_dir, built: bool - whether this call compiled anything new).
+    ``one_tree``: build in one source tree per flavour (:func:`harness.replay.build_commit`; machines without ccache);
+    default ``$TURBO_REPLAY_ONE_TREE=1``.
+
+    Returns (run, run_dir, built: bool - whether this call compiled anything new; ``run.meta`` has the build's
+    ``build_seconds`` and ``build_cpu_seconds``).
     """
     from harness import pipeline
     from harness.cli import registry
@@ -98,17 +105,19 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
     from harness.report.render import write_all
     from harness.targets.fork import ForkTarget
     commit = resolve(fork, rev)
+    one_tree = os.environ.get("TURBO_REPLAY_ONE_TREE") == "1" if one_tree is None else one_tree
     run_dir, previous = pipeline.prepare_run_dir(out or REPORTS / f"replay-{commit[:10]}-{time.strftime('%Y%m%d-%H%M%S')}",
                                                  "checks")
-    src, bdir, meta = build_commit(fork, commit, targets=targets_for(checks), log=log, sanitize=sanitize, prefer=prefer,
-                                   backend=backend)
+    src, bdir, meta = build_commit(fork, commit, targets=targets_for(checks, options), log=log, sanitize=sanitize,
+                                   prefer=prefer, backend=backend, one_tree=one_tree)
     built = not meta.pop("reused", False)
+    meta["replay_built"] = built
     target = ForkTarget(bdir, src, env=sanitizer_env(sanitize, run_dir / "evidence" / "sanitizer"))
     try:
         meta = dict(meta, fork_commit=commit, fork_dir=str(src), build_dir=str(bdir), replay_of=commit,
                     replay_label=label, fork_describe=git_subject(fork, commit))
         run = pipeline.run_verify(target, meta, checks, types, run_dir, previous, target_backend=backend, log=log,
-                                  routes=routes, options=options, registry=registry())
+                                  routes=routes, options=options, registry=registry(), backends=[backend])
     finally:
         target.close()
     if sanitize:  # quote the sanitizer's own report beside the probe's crash message
@@ -203,74 +212,6 @@ def _entry(eid: str) -> dict:
 
 def _expected(e: dict, side: str) -> str:
     return e[f"expected_{side}"].split()[0].rstrip(",;:")
-
-
-@click.command()
-@click.argument("ids", nargs=-1)
-@click.option("--backend", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="replay the entries of this backend (cuda needs a CUDA build machine)")
-@click.option("--all", "all_", is_flag=True, help="also try the entries marked 'not replayed'")
-@click.option("--fork-dir", default=None, type=existing_dir())
-def catalogue(ids, backend, all_, fork_dir):
-    """Replay catalogue entries (checks/replays.toml) at parent and fix; print both verdict rows.
-
-    Without IDS, the entries of the backend marked status = "replayed"; the others are listed with the
-    reason they are not replayed. Exit 1 when a verdict differs from the catalogue. A parent that crashes on
-    a configuration it accepted is FAIL (the bug), a hang is ERROR with the reason."""
-    fork = history_dir(fork_dir)
-    if backend == "cuda" and not fb._nvidia_gpu_present():
-        raise HarnessError("catalogue --backend cuda needs a machine with an NVIDIA GPU (nvidia-smi lists none here); "
-                           "run it there with CUDA_ARCH set to the GPU's architecture (90 for an H100/H200)")
-    every = load_catalogue()
-    if ids:
-        entries = [e for e in every if e["id"] in ids]
-        if len(entries) != len(set(ids)):
-            raise HarnessError(f"unknown catalogue id among {', '.join(ids)}; known: {', '.join(e['id'] for e in every)}")
-    else:
-        mine = [e for e in every if e.get("backend", "cpu") == backend]
-        entries = [e for e in mine if all_ or e.get("status") == "replayed"]
-        for e in mine:
-            if e not in entries:
-                click.echo(f"{e['id']:34s} not replayed: {e.get('reason', e.get('status', ''))[:150]}")
-    ok_all, proven, t_all, n_built, n_reused = True, set(), time.time(), 0, 0
-    rows = []
-    for e in entries:
-        t_entry = time.time()
-        verdicts, whys = {}, {}
-        for side in ("parent", "fix"):
-            rev = e.get(f"replay_{side}", e[side])
-            t0 = time.time()
-            try:
-                run, run_dir, built = replay_commit(fork, rev, [e["check"]], e["types"], e.get("routes"),
-                                                    label=f"{e['id']} {side}", log=lambda s: None,
-                                                    options=entry_options(e), sanitize=e.get("sanitize"),
-                                                    prefer=_prefer(e), backend=e.get("backend", "cpu"))
-                n_built += built
-                n_reused += not built
-                v, why = judge_side(run.checks[0], run.meta.get("sanitizer_reports"))
-            except HarnessError as err:
-                v, run_dir, why, built = "ERROR", None, str(err), False
-            verdicts[side], whys[side] = v, why
-            exp = _expected(e, side)
-            match = v == exp or (side == "parent" and exp in ("FAIL", "PARTIAL") and v in ("FAIL", "PARTIAL"))
-            ok_all &= match
-            click.echo(f"{e['id']:34s} {side:6s} {rev[:10]} {e['check']:5s} {','.join(e['types']):14s} {v:8s} "
-                       f"(expected {exp}) {'ok' if match else 'MISMATCH'} {time.time() - t0:6.0f} s"
-                       f"{' built' if built else ''}  {why[:160]}")
-            if run_dir:
-                click.echo(f"{'':36s} report {run_dir / 'summary.md'}")
-        flagged = verdicts.get("parent") in ("FAIL", "PARTIAL") or (
-            verdicts.get("parent") == "ERROR" and "hang" in whys.get("parent", ""))
-        if flagged and verdicts.get("fix") == "PASS" and _expected(e, "fix") == "PASS":
-            proven.add(e["fix"])
-        rows.append((e["id"], time.time() - t_entry))
-    total = time.time() - t_all
-    for eid, sec in rows:
-        click.echo(f"  {eid:34s} {sec:7.0f} s")
-    click.echo(f"{len(entries)} entries in {total:.0f} s ({total / 60:.1f} min); builds: {n_built} compiled, "
-               f"{n_reused} reused from the cache; {len(proven)} distinct fix commits proven (parent flagged, fix PASS): "
-               f"{', '.join(sorted(c[:10] for c in proven))}")
-    sys.exit(0 if ok_all else 1)
 
 
 @click.command()

@@ -1,8 +1,10 @@
 """Replay the checks on any fork commit, and bisect a verdict change with ``git bisect run``.
 
-Sources of a commit are exported from the fork's git (no checkout of the user's tree is touched)
-into ``<cache>/<commit>/src``; builds go to ``<cache>/<commit>/build[-cuda][-clang][-addrsan]`` and are reused; only the
-targets the replayed checks need are built, through ccache when it is installed. The cache is
+Sources of a commit are exported from the fork's git, or unpacked from a folder of exported tarballs on a machine
+without git (:mod:`harness.replay_src`; no checkout of the user's tree is touched), into ``<cache>/<commit>/src``;
+builds go to ``<cache>/<commit>/build[-cuda][-clang][-addrsan]`` and are reused when the build recorded there is of
+that commit; only the targets the replayed checks need are built, through ccache when it is installed (or, with
+``one_tree``, in one source tree per flavour that is synced from commit to commit). The cache is
 ``$TURBO_REPLAY_CACHE`` or ``.cache/replay`` in the harness checkout. A commit that does not build
 with the default compiler is retried with clang when it is installed; a build that still fails is
 an error naming the compiler's message, and no other cached build is touched.
@@ -13,62 +15,20 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import tomllib
 from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.fork import build as fb
+from harness import replay_src as rs
+from harness.replay_src import git_dir_of, git_subject, history_dir, resolve  # noqa: F401 (the replay API)
 
-EXCLUDE = [":(exclude)models/ggml-vocab-*.gguf", ":(exclude)tools/server/public/bundle.js"]
 CATALOGUE = fb.REPO_ROOT / "checks" / "replays.toml"
 
 
 def cache_root() -> Path:
     """Replay cache: $TURBO_REPLAY_CACHE, else .cache/replay of the harness checkout (src/ and build/ per commit)."""
     return Path(os.environ.get("TURBO_REPLAY_CACHE") or (fb.REPO_ROOT / ".cache" / "replay"))
-
-
-def git_dir_of(fork: Path) -> Path:
-    """The git directory holding the fork's history (a checkout's .git, or a bare repository)."""
-    def rev_parse(*args):
-        r = subprocess.run(["git", "-C", str(fork), "rev-parse", *args], capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
-    gdir = rev_parse("--absolute-git-dir")
-    # a folder without history of its own inside another repository (e.g. a source snapshot unpacked under the
-    # harness checkout) must not borrow that repository's history
-    top = rev_parse("--show-toplevel") if gdir and rev_parse("--is-bare-repository") != "true" else None
-    own = bool(gdir) and (top is None or Path(top).resolve() == Path(fork).resolve())
-    out = [gdir or ""]
-    if not own:
-        raise HarnessError(f"{fork} is not a git checkout of the fork: replay needs the fork's history (set FORK_DIR to "
-                           f"a clone, bare or not)")
-    return Path(out[0].strip())
-
-
-def history_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The fork's history for replay: --fork-dir, else $FORK_DIR, else vendor/llama.cpp; a checkout or a bare
-    repository (replay exports each commit's tree itself, so no work tree is needed).
-
-    Raises:
-        HarnessError: the folder holds no git history, with the fix.
-    """
-    given = explicit or os.environ.get("FORK_DIR")
-    p = Path(given or fb.DEFAULT_FORK).resolve()
-    if not p.exists():
-        raise HarnessError(f"no fork history at {p}: set FORK_DIR (or --fork-dir) to a clone of the fork, bare or not")
-    git_dir_of(p)
-    return p
-
-
-def resolve(fork: Path, rev: str) -> str:
-    """Full hash of a commit. Raises HarnessError when the fork's history has no such commit."""
-    r = subprocess.run(["git", "--git-dir", str(git_dir_of(fork)), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
-                       capture_output=True, text=True)
-    if r.returncode != 0 or not r.stdout.strip():
-        raise HarnessError(f"commit {rev!r} is not in the fork's history at {fork}: give a hash or ref that "
-                           f"`git -C {fork} log` shows")
-    return r.stdout.strip()
 
 
 def commit_root(commit: str, root: Path | None = None) -> Path:
@@ -81,46 +41,46 @@ def commit_root(commit: str, root: Path | None = None) -> Path:
 
 
 def export_source(fork: Path, commit: str, root: Path | None = None) -> Path:
-    """Write the commit's tree (minus large model blobs) to <cache>/<commit>/src once; returns the folder."""
-    dest = commit_root(commit, root) / "src"
-    if (dest / ".fork-commit").is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="src-tmp-", dir=dest.parent))
-    env = dict(os.environ, GIT_INDEX_FILE=str(tmp / ".git-index"))
-    r = subprocess.run(["git", "--git-dir", str(git_dir_of(fork)), "--work-tree", str(tmp), "checkout", commit, "--", ".",
-                        *EXCLUDE], capture_output=True, text=True, env=env)
-    if r.returncode != 0 and not (tmp / "ggml" / "include" / "ggml.h").is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise HarnessError(f"could not export {commit[:12]}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'git failed'}")
-    (tmp / ".git-index").unlink(missing_ok=True)
-    (tmp / ".fork-commit").write_text(commit + "\n")
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    return dest
+    """Write the commit's tree (minus large model blobs) to <cache>/<commit>/src once; returns the folder. The tree
+    comes from the fork's git history or from a sources folder (:mod:`harness.replay_src`)."""
+    return rs.export_source(fork, commit, commit_root(commit, root) / "src")
 
 
 # CMake targets each check needs at a replayed commit (ggml alone for the probe checks).
 MODEL_TARGETS = ("llama-perplexity", "llama-save-load-state")
 SANITIZERS = {"address": "-DGGML_SANITIZE_ADDRESS=ON"}
+# configure options of a replay build: a unit-level replay (the probe checks) configures ggml and libllama's folder
+# only, without the tests, examples, tools and common library (less to configure; the target built is ggml, i.e.
+# ggml-base + ggml-cpu [+ the GPU backend]); a model-level one (MODEL) adds what its tools need. The flags ggml is
+# compiled with are the same either way, so a folder configured for one is reused by the other.
+UNIT_CMAKE = ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
+              "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_COMMON=OFF"]
+MODEL_CMAKE = ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_TOOLS=ON",
+               "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_COMMON=ON"]
 
 
-def targets_for(checks) -> tuple[str, ...]:
-    """The CMake targets a replay of these checks must build: ggml for the probe checks, plus the llama
-    tools (libllama, llama-perplexity, llama-save-load-state) when the model-level check MODEL is among them."""
+def targets_for(checks, options: dict | None = None) -> tuple[str, ...]:
+    """The CMake targets a replay of these checks must build: ggml for the probe checks, plus, for the model-level
+    check MODEL, libllama's tools: llama-save-load-state unless its options say ``state = false`` and
+    llama-perplexity unless ``ppl = false`` (``options``: {check id: {option: value}}, a catalogue entry's)."""
     out = ["ggml"]
     if any(str(c).upper() == "MODEL" for c in checks):
-        out += list(MODEL_TARGETS)
+        o = (options or {}).get("MODEL", {})
+        out += [t for t, key in zip(MODEL_TARGETS, ("ppl", "state")) if o.get(key, True) is not False]
     return tuple(out)
 
 
-def ccache_env(root: Path) -> dict:
-    """Environment for a replay build: ccache (when installed) with CCACHE_BASEDIR at the cache root, so the
-    objects of unchanged files are shared between commits; {} without ccache."""
-    if not shutil.which("ccache"):
-        return {}
-    return {"CCACHE_BASEDIR": str(Path(root).resolve()), "CCACHE_NOHASHDIR": "1"}
+def build_env(root: Path) -> dict:
+    """Environment for a replay build. ccache (when installed) with CCACHE_BASEDIR at the cache root, so that the
+    objects of files two commits share are reused (every commit compiles them under the same relative paths). Git
+    is kept from seeing any repository around the exported tree (GIT_CEILING_DIRECTORIES at the cache root, no
+    GIT_DIR of a bisection): the fork's CMake would otherwise stamp the enclosing repository's commit into ggml
+    (GGML_COMMIT), which differs from the replayed commit and changes with every commit of that repository."""
+    env = rs.git_env()
+    env["GIT_CEILING_DIRECTORIES"] = str(Path(root).resolve())
+    if shutil.which("ccache"):
+        env.update(CCACHE_BASEDIR=str(Path(root).resolve()), CCACHE_NOHASHDIR="1")
+    return env
 
 
 def _flavour(compiler: str, sanitize: str | None, backend: str = "cpu") -> str:
@@ -128,17 +88,35 @@ def _flavour(compiler: str, sanitize: str | None, backend: str = "cpu") -> str:
             + (f"-{sanitize[:4]}san" if sanitize else ""))
 
 
+def _reusable(bdir: Path, commit: str, targets) -> dict | None:
+    """The build metadata of ``bdir`` when it is a build of ``commit`` holding every target (provenance: the commit
+    recorded with the build, not the folder's name), else None."""
+    meta = fb.read_build_meta(bdir)
+    if not meta or meta.get("fork_commit") != commit or not set(targets) <= set(meta.get("targets", [])):
+        return None
+    return meta if any((bdir / "bin").glob("libggml-base.*")) else None
+
+
 def build_commit(fork: Path, commit: str, targets=("ggml",), log=print, root: Path | None = None,
-                 sanitize: str | None = None, prefer: str | None = None, backend: str = "cpu") -> tuple[Path, Path, dict]:
-    """Export and build one commit for the CPU (reusing its cached build), only the given targets.
+                 sanitize: str | None = None, prefer: str | None = None, backend: str = "cpu",
+                 one_tree: bool = False) -> tuple[Path, Path, dict]:
+    """Export and build one commit (reusing a build of the same commit, flavour and compiler), only the given targets.
 
     A commit that does not build with the default compiler is retried with clang (never edited); the
     working compiler is remembered per commit. ``sanitize='address'`` builds an AddressSanitizer flavour in
     its own folder; ``backend='cuda'`` builds the CUDA backend (``CUDA_ARCH``, e.g. 90, limits the GPU
-    architectures compiled) in ``build-cuda``; ``prefer='clang'`` tries clang first (a commit known not to build with gcc). Returns (source dir, build dir, build metadata, with ``reused``: True when nothing was
-    compiled). Raises HarnessError when it does not build with any available compiler; the message quotes
-    the first compiler error.
+    architectures compiled) in ``build-cuda``; ``prefer='clang'`` tries clang first (a commit known not to build
+    with gcc). ``one_tree``: build every commit in one source folder and one build folder per flavour
+    (``<cache>/tree-<flavour>/src`` and ``build``), synced to the commit file by file, so that the build tool recompiles only the files that
+    differ from the commit built there before (for machines without ccache; a switch back rebuilds those files).
+
+    Returns (source dir, build dir, build metadata, with ``reused``: True when nothing was compiled, and for a
+    new build ``build_seconds`` (wall) and ``build_cpu_seconds`` (user + system time of the compilers: what the
+    build costs on an idle machine, whatever the load)). Raises HarnessError when it does not build with any
+    available compiler; the message quotes the first compiler error.
     """
+    import resource
+    import time
     root = root or cache_root()
     if sanitize and sanitize not in SANITIZERS:
         raise HarnessError(f"unknown sanitizer {sanitize!r}: use one of {', '.join(SANITIZERS)}")
@@ -152,27 +130,51 @@ def build_commit(fork: Path, commit: str, targets=("ggml",), log=print, root: Pa
     first = marker.read_text().strip() if marker.is_file() else prefer
     if first:  # a commit that needed the other compiler builds with it from then on
         attempts.sort(key=lambda a: a[0] != first)
+    def dirs(name):  # (source, build) of one compiler's flavour
+        if not one_tree:
+            return src, croot / _flavour(name, sanitize, backend)
+        base = root / ("tree-" + _flavour(name, sanitize, backend))
+        return base / "src", base / "build"
+
+    def holds(tree: Path) -> bool:
+        return (tree / ".fork-commit").is_file() and (tree / ".fork-commit").read_text().strip() == commit
     for name, _ in attempts:
-        cand = croot / _flavour(name, sanitize, backend)
-        meta = fb.read_build_meta(cand)
-        if meta and set(targets) <= set(meta.get("targets", [])) and any((cand / "bin").glob("libggml-base.*")):
-            return src, cand, dict(meta, reused=True)
-    extra = ["-DLLAMA_BUILD_EXAMPLES=ON"] + ([SANITIZERS[sanitize]] if sanitize else [])
-    if shutil.which("ccache"):
-        extra += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+        s, b = dirs(name)
+        meta = _reusable(b, commit, targets)
+        if meta and holds(s):
+            return s, b, dict(meta, reused=True)
+    model = any(t in MODEL_TARGETS for t in targets)
     errors = []
     for name, cc in attempts:
-        b = croot / _flavour(name, sanitize, backend)
-        env = dict(os.environ, **ccache_env(root), **(cc or {}))
+        s, b = dirs(name)
+        if one_tree:
+            s.mkdir(parents=True, exist_ok=True)
+            st = rs.sync_tree(src, s)
+            if st["added"] or st["removed"]:  # files appeared or went: CMake's globs must be evaluated again
+                (s / "CMakeLists.txt").touch()
+            log(f"one tree: {s} now {commit[:12]}: {st['changed']} files changed, {st['added']} added, "
+                f"{st['removed']} removed")
+        prev = fb.read_build_meta(b).get("configured_with", [])
+        extra = (MODEL_CMAKE if model or "-DLLAMA_BUILD_TOOLS=ON" in prev else UNIT_CMAKE) + \
+            ([SANITIZERS[sanitize]] if sanitize else [])
+        env = dict(build_env(root), **(cc or {}))
+        r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
         try:
-            res = fb.build(backend, list(targets), fork=src, bdir=b, log=log, env=env, extra_cmake=extra)
-            marker.write_text(name)
-            meta = dict(res.meta, replay_compiler=name, sanitize=sanitize, ccache=bool(shutil.which("ccache")))
-            (b / fb.BUILD_META).write_text(json.dumps(meta, indent=2))
-            return src, b, dict(meta, reused=False)
+            res = fb.build(backend, list(targets), fork=s, bdir=b, log=log, env=env, extra_cmake=extra)
         except HarnessError as e:
             errors.append(f"{name}: {e}")
             log(f"build of {commit[:12]} with the {name} compiler failed")
+            continue
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(name)
+        meta = dict(res.meta, replay_compiler=name, sanitize=sanitize, ccache=bool(shutil.which("ccache")),
+                    one_tree=one_tree, build_seconds=round(time.time() - t0, 1),
+                    build_cpu_seconds=round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 1))
+        if one_tree:  # what this build made for this commit: tools built for another commit are stale now
+            meta["targets"] = sorted(set(targets))
+        (b / fb.BUILD_META).write_text(json.dumps(meta, indent=2))
+        return s, b, dict(meta, reused=False)
     raise HarnessError(f"{commit[:12]} does not build: " + " | ".join(errors))
 
 

@@ -22,7 +22,7 @@ def test_the_registry_names_a_catching_check_for_every_fault():
     caught = {f for f, _, _ in FAULT_TABLE}
     # the two tie/threshold-shift faults are COMPAT's (tests/test_paths_against_each_other.py): tiny by design
     assert caught == KNOWN_FAULTS - {"thresholds_shift_1e-6", "boundary_ties"}, sorted(KNOWN_FAULTS ^ caught)
-    assert len(FAULT_TABLE) == 14
+    assert len(FAULT_TABLE) == 15
 
 
 def test_correct_target_passes_everything(make_ctx):
@@ -80,3 +80,16 @@ def test_unrotated_decode_is_seen_by_the_constant_block_spread(make_ctx):
     cells = pq2_codebook.run(make_ctx(NumpyTarget(faults=["decode_unrotated"]), types=("turbo3",)))
     spread = [c for c in cells if c.metric == "constant_block_rel_spread"]
     assert spread and all(c.verdict == Verdict.FAIL and c.value > 0.5 for c in spread)
+
+
+def test_a_writer_leaving_most_of_each_block_unwritten_passes_pq4_and_fails_pq5(make_ctx):
+    """CUDA's turbo3/turbo2 set_rows at b9df4c3d (catalogue cuda-turbo-set-rows-block128) wrote only the first 32
+    values of each 128-value block: well-formed bytes that its own decode and the reference unpacker read alike, so
+    PQ4 (layout: a path's bytes against its own decode) cannot see it; PQ5 (the decoded values against the input) and
+    PQ1 (the indices against the reference quantiser) do, on the target path."""
+    ctx = make_ctx(NumpyTarget(backends=(("cpu", "cpu"), ("cuda", "gpu")), backend_faults={"cuda": {"partial_block_write"}}),
+                   types=("turbo3", "turbo2"), target_backend="cuda")
+    v = verdicts(ctx, ["PQ1", "PQ4", "PQ5"])
+    assert v["PQ4"] == Verdict.PASS and v["PQ5"] == Verdict.FAIL and v["PQ1"] == Verdict.FAIL, v
+    bad = [c for c in CHECKS["PQ5"].evaluate(ctx) if c.verdict == Verdict.FAIL]
+    assert bad and all(c.path == "cuda:set_rows" for c in bad) and "above TurboQuant's bound" in bad[0].caveat

@@ -169,7 +169,7 @@ def test_replay_follows_the_run_folder_rules_of_every_checks_run(tmp_path, monke
     repo, commit = fake_fork(tmp_path)
     builds = []
 
-    def fake_build(fork, c, targets=(), log=None, sanitize=None, prefer=None, backend="cpu"):
+    def fake_build(fork, c, targets=(), log=None, sanitize=None, prefer=None, backend="cpu", **kw):
         builds.append(c)
         bdir = tmp_path / f"build{len(builds) if len(builds) > 2 else 1}"
         return repo, bdir, {"cmake_options": ["-DX=1"], "reused": True}

@@ -21,6 +21,9 @@ Faults (names accepted in ``faults``):
     thresholds_shift_1e-6  every decision threshold moved 1e-6 away from zero (each still within 1e-6 of its
                         midpoint), as CUDA's turbo4 constants (±0.145561/±0.013964) differ from CPU's
                         (±0.145560/±0.013963) on fork 69d8e4be4
+    partial_block_write the quantiser writes the indices of the first 32 values of each 128-value block only (the other
+                        bytes keep the cleared buffer's zeros: index 0), with the block's right norm, as CUDA's
+                        turbo3/turbo2 set_rows did after the block size became 128 (b9df4c3d, fixed by f028c66b)
     boundary_ties       a rotated coordinate within 1e-7 of a decision threshold gets the neighbouring index
                         (float32 rounding of another kernel's arithmetic, made deterministic): boundary ties only
 """
@@ -38,7 +41,8 @@ from harness.targets.base import Backend, Routes, Target
 
 KNOWN_FAULTS = {"dense_rotation", "quantizer_signs", "uncorrected_norm", "perturbed_centroids", "thresholds_off",
                 "swapped_packing", "nan_zero_rows", "no_output_inverse", "skip_q_rotation", "reserved_nonzero",
-                "crash_attention", "decode_unrotated", "thresholds_shift_1e-6", "boundary_ties", "zero_indices"}
+                "crash_attention", "decode_unrotated", "thresholds_shift_1e-6", "boundary_ties", "zero_indices",
+                "partial_block_write"}
 TIE_BAND = 1e-7  # the 'boundary_ties' fault's band around each threshold
 
 
@@ -106,6 +110,9 @@ class _Impl:
             stored = np.where(zero, np.nan, stored)
         if "zero_indices" in self.faults:  # a quantiser that writes no indices (a fork's CPU turbo2/turbo3 did)
             idx = np.zeros_like(idx)
+        if "partial_block_write" in self.faults:  # warps 1-3 of each block wrote elsewhere
+            idx = idx.copy()
+            idx[:, 32:] = 0
         if "swapped_packing" in self.faults:
             idx = self._reorder(type_name, idx)
         reserved = np.full(len(idx), 0x3C00, np.uint16) if "reserved_nonzero" in self.faults else None
