@@ -4,6 +4,7 @@ in that writer moves the matching check to FAIL on the writer's path. A NumPy ta
 writes turbo2/turbo4 but raises Unsupported when asked to decode them."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from harness.checks import examined, pq1_rotation, pq3_norms, pq4_layout, pq5_distortion
@@ -143,3 +144,42 @@ def test_a_software_reader_of_another_writer_puts_its_mode_on_the_cell(tmp_path)
     c = next(c for c in run.checks[0].cells if c.path == "cpu:set_rows")
     assert c.verdict == Verdict.PASS and c.details["reader"] == "vulkan:get_rows"
     assert SOFT_NOTE in c.caveat and c.details["examined"] == {"vulkan": SOFT_NOTE}
+
+
+class _RelabelledVulkan(NumpyTarget):
+    """Vulkan's turbo4 writer stores each 4-bit index with its bits reversed (a layout fault no own reader hides)."""
+
+    def quantize(self, backend, route, type_name, x):
+        raw = super().quantize(backend, route, type_name, x)
+        if backend != "vulkan" or type_name != "turbo4":
+            return raw
+        from harness.reference import turbo as T
+        idx, norms, reserved = T.unpack(type_name, raw)
+        rev = np.array([int(f"{k:04b}"[::-1], 2) for k in range(16)], np.uint8)
+        return T.pack(type_name, rev[idx], norms, reserved).reshape(-1)
+
+
+def test_relabelled_index_values_in_the_writer_fail_pq4(make_ctx):
+    got, _ = _writer_cells(make_ctx, "PQ4", _target(cls=_RelabelledVulkan), types=("turbo4",))
+    _fails_on_the_writer(got)
+    c = got["turbo4"]
+    assert c.details["arrangement"] == "values relabelled" and c.details["relabelling"][1] == 8
+    assert "bit order inside an index" in c.caveat
+
+
+def test_the_rearrangement_finders_find_only_rearrangements():
+    rng = np.random.default_rng(3)
+    e = rng.integers(0, 16, (256, 128))
+    pi = rng.permutation(128)
+    s = np.empty_like(e)
+    s[:, pi] = e  # stored[:, pi[i]] = expected[:, i]
+    assert np.array_equal(pq4_layout.position_permutation(s, e), pi)
+    assert pq4_layout.position_permutation(e, e) is None  # the identity is the reference layout
+    other = rng.integers(0, 16, (256, 128))  # indices of another rotation: no position matches
+    assert pq4_layout.position_permutation(other, e) is None
+    g = rng.permutation(16)
+    assert np.array_equal(pq4_layout.value_relabelling(g[e], e, 16), g)
+    assert pq4_layout.value_relabelling(e, e, 16) is None and pq4_layout.value_relabelling(other, e, 16) is None
+    near = e.copy()
+    near[rng.random(e.shape) < 0.05] += 1  # 5% neighbours: not a rearrangement
+    assert pq4_layout.position_permutation(np.clip(near, 0, 15), e) is None

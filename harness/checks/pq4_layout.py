@@ -97,12 +97,12 @@ def _quant_cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
                    + (f"{reader.path}'s decode" if reader.foreign else "its own decode"))
     if res_bad:
         cav.append(f"reserved field non-zero in {res_bad} of 64 blocks")
-    arr = _arrangement(ctx, t, backend, route, reader, table) if reader.foreign else {"misplaced": 0}
+    arr = _arrangement(ctx, t, backend, route, reader, table) if reader.foreign else {}
     if arr.get("note"):
         cav.append(arr["note"])
     if reader.note:
         cav.append(reader.note)
-    bad = mism + res_bad + arr["misplaced"]
+    bad = mism + res_bad + arr.get("misplaced", 0)
     ev = ctx.evidence(ID, f"{t}_{backend}_{route}_bytes", raw=raw, own=own, reference=ref)
     return [ctx.cell(ID, t, backend, route, "mismatches", bad, 0, Verdict.PASS if not bad else Verdict.FAIL,
                      caveat="; ".join(cav), evidence=ev,
