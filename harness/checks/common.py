@@ -131,7 +131,8 @@ class Context:
 def annotate_modes(cells: list[Cell], backends) -> None:
     """Say in every cell how its backends were examined when that is not 'executed' (spec "Every backend, and how
     it was examined"): a cell whose path names a backend of another mode (metal-src:set_rows, 'cpu:set_rows x
-    metal-src:set_rows') gets that backend's description (e.g. "Metal source on the host CPU: ...") in its caveat
+    metal-src:set_rows'), or whose writer's bytes such a backend read or un-rotated (``details['reader']``,
+    ``details['unrotated_by']``), gets that backend's description (e.g. "Metal source on the host CPU: ...") in its caveat
     and ``details['examined']``. Cells are changed in place."""
     import re
     notes = {b.name: getattr(b, "mode_note", "") or b.description or b.mode_label for b in backends
@@ -139,8 +140,11 @@ def annotate_modes(cells: list[Cell], backends) -> None:
     if not notes:
         return
     for c in cells:
-        # a backend's source read by the audit ('vulkan:source') was not executed: it keeps no execution note
-        named = [n for n in notes if re.search(rf"(^|[\s>]){re.escape(n)}:(?!source\b)", c.path or "")]
+        # a backend's source read by the audit ('vulkan:source') was not executed: it keeps no execution note; the
+        # reader of a writer-only backend's bytes (details['reader'], harness.checks.readers) ran too
+        where = " ".join([c.path or ""] + [str((c.details or {})[k]) for k in ("reader", "unrotated_by")
+                                          if (c.details or {}).get(k)])
+        named = [n for n in notes if re.search(rf"(^|[\s>]){re.escape(n)}:(?!source\b)", where)]
         for n in named:
             if notes[n] not in (c.caveat or ""):
                 c.caveat = (c.caveat + "; " if c.caveat else "") + notes[n]
@@ -318,23 +322,6 @@ def centroid_table_spread(ctx: Context, backend: str, route: str, type_name: str
     every position of a block with one index and one norm decodes to the same centroid)."""
     centroid_table(ctx, backend, route, type_name)
     return ctx.cached(("table", backend, route, type_name), lambda: None)[1]
-
-
-def own_indices(ctx: Context, backend: str, type_name: str, raw: np.ndarray, nrows: int) -> np.ndarray:
-    """Indices of quantised rows as the backend itself decodes them (packing-order independent).
-
-    Decoded value / stored norm, snapped to the nearest entry of the backend's own table (sorted
-    ascending, so index 0 is the most negative centroid). Returns int array (nrows * ncols/128, 128).
-    """
-    route = decode_route(ctx, backend, type_name)
-    table = np.sort(centroid_table(ctx, backend, route, type_name))
-    f = T.fmt(type_name)
-    blocks = np.asarray(raw, np.uint8).reshape(-1, f.group_bytes)
-    norms = blocks[:, 0:2].copy().view(np.float16).astype(np.float64).reshape(-1)
-    dec = ctx.target.decode(backend, route, type_name, raw, nrows, blocks.shape[0] * 128 // nrows).reshape(-1, 128)
-    safe = np.where(np.isfinite(norms) & (norms != 0), norms, 1.0)
-    u = dec.astype(np.float64) / safe[:, None]
-    return np.argmin(np.abs(u[..., None] - table[None, None, :]), axis=-1)
 
 
 def quantizer_rotation(ctx: Context, backend: str, route: str, type_name: str) -> dict:

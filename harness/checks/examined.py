@@ -36,14 +36,16 @@ def measured(done: dict) -> dict:
     Returns:
         {(backend, type or 'all', op): {'routes': set of routes with a measured verdict (PASS, PARTIAL, FAIL: a crash
         on an accepted op is measured too), 'why': the first SKIP/ERROR caveat}}. A path of several parts
-        ('cpu:set_rows x vulkan:set_rows', 'vulkan:set_rows -> cpu:flash_attn') counts for each part; a pair type
-        ('q8_0/turbo4', PQ6) for each of its types.
+        ('cpu:set_rows x vulkan:set_rows', 'vulkan:set_rows -> cpu:flash_attn') counts for each part, and so does
+        the reader that decoded a writer-only backend's bytes (``details['reader']``, 'cpu:to_float': the write ran
+        on the writer's backend, the decode on the reader's); a pair type ('q8_0/turbo4', PQ6) for each of its types.
     """
     out: dict = {}
     for cells in done.values():
         for c in cells:
             types = str(c.type).split("/")
-            for part in re.split(r" x | -> ", c.path or ""):
+            reader = (c.details or {}).get("reader")  # a writer-only backend's bytes, decoded on another backend
+            for part in re.split(r" x | -> ", c.path or "") + ([reader] if isinstance(reader, str) else []):
                 backend, _, route = part.partition(":")
                 op = ROUTE_OPS.get(route.split("[", 1)[0])
                 if not op:

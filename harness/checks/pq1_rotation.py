@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from harness.checks.contract import Check
-from harness.checks.common import (Context, decision_thresholds, guarded, op_matrices, own_indices,
-                                   quant_paths, quantizer_rotation)
+from harness.checks.common import (Context, decision_thresholds, guarded, op_matrices, quant_paths,
+                                   quantizer_rotation)
+from harness.checks.readers import reader_indices, reader_of
 from harness.reference import turbo as T
 from harness.reference.wht import canonical_signs, factor_signed_wht, signed_wht_matrix
 from harness.report.model import Cell, Verdict
@@ -90,20 +91,24 @@ def _g64_cells(ctx: Context, backend: str, signs128) -> list[Cell]:
 def _quant_cells(ctx: Context, backend: str, route: str, type_name: str, op_R, op_signs) -> list[Cell]:
     n = int(ctx.th("PQ1", "random_rows"))
     x = ctx.rng(f"pq1-{type_name}").standard_normal((n, 128)).astype(np.float32)
-    got = own_indices(ctx, backend, type_name, ctx.target.quantize(backend, route, type_name, x), n)
+    reader = reader_of(ctx, backend, type_name)  # another backend's decoder when this one only writes the type
+    got = reader_indices(ctx, reader, ctx.target.quantize(backend, route, type_name, x), n)
     if not np.any(got):  # what the evidence shows directly: no rotation can be read from an all-zero output
         tol = ctx.th("PQ1", "index_mismatch_frac")
         ev = ctx.evidence(ID, f"{type_name}_{backend}_{route}", indices=got)
         return [ctx.cell(ID, type_name, backend, route, "nonzero_index_frac", 0.0, 0.0, Verdict.FAIL, op=">",
-                         caveat=f"the quantiser writes no indices (all zero): every one of the {got.size} indices it "
-                                f"stored for {n} random rows is 0", evidence=ev,
-                         details={"cause": "zero_indices", "indices": int(got.size)})]
+                         caveat="; ".join(s for s in (
+                             f"the quantiser writes no indices (all zero): every one of the {got.size} indices it "
+                             f"stored for {n} random rows is 0", reader.note) if s), evidence=ev,
+                         details={"cause": "zero_indices", "indices": int(got.size), **reader.details()})]
     qr = quantizer_rotation(ctx, backend, route, type_name)
     caveats = []
     if not qr["is_signed_wht"]:
         caveats.append(f"quantizer rotation is not a signed WHT ({qr['sign_factor_mismatches']} sign entries off)")
     elif op_signs is not None and not (np.array_equal(qr["s1"], op_signs[0]) and np.array_equal(qr["s2"], op_signs[1])):
-        caveats.append("quantizer sign vectors differ from the graph op's")
+        caveats.append("quantizer sign vectors differ from the graph op's" + (
+            " (or its index order inside a block differs from the layout the reader decodes: the bytes alone cannot "
+            "tell the two apart; PQ4 says which)" if reader.foreign else ""))
     # index agreement on random rows (got, above) vs the reference quantiser with the graph op's rotation
     thr = decision_thresholds(ctx, backend, route, type_name)
     t = np.where(np.isnan(thr["thresholds"]), thr["midpoints"], thr["thresholds"])
@@ -118,11 +123,13 @@ def _quant_cells(ctx: Context, backend: str, route: str, type_name: str, op_R, o
     raw = Verdict.PASS if (frac <= tol and not caveats) else Verdict.FAIL
     if frac > tol:
         caveats.append(f"{real} of {dis.size} indices differ from the reference quantizer using the graph op's rotation")
+    if reader.note:
+        caveats.append(reader.note)
     ev = ctx.evidence(ID, f"{type_name}_{backend}_{route}", indices=got, ref_indices=ref_idx, s1=qr["s1"], s2=qr["s2"])
     return [ctx.cell(ID, type_name, backend, route, "real_index_mismatch_frac", frac, tol, raw,
                      caveat="; ".join(caveats), evidence=ev,
                      details={"real_mismatches": real, "boundary_flips": flips, "quantizer_is_signed_wht": qr["is_signed_wht"],
-                              "quantizer_sign_mismatches": qr["sign_factor_mismatches"]})]
+                              "quantizer_sign_mismatches": qr["sign_factor_mismatches"], **reader.details()})]
 
 
 def run(ctx: Context) -> list[Cell]:

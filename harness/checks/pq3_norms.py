@@ -2,14 +2,16 @@
 
 Measured (spec PQ3) on random rows and edge rows (all zeros, 1e-8 scale, 1e5 scale, one huge
 coordinate): stored norm vs ||x||/||c|| recomputed in float64 from the stored indices (c = the
-path's own centroid table), the decoded norm vs ||x||, exact zeros for zero rows, NaN/Inf.
+path's own centroid table), the decoded norm vs ||x||, exact zeros for zero rows, NaN/Inf. A backend that writes
+a type it cannot read is judged through another backend's exact decoder (:mod:`harness.checks.readers`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from harness.checks.contract import Check
-from harness.checks.common import Context, decode_route, guarded, precise_table, quant_paths
+from harness.checks.common import Context, guarded, precise_table, quant_paths
+from harness.checks.readers import reader_of
 from harness.reference import turbo as T
 from harness.report.model import Cell, Verdict
 
@@ -36,7 +38,7 @@ def _cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
     x, edge_names = rows(ctx, n)
     raw = ctx.target.quantize(backend, route, t, x)
     idx, norms, _ = T.unpack(t, raw)
-    dr = decode_route(ctx, backend, t)
+    reader = reader_of(ctx, backend, t)  # another backend's decoder when this one only writes the type
     table = precise_table(ctx, t, backend)
     c = table[idx]  # permutation of indices inside a block does not change ||c||
     xn = np.linalg.norm(x.astype(np.float64), axis=1)
@@ -55,7 +57,7 @@ def _cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
         e16 = expect.astype(np.float16)
     ulp_ok = np.abs(stored.astype(np.float16).view(np.int16).astype(np.int32) - e16.view(np.int16).astype(np.int32)) <= 1
     ulp_bad = int(np.count_nonzero(rand & fin & ~ulp_ok))
-    dec = ctx.target.decode(backend, dr, t, raw, len(x), 128).astype(np.float64)
+    dec = reader.decode(ctx, raw, len(x), 128).astype(np.float64)
     dn = np.linalg.norm(dec, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         dec_ratio = dn[rand & fin] / xn[rand & fin]
@@ -82,11 +84,13 @@ def _cells(ctx: Context, t: str, backend: str, route: str) -> list[Cell]:
         caveats.append("an all-zero row does not decode to exact zeros")
     if overflow:
         caveats.append(f"beyond fp16 range (reported, not judged): {', '.join(overflow)} store Inf")
+    if reader.note:
+        caveats.append(reader.note)
     ev = ctx.evidence(ID, f"{t}_{backend}_{route}", stored=stored, expected=expect, decoded_norm=dn, input_norm=xn)
     return [ctx.cell(ID, t, backend, route, "frac_groups_ratio_off", frac, ctx.th("PQ3", "ratio_frac"), raw_v,
                      caveat="; ".join(caveats), evidence=ev,
                      details={"ulp_violations": ulp_bad, "decoded_norm_bias": bias, "nan_count": nan_any,
-                              "zero_row_exact": zero_exact, "overflow_rows": overflow,
+                              "zero_row_exact": zero_exact, "overflow_rows": overflow, **reader.details(),
                               "edge_stored_norms": {edge_names[i]: float(stored[n + i]) for i in range(5)}})]
 
 

@@ -2,7 +2,9 @@
 
 Measured (spec PQ5) on Gaussian rows and rows with one channel 40x larger (real K/V vectors need a
 model run and are reported as not covered here): each quantise path's bytes decoded on its own
-backend and inverse-rotated with that backend's rotation op, as the fork's graph does.
+backend and inverse-rotated with that backend's rotation op, as the fork's graph does. A backend that writes a type
+it cannot read has its bytes decoded by another backend's exact decoder, and un-rotated by its own op where it has
+one, else by the reader's (:mod:`harness.checks.readers`); the cell says which.
 Optimum: 128 x the Lloyd-Max per-coordinate distortion for Beta(63.5, 63.5) on [-1, 1]
 (lloydmax.lloyd_max); bound: (sqrt(3)·pi/2)·4^-b (TurboQuant, arXiv 2504.19874, Thm. 1).
 q4_0 and q8_0 on the same rows are printed for comparison (not judged).
@@ -12,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from harness.checks.contract import Check
-from harness.checks.common import Context, decode_route, guarded, quant_paths
+from harness.checks.common import Context, guarded, quant_paths
+from harness.checks.readers import reader_of, unrotate
 from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.reference import turbo as T
 from harness.reference.lloydmax import lloyd_max, turboquant_upper_bound
@@ -61,12 +64,12 @@ def _cells(ctx: Context, t: str, backend: str, route: str, data: dict, classic: 
     bits = T.fmt(t).bits
     opt = 128 * lloyd_max(bits, "beta", 128).distortion
     bound = turboquant_upper_bound(bits)
-    dr = decode_route(ctx, backend, t)
-    res, per_row = {}, {}
+    reader = reader_of(ctx, backend, t)  # another backend's decoder when this one only writes the type
+    res, per_row, wht_path = {}, {}, ""
     for name, x in data.items():
         raw = ctx.target.quantize(backend, route, t, x)
-        dec = ctx.target.decode(backend, dr, t, raw, x.shape[0], 128)
-        xh = ctx.target.wht(backend, dec, 1, 128)
+        dec = reader.decode(ctx, raw, x.shape[0], 128)
+        xh, wht_path = unrotate(ctx, reader, dec)
         res[name] = metrics(x, xh, ctx.rng("ip"))
         per_row[f"{name}_row_sq_err"] = np.sum((xh.astype(np.float64) - x) ** 2, axis=1)
         per_row[f"{name}_row_sq_norm"] = np.sum(x.astype(np.float64) ** 2, axis=1)
@@ -87,7 +90,10 @@ def _cells(ctx: Context, t: str, backend: str, route: str, data: dict, classic: 
             cav.append(f"outlier data {dep:.2f}x the Gaussian NMSE")
     else:
         raw_v = Verdict.PASS
-    details = {"nmse_gaussian": g, "nmse_outlier": o, "outlier_over_gaussian": dep, "lloyd_max_nmse": opt,
+    if reader.foreign:
+        cav.append(f"{reader.note}, un-rotated by {wht_path}")
+    details = {**reader.details(), "unrotated_by": wht_path,
+               "nmse_gaussian": g, "nmse_outlier": o, "outlier_over_gaussian": dep, "lloyd_max_nmse": opt,
                "upper_bound": bound, **{f"{k}_{m}": v for k, r in res.items() for m, v in r.items()}, **classic,
                "real_kv": "not covered: needs a model run (see the sweep)",
                # the report's PQ5 table: this turbo row with q8_0 and q4_0 measured on the same rows beside it
