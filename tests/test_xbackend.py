@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE = r'''#!{py}
 import json, os, signal, sys
 sys.path.insert(0, {root!r})
-from harness.runners.ggml_types import predict_kv_bytes
-from tests.test_sweep_parsers import TRAITS
+from harness.runners.ggml_types import TypeTrait, predict_kv_bytes
 conf = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fake.json")))
+TRAITS = {{n: TypeTrait(*t) for n, t in conf["traits"].items()}}  # the test's TRAITS (no import of pytest here)
 LOSS = {{"f16": 0.0, "q8_0": 0.001, "q4_0": 0.02, "turbo4": 0.01, "turbo3": 0.03, "turbo2": 0.1}}
 a = sys.argv[1:]
 with open(conf["calls"], "a") as f:
@@ -70,7 +70,8 @@ def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash
     _script(bdir / "bin" / "llama-perplexity", FAKE.format(py=sys.executable, root=str(ROOT)))
     (bdir / "fake.json").write_text(json.dumps({"name": name, "jitter": jitter, "shift": shift or {},
                                                 "crash": list(crash), "calls": str(calls),
-                                                "splits": splits or {}}))
+                                                "splits": splits or {},
+                                                "traits": {n: [t.name, t.id, t.blck, t.size] for n, t in TRAITS.items()}}))
     return bdir
 
 
