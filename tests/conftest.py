@@ -9,6 +9,11 @@ import pytest
 from harness.checks.common import Context, load_thresholds
 from harness.fork import build as fb
 
+# The suite runs one worker per core (pyproject addopts, pytest-xdist), and the fork's tools, the probe and the workers
+# share the cores: idle OpenMP threads of the tools sleep instead of spinning against the other workers (set before any
+# tool starts; the tools inherit it; nothing the tests assert depends on it).
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 # CI sets this when it has the fork (snapshot or checkout): then a test that needs the built fork or the model
 # must run, and a skip for want of them is a failure (see .ci/run).
 REQUIRE_FORK = os.environ.get("TURBO_REQUIRE_FORK") == "1"

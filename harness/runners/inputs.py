@@ -153,6 +153,7 @@ class ModelInfo:
 
 
 _INFO_CACHE = _SHA_CACHE.with_name("model_info.json")
+_INFO_KEEP = 1024  # entries kept in the memo (about 300 bytes each)
 
 
 def read_model_info(path: Path) -> ModelInfo:
@@ -185,8 +186,10 @@ def read_model_info(path: Path) -> ModelInfo:
         return info
     content = "sha256:" + sha256_file(path)
     info = known(content) or _read_model_info(path)
-    # the recent entries whose file exists (content keys are kept the same way: the last 64)
-    memo = {k: v for k, v in list(memo.items())[-63:] if k.startswith("sha256:") or Path(k.split("|")[0]).exists()}
+    # entries of files that still exist, and content keys; the most recent _INFO_KEEP (a test session reads a few
+    # hundred small models: a short memo evicted Gemma 3's entry and its 26 s parse came back every session)
+    memo = {k: v for k, v in memo.items() if k.startswith("sha256:") or Path(k.split("|")[0]).exists()}
+    memo = dict(list(memo.items())[-(_INFO_KEEP - 2):])
     memo[key] = memo[content] = info.to_dict()
     _memo_save(_INFO_CACHE, memo)
     return info
