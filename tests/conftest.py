@@ -9,10 +9,26 @@ import pytest
 from harness.checks.common import Context, load_thresholds
 from harness.fork import build as fb
 
-# The suite runs one worker per core (pyproject addopts, pytest-xdist), and the fork's tools, the probe and the workers
-# share the cores: idle OpenMP threads of the tools sleep instead of spinning against the other workers (set before any
-# tool starts; the tools inherit it; nothing the tests assert depends on it).
+# The suite runs one worker per core (pytest_cmdline_main below), and the fork's tools, the probe and the workers share
+# the cores: idle OpenMP threads of the tools sleep instead of spinning against the other workers (set before any tool
+# starts; the tools inherit it; nothing the tests assert depends on it).
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The whole suite (no test paths given: the README's, the Makefile's and CI's command) runs one test worker per
+    core when pytest-xdist is installed (the dev extra), as if ``-n auto`` were given: most tests wait on the fork's
+    tools or run NumPy on one core. Given paths run in one process (the workers' start-up would cost more than they
+    save); ``-n N`` (``-n 0``: one process), ``--pdb`` or ``-p no:xdist`` choose otherwise; without xdist everything
+    runs in one process. Runs before xdist's own hook (a conftest's hook of the same priority is called first), which
+    then starts the workers."""
+    opt = config.option
+    if (config.pluginmanager.hasplugin("xdist") and getattr(opt, "numprocesses", None) is None
+            and config.args_source == pytest.Config.ArgsSource.TESTPATHS
+            and not hasattr(config, "workerinput") and not getattr(opt, "usepdb", False)
+            and not getattr(opt, "collectonly", False)):
+        opt.numprocesses = "auto"
 
 # CI sets this when it has the fork (snapshot or checkout): then a test that needs the built fork or the model
 # must run, and a skip for want of them is a failure (see .ci/run).
