@@ -29,6 +29,18 @@ def pytest_cmdline_main(config):
             and not hasattr(config, "workerinput") and not getattr(opt, "usepdb", False)
             and not getattr(opt, "collectonly", False)):
         opt.numprocesses = "auto"
+        if getattr(opt, "dist", "no") == "no":
+            # tests are handed out two at a time, in order, to whichever worker is free: the slow ones (first in the
+            # order) spread over the workers instead of queueing on one, as xdist's larger first batches would
+            opt.dist, opt.maxschedchunk = "load", 2
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (tens of seconds: the fork's tools on a real model, CI recipes of many commands) run
+    first, in their order, the rest after them in theirs: with several workers they overlap the short tests instead of
+    ending the run one after another."""
+    items[:] = [i for i in items if i.get_closest_marker("slow")] + [i for i in items if not i.get_closest_marker("slow")]
+
 
 # CI sets this when it has the fork (snapshot or checkout): then a test that needs the built fork or the model
 # must run, and a skip for want of them is a failure (see .ci/run).

@@ -161,6 +161,7 @@ def workspace(tmp_path):
     return ws, tmp_path / "artifacts", env
 
 
+@pytest.mark.slow
 def test_two_jobs_accept_then_fail_on_worse(workspace):
     ws, artifacts, env = workspace
     wf = load_workflow()
@@ -192,6 +193,7 @@ def test_two_jobs_accept_then_fail_on_worse(workspace):
     assert "fork-gate: diff -> 1" in log and "fork-gate: verify -> 1" in log
 
 
+@pytest.mark.slow
 def test_plain_shell_version_runs_all_steps(workspace):
     """The script alone (docs/ci.md 'Without GitHub Actions'): `all` builds, verifies, diffs and gates."""
     ws, _, env = workspace
@@ -209,6 +211,7 @@ def test_plain_shell_version_runs_all_steps(workspace):
     assert p.returncode == 2 and "unknown step" in p.stderr
 
 
+@pytest.mark.slow
 def test_a_failed_download_of_the_accepted_run_is_never_green(workspace):
     """The download step had continue-on-error: a download that failed for any reason (not only 'no artifact yet',
     which if_no_artifact_found: warn already covers) left reports/accepted empty, the diff step said 'nothing to

@@ -401,6 +401,7 @@ def test_bad_depth_and_decode_options_are_one_line_exit_2(fake, monkeypatch, arg
 # ----------------------------------------------------------------------------- the real fork
 
 @pytest.mark.fork
+@pytest.mark.slow
 def test_real_decode_tool_on_smollm2(tmp_path):
     from tests.conftest import fork_build_or_skip, skip_or_fail
     bdir, fork = fork_build_or_skip()
@@ -544,6 +545,7 @@ def test_gemma3_captured_runs_give_meaningful_cells():
 
 
 @pytest.mark.fork
+@pytest.mark.slow
 def test_real_sweep_with_decode_and_depth_on_smollm2(tmp_path):
     """The CLI on the real fork and SmolLM2, small: decode agreement and two depths end up as cells, tables, a plot
     and evidence; q8_0 is near-lossless in both (no FAIL from the new rules)."""

@@ -306,6 +306,7 @@ def _cells(run: dict) -> list[dict]:
 
 
 @pytest.mark.fork
+@pytest.mark.slow
 def test_loopback_server_joins_compat_and_pq6_with_the_local_cpus_results(rpc_server, tmp_path):
     """Acceptance 1: rpc0 (the fork's rpc-server, CPU backend, 127.0.0.1) in the writer x reader matrix and PQ6,
     every rpc0 cell equal in value and verdict to the same cell on the local CPU."""
@@ -350,6 +351,7 @@ def test_loopback_server_joins_compat_and_pq6_with_the_local_cpus_results(rpc_se
 
 
 @pytest.mark.fork
+@pytest.mark.slow
 def test_server_killed_mid_run_gives_a_clear_cell_and_a_finished_report(rpc_server, tmp_path):
     """Acceptance 1b: the server dies after PQ6 was written, during COMPAT: COMPAT's rpc0 cells are ERROR saying
     the connection was lost, the cpu cells are still measured, the report is complete (not interrupted), exit 2."""

@@ -224,6 +224,7 @@ def test_cli_backends_writes_both_sweeps_and_the_comparison(xb, monkeypatch):
 
 
 @pytest.mark.fork
+@pytest.mark.slow
 def test_cpu_against_rpc0_on_this_machine(tmp_path):
     """The real fork: CPU (2 threads) against the CPU backend behind a loopback rpc-server (1 thread), tiny context (ctx 128 x 2 chunks: llama-perplexity prints KLD statistics from 100 scored tokens)."""
     from conftest import fork_build_or_skip, skip_or_fail
