@@ -1,7 +1,10 @@
 """Shared fixtures. Tests that need a built fork skip with the reason when it is absent."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,18 @@ def pytest_collection_modifyitems(config, items):
 # CI sets this when it has the fork (snapshot or checkout): then a test that needs the built fork or the model
 # must run, and a skip for want of them is a failure (see .ci/run).
 REQUIRE_FORK = os.environ.get("TURBO_REQUIRE_FORK") == "1"
+
+
+@contextlib.contextmanager
+def repo_install_lock():
+    """Held while a test runs a make target that first makes ``install`` in this repository (its .venv): tests in
+    parallel workers take turns, so that two pip installs never write the same .venv at once (when it is stale)."""
+    with open(Path(tempfile.gettempdir()) / "turbo-harness-test-install.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def skip_or_fail(reason: str):
