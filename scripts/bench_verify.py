@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -26,19 +27,26 @@ def load() -> str:
     return f"load {os.getloadavg()[0]:.2f}"
 
 
-def one_run(out: Path, extra: list[str]) -> tuple[float, dict, int]:
-    """(wall seconds from spawn to exit, {check id: seconds}, exit code) of one verify into a fresh ``out``."""
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the waited-for child processes of this process so far."""
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return c.ru_utime + c.ru_stime
+
+
+def one_run(out: Path, extra: list[str]) -> tuple[float, dict, int, float]:
+    """(wall seconds from spawn to exit, {check id: seconds}, exit code, CPU seconds of verify and everything it
+    started: the probe worker, test-backend-ops) of one verify into a fresh ``out``."""
     shutil.rmtree(out, ignore_errors=True)  # a fresh report each time: --out never merges reports of different builds
     cmd = [sys.executable, "-m", "harness.cli", "verify", "--checks", CHECKS, "--out", str(out), *extra]
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), _children_cpu()
     r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wall = time.monotonic() - t0
+    wall, cpu = time.monotonic() - t0, _children_cpu() - c0
     f = out / "run.json"
     if not f.is_file():
         sys.stderr.write(r.stdout[-3000:])
         raise SystemExit(f"error: verify wrote no report ({out}): see its output above")
     d = json.loads(f.read_text())
-    return wall, {c["id"]: c["duration_s"] for c in d["checks"]}, r.returncode
+    return wall, {c["id"]: c["duration_s"] for c in d["checks"]}, r.returncode, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     walls, checks = [], []
     for i in range(a.reps):
         before = load()
-        wall, t, rc = one_run(Path(a.out), extra)
+        wall, t, rc, cpu = one_run(Path(a.out), extra)
         s6 = sum(v for k, v in t.items() if k not in ("COMPAT", "AUDIT"))
         total = sum(t.values())
         walls.append(wall)
@@ -58,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {i + 1}: verify wall {wall:.1f} s (process start to report written, exit {rc}); checks' own "
               f"{total:.1f} s (six checks {s6:.1f} s + COMPAT {t.get('COMPAT', 0.0):.1f} s + AUDIT "
               f"{t.get('AUDIT', 0.0):.1f} s); the rest (start-up, "
-              f"imports, reports, plots) {wall - total:.1f} s; {load()}")
+              f"imports, reports, plots) {wall - total:.1f} s; CPU {cpu:.1f} s (verify and the processes it started: "
+              f"less sensitive to other jobs than the wall time); {load()}")
     if a.reps > 1:
         print(f"median of {a.reps}: verify wall {statistics.median(walls):.1f} s, checks {statistics.median(checks):.1f} s; "
               f"{load()}")
