@@ -168,10 +168,17 @@ def _write_top(run, res, run_dir: Path) -> None:
 
     from harness.report.render import write_all
     from harness.runners.xbackend import copy_cross_evidence
+    from harness.runners.sweep import pair_slug
     ev = copy_cross_evidence(res, run_dir)
+    a = res.config.ref.backend
     for c in run.checks[0].cells:
         if c.metric in ("cross_kld_vs_floor", "noise_floor", "cross_compared"):
             c.evidence = ev.get(f"cross:{c.path.split(':')[0]}:{c.type}", c.evidence) + ev.get(f"logits:{c.type}", [])
+        elif c.metric == "cross_decode_prefix":  # the decode runs' evidence, in each side's own sweep report
+            k, v = c.type.split("/")
+            rel = [f"{side}/evidence/{pair_slug(k, v)}/{name}" for side in (a, c.path.split(":")[0])
+                   for name in ("decode.cmd", "decode.stdout", "decode.stderr")]
+            c.evidence = [r for r in rel if (Path(run_dir) / r).is_file()] or c.evidence
     pd.DataFrame(run.sections["xbackend"]["rows"]).to_csv(Path(run_dir) / "xbackend.csv", index=False)
     write_all(run, run_dir)
 

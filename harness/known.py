@@ -16,7 +16,7 @@ holds ``[[finding]]`` entries::
 
 Outcomes (pytest's words): a finding matching an entry within its accepted verdict and value is
 XFAIL (reported, does not fail the gate); one worse than the entry (value beyond accepted x (1 +
-slack), or a worse verdict) is GROWN and fails; a finding matching no entry is new and fails (with a
+slack), a value missing or not finite where the entry accepted one, or a worse verdict) is GROWN and fails; a finding matching no entry is new and fails (with a
 known-findings file every non-PASS cell must be listed, PARTIAL included); an entry whose path now
 passes is XPASS (fixed) and fails until the file is updated; an entry whose cells were not measured in
 this run (check, type or backend not run) is 'not checked' and does not count.
@@ -57,11 +57,16 @@ class KnownFinding:
         return next((p for p in self.paths if fnmatch.fnmatchcase(cell.path, p)), None)
 
     def grown(self, cell: Cell) -> bool:
-        """True when the cell is worse than accepted: a worse verdict, or a value beyond accepted x (1 + slack)."""
+        """True when the cell is worse than accepted: a worse verdict, or a value beyond accepted x (1 + slack).
+
+        With an ``accepted`` value, a cell whose value is missing or not finite (NaN, inf: a fork that now outputs
+        NaN gives PQ5 a NaN ratio with the same FAIL verdict) cannot be shown to be within it: grown."""
         if cell.verdict.rank > self.verdict.rank:
             return True
-        if self.accepted is None or cell.value is None:
+        if self.accepted is None:
             return False
+        if not isinstance(cell.value, (int, float)) or not math.isfinite(cell.value):
+            return True
         room = abs(self.accepted) * self.slack
         return cell.value > self.accepted + room if cell.op == "<=" else cell.value < self.accepted - room
 

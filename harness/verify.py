@@ -155,11 +155,12 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         if layouts.unknown:
             run.meta["layout_notes"] = layouts.notes
         run.meta["rules"] = rules_of(ctx.thresholds)
+        ctx.done.update({c.id: c.cells for c in run.checks})  # what ran on which backend: AUDIT's examination table
         for cid in check_ids:
             raise_if_pending()
             current = cid
             check = checks[cid]
-            t0 = time.time()
+            t0, calls0, parts = time.time(), _call_stats(target), {}
             cr = CheckResult(id=cid, title=check.title)
             if "source" in check.needs and target.source_dir() is None:  # nothing to read: SKIP, judges nothing
                 cr.not_applicable = "this target has no fork source to read (not a fork build)"
@@ -170,6 +171,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
                         out = check.evaluate(ctx)
                     raise_if_pending()
                     cr.cells, cr.notes, cr.tables = list(out), list(out.notes), list(out.tables)
+                    parts = dict(getattr(out, "timings", {}))
                     annotate_modes(cr.cells, ctx.backends())
             except ProbeCrash as e:  # a fork crash outside any cell: the fork's fault (FAIL), not the harness's
                 cr.cells = [crash_cell(ctx, cid, "all", tb, "-", e)]
@@ -178,6 +180,9 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             except Exception as e:  # a harness bug: this check is an ERROR, the remaining checks still run
                 cr.error = f"harness error {type(e).__name__}: {e}"
             cr.duration_s = time.time() - t0
+            cost = _cost(calls0, _call_stats(target), parts)  # where the time went (issue 23: a GPU's per-call cost)
+            if cost:
+                run.meta.setdefault("check_costs", {})[cid] = cost
             earlier = next((c for c in run.checks if c.id == cid), None)
             if earlier is not None and not cr.error:  # keep what this run did not redo (other types or backends)
                 kept = merge_previous(earlier, cr, list(types), [b.name for b in ctx.backends()], KNOWN_BACKENDS)
@@ -192,8 +197,11 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             run.checks = sorted([c for c in run.checks if c.id != cid] + [cr],
                                 key=lambda c: order.index(c.id) if c.id in order else len(order))
             finished.append(cid)
+            ctx.done[cid] = cr.cells
             current = None
             log(f"{cid:6s} {cr.verdict.value:8s} {cr.duration_s:6.1f} s  {check.title}")
+            if parts:
+                log(f"{'':23s}{cost_line(cost)}")
             if cid == check_ids[-1]:
                 write_all(run, run_dir)  # the last write waits for every plot: the finished report has them all
             else:
@@ -207,3 +215,31 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         log(f"INTERRUPTED by {e.name}: not run {', '.join(not_run) or 'none'}; partial report in {run_dir}")
         raise
     return run
+
+
+def _call_stats(target) -> dict | None:
+    """The target's cumulative probe-call counts (:meth:`harness.targets.fork.ForkTarget.call_stats`), or None for a
+    target without them."""
+    fn = getattr(target, "call_stats", None)
+    return fn() if callable(fn) else None
+
+
+def _cost(before: dict | None, after: dict | None, parts: dict) -> dict:
+    """One check's cost: {'probe_calls', 'probe_s' (seconds in calls), 'by_method' {method: [calls, s]},
+    'batch_events'} between two :func:`_call_stats` readings (when the target counts calls), and 'parts_s' (the
+    check's own :attr:`Outcome.timings`, when it has some); {} when there is neither."""
+    out: dict = {"parts_s": parts} if parts else {}
+    if before is None or after is None:
+        return out
+    by = {m: [n - before["by_method"].get(m, [0, 0.0])[0], round(s - before["by_method"].get(m, [0, 0.0])[1], 3)]
+          for m, (n, s) in after["by_method"].items()}
+    return {"probe_calls": after["calls"] - before["calls"], "probe_s": round(after["seconds"] - before["seconds"], 3),
+            "by_method": {m: v for m, v in by.items() if v[0]},
+            "batch_events": after["batch_events"][len(before["batch_events"]):], **out}
+
+
+def cost_line(cost: dict) -> str:
+    """'writes 0.5 s, writer matrix 1.2 s, ...; 13 probe calls, 2.4 s in them' for the console."""
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in cost.get("parts_s", {}).items())
+    calls = f"; {cost['probe_calls']} probe calls, {cost['probe_s']:.1f} s in them" if "probe_calls" in cost else ""
+    return parts + calls

@@ -78,7 +78,7 @@ class Timed:
 
     def __init__(self, target: ForkTarget):
         self.t, self.spent, self.calls = target, defaultdict(float), defaultdict(int)
-        for name in ("quantize", "decode", "wht", "flash_attn"):
+        for name in ("quantize", "decode", "wht", "flash_attn", "quantize_many", "flash_attn_many"):  # a batch: one call
             setattr(self, name, self._wrap(getattr(target, name)))
 
     def _wrap(self, fn):

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # The cross-backend sample (CPU vs CUDA, `turbo-harness sweep --backends cpu,cuda`) on a lent CUDA machine, in
-# phases that fit the device tool's calls. Run from the root of the checkout that travels, with this branch's code
-# carried in .devcarry/xb/ (harness/, checks/, scripts/) and, in ignored folders carried one per call:
-#   .devcarry/c1/  the fork snapshot (llama-cpp-turboquant-*.tar.xz + README.md with its sha256) and wiki.test.raw
-#   .devcarry/s*/  smol.part*  (+ smol.sha256)      .devcarry/g*/  gemma.part* (+ gemma.sha256)
-# Each call carries at most 64 MiB with the tracked tree (45.6 MiB on 2026-12-07: about 18 MiB left per call), so
-# SmolLM2 (94 MiB) takes about 7 calls of pieces (split -b 15M) and Gemma 3 (241 MiB) about 14.
+# phases that fit the device tool's calls. Run from the root of the checkout that travels. The code is the tree itself
+# (or a copy in .devcarry/xb/); the rest travels in ignored folders carried one per call:
+#   .devcarry/c1/  the fork snapshot (llama-cpp-turboquant-*.tar.xz + README.md with its sha256), wiki.test.raw and
+#                  the first model pieces;   other .devcarry/*/  smol.part* / gemma.part* (+ smol.sha256, gemma.sha256)
+# Each call carries at most 64 MiB with the tracked tree. With reports/samples the tree is over that (66 MiB on
+# 2026-12-07), so the calls are made from a local branch whose one commit drops reports/samples (1.6 MiB left): then
+# pieces of 20 MiB (split -b 20M -d), three per call, carry SmolLM2 (94 MiB) and Gemma 3 (241 MiB) in 6 calls.
+# The machine goes back 30 s after a call returns: chain the calls, and wait inside a call (WAIT), never between.
+# Device time seen on 2026-12-07 (H100): start about 200 s, each failed start 90-100 s, the CUDA build about 230 s,
+# the carry calls 4 s each, `verify --target cuda` 60 s; the two sweeps did not finish in 8 min when run at once.
 # The build and the sweeps' job cache live outside the checkout (/root/xbuild, /root/xcache), so carrying the code
 # again does not remove them. Phases:
 #   build          unpack the fork, start the CUDA build (llama-perplexity) in the background, return
 #   sweep NAME     (NAME smol | gemma) wait for the build, join NAME's pieces, start the sweep in the background
 #   collect NAME [WAIT]   wait up to WAIT s for NAME's sweep, then its report folder and log into $OUT
 #   run NAME [WAIT]       sweep then collect, in one call
+#   sweeps [WAIT]        both models one after the other (never two sweeps at once: their CPU runs fight for the cores)
 #   verify [WAIT]         wait for the build, then `verify --target cuda`, timed, its report into $OUT
 set -u
 PHASE=${1:-build}; NAME=${2:-smol}; WAIT=${3:-540}
@@ -44,6 +49,21 @@ case "$PHASE" in
       --ctx 512 --chunks 4 --pairs $PAIRS --no-bench --kld-depths none --no-progress --out /tmp/xb-$NAME \
       > /root/xb-$NAME.log 2>&1; echo rc=\$? >> /root/xb-$NAME.log; touch /root/xb-$NAME.done" < /dev/null > /dev/null 2>&1 &
     sleep 3; echo "sweep $NAME started"; tail -3 /root/xb-$NAME.log ;;
+  sweeps)  # both models, one after the other, in one background chain: two sweeps at once each ran llama-perplexity
+    # with all 16 threads on the CPU side and both crawled (22 jobs in 8 min on an H100 machine, 2026-12-07)
+    waitfor /root/xbuild/.done "$WAIT" || { tail -5 /root/xbuild.log; echo "build not finished"; exit 3; }
+    for n in smol gemma; do
+      M=/root/$n.gguf
+      [ -f "$M" ] || cat $(ls .devcarry/*/$n.part* | awk -F/ '{print $NF" "$0}' | sort | cut -d' ' -f2) > "$M"
+      echo "$(cat .devcarry/*/$n.sha256 | head -n 1)  $M" | sha256sum -c - || { rm -f "$M"; exit 2; }
+      rm -rf /tmp/xb-$n /root/xb-$n.done
+    done
+    python3 -c "from harness.runners.decode import build_decode_tool as b; from pathlib import Path as P; print(b(P('/root/xbuild/cuda'), P('$FORK_DIR')))" || exit 3
+    setsid bash -c "for n in smol gemma; do python3 -m harness.cli sweep --backends cpu,cuda --model /root/\$n.gguf \
+      --corpus .devcarry/c1/wiki.test.raw --ctx 512 --chunks 4 --pairs $PAIRS --no-bench --kld-depths none --no-progress \
+      --out /tmp/xb-\$n > /root/xb-\$n.log 2>&1; echo rc=\$? >> /root/xb-\$n.log; touch /root/xb-\$n.done; done" \
+      < /dev/null > /dev/null 2>&1 &
+    sleep 3; echo "sweeps started (smol, then gemma)" ;;
   run)  # sweep in the foreground (wait for the build first), then its report into $OUT: one call instead of two
     "$0" sweep "$NAME" "$WAIT" && "$0" collect "$NAME" 600 ;;
   verify)  # wait for the build, then `verify --target cuda` timed (#23: per-check times), its report into $OUT

@@ -141,6 +141,19 @@ def test_success_passes_with_types_checked(tmp_path):
     assert (tmp_path / "ev" / "MODEL" / "turbo3-turbo3.state.stderr").is_file()
 
 
+def test_a_gpu_target_whose_tool_used_no_device_is_error_not_pass(tmp_path):
+    """--target vulkan on a machine whose only Vulkan device ggml ignores (lavapipe): the tool runs on the CPU, exit 0,
+    and its cells were 'vulkan:state_roundtrip' PASS."""
+    ctx = model_ctx(tmp_path, fake_build(tmp_path, STATE_OK))
+    ctx.target_backend = "vulkan"
+    c = next(c for c in model_smoke.run(ctx) if c.path == "vulkan:state_roundtrip" and c.metric == "phases_finished")
+    assert c.verdict == Verdict.ERROR and "used no vulkan device" in c.caveat, c.caveat
+    on_gpu = fake_build(tmp_path / "g", 'echo "llama_model_load_from_file_impl: using device Vulkan0 (x)" >&2\n' + STATE_OK)
+    ctx = model_ctx(tmp_path / "g", on_gpu)
+    ctx.target_backend = "vulkan"
+    assert next(c for c in model_smoke.run(ctx) if c.metric == "phases_finished").verdict == Verdict.PASS
+
+
 def test_abort_at_context_creation_is_fail_quoting_the_assert(tmp_path):
     c = exit_cell(model_smoke.run(model_ctx(tmp_path, fake_build(tmp_path, STATE_ABORT_CTX))))
     assert c.verdict == Verdict.FAIL

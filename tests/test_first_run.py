@@ -276,3 +276,41 @@ def test_a_failed_backend_ops_compile_is_one_line_naming_its_log(tmp_path, fake_
     with pytest.raises(HarnessError, match=r"test-backend-ops against ggml failed: .*error: boom .*full log"):
         fb.build("cpu", None, fork=fork, bdir=tmp_path / "b", log=lambda s: None)
     assert not (tmp_path / "b" / "bin" / "test-backend-ops").exists()
+
+
+def test_tools_built_from_an_earlier_commit_are_rebuilt_when_the_folder_moves_to_another(tmp_path, fake_cmake):
+    """One checkout that moves to another commit rebuilds its own folder incrementally. `build` (ggml only) used to
+    leave llama-perplexity and libllama from the old commit in bin/ while the record named the new one: the sweep then
+    measured the old commit's llama under the new commit's name."""
+    fork = _fork(tmp_path / "f")
+    (fork / ".fork-commit").write_text("1" * 40 + "\n")
+    bdir = tmp_path / "build" / "cpu"
+    fb.build("cpu", ["ggml", "llama-perplexity", "llama"], fork=fork, bdir=bdir, log=lambda s: None)
+    fb.build("cpu", ["ggml"], fork=fork, bdir=bdir, log=lambda s: None)  # the same commit: ggml only
+    assert (bdir / "calls.txt").read_text().splitlines()[1:] == ["ggml llama-perplexity llama", "ggml"]
+    (fork / ".fork-commit").write_text("2" * 40 + "\n")  # the checkout moved on
+    lines = []
+    res = fb.build("cpu", ["ggml"], fork=fork, bdir=bdir, log=lines.append)
+    last = (bdir / "calls.txt").read_text().splitlines()[-1].split()
+    assert sorted(last) == ["ggml", "llama", "llama-perplexity"], last
+    assert res.meta["fork_commit"] == "2" * 40 and any("rebuilt too" in ln for ln in lines), lines
+
+
+def test_backend_ops_object_is_compiled_again_when_a_ggml_header_changes(tmp_path, fake_cmake, monkeypatch):
+    """The object includes ggml's headers (type ids, op enums): a commit that changes only ggml.h left the old object,
+    linked against the new libraries (test-backend-ops then tests other type ids than it names)."""
+    (fake_cmake / "fakecxx").write_text(FAKE_CXX)
+    (fake_cmake / "fakecxx").chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake_cmake / "fakecxx"))
+    monkeypatch.setenv("TURBO_CCACHE", "0")
+    fork = _fork(tmp_path / "f")
+    (fork / "tests").mkdir()
+    (fork / "tests" / "test-backend-ops.cpp").write_text("#include <ggml.h>\n")
+    bdir = tmp_path / "build" / "cpu"
+    fb.build("cpu", None, fork=fork, bdir=bdir, log=lambda s: None)
+    obj = bdir / "turbo-probe" / "test-backend-ops.o"
+    later = obj.stat().st_mtime + 10
+    os.utime(fork / "ggml" / "include" / "ggml.h", (later, later))  # only the header changed
+    fb.build("cpu", None, fork=fork, bdir=bdir, log=lambda s: None)
+    again = (bdir / "calls.txt").read_text().splitlines()[4:]
+    assert sorted(again[:2]) == ["c++ -c", "ggml"] and again[2:] == ["c++ link"], again

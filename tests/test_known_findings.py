@@ -133,3 +133,16 @@ def test_bad_known_file_is_one_line_exit_2(tmp_path, text, words):
     write_all(_run(), d)
     r = CliRunner().invoke(cli, ["report", str(d), "--known", str(f)], catch_exceptions=False)
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: ")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), None])
+def test_an_accepted_finding_whose_value_is_not_finite_or_missing_is_grown(value):
+    """A fork that now decodes NaN gives PQ5 a NaN ratio with the same FAIL verdict: NaN compares false with the
+    accepted value, and the gate used to count it as the accepted finding (XFAIL, exit 0)."""
+    run = Run(run_id="r")
+    run.checks.append(CheckResult("PQ5", "Distortion", [
+        Cell("PQ5", "turbo4", "cpu:set_rows", "nmse_over_lloyd_max", value, 1.05, Verdict.FAIL, target=True,
+             caveat="NMSE nan")]))
+    sec = apply_known(run, load_known(KNOWN), str(KNOWN))
+    assert sec["counts"]["grown"] == 1 and sec["counts"]["xfail"] == 0, sec["counts"]
+    assert sec["gate"] == "FAIL" and gate_exit_code(run) == 1

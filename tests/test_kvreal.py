@@ -248,11 +248,11 @@ def test_data_aligned_with_the_fixed_rotation_is_named(make_ctx):
 
 def test_blas_threads_are_restored():
     """The analysis runs BLAS on one thread and gives the previous thread count back."""
-    fns = kvreal._openblas()
+    fns = kvreal.openblas_threads()
     if fns is None:
         pytest.skip("no OpenBLAS found in this process")
     before = fns[0]()
-    with kvreal._SingleThreadedBlas():
+    with kvreal.SingleThreadedBlas():
         assert fns[0]() == 1
     assert fns[0]() == before
 

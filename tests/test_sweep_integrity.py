@@ -44,6 +44,7 @@ while [ $# -gt 0 ]; do
 done
 d="{d}"
 echo "ppl $ctk/$ctv" >> "$d/calls"
+echo "llama_model_load_from_file_impl: using device CUDA0 (fake) - 1000 MiB free" >&2  # where -ngl 99 put the model
 if [ $kld = 0 ]; then echo logits > "$base"; cat "{fix}/base_f16.stderr" >&2; exit 0; fi
 [ -f "$d/ppl_${{ctk}}_${{ctv}}.sh" ] && . "$d/ppl_${{ctk}}_${{ctv}}.sh"
 [ -f "$d/sleep_${{ctk}}_${{ctv}}" ] && sleep 30
@@ -59,6 +60,7 @@ while [ $# -gt 0 ]; do
 done
 d="{d}"
 echo "bench $ctk/$ctv" >> "$d/calls"
+echo "llama_model_load_from_file_impl: using device CUDA0 (fake) - 1000 MiB free" >&2
 cat "$d/kv_${{ctk}}_${{ctv}}.log" >&2
 echo "sched_reserve: graph splits = $(cat "$d/splits_${{ctk}}_${{ctv}}" 2>/dev/null || echo 1)" >&2
 [ -f "$d/bench_${{ctk}}_${{ctv}}.sh" ] && . "$d/bench_${{ctk}}_${{ctv}}.sh"

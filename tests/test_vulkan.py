@@ -14,6 +14,7 @@ from harness.checks import compat, pq6_attention
 from harness.checks.compat_tables import backend_ops_cells
 from harness.fork import backends, vulkan
 from harness.fork import build as fb
+from harness.errors import Unsupported
 from harness.report.model import Verdict
 from harness.runners import backend_ops
 from harness.targets.fork import select_backends
@@ -367,3 +368,61 @@ def test_the_vulkan_sample_judges_every_vulkan_writer_and_passes_its_known_findi
     known = Path(__file__).resolve().parents[1] / "checks" / "known-findings-vulkan.toml"
     apply_known(run, load_known(known), str(known))
     assert gate_exit_code(run, False) == 0
+
+
+def test_a_writer_no_backend_reads_exactly_keeps_its_measured_verdict(make_ctx, monkeypatch):
+    """The writer's bytes are compared with the reference quantiser's through the reference decoder; naming a backend
+    reader is only the caveat. When none read the type exactly (only lossy routes), byte_reader's Unsupported turned
+    the measured FAIL into a SKIP 'not supported'."""
+    real = compat.byte_reader
+
+    def no_reader(ctx, backend, t):
+        if backend == "vulkan":
+            raise Unsupported("no exact decode route for turbo2 (emulated)")
+        return real(ctx, backend, t)
+    monkeypatch.setattr(compat, "byte_reader", no_reader)
+    bad = compat.run(make_ctx(_vk_target(backend_faults={"vulkan": {"uncorrected_norm"}}), target_backend="vulkan",
+                              types=("turbo2",)))
+    w = _writer_cell(bad, "turbo2")
+    assert w.verdict == Verdict.FAIL and "read by the reference decoder" in w.caveat, (w.verdict, w.caveat)
+
+
+def test_backend_ops_with_no_case_tested_is_skip_not_pass(make_ctx):
+    """Every case 'not supported' (a backend that takes none of the turbo ops): 0 FAIL of 0 run was a PASS."""
+    res = {"command": "test-backend-ops -o SET_ROWS", "note": "", "returncode": 0, "groups": [],
+           "results": [{"backend": "Vulkan0", "op": "SET_ROWS", "params": f"type={t}", "status": "not supported",
+                        "error": None, "metric": None, "max_error": None} for t in ("turbo3", "turbo4")]}
+
+    class T(NumpyTarget):
+        def backend_ops(self, log_path=None):
+            return res
+    cells, _ = backend_ops_cells(make_ctx(T(), types=("turbo3",)))
+    c = next(c for c in cells if c.metric == "failed_cases")
+    assert c.verdict == Verdict.SKIP and c.caveat.startswith("no case was tested: 0 OK, 0 FAIL, 2 not supported")
+
+
+def test_examination_table_says_executed_only_where_a_cell_measured_it(make_ctx):
+    """Vulkan writes turbo2 but cannot read it: the examination table said 'executed on a software device: cpy' for
+    its turbo2 decode and 'executed' for its turbo2 attention (the routes the backend table offers, for every type)."""
+    from harness.checks import pq4_layout
+    from harness.checks.examined import examination
+    ctx = make_ctx(_vk_target(), target_backend="vulkan", types=("turbo2", "turbo3"))
+    ctx.done = {"PQ4": list(pq4_layout.run(ctx)), "COMPAT": list(compat.run(ctx))}
+    rows = {(r[0], r[1], r[2]): r[3] for r in examination(ctx, {}).rows}
+    assert rows[("vulkan", "turbo2", "decode")].startswith("not examined on vulkan: "), rows[("vulkan", "turbo2", "decode")]
+    assert "cannot read turbo2" in rows[("vulkan", "turbo2", "decode")]
+    assert rows[("vulkan", "turbo2", "attention")].startswith("not examined on vulkan: ")
+    assert rows[("vulkan", "turbo2", "quantize")] == "executed on a software device (llvmpipe (LLVM 15.0.6, 256 bits)): set_rows"
+    assert rows[("vulkan", "turbo3", "decode")].endswith(": get_rows") and rows[("vulkan", "turbo3", "attention")] \
+        .startswith("executed on a software device")
+    assert rows[("cpu", "turbo2", "decode")].startswith("executed")
+
+
+def test_verdict_line_names_how_backends_were_examined_without_audit(tmp_path):
+    """Spec: the verdict line names the backends executed and those only audited. It did so only through AUDIT's
+    table: a run of other checks said nothing of which backends ran, on what device, and which were not examined."""
+    from harness.report.findings import verdict_line
+    run = run_checks(_vk_target(), ["PQ4"], ["turbo3"], tmp_path / "r", target_backend="vulkan", log=lambda s: None)
+    line = verdict_line(run)
+    assert line.endswith("[executed: cpu; executed on a software device: vulkan; not examined: cuda, metal, hip "
+                         "(no source audit in this report)]"), line

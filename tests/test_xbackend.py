@@ -23,9 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A fake llama-perplexity. Each build folder has fake.json: {"name", "jitter", "shift": {type: x}, "crash": [types]}.
 # A run's logits are the point pos = LOSS[ctk] + shift[ctk] + jitter; the KLD of a run against saved logits is
-# |pos - saved pos| (so two backends' f16 runs differ by their jitters: the floor). Logits files hold the point.
+# |pos - saved pos| (so two backends' f16 runs differ by their jitters: the floor). Logits files are in the fork's
+# layout (harness/runners/logit_files.py) over a 2-token vocabulary: every row has log p = [-pos, -pos - 17], so the
+# KLD of a saved run against a saved run at pos 0 (the f16 baseline on a backend without jitter) is pos.
 FAKE = r'''#!{py}
-import json, os, signal, sys
+import json, os, signal, struct, sys
 sys.path.insert(0, {root!r})
 from harness.runners.ggml_types import TypeTrait, predict_kv_bytes
 conf = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fake.json")))
@@ -35,22 +37,37 @@ a = sys.argv[1:]
 with open(conf["calls"], "a") as f:
     f.write(conf["name"] + " " + " ".join(a) + "\n")
 ctk, ctv, ctx = a[a.index("-ctk") + 1], a[a.index("-ctv") + 1], int(a[a.index("-c") + 1])
+ctk, ctv = conf.get("sub", {{}}).get(ctk, ctk), conf.get("sub", {{}}).get(ctv, ctv)  # a fork that silently uses others
 base = a[a.index("--kl-divergence-base") + 1]
+if ctk in conf.get("refuse", []):  # a clean refusal at start-up, before any KV cache exists
+    sys.stderr.write(f"llama_init_from_model: failed to initialize the context: {{ctk}} is not supported here\n")
+    sys.exit(1)
 mib = lambda t: predict_kv_bytes(TRAITS[t], ctx, 1, 30, 3, 64) / 2**20
 sys.stderr.write(f"llama_kv_cache: size = {{mib(ctk) + mib(ctv):8.2f}} MiB ({{ctx:6d}} cells,  30 layers,  1/1 seqs), "
                  f"K ({{ctk}}): {{mib(ctk):8.2f}} MiB, V ({{ctv}}): {{mib(ctv):8.2f}} MiB\n")
+if int(a[a.index("-ngl") + 1]) > 0 and not conf.get("no_device"):
+    sys.stderr.write(f"llama_model_load_from_file_impl: using device {{conf['name'].upper()}}0 (fake) - 1000 MiB free\n")
 sys.stderr.write(f"sched_reserve: graph splits = {{conf.get('splits', {{}}).get(ctk, 1)}}\n")
 sys.stderr.flush()
 if ctk in conf["crash"]:
     sys.stderr.write("/src/ggml-cuda/fattn.cu:77: GGML_ASSERT(fake crash) failed\n"); sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGABRT)
 pos = LOSS[ctk] + conf["shift"].get(ctk, 0.0) + conf["jitter"]
+pos = 17.0 - struct.unpack("<f", struct.pack("<f", 17.0 - pos))[0]  # as a logits file holds it (float32)
 ppl = 10.0 * (1.0 + pos)
 if "--kl-divergence" not in a:
-    json.dump({{"backend": conf["name"], "ctk": ctk, "pos": pos}}, open(base, "w"))
+    chunks = int(a[a.index("--chunks") + 1])
+    rows = chunks * (ctx - 1 - ctx // 2)
+    with open(base, "wb") as f:  # "_logits_", n_ctx, n_vocab, n_chunk, tokens, rows of [scale, min, q0, q1]
+        f.write(b"_logits_" + struct.pack("<Iii", ctx, 2, chunks) + bytes(4 * ctx * chunks))
+        f.write(struct.pack("<ffHH", 17.0 - pos, -17.0, 1, 0) * rows)
     print(f"Final estimate: PPL = {{ppl:.4f}} +/- 0.10000")
     sys.exit(0)
-ref = json.load(open(base))
+with open(base, "rb") as f:
+    n_ctx, n_vocab, n_chunk = struct.unpack("<Iii", f.read(20)[8:])
+    f.seek(20 + 4 * n_ctx * n_chunk)
+    scale, mn, q0, q1 = struct.unpack("<ffHH", f.read(12))
+ref = {{"pos": -(scale * q0 + mn)}}
 kld = abs(pos - ref["pos"])
 lnr = pos - ref["pos"]
 print("====== Perplexity statistics ======")
@@ -64,13 +81,15 @@ print(f"Same top p: {{100 - 100 * kld:.3f}} ± 0.100 %")
 '''
 
 
-def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None) -> Path:
+def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None, sub=None,
+               no_device=False, refuse=()) -> Path:
     bdir = root / name
     (bdir / "bin").mkdir(parents=True, exist_ok=True)
     _script(bdir / "bin" / "llama-perplexity", FAKE.format(py=sys.executable, root=str(ROOT)))
     (bdir / "fake.json").write_text(json.dumps({"name": name, "jitter": jitter, "shift": shift or {},
                                                 "crash": list(crash), "calls": str(calls),
-                                                "splits": splits or {},
+                                                "splits": splits or {}, "sub": sub or {},
+                                                "no_device": no_device, "refuse": list(refuse),
                                                 "traits": {n: [t.name, t.id, t.blck, t.size] for n, t in TRAITS.items()}}))
     return bdir
 
@@ -116,7 +135,9 @@ def test_equal_logits_pass_at_a_zero_floor_without_dividing_by_it(xb):
     assert all(c.verdict == Verdict.PASS and c.value == 0.0 for c in cross.values())
     assert cross["turbo3/turbo3"].threshold == pytest.approx(load_rules()["xbackend"]["kld_min"])  # max(10 x 0, min)
     row = next(r for r in sec["rows"] if r["pair"] == "turbo3/turbo3")
-    assert row["x_floor"] is None and row["own_kld"] == pytest.approx(0.03) and row["own_kld_ref"] == pytest.approx(0.03)
+    # own KLD: cuda's printed by its llama-perplexity (6 decimals), cpu's computed by the harness from its two files
+    assert row["x_floor"] is None and row["own_kld"] == pytest.approx(0.03, abs=2e-6)
+    assert row["own_kld_ref"] == pytest.approx(0.03, abs=2e-6)
     assert cr.verdict == Verdict.PASS
     assert "noise floor (f16/f16) KLD 0" in sec["markdown"]
 
@@ -160,22 +181,68 @@ def test_pair_placed_on_the_cpu_on_b_is_its_own_cell(xb):
     assert "turbo3/turbo3" not in _cells(cr, "cross_kld_vs_floor")
 
 
+def test_a_pair_whose_runs_used_other_kv_types_is_not_judged_agreeing(xb):
+    """Both backends' builds silently run turbo3 as q8_0: their logits agree, but no turbo3 was compared. The
+    per-backend sweeps said ERROR (the log names q8_0); XBACKEND judged the scoring run alone and said PASS."""
+    res, cr, sec = xb.run(xb.make(a={"sub": {"turbo3": "q8_0"}}, b={"sub": {"turbo3": "q8_0"}}))
+    assert "turbo3/turbo3" not in _cells(cr, "cross_kld_vs_floor")
+    c = _cells(cr, "cross_compared")["turbo3/turbo3"]
+    assert c.verdict == Verdict.ERROR and "K=turbo3" in c.caveat and "q8_0" in c.caveat, c.caveat
+    assert _cells(cr, "cross_kld_vs_floor")["q8_0/q8_0"].verdict == Verdict.PASS
+    row = next(r for r in sec["rows"] if r["pair"] == "turbo3/turbo3")
+    assert row["status"] == "ERROR"
+    # the floor's own runs not on the f16 cache: no floor to judge any pair against
+    res, cr, sec = xb.run(xb.make(b={"sub": {"f16": "q8_0"}}, pairs="f16/f16,q8_0/q8_0"))
+    assert _cells(cr, "cross_compared")["f16/f16"].verdict == Verdict.ERROR
+    c = _cells(cr, "cross_kld_vs_floor")["q8_0/q8_0"]
+    assert c.verdict == Verdict.SKIP and "did not use the f16 cache" in c.caveat, c.caveat
+    # only the target's run substituted: named as the target's
+    res, cr, sec = xb.run(xb.make(b={"sub": {"turbo3": "q8_0"}}))
+    c = _cells(cr, "cross_compared")["turbo3/turbo3"]
+    assert c.verdict == Verdict.ERROR and c.path.startswith("cuda:") and "cuda's run" in c.caveat, c.caveat
+
+
+def test_a_gpu_side_whose_tools_used_no_device_is_not_compared(xb):
+    """A Vulkan build on a machine whose only Vulkan device is lavapipe: ggml ignores it unless told, llama-perplexity
+    ignores -ngl 99 and runs on the CPU (exit 0, no 'using device' line). The comparison was CPU against CPU, every
+    pair PASS 'agrees within the floor rule'."""
+    cfg = xb.make(b={"no_device": True})
+    res, cr, sec = xb.run(cfg)
+    assert not _cells(cr, "cross_kld_vs_floor") and cr.verdict != Verdict.PASS
+    c = _cells(cr, "cross_compared")["turbo3/turbo3"]
+    assert c.verdict == Verdict.ERROR and "used no cuda device" in c.caveat, c.caveat
+    assert "used no cuda device" in res.sweeps["cuda"].base.error
+    # a record cached by a harness that did not look is run again, not reused
+    from harness.runners.sweep_jobs import _Cache
+    rec = res.cross[("cuda", "turbo3/turbo3")]
+    rec.ok, rec.error, rec.data = True, "", {"stats": {"kld": 0.0, "ppl": 10.0}, "kv": {}}
+    _Cache(cfg.sides[1].cache_dir).put(rec)
+    assert S.cached_run(cfg.sides[1], _Cache(cfg.sides[1].cache_dir), rec.key) is None
+
+
 def test_nothing_compared_is_never_pass(xb):
     res, cr, sec = xb.run(xb.make(pairs="f16/f16", a={"crash": ["f16"]}, no_baselines=True))
     assert cr.verdict != Verdict.PASS
     assert any(c.metric == "pairs_compared" and c.verdict == Verdict.SKIP for c in cr.cells)
 
 
-def test_model_passes_are_the_two_sweeps_plus_logits_and_scoring_and_a_rerun_is_cached(xb):
+def test_model_passes_are_within_the_two_sweeps_plus_one_scoring_pass_per_pair_and_a_rerun_is_cached(xb):
     cfg = xb.make()
     res, cr, sec = xb.run(cfg)
     n_pairs = 3
-    sweeps = 2 * (1 + n_pairs)       # each backend: its f16 baseline and every pair against it
-    assert res.passes == {"sweeps": sweeps, "logits": n_pairs - 1, "scoring": n_pairs}
-    assert xb.ncalls() == sweeps + (n_pairs - 1) + n_pairs
-    # B's scoring runs read A's logits of the same pair (f16/f16: A's own baseline)
+    sweeps = 2 * (1 + n_pairs)       # each backend: its f16 baseline and one pass per pair
+    bound = sweeps + n_pairs         # spec: the two per-backend sweeps plus one scoring pass per pair
+    assert res.passes == {"sweeps": sweeps, "scoring": n_pairs, "bound": bound}
+    assert xb.ncalls() == bound      # the tool calls themselves, counted by the fake
+    # A's pass of each pair saves its logits (no --kl-divergence); B's runs are scored against A's file of the pair
+    a_lines = [ln for ln in xb.calls.read_text().splitlines() if ln.startswith("cpu")]
+    assert len(a_lines) == 1 + n_pairs and not any("--kl-divergence " in ln + " " for ln in a_lines)
     lines = [ln for ln in xb.calls.read_text().splitlines() if ln.startswith("cuda") and "--kl-divergence " in ln + " "]
-    assert any(str(res.logits["turbo3/turbo3"].data["base_file"]) in ln for ln in lines)
+    for lab in ("f16/f16", "q8_0/q8_0", "turbo3/turbo3"):
+        f = str(res.logits[lab].data["base_file"])
+        assert f != str(res.sweeps["cpu"].base.data["base_file"]) and any(f in ln for ln in lines)
+    assert res.sweeps["cpu"].ppl["turbo3/turbo3"].data["measured_by"]["kld"].startswith("harness")
+    assert "are the harness's, computed from the two logit files" in sec["markdown"]
     n = xb.ncalls()
     res2, cr2, _ = xb.run(cfg)
     assert xb.ncalls() == n and res2.jobs_run == 0 and cr2.verdict == cr.verdict
@@ -197,6 +264,18 @@ def test_side_settings_and_bad_backends(tmp_path):
                                             bdir=tmp_path, ctx=128), tmp_path, [])
     with pytest.raises(HarnessError, match="differ in ctx"):
         check_sides(XConfig([cpu, other]))
+
+
+def test_sides_built_from_different_fork_commits_are_refused(xb):
+    """build/cpu from one commit, build/cuda from another: every difference would be the commits', and the report
+    named the reference side's commit only."""
+    cfg = xb.make()
+    for side, commit in zip(cfg.sides, ("1" * 40, "2" * 40)):
+        (side.bdir / "turbo-harness-build.json").write_text(json.dumps({"fork_commit": commit, "fork_dirty": False}))
+    with pytest.raises(HarnessError, match="built from fork 222222222222 .* from 111111111111"):
+        check_sides(cfg)
+    (cfg.sides[1].bdir / "turbo-harness-build.json").write_text(json.dumps({"fork_commit": "1" * 40, "fork_dirty": False}))
+    check_sides(cfg)  # the same source: compared
 
 
 def test_cli_backends_writes_both_sweeps_and_the_comparison(xb, monkeypatch):
@@ -225,9 +304,15 @@ def test_cli_backends_writes_both_sweeps_and_the_comparison(xb, monkeypatch):
 
 @pytest.mark.fork
 @pytest.mark.slow
-def test_cpu_against_rpc0_on_this_machine(tmp_path):
-    """The real fork: CPU (2 threads) against the CPU backend behind a loopback rpc-server (1 thread), tiny context (ctx 128 x 2 chunks: llama-perplexity prints KLD statistics from 100 scored tokens)."""
+def test_cpu_against_rpc0_on_this_machine(tmp_path, monkeypatch):
+    """The cross-backend sweep in CI (issue 20 "Where it runs"), through the command line as a user runs it: CPU (2
+    threads) against the CPU backend behind a loopback rpc-server (1 thread), SmolLM2, tiny context (ctx 128 x 2
+    chunks: llama-perplexity prints KLD statistics from 100 scored tokens), two pairs (the f16/f16 floor and turbo3),
+    one decode prompt: 3N+2 = 8 llama-perplexity passes."""
+    from click.testing import CliRunner
+
     from conftest import fork_build_or_skip, skip_or_fail
+    from harness.cli import cli
     from harness.fork import build as fb
     from harness.runners.models import resolve_model
     from harness.runners.rpc_server import RpcServer
@@ -235,32 +320,43 @@ def test_cpu_against_rpc0_on_this_machine(tmp_path):
     if not fb.has_rpc(bdir) or not (bdir / "bin" / "rpc-server").is_file():
         skip_or_fail(f"{bdir} has no RPC backend / rpc-server: build with `turbo-harness build --rpc`")
     try:
-        model = resolve_model("smollm2")
+        resolve_model("smollm2")
     except HarnessError as e:
         skip_or_fail(f"no SmolLM2 model: {e}")
-    from harness.runners.inputs import default_corpus
-    try:
-        corpus = default_corpus()
-    except HarnessError as e:
-        skip_or_fail(str(e))
+    monkeypatch.setenv("TURBO_SWEEP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "xb"
     srv = RpcServer(bdir / "bin" / "rpc-server", threads=1, log_path=tmp_path / "rpc.log").start()
     try:
-        tpl = SweepConfig(model=model, corpus=corpus, pairs=parse_pairs("f16/f16,q8_0/q8_0,turbo3/turbo3"), bdir=bdir,
-                          ctx=128, chunks=2, threads=2, timeout=300, cache_dir=tmp_path / "cache", bench=False,
-                          decode_prompts=1, decode_n_prompt=16, decode_n_gen=4)
-        cfg = XConfig([side_config("cpu", tpl, bdir, []), side_config("rpc0", tpl, bdir, [srv.endpoint])])
-        res = run_xbackend(cfg, progress=False, log=lambda s: None)
-        secs = {s.backend: judge_sweep(res.sweeps[s.backend])[1] for s in cfg.sides}
-        cr, sec = judge_xbackend(res, secs, load_rules())
+        r = CliRunner().invoke(cli, ["sweep", "--backends", "cpu,rpc0", "--rpc", srv.endpoint, "--model", "smollm2",
+                                     "--build-dir", str(bdir), "--ctx", "128", "--chunks", "2", "--threads", "2",
+                                     "--pairs", "f16/f16,turbo3/turbo3", "--no-baselines", "--no-bench", "--kld-depths", "none",
+                                     "--decode-prompts", "1", "--decode-prompt-tokens", "16", "--decode-tokens", "4",
+                                     "--no-progress", "--out", str(out)])
     finally:
         srv.stop()
-    fl = _cells(cr, "noise_floor")["f16/f16"]
-    assert fl.value is not None and fl.value < 0.005, sec["markdown"]
-    cross = _cells(cr, "cross_kld_vs_floor")
-    assert set(cross) == {"q8_0/q8_0", "turbo3/turbo3"}, sec["markdown"]
-    assert all(c.verdict != Verdict.ERROR for c in cr.cells), sec["markdown"]
-    assert res.passes["scoring"] == 3 and res.passes["logits"] == 2
-    assert "rpc0 vs cpu" in sec["markdown"]
+    assert (out / "run.json").is_file(), r.output
+    d = json.loads((out / "run.json").read_text())
+    cr = d["checks"][0]
+    cells = {(c["metric"], c["type"]): c for c in cr["cells"]}
+    md = d["sections"]["xbackend"]["markdown"]
+    assert cells[("noise_floor", "f16/f16")]["value"] < 0.005, md
+    assert {t for m, t in cells if m == "cross_kld_vs_floor"} == {"turbo3/turbo3"}, md
+    assert all(c["verdict"] != "ERROR" for c in cr["cells"]), md
+    assert r.exit_code in (0, 1), r.output  # PASS, or a finding; never a harness error
+    # 3N+2 llama-perplexity passes (it was 4N+1 = 9 with separate logits runs), counted by the harness and in the
+    # evidence (each call's command line once)
+    assert d["meta"]["model_passes"] == {"sweeps": 6, "scoring": 2, "bound": 8}
+    cmds = {f.read_text() for f in out.rglob("*.cmd") if "llama-perplexity" in f.read_text()}
+    assert len(cmds) == 8
+    assert "rpc0 vs cpu" in md and "are the harness's, computed from the two logit files" in md
+    rows = {x["pair"]: x for x in d["sections"]["xbackend"]["rows"]}
+    assert rows["turbo3/turbo3"]["own_kld_ref"] > 0 and rows["turbo3/turbo3"]["own_kld"] > 0  # cpu's and rpc0's own
+    # every evidence link of the comparison resolves (the decode cells' point into each side's own report)
+    links = [e for c in cr["cells"] for e in c["evidence"]]
+    assert any("/evidence/turbo3-turbo3/decode.stdout" in e for e in links)
+    assert all((out / e).is_file() or Path(e).is_file() for e in links), [e for e in links if not (out / e).is_file()]
+    cpu = json.loads((out / "cpu" / "run.json").read_text())
+    assert any("computed by the harness from the two saved logit files" in n for n in cpu["checks"][0]["notes"])
 
 
 def test_sweep_compare_warns_on_different_ctx_chunks_and_labels_by_backend(tmp_path):

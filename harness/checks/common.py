@@ -74,6 +74,7 @@ class Context:
     routes_filter: list[str] | None = None  # only these quantise routes (e.g. a replay of a commit whose set_rows crashes)
     not_available: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)  # per-check options, {check id: {...}} (e.g. a replay entry's MODEL pairs/env)
+    done: dict = field(default_factory=dict)  # {check id: cells} of the checks already in this run's report
     _cache: dict = field(default_factory=dict)
     log: Callable[[str], None] = lambda s: None
 

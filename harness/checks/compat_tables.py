@@ -27,7 +27,9 @@ def coverage(ctx: Context) -> list[dict]:
     accuracy is measured there), else 'runs, not judged' (a smoke run: nothing says its output is right). On a
     software device (lavapipe), a smoke run at a head_dim other than 128 that PQ6 does not judge is not run (each
     new flash-attention pipeline compiles for minutes on the CPU there: measured 5+ min for head_dim 256 on 2
-    loaded cores) and its row says so.
+    loaded cores) and its row says so. Per backend, every K/V write is one call (:meth:`Target.quantize_many`) and
+    every attention one more (:meth:`Target.flash_attn_many`); each row gets its own answers. The inputs (K, V, Q
+    per row, in row order) are drawn whatever the answers.
     """
     from harness.checks.pq6_attention import cases as pq6_cases
     rows = []
@@ -40,6 +42,7 @@ def coverage(ctx: Context) -> list[dict]:
                       "status": f"not examined: {rts.attention_note or 'no flash attention on this backend'}",
                       "mode": b.mode_note or b.mode_label} for t in ctx.types]
             continue
+        runs = []  # (row, tk, tv, D, Dp, k, v, q)
         for t in ctx.types:
             for role, partner, D in itertools.product(("K", "V"), (t, "q8_0", "f16"), (64, 128, 256)):
                 if partner == t and role == "V":
@@ -48,35 +51,57 @@ def coverage(ctx: Context) -> list[dict]:
                 Dp = -(-D // 128) * 128
                 row = {"backend": b.name, "type": t, "role": role if partner != t else "K+V", "partner": partner,
                        "head_dim": D, "pair": f"{tk}/{tv}", "mode": b.mode_note or b.mode_label}
+                rows.append(row)
                 if b.software and D != 128 and (tk, tv, D) not in judged:
                     row["status"] = (f"not run on a software device: its flash-attention pipeline for head_dim {D} takes "
                                      f"minutes to compile there; PQ6 judges head_dim {D} with {t}/{t}")
-                    rows.append(row)
                     continue
-                try:
-                    n_kv = 32
-                    k = np.zeros((n_kv, Dp), np.float32)
-                    k[:, :D] = rng.standard_normal((n_kv, D))
-                    v = np.zeros((n_kv, Dp), np.float32)
-                    v[:, :D] = rng.standard_normal((n_kv, D))
-                    kraw = ctx.target.quantize(b.name, "set_rows", tk, k) if tk != "f16" else k.astype(np.float16).view(np.uint8).reshape(-1)
-                    vraw = ctx.target.quantize(b.name, "set_rows", tv, v) if tv != "f16" else v.astype(np.float16).view(np.uint8).reshape(-1)
-                    q = np.zeros((2, 1, Dp), np.float32)
-                    q[..., :D] = rng.standard_normal((2, 1, D))
-                    out = ctx.target.flash_attn(b.name, tk, kraw, tv, vraw, q, Dp, Dp, n_kv, 1, 1 / np.sqrt(D),
-                                                tk in T.FORMATS, tv in T.FORMATS, 128, True)
-                    if not np.all(np.isfinite(out)):
-                        row["status"] = "error: non-finite output"
-                    elif (tk, tv, D) in judged:
-                        row["status"] = "tested: accuracy judged by PQ6"
-                    else:
-                        row["status"] = "runs, not judged: finite output only, no PQ6 accuracy cell"
-                except Unsupported as e:
-                    row["status"] = f"not supported: {e}"
-                except (ProbeCrash, HarnessError) as e:
-                    row["status"] = f"error: {e}"
-                rows.append(row)
+                n_kv = 32
+                k = np.zeros((n_kv, Dp), np.float32)
+                k[:, :D] = rng.standard_normal((n_kv, D))
+                v = np.zeros((n_kv, Dp), np.float32)
+                v[:, :D] = rng.standard_normal((n_kv, D))
+                q = np.zeros((2, 1, Dp), np.float32)
+                q[..., :D] = rng.standard_normal((2, 1, D))
+                runs.append((row, tk, tv, D, Dp, k, v, q))
+        _run_coverage(ctx, b.name, runs, judged)
     return rows
+
+
+def _run_coverage(ctx: Context, backend: str, runs: list, judged: set) -> None:
+    """Set each run's row status: its K and V written (one call), then attended (one call)."""
+    writes = [(tt, x) for _, tk, tv, _, _, k, v, _ in runs for tt, x in ((tk, k), (tv, v)) if tt != "f16"]
+    written = iter(ctx.target.quantize_many(backend, "set_rows", writes) if writes else [])
+    calls, pending = [], []
+    for row, tk, tv, D, Dp, k, v, q in runs:
+        kraw = next(written) if tk != "f16" else k.astype(np.float16).view(np.uint8).reshape(-1)
+        vraw = next(written) if tv != "f16" else v.astype(np.float16).view(np.uint8).reshape(-1)
+        failed = next((a for a in (kraw, vraw) if isinstance(a, BaseException)), None)
+        if failed is not None:
+            row["status"] = _failure(failed)
+            continue
+        calls.append(dict(tk=tk, kraw=kraw, tv=tv, vraw=vraw, q=q, D=Dp, Dv=Dp, n_kv=k.shape[0], n_head_kv=1,
+                          scale=1 / np.sqrt(D), rotate_q=tk in T.FORMATS, inverse_out=tv in T.FORMATS))
+        pending.append((row, (tk, tv, D)))
+    outs = ctx.target.flash_attn_many(backend, calls) if calls else []
+    for (row, case), out in zip(pending, outs):
+        if isinstance(out, BaseException):
+            row["status"] = _failure(out)
+        elif not np.all(np.isfinite(out)):
+            row["status"] = "error: non-finite output"
+        elif case in judged:
+            row["status"] = "tested: accuracy judged by PQ6"
+        else:
+            row["status"] = "runs, not judged: finite output only, no PQ6 accuracy cell"
+
+
+def _failure(e: BaseException) -> str:
+    """A coverage row's status for a write or an attention that raised (any other exception: raised again)."""
+    if isinstance(e, Unsupported):
+        return f"not supported: {e}"
+    if isinstance(e, (ProbeCrash, HarnessError)):
+        return f"error: {e}"
+    raise e
 
 
 COVERAGE_COLUMNS = ["backend", "type", "role", "partner", "head_dim", "status", "mode"]
@@ -94,10 +119,11 @@ def coverage_table(rows: list[dict], not_available: list[str]) -> Table:
 BACKEND_OPS_COLUMNS = ["backend", "op", "params", "status", "error", "tool limit"]
 
 
-def backend_ops_cells(ctx: Context) -> tuple[list[Cell], Table]:
+def backend_ops_cells(ctx: Context, timings: dict | None = None) -> tuple[list[Cell], Table]:
     """Cells and table of the fork's test-backend-ops, which the target runs (:meth:`Target.backend_ops`): one
     'failed_cases' cell over every case parsed (the fork's failures shown, not re-judged), one SKIP per group not
-    run in time, an ERROR when the tool crashed before any case."""
+    run in time, an ERROR when the tool crashed before any case. ``timings`` gets each group's seconds
+    ('test-backend-ops OP')."""
     title = "test-backend-ops (the fork's own op tests, turbo-related cases)"
     log = Path(ctx.evidence_dir) / ID / "test-backend-ops.log" if ctx.evidence_dir else None
     if log:
@@ -106,6 +132,8 @@ def backend_ops_cells(ctx: Context) -> tuple[list[Cell], Table]:
     if res is None:
         return [], Table("backend_ops", "test-backend-ops", BACKEND_OPS_COLUMNS,
                          caption=["not run: the binary is not built (`turbo-harness build --targets test-backend-ops`)"])
+    if timings is not None:
+        timings.update({f"test-backend-ops {g['op']}": g["seconds"] for g in res.get("groups", [])})
     table = Table("backend_ops", title, BACKEND_OPS_COLUMNS,
                   caption=[f"`{res['command']}`" + (f" - {res['note']}" if res["note"] else "")],
                   evidence=[f"evidence/{ID}/test-backend-ops.log"] if log else [])
@@ -124,9 +152,11 @@ def backend_ops_cells(ctx: Context) -> tuple[list[Cell], Table]:
         n_fail = sum(r["status"] == "FAIL" for r in res["results"])
         n_ok = sum(r["status"] == "OK" for r in res["results"])
         crashed = res["returncode"] not in (0, None)
-        c = Cell(ID, "all", "test-backend-ops", "failed_cases", float(n_fail), 0.0,
-                 Verdict.PASS if n_fail == 0 and not crashed else Verdict.PARTIAL,
-                 caveat=f"{n_ok} OK, {n_fail} FAIL, {len(res['results']) - n_ok - n_fail} not supported/skipped "
+        # no case ran to completion (every one not supported or skipped): nothing was tested, never PASS
+        vd = (Verdict.PARTIAL if n_fail or crashed else Verdict.PASS if n_ok else Verdict.SKIP)
+        c = Cell(ID, "all", "test-backend-ops", "failed_cases", float(n_fail), 0.0, vd,
+                 caveat=("no case was tested: " if vd == Verdict.SKIP else "")
+                        + f"{n_ok} OK, {n_fail} FAIL, {len(res['results']) - n_ok - n_fail} not supported/skipped "
                         "(the fork's own limits; its failures are shown, not re-judged)"
                         + (f"; the tool aborted: {res['note']}" if crashed else "")
                         + (f"; not run in time: {', '.join(g['op'] for g in late)}" if late else ""),

@@ -26,12 +26,14 @@ from harness.report.model import Cell, Table
 
 class Outcome(list):
     """What a check returns: its cells (this is a ``list`` of :class:`Cell`) plus ``notes`` (one-line strings for
-    the report) and ``tables`` (:class:`Table` s every renderer shows)."""
+    the report) and ``tables`` (:class:`Table` s every renderer shows); ``timings`` {part: seconds} says where a
+    check's time went (the run's ``check_costs`` metadata and the console; never a cell)."""
 
     def __init__(self, cells: Iterable[Cell] = (), notes: Iterable[str] = (), tables: Iterable[Table] = ()):
         super().__init__(cells)
         self.notes: list[str] = list(notes)
         self.tables: list[Table] = list(tables)
+        self.timings: dict[str, float] = {}
 
     @classmethod
     def of(cls, result) -> "Outcome":

@@ -1,12 +1,16 @@
 """How every backend was examined (spec "Every backend, and how it was examined"): a table per backend x type x op,
 and the one line the verdict line adds (executed / source on the host / audited only / not examined).
 
-The modes come from the backends themselves (:attr:`harness.targets.base.Backend.mode`: 'executed', 'software' for
+An op of a type counts as examined on a backend only where a cell of this run measured it there (PASS, PARTIAL or
+FAIL: :func:`measured`); where its cells were SKIP or ERROR the row says 'not examined' with their reason. The modes
+come from the backends themselves (:attr:`harness.targets.base.Backend.mode`: 'executed', 'software' for
 a conformant software driver, 'source' for device code run on the host) and from what the source audit found; a
 backend of the backend table that neither ran nor was audited is 'not examined', with the reason. No cell is blank.
 Used by the AUDIT check (:mod:`harness.checks.audit`), which returns the table.
 """
 from __future__ import annotations
+
+import re
 
 from harness.fork import backends as BT
 from harness.report.model import Table
@@ -16,17 +20,57 @@ OPS = ("quantize", "decode", "rotation", "attention")
 COLUMNS = ["backend", "type", "op", "examined"]
 
 
-def _op_mode(ctx, b, op: str) -> str:
-    r = ctx.target.routes(b.name)
+# the op a cell's route examines ('vulkan:set_rows' quantises; 'cpu:to_float' decodes); other routes (traits, source,
+# placement) examine no op of this table
+ROUTE_OPS = {"set_rows": "quantize", "quantize_chunk": "quantize", "to_float": "decode", "cpy": "decode",
+             "get_rows": "decode", "fa_decode": "decode", "decode": "decode", "dequant": "decode", "dequant_t4": "decode",
+             "turbo_wht": "rotation", "flash_attn": "attention"}
+_MEASURED = ("PASS", "PARTIAL", "FAIL")
+
+
+def measured(done: dict) -> dict:
+    """What the run's cells measured, per (backend, type, op).
+
+    Args:
+        done: {check id: [Cell]} of the checks already in the report (:attr:`harness.checks.common.Context.done`).
+    Returns:
+        {(backend, type or 'all', op): {'routes': set of routes with a measured verdict (PASS, PARTIAL, FAIL: a crash
+        on an accepted op is measured too), 'why': the first SKIP/ERROR caveat}}. A path of several parts
+        ('cpu:set_rows x vulkan:set_rows', 'vulkan:set_rows -> cpu:flash_attn') counts for each part; a pair type
+        ('q8_0/turbo4', PQ6) for each of its types.
+    """
+    out: dict = {}
+    for cells in done.values():
+        for c in cells:
+            types = str(c.type).split("/")
+            for part in re.split(r" x | -> ", c.path or ""):
+                backend, _, route = part.partition(":")
+                op = ROUTE_OPS.get(route.split("[", 1)[0])
+                if not op:
+                    continue
+                for t in types:
+                    e = out.setdefault((backend, t, op), {"routes": set(), "why": ""})
+                    if c.verdict.value in _MEASURED:
+                        e["routes"].add(route.split("[", 1)[0])
+                    elif not e["why"]:
+                        e["why"] = (c.caveat or c.verdict.value)[:160]
+    return out
+
+
+def _op_mode(ctx, b, t: str, op: str, seen: dict) -> str:
+    """How op ``op`` of type ``t`` was examined on backend ``b``: by the cells that measured it (``seen``,
+    :func:`measured`), never by the routes the backend offers alone (Vulkan offers cpy for every type but reads only
+    turbo3 on fork 69d8e4be4)."""
     label = f"{b.mode_label} as {b.name}" if b.name != b.family else b.mode_label
-    if op == "quantize":
-        return f"{label}: {', '.join(r.quantize)}" if r.quantize else f"{MODES['none']}: no quantise route"
-    if op == "decode":
-        reads = list(r.decode[:1]) + list(getattr(r, "readers", []))
-        return f"{label}: {', '.join(reads)}" if reads else f"{MODES['none']}: no decode route"
-    if op == "rotation":
-        return label if r.wht else f"{MODES['none']}: no rotation op"
-    return label if r.attention else f"{MODES['none']}: {getattr(r, 'attention_note', '') or 'no flash attention'}"
+    e = seen.get((b.name, t, op)) or (seen.get((b.name, "all", op)) if op == "rotation" else None)
+    if e and e["routes"]:
+        return label if op in ("rotation", "attention") else f"{label}: {', '.join(sorted(e['routes']))}"
+    r = ctx.target.routes(b.name)
+    if op == "attention" and not r.attention:
+        return f"{MODES['none']}: {getattr(r, 'attention_note', '') or 'no flash attention'}"
+    if e and e["why"]:
+        return f"{MODES['none']} on {b.name}: {e['why']}"
+    return f"{MODES['none']} on {b.name}: no check of this run measured it"
 
 
 def examination(ctx, audited: dict[str, set]) -> Table:
@@ -38,6 +82,7 @@ def examination(ctx, audited: dict[str, set]) -> Table:
     Returns:
         Table 'examination' (caption: the verdict line's summary, :func:`summary_line`).
     """
+    seen = measured(getattr(ctx, "done", {}) or {})
     ran = {}
     for b in ctx.backends():
         ran.setdefault(b.family, []).append(b)
@@ -46,7 +91,7 @@ def examination(ctx, audited: dict[str, set]) -> Table:
     for fam in families:
         for t in ctx.types:
             for op in OPS:
-                parts = [_op_mode(ctx, b, op) for b in ran.get(fam, [])]
+                parts = [_op_mode(ctx, b, t, op, seen) for b in ran.get(fam, [])]
                 if t in audited.get(fam, set()) and op in ("quantize", "decode", "rotation"):
                     parts.append(MODES["audited"])
                 if not parts:

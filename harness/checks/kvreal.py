@@ -39,256 +39,22 @@ from pathlib import Path
 import numpy as np
 
 from harness.checks.contract import Check, Outcome
-from harness.checks.common import Context, decode_route, op_matrices, precise_table
+from harness.checks.common import Context, precise_table
 from harness.checks.pq5_distortion import metrics
 from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.reference import turbo as T
 from harness.reference.lloydmax import lloyd_max, turboquant_upper_bound
 from harness.reference.wht import signed_wht_matrix
-from harness.report.model import Cell, Table, Verdict
+from harness.report.model import Cell, Verdict
+from harness.checks.kvreal_math import (CLASSIC, SIDES, PATHS_TURBO, PATHS_CLASSIC, G, padded_width, pad_heads,  # noqa: F401
+    pearson_kurtosis, vector_stats, causal_attention, attention_errors, exact_attention, nmse, reference_roundtrip,
+    fork_roundtrip, fork_rotation, openblas_threads, SingleThreadedBlas)
+from harness.checks.kvreal_report import loss_notes, per_layer_tables, markdown_tables, plot  # noqa: F401
 
 ID, TITLE = "KVREAL", "Real K/V per layer (distortion and attention error on a model's own vectors)"
-CLASSIC = ("q4_0", "q8_0")
-SIDES = ("K", "V")
-PATHS_TURBO = ("fork", "ref", "lloyd", "norot")
-PATHS_CLASSIC = ("fork", "ref")
-G = T.GROUP
-
-
-# ----------------------------------------------------------------------------- pure helpers
-
-def padded_width(d: int) -> int:
-    """Head width as stored in a turbo cache: the next multiple of 128 (64 -> 128, 256 -> 256)."""
-    return ((d + G - 1) // G) * G
-
-
-def pad_heads(x: np.ndarray) -> np.ndarray:
-    """(T, H, D) -> float32 (T, H, Dp) with zeros in the padding (Dp = padded_width(D))."""
-    d = x.shape[-1]
-    dp = padded_width(d)
-    out = np.zeros(x.shape[:-1] + (dp,), np.float32)
-    out[..., :d] = x
-    return out
-
-
-def pearson_kurtosis(u: np.ndarray) -> float:
-    """E[u^4] / E[u^2]^2 over all entries (3 for a Gaussian; large for spiky/outlier data)."""
-    u = np.asarray(u, np.float64).reshape(-1)
-    m2 = np.mean(u ** 2)
-    return float(np.mean(u ** 4) / m2 ** 2) if m2 > 0 else float("nan")
-
-
-def vector_stats(x: np.ndarray, R: np.ndarray) -> dict:
-    """Statistics of one layer's head vectors that explain how a rotation-based quantiser fares.
-
-    Args:
-        x: float (T, H, D) head vectors. R: float64 (128, 128) rotation applied per 128-group.
-    Returns:
-        {'norm_mean', 'norm_std', 'norm_min', 'norm_max', 'max_abs',
-         'chan_scale_max_over_median': max/median over channels of the per-channel RMS,
-         'dc_fraction': ||mean vector||^2 / mean ||x||^2 (energy in a shared offset),
-         'kurtosis_before': Pearson kurtosis of unit-row coordinates, 'kurtosis_after': the same after
-         the rotation (padded rows, every stored coordinate)}.
-    """
-    rows = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-    nrm = np.linalg.norm(rows, axis=1)
-    scale = np.sqrt(np.mean(rows ** 2, axis=0))
-    unit = rows / np.where(nrm > 0, nrm, 1.0)[:, None]
-    up = pad_heads(unit[:, None, :]).reshape(-1, G).astype(np.float64)
-    rot = up @ np.asarray(R, np.float64).T
-    mean = rows.mean(axis=0)
-    return {"norm_mean": float(nrm.mean()), "norm_std": float(nrm.std()), "norm_min": float(nrm.min()),
-            "norm_max": float(nrm.max()), "max_abs": float(np.abs(rows).max()),
-            "chan_scale_max_over_median": float(scale.max() / max(np.median(scale), 1e-30)),
-            "dc_fraction": float(np.sum(mean ** 2) / max(np.mean(nrm ** 2), 1e-30)),
-            "kurtosis_before": pearson_kurtosis(unit), "kurtosis_after": pearson_kurtosis(rot)}
-
-
-def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Causal softmax attention with GQA (reference/attention.attention plus a causal mask; products in float32).
-
-    Args:
-        q: (T, Hq, D); k, v: (T, Hkv, D) with Hq a multiple of Hkv (query head h reads kv head h // (Hq/Hkv)).
-    Returns:
-        (out float64 (T, Hq, D), logits float64 (Hq, T, T) with -inf above the diagonal).
-    """
-    L = _logits(q, k, scale)
-    return _apply(_softmax(L), v, q.shape[1]), L
-
-
-# The attention products run in float32 (BLAS sgemm, half the time of float64 on these small CPUs): their
-# rounding (~1e-7 relative) is four orders below the smallest error measured here (q8_0, ~1e-3); softmax,
-# differences and norms are taken in float64.
-_MM = np.float32
-
-
-def _logits(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
-    """scale * q k^T per query head, float64 (Hq, T, T), -inf above the diagonal (batched BLAS matmul)."""
-    rep = q.shape[1] // k.shape[1]
-    qh = np.ascontiguousarray(np.asarray(q, _MM).transpose(1, 0, 2))    # (Hq, T, D)
-    kh = np.repeat(np.asarray(k, _MM).transpose(1, 2, 0), rep, 0)       # (Hq, D, T)
-    L = scale * (qh @ kh).astype(np.float64)
-    T_ = L.shape[-1]
-    L[:, np.triu(np.ones((T_, T_), bool), 1)] = -np.inf
-    return L
-
-
-def _apply(P: np.ndarray, v: np.ndarray, n_head: int) -> np.ndarray:
-    """P (Hq, T, T) times V (T, Hkv, D) per query head -> (T, Hq, D)."""
-    rep = n_head // v.shape[1]
-    vh = np.repeat(np.asarray(v, _MM).transpose(1, 0, 2), rep, 0)  # (Hq, T, D)
-    return (P.astype(_MM) @ vh).astype(np.float64).transpose(1, 0, 2)
-
-
-def _softmax(L: np.ndarray) -> np.ndarray:
-    p = np.exp(L - L.max(axis=-1, keepdims=True))
-    return p / p.sum(axis=-1, keepdims=True)
-
-
-def attention_errors(q: np.ndarray, k: np.ndarray, v: np.ndarray, kh: np.ndarray | None, vh: np.ndarray | None,
-                     scale: float, exact: tuple | None = None) -> dict:
-    """Attention error of quantised K (with exact V) or quantised V (with exact K).
-
-    Args:
-        q, k, v: (T, H*, D) exact vectors; kh / vh: the quantised-and-decoded K or V (same shape) or None.
-        exact: (out, L, P) of the exact attention, when already computed (see :func:`exact_attention`).
-    Returns:
-        {'attn_rel_err_K', 'logit_rel_err', 'softmax_kl'} when kh is given and {'attn_rel_err_V'} when vh is:
-        relative Frobenius error of the attention output; rms(L_hat-L)/rms(L - rowmean L) over causal
-        pairs; mean over query rows and heads of KL(p || p_hat) in nats.
-    """
-    out, L, P = exact or exact_attention(q, k, v, scale)
-    ref_n = max(np.linalg.norm(out), 1e-30)
-    res = {}
-    if kh is not None:
-        Lh = _logits(q, kh, scale)
-        Ph = _softmax(Lh)
-        res["attn_rel_err_K"] = float(np.linalg.norm(_apply(Ph, v, q.shape[1]) - out) / ref_n)
-        m = np.isfinite(L)
-        Lc = np.where(m, L, 0.0)
-        rowmean = Lc.sum(-1, keepdims=True) / m.sum(-1, keepdims=True)
-        spread = np.sqrt(np.sum(np.where(m, L - rowmean, 0.0) ** 2) / m.sum())
-        with np.errstate(invalid="ignore"):  # -inf - -inf above the diagonal, masked out
-            err = np.sqrt(np.sum(np.where(m, Lh - L, 0.0) ** 2) / m.sum())
-            kl = np.where(P > 0, P * (np.log(np.where(P > 0, P, 1.0)) - np.log(np.maximum(Ph, 1e-300))), 0.0).sum(-1)
-        res["logit_rel_err"] = float(err / max(spread, 1e-30))
-        res["softmax_kl"] = float(kl.mean())
-    if vh is not None:
-        res["attn_rel_err_V"] = float(np.linalg.norm(_apply(P, vh, q.shape[1]) - out) / ref_n)
-    return res
-
-
-def exact_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> tuple:
-    """(out (T, Hq, D), logits (Hq, T, T), probabilities (Hq, T, T)) of exact causal attention, float64."""
-    L = _logits(q, k, scale)
-    P = _softmax(L)
-    return _apply(P, v, q.shape[1]), L, P
-
-
-def _nmse(x: np.ndarray, xh: np.ndarray) -> float:
-    """sum ||xh - x||^2 / sum ||x||^2 in float64 (padding coordinates are zero in x and, for turbo, in xh)."""
-    x = np.asarray(x, np.float64)
-    return float(np.sum((np.asarray(xh, np.float64) - x) ** 2) / max(np.sum(x ** 2), 1e-30))
-
-
-def reference_roundtrip(type_name: str, groups: np.ndarray, R: np.ndarray | None, table: np.ndarray | None) -> np.ndarray:
-    """Reference quantise + decode of 128-value groups, back in the original domain.
-
-    Args:
-        type_name: turbo type (needs R and table) or 'q4_0' / 'q8_0'.
-        groups: float32 (n, 128). R: (128, 128) forward rotation (identity = no rotation). table: sorted centroids.
-    Returns:
-        float32 (n, 128): turbo: R^T (table[idx] * fp16 corrected norm); classic: ggml's block decode.
-    """
-    groups = np.ascontiguousarray(groups, np.float32)
-    if type_name in CLASSIC:
-        return T.decode_any(type_name, T.quantize_classic(type_name, groups), *groups.shape)
-    table = np.sort(np.asarray(table, np.float64))
-    idx, stored, _ = T.quantize(groups, R, table, 0.5 * (table[1:] + table[:-1]))
-    raw = T.pack(type_name, idx, stored)
-    dec = T.decode(type_name, raw, table).astype(np.float64)
-    return (dec @ np.asarray(R, np.float64)).astype(np.float32)
-
-
-def fork_roundtrip(ctx: Context, backend: str, type_name: str, groups: np.ndarray) -> np.ndarray:
-    """The target's KV write (set_rows) of 128-value groups, decoded by the backend and un-rotated by the
-    backend's inverse rotation op (turbo), or decoded by the reference decoders (q4_0/q8_0), as PQ5 does.
-
-    Returns float32 (n, 128) in the original domain.
-    """
-    groups = np.ascontiguousarray(groups, np.float32)
-    raw = ctx.target.quantize(backend, "set_rows", type_name, groups)
-    if type_name in CLASSIC:
-        return T.decode_any(type_name, raw, *groups.shape)
-    dec = ctx.target.decode(backend, decode_route(ctx, backend, type_name), type_name, raw, groups.shape[0], G)
-    return ctx.target.wht(backend, dec, 1, G)
-
-
-def _rotation(ctx: Context, backend: str) -> tuple[np.ndarray, str]:
-    """The reference's rotation: the signed WHT the backend's op implements, else the harness's own signs."""
-    try:
-        fac = op_matrices(ctx, backend)["factor"]
-        if fac["is_signed_wht"]:
-            return signed_wht_matrix(fac["s1"], fac["s2"]), "the fork's rotation op (a signed WHT)"
-    except (Unsupported, ProbeCrash, HarnessError):
-        pass
-    rng = np.random.default_rng(20250417)
-    s1, s2 = rng.choice([-1.0, 1.0], G), rng.choice([-1.0, 1.0], G)
-    return signed_wht_matrix(s1, s2), "the harness's own signed WHT (the fork's op is absent or not a signed WHT)"
-
-
-# ----------------------------------------------------------------------------- analysis
-
-_BLAS_FUNCS = (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-               ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-               ("openblas_get_num_threads", "openblas_set_num_threads"))
-
-
-def _openblas():
-    """(get, set) thread-count functions of the OpenBLAS this process has loaded (NumPy's), or None.
-
-    Found through /proc/self/maps (Linux) or NumPy's bundled-library folder; None elsewhere.
-    """
-    import ctypes
-    paths = []
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and ".so" in ln.split()[-1]})
-    except OSError:
-        pass
-    paths += [str(p) for p in (Path(np.__file__).resolve().parents[1] / "numpy.libs").glob("*openblas*")]
-    for p in paths:
-        try:
-            lib = ctypes.CDLL(p)
-        except OSError:
-            continue
-        for g, st in _BLAS_FUNCS:
-            if hasattr(lib, g) and hasattr(lib, st):
-                return getattr(lib, g), getattr(lib, st)
-    return None
-
-
-class _SingleThreadedBlas:
-    """Run BLAS on one thread inside the block (restored after). The products here are small (9 x 256 x 256):
-    measured on the 2-core CI machine under load, OpenBLAS's two threads took 143 ms per batched product
-    against 1.6 ms on one thread (they spin waiting for a busy core)."""
-
-    def __enter__(self):
-        self.fns = _openblas()
-        if self.fns:
-            self.old = self.fns[0]()
-            self.fns[1](1)
-        return self
-
-    def __exit__(self, *exc):
-        if self.fns and self.old > 0:
-            self.fns[1](self.old)
-        return False
-
-
 def analyse(ctx: Context, q: dict, k: dict, v: dict, label: str = "model") -> dict:
-    """:func:`_analyse` with BLAS on one thread (see :class:`_SingleThreadedBlas`)."""
-    with _SingleThreadedBlas():
+    """:func:`_analyse` with BLAS on one thread (see :class:`SingleThreadedBlas`)."""
+    with SingleThreadedBlas():
         return _analyse(ctx, q, k, v, label)
 
 
@@ -306,7 +72,7 @@ def _analyse(ctx: Context, q: dict, k: dict, v: dict, label: str = "model") -> d
     layers = sorted(set(k) & set(v))
     types = [t for t in ctx.types if t in T.FORMATS] + list(CLASSIC)
     tb = ctx.target_backend
-    R, rot_desc = _rotation(ctx, tb)
+    R, rot_desc = fork_rotation(ctx, tb)
     D = k[layers[0]].shape[-1]
     Dp = padded_width(D)
     scale = 1.0 / np.sqrt(D)
@@ -365,7 +131,7 @@ def _analyse(ctx: Context, q: dict, k: dict, v: dict, label: str = "model") -> d
             s1, s2 = ctx.rng(f"kvreal-rot{draw}").choice([-1.0, 1.0], (2, G))
             xh = reference_roundtrip(t, allg, signed_wht_matrix(s1, s2), tables[t])
             for side in SIDES:
-                per[side].append([_nmse(allg[a:b], xh[a:b]) for il in layers for a, b in [spans[(il, side)]]])
+                per[side].append([nmse(allg[a:b], xh[a:b]) for il in layers for a, b in [spans[(il, side)]]])
         for side in SIDES:
             arr = np.asarray(per[side])  # (draws, layers)
             res[("randrot", t, side)] = {"nmse": np.median(arr, 0), "nmse_min": arr.min(0), "nmse_max": arr.max(0)}
@@ -453,7 +219,7 @@ def _summary_cell(ctx: Context, A: dict, t: str, side: str, ev: list[str]) -> Ce
                  for m in ("nmse", "attn_rel_err") if m in res[(p, tt, s)]}
     for c in CLASSIC:
         if ("fork", c, side) in res:
-            per_layer[f"{c}_nmse"] = res[("fork", c, side)]["nmse"]
+            per_layer[f"{c}nmse"] = res[("fork", c, side)]["nmse"]
             per_layer[f"{c}_attn_rel_err"] = res[("fork", c, side)]["attn_rel_err"]
     norot = res.get(("norot", t, side))
     if rr is not None:
@@ -498,105 +264,6 @@ def _agreement_cell(ctx: Context, A: dict, t: str, side: str, ev: list[str]) -> 
         details["lloyd_max_nmse"] = res[("lloyd", t, side)]["nmse"]
     return _with_path(ctx.cell(ID, t, ctx.target_backend, "set_rows", "fork_vs_reference_nmse", val, tol, raw,
                                caveat=cav, evidence=ev, details=details), path)
-
-
-def loss_notes(A: dict) -> list[str]:
-    """One line per type: which side and layers carry the attention error (fork path)."""
-    out = []
-    for t in A["types"]:
-        rk, rv = A["res"].get(("fork", t, "K")), A["res"].get(("fork", t, "V"))
-        if rk is None or rv is None:
-            continue
-        ek, evv = rk["attn_rel_err"] ** 2, rv["attn_rel_err"] ** 2
-        tot = ek.sum() + evv.sum()
-        share_k = ek.sum() / tot if tot > 0 else float("nan")
-        both = [(e, "K", il) for e, il in zip(ek, A["layers"])] + [(e, "V", il) for e, il in zip(evv, A["layers"])]
-        top = sorted(both, reverse=True)[:3]
-        top_s = ", ".join(f"{s}{il} ({np.sqrt(e):.3g})" for e, s, il in top)
-        alt = []
-        for p, what in (("lloyd", "the Lloyd-Max table"), ("norot", "no rotation"), ("randrot", "random signs (median)")):
-            if (p, t, "K") in A["res"] and (p, t, "V") in A["res"]:
-                alt.append(f"{what} {A['res'][(p, t, 'K')]['nmse'].mean():.4g}/{A['res'][(p, t, 'V')]['nmse'].mean():.4g}")
-        alt_s = f" (K/V mean NMSE with {', with '.join(alt)}: reference quantiser)" if alt else ""
-        out.append(f"{t}: {'K' if share_k > 0.5 else 'V'} carries {max(share_k, 1 - share_k):.0%} of the summed squared "
-                   f"attention-output error; worst layers {top_s}; mean NMSE K {rk['nmse'].mean():.4g}, V {rv['nmse'].mean():.4g}"
-                   + alt_s)
-    return out
-
-
-def _num(x) -> float | None:
-    """A table value: the float, or None when it is missing or not finite (rendered '-')."""
-    return None if x is None or not np.isfinite(x) else float(x)
-
-
-def per_layer_tables(A: dict, capture_info: dict | None = None, image: str = "") -> list[Table]:
-    """Per-layer tables of one analysis: fork-path NMSE, attention error with one side quantised, K attention-logit
-    error, and the vectors' statistics; the first carries the model description and the plot (``image``)."""
-    L, res, types, lab = A["layers"], A["res"], A["types"], A["label"]
-    about = []
-    if capture_info:
-        about.append(f"{capture_info.get('arch')} {capture_info.get('n_layer')} layers, n_head {capture_info.get('n_head')}, "
-                     f"n_head_kv {capture_info.get('n_head_kv')}, head_dim {A['head_dim']} (stored {A['padded']}), "
-                     f"{capture_info.get('n_tokens')} tokens; rotation: {A['rotation']}.")
-    side_cols = ["layer"] + [f"{s} {t}" for s in SIDES for t in types]
-    out = []
-    for metric, title in (("nmse", "NMSE (fork path, real coordinates)"),
-                          ("attn_rel_err", "attention-output relative error with only this side quantised (fork path)")):
-        rows = [[il] + [_num(res[("fork", t, s)][metric][i]) if ("fork", t, s) in res else None
-                        for s in SIDES for t in types] for i, il in enumerate(L)]
-        out.append(Table(f"per_layer:{lab}:{metric}", f"KVREAL per layer, {lab}: {title}", side_cols, rows,
-                         caption=about if not out else [], image=image if not out else ""))
-    out.append(Table(f"per_layer:{lab}:logit_rel_err",
-                     f"KVREAL per layer, {lab}: K attention-logit error rms(L_hat - L) / rms(L - row mean), causal pairs, "
-                     "queries from the same capture (fork path)", ["layer"] + list(types),
-                     [[il] + [_num(res[("fork", t, "K")]["logit_rel_err"][i]) if ("fork", t, "K") in res else None
-                              for t in types] for i, il in enumerate(L)]))
-    st = A["stats"]
-    stat_keys = ("norm_mean", "chan_scale_max_over_median", "kurtosis_before", "kurtosis_after", "dc_fraction")
-    stat_names = ("norm", "chan max/med", "kurt before", "kurt after", "dc")
-    out.append(Table(f"per_layer:{lab}:stats", f"KVREAL per layer, {lab}: vector statistics",
-                     ["layer"] + [f"{s} {n}" for s in SIDES for n in stat_names],
-                     [[il] + [_num(st[s][m][i]) for s in SIDES for m in stat_keys] for i, il in enumerate(L)],
-                     caption=["kurtosis of unit-row coordinates: 3 = Gaussian; dc = share of the energy in the mean "
-                              "vector shared by all tokens"]))
-    return out
-
-
-def markdown_tables(A: dict, capture_info: dict | None = None) -> str:
-    """The per-layer tables (:func:`per_layer_tables`) as Markdown."""
-    from harness.report.render import table_markdown
-    return "\n".join(ln for t in per_layer_tables(A, capture_info) for ln in table_markdown(t))
-
-
-def plot(A: dict, path: Path) -> Path | None:
-    """NMSE and attention error per layer, K and V, one line per type (fork solid, reference dotted)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    colors = dict(zip(A["types"], ["tab:red", "tab:orange", "tab:green", "tab:purple", "tab:blue", "tab:brown"]))
-    for col, side in enumerate(SIDES):
-        for row, metric in enumerate(("nmse", "attn_rel_err")):
-            ax = axes[row][col]
-            for t in A["types"]:
-                for p, ls in (("fork", "-"), ("ref", ":")):
-                    r = A["res"].get((p, t, side))
-                    if r is not None:
-                        ax.plot(A["layers"], r[metric], ls, color=colors[t], marker="o" if p == "fork" else None, ms=3,
-                                label=f"{t} ({p})" if (row, col) == (0, 0) else None)
-            ax.set_yscale("log")
-            ax.set_title(f"{side}: {'NMSE' if metric == 'nmse' else 'attention-output rel. error'}")
-            ax.set_xlabel("layer")
-    axes[0][0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"KVREAL {A['label']}: per-layer distortion on the model's own K/V")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def cells_from_analysis(ctx: Context, A: dict, capture_info: dict | None = None) -> Outcome:

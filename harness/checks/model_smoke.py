@@ -105,6 +105,12 @@ def judge_exit(ctx: Context, run: ms.SmokeRun, path: str, n_phases: int, must_ac
         return _cell(ctx, run.pair, path, "phases_finished", done, n_phases, Verdict.ERROR,
                      f"{run.tool} exited 0 without finishing {run.died_in}: output format not understood", evidence=ev,
                      details=details)
+    if ctx.target_backend != "cpu" and "using device " not in run.text:
+        # llama.cpp names every device it loads the model with ('using device Vulkan0 ...'); none: the tool saw no
+        # device and ran on the CPU (a Vulkan build seeing only lavapipe, hidden GPUs): its cells are not the target's
+        return _cell(ctx, run.pair, path, "phases_finished", done, n_phases, Verdict.ERROR,
+                     f"{run.tool} finished but used no {ctx.target_backend} device (no 'using device' line in its log: "
+                     f"it ran on the CPU): nothing was measured on {ctx.target_backend}", evidence=ev, details=details)
     return _cell(ctx, run.pair, path, "phases_finished", done, n_phases, Verdict.PASS, evidence=ev, details=details)
 
 

@@ -81,6 +81,11 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
         section["rows"] = [{"pair": lab, "status": "ERROR", "error": result.error} for lab in labels]
         return cr, section
 
+    if cfg.save_pair_logits:  # the reference side of a cross-backend sweep (harness/runners/xbackend.py)
+        cr.notes.append("each pair's llama-perplexity pass saved its logits for the other backends; its KLD, top-1 "
+                        "agreement, Δp and ln-PPL-ratio standard error vs the f16 baseline are computed by the harness "
+                        "from the two saved logit files (harness/runners/logit_files.py); PPL and the ln PPL ratio are "
+                        "llama-perplexity's")
     # notes beside the rules
     if mi is not None:
         if mi.n_embd < rules["notes"]["tiny_model_n_embd"]:

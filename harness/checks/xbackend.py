@@ -11,7 +11,8 @@ backend that moved further from its own f16 (its own KLD larger by more than ``p
 FAIL when that is the target backend, PARTIAL otherwise (the reference moved, or neither clearly did).
 
 A pair that ran on one backend only (refused, crashed, no logits, or placed on the CPU) gets its own cell saying so
-and is never PASS; a comparison in which nothing was compared is SKIP "nothing compared". Decode agreement across
+and is never PASS; a pair whose scoring or logits run used other K/V types than it names (the log says so) is an
+ERROR cell, not compared; a comparison in which nothing was compared is SKIP "nothing compared". Decode agreement across
 backends: the same greedy prompts on A and B, first divergence per prompt, with the decode check's near-tie handling
 (A's top-1 margin at the divergence; the probability of so few agreeing tokens given the pair's cross-backend top-1
 agreement).
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 
 from harness.checks.contract import Check
-from harness.checks.sweep_rules import failed_job_cell
+from harness.checks.sweep_rules import failed_job_cell, kv_type_problem
 from harness.checks.sweeps import SWEEPS_TOML
 from harness.report.model import Cell, CheckResult, Verdict
 
@@ -78,7 +79,9 @@ def judge_xbackend(res, sections: dict[str, dict], rules: dict) -> tuple[CheckRe
         rows_b = {r["pair"]: r for r in sections.get(b_name, {}).get("rows", [])}
         path = f"{b_name}:vs-{a_name}"
         fl = res.cross.get((b_name, REF))
-        floor = fl.data["stats"]["kld"] if fl is not None and fl.ok else None
+        fl_bad = fl is not None and fl.ok and _kv_problem(fl, res.logits.get(REF), REF, a_name, b_name,
+                                                          cfg.ref.fork_defaults) is not None
+        floor = fl.data["stats"]["kld"] if fl is not None and fl.ok and not fl_bad else None
         floor_se = (fl.data["stats"].get("kld_se") or 0.0) if floor is not None else None
         limit = max(mult * floor, kmin) if floor is not None else None
         floors[b_name] = {"kld": floor, "kld_se": floor_se, "limit": limit}
@@ -91,6 +94,16 @@ def judge_xbackend(res, sections: dict[str, dict], rules: dict) -> tuple[CheckRe
             if one is not None:
                 cr.cells.append(one)
                 row.update(status=one.verdict.value, note=one.caveat)
+                rows_out.append(row)
+                continue
+            kv_bad = _kv_problem(rec, res.logits.get(lab), lab, a_name, b_name, cfg.ref.fork_defaults)
+            if kv_bad is not None:  # the runs did not use the asked K/V types: no comparison of this pair
+                who, prob = kv_bad
+                c = Cell(ID, lab, f"{who}:vs-{a_name if who == b_name else b_name}", "cross_compared", None, None,
+                         Verdict.ERROR, evidence=list(rec.evidence), target=who == target,
+                         caveat=f"not compared: {who}'s run of {lab} did not use the asked K/V types: {prob}")
+                cr.cells.append(c)
+                row.update(status="ERROR", note=c.caveat)
                 rows_out.append(row)
                 continue
             s = rec.data["stats"]
@@ -123,7 +136,7 @@ def judge_xbackend(res, sections: dict[str, dict], rules: dict) -> tuple[CheckRe
                 rows_out.append(row)
                 continue
             if floor is None:
-                why = fl.error if fl is not None else "not run"
+                why = ("its runs did not use the f16 cache" if fl_bad else fl.error) if fl is not None else "not run"
                 c = Cell(ID, lab, path, "cross_kld_vs_floor", s["kld"], None, Verdict.SKIP, evidence=ev,
                          caveat=f"not judged: no measured noise floor (f16/f16 {b_name} vs {a_name}: {why})")
                 cr.cells.append(c)
@@ -171,6 +184,25 @@ def judge_xbackend(res, sections: dict[str, dict], rules: dict) -> tuple[CheckRe
            "rules": dict(x), "load": {"start": res.load_start, "end": res.load_end}, "passes": res.passes}
     sec["markdown"] = xbackend_markdown(sec)
     return cr, sec
+
+
+def _kv_problem(rec, ref, lab: str, a_name: str, b_name: str, fork_defaults: bool) -> tuple[str, str] | None:
+    """(backend, the log line that shows it) when B's scoring run or A's logits run of the pair used other K/V types
+    than the pair names (the fork changed them, or no size line tells), else None. As in the per-backend sweep
+    (:func:`harness.checks.sweep_rules.kv_type_problem`), a run under the fork's own defaults (``--fork-defaults``)
+    is not held to them."""
+    from harness.runners.sweep_config import split_pair
+    if fork_defaults:
+        return None
+    k, v = lab.split("/", 1)
+    k, v, _ = split_pair(k, v)
+    for who, r in ((b_name, rec), (a_name, ref)):
+        if r is None:
+            continue
+        prob = kv_type_problem((r.data or {}).get("kv"), k, v, None, {}, 0.0)
+        if prob:
+            return who, prob
+    return None
 
 
 def _one_side_only(rec, res, lab: str, a_name: str, b_name: str, rb: dict, path: str, interrupted: bool):
@@ -231,9 +263,15 @@ def xbackend_markdown(sec: dict) -> str:
     ld = sec.get("load") or {}
     st, en = ld.get("start") or {}, ld.get("end") or {}
     p = sec.get("passes") or {}
-    lines += [f"Machine load (1 min): {st.get('load_1min', '?')} at start, {en.get('load_1min', '?')} at end, on "
-              f"{st.get('cpus', '?')} CPUs. Model passes (llama-perplexity): {p.get('sweeps', '?')} in the per-backend "
-              f"sweeps + {p.get('logits', '?')} reference logits runs + {p.get('scoring', '?')} cross scoring runs."]
+    total = (p["sweeps"] + p["scoring"]) if "sweeps" in p and "scoring" in p else "?"
+    lines += [f"Who measured what: every KLD, top-1 and PPL of a backend against {a}'s logits, and each compared "
+              f"backend's own KLD vs its own f16, are llama-perplexity's; {a}'s own KLD, top-1 and Δp vs its own f16 "
+              f"are the harness's, computed from the two logit files llama-perplexity saved (harness/runners/"
+              f"logit_files.py; {a}'s PPL of each pair is llama-perplexity's).", "",
+              f"Machine load (1 min): {st.get('load_1min', '?')} at start, {en.get('load_1min', '?')} at end, on "
+              f"{st.get('cpus', '?')} CPUs. Model passes (llama-perplexity): {total} = {p.get('sweeps', '?')} in the "
+              f"per-backend sweeps + {p.get('scoring', '?')} cross scoring runs (bound: the per-backend sweeps plus "
+              f"one scoring pass per pair and backend = {p.get('bound', '?')})."]
     return "\n".join(lines)
 
 

@@ -242,7 +242,11 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
             if r.returncode != 0:
                 raise HarnessError(f"CMake configure of {fork} for {backend} failed: {_cmake_error(logf)} "
                                    f"(full log: {logf})")
-    _build_targets(bdir, fork, backend, targets, jobs, env, log)
+    again = _stale_targets(prev, source, fork, configure, targets)
+    if again:
+        log(f"{bdir} holds {', '.join(again)} built from {source_label(prev.get('fork_commit'), prev.get('fork_dirty'), prev.get('fork_diff_sha256'))}"
+            f" or with other options: rebuilt too (the build's record names one source for all its tools)")
+    _build_targets(bdir, fork, backend, targets + again, jobs, env, log)
     cache = _read_cmake_cache(bdir)
     meta = {
         "backend": backend,
@@ -253,7 +257,7 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
         "c_compiler": _compiler_version(cache.get("CMAKE_C_COMPILER", "cc")),
         "cxx_compiler": _compiler_version(cache.get("CMAKE_CXX_COMPILER", "c++")),
         "cuda_compiler": _compiler_version(cache["CMAKE_CUDA_COMPILER"]) if cache.get("CMAKE_CUDA_COMPILER") else None,
-        "targets": sorted(set(targets) | set(read_build_meta(bdir).get("targets", []))),
+        "targets": sorted(set(targets) | set(again) | set(read_build_meta(bdir).get("targets", []))),
         "rpc": cache.get("GGML_RPC", "OFF").upper() in ("ON", "1", "TRUE", "YES"),
         "ccache": bool(launch) or any("ccache" in o for o in opts),
         "generator": cache.get("CMAKE_GENERATOR"),
@@ -264,6 +268,20 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
     }
     (bdir / BUILD_META).write_text(json.dumps(meta, indent=2))
     return BuildResult(backend, bdir, meta)
+
+
+def _stale_targets(prev: dict, source: dict, fork: Path, configure: list[str], targets: list[str]) -> list[str]:
+    """Targets an earlier build of the folder made (``prev['targets']``) that this build does not ask for, when the
+    folder's record is about to name another source: another checkout folder, commit, dirty state or diff, an unknown
+    commit (nothing tells it is the same), or other configure options. Left as they were, a tool built from the old
+    source (``llama-perplexity``, libllama) would be measured under the new record's name."""
+    rest = [t for t in prev.get("targets", []) if t not in targets]
+    if not rest:
+        return []
+    same = (prev.get("fork_dir") == str(fork) and prev.get("configured_with") == configure
+            and all(str(prev.get(f"fork_{k}")) == str(source.get(k)) for k in ("commit", "dirty", "diff_sha256"))
+            and str(source.get("commit") or "unknown") != "unknown")
+    return [] if same else rest
 
 
 def _build_targets(bdir: Path, fork: Path, backend: str, targets: list[str], jobs: int | None, env: dict | None,

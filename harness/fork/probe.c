@@ -14,30 +14,24 @@
  *     through the registry ("RPC") and its proc address "ggml_backend_rpc_add_server", so that this file
  *     neither includes ggml-rpc.h nor links the RPC code: a build without RPC says so at run time.
  *
+ * Every probe call runs its ops as one graph on a ggml backend kept for its device across calls (created on first
+ * use, freed by tp_release): a batch of many independent ops is one call (probe_batch.c), and a single op is a batch
+ * of one, so both build the same nodes.
+ *
  * Every entry point returns 0 on success, 1 when the device does not support the op (the message
  * says which op), and -1 on any other failure; the message goes to tp_last_error().
  * The Python side runs this library in a worker process, so a ggml abort kills the worker only.
  *
  * Compile-time knobs, set by harness/fork/probe.py after reading the fork's ggml.h:
  *   TP_WHT_NARGS   number of arguments of ggml_turbo_wht (0 = op absent, 3, 4 or 5)
+ * Files: probe.h (what probe.c and probe_batch.c share), probe.c (devices, types, kept backends, the graph helper,
+ * decode and rotation calls), probe_batch.c (batches; set_rows and flash attention).
  */
-#include "ggml.h"
-#include "ggml-alloc.h"
-#include "ggml-backend.h"
-#include "ggml-cpu.h"
+#include "probe.h"
 
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
+char tp_err[1024];
 
-#ifndef TP_WHT_NARGS
-#define TP_WHT_NARGS 0
-#endif
-
-static char tp_err[1024];
-
-static void set_err(const char * msg) {
+void tpi_set_err(const char * msg) {
     snprintf(tp_err, sizeof(tp_err), "%s", msg);
 }
 
@@ -74,12 +68,12 @@ typedef ggml_backend_reg_t (*tp_rpc_add_server_fn)(const char * endpoint);
 int tp_rpc_add(const char * endpoint) {
     ggml_backend_reg_t rpc = ggml_backend_reg_by_name("RPC");
     if (!rpc) {
-        set_err("this fork build has no RPC backend: rebuild it with `turbo-harness build --rpc` (make build RPC=1)");
+        tpi_set_err("this fork build has no RPC backend: rebuild it with `turbo-harness build --rpc` (make build RPC=1)");
         return -1;
     }
     tp_rpc_add_server_fn add = (tp_rpc_add_server_fn) ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_add_server");
     if (!add) {
-        set_err("the RPC backend of this build has no ggml_backend_rpc_add_server");
+        tpi_set_err("the RPC backend of this build has no ggml_backend_rpc_add_server");
         return -1;
     }
     ggml_backend_reg_t reg = add(endpoint);
@@ -125,29 +119,60 @@ int64_t tp_blck_size(int t)  { return (int64_t) ggml_blck_size((enum ggml_type) 
 int     tp_type_count(void)  { return GGML_TYPE_COUNT; }
 const char * tp_type_name(int t) { return ggml_type_name((enum ggml_type) t); }
 
+/* ---------- backends kept across calls ---------- */
+
+/* One ggml_backend_t per device, created on first use and kept until tp_release() (or the worker's exit): creating
+   a backend per call is what costs on a GPU (context, streams, memory pool), not the data (issue 23). */
+#define TP_MAX_BACKENDS 64
+static struct { ggml_backend_dev_t dev; ggml_backend_t backend; } tp_backends[TP_MAX_BACKENDS];
+static int tp_n_backends;
+static int64_t tp_n_inits, tp_n_computes;
+
+static ggml_backend_t backend_for(ggml_backend_dev_t dev) {
+    for (int i = 0; i < tp_n_backends; i++) {
+        if (tp_backends[i].dev == dev) return tp_backends[i].backend;
+    }
+    if (tp_n_backends == TP_MAX_BACKENDS) {
+        snprintf(tp_err, sizeof(tp_err), "more than %d devices used in one worker", TP_MAX_BACKENDS);
+        return NULL;
+    }
+    ggml_backend_t b = ggml_backend_dev_init(dev, NULL);
+    if (!b) {
+        snprintf(tp_err, sizeof(tp_err), "could not initialise device '%s'", ggml_backend_dev_name(dev));
+        return NULL;
+    }
+    tp_n_inits++;
+    tp_backends[tp_n_backends].dev = dev;
+    tp_backends[tp_n_backends].backend = b;
+    tp_n_backends++;
+    return b;
+}
+
+/* Free every kept backend (the next call on a device initialises it again). */
+void tp_release(void) {
+    for (int i = 0; i < tp_n_backends; i++) ggml_backend_free(tp_backends[i].backend);
+    tp_n_backends = 0;
+}
+
+/* Counters for tests and benchmarks: 0 = backends initialised, 1 = graphs computed, 2 = backends kept now. */
+int64_t tp_stat(int which) {
+    return which == 0 ? tp_n_inits : which == 1 ? tp_n_computes : which == 2 ? (int64_t) tp_n_backends : -1;
+}
+
 /* ---------- graph helper ---------- */
 
-typedef struct {
-    ggml_backend_t          backend;
-    ggml_backend_dev_t      dev;
-    struct ggml_context   * ctx;
-    ggml_backend_buffer_t   buf;
-} tp_run;
-
-static int run_begin(tp_run * r, const char * dev_name, size_t n_tensors) {
+int tpi_run_begin(tp_run * r, const char * dev_name, size_t n_tensors) {
     memset(r, 0, sizeof(*r));
     r->dev = ggml_backend_dev_by_name(dev_name);
     if (!r->dev) {
         snprintf(tp_err, sizeof(tp_err), "no ggml device named '%s'", dev_name);
         return -1;
     }
-    r->backend = ggml_backend_dev_init(r->dev, NULL);
-    if (!r->backend) {
-        snprintf(tp_err, sizeof(tp_err), "could not initialise device '%s'", dev_name);
-        return -1;
-    }
+    r->backend = backend_for(r->dev);
+    if (!r->backend) return -1;
+    r->graph_size = n_tensors + GGML_DEFAULT_GRAPH_SIZE;
     struct ggml_init_params ip = {
-        /*.mem_size   =*/ ggml_tensor_overhead() * (n_tensors + 8) + ggml_graph_overhead() + 1024,
+        /*.mem_size   =*/ ggml_tensor_overhead() * (n_tensors + 8) + ggml_graph_overhead_custom(r->graph_size, false) + 1024,
         /*.mem_buffer =*/ NULL,
         /*.no_alloc   =*/ true,
     };
@@ -155,33 +180,42 @@ static int run_begin(tp_run * r, const char * dev_name, size_t n_tensors) {
     return 0;
 }
 
-static void run_end(tp_run * r) {
+void tpi_run_end(tp_run * r) {  /* the backend stays (backend_for) */
     if (r->buf) ggml_backend_buffer_free(r->buf);
     if (r->ctx) ggml_free(r->ctx);
-    if (r->backend) ggml_backend_free(r->backend);
 }
 
-static int run_alloc(tp_run * r) {
+int tpi_run_alloc(tp_run * r) {
     r->buf = ggml_backend_alloc_ctx_tensors(r->ctx, r->backend);
     if (!r->buf) {
-        set_err("buffer allocation failed");
+        tpi_set_err("buffer allocation failed");
         return -1;
     }
     return 0;
 }
 
-static int run_supports(tp_run * r, struct ggml_tensor * node, const char * what) {
-    if (!ggml_backend_dev_supports_op(r->dev, node)) {
-        snprintf(tp_err, sizeof(tp_err), "device %s does not support %s (%s)",
-                 ggml_backend_dev_name(r->dev), ggml_op_desc(node), what);
+int tpi_supports(ggml_backend_dev_t dev, struct ggml_tensor * node, const char * what, char * err, size_t n) {
+    if (!ggml_backend_dev_supports_op(dev, node)) {
+        snprintf(err, n, "device %s does not support %s (%s)", ggml_backend_dev_name(dev), ggml_op_desc(node), what);
         return 1;
     }
     return 0;
 }
 
-static int run_compute(tp_run * r, struct ggml_tensor * out) {
-    struct ggml_cgraph * gf = ggml_new_graph(r->ctx);
-    ggml_build_forward_expand(gf, out);
+static int run_supports(tp_run * r, struct ggml_tensor * node, const char * what) {
+    return tpi_supports(r->dev, node, what, tp_err, sizeof(tp_err));
+}
+
+/* Compute the graph of every output in outs[0..n). Each node gets a name unique to this compute: ggml's RPC client
+   keeps the last graph and, when a new graph's nodes are byte-identical to it, only asks the server to recompute
+   the old one; with a backend kept across calls, a new graph of another type in reused memory must never match. */
+int tpi_run_compute_many(tp_run * r, struct ggml_tensor ** outs, int n) {
+    struct ggml_cgraph * gf = ggml_new_graph_custom(r->ctx, r->graph_size, false);
+    for (int i = 0; i < n; i++) ggml_build_forward_expand(gf, outs[i]);
+    tp_n_computes++;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); i++) {
+        ggml_format_name(ggml_graph_node(gf, i), "tp%lld.%d", (long long) tp_n_computes, i);
+    }
     if (ggml_backend_is_cpu(r->backend)) {
         ggml_backend_cpu_set_n_threads(r->backend, 2);
     }
@@ -193,36 +227,17 @@ static int run_compute(tp_run * r, struct ggml_tensor * out) {
     return 0;
 }
 
-/* ---------- quantisation ---------- */
-
-/* Quantise nrows x ncols floats through ggml_set_rows into a tensor of type t on device dev. */
-int tp_set_rows(const char * dev, int t, const float * src, int64_t nrows, int64_t ncols, void * out) {
-    tp_run r;
-    if (run_begin(&r, dev, 4)) return -1;
-    struct ggml_tensor * dst = ggml_new_tensor_2d(r.ctx, (enum ggml_type) t, ncols, nrows);
-    struct ggml_tensor * x   = ggml_new_tensor_2d(r.ctx, GGML_TYPE_F32, ncols, nrows);
-    struct ggml_tensor * idx = ggml_new_tensor_1d(r.ctx, GGML_TYPE_I64, nrows);
-    struct ggml_tensor * res = ggml_set_rows(r.ctx, dst, x, idx);
-    int rc = run_supports(&r, res, "set_rows");
-    if (rc) { run_end(&r); return rc; }
-    if (run_alloc(&r)) { run_end(&r); return -1; }
-    ggml_backend_buffer_clear(r.buf, 0);
-    ggml_backend_tensor_set(x, src, 0, ggml_nbytes(x));
-    int64_t * ids = (int64_t *) malloc(sizeof(int64_t) * nrows);
-    for (int64_t i = 0; i < nrows; i++) ids[i] = i;
-    ggml_backend_tensor_set(idx, ids, 0, sizeof(int64_t) * nrows);
-    free(ids);
-    if (run_compute(&r, res)) { run_end(&r); return -1; }
-    ggml_backend_tensor_get(dst, out, 0, ggml_nbytes(dst));
-    run_end(&r);
-    return 0;
+static int run_compute(tp_run * r, struct ggml_tensor * out) {
+    return tpi_run_compute_many(r, &out, 1);
 }
+
+/* ---------- quantisation ---------- */
 
 /* Quantise through the fork's C quantiser (ggml_quantize_chunk); no device involved. */
 int tp_quantize_chunk(int t, const float * src, int64_t nrows, int64_t ncols, void * out) {
     size_t n = ggml_quantize_chunk((enum ggml_type) t, src, out, 0, nrows, ncols, NULL);
     if (n != (size_t) nrows * ggml_row_size((enum ggml_type) t, ncols)) {
-        set_err("ggml_quantize_chunk wrote an unexpected number of bytes");
+        tpi_set_err("ggml_quantize_chunk wrote an unexpected number of bytes");
         return -1;
     }
     return 0;
@@ -234,7 +249,7 @@ int tp_quantize_chunk(int t, const float * src, int64_t nrows, int64_t ncols, vo
 int tp_to_float(int t, const void * src, int64_t n, float * out) {
     const struct ggml_type_traits * tr = ggml_get_type_traits((enum ggml_type) t);
     if (!tr || !tr->to_float) {
-        set_err("type has no to_float in its traits");
+        tpi_set_err("type has no to_float in its traits");
         return 1;
     }
     tr->to_float(src, out, n);
@@ -244,7 +259,7 @@ int tp_to_float(int t, const void * src, int64_t n, float * out) {
 /* Decode raw bytes on a device. route 0 = ggml_get_rows, 1 = ggml_cpy to f32. */
 int tp_decode(const char * dev, int t, const void * bytes, int64_t nrows, int64_t ncols, int route, float * out) {
     tp_run r;
-    if (run_begin(&r, dev, 4)) return -1;
+    if (tpi_run_begin(&r, dev, 4)) return -1;
     struct ggml_tensor * src = ggml_new_tensor_2d(r.ctx, (enum ggml_type) t, ncols, nrows);
     struct ggml_tensor * res = NULL;
     struct ggml_tensor * idx = NULL;
@@ -256,8 +271,8 @@ int tp_decode(const char * dev, int t, const void * bytes, int64_t nrows, int64_
         res = ggml_cpy(r.ctx, src, f);
     }
     int rc = run_supports(&r, res, route == 0 ? "get_rows decode" : "cpy decode");
-    if (rc) { run_end(&r); return rc; }
-    if (run_alloc(&r)) { run_end(&r); return -1; }
+    if (rc) { tpi_run_end(&r); return rc; }
+    if (tpi_run_alloc(&r)) { tpi_run_end(&r); return -1; }
     ggml_backend_tensor_set(src, bytes, 0, ggml_nbytes(src));
     if (idx) {
         int32_t * ids = (int32_t *) malloc(sizeof(int32_t) * nrows);
@@ -265,107 +280,34 @@ int tp_decode(const char * dev, int t, const void * bytes, int64_t nrows, int64_
         ggml_backend_tensor_set(idx, ids, 0, sizeof(int32_t) * nrows);
         free(ids);
     }
-    if (run_compute(&r, res)) { run_end(&r); return -1; }
+    if (run_compute(&r, res)) { tpi_run_end(&r); return -1; }
     ggml_backend_tensor_get(res, out, 0, sizeof(float) * nrows * ncols);
-    run_end(&r);
+    tpi_run_end(&r);
     return 0;
 }
 
 /* ---------- rotation op ---------- */
 
-#if TP_WHT_NARGS == 5
-#define TP_WHT(ctx, a, dir, gs) ggml_turbo_wht((ctx), (a), (dir), (gs), NULL)
-#elif TP_WHT_NARGS == 4
-#define TP_WHT(ctx, a, dir, gs) ggml_turbo_wht((ctx), (a), (dir), (gs))
-#elif TP_WHT_NARGS == 3
-#define TP_WHT(ctx, a, dir, gs) ggml_turbo_wht((ctx), (a), (dir))
-#endif
-
 /* Apply ggml_turbo_wht (direction 0 forward, 1 inverse) to nrows x ncols floats. */
 int tp_turbo_wht(const char * dev, const float * src, int64_t nrows, int64_t ncols, int direction, int group_size, float * out) {
 #if TP_WHT_NARGS == 0
     (void) dev; (void) src; (void) nrows; (void) ncols; (void) direction; (void) group_size; (void) out;
-    set_err("this fork build has no ggml_turbo_wht op");
+    tpi_set_err("this fork build has no ggml_turbo_wht op");
     return 1;
 #else
     tp_run r;
-    if (run_begin(&r, dev, 4)) return -1;
+    if (tpi_run_begin(&r, dev, 4)) return -1;
     struct ggml_tensor * x = ggml_new_tensor_2d(r.ctx, GGML_TYPE_F32, ncols, nrows);
     struct ggml_tensor * res = TP_WHT(r.ctx, x, direction, group_size);
     (void) group_size;
     int rc = run_supports(&r, res, "turbo_wht");
-    if (rc) { run_end(&r); return rc; }
-    if (run_alloc(&r)) { run_end(&r); return -1; }
+    if (rc) { tpi_run_end(&r); return rc; }
+    if (tpi_run_alloc(&r)) { tpi_run_end(&r); return -1; }
     ggml_backend_tensor_set(x, src, 0, ggml_nbytes(x));
-    if (run_compute(&r, res)) { run_end(&r); return -1; }
+    if (run_compute(&r, res)) { tpi_run_end(&r); return -1; }
     ggml_backend_tensor_get(res, out, 0, ggml_nbytes(res));
-    run_end(&r);
+    tpi_run_end(&r);
     return 0;
 #endif
 }
 
-/* ---------- attention ---------- */
-
-/*
- * Flash attention with raw K/V bytes.
- *   q:     float [n_head][n_q][D]          (ggml q: ne = {D, n_q, n_head})
- *   kbytes: type tk rows [n_head_kv][n_kv] of D values each
- *   vbytes: type tv rows [n_head_kv][n_kv] of Dv values each
- *   out:   float [n_q][n_head][Dv]         (ggml result: ne = {Dv, n_head, n_q})
- * rotate_q applies ggml_turbo_wht forward to q first, inverse_out applies the inverse to the
- * output, as the fork's llama graph does for turbo K and turbo V respectively. wht_group is the
- * rotation group size given to both ops. prec_f32 asks for f32 accumulation.
- */
-int tp_flash_attn(const char * dev, int tk, const void * kbytes, int tv, const void * vbytes,
-                  const float * q, int64_t D, int64_t Dv, int64_t n_q, int64_t n_kv,
-                  int64_t n_head, int64_t n_head_kv, float scale,
-                  int rotate_q, int inverse_out, int wht_group, int prec_f32, float * out) {
-#if TP_WHT_NARGS == 0
-    if (rotate_q || inverse_out) {
-        set_err("this fork build has no ggml_turbo_wht op");
-        return 1;
-    }
-#endif
-    tp_run r;
-    if (run_begin(&r, dev, 12)) return -1;
-    struct ggml_tensor * tq = ggml_new_tensor_3d(r.ctx, GGML_TYPE_F32, D, n_q, n_head);
-    struct ggml_tensor * tkk = ggml_new_tensor_3d(r.ctx, (enum ggml_type) tk, D, n_kv, n_head_kv);
-    struct ggml_tensor * tvv = ggml_new_tensor_3d(r.ctx, (enum ggml_type) tv, Dv, n_kv, n_head_kv);
-    struct ggml_tensor * mask = ggml_new_tensor_2d(r.ctx, GGML_TYPE_F16, n_kv, n_q);
-    struct ggml_tensor * qin = tq;
-#if TP_WHT_NARGS != 0
-    if (rotate_q) {
-        qin = TP_WHT(r.ctx, tq, 0, wht_group);
-        int rc = run_supports(&r, qin, "turbo_wht on Q");
-        if (rc) { run_end(&r); return rc; }
-    }
-#endif
-    struct ggml_tensor * fa = ggml_flash_attn_ext(r.ctx, qin, tkk, tvv, mask, scale, 0.0f, 0.0f);
-    if (prec_f32) ggml_flash_attn_ext_set_prec(fa, GGML_PREC_F32);
-    int rc = run_supports(&r, fa, "flash_attn_ext");
-    if (rc) { run_end(&r); return rc; }
-    struct ggml_tensor * res = fa;
-#if TP_WHT_NARGS != 0
-    if (inverse_out) {
-        struct ggml_tensor * flat = ggml_reshape_2d(r.ctx, fa, Dv, n_head * n_q);
-        res = TP_WHT(r.ctx, flat, 1, wht_group);
-        rc = run_supports(&r, res, "turbo_wht on output");
-        if (rc) { run_end(&r); return rc; }
-    }
-#endif
-    (void) wht_group;
-    if (run_alloc(&r)) { run_end(&r); return -1; }
-    ggml_backend_tensor_set(tq, q, 0, ggml_nbytes(tq));
-    ggml_backend_tensor_set(tkk, kbytes, 0, ggml_nbytes(tkk));
-    ggml_backend_tensor_set(tvv, vbytes, 0, ggml_nbytes(tvv));
-    {
-        size_t nm = ggml_nelements(mask);
-        uint16_t * z = (uint16_t *) calloc(nm, sizeof(uint16_t)); /* fp16 +0.0 */
-        ggml_backend_tensor_set(mask, z, 0, ggml_nbytes(mask));
-        free(z);
-    }
-    if (run_compute(&r, res)) { run_end(&r); return -1; }
-    ggml_backend_tensor_get(res, out, 0, sizeof(float) * Dv * n_head * n_q);
-    run_end(&r);
-    return 0;
-}

@@ -1,14 +1,14 @@
-"""Build and drive the native probe (``probe.c``) against a fork build.
+"""Build and drive the native probe (``probe.c`` + ``probe_batch.c``) against a fork build.
 
-The probe library is loaded in a separate worker process (``python -m harness.fork.probe``) so that
+The probe library is loaded in a separate worker process (:mod:`harness.fork.probe_worker`) so that
 a ggml abort or a segfault in the fork kills the worker, not the harness: the call raises
 :class:`~harness.errors.ProbeCrash` and the next call starts a fresh worker.
 Protocol: length-prefixed pickles over the worker's stdin and a private copy of its stdout; the
 worker's own fd 1 is pointed at stderr so that anything ggml prints cannot corrupt the stream.
+The worker keeps one ggml backend per device for its lifetime; :attr:`Probe.counts` counts the calls made.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import pickle
 import re
@@ -19,13 +19,13 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-
-import numpy as np
 
 from harness.errors import HarnessError, ProbeCrash, Unsupported
 
 PROBE_SRC = Path(__file__).with_name("probe.c")
+PROBE_SOURCES = [PROBE_SRC, PROBE_SRC.with_name("probe_batch.c"), PROBE_SRC.with_name("probe.h")]
 LIBNAME = "libturbo_probe.dylib" if sys.platform == "darwin" else "libturbo_probe.so"
 
 
@@ -46,23 +46,30 @@ def build_probe(bdir: Path, fork: Path, force: bool = False) -> Path:
         bdir: a fork build folder holding ``bin/libggml*.so`` (or .dylib).
         fork: the fork checkout (for headers).
     Returns:
-        Path of the probe shared library (rebuilt only when probe.c or the libs are newer).
+        Path of the probe shared library, rebuilt when the libs are newer or the probe's sources differ from the
+        ones it was built from (their digest is kept beside it: a library of another harness version, with other
+        entry points, is never taken for this one's because of file times).
     Raises:
         HarnessError: no compiler, or the compile failed (message quotes the first error).
     """
+    import hashlib
     bdir = Path(bdir)
     libdir = bdir / "bin"
     out = bdir / "turbo-probe" / LIBNAME
     libs = sorted(libdir.glob("libggml-base.*"))
     if not libs:
         raise HarnessError(f"no ggml libraries in {libdir}: run `make build` first")
-    newest = max(p.stat().st_mtime for p in [PROBE_SRC, *libs])
-    if out.is_file() and not force and out.stat().st_mtime >= newest:
-        return out
     inc = Path(fork) / "ggml" / "include"
-    return compile_c("the native probe", fork, libdir, out,
-                     ["-shared", "-fPIC", f"-DTP_WHT_NARGS={wht_nargs(fork)}", str(PROBE_SRC), f"-I{inc}",
-                      "-lggml", "-lggml-base", "-lggml-cpu"])
+    args = ["-shared", "-fPIC", f"-DTP_WHT_NARGS={wht_nargs(fork)}", *(str(p) for p in PROBE_SOURCES[:2]), f"-I{inc}",
+            "-lggml", "-lggml-base", "-lggml-cpu"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in PROBE_SOURCES) + " ".join(args).encode()).hexdigest()
+    stamp = out.with_name(out.name + ".sources")
+    fresh = out.is_file() and out.stat().st_mtime >= max(p.stat().st_mtime for p in libs)
+    if fresh and not force and stamp.is_file() and stamp.read_text().strip() == digest:
+        return out
+    compile_c("the native probe", fork, libdir, out, args)
+    stamp.write_text(digest + "\n")
+    return out
 
 
 # A one-file compile takes well under a second; a compiler that hangs (a stuck wrapper, a licence server) is stopped.
@@ -145,151 +152,6 @@ def build_llama_tool(what: str, src: Path, exe: str, bdir: Path, fork: Path, for
                                                f"-I{Path(fork) / 'ggml' / 'include'}", "-lllama", "-lggml", "-lggml-base"])
 
 
-# ----------------------------------------------------------------------------- worker side
-
-def _serve(lib_path: str) -> None:  # pragma: no cover - runs in the worker process
-    # Ctrl-C reaches the whole process group: the harness handles it (partial report) and closes this
-    # worker; dying here first would make the call in flight look like a fork crash
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    proto_out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    proto_in = sys.stdin.buffer
-    lib = ctypes.CDLL(lib_path)
-    I64, P, F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    lib.tp_last_error.restype = ctypes.c_char_p
-    for fn in ("tp_dev_name", "tp_dev_description", "tp_dev_reg_name", "tp_type_name"):
-        getattr(lib, fn).restype = ctypes.c_char_p
-    lib.tp_type_size.restype = I64
-    lib.tp_blck_size.restype = I64
-    lib.tp_dev_memory_total.restype = I64
-    lib.tp_alloc_size.restype = I64
-
-    # remote devices (harness/fork/rpc.py): each rpc-server named in the environment joins the registry before
-    # the first call, strictly in endpoint order in every worker, so 'RPC0' names the same device in a fresh worker
-    from harness.fork.rpc import RegistryJoin
-
-    def _add(ep):
-        return None if lib.tp_rpc_add(ep.encode()) >= 0 else lib.tp_last_error().decode(errors="replace")
-    rpc_join = RegistryJoin(os.environ.get("TURBO_PROBE_RPC", "").split(","), _add)
-
-    def on_device(dev):
-        """The device name for ggml; a remote one while an rpc-server cannot be reached raises (one line). A server
-        that was down when this worker started is tried again (it may have been restarted since), and the ones
-        after it only then (:class:`harness.fork.rpc.RegistryJoin`)."""
-        if dev.startswith("RPC") and not rpc_join.join():
-            raise RuntimeError("; ".join(f"{msg}" for msg in rpc_join.down.values()))
-        return dev.encode()
-
-    def ptr(a):
-        return a.ctypes.data_as(P)
-
-    def check(rc, what):
-        if rc == 0:
-            return
-        msg = lib.tp_last_error().decode(errors="replace") or what
-        raise (Unsupported if rc == 1 else HarnessError)(msg)
-
-    def type_id(name):
-        t = lib.tp_type_by_name(name.encode())
-        if t < 0:
-            raise Unsupported(f"this fork build has no ggml type named {name!r}")
-        return t
-
-    def row_size(t, ncols):
-        return ncols // lib.tp_blck_size(t) * lib.tp_type_size(t)
-
-    def devices():
-        return [{"name": lib.tp_dev_name(i).decode(), "description": lib.tp_dev_description(i).decode(),
-                 "reg": lib.tp_dev_reg_name(i).decode(), "kind": ["cpu", "gpu", "accel", "igpu"][lib.tp_dev_type(i)],
-                 "memory_total": int(lib.tp_dev_memory_total(i))}
-                for i in range(lib.tp_dev_count())]
-
-    def rpc_status():
-        return rpc_join.status()
-
-    def alloc_size(dev, tname, ne0, ne1):
-        n = lib.tp_alloc_size(on_device(dev), type_id(tname), I64(ne0), I64(ne1))
-        if n < 0:
-            raise HarnessError(lib.tp_last_error().decode(errors="replace"))
-        return int(n)
-
-    def row_bytes(tname, ncols):
-        return int(row_size(type_id(tname), ncols))
-
-    def type_info(name):
-        t = lib.tp_type_by_name(name.encode())
-        if t < 0:
-            return None
-        return {"id": t, "block_size": lib.tp_blck_size(t), "type_size": lib.tp_type_size(t)}
-
-    def set_rows(dev, tname, x):
-        t = type_id(tname)
-        x = np.ascontiguousarray(x, np.float32)
-        out = np.zeros(x.shape[0] * row_size(t, x.shape[1]), np.uint8)
-        check(lib.tp_set_rows(on_device(dev), t, ptr(x), I64(x.shape[0]), I64(x.shape[1]), ptr(out)), "set_rows")
-        return out
-
-    def quantize_chunk(tname, x):
-        t = type_id(tname)
-        x = np.ascontiguousarray(x, np.float32)
-        out = np.zeros(x.shape[0] * row_size(t, x.shape[1]), np.uint8)
-        check(lib.tp_quantize_chunk(t, ptr(x), I64(x.shape[0]), I64(x.shape[1]), ptr(out)), "quantize_chunk")
-        return out
-
-    def to_float(tname, raw, n):
-        t = type_id(tname)
-        raw = np.ascontiguousarray(raw, np.uint8)
-        out = np.zeros(n, np.float32)
-        check(lib.tp_to_float(t, ptr(raw), I64(n), ptr(out)), "to_float")
-        return out
-
-    def decode(dev, tname, raw, nrows, ncols, route):
-        t = type_id(tname)
-        raw = np.ascontiguousarray(raw, np.uint8)
-        out = np.zeros(nrows * ncols, np.float32)
-        check(lib.tp_decode(on_device(dev), t, ptr(raw), I64(nrows), I64(ncols), int(route), ptr(out)), "decode")
-        return out.reshape(nrows, ncols)
-
-    def turbo_wht(dev, x, direction, group):
-        x = np.ascontiguousarray(x, np.float32)
-        out = np.zeros_like(x)
-        check(lib.tp_turbo_wht(on_device(dev), ptr(x), I64(x.shape[0]), I64(x.shape[1]), int(direction), int(group), ptr(out)), "turbo_wht")
-        return out
-
-    def flash_attn(dev, tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv, scale, rotate_q, inverse_out, group, prec_f32):
-        ik, iv = type_id(tk), type_id(tv)
-        q = np.ascontiguousarray(q, np.float32)
-        n_head, n_q = q.shape[0], q.shape[1]
-        kraw = np.ascontiguousarray(kraw, np.uint8)
-        vraw = np.ascontiguousarray(vraw, np.uint8)
-        out = np.zeros(n_q * n_head * Dv, np.float32)
-        check(lib.tp_flash_attn(on_device(dev), ik, ptr(kraw), iv, ptr(vraw), ptr(q), I64(D), I64(Dv), I64(n_q), I64(n_kv),
-                                I64(n_head), I64(n_head_kv), F(scale), int(rotate_q), int(inverse_out), int(group),
-                                int(prec_f32), ptr(out)), "flash_attn")
-        return out.reshape(n_q, n_head, Dv)
-
-    def wht_args():
-        return lib.tp_wht_nargs()
-
-    handlers = {f.__name__: f for f in (devices, type_info, set_rows, quantize_chunk, to_float, decode,
-                                        turbo_wht, flash_attn, wht_args, rpc_status, alloc_size, row_bytes)}
-    while True:
-        hdr = proto_in.read(8)
-        if len(hdr) < 8:
-            return
-        (n,) = struct.unpack("<Q", hdr)
-        method, args = pickle.loads(proto_in.read(n))
-        try:
-            res = ("ok", handlers[method](*args))
-        except Unsupported as e:
-            res = ("unsupported", str(e))
-        except Exception as e:  # reported to the caller, which re-raises as HarnessError
-            res = ("error", f"{type(e).__name__}: {e}")
-        data = pickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL)
-        proto_out.write(struct.pack("<Q", len(data)) + data)
-        proto_out.flush()
-
-
 # ----------------------------------------------------------------------------- client side
 
 def _signame(num: int) -> str:
@@ -309,8 +171,12 @@ class Probe:
     Args:
         lib_path: the compiled probe library (:func:`build_probe`).
         timeout_s: seconds one call may take before the worker is killed (ProbeCrash).
-        worker: the command that starts a worker (default ``python -m harness.fork.probe lib_path``);
+        worker: the command that starts a worker (default ``python -m harness.fork.probe_worker lib_path``);
             tests pass a fake that speaks the same protocol.
+
+    Attributes:
+        counts: {method: [calls, seconds]} of every call made through this client (answered or not), for benchmarks
+            and the run's per-check costs (:func:`harness.verify.run_checks`); a ``batch`` call counts once.
     """
 
     def __init__(self, lib_path: Path, timeout_s: float = 600.0, env: dict | None = None,
@@ -318,11 +184,12 @@ class Probe:
         self.lib_path = str(lib_path)
         self.timeout_s = timeout_s
         self.env = env
-        self.worker = list(worker) if worker else [sys.executable, "-m", "harness.fork.probe", self.lib_path]
+        self.worker = list(worker) if worker else [sys.executable, "-m", "harness.fork.probe_worker", self.lib_path]
         self.proc: subprocess.Popen | None = None
         self.errlog = tempfile.NamedTemporaryFile(prefix="turbo-probe-", suffix=".log", delete=False)
         self.crashes: list[str] = []
         self._call_start = 0  # errlog offset where the call in flight began
+        self.counts: dict[str, list] = {}
 
     def _start(self):
         env = dict(os.environ if self.env is None else self.env)
@@ -369,6 +236,15 @@ class Probe:
 
     def call(self, method: str, *args):
         """Run one probe call. Raises Unsupported, HarnessError or ProbeCrash."""
+        t0 = time.monotonic()
+        try:
+            return self._call(method, *args)
+        finally:
+            c = self.counts.setdefault(method, [0, 0.0])
+            c[0] += 1
+            c[1] += time.monotonic() - t0
+
+    def _call(self, method: str, *args):
         if self.proc is None or self.proc.poll() is not None:
             self._start()
         self.errlog.flush()
@@ -408,5 +284,6 @@ class Probe:
         return lambda *a: self.call(name, *a)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    _serve(sys.argv[1])
+if __name__ == "__main__":  # pragma: no cover - the worker's older name
+    from harness.fork.probe_worker import serve
+    serve(sys.argv[1])

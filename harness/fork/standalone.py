@@ -90,8 +90,11 @@ def build_backend_ops(fork: Path, bdir: Path, log, env: dict | None = None, cxx:
     stamp = Path(bdir) / "bin" / ".test-backend-ops.cmd"
     said = "\n".join(" ".join(c[1:] if c[0] == "ccache" else c) for c in (compile_, link))  # ccache or not: the same
     src = Path(fork) / SOURCE
+    # the object depends on the source and on ggml's headers (type ids, op enums, structs): a checkout that moved to
+    # a commit changing only a header must not link the old object against the new libraries
+    inputs = [src, *sorted((Path(fork) / "ggml" / "include").glob("*.h"))]
     obj_fresh = stamp.is_file() and stamp.read_text() == said and obj.is_file() \
-        and obj.stat().st_mtime >= src.stat().st_mtime
+        and obj.stat().st_mtime >= max(p.stat().st_mtime for p in inputs)
     result: dict = {}
     worker = None
     if not obj_fresh:

@@ -168,7 +168,28 @@ def verdict_line(run: Run) -> str:
     exam = next((tb for c in run.checks for tb in c.tables if tb.id == "examination" and tb.caption), None)
     if exam is not None:  # which backends ran and which were only read (spec "Every backend, and how it was examined")
         text += f" [{exam.caption[0]}]"
+    elif isinstance(run.meta.get("backend_modes"), dict) and run.meta["backend_modes"]:
+        text += f" [{_modes_line(run.meta)}]"  # no AUDIT in this report: what ran, and that nothing was audited
     return text
+
+
+def _modes_line(meta: dict) -> str:
+    """'executed: cpu; executed on a software device: vulkan; not examined: cuda, metal, hip (no source audit in this
+    report)' from a verify run's ``backend_modes`` and ``backends_not_available`` (a report without AUDIT's
+    examination table)."""
+    from harness.targets.base import MODES
+    by: dict[str, list[str]] = {}
+    for name, m in meta["backend_modes"].items():
+        m = m if isinstance(m, dict) else {}
+        fam = m.get("of") or name
+        by.setdefault(MODES.get(m.get("mode", "executed"), str(m.get("mode"))), []).append(
+            fam if fam == name else f"{fam} ({name})")
+    parts = [f"{k}: {', '.join(v)}" for k, v in by.items()]
+    ran = {(m.get("of") if isinstance(m, dict) else None) or n for n, m in meta["backend_modes"].items()}
+    none = [b for b in meta.get("backends_not_available") or [] if b not in ran]
+    if none:
+        parts.append(f"not examined: {', '.join(none)}")
+    return "; ".join(parts) + " (no source audit in this report)"
 
 
 def headline(run: Run) -> list[str]:

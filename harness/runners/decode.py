@@ -141,6 +141,7 @@ def decode_job(cfg, exe: Path, prompts_file: Path, cache, key: str, k: str, v: s
     """
     from harness.runners.llama_logs import parse_kv_logs
     from harness.runners.sweep import ROT_ENV, JobRecord, _evidence, pair_label, rotation_problem, split_pair
+    from harness.runners.sweep_config import run_problem
     from harness.runners.tools import error_line, run_tool
 
     ev = cache.ev(key)
@@ -182,6 +183,9 @@ def decode_job(cfg, exe: Path, prompts_file: Path, cache, key: str, k: str, v: s
     elif rot and rotation_problem(res.stderr):
         rec.ok, rec.fault = False, "harness"
         rec.error = f"{rotation_problem(res.stderr)}; see {ev / 'decode.stderr'}"
+    elif run_problem(cfg, res.stderr):
+        rec.ok, rec.fault = False, "harness"
+        rec.error = run_problem(cfg, res.stderr)
     return rec
 
 

@@ -70,7 +70,7 @@ def plan_depth(cfg, result, ident: dict, cache, ppl_tool: Path):
         [((kind, k, v, key), run() -> JobRecord, store(JobRecord))]; the keys are the main sweep's perplexity keys
         for that context, so a depth equal to the main ``--ctx`` reuses the main runs.
     """
-    from harness.runners.sweep import JobRecord, _key, _run_base, _run_ppl, pair_label
+    from harness.runners.sweep import JobRecord, _key, _run_base, _run_ppl, _run_saved, pair_label
     if not cfg.kld_depths or not cfg.depth_pairs:
         return []
     out = []
@@ -86,13 +86,17 @@ def plan_depth(cfg, result, ident: dict, cache, ppl_tool: Path):
             result.depth_base[d] = _as_depth(rec, d, "depth_base")
         out.append((("depth_base", "f16", "f16", base_key), run_base, store_base))
         for k, v in cfg.depth_pairs:
-            key = _key({**ident_d, "job": "ppl", "pair": [k, v], "base": base_key, "v": 1})
+            # the reference side of a cross-backend sweep saves each pass's logits, as its main runs do (same keys)
+            key = _key({**ident_d, "job": "ppl-saved" if cd.save_pair_logits else "ppl", "pair": [k, v],
+                        "base": base_key, "v": 1})
             label = pair_label(k, v)
 
             def run(cd=cd, key=key, k=k, v=v, label=label, d=d):
                 b = result.depth_base.get(d)
                 if b is None or not b.ok:
                     return JobRecord("ppl", label, False, f"no f16 baseline: {b.error if b else 'not run'}", key=key)
+                if cd.save_pair_logits:
+                    return _run_saved(cd, ppl_tool, cache, key, k, v, b)
                 return _run_ppl(cd, ppl_tool, cache, key, k, v, b.data["base_file"])
 
             def store(rec, d=d, label=label):

@@ -29,17 +29,31 @@ from harness.runners.llama_logs import (parse_bench_json, parse_bench_json_parti
                                         parse_kv_log, parse_kv_logs)
 from harness.runners.sweep_config import (BASELINE_PAIRS, CPU_DEFAULTS, DEFAULT_PAIRS, GPU_DEFAULTS,  # noqa: F401
                                           PINNED_ENV, ROT_ENV, ROT_SUFFIX, JobRecord, SweepConfig, SweepResult,
-                                          pair_label, pair_slug, parse_pairs, rotation_problem, rpc_unreached,
+                                          pair_label, pair_slug, parse_pairs, rotation_problem, rpc_unreached, run_problem,
                                           split_pair, with_baselines)
 from harness.runners.sweep_jobs import (_after_last_context, _bench_tests, _binary_identity, _Cache,  # noqa: F401
                                         _common_args, _evidence, _failed, _fork_identity, _key, _phase, _reparse_kv,
                                         _unknown_type_error, classify_failure, job_ident)
 from harness.runners.tools import run_tool
 
-def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str = "f16", v: str = "f16") -> JobRecord:
+
+def cached_run(cfg: SweepConfig, cache: _Cache, key: str) -> JobRecord | None:
+    """The cached record of a job, or None when there is none or its tool's log shows it did not measure where it was
+    asked (:func:`run_problem`): cached by a harness that did not look (a local run filed as a remote one, a CPU run
+    filed as a GPU one), it runs again."""
+    rec = cache.get(key)
+    if rec is not None and rec.ok and any(run_problem(cfg, Path(p).read_text(errors="replace"))
+                                          for n, p in rec.evidence.items() if n.endswith(".stderr") and Path(p).is_file()):
+        return None
+    return rec
+
+
+def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str = "f16", v: str = "f16",
+              kind: str = "base") -> JobRecord:
     """One plain ``llama-perplexity`` run that saves its logits (``--kl-divergence-base``): the f16 baseline of a
-    sweep, or (with ``k``, ``v``) a pair's logits that another backend's run of the pair is scored against
-    (:mod:`harness.runners.xbackend`). ``data``: ppl, ppl_se, kv, base_file (the logits, kept in the cache)."""
+    sweep, or (with ``k``, ``v`` and kind 'ppl') a pair's run that saves its logits (:func:`_run_saved`).
+    ``data``: ppl, ppl_se (the fork's 'Final estimate'), kv, base_file (the logits, kept in the cache); evidence
+    ``<kind>.cmd/.stdout/.stderr/.kld``."""
     ev = cache.ev(key)
     kt, vt, rot = split_pair(k, v)
     base_file = cache.root / "base" / f"{key}.kld"
@@ -48,28 +62,66 @@ def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str = "f
     cmd = [str(tool), "-m", str(cfg.model), "-f", str(cfg.corpus), "-c", str(cfg.ctx), "--chunks", str(cfg.chunks),
            *_common_args(cfg), "-fa", "on", "-fit", "off", "-ctk", kt, "-ctv", vt,
            "--kl-divergence-base", str(tmp_file)]
-    res = run_tool(cmd, {**cfg.env(), **(ROT_ENV if rot else {})}, cfg.timeout, ev / "base", cfg.env_unset())
-    rec = _failed(JobRecord("base", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "base"), seconds=res.seconds,
-                            key=key), res, cfg)
+    res = run_tool(cmd, {**cfg.env(), **(ROT_ENV if rot else {})}, cfg.timeout, ev / kind, cfg.env_unset())
+    rec = _failed(JobRecord(kind, pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / kind),
+                            seconds=res.seconds, key=key), res, cfg)
     text = res.stdout + "\n" + res.stderr
-    if res.ok and rpc_unreached(cfg.rpc, res.stderr):
-        rec.ok, rec.error = False, rpc_unreached(cfg.rpc, res.stderr)
+    if res.ok and run_problem(cfg, res.stderr):
+        rec.ok, rec.error = False, run_problem(cfg, res.stderr)
     elif res.ok:
         fin = parse_final_ppl(text)
         kv = parse_kv_log(res.stderr)
         if fin is None or not tmp_file.is_file() or tmp_file.stat().st_size == 0:
             import re
             cause = "; ".join(m.strip() for m in re.findall(r"[^\n]*(?:you need at least|tokenizes to only)[^\n]*", text))
-            rec.ok, rec.error = False, (f"baseline run printed no final PPL or wrote no logits file"
-                                        f"{' (' + cause[:300] + ')' if cause else ''}; see {ev / 'base.stderr'}")
+            rec.ok, rec.error = False, (f"{'baseline' if kind == 'base' else 'logits-saving'} run printed no final "
+                                        f"PPL or wrote no logits file{' (' + cause[:300] + ')' if cause else ''}; "
+                                        f"see {ev / (kind + '.stderr')}")
         elif "tokens" in res.stderr and "you need at least" in res.stderr:
             rec.ok, rec.error = False, "corpus too short for ctx x chunks"
         elif rot and rotation_problem(res.stderr):
-            rec.ok, rec.error = False, f"{rotation_problem(res.stderr)}; see {ev / 'base.stderr'}"
+            rec.ok, rec.error = False, f"{rotation_problem(res.stderr)}; see {ev / (kind + '.stderr')}"
+        elif kind != "base" and kv is None:
+            rec.ok, rec.error = False, f"no 'llama_kv_cache: size' line in the log; see {ev / (kind + '.stderr')}"
         else:
             os.replace(tmp_file, base_file)
             rec.data = {"ppl": fin[0], "ppl_se": fin[1], "kv": kv.to_dict() if kv else None, "base_file": str(base_file)}
-            rec.evidence["base.kld"] = str(base_file)
+            rec.evidence[f"{kind}.kld"] = str(base_file)
+    return rec
+
+
+def _run_saved(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: str, base: JobRecord) -> JobRecord:
+    """A pair's one pass on the reference side of a cross-backend sweep (``cfg.save_pair_logits``): llama-perplexity
+    saves the pair's logits (other backends' runs of the pair are scored against them) and prints its PPL; the KLD,
+    top-1 agreement, Δp and the ln(PPL) ratio's uncertainty against this backend's own f16 baseline are computed by
+    the harness from the two saved files (:func:`harness.runners.logit_files.kld_between_files`). The ln(PPL) ratio
+    itself is ln(PPL_pair / PPL_f16) of the two runs' own 'Final estimate' lines (the fork's, from exact logits).
+
+    Returns a 'ppl' JobRecord whose data has 'stats' (the keys of parse_kld_stats), 'kv', 'ppl', 'base_file' and
+    'measured_by' ({statistic: 'llama-perplexity' | 'harness'}). Errors: as :func:`_run_base`; unreadable files or
+    fewer than 100 scored tokens (the fork prints no statistics for so few) fail the job (fault 'harness')."""
+    from harness.runners.logit_files import kld_between_files
+    rec = _run_base(cfg, tool, cache, key, k, v, kind="ppl")
+    if not rec.ok:
+        return rec
+    try:
+        st = kld_between_files(base.data["base_file"], rec.data["base_file"])
+    except HarnessError as e:
+        rec.ok, rec.error, rec.fault = False, f"cannot compare the saved logits with the f16 baseline's: {e}", "harness"
+        return rec
+    if st["count"] < 100:
+        rec.ok, rec.error, rec.fault = False, (f"only {st['count']:.0f} scored tokens: llama-perplexity prints no KL-"
+                                               f"divergence statistics for fewer than 100, nor does the harness; give a "
+                                               f"larger --ctx or --chunks"), "harness"
+        return rec
+    import math
+    st.update(ppl=rec.data["ppl"], ppl_se=rec.data["ppl_se"], ppl_base=base.data["ppl"],
+              ln_ppl_ratio=math.log(rec.data["ppl"] / base.data["ppl"]))
+    rec.data["stats"] = st
+    rec.data["measured_by"] = {"ppl": "llama-perplexity", "ppl_base": "llama-perplexity",
+                               "ln_ppl_ratio": "llama-perplexity (ln of the two runs' PPL)",
+                               **{s: "harness (logit files)" for s in st if s not in ("ppl", "ppl_se", "ppl_base",
+                                                                                     "ln_ppl_ratio")}}
     return rec
 
 
@@ -87,8 +139,8 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
     if res.ok:
         stats = parse_kld_stats(res.stdout)
         kv = parse_kv_log(res.stderr)
-        if rpc_unreached(cfg.rpc, res.stderr):
-            rec.ok, rec.error = False, rpc_unreached(cfg.rpc, res.stderr)
+        if run_problem(cfg, res.stderr):
+            rec.ok, rec.error = False, run_problem(cfg, res.stderr)
         elif "ppl" not in stats or "kld" not in stats:
             scored = cfg.chunks * (cfg.ctx // 2 - 1)  # it scores the second half of each chunk
             few = (f": ctx {cfg.ctx} x {cfg.chunks} chunks scores only {scored} tokens and it prints statistics for "
@@ -116,8 +168,8 @@ def _run_bench(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v:
     if not res.ok:  # keep what the tool measured before it died (llama-bench prints prefill before decode)
         rows, _ = parse_bench_json_partial(res.stdout)
         rec.data = {"rows": [r.to_dict() for r in rows], "kv": [x.to_dict() for x in parse_kv_logs(res.stderr)]}
-    if res.ok and rpc_unreached(cfg.rpc, res.stderr):
-        rec.ok, rec.error = False, rpc_unreached(cfg.rpc, res.stderr)
+    if res.ok and run_problem(cfg, res.stderr):
+        rec.ok, rec.error = False, run_problem(cfg, res.stderr)
         return rec
     if res.ok:
         try:
@@ -193,7 +245,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
     bench_ident = {k: v for k, v in ident.items() if k not in ("corpus", "chunks", "ctx")}
     jobs: list[tuple[str, str, str, str]] = [("base", "f16", "f16", base_key)]
     for k, v in cfg.pairs:
-        jobs.append(("ppl", k, v, _key({**ident, "job": "ppl", "pair": [k, v], "base": base_key, "v": 1})))
+        job = "ppl-saved" if cfg.save_pair_logits else "ppl"  # saved: the pair's logits kept, KLD from the files
+        jobs.append(("ppl", k, v, _key({**ident, "job": job, "pair": [k, v], "base": base_key, "v": 1})))
     if cfg.bench:
         for k, v in cfg.pairs:
             jobs.append(("bench", k, v, _key({**bench_ident, "job": "bench", "pair": [k, v], "depths": list(cfg.depths),
@@ -218,11 +271,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
             label = pair_label(k, v)
             if bar is not None:
                 bar.set_postfix_str(f"{kind} {label}")
-            rec = None if cfg.fresh else cache.get(key)
-            if rec is not None and cfg.rpc and any(
-                    rpc_unreached(cfg.rpc, Path(p).read_text(errors="replace"))
-                    for n, p in rec.evidence.items() if n.endswith(".stderr")):
-                rec = None  # cached by a harness that did not look: a local run filed as a remote one; run it again
+            rec = None if cfg.fresh else cached_run(cfg, cache, key)
             if rec is None:
                 err = _unknown_type_error(k, v, set(traits))
                 if err:
@@ -235,6 +284,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
                     if result.base is None or not result.base.ok:
                         why = result.base.error if result.base else "not run"
                         rec = JobRecord(kind, label, False, f"no f16 baseline: {why}", key=key)
+                    elif cfg.save_pair_logits:
+                        rec = _run_saved(cfg, ppl_tool, cache, key, k, v, result.base)
                     else:
                         rec = _run_ppl(cfg, ppl_tool, cache, key, k, v, result.base.data["base_file"])
                 else:

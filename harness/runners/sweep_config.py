@@ -108,6 +108,27 @@ def rpc_unreached(endpoints, stderr: str) -> str:
             f"(README 'Remote devices') and rerun")
 
 
+def no_device_used(cfg, stderr: str) -> str:
+    """'' unless a run asked to offload to a GPU backend's device used none, else why it measured the CPU instead.
+
+    llama.cpp prints 'llama_model_load_from_file_impl: using device Vulkan0 (...)' for every device it loads the model
+    with (src/llama.cpp; layers go to them as -ngl says); a tool of a GPU build that sees no device of it (a Vulkan
+    build on a machine whose only Vulkan device is lavapipe, which ggml ignores unless ``GGML_VK_VISIBLE_DEVICES``
+    names it; CUDA_VISIBLE_DEVICES hiding every GPU) prints none, ignores ``-ngl`` and runs on the CPU with exit 0. Checked for a side that offloads
+    (``ngl`` > 0) on a backend other than the CPU; a remote side is :func:`rpc_unreached`'s."""
+    if cfg.ngl <= 0 or cfg.backend in ("cpu", "") or cfg.rpc or "using device " in stderr:
+        return ""
+    return (f"the tool used no {cfg.backend} device (no 'using device' line in its log: it ignored -ngl {cfg.ngl} and ran "
+            f"on the CPU), so nothing was measured on {cfg.backend}: make the device visible to it (a software Vulkan "
+            f"device: GGML_VK_VISIBLE_DEVICES=0) or check the driver")
+
+
+def run_problem(cfg, stderr: str) -> str:
+    """'' when a finished run measured where it was asked to, else why not (:func:`rpc_unreached`,
+    :func:`no_device_used`)."""
+    return rpc_unreached(cfg.rpc, stderr) or no_device_used(cfg, stderr)
+
+
 def pair_slug(k: str, v: str) -> str:
     return f"{k}-{v}".replace("/", "_")
 
@@ -153,6 +174,9 @@ class SweepConfig:
     # own --device list ('none' = the CPU only; '' = not passed)
     extra_env: dict[str, str] = field(default_factory=dict)
     devices: str = ""
+    # the reference side of a cross-backend sweep: each pair's one llama-perplexity pass saves its logits (scored
+    # by the other backends) and its KLD vs this side's f16 is computed from the two files (runners/logit_files.py)
+    save_pair_logits: bool = False
 
     def __post_init__(self):
         self.batch = self.batch or self.ctx
@@ -172,7 +196,8 @@ class SweepConfig:
                 "depths": list(self.depths), "reps": self.reps, "n_prompt": self.n_prompt, "n_gen": self.n_gen,
                 "env": self.env(), "env_unset": list(self.env_unset()), "fork_defaults": self.fork_defaults,
                 "backend": self.backend, "timeout_s": self.timeout, **({"rpc": list(self.rpc)} if self.rpc else {}),
-                **({"devices": self.devices} if self.devices else {})}
+                **({"devices": self.devices} if self.devices else {}),
+                **({"save_pair_logits": True} if self.save_pair_logits else {})}
 
 
 @dataclass

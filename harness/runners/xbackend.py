@@ -1,16 +1,17 @@
 """Cross-backend sweep: the same model, corpus, context and K/V pairs on two or more backends, logit for logit.
 
 ``turbo-harness sweep --backends A,B[,C...]`` runs, per backend, the ordinary sweep (:func:`run_sweep`: its f16
-baseline, each pair scored against that backend's own f16 logits, speed, decode), then per K/V pair:
-
-1. backend A (the reference, listed first) saves the pair's logits: a plain ``llama-perplexity
-   --kl-divergence-base`` run of the pair (for f16/f16 this is A's own baseline file: no extra run);
-2. each other backend B runs the same pair scored against them (``--kl-divergence-base A-file --kl-divergence``):
-   the fork's own cross-backend KLD, top-1 agreement and ln(PPL_B/PPL_A) for that pair.
+baseline, each pair once, speed, decode), with one difference on backend A (the reference, listed first): each pair's
+one ``llama-perplexity`` pass saves its logits (``--kl-divergence-base``; it still prints the pair's PPL) instead of
+being scored against A's f16 logits, and A's KLD vs its own f16 is computed by the harness from the two saved files
+(:mod:`harness.runners.logit_files`, cross-checked against llama-perplexity in tests/test_logit_files.py). Then per
+K/V pair each other backend B runs the pair scored against A's saved logits of it (``--kl-divergence-base A-file
+--kl-divergence``): the fork's own cross-backend KLD, top-1 agreement and PPL of B for that pair.
 
 f16/f16 scored this way is the noise floor (different kernels and reduction orders of the same exact cache).
-Model passes: the per-backend sweeps, plus per non-f16 pair one logits run on A and per backend B one scoring run
-per pair (llama-perplexity cannot save logits while it scores, so A's pair logits take a run of their own).
+Model passes (llama-perplexity runs): each backend's sweep (its f16 baseline and one pass per pair, as an ordinary
+sweep) plus one scoring pass per pair on each other backend: with N pairs and two backends 2(N+1) + N, the bound of
+the spec. (Before, A ran each non-f16 pair twice: once scored, once to save its logits, 4N+1 in all.)
 
 Backends by name (harness/fork/backends.py): ``cpu`` (``-ngl 0 -dev none`` and the GPU backends' hide_env, so a CPU
 side of a GPU build stays on the CPU), a GPU backend (``-ngl 99``), or ``rpcN`` (the N-th ``--rpc`` server,
@@ -84,6 +85,7 @@ class XConfig:
 
     def __post_init__(self):
         self.target = self.target or self.sides[1].backend
+        self.sides = [replace(s, save_pair_logits=i == 0) for i, s in enumerate(self.sides)]
 
     @property
     def ref(self) -> SweepConfig:
@@ -91,14 +93,28 @@ class XConfig:
 
 
 def check_sides(cfg: XConfig) -> None:
-    """Raise HarnessError when the sides differ in what makes logits comparable (model, corpus, ctx, chunks, pairs),
-    or the target is not one of them."""
+    """Raise HarnessError when the sides differ in what makes logits comparable (model, corpus, ctx, chunks, pairs, the
+    fork source their builds record: commit, dirty state, diff), or the target is not one of them."""
     a = cfg.ref
     for s in cfg.sides[1:]:
         for what in ("model", "corpus", "ctx", "chunks", "pairs"):
             if getattr(s, what) != getattr(a, what):
                 raise HarnessError(f"--backends: {s.backend} and {a.backend} differ in {what} "
                                    f"({getattr(s, what)} vs {getattr(a, what)}): logits of different runs cannot be compared")
+    from harness.fork.provenance import source_label
+    from harness.runners.sweep_jobs import _fork_identity
+    ids = {s.backend: _fork_identity(s.bdir) for s in cfg.sides}
+    fa = ids[a.backend]
+    for s in cfg.sides[1:]:
+        fs = ids[s.backend]
+        if "unknown" in (str(fa["fork_commit"]), str(fs["fork_commit"])):
+            continue  # a build without a record: nothing to compare (its report says the commit is unknown)
+        if [str(fa[k]) for k in ("fork_commit", "fork_dirty", "fork_diff_sha256")] != \
+                [str(fs[k]) for k in ("fork_commit", "fork_dirty", "fork_diff_sha256")]:
+            lab = lambda f: source_label(f["fork_commit"], f["fork_dirty"], f["fork_diff_sha256"])  # noqa: E731
+            raise HarnessError(f"--backends: {s.backend}'s build {s.bdir} was built from fork {lab(fs)} and "
+                               f"{a.backend}'s {a.bdir} from {lab(fa)}: a difference would be the commits', not the "
+                               f"backends'; rebuild both from one checkout (or give --build-dir)")
     if cfg.target not in [s.backend for s in cfg.sides]:
         raise HarnessError(f"--target {cfg.target}: not one of --backends {','.join(s.backend for s in cfg.sides)}")
 
@@ -109,11 +125,12 @@ class XResult:
 
     Attributes:
         sweeps: backend -> its own :class:`SweepResult`.
-        logits: pair label -> the reference backend's run that saved that pair's logits (f16/f16: its baseline).
+        logits: pair label -> the reference backend's pass of that pair (it saved the pair's logits).
         cross: (backend B, pair label) -> B's run of the pair scored against the reference's logits (kind 'ppl').
         load_start, load_end: :func:`harness.runners.sweep.machine_load` before the first and after the last run.
-        passes: {'sweeps': llama-perplexity runs of the per-backend sweeps, 'logits': reference logits runs,
-            'scoring': cross scoring runs} (runs that really ran or were found in the cache).
+        passes: {'sweeps': llama-perplexity runs of the per-backend sweeps, 'scoring': cross scoring runs (runs
+            that really ran or were found in the cache), 'bound': what the spec allows: the per-backend sweeps'
+            passes plus one scoring pass per pair and compared backend}.
     """
 
     config: XConfig
@@ -164,7 +181,7 @@ def run_xbackend(cfg: XConfig, progress: bool = True, log: Callable[[str], None]
         for k, v in cfg.ref.pairs:
             raise_if_pending()
             lab = pair_label(k, v)
-            rec = _ref_logits(cfg.ref, ref, k, v, out, traits)
+            rec = ref.ppl.get(lab) or JobRecord("ppl", lab, False, ref.error or f"{cfg.ref.backend} did not run {lab}")
             out.logits[lab] = rec
             for side in cfg.sides[1:]:
                 raise_if_pending()
@@ -182,35 +199,10 @@ def run_xbackend(cfg: XConfig, progress: bool = True, log: Callable[[str], None]
         out.seconds = time.time() - t0
         out.load_end = S.machine_load()
         out.passes = {"sweeps": sum(_perplexity_passes(r) for r in out.sweeps.values()),
-                      "logits": len([r for r in out.logits.values() if r.kind == "base" and r.key and r.pair != "f16/f16"]),
-                      "scoring": len([r for r in out.cross.values() if r.key])}
+                      "scoring": len([r for r in out.cross.values() if r.key]),
+                      "bound": sum(_perplexity_passes(r) for r in out.sweeps.values())
+                      + len(cfg.ref.pairs) * (len(cfg.sides) - 1)}
     return out
-
-
-def _ref_logits(side: SweepConfig, res: SweepResult, k: str, v: str, out: XResult, traits) -> JobRecord:
-    """The reference backend's saved logits of a pair: its f16 baseline for f16/f16, else a logits run (cached)."""
-    from harness.runners import sweep as S
-    lab = pair_label(k, v)
-    if (k, v) == REF_PAIR:
-        if res.base is None:
-            return JobRecord("base", lab, False, res.error or "the sweep did not run its f16 baseline")
-        return res.base
-    if res.error:
-        return JobRecord("base", lab, False, res.error)
-    ident = S.job_ident(side, S._fork_identity(side.bdir), res.meta)
-    key = S._key({**ident, "job": "xlogits", "pair": [k, v], "v": 1})
-    err = S._unknown_type_error(k, v, set(traits if traits is not None else res.traits))
-    if err:
-        return JobRecord("base", lab, False, err, key=key, fault="harness")
-    rec = None if side.fresh else S._Cache(side.cache_dir).get(key)
-    if rec is not None:
-        out.jobs_cached += 1
-        return rec
-    rec = S._run_base(side, S.binary(side.bdir, "llama-perplexity"), S._Cache(side.cache_dir), key, k, v)
-    if rec.ok:
-        S._Cache(side.cache_dir).put(rec)
-        out.jobs_run += 1
-    return rec
 
 
 def _cross_job(side: SweepConfig, res: SweepResult, ref_name: str, logits: JobRecord, k: str, v: str, out: XResult,
@@ -227,7 +219,7 @@ def _cross_job(side: SweepConfig, res: SweepResult, ref_name: str, logits: JobRe
     ident = S.job_ident(side, S._fork_identity(side.bdir), res.meta)
     key = S._key({**ident, "job": "xscore", "pair": [k, v], "ref": logits.key or logits.data.get("base_file"), "v": 1})
     cache = S._Cache(side.cache_dir)
-    rec = None if side.fresh else cache.get(key)
+    rec = None if side.fresh else S.cached_run(side, cache, key)
     if rec is not None:
         out.jobs_cached += 1
         return rec

@@ -82,6 +82,32 @@ class Routes:
     wht_precision: str = "f32"  # 'f16': the rotation op computes in half precision (PQ1 judges it with max_abs_err_half)
 
 
+FA_ARGS = ("tk", "kraw", "tv", "vraw", "q", "D", "Dv", "n_kv", "n_head_kv", "scale", "rotate_q", "inverse_out",
+           "group", "prec_f32")
+
+
+def fa_args(call: dict) -> tuple:
+    """A flash-attention call dict (:meth:`Target.flash_attn_many`) as :meth:`Target.flash_attn`'s positional
+    arguments after the backend (group 128 and prec_f32 True unless given)."""
+    return tuple({"group": 128, "prec_f32": True, **call}[k] for k in FA_ARGS)
+
+
+def attempt(fn, *args):
+    """fn(*args), or the exception it raised (an Exception; an interrupt, a BaseException, passes through)."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        return e
+
+
+def take(answer):
+    """An answer of :meth:`Target.quantize_many` / :meth:`Target.flash_attn_many`: its value, or its exception
+    raised here, where the item's cell is made."""
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
+
+
 class Target:
     """Abstract target. Subclasses implement every method below."""
 
@@ -116,6 +142,22 @@ class Target:
                    rotate_q: bool, inverse_out: bool, group: int = 128, prec_f32: bool = True) -> np.ndarray:
         """Flash attention with raw K/V bytes; q float32 (n_head, n_q, D); returns float32 (n_q, n_head, Dv)."""
         raise NotImplementedError
+
+    def quantize_many(self, backend: str, route: str, items: list[tuple[str, np.ndarray]]) -> list:
+        """Quantise several inputs on one backend route: items [(type name, float32 rows (n, ncols))].
+
+        Returns one answer per item, in order: its flat uint8 bytes (as :meth:`quantize`), or the exception that
+        item raised (Unsupported, HarnessError, ProbeCrash, or any other), for the caller to raise where that item's
+        cell is made (:func:`take`): one item's failure is never another's. The default calls :meth:`quantize` once
+        per item; a target may run the items as one call (the fork: one graph on the device) if it answers each.
+        """
+        return [attempt(self.quantize, backend, route, t, x) for t, x in items]
+
+    def flash_attn_many(self, backend: str, calls: list[dict]) -> list:
+        """Several flash-attention calls on one backend: each a dict of :meth:`flash_attn`'s arguments after the
+        backend (tk, kraw, tv, vraw, q, D, Dv, n_kv, n_head_kv, scale, rotate_q, inverse_out, and optionally group,
+        prec_f32). Returns one answer per call, as :meth:`quantize_many`: float32 (n_q, n_head, Dv) or the exception."""
+        return [attempt(self.flash_attn, backend, *fa_args(c)) for c in calls]
 
     def layouts(self):
         """The harness's reading of this target's turbo layouts (:class:`harness.reference.turbo.Layouts`):

@@ -11,6 +11,7 @@ from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.fork import backends
 from harness.fork import rpc as R
 from harness.fork.probe import Probe, build_probe
+from harness.targets import fork_calls as FC
 from harness.targets.base import Backend, Routes, Target
 
 def backend_name(reg_name: str) -> str:
@@ -38,13 +39,6 @@ def select_backends(devices: list[dict]) -> list[Backend]:
             desc = d.get("description", "")
             seen[name] = Backend(name, d["name"], d["kind"], desc, *backends.examination(name, d["name"], desc))
     return list(seen.values())
-
-
-def re_unsupported(line: str) -> bool:
-    """True when a server's last message says its backend cannot run an op or type (ggml-cuda's 'op not
-    supported', 'Unsupported type', a missing kernel), as opposed to a crash."""
-    import re
-    return bool(re.search(r"not supported|unsupported|not implemented|no kernel", line or "", re.I))
 
 
 class ForkTarget(Target):
@@ -81,6 +75,7 @@ class ForkTarget(Target):
         self.rpc_timeout_s = float(rpc_timeout_s)
         self.rpc_restarts = int(rpc_restarts)
         self.rpc_events: list[str] = []  # what happened to remote devices during the run (for the report)
+        self.batch_events: list[str] = []  # batches that failed as a whole and ran op by op (fork_calls.batched)
         if self.rpc:
             env = dict(os.environ if env is None else env)
             env[R.PROBE_ENV] = ",".join(self.rpc)
@@ -198,71 +193,33 @@ class ForkTarget(Target):
         a3 = self._remote(backend, f"sizing {type_name}", lambda: self.probe.alloc_size(self.device(backend), type_name, ncols, 3))
         return (a3 - a1) // 2, self.probe.row_bytes(type_name, ncols)
 
-    def _remote(self, backend: str, what: str, fn):
+    def _remote(self, backend: str, what: str, fn, calls: int = 1):
         """Run one probe call on a backend; on a remote one, with the RPC time limit and a failure explained.
 
         Over RPC every op is 'supported' (the client never asks the server), so a failure shows up as the
         client aborting or the connection closing. Raises Unsupported when the server's own log says its
         backend cannot run the op (not covered), else :class:`harness.errors.RemoteLost` (an ERROR cell:
-        nothing was measured) naming the server's state and its last message.
+        nothing was measured) naming the server's state and its last message. ``calls``: the call stands for
+        that many single calls (a batch), and may take that many times the RPC time limit.
         """
         ep = self.rpc_endpoint(backend)
         if ep is None:
             return fn()
-        saved = self.probe.timeout_s
-        self.probe.timeout_s = min(saved, self.rpc_timeout_s)
+        limit = self.rpc_timeout_s * calls
         try:
-            return fn()
+            with FC.time_limit(self.probe, min(self.probe.timeout_s, limit)):
+                return fn()
         except ProbeCrash as e:
-            raise self._remote_failure(backend, ep, what, str(e)) from None
+            raise self._remote_failure(backend, ep, what, str(e), limit) from None
         except HarnessError as e:
             from harness.runners.rpc_server import reachable
             if "rpc-server" in str(e) or not reachable(ep):  # the worker could not reach the server (it died earlier)
-                raise self._remote_failure(backend, ep, what, str(e)) from None
+                raise self._remote_failure(backend, ep, what, str(e), limit) from None
             raise
-        finally:
-            self.probe.timeout_s = saved
 
-    def _remote_failure(self, backend: str, ep: str, what: str, said: str) -> Exception:
-        """The exception for a failed call on a remote device (see :meth:`_remote`); restarts a server the
-        harness started when it died, so that the next cell finds it again."""
-        from harness.errors import RemoteLost
-        from harness.runners.rpc_server import reachable
-        server = self.rpc_servers.get(ep)
-        timed_out = "timed out" in said
-
-        def restart() -> str:
-            if server.starts > self.rpc_restarts:
-                return f"; not restarted (restarted {self.rpc_restarts} times already)"
-            try:
-                server.start()
-                return "; restarted it for the next cells"
-            except HarnessError as e:
-                return f"; restarting it failed: {e}"
-        if server is not None and timed_out and server.alive():  # a hung server of ours: ended, so the next cell runs
-            server.kill()
-            msg = (f"remote {backend}: {what} on the rpc-server at {ep} took longer than {self.rpc_timeout_s:g} s; "
-                   f"the server was killed{restart()}")
-            self.rpc_events.append(msg)
-            return RemoteLost(msg)
-        if server is not None and not server.settle(3.0):
-            line = server.last_line() or "no message"
-            state = server.exit_text()
-            again = restart()
-            self.rpc_events.append(f"{backend} ({ep}): the rpc-server died ({state}) during {what}: {line}{again}")
-            if re_unsupported(line):
-                return Unsupported(f"remote {backend} ({ep}) cannot run {what}: the server said '{line}' and exited ({state})")
-            return RemoteLost(f"remote {backend}: the rpc-server at {ep} died ({state}) during {what}: {line}{again}")
-        if timed_out:
-            msg = f"remote {backend}: {what} on the rpc-server at {ep} took longer than {self.rpc_timeout_s:g} s and was stopped"
-        elif reachable(ep):
-            msg = (f"remote {backend}: the rpc-server at {ep} closed the connection during {what} (it rejected the "
-                   f"request or its backend failed: its own log says why); client said: {said[:200]}")
-        else:
-            msg = (f"remote {backend}: lost the connection to the rpc-server at {ep} during {what}: it is no longer "
-                   f"reachable (stopped, crashed, or the SSH tunnel closed)")
-        self.rpc_events.append(msg)
-        return RemoteLost(msg)
+    def _remote_failure(self, backend: str, ep: str, what: str, said: str, limit_s: float) -> Exception:
+        """The exception for a failed call on a remote device (:func:`harness.targets.fork_calls.remote_failure`)."""
+        return FC.remote_failure(self, backend, ep, what, said, limit_s)
 
     def device(self, backend: str) -> str:
         for b in self.backends():
@@ -317,6 +274,25 @@ class ForkTarget(Target):
         q = np.zeros((nrows, 1, ncols), np.float32)
         out = self.flash_attn(backend, type_name, kraw, type_name, raw, q, ncols, ncols, 1, nrows, 1.0, False, False)
         return out.reshape(nrows, ncols)
+
+    def quantize_many(self, backend, route, items):
+        """set_rows items on a device as one probe call (:func:`harness.targets.fork_calls.quantize_many`)."""
+        if route != "set_rows" or self._is_host(backend):
+            return super().quantize_many(backend, route, items)
+        return FC.quantize_many(self, backend, route, items)
+
+    def flash_attn_many(self, backend, calls):
+        """Flash-attention calls on a device as one probe call (:func:`harness.targets.fork_calls.flash_attn_many`)."""
+        if self._is_host(backend):
+            return super().flash_attn_many(backend, calls)
+        return FC.flash_attn_many(self, backend, calls)
+
+    def call_stats(self) -> dict:
+        """{'calls': probe calls so far, 'seconds': their wall time, 'by_method': {method: [calls, seconds]},
+        'batch_events': batches that failed as a whole and ran op by op} (cumulative; the run takes differences)."""
+        counts = {m: list(v) for m, v in getattr(self.probe, "counts", {}).items()}  # (a test's fake probe: none)
+        return {"calls": sum(v[0] for v in counts.values()), "seconds": sum(v[1] for v in counts.values()),
+                "by_method": counts, "batch_events": list(self.__dict__.get("batch_events", []))}
 
     def wht(self, backend, x, direction, group=128):
         if self._is_host(backend):
