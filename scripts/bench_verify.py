@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -27,20 +28,26 @@ def load() -> str:
     return f"load {os.getloadavg()[0]:.2f}"
 
 
-def one_run(out: Path, extra: list[str]) -> tuple[float, dict, int, dict]:
-    """(wall seconds from spawn to exit, {check id: seconds}, exit code, {check id: its check_costs}) of one verify
-    into a fresh ``out``."""
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the waited-for child processes of this process so far."""
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return c.ru_utime + c.ru_stime
+
+
+def one_run(out: Path, extra: list[str]) -> tuple[float, dict, int, dict, float]:
+    """(wall seconds from spawn to exit, {check id: seconds}, exit code, {check id: its check_costs}, CPU seconds of
+    verify and everything it started: the probe worker, test-backend-ops) of one verify into a fresh ``out``."""
     shutil.rmtree(out, ignore_errors=True)  # a fresh report each time: --out never merges reports of different builds
     cmd = [sys.executable, "-m", "harness.cli", "verify", "--checks", CHECKS, "--out", str(out), *extra]
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), _children_cpu()
     r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wall = time.monotonic() - t0
+    wall, cpu = time.monotonic() - t0, _children_cpu() - c0
     f = out / "run.json"
     if not f.is_file():
         sys.stderr.write(r.stdout[-3000:])
         raise SystemExit(f"error: verify wrote no report ({out}): see its output above")
     d = json.loads(f.read_text())
-    return wall, {c["id"]: c["duration_s"] for c in d["checks"]}, r.returncode, d["meta"].get("check_costs", {})
+    return wall, {c["id"]: c["duration_s"] for c in d["checks"]}, r.returncode, d["meta"].get("check_costs", {}), cpu
 
 
 def calls_line(costs: dict) -> str:
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     walls, checks = [], []
     for i in range(a.reps):
         before = load()
-        wall, t, rc, costs = one_run(Path(a.out), extra)
+        wall, t, rc, costs, cpu = one_run(Path(a.out), extra)
         s6 = sum(v for k, v in t.items() if k not in ("COMPAT", "AUDIT"))
         total = sum(t.values())
         walls.append(wall)
@@ -73,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {i + 1}: verify wall {wall:.1f} s (process start to report written, exit {rc}); checks' own "
               f"{total:.1f} s (six checks {s6:.1f} s + COMPAT {t.get('COMPAT', 0.0):.1f} s + AUDIT "
               f"{t.get('AUDIT', 0.0):.1f} s); the rest (start-up, "
-              f"imports, reports, plots) {wall - total:.1f} s; {load()}")
+              f"imports, reports, plots) {wall - total:.1f} s; CPU {cpu:.1f} s (verify and the processes it started: "
+              f"less sensitive to other jobs than the wall time); {load()}")
         print(f"  {calls_line(costs)}")
         if "parts_s" in costs.get("COMPAT", {}):
             print("  COMPAT parts: " + ", ".join(f"{k} {v:.1f} s" for k, v in costs["COMPAT"]["parts_s"].items()))

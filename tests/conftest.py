@@ -1,7 +1,10 @@
 """Shared fixtures. Tests that need a built fork skip with the reason when it is absent."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,9 +12,54 @@ import pytest
 from harness.checks.common import Context, load_thresholds
 from harness.fork import build as fb
 
+# The suite runs one worker per core (pytest_cmdline_main below), and the fork's tools, the probe and the workers share
+# the cores: idle OpenMP threads of the tools sleep instead of spinning against the other workers (set before any tool
+# starts; the tools inherit it; nothing the tests assert depends on it).
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The whole suite (no test paths given: the README's, the Makefile's and CI's command) runs one test worker per
+    core when pytest-xdist is installed (the dev extra), as if ``-n auto`` were given: most tests wait on the fork's
+    tools or run NumPy on one core. Given paths run in one process (the workers' start-up would cost more than they
+    save); ``-n N`` (``-n 0``: one process), ``--pdb`` or ``-p no:xdist`` choose otherwise; without xdist everything
+    runs in one process. Runs before xdist's own hook (a conftest's hook of the same priority is called first), which
+    then starts the workers."""
+    opt = config.option
+    if (config.pluginmanager.hasplugin("xdist") and getattr(opt, "numprocesses", None) is None
+            and config.args_source == pytest.Config.ArgsSource.TESTPATHS
+            and not hasattr(config, "workerinput") and not getattr(opt, "usepdb", False)
+            and not getattr(opt, "collectonly", False)):
+        opt.numprocesses = "auto"
+        if getattr(opt, "dist", "no") == "no":
+            # tests are handed out two at a time, in order, to whichever worker is free: the slow ones (first in the
+            # order) spread over the workers instead of queueing on one, as xdist's larger first batches would
+            opt.dist, opt.maxschedchunk = "load", 2
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (tens of seconds: the fork's tools on a real model, CI recipes of many commands) run
+    first, in their order, the rest after them in theirs: with several workers they overlap the short tests instead of
+    ending the run one after another."""
+    items[:] = [i for i in items if i.get_closest_marker("slow")] + [i for i in items if not i.get_closest_marker("slow")]
+
+
 # CI sets this when it has the fork (snapshot or checkout): then a test that needs the built fork or the model
 # must run, and a skip for want of them is a failure (see .ci/run).
 REQUIRE_FORK = os.environ.get("TURBO_REQUIRE_FORK") == "1"
+
+
+@contextlib.contextmanager
+def repo_install_lock():
+    """Held while a test runs a make target that first makes ``install`` in this repository (its .venv): tests in
+    parallel workers take turns, so that two pip installs never write the same .venv at once (when it is stale)."""
+    with open(Path(tempfile.gettempdir()) / "turbo-harness-test-install.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def skip_or_fail(reason: str):

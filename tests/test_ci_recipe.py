@@ -13,6 +13,7 @@ step is executed with bash, its `if:` evaluated. The first job is green and acce
 its diff against the accepted run lists what got worse."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import repo_install_lock
 
 yaml = pytest.importorskip("yaml")
 
@@ -79,6 +81,11 @@ def test_workflow_is_valid_and_uses_only_files_of_this_repo():
     assert "docs/ci/fork-gate.yml" in doc and "scripts/fork-gate.sh" in doc
 
 
+def _install_lock(cmd: str):
+    """The recipe's install step runs `make install` in this repository (:func:`conftest.repo_install_lock`)."""
+    return repo_install_lock() if "install" in cmd else contextlib.nullcontext()
+
+
 class Runner:
     """Plays one workflow job in ``ws`` (the workspace): uses-steps simulated, run-steps executed with bash."""
 
@@ -132,8 +139,9 @@ class Runner:
             if "uses" in step:
                 rc = self.uses(step)
             else:
-                p = subprocess.run(["bash", "-eo", "pipefail", "-c", step["run"]], cwd=self.ws, env=env,
-                                   capture_output=True, text=True, timeout=600)
+                with _install_lock(step["run"]):
+                    p = subprocess.run(["bash", "-eo", "pipefail", "-c", step["run"]], cwd=self.ws, env=env,
+                                       capture_output=True, text=True, timeout=600)
                 rc = p.returncode
                 self.log.append(f"$ {step['run']}\n{p.stdout}{p.stderr}")
             codes[step["name"]] = rc
@@ -161,6 +169,7 @@ def workspace(tmp_path):
     return ws, tmp_path / "artifacts", env
 
 
+@pytest.mark.slow
 def test_two_jobs_accept_then_fail_on_worse(workspace):
     ws, artifacts, env = workspace
     wf = load_workflow()
@@ -192,6 +201,7 @@ def test_two_jobs_accept_then_fail_on_worse(workspace):
     assert "fork-gate: diff -> 1" in log and "fork-gate: verify -> 1" in log
 
 
+@pytest.mark.slow
 def test_plain_shell_version_runs_all_steps(workspace):
     """The script alone (docs/ci.md 'Without GitHub Actions'): `all` builds, verifies, diffs and gates."""
     ws, _, env = workspace
@@ -209,6 +219,7 @@ def test_plain_shell_version_runs_all_steps(workspace):
     assert p.returncode == 2 and "unknown step" in p.stderr
 
 
+@pytest.mark.slow
 def test_a_failed_download_of_the_accepted_run_is_never_green(workspace):
     """The download step had continue-on-error: a download that failed for any reason (not only 'no artifact yet',
     which if_no_artifact_found: warn already covers) left reports/accepted empty, the diff step said 'nothing to

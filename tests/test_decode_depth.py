@@ -401,6 +401,7 @@ def test_bad_depth_and_decode_options_are_one_line_exit_2(fake, monkeypatch, arg
 # ----------------------------------------------------------------------------- the real fork
 
 @pytest.mark.fork
+@pytest.mark.slow
 def test_real_decode_tool_on_smollm2(tmp_path):
     from tests.conftest import fork_build_or_skip, skip_or_fail
     bdir, fork = fork_build_or_skip()
@@ -483,9 +484,12 @@ def test_bad_input_after_a_sweep_keeps_its_finished_jobs(fake, monkeypatch):
 
 
 def test_model_header_is_memoised_until_the_file_changes(tmp_path, monkeypatch):
-    """gguf reads Gemma 3's whole 262k-token vocabulary (~26 s here): the shape is memoised by path, size and mtime."""
+    """gguf reads Gemma 3's whole 262k-token vocabulary (~26 s here): the shape is memoised by path, size and mtime,
+    and by content (the same model assembled into a fresh clone's folder is not parsed again); another file is read."""
+    import shutil
     from harness.runners import inputs
     monkeypatch.setattr(inputs, "_INFO_CACHE", tmp_path / "model_info.json")
+    monkeypatch.setattr(inputs, "_SHA_CACHE", tmp_path / "sha256.json")
     m = tmp_path / "m.gguf"
     _write_tiny_gguf(m)
     first = inputs.read_model_info(m)
@@ -494,7 +498,16 @@ def test_model_header_is_memoised_until_the_file_changes(tmp_path, monkeypatch):
     real = inputs._read_model_info
     monkeypatch.setattr(inputs, "_read_model_info", lambda p: reads.append(p) or real(p))
     assert inputs.read_model_info(m) == first and reads == []
-    os.utime(m, ns=(m.stat().st_atime_ns, m.stat().st_mtime_ns + 10**9))  # the file changed: read again
+    os.utime(m, ns=(m.stat().st_atime_ns, m.stat().st_mtime_ns + 10**9))  # touched, same bytes: known by content
+    assert inputs.read_model_info(m) == first and reads == []
+    (tmp_path / "clone").mkdir()
+    copy = shutil.copy(m, tmp_path / "clone" / "m.gguf")  # the same model at another path
+    got = inputs.read_model_info(copy)
+    assert reads == [] and got.path == str(copy) and got.n_layer == first.n_layer == 30
+    with open(m, "r+b") as f:  # the file changed (one byte of the tensor data): read again
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    os.utime(m, ns=(m.stat().st_atime_ns, m.stat().st_mtime_ns + 2 * 10**9))
     assert inputs.read_model_info(m).n_layer == 30 and reads == [m]
 
 
@@ -532,6 +545,7 @@ def test_gemma3_captured_runs_give_meaningful_cells():
 
 
 @pytest.mark.fork
+@pytest.mark.slow
 def test_real_sweep_with_decode_and_depth_on_smollm2(tmp_path):
     """The CLI on the real fork and SmolLM2, small: decode agreement and two depths end up as cells, tables, a plot
     and evidence; q8_0 is near-lossless in both (no FAIL from the new rules)."""

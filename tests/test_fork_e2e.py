@@ -47,6 +47,7 @@ def _exit_code_for(run: dict) -> int:
     return 2 if "ERROR" in vs else 1 if "FAIL" in vs else 0
 
 
+@pytest.mark.slow
 def test_verify_on_the_fork_reproduces_the_committed_sample(tmp_path):
     """`verify` on the fork: same exit code, report files, check verdicts and cell verdicts/values as the sample.
 
@@ -117,6 +118,7 @@ def _find_run(out: Path) -> dict:
     return json.loads(runs[-1].read_text())
 
 
+@pytest.mark.slow
 def test_small_sweep_on_the_real_model_parses_sane_numbers_and_resumes(tmp_path):
     """Three pairs at ctx 128 x 2 chunks with llama-bench at depth 0: parsed numbers are physically sane, the
     CSV carries them, and the same command again runs nothing (everything from the cache)."""

@@ -182,6 +182,7 @@ def test_not_in_the_default_verify():
 # ----------------------------------------------------------------------------- on the real fork
 
 @pytest.mark.fork
+@pytest.mark.slow
 def test_capture_on_the_real_model_after_rope(tmp_path):
     """The capture tool on SmolLM2: every layer's Q/K/V with the model's head shape, K and Q from ROPE nodes."""
     from harness.fork.kvcapture import NoModel, build_kvcapture, capture, resolve_model
@@ -206,6 +207,7 @@ def test_capture_on_the_real_model_after_rope(tmp_path):
 
 
 @pytest.mark.fork
+@pytest.mark.slow
 def test_kvreal_on_the_real_fork(fork_target, make_ctx, monkeypatch):
     """KVREAL end to end on SmolLM2 (64 tokens): the fork path agrees with the reference on every type and side."""
     from harness.fork.kvcapture import NoModel, resolve_model

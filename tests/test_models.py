@@ -68,6 +68,7 @@ def test_assembled_model_is_hash_checked(monkeypatch, tmp_path):
 
 
 @pytest.mark.fork
+@pytest.mark.slow
 def test_real_gemma3_shape_from_header():
     """Gemma 3 270M, when installed: head_dim 256, GQA 4, sliding window 512, 32k trained context (from the GGUF)."""
     from harness.runners.inputs import read_model_info

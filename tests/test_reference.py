@@ -36,12 +36,41 @@ def test_lloyd_max_fixed_point():
         assert expected_distortion(c, cb.thresholds, "beta", 128) > cb.distortion
 
 
+@pytest.mark.parametrize("kind,d", [("beta", 128), ("beta", 8), ("gaussian", 128), ("std_normal", 1)])
+def test_expected_distortion_closed_form_matches_quadrature(kind, d):
+    """The closed-form cell moments against numerical integration of (x - c)^2 f(x) over each cell (scipy's quad),
+    for Lloyd-Max codebooks and for perturbed, uneven quantisers (a wrong moment formula moves the value)."""
+    from scipy import integrate, stats
+    pdf = {"beta": lambda x: stats.beta.pdf(x, (d - 1) / 2, (d - 1) / 2, loc=-1, scale=2),
+           "gaussian": lambda x: stats.norm.pdf(x, scale=1 / np.sqrt(d)),
+           "std_normal": stats.norm.pdf}[kind]
+    lo, hi = (-1.0, 1.0) if kind == "beta" else (-np.inf, np.inf)
+    rng = np.random.default_rng(5)
+    for bits in (1, 2, 4):
+        cb = lloyd_max(bits, kind, d)
+        for c, t in ((cb.centroids, cb.thresholds),
+                     (cb.centroids * (1 + 0.1 * rng.standard_normal(len(cb.centroids))),
+                      np.sort(cb.thresholds + 0.05 * cb.centroids[-1] * rng.standard_normal(len(cb.thresholds))))):
+            edges = np.concatenate([[lo], t, [hi]])
+            want = sum(integrate.quad(lambda x, ci=ci: (x - ci) ** 2 * pdf(x), edges[i], edges[i + 1],
+                                      limit=200, epsabs=1e-14, epsrel=1e-10)[0] for i, ci in enumerate(c))
+            assert expected_distortion(c, t, kind, d) == pytest.approx(want, rel=1e-8, abs=1e-15)
+
+
 def test_beta_close_to_gaussian_limit_and_below_bound():
     for b in (2, 3, 4):
         beta = lloyd_max(b, "beta", 128)
         gauss = lloyd_max(b, "gaussian", 128)
         assert abs(beta.centroids[-1] / gauss.centroids[-1] - 1) < 0.02
         assert 128 * beta.distortion < turboquant_upper_bound(b)
+
+
+def test_hadamard_is_scipys():
+    from harness.reference.wht import hadamard as own
+    for n in (1, 2, 4, 64, 128, 256):
+        np.testing.assert_array_equal(own(n), hadamard(n))
+    with pytest.raises(ValueError):
+        own(96)
 
 
 def test_wht_orthogonal_and_self_inverse_up_to_signs():

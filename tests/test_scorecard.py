@@ -149,8 +149,10 @@ def test_make_scorecard_reuses_a_build_only_by_provenance(tmp_path):
 
 
 def test_make_scorecard_without_forks_is_one_line_exit_2():
-    r = subprocess.run(["make", "-s", "scorecard", "FORKS="], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                       text=True)
+    from conftest import repo_install_lock
+    with repo_install_lock():  # `make scorecard` first makes `install` in this repository
+        r = subprocess.run(["make", "-s", "scorecard", "FORKS="], cwd=Path(__file__).resolve().parents[1],
+                           capture_output=True, text=True)
     assert r.returncode == 2 and "make scorecard FORKS=" in r.stderr
 
 

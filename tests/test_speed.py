@@ -41,6 +41,7 @@ def test_a_plot_is_drawn_once_per_change_of_its_data(pq2_run, tmp_path, monkeypa
     assert len(drawn) == 3
 
 
+@pytest.mark.slow
 def test_bench_prints_whole_verify_wall_beside_the_checks(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_verify.py"), "--out", str(tmp_path / "b"),
                         "--numpy-target", "", "--type", "turbo3"], capture_output=True, text=True, cwd=ROOT, timeout=600)

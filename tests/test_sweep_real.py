@@ -36,6 +36,7 @@ def test_type_traits_measured_from_build():
     assert (t["q8_0"].blck, t["q8_0"].size) == (32, 34)
 
 
+@pytest.mark.slow
 def test_real_tiny_sweep(tmp_path):
     model, corpus = _need()
     cfg = SweepConfig(model=model, corpus=corpus, bdir=BDIR, pairs=parse_pairs("f16,q8_0,turbo3,q2_K"),
@@ -61,6 +62,7 @@ def test_real_tiny_sweep(tmp_path):
     assert rows["q2_K/q2_K"]["status"] == "refused"
 
 
+@pytest.mark.slow
 def test_real_fork_default_switch_detected(tmp_path):
     model, corpus = _need()
     kw = dict(model=model, corpus=corpus, bdir=BDIR, pairs=parse_pairs("turbo2"), ctx=128, chunks=2, depths=(0,),

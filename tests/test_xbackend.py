@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE = r'''#!{py}
 import json, os, signal, struct, sys
 sys.path.insert(0, {root!r})
-from harness.runners.ggml_types import predict_kv_bytes
-from tests.test_sweep_parsers import TRAITS
+from harness.runners.ggml_types import TypeTrait, predict_kv_bytes
 conf = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fake.json")))
+TRAITS = {{n: TypeTrait(*t) for n, t in conf["traits"].items()}}  # the test's TRAITS (no import of pytest here)
 LOSS = {{"f16": 0.0, "q8_0": 0.001, "q4_0": 0.02, "turbo4": 0.01, "turbo3": 0.03, "turbo2": 0.1}}
 a = sys.argv[1:]
 with open(conf["calls"], "a") as f:
@@ -89,7 +89,8 @@ def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash
     (bdir / "fake.json").write_text(json.dumps({"name": name, "jitter": jitter, "shift": shift or {},
                                                 "crash": list(crash), "calls": str(calls),
                                                 "splits": splits or {}, "sub": sub or {},
-                                                "no_device": no_device, "refuse": list(refuse)}))
+                                                "no_device": no_device, "refuse": list(refuse),
+                                                "traits": {n: [t.name, t.id, t.blck, t.size] for n, t in TRAITS.items()}}))
     return bdir
 
 
@@ -302,6 +303,7 @@ def test_cli_backends_writes_both_sweeps_and_the_comparison(xb, monkeypatch):
 
 
 @pytest.mark.fork
+@pytest.mark.slow
 def test_cpu_against_rpc0_on_this_machine(tmp_path, monkeypatch):
     """The cross-backend sweep in CI (issue 20 "Where it runs"), through the command line as a user runs it: CPU (2
     threads) against the CPU backend behind a loopback rpc-server (1 thread), SmolLM2, tiny context (ctx 128 x 2

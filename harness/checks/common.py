@@ -20,6 +20,7 @@ from harness.interrupt import raise_if_pending
 from harness.reference import turbo as T
 from harness.reference.wht import factor_signed_wht, signed_wht_matrix
 from harness.report.model import Cell, Verdict
+from harness.report.npz import save_npz
 from harness.targets.base import Target
 
 THRESHOLDS_FILE = Path(__file__).resolve().parents[2] / "checks" / "thresholds.toml"
@@ -119,7 +120,7 @@ class Context:
         d = Path(self.evidence_dir) / check
         d.mkdir(parents=True, exist_ok=True)
         safe = name.replace(":", "_").replace("/", "_")
-        np.savez_compressed(d / f"{safe}.npz", **{k: np.asarray(v) for k, v in arrays.items()})
+        save_npz(d / f"{safe}.npz", {k: np.asarray(v) for k, v in arrays.items()})  # fast deflate (harness/report/npz.py)
         return [f"evidence/{check}/{safe}.npz"]
 
     def cached(self, key, fn):
@@ -349,8 +350,8 @@ _SPREAD: list = []
 def _spread() -> np.ndarray:
     """Gaussian-like spread of 128 coordinates (normal quantiles / sqrt(128), a fixed permutation), computed once."""
     if not _SPREAD:
-        from scipy.stats import norm as _norm
-        g = _norm.ppf((np.arange(128) + 0.5) / 128) / np.sqrt(128)
+        from scipy.special import ndtri  # the standard normal quantile function (scipy.stats.norm.ppf)
+        g = ndtri((np.arange(128) + 0.5) / 128) / np.sqrt(128)
         _SPREAD.append(np.random.default_rng(7).permutation(g))
     return _SPREAD[0].copy()
 

@@ -262,9 +262,19 @@ def build_shim(fork: Path, ex: Extract | None = None, cache: Path | None = None)
     unit = ('#include "metal_shim.h"\n#include <cstring>\n' + common_decls(fork, cxx) +
             f'#include "{impl}"\n' + ex.text() + '#line 1 "turbo-harness-driver.cpp"\n' + _driver(ex))
     d.mkdir(parents=True, exist_ok=True)
-    (d / "metal_shim.h").write_text(SHIM_H.read_text())
-    (d / "unit.cpp").write_text(unit)
-    tmp = d / f"lib.{os.getpid()}.tmp"
+    # every file is written under a name of this process and renamed when complete, extract.json before the library:
+    # a second process (a parallel test worker) compiling the same key never reads a half-written file, and one that
+    # finds the library finds its extract
+    pid = os.getpid()
+
+    def put(name: str, text: str) -> Path:
+        part = d / f".{name}.{pid}.part"
+        part.write_text(text)
+        os.replace(part, d / name)
+        return d / name
+    put("metal_shim.h", SHIM_H.read_text())
+    put("unit.cpp", unit)
+    tmp = d / f"lib.{pid}.tmp"
     cmd = [cxx, *FLAGS, f"-I{d}", str(d / "unit.cpp"), "-o", str(tmp)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
@@ -276,8 +286,8 @@ def build_shim(fork: Path, ex: Extract | None = None, cache: Path | None = None)
         (d / "compile.log").write_text(r.stderr)
         first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:300])
         raise Unsupported(f"the fork's Metal code does not compile for the host through the shim: {first.strip()}")
+    put(meta.name, ex.to_json())
     os.replace(tmp, lib)
-    meta.write_text(ex.to_json())
     return lib, ex, True
 
 

@@ -4,12 +4,31 @@ TurboQuant (arXiv 2504.19874, Sec. 3) needs a random rotation R that makes every
 rotated unit vector follow the same known distribution; the randomised Hadamard transform
 R = D2 · H_n · D1 / sqrt(n) (Ailon & Chazelle's fast Johnson-Lindenstrauss transform; also the
 rotation used by QuaRot and PolarQuant, arXiv 2502.02617 Sec. 4) is such a rotation at O(n log n).
-H_n is the Sylvester-ordered Hadamard matrix (``scipy.linalg.hadamard``), D1 and D2 diagonal ±1.
+H_n is the Sylvester-ordered Hadamard matrix (the one ``scipy.linalg.hadamard`` returns), D1 and D2 diagonal ±1.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
-from scipy.linalg import hadamard
+
+
+@lru_cache(maxsize=8)
+def hadamard(n: int) -> np.ndarray:
+    """Sylvester-ordered Hadamard matrix H_n, read-only float64 (n, n): H_1 = [1], H_2m = [[H_m, H_m], [H_m, -H_m]]
+    (Sylvester 1867; the construction and order of ``scipy.linalg.hadamard``, which tests/test_reference.py compares
+    it with). Built here because importing scipy.linalg for it cost a third of a second of every command's start.
+
+    Raises:
+        ValueError: n not a power of two.
+    """
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard order must be a power of two, got {n}")
+    H = np.ones((1, 1))
+    while H.shape[0] < n:
+        H = np.block([[H, H], [H, -H]])
+    H.setflags(write=False)
+    return H
 
 
 def signed_wht_matrix(s1: np.ndarray, s2: np.ndarray) -> np.ndarray:
@@ -31,7 +50,7 @@ def signed_wht_matrix(s1: np.ndarray, s2: np.ndarray) -> np.ndarray:
         raise ValueError(f"sign vectors must both have the same power-of-two length, got {s1.shape}, {s2.shape}")
     if not (np.all(np.abs(s1) == 1) and np.all(np.abs(s2) == 1)):
         raise ValueError("sign vectors must contain only +1 and -1")
-    return (s2[:, None] * hadamard(n).astype(np.float64) * s1[None, :]) / np.sqrt(n)
+    return (s2[:, None] * hadamard(n) * s1[None, :]) / np.sqrt(n)
 
 
 def wht_forward(x: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> np.ndarray:
@@ -75,7 +94,7 @@ def factor_signed_wht(R: np.ndarray) -> dict:
     """
     R = np.asarray(R, dtype=np.float64)
     n = R.shape[0]
-    H = hadamard(n).astype(np.float64)
+    H = hadamard(n)
     mag_err = float(np.max(np.abs(np.abs(R) - 1.0 / np.sqrt(n))))
     S = np.sign(R) * H  # should equal s2 s1^T
     S[S == 0] = 1

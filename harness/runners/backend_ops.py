@@ -162,4 +162,5 @@ def _env(env: dict | None = None):
     import os
     env = dict(os.environ if env is None else env)
     env.setdefault("GGML_NO_BACKTRACE", "1")
+    env.setdefault("OMP_WAIT_POLICY", "passive")  # idle OpenMP threads sleep (see harness/fork/probe.py Probe._start)
     return env

@@ -153,14 +153,17 @@ class ModelInfo:
 
 
 _INFO_CACHE = _SHA_CACHE.with_name("model_info.json")
+_INFO_KEEP = 1024  # entries kept in the memo (about 300 bytes each)
 
 
 def read_model_info(path: Path) -> ModelInfo:
     """Validate a GGUF file with the ``gguf`` package and read its attention shape.
 
     gguf's reader parses the whole header, vocabulary included (about 26 s for Gemma 3's 262k tokens on a 2-core
-    CPU), so the result is memoised by (path, size, mtime) in ~/.cache/turbo-harness/model_info.json, as
-    :func:`sha256_file` does: a file that changes is read again.
+    CPU), so the result is memoised in ~/.cache/turbo-harness/model_info.json by (path, size, mtime), as
+    :func:`sha256_file` does (a file that changes is read again), and by the file's SHA-256: the same model at another
+    path (a fresh clone's .cache/models, assembled again) is not parsed again. The hash is the one the sweep records
+    anyway (memoised likewise).
 
     Raises:
         HarnessError: missing file, not a GGUF / truncated / corrupt, or missing attention keys.
@@ -170,14 +173,24 @@ def read_model_info(path: Path) -> ModelInfo:
         raise HarnessError(f"model {path} does not exist: pass --model FILE.gguf")
     key = _file_key(path)
     memo = _memo_load(_INFO_CACHE)
-    if isinstance(memo.get(key), dict):
-        try:
-            return ModelInfo(**{**memo[key], "path": str(path)})
-        except TypeError:
-            pass  # written by another version of ModelInfo: read the file again
-    info = _read_model_info(path)
-    memo = {k: v for k, v in list(memo.items())[-63:] if Path(k.split("|")[0]).exists()}  # the recent, existing ones
-    memo[key] = info.to_dict()
+
+    def known(k):
+        if isinstance(memo.get(k), dict):
+            try:
+                return ModelInfo(**{**memo[k], "path": str(path)})
+            except TypeError:
+                pass  # written by another version of ModelInfo: read the file again
+        return None
+    info = known(key)
+    if info is not None:
+        return info
+    content = "sha256:" + sha256_file(path)
+    info = known(content) or _read_model_info(path)
+    # entries of files that still exist, and content keys; the most recent _INFO_KEEP (a test session reads a few
+    # hundred small models: a short memo evicted Gemma 3's entry and its 26 s parse came back every session)
+    memo = {k: v for k, v in memo.items() if k.startswith("sha256:") or Path(k.split("|")[0]).exists()}
+    memo = dict(list(memo.items())[-(_INFO_KEEP - 2):])
+    memo[key] = memo[content] = info.to_dict()
     _memo_save(_INFO_CACHE, memo)
     return info
 

