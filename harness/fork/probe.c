@@ -128,7 +128,28 @@ static struct { ggml_backend_dev_t dev; ggml_backend_t backend; } tp_backends[TP
 static int tp_n_backends;
 static int64_t tp_n_inits, tp_n_computes;
 
-static ggml_backend_t backend_for(ggml_backend_dev_t dev) {
+/* Backends are kept only on the devices where a kept backend was checked against one per call, cell for cell: the
+   CPU and ggml's RPC client (issue 23). On Vulkan (lavapipe) a kept backend corrupted the heap in the flash-attention
+   call (glibc abort, 2026-12-07), and CUDA was never checked: there each call gets its own backend, as before. */
+static int keep_backend(ggml_backend_dev_t dev) {
+    const char * k = getenv("TURBO_PROBE_KEEP_BACKENDS");  /* "1": keep on every device; "0": on none */
+    if (k && *k) return k[0] == '1';
+    const char * name = ggml_backend_dev_name(dev);
+    return ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU || (name && strncmp(name, "RPC", 3) == 0);
+}
+
+static ggml_backend_t backend_for(ggml_backend_dev_t dev, int * owned) {
+    *owned = 0;
+    if (!keep_backend(dev)) {
+        ggml_backend_t b = ggml_backend_dev_init(dev, NULL);
+        if (!b) {
+            snprintf(tp_err, sizeof(tp_err), "could not initialise device '%s'", ggml_backend_dev_name(dev));
+            return NULL;
+        }
+        tp_n_inits++;
+        *owned = 1;
+        return b;
+    }
     for (int i = 0; i < tp_n_backends; i++) {
         if (tp_backends[i].dev == dev) return tp_backends[i].backend;
     }
@@ -168,7 +189,7 @@ int tpi_run_begin(tp_run * r, const char * dev_name, size_t n_tensors) {
         snprintf(tp_err, sizeof(tp_err), "no ggml device named '%s'", dev_name);
         return -1;
     }
-    r->backend = backend_for(r->dev);
+    r->backend = backend_for(r->dev, &r->owned);
     if (!r->backend) return -1;
     r->graph_size = n_tensors + GGML_DEFAULT_GRAPH_SIZE;
     struct ggml_init_params ip = {
@@ -180,9 +201,12 @@ int tpi_run_begin(tp_run * r, const char * dev_name, size_t n_tensors) {
     return 0;
 }
 
-void tpi_run_end(tp_run * r) {  /* the backend stays (backend_for) */
+void tpi_run_end(tp_run * r) {  /* a kept backend stays (backend_for); a run's own is freed */
     if (r->buf) ggml_backend_buffer_free(r->buf);
     if (r->ctx) ggml_free(r->ctx);
+    if (r->owned && r->backend) ggml_backend_free(r->backend);
+    r->backend = NULL;
+    r->owned = 0;
 }
 
 int tpi_run_alloc(tp_run * r) {

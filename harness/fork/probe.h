@@ -34,6 +34,7 @@ typedef struct {
     struct ggml_context   * ctx;
     ggml_backend_buffer_t   buf;
     size_t                  graph_size;  /* nodes (and leafs) the context has room for */
+    int owned;  /* 1: the backend is this run's own (a device whose backends are not kept), freed by tpi_run_end */
 } tp_run;
 
 int  tpi_run_begin(tp_run * r, const char * dev_name, size_t n_tensors);
