@@ -211,6 +211,29 @@ def test_the_probe_keeps_one_backend_per_device(probe_lib):
 
 
 @pytest.mark.fork
+def test_a_device_whose_backends_are_not_kept_gets_one_per_call_and_the_same_bytes(probe_lib, monkeypatch):
+    """Backends are kept only where that was checked against one per call (CPU, RPC); elsewhere (Vulkan's kept backend
+    corrupted the heap in a flash-attention call) each call makes and frees its own. TURBO_PROBE_KEEP_BACKENDS=0 puts
+    the CPU on that path: every call initialises a backend, none stays, and the bytes are the kept path's."""
+    from harness.fork.probe import Probe
+    x = np.random.default_rng(1).standard_normal((16, 128)).astype(np.float32)
+    p = Probe(probe_lib)
+    try:
+        kept = p.set_rows("CPU", "turbo3", x)
+    finally:
+        p.close()
+    monkeypatch.setenv("TURBO_PROBE_KEEP_BACKENDS", "0")  # read by the probe in its worker process
+    p = Probe(probe_lib)
+    try:
+        own = [p.set_rows("CPU", "turbo3", x) for _ in range(3)]
+        s = p.stats()
+        assert s["backend_inits"] == 3 and s["backends_kept"] == 0, s
+        assert all(np.array_equal(np.asarray(o), np.asarray(kept)) for o in own)
+    finally:
+        p.close()
+
+
+@pytest.mark.fork
 def test_a_batch_answers_each_op_as_its_single_call_does(probe_lib):
     from harness.fork.probe import Probe
     p = Probe(probe_lib)
