@@ -186,12 +186,6 @@ def load_catalogue(path: Path | None = None) -> list[dict]:
     return tomllib.loads(p.read_text()).get("replay", [])
 
 
-def git_subject(fork: Path, commit: str) -> str:
-    """'<short hash> <subject>' of a commit of the fork's history ('' when git cannot say)."""
-    return subprocess.run(["git", "--git-dir", str(git_dir_of(fork)), "log", "-1", "--format=%h %s", commit],
-                          capture_output=True, text=True).stdout.strip()
-
-
 def bisect_head() -> str:
     """The commit ``git bisect run`` asks its oracle about (BISECT_HEAD of the repository in $GIT_DIR)."""
     return subprocess.run(["git", "rev-parse", "BISECT_HEAD"], capture_output=True, text=True).stdout.strip()

@@ -87,6 +87,7 @@ def test_bad_files_are_one_line_errors(pair):
 
 
 @pytest.mark.fork
+@pytest.mark.slow
 def test_kld_from_files_agrees_with_llama_perplexity_on_the_same_runs(tmp_path):
     """The real fork on SmolLM2 (CPU, ctx 128 x 2 chunks): f16 and q4_0 runs save their logits; llama-perplexity then
     scores q4_0 against the f16 file itself. The harness's figures from the two files must match the fork's."""

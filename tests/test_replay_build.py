@@ -230,3 +230,26 @@ def test_a_replay_judges_the_backend_it_built_alone(tmp_path, monkeypatch):
     run, _, built = cr.replay_commit(repo, c1, ["PQ1"], ["turbo3"], None, out=tmp_path / "r", log=lambda s: None)
     paths = {c.path.split(":")[0] for c in run.checks[0].cells}
     assert paths == {"cpu"} and run.checks[0].verdict.value == "PASS" and not built
+
+
+def test_a_replay_from_exported_sources_runs_without_git(tmp_path, monkeypatch):
+    """The whole replay path (resolve, export, build, checks, report labels) with a sources folder and no git on PATH."""
+    import harness.cli_replay as cr
+    import harness.targets.fork as tf
+    from harness.targets.numpy_target import NumpyTarget
+    repo, (c1, _, _) = fake_fork(tmp_path)
+    out = tmp_path / "sources"
+    rs.export_tarballs(repo, [c1], out, log=lambda s: None)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    monkeypatch.setenv("TURBO_REPLAY_CACHE", str(tmp_path / "cache"))
+    seen = {}
+
+    def fake_build(fork, c, **kw):
+        seen["src"] = export_source(fork, c, tmp_path / "cache")
+        return seen["src"], tmp_path / "b", {"cmake_options": [], "reused": True}
+    monkeypatch.setattr(cr, "build_commit", fake_build)
+    monkeypatch.setattr(tf, "ForkTarget", lambda bdir, src, env=None: NumpyTarget())
+    run, run_dir, _ = cr.replay_commit(rs.history_dir(str(out)), c1[:10], ["PQ4"], ["turbo3"], None, out=tmp_path / "r",
+                                       log=lambda s: None)
+    assert run.meta["fork_commit"] == c1 and run.meta["fork_describe"].endswith("first"), run.meta
+    assert (seen["src"] / "ggml" / "include" / "ggml.h").is_file() and (run_dir / "summary.md").is_file()

