@@ -192,12 +192,13 @@ def test_a_pair_whose_runs_used_other_kv_types_is_not_judged_agreeing(xb):
     row = next(r for r in sec["rows"] if r["pair"] == "turbo3/turbo3")
     assert row["status"] == "ERROR"
     # the floor's own runs not on the f16 cache: no floor to judge any pair against
-    res, cr, sec = xb.run(xb.make(b={"sub": {"f16": "q8_0"}}, pairs="f16/f16,q8_0/q8_0"))
+    # (fresh: another fake fork in the same build folders; its jobs must not come from the first run's cache)
+    res, cr, sec = xb.run(xb.make(b={"sub": {"f16": "q8_0"}}, pairs="f16/f16,q8_0/q8_0", fresh=True))
     assert _cells(cr, "cross_compared")["f16/f16"].verdict == Verdict.ERROR
     c = _cells(cr, "cross_kld_vs_floor")["q8_0/q8_0"]
     assert c.verdict == Verdict.SKIP and "did not use the f16 cache" in c.caveat, c.caveat
     # only the target's run substituted: named as the target's
-    res, cr, sec = xb.run(xb.make(b={"sub": {"turbo3": "q8_0"}}))
+    res, cr, sec = xb.run(xb.make(b={"sub": {"turbo3": "q8_0"}}, fresh=True))
     c = _cells(cr, "cross_compared")["turbo3/turbo3"]
     assert c.verdict == Verdict.ERROR and c.path.startswith("cuda:") and "cuda's run" in c.caveat, c.caveat
 
