@@ -74,6 +74,7 @@ def build_run(result, run_id: str, argv: list[str]):
     from harness.checks.sweeps import judge_sweep
     from harness.fork.build import read_build_meta
     from harness.report.model import Run
+    from harness.runners.offload import backends_run
     from harness.verify import gpu_info
 
     cr, section = judge_sweep(result)
@@ -84,11 +85,15 @@ def build_run(result, run_id: str, argv: list[str]):
             "python": platform.python_version(), "host": platform.node(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "jobs_run": result.jobs_run, "jobs_cached": result.jobs_cached,
             "sweep_seconds": round(result.seconds, 1), "target_backend": cfg.backend,
-            "backends_run": ([bmeta.get("backend") or cfg.backend] + [f"rpc {ep}" for ep in cfg.rpc]) if cfg.ngl > 0 else ["cpu"],
+            "backends_run": backends_run(cfg, bmeta.get("backend")),
             "gpu": gpu_info(), "cxx_compiler": bmeta.get("cxx_compiler") or result.meta.get("compiler") or None,
             "cuda_compiler": bmeta.get("cuda_compiler"),
             "cmake_options": cmake if isinstance(cmake, list) else [f"(not recorded; CMakeCache.txt sha256 {cmake})"],
             "baselines_added": list(cfg.baselines_added), "no_baselines": cfg.no_baselines}
+    if cfg.device_facts:  # the Vulkan line of the report's facts, as verify --target vulkan writes it
+        meta["target"] = {"vulkan": {k: cfg.device_facts[k] for k in ("driver", "visible_devices") if cfg.device_facts.get(k)}}
+        if bmeta.get("vulkan"):
+            meta["vulkan"] = bmeta["vulkan"]
     run = Run(run_id=run_id, meta=meta, interrupted=result.interrupted)
     run.checks.append(cr)
     for name in ("decode", "depth"):  # sections of their own: rendered from their 'markdown' by every renderer

@@ -114,7 +114,7 @@ class FakeTarget:
     def backends(self):
         return []
 
-    def model_tools(self):  # the fake build's scripts, run as a ForkTarget runs its build's tools
+    def model_tools(self, backend=None):  # the fake build's scripts, run as a ForkTarget runs its build's tools
         from harness.runners.model_smoke import ModelTools
         return ModelTools(self.bdir)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from harness.checks import compat, pq1_rotation
-from harness.checks.common import decode_tolerance
+from harness.checks.observations import decode_tolerance
 from harness.reference import turbo as T
 from harness.report.model import Verdict, worst
 from harness.runners import backend_ops

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -657,7 +658,10 @@ def test_decode_runs_where_the_sweep_offloads_and_says_where_it_ran(fake, monkey
         def ev(self, key):
             return fake.tmp / key
     dec.decode_job(fake.cfg("f16/f16", ngl=99), Path("x"), Path("p"), Cache(), "k1", "f16", "f16")
-    assert seen[-1][-1] == "99"
+    assert seen[-1][-3:] == ["99", "-", "-"]  # N_GPU_LAYERS, then -dev and --rpc: none
+    dec.decode_job(replace(fake.cfg("f16/f16", ngl=99), rpc=["127.0.0.1:50052"], devices="RPC0"), Path("x"), Path("p"),
+                   Cache(), "k2", "f16", "f16")
+    assert seen[-1][-3:] == ["99", "RPC0", "127.0.0.1:50052"]  # an rpcN side decodes on its server
     src = dec.SRC.read_text()
     assert "mp.n_gpu_layers = n_gpu_layers;" in src and "mp.n_gpu_layers = 0;" not in src
     res, rows = _result("f16/f16,q8_0/q8_0", {"f16/f16": REF, "q8_0/q8_0": REF}, {"q8_0/q8_0": 95.0})
@@ -667,8 +671,11 @@ def test_decode_runs_where_the_sweep_offloads_and_says_where_it_ran(fake, monkey
     res.config.ngl, res.config.rpc = 99, ["127.0.0.1:50052"]
     cells, sec = decode_cells(res, rows, load_rules(), "cuda")
     assert {c.path for c in cells} == {"cuda:decode"}
-    assert all("not on the rpc-server 127.0.0.1:50052" in c.caveat for c in cells)
-    assert "not on the rpc-server" in sec["markdown"]
+    assert all("spread over this machine's cuda and the rpc-server" in c.caveat for c in cells)
+    assert "spread over this machine's cuda" in sec["markdown"]
+    res.config.backend, res.config.devices = "rpc0", "RPC0"  # an rpcN side: every layer on the server, no note
+    cells, sec = decode_cells(res, rows, load_rules(), "rpc0")
+    assert {c.path for c in cells} == {"rpc0:decode"} and not any("rpc-server" in c.caveat for c in cells)
 
 
 def test_decode_vs_q4_0_uses_the_baseline_the_rule_names():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from harness.checks import pq1_rotation, pq2_codebook, pq3_norms, pq4_layout, pq6_attention
-from harness.checks.common import op_matrices
+from harness.checks.observations import op_matrices
 from harness.errors import ProbeCrash
 from harness.reference import turbo as T
 from harness.report.model import Verdict, worst

@@ -229,7 +229,8 @@ def test_failed_remote_call_is_explained_never_a_fork_crash():
 
 def test_lost_remote_is_an_error_cell_not_a_skip(make_ctx):
     """A remote that is gone while a decode route is chosen is ERROR (nothing measured), not 'not supported'."""
-    from harness.checks.common import decode_route, guarded
+    from harness.checks.common import guarded
+    from harness.checks.observations import decode_route
     from harness.report.model import Verdict
 
     class Gone(NumpyTarget):
@@ -536,7 +537,7 @@ def test_a_server_that_comes_back_is_used_again(rpc_server):
 def test_a_route_that_kills_the_remote_server_does_not_hide_the_next_route(make_ctx):
     """Over RPC a route the remote backend lacks can abort the server with a message the harness does not read as
     'unsupported'; the harness-started server is back for the next route, which is then used."""
-    from harness.checks.common import decode_route
+    from harness.checks.observations import decode_route
 
     class FirstRouteKills(NumpyTarget):
         def routes(self, backend):

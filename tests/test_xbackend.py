@@ -45,7 +45,8 @@ if ctk in conf.get("refuse", []):  # a clean refusal at start-up, before any KV 
 mib = lambda t: predict_kv_bytes(TRAITS[t], ctx, 1, 30, 3, 64) / 2**20
 sys.stderr.write(f"llama_kv_cache: size = {{mib(ctk) + mib(ctv):8.2f}} MiB ({{ctx:6d}} cells,  30 layers,  1/1 seqs), "
                  f"K ({{ctk}}): {{mib(ctk):8.2f}} MiB, V ({{ctv}}): {{mib(ctv):8.2f}} MiB\n")
-if int(a[a.index("-ngl") + 1]) > 0 and not conf.get("no_device"):
+seen = not conf.get("needs_env") or os.environ.get(conf["needs_env"])  # lavapipe: ggml sees it only when named
+if int(a[a.index("-ngl") + 1]) > 0 and not conf.get("no_device") and seen:
     sys.stderr.write(f"llama_model_load_from_file_impl: using device {{conf['name'].upper()}}0 (fake) - 1000 MiB free\n")
 sys.stderr.write(f"sched_reserve: graph splits = {{conf.get('splits', {{}}).get(ctk, 1)}}\n")
 sys.stderr.flush()
@@ -82,7 +83,7 @@ print(f"Same top p: {{100 - 100 * kld:.3f}} ± 0.100 %")
 
 
 def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None, sub=None,
-               no_device=False, refuse=()) -> Path:
+               no_device=False, refuse=(), needs_env="") -> Path:
     bdir = root / name
     (bdir / "bin").mkdir(parents=True, exist_ok=True)
     _script(bdir / "bin" / "llama-perplexity", FAKE.format(py=sys.executable, root=str(ROOT)))
@@ -90,6 +91,7 @@ def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash
                                                 "crash": list(crash), "calls": str(calls),
                                                 "splits": splits or {}, "sub": sub or {},
                                                 "no_device": no_device, "refuse": list(refuse),
+                                                "needs_env": needs_env,
                                                 "traits": {n: [t.name, t.id, t.blck, t.size] for n, t in TRAITS.items()}}))
     return bdir
 

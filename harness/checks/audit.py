@@ -24,7 +24,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from harness.checks.common import Context, quantizer_rotation
+from harness.checks.common import Context
+from harness.checks.observations import quantizer_rotation
 from harness.checks.contract import Check, Outcome
 from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.reference import turbo as T

@@ -18,8 +18,8 @@ import numpy as np
 
 from harness.checks.compat_tables import backend_ops_cells, coverage, coverage_table  # noqa: F401 (coverage: re-exported)
 from harness.checks.contract import Check, Outcome
-from harness.checks.common import (Context, byte_reader, decision_thresholds, guarded, op_matrices, precise_table,
-                                   quant_paths, quantizer_rotation)
+from harness.checks.common import Context, guarded, quant_paths
+from harness.checks.observations import byte_reader, decision_thresholds, op_matrices, precise_table, quantizer_rotation
 from harness.checks.pq6_attention import kernel_precision
 from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.targets.base import attempt, take

@@ -80,13 +80,16 @@ def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[l
     alpha = float(r.get("alpha", 0.01))
     by_row = {row["pair"]: row for row in rows}
     interrupted = result.interrupted is not None
-    # where the tool ran: with -ngl 0 every layer and its cache are on the CPU whatever the sweep's backend, and the
-    # tool never reaches --rpc servers (it runs on this machine's devices only)
+    # where the tool ran: with -ngl 0 every layer and its cache are on the CPU whatever the sweep's backend; turbo-decode
+    # gets the side's --rpc servers and -dev list as the other tools do (harness/runners/decode.py decode_job)
     where = backend if getattr(cfg, "ngl", 0) > 0 else "cpu"
     path = f"{where}:decode"
     rpc = list(getattr(cfg, "rpc", None) or [])
-    local_note = (f" (decode ran on this machine's {where}, not on the rpc-server{'s' if len(rpc) > 1 else ''} "
-                  f"{', '.join(rpc)}: turbo-decode does not reach remote devices)" if rpc else "")
+    devs = [d for d in (getattr(cfg, "devices", "") or "").split(",") if d]
+    remote_only = bool(devs) and all(d.startswith("RPC") for d in devs)
+    local_note = (f" (with --rpc {','.join(rpc)}: the layers were spread over this machine's {where} and the "
+                  f"rpc-server{'s' if len(rpc) > 1 else ''}, as in the sweep's other runs)"
+                  if rpc and where != "cpu" and not remote_only else "")
     cells: list[Cell] = []
     drows: list[dict] = []
     ref = result.decode.get(REF)

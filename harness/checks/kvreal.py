@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from harness.checks.contract import Check, Outcome
-from harness.checks.common import Context, precise_table
+from harness.checks.common import Context
+from harness.checks.observations import precise_table
 from harness.checks.pq5_distortion import metrics
 from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.reference import turbo as T

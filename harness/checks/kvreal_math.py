@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.checks.common import Context, decode_route, op_matrices
+from harness.checks.common import Context
+from harness.checks.observations import decode_route, op_matrices
 from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.reference import turbo as T
 from harness.reference.wht import signed_wht_matrix

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -74,9 +75,12 @@ def _evidence(ctx: Context, name: str) -> tuple[Path | None, list[str]]:
     return d / name, [f"evidence/{ID}/{name}.{ext}" for ext in ("cmd", "stdout", "stderr")]
 
 
-def judge_exit(ctx: Context, run: ms.SmokeRun, path: str, n_phases: int, must_accept: bool, ev: list[str]) -> Cell:
+def judge_exit(ctx: Context, run: ms.SmokeRun, path: str, n_phases: int, must_accept: bool, ev: list[str],
+               device: str = "") -> Cell:
     """The exit cell of one tool run: PASS (all phases), FAIL (crash after acceptance, or a failure after the
-    context existed), ERROR (hang, or the tool could not run), SKIP/FAIL (a clean refusal)."""
+    context existed), ERROR (hang, or the tool could not run, or it finished on another device than the target's:
+    ``device``, ggml's name of the one the layers were sent to, e.g. 'RPC0', must be in a 'using device' line),
+    SKIP/FAIL (a clean refusal)."""
     done = len(run.phases_done)
     details = {"phases_done": run.phases_done, "died_in": run.died_in, "rc": run.result.rc,
                "seconds": round(run.result.seconds, 2)}
@@ -105,6 +109,12 @@ def judge_exit(ctx: Context, run: ms.SmokeRun, path: str, n_phases: int, must_ac
         return _cell(ctx, run.pair, path, "phases_finished", done, n_phases, Verdict.ERROR,
                      f"{run.tool} exited 0 without finishing {run.died_in}: output format not understood", evidence=ev,
                      details=details)
+    if device and not re.search(rf"using device {re.escape(device)}\b", run.text):
+        # -dev named it (harness.runners.offload): a run that loaded the model elsewhere (a local GPU instead of the
+        # remote device) measured something else than the cells' path says
+        return _cell(ctx, run.pair, path, "phases_finished", done, n_phases, Verdict.ERROR,
+                     f"{run.tool} finished but did not use {device} (no 'using device {device}' line in its log): "
+                     f"nothing was measured on {ctx.target_backend}", evidence=ev, details=details)
     if ctx.target_backend != "cpu" and "using device " not in run.text:
         # llama.cpp names every device it loads the model with ('using device Vulkan0 ...'); none: the tool saw no
         # device and ran on the CPU (a Vulkan build seeing only lavapipe, hidden GPUs): its cells are not the target's
@@ -154,7 +164,8 @@ def run(ctx: Context) -> Outcome:
     from harness.runners.inputs import default_corpus
     from harness.runners.models import resolve_model
     opts = dict(ctx.options.get(ID, {})) if getattr(ctx, "options", None) else {}
-    tools = ctx.target.model_tools()  # the target's build runs the tools; this check judges their results
+    tools = ctx.target.model_tools(ctx.target_backend)  # the target's build runs the tools (its layers on the target
+    # backend's device: harness.runners.offload.model_offload); this check judges their results
     if tools is None:
         return [_cell(ctx, "-", "model", "-", None, None, Verdict.SKIP,
                       f"{ctx.target.name} is not a fork build: MODEL runs the fork's own llama tools")]
@@ -171,6 +182,7 @@ def run(ctx: Context) -> Outcome:
     notes = cells.notes
     notes.append(f"model {model.name}; flash attention {fa}; env {env}; ctx {th['ctx']}, {th['chunks']} chunks, "
                  f"{th['n_predict']} decode steps")
+    notes += list(getattr(tools.offload, "notes", ()))
     with tempfile.TemporaryDirectory(prefix="turbo-model-") as work:
         work = Path(work)
         for k, v in pairs if want_state else []:
@@ -183,7 +195,7 @@ def run(ctx: Context) -> Outcome:
             prefix, ev = _evidence(ctx, f"{k}-{v}.state")
             r = tools.state_roundtrip(model, k, v, fa=fa, ctx=int(th["ctx"]), n_predict=int(th["n_predict"]),
                                    threads=threads, env=env, timeout=float(th["timeout_s"]), evidence=prefix, workdir=work)
-            cells.append(judge_exit(ctx, r, "state_roundtrip", len(ms.STATE_PHASES), must, ev))
+            cells.append(judge_exit(ctx, r, "state_roundtrip", len(ms.STATE_PHASES), must, ev, tools.device))
             cells += judge_log(ctx, r, k, v, env, "state_roundtrip", ev)
         if not want_ppl:
             return cells
@@ -207,7 +219,7 @@ def _perplexity(ctx, tools, model, corpus, pairs, fa, env, th, threads, must, wo
               timeout=float(th["timeout_s"]), base_file=base)
     prefix, ev = _evidence(ctx, "f16-f16.ppl")
     r = tools.perplexity(model, corpus, "f16", "f16", evidence=prefix, write_base=True, **kw)
-    c = judge_exit(ctx, r, "perplexity", len(ms.PPL_PHASES), must, ev)
+    c = judge_exit(ctx, r, "perplexity", len(ms.PPL_PHASES), must, ev, tools.device)
     ppl = r.stats.get("ppl")
     if c.verdict == Verdict.PASS:
         ok = ppl is not None and math.isfinite(ppl)
@@ -225,7 +237,7 @@ def _perplexity(ctx, tools, model, corpus, pairs, fa, env, th, threads, must, wo
             continue
         prefix, ev = _evidence(ctx, f"{k}-{v}.ppl")
         r = tools.perplexity(model, corpus, k, v, evidence=prefix, write_base=False, **kw)
-        c = judge_exit(ctx, r, "perplexity", len(ms.PPL_PHASES), must, ev)
+        c = judge_exit(ctx, r, "perplexity", len(ms.PPL_PHASES), must, ev, tools.device)
         if c.verdict == Verdict.PASS:
             kld, ppl = r.stats.get("kld"), r.stats.get("ppl")
             bound = kld_bound(th["kld_max"], k, v)

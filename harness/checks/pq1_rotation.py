@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from harness.checks.contract import Check
-from harness.checks.common import (Context, decision_thresholds, guarded, op_matrices, quant_paths,
-                                   quantizer_rotation)
+from harness.checks.common import Context, guarded, quant_paths
+from harness.checks.observations import decision_thresholds, op_matrices, quantizer_rotation
 from harness.checks.readers import reader_indices, reader_of
 from harness.reference import turbo as T
 from harness.reference.wht import canonical_signs, factor_signed_wht, signed_wht_matrix

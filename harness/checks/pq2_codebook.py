@@ -12,8 +12,9 @@ import itertools
 import numpy as np
 
 from harness.checks.contract import Check, Outcome
-from harness.checks.common import (LOSSY_DECODE, Context, centroid_table, centroid_table_spread, decision_thresholds,
-                                   decode_route, guarded, quant_paths)
+from harness.checks.common import Context, guarded, quant_paths
+from harness.checks.observations import (LOSSY_DECODE, centroid_table, centroid_table_spread, decision_thresholds,
+                                         decode_route)
 from harness.errors import HarnessError, ProbeCrash, Unsupported
 from harness.reference import turbo as T
 from harness.reference.lloydmax import expected_distortion, lloyd_max

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from harness.checks.contract import Check
-from harness.checks.common import Context, guarded, precise_table, quant_paths
+from harness.checks.common import Context, guarded, quant_paths
+from harness.checks.observations import precise_table
 from harness.checks.readers import reader_of
 from harness.reference import turbo as T
 from harness.report.model import Cell, Verdict

@@ -17,8 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from harness.checks.contract import Check
-from harness.checks.common import (Context, decision_thresholds, decode_route, decode_tolerance, guarded, op_matrices,
-                                   precise_table, quant_paths, quantizer_rotation)
+from harness.checks.common import Context, guarded, quant_paths
+from harness.checks.observations import (decision_thresholds, decode_route, decode_tolerance, op_matrices,
+                                         precise_table, quantizer_rotation)
 from harness.checks.readers import Reader, reader_of
 from harness.errors import Unsupported
 from harness.reference import turbo as T

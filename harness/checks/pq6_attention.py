@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from harness.checks.contract import Check, Outcome
-from harness.checks.common import Context, guarded, op_matrices, precise_table, quantizer_rotation
+from harness.checks.common import Context, guarded
+from harness.checks.observations import op_matrices, precise_table, quantizer_rotation
 from harness.errors import ProbeCrash, Unsupported
 from harness.reference import turbo as T
 from harness.reference.attention import attention, relative_error

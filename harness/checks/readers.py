@@ -3,7 +3,7 @@
 
 PQ1, PQ3, PQ4 and PQ5 decode the bytes of every quantise path. A backend that writes a type it cannot read (Vulkan
 writes turbo2/turbo4 but reads only turbo3 on fork 69d8e4be4) has its bytes decoded by another backend's exact
-decode route (:func:`harness.checks.common.byte_reader`): the bytes are the common block format, so any reader
+decode route (:func:`harness.checks.observations.byte_reader`): the bytes are the common block format, so any reader
 decodes them. The cell then says who decoded them (:attr:`Reader.note`), its details name the reader
 (``details['reader']``, which :func:`harness.checks.common.annotate_modes` and :func:`harness.checks.examined.measured`
 read: the write op ran on the writer's backend, the decode on the reader's), and where no reader exists the cell stays
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.checks.common import Context, byte_reader, centroid_table
+from harness.checks.common import Context
+from harness.checks.observations import byte_reader, centroid_table
 from harness.errors import Unsupported
 from harness.reference import turbo as T
 

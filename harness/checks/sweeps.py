@@ -86,6 +86,9 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
                         "agreement, Δp and ln-PPL-ratio standard error vs the f16 baseline are computed by the harness "
                         "from the two saved logit files (harness/runners/logit_files.py); PPL and the ln PPL ratio are "
                         "llama-perplexity's")
+    dev = cfg.device_facts or {}
+    if dev.get("software") or dev.get("visible_devices"):  # harness/runners/offload.py: what the device is, what was set
+        cr.notes.append("; ".join(x for x in (f"ran on {dev.get('label') or backend}", dev.get("visible_devices")) if x))
     # notes beside the rules
     if mi is not None:
         if mi.n_embd < rules["notes"]["tiny_model_n_embd"]:

@@ -12,14 +12,19 @@
  * stderr: llama.cpp's own log (the KV-cache size line names the types really used) and a line
  *   "turbo-decode: phase <prefill|decode> prompt <i> [token <j>]" before each step, so a crash names its phase.
  *
- * usage: turbo-decode MODEL.gguf PROMPTS_FILE N_PROMPT N_GEN TYPE_K TYPE_V [N_THREADS [N_GPU_LAYERS]]
+ * usage: turbo-decode MODEL.gguf PROMPTS_FILE N_PROMPT N_GEN TYPE_K TYPE_V [N_THREADS [N_GPU_LAYERS [DEVICES [RPC]]]]
  * N_GPU_LAYERS (default 0) is llama.cpp's -ngl: the layers, and their K/V cache, on the build's GPU backend, so
  * that a GPU sweep's decode runs the GPU's decode kernels (with 0 every layer runs on the CPU).
+ * DEVICES is llama.cpp's -dev: comma-separated ggml device names the layers may go to ('RPC0'), 'none' for the
+ * CPU only, '-' (default) for every device. RPC is llama.cpp's --rpc: comma-separated HOST:PORT of rpc-servers whose
+ * devices join the registry first (RPC0, RPC1, ...), through the registry's "ggml_backend_rpc_add_server" (no
+ * ggml-rpc.h needed: a build without RPC says so), '-' (default) for none.
  * exit codes: 0 ok; 2 bad input (message on stderr); 3 the model or context could not be created (the
  * configuration was refused); 4 llama_decode failed after the context was created.
  */
 #include "llama.h"
 #include "ggml.h"
+#include "ggml-backend.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -75,9 +80,54 @@ static char * read_file(const char * path, size_t * len) {
     return buf;
 }
 
+/* Add the devices of each rpc-server of a comma-separated HOST:PORT list to the registry (as llama.cpp's --rpc).
+   0 on success, else a message on stderr and 2 (the harness's setup: no RPC in the build, no server there). */
+typedef ggml_backend_reg_t (*td_rpc_add_server_fn)(const char * endpoint);
+
+static int add_rpc_servers(const char * list) {
+    ggml_backend_reg_t rpc = ggml_backend_reg_by_name("RPC");
+    td_rpc_add_server_fn add = rpc ? (td_rpc_add_server_fn) ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_add_server") : NULL;
+    if (!add) {
+        fprintf(stderr, "turbo-decode: this fork build has no RPC backend: rebuild it with `turbo-harness build --rpc`\n");
+        return 2;
+    }
+    char buf[1024];
+    snprintf(buf, sizeof(buf), "%s", list);
+    for (char * ep = strtok(buf, ","); ep; ep = strtok(NULL, ",")) {
+        ggml_backend_reg_t reg = add(ep);
+        if (!reg) {
+            fprintf(stderr, "turbo-decode: Failed to connect to %s (no rpc-server there, or it reported no device)\n", ep);
+            return 2;
+        }
+        ggml_backend_register(reg);
+    }
+    return 0;
+}
+
+/* The NULL-terminated device list of a comma-separated list of ggml device names ('none': empty). NULL and a message on
+   stderr for an unknown name. */
+static ggml_backend_dev_t * parse_devices(const char * list) {
+    static ggml_backend_dev_t devs[16];
+    int n = 0;
+    if (strcmp(list, "none") != 0) {
+        char buf[512];
+        snprintf(buf, sizeof(buf), "%s", list);
+        for (char * name = strtok(buf, ","); name && n < 15; name = strtok(NULL, ",")) {
+            ggml_backend_dev_t dev = ggml_backend_dev_by_name(name);
+            if (!dev) {
+                fprintf(stderr, "turbo-decode: unknown device: %s\n", name);
+                return NULL;
+            }
+            devs[n++] = dev;
+        }
+    }
+    devs[n] = NULL;
+    return devs;
+}
+
 int main(int argc, char ** argv) {
     if (argc < 7) {
-        fprintf(stderr, "usage: %s MODEL.gguf PROMPTS_FILE N_PROMPT N_GEN TYPE_K TYPE_V [N_THREADS [N_GPU_LAYERS]]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL.gguf PROMPTS_FILE N_PROMPT N_GEN TYPE_K TYPE_V [N_THREADS [N_GPU_LAYERS [DEVICES [RPC]]]]\n", argv[0]);
         return 2;
     }
     const char * model_path = argv[1];
@@ -105,6 +155,18 @@ int main(int argc, char ** argv) {
     llama_backend_init();
     struct llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = n_gpu_layers;
+    if (argc > 10 && strcmp(argv[10], "-") != 0) {
+        int rc = add_rpc_servers(argv[10]);
+        if (rc) {
+            return rc;
+        }
+    }
+    if (argc > 9 && strcmp(argv[9], "-") != 0) {
+        mp.devices = parse_devices(argv[9]);
+        if (!mp.devices) {
+            return 2;
+        }
+    }
     struct llama_model * model = llama_model_load_from_file(model_path, mp);
     if (!model) {
         fprintf(stderr, "turbo-decode: could not load model %s\n", model_path);

@@ -147,7 +147,8 @@ def decode_job(cfg, exe: Path, prompts_file: Path, cache, key: str, k: str, v: s
     ev = cache.ev(key)
     kt, vt, rot = split_pair(k, v)
     cmd = [str(exe), str(cfg.model), str(prompts_file), str(cfg.decode_n_prompt), str(cfg.decode_n_gen), kt, vt,
-           str(cfg.threads), str(cfg.ngl)]
+           str(cfg.threads), str(cfg.ngl), cfg.devices or "-", ",".join(cfg.rpc) or "-"]  # -dev and --rpc, as the
+    # sweep's other tools get them (harness/runners/sweep_jobs.py _common_args): an rpcN side decodes on its server
     res = run_tool(cmd, {**cfg.env(), **(ROT_ENV if rot else {})}, cfg.timeout, ev / "decode", cfg.env_unset())
     rec = JobRecord("decode", pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / "decode"),
                     seconds=res.seconds, key=key)

@@ -111,21 +111,25 @@ def common_args(model: Path, k: str, v: str, fa: str, ctx: int, threads: int) ->
 
 
 def state_roundtrip(bdir: Path, model: Path, k: str, v: str, *, fa: str, ctx: int, n_predict: int, threads: int,
-                    env: dict[str, str], timeout: float, evidence: Path | None, workdir: Path) -> SmokeRun:
+                    env: dict[str, str], timeout: float, evidence: Path | None, workdir: Path,
+                    offload: tuple[str, ...] = ()) -> SmokeRun:
     """Run ``llama-save-load-state`` once for one K/V pair, in ``workdir`` (the tool writes its state file,
-    ``dump_state.bin``, where it runs)."""
+    ``dump_state.bin``, where it runs). ``offload``: arguments that put the layers on a device
+    (:class:`harness.runners.offload.Offload`; () = the tool's defaults)."""
     tool = Path(bdir) / "bin" / "llama-save-load-state"
-    cmd = [str(tool), *common_args(model, k, v, fa, ctx, threads), "-n", str(n_predict), "--seed", "1234"]
+    cmd = [str(tool), *common_args(model, k, v, fa, ctx, threads), *offload, "-n", str(n_predict), "--seed", "1234"]
     res = run_tool(cmd, env, timeout, evidence, cwd=workdir)
     return _observe("llama-save-load-state", f"{k}/{v}", res, STATE_PHASES, timeout)
 
 
 def perplexity(bdir: Path, model: Path, corpus: Path, k: str, v: str, *, fa: str, ctx: int, chunks: int, threads: int,
-               env: dict[str, str], timeout: float, evidence: Path | None, base_file: Path, write_base: bool) -> SmokeRun:
+               env: dict[str, str], timeout: float, evidence: Path | None, base_file: Path, write_base: bool,
+               offload: tuple[str, ...] = ()) -> SmokeRun:
     """One ``llama-perplexity`` run: with ``write_base`` the f16 run that saves the logits to ``base_file``,
-    else ``--kl-divergence`` against it. stats gets 'ppl' (and 'kld', 'same_top_p_pct', ... for KLD runs)."""
+    else ``--kl-divergence`` against it. stats gets 'ppl' (and 'kld', 'same_top_p_pct', ... for KLD runs).
+    ``offload``: as for :func:`state_roundtrip`."""
     tool = Path(bdir) / "bin" / "llama-perplexity"
-    cmd = [str(tool), *common_args(model, k, v, fa, ctx, threads), "-f", str(corpus), "--chunks", str(chunks),
+    cmd = [str(tool), *common_args(model, k, v, fa, ctx, threads), *offload, "-f", str(corpus), "--chunks", str(chunks),
            "-b", str(ctx), "--kl-divergence-base", str(base_file)]
     if not write_base:
         cmd.append("--kl-divergence")
@@ -143,18 +147,33 @@ def perplexity(bdir: Path, model: Path, corpus: Path, k: str, v: str, *, fa: str
 class ModelTools:
     """The fork's llama tools of one build folder (``<bdir>/bin``), handed to the MODEL check by its target
     (:meth:`harness.targets.base.Target.model_tools`): the target's build runs them, the check judges what they
-    return (:class:`SmokeRun`)."""
+    return (:class:`SmokeRun`).
+
+    ``offload`` (:class:`harness.runners.offload.Offload`) puts every run's layers on the target backend's device:
+    its arguments (``-dev Vulkan0 -ngl 99``, ``--rpc HOST:PORT -dev RPC0 -ngl 99``) and environment additions
+    (``GGML_VK_VISIBLE_DEVICES``) go to every tool call; None runs the tools with their defaults."""
 
     bdir: Path
+    offload: object = None
+
+    @property
+    def device(self) -> str:
+        """ggml's name of the device the layers must go to ('' when none is named)."""
+        return getattr(self.offload, "device", "")
 
     def has(self, tool: str) -> bool:
         """Whether ``bin/<tool>`` is built."""
         return (Path(self.bdir) / "bin" / tool).is_file()
 
+    def _kw(self, kw: dict) -> dict:
+        if self.offload is None:
+            return kw
+        return {**kw, "offload": tuple(self.offload.args), "env": {**kw.get("env", {}), **self.offload.env}}
+
     def state_roundtrip(self, model: Path, k: str, v: str, **kw) -> SmokeRun:
         """:func:`state_roundtrip` with this build."""
-        return state_roundtrip(self.bdir, model, k, v, **kw)
+        return state_roundtrip(self.bdir, model, k, v, **self._kw(kw))
 
     def perplexity(self, model: Path, corpus: Path, k: str, v: str, **kw) -> SmokeRun:
         """:func:`perplexity` with this build."""
-        return perplexity(self.bdir, model, corpus, k, v, **kw)
+        return perplexity(self.bdir, model, corpus, k, v, **self._kw(kw))

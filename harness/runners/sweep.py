@@ -201,7 +201,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
     """Run (or resume) a sweep. Never raises for a failing tool or pair: those become failed job records.
 
     Args:
-        cfg: the sweep configuration.
+        cfg: the sweep configuration (a side offloading to Vulkan gets the device variable it needs first:
+            :func:`harness.runners.offload.sweep_device_env`; the result's ``config`` is the one run).
         progress: show a tqdm bar of jobs done and time left (on stderr).
         log: where one-line notes go.
         traits: {type name: TypeTrait}; default measured from the build's libggml-base (tests inject them).
@@ -217,6 +218,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
             caller can write the partial report.
     """
     t0 = time.time()
+    from harness.runners.offload import sweep_device_env
+    cfg = sweep_device_env(cfg)  # a Vulkan side on a machine with only software devices: name them to ggml
     ppl_tool = binary(cfg.bdir, "llama-perplexity")
     bench_tool = binary(cfg.bdir, "llama-bench") if cfg.bench else None
     traits = traits if traits is not None else type_traits(str(cfg.bdir))
@@ -226,6 +229,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
             "turbo_env_inherited": {k: v for k, v in os.environ.items() if k.startswith("TURBO_")},
             "type_traits": {n: [t.blck, t.size] for n, t in traits.items()
                             if n in {x for p in cfg.pairs for x in split_pair(*p)[:2]} | {"f16", "q8_0"}}}
+    if cfg.device_facts:
+        meta["device"] = cfg.device_facts
     meta["load_start"] = machine_load()
     result = SweepResult(cfg, meta, None, None, traits=traits)
     try:

@@ -115,8 +115,17 @@ def no_device_used(cfg, stderr: str) -> str:
     with (src/llama.cpp; layers go to them as -ngl says); a tool of a GPU build that sees no device of it (a Vulkan
     build on a machine whose only Vulkan device is lavapipe, which ggml ignores unless ``GGML_VK_VISIBLE_DEVICES``
     names it; CUDA_VISIBLE_DEVICES hiding every GPU) prints none, ignores ``-ngl`` and runs on the CPU with exit 0. Checked for a side that offloads
-    (``ngl`` > 0) on a backend other than the CPU; a remote side is :func:`rpc_unreached`'s."""
-    if cfg.ngl <= 0 or cfg.backend in ("cpu", "") or cfg.rpc or "using device " in stderr:
+    (``ngl`` > 0) on a backend other than the CPU; a remote side is :func:`rpc_unreached`'s, and a side whose device
+    list names the devices (``-dev RPC0``) must have used each of them."""
+    import re
+    if cfg.ngl <= 0 or cfg.backend in ("cpu", ""):
+        return ""
+    named = [d for d in (cfg.devices or "").split(",") if d and d != "none"]
+    unused = [d for d in named if not re.search(rf"using device {re.escape(d)}\b", stderr)]
+    if unused:
+        return (f"the tool did not use {unused[0]} (no 'using device {unused[0]}' line in its log, though -dev "
+                f"{cfg.devices} -ngl {cfg.ngl} asked for it), so nothing was measured on {cfg.backend}")
+    if named or cfg.rpc or "using device " in stderr:
         return ""
     return (f"the tool used no {cfg.backend} device (no 'using device' line in its log: it ignored -ngl {cfg.ngl} and ran "
             f"on the CPU), so nothing was measured on {cfg.backend}: make the device visible to it (a software Vulkan "
@@ -177,6 +186,9 @@ class SweepConfig:
     # the reference side of a cross-backend sweep: each pair's one llama-perplexity pass saves its logits (scored
     # by the other backends) and its KLD vs this side's f16 is computed from the two files (runners/logit_files.py)
     save_pair_logits: bool = False
+    # what the side's backend device needs and is (harness/runners/offload.py sweep_device_env: the Vulkan visibility
+    # variable set, the devices used, whether one is a software device); {} until looked at, and for other backends
+    device_facts: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.batch = self.batch or self.ctx

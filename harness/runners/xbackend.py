@@ -14,8 +14,10 @@ sweep) plus one scoring pass per pair on each other backend: with N pairs and tw
 the spec. (Before, A ran each non-f16 pair twice: once scored, once to save its logits, 4N+1 in all.)
 
 Backends by name (harness/fork/backends.py): ``cpu`` (``-ngl 0 -dev none`` and the GPU backends' hide_env, so a CPU
-side of a GPU build stays on the CPU), a GPU backend (``-ngl 99``), or ``rpcN`` (the N-th ``--rpc`` server,
-``-ngl 99 --rpc HOST:PORT``). Judging is in :mod:`harness.checks.xbackend`.
+side of a GPU build stays on the CPU), a GPU backend (``-ngl 99``; a Vulkan side on a machine whose only Vulkan devices
+are software ones also gets ``GGML_VK_VISIBLE_DEVICES`` naming them: :mod:`harness.runners.offload`), or ``rpcN`` (the
+N-th ``--rpc`` server, ``-ngl 99 --rpc HOST:PORT -dev RPC0``: every layer on that server's device, none on a local GPU
+of the side's build). Judging is in :mod:`harness.checks.xbackend`.
 """
 from __future__ import annotations
 
@@ -63,15 +65,17 @@ def side_config(name: str, template: SweepConfig, bdir: Path, endpoints: list[st
     offload, remote server and the variables that keep its tools on it.
 
     cpu: ``-ngl 0 -dev none`` plus every GPU backend's hide_env (CUDA_VISIBLE_DEVICES='' ...), so that a CPU side of a
-    GPU build neither offloads layers nor big matrix products. rpcN: ``-ngl 99 --rpc endpoints[N]``. Any other name:
-    ``-ngl 99`` on its own build."""
+    GPU build neither offloads layers nor big matrix products. rpcN: ``-ngl 99 --rpc endpoints[N] -dev RPC0`` (the
+    tools number the devices of the one server they are given from RPC0, ggml-rpc.cpp ggml_backend_rpc_add_server; the
+    device list keeps the layers off a local GPU of the side's build). Any other name: ``-ngl 99`` on its own build
+    (a Vulkan side's device variable is added when it runs: :func:`harness.runners.offload.sweep_device_env`)."""
     m = _RPC.match(name)
     if name == "cpu":
         hide = {k: v for b in backends.TABLE if b.name != "cpu" for k, v in b.hide_env}
         return replace(template, backend="cpu", bdir=bdir, ngl=0, rpc=[], devices="none",
                        extra_env={**template.extra_env, **hide})
     if m:
-        return replace(template, backend=name, bdir=bdir, ngl=99, rpc=[endpoints[int(m.group(1))]], devices="")
+        return replace(template, backend=name, bdir=bdir, ngl=99, rpc=[endpoints[int(m.group(1))]], devices="RPC0")
     return replace(template, backend=name, bdir=bdir, ngl=99, rpc=[], devices="")
 
 
@@ -168,7 +172,9 @@ def run_xbackend(cfg: XConfig, progress: bool = True, log: Callable[[str], None]
     from harness.interrupt import Interrupted, raise_if_pending
     from harness.runners import sweep as S
 
+    from harness.runners.offload import sweep_device_env
     t0 = time.time()
+    cfg.sides = [sweep_device_env(s) for s in cfg.sides]  # once per side: its own sweep and its scoring runs use it
     out = XResult(cfg, load_start=S.machine_load())
     try:
         for side in cfg.sides:

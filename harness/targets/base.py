@@ -200,9 +200,10 @@ class Target:
         """
         raise HarnessError(f"{self.name} runs no model (not a fork build)")
 
-    def model_tools(self):
+    def model_tools(self, backend: str | None = None):
         """The fork's llama tools this target runs for the MODEL check
-        (:class:`harness.runners.model_smoke.ModelTools`), or None when it has none (not a fork build)."""
+        (:class:`harness.runners.model_smoke.ModelTools`), their layers on ``backend``'s device (None: the tools'
+        defaults), or None when it has none (not a fork build)."""
         return None
 
     def describe(self) -> dict:

@@ -330,10 +330,16 @@ class ForkTarget(Target):
         from harness.fork.kvcapture import capture
         return capture(self.kv_capture_tool(), model, corpus, n_tokens, out_dir, timeout_s=timeout_s)
 
-    def model_tools(self):
-        """The llama tools of this build (:class:`harness.runners.model_smoke.ModelTools`)."""
+    def model_tools(self, backend: str | None = None):
+        """The llama tools of this build (:class:`harness.runners.model_smoke.ModelTools`), with the arguments and
+        environment that put their layers on ``backend``'s device (:func:`harness.runners.offload.model_offload`:
+        ``--rpc`` for a remote device, the Vulkan visibility variable this target set for its probe).
+
+        Raises:
+            HarnessError: the backend has no device in this build."""
         from harness.runners.model_smoke import ModelTools
-        return ModelTools(self.build_dir)
+        from harness.runners.offload import model_offload
+        return ModelTools(self.build_dir, model_offload(self, backend))
 
     def describe(self):
         return {"target": self.name, "build_dir": str(self.build_dir), "probe": str(self.lib),
