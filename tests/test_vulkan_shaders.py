@@ -178,3 +178,13 @@ def test_variants_are_counted_from_the_generated_header_and_shown_in_the_report(
     fact = shaders_fact({**plan, "variants": v})
     assert fact.startswith("; 7 shader variants; built for a software device: coopmat/coopmat2/int-dot/bf16")
     assert shaders_fact(None) == ""
+
+
+def test_ccache_env_reaches_the_projects_a_build_configures_itself(tmp_path):
+    from harness.fork.cmake_util import ccache_env
+    env = ccache_env({"PATH": "/usr/bin"}, tmp_path / "src", tmp_path / "build")
+    # CMake's default launcher from the environment: ggml-vulkan's ExternalProject vulkan-shaders-gen gets ccache too
+    assert env["CMAKE_C_COMPILER_LAUNCHER"] == env["CMAKE_CXX_COMPILER_LAUNCHER"] == "ccache"
+    assert env["CCACHE_BASEDIR"] == str(tmp_path.resolve())
+    mine = ccache_env({"CMAKE_CXX_COMPILER_LAUNCHER": "sccache", "CCACHE_BASEDIR": "/x"}, tmp_path / "s", tmp_path / "b")
+    assert mine["CMAKE_CXX_COMPILER_LAUNCHER"] == "sccache" and mine["CCACHE_BASEDIR"] == "/x"  # the user's kept

@@ -19,8 +19,15 @@ def launcher_options(backend: str, opts: list[str]) -> list[str]:
 
 
 def ccache_env(env: dict, fork: Path, bdir: Path) -> dict:
-    """CCACHE_BASEDIR (unless set) at the folder holding both the source and the build, so that the cache hits
-    across clones in other folders (compile lines then name relative paths)."""
+    """The environment of a build that uses ccache: ``CMAKE_C_COMPILER_LAUNCHER`` and ``CMAKE_CXX_COMPILER_LAUNCHER``
+    set to ccache (unless set), CMake's default launcher for every project it configures from this environment, so
+    that the projects a build configures itself get it too (ggml-vulkan's ExternalProject ``vulkan-shaders-gen``,
+    which the main project's ``-D`` options do not reach: 12 s of a warm Vulkan build otherwise); and
+    CCACHE_BASEDIR (unless set) at the folder holding both the source and the build, so that the cache hits across
+    clones in other folders (compile lines then name relative paths)."""
+    env = dict(env)
+    for lang in ("C", "CXX"):
+        env.setdefault(f"CMAKE_{lang}_COMPILER_LAUNCHER", "ccache")
     if "CCACHE_BASEDIR" in env:
         return env
     base = os.path.commonpath([str(Path(fork).resolve()), str(Path(bdir).resolve())])
