@@ -170,8 +170,9 @@ def test_crash_on_b_only_is_its_own_cell_never_pass(xb):
     assert c.verdict == Verdict.FAIL and "ran on cpu only" in c.caveat and "GGML_ASSERT(fake crash)" in c.caveat
     assert "turbo3/turbo3" not in _cells(cr, "cross_kld_vs_floor")
     assert cr.verdict == Verdict.FAIL
-    # the other way round: the reference crashed, the target ran alone
-    res, cr, sec = xb.run(xb.make(a={"crash": ["turbo3"]}, pairs="f16/f16,turbo3/turbo3"))
+    # the other way round: the reference crashed, the target ran alone (fresh: another fake fork in the same build
+    # folders; its jobs must not come from the first scenario's cache, where the cpu side's turbo3 run succeeded)
+    res, cr, sec = xb.run(xb.make(a={"crash": ["turbo3"]}, pairs="f16/f16,turbo3/turbo3", fresh=True))
     c = _cells(cr, "cross_compared")["turbo3/turbo3"]
     assert c.verdict == Verdict.FAIL and "ran on cuda only" in c.caveat and c.target is False
 

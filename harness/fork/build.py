@@ -27,6 +27,8 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.fork import backends
+from harness.fork.cmake_util import (ccache_env, cmake_error, compiler_version, read_cmake_cache,  # noqa: F401
+                                     tail_errors, launcher_options)
 from harness.fork.provenance import (BUILD_META, build_identity, check_provenance, git_state, has_turbo_types,  # noqa: F401
                                      head_commit, provenance_mismatch, public_url, read_build_meta, require_turbo,
                                      source_label)
@@ -100,7 +102,7 @@ def _built_from(bdir: Path) -> str | None:
     meta = read_build_meta(bdir)
     if meta.get("fork_dir"):
         return str(Path(meta["fork_dir"]).resolve())
-    home = _read_cmake_cache(bdir).get("CMAKE_HOME_DIRECTORY")
+    home = read_cmake_cache(bdir).get("CMAKE_HOME_DIRECTORY")
     return str(Path(home).resolve()) if home else None
 
 
@@ -144,32 +146,6 @@ def cmake_options(backend: str, extra: list[str] | None = None) -> list[str]:
     if backend == "cuda" and os.environ.get("CUDA_ARCH"):
         opts.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CUDA_ARCH']}")
     return opts + list(extra or [])
-
-
-def launcher_options(backend: str, opts: list[str]) -> list[str]:
-    """ccache as the compiler launcher when installed (``TURBO_CCACHE=0`` turns it off) and ``opts`` set none:
-    a rebuild of sources compiled before (another clone, another build folder, a replayed commit) is mostly hits."""
-    if os.environ.get("TURBO_CCACHE", "1") == "0" or not shutil.which("ccache") or any("LAUNCHER" in o for o in opts):
-        return []
-    langs = ["C", "CXX"] + (["CUDA"] if backend == "cuda" else [])
-    return [f"-DCMAKE_{lang}_COMPILER_LAUNCHER=ccache" for lang in langs]
-
-
-def _ccache_env(env: dict, fork: Path, bdir: Path) -> dict:
-    """CCACHE_BASEDIR (unless set) at the folder holding both the source and the build, so that the cache hits
-    across clones in other folders (compile lines then name relative paths)."""
-    if "CCACHE_BASEDIR" in env:
-        return env
-    base = os.path.commonpath([str(Path(fork).resolve()), str(Path(bdir).resolve())])
-    return dict(env, CCACHE_BASEDIR=base, CCACHE_NOHASHDIR="1") if base != os.sep else env
-
-
-def _compiler_version(cc: str) -> str:
-    try:
-        r = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=20)
-        return r.stdout.splitlines()[0] if r.stdout else cc
-    except (OSError, subprocess.TimeoutExpired):
-        return cc
 
 
 @dataclass
@@ -216,15 +192,15 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
     extra_meta = {}
     if backend == "vulkan":  # packages, and headers new enough for the fork (fetched into .cache/ when the system's are old)
         from harness.fork import vulkan
-        vk_cmake, vk_env, extra_meta["vulkan"] = vulkan.prepare_build(log)
+        vk_cmake, vk_env, extra_meta["vulkan"] = vulkan.prepare_build(log, fork=fork, bdir=bdir)
         opts += vk_cmake
         env = {**(env or os.environ), **vk_env}
-    existing = _read_cmake_cache(bdir)
+    existing = read_cmake_cache(bdir)
     # ccache and Ninja for a new folder; a folder configured before keeps its generator (CMake cannot change it) and
     # gets no launcher it did not have (a changed compile command would make Ninja recompile everything)
     launch = launcher_options(backend, opts) if not existing or existing.get("CMAKE_C_COMPILER_LAUNCHER") else []
     gen = ["-G", "Ninja"] if shutil.which("ninja") and not existing else []
-    env = _ccache_env(dict(env or os.environ), fork, bdir) if launch else env
+    env = ccache_env(dict(env or os.environ), fork, bdir) if launch else env
     logf = bdir / "turbo-harness-build.log"
     source = git_state(fork)  # what is compiled: the checkout as the build starts (recorded for provenance)
     t0 = time.time()
@@ -240,23 +216,26 @@ def build(backend: str | None = None, targets: list[str] | None = None, fork: Pa
             r = subprocess.run(["cmake", "-S", str(fork), "-B", str(bdir), *gen, *configure], stdout=lf,
                                stderr=subprocess.STDOUT, env=env)
             if r.returncode != 0:
-                raise HarnessError(f"CMake configure of {fork} for {backend} failed: {_cmake_error(logf)} "
+                raise HarnessError(f"CMake configure of {fork} for {backend} failed: {cmake_error(logf)} "
                                    f"(full log: {logf})")
     again = _stale_targets(prev, source, fork, configure, targets)
     if again:
         log(f"{bdir} holds {', '.join(again)} built from {source_label(prev.get('fork_commit'), prev.get('fork_dirty'), prev.get('fork_diff_sha256'))}"
             f" or with other options: rebuilt too (the build's record names one source for all its tools)")
     _build_targets(bdir, fork, backend, targets + again, jobs, env, log)
-    cache = _read_cmake_cache(bdir)
+    if backend == "vulkan":  # what was compiled, from the generated header (the record says which sets were left out)
+        from harness.fork.vulkan_shaders import shader_variants
+        extra_meta["vulkan"]["shaders"]["variants"] = shader_variants(bdir)
+    cache = read_cmake_cache(bdir)
     meta = {
         "backend": backend,
         "fork_dir": str(fork),
         **{f"fork_{k}": v for k, v in source.items()},
         "cmake_options": opts,
         "configured_with": configure,
-        "c_compiler": _compiler_version(cache.get("CMAKE_C_COMPILER", "cc")),
-        "cxx_compiler": _compiler_version(cache.get("CMAKE_CXX_COMPILER", "c++")),
-        "cuda_compiler": _compiler_version(cache["CMAKE_CUDA_COMPILER"]) if cache.get("CMAKE_CUDA_COMPILER") else None,
+        "c_compiler": compiler_version(cache.get("CMAKE_C_COMPILER", "cc")),
+        "cxx_compiler": compiler_version(cache.get("CMAKE_CXX_COMPILER", "c++")),
+        "cuda_compiler": compiler_version(cache["CMAKE_CUDA_COMPILER"]) if cache.get("CMAKE_CUDA_COMPILER") else None,
         "targets": sorted(set(targets) | set(again) | set(read_build_meta(bdir).get("targets", []))),
         "rpc": cache.get("GGML_RPC", "OFF").upper() in ("ON", "1", "TRUE", "YES"),
         "ccache": bool(launch) or any("ccache" in o for o in opts),
@@ -295,7 +274,7 @@ def _build_targets(bdir: Path, fork: Path, backend: str, targets: list[str], job
     if alone and "ggml" not in cm:
         cm.insert(0, "ggml")
     if alone:  # its object compiles beside the CMake build; the link follows it
-        standalone.build_backend_ops(fork, bdir, log, env, cxx=_read_cmake_cache(bdir).get("CMAKE_CXX_COMPILER"),
+        standalone.build_backend_ops(fork, bdir, log, env, cxx=read_cmake_cache(bdir).get("CMAKE_CXX_COMPILER"),
                                      during=lambda: _compile(bdir, backend, cm, jobs, env, log))
     else:
         _compile(bdir, backend, cm, jobs, env, log)
@@ -315,36 +294,9 @@ def _compile(bdir: Path, backend: str, targets: list[str], jobs: int | None, env
         cmd = ["cmake", "--build", str(bdir), "-j", str(jobs), *[a for t in targets for a in ("--target", t)]]
         rc, prog, secs = run_with_progress(cmd, what, lf, log, env=env)
         if rc != 0:
-            raise HarnessError(f"building {what} for {backend} failed: {_tail_errors(logf)} (full log: {logf})")
+            raise HarnessError(f"building {what} for {backend} failed: {tail_errors(logf)} (full log: {logf})")
         if secs >= 30:
             log(f"  built {what} in {secs:.0f} s ({prog.describe()})")
-
-
-def _cmake_error(logf: Path) -> str:
-    """The first 'CMake Error' message of the last configure in a log, with its next line."""
-    lines = logf.read_text(errors="replace").split("=== ")[-1].splitlines()
-    for i, ln in enumerate(lines):
-        if "CMake Error" in ln:
-            nxt = next((x.strip() for x in lines[i + 1:i + 4] if x.strip()), "")
-            return f"{ln.strip()} {nxt}"[:300]
-    return "see the log"
-
-
-def _tail_errors(logf: Path) -> str:
-    lines = logf.read_text(errors="replace").splitlines()
-    errs = [ln.strip() for ln in lines if "error" in ln.lower()]
-    return (errs[0] if errs else (lines[-1] if lines else "no output"))[:300]
-
-
-def _read_cmake_cache(bdir: Path) -> dict:
-    out = {}
-    f = bdir / "CMakeCache.txt"
-    if f.is_file():
-        for ln in f.read_text(errors="replace").splitlines():
-            m = re.match(r"^([A-Za-z0-9_]+):[A-Z]+=(.*)$", ln)
-            if m:
-                out[m.group(1)] = m.group(2)
-    return out
 
 
 # What needs a tool the first time (named in the one line that says it is being built).
@@ -380,7 +332,7 @@ def ensure_built(bdir: Path, names: list[str], log=None) -> None:
     log = log or (lambda s: print(s, file=sys.stderr))
     why = "; ".join(f"{n} for {NEEDED_BY[n]}" for n in missing if n in NEEDED_BY)
     log(f"building {what} in {bdir} the first time it is needed ({why or 'asked for'}; later runs reuse it) ...")
-    env = _ccache_env(dict(os.environ), fork, bdir) if meta.get("ccache") else None
+    env = ccache_env(dict(os.environ), fork, bdir) if meta.get("ccache") else None
     _build_targets(bdir, fork, meta.get("backend", "cpu"), missing, None, env, log)
     meta["targets"] = sorted(set(meta.get("targets", [])) | set(missing))
     (bdir / BUILD_META).write_text(json.dumps(meta, indent=2))
@@ -408,7 +360,7 @@ def binary(bdir: Path, name: str, build_missing: bool = True) -> Path:
 
 def has_rpc(bdir: Path) -> bool:
     """True when a build folder was configured with ggml's RPC backend (GGML_RPC=ON in its CMakeCache.txt)."""
-    return _read_cmake_cache(Path(bdir)).get("GGML_RPC", "OFF").upper() in ("ON", "1", "TRUE", "YES")
+    return read_cmake_cache(Path(bdir)).get("GGML_RPC", "OFF").upper() in ("ON", "1", "TRUE", "YES")
 
 
 def find_build(backend: str | None = None, fork: Path | None = None) -> Path:

@@ -187,14 +187,18 @@ def ensure_headers(cache: Path | None = None, system: Path = Path("/usr/include"
             "system_version": header_version(system)}
 
 
-def prepare_build(log=print) -> tuple[list[str], dict, dict]:
-    """What a Vulkan build of the fork needs on this machine: packages installed, headers found or fetched.
+def prepare_build(log=print, fork: Path | None = None, bdir: Path | None = None) -> tuple[list[str], dict, dict]:
+    """What a Vulkan build of the fork needs on this machine: packages installed, headers found or fetched, and the
+    shader sets worth compiling (:func:`harness.fork.vulkan_shaders.shader_plan`).
 
+    Args:
+        fork: the checkout (its glslc feature tests are run); bdir: the build folder (holds ``turbo-glslc`` when
+            shader sets are left out for a software device). Without them every shader set glslc supports is built.
     Returns:
         (extra CMake options (``-DVulkan_INCLUDE_DIR=...``; ``-DVulkan_GLSLC_EXECUTABLE=`` :data:`GLSLC_CACHE`, glslc
-        behind a cache of its SPIR-V outputs, since ccache does not cache shaders), environment additions (``CPATH``
-        with the headers first), the build record's ``vulkan`` entry: {'headers', 'headers_source', 'glslc',
-        'driver'}).
+        behind a cache of its SPIR-V outputs, since ccache does not cache shaders, or ``<bdir>/turbo-glslc``, the
+        same with ``TURBO_GLSLC_WITHOUT``), environment additions (``CPATH`` with the headers first), the build
+        record's ``vulkan`` entry: {'headers', 'headers_source', 'glslc', 'driver', 'shaders'}).
     Raises:
         HarnessError: a package or the headers cannot be had (see :func:`install_packages`, :func:`ensure_headers`).
     """
@@ -205,9 +209,19 @@ def prepare_build(log=print) -> tuple[list[str], dict, dict]:
     if h["source"] != "system":
         env["CPATH"] = inc + (os.pathsep + os.environ["CPATH"] if os.environ.get("CPATH") else "")
     glslc = subprocess.run(["glslc", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    from harness.fork.vulkan_shaders import device_features, glslc_features, glslc_wrapper, shader_plan, vulkaninfo_text
+    devices = list_devices()
+    # without a build folder to hold the wrapper nothing can be left out: the plan then keeps every set
+    plan = shader_plan(devices if bdir is not None else None, device_features(vulkaninfo_text()),
+                       glslc_features(fork) if fork else None)
     record = {"headers": h["version"], "headers_source": h["source"], "headers_include": inc,
-              "glslc": glslc[0] if glslc else "?", "driver": driver_line(list_devices())}
-    return [f"-DVulkan_INCLUDE_DIR={inc}", f"-DVulkan_GLSLC_EXECUTABLE={GLSLC_CACHE}"], env, record
+              "glslc": glslc[0] if glslc else "?", "driver": driver_line(devices), "shaders": plan}
+    exe = GLSLC_CACHE
+    if plan["without"]:
+        exe = glslc_wrapper(Path(bdir), plan["without"])
+    if plan["note"]:
+        log(f"Vulkan shaders: {plan['note']}")
+    return [f"-DVulkan_INCLUDE_DIR={inc}", f"-DVulkan_GLSLC_EXECUTABLE={exe}"], env, record
 
 
 # ----------------------------------------------------------------------------- devices

@@ -50,6 +50,15 @@ def plain(v) -> str:
     return str(v)
 
 
+def shaders_fact(shaders: dict | None) -> str:
+    """'; 1234 shader variants; built for a software device: coopmat/... shaders not compiled (...)' from the build
+    record's ``vulkan.shaders`` (:func:`harness.fork.vulkan.shader_plan`); '' for a record without it."""
+    if not shaders:
+        return ""
+    n = (shaders.get("variants") or {}).get("total")
+    return (f"; {n} shader variants" if n else "") + (f"; {shaders['note']}" if shaders.get("note") else "")
+
+
 def run_facts(run: Run) -> list[tuple[str, str]]:
     """(label, text) pairs describing what was measured and with what (fork, build, model, corpus, sizes)."""
     m = run.meta
@@ -73,7 +82,8 @@ def run_facts(run: Run) -> list[tuple[str, str]]:
         if vk or vk_run:
             facts.append(("Vulkan", f"headers {vk.get('headers', '?')} ({vk.get('headers_source', '?')}); "
                                     f"glslc {vk.get('glslc', '?')}; driver {vk_run.get('driver') or vk.get('driver', '?')}"
-                                    + (f"; {vk_run['visible_devices']}" if vk_run.get("visible_devices") else "")))
+                                    + (f"; {vk_run['visible_devices']}" if vk_run.get("visible_devices") else "")
+                                    + shaders_fact(vk.get("shaders"))))
         from harness.report.remote import remote_facts
         facts += remote_facts(m)  # remote devices (--rpc): where they are, what they are, what happened to them
     if "types" in m:
