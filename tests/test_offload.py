@@ -110,6 +110,20 @@ def test_an_rpc_side_puts_every_layer_on_the_remote_device_and_a_local_load_is_a
     assert cr.verdict != Verdict.PASS
 
 
+def test_an_rpc_side_whose_server_is_gone_is_an_error_not_the_forks_refusal(sides):
+    """With -dev RPC0 a tool that cannot reach the rpc-server no longer carries on locally: it prints 'Failed to
+    connect to HOST:PORT', then 'invalid device: RPC0', and exits 1 before any context. That is the harness's setup
+    (no server there), never a configuration the fork refused (SKIP) nor its fault."""
+    cfg = sides.make("rpc0", [], endpoints=["127.0.0.1:50052"])
+    cfg.sides[1] = replace(cfg.sides[1], bdir=fake_build(sides.calls.parent / "u", "rpc", sides.calls, unreachable=True),
+                           fresh=True)
+    res, cr, sec = sides.run(cfg)
+    base = res.sweeps["rpc0"].base
+    assert not base.ok and base.fault == "harness", (base.fault, base.error)
+    assert "could not reach the rpc-server at 127.0.0.1:50052" in base.error
+    assert cr.verdict == Verdict.ERROR
+
+
 # ----------------------------------------------------------------------------- MODEL
 
 TOOL = r'''#!{py}

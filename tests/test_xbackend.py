@@ -39,6 +39,10 @@ with open(conf["calls"], "a") as f:
 ctk, ctv, ctx = a[a.index("-ctk") + 1], a[a.index("-ctv") + 1], int(a[a.index("-c") + 1])
 ctk, ctv = conf.get("sub", {{}}).get(ctk, ctk), conf.get("sub", {{}}).get(ctv, ctv)  # a fork that silently uses others
 base = a[a.index("--kl-divergence-base") + 1]
+if conf.get("unreachable") and "--rpc" in a:  # the fork's tools with -dev RPC0 and no rpc-server at the endpoint
+    sys.stderr.write(f"Failed to connect to {{a[a.index('--rpc') + 1]}}\n")
+    sys.stderr.write(f"error while handling argument \"-dev\": invalid device: {{a[a.index('-dev') + 1]}}\n")
+    sys.exit(1)
 if ctk in conf.get("refuse", []):  # a clean refusal at start-up, before any KV cache exists
     sys.stderr.write(f"llama_init_from_model: failed to initialize the context: {{ctk}} is not supported here\n")
     sys.exit(1)
@@ -83,7 +87,7 @@ print(f"Same top p: {{100 - 100 * kld:.3f}} ± 0.100 %")
 
 
 def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None, sub=None,
-               no_device=False, refuse=(), needs_env="") -> Path:
+               no_device=False, refuse=(), needs_env="", unreachable=False) -> Path:
     bdir = root / name
     (bdir / "bin").mkdir(parents=True, exist_ok=True)
     _script(bdir / "bin" / "llama-perplexity", FAKE.format(py=sys.executable, root=str(ROOT)))
@@ -91,7 +95,7 @@ def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash
                                                 "crash": list(crash), "calls": str(calls),
                                                 "splits": splits or {}, "sub": sub or {},
                                                 "no_device": no_device, "refuse": list(refuse),
-                                                "needs_env": needs_env,
+                                                "needs_env": needs_env, "unreachable": unreachable,
                                                 "traits": {n: [t.name, t.id, t.blck, t.size] for n, t in TRAITS.items()}}))
     return bdir
 
