@@ -140,7 +140,7 @@ if rpc and dev.startswith("RPC") and not local:  # the remote device exists only
     print(f"llama_model_load_from_file_impl: using device {{dev}} ({{rpc}}) (unknown id) - 1000 MiB free", file=sys.stderr)
 elif dev.startswith("Vulkan") and os.environ.get("GGML_VK_VISIBLE_DEVICES"):  # lavapipe: seen only when named
     print(f"llama_model_load_from_file_impl: using device {{dev}} (llvmpipe) (0000:00:00.0) - 1000 MiB free", file=sys.stderr)
-elif local:
+elif local == "always" or (local and dev != "none"):  # a GPU build's defaults: every layer on its GPU ('-dev none': none)
     print("llama_model_load_from_file_impl: using device CUDA0 (local GPU) (0000:01:00.0) - 1000 MiB free", file=sys.stderr)
 print(f"llama_kv_cache: size =    2.20 MiB (   256 cells,  30 layers,  1/1 seqs), K ({{k}}):    1.10 MiB, V ({{v}}):    1.10 MiB", file=sys.stderr)
 print("llama_context: graph splits = 1", file=sys.stderr)
@@ -167,7 +167,7 @@ def _fake_tools(bdir: Path, calls: Path, local=False) -> Path:
     return bdir
 
 
-def _target(bdir: Path, rpc=(), vk_devices=None) -> ForkTarget:
+def _target(bdir: Path, rpc=(), vk_devices=None, cuda=False) -> ForkTarget:
     """A ForkTarget without a probe: its device listing given, as the probe would list it."""
     t = ForkTarget.__new__(ForkTarget)
     t.build_dir, t.rpc, t.name, t.host = bdir, list(rpc), f"fork:{bdir.name}", {}
@@ -178,6 +178,8 @@ def _target(bdir: Path, rpc=(), vk_devices=None) -> ForkTarget:
     if vk_devices:
         t._backends.append(Backend("vulkan", "Vulkan0", "gpu", vk_devices[0]["name"],
                                    *backends.examination("vulkan", "Vulkan0", vk_devices[0]["name"])))
+    if cuda:
+        t._backends.append(Backend("cuda", "CUDA0", "gpu", "NVIDIA H100"))
     t._rpc_devices = {b.name: b.description for b in t._backends if b.name.startswith("rpc")}
     return t
 
@@ -230,3 +232,22 @@ def test_model_on_a_lavapipe_only_vulkan_target_names_the_device_and_says_softwa
     assert ran and all(c.verdict == Verdict.PASS for c in ran), [(c.path, c.verdict, c.caveat) for c in ran]
     assert all("Vulkan on a software device (lavapipe)" in c.caveat for c in ran)
     assert json.dumps(model_offload(t, "vulkan").env) == json.dumps({vulkan.VISIBLE_ENV: "0"})
+
+
+def test_model_on_the_cpu_of_a_gpu_build_keeps_the_layers_on_the_cpu(tmp_path, monkeypatch):
+    """verify --target cpu on a CUDA build: the tools' defaults (-ngl auto) put every layer on the GPU, and the cells
+    were filed as cpu's. The CPU target of a build with a local GPU runs with -dev none -ngl 0, and a run whose log
+    says it used a device anyway is ERROR, never cpu's result."""
+    calls = tmp_path / "calls.log"
+    t = _target(_fake_tools(tmp_path / "b", calls, local=True), cuda=True)
+    cells = _model(tmp_path, monkeypatch, t, "cpu")
+    lines = calls.read_text().splitlines()
+    assert lines and all("-dev none -ngl 0" in ln for ln in lines), lines
+    ran = [c for c in cells if c.metric in ("phases_finished", "ppl", "kld_vs_f16")]
+    assert ran and all(c.verdict == Verdict.PASS and c.path.startswith("cpu:") for c in ran), \
+        [(c.path, c.metric, c.verdict, c.caveat) for c in ran]
+    t = _target(_fake_tools(tmp_path / "g", tmp_path / "calls2.log", local="always"), cuda=True)
+    cells = [c for c in _model(tmp_path, monkeypatch, t, "cpu") if c.metric == "phases_finished"]
+    assert cells and all(c.verdict == Verdict.ERROR and "CUDA0" in c.caveat for c in cells), \
+        [(c.path, c.verdict, c.caveat) for c in cells]
+    assert model_offload(_target(tmp_path / "b"), "cpu").args == ()  # a CPU-only build: the tools' defaults

@@ -115,7 +115,14 @@ def judge_exit(ctx: Context, run: ms.SmokeRun, path: str, n_phases: int, must_ac
         return _cell(ctx, run.pair, path, "phases_finished", done, n_phases, Verdict.ERROR,
                      f"{run.tool} finished but did not use {device} (no 'using device {device}' line in its log): "
                      f"nothing was measured on {ctx.target_backend}", evidence=ev, details=details)
-    if ctx.target_backend != "cpu" and "using device " not in run.text:
+    used = re.search(r"using device (\S+)", run.text)
+    if ctx.target_backend == "cpu" and used:
+        # with -dev none (harness.runners.offload.model_offload) llama.cpp loads the model on no device: one named means
+        # the layers went to a GPU, and the cells would be filed as the CPU's
+        return _cell(ctx, run.pair, path, "phases_finished", done, n_phases, Verdict.ERROR,
+                     f"{run.tool} finished but loaded the model on {used.group(1)} ('using device {used.group(1)}' in "
+                     f"its log), not on the CPU: nothing was measured on cpu", evidence=ev, details=details)
+    if ctx.target_backend != "cpu" and not used:
         # llama.cpp names every device it loads the model with ('using device Vulkan0 ...'); none: the tool saw no
         # device and ran on the CPU (a Vulkan build seeing only lavapipe, hidden GPUs): its cells are not the target's
         return _cell(ctx, run.pair, path, "phases_finished", done, n_phases, Verdict.ERROR,
