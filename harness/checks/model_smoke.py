@@ -115,7 +115,7 @@ def judge_exit(ctx: Context, run: ms.SmokeRun, path: str, n_phases: int, must_ac
         return _cell(ctx, run.pair, path, "phases_finished", done, n_phases, Verdict.ERROR,
                      f"{run.tool} finished but did not use {device} (no 'using device {device}' line in its log): "
                      f"nothing was measured on {ctx.target_backend}", evidence=ev, details=details)
-    used = re.search(r"using device (\S+)", run.text)
+    used = re.search(r"using device (\S+)", run.result.stderr)  # llama.cpp logs on stderr; stdout has generated text
     if ctx.target_backend == "cpu" and used:
         # with -dev none (harness.runners.offload.model_offload) llama.cpp loads the model on no device: one named means
         # the layers went to a GPU, and the cells would be filed as the CPU's
