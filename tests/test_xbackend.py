@@ -421,6 +421,32 @@ def test_decode_across_backends_early_divergence_names_the_backend_and_near_ties
     assert c.verdict == Verdict.SKIP and "did not complete on cuda" in c.caveat
 
 
+def test_decode_across_backends_placed_elsewhere_is_not_compared(tmp_path):
+    """The cuda sample: q8_0/turbo3's decode on cuda ran attention on the CPU (graph splits 62 vs 2 for its f16
+    decode) and its cell 'cuda:decode-vs-cpu' was PASS, as if cuda's kernels had been compared with the CPU's."""
+    from harness.checks.xdecode import xdecode_cells
+    from harness.runners.sweep import SweepResult
+    from harness.runners.xbackend import XResult
+    tpl = SweepConfig(model=tmp_path / "m", corpus=tmp_path / "c", pairs=parse_pairs("f16/f16,q8_0/turbo3"),
+                      bdir=tmp_path, ctx=64, decode_prompts=3, decode_n_gen=8)
+    cfg = XConfig([side_config("cpu", tpl, tmp_path, []), side_config("cuda", tpl, tmp_path, [])])
+    ref = [[1, 2, 3, 4, 5, 6, 7, 8]] * 3
+    res = XResult(cfg)
+    for name, side in zip(("cpu", "cuda"), cfg.sides):
+        res.sweeps[name] = SweepResult(side, {}, None, None)
+        for lab in ("f16/f16", "q8_0/turbo3"):
+            res.sweeps[name].decode[lab] = _dec(lab, ref)
+            res.sweeps[name].decode[lab].data["kv"] = [{"graph_splits": 1 if name == "cpu" else 2}]
+    rows = [{"backend": "cuda", "pair": p, "top1_pct": 99.0} for p in ("f16/f16", "q8_0/turbo3")]
+    cells, _ = xdecode_cells(res, rows, load_rules())
+    assert all(c.verdict == Verdict.PASS for c in cells)  # same placement as the f16 decode: compared
+    res.sweeps["cuda"].decode["q8_0/turbo3"].data["kv"] = [{"graph_splits": 62}]
+    cells, drows = xdecode_cells(res, rows, load_rules())
+    c = {c.type: c for c in cells}["q8_0/turbo3"]
+    assert c.verdict == Verdict.PARTIAL and "graph splits 62 vs 2" in c.caveat and c.caveat.startswith("not compared on cuda")
+    assert {r["pair"]: r["status"] for r in drows}["q8_0/turbo3"] == "PARTIAL"
+
+
 def test_speed_spread_covering_the_limit_is_not_fail_and_load_is_noted():
     from harness.checks.sweep_rules import _speed_table, load_note
     from harness.runners.sweep import JobRecord
