@@ -215,9 +215,12 @@ def test_model_on_an_rpc_target_passes_rpc_and_puts_the_layers_there(tmp_path, m
 
 def test_model_run_that_loaded_on_a_local_gpu_is_not_the_remote_devices(tmp_path, monkeypatch):
     t = _target(_fake_tools(tmp_path / "b", tmp_path / "calls.log", local=True), rpc=["127.0.0.1:50052"])
-    cells = [c for c in _model(tmp_path, monkeypatch, t, "rpc0") if c.metric == "phases_finished"]
+    every = _model(tmp_path, monkeypatch, t, "rpc0")
+    cells = [c for c in every if c.metric == "phases_finished"]
     assert cells and all(c.verdict == Verdict.ERROR and "did not use RPC0" in c.caveat for c in cells), \
         [(c.path, c.verdict, c.caveat) for c in cells]
+    # nothing else is judged from a run on another device: no 'KV types as asked' PASS filed under rpc0
+    assert not [c for c in every if c.verdict in (Verdict.PASS, Verdict.FAIL)], [(c.path, c.metric, c.verdict) for c in every]
 
 
 def test_model_on_a_lavapipe_only_vulkan_target_names_the_device_and_says_software(tmp_path, monkeypatch):
