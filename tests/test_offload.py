@@ -110,6 +110,20 @@ def test_an_rpc_side_puts_every_layer_on_the_remote_device_and_a_local_load_is_a
     assert cr.verdict != Verdict.PASS
 
 
+def test_an_rpc_side_whose_server_is_gone_is_an_error_not_the_forks_refusal(sides):
+    """With -dev RPC0 a tool that cannot reach the rpc-server no longer carries on locally: it prints 'Failed to
+    connect to HOST:PORT', then 'invalid device: RPC0', and exits 1 before any context. That is the harness's setup
+    (no server there), never a configuration the fork refused (SKIP) nor its fault."""
+    cfg = sides.make("rpc0", [], endpoints=["127.0.0.1:50052"])
+    cfg.sides[1] = replace(cfg.sides[1], bdir=fake_build(sides.calls.parent / "u", "rpc", sides.calls, unreachable=True),
+                           fresh=True)
+    res, cr, sec = sides.run(cfg)
+    base = res.sweeps["rpc0"].base
+    assert not base.ok and base.fault == "harness", (base.fault, base.error)
+    assert "could not reach the rpc-server at 127.0.0.1:50052" in base.error
+    assert cr.verdict == Verdict.ERROR
+
+
 # ----------------------------------------------------------------------------- MODEL
 
 TOOL = r'''#!{py}
@@ -126,7 +140,7 @@ if rpc and dev.startswith("RPC") and not local:  # the remote device exists only
     print(f"llama_model_load_from_file_impl: using device {{dev}} ({{rpc}}) (unknown id) - 1000 MiB free", file=sys.stderr)
 elif dev.startswith("Vulkan") and os.environ.get("GGML_VK_VISIBLE_DEVICES"):  # lavapipe: seen only when named
     print(f"llama_model_load_from_file_impl: using device {{dev}} (llvmpipe) (0000:00:00.0) - 1000 MiB free", file=sys.stderr)
-elif local:
+elif local == "always" or (local and dev != "none"):  # a GPU build's defaults: every layer on its GPU ('-dev none': none)
     print("llama_model_load_from_file_impl: using device CUDA0 (local GPU) (0000:01:00.0) - 1000 MiB free", file=sys.stderr)
 print(f"llama_kv_cache: size =    2.20 MiB (   256 cells,  30 layers,  1/1 seqs), K ({{k}}):    1.10 MiB, V ({{v}}):    1.10 MiB", file=sys.stderr)
 print("llama_context: graph splits = 1", file=sys.stderr)
@@ -153,7 +167,7 @@ def _fake_tools(bdir: Path, calls: Path, local=False) -> Path:
     return bdir
 
 
-def _target(bdir: Path, rpc=(), vk_devices=None) -> ForkTarget:
+def _target(bdir: Path, rpc=(), vk_devices=None, cuda=False) -> ForkTarget:
     """A ForkTarget without a probe: its device listing given, as the probe would list it."""
     t = ForkTarget.__new__(ForkTarget)
     t.build_dir, t.rpc, t.name, t.host = bdir, list(rpc), f"fork:{bdir.name}", {}
@@ -164,6 +178,8 @@ def _target(bdir: Path, rpc=(), vk_devices=None) -> ForkTarget:
     if vk_devices:
         t._backends.append(Backend("vulkan", "Vulkan0", "gpu", vk_devices[0]["name"],
                                    *backends.examination("vulkan", "Vulkan0", vk_devices[0]["name"])))
+    if cuda:
+        t._backends.append(Backend("cuda", "CUDA0", "gpu", "NVIDIA H100"))
     t._rpc_devices = {b.name: b.description for b in t._backends if b.name.startswith("rpc")}
     return t
 
@@ -199,9 +215,12 @@ def test_model_on_an_rpc_target_passes_rpc_and_puts_the_layers_there(tmp_path, m
 
 def test_model_run_that_loaded_on_a_local_gpu_is_not_the_remote_devices(tmp_path, monkeypatch):
     t = _target(_fake_tools(tmp_path / "b", tmp_path / "calls.log", local=True), rpc=["127.0.0.1:50052"])
-    cells = [c for c in _model(tmp_path, monkeypatch, t, "rpc0") if c.metric == "phases_finished"]
+    every = _model(tmp_path, monkeypatch, t, "rpc0")
+    cells = [c for c in every if c.metric == "phases_finished"]
     assert cells and all(c.verdict == Verdict.ERROR and "did not use RPC0" in c.caveat for c in cells), \
         [(c.path, c.verdict, c.caveat) for c in cells]
+    # nothing else is judged from a run on another device: no 'KV types as asked' PASS filed under rpc0
+    assert not [c for c in every if c.verdict in (Verdict.PASS, Verdict.FAIL)], [(c.path, c.metric, c.verdict) for c in every]
 
 
 def test_model_on_a_lavapipe_only_vulkan_target_names_the_device_and_says_software(tmp_path, monkeypatch):
@@ -216,3 +235,22 @@ def test_model_on_a_lavapipe_only_vulkan_target_names_the_device_and_says_softwa
     assert ran and all(c.verdict == Verdict.PASS for c in ran), [(c.path, c.verdict, c.caveat) for c in ran]
     assert all("Vulkan on a software device (lavapipe)" in c.caveat for c in ran)
     assert json.dumps(model_offload(t, "vulkan").env) == json.dumps({vulkan.VISIBLE_ENV: "0"})
+
+
+def test_model_on_the_cpu_of_a_gpu_build_keeps_the_layers_on_the_cpu(tmp_path, monkeypatch):
+    """verify --target cpu on a CUDA build: the tools' defaults (-ngl auto) put every layer on the GPU, and the cells
+    were filed as cpu's. The CPU target of a build with a local GPU runs with -dev none -ngl 0, and a run whose log
+    says it used a device anyway is ERROR, never cpu's result."""
+    calls = tmp_path / "calls.log"
+    t = _target(_fake_tools(tmp_path / "b", calls, local=True), cuda=True)
+    cells = _model(tmp_path, monkeypatch, t, "cpu")
+    lines = calls.read_text().splitlines()
+    assert lines and all("-dev none -ngl 0" in ln for ln in lines), lines
+    ran = [c for c in cells if c.metric in ("phases_finished", "ppl", "kld_vs_f16")]
+    assert ran and all(c.verdict == Verdict.PASS and c.path.startswith("cpu:") for c in ran), \
+        [(c.path, c.metric, c.verdict, c.caveat) for c in ran]
+    t = _target(_fake_tools(tmp_path / "g", tmp_path / "calls2.log", local="always"), cuda=True)
+    cells = [c for c in _model(tmp_path, monkeypatch, t, "cpu") if c.metric == "phases_finished"]
+    assert cells and all(c.verdict == Verdict.ERROR and "CUDA0" in c.caveat for c in cells), \
+        [(c.path, c.verdict, c.caveat) for c in cells]
+    assert model_offload(_target(tmp_path / "b"), "cpu").args == ()  # a CPU-only build: the tools' defaults

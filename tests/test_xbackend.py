@@ -39,6 +39,10 @@ with open(conf["calls"], "a") as f:
 ctk, ctv, ctx = a[a.index("-ctk") + 1], a[a.index("-ctv") + 1], int(a[a.index("-c") + 1])
 ctk, ctv = conf.get("sub", {{}}).get(ctk, ctk), conf.get("sub", {{}}).get(ctv, ctv)  # a fork that silently uses others
 base = a[a.index("--kl-divergence-base") + 1]
+if conf.get("unreachable") and "--rpc" in a:  # the fork's tools with -dev RPC0 and no rpc-server at the endpoint
+    sys.stderr.write(f"Failed to connect to {{a[a.index('--rpc') + 1]}}\n")
+    sys.stderr.write(f"error while handling argument \"-dev\": invalid device: {{a[a.index('-dev') + 1]}}\n")
+    sys.exit(1)
 if ctk in conf.get("refuse", []):  # a clean refusal at start-up, before any KV cache exists
     sys.stderr.write(f"llama_init_from_model: failed to initialize the context: {{ctk}} is not supported here\n")
     sys.exit(1)
@@ -83,7 +87,7 @@ print(f"Same top p: {{100 - 100 * kld:.3f}} ± 0.100 %")
 
 
 def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None, sub=None,
-               no_device=False, refuse=(), needs_env="") -> Path:
+               no_device=False, refuse=(), needs_env="", unreachable=False) -> Path:
     bdir = root / name
     (bdir / "bin").mkdir(parents=True, exist_ok=True)
     _script(bdir / "bin" / "llama-perplexity", FAKE.format(py=sys.executable, root=str(ROOT)))
@@ -91,7 +95,7 @@ def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash
                                                 "crash": list(crash), "calls": str(calls),
                                                 "splits": splits or {}, "sub": sub or {},
                                                 "no_device": no_device, "refuse": list(refuse),
-                                                "needs_env": needs_env,
+                                                "needs_env": needs_env, "unreachable": unreachable,
                                                 "traits": {n: [t.name, t.id, t.blck, t.size] for n, t in TRAITS.items()}}))
     return bdir
 
@@ -416,6 +420,32 @@ def test_decode_across_backends_early_divergence_names_the_backend_and_near_ties
     cells, _ = xdecode_cells(res, rows, load_rules())
     c = {c.type: c for c in cells}["turbo3/turbo3"]
     assert c.verdict == Verdict.SKIP and "did not complete on cuda" in c.caveat
+
+
+def test_decode_across_backends_placed_elsewhere_is_not_compared(tmp_path):
+    """The cuda sample: q8_0/turbo3's decode on cuda ran attention on the CPU (graph splits 62 vs 2 for its f16
+    decode) and its cell 'cuda:decode-vs-cpu' was PASS, as if cuda's kernels had been compared with the CPU's."""
+    from harness.checks.xdecode import xdecode_cells
+    from harness.runners.sweep import SweepResult
+    from harness.runners.xbackend import XResult
+    tpl = SweepConfig(model=tmp_path / "m", corpus=tmp_path / "c", pairs=parse_pairs("f16/f16,q8_0/turbo3"),
+                      bdir=tmp_path, ctx=64, decode_prompts=3, decode_n_gen=8)
+    cfg = XConfig([side_config("cpu", tpl, tmp_path, []), side_config("cuda", tpl, tmp_path, [])])
+    ref = [[1, 2, 3, 4, 5, 6, 7, 8]] * 3
+    res = XResult(cfg)
+    for name, side in zip(("cpu", "cuda"), cfg.sides):
+        res.sweeps[name] = SweepResult(side, {}, None, None)
+        for lab in ("f16/f16", "q8_0/turbo3"):
+            res.sweeps[name].decode[lab] = _dec(lab, ref)
+            res.sweeps[name].decode[lab].data["kv"] = [{"graph_splits": 1 if name == "cpu" else 2}]
+    rows = [{"backend": "cuda", "pair": p, "top1_pct": 99.0} for p in ("f16/f16", "q8_0/turbo3")]
+    cells, _ = xdecode_cells(res, rows, load_rules())
+    assert all(c.verdict == Verdict.PASS for c in cells)  # same placement as the f16 decode: compared
+    res.sweeps["cuda"].decode["q8_0/turbo3"].data["kv"] = [{"graph_splits": 62}]
+    cells, drows = xdecode_cells(res, rows, load_rules())
+    c = {c.type: c for c in cells}["q8_0/turbo3"]
+    assert c.verdict == Verdict.PARTIAL and "graph splits 62 vs 2" in c.caveat and c.caveat.startswith("not compared on cuda")
+    assert {r["pair"]: r["status"] for r in drows}["q8_0/turbo3"] == "PARTIAL"
 
 
 def test_speed_spread_covering_the_limit_is_not_fail_and_load_is_noted():

@@ -79,7 +79,8 @@ def judge_exit(ctx: Context, run: ms.SmokeRun, path: str, n_phases: int, must_ac
                device: str = "") -> Cell:
     """The exit cell of one tool run: PASS (all phases), FAIL (crash after acceptance, or a failure after the
     context existed), ERROR (hang, or the tool could not run, or it finished on another device than the target's:
-    ``device``, ggml's name of the one the layers were sent to, e.g. 'RPC0', must be in a 'using device' line),
+    ``device``, ggml's name of the one the layers were sent to, e.g. 'RPC0', must be in a 'using device' line; such a
+    cell has ``details['elsewhere']`` and no other cell is judged from that run),
     SKIP/FAIL (a clean refusal)."""
     done = len(run.phases_done)
     details = {"phases_done": run.phases_done, "died_in": run.died_in, "rc": run.result.rc,
@@ -114,13 +115,20 @@ def judge_exit(ctx: Context, run: ms.SmokeRun, path: str, n_phases: int, must_ac
         # remote device) measured something else than the cells' path says
         return _cell(ctx, run.pair, path, "phases_finished", done, n_phases, Verdict.ERROR,
                      f"{run.tool} finished but did not use {device} (no 'using device {device}' line in its log): "
-                     f"nothing was measured on {ctx.target_backend}", evidence=ev, details=details)
-    if ctx.target_backend != "cpu" and "using device " not in run.text:
+                     f"nothing was measured on {ctx.target_backend}", evidence=ev, details={**details, "elsewhere": True})
+    used = re.search(r"using device (\S+)", run.result.stderr)  # llama.cpp logs on stderr; stdout has generated text
+    if ctx.target_backend == "cpu" and used:
+        # with -dev none (harness.runners.offload.model_offload) llama.cpp loads the model on no device: one named means
+        # the layers went to a GPU, and the cells would be filed as the CPU's
+        return _cell(ctx, run.pair, path, "phases_finished", done, n_phases, Verdict.ERROR,
+                     f"{run.tool} finished but loaded the model on {used.group(1)} ('using device {used.group(1)}' in "
+                     f"its log), not on the CPU: nothing was measured on cpu", evidence=ev, details={**details, "elsewhere": True})
+    if ctx.target_backend != "cpu" and not used:
         # llama.cpp names every device it loads the model with ('using device Vulkan0 ...'); none: the tool saw no
         # device and ran on the CPU (a Vulkan build seeing only lavapipe, hidden GPUs): its cells are not the target's
         return _cell(ctx, run.pair, path, "phases_finished", done, n_phases, Verdict.ERROR,
                      f"{run.tool} finished but used no {ctx.target_backend} device (no 'using device' line in its log: "
-                     f"it ran on the CPU): nothing was measured on {ctx.target_backend}", evidence=ev, details=details)
+                     f"it ran on the CPU): nothing was measured on {ctx.target_backend}", evidence=ev, details={**details, "elsewhere": True})
     return _cell(ctx, run.pair, path, "phases_finished", done, n_phases, Verdict.PASS, evidence=ev, details=details)
 
 
@@ -195,8 +203,10 @@ def run(ctx: Context) -> Outcome:
             prefix, ev = _evidence(ctx, f"{k}-{v}.state")
             r = tools.state_roundtrip(model, k, v, fa=fa, ctx=int(th["ctx"]), n_predict=int(th["n_predict"]),
                                    threads=threads, env=env, timeout=float(th["timeout_s"]), evidence=prefix, workdir=work)
-            cells.append(judge_exit(ctx, r, "state_roundtrip", len(ms.STATE_PHASES), must, ev, tools.device))
-            cells += judge_log(ctx, r, k, v, env, "state_roundtrip", ev)
+            ex = judge_exit(ctx, r, "state_roundtrip", len(ms.STATE_PHASES), must, ev, tools.device)
+            cells.append(ex)
+            if not ex.details.get("elsewhere"):  # a run on another device than the target's: nothing else judged
+                cells += judge_log(ctx, r, k, v, env, "state_roundtrip", ev)
         if not want_ppl:
             return cells
         if not have_ppl:

@@ -7,7 +7,8 @@ tokens are given the pair's cross-backend batched top-1 agreement (``prefix_pval
 Verdicts per (B, pair): FAIL when most prompts diverge at or before ``early_position`` and that is less likely than
 ``alpha`` and the backend whose decode strays further from its own f16 decode is the target; PARTIAL for the same
 pattern otherwise, or for an agreement below what ``alpha`` allows; PASS otherwise. A pair whose decode did not run
-on both backends is SKIP "not compared" (the failing side's own sweep has the failure cell).
+on both backends is SKIP "not compared" (the failing side's own sweep has the failure cell); one whose decode on a side
+had more graph splits than that side's f16 decode (attention fell back to the CPU) is PARTIAL "not compared".
 """
 from __future__ import annotations
 
@@ -22,6 +23,21 @@ def _prefix_sum(rec, ref) -> int | None:
     if rec is None or ref is None or not rec.ok or not ref.ok:
         return None
     return sum(compare_tokens(a, b)["prefix"] for a, b in zip(ref.data["out"]["tokens"], rec.data["out"]["tokens"]))
+
+
+def _splits(rec) -> int | None:
+    """The most graph splits any context of a decode run had (its parsed KV log lines), None when unknown."""
+    got = [x.get("graph_splits") for x in ((rec.data or {}).get("kv") or []) if x.get("graph_splits") is not None]
+    return max(got) if got else None
+
+
+def _placed_elsewhere(rec, ref, backend: str) -> str:
+    """'' unless a side's decode of a pair had more graph splits than its own f16 decode (attention fell back to
+    another backend, as :func:`harness.checks.sweeps.judge_sweep` says of the batched runs), else the reason."""
+    s, s0 = _splits(rec), _splits(ref) if ref is not None else None
+    if s is None or s0 is None or s <= s0:
+        return ""
+    return f"graph splits {s} vs {s0} for its f16 decode: attention ran elsewhere than on {backend}"
 
 
 def xdecode_cells(res, rows: list[dict], rules: dict) -> tuple[list[Cell], list[dict]]:
@@ -84,7 +100,12 @@ def xdecode_cells(res, rows: list[dict], rules: dict) -> tuple[list[Cell], list[
             own_a = _prefix_sum(ra, sa.decode.get("f16/f16"))
             own_b = _prefix_sum(rb, sb.decode.get("f16/f16"))
             who = "" if own_a is None or own_b is None or own_a == own_b else (b_name if own_b < own_a else a_name)
-            if is_early and pval is not None and pval < alpha:
+            moved = [(n, why) for n, rec, side_res in ((b_name, rb, sb), (a_name, ra, sa))
+                     for why in [_placed_elsewhere(rec, side_res.decode.get("f16/f16"), n)] if why]
+            if moved:  # one side's decode did not run its own backend's attention: not a comparison of the backends
+                n, why = moved[0]
+                vd, cav = Verdict.PARTIAL, f"not compared on {n}: its decode of {lab} was placed elsewhere ({why}); {facts}"
+            elif is_early and pval is not None and pval < alpha:
                 vd = Verdict.FAIL if who == cfg.target else Verdict.PARTIAL
                 cav = ("decode disagrees across backends from the first tokens"
                        + (f"; {who} strays further from its own f16 decode" if who else "") + f": {facts}")

@@ -106,7 +106,8 @@ def model_offload(target, backend: str | None) -> Offload:
     """Where the MODEL check's tools put the layers for ``backend`` of a fork target
     (:class:`harness.targets.fork.ForkTarget`).
 
-    cpu or None: nothing (the tools' defaults, as before). rpcN: ``--rpc`` with every endpoint of the target, in its
+    cpu or None: on a build with a local GPU backend ``-dev none -ngl 0`` (the tools' default, ``-ngl`` auto, would
+    put every layer on the GPU and the cells would be filed as the CPU's), else nothing (the tools' defaults). rpcN: ``--rpc`` with every endpoint of the target, in its
     order (so ggml numbers the remote devices as the probe did), ``-dev RPCn -ngl 99``. Any other backend:
     ``-dev <its device> -ngl 99`` and, on a build with Vulkan, the visibility variable the target set for the probe.
 
@@ -114,6 +115,10 @@ def model_offload(target, backend: str | None) -> Offload:
         HarnessError: the backend has no device in the target (one line naming those it has).
     """
     if not backend or backend == "cpu":
+        gpus = [b.name for b in target.backends() if b.name != "cpu" and b.kind != "cpu" and not R.is_rpc_backend(b.name)]
+        if gpus:
+            return Offload(("-dev", "none", "-ngl", "0"), {}, "",
+                           (f"tools run with -dev none -ngl 0: every layer on the CPU, none on {', '.join(gpus)}",))
         return Offload()
     names = {b.name: b for b in target.backends()}
     if backend not in names:

@@ -168,7 +168,8 @@ def classify_failure(kind: str, res: ToolResult, cfg: SweepConfig) -> tuple[str,
         cfg: the sweep (chunks, bench tests, to name the phase).
 
     Returns:
-        (fault, phase, message): fault 'harness' for a timeout or a binary that cannot run (ERROR);
+        (fault, phase, message): fault 'harness' for a timeout, a binary that cannot run or an ``--rpc`` server it
+        could not reach before computing began (:func:`rpc_unreached`) (ERROR);
         'refused' for a clean non-zero exit before the fork computed anything (its message is quoted;
         SKIP); 'fork' for a crash (signal) anywhere, or an error exit after computing began (FAIL).
         phase names where it died, e.g. 'decode (tg16 at depth 0)', 'evaluation of chunk 3 of 8 (batched
@@ -180,14 +181,20 @@ def classify_failure(kind: str, res: ToolResult, cfg: SweepConfig) -> tuple[str,
         return "harness", "", res.failure()
     quote = error_line(res.stderr + "\n" + res.stdout)
     phase = _phase(kind, res, cfg)
+    created, tail = _after_last_context(res.stderr)
+    computing = created and "graph splits" in tail
+    missed = [ep for ep in cfg.rpc or () if f"Failed to connect to {ep}" in res.stderr]
+    if missed and not computing:  # no rpc-server there: with '-dev RPC0' the tool stops at its arguments ('invalid
+        # device: RPC0'); the harness's setup (rpc_unreached), not a configuration the fork refused
+        return "harness", "start-up", (f"{tool} could not reach the rpc-server at {', '.join(missed)} ('Failed to "
+                                       f"connect to {missed[0]}') and stopped at start-up (exit {res.rc}): nothing was "
+                                       f"measured; start the server (README 'Remote devices') and rerun")
     if res.rc < 0:
         try:
             sig = f"signal {-res.rc} ({signal.Signals(-res.rc).name})"
         except ValueError:
             sig = f"signal {-res.rc}"
         return "fork", phase, f"{tool} crashed in {phase}: killed by {sig}: {quote}"
-    created, tail = _after_last_context(res.stderr)
-    computing = created and "graph splits" in tail
     if not computing:
         return "refused", "start-up", f"{tool} refused the configuration at start-up (exit {res.rc}): {quote}"
     return "fork", phase, f"{tool} failed in {phase} (exit {res.rc}): {quote}"
