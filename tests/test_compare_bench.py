@@ -43,8 +43,16 @@ def test_two_models_give_one_table_each_and_one_plot(tmp_path):
 def test_a_folder_that_is_not_a_sweep_report_is_one_line_exit_2(tmp_path):
     (tmp_path / "v").mkdir()
     (tmp_path / "v" / "run.json").write_text(json.dumps({"checks": [], "sections": {}}))
-    with pytest.raises(HarnessError, match="not a sweep report"):
+    with pytest.raises(HarnessError, match="not a sweep report") as e:
         load_sweep(tmp_path / "v")
+    assert "cross-backend" not in str(e.value)
+    # a cross-backend sweep's top folder: the message names its per-backend sweep folders
+    for side in ("cpu", "cuda"):
+        (tmp_path / "v" / side).mkdir()
+        (tmp_path / "v" / side / "run.json").write_text("{}")
+    with pytest.raises(HarnessError, match="cross-backend sweep; give its per-backend sweeps") as e:
+        load_sweep(tmp_path / "v")
+    assert str(tmp_path / "v" / "cpu") in str(e.value) and str(tmp_path / "v" / "cuda") in str(e.value)
     from harness.cli import cli
     r = CliRunner().invoke(cli, ["sweep-compare", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "does not exist" in r.output and len(r.output.strip().splitlines()) == 1

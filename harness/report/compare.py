@@ -41,7 +41,11 @@ def load_sweep(run_dir: Path) -> dict:
                            f"folder") from None
     sec = (d.get("sections") or {}).get("sweep")
     if not isinstance(sec, dict) or not sec.get("rows"):
-        raise HarnessError(f"{run_dir} is not a sweep report (no sweep table in run.json): give sweep report folders")
+        # a cross-backend sweep's top folder: its per-backend sweeps are the subfolders <dir>/<backend>
+        subs = sorted(p.parent.name for p in Path(run_dir).glob("*/run.json"))
+        hint = (f": this looks like a cross-backend sweep; give its per-backend sweeps, e.g. "
+                f"{' '.join(str(Path(run_dir) / s) for s in subs[:2])}") if subs else ": give sweep report folders"
+        raise HarnessError(f"{run_dir} is not a sweep report (no sweep table in run.json){hint}")
     mi = sec.get("model") or {}
     vs = {}
     for c in d.get("checks", []):
