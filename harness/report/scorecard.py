@@ -203,13 +203,18 @@ def root_finding(run: Run) -> str:
     before rotation before norms before codebook ... before model results: an upstream PARTIAL codebook is the root of
     a downstream FAIL in distortion), FAIL before PARTIAL within a check; a type missing from the build only after
     the other findings; an ERROR (the harness could not measure) only when the fork has no finding; 'none: ...' when every judged cell passed. The finding's own plain line (harness.report.findings)."""
-    fs = [f for f in findings(run) if f.label not in ("XFAIL",)]
+    every = findings(run)
+    fs = [f for f in every if f.label not in ("XFAIL",)]
+    if not fs and any(f.label == "XFAIL" for f in every):
+        # a run judged with --known whose every finding is expected: the fork still has them (the run is FAIL or
+        # PARTIAL), so the root is the first of them, marked as known, never 'none'
+        fs = [f for f in every if f.label == "XFAIL"]  # its line starts with XFAIL and says 'Expected (...)'
     if not fs:
         return f"none: {run.headline}, every judged cell passed" if run.verdict == Verdict.PASS else f"none ({run.headline})"
 
     def key(f: Finding):  # the fork's findings (FAIL, PARTIAL) upstream first; a type the build lacks (often by
         # design on an experiment branch) after them; the harness's ERRORs last
-        grade = {"FAIL": 0, "GROWN": 0, "PARTIAL": 1}.get(f.label, 2)
+        grade = {"FAIL": 0, "GROWN": 0, "PARTIAL": 1, "XFAIL": 1}.get(f.label, 2)
         absent = bool(f.cells) and all(is_absence(x) for x in f.cells)
         order = ROOT_ORDER.index(f.check) if f.check in ROOT_ORDER else len(ROOT_ORDER)
         return grade == 2, absent, order, grade
