@@ -114,14 +114,16 @@ def run_cross(template, opts: CrossOptions, argv: list[str]) -> int:
             return getattr(e, "exit_code", 130)
         acknowledge()
     rules = load_rules()
-    codes, sections = [], {}
+    codes, sections, runs = [], {}, {}
     for side in sides:
         sres = res.sweeps[side.backend]
         run = build_run(sres, f"{opts.run_dir.name}-{side.backend}", argv)
         sections[side.backend] = run.sections["sweep"]
         codes.append(pipeline.finish(run, opts.run_dir / side.backend, strict=opts.strict,
                                      write=lambda r, d, sres=sres: write_reports(r, sres, d)))
+        runs[side.backend] = run
     cr, sec = judge_xbackend(res, sections, rules)
+    add_own_sweeps(cr, sec, runs)
     top = _top_run(res, cr, sec, opts, argv)
     codes.append(pipeline.finish(top, opts.run_dir, opts.known, opts.known_file, opts.strict,
                                  write=lambda r, d: _write_top(r, res, d)))
@@ -130,11 +132,48 @@ def run_cross(template, opts: CrossOptions, argv: list[str]) -> int:
         click.echo(ln)
     click.echo(sec["markdown"])
     for side in sides:
-        v = next(c.verdict.value for c in pipeline.load_run(opts.run_dir / side.backend).checks if c.id == "SWEEP")
-        click.echo(f"{side.backend}'s own sweep: SWEEP {v}; report {opts.run_dir / side.backend / 'summary.md'}")
+        click.echo(own_sweep_line(side.backend, runs[side.backend], opts.run_dir / side.backend / "summary.md"))
     click.echo(f"XBACKEND {cr.verdict.value}: {res.jobs_run} jobs run, {res.jobs_cached} cached, {res.seconds:.1f} s; "
                f"report {opts.run_dir / 'summary.md'}")
     return max(codes, key=lambda c: (c in (130, 143), c))
+
+
+OWN_SWEEP_METRIC = "own_sweep_cells_not_passed"
+
+
+def own_sweep_line(backend: str, run, report: Path | str) -> str:
+    """"cpu's own sweep: SWEEP FAIL; report <report>" (INTERRUPTED for an interrupted one)."""
+    return f"{backend}'s own sweep: SWEEP {run.headline}; report {report}"
+
+
+def add_own_sweeps(cr, sec: dict, runs: dict) -> None:
+    """Put each backend's own sweep verdict into the comparison, so that the top report's verdict, headline, run.json,
+    junit and exit code are the worst of XBACKEND and every backend's own sweep (a FAIL in ``<out>/cpu`` is never a
+    PASS at the top).
+
+    Args:
+        cr: the XBACKEND CheckResult (one cell per backend appended: metric :data:`OWN_SWEEP_METRIC`, value = how many
+            of that sweep's cells are not PASS, limit <= 0, verdict = that sweep's own verdict, evidence its summary.md).
+        sec: the 'xbackend' section (its 'markdown' gets one line per backend sweep first; 'own_sweeps' their verdicts).
+        runs: backend -> that backend's sweep :class:`~harness.report.model.Run` as written in ``<out>/<backend>/``.
+    """
+    from harness.report.model import Cell, Verdict
+    lines, own = [], {}
+    for backend, run in runs.items():
+        cells = [c for ch in run.checks for c in ch.cells]
+        bad = sum(1 for c in cells if c.verdict != Verdict.PASS)
+        v = run.verdict
+        if run.interrupted and v == Verdict.PASS:  # a partial sweep is never a PASS
+            v = Verdict.SKIP
+        report = f"{backend}/summary.md"
+        cr.cells.append(Cell(cr.id, f"{backend} sweep", f"{backend}:own-sweep", OWN_SWEEP_METRIC, float(bad), 0.0, v,
+                             caveat=f"{own_sweep_line(backend, run, report)}", evidence=[report],
+                             details={"rule": {"limit": 0.0, "breach": "none"}, "own_sweep_verdict": run.headline}))
+        own[backend] = {"verdict": run.headline, "report": report, "cells_not_passed": bad}
+        lines.append(f"- {own_sweep_line(backend, run, report)}")
+    sec["own_sweeps"] = own
+    sec["markdown"] = "Each backend's own sweep (counted in this report's verdict):\n\n" + "\n".join(lines) + \
+        "\n\n" + sec.get("markdown", "")
 
 
 def _top_run(res, cr, sec, opts: CrossOptions, argv: list[str]):

@@ -465,3 +465,34 @@ def test_speed_spread_covering_the_limit_is_not_fail_and_load_is_noted():
     assert load_note({"load_start": {"load_1min": 7.9, "cpus": 2}, "load_end": {"load_1min": 8.2, "cpus": 2}}).startswith(
         "measured at load 7.9 (start) / 8.2 (end) on 2 CPUs")
     assert load_note({"load_start": {"load_1min": 0.5, "cpus": 2}, "load_end": {"load_1min": 1.0, "cpus": 2}}) == ""
+
+
+def test_cli_backends_top_verdict_includes_each_backends_own_sweep(xb, monkeypatch):
+    """Tryout: both backends ran turbo3 equally badly (they agree: XBACKEND passes) but each backend's own sweep
+    FAILs; the top summary.md/run.json said 'PASS: every judged cell passed' while the command exited 1, and
+    `report <out>` exited 0. The top verdict is the worst of XBACKEND and every backend's own sweep."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+    bad = {"shift": {"turbo3": 0.5}}
+    cfg = xb.make(a=bad, b=bad)
+    monkeypatch.setenv("TURBO_BUILD_ROOT", str(xb.tmp / "builds"))
+    monkeypatch.setenv("TURBO_SWEEP_CACHE", str(xb.tmp / "cache"))
+    monkeypatch.setattr(S, "type_traits", lambda bdir: TRAITS)
+    out = xb.tmp / "report"
+    args = ["sweep", "--backends", "cpu,cuda", "--model", str(cfg.ref.model), "--corpus", str(cfg.ref.corpus),
+            "--ctx", "256", "--chunks", "3", "--pairs", "turbo3/turbo3,q4_0/q4_0", "--no-bench", "--decode-prompts", "0",
+            "--kld-depths", "none", "--no-progress", "--out", str(out)]
+    r = CliRunner().invoke(cli, args)
+    own = {b: json.loads((out / b / "run.json").read_text())["verdict"] for b in ("cpu", "cuda")}
+    assert own == {"cpu": "FAIL", "cuda": "FAIL"}, (own, r.output)
+    assert r.exit_code == 1, r.output
+    top = json.loads((out / "run.json").read_text())
+    assert top["verdict"] == "FAIL", top["verdict"]
+    md = (out / "summary.md").read_text()
+    assert "every judged cell passed" not in md and md.lstrip("# \n").find("FAIL") >= 0
+    for b in ("cpu", "cuda"):
+        assert f"{b}'s own sweep: SWEEP FAIL; report {b}/summary.md" in md
+    assert 'failures="0"' not in (out / "junit.xml").read_text() or "FAIL" in (out / "junit.xml").read_text()
+    r = CliRunner().invoke(cli, ["report", str(out)])
+    assert r.exit_code == 1, r.output
