@@ -4,7 +4,8 @@
 Writes, into the report folder: each backend's own sweep report in ``<folder>/<backend>/`` (as ``sweep --backend``
 writes it) and the comparison (check XBACKEND: summary.md, report.html, run.json, xbackend.csv) at the top. Exit
 code: the worst of the comparison's and the backends' own (0 / 1 FAIL, or PARTIAL with --strict / 2 ERROR);
-130 / 143 when interrupted (finished jobs stay cached: rerun the same command to resume).
+130 / 143 when interrupted: the partial reports are written (each side that ran, and the comparison marked
+INTERRUPTED with what did not run); finished jobs stay cached: rerun the same command to resume.
 """
 from __future__ import annotations
 
@@ -93,10 +94,6 @@ def run_cross(template, opts: CrossOptions, argv: list[str]) -> int:
     Raises:
         HarnessError: bad --backends/--target, a side without a build, sides that cannot be compared.
     """
-    from harness import pipeline
-    from harness.checks.sweeps import load_rules
-    from harness.checks.xbackend import judge_xbackend
-    from harness.cli_sweep import build_run, write_reports
     from harness.interrupt import Interrupted, acknowledge, interruptible
     from harness.runners.xbackend import XConfig, check_sides, run_xbackend, side_config
 
@@ -108,11 +105,50 @@ def run_cross(template, opts: CrossOptions, argv: list[str]) -> int:
         try:
             res = run_xbackend(xcfg, progress=opts.progress, log=log)
         except (Interrupted, KeyboardInterrupt) as e:
-            acknowledge()
-            click.echo(f"interrupted by {getattr(e, 'name', 'SIGINT')}: the jobs that finished are cached; rerun the "
-                       f"same command to resume", err=True)
-            return getattr(e, "exit_code", 130)
+            acknowledge()  # later signals wait: the partial report is written, marked INTERRUPTED (never PASS)
+            res = getattr(e, "xbackend_result", None)
+            code = getattr(e, "exit_code", 130)
+            if res is None or not res.sweeps:
+                click.echo(f"interrupted by {getattr(e, 'name', 'SIGINT')} before any job ran: the jobs that finished "
+                           f"are cached; rerun the same command to resume", err=True)
+                return code
+            res.interrupted["not_run"] = not_run(res)
+            _report(res, sides, opts, argv)
+            click.echo(f"XBACKEND INTERRUPTED by {res.interrupted['signal']}: {len(res.interrupted['not_run'])} parts "
+                       f"not run ({', '.join(res.interrupted['not_run'])}); the jobs that finished are cached: rerun "
+                       f"the same command to resume; partial report {opts.run_dir / 'summary.md'}", err=True)
+            return code
         acknowledge()
+    return _report(res, sides, opts, argv)
+
+
+def not_run(res) -> list[str]:
+    """What an interrupted cross-backend sweep did not run: each side's unfinished own sweep ('sweep on rpc0', with
+    its jobs not run when it started) and the scoring runs not done ('score rpc0 turbo3/turbo3 against cpu')."""
+    out = []
+    cfg = res.config
+    for side in cfg.sides:
+        sres = res.sweeps.get(side.backend)
+        if sres is None:
+            out.append(f"sweep on {side.backend}")
+        elif sres.interrupted:
+            out.append(f"sweep on {side.backend} ({len(sres.interrupted.get('not_run') or [])} jobs)")
+    for side in cfg.sides[1:]:
+        for k, v in cfg.ref.pairs:
+            lab = f"{k}/{v}"
+            if (side.backend, lab) not in res.cross:
+                out.append(f"score {side.backend} {lab} against {cfg.ref.backend}")
+    return out
+
+
+def _report(res, sides, opts: CrossOptions, argv: list[str]) -> int:
+    """Judge and write every report of a (possibly interrupted) cross-backend sweep: each side's own sweep that ran,
+    then the comparison; print the headline; return the exit code (130 / 143 for an interrupted one)."""
+    from harness import pipeline
+    from harness.checks.sweeps import load_rules
+    from harness.checks.xbackend import judge_xbackend
+    from harness.cli_sweep import build_run, write_reports
+    sides = [s for s in sides if s.backend in res.sweeps]
     rules = load_rules()
     codes, sections, runs = [], {}, {}
     for side in sides:
@@ -184,7 +220,7 @@ def _top_run(res, cr, sec, opts: CrossOptions, argv: list[str]):
     from harness import __version__
     from harness.report.model import Run
     from harness.verify import gpu_info
-    a = res.sweeps[res.config.ref.backend]
+    a = res.sweeps.get(res.config.ref.backend) or next(iter(res.sweeps.values()))  # interrupted: what ran
     meta = {"harness_version": __version__, "command_line": " ".join(argv), "host": platform.node(),
             "python": platform.python_version(), "gpu": gpu_info(), "model": str(res.config.ref.model),
             "model_sha256": a.meta.get("model_sha256"), "corpus": str(res.config.ref.corpus),
@@ -195,7 +231,7 @@ def _top_run(res, cr, sec, opts: CrossOptions, argv: list[str]):
                       for s in res.config.sides if s.backend in res.sweeps},
             "load_start": res.load_start, "load_end": res.load_end, "model_passes": res.passes,
             "jobs_run": res.jobs_run, "jobs_cached": res.jobs_cached, "sweep_seconds": round(res.seconds, 1)}
-    run = Run(run_id=opts.run_dir.name, meta=meta)
+    run = Run(run_id=opts.run_dir.name, meta=meta, interrupted=res.interrupted)
     run.checks.append(cr)
     run.sections["xbackend"] = sec
     return run

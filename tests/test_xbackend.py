@@ -54,6 +54,10 @@ if int(a[a.index("-ngl") + 1]) > 0 and not conf.get("no_device") and seen:
     sys.stderr.write(f"llama_model_load_from_file_impl: using device {{conf['name'].upper()}}0 (fake) - 1000 MiB free\n")
 sys.stderr.write(f"sched_reserve: graph splits = {{conf.get('splits', {{}}).get(ctk, 1)}}\n")
 sys.stderr.flush()
+if ctk in conf.get("term_parent", []):  # the user presses Ctrl-C / a job scheduler sends SIGTERM mid-sweep
+    import time
+    os.kill(os.getppid(), signal.SIGTERM)
+    time.sleep(10)
 if ctk in conf.get("rpc_lost", []) and "--rpc" in a:  # the rpc-server went away mid-run: ggml-rpc's RPC_STATUS_ASSERT
     sys.stderr.write("/src/ggml/src/ggml-rpc/ggml-rpc.cpp:354: Remote RPC server crashed or returned malformed response\n")
     sys.stderr.flush()
@@ -91,7 +95,7 @@ print(f"Same top p: {{100 - 100 * kld:.3f}} ± 0.100 %")
 
 
 def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None, sub=None,
-               no_device=False, refuse=(), needs_env="", unreachable=False, rpc_lost=()) -> Path:
+               no_device=False, refuse=(), needs_env="", unreachable=False, rpc_lost=(), term_parent=()) -> Path:
     bdir = root / name
     (bdir / "bin").mkdir(parents=True, exist_ok=True)
     _script(bdir / "bin" / "llama-perplexity", FAKE.format(py=sys.executable, root=str(ROOT)))
@@ -99,7 +103,7 @@ def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash
                                                 "crash": list(crash), "calls": str(calls),
                                                 "splits": splits or {}, "sub": sub or {},
                                                 "no_device": no_device, "refuse": list(refuse),
-                                                "needs_env": needs_env, "unreachable": unreachable, "rpc_lost": list(rpc_lost),
+                                                "needs_env": needs_env, "unreachable": unreachable, "rpc_lost": list(rpc_lost), "term_parent": list(term_parent),
                                                 "traits": {n: [t.name, t.id, t.blck, t.size] for n, t in TRAITS.items()}}))
     return bdir
 
@@ -501,3 +505,31 @@ def test_cli_backends_top_verdict_includes_each_backends_own_sweep(xb, monkeypat
     assert 'failures="0"' not in (out / "junit.xml").read_text() or "FAIL" in (out / "junit.xml").read_text()
     r = CliRunner().invoke(cli, ["report", str(out)])
     assert r.exit_code == 1, r.output
+
+
+def test_cli_backends_interrupted_writes_a_partial_report_marked_interrupted(xb, monkeypatch):
+    """Tryout: SIGTERM during `sweep --backends` left no report folder at all (only 'jobs cached; rerun to resume'),
+    while a one-backend sweep writes its partial report marked INTERRUPTED. Now: the first backend's own sweep, the
+    second's partial one and the comparison are written, the top one INTERRUPTED (never PASS), exit 143."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+    cfg = xb.make(b={"term_parent": ["turbo3"]})
+    monkeypatch.setenv("TURBO_BUILD_ROOT", str(xb.tmp / "builds"))
+    monkeypatch.setenv("TURBO_SWEEP_CACHE", str(xb.tmp / "cache"))
+    monkeypatch.setattr(S, "type_traits", lambda bdir: TRAITS)
+    out = xb.tmp / "report"
+    args = ["sweep", "--backends", "cpu,cuda", "--model", str(cfg.ref.model), "--corpus", str(cfg.ref.corpus),
+            "--ctx", "256", "--chunks", "3", "--pairs", "turbo3/turbo3", "--no-bench", "--decode-prompts", "0",
+            "--kld-depths", "none", "--no-progress", "--out", str(out)]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 143, r.output
+    top = json.loads((out / "run.json").read_text())
+    assert top["verdict"] == "INTERRUPTED" and top["interrupted"]["signal"] == "SIGTERM", top["verdict"]
+    assert any("cuda" in x for x in top["interrupted"]["not_run"]), top["interrupted"]
+    assert (out / "summary.md").read_text().lstrip().startswith("# ") and "INTERRUPTED" in (out / "summary.md").read_text()
+    assert json.loads((out / "cpu" / "run.json").read_text())["verdict"] != "INTERRUPTED"  # cpu: ran to its end
+    assert json.loads((out / "cuda" / "run.json").read_text())["verdict"] == "INTERRUPTED"
+    assert not any(c["verdict"] == "PASS" and c["type"] == "turbo3/turbo3" for c in top["checks"][0]["cells"])
+    r = CliRunner().invoke(cli, ["report", str(out)])
+    assert r.exit_code != 0, r.output
