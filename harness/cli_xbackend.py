@@ -125,6 +125,7 @@ def run_cross(template, opts: CrossOptions, argv: list[str]) -> int:
 def not_run(res) -> list[str]:
     """What an interrupted cross-backend sweep did not run: each side's unfinished own sweep ('sweep on rpc0', with
     its jobs not run when it started) and the scoring runs not done ('score rpc0 turbo3/turbo3 against cpu')."""
+    from harness.runners.sweep_config import pair_label
     out = []
     cfg = res.config
     for side in cfg.sides:
@@ -135,7 +136,7 @@ def not_run(res) -> list[str]:
             out.append(f"sweep on {side.backend} ({len(sres.interrupted.get('not_run') or [])} jobs)")
     for side in cfg.sides[1:]:
         for k, v in cfg.ref.pairs:
-            lab = f"{k}/{v}"
+            lab = pair_label(k, v)
             if (side.backend, lab) not in res.cross:
                 out.append(f"score {side.backend} {lab} against {cfg.ref.backend}")
     return out
