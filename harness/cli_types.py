@@ -69,7 +69,8 @@ class Seconds(click.FloatRange):
 
 
 class CommaList(click.ParamType):
-    """A comma-separated list, checked whole while parsing; the command receives the string unchanged.
+    """A comma-separated list, checked whole while parsing; the command receives the string unchanged. An empty item
+    ('a,,b', 'a,') is refused (one line, exit 2), never skipped.
 
     Args:
         what: what one item is ('turbo type', 'HOST:PORT'), for the messages.
@@ -93,6 +94,9 @@ class CommaList(click.ParamType):
         items = [x.strip() for x in s.split(",") if x.strip()]
         if not items:
             self.fail(f"{s!r} names no {self.what}: give a comma-separated list", param, ctx)
+        if len(items) != len(s.split(",")):  # 'f16/f16,,q8_0/q8_0' or a trailing comma: a typo, never skipped silently
+            self.fail(f"{s!r} has an empty item (two commas in a row, or a comma at an end): give a comma-separated "
+                      f"list of {self.what}s without empty items", param, ctx)
         if self.choices is not None:
             allowed = list(self.choices())
             bad = [x for x in items if x not in allowed]

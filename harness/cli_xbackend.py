@@ -4,7 +4,8 @@
 Writes, into the report folder: each backend's own sweep report in ``<folder>/<backend>/`` (as ``sweep --backend``
 writes it) and the comparison (check XBACKEND: summary.md, report.html, run.json, xbackend.csv) at the top. Exit
 code: the worst of the comparison's and the backends' own (0 / 1 FAIL, or PARTIAL with --strict / 2 ERROR);
-130 / 143 when interrupted (finished jobs stay cached: rerun the same command to resume).
+130 / 143 when interrupted: the partial reports are written (each side that ran, and the comparison marked
+INTERRUPTED with what did not run); finished jobs stay cached: rerun the same command to resume.
 """
 from __future__ import annotations
 
@@ -93,10 +94,6 @@ def run_cross(template, opts: CrossOptions, argv: list[str]) -> int:
     Raises:
         HarnessError: bad --backends/--target, a side without a build, sides that cannot be compared.
     """
-    from harness import pipeline
-    from harness.checks.sweeps import load_rules
-    from harness.checks.xbackend import judge_xbackend
-    from harness.cli_sweep import build_run, write_reports
     from harness.interrupt import Interrupted, acknowledge, interruptible
     from harness.runners.xbackend import XConfig, check_sides, run_xbackend, side_config
 
@@ -108,20 +105,62 @@ def run_cross(template, opts: CrossOptions, argv: list[str]) -> int:
         try:
             res = run_xbackend(xcfg, progress=opts.progress, log=log)
         except (Interrupted, KeyboardInterrupt) as e:
-            acknowledge()
-            click.echo(f"interrupted by {getattr(e, 'name', 'SIGINT')}: the jobs that finished are cached; rerun the "
-                       f"same command to resume", err=True)
-            return getattr(e, "exit_code", 130)
+            acknowledge()  # later signals wait: the partial report is written, marked INTERRUPTED (never PASS)
+            res = getattr(e, "xbackend_result", None)
+            code = getattr(e, "exit_code", 130)
+            if res is None or not res.sweeps:
+                click.echo(f"interrupted by {getattr(e, 'name', 'SIGINT')} before any job ran: the jobs that finished "
+                           f"are cached; rerun the same command to resume", err=True)
+                return code
+            res.interrupted["not_run"] = not_run(res)
+            _report(res, sides, opts, argv)
+            click.echo(f"XBACKEND INTERRUPTED by {res.interrupted['signal']}: {len(res.interrupted['not_run'])} parts "
+                       f"not run ({', '.join(res.interrupted['not_run'])}); the jobs that finished are cached: rerun "
+                       f"the same command to resume; partial report {opts.run_dir / 'summary.md'}", err=True)
+            return code
         acknowledge()
+    return _report(res, sides, opts, argv)
+
+
+def not_run(res) -> list[str]:
+    """What an interrupted cross-backend sweep did not run: each side's unfinished own sweep ('sweep on rpc0', with
+    its jobs not run when it started) and the scoring runs not done ('score rpc0 turbo3/turbo3 against cpu')."""
+    from harness.runners.sweep_config import pair_label
+    out = []
+    cfg = res.config
+    for side in cfg.sides:
+        sres = res.sweeps.get(side.backend)
+        if sres is None:
+            out.append(f"sweep on {side.backend}")
+        elif sres.interrupted:
+            out.append(f"sweep on {side.backend} ({len(sres.interrupted.get('not_run') or [])} jobs)")
+    for side in cfg.sides[1:]:
+        for k, v in cfg.ref.pairs:
+            lab = pair_label(k, v)
+            if (side.backend, lab) not in res.cross:
+                out.append(f"score {side.backend} {lab} against {cfg.ref.backend}")
+    return out
+
+
+def _report(res, sides, opts: CrossOptions, argv: list[str]) -> int:
+    """Judge and write every report of a (possibly interrupted) cross-backend sweep: each side's own sweep that ran,
+    then the comparison; print the headline; return the exit code (130 / 143 for an interrupted one)."""
+    from harness import pipeline
+    from harness.checks.sweeps import load_rules
+    from harness.checks.xbackend import judge_xbackend
+    from harness.cli_sweep import build_run, write_reports
+    sides = [s for s in sides if s.backend in res.sweeps]
     rules = load_rules()
-    codes, sections = [], {}
+    codes, sections, runs = [], {}, {}
     for side in sides:
         sres = res.sweeps[side.backend]
         run = build_run(sres, f"{opts.run_dir.name}-{side.backend}", argv)
         sections[side.backend] = run.sections["sweep"]
         codes.append(pipeline.finish(run, opts.run_dir / side.backend, strict=opts.strict,
                                      write=lambda r, d, sres=sres: write_reports(r, sres, d)))
+        runs[side.backend] = run
     cr, sec = judge_xbackend(res, sections, rules)
+    add_own_sweeps(cr, sec, runs)
     top = _top_run(res, cr, sec, opts, argv)
     codes.append(pipeline.finish(top, opts.run_dir, opts.known, opts.known_file, opts.strict,
                                  write=lambda r, d: _write_top(r, res, d)))
@@ -130,11 +169,48 @@ def run_cross(template, opts: CrossOptions, argv: list[str]) -> int:
         click.echo(ln)
     click.echo(sec["markdown"])
     for side in sides:
-        v = next(c.verdict.value for c in pipeline.load_run(opts.run_dir / side.backend).checks if c.id == "SWEEP")
-        click.echo(f"{side.backend}'s own sweep: SWEEP {v}; report {opts.run_dir / side.backend / 'summary.md'}")
+        click.echo(own_sweep_line(side.backend, runs[side.backend], opts.run_dir / side.backend / "summary.md"))
     click.echo(f"XBACKEND {cr.verdict.value}: {res.jobs_run} jobs run, {res.jobs_cached} cached, {res.seconds:.1f} s; "
                f"report {opts.run_dir / 'summary.md'}")
     return max(codes, key=lambda c: (c in (130, 143), c))
+
+
+OWN_SWEEP_METRIC = "own_sweep_cells_not_passed"
+
+
+def own_sweep_line(backend: str, run, report: Path | str) -> str:
+    """"cpu's own sweep: SWEEP FAIL; report <report>" (INTERRUPTED for an interrupted one)."""
+    return f"{backend}'s own sweep: SWEEP {run.headline}; report {report}"
+
+
+def add_own_sweeps(cr, sec: dict, runs: dict) -> None:
+    """Put each backend's own sweep verdict into the comparison, so that the top report's verdict, headline, run.json,
+    junit and exit code are the worst of XBACKEND and every backend's own sweep (a FAIL in ``<out>/cpu`` is never a
+    PASS at the top).
+
+    Args:
+        cr: the XBACKEND CheckResult (one cell per backend appended: metric :data:`OWN_SWEEP_METRIC`, value = how many
+            of that sweep's cells are not PASS, limit <= 0, verdict = that sweep's own verdict, evidence its summary.md).
+        sec: the 'xbackend' section (its 'markdown' gets one line per backend sweep first; 'own_sweeps' their verdicts).
+        runs: backend -> that backend's sweep :class:`~harness.report.model.Run` as written in ``<out>/<backend>/``.
+    """
+    from harness.report.model import Cell, Verdict
+    lines, own = [], {}
+    for backend, run in runs.items():
+        cells = [c for ch in run.checks for c in ch.cells]
+        bad = sum(1 for c in cells if c.verdict != Verdict.PASS)
+        v = run.verdict
+        if run.interrupted and v == Verdict.PASS:  # a partial sweep is never a PASS
+            v = Verdict.SKIP
+        report = f"{backend}/summary.md"
+        cr.cells.append(Cell(cr.id, f"{backend} sweep", f"{backend}:own-sweep", OWN_SWEEP_METRIC, float(bad), 0.0, v,
+                             caveat=f"{own_sweep_line(backend, run, report)}", evidence=[report],
+                             details={"rule": {"limit": 0.0, "breach": "none"}, "own_sweep_verdict": run.headline}))
+        own[backend] = {"verdict": run.headline, "report": report, "cells_not_passed": bad}
+        lines.append(f"- {own_sweep_line(backend, run, report)}")
+    sec["own_sweeps"] = own
+    sec["markdown"] = "Each backend's own sweep (counted in this report's verdict):\n\n" + "\n".join(lines) + \
+        "\n\n" + sec.get("markdown", "")
 
 
 def _top_run(res, cr, sec, opts: CrossOptions, argv: list[str]):
@@ -145,7 +221,7 @@ def _top_run(res, cr, sec, opts: CrossOptions, argv: list[str]):
     from harness import __version__
     from harness.report.model import Run
     from harness.verify import gpu_info
-    a = res.sweeps[res.config.ref.backend]
+    a = res.sweeps.get(res.config.ref.backend) or next(iter(res.sweeps.values()))  # interrupted: what ran
     meta = {"harness_version": __version__, "command_line": " ".join(argv), "host": platform.node(),
             "python": platform.python_version(), "gpu": gpu_info(), "model": str(res.config.ref.model),
             "model_sha256": a.meta.get("model_sha256"), "corpus": str(res.config.ref.corpus),
@@ -156,7 +232,7 @@ def _top_run(res, cr, sec, opts: CrossOptions, argv: list[str]):
                       for s in res.config.sides if s.backend in res.sweeps},
             "load_start": res.load_start, "load_end": res.load_end, "model_passes": res.passes,
             "jobs_run": res.jobs_run, "jobs_cached": res.jobs_cached, "sweep_seconds": round(res.seconds, 1)}
-    run = Run(run_id=opts.run_dir.name, meta=meta)
+    run = Run(run_id=opts.run_dir.name, meta=meta, interrupted=res.interrupted)
     run.checks.append(cr)
     run.sections["xbackend"] = sec
     return run

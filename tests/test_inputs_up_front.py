@@ -78,3 +78,13 @@ def test_sweep_help_has_no_placeholder():
     r = CliRunner().invoke(cli, ["sweep", "--help"])
     flat = "".join(r.output.split())  # help text is wrapped
     assert r.exit_code == 0 and "{DEPTH_PAIRS}" not in flat and DEPTH_PAIRS in flat
+
+
+def test_a_comma_list_with_an_empty_item_is_refused():
+    """Tryout: `sweep --pairs 'f16/f16,,q8_0/q8_0'` was accepted silently (the empty item dropped): a typo (a pair
+    left out) must be one line and exit 2, as must a trailing comma, in every comma-list option."""
+    for opt, val in (("--pairs", "f16/f16,,q8_0/q8_0"), ("--pairs", "f16/f16,"), ("--depths", "0,,256"),
+                     ("--backends", "cpu,,cuda")):
+        line = _line(CliRunner().invoke(cli, ["sweep", opt, val]))
+        assert f"'{opt}'" in line and "empty item" in line, line
+    assert "empty item" not in CliRunner().invoke(cli, ["sweep", "--pairs", "f16/f16,q8_0/q8_0", "--help"]).output

@@ -124,6 +124,36 @@ def test_an_rpc_side_whose_server_is_gone_is_an_error_not_the_forks_refusal(side
     assert cr.verdict == Verdict.ERROR
 
 
+
+def test_an_rpc_server_lost_mid_sweep_is_an_error_naming_it_not_a_fork_crash_or_refusal(sides):
+    """Tryout: the rpc-server went away in the middle of a cpu,rpc0 sweep. llama-perplexity said 'Remote RPC server
+    crashed or returned malformed response' and aborted (filed as FAIL 'fork failure: llama-perplexity crashed'); the
+    later runs said 'Failed to connect to HOST:PORT' / 'invalid device: RPC0' (SKIP 'refused the configuration'). Both
+    are the harness's measurement failing: ERROR naming the endpoint, never FAIL or SKIP."""
+    from harness.runners.sweep_jobs import classify_failure
+    from harness.runners.tools import ToolResult
+    cfg = sides.make("rpc0", [], endpoints=["127.0.0.1:50052"], rpc_lost=["turbo3"])
+    res, cr, sec = sides.run(cfg)
+    rec = res.sweeps["rpc0"].ppl["turbo3/turbo3"]
+    assert not rec.ok and rec.fault == "harness", (rec.fault, rec.error)
+    assert "lost the rpc-server at 127.0.0.1:50052" in rec.error and "Remote RPC server crashed" in rec.error
+    cells = [c for c in cr.cells if c.type == "turbo3/turbo3"]
+    assert cells and all(c.verdict == Verdict.ERROR for c in cells), [(c.verdict, c.caveat) for c in cells]
+    own = judge_sweep(res.sweeps["rpc0"], traits=TRAITS)[0]
+    bad = [c for c in own.cells if c.type == "turbo3/turbo3" and c.verdict in (Verdict.FAIL, Verdict.SKIP)]
+    assert not bad, [(c.verdict, c.caveat) for c in bad]
+    # later runs: the server is gone ('invalid device: RPC0' without the endpoint's own line counts too)
+    side = cfg.sides[1]
+    for err in ("Failed to connect to 127.0.0.1:50052\nerror while handling argument \"-dev\": invalid device: RPC0\n",
+                "error while handling argument \"-dev\": invalid device: RPC0\n"):
+        fault, _, msg = classify_failure("ppl", ToolResult(["llama-perplexity"], 1, "", err, 0.1), side)
+        assert fault == "harness" and "127.0.0.1:50052" in msg, (fault, msg)
+    # a local run's crash is still the fork's
+    local = cfg.sides[0]
+    fault, _, _ = classify_failure("ppl", ToolResult(["llama-perplexity"], -6, "", "GGML_ASSERT(x) failed\n", 0.1), local)
+    assert fault == "fork"
+
+
 # ----------------------------------------------------------------------------- MODEL
 
 TOOL = r'''#!{py}

@@ -54,6 +54,14 @@ if int(a[a.index("-ngl") + 1]) > 0 and not conf.get("no_device") and seen:
     sys.stderr.write(f"llama_model_load_from_file_impl: using device {{conf['name'].upper()}}0 (fake) - 1000 MiB free\n")
 sys.stderr.write(f"sched_reserve: graph splits = {{conf.get('splits', {{}}).get(ctk, 1)}}\n")
 sys.stderr.flush()
+if ctk in conf.get("term_parent", []):  # the user presses Ctrl-C / a job scheduler sends SIGTERM mid-sweep
+    import time
+    os.kill(os.getppid(), signal.SIGTERM)
+    time.sleep(10)
+if ctk in conf.get("rpc_lost", []) and "--rpc" in a:  # the rpc-server went away mid-run: ggml-rpc's RPC_STATUS_ASSERT
+    sys.stderr.write("/src/ggml/src/ggml-rpc/ggml-rpc.cpp:354: Remote RPC server crashed or returned malformed response\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGABRT)
 if ctk in conf["crash"]:
     sys.stderr.write("/src/ggml-cuda/fattn.cu:77: GGML_ASSERT(fake crash) failed\n"); sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGABRT)
@@ -87,7 +95,7 @@ print(f"Same top p: {{100 - 100 * kld:.3f}} ± 0.100 %")
 
 
 def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash=(), splits=None, sub=None,
-               no_device=False, refuse=(), needs_env="", unreachable=False) -> Path:
+               no_device=False, refuse=(), needs_env="", unreachable=False, rpc_lost=(), term_parent=()) -> Path:
     bdir = root / name
     (bdir / "bin").mkdir(parents=True, exist_ok=True)
     _script(bdir / "bin" / "llama-perplexity", FAKE.format(py=sys.executable, root=str(ROOT)))
@@ -95,7 +103,7 @@ def fake_build(root: Path, name: str, calls: Path, jitter=0.0, shift=None, crash
                                                 "crash": list(crash), "calls": str(calls),
                                                 "splits": splits or {}, "sub": sub or {},
                                                 "no_device": no_device, "refuse": list(refuse),
-                                                "needs_env": needs_env, "unreachable": unreachable,
+                                                "needs_env": needs_env, "unreachable": unreachable, "rpc_lost": list(rpc_lost), "term_parent": list(term_parent),
                                                 "traits": {n: [t.name, t.id, t.blck, t.size] for n, t in TRAITS.items()}}))
     return bdir
 
@@ -465,3 +473,63 @@ def test_speed_spread_covering_the_limit_is_not_fail_and_load_is_noted():
     assert load_note({"load_start": {"load_1min": 7.9, "cpus": 2}, "load_end": {"load_1min": 8.2, "cpus": 2}}).startswith(
         "measured at load 7.9 (start) / 8.2 (end) on 2 CPUs")
     assert load_note({"load_start": {"load_1min": 0.5, "cpus": 2}, "load_end": {"load_1min": 1.0, "cpus": 2}}) == ""
+
+
+def test_cli_backends_top_verdict_includes_each_backends_own_sweep(xb, monkeypatch):
+    """Tryout: both backends ran turbo3 equally badly (they agree: XBACKEND passes) but each backend's own sweep
+    FAILs; the top summary.md/run.json said 'PASS: every judged cell passed' while the command exited 1, and
+    `report <out>` exited 0. The top verdict is the worst of XBACKEND and every backend's own sweep."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+    bad = {"shift": {"turbo3": 0.5}}
+    cfg = xb.make(a=bad, b=bad)
+    monkeypatch.setenv("TURBO_BUILD_ROOT", str(xb.tmp / "builds"))
+    monkeypatch.setenv("TURBO_SWEEP_CACHE", str(xb.tmp / "cache"))
+    monkeypatch.setattr(S, "type_traits", lambda bdir: TRAITS)
+    out = xb.tmp / "report"
+    args = ["sweep", "--backends", "cpu,cuda", "--model", str(cfg.ref.model), "--corpus", str(cfg.ref.corpus),
+            "--ctx", "256", "--chunks", "3", "--pairs", "turbo3/turbo3,q4_0/q4_0", "--no-bench", "--decode-prompts", "0",
+            "--kld-depths", "none", "--no-progress", "--out", str(out)]
+    r = CliRunner().invoke(cli, args)
+    own = {b: json.loads((out / b / "run.json").read_text())["verdict"] for b in ("cpu", "cuda")}
+    assert own == {"cpu": "FAIL", "cuda": "FAIL"}, (own, r.output)
+    assert r.exit_code == 1, r.output
+    top = json.loads((out / "run.json").read_text())
+    assert top["verdict"] == "FAIL", top["verdict"]
+    md = (out / "summary.md").read_text()
+    head = [ln for ln in md.splitlines() if ln.strip()][:2]
+    assert "**FAIL**" in head[0] and head[1].startswith("**FAIL"), head
+    for b in ("cpu", "cuda"):
+        assert f"{b}'s own sweep: SWEEP FAIL; report {b}/summary.md" in md
+    assert 'failures="0"' not in (out / "junit.xml").read_text() or "FAIL" in (out / "junit.xml").read_text()
+    r = CliRunner().invoke(cli, ["report", str(out)])
+    assert r.exit_code == 1, r.output
+
+
+def test_cli_backends_interrupted_writes_a_partial_report_marked_interrupted(xb, monkeypatch):
+    """Tryout: SIGTERM during `sweep --backends` left no report folder at all (only 'jobs cached; rerun to resume'),
+    while a one-backend sweep writes its partial report marked INTERRUPTED. Now: the first backend's own sweep, the
+    second's partial one and the comparison are written, the top one INTERRUPTED (never PASS), exit 143."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+    cfg = xb.make(b={"term_parent": ["turbo3"]})
+    monkeypatch.setenv("TURBO_BUILD_ROOT", str(xb.tmp / "builds"))
+    monkeypatch.setenv("TURBO_SWEEP_CACHE", str(xb.tmp / "cache"))
+    monkeypatch.setattr(S, "type_traits", lambda bdir: TRAITS)
+    out = xb.tmp / "report"
+    args = ["sweep", "--backends", "cpu,cuda", "--model", str(cfg.ref.model), "--corpus", str(cfg.ref.corpus),
+            "--ctx", "256", "--chunks", "3", "--pairs", "turbo3/turbo3", "--no-bench", "--decode-prompts", "0",
+            "--kld-depths", "none", "--no-progress", "--out", str(out)]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 143, r.output
+    top = json.loads((out / "run.json").read_text())
+    assert top["verdict"] == "INTERRUPTED" and top["interrupted"]["signal"] == "SIGTERM", top["verdict"]
+    assert any("cuda" in x for x in top["interrupted"]["not_run"]), top["interrupted"]
+    assert (out / "summary.md").read_text().lstrip().startswith("# ") and "INTERRUPTED" in (out / "summary.md").read_text()
+    assert json.loads((out / "cpu" / "run.json").read_text())["verdict"] != "INTERRUPTED"  # cpu: ran to its end
+    assert json.loads((out / "cuda" / "run.json").read_text())["verdict"] == "INTERRUPTED"
+    assert not any(c["verdict"] == "PASS" and c["type"] == "turbo3/turbo3" for c in top["checks"][0]["cells"])
+    r = CliRunner().invoke(cli, ["report", str(out)])
+    assert r.exit_code != 0, r.output

@@ -136,7 +136,8 @@ def decode_job(cfg, exe: Path, prompts_file: Path, cache, key: str, k: str, v: s
 
     Faults (spec "Who is at fault"): a crash (signal) or a llama_decode failure after the context was created
     (exit 4) is the fork's ('fork', FAIL, naming the phase); a context or model the fork refused at start-up
-    (exit 3) is 'refused' (SKIP); bad input (exit 2), a timeout or a missing binary is the harness's (ERROR).
+    (exit 3) is 'refused' (SKIP); bad input (exit 2), a timeout, a missing binary or an ``--rpc`` server lost or
+    never reached (:func:`harness.runners.sweep_jobs.rpc_lost`) is the harness's (ERROR).
     A run whose log shows other K/V types than asked, or no rotation for a '+rot' pair, is not kept (ERROR).
     """
     from harness.runners.llama_logs import parse_kv_logs
@@ -157,7 +158,12 @@ def decode_job(cfg, exe: Path, prompts_file: Path, cache, key: str, k: str, v: s
     rec.data = {"out": out.to_dict(), "kv": [x.to_dict() for x in kvs]}
     if not res.ok:
         quote = error_line(res.stderr + "\n" + res.stdout)
-        if res.timed_out or res.rc is None or res.rc in (2, 127):
+        from harness.runners.sweep_jobs import rpc_lost, rpc_lost_message
+        lost = None if res.timed_out or res.rc is None else rpc_lost(res.stderr, cfg.rpc)
+        if lost is not None:  # the rpc-server went away (or was never there): nothing measured, not the fork's result
+            rec.fault, rec.phase = "harness", decode_phase(res.stderr) if lost[0] == "lost" else "start-up"
+            rec.error = rpc_lost_message("greedy decode", lost, res.rc, rec.phase)
+        elif res.timed_out or res.rc is None or res.rc in (2, 127):
             rec.fault = "harness"
         elif res.rc < 0 or res.rc == 4:
             rec.fault, rec.phase = "fork", decode_phase(res.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -169,7 +170,7 @@ def classify_failure(kind: str, res: ToolResult, cfg: SweepConfig) -> tuple[str,
 
     Returns:
         (fault, phase, message): fault 'harness' for a timeout, a binary that cannot run or an ``--rpc`` server it
-        could not reach before computing began (:func:`rpc_unreached`) (ERROR);
+        could not reach or lost mid-run (:func:`rpc_lost`: the harness's server, not the fork's result) (ERROR);
         'refused' for a clean non-zero exit before the fork computed anything (its message is quoted;
         SKIP); 'fork' for a crash (signal) anywhere, or an error exit after computing began (FAIL).
         phase names where it died, e.g. 'decode (tg16 at depth 0)', 'evaluation of chunk 3 of 8 (batched
@@ -183,12 +184,9 @@ def classify_failure(kind: str, res: ToolResult, cfg: SweepConfig) -> tuple[str,
     phase = _phase(kind, res, cfg)
     created, tail = _after_last_context(res.stderr)
     computing = created and "graph splits" in tail
-    missed = [ep for ep in cfg.rpc or () if f"Failed to connect to {ep}" in res.stderr]
-    if missed and not computing:  # no rpc-server there: with '-dev RPC0' the tool stops at its arguments ('invalid
-        # device: RPC0'); the harness's setup (rpc_unreached), not a configuration the fork refused
-        return "harness", "start-up", (f"{tool} could not reach the rpc-server at {', '.join(missed)} ('Failed to "
-                                       f"connect to {missed[0]}') and stopped at start-up (exit {res.rc}): nothing was "
-                                       f"measured; start the server (README 'Remote devices') and rerun")
+    lost = rpc_lost(res.stderr, cfg.rpc)
+    if lost is not None:  # the harness's rpc-server is gone: nothing measured, never the fork's result (FAIL/SKIP)
+        return "harness", phase if lost[0] == "lost" else "start-up", rpc_lost_message(tool, lost, res.rc, phase)
     if res.rc < 0:
         try:
             sig = f"signal {-res.rc} ({signal.Signals(-res.rc).name})"
@@ -198,6 +196,44 @@ def classify_failure(kind: str, res: ToolResult, cfg: SweepConfig) -> tuple[str,
     if not computing:
         return "refused", "start-up", f"{tool} refused the configuration at start-up (exit {res.rc}): {quote}"
     return "fork", phase, f"{tool} failed in {phase} (exit {res.rc}): {quote}"
+
+
+RPC_CRASH = "Remote RPC server crashed or returned malformed response"  # ggml-rpc.cpp RPC_STATUS_ASSERT (then abort)
+
+
+def rpc_lost(stderr: str, endpoints) -> tuple[str, list[str]] | None:
+    """Whether a tool run with ``--rpc endpoints`` lost its rpc-server(s), from its stderr (ggml-rpc.cpp's messages).
+
+    Returns:
+        ('lost', endpoints): a send/receive to a server failed mid-run (RPC_STATUS_ASSERT: 'Remote RPC server crashed
+        or returned malformed response', then SIGABRT); ('unreached', the endpoints named): 'Failed to connect to
+        HOST:PORT' (with '-dev RPC0' the tool then stops at 'invalid device: RPC0'), or 'invalid device: RPCn' alone;
+        None: no endpoints, or no such message. The client cannot tell which of several servers broke: all are named.
+    """
+    eps = list(endpoints or ())
+    if not eps:
+        return None
+    missed = [ep for ep in eps if f"Failed to connect to {ep}" in stderr]
+    if missed:
+        return "unreached", missed
+    if RPC_CRASH in stderr:
+        return "lost", eps
+    if re.search(r"invalid device: RPC\d+", stderr):
+        return "unreached", eps
+    return None
+
+
+def rpc_lost_message(tool: str, lost: tuple[str, list[str]], rc: int | None, phase: str = "") -> str:
+    """The ERROR line for :func:`rpc_lost`'s answer: the endpoint(s), what the tool said, that nothing was measured."""
+    how, eps = lost
+    where = ", ".join(eps)
+    if how == "lost":
+        at = f" in {phase}" if phase else ""
+        return (f"{tool} lost the rpc-server at {where}{at} ('{RPC_CRASH}', exit {rc}): the server stopped, crashed or "
+                f"the connection broke, so nothing was measured (not judged as the fork's result; the server's own log "
+                f"says why); restart it (README 'Remote devices') and rerun")
+    return (f"{tool} could not reach the rpc-server at {where} ('Failed to connect to {eps[0]}') and stopped at start-up "
+            f"(exit {rc}): nothing was measured; start the server (README 'Remote devices') and rerun")
 
 
 def _failed(rec: JobRecord, res: ToolResult, cfg: SweepConfig) -> JobRecord:
