@@ -211,6 +211,19 @@ def test_kld_growing_with_depth_beyond_noise_is_flagged_within_noise_is_not(tmp_
     assert p is not None and p.stat().st_size > 1000
 
 
+def test_the_f16_floor_row_passes_only_when_its_own_numbers_allow_it():
+    # the committed Gemma sweep had f16/f16 printed as -0.000000 then 0.000001 (growth 1e-6 with se 0): a PASS whose
+    # threshold (0) its value broke; llama-perplexity's 6 printed decimals are now the least growth judged
+    from harness.report.rejudge import allowed
+    res = _depth_result({(256, "f16/f16"): (-0.0, 0.0), (1024, "f16/f16"): (1e-6, 0.0)})
+    (c,), _ = depth_cells(res, load_rules(), "cpu")
+    assert c.verdict == Verdict.PASS and c.value <= c.threshold and allowed(c, "SWEEP") is None
+    # an f16 cache whose own KLD grows with depth (still under the floor's limit) is not a clean floor
+    res = _depth_result({(256, "f16/f16"): (0.0, 0.0), (1024, "f16/f16"): (0.0004, 0.0)})
+    (c,), _ = depth_cells(res, load_rules(), "cpu")
+    assert c.verdict == Verdict.PARTIAL and "grows with depth beyond its noise" in c.caveat and c.value > c.threshold
+
+
 def test_depth_run_with_other_kv_types_than_asked_is_an_error_not_a_growth():
     res = _depth_result({(256, "turbo3/turbo3"): (0.2, 0.01), (1024, "turbo3/turbo3"): (0.2, 0.01)})
     res.depth[(1024, "turbo3/turbo3")].data["kv"]["changes"] = ["auto-asymmetric: upgrading K from turbo3 to q8_0"]
