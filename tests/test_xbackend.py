@@ -132,8 +132,22 @@ def xb(tmp_path):
 
     def ncalls():
         return len([ln for ln in calls.read_text().splitlines() if ln.strip()])
+
+    def cli(cfg, monkeypatch, pairs):
+        """`turbo-harness sweep --backends cpu,cuda` on the fake builds of ``cfg`` (tiny sizes); (result, out folder)."""
+        from click.testing import CliRunner
+
+        from harness.cli import cli as main
+        monkeypatch.setenv("TURBO_BUILD_ROOT", str(tmp_path / "builds"))
+        monkeypatch.setenv("TURBO_SWEEP_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setattr(S, "type_traits", lambda bdir: TRAITS)
+        out = tmp_path / "report"
+        args = ["sweep", "--backends", "cpu,cuda", "--model", str(cfg.ref.model), "--corpus", str(cfg.ref.corpus),
+                "--ctx", "256", "--chunks", "3", "--pairs", pairs, "--no-bench", "--decode-prompts", "0",
+                "--kld-depths", "none", "--no-progress", "--out", str(out)]
+        return CliRunner().invoke(main, args), out
     return type("XB", (), {"make": staticmethod(make), "run": staticmethod(run), "ncalls": staticmethod(ncalls),
-                           "tmp": tmp_path, "calls": calls})
+                           "cli": staticmethod(cli), "tmp": tmp_path, "calls": calls})
 
 
 def _cells(cr, metric):
@@ -299,14 +313,7 @@ def test_cli_backends_writes_both_sweeps_and_the_comparison(xb, monkeypatch):
 
     from harness.cli import cli
     cfg = xb.make(b={"shift": {"turbo3": 0.05}})  # makes the fake builds under builds/cpu and builds/cuda
-    monkeypatch.setenv("TURBO_BUILD_ROOT", str(xb.tmp / "builds"))
-    monkeypatch.setenv("TURBO_SWEEP_CACHE", str(xb.tmp / "cache"))
-    monkeypatch.setattr(S, "type_traits", lambda bdir: TRAITS)
-    out = xb.tmp / "report"
-    args = ["sweep", "--backends", "cpu,cuda", "--model", str(cfg.ref.model), "--corpus", str(cfg.ref.corpus),
-            "--ctx", "256", "--chunks", "3", "--pairs", "turbo3/turbo3", "--no-bench", "--decode-prompts", "0",
-            "--kld-depths", "none", "--no-progress", "--out", str(out)]
-    r = CliRunner().invoke(cli, args)
+    r, out = xb.cli(cfg, monkeypatch, "turbo3/turbo3")
     assert r.exit_code == 1, r.output  # FAIL on the target (cuda moved)
     assert "cuda moved further from its own f16" in r.output
     assert (out / "cpu" / "run.json").is_file() and (out / "cuda" / "run.json").is_file()
@@ -484,14 +491,7 @@ def test_cli_backends_top_verdict_includes_each_backends_own_sweep(xb, monkeypat
     from harness.cli import cli
     bad = {"shift": {"turbo3": 0.5}}
     cfg = xb.make(a=bad, b=bad)
-    monkeypatch.setenv("TURBO_BUILD_ROOT", str(xb.tmp / "builds"))
-    monkeypatch.setenv("TURBO_SWEEP_CACHE", str(xb.tmp / "cache"))
-    monkeypatch.setattr(S, "type_traits", lambda bdir: TRAITS)
-    out = xb.tmp / "report"
-    args = ["sweep", "--backends", "cpu,cuda", "--model", str(cfg.ref.model), "--corpus", str(cfg.ref.corpus),
-            "--ctx", "256", "--chunks", "3", "--pairs", "turbo3/turbo3,q4_0/q4_0", "--no-bench", "--decode-prompts", "0",
-            "--kld-depths", "none", "--no-progress", "--out", str(out)]
-    r = CliRunner().invoke(cli, args)
+    r, out = xb.cli(cfg, monkeypatch, "turbo3/turbo3,q4_0/q4_0")
     own = {b: json.loads((out / b / "run.json").read_text())["verdict"] for b in ("cpu", "cuda")}
     assert own == {"cpu": "FAIL", "cuda": "FAIL"}, (own, r.output)
     assert r.exit_code == 1, r.output
@@ -515,14 +515,7 @@ def test_cli_backends_interrupted_writes_a_partial_report_marked_interrupted(xb,
 
     from harness.cli import cli
     cfg = xb.make(b={"term_parent": ["turbo3"]})
-    monkeypatch.setenv("TURBO_BUILD_ROOT", str(xb.tmp / "builds"))
-    monkeypatch.setenv("TURBO_SWEEP_CACHE", str(xb.tmp / "cache"))
-    monkeypatch.setattr(S, "type_traits", lambda bdir: TRAITS)
-    out = xb.tmp / "report"
-    args = ["sweep", "--backends", "cpu,cuda", "--model", str(cfg.ref.model), "--corpus", str(cfg.ref.corpus),
-            "--ctx", "256", "--chunks", "3", "--pairs", "turbo3/turbo3", "--no-bench", "--decode-prompts", "0",
-            "--kld-depths", "none", "--no-progress", "--out", str(out)]
-    r = CliRunner().invoke(cli, args)
+    r, out = xb.cli(cfg, monkeypatch, "turbo3/turbo3")
     assert r.exit_code == 143, r.output
     top = json.loads((out / "run.json").read_text())
     assert top["verdict"] == "INTERRUPTED" and top["interrupted"]["signal"] == "SIGTERM", top["verdict"]
