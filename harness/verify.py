@@ -156,6 +156,9 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             run.meta["layout_notes"] = layouts.notes
         run.meta["rules"] = rules_of(ctx.thresholds)
         ctx.done.update({c.id: c.cells for c in run.checks})  # what ran on which backend: AUDIT's examination table
+        for cid in check_ids:  # work that goes on beside the checks before its own (COMPAT's test-backend-ops)
+            if checks[cid].prestart is not None:
+                checks[cid].prestart(ctx)
         for cid in check_ids:
             raise_if_pending()
             current = cid

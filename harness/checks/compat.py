@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from harness.checks.compat_tables import backend_ops_cells, coverage, coverage_table  # noqa: F401 (coverage: re-exported)
+from harness.checks.compat_tables import backend_ops_cells, coverage, coverage_table, start_backend_ops  # noqa: F401 (coverage: re-exported)
 from harness.checks.contract import Check, Outcome
 from harness.checks.common import Context, guarded, quant_paths
 from harness.checks.observations import byte_reader, decision_thresholds, op_matrices, precise_table, quantizer_rotation
@@ -358,4 +358,4 @@ class _Clock:
             self.timings[part] = round(self.timings.get(part, 0.0) + time.monotonic() - t0, 3)
 
 
-CHECK = Check(ID, TITLE, run, order=70, rules="COMPAT", needs=("probe", "test-backend-ops"))
+CHECK = Check(ID, TITLE, run, order=70, rules="COMPAT", needs=("probe", "test-backend-ops"), prestart=start_backend_ops)

@@ -119,15 +119,31 @@ def coverage_table(rows: list[dict], not_available: list[str]) -> Table:
 BACKEND_OPS_COLUMNS = ["backend", "op", "params", "status", "error", "tool limit"]
 
 
+def backend_ops_log(ctx: Context) -> Path | None:
+    """Where COMPAT keeps test-backend-ops' console output (its folder made), or None without an evidence folder."""
+    log = Path(ctx.evidence_dir) / ID / "test-backend-ops.log" if ctx.evidence_dir else None
+    if log:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    return log
+
+
+def start_backend_ops(ctx: Context) -> None:
+    """COMPAT's ``prestart``: where several test-backend-ops processes may run at once
+    (:func:`harness.runners.backend_ops.jobs` > 1, a machine with cores to spare), the target begins them now, beside
+    the checks before COMPAT, and :func:`backend_ops_cells` waits for them; on a small machine nothing starts early."""
+    from harness.runners import backend_ops
+    start = getattr(ctx.target, "start_backend_ops", None)
+    if start is not None and backend_ops.jobs() > 1:
+        start(backend_ops_log(ctx))
+
+
 def backend_ops_cells(ctx: Context, timings: dict | None = None) -> tuple[list[Cell], Table]:
     """Cells and table of the fork's test-backend-ops, which the target runs (:meth:`Target.backend_ops`): one
     'failed_cases' cell over every case parsed (the fork's failures shown, not re-judged), one SKIP per group not
     run in time, an ERROR when the tool crashed before any case. ``timings`` gets each group's seconds
     ('test-backend-ops OP')."""
     title = "test-backend-ops (the fork's own op tests, turbo-related cases)"
-    log = Path(ctx.evidence_dir) / ID / "test-backend-ops.log" if ctx.evidence_dir else None
-    if log:
-        log.parent.mkdir(parents=True, exist_ok=True)
+    log = backend_ops_log(ctx)
     res = ctx.target.backend_ops(log_path=log)
     if res is None:
         return [], Table("backend_ops", "test-backend-ops", BACKEND_OPS_COLUMNS,

@@ -60,6 +60,8 @@ class Check:
         command: the command that runs it: 'verify' (also ``check`` and ``replay``), or 'sweep' for a check judged
             from the sweep's own runs (its ``run`` is not called by verify).
         rules_file: the TOML file of its rules (None: ``checks/thresholds.toml``); with ``rules`` '' every section.
+        prestart: ``prestart(ctx)``, called by verify before the first check when this one is to run: begins work
+            that can go on beside the other checks (COMPAT's test-backend-ops on a machine with cores to spare).
     """
 
     id: str
@@ -72,6 +74,7 @@ class Check:
     catches: dict = field(default_factory=dict)
     command: str = "verify"
     rules_file: Path | None = None
+    prestart: Callable | None = None
 
     def evaluate(self, ctx) -> Outcome:
         """Run the check on a context and return its :class:`Outcome`."""

@@ -6,8 +6,10 @@ the value is known only to be within the tool's own limit, and the parsed record
 """
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,11 +77,15 @@ def is_turbo_related(r: OpResult) -> bool:
 @dataclass(frozen=True)
 class Group:
     """One test-backend-ops process: an op (``-o``; an op name or a test's own name such as SET_ROWS_TURBO3), an
-    optional regex on the case parameters (``-p``), and the seconds it may take."""
+    optional regex on the case parameters (``-p``), and the seconds it may take.
+
+    ``split`` names, per parameter, the values to cut the group by (``(("mask=0", "mask=1"), ("prec=f32",
+    "prec=def"))``): where several processes may run at once (:func:`jobs`), the group runs as :meth:`parts`."""
 
     op: str
     params: str | None
     timeout_s: float
+    split: tuple[tuple[str, ...], ...] = ()
 
     def command(self, binary: Path) -> list[str]:
         return [str(binary), "test", "-o", self.op] + (["-p", self.params] if self.params else [])
@@ -91,12 +97,53 @@ class Group:
         stdbuf = shutil.which("stdbuf")
         return ([stdbuf, "-oL", "-eL"] if stdbuf else []) + self.command(binary)
 
+    def parts(self) -> tuple[Group, ...]:
+        """The group as disjoint groups whose cases together are exactly the group's: one per combination of the
+        ``split`` values, plus one for every case that has none of the combinations (a parameter missing or with
+        another value in this fork's test-backend-ops: usually empty, never lost). Each part's ``-p`` is an
+        ECMAScript regex (test-backend-ops filters with std::regex_search on the case's ``k=v,k=v`` string,
+        tests/test-backend-ops.cpp ``filter_test_cases``): the group's own regex as a lookahead, then one
+        lookahead per value. Two combinations differ in at least one parameter's value, so no case is in two
+        parts. Returns ``(self,)`` when there is nothing to split by."""
+        if not self.split:
+            return (self,)
+        base = f"^(?=.*(?:{self.params}))" if self.params else "^"
+        combos = ["".join(_var(v) for v in combo) for combo in itertools.product(*self.split)]
+        rest = base + "".join(f"(?!{c})" for c in combos)
+        return tuple(Group(self.op, base + c, self.timeout_s) for c in combos) + (Group(self.op, rest, self.timeout_s),)
+
+
+def _var(var: str) -> str:
+    """A lookahead for one whole ``key=value`` item of a case's parameter string (never a prefix of another value:
+    'nb=3' does not match 'nb=32')."""
+    return "(?=.*(?:^|,)" + re.sub(r"([\\^$.|?*+()\[\]{}])", r"\\\1", var) + "(?:,|$))"
+
+
+def jobs() -> int:
+    """How many test-backend-ops processes run at once: the cores divided by the threads of the CPU reference each
+    one computes every case with (test-backend-ops makes its comparison backend with ggml_backend_init_by_type and
+    sets no thread count, so it gets GGML_DEFAULT_N_THREADS, 4: ggml/include/ggml.h, tests/test-backend-ops.cpp
+    ``test_backend``), at least 1. TURBO_BACKEND_OPS_JOBS overrides it (an integer >= 1).
+
+    Raises: HarnessError: TURBO_BACKEND_OPS_JOBS is not an integer >= 1."""
+    import os
+    v = os.environ.get("TURBO_BACKEND_OPS_JOBS")
+    if v is not None:
+        if not v.strip().isdigit() or int(v) < 1:
+            from harness.errors import HarnessError
+            raise HarnessError(f"TURBO_BACKEND_OPS_JOBS={v!r} is not an integer >= 1: set a process count, or unset it")
+        return int(v)
+    return max(1, (os.cpu_count() or 1) // 4)
+
 
 # Every turbo-related case: the rotation op, set_rows into turbo types (ggml's generic SET_ROWS cases with a turbo
 # destination, and the fork's own SET_ROWS_TURBO3 round-trip test, which the op name alone does not select), flash
-# attention, get_rows and cpy with turbo K/V.
+# attention, get_rows and cpy with turbo K/V. Flash attention is most of the time on a GPU (528 cases on the pinned
+# fork, 54 of COMPAT's 59 s on an H100): where several processes may run, it runs in parts cut by mask, sinks and
+# precision (parameters of upstream's test_flash_attn_ext), eight parts of about 40-90 cases on the pinned fork.
+FA_SPLIT = (("mask=0", "mask=1"), ("sinks=0", "sinks=1"), ("prec=f32", "prec=def"))
 PLAN = (Group("TURBO_WHT", None, 900), Group("SET_ROWS", "turbo", 900), Group("SET_ROWS_TURBO3", None, 900),
-        Group("FLASH_ATTN_EXT", "turbo", 900), Group("GET_ROWS", "turbo", 900), Group("CPY", "turbo", 900))
+        Group("FLASH_ATTN_EXT", "turbo", 900, FA_SPLIT), Group("GET_ROWS", "turbo", 900), Group("CPY", "turbo", 900))
 
 # On a software device (lavapipe runs shaders on the CPU): a flash-attention case takes tens of seconds, so only
 # the cases with kv=113 (a partial KV block), no GQA broadcast, one query, no ALiBi and no softcap run (both mask
@@ -109,53 +156,89 @@ SOFTWARE_PLAN = (Group("TURBO_WHT", None, 120), Group("SET_ROWS", "turbo", 120),
                  Group("FLASH_ATTN_EXT", SOFTWARE_FA, 180), Group("GET_ROWS", "turbo", 120), Group("CPY", "turbo", 120))
 
 
-def run(binary: Path, plan: tuple[Group, ...] = PLAN, log_path: Path | None = None, env: dict | None = None) -> dict:
-    """Run test-backend-ops in test mode, one process per group of the plan.
+def run(binary: Path, plan: tuple[Group, ...] = PLAN, log_path: Path | None = None, env: dict | None = None,
+        n_jobs: int | None = None, stop: threading.Event | None = None) -> dict:
+    """Run test-backend-ops in test mode, one process per group of the plan (per part of a group, when several
+    processes run at once).
 
     Args:
         binary: the test-backend-ops executable. plan: the groups (:data:`PLAN`, or :data:`SOFTWARE_PLAN` for a
             software device). log_path: where the console output goes. env: the process environment (default the
             harness's; a Vulkan build on a software device needs GGML_VK_VISIBLE_DEVICES, :mod:`harness.fork.vulkan`).
+        n_jobs: processes at once (default :func:`jobs`); with 1 the groups run one after another, unsplit.
+        stop: when set, the running processes are killed and nothing more starts (an interrupted verify).
     Returns:
         {'results': [OpResult dicts], 'returncode': 0, or 1 when a group crashed or exited non-zero, 'note',
-        'command', 'groups': [{'op', 'params', 'status': 'ran' | 'not run in time' | 'exited N', 'cases': cases
-        parsed, 'seconds', 'limit_s'}]}. A group past its time limit is not a failure: its status says so, with
-        the count of cases that ran before it was stopped.
+        'command', 'jobs', 'groups': [{'op', 'params', 'status': 'ran' | 'not run in time' | 'exited N', 'cases':
+        cases parsed, 'seconds' (wall, first part's start to last part's end), 'limit_s', 'parts'}]}. A group past
+        its time limit is not a failure: its status says so, with the count of cases that ran before it was stopped.
+        Results come in plan order, a split group's part by part.
     """
-    import time
+    from concurrent.futures import ThreadPoolExecutor
+    n_jobs = jobs() if n_jobs is None else max(1, n_jobs)
+    tasks = [(i, part) for i, g in enumerate(plan) for part in (g.parts() if n_jobs > 1 else (g,))]
+    if n_jobs > 1:
+        with ThreadPoolExecutor(max_workers=n_jobs, thread_name_prefix="test-backend-ops") as ex:
+            done = list(ex.map(lambda t: _one(binary, t[1], env, stop), tasks))
+    else:
+        done = [_one(binary, part, env, stop) for _, part in tasks]
     results, notes, cmds, logs, groups = [], [], [], [], []
-    for g in plan:
-        cmd = g.command(binary)
-        cmds.append(" ".join(cmd))
-        t0 = time.time()
-        try:
-            p = subprocess.run(g.launch(binary), capture_output=True, text=True, timeout=g.timeout_s, env=_env(env))
-            text, rc = p.stdout + p.stderr, p.returncode
-        except subprocess.TimeoutExpired as e:
-            text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            rc = None
-        secs = time.time() - t0
-        logs.append(f"$ {' '.join(cmd)}\n{text}")
-        parsed = [r for r in parse(text) if is_turbo_related(r)]
+    for i, g in enumerate(plan):
+        mine = [d for (j, _), d in zip(tasks, done) if j == i]
+        cmds.append(" ".join(g.command(binary)) + (f" (in {len(mine)} parts)" if len(mine) > 1 else ""))
+        parsed, statuses = [], []
+        for d in mine:
+            logs.append(f"$ {' '.join(d['cmd'])}\n{d['text']}")
+            parsed += [r for r in parse(d["text"]) if is_turbo_related(r)]
+            statuses.append(d["status"])
         results += parsed
-        status = "ran" if rc == 0 else ("not run in time" if rc is None else f"exited {rc}")
+        status = next((s for s in statuses if s.startswith("exited")), None) or \
+            ("not run in time" if "not run in time" in statuses else "ran")
+        secs = max(d["end"] for d in mine) - min(d["start"] for d in mine)
         groups.append({"op": g.op, "params": g.params, "status": status, "cases": len(parsed), "seconds": round(secs, 1),
-                       "limit_s": g.timeout_s})
-        if rc is None:
+                       "limit_s": g.timeout_s, "parts": len(mine)})
+        if status == "not run in time":
             notes.append(f"{g.op}: not run in time ({len(parsed)} cases run in {g.timeout_s:.0f} s, then stopped)")
-        elif rc != 0:
+        elif status != "ran":
+            text = next(d["text"] for d in mine if d["status"] == status)
             last = [ln for ln in _ANSI.sub("", text).splitlines() if ln.strip()][-1:] or [""]
-            notes.append(f"{g.op}: exited with {rc} ({last[0].strip()[:160]})")
-        plain = _ANSI.sub("", text)
+            notes.append(f"{g.op}: {status.replace('exited', 'exited with')} ({last[0].strip()[:160]})")
+        plain = _ANSI.sub("", "".join(d["text"] for d in mine))
         others = [b for b in _BACKEND.findall(plain) if not b.upper().startswith("CPU")]
-        if not parsed and rc == 0:
+        if not parsed and status == "ran":
             notes.append(f"{g.op}: compares other backends with the CPU; this build has only the CPU" if not others
                          else f"{g.op}: no turbo-related cases in this test-backend-ops")
     if log_path:
         Path(log_path).write_text("\n".join(logs))
     crashed = any(gr["status"].startswith("exited") for gr in groups)
     return {"results": [asdict(r) for r in results], "returncode": 1 if crashed else 0,
-            "note": "; ".join(dict.fromkeys(notes)), "command": "; ".join(cmds), "groups": groups}
+            "note": "; ".join(dict.fromkeys(notes)), "command": "; ".join(cmds), "groups": groups, "jobs": n_jobs}
+
+
+def _one(binary: Path, g: Group, env: dict | None, stop: threading.Event | None) -> dict:
+    """One test-backend-ops process to its end, its time limit or ``stop``: {'cmd', 'text' (stdout and stderr as
+    printed), 'status' ('ran' | 'not run in time' | 'exited N'), 'start', 'end' (time.monotonic seconds)}."""
+    import time
+    t0 = time.monotonic()
+    p = subprocess.Popen(g.launch(binary), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         errors="replace", env=_env(env))
+    rc, chunks = "late", []
+    while True:
+        try:
+            out, _ = p.communicate(timeout=0.5)  # a retried communicate() loses no output (subprocess docs)
+            chunks.append(out or "")
+            rc = p.returncode
+            break
+        except subprocess.TimeoutExpired:
+            if (stop is not None and stop.is_set()) or time.monotonic() - t0 > g.timeout_s:
+                p.kill()
+                out, _ = p.communicate()
+                chunks.append(out or "")
+                rc = "stopped" if stop is not None and stop.is_set() else "late"
+                break
+    status = ("ran" if rc == 0 else "not run in time" if rc == "late" else "exited (stopped: verify interrupted)"
+              if rc == "stopped" else f"exited {rc}")
+    return {"cmd": g.command(binary), "text": "".join(chunks), "status": status, "start": t0, "end": time.monotonic()}
 
 
 def _env(env: dict | None = None):

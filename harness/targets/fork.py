@@ -309,13 +309,40 @@ class ForkTarget(Target):
             float(scale), bool(rotate_q), bool(inverse_out), group, bool(prec_f32)))
 
     def backend_ops(self, log_path=None):
-        """Run the build's ``bin/test-backend-ops`` (see :meth:`Target.backend_ops`); None when it is not built."""
+        """Run the build's ``bin/test-backend-ops`` (see :meth:`Target.backend_ops`); None when it is not built. A
+        run begun by :meth:`start_backend_ops` for the same ``log_path`` is waited for instead of run again."""
+        started, self._bops = getattr(self, "_bops", None), None
+        if started is not None and started[0] == log_path:
+            return started[1].result()
+        return self._backend_ops_now(log_path)
+
+    def start_backend_ops(self, log_path=None) -> bool:
+        """Begin :meth:`backend_ops` in a background thread, beside the checks that use the probe, and return at once
+        (True; False when test-backend-ops is not built). Worth it only where cores are spare
+        (:func:`harness.runners.backend_ops.jobs` > 1): on a GPU machine its flash-attention cases take most of
+        COMPAT's time. :meth:`close` stops it."""
+        import threading
+        from concurrent.futures import Future
+        if not (self.build_dir / "bin" / "test-backend-ops").is_file():
+            return False
+        fut, self._bops_stop = Future(), threading.Event()
+
+        def work():
+            try:
+                fut.set_result(self._backend_ops_now(log_path, self._bops_stop))
+            except BaseException as e:  # the error reaches the check that waits for it
+                fut.set_exception(e)
+        self._bops = (log_path, fut)
+        threading.Thread(target=work, name="test-backend-ops", daemon=True).start()
+        return True
+
+    def _backend_ops_now(self, log_path=None, stop=None):
         from harness.runners import backend_ops
         binary = self.build_dir / "bin" / "test-backend-ops"
         if not binary.is_file():
             return None
         soft = [b.name for b in self.backends() if b.software]
-        return backend_ops.run(binary, log_path=log_path, env=self.env,
+        return backend_ops.run(binary, log_path=log_path, env=self.env, stop=stop,
                                plan=backend_ops.SOFTWARE_PLAN if soft else backend_ops.PLAN)
 
     runs_models = True
@@ -369,4 +396,7 @@ class ForkTarget(Target):
                         "proved that it quantises and decodes the checked types as this build does"}
 
     def close(self):
+        stop = getattr(self, "_bops_stop", None)
+        if stop is not None:  # a test-backend-ops run still going (an interrupted verify): its processes are killed
+            stop.set()
         self.probe.close()
