@@ -1,0 +1,56 @@
+"""Leftovers of the new-user tryouts and reviews: each is refused up front with one line (exit 2), or measured and
+shown as it should be. Fake tools replay real captured output (no fork build needed)."""
+from __future__ import annotations
+
+import pytest
+
+from harness.errors import HarnessError
+from tests.test_new_user import one_error_line, sw  # noqa: F401  (sw: the fixture)
+
+
+# ------------------------------------------------------------------ 1. a context too small for KLD statistics
+
+def test_sweep_ctx_too_small_for_kld_is_refused_before_any_tool(sw):  # noqa: F811
+    """`sweep --ctx 16 --chunks 2` scores 14 tokens: llama-perplexity prints no KLD then (it needs 100), so every
+    cell would end in ERROR after the tools ran. Refused up front, with the smallest --ctx that works."""
+    code, out = sw.run("--ctx", "16", "--chunks", "2", "--pairs", "turbo3", "--out", str(sw.tmp / "out"))
+    line = one_error_line(out)
+    assert code == 2 and "--ctx 16 with --chunks 2" in line and "--ctx 101 or more" in line and "kld.count < 100" in line
+    assert sw.ncalls() == 0
+
+
+def test_kld_size_minimum_is_the_smallest_that_the_tool_accepts():
+    """The minimum the message names is exact: per chunk llama-perplexity scores n_ctx - 1 - n_ctx/2 tokens
+    (tools/perplexity/perplexity.cpp kl_divergence), and it needs 100 in all; ctx 101 x 2 works, 100 x 2 does not."""
+    from harness.runners.sweep_config import check_kld_size, kld_scored_tokens
+    assert kld_scored_tokens(16, 2) == 14 and kld_scored_tokens(101, 2) == 100 and kld_scored_tokens(100, 2) == 98
+    for chunks in (2, 3, 7, 8, 14):  # 16 x 14 scores 98
+        with pytest.raises(HarnessError) as e:
+            check_kld_size(16, chunks)
+        named = int(str(e.value).split("give --ctx ")[1].split()[0])
+        assert kld_scored_tokens(named, chunks) >= 100 and kld_scored_tokens(named - 1, chunks) < 100
+        check_kld_size(named, chunks)  # no error
+        with pytest.raises(HarnessError):
+            check_kld_size(named - 1, chunks)
+
+
+# ------------------------------------------------------------------ 2. --kld-depths 0 and a depth below the minimum
+
+@pytest.mark.parametrize("value, words", [
+    ("0", ["0 is not a context length", "--kld-depths none"]),          # was silently taken as 'off'
+    ("8", ["8 is below the minimum context length of 16"]),             # was 'give two or more context lengths'
+    ("8,1024", ["8 is below the minimum context length of 16"]),
+    ("16,32", ["scores only 28", "longest length of 120 or more"]),     # was accepted: no KLD at 16 tokens (4 x 7)
+])
+def test_kld_depths_bad_values_say_what_is_allowed(sw, value, words):  # noqa: F811
+    code, out = sw.run("--pairs", "turbo3", "--kld-depths", value, "--out", str(sw.tmp / "out"))
+    line = one_error_line(out)
+    assert code == 2 and all(w in line for w in words), line
+    assert sw.ncalls() == 0
+
+
+def test_kld_depths_none_and_off_still_turn_depth_off():
+    """'none' and 'off' are the words for off (the CLI option's none_words); '0' is not one of them any more."""
+    from harness.cli_sweep import sweep
+    opt = next(p for p in sweep.params if p.name == "kld_depths")
+    assert set(opt.type.none_words) == {"none", "off"}
