@@ -37,7 +37,9 @@ def cross_names(spec: str | None, backend: str | None, target: str | None, endpo
     backend named, else cpu; or ``backend`` unchanged without --backends).
 
     Raises:
-        HarnessError: --backend with --backends, --target without --backends, or a bad --backends list."""
+        HarnessError: --backend with --backends, --target without --backends or not among them (checked before the
+            rest, so that the conflict is named rather than a missing build or server of a side), or a bad --backends
+            list."""
     if spec is None:
         if target:
             raise HarnessError("--target needs --backends A,B (the backend under test among them)")
@@ -45,6 +47,12 @@ def cross_names(spec: str | None, backend: str | None, target: str | None, endpo
     from harness.runners.xbackend import parse_backends
     if backend:
         raise HarnessError("--backend and --backends: give one (--backends A,B compares backends)")
+    listed = [s.strip().lower() for s in spec.split(",") if s.strip()]
+    if target and target.lower() not in listed:
+        others = " or ".join(n for n in listed[1:] + listed[:1])
+        raise HarnessError(f"--target {target} is not one of --backends {','.join(listed)}: the backend under test must be "
+                           f"one of those compared: give --target {others}, or add {target} to --backends "
+                           f"(e.g. --backends {listed[0]},{target})")
     names = parse_backends(spec, len(endpoints))
     return names, next((n for n in names if n != "cpu" and not n.startswith("rpc")), "cpu")
 

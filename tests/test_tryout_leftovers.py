@@ -54,3 +54,19 @@ def test_kld_depths_none_and_off_still_turn_depth_off():
     from harness.cli_sweep import sweep
     opt = next(p for p in sweep.params if p.name == "kld_depths")
     assert set(opt.type.none_words) == {"none", "off"}
+
+
+# ------------------------------------------------------------------ 3. --target outside --backends
+
+@pytest.mark.parametrize("extra", [["--rpc", "127.0.0.1:50999"], []])
+def test_target_not_among_backends_names_the_conflict_and_fix(tmp_path, monkeypatch, extra):
+    """`--target cuda --backends cpu,rpc0` said something about a missing RPC build (or rpc0's server) instead of
+    the conflict; now the one line names it and the two fixes, before any build or server is looked at."""
+    from tests.test_new_user import invoke
+    monkeypatch.setenv("FORK_DIR", str(tmp_path / "no-fork"))
+    monkeypatch.setenv("TURBO_BUILD_ROOT", str(tmp_path / "no-builds"))
+    code, out = invoke(["sweep", "--backends", "cpu,rpc0", *extra, "--target", "cuda", "--out", str(tmp_path / "o")])
+    line = one_error_line(out)
+    assert code == 2 and "--target cuda is not one of --backends cpu,rpc0" in line, line
+    assert "give --target rpc0" in line and "add cuda to --backends" in line
+    assert not (tmp_path / "o").exists()
