@@ -70,3 +70,16 @@ def test_target_not_among_backends_names_the_conflict_and_fix(tmp_path, monkeypa
     assert code == 2 and "--target cuda is not one of --backends cpu,rpc0" in line, line
     assert "give --target rpc0" in line and "add cuda to --backends" in line
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ 4. scorecard of a sweep report
+
+@pytest.mark.parametrize("sample, words", [("sweep-cpu-smollm2", "is a sweep report (check SWEEP)"),
+                                           ("xbackend-cuda-h100-gemma3", "is a cross-backend sweep report (check XBACKEND)")])
+def test_scorecard_refuses_a_sweep_report(tmp_path, sample, words):
+    """`scorecard <sweep report>` made a one-row scorecard of K/V-pair cells; it needs verify reports."""
+    from tests.test_new_user import invoke
+    code, out = invoke(["scorecard", "reports/samples/cpu-verify", f"reports/samples/{sample}", "--out", str(tmp_path / "sc")])
+    line = one_error_line(out)
+    assert code == 2 and f"reports/samples/{sample} {words}" in line and "needs verify reports" in line, line
+    assert not (tmp_path / "sc").exists()
