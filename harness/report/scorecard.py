@@ -262,7 +262,7 @@ def load_scorecard(run_dirs: list[Path], log=None) -> Scorecard:
         sweeps = [i for i in _ids_in(Path(d)) if i in SWEEP_IDS]
         if sweeps:
             what = "a cross-backend sweep" if "XBACKEND" in sweeps else "a sweep"
-            raise HarnessError(f"{d} is {what} report (check {sweeps[0]}), and a scorecard needs verify reports (one "
+            raise HarnessError(f"{d} is {what} report (its run.json holds check {sweeps[0]}), and a scorecard needs verify reports (one "
                                f"per fork build, from `turbo-harness verify --out DIR`); compare sweeps with "
                                f"`turbo-harness sweep-compare` or `turbo-harness diff`")
     return build([(load_run(Path(d), log=None if log is None else (lambda line, d=d: log(f"{d}: {line}"))), str(d))
