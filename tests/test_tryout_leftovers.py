@@ -74,8 +74,9 @@ def test_target_not_among_backends_names_the_conflict_and_fix(tmp_path, monkeypa
 
 # ------------------------------------------------------------------ 4. scorecard of a sweep report
 
-@pytest.mark.parametrize("sample, words", [("sweep-cpu-smollm2", "is a sweep report (check SWEEP)"),
-                                           ("xbackend-cuda-h100-gemma3", "is a cross-backend sweep report (check XBACKEND)")])
+@pytest.mark.parametrize("sample, words", [("sweep-cpu-smollm2", "is a sweep report (its run.json holds check SWEEP)"),
+                                           ("xbackend-cuda-h100-gemma3",
+                                            "is a cross-backend sweep report (its run.json holds check XBACKEND)")])
 def test_scorecard_refuses_a_sweep_report(tmp_path, sample, words):
     """`scorecard <sweep report>` made a one-row scorecard of K/V-pair cells; it needs verify reports."""
     from tests.test_new_user import invoke
@@ -83,3 +84,36 @@ def test_scorecard_refuses_a_sweep_report(tmp_path, sample, words):
     line = one_error_line(out)
     assert code == 2 and f"reports/samples/{sample} {words}" in line and "needs verify reports" in line, line
     assert not (tmp_path / "sc").exists()
+
+
+# ------------------------------------------------------------------ 5. KLD printed as -0.000001 (an exact 0)
+
+def test_kld_printed_as_minus_1e6_is_shown_as_0_and_kept_raw(tmp_path):
+    """The committed Gemma sweep's f16/f16 row has KLD -1e-06 (llama-perplexity's %10.6lf of an exact 0): every table
+    showed a negative KLD. Shown as 0 now; run.json keeps -1e-06 and no verdict changes."""
+    import json
+
+    from harness.checks.depth import depth_markdown
+    from harness.checks.sweeps import load_rules
+    from harness.pipeline import load_run
+    from harness.report.html import _sweep_html
+    from harness.report.render import markdown, sweep_table_text, write_json
+    run = load_run(__import__("pathlib").Path("reports/samples/sweep-cpu-gemma3"))
+    sec = run.sections["sweep"]
+    f16 = next(r for r in sec["rows"] if r["pair"] == "f16/f16")
+    assert f16["kld"] == -1e-06  # the sample as measured
+    before = [(c.type, c.metric, c.verdict) for c in run.checks[0].cells]
+    console = next(ln for ln in sweep_table_text(sec).splitlines() if ln.startswith("f16/f16"))
+    md = next(ln for ln in markdown(run).splitlines() if ln.startswith("| f16/f16 |"))
+    html = next(ln for ln in _sweep_html(sec).splitlines() if ln.startswith("<tr") and ">f16/f16<" in ln)
+    depth = [ln for ln in depth_markdown(run.sections["depth"], load_rules()).splitlines() if ln.startswith("| f16/f16 |")]
+    assert " 0.0000 " in console and "-0.0000" not in console, console
+    assert md.split(" | ")[3] == "0", md
+    assert "<td>0</td>" in html and "-1e-06" not in html, html
+    assert depth and all("-0.0000" not in ln and "0.0000 ± 0.0000" in ln for ln in depth), depth
+    assert [(c.type, c.metric, c.verdict) for c in run.checks[0].cells] == before
+    write_json(run, tmp_path)
+    rows = json.loads((tmp_path / "run.json").read_text())["sections"]["sweep"]["rows"]
+    assert next(r for r in rows if r["pair"] == "f16/f16")["kld"] == -1e-06
+    from harness.checks.xbackend import _kld  # the cross-backend tables (own KLD of each side)
+    assert _kld(-1e-06, ".4g") == "0" and _kld(-5e-06, ".4g") == "-5e-06"  # beyond the resolution: shown as it is
