@@ -117,3 +117,22 @@ def test_kld_printed_as_minus_1e6_is_shown_as_0_and_kept_raw(tmp_path):
     assert next(r for r in rows if r["pair"] == "f16/f16")["kld"] == -1e-06
     from harness.checks.xbackend import _kld  # the cross-backend tables (own KLD of each side)
     assert _kld(-1e-06, ".4g") == "0" and _kld(-5e-06, ".4g") == "-5e-06"  # beyond the resolution: shown as it is
+
+
+def test_kld_noise_floor_cell_and_depth_caveat_show_0_not_minus_1e6():
+    """The per-cell table of summary.md and the depth caveat showed the same -1e-06 / -0.0000 for f16/f16."""
+    from pathlib import Path
+
+    from harness.pipeline import load_run
+    from harness.report.render import markdown
+    run = load_run(Path("reports/samples/sweep-cpu-gemma3"))
+    cell = next(ln for ln in markdown(run).splitlines() if ln.startswith("| f16/f16 | `cpu:perplexity` | kld_noise_floor"))
+    assert cell.split(" | ")[3] == "0", cell
+    assert next(c for c in run.checks[0].cells if c.metric == "kld_noise_floor").value == -1e-06  # kept as measured
+    from harness.checks.depth import depth_cells
+    from harness.checks.sweeps import load_rules
+    from tests.test_decode_depth import _depth_result
+    res = _depth_result({(256, "f16/f16"): (-1e-06, 0.0), (1024, "f16/f16"): (-1e-06, 0.0)})
+    (c,), sec = depth_cells(res, load_rules(), "cpu")
+    assert "KLD 0.0000 ± 0.0000 at ctx 256 -> 0.0000 ± 0.0000 at ctx 1024" in c.caveat, c.caveat
+    assert "| f16/f16 | 0.0000 ± 0.0000 | 0.0000 ± 0.0000 |" in sec["markdown"]

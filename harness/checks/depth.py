@@ -104,7 +104,9 @@ def depth_cells(result, rules: dict, backend: str) -> tuple[list[Cell], dict | N
         g = z["kld"] - a["kld"]
         se = math.hypot(a["kld_se"], z["kld_se"])
         allow = max(k_sig * se, rel_min * a["kld"], KLD_PRINT_RESOLUTION)
-        facts = (f"KLD {a['kld']:.4f} ± {a['kld_se']:.4f} at ctx {lo} -> {z['kld']:.4f} ± {z['kld_se']:.4f} at ctx {hi} "
+        from harness.report.render import kld_shown  # -0.000001 (an exact 0 as printed) reads as 0 in the caveat
+        facts = (f"KLD {kld_shown(a['kld']):.4f} ± {a['kld_se']:.4f} at ctx {lo} -> {kld_shown(z['kld']):.4f} ± "
+                 f"{z['kld_se']:.4f} at ctx {hi} "
                  f"(growth {g:+.4f} ± {se:.4f})")
         gr = {"pair": lab, "short": lo, "long": hi, "growth": g, "growth_se": se, "allowed": allow}
         growth.append(gr)

@@ -24,6 +24,10 @@ def fmt_num(v) -> str:
     return str(v)
 
 
+# cell metrics whose value is a KLD itself (not a difference of two, which may be negative): shown through kld_shown
+KLD_METRICS = ("kld_noise_floor", "noise_floor", "cross_compared", "cross_kld_vs_floor")
+
+
 def kld_shown(v):
     """A KL divergence as the tables show it: a negative value no further below 0 than llama-perplexity's printed
     resolution is 0.0, anything else unchanged (None, a real value, a negative beyond the resolution: a fault to see).
@@ -260,7 +264,8 @@ def markdown(run: Run) -> str:
             tgt = "" if x.target else " (non-target)"
             ev = " ".join(f"[{Path(e).name}]({e})" for e in x.evidence) or ("run.json" if x.details else "-")
             kn = f" (known: {x.known['status'].upper()})" if x.known else ""
-            lines.append(f"| {x.type} | `{x.path}`{tgt} | {x.metric} | {fmt_num(x.value)} | {x.op} {fmt_num(x.threshold)} | "
+            val = kld_shown(x.value) if x.metric in KLD_METRICS else x.value  # display only: run.json keeps it
+            lines.append(f"| {x.type} | `{x.path}`{tgt} | {x.metric} | {fmt_num(val)} | {x.op} {fmt_num(x.threshold)} | "
                          f"{fmt_num(x.margin)} | {x.verdict.value}{kn} | {_md_escape(x.caveat)} | {ev} |")
     for name, sec in run.sections.items():  # free-form sections of reports written before checks returned tables
         if isinstance(sec, dict) and sec.get("markdown"):
