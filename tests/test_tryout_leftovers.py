@@ -136,3 +136,27 @@ def test_kld_noise_floor_cell_and_depth_caveat_show_0_not_minus_1e6():
     (c,), sec = depth_cells(res, load_rules(), "cpu")
     assert "KLD 0.0000 ± 0.0000 at ctx 256 -> 0.0000 ± 0.0000 at ctx 1024" in c.caveat, c.caveat
     assert "| f16/f16 | 0.0000 ± 0.0000 | 0.0000 ± 0.0000 |" in sec["markdown"]
+
+
+# ------------------------------------------------------------------ 6. sweep --backend cpu on a GPU build
+
+@pytest.mark.parametrize("gpu", ["cmake", "lib", None])
+def test_cpu_sweep_of_a_gpu_build_runs_the_tools_on_the_cpu_only(sw, gpu):  # noqa: F811
+    """`sweep --backend cpu` with a build that has CUDA in it passed only -ngl 0: the tools could still put work on
+    the GPU, and the 'cpu' numbers be the GPU's. Now every tool call gets -dev none -ngl 0 and CUDA_VISIBLE_DEVICES=''
+    (as MODEL on the CPU and the CPU side of sweep --backends do); a CPU-only build's command lines are unchanged."""
+    import json
+    bdir = sw.tmp / "build"
+    if gpu == "cmake":
+        (bdir / "CMakeCache.txt").write_text("GGML_CUDA:BOOL=ON\nGGML_VULKAN:BOOL=OFF\n")
+    elif gpu == "lib":
+        (bdir / "bin" / "libggml-vulkan.so").write_text("")  # a GGML_BACKEND_DL build
+    out = sw.tmp / "out"
+    code, text = sw.run("--pairs", "q8_0/q8_0", "--no-baselines", "--no-bench", "--out", str(out))
+    calls = [ln.split() for ln in (sw.tmp / "calls.log").read_text().splitlines() if ln.strip()]
+    assert calls, text
+    for argv in calls:
+        assert argv[argv.index("-ngl") + 1] == "0"
+        assert (argv[argv.index("-dev") + 1] == "none") if gpu else ("-dev" not in argv), argv
+    pinned = json.loads((out / "run.json").read_text())["meta"]["pinned"]
+    assert (pinned.get("devices"), pinned["env"].get("CUDA_VISIBLE_DEVICES")) == (("none", "") if gpu else (None, None))

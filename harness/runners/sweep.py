@@ -201,7 +201,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
     """Run (or resume) a sweep. Never raises for a failing tool or pair: those become failed job records.
 
     Args:
-        cfg: the sweep configuration (a side offloading to Vulkan gets the device variable it needs first:
+        cfg: the sweep configuration (a CPU side of a GPU build gets -dev none, a side offloading to Vulkan the device
+            variable it needs, first:
             :func:`harness.runners.offload.sweep_device_env`; the result's ``config`` is the one run).
         progress: show a tqdm bar of jobs done and time left (on stderr).
         log: where one-line notes go.
@@ -219,7 +220,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
     """
     t0 = time.time()
     from harness.runners.offload import sweep_device_env
-    cfg = sweep_device_env(cfg)  # a Vulkan side on a machine with only software devices: name them to ggml
+    cfg = sweep_device_env(cfg)  # a CPU sweep of a GPU build: -dev none; Vulkan with only software devices: name them
     ppl_tool = binary(cfg.bdir, "llama-perplexity")
     bench_tool = binary(cfg.bdir, "llama-bench") if cfg.bench else None
     traits = traits if traits is not None else type_traits(str(cfg.bdir))
