@@ -6,6 +6,7 @@ import pytest
 
 from harness.errors import HarnessError
 from tests.test_new_user import one_error_line, sw  # noqa: F401  (sw: the fixture)
+from tests.test_xbackend import xb  # noqa: F401  (the fixture)
 
 
 # ------------------------------------------------------------------ 1. a context too small for KLD statistics
@@ -160,3 +161,41 @@ def test_cpu_sweep_of_a_gpu_build_runs_the_tools_on_the_cpu_only(sw, gpu):  # no
         assert (argv[argv.index("-dev") + 1] == "none") if gpu else ("-dev" not in argv), argv
     pinned = json.loads((out / "run.json").read_text())["meta"]["pinned"]
     assert (pinned.get("devices"), pinned["env"].get("CUDA_VISIBLE_DEVICES")) == (("none", "") if gpu else (None, None))
+
+
+# ------------------------------------------------------------------ 7. sweep --backends with --known
+
+def test_backends_sweep_judges_each_backend_sweep_with_known(xb, monkeypatch):  # noqa: F811
+    """`sweep --backends cpu,cuda --known FILE` gated only the comparison: each backend's own sweep (in <out>/cpu,
+    <out>/cuda) was judged without the file, so its accepted findings still failed the run (exit 1) and its report
+    had no known-findings section. Now each is judged as `sweep --backend X --known FILE` judges it, and the
+    comparison's own-sweep cell of a backend whose findings are all accepted is XFAIL."""
+    import json
+    cfg = xb.make()
+    r, out = xb.cli(cfg, monkeypatch, "turbo3/turbo3")
+    assert r.exit_code == 1, r.output  # the fake sweeps have findings of their own
+    bad = [(side, c) for side in ("cpu", "cuda")
+           for ch in json.loads((out / side / "run.json").read_text())["checks"] for c in ch["cells"]
+           if c["verdict"] in ("PARTIAL", "FAIL", "ERROR")]
+    assert bad
+    entry = ('[[finding]]\ncheck = "SWEEP"\ntype = "{type}"\npath = "{path}"\nmetric = "{metric}"\n'
+             'verdict = "{verdict}"\nreason = "the fake builds"\n')
+    known = xb.tmp / "known.toml"
+    known.write_text("".join(entry.format(**c) for _, c in bad))
+    r, out = xb.cli(cfg, monkeypatch, "turbo3/turbo3", "--known", str(known))
+    assert r.exit_code == 0, r.output
+    for side in ("cpu", "cuda"):
+        md = (out / side / "summary.md").read_text()
+        assert "## Known findings" in md and "- XFAIL" in md, md[:2000]
+        assert json.loads((out / side / "run.json").read_text())["sections"]["known"]["gate"] == "PASS"
+    top = json.loads((out / "run.json").read_text())
+    assert top["sections"]["known"]["gate"] == "PASS"
+    own = [c for ch in top["checks"] for c in ch["cells"] if c["metric"] == "own_sweep_cells_not_passed"]
+    assert {c["known"]["status"] for c in own} == {"xfail"}
+    # a finding of cuda's own sweep not in the file: cuda's report and the comparison fail the gate
+    known.write_text("".join(entry.format(**c) for side, c in bad if side == "cpu"))
+    r, out = xb.cli(cfg, monkeypatch, "turbo3/turbo3", "--known", str(known))
+    assert r.exit_code == 1, r.output
+    assert json.loads((out / "cuda" / "run.json").read_text())["sections"]["known"]["gate"] == "FAIL"
+    assert json.loads((out / "cpu" / "run.json").read_text())["sections"]["known"]["gate"] == "PASS"
+    assert json.loads((out / "run.json").read_text())["sections"]["known"]["gate"] == "FAIL"
