@@ -185,7 +185,7 @@ def write_reports(run, result, run_dir: Path) -> dict[str, Path]:
               help="Corpus prompts for the greedy-decode agreement per pair (default 3; 0 = no decode).")
 @click.option("--decode-tokens", type=AtLeast(1, "tokens generated per prompt"), default=None, help="Tokens generated per decode prompt (default 32).")
 @click.option("--decode-prompt-tokens", type=AtLeast(1, "prompt tokens per prompt"), default=None, help="Prompt tokens per decode prompt (default 64).")
-@click.option("--kld-depths", default=None, type=CommaList("context length", check=_kld_depths, none_words=("none", "off", "0")),
+@click.option("--kld-depths", default=None, type=CommaList("context length", check=_kld_depths, none_words=("none", "off")),
               help="Context lengths for KLD vs depth, comma-separated, on the same 2 x longest tokens "
                    "(CPU 256,1024; GPU 512,4096; 'none' = off).")
 @click.option("--depth-pairs", default=None, type=CommaList("K/V pair", check=_pairs),
@@ -317,7 +317,7 @@ def _decode_depth_options(cfg, prompts, tokens, prompt_tokens, kld_depths, depth
     cfg.decode_prompts = DECODE_DEFAULTS["prompts"] if prompts is None else prompts
     cfg.decode_n_gen = DECODE_DEFAULTS["n_gen"] if tokens is None else tokens
     cfg.decode_n_prompt = DECODE_DEFAULTS["n_prompt"] if prompt_tokens is None else prompt_tokens
-    if kld_depths is not None and kld_depths.strip().lower() in ("none", "off", "0", ""):
+    if kld_depths is not None and kld_depths.strip().lower() in ("none", "off"):
         cfg.kld_depths = ()
     else:
         cfg.kld_depths = (tuple(sorted(set(_ints(kld_depths, "--kld-depths")))) if kld_depths is not None
@@ -328,8 +328,10 @@ def _decode_depth_options(cfg, prompts, tokens, prompt_tokens, kld_depths, depth
 
 def _check_inputs(cfg) -> None:
     """Before any tool runs: the context fits the model's trained length (bench depths too) and the corpus
-    is UTF-8 text long enough for ctx x chunks, the model is a readable GGUF, the cache types exist."""
+    is UTF-8 text long enough for ctx x chunks, the model is a readable GGUF, the cache types exist, and ctx x chunks
+    gives llama-perplexity the 100 scored tokens it needs to print KLD (harness.runners.sweep_config.check_kld_size)."""
     from harness.runners import sweep as sweep_runner
+    sweep_runner.check_kld_size(cfg.ctx, cfg.chunks)
     from harness.runners.inputs import check_corpus, read_model_info
     try:
         known = set(sweep_runner.type_traits(str(cfg.bdir)))

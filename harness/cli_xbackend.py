@@ -37,7 +37,9 @@ def cross_names(spec: str | None, backend: str | None, target: str | None, endpo
     backend named, else cpu; or ``backend`` unchanged without --backends).
 
     Raises:
-        HarnessError: --backend with --backends, --target without --backends, or a bad --backends list."""
+        HarnessError: --backend with --backends, --target without --backends or not among them (checked before the
+            rest, so that the conflict is named rather than a missing build or server of a side), or a bad --backends
+            list."""
     if spec is None:
         if target:
             raise HarnessError("--target needs --backends A,B (the backend under test among them)")
@@ -45,6 +47,12 @@ def cross_names(spec: str | None, backend: str | None, target: str | None, endpo
     from harness.runners.xbackend import parse_backends
     if backend:
         raise HarnessError("--backend and --backends: give one (--backends A,B compares backends)")
+    listed = [s.strip().lower() for s in spec.split(",") if s.strip()]
+    if target and target.lower() not in listed:
+        others = " or ".join(n for n in listed[1:] + listed[:1])
+        raise HarnessError(f"--target {target} is not one of --backends {','.join(listed)}: the backend under test must be "
+                           f"one of those compared: give --target {others}, or add {target} to --backends "
+                           f"(e.g. --backends {listed[0]},{target})")
     names = parse_backends(spec, len(endpoints))
     return names, next((n for n in names if n != "cpu" and not n.startswith("rpc")), "cpu")
 
@@ -156,13 +164,15 @@ def _report(res, sides, opts: CrossOptions, argv: list[str]) -> int:
         sres = res.sweeps[side.backend]
         run = build_run(sres, f"{opts.run_dir.name}-{side.backend}", argv)
         sections[side.backend] = run.sections["sweep"]
-        codes.append(pipeline.finish(run, opts.run_dir / side.backend, strict=opts.strict,
+        # judged against --known as `sweep --backend X --known FILE` judges the same sweep
+        codes.append(pipeline.finish(run, opts.run_dir / side.backend, opts.known, opts.known_file, opts.strict,
                                      write=lambda r, d, sres=sres: write_reports(r, sres, d)))
         runs[side.backend] = run
     cr, sec = judge_xbackend(res, sections, rules)
     add_own_sweeps(cr, sec, runs)
     top = _top_run(res, cr, sec, opts, argv)
-    codes.append(pipeline.finish(top, opts.run_dir, opts.known, opts.known_file, opts.strict,
+    top_known = None if opts.known is None else list(opts.known) + accepted_own_sweeps(runs, opts.known_file)
+    codes.append(pipeline.finish(top, opts.run_dir, top_known, opts.known_file, opts.strict,
                                  write=lambda r, d: _write_top(r, res, d)))
     from harness.report.findings import headline
     for ln in headline(top):
@@ -211,6 +221,24 @@ def add_own_sweeps(cr, sec: dict, runs: dict) -> None:
     sec["own_sweeps"] = own
     sec["markdown"] = "Each backend's own sweep (counted in this report's verdict):\n\n" + "\n".join(lines) + \
         "\n\n" + sec.get("markdown", "")
+
+
+def accepted_own_sweeps(runs: dict, known_file: str | None) -> list:
+    """Known-findings entries for the comparison's own-sweep cells (:func:`add_own_sweeps`) of the backends whose own
+    sweep passed the known-findings gate with findings (every one accepted in ``known_file``): such a cell is XFAIL at
+    the top, as its findings are in ``<out>/<backend>``; a backend with a new, grown or fixed finding gets none (its
+    own-sweep cell is a new finding at the top too). ``runs``: backend -> its judged sweep Run."""
+    from harness.checks.xbackend import ID
+    from harness.known import KnownFinding
+    from harness.report.model import Verdict
+    out = []
+    for backend, run in runs.items():
+        gate = (run.sections.get("known") or {}).get("gate")
+        if gate == "PASS" and run.verdict in (Verdict.PARTIAL, Verdict.FAIL, Verdict.ERROR) and not run.interrupted:
+            out.append(KnownFinding(ID, f"{backend} sweep", [f"{backend}:own-sweep"], OWN_SWEEP_METRIC,
+                                    f"every finding of {backend}'s own sweep is accepted in {known_file} "
+                                    f"(see {backend}/summary.md)", verdict=run.verdict))
+    return out
 
 
 def _top_run(res, cr, sec, opts: CrossOptions, argv: list[str]):

@@ -133,8 +133,9 @@ def xb(tmp_path):
     def ncalls():
         return len([ln for ln in calls.read_text().splitlines() if ln.strip()])
 
-    def cli(cfg, monkeypatch, pairs):
-        """`turbo-harness sweep --backends cpu,cuda` on the fake builds of ``cfg`` (tiny sizes); (result, out folder)."""
+    def cli(cfg, monkeypatch, pairs, *extra):
+        """`turbo-harness sweep --backends cpu,cuda` on the fake builds of ``cfg`` (tiny sizes, then ``extra``
+        options); (result, out folder)."""
         from click.testing import CliRunner
 
         from harness.cli import cli as main
@@ -144,7 +145,7 @@ def xb(tmp_path):
         out = tmp_path / "report"
         args = ["sweep", "--backends", "cpu,cuda", "--model", str(cfg.ref.model), "--corpus", str(cfg.ref.corpus),
                 "--ctx", "256", "--chunks", "3", "--pairs", pairs, "--no-bench", "--decode-prompts", "0",
-                "--kld-depths", "none", "--no-progress", "--out", str(out)]
+                "--kld-depths", "none", "--no-progress", "--out", str(out), *extra]
         return CliRunner().invoke(main, args), out
     return type("XB", (), {"make": staticmethod(make), "run": staticmethod(run), "ncalls": staticmethod(ncalls),
                            "cli": staticmethod(cli), "tmp": tmp_path, "calls": calls})

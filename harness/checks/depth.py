@@ -104,7 +104,9 @@ def depth_cells(result, rules: dict, backend: str) -> tuple[list[Cell], dict | N
         g = z["kld"] - a["kld"]
         se = math.hypot(a["kld_se"], z["kld_se"])
         allow = max(k_sig * se, rel_min * a["kld"], KLD_PRINT_RESOLUTION)
-        facts = (f"KLD {a['kld']:.4f} ± {a['kld_se']:.4f} at ctx {lo} -> {z['kld']:.4f} ± {z['kld_se']:.4f} at ctx {hi} "
+        from harness.report.render import kld_shown  # -0.000001 (an exact 0 as printed) reads as 0 in the caveat
+        facts = (f"KLD {kld_shown(a['kld']):.4f} ± {a['kld_se']:.4f} at ctx {lo} -> {kld_shown(z['kld']):.4f} ± "
+                 f"{z['kld_se']:.4f} at ctx {hi} "
                  f"(growth {g:+.4f} ± {se:.4f})")
         gr = {"pair": lab, "short": lo, "long": hi, "growth": g, "growth_se": se, "allowed": allow}
         growth.append(gr)
@@ -142,7 +144,9 @@ def depth_cells(result, rules: dict, backend: str) -> tuple[list[Cell], dict | N
 
 
 def depth_markdown(sec: dict, rules: dict) -> str:
-    """The depth table (KLD ± se per pair and context length, growth and verdict) and the plot link."""
+    """The depth table (KLD ± se per pair and context length, growth and verdict) and the plot link; a KLD printed as
+    -0.000001 (an exact 0) is shown as 0 (harness.report.render.kld_shown; the rows keep the raw value)."""
+    from harness.report.render import kld_shown
     depths = sec["depths"]
     r = rules.get("depth") or {}
     lines = [f"## KL divergence vs depth (same {sec['tokens']} corpus tokens at each context length)", ""]
@@ -154,7 +158,7 @@ def depth_markdown(sec: dict, rules: dict) -> str:
     gby = {g["pair"]: g for g in sec["growth"]}
     for p in pairs:
         by = {x["ctx"]: x for x in sec["rows"] if x["pair"] == p}
-        cols = [f"{by[d]['kld']:.4f} ± {by[d]['kld_se']:.4f}" if "kld" in by.get(d, {}) else "error" for d in depths]
+        cols = [f"{kld_shown(by[d]['kld']):.4f} ± {by[d]['kld_se']:.4f}" if "kld" in by.get(d, {}) else "error" for d in depths]
         g = gby.get(p)
         top = by.get(depths[-1], {}).get("same_top_p_pct")
         lines.append(f"| {p} | " + " | ".join(cols) + f" | {'-' if g is None else format(g['growth'], '+.4f') + ' ± ' + format(g['growth_se'], '.4f')}"

@@ -35,6 +35,12 @@ def _fmt(v, spec: str) -> str:
     return "-" if not isinstance(v, (int, float)) else format(v, spec)
 
 
+def _kld(v, spec: str) -> str:
+    """A KLD for the tables: -1e-6 (an exact 0 as llama-perplexity prints it) as 0 (harness.report.render.kld_shown)."""
+    from harness.report.render import kld_shown
+    return _fmt(kld_shown(v), spec)
+
+
 def moved_further(a: dict, b: dict, name_a: str, name_b: str, k_sig: float) -> str:
     """The backend whose own KLD (vs its own f16) is larger by more than ``k_sig`` combined standard errors, or ''.
 
@@ -237,16 +243,16 @@ def xbackend_markdown(sec: dict) -> str:
              f"Rule: a pair is beyond the floor when its KLD vs {a} exceeds max({r['floor_multiple']:g} x floor, "
              f"{r['kld_min']:g}) by more than 2 se ({r['floor_multiple_reason']}; {r['kld_min_reason']}).", ""]
     for b, fl in sec["floor"].items():
-        lines += [f"### {b} vs {a}: noise floor (f16/f16) KLD {_fmt(fl['kld'], '.3g')} ± {_fmt(fl['kld_se'], '.2g')}, "
+        lines += [f"### {b} vs {a}: noise floor (f16/f16) KLD {_kld(fl['kld'], '.3g')} ± {_fmt(fl['kld_se'], '.2g')}, "
                   f"limit {_fmt(fl['limit'], '.3g')}", "",
                   f"| pair | KLD {b} vs {a} ± se | x floor | top-1 % | PPL {b}/{a} | own KLD {a} | own KLD {b} | "
                   f"moved further | verdict |", "|---|---|---|---|---|---|---|---|---|"]
         for x in (x for x in sec["rows"] if x["backend"] == b):
             note = x.get("note", "") if x.get("status") not in ("PASS",) else ""
-            lines.append(f"| {x['pair']} | {_fmt(x.get('kld'), '.4g')} ± {_fmt(x.get('kld_se'), '.2g')} | "
+            lines.append(f"| {x['pair']} | {_kld(x.get('kld'), '.4g')} ± {_fmt(x.get('kld_se'), '.2g')} | "
                          f"{_fmt(x.get('x_floor'), '.1f')} | {_fmt(x.get('top1_pct'), '.2f')} | "
-                         f"{_fmt(x.get('ppl_ratio'), '.4f')} | {_fmt(x.get('own_kld_ref'), '.4g')} | "
-                         f"{_fmt(x.get('own_kld'), '.4g')} | {x.get('moved_further') or '-'} | "
+                         f"{_fmt(x.get('ppl_ratio'), '.4f')} | {_kld(x.get('own_kld_ref'), '.4g')} | "
+                         f"{_kld(x.get('own_kld'), '.4g')} | {x.get('moved_further') or '-'} | "
                          f"{x.get('status')}{(': ' + note[:200].replace('|', '/')) if note else ''} |")
         lines.append("")
     if sec.get("decode"):

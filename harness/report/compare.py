@@ -91,6 +91,7 @@ def sweep_mismatches(sweeps: list[dict]) -> list[str]:
 
 def compare_markdown(sweeps: list[dict]) -> str:
     """One table per model: PPL ± se, KLD ± se, top-1, bits per real value, the vs-q4_0 verdicts and decode agreement."""
+    from harness.report.render import kld_shown
     def f(v, fmt):
         return "-" if not isinstance(v, (int, float)) else format(v, fmt)
     lines = ["# Sweeps side by side", ""]
@@ -107,7 +108,7 @@ def compare_markdown(sweeps: list[dict]) -> str:
             dec = s["decode"].get(r["pair"], {})
             fd = ", ".join("none" if x is None else str(x) for x in dec.get("first_divergence", [])) or "-"
             lines.append(f"| {r['pair']} | {f(r.get('ppl'), '.2f')} ± {f(r.get('ppl_se'), '.2f')} | "
-                         f"{f(r.get('kld'), '.4f')} ± {f(r.get('kld_se'), '.4f')} | {f(r.get('same_top_p_pct'), '.1f')} | "
+                         f"{f(kld_shown(r.get('kld')), '.4f')} ± {f(r.get('kld_se'), '.4f')} | {f(r.get('same_top_p_pct'), '.1f')} | "
                          f"{f(r.get('bits_per_value'), '.3f')} | " + " | ".join(
                              s["vs_q4_0"].get((r["pair"], b), "-") for b in BASELINES)
                          + f" | {f(dec.get('agree_pct'), '.0f')} | {fd} |")

@@ -118,11 +118,11 @@ def _sweep_html(section: dict) -> str:
     cols = [c for c in cols if c[0] == "pair" or any(r.get(c[0]) not in (None, "") for r in rows)]  # no empty columns
     h = ["<h2>Model-level sweep</h2>"]
     pinned = section.get("pinned") or {}
-    from harness.report.render import plain
+    from harness.report.render import kld_shown, plain
     h.append("<p class=small>pinned: " + html.escape("; ".join(f"{k} {plain(v)}" for k, v in pinned.items())) + "</p>")
     if section.get("base"):
         h.append(f"<p>f16 baseline PPL {_fmt(section['base']['ppl'])} ± {_fmt(section['base']['ppl_se'])}; "
-                 f"KLD noise floor (f16 vs f16) {_fmt(section.get('noise_floor'))}</p>")
+                 f"KLD noise floor (f16 vs f16) {_fmt(kld_shown(section.get('noise_floor')))}</p>")
     for n in section.get("notes", []):
         h.append(f"<p class=note>{html.escape(n)}</p>")
     h.append("<div style='overflow-x:auto'><table class=sweep><tr>" + "".join(f"<th>{html.escape(t)}</th>" for _, t in cols)
@@ -130,7 +130,8 @@ def _sweep_html(section: dict) -> str:
     for r in rows:
         style = ' style="background:#f3e5f5"' if r.get("status") == "ERROR" else ""
         h.append(f"<tr{style}>" + "".join(f"<td{' class=l' if c in ('error', 'caveat') else ''}>"
-                                          f"{html.escape(_fmt(r.get(c)))}</td>" for c, _ in cols) + "</tr>")
+                                          f"{html.escape(_fmt(kld_shown(r.get(c)) if c == 'kld' else r.get(c)))}</td>"
+                                          for c, _ in cols) + "</tr>")
     h.append("</table></div>")
     return "\n".join(h)
 

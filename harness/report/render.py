@@ -24,6 +24,23 @@ def fmt_num(v) -> str:
     return str(v)
 
 
+# cell metrics whose value is a KLD itself (not a difference of two, which may be negative): shown through kld_shown
+KLD_METRICS = ("kld_noise_floor", "noise_floor", "cross_compared", "cross_kld_vs_floor")
+
+
+def kld_shown(v):
+    """A KL divergence as the tables show it: a negative value no further below 0 than llama-perplexity's printed
+    resolution is 0.0, anything else unchanged (None, a real value, a negative beyond the resolution: a fault to see).
+
+    llama-perplexity prints KLD to 6 decimals (``%10.6lf``, tools/perplexity/perplexity.cpp), so an exact 0 (the f16
+    cache against the f16 baseline) can come out as -0.000001 (harness.checks.depth.KLD_PRINT_RESOLUTION); a KLD is
+    never negative. Display only: run.json, the CSVs and every rule keep the value as measured."""
+    from harness.checks.depth import KLD_PRINT_RESOLUTION
+    if isinstance(v, float) and not isinstance(v, bool) and -KLD_PRINT_RESOLUTION <= v < 0:
+        return 0.0
+    return v
+
+
 def write_json(run: Run, run_dir: Path) -> Path:
     """Write run.json (schema turbo-harness/run, versioned) into run_dir; returns its path."""
     p = Path(run_dir) / "run.json"
@@ -179,7 +196,7 @@ def sweep_table_text(section: dict) -> str:
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
         ppl = f"{f('ppl', '.3f')} ± {f('ppl_se', '.3f')}" if r.get("ppl") is not None else "-"
         vs = f"{r['ppl_vs_q8_pct']:+.2f}%" if r.get("ppl_vs_q8_pct") is not None else "-"
-        table.append([r["pair"], ppl, vs, f("kld", ".4f"), f("same_top_p_pct", ".1f"), f("kv_mib", ".2f"),
+        table.append([r["pair"], ppl, vs, format(kld_shown(r["kld"]), ".4f") if isinstance(r.get("kld"), (int, float)) else "-", f("same_top_p_pct", ".1f"), f("kv_mib", ".2f"),
                       f("bits_per_value", ".2f")] + [g(c) for c in ratio_cols]
                      + [f"{r.get('status')}{(': ' + r['error'][:160]) if r.get('error') else ''}"
                         + (f"; placement: {r['placement']}" if r.get("placement") else "")])
@@ -202,7 +219,7 @@ def sweep_markdown(section: dict) -> list[str]:
         ppl = f"{fmt_num(r.get('ppl'))} ± {fmt_num(r.get('ppl_se'))}" if r.get("ppl") is not None else "-"
         vs = f"{r['ppl_vs_q8_pct']:+.2f}%" if r.get("ppl_vs_q8_pct") is not None else "-"
         st = r.get("status", "") + (f": {r['error']}" if r.get("error") else "")
-        lines.append(f"| {r['pair']} | {ppl} | {vs} | {fmt_num(r.get('kld'))} | {fmt_num(r.get('same_top_p_pct'))} | "
+        lines.append(f"| {r['pair']} | {ppl} | {vs} | {fmt_num(kld_shown(r.get('kld')))} | {fmt_num(r.get('same_top_p_pct'))} | "
                      f"{fmt_num(r.get('kv_mib'))} | {fmt_num(r.get('bits_per_value'))} | {_md_escape(st)} |")
     return lines
 
@@ -247,7 +264,8 @@ def markdown(run: Run) -> str:
             tgt = "" if x.target else " (non-target)"
             ev = " ".join(f"[{Path(e).name}]({e})" for e in x.evidence) or ("run.json" if x.details else "-")
             kn = f" (known: {x.known['status'].upper()})" if x.known else ""
-            lines.append(f"| {x.type} | `{x.path}`{tgt} | {x.metric} | {fmt_num(x.value)} | {x.op} {fmt_num(x.threshold)} | "
+            val = kld_shown(x.value) if x.metric in KLD_METRICS else x.value  # display only: run.json keeps it
+            lines.append(f"| {x.type} | `{x.path}`{tgt} | {x.metric} | {fmt_num(val)} | {x.op} {fmt_num(x.threshold)} | "
                          f"{fmt_num(x.margin)} | {x.verdict.value}{kn} | {_md_escape(x.caveat)} | {ev} |")
     for name, sec in run.sections.items():  # free-form sections of reports written before checks returned tables
         if isinstance(sec, dict) and sec.get("markdown"):

@@ -252,10 +252,18 @@ def build(runs: list[tuple[Run, str]]) -> Scorecard:
 def load_scorecard(run_dirs: list[Path], log=None) -> Scorecard:
     """Read the runs (re-judged from their evidence: ``log(line)`` gets the line for a run whose stored verdicts
     disagree with its numbers) and build the scorecard. Raises HarnessError (one line) for a folder without a run
-    report."""
+    report, or for a sweep report (check SWEEP or XBACKEND: its cells are K/V pairs of one build, not the checks x
+    turbo types a scorecard row holds)."""
     from harness.errors import HarnessError
-    from harness.pipeline import load_run
+    from harness.pipeline import SWEEP_IDS, _ids_in, load_run
     if not run_dirs:
         raise HarnessError("give one or more run folders (verify reports), e.g. reports/samples/cpu-verify")
+    for d in run_dirs:
+        sweeps = [i for i in _ids_in(Path(d)) if i in SWEEP_IDS]
+        if sweeps:
+            what = "a cross-backend sweep" if "XBACKEND" in sweeps else "a sweep"
+            raise HarnessError(f"{d} is {what} report (its run.json holds check {sweeps[0]}), and a scorecard needs verify reports (one "
+                               f"per fork build, from `turbo-harness verify --out DIR`); compare sweeps with "
+                               f"`turbo-harness sweep-compare` or `turbo-harness diff`")
     return build([(load_run(Path(d), log=None if log is None else (lambda line, d=d: log(f"{d}: {line}"))), str(d))
                   for d in run_dirs])

@@ -30,20 +30,47 @@ def depth_tokens(depths: tuple[int, ...]) -> int:
     return 2 * max(depths)
 
 
-def check_depths(depths: tuple[int, ...]) -> None:
-    """Refuse depths that cannot cover the same tokens: each must divide ``depth_tokens(depths)`` and be >= 16.
+# The shortest context length measured: the sweep's own smallest --ctx (harness/cli_sweep.py, AtLeast(16)).
+MIN_DEPTH = 16
 
+
+def check_depths(depths: tuple[int, ...]) -> None:
+    """Refuse depths that cannot be measured on the same tokens: 0 (use 'none' to turn depth off), a length below
+    :data:`MIN_DEPTH`, fewer than two lengths, a length that does not divide ``depth_tokens(depths)``, or a length
+    whose chunks give llama-perplexity fewer than 100 scored tokens (it then prints no KLD statistics:
+    :func:`harness.runners.sweep_config.check_kld_size`, tools/perplexity/perplexity.cpp 'kld.count < 100').
+
+    Args:
+        depths: the --kld-depths lengths in tokens, sorted ascending without repeats.
     Raises:
-        HarnessError: one line naming the bad depth and the fix.
+        HarnessError: one line naming the bad depth, what is allowed and the fix.
     """
+    from harness.runners.sweep_config import KLD_MIN_SCORED, kld_scored_tokens
+    spec = ",".join(map(str, depths))
+    if 0 in depths:
+        raise HarnessError(f"--kld-depths {spec}: 0 is not a context length: give two or more lengths of {MIN_DEPTH} "
+                           f"tokens or more, e.g. 256,1024, or --kld-depths none to turn KLD vs depth off")
+    low = [d for d in depths if d < MIN_DEPTH]
+    if low:
+        raise HarnessError(f"--kld-depths {spec}: {low[0]} is below the minimum context length of {MIN_DEPTH} tokens: "
+                           f"give two or more lengths of {MIN_DEPTH} or more, e.g. 256,1024 (or --kld-depths none)")
     if len(depths) < 2:
-        raise HarnessError(f"--kld-depths {','.join(map(str, depths))}: give two or more context lengths, e.g. 256,1024 "
+        raise HarnessError(f"--kld-depths {spec}: give two or more context lengths, e.g. 256,1024 "
                            f"(or --kld-depths none)")
     total = depth_tokens(depths)
     for d in depths:
-        if d < 16 or total % d:
+        if total % d:
             raise HarnessError(f"--kld-depths: {d} does not divide the {total} tokens of two {max(depths)}-token chunks: "
                                f"give lengths that divide the longest one's double, e.g. 512,4096")
+    for d in depths:
+        got = kld_scored_tokens(d, total // d)
+        if got < KLD_MIN_SCORED:
+            per = d - 1 - d // 2
+            need = -(-d * -(-KLD_MIN_SCORED // per) // 2)  # the longest length whose double gives d enough chunks
+            raise HarnessError(f"--kld-depths {spec}: at {d} tokens the {total} tokens are {total // d} chunks and "
+                               f"llama-perplexity scores only {got} of them (the second half of each chunk); it prints "
+                               f"KLD statistics only for {KLD_MIN_SCORED} or more (tools/perplexity/perplexity.cpp: "
+                               f"'kld.count < 100'): give a longest length of {need} or more, or a larger shortest one")
 
 
 def depth_config(cfg, d: int):

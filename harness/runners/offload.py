@@ -1,6 +1,9 @@
 """Where a model-level run's layers go: the tool arguments and environment that put them on the backend a report
 names, for the sweep (:func:`sweep_device_env`) and the MODEL check (:func:`model_offload`).
 
+- CPU: on a build with a GPU backend, ``-dev none -ngl 0`` and the GPU backends' hide variables, for the sweep
+  (:func:`cpu_only`) as for MODEL and the CPU side of a cross-backend sweep; a CPU-only build gets nothing added.
+
 - Vulkan: ggml-vulkan uses only discrete and integrated GPUs unless ``GGML_VK_VISIBLE_DEVICES`` names device indices,
   so on a machine whose only Vulkan device is Mesa's lavapipe the fork's tools see none, ignore ``-ngl`` and run on
   the CPU. ``verify --target vulkan`` names the software devices itself (:func:`harness.fork.vulkan.device_env`);
@@ -52,14 +55,49 @@ def vulkan_facts(environ: dict | None = None) -> dict:
             "devices": [d["name"] for d in used], "software": next((s for s in soft if s), "")}
 
 
+def build_gpu_backends(bdir) -> list[str]:
+    """The GPU backends built into a build folder, in table order: those its CMakeCache.txt switches on (the backend
+    table's CMake option, e.g. ``GGML_CUDA:BOOL=ON``) or whose ggml library (``bin/libggml-<name>.*``, a
+    GGML_BACKEND_DL build) it holds; [] for a CPU-only build or a folder with neither (a fake build in tests)."""
+    from pathlib import Path
+
+    from harness.fork.cmake_util import read_cmake_cache
+    cache = read_cmake_cache(Path(bdir))
+    out = []
+    for b in backends.TABLE:
+        if b.name == "cpu":
+            continue
+        opts = [o[2:].split("=")[0] for o in b.cmake if o.startswith("-D") and o.endswith("=ON")]
+        if any(cache.get(o, "").upper() in ("ON", "1", "TRUE", "YES") for o in opts) or \
+                any((Path(bdir) / "bin").glob(f"libggml-{b.name}.*")):
+            out.append(b.name)
+    return out
+
+
+def cpu_only(cfg):
+    """The CPU sweep ``cfg`` kept on the CPU: on a build with a GPU backend (:func:`build_gpu_backends`) ``-dev none``
+    (beside its ``-ngl 0``) and every GPU backend's hide_env (``CUDA_VISIBLE_DEVICES=''`` ...), as the CPU side of a
+    cross-backend sweep has (:func:`harness.runners.xbackend.side_config`) and MODEL on the CPU has
+    (:func:`model_offload`): without them the tools of a CUDA build still offload big matrix products (and with
+    ``-ngl`` left to them, every layer) to the GPU, and the 'cpu' numbers would be the GPU's. A CPU-only build, a
+    side that offloads (``ngl`` > 0), names its devices or uses ``--rpc`` is returned unchanged (its command lines and
+    cached results stay as they were)."""
+    if (cfg.backend or "cpu") != "cpu" or cfg.ngl > 0 or cfg.rpc or cfg.devices or not build_gpu_backends(cfg.bdir):
+        return cfg
+    hide = {k: v for b in backends.TABLE if b.name != "cpu" for k, v in b.hide_env}
+    return replace(cfg, devices="none", extra_env={**cfg.extra_env, **hide})
+
+
 def sweep_device_env(cfg):
     """The sweep side ``cfg`` (:class:`harness.runners.sweep_config.SweepConfig`) with what its backend's device needs.
 
-    A side that offloads (``ngl`` > 0) to a backend with a visibility variable (Vulkan: ``GGML_VK_VISIBLE_DEVICES``)
-    and no ``--rpc`` server gets the variable in ``extra_env`` when the machine's only devices are software ones
-    (:func:`vulkan_facts`), and ``device_facts`` for the report; any other side is returned unchanged, as is a side
-    that has its facts already (the call is idempotent: the cross-backend sweep makes them once per side).
+    A CPU side: :func:`cpu_only`. A side that offloads (``ngl`` > 0) to a backend with a visibility variable (Vulkan:
+    ``GGML_VK_VISIBLE_DEVICES``) and no ``--rpc`` server gets the variable in ``extra_env`` when the machine's only
+    devices are software ones (:func:`vulkan_facts`), and ``device_facts`` for the report; any other side is returned
+    unchanged, as is a side that has its facts already (the call is idempotent: the cross-backend sweep makes them
+    once per side).
     """
+    cfg = cpu_only(cfg)
     spec = backends.find(cfg.backend or "")
     if cfg.device_facts or cfg.ngl <= 0 or cfg.rpc or spec is None or spec.visible_env is None:
         return cfg

@@ -30,7 +30,7 @@ from harness.runners.llama_logs import (parse_bench_json, parse_bench_json_parti
 from harness.runners.sweep_config import (BASELINE_PAIRS, CPU_DEFAULTS, DEFAULT_PAIRS, GPU_DEFAULTS,  # noqa: F401
                                           PINNED_ENV, ROT_ENV, ROT_SUFFIX, JobRecord, SweepConfig, SweepResult,
                                           pair_label, pair_slug, parse_pairs, rotation_problem, rpc_unreached, run_problem,
-                                          split_pair, with_baselines)
+                                          split_pair, with_baselines, kld_scored_tokens, check_kld_size)
 from harness.runners.sweep_jobs import (_after_last_context, _bench_tests, _binary_identity, _Cache,  # noqa: F401
                                         _common_args, _evidence, _failed, _fork_identity, _key, _phase, _reparse_kv,
                                         _unknown_type_error, classify_failure, job_ident)
@@ -142,7 +142,7 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
         if run_problem(cfg, res.stderr):
             rec.ok, rec.error = False, run_problem(cfg, res.stderr)
         elif "ppl" not in stats or "kld" not in stats:
-            scored = cfg.chunks * (cfg.ctx // 2 - 1)  # it scores the second half of each chunk
+            scored = kld_scored_tokens(cfg.ctx, cfg.chunks)  # it scores the second half of each chunk
             few = (f": ctx {cfg.ctx} x {cfg.chunks} chunks scores only {scored} tokens and it prints statistics for "
                    f"100 or more (tools/perplexity: 'kld.count < 100'); give a larger --ctx or --chunks" if scored < 100
                    else " (it prints them only for 2+ chunks)")
@@ -201,7 +201,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
     """Run (or resume) a sweep. Never raises for a failing tool or pair: those become failed job records.
 
     Args:
-        cfg: the sweep configuration (a side offloading to Vulkan gets the device variable it needs first:
+        cfg: the sweep configuration (a CPU side of a GPU build gets -dev none, a side offloading to Vulkan the device
+            variable it needs, first:
             :func:`harness.runners.offload.sweep_device_env`; the result's ``config`` is the one run).
         progress: show a tqdm bar of jobs done and time left (on stderr).
         log: where one-line notes go.
@@ -219,7 +220,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
     """
     t0 = time.time()
     from harness.runners.offload import sweep_device_env
-    cfg = sweep_device_env(cfg)  # a Vulkan side on a machine with only software devices: name them to ggml
+    cfg = sweep_device_env(cfg)  # a CPU sweep of a GPU build: -dev none; Vulkan with only software devices: name them
     ppl_tool = binary(cfg.bdir, "llama-perplexity")
     bench_tool = binary(cfg.bdir, "llama-bench") if cfg.bench else None
     traits = traits if traits is not None else type_traits(str(cfg.bdir))

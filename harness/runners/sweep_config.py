@@ -30,6 +30,41 @@ GPU_DEFAULTS = {"ctx": 512, "chunks": 64, "depths": (0, 2048, 8192), "reps": 5, 
 BASELINE_PAIRS = (("f16", "f16"), ("q8_0", "q8_0"))
 
 
+# llama-perplexity --kl-divergence (tools/perplexity/perplexity.cpp, kl_divergence) scores tokens n_ctx/2 .. n_ctx-2 of
+# every chunk (``first = n_ctx/2``, ``n_ctx - 1 - first`` tokens) and returns before printing any KL-divergence
+# statistics while ``kld.count < 100`` ("we do not wish to do statistics on so few values").
+KLD_MIN_SCORED = 100
+
+
+def kld_scored_tokens(ctx: int, chunks: int) -> int:
+    """Tokens llama-perplexity scores for KLD over ``chunks`` chunks of ``ctx`` tokens: ``chunks * (ctx - 1 - ctx//2)``
+    (tools/perplexity/perplexity.cpp, kl_divergence: ``first = n_ctx/2``, ``n_ctx - 1 - first`` per chunk)."""
+    return chunks * max(0, ctx - 1 - ctx // 2)
+
+
+def check_kld_size(ctx: int, chunks: int) -> None:
+    """Refuse a ``--ctx`` x ``--chunks`` for which llama-perplexity prints no KL-divergence statistics.
+
+    It prints them only when it scored :data:`KLD_MIN_SCORED` (100) or more tokens (``if (kld.count < 100) return;``
+    in tools/perplexity/perplexity.cpp), and it scores :func:`kld_scored_tokens` of them: every pair's cell would end
+    in ERROR after the tools ran. The smallest context for ``chunks`` chunks is ``2*ceil(100/chunks) + 1``.
+
+    Raises:
+        HarnessError: one line with the tokens scored, the tool's rule, and the smallest --ctx (and --chunks) that work.
+    """
+    got = kld_scored_tokens(ctx, chunks)
+    if got >= KLD_MIN_SCORED:
+        return
+    per_chunk = -(-KLD_MIN_SCORED // chunks)
+    min_ctx = 2 * per_chunk + 1
+    per = ctx - 1 - ctx // 2
+    more = f" (or --chunks {-(-KLD_MIN_SCORED // per)} at --ctx {ctx})" if per > 0 else ""
+    raise HarnessError(f"--ctx {ctx} with --chunks {chunks} is too small: llama-perplexity scores only the second half of "
+                       f"each chunk ({per} of {ctx} tokens, {got} in all) and prints no KL-divergence statistics for "
+                       f"fewer than {KLD_MIN_SCORED} (tools/perplexity/perplexity.cpp: 'kld.count < 100'): give "
+                       f"--ctx {min_ctx} or more{more}")
+
+
 def with_baselines(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
     """The pairs with the missing :data:`BASELINE_PAIRS` put in front, and the labels of those added.
 
