@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /work/main/build/cpu/turbo-probe/turbo-decode /work/main/.cache/models/gemma3-270m-q4_k_m.gguf /work/main/.cache/sweep/decode/prompts-cdd04edf5bd57414.txt 64 32 turbo2 turbo2 2
-# rc=0 after 3.5 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /work/main/build/cpu/turbo-probe/turbo-decode /work/main/.cache/models/gemma3-270m-q4_k_m.gguf /work/main/.cache/sweep/decode/prompts-cdd04edf5bd57414.txt 64 32 turbo2 turbo2 2 0 - -
+# rc=0 after 2.3 s
