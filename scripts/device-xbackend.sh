@@ -17,7 +17,8 @@
 #   collect NAME [WAIT]   wait up to WAIT s for NAME's sweep, then its report folder and log into $OUT
 #   run NAME [WAIT]       sweep then collect, in one call
 #   sweeps [WAIT]        both models one after the other (never two sweeps at once: their CPU runs fight for the cores)
-#   verify [WAIT]         wait for the build, then `verify --target cuda`, timed, its report into $OUT
+#   verify [WAIT]         wait for the build, then `verify --target cuda`, timed, its report into $OUT (VNAME names
+#                         it; TURBO_BACKEND_OPS_JOBS=1 gives the one-process-at-a-time baseline)
 set -u
 PHASE=${1:-build}; NAME=${2:-smol}; WAIT=${3:-540}
 XB=${XB:-$PWD/.devcarry/xb}; [ -d "$XB/harness" ] || XB=$PWD   # the code: carried copy, else the tree itself
@@ -69,9 +70,10 @@ case "$PHASE" in
   verify)  # wait for the build, then `verify --target cuda` timed (#23: per-check times), its report into $OUT
     waitfor /root/xbuild/.done "$WAIT" || { tail -5 /root/xbuild.log; echo "build not finished"; exit 3; }
     S=$(date +%s); uptime
-    python3 -m harness.cli verify --target cuda --out /tmp/xb-verify 2>&1 | tee "$OUT/verify.log"
-    echo "verify wall $(( $(date +%s) - S )) s"; uptime
-    tar -czf "$OUT/xb-verify.tgz" -C /tmp xb-verify ;;
+    V=${VNAME:-xb-verify}; mkdir -p "$OUT"; rm -rf /tmp/$V
+    python3 -m harness.cli verify --target cuda --out /tmp/$V 2>&1 | tee "$OUT/$V.log"
+    echo "verify wall $(( $(date +%s) - S )) s (TURBO_BACKEND_OPS_JOBS=${TURBO_BACKEND_OPS_JOBS:-default})"; uptime
+    tar -czf "$OUT/$V.tgz" -C /tmp $V ;;
   collect)
     waitfor /root/xb-$NAME.done "$WAIT" && echo "sweep $NAME done" || echo "sweep $NAME still running"
     cp /root/xb-$NAME.log "$OUT/" 2>/dev/null; tail -40 /root/xb-$NAME.log
