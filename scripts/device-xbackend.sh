@@ -12,7 +12,8 @@
 # the carry calls 4 s each, `verify --target cuda` 60 s; the two sweeps did not finish in 8 min when run at once.
 # The build and the sweeps' job cache live outside the checkout (/root/xbuild, /root/xcache), so carrying the code
 # again does not remove them. Phases:
-#   build          unpack the fork, start the CUDA build (llama-perplexity) in the background, return
+#   build          unpack the fork, start the CUDA build (llama-perplexity; TARGETS=ggml,test-backend-ops for verify
+#                  alone) in the background, return
 #   sweep NAME     (NAME smol | gemma) wait for the build, join NAME's pieces, start the sweep in the background
 #   collect NAME [WAIT]   wait up to WAIT s for NAME's sweep, then its report folder and log into $OUT
 #   run NAME [WAIT]       sweep then collect, in one call
@@ -34,7 +35,7 @@ case "$PHASE" in
     [ -d "$FORK_DIR" ] || python3 -m harness.fork.snapshot .devcarry/c1/llama-cpp-turboquant-*.tar.xz --dest /root/xfork || exit 2
     mkdir -p /root/xbuild
     if [ ! -f /root/xbuild/.done ] && ! pgrep -f "harness.cli build" >/dev/null; then
-      setsid bash -c "python3 -m harness.cli build --backend cuda --targets ggml,llama-perplexity,test-backend-ops > /root/xbuild.log 2>&1 \
+      setsid bash -c "python3 -m harness.cli build --backend cuda --targets ${TARGETS:-ggml,llama-perplexity,test-backend-ops} > /root/xbuild.log 2>&1 \
         && touch /root/xbuild/.done; echo rc=\$? >> /root/xbuild.log" < /dev/null > /dev/null 2>&1 &
     fi
     sleep 5; tail -3 /root/xbuild.log ;;
