@@ -13,7 +13,7 @@
 # The build and the sweeps' job cache live outside the checkout (/root/xbuild, /root/xcache), so carrying the code
 # again does not remove them. Phases:
 #   build          unpack the fork, start the CUDA build (llama-perplexity; TARGETS=ggml,test-backend-ops for verify
-#                  alone) in the background, return
+#                  alone: then only .done-verify marks it done, and the sweep phases keep waiting for .done) in the background, return
 #   sweep NAME     (NAME smol | gemma) wait for the build, join NAME's pieces, start the sweep in the background
 #   collect NAME [WAIT]   wait up to WAIT s for NAME's sweep, then its report folder and log into $OUT
 #   run NAME [WAIT]       sweep then collect, in one call
@@ -36,7 +36,8 @@ case "$PHASE" in
     mkdir -p /root/xbuild
     if [ ! -f /root/xbuild/.done ] && ! pgrep -f "harness.cli build" >/dev/null; then
       setsid bash -c "python3 -m harness.cli build --backend cuda --targets ${TARGETS:-ggml,llama-perplexity,test-backend-ops} > /root/xbuild.log 2>&1 \
-        && touch /root/xbuild/.done; echo rc=\$? >> /root/xbuild.log" < /dev/null > /dev/null 2>&1 &
+        && touch /root/xbuild/.done-verify \$( [ -z '${TARGETS:-}' ] && echo /root/xbuild/.done ); echo rc=\$? >> /root/xbuild.log" \
+        < /dev/null > /dev/null 2>&1 &
     fi
     sleep 5; tail -3 /root/xbuild.log ;;
   sweep)
@@ -69,7 +70,7 @@ case "$PHASE" in
   run)  # sweep in the foreground (wait for the build first), then its report into $OUT: one call instead of two
     "$0" sweep "$NAME" "$WAIT" && "$0" collect "$NAME" 600 ;;
   verify)  # wait for the build, then `verify --target cuda` timed (#23: per-check times), its report into $OUT
-    waitfor /root/xbuild/.done "$WAIT" || { tail -5 /root/xbuild.log; echo "build not finished"; exit 3; }
+    waitfor /root/xbuild/.done-verify "$WAIT" || { tail -5 /root/xbuild.log; echo "build not finished"; exit 3; }
     S=$(date +%s); uptime
     V=${VNAME:-xb-verify}; mkdir -p "$OUT"; rm -rf /tmp/$V
     python3 -m harness.cli verify --target cuda --out /tmp/$V 2>&1 | tee "$OUT/$V.log"

@@ -53,23 +53,28 @@ def test_an_unsplit_group_is_its_own_part_and_its_command_is_unchanged():
     assert g.command(Path("t")) == ["t", "test", "-o", "SET_ROWS", "-p", "turbo"]
 
 
-def _fake_tool(tmp_path: Path, crash_on: str | None = None, sleep: float = 0.0) -> Path:
+def _fake_tool(tmp_path: Path, crash_on: str | None = None, sleep: float = 0.0, lose: bool = False) -> Path:
     """A fake test-backend-ops that prints, for FLASH_ATTN_EXT, the cases of CASES its -p selects (Python's re reads
-    these lookaheads as std::regex's ECMAScript does), and records each call."""
+    these lookaheads as std::regex's ECMAScript does), in 'test' mode and in 'support' mode (the listing), and records
+    each test-mode call. ``lose``: its regex drops the first case of every part (as a foreign std::regex might)."""
     calls = tmp_path / "calls"
     calls.mkdir(exist_ok=True)
     return _exe(tmp_path / "test-backend-ops", f"""import os, re, sys, time
 args = sys.argv[1:]
+mode = args[0]
 op = args[args.index('-o') + 1]
 pat = args[args.index('-p') + 1] if '-p' in args else ''
-open(os.path.join({str(calls)!r}, str(os.getpid())), 'w').write(op + '\\t' + pat)
-print('Backend 1/2: CUDA0', flush=True)
-time.sleep({sleep})
+if mode == 'test':
+    open(os.path.join({str(calls)!r}, str(os.getpid())), 'w').write(op + '\\t' + pat)
+    print('Backend 1/2: CUDA0', flush=True)
+    time.sleep({sleep})
+else:
+    print('Backend 1/2: CPU', flush=True)
 if op == 'FLASH_ATTN_EXT':
-    for c in {CASES!r}:
-        if re.search(pat, c):
-            print('  FLASH_ATTN_EXT(' + c + '): OK', flush=True)
-    if {crash_on!r} and re.search({crash_on!r}, pat):
+    sel = [c for c in {CASES!r} if re.search(pat, c)]
+    for c in sel[1:] if {lose!r} and pat.startswith('^') else sel:
+        print('  FLASH_ATTN_EXT(' + c + '): ' + ('OK' if mode == 'test' else 'SUPPORTED'), flush=True)
+    if mode == 'test' and {crash_on!r} and re.search({crash_on!r}, pat):
         print('GGML_ASSERT failed', flush=True); sys.exit(134)
 """)
 
@@ -110,9 +115,9 @@ def test_a_set_stop_kills_the_running_processes(tmp_path):
 
 def test_jobs_follow_the_cores_and_the_override(monkeypatch):
     monkeypatch.delenv("TURBO_BACKEND_OPS_JOBS", raising=False)
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     assert bo.jobs() == 4
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert bo.jobs() == 1
     monkeypatch.setenv("TURBO_BACKEND_OPS_JOBS", "3")
     assert bo.jobs() == 3
@@ -179,3 +184,59 @@ def test_a_fork_target_waits_for_the_run_it_began_and_runs_anew_for_another_log(
     assert [g["op"] for g in res["groups"]] == [g.op for g in bo.PLAN]
     fork_target.backend_ops(tmp_path / "b.log")  # nothing begun for this one: it runs now
     assert calls == [log, tmp_path / "b.log"]
+
+
+def test_parts_that_the_tool_lists_otherwise_run_whole_with_a_note(tmp_path):
+    fake = _fake_tool(tmp_path, lose=True)
+    res = bo.run(fake, plan=(FA,), n_jobs=4)
+    fa = res["groups"][0]
+    assert fa["parts"] == 1 and fa["cases"] == len(TURBO)  # the whole group ran: no case lost
+    assert "FLASH_ATTN_EXT: ran whole (its 9 parts list" in res["note"]
+
+
+def test_a_failing_case_whose_error_the_fork_prints_before_its_name_is_a_failure(tmp_path):
+    """The pinned fork prints '[OP] ERR = e > limit ' during the compare, then '  OP(params): FAIL' on the same line
+    (tests/test-backend-ops.cpp): the case is parsed with its error, and a group stopped at its time limit after it
+    is never a PASS."""
+    from types import SimpleNamespace
+    from harness.checks.compat_tables import backend_ops_cells
+    fail = ("[FLASH_ATTN_EXT] ERR = 0.012345678 > 0.000500000   "
+            "  FLASH_ATTN_EXT(hsk=128,nr23=[1,1],mask=1,prec=f32,type_KV=turbo3): \x1b[1;31mFAIL\x1b[0m")
+    ok = "  FLASH_ATTN_EXT(hsk=128,nr23=[1,1],mask=0,prec=f32,type_KV=turbo3): \x1b[1;32mOK\x1b[0m"
+    parsed = bo.parse(f"Backend 1/2: CUDA0\n{fail}\n{ok}\n")
+    assert [(r.status, r.error, r.max_error) for r in parsed] == [("FAIL", 0.012345678, 0.0005), ("OK", None, None)]
+    fake = _exe(tmp_path / "test-backend-ops", f"""import time
+print('Backend 1/2: CUDA0', flush=True)
+print({ok!r}, flush=True)
+print({fail!r}, flush=True)
+time.sleep(60)
+""")
+    res = bo.run(fake, plan=(bo.Group("FLASH_ATTN_EXT", "turbo", 2),), n_jobs=1)
+    ctx = SimpleNamespace(evidence_dir=None, target=SimpleNamespace(backend_ops=lambda log_path=None: res))
+    cells, _ = backend_ops_cells(ctx)
+    judged = next(c for c in cells if c.metric == "failed_cases")
+    assert judged.value == 1 and judged.verdict.value == "PARTIAL"
+
+
+def test_an_exception_while_one_runs_kills_it(tmp_path):
+    import os
+    import signal
+    fake = _fake_tool(tmp_path, sleep=60)
+
+    class Stop(Exception):
+        pass
+
+    def boom(*_):
+        raise Stop()
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.setitimer(signal.ITIMER_REAL, 1.5)
+    try:
+        with pytest.raises(Stop):
+            bo.run(fake, plan=(bo.Group("SET_ROWS", "turbo", 120),), n_jobs=1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    pid = int(next((tmp_path / "calls").iterdir()).name)
+    assert subprocess.run(["ps", "-p", str(pid)], capture_output=True).returncode != 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -318,12 +318,14 @@ class ForkTarget(Target):
 
     def start_backend_ops(self, log_path=None) -> bool:
         """Begin :meth:`backend_ops` in a background thread, beside the checks that use the probe, and return at once
-        (True; False when test-backend-ops is not built). Worth it only where cores are spare
+        (True; False when test-backend-ops is not built, or a device is a software one). Worth it only where cores are spare
         (:func:`harness.runners.backend_ops.jobs` > 1): on a GPU machine its flash-attention cases take most of
         COMPAT's time. :meth:`close` stops it."""
         import threading
         from concurrent.futures import Future
         if not (self.build_dir / "bin" / "test-backend-ops").is_file():
+            return False
+        if any(b.software for b in self.backends()):  # a software device computes on these cores: nothing to spare
             return False
         fut, self._bops_stop = Future(), threading.Event()
 
@@ -341,8 +343,8 @@ class ForkTarget(Target):
         binary = self.build_dir / "bin" / "test-backend-ops"
         if not binary.is_file():
             return None
-        soft = [b.name for b in self.backends() if b.software]
-        return backend_ops.run(binary, log_path=log_path, env=self.env, stop=stop,
+        soft = [b.name for b in self.backends() if b.software]  # a software device: one process at a time, whole
+        return backend_ops.run(binary, log_path=log_path, env=self.env, stop=stop, n_jobs=1 if soft else None,
                                plan=backend_ops.SOFTWARE_PLAN if soft else backend_ops.PLAN)
 
     runs_models = True
