@@ -240,3 +240,16 @@ def test_an_exception_while_one_runs_kills_it(tmp_path):
     assert subprocess.run(["ps", "-p", str(pid)], capture_output=True).returncode != 0
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.fork
+def test_an_error_in_the_run_begun_early_reaches_the_check_that_waits(fork_target, tmp_path, monkeypatch):
+    if not (fork_target.build_dir / "bin" / "test-backend-ops").is_file():
+        pytest.skip("test-backend-ops not built")
+
+    def broken(*a, **k):
+        raise HarnessError("the tool could not be run")
+    monkeypatch.setattr(bo, "run", broken)
+    assert fork_target.start_backend_ops(tmp_path / "c.log") is True
+    with pytest.raises(HarnessError, match="could not be run"):
+        fork_target.backend_ops(tmp_path / "c.log")

@@ -150,6 +150,10 @@ def backend_ops_cells(ctx: Context, timings: dict | None = None) -> tuple[list[C
                          caption=["not run: the binary is not built (`turbo-harness build --targets test-backend-ops`)"])
     if timings is not None:
         timings.update({f"test-backend-ops {g['op']}": g["seconds"] for g in res.get("groups", [])})
+        if res.get("jobs", 1) > 1:  # run in parts beside the checks: the part check and the slowest part
+            timings["test-backend-ops parts check"] = res.get("listing_s", 0.0)
+            timings.update({f"test-backend-ops {g['op']} slowest part": max(g["part_seconds"])
+                            for g in res.get("groups", []) if g.get("part_seconds")})
     table = Table("backend_ops", title, BACKEND_OPS_COLUMNS,
                   caption=[f"`{res['command']}`" + (f" - {res['note']}" if res["note"] else "")],
                   evidence=[f"evidence/{ID}/test-backend-ops.log"] if log else [])

@@ -178,15 +178,20 @@ def run(binary: Path, plan: tuple[Group, ...] = PLAN, log_path: Path | None = No
         stop: when set, the running processes are killed and nothing more starts (an interrupted verify).
     Returns:
         {'results': [OpResult dicts], 'returncode': 0, or 1 when a group crashed or exited non-zero, 'note',
-        'command', 'jobs', 'groups': [{'op', 'params', 'status': 'ran' | 'not run in time' | 'exited N', 'cases':
-        cases parsed, 'seconds' (wall, first part's start to last part's end), 'limit_s', 'parts'}]}. A group past
-        its time limit is not a failure: its status says so, with the count of cases that ran before it was stopped.
+        'command', 'jobs', 'listing_s' (seconds spent checking the parts, :func:`checked_parts`), 'groups': [{'op',
+        'params', 'status': 'ran' | 'not run in time' | 'exited N', 'cases': cases parsed, 'seconds' (wall, first
+        part's start to last part's end), 'limit_s', 'parts', 'part_seconds' (each part's wall, when split)}]}. A
+        group past its time limit is not a failure: its status says so, with the count of cases that ran before it
+        was stopped.
         Results come in plan order, a split group's part by part.
     """
     from concurrent.futures import ThreadPoolExecutor
     n_jobs = jobs() if n_jobs is None else max(1, n_jobs)
     notes: list[str] = []
+    import time
+    t0 = time.monotonic()
     split = {i: checked_parts(binary, g, env, n_jobs, notes) if n_jobs > 1 else (g,) for i, g in enumerate(plan)}
+    listing_s = round(time.monotonic() - t0, 1)
     tasks = [(i, part) for i in range(len(plan)) for part in split[i]]
     if n_jobs > 1:
         with ThreadPoolExecutor(max_workers=n_jobs, thread_name_prefix="test-backend-ops") as ex:
@@ -207,7 +212,8 @@ def run(binary: Path, plan: tuple[Group, ...] = PLAN, log_path: Path | None = No
             ("not run in time" if "not run in time" in statuses else "ran")
         secs = max(d["end"] for d in mine) - min(d["start"] for d in mine)
         groups.append({"op": g.op, "params": g.params, "status": status, "cases": len(parsed), "seconds": round(secs, 1),
-                       "limit_s": g.timeout_s, "parts": len(mine)})
+                       "limit_s": g.timeout_s, "parts": len(mine),
+                       **({"part_seconds": [round(d["end"] - d["start"], 1) for d in mine]} if len(mine) > 1 else {})})
         if status == "not run in time":
             notes.append(f"{g.op}: not run in time ({len(parsed)} cases run in {g.timeout_s:.0f} s, then stopped)")
         elif status != "ran":
@@ -223,7 +229,8 @@ def run(binary: Path, plan: tuple[Group, ...] = PLAN, log_path: Path | None = No
         Path(log_path).write_text("\n".join(logs))
     crashed = any(gr["status"].startswith("exited") for gr in groups)
     return {"results": [asdict(r) for r in results], "returncode": 1 if crashed else 0,
-            "note": "; ".join(dict.fromkeys(notes)), "command": "; ".join(cmds), "groups": groups, "jobs": n_jobs}
+            "note": "; ".join(dict.fromkeys(notes)), "command": "; ".join(cmds), "groups": groups, "jobs": n_jobs,
+            "listing_s": listing_s}
 
 
 def checked_parts(binary: Path, g: Group, env: dict | None, n_jobs: int, notes: list[str]) -> tuple[Group, ...]:

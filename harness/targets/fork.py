@@ -318,24 +318,19 @@ class ForkTarget(Target):
 
     def start_backend_ops(self, log_path=None) -> bool:
         """Begin :meth:`backend_ops` in a background thread, beside the checks that use the probe, and return at once
-        (True; False when test-backend-ops is not built, or a device is a software one). Worth it only where cores are spare
-        (:func:`harness.runners.backend_ops.jobs` > 1): on a GPU machine its flash-attention cases take most of
-        COMPAT's time. :meth:`close` stops it."""
+        (True; False when test-backend-ops is not built, or a device is a software one). Worth it only where cores
+        are spare (:func:`harness.runners.backend_ops.jobs` > 1): on a GPU machine its flash-attention cases take
+        most of COMPAT's time. An error in it reaches :meth:`backend_ops`; :meth:`close` stops it."""
         import threading
-        from concurrent.futures import Future
+        from concurrent.futures import ThreadPoolExecutor
         if not (self.build_dir / "bin" / "test-backend-ops").is_file():
             return False
         if any(b.software for b in self.backends()):  # a software device computes on these cores: nothing to spare
             return False
-        fut, self._bops_stop = Future(), threading.Event()
-
-        def work():
-            try:
-                fut.set_result(self._backend_ops_now(log_path, self._bops_stop))
-            except BaseException as e:  # the error reaches the check that waits for it
-                fut.set_exception(e)
-        self._bops = (log_path, fut)
-        threading.Thread(target=work, name="test-backend-ops", daemon=True).start()
+        self._bops_stop = threading.Event()
+        ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-backend-ops")
+        self._bops = (log_path, ex.submit(self._backend_ops_now, log_path, self._bops_stop))
+        ex.shutdown(wait=False)
         return True
 
     def _backend_ops_now(self, log_path=None, stop=None):
