@@ -48,12 +48,15 @@ def cross_names(spec: str | None, backend: str | None, target: str | None, endpo
     if backend:
         raise HarnessError("--backend and --backends: give one (--backends A,B compares backends)")
     listed = [s.strip().lower() for s in spec.split(",") if s.strip()]
-    if target and target.lower() not in listed:
+    if target and target.lower() not in listed and len(listed) >= 2:  # a shorter list: parse_backends names that first
         others = " or ".join(n for n in listed[1:] + listed[:1])
         raise HarnessError(f"--target {target} is not one of --backends {','.join(listed)}: the backend under test must be "
                            f"one of those compared: give --target {others}, or add {target} to --backends "
                            f"(e.g. --backends {listed[0]},{target})")
     names = parse_backends(spec, len(endpoints))
+    if target and target.lower() not in names:
+        raise HarnessError(f"--target {target} is not one of --backends {','.join(names)}: give --target one of them, "
+                           f"or add {target} to --backends")
     return names, next((n for n in names if n != "cpu" and not n.startswith("rpc")), "cpu")
 
 

@@ -199,3 +199,10 @@ def test_backends_sweep_judges_each_backend_sweep_with_known(xb, monkeypatch):  
     assert json.loads((out / "cuda" / "run.json").read_text())["sections"]["known"]["gate"] == "FAIL"
     assert json.loads((out / "cpu" / "run.json").read_text())["sections"]["known"]["gate"] == "PASS"
     assert json.loads((out / "run.json").read_text())["sections"]["known"]["gate"] == "FAIL"
+
+
+def test_a_one_backend_list_with_another_target_is_told_to_list_two_first():
+    """`--backends cuda --target cpu` first needs two backends: advising `--target cuda` would fail next on that."""
+    from harness.cli_xbackend import cross_names
+    with pytest.raises(HarnessError, match="give two or more backends"):
+        cross_names("cuda", None, "cpu", [])
