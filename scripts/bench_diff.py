@@ -67,8 +67,8 @@ def main() -> int:
                                              tmp / "d2"), a.reps)
         print(f"diff {Path(a.base).name} ({cells[0]} cells) vs {Path(a.new).name} ({cells[1]} cells): "
               f"{t_cli:.3f} s as a command, {t_in:.3f} s in process (goal <= 1 s): {'OK' if t_cli <= 1.0 else 'OVER'}")
-        runs = a.runs or [str(p.parent) for p in sorted(SAMPLES.glob("*/run.json"))
-                          if '"SWEEP"' not in p.read_text()[:200000]]
+        runs = a.runs or [str(p.parent) for p in sorted(SAMPLES.glob("*/run.json"))  # verify reports only: scorecard
+                          if not {c.id for c in load_run(p.parent).checks} & {"SWEEP", "XBACKEND"}]  # refuses sweeps
         pool = tmp / "runs"
         for n in [int(x) for x in a.n.split(",")]:
             dirs = []
