@@ -206,3 +206,20 @@ def test_a_one_backend_list_with_another_target_is_told_to_list_two_first():
     from harness.cli_xbackend import cross_names
     with pytest.raises(HarnessError, match="give two or more backends"):
         cross_names("cuda", None, "cpu", [])
+
+
+def test_a_corpus_too_short_for_the_chunks_asked_is_a_run_problem_not_a_report_of_chunks_never_measured():
+    """llama-perplexity takes min(--chunks, tokens / n_ctx) and says so on stderr; fewer than asked is an ERROR that
+    names the fix (a sweep once reported 'ctx 128 x 8 chunks' over 4)."""
+    import re
+    from types import SimpleNamespace
+    from harness.runners.sweep_config import run_problem
+    from pathlib import Path
+    FIXTURES = Path(__file__).resolve().parent / "fixtures"
+    for name in ("kld_f16.stderr", "kld_q4_0.stderr"):
+        err = (FIXTURES / "gemma3" / name).read_text()
+        n = int(re.search(r"over (\d+) chunks", err).group(1))
+        cfg = SimpleNamespace(rpc=[], chunks=n, ctx=512, backend="cpu", ngl=0, devices="")
+        assert run_problem(cfg, err) == ""
+        msg = run_problem(SimpleNamespace(**{**vars(cfg), "chunks": n + 4}), err)
+        assert f"computed over {n} chunks, not the {n + 4} asked" in msg and f"--chunks {n} or fewer" in msg
