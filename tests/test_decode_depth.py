@@ -279,10 +279,10 @@ PPL = r"""#!/bin/sh
 echo "ppl $@" >> "{calls}"
 ctk=""; base=""; kld=0
 while [ $# -gt 0 ]; do
-  case "$1" in -ctk) ctk="$2"; shift;; --kl-divergence-base) base="$2"; shift;; --kl-divergence) kld=1;; esac
+  case "$1" in -ctk) ctk="$2"; shift;; --kl-divergence-base) base="$2"; shift;; --chunks) chunks="$2"; shift;; --kl-divergence) kld=1;; esac
   shift
 done
-if [ $kld = 0 ]; then echo logits > "$base"; cat "{fix}/base_f16.stderr" >&2; exit 0; fi
+if [ $kld = 0 ]; then echo logits > "$base"; sed "s/over [0-9]* chunks/over ${{chunks:-3}} chunks/" "{fix}/base_f16.stderr" >&2; exit 0; fi
 cat "{fix}/kld_turbo3.stdout"
 sed "s/turbo3/$ctk/g" "{fix}/kld_turbo3.stderr" >&2
 """

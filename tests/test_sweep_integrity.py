@@ -38,14 +38,14 @@ MIB = 2.0 ** 20
 PPL = r"""#!/bin/sh
 ctk=f16; ctv=f16; base=""; kld=0
 while [ $# -gt 0 ]; do
-  case "$1" in -ctk) ctk="$2"; shift;; -ctv) ctv="$2"; shift;; --kl-divergence-base) base="$2"; shift;;
+  case "$1" in -ctk) ctk="$2"; shift;; -ctv) ctv="$2"; shift;; --kl-divergence-base) base="$2"; shift;; --chunks) chunks="$2"; shift;;
                --kl-divergence) kld=1;; esac
   shift
 done
 d="{d}"
 echo "ppl $ctk/$ctv" >> "$d/calls"
 echo "llama_model_load_from_file_impl: using device CUDA0 (fake) - 1000 MiB free" >&2  # where -ngl 99 put the model
-if [ $kld = 0 ]; then echo logits > "$base"; cat "{fix}/base_f16.stderr" >&2; exit 0; fi
+if [ $kld = 0 ]; then echo logits > "$base"; sed "s/over [0-9]* chunks/over ${{chunks:-3}} chunks/" "{fix}/base_f16.stderr" >&2; exit 0; fi
 [ -f "$d/ppl_${{ctk}}_${{ctv}}.sh" ] && . "$d/ppl_${{ctk}}_${{ctv}}.sh"
 [ -f "$d/sleep_${{ctk}}_${{ctv}}" ] && sleep 30
 cat "$d/kv_${{ctk}}_${{ctv}}.log" >&2

@@ -168,24 +168,24 @@ def no_device_used(cfg, stderr: str) -> str:
 
 
 def run_problem(cfg, stderr: str) -> str:
-    """'' when a finished run measured where and what it was asked to, else why not (:func:`rpc_unreached`,
-    :func:`no_device_used`, :func:`fewer_chunks`)."""
-    return rpc_unreached(cfg.rpc, stderr) or no_device_used(cfg, stderr) or fewer_chunks(cfg, stderr)
+    """'' when a finished run measured where it was asked to, else why not (:func:`rpc_unreached`,
+    :func:`no_device_used`)."""
+    return rpc_unreached(cfg.rpc, stderr) or no_device_used(cfg, stderr)
 
 
-def fewer_chunks(cfg, stderr: str) -> str:
-    """'' unless llama-perplexity computed over fewer chunks than ``cfg.chunks``, then why and the fix. It takes
-    min(--chunks, corpus tokens / n_ctx) and says so on stderr ('calculating perplexity over N chunks' for a plain or
-    --kl-divergence-base run, 'computing over N chunks' for --kl-divergence: tools/perplexity/perplexity.cpp), so a
-    corpus too short for ctx x chunks would otherwise give a report that names chunks never measured. The up-front
-    corpus check counts bytes, not tokens, and cannot see this."""
+def fewer_chunks(asked: int, stderr: str) -> str:
+    """'' unless a llama-perplexity run given ``--chunks asked`` computed over fewer chunks, then why and the fix. It
+    takes min(--chunks, corpus tokens / n_ctx) and says so on stderr ('calculating perplexity over N chunks' for a
+    plain or --kl-divergence-base run: tools/perplexity/perplexity.cpp), so a corpus too short for ctx x chunks would
+    otherwise give a report that names chunks never measured. The up-front corpus check counts bytes, not tokens,
+    and cannot see this."""
     import re
-    m = re.search(r"(?:calculating perplexity|computing) over (\d+) chunks", stderr)
-    if m is None or int(m.group(1)) >= cfg.chunks:
+    m = re.search(r"(?:calculating perplexity|computing) over (\d+) chunks, n_ctx=(\d+)", stderr)
+    if m is None or int(m.group(1)) >= asked:
         return ""
-    n = int(m.group(1))
-    return (f"llama-perplexity computed over {n} chunks, not the {cfg.chunks} asked: the corpus holds too few tokens "
-            f"for --ctx {cfg.ctx} x --chunks {cfg.chunks}; give a longer --corpus, or --chunks {n} or fewer")
+    n, ctx = int(m.group(1)), m.group(2)
+    return (f"llama-perplexity computed over {n} chunks, not the {asked} asked: the corpus holds too few tokens "
+            f"for --ctx {ctx} x --chunks {asked}; give a longer --corpus, or --chunks {n} or fewer")
 
 
 def pair_slug(k: str, v: str) -> str:
