@@ -16,8 +16,8 @@ from harness.errors import HarnessError
 from harness.fork import backends, build as fb
 from harness.turbo_types import TURBO_TYPES
 from harness.cli_rpc import RPC_OPTIONS, RpcOptions
-from harness.cli_types import (AtLeast, BackendName, BuildName, CommaList, ModelArg, OneLineUsage, Sha256, existing_dir,
-                               existing_file, out_dir)
+from harness.cli_types import (AtLeast, BackendName, BuildName, CommaList, ModelArg, OneLineUsage, ReportDir, Sha256,
+                               existing_dir, existing_file, out_dir)
 
 REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 
@@ -254,7 +254,7 @@ common = [
     click.option("--fork-dir", default=None, type=existing_dir(), help="fork checkout (default $FORK_DIR or vendor/llama.cpp)"),
     click.option("--build", "build_backend", default=None, type=BuildName(),
                  help="the backend whose build folder ($TURBO_BUILD_ROOT/<backend>) to use (default: this machine's backend)"),
-    click.option("--out", default=None, type=out_dir(), help="report folder (default reports/<run-id>)"),
+    click.option("--out", default=None, type=ReportDir(), help="report folder (default reports/<run-id>)"),
     click.option("--strict", is_flag=True, help="exit 1 on PARTIAL too"),
     click.option("--numpy-target", "numpy_target", default=None, hidden=True,
                  help="(tests) run on the NumPy emulation with these faults instead of a fork build"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from harness.cli_types import CommaList, existing_dir, out_dir
+from harness.cli_types import CommaList, ReportDir, existing_dir
 from harness.errors import HarnessError
 from harness.fork import build as fb
 from harness.reference.turbo import TURBO_TYPES
@@ -135,7 +135,7 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
 @click.option("--routes", default=None, type=ROUTES, help="only these quantise routes, e.g. quantize_chunk")
 @click.option("--sanitize", type=click.Choice(["address"]), default=None, help="an AddressSanitizer build flavour")
 @click.option("--fork-dir", default=None, type=existing_dir(), help="fork checkout with history (default $FORK_DIR or vendor/llama.cpp)")
-@click.option("--out", default=None, type=out_dir(), help="report folder (default reports/replay-<commit>-<time>)")
+@click.option("--out", default=None, type=ReportDir(), help="report folder (default reports/replay-<commit>-<time>)")
 @click.option("--strict", is_flag=True)
 def replay(commit, check_list, types, routes, sanitize, fork_dir, out, strict):
     """Build the fork at COMMIT (cached under .cache/replay) and run the checks on it."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from harness.cli_types import AtLeast, BackendName, CommaList, ModelArg, Seconds
+from harness.cli_types import AtLeast, BackendName, CommaList, ModelArg, ReportDir, Seconds
 from harness.errors import HarnessError
 from harness.fork import backends
 
@@ -168,7 +168,7 @@ def write_reports(run, result, run_dir: Path) -> dict[str, Path]:
 @click.option("--backend", default=None, type=BackendName(), help=f"Build folder backend: {backends.choices(', ')} (default: detected).")
 @click.option("--build-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Build folder holding bin/llama-perplexity (default: build/<backend>).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", "out_dir", type=ReportDir(path_type=Path), default=None,
               help="Report folder, as for verify (default: reports/<run-id>).")
 @click.option("--known", "known_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Known-findings file: accepted findings are XFAIL, anything else non-PASS fails (README 'Known findings').")

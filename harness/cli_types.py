@@ -211,3 +211,27 @@ def existing_file() -> click.Path:
 def out_dir(**kw) -> click.Path:
     """A folder to write (created when missing; an existing file is refused)."""
     return click.Path(file_okay=False, **kw)
+
+
+class ReportDir(click.Path):
+    """A report folder to write: new, empty, or a turbo-harness report (its run.json, or only what a run writes
+    before it: evidence/, plots/, the run lock, sub-reports with their own run.json). A folder holding anything else
+    is refused, so that a report never overwrites files it did not write (``--out .`` in a checkout, ``--out /``)."""
+
+    def __init__(self, **kw):
+        super().__init__(file_okay=False, **kw)
+
+    def convert(self, value, param, ctx):
+        from harness.runlock import LOCK_NAME
+        value = super().convert(value, param, ctx)
+        p = Path(value)
+        if p.is_dir():
+            mine = {"evidence", "plots", LOCK_NAME}
+            foreign = sorted(e.name for e in p.iterdir()
+                             if e.name not in mine and not (e.is_dir() and (e / "run.json").is_file()))
+            if foreign and not (p / "run.json").is_file():
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                self.fail(f"{value} is not a turbo-harness report folder and not empty (it holds {shown}): a report "
+                          "would overwrite files it did not write; give a new or empty folder, or a report folder "
+                          "to add to", param, ctx)
+        return value

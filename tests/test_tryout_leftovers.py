@@ -221,3 +221,27 @@ def test_a_corpus_too_short_for_the_chunks_asked_is_a_run_problem_not_a_report_o
         assert run_problem(n, err) == ""
         msg = run_problem(n + 4, err)
         assert f"computed over {n} chunks, not the {n + 4} asked" in msg and f"--chunks {n} or fewer" in msg
+
+
+def test_out_refuses_a_folder_of_other_files_and_accepts_new_empty_and_report_folders(tmp_path):
+    """`--out` must never write a report over files it did not write (a tryout's own summary.md was overwritten;
+    `--out .` wrote into the checkout): such a folder is refused in one line, exit 2; a new, an empty and a report
+    folder (rerun into the same) are written."""
+    import subprocess
+    import sys
+
+    def check(out):
+        return subprocess.run([sys.executable, "-m", "harness.cli", "check", "PQ4", "--numpy-target=", "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "summary.md").write_text("mine")
+    r = check(other)
+    assert r.returncode == 2 and "not a turbo-harness report folder" in r.stderr and "summary.md" in r.stderr
+    assert (other / "summary.md").read_text() == "mine" and not (other / "run.json").exists()
+    one_error_line(r.stderr)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert check(empty).returncode == 0 and (empty / "run.json").is_file()
+    assert check(empty).returncode == 0  # a report folder: written again
+    assert check(tmp_path / "new").returncode == 0
