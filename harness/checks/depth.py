@@ -18,11 +18,9 @@ import math
 from pathlib import Path
 
 from harness.report.model import Cell, Verdict
+from harness.runners.llama_logs import KLD_PRINT_RESOLUTION, kld_shown
 
 
-# llama-perplexity prints each KLD to 6 decimals (tools/perplexity/perplexity.cpp: "Mean    KLD: %10.6lf"), so the
-# difference of two printed values is known to 1e-6 only: a growth within that is never judged as growth
-KLD_PRINT_RESOLUTION = 1e-6
 
 
 def depth_cells(result, rules: dict, backend: str) -> tuple[list[Cell], dict | None]:
@@ -103,8 +101,7 @@ def depth_cells(result, rules: dict, backend: str) -> tuple[list[Cell], dict | N
         a, z = got[lo], got[hi]
         g = z["kld"] - a["kld"]
         se = math.hypot(a["kld_se"], z["kld_se"])
-        allow = max(k_sig * se, rel_min * a["kld"], KLD_PRINT_RESOLUTION)
-        from harness.report.render import kld_shown  # -0.000001 (an exact 0 as printed) reads as 0 in the caveat
+        allow = max(k_sig * se, rel_min * a["kld"], KLD_PRINT_RESOLUTION)  # growth within the print is no growth
         facts = (f"KLD {kld_shown(a['kld']):.4f} ± {a['kld_se']:.4f} at ctx {lo} -> {kld_shown(z['kld']):.4f} ± "
                  f"{z['kld_se']:.4f} at ctx {hi} "
                  f"(growth {g:+.4f} ± {se:.4f})")
@@ -146,7 +143,6 @@ def depth_cells(result, rules: dict, backend: str) -> tuple[list[Cell], dict | N
 def depth_markdown(sec: dict, rules: dict) -> str:
     """The depth table (KLD ± se per pair and context length, growth and verdict) and the plot link; a KLD printed as
     -0.000001 (an exact 0) is shown as 0 (harness.report.render.kld_shown; the rows keep the raw value)."""
-    from harness.report.render import kld_shown
     depths = sec["depths"]
     r = rules.get("depth") or {}
     lines = [f"## KL divergence vs depth (same {sec['tokens']} corpus tokens at each context length)", ""]

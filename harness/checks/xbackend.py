@@ -37,7 +37,7 @@ def _fmt(v, spec: str) -> str:
 
 def _kld(v, spec: str) -> str:
     """A KLD for the tables: -1e-6 (an exact 0 as llama-perplexity prints it) as 0 (harness.report.render.kld_shown)."""
-    from harness.report.render import kld_shown
+    from harness.runners.llama_logs import kld_shown
     return _fmt(kld_shown(v), spec)
 
 

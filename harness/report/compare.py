@@ -91,7 +91,7 @@ def sweep_mismatches(sweeps: list[dict]) -> list[str]:
 
 def compare_markdown(sweeps: list[dict]) -> str:
     """One table per model: PPL ± se, KLD ± se, top-1, bits per real value, the vs-q4_0 verdicts and decode agreement."""
-    from harness.report.render import kld_shown
+    from harness.runners.llama_logs import kld_shown
     def f(v, fmt):
         return "-" if not isinstance(v, (int, float)) else format(v, fmt)
     lines = ["# Sweeps side by side", ""]

@@ -118,7 +118,8 @@ def _sweep_html(section: dict) -> str:
     cols = [c for c in cols if c[0] == "pair" or any(r.get(c[0]) not in (None, "") for r in rows)]  # no empty columns
     h = ["<h2>Model-level sweep</h2>"]
     pinned = section.get("pinned") or {}
-    from harness.report.render import kld_shown, plain
+    from harness.report.render import plain
+    from harness.runners.llama_logs import kld_shown
     h.append("<p class=small>pinned: " + html.escape("; ".join(f"{k} {plain(v)}" for k, v in pinned.items())) + "</p>")
     if section.get("base"):
         h.append(f"<p>f16 baseline PPL {_fmt(section['base']['ppl'])} ± {_fmt(section['base']['ppl_se'])}; "

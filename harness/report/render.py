@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from harness.report.model import Run, Table, Verdict
+from harness.runners.llama_logs import kld_shown
 
 
 def fmt_num(v) -> str:
@@ -26,19 +27,6 @@ def fmt_num(v) -> str:
 
 # cell metrics whose value is a KLD itself (not a difference of two, which may be negative): shown through kld_shown
 KLD_METRICS = ("kld_noise_floor", "noise_floor", "cross_compared", "cross_kld_vs_floor")
-
-
-def kld_shown(v):
-    """A KL divergence as the tables show it: a negative value no further below 0 than llama-perplexity's printed
-    resolution is 0.0, anything else unchanged (None, a real value, a negative beyond the resolution: a fault to see).
-
-    llama-perplexity prints KLD to 6 decimals (``%10.6lf``, tools/perplexity/perplexity.cpp), so an exact 0 (the f16
-    cache against the f16 baseline) can come out as -0.000001 (harness.checks.depth.KLD_PRINT_RESOLUTION); a KLD is
-    never negative. Display only: run.json, the CSVs and every rule keep the value as measured."""
-    from harness.checks.depth import KLD_PRINT_RESOLUTION
-    if isinstance(v, float) and not isinstance(v, bool) and -KLD_PRINT_RESOLUTION <= v < 0:
-        return 0.0
-    return v
 
 
 def write_json(run: Run, run_dir: Path) -> Path:
@@ -192,11 +180,11 @@ def sweep_table_text(section: dict) -> str:
             v = r.get(key)
             return "-" if not isinstance(v, (int, float)) else (f"{v:.3g}" if abs(v) < 0.1 else f"{v:.2f}")
         def f(key, fmt):
-            v = r.get(key)
+            v = kld_shown(r.get(key)) if key == "kld" else r.get(key)
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
         ppl = f"{f('ppl', '.3f')} ± {f('ppl_se', '.3f')}" if r.get("ppl") is not None else "-"
         vs = f"{r['ppl_vs_q8_pct']:+.2f}%" if r.get("ppl_vs_q8_pct") is not None else "-"
-        table.append([r["pair"], ppl, vs, format(kld_shown(r["kld"]), ".4f") if isinstance(r.get("kld"), (int, float)) else "-", f("same_top_p_pct", ".1f"), f("kv_mib", ".2f"),
+        table.append([r["pair"], ppl, vs, f("kld", ".4f"), f("same_top_p_pct", ".1f"), f("kv_mib", ".2f"),
                       f("bits_per_value", ".2f")] + [g(c) for c in ratio_cols]
                      + [f"{r.get('status')}{(': ' + r['error'][:160]) if r.get('error') else ''}"
                         + (f"; placement: {r['placement']}" if r.get("placement") else "")])

@@ -307,3 +307,18 @@ def kld_chunks_done(text: str) -> int:
     or how many ``[n]ppl`` values a plain perplexity run printed."""
     rows = re.findall(r"^\s*(\d+)\s+[-+\d.naif]+\s*±", text, re.MULTILINE)
     return max(len(rows), len(parse_chunk_ppls(text)))
+
+
+# llama-perplexity prints each KLD to 6 decimals (tools/perplexity/perplexity.cpp: "Mean    KLD: %10.6lf"), so a
+# printed KLD, and the difference of two, is known to 1e-6 only
+KLD_PRINT_RESOLUTION = 1e-6
+
+
+def kld_shown(v):
+    """A KL divergence as the tables show it: a negative value no further below 0 than llama-perplexity's printed
+    resolution (:data:`KLD_PRINT_RESOLUTION`) is 0.0, anything else unchanged (None, a real value, a negative beyond
+    the resolution: a fault to see). An exact 0 (the f16 cache against the f16 baseline) can be printed as -0.000001,
+    and a KLD is never negative. Display only: run.json, the CSVs and every rule keep the value as measured."""
+    if isinstance(v, float) and -KLD_PRINT_RESOLUTION <= v < 0:
+        return 0.0
+    return v
