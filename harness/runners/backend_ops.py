@@ -10,6 +10,7 @@ import itertools
 import re
 import subprocess
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -188,7 +189,6 @@ def run(binary: Path, plan: tuple[Group, ...] = PLAN, log_path: Path | None = No
     from concurrent.futures import ThreadPoolExecutor
     n_jobs = jobs() if n_jobs is None else max(1, n_jobs)
     notes: list[str] = []
-    import time
     t0 = time.monotonic()
     split = {i: checked_parts(binary, g, env, n_jobs, notes) if n_jobs > 1 else (g,) for i, g in enumerate(plan)}
     listing_s = round(time.monotonic() - t0, 1)
@@ -272,7 +272,6 @@ def _one(binary: Path, g: Group, env: dict | None, stop: threading.Event | None)
     """One test-backend-ops process to its end, its time limit or ``stop``: {'cmd', 'text' (stdout, then stderr),
     'status' ('ran' | 'not run in time' | 'exited N' | 'exited (stopped ...)'), 'start', 'end' (time.monotonic
     seconds)}. An exception while it runs (a signal in the harness) kills it before going on up."""
-    import time
     t0 = time.monotonic()
     if stop is not None and stop.is_set():  # stopped before its turn: nothing starts
         return {"cmd": g.command(binary), "text": "", "status": "exited (stopped: verify interrupted)", "start": t0,

@@ -27,17 +27,17 @@ from harness.runners.ggml_types import type_traits
 from harness.runners.inputs import check_corpus, read_model_info, sha256_file
 from harness.runners.llama_logs import (parse_bench_json, parse_bench_json_partial, parse_final_ppl, parse_kld_stats,
                                         parse_kv_log, parse_kv_logs)
-from harness.runners.sweep_config import (BASELINE_PAIRS, fewer_chunks, CPU_DEFAULTS, DEFAULT_PAIRS, GPU_DEFAULTS,  # noqa: F401
+from harness.runners.sweep_config import (BASELINE_PAIRS, CPU_DEFAULTS, DEFAULT_PAIRS, GPU_DEFAULTS,  # noqa: F401
                                           PINNED_ENV, ROT_ENV, ROT_SUFFIX, JobRecord, SweepConfig, SweepResult,
                                           pair_label, pair_slug, parse_pairs, rotation_problem, rpc_unreached, run_problem,
-                                          split_pair, with_baselines, kld_scored_tokens, check_kld_size)
+                                          split_pair, with_baselines, kld_scored_tokens, check_kld_size, fewer_chunks)
 from harness.runners.sweep_jobs import (_after_last_context, _bench_tests, _binary_identity, _Cache,  # noqa: F401
                                         _common_args, _evidence, _failed, _fork_identity, _key, _phase, _reparse_kv,
                                         _unknown_type_error, classify_failure, job_ident)
 from harness.runners.tools import run_tool
 
 
-def _problem(cfg: SweepConfig, name: str, stderr: str, cmd: str = "") -> str:
+def _problem(cfg: SweepConfig, stderr: str, cmd: str = "") -> str:
     """Why a finished job's log says it did not measure what was asked: :func:`run_problem`, and for a run given
     ``--chunks`` (its command line ``cmd``) :func:`fewer_chunks`."""
     import re
@@ -50,11 +50,11 @@ def _text(path: Path) -> str:
 
 
 def cached_run(cfg: SweepConfig, cache: _Cache, key: str) -> JobRecord | None:
-    """The cached record of a job, or None when there is none or its tool's log shows it did not measure where it was
-    asked (:func:`run_problem`): cached by a harness that did not look (a local run filed as a remote one, a CPU run
-    filed as a GPU one), it runs again."""
+    """The cached record of a job, or None when there is none or its tool's log shows it did not measure where or what
+    it was asked (:func:`_problem`): cached by a harness that did not look (a local run filed as a remote one, a CPU run
+    filed as a GPU one, fewer chunks than its --chunks), it runs again."""
     rec = cache.get(key)
-    if rec is not None and rec.ok and any(_problem(cfg, n, _text(Path(p)), _text(Path(p).with_suffix(".cmd")))
+    if rec is not None and rec.ok and any(_problem(cfg, _text(Path(p)), _text(Path(p).with_suffix(".cmd")))
                                           for n, p in rec.evidence.items() if n.endswith(".stderr") and Path(p).is_file()):
         return None
     return rec
@@ -78,8 +78,8 @@ def _run_base(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str = "f
     rec = _failed(JobRecord(kind, pair_label(k, v), res.ok, res.failure(), evidence=_evidence(ev / kind),
                             seconds=res.seconds, key=key), res, cfg)
     text = res.stdout + "\n" + res.stderr
-    if res.ok and _problem(cfg, kind, res.stderr, " ".join(cmd)):
-        rec.ok, rec.error = False, _problem(cfg, kind, res.stderr, " ".join(cmd))
+    if res.ok and _problem(cfg, res.stderr, " ".join(cmd)):
+        rec.ok, rec.error = False, _problem(cfg, res.stderr, " ".join(cmd))
     elif res.ok:
         fin = parse_final_ppl(text)
         kv = parse_kv_log(res.stderr)
