@@ -29,7 +29,7 @@ case "$ctk" in
   q4_0) echo "/src/ggml-cpu.c:123: GGML_ASSERT(ne00 % 32 == 0) failed" >&2; kill -ABRT $$;;
   turbo4) sleep 60;;
 esac
-if [ $kld = 0 ]; then echo logits > "$base"; sed "s/over [0-9]* chunks/over ${{chunks:-3}} chunks/" "{fix}/base_f16.stderr" >&2; exit 0; fi
+if [ $kld = 0 ]; then echo logits > "$base"; sed "s/over [0-9]* chunks/over ${{FAKE_CHUNKS:-${{chunks:-3}}}} chunks/" "{fix}/base_f16.stderr" >&2; exit 0; fi
 cat "{fix}/kld_turbo3.stdout"
 if [ "$ctk" = turbo2 ]; then cat "{fix}/layer_adaptive_default_turbo2.stderr" >&2; else cat "{fix}/kld_turbo3.stderr" >&2; fi
 """
@@ -139,6 +139,25 @@ def test_silent_type_switch_is_an_error_cell_quoting_the_log_unless_fork_default
     cr, sec = judge_sweep(res, traits=TRAITS)
     assert not [c for c in cr.cells if c.metric == "kv_types"]
     assert "fork defaults" in sec["rows"][0]["caveat"] and "Boundary V" in sec["rows"][0]["caveat"]
+
+
+def test_a_baseline_over_fewer_chunks_than_asked_is_an_error_and_is_not_taken_from_the_cache(fake, monkeypatch):
+    """The corpus held too few tokens: llama-perplexity computed over 1 chunk of the 3 asked. Nothing is judged on
+    it (ERROR naming the fix), and a run cached that way by an older harness runs again."""
+    monkeypatch.setenv("FAKE_CHUNKS", "1")
+    res = run(fake.cfg("turbo3/turbo3", bench=False))
+    assert not res.base.ok and "computed over 1 chunks, not the 3 asked" in res.base.error
+    cr, _ = judge_sweep(res, traits=TRAITS)
+    assert cr.cells and all(c.verdict == Verdict.ERROR for c in cr.cells if c.type == "turbo3/turbo3")
+    monkeypatch.setenv("FAKE_CHUNKS", "3")
+    assert run(fake.cfg("turbo3/turbo3", bench=False)).base.ok
+    from harness.runners.sweep import _Cache, cached_run
+    cache = _Cache(fake.tmp / "cache")
+    key = next(p.stem for p in (fake.tmp / "cache").rglob("*.json") if '"kind": "base"' in p.read_text())
+    assert cached_run(fake.cfg("turbo3/turbo3", bench=False), cache, key) is not None  # a good run is reused
+    stderr = next((fake.tmp / "cache").rglob("base.stderr"))
+    stderr.write_text(stderr.read_text().replace("over 3 chunks", "over 1 chunks"))
+    assert cached_run(fake.cfg("turbo3/turbo3", bench=False), cache, key) is None
 
 
 def test_pinned_environment_and_flags_are_passed(fake, monkeypatch):

@@ -212,14 +212,14 @@ def test_a_corpus_too_short_for_the_chunks_asked_is_a_run_problem_not_a_report_o
     """llama-perplexity takes min(--chunks, tokens / n_ctx) and says so on stderr; fewer than asked is an ERROR that
     names the fix (a sweep once reported 'ctx 128 x 8 chunks' over 4)."""
     import re
-    from harness.runners.sweep_config import fewer_chunks as run_problem
+    from harness.runners.sweep_config import fewer_chunks
     from pathlib import Path
     FIXTURES = Path(__file__).resolve().parent / "fixtures"
     for name in ("sweep/base_f16.stderr", "gemma3/kld_f16.stderr"):
         err = (FIXTURES / name).read_text()
         n = int(re.search(r"over (\d+) chunks", err).group(1))
-        assert run_problem(n, err) == ""
-        msg = run_problem(n + 4, err)
+        assert fewer_chunks(n, err) == ""
+        msg = fewer_chunks(n + 4, err)
         assert f"computed over {n} chunks, not the {n + 4} asked" in msg and f"--chunks {n} or fewer" in msg
 
 
