@@ -401,10 +401,12 @@ def test_sweep_compare_warns_on_different_ctx_chunks_and_labels_by_backend(tmp_p
     assert " on cpu (" in md and " on cuda (" in md  # each table (and plot line) names its backend
 
 
-def _dec(pair, tokens, gaps=None):
+def _dec(pair, tokens, gaps=None, splits=None):
+    """A finished decode record; ``splits``: the graph splits its log showed (None: no split count in its log)."""
     from harness.runners.sweep import JobRecord
     return JobRecord("decode", pair, True, data={"out": {"tokens": tokens, "gaps": gaps or [[0.5] * len(t) for t in tokens],
-                                                         "texts": [""] * len(tokens), "complete": True}, "kv": []})
+                                                         "texts": [""] * len(tokens), "complete": True},
+                                                 "kv": [] if splits is None else [{"graph_splits": splits}]})
 
 
 def test_decode_across_backends_early_divergence_names_the_backend_and_near_ties_pass(tmp_path):
@@ -419,9 +421,9 @@ def test_decode_across_backends_early_divergence_names_the_backend_and_near_ties
     res = XResult(cfg)
     for name, side in zip(("cpu", "cuda"), cfg.sides):
         res.sweeps[name] = SweepResult(side, {}, None, None)
-        res.sweeps[name].decode["f16/f16"] = _dec("f16/f16", ref)
-    res.sweeps["cpu"].decode["turbo3/turbo3"] = _dec("turbo3/turbo3", ref)
-    res.sweeps["cuda"].decode["turbo3/turbo3"] = _dec("turbo3/turbo3", garbled)
+        res.sweeps[name].decode["f16/f16"] = _dec("f16/f16", ref, splits=2)
+    res.sweeps["cpu"].decode["turbo3/turbo3"] = _dec("turbo3/turbo3", ref, splits=2)
+    res.sweeps["cuda"].decode["turbo3/turbo3"] = _dec("turbo3/turbo3", garbled, splits=2)
     rows = [{"backend": "cuda", "pair": "f16/f16", "top1_pct": 99.0}, {"backend": "cuda", "pair": "turbo3/turbo3", "top1_pct": 99.0}]
     cells, drows = xdecode_cells(res, rows, load_rules())
     by = {c.type: c for c in cells}
@@ -462,6 +464,15 @@ def test_decode_across_backends_placed_elsewhere_is_not_compared(tmp_path):
     c = {c.type: c for c in cells}["q8_0/turbo3"]
     assert c.verdict == Verdict.PARTIAL and "graph splits 62 vs 2" in c.caveat and c.caveat.startswith("not compared on cuda")
     assert {r["pair"]: r["status"] for r in drows}["q8_0/turbo3"] == "PARTIAL"
+    # no split count in cuda's log (cuda offloads its layers): nothing shows cuda ran that decode, so never PASS; the
+    # CPU side (-ngl 0, every layer on the CPU) needs none
+    res.sweeps["cuda"].decode["q8_0/turbo3"].data["kv"] = []
+    for lab in ("f16/f16", "q8_0/turbo3"):
+        res.sweeps["cpu"].decode[lab].data["kv"] = []
+    cells, _ = xdecode_cells(res, rows, load_rules())
+    by = {c.type: c for c in cells}
+    assert by["q8_0/turbo3"].verdict == Verdict.PARTIAL and "placement unknown" in by["q8_0/turbo3"].caveat
+    assert by["f16/f16"].verdict == Verdict.PASS
 
 
 def test_speed_spread_covering_the_limit_is_not_fail_and_load_is_noted():

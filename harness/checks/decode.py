@@ -23,6 +23,10 @@ Verdicts per pair (f16/f16 is the reference itself):
 - ERROR when a run gave fewer prompts or tokens than asked (nothing, or less than asked, was compared).
 - PASS otherwise. A decode run that crashed after its context was created is FAIL (the phase named), a clean
   refusal SKIP, a harness problem ERROR.
+- Placement (spec "Integrity of a verdict"): on a side that offloads its layers (path ``<backend>:decode``, not
+  ``cpu:decode``), a cell is PASS only when the pair's decode log shows no more graph splits than the side's own
+  f16 decode (:func:`decode_placement`); more splits (its attention or K/V cache ops fell back to the CPU) or no split
+  count in either log make a PASS PARTIAL naming why, and a worse verdict names it in its caveat.
 """
 from __future__ import annotations
 
@@ -54,6 +58,38 @@ def prefix_pvalue(prefixes: list[int], n_gen: int, p: float) -> float:
         tot = np.convolve(tot, pmf)
     s = int(sum(min(int(x), n_gen) for x in prefixes))
     return float(min(1.0, tot[: s + 1].sum()))
+
+
+def decode_splits(rec) -> int | None:
+    """The most graph splits any context of a decode run reserved (its parsed KV log lines: the prompt-size graph's
+    'graph splits = N' and, where llama printed it apart, the one-token graph's), None when the log had none."""
+    got = []
+    for x in ((getattr(rec, "data", None) or {}).get("kv") or []):
+        got += [n for n in (x.get("graph_splits"), x.get("graph_splits_tg")) if n is not None]
+    return max(got) if got else None
+
+
+def decode_placement(rec, ref, where: str) -> tuple[str, str]:
+    """Did a pair's greedy decode on an offloading side run on ``where``, as far as its log shows?
+
+    The evidence is llama's scheduler count of graph splits (spec "Placement": splits above the f16 run's mean ops
+    assigned to another backend; a K/V type whose flash attention or cache write ``where`` declines runs on the CPU).
+    Args:
+        rec: the pair's decode JobRecord (``data['kv']``: parsed KV logs). ref: the same side's f16/f16 decode record
+            (None when absent). where: the backend the cell names ('cuda', 'rpc0').
+    Returns:
+        ('', '') when the pair's splits are no more than the f16 decode's; ('moved', why) when they are more;
+        ('unknown', why) when either log has no split count (nothing shows that ``where`` ran the pair's attention).
+    """
+    s, s0 = decode_splits(rec), decode_splits(ref) if ref is not None else None
+    if s is None or s0 is None:
+        which = " and ".join(n for n, x in (("the pair's", s), ("the f16 reference's", s0)) if x is None)
+        return "unknown", (f"placement unknown: no 'graph splits' line in {which} decode log, so nothing shows that "
+                           f"{where} ran its attention and K/V cache ops")
+    if s > s0:
+        return "moved", (f"graph splits {s} vs {s0} for its f16 decode: attention or the K/V cache ops ran elsewhere "
+                         f"than on {where} (a CPU fallback)")
+    return "", ""
 
 
 def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[list[Cell], dict | None]:
@@ -166,6 +202,11 @@ def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[l
                 vd, cav = Verdict.PARTIAL, f"decode agrees less than batched evaluation predicts: {facts}; {pred} (< {alpha:g})"
             else:
                 vd, cav = Verdict.PASS, f"{facts}; {pred}"
+        if where != "cpu":  # offloaded: the numbers are where's only if its log shows the pair placed like f16's
+            kind, why = decode_placement(rec, ref, where)
+            vd, cav = _placed(vd, cav, kind, why, where)
+            if kind:
+                d["placement"] = {"kind": kind, "why": why}
         d["p_value"] = pval
         d["reason"] = r.get("alpha_reason", "")
         cells.append(Cell("SWEEP", lab, path, "decode_prefix_vs_batched", pval, alpha, vd, op=">=", caveat=cav,
@@ -192,6 +233,8 @@ def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[l
                  + (f" ({q4_lab}'s own decode: {q4_dec['agree_pct']:.0f}% of tokens agree)" if q4_dec else ""))
         vd = Verdict.PASS if pv >= alpha else Verdict.PARTIAL
         cav = facts if vd == Verdict.PASS else f"decode follows the f16 tokens far less than q4_0 would: {facts} (< {alpha:g})"
+        if x.get("placement"):
+            vd, cav = _placed(vd, cav, x["placement"]["kind"], x["placement"]["why"], where)
         cells.append(Cell("SWEEP", x["pair"], path, "decode_prefix_vs_q4_0", pv, alpha, vd, op=">=", caveat=cav,
                           details={"prefixes": x["prefixes"], "q4_0_top1_pct": q4_top,
                                    "q4_0_decode_agree_pct": q4_dec["agree_pct"] if q4_dec else None,
@@ -203,6 +246,17 @@ def decode_cells(result, rows: list[dict], rules: dict, backend: str) -> tuple[l
     sec = {"rows": drows, "texts": texts, "settings": settings}
     sec["markdown"] = decode_markdown(sec, rules)
     return cells, sec
+
+
+def _placed(vd: Verdict, cav: str, kind: str, why: str, where: str) -> tuple[Verdict, str]:
+    """A decode cell's verdict and caveat given :func:`decode_placement`'s answer (``kind``, ``why``): a PASS whose
+    run was placed elsewhere, or whose placement the log does not show, is PARTIAL naming why (its numbers are not
+    shown to be ``where``'s); a worse verdict keeps its own and gains the placement in its caveat."""
+    if not kind:
+        return vd, cav
+    if vd == Verdict.PASS:
+        return Verdict.PARTIAL, f"not shown to be {where}'s decode: {why}; {cav}"
+    return vd, f"{cav}; placement: {why}"
 
 
 def decode_markdown(sec: dict, rules: dict) -> str:

@@ -8,7 +8,9 @@ Verdicts per (B, pair): FAIL when most prompts diverge at or before ``early_posi
 ``alpha`` and the backend whose decode strays further from its own f16 decode is the target; PARTIAL for the same
 pattern otherwise, or for an agreement below what ``alpha`` allows; PASS otherwise. A pair whose decode did not run
 on both backends is SKIP "not compared" (the failing side's own sweep has the failure cell); one whose decode on a side
-had more graph splits than that side's f16 decode (attention fell back to the CPU) is PARTIAL "not compared".
+had more graph splits than that side's f16 decode (attention fell back to the CPU) is PARTIAL "not compared"; on a side
+that offloads its layers, a decode log without a split count (its own or its f16 decode's) makes a PASS PARTIAL and
+is named in a worse verdict's caveat.
 """
 from __future__ import annotations
 
@@ -25,19 +27,16 @@ def _prefix_sum(rec, ref) -> int | None:
     return sum(compare_tokens(a, b)["prefix"] for a, b in zip(ref.data["out"]["tokens"], rec.data["out"]["tokens"]))
 
 
-def _splits(rec) -> int | None:
-    """The most graph splits any context of a decode run had (its parsed KV log lines), None when unknown."""
-    got = [x.get("graph_splits") for x in ((rec.data or {}).get("kv") or []) if x.get("graph_splits") is not None]
-    return max(got) if got else None
-
-
-def _placed_elsewhere(rec, ref, backend: str) -> str:
-    """'' unless a side's decode of a pair had more graph splits than its own f16 decode (attention fell back to
-    another backend, as :func:`harness.checks.sweeps.judge_sweep` says of the batched runs), else the reason."""
-    s, s0 = _splits(rec), _splits(ref) if ref is not None else None
-    if s is None or s0 is None or s <= s0:
-        return ""
-    return f"graph splits {s} vs {s0} for its f16 decode: attention ran elsewhere than on {backend}"
+def _placement(rec, ref, side_res, backend: str) -> tuple[str, str]:
+    """:func:`harness.checks.decode.decode_placement` of a side's decode of a pair against its own f16 decode:
+    ('moved', why) when it had more graph splits (attention fell back to another backend, as
+    :func:`harness.checks.sweeps.judge_sweep` says of the batched runs), ('unknown', why) when a side that offloads
+    its layers has no split count in either log, else ('', '')."""
+    from harness.checks.decode import decode_placement
+    kind, why = decode_placement(rec, ref, backend)
+    if kind == "unknown" and getattr(side_res.config, "ngl", 0) <= 0:  # every layer on the CPU: nothing to fall back
+        return "", ""
+    return kind, why
 
 
 def xdecode_cells(res, rows: list[dict], rules: dict) -> tuple[list[Cell], list[dict]]:
@@ -100,8 +99,10 @@ def xdecode_cells(res, rows: list[dict], rules: dict) -> tuple[list[Cell], list[
             own_a = _prefix_sum(ra, sa.decode.get("f16/f16"))
             own_b = _prefix_sum(rb, sb.decode.get("f16/f16"))
             who = "" if own_a is None or own_b is None or own_a == own_b else (b_name if own_b < own_a else a_name)
-            moved = [(n, why) for n, rec, side_res in ((b_name, rb, sb), (a_name, ra, sa))
-                     for why in [_placed_elsewhere(rec, side_res.decode.get("f16/f16"), n)] if why]
+            place = [(n, *_placement(rec, side_res.decode.get("f16/f16"), side_res, n))
+                     for n, rec, side_res in ((b_name, rb, sb), (a_name, ra, sa))]
+            moved = [(n, why) for n, kind, why in place if kind == "moved"]
+            unknown = [(n, why) for n, kind, why in place if kind == "unknown"]
             if moved:  # one side's decode did not run its own backend's attention: not a comparison of the backends
                 n, why = moved[0]
                 vd, cav = Verdict.PARTIAL, f"not compared on {n}: its decode of {lab} was placed elsewhere ({why}); {facts}"
@@ -115,6 +116,10 @@ def xdecode_cells(res, rows: list[dict], rules: dict) -> tuple[list[Cell], list[
                 vd, cav = Verdict.SKIP, f"not judged: {facts}"
             else:
                 vd, cav = Verdict.PASS, facts
+            if unknown and not moved:  # nothing shows a side ran its own backend's attention: never PASS
+                n, why = unknown[0]
+                vd, cav = ((Verdict.PARTIAL, f"not shown to compare {n}'s decode: {why}; {cav}") if vd == Verdict.PASS
+                           else (vd, f"{cav}; {n}: {why}"))
             cells.append(Cell(ID, lab, path, "cross_decode_prefix", pval, alpha, vd, op=">=", caveat=cav,
                               evidence=list(ra.evidence) + list(rb.evidence), target=(who or b_name) == cfg.target,
                               details={"first_divergence": firsts, "prefixes": prefixes, "margins": margins,

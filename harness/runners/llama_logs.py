@@ -25,6 +25,9 @@ _KV_CHANGES = [
     re.compile(r"V-only LA mode"),
 ]
 _SPLITS = re.compile(r"graph splits = (\d+)")
+# llama_context: graph splits = 5 (with bs=64), 7 (with bs=1): the prompt-size and one-token graphs differ
+# (src/llama-context.cpp sched_reserve prints one count when they agree)
+_SPLITS_TG = re.compile(r"graph splits = \d+ \(with bs=\d+\), (\d+) \(with bs=1\)")
 
 
 @dataclass
@@ -39,7 +42,9 @@ class KvLog:
         padding: {'K'|'V': (head_dim, padded_head_dim)} from the zero-padding lines.
         changes: verbatim log lines in which the fork announced a type change.
         size_line: the verbatim size line (for quoting).
-        graph_splits: the largest 'graph splits = N' seen (None when absent).
+        graph_splits: the largest 'graph splits = N' seen (None when absent): the prompt-size (batched) graph's.
+        graph_splits_tg: the largest split count of the one-token (decode) graph where llama printed it apart
+            ('graph splits = N (with bs=B), M (with bs=1)'); None when it printed one count for both, or none.
     """
 
     size_mib: float
@@ -54,6 +59,7 @@ class KvLog:
     padding: dict[str, tuple[int, int]] = field(default_factory=dict)
     changes: list[str] = field(default_factory=list)
     graph_splits: int | None = None
+    graph_splits_tg: int | None = None
     # a model with interleaved sliding-window attention (Gemma 3) has two caches per context, a non-SWA one and an
     # SWA one, each with its own size line: they are merged into one KvLog (sizes and layers summed) and listed
     # here as {'swa', 'cells', 'layers', 'k_mib', 'v_mib', 'size_line'}; [] for a single cache
@@ -85,7 +91,7 @@ def _merge_swa(first: KvLog, swa: KvLog) -> KvLog:
                  v_type=vt, v_mib=round(first.v_mib + swa.v_mib, 4), cells=first.cells, layers=first.layers + swa.layers,
                  seqs=first.seqs, size_line=f"{first.size_line} + SWA: {swa.size_line}",
                  padding={**first.padding, **swa.padding}, changes=first.changes + swa.changes,
-                 graph_splits=first.graph_splits, parts=parts)
+                 graph_splits=first.graph_splits, graph_splits_tg=first.graph_splits_tg, parts=parts)
 
 
 def parse_kv_logs(text: str) -> list[KvLog]:
@@ -98,6 +104,7 @@ def parse_kv_logs(text: str) -> list[KvLog]:
     pad: dict[str, tuple[int, int]] = {}
     changes: list[str] = []
     splits_all = [int(m.group(1)) for m in _SPLITS.finditer(text)]
+    splits_tg = [int(m.group(1)) for m in _SPLITS_TG.finditer(text)]
     swa_next = False
     for raw in text.splitlines():
         line = raw.strip()
@@ -117,7 +124,8 @@ def parse_kv_logs(text: str) -> list[KvLog]:
                        seqs=int(m.group(5)), k_type=m.group(6), k_mib=float(m.group(7)),
                        v_type=m.group(8), v_mib=float(m.group(9)), size_line=line,
                        padding=dict(pad), changes=list(changes),
-                       graph_splits=max(splits_all) if splits_all else None)
+                       graph_splits=max(splits_all) if splits_all else None,
+                       graph_splits_tg=max(splits_tg) if splits_tg else None)
             if swa_next and out:
                 out[-1] = _merge_swa(out[-1], kv)
             else:
