@@ -69,6 +69,8 @@ def test_cuda_decode_whose_attention_fell_back_to_the_cpu_is_not_pass(tmp_path, 
         assert by[(lab, "decode_prefix_vs_batched")].verdict == Verdict.PASS, by[(lab, "decode_prefix_vs_batched")].caveat
     assert by[("turbo3/turbo3", "decode_prefix_vs_q4_0")].verdict == Verdict.PASS
     assert "PARTIAL" in {r["pair"]: r["status"] for r in sec["rows"]}["q8_0/turbo3"]
+    row = next(ln for ln in sec["markdown"].splitlines() if ln.startswith("| q8_0/turbo3 |"))
+    assert "PARTIAL (graph splits 62 vs 2" in row  # the decode table names the cause too
 
 
 def _no_splits(err: str) -> str:

@@ -280,7 +280,8 @@ def decode_markdown(sec: dict, rules: dict) -> str:
         fd = ", ".join("none" if v is None else str(v) for v in x.get("first_divergence", [])) or "-"
         mg = ", ".join("-" if v is None else format(v, ".2f") for v in x.get("f16_margin_at_divergence", [])) or "-"
         lines.append(f"| {x['pair']} | {f(x.get('agree_pct'), '.0f')} | {fd} | {mg} | {f(x.get('batched_top1_pct'), '.1f')} | "
-                     f"{f(x.get('p_value'), '.2g')} | {x['status']}{(': ' + x['error']) if x.get('error') else ''} |")
+                     f"{f(x.get('p_value'), '.2g')} | {x['status']}{(': ' + x['error']) if x.get('error') else ''}"
+                     f"{(' (' + x['placement']['why'] + ')') if x.get('placement') else ''} |")
     texts = sec.get("texts") or {}
     if texts.get(REF):
         lines += ["", "First prompt's continuation per pair:", ""]
