@@ -15,10 +15,12 @@
  * usage: turbo-decode MODEL.gguf PROMPTS_FILE N_PROMPT N_GEN TYPE_K TYPE_V [N_THREADS [N_GPU_LAYERS [DEVICES [RPC]]]]
  * N_GPU_LAYERS (default 0) is llama.cpp's -ngl: the layers, and their K/V cache, on the build's GPU backend, so
  * that a GPU sweep's decode runs the GPU's decode kernels (with 0 every layer runs on the CPU).
- * DEVICES is llama.cpp's -dev: comma-separated ggml device names the layers may go to ('RPC0'), 'none' for the
- * CPU only, '-' (default) for every device. RPC is llama.cpp's --rpc: comma-separated HOST:PORT of rpc-servers whose
- * devices join the registry first (RPC0, RPC1, ...), through the registry's "ggml_backend_rpc_add_server" (no
- * ggml-rpc.h needed: a build without RPC says so), '-' (default) for none.
+ * DEVICES is llama.cpp's -dev: comma-separated ggml device names the layers may go to ('RPC0'; any number, each
+ * resolved, and stderr says how many were given), 'none' for the CPU only, '-' (default) for every device; an empty
+ * list or name ('', ',', 'CUDA0,,CUDA1') is bad input, never read as 'none'. RPC is llama.cpp's --rpc:
+ * comma-separated HOST:PORT of rpc-servers whose devices join the registry first (RPC0, RPC1, ...), through the
+ * registry's "ggml_backend_rpc_add_server" (no ggml-rpc.h needed: a build without RPC says so), '-' (default) for
+ * none; an empty endpoint is bad input.
  * exit codes: 0 ok; 2 bad input (message on stderr); 3 the model or context could not be created (the
  * configuration was refused); 4 llama_decode failed after the context was created.
  */
@@ -80,48 +82,87 @@ static char * read_file(const char * path, size_t * len) {
     return buf;
 }
 
+/* The next name of a comma-separated list, cut in place: *cur is where it starts (advanced past it and its comma;
+   NULL after the last name). Empty names are returned as "" so that the caller can refuse them. */
+static char * next_item(char ** cur) {
+    char * item = *cur;
+    char * end = strchr(item, ',');
+    if (end) {
+        *end = '\0';
+        *cur = end + 1;
+    } else {
+        *cur = NULL;
+    }
+    return item;
+}
+
 /* Add the devices of each rpc-server of a comma-separated HOST:PORT list to the registry (as llama.cpp's --rpc).
-   0 on success, else a message on stderr and 2 (the harness's setup: no RPC in the build, no server there). */
+   0 on success, else a message on stderr and 2 (the harness's setup: no RPC in the build, no server there, an empty
+   endpoint such as ',' or 'a:1,,b:2'). Any number and length of endpoints. */
 typedef ggml_backend_reg_t (*td_rpc_add_server_fn)(const char * endpoint);
 
 static int add_rpc_servers(const char * list) {
+    if (*list == '\0' || *list == ',' || list[strlen(list) - 1] == ',' || strstr(list, ",,")) {
+        fprintf(stderr, "turbo-decode: RPC '%s' has an empty endpoint: give HOST:PORT[,HOST:PORT...] or '-' for none\n", list);
+        return 2;
+    }
     ggml_backend_reg_t rpc = ggml_backend_reg_by_name("RPC");
     td_rpc_add_server_fn add = rpc ? (td_rpc_add_server_fn) ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_add_server") : NULL;
     if (!add) {
         fprintf(stderr, "turbo-decode: this fork build has no RPC backend: rebuild it with `turbo-harness build --rpc`\n");
         return 2;
     }
-    char buf[1024];
-    snprintf(buf, sizeof(buf), "%s", list);
-    for (char * ep = strtok(buf, ","); ep; ep = strtok(NULL, ",")) {
+    char * buf = strdup(list);
+    int rc = 0;
+    for (char * cur = buf; cur && rc == 0;) {
+        const char * ep = next_item(&cur);
         ggml_backend_reg_t reg = add(ep);
         if (!reg) {
             fprintf(stderr, "turbo-decode: Failed to connect to %s (no rpc-server there, or it reported no device)\n", ep);
-            return 2;
+            rc = 2;
+            break;
         }
         ggml_backend_register(reg);
     }
-    return 0;
+    free(buf);
+    return rc;
 }
 
-/* The NULL-terminated device list of a comma-separated list of ggml device names ('none': empty). NULL and a message on
-   stderr for an unknown name. */
+/* The NULL-terminated device list of a comma-separated list of ggml device names ('none': the CPU only, an empty
+   list), as llama.cpp's -dev. Any number of names (the list is allocated to fit; it lives until the process ends),
+   and stderr says how many and which were given. NULL and a message on stderr (bad input) for an empty list or
+   name ('', ',', 'CUDA0,,CUDA1': never read as 'none') and for an unknown name. */
 static ggml_backend_dev_t * parse_devices(const char * list) {
-    static ggml_backend_dev_t devs[16];
-    int n = 0;
-    if (strcmp(list, "none") != 0) {
-        char buf[512];
-        snprintf(buf, sizeof(buf), "%s", list);
-        for (char * name = strtok(buf, ","); name && n < 15; name = strtok(NULL, ",")) {
-            ggml_backend_dev_t dev = ggml_backend_dev_by_name(name);
-            if (!dev) {
+    size_t cap = 2;
+    for (const char * c = list; *c; c++) {
+        cap += *c == ',';
+    }
+    ggml_backend_dev_t * devs = (ggml_backend_dev_t *) calloc(cap, sizeof(ggml_backend_dev_t));
+    if (strcmp(list, "none") == 0) {
+        fprintf(stderr, "turbo-decode: DEVICES none: every layer on the CPU\n");
+        return devs;
+    }
+    char * buf = strdup(list);
+    size_t n = 0;
+    for (char * cur = buf; cur;) {
+        const char * name = next_item(&cur);
+        ggml_backend_dev_t dev = *name ? ggml_backend_dev_by_name(name) : NULL;
+        if (!dev) {
+            if (*name) {
                 fprintf(stderr, "turbo-decode: unknown device: %s\n", name);
-                return NULL;
+            } else {
+                fprintf(stderr, "turbo-decode: DEVICES '%s' has an empty device name: name each device (comma-separated), "
+                        "'none' for the CPU only, '-' for every device\n", list);
             }
-            devs[n++] = dev;
+            free(buf);
+            free(devs);
+            return NULL;
         }
+        devs[n++] = dev;
     }
     devs[n] = NULL;
+    free(buf);
+    fprintf(stderr, "turbo-decode: DEVICES %s: %zu device%s\n", list, n, n == 1 ? "" : "s");
     return devs;
 }
 
