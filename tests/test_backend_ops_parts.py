@@ -253,3 +253,26 @@ def test_an_error_in_the_run_begun_early_reaches_the_check_that_waits(fork_targe
     assert fork_target.start_backend_ops(tmp_path / "c.log") is True
     with pytest.raises(HarnessError, match="could not be run"):
         fork_target.backend_ops(tmp_path / "c.log")
+
+
+def test_a_split_groups_time_limit_is_one_budget_its_parts_share(tmp_path):
+    """Each of a split group's 9 parts had the group's whole limit, so with 2 processes at once the group could run
+    about ceil(9/2) x its limit while its note said 'cases run in <limit> s'. Here each part takes 1 s and the group
+    has 1.6 s: the first two parts finish, the next two are stopped at the group's deadline, the rest never start."""
+    fake = _fake_tool(tmp_path, sleep=1.0)
+    limit = 1.6
+    g = bo.Group(FA.op, FA.params, limit, FA.split)
+    t0 = time.monotonic()
+    res = bo.run(fake, plan=(g,), n_jobs=2)
+    wall = time.monotonic() - t0 - res["listing_s"]
+    fa = res["groups"][0]
+    assert fa["parts"] == 9 and fa["status"] == "not run in time", fa
+    assert fa["seconds"] <= limit + 1.0 and wall <= limit + 2.0, (fa, wall)  # the limit, plus a kill's poll interval
+    assert fa["cases"] < len(TURBO) and fa["parts_not_started"] >= 3
+    started = len(list((tmp_path / "calls").iterdir()))
+    assert started == 9 - fa["parts_not_started"]  # a part not started ran no process
+    assert (f"FLASH_ATTN_EXT: not run in time ({fa['cases']} cases run in 1.6 s shared by its 9 parts, then stopped; "
+            f"{fa['parts_not_started']} parts not started)") in res["note"]
+    # unsplit (one process at a time) the group has the same budget
+    one = bo.run(fake, plan=(bo.Group("SET_ROWS", "turbo", 0.5),), n_jobs=1)
+    assert one["groups"][0]["status"] == "not run in time" and "(0 cases run in 0.5 s, then stopped)" in one["note"]

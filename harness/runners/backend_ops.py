@@ -86,7 +86,8 @@ class Group:
     optional regex on the case parameters (``-p``), and the seconds it may take.
 
     ``split`` names, per parameter, the values to cut the group by (``(("mask=0", "mask=1"), ("prec=f32",
-    "prec=def"))``): where several processes may run at once (:func:`jobs`), the group runs as :meth:`parts`."""
+    "prec=def"))``): where several processes may run at once (:func:`jobs`), the group runs as :meth:`parts`, and
+    ``timeout_s`` is the budget of the whole group, which its parts share (:func:`run`)."""
 
     op: str
     params: str | None
@@ -177,11 +178,15 @@ def run(binary: Path, plan: tuple[Group, ...] = PLAN, log_path: Path | None = No
             harness's; a Vulkan build on a software device needs GGML_VK_VISIBLE_DEVICES, :mod:`harness.fork.vulkan`).
         n_jobs: processes at once (default :func:`jobs`); with 1 the groups run one after another, unsplit.
         stop: when set, the running processes are killed and nothing more starts (an interrupted verify).
+    A group's ``timeout_s`` is its budget in wall seconds from the start of its first process: a split group's
+    parts share it (each part may run until the group's deadline, and a part whose turn comes after it is not
+    started), so a group never runs longer than its limit whatever its number of parts.
     Returns:
         {'results': [OpResult dicts], 'returncode': 0, or 1 when a group crashed or exited non-zero, 'note',
         'command', 'jobs', 'listing_s' (seconds spent checking the parts, :func:`checked_parts`), 'groups': [{'op',
         'params', 'status': 'ran' | 'not run in time' | 'exited N', 'cases': cases parsed, 'seconds' (wall, first
-        part's start to last part's end), 'limit_s', 'parts', 'part_seconds' (each part's wall, when split)}]}. A
+        part's start to last part's end), 'limit_s' (the group's budget), 'parts', 'part_seconds' (each part's wall,
+        when split), 'parts_not_started' (parts whose turn came after the group's deadline)}]}. A
         group past its time limit is not a failure: its status says so, with the count of cases that ran before it
         was stopped.
         Results come in plan order, a split group's part by part.
@@ -193,11 +198,20 @@ def run(binary: Path, plan: tuple[Group, ...] = PLAN, log_path: Path | None = No
     split = {i: checked_parts(binary, g, env, n_jobs, notes) if n_jobs > 1 else (g,) for i, g in enumerate(plan)}
     listing_s = round(time.monotonic() - t0, 1)
     tasks = [(i, part) for i in range(len(plan)) for part in split[i]]
+    deadlines: dict[int, float] = {}  # per group: its first part's start + the group's limit, shared by its parts
+    lock = threading.Lock()
+
+    def deadline(i: int) -> float:
+        with lock:
+            return deadlines.setdefault(i, time.monotonic() + plan[i].timeout_s)
+
+    def one(t):
+        return _one(binary, t[1], env, stop, lambda: deadline(t[0]))
     if n_jobs > 1:
         with ThreadPoolExecutor(max_workers=n_jobs, thread_name_prefix="test-backend-ops") as ex:
-            done = list(ex.map(lambda t: _one(binary, t[1], env, stop), tasks))
+            done = list(ex.map(one, tasks))
     else:
-        done = [_one(binary, part, env, stop) for _, part in tasks]
+        done = [one(t) for t in tasks]
     results, cmds, logs, groups = [], [], [], []
     for i, g in enumerate(plan):
         mine = [d for (j, _), d in zip(tasks, done) if j == i]
@@ -210,12 +224,18 @@ def run(binary: Path, plan: tuple[Group, ...] = PLAN, log_path: Path | None = No
         results += parsed
         status = next((s for s in statuses if s.startswith("exited")), None) or \
             ("not run in time" if "not run in time" in statuses else "ran")
-        secs = max(d["end"] for d in mine) - min(d["start"] for d in mine)
+        ran = [d for d in mine if d.get("started", True)] or mine  # a part never started adds no wall time
+        secs = max(d["end"] for d in ran) - min(d["start"] for d in ran)
+        unstarted = sum(1 for d in mine if not d.get("started", True) and d["status"] == "not run in time")
         groups.append({"op": g.op, "params": g.params, "status": status, "cases": len(parsed), "seconds": round(secs, 1),
                        "limit_s": g.timeout_s, "parts": len(mine),
-                       **({"part_seconds": [round(d["end"] - d["start"], 1) for d in mine]} if len(mine) > 1 else {})})
+                       **({"part_seconds": [round(d["end"] - d["start"], 1) for d in mine],
+                           "parts_not_started": unstarted} if len(mine) > 1 else {})})
         if status == "not run in time":
-            notes.append(f"{g.op}: not run in time ({len(parsed)} cases run in {g.timeout_s:.0f} s, then stopped)")
+            shared = (f" shared by its {len(mine)} parts, then stopped"
+                      + (f"; {unstarted} part{'s' if unstarted != 1 else ''} not started" if unstarted else "")
+                      if len(mine) > 1 else ", then stopped")
+            notes.append(f"{g.op}: not run in time ({len(parsed)} cases run in {g.timeout_s:g} s{shared})")
         elif status != "ran":
             text = next(d["text"] for d in mine if d["status"] == status)
             last = [ln for ln in _ANSI.sub("", text).splitlines() if ln.strip()][-1:] or [""]
@@ -268,14 +288,20 @@ def _listed(binary: Path, g: Group, env: dict | None) -> list[str] | None:
     return [m.group(3) for m in map(_CASE.match, _ANSI.sub("", p.stdout).splitlines()) if m and m.group(2) == g.op]
 
 
-def _one(binary: Path, g: Group, env: dict | None, stop: threading.Event | None) -> dict:
-    """One test-backend-ops process to its end, its time limit or ``stop``: {'cmd', 'text' (stdout, then stderr),
-    'status' ('ran' | 'not run in time' | 'exited N' | 'exited (stopped ...)'), 'start', 'end' (time.monotonic
-    seconds)}. An exception while it runs (a signal in the harness) kills it before going on up."""
+def _one(binary: Path, g: Group, env: dict | None, stop: threading.Event | None, deadline=None) -> dict:
+    """One test-backend-ops process to its end, its deadline or ``stop``: {'cmd', 'text' (stdout, then stderr),
+    'status' ('ran' | 'not run in time' | 'exited N' | 'exited (stopped ...)'), 'started' (False when its turn came
+    at or after the deadline: nothing ran), 'start', 'end' (time.monotonic seconds)}. ``deadline``: called once at
+    its turn, the time.monotonic() by which it must end (its group's, shared by the group's parts); default its own
+    start + ``g.timeout_s``. An exception while it runs (a signal in the harness) kills it before going on up."""
     t0 = time.monotonic()
     if stop is not None and stop.is_set():  # stopped before its turn: nothing starts
         return {"cmd": g.command(binary), "text": "", "status": "exited (stopped: verify interrupted)", "start": t0,
-                "end": t0}
+                "end": t0, "started": False}
+    end_by = deadline() if deadline is not None else t0 + g.timeout_s
+    if t0 >= end_by:  # the group's budget is spent: this part's cases are not run
+        return {"cmd": g.command(binary), "text": "", "status": "not run in time", "start": t0, "end": t0,
+                "started": False}
     p = subprocess.Popen(g.launch(binary), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          errors="replace", env=_env(env))
     try:
@@ -285,7 +311,7 @@ def _one(binary: Path, g: Group, env: dict | None, stop: threading.Event | None)
                 rc = p.returncode
                 break
             except subprocess.TimeoutExpired:
-                if (stop is not None and stop.is_set()) or time.monotonic() - t0 > g.timeout_s:
+                if (stop is not None and stop.is_set()) or time.monotonic() > end_by:
                     p.kill()
                     out, err = p.communicate()
                     rc = "stopped" if stop is not None and stop.is_set() else "late"
@@ -297,7 +323,7 @@ def _one(binary: Path, g: Group, env: dict | None, stop: threading.Event | None)
     status = ("ran" if rc == 0 else "not run in time" if rc == "late" else "exited (stopped: verify interrupted)"
               if rc == "stopped" else f"exited {rc}")
     return {"cmd": g.command(binary), "text": (out or "") + (err or ""), "status": status, "start": t0,
-            "end": time.monotonic()}
+            "end": time.monotonic(), "started": True}
 
 
 def _env(env: dict | None = None):
