@@ -95,40 +95,6 @@ def _check_ids(value: str | None) -> list[str]:
     return registry().parse_ids(value)
 
 
-def _open_target(fork_dir: str | None, build_backend: str | None, rpc=None):
-    """The fork build to measure and the report metadata that names it.
-
-    ``rpc`` (:class:`harness.cli_rpc.RpcOptions`, optional) adds remote devices: the build must have
-    the RPC backend, and the servers must be reachable (one-line HarnessError otherwise).
-
-    The fork commit, dirty state and options come from the build's own record
-    (turbo-harness-build.json), never from the checkout, which may have moved since; the checkout's
-    state is kept beside it as ``checkout_*``. Raises HarnessError (one line) when the checkout differs
-    from what the build was built from (:func:`harness.fork.build.check_provenance`).
-    """
-    from harness.targets.fork import ForkTarget
-    fork = fb.fork_dir(fork_dir)
-    fb.require_turbo(fork)
-    bdir = fb.find_build(build_backend, fork)
-    meta = fb.read_build_meta(bdir)
-    state = fb.git_state(fork)
-    fb.check_provenance(bdir, fork, meta, state)
-    if not meta:  # a build the harness did not make: what it was built from is not known, so it is not claimed
-        meta = {"fork_commit": "unknown", "fork_dirty": None,
-                "provenance_note": f"{bdir} has no {fb.BUILD_META}: the fork commit it was built from is unknown "
-                                   f"(rebuild with `turbo-harness build` to record it)"}
-    else:
-        meta["provenance_note"] = f"fork commit, dirty state and options as recorded in {bdir / fb.BUILD_META}"
-        if state.get("commit") in (None, "", "unknown"):
-            meta["provenance_warning"] = (f"the checkout {fork} names no commit (no .git, no .fork-commit): it cannot be "
-                                          f"checked against the build's record; the report names the build's record")
-    meta.update({f"checkout_{k}": v for k, v in state.items()})
-    meta.update({"checkout_dir": str(fork), "build_dir": str(bdir)})
-    if rpc is not None and rpc.active:
-        return rpc.open(bdir, fork), meta
-    return ForkTarget(bdir, fork), meta
-
-
 def _numpy_target(spec: str):
     """A NumPy target for tests of the pipeline (hidden --numpy-target): 'FAULT,FAULT' (may be empty);
     the pseudo-fault 'slow' makes every target call sleep 50 ms so that a run can be interrupted, 'slowclose'
@@ -177,9 +143,9 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
     if numpy_target is not None:
         target, meta = _numpy_target(numpy_target)
     elif rpc is not None and rpc.active:
-        target, meta = _open_target(fork_dir, build_backend, rpc)
+        target, meta = pipeline.open_target(fork_dir, build_backend, rpc)
     else:
-        target, meta = _open_target(fork_dir, build_backend)
+        target, meta = pipeline.open_target(fork_dir, build_backend)
     try:
         pipeline.check_backends(target, target_backend, backends)
         if rpc is not None and rpc.active:  # both sides agree on the types before anything is measured

@@ -112,6 +112,41 @@ def refuse_other_build(previous: Run, meta: dict, target_name: str, run_dir: Pat
                            f"differs in {', '.join(diff)}): reports of different builds are never merged, give a new --out folder")
 
 
+def open_target(fork_dir: str | None, build_backend: str | None, rpc=None):
+    """The fork build to measure and the report metadata that names it (``verify`` / ``check``): (target, meta).
+
+    ``rpc`` (:class:`harness.cli_rpc.RpcOptions`, optional) adds remote devices: the build must have
+    the RPC backend, and the servers must be reachable (one-line HarnessError otherwise).
+
+    The fork commit, dirty state and options come from the build's own record
+    (turbo-harness-build.json), never from the checkout, which may have moved since; the checkout's
+    state is kept beside it as ``checkout_*``. Raises HarnessError (one line) when the checkout differs
+    from what the build was built from (:func:`harness.fork.build.check_provenance`).
+    """
+    from harness.fork import build as fb
+    from harness.targets.fork import ForkTarget
+    fork = fb.fork_dir(fork_dir)
+    fb.require_turbo(fork)
+    bdir = fb.find_build(build_backend, fork)
+    meta = fb.read_build_meta(bdir)
+    state = fb.git_state(fork)
+    fb.check_provenance(bdir, fork, meta, state)
+    if not meta:  # a build the harness did not make: what it was built from is not known, so it is not claimed
+        meta = {"fork_commit": "unknown", "fork_dirty": None,
+                "provenance_note": f"{bdir} has no {fb.BUILD_META}: the fork commit it was built from is unknown "
+                                   f"(rebuild with `turbo-harness build` to record it)"}
+    else:
+        meta["provenance_note"] = f"fork commit, dirty state and options as recorded in {bdir / fb.BUILD_META}"
+        if state.get("commit") in (None, "", "unknown"):
+            meta["provenance_warning"] = (f"the checkout {fork} names no commit (no .git, no .fork-commit): it cannot be "
+                                          f"checked against the build's record; the report names the build's record")
+    meta.update({f"checkout_{k}": v for k, v in state.items()})
+    meta.update({"checkout_dir": str(fork), "build_dir": str(bdir)})
+    if rpc is not None and rpc.active:
+        return rpc.open(bdir, fork), meta
+    return ForkTarget(bdir, fork), meta
+
+
 def check_backends(target, target_backend: str | None, backends: list[str]) -> None:
     """The backends asked for exist in the target: said before anything is printed or written.
 

@@ -270,9 +270,9 @@ def test_sweep_known_findings_file_gates_the_sweep(sw, tmp_path):
 
 @pytest.fixture
 def numpy_cli(monkeypatch):
-    """`check`/`verify` through the CLI on the NumPy fork (no fork build): _open_target is replaced."""
-    import harness.cli as C
-    monkeypatch.setattr(C, "_open_target", lambda fork_dir, build_backend: (NumpyTarget(), {"fork_commit": "0" * 40}))
+    """`check`/`verify` through the CLI on the NumPy fork (no fork build): pipeline.open_target is replaced."""
+    import harness.pipeline as P
+    monkeypatch.setattr(P, "open_target", lambda fork_dir, build_backend: (NumpyTarget(), {"fork_commit": "0" * 40}))
     return invoke
 
 
