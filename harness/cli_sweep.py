@@ -240,6 +240,12 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         check_inputs(cfg)
         run_id = time.strftime("sweep-%Y%m%d-%H%M%S")
         run_dir, _ = pipeline.prepare_run_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / run_id, "sweep")
+        from harness.sweep_inputs import keep_earlier_pairs
+        kept = keep_earlier_pairs(run_dir, cfg, names)  # the earlier sweep's pairs stay in the report (same settings)
+        if kept:
+            click.echo(f"note: {run_dir} holds a sweep of the same model, corpus, ctx, chunks and backend: its pairs "
+                       f"{', '.join(kept)} stay in the report (from the job cache; measured again where it lacks them)",
+                       err=True)
         if not no_baselines:
             cfg.pairs, cfg.baselines_added = with_baselines(cfg.pairs)
             if cfg.baselines_added:

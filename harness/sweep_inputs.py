@@ -1,8 +1,10 @@
 """The sweep's inputs checked before any tool runs (``turbo-harness sweep``, harness/cli_sweep.py): the decode and
-depth options turned into the configuration, and the model, corpus, cache types and lengths checked against each
-other. Every problem is a :class:`~harness.errors.HarnessError` with one line naming it and the fix (exit 2)."""
+depth options turned into the configuration, the model, corpus, cache types and lengths checked against each
+other, and an earlier sweep report in the --out folder kept (:func:`keep_earlier_pairs`). Every problem is a
+:class:`~harness.errors.HarnessError` with one line naming it and the fix (exit 2)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -79,3 +81,74 @@ def check_inputs(cfg) -> None:
     if cfg.decode_prompts:
         from harness.runners.decode import corpus_prompts
         corpus_prompts(cfg.corpus, cfg.decode_prompts, cfg.decode_n_prompt)
+
+
+def _earlier_settings(d: dict, run_dir: Path) -> tuple[dict, list[str]]:
+    """The settings and pair labels of the sweep report ``d`` (a run.json read from ``run_dir``): a one-backend sweep
+    (check SWEEP: ``meta.pinned``, ``meta.pairs``) or a cross-backend one (check XBACKEND: ``meta.sides``,
+    ``meta.backends`` and the pairs of its first backend's own report, else of its rows)."""
+    meta = d.get("meta") or {}
+    if "XBACKEND" in [c.get("id") for c in d.get("checks") or []]:
+        names = [str(b) for b in meta.get("backends") or []]
+        side = (meta.get("sides") or {}).get(names[0] if names else "", {})
+        pairs: list[str] = []
+        try:
+            pairs = list(json.loads((run_dir / names[0] / "run.json").read_text())["meta"]["pairs"])
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            rows = ((d.get("sections") or {}).get("xbackend") or {}).get("rows") or []
+            pairs = list(dict.fromkeys(str(r["pair"]) for r in rows if isinstance(r, dict) and r.get("pair")))
+        return {"ctx": side.get("ctx"), "chunks": side.get("chunks"), "backend": ",".join(names)}, pairs
+    pinned = meta.get("pinned") or {}
+    return ({"ctx": pinned.get("ctx"), "chunks": pinned.get("chunks"), "backend": meta.get("target_backend")},
+            [str(p) for p in meta.get("pairs") or []])
+
+
+def keep_earlier_pairs(run_dir: Path, cfg, names: list[str] | None = None) -> list[str]:
+    """A sweep into a folder that holds an earlier sweep report keeps that report's pairs: they are added to
+    ``cfg.pairs`` (the earlier ones first, in their order, then the new ones), so the new report holds the union; a
+    pair measured before comes from the job cache (harness/runners/sweep.py), or is measured again where the cache
+    lacks it. Only an earlier sweep of the same model and corpus (SHA-256), ctx, chunks and backend(s) is added to:
+    another one is refused, and nothing is written.
+
+    Args:
+        run_dir: the --out folder (prepared and locked: :func:`harness.pipeline.prepare_run_dir`).
+        cfg: the new sweep's :class:`harness.runners.sweep_config.SweepConfig` (``pairs`` is extended in place).
+        names: the backends of a cross-backend sweep (``--backends``), else None.
+    Returns:
+        The labels of the earlier pairs this run did not ask for (added to ``cfg.pairs``); [] when there is no
+        earlier sweep report.
+    Raises:
+        HarnessError: the earlier sweep was made with other settings (one line naming them and the fix).
+    """
+    from harness.runners.inputs import sha256_file
+    from harness.runners.sweep import pair_label, parse_pairs
+    p = Path(run_dir) / "run.json"
+    if not p.is_file():
+        return []
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return []  # prepare_run_dir refused an unreadable one already
+    if not isinstance(d, dict) or not {"SWEEP", "XBACKEND"} & {c.get("id") for c in d.get("checks") or []}:
+        return []
+    old, pairs = _earlier_settings(d, Path(run_dir))
+    meta = d.get("meta") or {}
+    new = {"ctx": cfg.ctx, "chunks": cfg.chunks, "backend": ",".join(names) if names else cfg.backend}
+    differ = [f"{k} {old[k]} there, {new[k]} here" for k in ("ctx", "chunks", "backend") if old[k] != new[k]]
+    for what, path in (("model", cfg.model), ("corpus", cfg.corpus)):
+        there = meta.get(f"{what}_sha256")
+        try:
+            same = sha256_file(Path(path)) == there if there else str(meta.get(what)) == str(path)
+        except OSError:
+            same = False
+        if not same:
+            differ.append(f"{what} {Path(str(meta.get(what) or '?')).name} there, {Path(path).name} here"
+                          + (" (other contents)" if Path(str(meta.get(what) or "")).name == Path(path).name else ""))
+    if differ:
+        raise HarnessError(f"--out {run_dir} holds a sweep of other settings ({'; '.join(differ)}): a sweep there "
+                           f"would replace its pairs; give another --out folder, or the same settings to add pairs to it")
+    asked = [pair_label(k, v) for k, v in cfg.pairs]
+    kept = [x for x in dict.fromkeys(pairs) if x not in asked]
+    if kept:
+        cfg.pairs = parse_pairs(",".join(list(dict.fromkeys(pairs)) + [x for x in asked if x not in pairs]))
+    return kept
