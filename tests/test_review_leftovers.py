@@ -39,3 +39,63 @@ def test_sweep_into_an_earlier_sweep_keeps_its_pairs_or_refuses_in_one_line(sw):
     other.write_text("A different corpus with enough words to be read as plain text here.\n" * 40)
     code, text = sw.run("--pairs", "turbo3/turbo3", "--no-bench", "--out", str(out), corpus_=other)
     assert code == 2 and "corpus corpus.txt there, other.txt here" in one_error_line(text)
+
+
+# ------------------------------------------------------------------ 2. the probe of a shared build root
+
+def test_the_probe_digest_holds_content_not_the_checkouts_paths(tmp_path, monkeypatch):
+    """Two checkouts of the harness sharing a build root recompiled the probe in turn: its digest held the absolute
+    paths of the sources and of the fork's headers. It is now of content (sources, headers, flags, compiler, the
+    build's provenance): another folder with the same content reuses it; other content rebuilds it."""
+    import shutil
+
+    from harness.fork import probe as P
+    from tests.test_provenance import A, B, fake_build, fake_fork
+    bdir = fake_build(tmp_path / "root", A)
+    built = []
+
+    def fake_compile(what, fork_, libdir, out, args):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("lib")
+        built.append(args)
+        return out
+    monkeypatch.setattr(P, "compile_c", fake_compile)
+    checkouts = []
+    for name in ("one", "two"):  # the same harness version in two folders, each with its own fork snapshot
+        src = tmp_path / name / "harness" / "fork"
+        src.mkdir(parents=True)
+        for p in P.PROBE_SOURCES:
+            shutil.copyfile(p, src / p.name)
+        checkouts.append(([src / p.name for p in P.PROBE_SOURCES], fake_fork(tmp_path / name / "fork", commit=A)))
+    for sources, fork in checkouts + checkouts:
+        monkeypatch.setattr(P, "PROBE_SOURCES", sources)
+        P.build_probe(bdir, fork)
+    assert len(built) == 1, [a for a in built]  # compiled once, reused by the other checkout and on each return
+    sources, fork = checkouts[1]
+    (fork / "ggml" / "include" / "ggml.h").write_text("enum ggml_type { GGML_TYPE_TURBO3_0 = 40 };\n")  # other headers
+    P.build_probe(bdir, fork)
+    assert len(built) == 2
+    sources[0].write_text(sources[0].read_text() + "\n/* changed */\n")  # other probe sources
+    P.build_probe(bdir, fork)
+    assert len(built) == 3
+    fake_build(tmp_path / "root", B)  # the build recorded another fork commit: its libraries are another fork's
+    P.build_probe(bdir, fork)
+    assert len(built) == 4
+
+
+def test_doctor_says_built_from_this_checkout_only_for_a_build_of_this_folder(tmp_path):
+    """A build of another folder at the same commit (a shared build root) was called 'built from this checkout'."""
+    import json
+
+    from harness.fork import build as fb
+    from tests.test_provenance import A, fake_build, fake_fork, invoke
+    mine, other = fake_fork(tmp_path / "mine", commit=A), fake_fork(tmp_path / "other", commit=A)
+    bdir = fake_build(tmp_path / "build", A)
+    meta = json.loads((bdir / fb.BUILD_META).read_text())
+    for fork_dir, words in ((other, f"built from {other} ("),
+                            (mine, "built from this fork checkout (")):
+        (bdir / fb.BUILD_META).write_text(json.dumps(dict(meta, fork_dir=str(fork_dir))))
+        _, out = invoke(["doctor"], {"FORK_DIR": str(mine), "TURBO_BUILD_ROOT": str(tmp_path / "build")})
+        [ln] = [ln for ln in out.splitlines() if "provenance" in ln]
+        assert words in ln, ln
+        assert ("this fork checkout, not this folder" in ln) == (fork_dir == other), ln
