@@ -317,6 +317,12 @@ def sweep_compare(run_dirs, out_dir):
     from harness.fork.build import REPO_ROOT
     from harness.report.compare import compare_warnings, write_compare
     try:
+        seen = {}
+        for d in run_dirs:  # the same sweep twice compares nothing: said, not drawn as two models
+            if Path(d).resolve() in seen:
+                raise HarnessError(f"{d} is given twice (as {seen[Path(d).resolve()]} before): give each sweep report "
+                                   f"folder once")
+            seen[Path(d).resolve()] = d
         if out_dir is not None and (Path(out_dir) / "run.json").is_file():  # a verify or sweep report: never written into
             raise HarnessError(f"--out {out_dir} holds a turbo-harness run report (run.json): sweep-compare does not "
                                f"write into report folders; give a new folder, e.g. --out reports/compare")

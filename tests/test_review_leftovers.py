@@ -99,3 +99,52 @@ def test_doctor_says_built_from_this_checkout_only_for_a_build_of_this_folder(tm
         [ln] = [ln for ln in out.splitlines() if "provenance" in ln]
         assert words in ln, ln
         assert ("this fork checkout, not this folder" in ln) == (fork_dir == other), ln
+
+
+# ------------------------------------------------------------------ 3. sweep-compare: the same folder, unfinished sweeps
+
+def _sweep_copy(tmp_path, name, **edit):
+    import shutil
+    from pathlib import Path
+    src = Path(__file__).resolve().parents[1] / "reports" / "samples" / "sweep-cpu-smollm2" / "run.json"
+    d = tmp_path / name
+    d.mkdir()
+    data = json.loads(src.read_text())
+    data.update(edit)
+    (d / "run.json").write_text(json.dumps(data))
+    return d
+
+
+def test_sweep_compare_refuses_a_folder_given_twice_and_marks_unfinished_sweeps(tmp_path):
+    """sweep-compare accepted the same folder twice (two identical tables, one model drawn twice) and showed an
+    interrupted sweep's or an unjudged sweep's vs-q4_0 PASS like a finished one's, with no word."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+    a = _sweep_copy(tmp_path, "a")
+    for twice in ([str(a), str(a)], [str(a), str(a) + "/."]):
+        r = CliRunner().invoke(cli, ["sweep-compare", *twice, "--out", str(tmp_path / "c")])
+        line = one_error_line(r.output)
+        assert r.exit_code == 2 and "is given twice" in line and "give each sweep report folder once" in line
+    assert not (tmp_path / "c").exists()
+    stopped = _sweep_copy(tmp_path, "stopped", verdict="INTERRUPTED",
+                          interrupted={"signal": "SIGINT", "exit_code": 130, "in_progress": "ppl turbo2/turbo2",
+                                       "not_run": ["ppl turbo2/turbo2", "bench turbo2/turbo2"]})
+    data = json.loads((a / "run.json").read_text())
+    for c in data["checks"][0]["cells"]:
+        c["verdict"], c["caveat"] = "SKIP", "nothing judged: no q8_0/q8_0 run"
+    data["checks_verdict"] = data["verdict"] = "SKIP"
+    unjudged = _sweep_copy(tmp_path, "unjudged", **data)
+    r = CliRunner().invoke(cli, ["sweep-compare", str(a), str(stopped), str(unjudged), "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    warn = [ln for ln in r.output.splitlines() if ln.startswith("warning: ") and "is not finished" in ln]
+    assert len(warn) == 2 and "INTERRUPTED by SIGINT (jobs not run: ppl turbo2/turbo2, bench turbo2/turbo2)" in warn[0]
+    assert "judged nothing (nothing judged: no q8_0/q8_0 run)" in warn[1]
+    md = (tmp_path / "c" / "compare.md").read_text()
+    tables = md.split("\n## ")[1:]
+    assert "NOT FINISHED" not in tables[0] and "(unfinished sweep)" not in tables[0]
+    assert "(NOT FINISHED)" in tables[1] and "This sweep INTERRUPTED by SIGINT" in tables[1]
+    for row in (ln for ln in tables[1].splitlines() if ln.startswith("| turbo")):  # no bare PASS from a partial run
+        assert "| PASS |" not in row and "| PARTIAL |" not in row, row
+    assert "| PASS (unfinished sweep) |" in tables[1] or "| PARTIAL (unfinished sweep) |" in tables[1]
+    assert "(NOT FINISHED)" in tables[2] and "judged nothing" in tables[2]
