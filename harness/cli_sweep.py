@@ -216,6 +216,14 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         bdir = rpc_build_dir(names, endpoints, build_dir) or bdir  # --backends with rpcN: the build with ggml RPC
         if build_dir is None and not (bdir / "bin" / "llama-perplexity").is_file() and backend != detect_backend():
             raise HarnessError(f"--backend {backend}: no {backend} build in {bdir}; {usage.backend_fix(backend)}")
+        if ngl and backend == "cpu" and not endpoints and not names:  # GPU defaults for a build that cannot use them
+            from harness.runners.offload import build_gpu_backends
+            if not build_gpu_backends(bdir):
+                gpus = "|".join(b.name for b in backends.TABLE if b.name != "cpu")
+                raise HarnessError(f"--ngl {ngl}: the cpu build {bdir} has no GPU backend to offload layers to (every "
+                                   f"layer would run on the CPU, sized by the GPU defaults): drop --ngl, or give "
+                                   f"--backend {gpus} with a build of it (`BACKEND=<name> make build` on a machine with "
+                                   f"that GPU), or offload to an rpc-server with --rpc HOST:PORT")
         if endpoints and not fb_has_rpc(bdir):
             raise HarnessError(f"--rpc needs a build with ggml's RPC backend, and {bdir} has none: rebuild it with "
                                f"`turbo-harness build --rpc` (or `make build RPC=1`)")
@@ -237,7 +245,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             timeout=dflt["timeout"] if timeout is None else timeout, bench=not no_bench, rpc=endpoints)
         from harness.sweep_inputs import check_inputs, decode_depth_options
         decode_depth_options(cfg, decode_prompts, decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs)
-        check_inputs(cfg)
+        check_inputs(cfg, depths_given=depths is not None)
         run_id = time.strftime("sweep-%Y%m%d-%H%M%S")
         run_dir, _ = pipeline.prepare_run_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / run_id, "sweep")
         from harness.sweep_inputs import keep_earlier_pairs

@@ -40,10 +40,11 @@ def decode_depth_options(cfg, prompts, tokens, prompt_tokens, kld_depths, depth_
     cfg.depth_pairs = parse_pairs(depth_pairs or DEPTH_PAIRS) if cfg.kld_depths else []
 
 
-def check_inputs(cfg) -> None:
+def check_inputs(cfg, depths_given: bool = True) -> None:
     """Before any tool runs: the context fits the model's trained length (bench depths too) and the corpus
     is UTF-8 text long enough for ctx x chunks, the model is a readable GGUF, the cache types exist, and ctx x chunks
-    gives llama-perplexity the 100 scored tokens it needs to print KLD (harness.runners.sweep_config.check_kld_size)."""
+    gives llama-perplexity the 100 scored tokens it needs to print KLD (harness.runners.sweep_config.check_kld_size).
+    ``depths_given``: --depths was on the command line (else a depth beyond the model is named as the default's)."""
     from harness.runners import sweep as sweep_runner
     sweep_runner.check_kld_size(cfg.ctx, cfg.chunks)
     from harness.runners.inputs import check_corpus, read_model_info
@@ -63,8 +64,12 @@ def check_inputs(cfg) -> None:
                                f"({info.arch}.context_length in {Path(cfg.model).name}): give --ctx {info.n_ctx_train} or less")
         deepest = max(cfg.depths) + max(cfg.n_prompt, cfg.n_gen)
         if cfg.bench and deepest > info.n_ctx_train:
-            raise HarnessError(f"--depths {max(cfg.depths)} plus the {max(cfg.n_prompt, cfg.n_gen)}-token bench test is beyond the "
-                               f"{info.n_ctx_train} tokens {info.name} was trained for: give smaller --depths or --no-bench")
+            what = (f"--depths {max(cfg.depths)}" if depths_given else
+                    f"the default bench depth {max(cfg.depths)} (of {','.join(map(str, cfg.depths))}, for "
+                    f"{'offloaded layers' if cfg.ngl else 'the CPU'})")
+            raise HarnessError(f"{what} plus the {max(cfg.n_prompt, cfg.n_gen)}-token bench test is beyond the "
+                               f"{info.n_ctx_train} tokens {info.name} was trained for: give --depths up to "
+                               f"{max(0, info.n_ctx_train - max(cfg.n_prompt, cfg.n_gen))} or --no-bench")
         if cfg.kld_depths and max(cfg.kld_depths) > info.n_ctx_train:
             raise HarnessError(f"--kld-depths {max(cfg.kld_depths)} is beyond the {info.n_ctx_train} tokens {info.name} was "
                                f"trained for: give lengths up to {info.n_ctx_train} (or --kld-depths none)")

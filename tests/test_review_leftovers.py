@@ -148,3 +148,22 @@ def test_sweep_compare_refuses_a_folder_given_twice_and_marks_unfinished_sweeps(
         assert "| PASS |" not in row and "| PARTIAL |" not in row, row
     assert "| PASS (unfinished sweep) |" in tables[1] or "| PARTIAL (unfinished sweep) |" in tables[1]
     assert "(NOT FINISHED)" in tables[2] and "judged nothing" in tables[2]
+
+
+# ------------------------------------------------------------------ 4. --ngl 99 on a CPU-only build
+
+def test_ngl_on_a_cpu_only_build_names_the_offload_not_depths_never_asked_for(sw):  # noqa: F811
+    """`sweep --ngl 99` on a CPU-only build took the GPU defaults and stopped on '--depths 8192 plus the 512-token
+    bench test is beyond ...': an option the user never gave. The real problem (nothing to offload to) is named."""
+    code, out = sw.run("--pairs", "turbo3", "--ngl", "99", "--out", str(sw.tmp / "o"))
+    line = one_error_line(out)
+    assert code == 2 and "--ngl 99: the cpu build" in line and "no GPU backend to offload layers to" in line, line
+    assert "--depths" not in line and "drop --ngl" in line and "--rpc HOST:PORT" in line
+    # a GPU sweep whose default bench depths pass the model's context: named as the default, with the fix
+    code, out = sw.run("--pairs", "turbo3", "--backend", "cuda", "--out", str(sw.tmp / "o"))
+    line = one_error_line(out)
+    assert code == 2 and "the default bench depth 8192 (of 0,2048,8192, for offloaded layers)" in line, line
+    assert "give --depths up to 7680 or --no-bench" in line
+    code, out = sw.run("--pairs", "turbo3", "--depths", "0,9000", "--out", str(sw.tmp / "o"))
+    assert "--depths 9000 plus" in one_error_line(out)  # given: named as given
+    assert sw.ncalls() == 0
