@@ -40,9 +40,10 @@ def _backends(s: str):
 
 
 def _kld_depths(s: str):
-    """--kld-depths checked while parsing: non-negative integers the depth runner accepts."""
-    from harness.runners.depth import check_depths
-    check_depths(tuple(sorted(set(_ints(s, "--kld-depths")))))
+    """--kld-depths checked while parsing: non-negative integers, each once, that the depth runner accepts whatever
+    the model (harness.runners.depth.check_depth_values); the rest is checked with the model (sweep_inputs)."""
+    from harness.runners.depth import check_depth_values
+    check_depth_values(_ints(s, "--kld-depths"))
 
 
 def _default_depth_pairs() -> str:
@@ -245,7 +246,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             timeout=dflt["timeout"] if timeout is None else timeout, bench=not no_bench, rpc=endpoints)
         from harness.sweep_inputs import check_inputs, decode_depth_options
         decode_depth_options(cfg, decode_prompts, decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs)
-        check_inputs(cfg, depths_given=depths is not None)
+        check_inputs(cfg, given=tuple(o for o, v in (("--depths", depths), ("--kld-depths", kld_depths)) if v is not None))
         run_id = time.strftime("sweep-%Y%m%d-%H%M%S")
         run_dir, _ = pipeline.prepare_run_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / run_id, "sweep")
         from harness.sweep_inputs import keep_earlier_pairs

@@ -26,7 +26,7 @@ def decode_depth_options(cfg, prompts, tokens, prompt_tokens, kld_depths, depth_
     DECODE_DEFAULTS, harness/runners/depth.py CPU_DEPTHS/GPU_DEPTHS/DEPTH_PAIRS); the numbers' minima were checked
     while parsing (harness.cli_types.AtLeast). Raises HarnessError for bad depths."""
     from harness.runners.decode import DECODE_DEFAULTS
-    from harness.runners.depth import CPU_DEPTHS, DEPTH_PAIRS, GPU_DEPTHS, check_depths
+    from harness.runners.depth import CPU_DEPTHS, DEPTH_PAIRS, GPU_DEPTHS, check_depth_values
     from harness.runners.sweep import parse_pairs
     cfg.decode_prompts = DECODE_DEFAULTS["prompts"] if prompts is None else prompts
     cfg.decode_n_gen = DECODE_DEFAULTS["n_gen"] if tokens is None else tokens
@@ -34,17 +34,19 @@ def decode_depth_options(cfg, prompts, tokens, prompt_tokens, kld_depths, depth_
     if kld_depths is not None and kld_depths.strip().lower() in ("none", "off"):
         cfg.kld_depths = ()
     else:
-        cfg.kld_depths = (tuple(sorted(set(ints(kld_depths, "--kld-depths")))) if kld_depths is not None
-                          else (CPU_DEPTHS if cfg.ngl == 0 else GPU_DEPTHS))
-        check_depths(cfg.kld_depths)
+        given = ints(kld_depths, "--kld-depths") if kld_depths is not None else None
+        if given is not None:
+            check_depth_values(given)  # a repeat is refused, never dropped; the lengths' arithmetic: check_inputs
+        cfg.kld_depths = tuple(sorted(given)) if given is not None else (CPU_DEPTHS if cfg.ngl == 0 else GPU_DEPTHS)
     cfg.depth_pairs = parse_pairs(depth_pairs or DEPTH_PAIRS) if cfg.kld_depths else []
 
 
-def check_inputs(cfg, depths_given: bool = True) -> None:
+def check_inputs(cfg, given: tuple[str, ...] = ("--depths", "--kld-depths")) -> None:
     """Before any tool runs: the context fits the model's trained length (bench depths too) and the corpus
     is UTF-8 text long enough for ctx x chunks, the model is a readable GGUF, the cache types exist, and ctx x chunks
     gives llama-perplexity the 100 scored tokens it needs to print KLD (harness.runners.sweep_config.check_kld_size).
-    ``depths_given``: --depths was on the command line (else a depth beyond the model is named as the default's)."""
+    ``given``: which of --depths and --kld-depths were on the command line (a default length beyond the model is named
+    as the default)."""
     from harness.runners import sweep as sweep_runner
     sweep_runner.check_kld_size(cfg.ctx, cfg.chunks)
     from harness.runners.inputs import check_corpus, read_model_info
@@ -64,18 +66,22 @@ def check_inputs(cfg, depths_given: bool = True) -> None:
                                f"({info.arch}.context_length in {Path(cfg.model).name}): give --ctx {info.n_ctx_train} or less")
         deepest = max(cfg.depths) + max(cfg.n_prompt, cfg.n_gen)
         if cfg.bench and deepest > info.n_ctx_train:
-            what = (f"--depths {max(cfg.depths)}" if depths_given else
+            what = (f"--depths {max(cfg.depths)}" if "--depths" in given else
                     f"the default bench depth {max(cfg.depths)} (of {','.join(map(str, cfg.depths))}, for "
                     f"{'offloaded layers' if cfg.ngl else 'the CPU'})")
             raise HarnessError(f"{what} plus the {max(cfg.n_prompt, cfg.n_gen)}-token bench test is beyond the "
                                f"{info.n_ctx_train} tokens {info.name} was trained for: give --depths up to "
                                f"{max(0, info.n_ctx_train - max(cfg.n_prompt, cfg.n_gen))} or --no-bench")
         if cfg.kld_depths and max(cfg.kld_depths) > info.n_ctx_train:
-            raise HarnessError(f"--kld-depths {max(cfg.kld_depths)} is beyond the {info.n_ctx_train} tokens {info.name} was "
+            what = "--kld-depths" if "--kld-depths" in given else "the default --kld-depths length"
+            raise HarnessError(f"{what} {max(cfg.kld_depths)} is beyond the {info.n_ctx_train} tokens {info.name} was "
                                f"trained for: give lengths up to {info.n_ctx_train} (or --kld-depths none)")
         if cfg.decode_prompts and cfg.decode_n_prompt + cfg.decode_n_gen > info.n_ctx_train:
             raise HarnessError(f"--decode-prompt-tokens {cfg.decode_n_prompt} + --decode-tokens {cfg.decode_n_gen} is beyond "
                                f"the {info.n_ctx_train} tokens {info.name} was trained for: give fewer tokens")
+    if cfg.kld_depths:  # after the model's context: a length beyond it is named before any arithmetic of the lengths
+        from harness.runners.depth import check_depths
+        check_depths(cfg.kld_depths)
     check_corpus(cfg.corpus, cfg.ctx, cfg.chunks)
     if cfg.kld_depths:
         from harness.runners.depth import depth_tokens

@@ -167,3 +167,20 @@ def test_ngl_on_a_cpu_only_build_names_the_offload_not_depths_never_asked_for(sw
     code, out = sw.run("--pairs", "turbo3", "--depths", "0,9000", "--out", str(sw.tmp / "o"))
     assert "--depths 9000 plus" in one_error_line(out)  # given: named as given
     assert sw.ncalls() == 0
+
+
+# ------------------------------------------------------------------ 5. --kld-depths: each message names its own problem
+
+def test_kld_depths_beyond_the_model_and_a_repeated_length_are_named_as_such(sw):  # noqa: F811
+    """A length beyond the model's context was reported as 'does not divide' (the arithmetic ran before the model was
+    read), and a repeated length as 'give two or more context lengths' (or dropped without a word)."""
+    code, out = sw.run("--pairs", "turbo3", "--kld-depths", "256,9000", "--out", str(sw.tmp / "o"))
+    line = one_error_line(out)
+    assert code == 2 and "--kld-depths 9000 is beyond the 8192 tokens" in line and "divide" not in line, line
+    for value, twice in (("1024,1024", 1024), ("256,256,1024", 256), ("1024,256,1024", 1024)):
+        code, out = sw.run("--pairs", "turbo3", "--kld-depths", value, "--out", str(sw.tmp / "o"))
+        line = one_error_line(out)
+        assert code == 2 and "--kld-depths" in line and f"{value}: {twice} is given twice: give each context length once" in line, line
+    code, out = sw.run("--pairs", "turbo3", "--kld-depths", "300,1024", "--out", str(sw.tmp / "o"))
+    assert "300 does not divide the 2048 tokens" in one_error_line(out)  # within the model: the arithmetic still speaks
+    assert sw.ncalls() == 0
