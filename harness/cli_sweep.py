@@ -76,6 +76,7 @@ def build_run(result, run_id: str, argv: list[str]):
     meta = {**result.meta, "harness_version": __version__, "command_line": " ".join(argv),
             "python": platform.python_version(), "host": platform.node(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "jobs_run": result.jobs_run, "jobs_cached": result.jobs_cached,
+            "jobs_failed": result.jobs_failed,
             "sweep_seconds": round(result.seconds, 1), "target_backend": cfg.backend,
             "backends_run": backends_run(cfg, bmeta.get("backend")),
             "gpu": gpu_info(), "cxx_compiler": bmeta.get("cxx_compiler") or result.meta.get("compiler") or None,
@@ -309,7 +310,8 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         if isinstance(run.sections.get(name), dict) and run.sections[name].get("markdown"):
             click.echo("\n" + run.sections[name]["markdown"])
     cr = run.checks[0]
-    click.echo(f"SWEEP {cr.verdict.value}: {result.jobs_run} jobs run, {result.jobs_cached} cached, "
+    failed = f" ({result.jobs_failed} failed: never cached, a rerun runs them again)" if result.jobs_failed else ""
+    click.echo(f"SWEEP {cr.verdict.value}: {result.jobs_run} jobs run{failed}, {result.jobs_cached} cached, "
                f"{result.seconds:.1f} s; report {paths['report.html']}")
     sys.exit(code)
 

@@ -184,3 +184,18 @@ def test_kld_depths_beyond_the_model_and_a_repeated_length_are_named_as_such(sw)
     code, out = sw.run("--pairs", "turbo3", "--kld-depths", "300,1024", "--out", str(sw.tmp / "o"))
     assert "300 does not divide the 2048 tokens" in one_error_line(out)  # within the model: the arithmetic still speaks
     assert sw.ncalls() == 0
+
+
+# ------------------------------------------------------------------ 6. failed jobs that ran are counted
+
+def test_failed_jobs_that_ran_again_are_counted_in_the_sweep_header(sw):  # noqa: F811
+    """A rerun whose failed job ran again said '0 jobs run, 4 cached': a job that ran and failed was not counted."""
+    args = ("--pairs", "turbo3/turbo3,q4_0/q4_0", "--no-bench", "--out", str(sw.tmp / "o"))
+    sw.run(*args)  # q4_0/q4_0's llama-perplexity aborts (the fake): failed, never cached
+    n = sw.ncalls()
+    code, out = sw.run(*args)
+    assert sw.ncalls() - n == 1  # only the failed job ran again
+    [line] = [ln for ln in out.splitlines() if ln.startswith("SWEEP ")]
+    assert "1 jobs run (1 failed: never cached, a rerun runs them again), 4 cached" in line, line
+    meta = json.loads((sw.tmp / "o" / "run.json").read_text())["meta"]
+    assert meta["jobs_run"] == 1 and meta["jobs_failed"] == 1 and meta["jobs_cached"] == 4

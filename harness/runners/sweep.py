@@ -308,9 +308,11 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
                         rec = _run_ppl(cfg, ppl_tool, cache, key, k, v, result.base.data["base_file"])
                 else:
                     rec = _run_bench(cfg, bench_tool, cache, key, k, v)
+                ran = bool(rec.ok or rec.seconds > 0 or rec.evidence)  # a tool ran (not refused before one could)
+                result.jobs_run += ran
+                result.jobs_failed += ran and not rec.ok
                 if rec.ok:
                     cache.put(rec)
-                    result.jobs_run += 1
                 elif log and not (kind in ("ppl", "depth") and rec.error.startswith("no f16 baseline")):
                     word = {"fork": "FAIL", "refused": "refused"}.get(rec.fault, "ERROR")
                     (bar.write if bar is not None else log)(f"{word} {kind} {label}: {rec.error}")
