@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from tests.test_new_user import one_error_line, sw  # noqa: F401  (sw: the fixture)
+from tests.test_sweep_integrity import fake  # noqa: F401  (the fixture: fake tools with a script per pair)
 
 
 def _pairs(out_dir) -> list[str]:
@@ -199,3 +200,23 @@ def test_failed_jobs_that_ran_again_are_counted_in_the_sweep_header(sw):  # noqa
     assert "1 jobs run (1 failed: never cached, a rerun runs them again), 4 cached" in line, line
     meta = json.loads((sw.tmp / "o" / "run.json").read_text())["meta"]
     assert meta["jobs_run"] == 1 and meta["jobs_failed"] == 1 and meta["jobs_cached"] == 4
+
+
+# ------------------------------------------------------------------ 7. the '2+ chunks' hint only where it applies
+
+def test_the_two_chunks_hint_is_given_only_for_fewer_than_two_chunks(fake):  # noqa: F811
+    """A pair whose llama-perplexity printed no KLD statistics said '(it prints them only for 2+ chunks)' even when the
+    run had 2 or more chunks and enough scored tokens: a hint that did not apply."""
+    from harness.runners.sweep import run_sweep
+    from tests.test_sweep_integrity import TRAITS
+    fk = fake
+    (fk.d / "stdout_turbo3_turbo3").write_text("Final estimate: PPL = 33.0470 +/- 5.94341\n")  # no KLD block
+    for chunks in (2, 3):
+        res = run_sweep(fk.cfg("f16/f16,turbo3/turbo3", chunks=chunks, bench=False), progress=False,
+                        log=lambda s: None, traits=TRAITS)
+        err = res.ppl["turbo3/turbo3"].error
+        assert err.startswith("llama-perplexity printed no KL-divergence statistics; see "), err
+        assert "2+ chunks" not in err
+    res = run_sweep(fk.cfg("f16/f16,turbo3/turbo3", chunks=1, ctx=512, bench=False), progress=False,
+                    log=lambda s: None, traits=TRAITS)
+    assert "(it prints them only for 2+ chunks, and this run had 1)" in res.ppl["turbo3/turbo3"].error

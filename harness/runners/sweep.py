@@ -157,7 +157,8 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
             scored = kld_scored_tokens(cfg.ctx, cfg.chunks)  # it scores the second half of each chunk
             few = (f": ctx {cfg.ctx} x {cfg.chunks} chunks scores only {scored} tokens and it prints statistics for "
                    f"100 or more (tools/perplexity: 'kld.count < 100'); give a larger --ctx or --chunks" if scored < 100
-                   else " (it prints them only for 2+ chunks)")
+                   else f" (it prints them only for 2+ chunks, and this run had {cfg.chunks})" if cfg.chunks < 2
+                   else "")  # with enough tokens and chunks the cause is in its output, not a rule of ours
             rec.ok, rec.error = False, f"llama-perplexity printed no KL-divergence statistics{few}; see {ev / 'ppl.stdout'}"
         elif kv is None:
             rec.ok, rec.error = False, f"no 'llama_kv_cache: size' line in the log; see {ev / 'ppl.stderr'}"
