@@ -220,3 +220,30 @@ def test_the_two_chunks_hint_is_given_only_for_fewer_than_two_chunks(fake):  # n
     res = run_sweep(fk.cfg("f16/f16,turbo3/turbo3", chunks=1, ctx=512, bench=False), progress=False,
                     log=lambda s: None, traits=TRAITS)
     assert "(it prints them only for 2+ chunks, and this run had 1)" in res.ppl["turbo3/turbo3"].error
+
+
+# ------------------------------------------------------------------ 10. the gate leads a gated run's headline
+
+def test_a_gated_run_that_passes_reads_as_a_pass_with_its_known_findings_named(tmp_path):
+    """'FAIL: 3 expected (known) findings; known-findings gate PASS' (exit 0) read as a failure. The gate's result
+    leads the headline and the title, the known findings and the verdicts accepted are named; run.json keeps the
+    checks' verdict beside the gate, and JUnit still marks the accepted findings xfail."""
+    import xml.etree.ElementTree as ET
+
+    from tests.test_known_findings import _gate, _run
+    code, out, d = _gate(tmp_path, _run())
+    assert code == 0
+    first = next(ln for ln in out.splitlines() if not ln.startswith("wrote "))
+    assert first.startswith("known-findings gate PASS: 3 known findings (their FAIL and PARTIAL verdicts accepted by "
+                            "--known known-findings.toml)"), first
+    assert not first.startswith("FAIL")
+    md = (d / "summary.md").read_text()
+    assert md.splitlines()[0].endswith("**PASS (known-findings gate; 3 known findings)**"), md.splitlines()[0]
+    assert ": PASS (known-findings gate; 3 known findings)</title>" in (d / "report.html").read_text()
+    data = json.loads((d / "run.json").read_text())
+    assert data["verdict"] == data["checks_verdict"] == "FAIL" and data["sections"]["known"]["gate"] == "PASS"
+    assert len(ET.parse(d / "junit.xml").getroot().findall(".//skipped[@type='xfail']")) == 4
+    code, out, _ = _gate(tmp_path, _run(pq5=2.2))  # grown: the gate fails, and says so first
+    first = next(ln for ln in out.splitlines() if not ln.startswith("wrote "))
+    assert code == 1 and first.startswith("known-findings gate FAIL: 2 grown beyond accepted, 1 known finding (its "
+                                    "PARTIAL verdict accepted by --known known-findings.toml)"), first

@@ -148,7 +148,9 @@ _LABEL_COLORS = {**_COLORS, "XFAIL": "#1565c0", "GROWN": "#c62828", "XPASS": "#c
 
 
 def _badge(label: str) -> str:
-    return f"<span class=v style='background:{_LABEL_COLORS.get(label, '#555')}'>{html.escape(label)}</span>"
+    """A verdict badge coloured by the label's first word ('PASS (known-findings gate; ...)' is green)."""
+    color = _LABEL_COLORS.get(label) or _LABEL_COLORS.get(label.split(" ")[0], "#555")
+    return f"<span class=v style='background:{color}'>{html.escape(label)}</span>"
 
 
 def _md_table_html(md: str) -> str:
@@ -213,13 +215,13 @@ def write_html(run: Run, run_dir: Path) -> Path:
     The page opens with the verdict and one plain line per finding (as summary.md), then an overview
     table of the checks, what was measured with what, and then the details.
     """
-    from harness.report.findings import findings, headline, verdict_line
+    from harness.report.findings import findings, gate_summary, headline, verdict_line
     from harness.report.render import _detail_table, known_markdown, plain, run_facts, sweep_setup_line
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    v = run.verdict.value
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>turbo-harness {html.escape(run.run_id)}: {v}</title>",
+    v = gate_summary(run)  # the verdict, or with a known-findings gate the gate's result and the findings it saw
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>turbo-harness {html.escape(run.run_id)}: {html.escape(v)}</title>",
              f"<style>{_CSS}</style></head><body>",
              f"<h1>turbo-harness run {html.escape(run.run_id)} {_badge(v)}</h1>",
              f"<p class=verdict>{html.escape(verdict_line(run))}</p>"]

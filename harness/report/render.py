@@ -215,9 +215,9 @@ def sweep_markdown(section: dict) -> list[str]:
 def markdown(run: Run) -> str:
     """The human summary: the verdict and one plain line per finding first, then the overview table,
     what was measured with what, per-check tables, sections and what was not run."""
-    from harness.report.findings import headline
+    from harness.report.findings import gate_summary, headline
     head = headline(run)
-    lines = [f"# turbo-harness run `{run.run_id}`: **{run.headline}**", ""]
+    lines = [f"# turbo-harness run `{run.run_id}`: **{gate_summary(run)}**", ""]
     if run.interrupted:
         lines += interrupted_lines(run.interrupted, run.interrupted.get("units", "checks")) + [""]
     lines += [f"**{_md_escape(head[0])}**", ""]
