@@ -247,3 +247,27 @@ def test_a_gated_run_that_passes_reads_as_a_pass_with_its_known_findings_named(t
     first = next(ln for ln in out.splitlines() if not ln.startswith("wrote "))
     assert code == 1 and first.startswith("known-findings gate FAIL: 2 grown beyond accepted, 1 known finding (its "
                                     "PARTIAL verdict accepted by --known known-findings.toml)"), first
+
+
+# ------------------------------------------------------------------ 8. scorecard: a gated run as its command exited
+
+def test_scorecard_shows_a_gated_run_as_its_gate_exited_with_its_known_findings(tmp_path):
+    """A `verify --known` run whose gate passed (exit 0) was a FAIL row in the scorecard."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+    from tests.test_known_findings import _gate, _run
+    code, _, d = _gate(tmp_path / "pass", _run())
+    assert code == 0
+    code, _, grown = _gate(tmp_path / "grown", _run(pq5=2.2))
+    assert code == 1
+    r = CliRunner().invoke(cli, ["scorecard", str(d), str(grown), "--out", str(tmp_path / "sc")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "sc" / "scorecard.json").read_text())["rows"]
+    assert rows[0]["verdict"] == "PASS (known-findings gate; 3 known findings)", rows[0]["verdict"]
+    assert rows[1]["verdict"] == "FAIL (known-findings gate; 2 grown, 1 known finding)", rows[1]["verdict"]
+    assert "**PASS (known-findings gate; 3 known findings)**" in (tmp_path / "sc" / "scorecard.md").read_text()
+    from harness.report.html import _LABEL_COLORS
+    page = (tmp_path / "sc" / "scorecard.html").read_text()  # the badge in PASS's colour, not the unknown label's grey
+    assert f"background:{_LABEL_COLORS['PASS']}'>PASS (known-findings gate; 3 known findings)</span>" in page
+    assert r.output.splitlines()[0].startswith("PASS (known-findings gate; 3 known findings)")
