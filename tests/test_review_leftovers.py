@@ -271,3 +271,64 @@ def test_scorecard_shows_a_gated_run_as_its_gate_exited_with_its_known_findings(
     page = (tmp_path / "sc" / "scorecard.html").read_text()  # the badge in PASS's colour, not the unknown label's grey
     assert f"background:{_LABEL_COLORS['PASS']}'>PASS (known-findings gate; 3 known findings)</span>" in page
     assert r.output.splitlines()[0].startswith("PASS (known-findings gate; 3 known findings)")
+
+
+# ------------------------------------------------------------------ 9. an interrupted verify into a full folder
+
+def test_an_interrupted_run_marks_the_earlier_verdicts_of_checks_it_did_not_run(tmp_path, monkeypatch):
+    """verify into a folder with an earlier report, interrupted before PQ3: the report showed the earlier run's PQ3
+    verdict (PASS) in its Verdicts table, its check section, the HTML overview and JUnit like this run's own. They
+    are kept (nothing is lost) and marked as the earlier run's everywhere; JUnit has no passing case of them."""
+    import signal
+    import xml.etree.ElementTree as ET
+
+    import pytest
+
+    from harness import verify as V
+    from harness.interrupt import Interrupted
+    from harness.targets.numpy_target import NumpyTarget
+    out = tmp_path / "r"
+    V.run_checks(NumpyTarget(), ["PQ4", "PQ3"], ["turbo3"], out, log=lambda s: None)
+    was = {c["id"]: c["verdict"] for c in json.loads((out / "run.json").read_text())["checks"]}
+    assert was["PQ3"] == "PASS"
+    calls = []
+
+    def stop_before_pq3():
+        calls.append(1)
+        if len(calls) == 3:  # the loop's check before PQ3 (PQ4 started, PQ4 measured, PQ3 next)
+            raise Interrupted(signal.SIGINT)
+    monkeypatch.setattr(V, "raise_if_pending", stop_before_pq3)
+    from harness.pipeline import load_run
+    logged = []
+    with pytest.raises(Interrupted):
+        V.run_checks(NumpyTarget(), ["PQ4", "PQ3"], ["turbo3"], out, log=logged.append, run=load_run(out))
+    data = json.loads((out / "run.json").read_text())
+    assert data["interrupted"]["not_run"] == ["PQ3"] and data["interrupted"]["earlier"] == {"PQ3": "PASS"}
+    assert sorted(c["id"] for c in data["checks"]) == ["PQ3", "PQ4"]  # kept, not lost
+    assert "it still shows the earlier run's PQ3, marked as earlier" in logged[-1]
+    md = (out / "summary.md").read_text()
+    assert "| **PASS (earlier run, not this one)** |" in md and "## PQ3 " in md
+    assert [ln for ln in md.splitlines() if ln.startswith("## PQ3 ")][0].endswith(": PASS (earlier run, not this one)")
+    assert "- shown from the earlier run in this folder, not this one (marked \"earlier run\"): PQ3 (PASS)" in md
+    assert "INTERRUPTED (partial run, not run: PQ3; PQ3 shown from the earlier run)" in md  # the headline
+    page = (out / "report.html").read_text()
+    assert ">PASS (earlier run, not this one)</span>" in page and "shown from the earlier run in this folder" in page
+    junit = ET.parse(out / "junit.xml").getroot()
+    pq3 = next(s for s in junit.iter("testsuite") if s.get("name") == "PQ3")
+    props = {p.get("name"): p.get("value") for p in pq3.iter("property")}
+    assert props["verdict"] == "PASS (earlier run, not this one)" and "earlier_run" in props
+    cases = list(pq3.iter("testcase"))
+    assert cases and all(len(list(tc)) == 1 for tc in cases)  # every case skipped/failed, none passes as this run's
+    assert all("earlier run's" in (list(tc)[0].get("message") or "") for tc in cases)
+
+
+def test_findings_of_an_earlier_run_are_marked_in_the_headline():
+    from harness.report.findings import headline
+    from tests.test_known_findings import _run
+    run = _run()
+    run.interrupted = {"signal": "SIGINT", "exit_code": 130, "in_progress": None, "not_run": ["PQ5"],
+                       "earlier": {"PQ5": "FAIL"}}
+    lines = headline(run)
+    pq5 = [ln for ln in lines[1:] if " PQ5 " in ln]
+    assert pq5 and all(" PQ5 (earlier run, not this one) turbo4 on " in ln for ln in pq5), pq5
+    assert all("earlier run" not in ln for ln in lines[1:] if " PQ2 " in ln)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from harness.report.model import Cell, Run, Verdict
+from harness.report.model import EARLIER_MARK, Cell, Run, Verdict
 
 MEANINGS_FILE = Path(__file__).resolve().parents[2] / "checks" / "meanings.toml"
 _BAD = (Verdict.PARTIAL, Verdict.FAIL, Verdict.ERROR)
@@ -60,6 +60,7 @@ class Finding:
     accepted: float | None = None
     error: str = ""          # a check-level error (no cell)
     root: int = 0            # the root cause (1-based, harness.report.rootcause) it follows from; 0 for none
+    earlier: bool = False    # a check an interrupted run did not run: the earlier run's finding (Run.earlier)
 
     @property
     def paths(self) -> list[str]:
@@ -81,11 +82,12 @@ class Finding:
     def line(self) -> str:
         """One plain line: label, check, type, paths, value against its limit, the cell's note, what it means."""
         if self.error:
-            return f"ERROR   {self.check}: {self.error}. Means: {meaning(self.check, '-', Verdict.ERROR)}"
+            return (f"ERROR   {self.check}{' ' + EARLIER_MARK if self.earlier else ''}: {self.error}. Means: "
+                    f"{meaning(self.check, '-', Verdict.ERROR)}")
         w = self.worst
         paths = self.paths
         where = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-        head = f"{self.label:<8}{self.check} {self.type} on {where}"
+        head = f"{self.label:<8}{self.check} {EARLIER_MARK + ' ' if self.earlier else ''}{self.type} on {where}"
         if w is not None and w.value is not None:
             how = f"{self.metric} = {fmt(w.value)}" + (f", limit {w.op} {fmt(w.threshold)}" if w.threshold is not None else "")
         else:
@@ -133,7 +135,9 @@ def findings(run: Run) -> list[Finding]:
         out += groups.values()
     from harness.report.rootcause import root_causes
     roots = root_causes(run)
+    stale = run.earlier()
     for f in out:
+        f.earlier = f.check in stale
         f.root = next((i for i, r in enumerate(roots, 1) for x in f.cells if r.covers(f.check, x)), 0)
     order = {"FAIL": 0, "ERROR": 0, "GROWN": 0, "PARTIAL": 1, "XFAIL": 2}
     return sorted(out, key=lambda f: order.get(f.label, 1))
@@ -180,7 +184,8 @@ def verdict_line(run: Run) -> str:
         parts = [f"{counts[k]} {words[k]}" for k in ("FAIL", "GROWN", "ERROR", "PARTIAL", "XFAIL") if k in counts]
         text = f"{v}: " + ", ".join(parts) + (" finding" if sum(counts.values()) == 1 else " findings")
     if run.interrupted:
-        text = f"INTERRUPTED (partial run, not run: {', '.join(run.interrupted.get('not_run') or []) or 'none'}); " + text
+        shown = f"; {', '.join(run.earlier())} shown from the earlier run" if run.earlier() else ""
+        text = f"INTERRUPTED (partial run, not run: {', '.join(run.interrupted.get('not_run') or []) or 'none'}{shown}); " + text
     exam = next((tb for c in run.checks for tb in c.tables if tb.id == "examination" and tb.caption), None)
     if exam is not None:  # which backends ran and which were only read (spec "Every backend, and how it was examined")
         text += f" [{exam.caption[0]}]"

@@ -228,7 +228,10 @@ def write_html(run: Run, run_dir: Path) -> Path:
     if run.interrupted:
         i = run.interrupted
         parts.append(f"<p><b>INTERRUPTED</b> by {html.escape(str(i.get('signal')))} (exit code {i.get('exit_code')}): "
-                     f"partial report; not run: {html.escape(', '.join(i.get('not_run') or []) or 'none')}</p>")
+                     f"partial report; not run: {html.escape(', '.join(i.get('not_run') or []) or 'none')}"
+                     + (f"; shown from the earlier run in this folder, not this one: "
+                        f"{html.escape(', '.join(f'{k} ({v})' for k, v in run.earlier().items()))}" if run.earlier() else "")
+                     + "</p>")
     items = [("ROOT", ln[4:].strip()) for ln in headline(run) if ln.startswith("ROOT ")]  # root causes first
     items += [(f.label, f.line()[len(f.label):].strip()) for f in findings(run)]
     items += [("XPASS", ln[5:].strip()) for ln in headline(run) if ln.startswith("XPASS")]
@@ -246,7 +249,7 @@ def write_html(run: Run, run_dir: Path) -> Path:
     for c in run.checks:
         n = {x: sum(1 for y in c.cells if y.verdict.value == x) for x in ("PASS", "PARTIAL", "FAIL", "SKIP", "ERROR")}
         parts.append(f"<tr><td><a href='#{html.escape(c.id)}'>{html.escape(c.id)}</a> {html.escape(c.title)}</td>"
-                     f"<td>{_badge(c.verdict.value)}</td>" + "".join(f"<td>{n[x]}</td>" for x in n)
+                     f"<td>{_badge(run.verdict_label(c))}</td>" + "".join(f"<td>{n[x]}</td>" for x in n)
                      + f"<td>{c.duration_s:.1f}</td></tr>")
     parts.append("</table>")
     parts.append("<h2>Run</h2><table class=meta>" + "".join(
@@ -262,7 +265,7 @@ def write_html(run: Run, run_dir: Path) -> Path:
     from harness.report.plots import check_plots
     parts += [_figure(name, p, f"plots/{p.name}") for name, p in check_plots(run, run_dir / "plots").items()]
     for c in run.checks:
-        cv = c.verdict.value
+        cv = run.verdict_label(c)
         parts.append(f"<h2 id='{html.escape(c.id)}'>{html.escape(c.id)}: {html.escape(c.title)} {_badge(cv)}</h2>")
         if c.error:
             parts.append(f"<p><b>error:</b> {html.escape(c.error)}</p>")
