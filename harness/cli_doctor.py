@@ -73,7 +73,7 @@ def doctor(fork_dir):
             try:
                 fb.check_provenance(bdir, fork, meta, st)
                 if meta:
-                    line("  provenance", f"built from this checkout ({fb.source_label(meta.get('fork_commit'), meta.get('fork_dirty'), meta.get('fork_diff_sha256'))})")
+                    line("  provenance", _provenance_line(meta, fork))
                 else:  # not a mismatch, but reports from it cannot name their commit: said, not fatal
                     click.echo(f"--    {'provenance':12s} not recorded ({fb.BUILD_META} missing): reports will name the fork "
                                f"commit as unknown; rebuild with `turbo-harness build` to record it")
@@ -111,6 +111,17 @@ def doctor(fork_dir):
     except HarnessError as e:
         click.echo(f"--  {'corpus':14s} not found (needed by sweep only): {e}")
     sys.exit(0 if ok else 2)
+
+
+def _provenance_line(meta: dict, fork: Path) -> str:
+    """What a build whose provenance matches the checkout ``fork`` was built from, truly: 'built from this checkout'
+    only when its record names this folder; a build of another folder at the same commit and diff (a second clone, a
+    shared TURBO_BUILD_ROOT) names that folder."""
+    label = fb.source_label(meta.get("fork_commit"), meta.get("fork_dirty"), meta.get("fork_diff_sha256"))
+    built = meta.get("fork_dir")
+    if built and Path(built).resolve() != Path(fork).resolve():
+        return f"built from {built} ({label}): the same commit and diff as this fork checkout, not this folder"
+    return f"built from this fork checkout ({label})" if built else f"built from fork {label}, the same as this checkout (no folder recorded)"
 
 
 def _fork_line(fork: Path, st: dict) -> str:

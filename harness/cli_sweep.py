@@ -18,16 +18,7 @@ import click
 from harness.cli_types import AtLeast, BackendName, CommaList, ModelArg, ReportDir, Seconds
 from harness.errors import HarnessError
 from harness.fork import backends
-
-
-def _ints(s: str, opt: str = "--depths") -> tuple[int, ...]:
-    try:
-        vals = tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise HarnessError(f"{opt} {s!r}: give comma-separated integers, e.g. 0,256") from None
-    if not vals or min(vals) < 0:
-        raise HarnessError(f"{opt} {s!r}: give comma-separated non-negative integers, e.g. 0,256")
-    return vals
+from harness.sweep_inputs import ints as _ints
 
 
 def _pairs(s: str):
@@ -49,9 +40,10 @@ def _backends(s: str):
 
 
 def _kld_depths(s: str):
-    """--kld-depths checked while parsing: non-negative integers the depth runner accepts."""
-    from harness.runners.depth import check_depths
-    check_depths(tuple(sorted(set(_ints(s, "--kld-depths")))))
+    """--kld-depths checked while parsing: non-negative integers, each once, that the depth runner accepts whatever
+    the model (harness.runners.depth.check_depth_values); the rest is checked with the model (sweep_inputs)."""
+    from harness.runners.depth import check_depth_values
+    check_depth_values(_ints(s, "--kld-depths"))
 
 
 def _default_depth_pairs() -> str:
@@ -84,6 +76,7 @@ def build_run(result, run_id: str, argv: list[str]):
     meta = {**result.meta, "harness_version": __version__, "command_line": " ".join(argv),
             "python": platform.python_version(), "host": platform.node(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "jobs_run": result.jobs_run, "jobs_cached": result.jobs_cached,
+            "jobs_failed": result.jobs_failed,
             "sweep_seconds": round(result.seconds, 1), "target_backend": cfg.backend,
             "backends_run": backends_run(cfg, bmeta.get("backend")),
             "gpu": gpu_info(), "cxx_compiler": bmeta.get("cxx_compiler") or result.meta.get("compiler") or None,
@@ -225,6 +218,14 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         bdir = rpc_build_dir(names, endpoints, build_dir) or bdir  # --backends with rpcN: the build with ggml RPC
         if build_dir is None and not (bdir / "bin" / "llama-perplexity").is_file() and backend != detect_backend():
             raise HarnessError(f"--backend {backend}: no {backend} build in {bdir}; {usage.backend_fix(backend)}")
+        if ngl and backend == "cpu" and not endpoints and not names:  # GPU defaults for a build that cannot use them
+            from harness.runners.offload import build_gpu_backends
+            if not build_gpu_backends(bdir):
+                gpus = "|".join(b.name for b in backends.TABLE if b.name != "cpu")
+                raise HarnessError(f"--ngl {ngl}: the cpu build {bdir} has no GPU backend to offload layers to (every "
+                                   f"layer would run on the CPU, sized by the GPU defaults): drop --ngl, or give "
+                                   f"--backend {gpus} with a build of it (`BACKEND=<name> make build` on a machine with "
+                                   f"that GPU), or offload to an rpc-server with --rpc HOST:PORT")
         if endpoints and not fb_has_rpc(bdir):
             raise HarnessError(f"--rpc needs a build with ggml's RPC backend, and {bdir} has none: rebuild it with "
                                f"`turbo-harness build --rpc` (or `make build RPC=1`)")
@@ -244,10 +245,17 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             n_prompt=dflt["n_prompt"], n_gen=dflt["n_gen"], threads=threads or (os.cpu_count() or 1), ngl=ngl,
             batch=batch or 0, ubatch=ubatch or 0, fresh=fresh, fork_defaults=fork_defaults,
             timeout=dflt["timeout"] if timeout is None else timeout, bench=not no_bench, rpc=endpoints)
-        _decode_depth_options(cfg, decode_prompts, decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs)
-        _check_inputs(cfg)
+        from harness.sweep_inputs import check_inputs, decode_depth_options
+        decode_depth_options(cfg, decode_prompts, decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs)
+        check_inputs(cfg, given=tuple(o for o, v in (("--depths", depths), ("--kld-depths", kld_depths)) if v is not None))
         run_id = time.strftime("sweep-%Y%m%d-%H%M%S")
         run_dir, _ = pipeline.prepare_run_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / run_id, "sweep")
+        from harness.sweep_inputs import keep_earlier_pairs
+        kept = keep_earlier_pairs(run_dir, cfg, names)  # the earlier sweep's pairs stay in the report (same settings)
+        if kept:
+            click.echo(f"note: {run_dir} holds a sweep of the same model, corpus, ctx, chunks and backend: its pairs "
+                       f"{', '.join(kept)} stay in the report (from the job cache; measured again where it lacks them)",
+                       err=True)
         if not no_baselines:
             cfg.pairs, cfg.baselines_added = with_baselines(cfg.pairs)
             if cfg.baselines_added:
@@ -302,71 +310,10 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         if isinstance(run.sections.get(name), dict) and run.sections[name].get("markdown"):
             click.echo("\n" + run.sections[name]["markdown"])
     cr = run.checks[0]
-    click.echo(f"SWEEP {cr.verdict.value}: {result.jobs_run} jobs run, {result.jobs_cached} cached, "
+    failed = f" ({result.jobs_failed} failed: never cached, a rerun runs them again)" if result.jobs_failed else ""
+    click.echo(f"SWEEP {cr.verdict.value}: {result.jobs_run} jobs run{failed}, {result.jobs_cached} cached, "
                f"{result.seconds:.1f} s; report {paths['report.html']}")
     sys.exit(code)
-
-
-def _decode_depth_options(cfg, prompts, tokens, prompt_tokens, kld_depths, depth_pairs) -> None:
-    """Set the decode-agreement and depth settings of ``cfg`` from the options (defaults: harness/runners/decode.py
-    DECODE_DEFAULTS, harness/runners/depth.py CPU_DEPTHS/GPU_DEPTHS/DEPTH_PAIRS); the numbers' minima were checked
-    while parsing (harness.cli_types.AtLeast). Raises HarnessError for bad depths."""
-    from harness.runners.decode import DECODE_DEFAULTS
-    from harness.runners.depth import CPU_DEPTHS, DEPTH_PAIRS, GPU_DEPTHS, check_depths
-    from harness.runners.sweep import parse_pairs
-    cfg.decode_prompts = DECODE_DEFAULTS["prompts"] if prompts is None else prompts
-    cfg.decode_n_gen = DECODE_DEFAULTS["n_gen"] if tokens is None else tokens
-    cfg.decode_n_prompt = DECODE_DEFAULTS["n_prompt"] if prompt_tokens is None else prompt_tokens
-    if kld_depths is not None and kld_depths.strip().lower() in ("none", "off"):
-        cfg.kld_depths = ()
-    else:
-        cfg.kld_depths = (tuple(sorted(set(_ints(kld_depths, "--kld-depths")))) if kld_depths is not None
-                          else (CPU_DEPTHS if cfg.ngl == 0 else GPU_DEPTHS))
-        check_depths(cfg.kld_depths)
-    cfg.depth_pairs = parse_pairs(depth_pairs or DEPTH_PAIRS) if cfg.kld_depths else []
-
-
-def _check_inputs(cfg) -> None:
-    """Before any tool runs: the context fits the model's trained length (bench depths too) and the corpus
-    is UTF-8 text long enough for ctx x chunks, the model is a readable GGUF, the cache types exist, and ctx x chunks
-    gives llama-perplexity the 100 scored tokens it needs to print KLD (harness.runners.sweep_config.check_kld_size)."""
-    from harness.runners import sweep as sweep_runner
-    sweep_runner.check_kld_size(cfg.ctx, cfg.chunks)
-    from harness.runners.inputs import check_corpus, read_model_info
-    try:
-        known = set(sweep_runner.type_traits(str(cfg.bdir)))
-    except HarnessError:
-        known = set()  # the build cannot be read here: the sweep reports it
-    bad = [t for k, v in cfg.pairs for t in sweep_runner.split_pair(k, v)[:2] if known and t not in known]
-    bad_d = [t for k, v in cfg.depth_pairs for t in sweep_runner.split_pair(k, v)[:2] if known and t not in known]
-    if bad or bad_d:
-        raise HarnessError(f"{'--pairs' if bad else '--depth-pairs'}: unknown cache type {(bad or bad_d)[0]!r}: this build knows "
-                           f"{', '.join(t for t in sorted(known) if t.startswith(('f1', 'bf', 'q4', 'q5', 'q8', 'iq4', 'turbo')))}")
-    info = read_model_info(cfg.model)  # a missing or non-GGUF model: one line, before anything runs
-    if info.n_ctx_train:
-        if cfg.ctx > info.n_ctx_train:
-            raise HarnessError(f"--ctx {cfg.ctx} is beyond the {info.n_ctx_train} tokens {info.name} was trained for "
-                               f"({info.arch}.context_length in {Path(cfg.model).name}): give --ctx {info.n_ctx_train} or less")
-        deepest = max(cfg.depths) + max(cfg.n_prompt, cfg.n_gen)
-        if cfg.bench and deepest > info.n_ctx_train:
-            raise HarnessError(f"--depths {max(cfg.depths)} plus the {max(cfg.n_prompt, cfg.n_gen)}-token bench test is beyond the "
-                               f"{info.n_ctx_train} tokens {info.name} was trained for: give smaller --depths or --no-bench")
-        if cfg.kld_depths and max(cfg.kld_depths) > info.n_ctx_train:
-            raise HarnessError(f"--kld-depths {max(cfg.kld_depths)} is beyond the {info.n_ctx_train} tokens {info.name} was "
-                               f"trained for: give lengths up to {info.n_ctx_train} (or --kld-depths none)")
-        if cfg.decode_prompts and cfg.decode_n_prompt + cfg.decode_n_gen > info.n_ctx_train:
-            raise HarnessError(f"--decode-prompt-tokens {cfg.decode_n_prompt} + --decode-tokens {cfg.decode_n_gen} is beyond "
-                               f"the {info.n_ctx_train} tokens {info.name} was trained for: give fewer tokens")
-    check_corpus(cfg.corpus, cfg.ctx, cfg.chunks)
-    if cfg.kld_depths:
-        from harness.runners.depth import depth_tokens
-        try:
-            check_corpus(cfg.corpus, max(cfg.kld_depths), depth_tokens(cfg.kld_depths) // max(cfg.kld_depths))
-        except HarnessError as e:
-            raise HarnessError(f"{e} (for --kld-depths {','.join(map(str, cfg.kld_depths))}; or --kld-depths none)") from None
-    if cfg.decode_prompts:
-        from harness.runners.decode import corpus_prompts
-        corpus_prompts(cfg.corpus, cfg.decode_prompts, cfg.decode_n_prompt)
 
 
 @click.command("sweep-compare")
@@ -381,6 +328,12 @@ def sweep_compare(run_dirs, out_dir):
     from harness.fork.build import REPO_ROOT
     from harness.report.compare import compare_warnings, write_compare
     try:
+        seen = {}
+        for d in run_dirs:  # the same sweep twice compares nothing: said, not drawn as two models
+            if Path(d).resolve() in seen:
+                raise HarnessError(f"{d} is given twice (as {seen[Path(d).resolve()]} before): give each sweep report "
+                                   f"folder once")
+            seen[Path(d).resolve()] = d
         if out_dir is not None and (Path(out_dir) / "run.json").is_file():  # a verify or sweep report: never written into
             raise HarnessError(f"--out {out_dir} holds a turbo-harness run report (run.json): sweep-compare does not "
                                f"write into report folders; give a new folder, e.g. --out reports/compare")

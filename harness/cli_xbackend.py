@@ -183,7 +183,8 @@ def _report(res, sides, opts: CrossOptions, argv: list[str]) -> int:
     click.echo(sec["markdown"])
     for side in sides:
         click.echo(own_sweep_line(side.backend, runs[side.backend], opts.run_dir / side.backend / "summary.md"))
-    click.echo(f"XBACKEND {cr.verdict.value}: {res.jobs_run} jobs run, {res.jobs_cached} cached, {res.seconds:.1f} s; "
+    failed = f" ({res.jobs_failed} failed)" if res.jobs_failed else ""
+    click.echo(f"XBACKEND {cr.verdict.value}: {res.jobs_run} jobs run{failed}, {res.jobs_cached} cached, {res.seconds:.1f} s; "
                f"report {opts.run_dir / 'summary.md'}")
     return max(codes, key=lambda c: (c in (130, 143), c))
 
@@ -262,7 +263,7 @@ def _top_run(res, cr, sec, opts: CrossOptions, argv: list[str]):
             "sides": {s.backend: res.sweeps[s.backend].meta.get("pinned", s.pinned()) | {"build_dir": str(s.bdir)}
                       for s in res.config.sides if s.backend in res.sweeps},
             "load_start": res.load_start, "load_end": res.load_end, "model_passes": res.passes,
-            "jobs_run": res.jobs_run, "jobs_cached": res.jobs_cached, "sweep_seconds": round(res.seconds, 1)}
+            "jobs_run": res.jobs_run, "jobs_cached": res.jobs_cached, "jobs_failed": res.jobs_failed, "sweep_seconds": round(res.seconds, 1)}
     run = Run(run_id=opts.run_dir.name, meta=meta, interrupted=res.interrupted)
     run.checks.append(cr)
     run.sections["xbackend"] = sec

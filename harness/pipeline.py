@@ -54,8 +54,9 @@ SWEEP_IDS = ("SWEEP", "XBACKEND")  # the checks of sweep reports (one backend, o
 def prepare_run_dir(run_dir: Path, kind: str, option: str = "--out") -> tuple[Path, Run | None]:
     """Make sure a report of ``kind`` can be written into ``run_dir`` and say what is there already.
 
-    A checks report is added to an earlier checks report in the folder (returned, to be merged); a sweep report
-    replaces an earlier sweep report (None is returned). A folder holding the other kind of report is refused.
+    A checks report is added to an earlier checks report in the folder (returned, to be merged); for a sweep None is
+    returned: the sweep command keeps an earlier sweep's pairs itself, or refuses one of other settings
+    (:func:`harness.sweep_inputs.keep_earlier_pairs`). A folder holding the other kind of report is refused.
 
     Returns:
         (run_dir, the earlier checks report to add to, or None).

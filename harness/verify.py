@@ -213,9 +213,12 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
     except Interrupted as e:
         acknowledge()
         not_run = [c for c in check_ids if c not in finished]
-        run.interrupted = {"signal": e.name, "exit_code": e.exit_code, "in_progress": current, "not_run": not_run}
+        earlier = {c.id: c.verdict.value for c in run.checks if c.id in not_run}  # from the report in the folder
+        run.interrupted = {"signal": e.name, "exit_code": e.exit_code, "in_progress": current, "not_run": not_run,
+                           **({"earlier": earlier} if earlier else {})}
         write_all(run, run_dir)
-        log(f"INTERRUPTED by {e.name}: not run {', '.join(not_run) or 'none'}; partial report in {run_dir}")
+        log(f"INTERRUPTED by {e.name}: not run {', '.join(not_run) or 'none'}; partial report in {run_dir}"
+            + (f" (it still shows the earlier run's {', '.join(earlier)}, marked as earlier)" if earlier else ""))
         raise
     return run
 

@@ -649,7 +649,8 @@ def test_sweep_job_whose_tool_did_not_reach_the_server_is_an_error_never_a_resul
                       rpc=["127.0.0.1:50052"])
     tools(fail=True)
     res = run_sweep(cfg, progress=False, log=lambda s: None, traits=TRAITS)
-    assert res.jobs_run == 0 and not res.base.ok and "could not reach the rpc-server at 127.0.0.1:50052" in res.base.error
+    assert not res.base.ok and "could not reach the rpc-server at 127.0.0.1:50052" in res.base.error
+    assert res.jobs_run == res.jobs_failed == 2  # the baseline and the bench ran and failed; ppl had no baseline
     bench = res.bench["turbo3/turbo3"]
     assert not bench.ok and "nothing was measured remotely" in bench.error
     assert not res.ppl["turbo3/turbo3"].ok

@@ -91,12 +91,12 @@ def test_within_noise_counts_as_not_worse_and_more_bits_is_not_equal_memory():
 
 def test_default_pairs_pass_the_cli_type_check(fake, monkeypatch):  # noqa: F811
     """The default sweep holds q4_0/q4_0+rot: the up-front type check must read it as q4_0 (a regression once)."""
-    from harness import cli_sweep
+    from harness import sweep_inputs
     from harness.runners import sweep as S
     monkeypatch.setattr(S, "type_traits", lambda bdir: TRAITS)
     cfg = fake.cfg(S.DEFAULT_PAIRS, bench=False)
     assert ("q4_0", "q4_0+rot") in cfg.pairs
-    cli_sweep._check_inputs(cfg)  # raises HarnessError on an unknown type
+    sweep_inputs.check_inputs(cfg)  # raises HarnessError on an unknown type
     bad = fake.cfg("q4_0/q9_9+rot", bench=False)
     with pytest.raises(HarnessError, match="unknown cache type 'q9_9'"):
-        cli_sweep._check_inputs(bad)
+        sweep_inputs.check_inputs(bad)

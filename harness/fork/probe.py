@@ -46,13 +46,13 @@ def build_probe(bdir: Path, fork: Path, force: bool = False) -> Path:
         bdir: a fork build folder holding ``bin/libggml*.so`` (or .dylib).
         fork: the fork checkout (for headers).
     Returns:
-        Path of the probe shared library, rebuilt when the libs are newer or the probe's sources differ from the
-        ones it was built from (their digest is kept beside it: a library of another harness version, with other
-        entry points, is never taken for this one's because of file times).
+        Path of the probe shared library, rebuilt when the libs are newer or what it is built from differs (the
+        digest of :func:`probe_digest` is kept beside it: a library of another harness version, with other entry
+        points, is never taken for this one's because of file times; checkouts of the same harness sharing a build
+        root share its probe).
     Raises:
         HarnessError: no compiler, or the compile failed (message quotes the first error).
     """
-    import hashlib
     bdir = Path(bdir)
     libdir = bdir / "bin"
     out = bdir / "turbo-probe" / LIBNAME
@@ -62,7 +62,7 @@ def build_probe(bdir: Path, fork: Path, force: bool = False) -> Path:
     inc = Path(fork) / "ggml" / "include"
     args = ["-shared", "-fPIC", f"-DTP_WHT_NARGS={wht_nargs(fork)}", *(str(p) for p in PROBE_SOURCES[:2]), f"-I{inc}",
             "-lggml", "-lggml-base", "-lggml-cpu"]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in PROBE_SOURCES) + " ".join(args).encode()).hexdigest()
+    digest = probe_digest(bdir, fork, [a for a in args if not a.startswith("-I") and a not in map(str, PROBE_SOURCES)])
     stamp = out.with_name(out.name + ".sources")
     fresh = out.is_file() and out.stat().st_mtime >= max(p.stat().st_mtime for p in libs)
     if fresh and not force and stamp.is_file() and stamp.read_text().strip() == digest:
@@ -70,6 +70,41 @@ def build_probe(bdir: Path, fork: Path, force: bool = False) -> Path:
     compile_c("the native probe", fork, libdir, out, args)
     stamp.write_text(digest + "\n")
     return out
+
+
+def probe_digest(bdir: Path, fork: Path, flags: list[str]) -> str:
+    """SHA-256 (hex) of what the probe library is built from, by content only: the probe's sources, the fork's ggml
+    headers (``ggml/include/*.h``), the compile flags without paths (``flags``), the C compiler (``$CC`` or cc, and
+    the first line of its ``--version``) and the build's recorded provenance (fork commit, dirty state, diff SHA-256
+    and CMake options from ``turbo-harness-build.json``). No absolute path of the harness checkout or of the fork
+    enters it: two checkouts of one harness version sharing a build root (``TURBO_BUILD_ROOT``) reuse the probe
+    instead of recompiling it in turn."""
+    import hashlib
+    from harness.fork.provenance import read_build_meta
+    h = hashlib.sha256()
+    for p in PROBE_SOURCES:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    for p in sorted((Path(fork) / "ggml" / "include").glob("*.h")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    h.update(" ".join(flags).encode() + b"\0" + _compiler_id().encode())
+    meta = read_build_meta(bdir)
+    h.update(repr([meta.get(k) for k in ("fork_commit", "fork_dirty", "fork_diff_sha256", "cmake_options")]).encode())
+    return h.hexdigest()
+
+
+_CC_IDS: dict[str, str] = {}
+
+
+def _compiler_id() -> str:
+    """'<compiler name>: <first line of its --version>' for the C compiler :func:`compile_c` uses (memoised)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang") or ""
+    if cc not in _CC_IDS:
+        try:
+            out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        _CC_IDS[cc] = f"{Path(cc).name}: {(out.splitlines() or ['?'])[0]}"
+    return _CC_IDS[cc]
 
 
 # A one-file compile takes well under a second; a compiler that hangs (a stuck wrapper, a licence server) is stopped.

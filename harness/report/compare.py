@@ -64,7 +64,24 @@ def load_sweep(run_dir: Path) -> dict:
     return {"dir": str(run_dir), "model": model, "model_file": meta.get("model", ""), "shape": shape, "rows": sec["rows"],
             "vs_q4_0": vs, "decode": dec, "pinned": pinned, "backend": backend, "label": f"{model} on {backend}",
             "model_sha256": meta.get("model_sha256"), "corpus_sha256": meta.get("corpus_sha256"),
-            "corpus": meta.get("corpus", "")}
+            "corpus": meta.get("corpus", ""), "unfinished": unfinished(d)}
+
+
+def unfinished(d: dict) -> str:
+    """Why the sweep report ``d`` (its run.json) is not a finished, judged sweep, or '' when it is: 'INTERRUPTED by
+    SIGINT (jobs not run: ...)' for a partial run, 'judged nothing (...)' when no cell is PASS, PARTIAL or FAIL (a
+    sweep without q8_0/q8_0, or whose every job failed). Its figures are shown, but never as a finished comparison."""
+    i = d.get("interrupted")
+    if isinstance(i, dict) or d.get("verdict") == "INTERRUPTED":
+        i = i if isinstance(i, dict) else {}
+        not_run = [str(x) for x in i.get("not_run") or []]
+        return (f"INTERRUPTED by {i.get('signal', 'a signal')} (jobs not run: "
+                f"{', '.join(not_run[:4]) + (f' and {len(not_run) - 4} more' if len(not_run) > 4 else '') or 'none listed'})")
+    cells = [c for ch in d.get("checks") or [] if isinstance(ch, dict) for c in ch.get("cells") or [] if isinstance(c, dict)]
+    if not any(c.get("verdict") in ("PASS", "PARTIAL", "FAIL") for c in cells):
+        why = next((str(c.get("caveat")) for c in cells if c.get("caveat")), "") or f"verdict {d.get('checks_verdict', '?')}"
+        return f"judged nothing ({why[:160]})"
+    return ""
 
 
 def sweep_mismatches(sweeps: list[dict]) -> list[str]:
@@ -79,6 +96,9 @@ def sweep_mismatches(sweeps: list[dict]) -> list[str]:
         vals = {s["label"] + f" ({s['dir']})": get(s) for s in sweeps}
         if len(set(map(str, vals.values()))) > 1:
             out.append(f"the sweeps differ in {what}: " + "; ".join(f"{k}: {v}" for k, v in vals.items()))
+    out += [f"the sweep {s['label']} ({s['dir']}) is not finished: {s['unfinished']}; its figures are partial and its "
+            f"verdicts are not a finished comparison: finish it (rerun its sweep command) and compare again"
+            for s in sweeps if s["unfinished"]]
     by_model: dict[str, set] = {}
     for s in sweeps:
         by_model.setdefault(s["model"], set()).add(s["model_sha256"] or "?")
@@ -97,11 +117,14 @@ def compare_markdown(sweeps: list[dict]) -> str:
     lines = ["# Sweeps side by side", ""]
     bad = sweep_mismatches(sweeps)
     if bad:
-        lines += ["**Warning: these sweeps are not directly comparable.**", ""] + [f"- {b}" for b in bad] + [""]
+        lines += [f"**Warning: these sweeps are not directly comparable"
+                  f"{', or not finished' if any(s['unfinished'] for s in sweeps) else ''}.**", ""] + [f"- {b}" for b in bad] + [""]
     for s in sweeps:
         p = s["pinned"]
-        lines += [f"## {s['label']} ({s['shape']})", "",
-                  f"From `{s['dir']}`: ctx {p.get('ctx')} x {p.get('chunks')} chunks, backend {p.get('backend')}.", "",
+        lines += [f"## {s['label']} ({s['shape']})" + (" (NOT FINISHED)" if s["unfinished"] else ""), "",
+                  f"From `{s['dir']}`: ctx {p.get('ctx')} x {p.get('chunks')} chunks, backend {p.get('backend')}."
+                  + (f" **This sweep {s['unfinished']}**: its verdicts are marked, none is a finished PASS." if s["unfinished"]
+                     else ""), "",
                   "| pair | PPL ± se | KLD ± se | top-1 % | bits / real value | vs q4_0 | vs q4_0+rot | decode agree % | first divergence |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in s["rows"]:
@@ -110,7 +133,9 @@ def compare_markdown(sweeps: list[dict]) -> str:
             lines.append(f"| {r['pair']} | {f(r.get('ppl'), '.2f')} ± {f(r.get('ppl_se'), '.2f')} | "
                          f"{f(kld_shown(r.get('kld')), '.4f')} ± {f(r.get('kld_se'), '.4f')} | {f(r.get('same_top_p_pct'), '.1f')} | "
                          f"{f(r.get('bits_per_value'), '.3f')} | " + " | ".join(
-                             s["vs_q4_0"].get((r["pair"], b), "-") for b in BASELINES)
+                             s["vs_q4_0"].get((r["pair"], b), "-") + (" (unfinished sweep)" if s["unfinished"] and
+                                                                      (r["pair"], b) in s["vs_q4_0"] else "")
+                             for b in BASELINES)
                          + f" | {f(dec.get('agree_pct'), '.0f')} | {fd} |")
         lines.append("")
     lines += ["vs q4_0: PASS = the turbo pair is not worse in KLD (2 se) at the same or fewer bits per real value; "
@@ -148,7 +173,8 @@ def compare_plot(sweeps: list[dict], out: Path) -> Path:
         col = f"C{i % 10}"
         front = pareto_front(pts)  # the model's line: the lowest KLD reachable at that many bits or fewer
         ax.plot([r["bits_per_value"] for r in front], [max(r["kld"], 1e-5) for r in front], "-", color=col, lw=1.2,
-                alpha=0.7, label=f"{s['label']}, ctx {s['pinned'].get('ctx')} x {s['pinned'].get('chunks')} ({s['shape']})")
+                alpha=0.7, label=f"{s['label']}, ctx {s['pinned'].get('ctx')} x {s['pinned'].get('chunks')} ({s['shape']})"
+                + (" NOT FINISHED" if s["unfinished"] else ""))
         for r in pts:
             ax.errorbar(r["bits_per_value"], max(r["kld"], 1e-5), yerr=r.get("kld_se") or 0, fmt=markers[r["pair"]],
                         color=col, capsize=2, ms=7, mfc="none" if r["pair"].endswith("+rot") else col)

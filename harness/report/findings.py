@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from harness.report.model import Cell, Run, Verdict
+from harness.report.model import EARLIER_MARK, Cell, Run, Verdict
 
 MEANINGS_FILE = Path(__file__).resolve().parents[2] / "checks" / "meanings.toml"
 _BAD = (Verdict.PARTIAL, Verdict.FAIL, Verdict.ERROR)
@@ -60,6 +60,7 @@ class Finding:
     accepted: float | None = None
     error: str = ""          # a check-level error (no cell)
     root: int = 0            # the root cause (1-based, harness.report.rootcause) it follows from; 0 for none
+    earlier: bool = False    # a check an interrupted run did not run: the earlier run's finding (Run.earlier)
 
     @property
     def paths(self) -> list[str]:
@@ -81,11 +82,12 @@ class Finding:
     def line(self) -> str:
         """One plain line: label, check, type, paths, value against its limit, the cell's note, what it means."""
         if self.error:
-            return f"ERROR   {self.check}: {self.error}. Means: {meaning(self.check, '-', Verdict.ERROR)}"
+            return (f"ERROR   {self.check}{' ' + EARLIER_MARK if self.earlier else ''}: {self.error}. Means: "
+                    f"{meaning(self.check, '-', Verdict.ERROR)}")
         w = self.worst
         paths = self.paths
         where = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-        head = f"{self.label:<8}{self.check} {self.type} on {where}"
+        head = f"{self.label:<8}{self.check} {EARLIER_MARK + ' ' if self.earlier else ''}{self.type} on {where}"
         if w is not None and w.value is not None:
             how = f"{self.metric} = {fmt(w.value)}" + (f", limit {w.op} {fmt(w.threshold)}" if w.threshold is not None else "")
         else:
@@ -133,7 +135,9 @@ def findings(run: Run) -> list[Finding]:
         out += groups.values()
     from harness.report.rootcause import root_causes
     roots = root_causes(run)
+    stale = run.earlier()
     for f in out:
+        f.earlier = f.check in stale
         f.root = next((i for i, r in enumerate(roots, 1) for x in f.cells if r.covers(f.check, x)), 0)
     order = {"FAIL": 0, "ERROR": 0, "GROWN": 0, "PARTIAL": 1, "XFAIL": 2}
     return sorted(out, key=lambda f: order.get(f.label, 1))
@@ -145,32 +149,68 @@ def root_lines(run: Run) -> list[str]:
     return [f"ROOT {i}  {r.text}" for i, r in enumerate(root_causes(run), 1) if r.text]
 
 
+def _n(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def verdict_line(run: Run) -> str:
-    """'FAIL: 1 failing, 1 partial finding' (or 'PASS: every judged cell passed'), plus the gate when
-    a known-findings file was applied."""
+    """'FAIL: 1 failing, 1 partial finding' (or 'PASS: every judged cell passed'). With a known-findings file applied
+    the gate leads, as the command's exit code does, and the known findings are named with the verdicts it accepted:
+    'known-findings gate PASS: 5 known findings (their FAIL and PARTIAL verdicts accepted by --known k.toml)'."""
     fs = findings(run)
     v = run.verdict.value
-    if not fs:
+    counts: dict[str, int] = {}
+    for f in fs:
+        counts[f.label] = counts.get(f.label, 0) + 1
+    words = {"FAIL": "failing", "ERROR": "not measured (ERROR)", "GROWN": "grown beyond accepted",
+             "PARTIAL": "partial", "XFAIL": "expected (known)"}
+    known = run.sections.get("known")
+    gate = known.get("gate") if isinstance(known, dict) else None
+    if gate:  # the gate's result first; what it accepted named, never hidden
+        accepted = [x for x in ("FAIL", "ERROR", "PARTIAL") if any(f.label == "XFAIL" and f.verdict.value == x for f in fs)]
+        words.update(FAIL="new failing", PARTIAL="new partial")  # any finding not in the file is new
+        parts = [f"{counts[k]} {words[k]}" for k in ("FAIL", "GROWN", "ERROR", "PARTIAL") if k in counts]
+        xpass = int((known.get("counts") or {}).get("xpass") or 0)
+        parts += [f"{xpass} fixed (XPASS: remove from the file)"] if xpass else []
+        if counts.get("XFAIL"):
+            its = "its" if counts["XFAIL"] == 1 else "their"
+            parts.append(f"{_n(counts['XFAIL'], 'known finding')} ({its} {' and '.join(accepted)} verdict"
+                         f"{'' if counts['XFAIL'] == 1 else 's'} accepted by --known {Path(str(known.get('file') or '?')).name})")
+        text = f"known-findings gate {gate}: " + (", ".join(parts) if parts else (
+            "every judged cell passed" if v == "PASS" else "nothing was judged"))
+    elif not fs:
         text = f"{v}: every judged cell passed" if v == "PASS" else f"{v}: nothing was judged"
     else:
-        counts: dict[str, int] = {}
-        for f in fs:
-            counts[f.label] = counts.get(f.label, 0) + 1
-        words = {"FAIL": "failing", "ERROR": "not measured (ERROR)", "GROWN": "grown beyond accepted",
-                 "PARTIAL": "partial", "XFAIL": "expected (known)"}
         parts = [f"{counts[k]} {words[k]}" for k in ("FAIL", "GROWN", "ERROR", "PARTIAL", "XFAIL") if k in counts]
         text = f"{v}: " + ", ".join(parts) + (" finding" if sum(counts.values()) == 1 else " findings")
     if run.interrupted:
-        text = f"INTERRUPTED (partial run, not run: {', '.join(run.interrupted.get('not_run') or []) or 'none'}); " + text
-    known = run.sections.get("known")
-    if isinstance(known, dict) and known.get("gate"):
-        text += f"; known-findings gate {known['gate']}"
+        shown = f"; {', '.join(run.earlier())} shown from the earlier run" if run.earlier() else ""
+        text = f"INTERRUPTED (partial run, not run: {', '.join(run.interrupted.get('not_run') or []) or 'none'}{shown}); " + text
     exam = next((tb for c in run.checks for tb in c.tables if tb.id == "examination" and tb.caption), None)
     if exam is not None:  # which backends ran and which were only read (spec "Every backend, and how it was examined")
         text += f" [{exam.caption[0]}]"
     elif isinstance(run.meta.get("backend_modes"), dict) and run.meta["backend_modes"]:
         text += f" [{_modes_line(run.meta)}]"  # no AUDIT in this report: what ran, and that nothing was audited
     return text
+
+
+def gate_summary(run: Run) -> str:
+    """The run's result as its command's exit code gives it, for titles and the scorecard: without a known-findings
+    gate (or for an interrupted run) :attr:`Run.headline`; with one, the gate's word from
+    :func:`harness.known.gate_exit_code` (0 PASS, 1 FAIL, 2 ERROR) and the findings it saw, e.g. 'PASS (known-findings
+    gate; 5 known findings)' or 'FAIL (known-findings gate; 1 new, 2 known findings)': findings are never hidden."""
+    known = run.sections.get("known")
+    if run.interrupted or not isinstance(known, dict) or not known.get("gate"):
+        return run.headline
+    from harness.known import gate_exit_code
+    word = {0: "PASS", 1: "FAIL"}.get(gate_exit_code(run), "ERROR")
+    fs = findings(run)
+    n = {lab: sum(f.label == lab for f in fs) for lab in ("XFAIL", "GROWN")}
+    new = len(fs) - n["XFAIL"] - n["GROWN"]
+    xpass = int((known.get("counts") or {}).get("xpass") or 0)
+    parts = ([f"{new} new"] if new else []) + ([f"{n['GROWN']} grown"] if n["GROWN"] else []) + (
+        [f"{xpass} fixed (XPASS)"] if xpass else []) + ([_n(n["XFAIL"], "known finding")] if n["XFAIL"] else [])
+    return f"{word} (known-findings gate; {', '.join(parts) or 'no findings'})"
 
 
 def _modes_line(meta: dict) -> str:

@@ -148,7 +148,9 @@ _LABEL_COLORS = {**_COLORS, "XFAIL": "#1565c0", "GROWN": "#c62828", "XPASS": "#c
 
 
 def _badge(label: str) -> str:
-    return f"<span class=v style='background:{_LABEL_COLORS.get(label, '#555')}'>{html.escape(label)}</span>"
+    """A verdict badge coloured by the label's first word ('PASS (known-findings gate; ...)' is green)."""
+    color = _LABEL_COLORS.get(label) or _LABEL_COLORS.get(label.split(" ")[0], "#555")
+    return f"<span class=v style='background:{color}'>{html.escape(label)}</span>"
 
 
 def _md_table_html(md: str) -> str:
@@ -213,20 +215,23 @@ def write_html(run: Run, run_dir: Path) -> Path:
     The page opens with the verdict and one plain line per finding (as summary.md), then an overview
     table of the checks, what was measured with what, and then the details.
     """
-    from harness.report.findings import findings, headline, verdict_line
+    from harness.report.findings import findings, gate_summary, headline, verdict_line
     from harness.report.render import _detail_table, known_markdown, plain, run_facts, sweep_setup_line
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    v = run.verdict.value
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>turbo-harness {html.escape(run.run_id)}: {v}</title>",
+    v = gate_summary(run)  # the verdict, or with a known-findings gate the gate's result and the findings it saw
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>turbo-harness {html.escape(run.run_id)}: {html.escape(v)}</title>",
              f"<style>{_CSS}</style></head><body>",
              f"<h1>turbo-harness run {html.escape(run.run_id)} {_badge(v)}</h1>",
              f"<p class=verdict>{html.escape(verdict_line(run))}</p>"]
     if run.interrupted:
         i = run.interrupted
         parts.append(f"<p><b>INTERRUPTED</b> by {html.escape(str(i.get('signal')))} (exit code {i.get('exit_code')}): "
-                     f"partial report; not run: {html.escape(', '.join(i.get('not_run') or []) or 'none')}</p>")
+                     f"partial report; not run: {html.escape(', '.join(i.get('not_run') or []) or 'none')}"
+                     + (f"; shown from the earlier run in this folder, not this one: "
+                        f"{html.escape(', '.join(f'{k} ({v})' for k, v in run.earlier().items()))}" if run.earlier() else "")
+                     + "</p>")
     items = [("ROOT", ln[4:].strip()) for ln in headline(run) if ln.startswith("ROOT ")]  # root causes first
     items += [(f.label, f.line()[len(f.label):].strip()) for f in findings(run)]
     items += [("XPASS", ln[5:].strip()) for ln in headline(run) if ln.startswith("XPASS")]
@@ -244,7 +249,7 @@ def write_html(run: Run, run_dir: Path) -> Path:
     for c in run.checks:
         n = {x: sum(1 for y in c.cells if y.verdict.value == x) for x in ("PASS", "PARTIAL", "FAIL", "SKIP", "ERROR")}
         parts.append(f"<tr><td><a href='#{html.escape(c.id)}'>{html.escape(c.id)}</a> {html.escape(c.title)}</td>"
-                     f"<td>{_badge(c.verdict.value)}</td>" + "".join(f"<td>{n[x]}</td>" for x in n)
+                     f"<td>{_badge(run.verdict_label(c))}</td>" + "".join(f"<td>{n[x]}</td>" for x in n)
                      + f"<td>{c.duration_s:.1f}</td></tr>")
     parts.append("</table>")
     parts.append("<h2>Run</h2><table class=meta>" + "".join(
@@ -260,7 +265,7 @@ def write_html(run: Run, run_dir: Path) -> Path:
     from harness.report.plots import check_plots
     parts += [_figure(name, p, f"plots/{p.name}") for name, p in check_plots(run, run_dir / "plots").items()]
     for c in run.checks:
-        cv = c.verdict.value
+        cv = run.verdict_label(c)
         parts.append(f"<h2 id='{html.escape(c.id)}'>{html.escape(c.id)}: {html.escape(c.title)} {_badge(cv)}</h2>")
         if c.error:
             parts.append(f"<p><b>error:</b> {html.escape(c.error)}</p>")

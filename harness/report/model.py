@@ -179,13 +179,17 @@ class CheckResult:
         }
 
 
+EARLIER_MARK = "(earlier run, not this one)"
+
+
 @dataclass
 class Run:
     """A whole run: metadata, check results and free-form sections (coverage, sweeps, matrix).
 
     ``interrupted`` is None for a run that went to its end; for one stopped by a signal it is
     {'signal': 'SIGINT', 'exit_code': 130, 'in_progress': check id or None, 'not_run': [ids]} (the check
-    in progress is listed among those not run: its cells were not kept).
+    in progress is listed among those not run: its cells were not kept), plus 'earlier': {id: verdict} for checks
+    not run whose results from an earlier run in the same folder the report still holds (:meth:`earlier`).
     """
 
     run_id: str
@@ -201,6 +205,17 @@ class Run:
         audit of a target with no fork source, is shown as SKIP with its reason but judges nothing). A check marked
         not applicable that holds anything worse than SKIP (a report edited to hide it) counts like any other."""
         return worst(c.verdict for c in self.checks if not (c.not_applicable and c.verdict == Verdict.SKIP))
+
+    def earlier(self) -> dict[str, str]:
+        """{check id: verdict} of the checks an interrupted run did not run but whose earlier results its folder's report
+        still holds (``interrupted['earlier']``, set by :func:`harness.verify.run_checks`); {} otherwise."""
+        e = (self.interrupted or {}).get("earlier")
+        return e if isinstance(e, dict) else {}
+
+    def verdict_label(self, check: CheckResult) -> str:
+        """The check's verdict as reports show it: 'PASS (earlier run, not this one)' for a check of :meth:`earlier`,
+        so an interrupted run never shows an earlier run's verdict as its own."""
+        return f"{check.verdict.value} {EARLIER_MARK}" if check.id in self.earlier() else check.verdict.value
 
     @property
     def headline(self) -> str:

@@ -215,9 +215,9 @@ def sweep_markdown(section: dict) -> list[str]:
 def markdown(run: Run) -> str:
     """The human summary: the verdict and one plain line per finding first, then the overview table,
     what was measured with what, per-check tables, sections and what was not run."""
-    from harness.report.findings import headline
+    from harness.report.findings import gate_summary, headline
     head = headline(run)
-    lines = [f"# turbo-harness run `{run.run_id}`: **{run.headline}**", ""]
+    lines = [f"# turbo-harness run `{run.run_id}`: **{gate_summary(run)}**", ""]
     if run.interrupted:
         lines += interrupted_lines(run.interrupted, run.interrupted.get("units", "checks")) + [""]
     lines += [f"**{_md_escape(head[0])}**", ""]
@@ -231,10 +231,10 @@ def markdown(run: Run) -> str:
     for c in run.checks:
         counts = [sum(1 for x in c.cells if x.verdict == v) for v in
                   (Verdict.PASS, Verdict.PARTIAL, Verdict.FAIL, Verdict.SKIP, Verdict.ERROR)]
-        lines.append(f"| {c.id} {_md_escape(c.title)} | **{c.verdict.value}** | {'/'.join(map(str, counts))} | {c.duration_s:.1f} |")
+        lines.append(f"| {c.id} {_md_escape(c.title)} | **{run.verdict_label(c)}** | {'/'.join(map(str, counts))} | {c.duration_s:.1f} |")
     lines += ["", "## Run", ""] + [f"- **{k}**: {_md_escape(v)}" for k, v in run_facts(run)]
     for c in run.checks:
-        lines += ["", f"## {c.id} {c.title}: {c.verdict.value}", ""]
+        lines += ["", f"## {c.id} {c.title}: {run.verdict_label(c)}", ""]
         if c.error:
             lines.append(f"ERROR: {_md_escape(c.error)}")
         for n in c.notes:
@@ -276,6 +276,10 @@ def interrupted_lines(info: dict, what: str = "checks") -> list[str]:
              f"a partial report; the verdicts below cover only the {what} that finished.", ""]
     lines.append(f"- {what} not run: {', '.join(not_run) if not_run else 'none'}"
                  + (f" ({cur} was running and was stopped; its results were not kept)" if cur else ""))
+    earlier = info.get("earlier") if isinstance(info.get("earlier"), dict) else {}
+    if earlier:
+        lines.append(f"- shown from the earlier run in this folder, not this one (marked \"earlier run\"): "
+                     + ", ".join(f"{k} ({v})" for k, v in earlier.items()))
     return lines
 
 
@@ -306,13 +310,22 @@ def write_junit(run: Run, run_dir: Path) -> Path:
         s = ET.SubElement(suites, "testsuite", name=c.id, tests=str(max(len(c.cells), 1)), time=f"{c.duration_s:.3f}")
         props = ET.SubElement(s, "properties")
         ET.SubElement(props, "property", name="title", value=c.title)
-        ET.SubElement(props, "property", name="verdict", value=c.verdict.value)
+        ET.SubElement(props, "property", name="verdict", value=run.verdict_label(c))
+        earlier = c.id in run.earlier()  # an interrupted run's stale check: no testcase passes as this run's
+        if earlier:
+            ET.SubElement(props, "property", name="earlier_run", value="not run by this (interrupted) run: results "
+                                                                       "of the earlier run in this folder")
         if c.error:
             tc = ET.SubElement(s, "testcase", classname=c.id, name="check")
             ET.SubElement(tc, "error", message=c.error)
         for x in c.cells:
             tc = ET.SubElement(s, "testcase", classname=f"{c.id}.{x.type}", name=f"{x.path} {x.metric}")
             msg = f"{x.metric}={fmt_num(x.value)} threshold {x.op} {fmt_num(x.threshold)}: {x.caveat}"
+            if earlier:  # the earlier run's result: never a pass of this run; its failures stay marked as earlier
+                msg = f"earlier run's {x.verdict.value}, not run by this interrupted run: {msg}"
+                if x.verdict in (Verdict.PASS, Verdict.PARTIAL):
+                    ET.SubElement(tc, "skipped", message=msg)
+                    continue
             status = (x.known or {}).get("status")
             if status == "xfail":  # an accepted known finding: reported as pytest reports xfail
                 ET.SubElement(tc, "skipped", type="xfail",

@@ -53,7 +53,7 @@ class Row:
     repository: str
     commit: str
     branch: str
-    verdict: str
+    verdict: str  # the run's verdict; with a known-findings gate its result, e.g. 'PASS (known-findings gate; 5 known findings)'
     backends: str
     layouts: dict[str, str] = field(default_factory=dict)
     scores: dict[tuple[str, str], Score] = field(default_factory=dict)
@@ -228,8 +228,10 @@ def make_row(run: Run, run_dir: str) -> Row:
     """The scorecard row of one run (columns filled by :func:`build`)."""
     repo, commit, branch = fork_identity(run.meta)
     missing = missing_types(run)
+    from harness.report.findings import gate_summary
     from harness.report.render import plain
-    return Row(run_dir=run_dir, run_id=run.run_id, repository=repo, commit=commit, branch=branch, verdict=run.headline,
+    # a run gated with --known shows the gate's result as its command exited, with its findings counted
+    return Row(run_dir=run_dir, run_id=run.run_id, repository=repo, commit=commit, branch=branch, verdict=gate_summary(run),
                backends=plain(run.meta.get("backends_run")) if run.meta.get("backends_run") else "none recorded",
                layouts={t: layout_text(run, t, missing) for t in TYPES}, root=root_finding(run))
 

@@ -34,19 +34,22 @@ def depth_tokens(depths: tuple[int, ...]) -> int:
 MIN_DEPTH = 16
 
 
-def check_depths(depths: tuple[int, ...]) -> None:
-    """Refuse depths that cannot be measured on the same tokens: 0 (use 'none' to turn depth off), a length below
-    :data:`MIN_DEPTH`, fewer than two lengths, a length that does not divide ``depth_tokens(depths)``, or a length
-    whose chunks give llama-perplexity fewer than 100 scored tokens (it then prints no KLD statistics:
-    :func:`harness.runners.sweep_config.check_kld_size`, tools/perplexity/perplexity.cpp 'kld.count < 100').
+def check_depth_values(values: tuple[int, ...]) -> None:
+    """The checks of --kld-depths that need neither the model nor the other lengths' arithmetic (made while the
+    command line is parsed): a length given twice, 0 (use 'none' to turn depth off), a length below
+    :data:`MIN_DEPTH`, fewer than two lengths.
 
     Args:
-        depths: the --kld-depths lengths in tokens, sorted ascending without repeats.
+        values: the --kld-depths lengths in tokens, as given (any order, repeats possible).
     Raises:
-        HarnessError: one line naming the bad depth, what is allowed and the fix.
+        HarnessError: one line naming the problem and the fix.
     """
-    from harness.runners.sweep_config import KLD_MIN_SCORED, kld_scored_tokens
-    spec = ",".join(map(str, depths))
+    spec = ",".join(map(str, values))
+    twice = next((d for i, d in enumerate(values) if d in values[:i]), None)
+    if twice is not None:  # a repeat is its own mistake: dropping it silently could leave one length (no depth)
+        raise HarnessError(f"--kld-depths {spec}: {twice} is given twice: give each context length once, e.g. "
+                           f"256,1024 (or --kld-depths none)")
+    depths = tuple(sorted(values))
     if 0 in depths:
         raise HarnessError(f"--kld-depths {spec}: 0 is not a context length: give two or more lengths of {MIN_DEPTH} "
                            f"tokens or more, e.g. 256,1024, or --kld-depths none to turn KLD vs depth off")
@@ -57,6 +60,23 @@ def check_depths(depths: tuple[int, ...]) -> None:
     if len(depths) < 2:
         raise HarnessError(f"--kld-depths {spec}: give two or more context lengths, e.g. 256,1024 "
                            f"(or --kld-depths none)")
+
+
+def check_depths(depths: tuple[int, ...]) -> None:
+    """Refuse depths that cannot be measured on the same tokens: those of :func:`check_depth_values`, a length that
+    does not divide ``depth_tokens(depths)``, or a length whose chunks give llama-perplexity fewer than 100 scored
+    tokens (it then prints no KLD statistics: :func:`harness.runners.sweep_config.check_kld_size`,
+    tools/perplexity/perplexity.cpp 'kld.count < 100'). A length beyond the model's context is checked before this
+    (harness/sweep_inputs.py check_inputs): it is the problem to name first.
+
+    Args:
+        depths: the --kld-depths lengths in tokens, sorted ascending without repeats.
+    Raises:
+        HarnessError: one line naming the bad depth, what is allowed and the fix.
+    """
+    from harness.runners.sweep_config import KLD_MIN_SCORED, kld_scored_tokens
+    check_depth_values(depths)
+    spec = ",".join(map(str, depths))
     total = depth_tokens(depths)
     for d in depths:
         if total % d:

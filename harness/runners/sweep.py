@@ -157,7 +157,8 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
             scored = kld_scored_tokens(cfg.ctx, cfg.chunks)  # it scores the second half of each chunk
             few = (f": ctx {cfg.ctx} x {cfg.chunks} chunks scores only {scored} tokens and it prints statistics for "
                    f"100 or more (tools/perplexity: 'kld.count < 100'); give a larger --ctx or --chunks" if scored < 100
-                   else " (it prints them only for 2+ chunks)")
+                   else f" (it prints them only for 2+ chunks, and this run had {cfg.chunks})" if cfg.chunks < 2
+                   else "")  # with enough tokens and chunks the cause is in its output, not a rule of ours
             rec.ok, rec.error = False, f"llama-perplexity printed no KL-divergence statistics{few}; see {ev / 'ppl.stdout'}"
         elif kv is None:
             rec.ok, rec.error = False, f"no 'llama_kv_cache: size' line in the log; see {ev / 'ppl.stderr'}"
@@ -308,9 +309,11 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None
                         rec = _run_ppl(cfg, ppl_tool, cache, key, k, v, result.base.data["base_file"])
                 else:
                     rec = _run_bench(cfg, bench_tool, cache, key, k, v)
+                ran = bool(rec.ok or rec.seconds > 0 or rec.evidence)  # a tool ran (not refused before one could)
+                result.jobs_run += ran
+                result.jobs_failed += ran and not rec.ok
                 if rec.ok:
                     cache.put(rec)
-                    result.jobs_run += 1
                 elif log and not (kind in ("ppl", "depth") and rec.error.startswith("no f16 baseline")):
                     word = {"fork": "FAIL", "refused": "refused"}.get(rec.fault, "ERROR")
                     (bar.write if bar is not None else log)(f"{word} {kind} {label}: {rec.error}")

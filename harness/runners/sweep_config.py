@@ -295,8 +295,9 @@ class SweepResult:
     bench: dict[str, JobRecord] = field(default_factory=dict)
     error: str = ""              # a sweep-wide problem (corrupt model, empty corpus) -> every cell ERROR
     seconds: float = 0.0
-    jobs_run: int = 0
+    jobs_run: int = 0            # jobs whose tool ran in this invocation, those that failed included
     jobs_cached: int = 0
+    jobs_failed: int = 0         # of jobs_run: those that failed (never cached: a rerun runs them again)
     traits: dict = field(default_factory=dict)  # {type name: TypeTrait} measured from the build
     interrupted: dict | None = None  # {'signal', 'exit_code', 'in_progress', 'not_run'} when a signal stopped it
     decode: dict[str, JobRecord] = field(default_factory=dict)         # pair label -> greedy-decode job

@@ -144,6 +144,7 @@ class XResult:
     seconds: float = 0.0
     jobs_run: int = 0
     jobs_cached: int = 0
+    jobs_failed: int = 0
     load_start: dict = field(default_factory=dict)
     load_end: dict = field(default_factory=dict)
     passes: dict = field(default_factory=dict)
@@ -183,6 +184,7 @@ def run_xbackend(cfg: XConfig, progress: bool = True, log: Callable[[str], None]
             out.sweeps[side.backend] = res
             out.jobs_run += res.jobs_run
             out.jobs_cached += res.jobs_cached
+            out.jobs_failed += res.jobs_failed
         ref = out.sweeps[cfg.ref.backend]
         for k, v in cfg.ref.pairs:
             raise_if_pending()
@@ -230,9 +232,10 @@ def _cross_job(side: SweepConfig, res: SweepResult, ref_name: str, logits: JobRe
         out.jobs_cached += 1
         return rec
     rec = S._run_ppl(side, S.binary(side.bdir, "llama-perplexity"), cache, key, k, v, logits.data["base_file"])
+    out.jobs_run += 1  # it ran, failed or not
+    out.jobs_failed += not rec.ok
     if rec.ok:
         cache.put(rec)
-        out.jobs_run += 1
     elif log:
         log(f"{side.backend} {lab} scored against {ref_name}: {rec.error}")
     return rec
