@@ -1,2 +1,2 @@
-CUDA_VISIBLE_DEVICES='' GGML_VK_VISIBLE_DEVICES='' HIP_VISIBLE_DEVICES='' ROCR_VISIBLE_DEVICES='' TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -f .devcarry/c1/wiki.test.raw -c 512 --chunks 4 -t 16 -b 512 -ub 512 -ngl 0 -dev none -fa on -fit off -ctk q8_0 -ctv q8_0 --kl-divergence-base /root/xcache/base/386997fcf4b6d956aef317e7.partial
-# rc=0 after 4.5 s
+CUDA_VISIBLE_DEVICES='' GGML_VK_VISIBLE_DEVICES='' HIP_VISIBLE_DEVICES='' ROCR_VISIBLE_DEVICES='' TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -f .devcarry/c1/wiki.test.raw -c 512 --chunks 4 -t 16 -b 512 -ub 512 -ngl 0 -dev none -fa on -fit off -ctk q8_0 -ctv q8_0 --kl-divergence-base /root/xcache/base/b02535ef89a04278f4009964.partial
+# rc=0 after 6.0 s

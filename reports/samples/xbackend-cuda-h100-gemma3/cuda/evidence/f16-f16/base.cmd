@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -f .devcarry/c1/wiki.test.raw -c 512 --chunks 4 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk f16 -ctv f16 --kl-divergence-base /root/xcache/base/3455fa7d0a6700a9255a8378.partial
-# rc=0 after 2.9 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -f .devcarry/c1/wiki.test.raw -c 512 --chunks 4 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk f16 -ctv f16 --kl-divergence-base /root/xcache/base/1e621929aa23160c1445e918.partial
+# rc=0 after 3.3 s

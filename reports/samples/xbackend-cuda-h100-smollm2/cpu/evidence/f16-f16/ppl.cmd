@@ -1,2 +1,2 @@
-CUDA_VISIBLE_DEVICES='' GGML_VK_VISIBLE_DEVICES='' HIP_VISIBLE_DEVICES='' ROCR_VISIBLE_DEVICES='' TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -f .devcarry/c1/wiki.test.raw -c 512 --chunks 4 -t 16 -b 512 -ub 512 -ngl 0 -dev none -fa on -fit off -ctk f16 -ctv f16 --kl-divergence-base /root/xcache/base/a9b3a3ce682fc2717794f212.partial
-# rc=0 after 2.1 s
+CUDA_VISIBLE_DEVICES='' GGML_VK_VISIBLE_DEVICES='' HIP_VISIBLE_DEVICES='' ROCR_VISIBLE_DEVICES='' TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -f .devcarry/c1/wiki.test.raw -c 512 --chunks 4 -t 16 -b 512 -ub 512 -ngl 0 -dev none -fa on -fit off -ctk f16 -ctv f16 --kl-divergence-base /root/xcache/base/428f64944f9256cf7da40952.partial
+# rc=0 after 2.0 s

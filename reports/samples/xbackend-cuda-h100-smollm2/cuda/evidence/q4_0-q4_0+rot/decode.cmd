@@ -1,2 +1,2 @@
-LLAMA_ATTN_ROT_K_OVERRIDE=1 LLAMA_ATTN_ROT_V_OVERRIDE=1 TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/turbo-probe/turbo-decode /root/smol.gguf /root/xcache/decode/prompts-cdd04edf5bd57414.txt 64 32 q4_0 q4_0 16 99
-# rc=0 after 0.9 s
+LLAMA_ATTN_ROT_K_OVERRIDE=1 LLAMA_ATTN_ROT_V_OVERRIDE=1 TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/turbo-probe/turbo-decode /root/smol.gguf /root/xcache/decode/prompts-cdd04edf5bd57414.txt 64 32 q4_0 q4_0 16 99 - -
+# rc=0 after 1.2 s

@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/turbo-probe/turbo-decode /root/smol.gguf /root/xcache/decode/prompts-cdd04edf5bd57414.txt 64 32 turbo3 q8_0 16 99
-# rc=0 after 1.2 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/turbo-probe/turbo-decode /root/smol.gguf /root/xcache/decode/prompts-cdd04edf5bd57414.txt 64 32 turbo3 q8_0 16 99 - -
+# rc=0 after 2.3 s

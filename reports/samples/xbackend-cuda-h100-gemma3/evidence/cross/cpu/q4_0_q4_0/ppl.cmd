@@ -1,2 +1,2 @@
-CUDA_VISIBLE_DEVICES='' GGML_VK_VISIBLE_DEVICES='' HIP_VISIBLE_DEVICES='' ROCR_VISIBLE_DEVICES='' TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -f .devcarry/c1/wiki.test.raw -c 512 --chunks 4 -t 16 -b 512 -ub 512 -ngl 0 -dev none -fa on -fit off -ctk q4_0 -ctv q4_0 --kl-divergence-base /root/xcache/base/8325c6421c189cc7298a984c.partial
-# rc=0 after 5.0 s
+CUDA_VISIBLE_DEVICES='' GGML_VK_VISIBLE_DEVICES='' HIP_VISIBLE_DEVICES='' ROCR_VISIBLE_DEVICES='' TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -f .devcarry/c1/wiki.test.raw -c 512 --chunks 4 -t 16 -b 512 -ub 512 -ngl 0 -dev none -fa on -fit off -ctk q4_0 -ctv q4_0 --kl-divergence-base /root/xcache/base/6478b368fcb2054706ad50a6.partial
+# rc=0 after 5.6 s

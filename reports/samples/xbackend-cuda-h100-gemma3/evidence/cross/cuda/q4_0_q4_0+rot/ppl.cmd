@@ -1,2 +1,2 @@
-LLAMA_ATTN_ROT_K_OVERRIDE=1 LLAMA_ATTN_ROT_V_OVERRIDE=1 TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q4_0 -ctv q4_0 --kl-divergence-base /root/xcache/base/8217ba24441cff8681e015ac.kld --kl-divergence
-# rc=0 after 1.6 s
+LLAMA_ATTN_ROT_K_OVERRIDE=1 LLAMA_ATTN_ROT_V_OVERRIDE=1 TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q4_0 -ctv q4_0 --kl-divergence-base /root/xcache/base/6ef702529fb10ce44c90d86d.kld --kl-divergence
+# rc=0 after 2.3 s

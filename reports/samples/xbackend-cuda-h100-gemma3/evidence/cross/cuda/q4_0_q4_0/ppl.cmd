@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q4_0 -ctv q4_0 --kl-divergence-base /root/xcache/base/8325c6421c189cc7298a984c.kld --kl-divergence
-# rc=0 after 1.5 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q4_0 -ctv q4_0 --kl-divergence-base /root/xcache/base/6478b368fcb2054706ad50a6.kld --kl-divergence
+# rc=0 after 1.9 s

@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q8_0 -ctv q8_0 --kl-divergence-base /root/xcache/base/386997fcf4b6d956aef317e7.kld --kl-divergence
-# rc=0 after 1.4 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q8_0 -ctv q8_0 --kl-divergence-base /root/xcache/base/b02535ef89a04278f4009964.kld --kl-divergence
+# rc=0 after 2.0 s

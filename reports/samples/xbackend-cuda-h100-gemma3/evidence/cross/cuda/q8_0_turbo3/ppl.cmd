@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q8_0 -ctv turbo3 --kl-divergence-base /root/xcache/base/f6a41c2b7f6ede549f7b6118.kld --kl-divergence
-# rc=0 after 1.4 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q8_0 -ctv turbo3 --kl-divergence-base /root/xcache/base/284e568d7020368cc1ee3407.kld --kl-divergence
+# rc=0 after 2.2 s

@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk turbo3 -ctv q8_0 --kl-divergence-base /root/xcache/base/3366889a83986881ed21d130.kld --kl-divergence
-# rc=0 after 1.7 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk turbo3 -ctv q8_0 --kl-divergence-base /root/xcache/base/092c641aad0d12709b10589f.kld --kl-divergence
+# rc=0 after 2.1 s

@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk turbo4 -ctv turbo4 --kl-divergence-base /root/xcache/base/58f9f781d59414ad05fda67c.kld --kl-divergence
-# rc=0 after 1.6 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/gemma.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk turbo4 -ctv turbo4 --kl-divergence-base /root/xcache/base/7e7879804bc6f4ff8cfc56a4.kld --kl-divergence
+# rc=0 after 2.1 s

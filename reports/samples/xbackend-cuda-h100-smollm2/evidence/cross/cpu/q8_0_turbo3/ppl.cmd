@@ -1,2 +1,2 @@
-CUDA_VISIBLE_DEVICES='' GGML_VK_VISIBLE_DEVICES='' HIP_VISIBLE_DEVICES='' ROCR_VISIBLE_DEVICES='' TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -f .devcarry/c1/wiki.test.raw -c 512 --chunks 4 -t 16 -b 512 -ub 512 -ngl 0 -dev none -fa on -fit off -ctk q8_0 -ctv turbo3 --kl-divergence-base /root/xcache/base/185bd2db5f5c3791227bd1d9.partial
-# rc=0 after 7.8 s
+CUDA_VISIBLE_DEVICES='' GGML_VK_VISIBLE_DEVICES='' HIP_VISIBLE_DEVICES='' ROCR_VISIBLE_DEVICES='' TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -f .devcarry/c1/wiki.test.raw -c 512 --chunks 4 -t 16 -b 512 -ub 512 -ngl 0 -dev none -fa on -fit off -ctk q8_0 -ctv turbo3 --kl-divergence-base /root/xcache/base/5c4fe752acfc43a75e5ec537.partial
+# rc=0 after 7.7 s

@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk f16 -ctv f16 --kl-divergence-base /root/xcache/base/a9b3a3ce682fc2717794f212.kld --kl-divergence
-# rc=0 after 0.9 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk f16 -ctv f16 --kl-divergence-base /root/xcache/base/428f64944f9256cf7da40952.kld --kl-divergence
+# rc=0 after 1.0 s

@@ -1,2 +1,2 @@
-LLAMA_ATTN_ROT_K_OVERRIDE=1 LLAMA_ATTN_ROT_V_OVERRIDE=1 TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q4_0 -ctv q4_0 --kl-divergence-base /root/xcache/base/3fdccef441ebdf2f72d139e0.kld --kl-divergence
-# rc=0 after 1.0 s
+LLAMA_ATTN_ROT_K_OVERRIDE=1 LLAMA_ATTN_ROT_V_OVERRIDE=1 TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q4_0 -ctv q4_0 --kl-divergence-base /root/xcache/base/d0362dc8739fe2ea8f5818da.kld --kl-divergence
+# rc=0 after 1.1 s

@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q4_0 -ctv q4_0 --kl-divergence-base /root/xcache/base/0e14df197bab993d4b78b6f9.kld --kl-divergence
-# rc=0 after 0.9 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q4_0 -ctv q4_0 --kl-divergence-base /root/xcache/base/97db63e43a19621b3ade7ba6.kld --kl-divergence
+# rc=0 after 1.2 s

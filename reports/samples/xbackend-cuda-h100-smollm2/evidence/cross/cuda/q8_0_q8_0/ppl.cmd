@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q8_0 -ctv q8_0 --kl-divergence-base /root/xcache/base/b6477215c6e077e2df2f28bc.kld --kl-divergence
-# rc=0 after 1.0 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q8_0 -ctv q8_0 --kl-divergence-base /root/xcache/base/26afcb218dc7c0bdbbd4c32b.kld --kl-divergence
+# rc=0 after 1.1 s

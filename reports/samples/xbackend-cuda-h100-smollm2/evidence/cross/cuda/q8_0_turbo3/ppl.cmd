@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q8_0 -ctv turbo3 --kl-divergence-base /root/xcache/base/185bd2db5f5c3791227bd1d9.kld --kl-divergence
-# rc=0 after 6.2 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk q8_0 -ctv turbo3 --kl-divergence-base /root/xcache/base/5c4fe752acfc43a75e5ec537.kld --kl-divergence
+# rc=0 after 7.1 s

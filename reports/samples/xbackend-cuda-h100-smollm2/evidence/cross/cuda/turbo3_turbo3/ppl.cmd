@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk turbo3 -ctv turbo3 --kl-divergence-base /root/xcache/base/21f0062e3a3c43e8b0024ec8.kld --kl-divergence
-# rc=0 after 0.8 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk turbo3 -ctv turbo3 --kl-divergence-base /root/xcache/base/f5d065687617acc21aed755c.kld --kl-divergence
+# rc=0 after 1.0 s

@@ -1,2 +1,2 @@
-TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk turbo4 -ctv turbo4 --kl-divergence-base /root/xcache/base/c7926a821eb8aa8b2274b4a6.kld --kl-divergence
-# rc=0 after 1.0 s
+TURBO_AUTO_ASYMMETRIC=0 TURBO_LAYER_ADAPTIVE=0 TURBO_SPARSE_V=0 /root/xbuild/cuda/bin/llama-perplexity -m /root/smol.gguf -c 512 -t 16 -b 512 -ub 512 -ngl 99 -fa on -fit off -ctk turbo4 -ctv turbo4 --kl-divergence-base /root/xcache/base/32c184a6b28182e11abd1ccb.kld --kl-divergence
+# rc=0 after 0.9 s
