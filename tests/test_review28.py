@@ -46,3 +46,22 @@ def test_a_gated_run_of_accepted_errors_only_is_never_titled_pass(tmp_path):
     assert first.startswith("ERROR: nothing was judged (2 known findings"), first
     title = (d / "summary.md").read_text().splitlines()[0]
     assert "PASS (" not in title and "ERROR (nothing judged; known-findings gate PASS; 2 known findings)" in title
+
+
+def test_a_one_token_graph_fallback_is_not_hidden_by_the_f16_prompt_graphs_count(tmp_path, monkeypatch):
+    """decode_placement compared the largest count of either graph: f16 'graph splits = 40 (with bs=64), 2 (with
+    bs=1)' against a pair's '2 (with bs=64), 34 (with bs=1)' read as 34 <= 40, PASS, though the pair's one-token
+    (decode) graph fell back (34 splits vs 2). Each graph is now compared with the same graph of the f16 decode."""
+    from harness.report.model import Verdict
+    from tests.test_decode_placement import _run
+    def edit(pair, err):
+        if pair == "f16/f16":
+            return err.replace("graph splits = 2", "graph splits = 40 (with bs=64), 2 (with bs=1)")
+        if pair == "turbo3/turbo3":
+            return err.replace("graph splits = 2", "graph splits = 2 (with bs=64), 34 (with bs=1)")
+        return err
+    by, _ = _run(tmp_path, monkeypatch, edit)
+    c = by[("turbo3/turbo3", "decode_prefix_vs_batched")]
+    assert c.verdict == Verdict.PARTIAL and "graph splits 34 vs 2 for its f16 decode (one-token graph)" in c.caveat, c.caveat
+    # a pair placed like f16 in both graphs keeps its verdict
+    assert by[("q4_0/q4_0", "decode_prefix_vs_batched")].verdict == Verdict.PASS
