@@ -60,35 +60,46 @@ def prefix_pvalue(prefixes: list[int], n_gen: int, p: float) -> float:
     return float(min(1.0, tot[: s + 1].sum()))
 
 
-def decode_splits(rec) -> int | None:
-    """The most graph splits any context of a decode run reserved (its parsed KV log lines: the prompt-size graph's
-    'graph splits = N' and, where llama printed it apart, the one-token graph's), None when the log had none."""
-    got = []
+def decode_splits(rec) -> tuple[int, int] | None:
+    """The most graph splits any context of a decode run reserved, per graph: (prompt-size graph, one-token graph),
+    from its parsed KV log lines ('graph splits = N', or 'graph splits = N (with bs=B), M (with bs=1)' where llama
+    printed the two apart; the one-token count is N when it did not). None when the log had no split count."""
+    pp, tg = [], []
     for x in ((getattr(rec, "data", None) or {}).get("kv") or []):
-        got += [n for n in (x.get("graph_splits"), x.get("graph_splits_tg")) if n is not None]
-    return max(got) if got else None
+        if x.get("graph_splits") is not None:
+            pp.append(x["graph_splits"])
+            tg.append(x["graph_splits_tg"] if x.get("graph_splits_tg") is not None else x["graph_splits"])
+        elif x.get("graph_splits_tg") is not None:
+            tg.append(x["graph_splits_tg"])
+    if not pp and not tg:
+        return None
+    return (max(pp) if pp else 0, max(tg) if tg else 0)
 
 
 def decode_placement(rec, ref, where: str) -> tuple[str, str]:
     """Did a pair's greedy decode on an offloading side run on ``where``, as far as its log shows?
 
     The evidence is llama's scheduler count of graph splits (spec "Placement": splits above the f16 run's mean ops
-    assigned to another backend; a K/V type whose flash attention or cache write ``where`` declines runs on the CPU).
+    assigned to another backend; a K/V type whose flash attention or cache write ``where`` declines runs on the CPU),
+    compared graph by graph (the prompt-size graph's with the f16 decode's, the one-token graph's with its one-token
+    graph's), so that a larger count of one graph in the f16 log never hides a fallback in the other.
     Args:
         rec: the pair's decode JobRecord (``data['kv']``: parsed KV logs). ref: the same side's f16/f16 decode record
             (None when absent). where: the backend the cell names ('cuda', 'rpc0').
     Returns:
-        ('', '') when the pair's splits are no more than the f16 decode's; ('moved', why) when they are more;
-        ('unknown', why) when either log has no split count (nothing shows that ``where`` ran the pair's attention).
+        ('', '') when the pair's splits are no more than the f16 decode's in both graphs; ('moved', why) when they
+        are more in either; ('unknown', why) when either log has no split count (nothing shows that ``where`` ran the
+        pair's attention).
     """
     s, s0 = decode_splits(rec), decode_splits(ref) if ref is not None else None
     if s is None or s0 is None:
         which = " and ".join(n for n, x in (("the pair's", s), ("the f16 reference's", s0)) if x is None)
         return "unknown", (f"placement unknown: no 'graph splits' line in {which} decode log, so nothing shows that "
                            f"{where} ran its attention and K/V cache ops")
-    if s > s0:
-        return "moved", (f"graph splits {s} vs {s0} for its f16 decode: attention or the K/V cache ops ran elsewhere "
-                         f"than on {where} (a CPU fallback)")
+    for i, graph in ((1, " (one-token graph)"), (0, " (prompt-size graph)")):
+        if s[i] > s0[i]:
+            return "moved", (f"graph splits {s[i]} vs {s0[i]} for its f16 decode{graph if s[0] != s[1] or s0[0] != s0[1] else ''}: "
+                             f"attention or the K/V cache ops ran elsewhere than on {where} (a CPU fallback)")
     return "", ""
 
 

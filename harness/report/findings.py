@@ -153,6 +153,12 @@ def _n(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def judged_anything(run: Run) -> bool:
+    """True when a cell of the run holds a judged measurement (PASS, PARTIAL or FAIL); a run whose cells are all SKIP
+    or ERROR measured nothing, and no known-findings gate makes that a PASS (spec: nothing measured is never PASS)."""
+    return any(x.verdict in (Verdict.PASS, Verdict.PARTIAL, Verdict.FAIL) for c in run.checks for x in c.cells)
+
+
 def verdict_line(run: Run) -> str:
     """'FAIL: 1 failing, 1 partial finding' (or 'PASS: every judged cell passed'). With a known-findings file applied
     the gate leads, as the command's exit code does, and the known findings are named with the verdicts it accepted:
@@ -176,8 +182,10 @@ def verdict_line(run: Run) -> str:
             its = "its" if counts["XFAIL"] == 1 else "their"
             parts.append(f"{_n(counts['XFAIL'], 'known finding')} ({its} {' and '.join(accepted)} verdict"
                          f"{'' if counts['XFAIL'] == 1 else 's'} accepted by --known {Path(str(known.get('file') or '?')).name})")
-        text = f"known-findings gate {gate}: " + (", ".join(parts) if parts else (
-            "every judged cell passed" if v == "PASS" else "nothing was judged"))
+        if not judged_anything(run):  # the gate may pass (exit 0), but the run measured nothing: never led by PASS
+            text = f"{v}: nothing was judged (" + "".join(f"{p}; " for p in parts) + f"known-findings gate {gate})"
+        else:
+            text = f"known-findings gate {gate}: " + (", ".join(parts) if parts else "every judged cell passed")
     elif not fs:
         text = f"{v}: every judged cell passed" if v == "PASS" else f"{v}: nothing was judged"
     else:
@@ -198,7 +206,9 @@ def gate_summary(run: Run) -> str:
     """The run's result as its command's exit code gives it, for titles and the scorecard: without a known-findings
     gate (or for an interrupted run) :attr:`Run.headline`; with one, the gate's word from
     :func:`harness.known.gate_exit_code` (0 PASS, 1 FAIL, 2 ERROR) and the findings it saw, e.g. 'PASS (known-findings
-    gate; 5 known findings)' or 'FAIL (known-findings gate; 1 new, 2 known findings)': findings are never hidden."""
+    gate; 5 known findings)' or 'FAIL (known-findings gate; 1 new, 2 known findings)': findings are never hidden. A
+    gated run that judged nothing (every cell SKIP, or accepted ERRORs only) leads with its own verdict, never PASS:
+    'SKIP (nothing judged; known-findings gate PASS)'."""
     known = run.sections.get("known")
     if run.interrupted or not isinstance(known, dict) or not known.get("gate"):
         return run.headline
@@ -210,6 +220,8 @@ def gate_summary(run: Run) -> str:
     xpass = int((known.get("counts") or {}).get("xpass") or 0)
     parts = ([f"{new} new"] if new else []) + ([f"{n['GROWN']} grown"] if n["GROWN"] else []) + (
         [f"{xpass} fixed (XPASS)"] if xpass else []) + ([_n(n["XFAIL"], "known finding")] if n["XFAIL"] else [])
+    if not judged_anything(run):  # nothing measured is never PASS, whatever the gate accepted
+        return f"{run.verdict.value} (nothing judged; known-findings gate {word}" + "".join(f"; {p}" for p in parts) + ")"
     return f"{word} (known-findings gate; {', '.join(parts) or 'no findings'})"
 
 
