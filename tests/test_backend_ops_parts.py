@@ -276,3 +276,21 @@ def test_a_split_groups_time_limit_is_one_budget_its_parts_share(tmp_path):
     # unsplit (one process at a time) the group has the same budget
     one = bo.run(fake, plan=(bo.Group("SET_ROWS", "turbo", 0.5),), n_jobs=1)
     assert one["groups"][0]["status"] == "not run in time" and "(0 cases run in 0.5 s, then stopped)" in one["note"]
+
+
+def test_the_skip_cell_of_a_stopped_split_group_names_its_parts_not_started(tmp_path, make_ctx):
+    """The SKIP cell of a group stopped at its limit said 'N cases ran in the L s limit' without saying that the limit
+    was shared by the group's parts and that some parts never started (fewer cases tested than the group has)."""
+    from harness.checks.compat_tables import backend_ops_cells
+    from harness.report.model import Verdict
+    from harness.targets.numpy_target import NumpyTarget
+    res = bo.run(_fake_tool(tmp_path, sleep=1.0), plan=(bo.Group(FA.op, FA.params, 1.6, FA.split),), n_jobs=2)
+    assert res["groups"][0]["parts_not_started"] >= 3
+
+    class T(NumpyTarget):
+        def backend_ops(self, log_path=None):
+            return res
+    cells, _ = backend_ops_cells(make_ctx(T(), types=("turbo3",)))
+    skip = [c for c in cells if c.verdict == Verdict.SKIP]
+    n = res["groups"][0]["parts_not_started"]
+    assert len(skip) == 1 and f"limit shared by its parts ({n} of them not started)" in skip[0].caveat, skip[0].caveat

@@ -44,7 +44,7 @@ def _run(tool: Path, tmp: Path, devices: str, rpc: str = "-") -> subprocess.Comp
 
 
 @pytest.mark.fork
-@pytest.mark.parametrize("devices", ["", ",", "CPU,,CPU", "CPU,"])
+@pytest.mark.parametrize("devices", ["", ",", "CPU,,CPU", "CPU,", ",CPU"])
 def test_an_empty_device_list_or_name_is_bad_input_not_the_cpu(tool, tmp_path, devices):
     r = _run(tool, tmp_path, devices)
     assert r.returncode == 2, r.stderr[-400:]
@@ -64,7 +64,7 @@ def test_more_than_15_devices_are_all_resolved_and_reported(tool, tmp_path):
 
 
 @pytest.mark.fork
-@pytest.mark.parametrize("rpc", ["", ",", "127.0.0.1:1,,127.0.0.1:2"])
+@pytest.mark.parametrize("rpc", ["", ",", "127.0.0.1:1,,127.0.0.1:2", ",127.0.0.1:1", "127.0.0.1:1,"])
 def test_an_empty_rpc_endpoint_is_bad_input(tool, tmp_path, rpc):
     r = _run(tool, tmp_path, "-", rpc)
     assert r.returncode == 2 and "has an empty endpoint" in r.stderr, r.stderr[-400:]

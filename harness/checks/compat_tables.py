@@ -161,8 +161,10 @@ def backend_ops_cells(ctx: Context, timings: dict | None = None) -> tuple[list[C
     late = [g for g in res.get("groups", []) if g["status"] == "not run in time"]
     for g in late:  # a time limit is not a failure of the fork: nothing says those cases fail
         cells.append(Cell(ID, "all", f"test-backend-ops:{g['op']}", "cases_run", float(g["cases"]), None, Verdict.SKIP,
-                          caveat=f"not run in time: {g['cases']} {g['op']} cases ran in the {g['limit_s']:.0f} s limit, "
-                                 f"the rest were not run (none of them is judged)", target=False,
+                          caveat=f"not run in time: {g['cases']} {g['op']} cases ran in the {g['limit_s']:.0f} s limit"
+                                 + (f" shared by its parts ({g['parts_not_started']} of them not started)"
+                                    if g.get("parts_not_started") else "")
+                                 + ", the rest were not run (none of them is judged)", target=False,
                           details=dict(g), evidence=[f"evidence/{ID}/test-backend-ops.log"] if log else []))
     if res["results"]:
         for r in res["results"]:

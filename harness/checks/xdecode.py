@@ -14,6 +14,7 @@ is named in a worse verdict's caveat.
 """
 from __future__ import annotations
 
+from harness.checks.decode import decode_placement
 from harness.report.model import Cell, Verdict
 
 ID = "XBACKEND"
@@ -32,7 +33,6 @@ def _placement(rec, ref, side_res, backend: str) -> tuple[str, str]:
     ('moved', why) when it had more graph splits (attention fell back to another backend, as
     :func:`harness.checks.sweeps.judge_sweep` says of the batched runs), ('unknown', why) when a side that offloads
     its layers has no split count in either log, else ('', '')."""
-    from harness.checks.decode import decode_placement
     kind, why = decode_placement(rec, ref, backend)
     if kind == "unknown" and getattr(side_res.config, "ngl", 0) <= 0:  # every layer on the CPU: nothing to fall back
         return "", ""

@@ -113,6 +113,10 @@ static int add_rpc_servers(const char * list) {
         return 2;
     }
     char * buf = strdup(list);
+    if (!buf) {
+        fprintf(stderr, "turbo-decode: out of memory reading the RPC list\n");
+        return 2;
+    }
     int rc = 0;
     for (char * cur = buf; cur && rc == 0;) {
         const char * ep = next_item(&cur);
@@ -138,11 +142,17 @@ static ggml_backend_dev_t * parse_devices(const char * list) {
         cap += *c == ',';
     }
     ggml_backend_dev_t * devs = (ggml_backend_dev_t *) calloc(cap, sizeof(ggml_backend_dev_t));
+    char * buf = devs ? strdup(list) : NULL;
+    if (!buf) {  /* never an empty list by accident: that would mean the CPU only */
+        fprintf(stderr, "turbo-decode: out of memory reading the device list\n");
+        free(devs);
+        return NULL;
+    }
     if (strcmp(list, "none") == 0) {
+        free(buf);
         fprintf(stderr, "turbo-decode: DEVICES none: every layer on the CPU\n");
         return devs;
     }
-    char * buf = strdup(list);
     size_t n = 0;
     for (char * cur = buf; cur;) {
         const char * name = next_item(&cur);
