@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from harness.cli_types import AtLeast, BackendName, CommaList, ModelArg, ReportDir, Seconds
+from harness.cli_types import AtLeast, BackendName, CommaList, ModelArg, OutputDir, ReportDir, Seconds
 from harness.errors import HarnessError
 from harness.fork import backends
 from harness.sweep_inputs import ints as _ints
@@ -316,10 +316,15 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     sys.exit(code)
 
 
+# what sweep-compare writes (harness/report/compare.py write_compare): an --out folder may hold these and nothing else
+COMPARE_FILES = ("compare.md", "kld_vs_bits_models.png")
+
+
 @click.command("sweep-compare")
 @click.argument("run_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for compare.md and kld_vs_bits_models.png (default: reports/compare-<time>).")
+@click.option("--out", "out_dir", type=OutputDir(COMPARE_FILES, "sweep-compare", path_type=Path), default=None,
+              help="Folder for compare.md and kld_vs_bits_models.png: new, empty, or holding only an earlier "
+                   "sweep-compare's (default: reports/compare-<time>).")
 def sweep_compare(run_dirs, out_dir):
     """Sweeps of several models side by side: one table per model (PPL, KLD, top-1, bits per real value, vs-q4_0
     verdicts, decode agreement) and KLD vs bits per real value with every pair, one line per model. Reads the
@@ -334,11 +339,10 @@ def sweep_compare(run_dirs, out_dir):
                 raise HarnessError(f"{d} is given twice (as {seen[Path(d).resolve()]} before): give each sweep report "
                                    f"folder once")
             seen[Path(d).resolve()] = d
-        if out_dir is not None and (Path(out_dir) / "run.json").is_file():  # a verify or sweep report: never written into
-            raise HarnessError(f"--out {out_dir} holds a turbo-harness run report (run.json): sweep-compare does not "
-                               f"write into report folders; give a new folder, e.g. --out reports/compare")
-        out = usage.writable_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / time.strftime("compare-%Y%m%d-%H%M%S"),
-                                 "--out")
+        from harness.cli_types import check_output_dir  # --out is checked while parsing; the default here
+        out = check_output_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / time.strftime("compare-%Y%m%d-%H%M%S"),
+                               COMPARE_FILES, "sweep-compare")
+        out = usage.writable_dir(out, "--out")
         md, png = write_compare(list(run_dirs), out)
         warns = compare_warnings(list(run_dirs))
     except HarnessError as e:
