@@ -112,3 +112,113 @@ def test_own_file_names_are_what_the_commands_write():
     from harness.report import compare
     src = inspect.getsource(compare.write_compare)
     assert all(f'"{n}"' in src for n in COMPARE_FILES)
+
+
+# ---- item 3: diff's like-for-like check covers every setting that changes a sweep cell's measurement
+
+def _sweep_copy(tmp: Path, name: str, edit) -> Path:
+    d = json.loads((SWEEP / "run.json").read_text())
+    edit(d)
+    out = tmp / name
+    out.mkdir()
+    write_json(Run.from_dict(d), out)
+    return out
+
+
+def _decode(prompts, prompt_tokens=64, tokens=32):
+    def edit(d):
+        d["sections"]["decode"]["settings"].update(prompts=prompts, prompt_tokens=prompt_tokens, generated_tokens=tokens)
+    return edit
+
+
+def _pinned(key, value):
+    def edit(d):
+        for p in (d["sections"]["sweep"]["pinned"], d["meta"]["pinned"]):
+            p[key] = value
+    return edit
+
+
+def _depths(depths):
+    def edit(d):
+        d["sections"]["depth"]["depths"] = depths
+    return edit
+
+
+def _meta(key, value):
+    def edit(d):
+        d["meta"][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit,named", [
+    (_decode(1), "decode_prompts 3 -> 1"),                      # the tryout: decode prompts 1 vs 2, BETTER, no flag
+    (_decode(3, prompt_tokens=128), "decode_prompt_tokens 64 -> 128"),
+    (_decode(3, tokens=16), "decode_tokens 32 -> 16"),
+    (_depths([256, 512]), "kld_depths [256, 512, 1024] -> [256, 512]"),
+    (_pinned("reps", 5), "reps 3 -> 5"),
+    (_pinned("depths", [0, 512]), "depths [0, 256] -> [0, 512]"),
+    (_pinned("ubatch", 128), "ubatch 256 -> 128"),
+    (_pinned("batch", 128), "batch 256 -> 128"),
+    (_meta("corpus_sha256", "0" * 64), "OTHER CORPUS"),
+], ids=["decode-prompts", "decode-prompt-tokens", "decode-tokens", "kld-depths", "reps", "depths", "ubatch", "batch",
+        "corpus"])
+def test_a_sweep_made_with_other_settings_is_not_like_for_like(tmp_path, edit, named):
+    base = _sweep_copy(tmp_path, "a", lambda d: None)
+    new = _sweep_copy(tmp_path, "b", edit)
+    r = CliRunner().invoke(cli, ["diff", str(base), str(new), "--out", str(tmp_path / "d")])
+    assert "NOT LIKE FOR LIKE" in r.output.splitlines()[0], r.output
+    assert named in r.output, r.output
+    assert json.loads((tmp_path / "d" / "diff.json").read_text())["comparable"] is False
+
+
+def test_a_sweep_diffed_with_itself_is_like_for_like(tmp_path):
+    base = _sweep_copy(tmp_path, "a", lambda d: None)
+    new = _sweep_copy(tmp_path, "b", lambda d: None)
+    r = CliRunner().invoke(cli, ["diff", str(base), str(new), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0 and "NOT LIKE FOR LIKE" not in r.output, r.output
+
+
+def test_decode_on_against_decode_off_is_not_like_for_like(tmp_path):
+    """A sweep run with --decode-prompts 0 has no decode section: its decode is off (0 prompts), not 'unset'."""
+    base = _sweep_copy(tmp_path, "a", lambda d: None)
+    new = _sweep_copy(tmp_path, "b", lambda d: d["sections"].pop("decode"))
+    r = CliRunner().invoke(cli, ["diff", str(base), str(new), "--out", str(tmp_path / "d")])
+    assert "NOT LIKE FOR LIKE" in r.output and "decode_prompts 3 -> 0" in r.output, r.output
+
+
+def test_the_recorded_settings_name_decode_and_depth(tmp_path):
+    """New sweeps record the decode and depth settings with the other pinned ones (cross-backend sides too), and a
+    report that records them compares like for like with one that only has them in its sections."""
+    from harness.runners.sweep_config import SweepConfig
+    cfg = SweepConfig(model=Path("m.gguf"), corpus=Path("c.txt"), pairs=[("f16", "f16")], bdir=Path("b"),
+                      decode_prompts=2, decode_n_prompt=64, decode_n_gen=32, kld_depths=(256, 512))
+    p = cfg.pinned()
+    assert (p["decode_prompts"], p["decode_prompt_tokens"], p["decode_tokens"], p["kld_depths"]) == (2, 64, 32, [256, 512])
+    old = _sweep_copy(tmp_path, "old", lambda d: None)
+
+    def recorded(d):
+        for pin in (d["sections"]["sweep"]["pinned"], d["meta"]["pinned"]):
+            pin.update(decode_prompts=3, decode_prompt_tokens=64, decode_tokens=32, kld_depths=[256, 512, 1024])
+    new = _sweep_copy(tmp_path, "new", recorded)
+    r = CliRunner().invoke(cli, ["diff", str(old), str(new), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0 and "NOT LIKE FOR LIKE" not in r.output, r.output
+
+
+def test_cross_backend_sweeps_compare_their_sides_settings(tmp_path):
+    """A cross-backend report keeps its settings per side (meta.sides): other ctx on a side is not like for like."""
+    src = SAMPLES / "xbackend-cuda-h100-smollm2"
+
+    def copy_with(name, edit):
+        d = json.loads((src / "run.json").read_text())
+        edit(d)
+        out = tmp_path / name
+        out.mkdir()
+        write_json(Run.from_dict(d), out)
+        return out
+    a = copy_with("a", lambda d: None)
+    b = copy_with("b", lambda d: d["meta"]["sides"]["cuda"].update(ctx=256))
+    r = CliRunner().invoke(cli, ["diff", str(a), str(b), "--out", str(tmp_path / "d")])
+    assert "NOT LIKE FOR LIKE" in r.output and "cuda.ctx 512 -> 256" in r.output, r.output
+    same = copy_with("c", lambda d: d["meta"]["sides"]["cuda"].update(build_dir="/elsewhere/cuda"))
+    r = CliRunner().invoke(cli, ["diff", str(a), str(same), "--out", str(tmp_path / "e")])
+    assert "NOT LIKE FOR LIKE" not in r.output, r.output  # where the build lies is not a measurement setting

@@ -257,7 +257,11 @@ class SweepConfig:
                 "threads": self.threads, "ngl": self.ngl, "flash_attn": "on", "fit": "off",
                 "depths": list(self.depths), "reps": self.reps, "n_prompt": self.n_prompt, "n_gen": self.n_gen,
                 "env": self.env(), "env_unset": list(self.env_unset()), "fork_defaults": self.fork_defaults,
-                "backend": self.backend, "timeout_s": self.timeout, **({"rpc": list(self.rpc)} if self.rpc else {}),
+                "backend": self.backend, "timeout_s": self.timeout,
+                # the decode-agreement and depth jobs' sizes (their cells measure other samples when these differ)
+                "decode_prompts": self.decode_prompts, "decode_prompt_tokens": self.decode_n_prompt,
+                "decode_tokens": self.decode_n_gen, "kld_depths": list(self.kld_depths),
+                **({"rpc": list(self.rpc)} if self.rpc else {}),
                 **({"devices": self.devices} if self.devices else {}),
                 **({"save_pair_logits": True} if self.save_pair_logits else {})}
 
