@@ -81,6 +81,11 @@ def scorecard(run_dirs, out):
     dirs = [_run_dir(d, "RUN_DIR") for d in run_dirs]
     if not dirs:
         raise HarnessError("give one or more run folders (verify reports of the forks), e.g. reports/samples/cpu-verify")
+    seen: dict[Path, Path] = {}
+    for d in dirs:  # one run twice would be two identical rows (as a trailing slash, another path or a link too)
+        if d.resolve() in seen:
+            raise HarnessError(f"{d} is given twice (as {seen[d.resolve()]} before): give each run folder once")
+        seen[d.resolve()] = d
     sc = load_scorecard(dirs, log=lambda line: click.echo(line, err=True))
     paths = write_scorecard(sc, _out_dir(out, "scorecard", SCORECARD_FILES, "scorecard"))
     for r in sc.rows:

@@ -222,3 +222,19 @@ def test_cross_backend_sweeps_compare_their_sides_settings(tmp_path):
     same = copy_with("c", lambda d: d["meta"]["sides"]["cuda"].update(build_dir="/elsewhere/cuda"))
     r = CliRunner().invoke(cli, ["diff", str(a), str(same), "--out", str(tmp_path / "e")])
     assert "NOT LIKE FOR LIKE" not in r.output, r.output  # where the build lies is not a measurement setting
+
+
+# ---- item 4: scorecard refuses one run folder given twice, however it is written
+
+@pytest.mark.parametrize("second", ["same", "slash", "relative", "link"])
+def test_scorecard_refuses_a_folder_given_twice(tmp_path, monkeypatch, second):
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    write_json(Run.from_dict(json.loads((VERIFY / "run.json").read_text())), run)
+    os.symlink(run, tmp_path / "runs" / "link")
+    monkeypatch.chdir(tmp_path)
+    again = {"same": str(run), "slash": str(run) + "/", "relative": "runs/a", "link": str(tmp_path / "runs" / "link")}
+    out = tmp_path / "sc"
+    line = _one_line(CliRunner().invoke(cli, ["scorecard", str(run), again[second], "--out", str(out)]))
+    assert "given twice" in line
+    assert not out.exists()
