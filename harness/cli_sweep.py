@@ -43,7 +43,8 @@ def _kld_depths(s: str):
     """--kld-depths checked while parsing: non-negative integers, each once, that the depth runner accepts whatever
     the model (harness.runners.depth.check_depth_values); the rest is checked with the model (sweep_inputs)."""
     from harness.runners.depth import check_depth_values
-    check_depth_values(_ints(s, "--kld-depths"))
+    from harness.sweep_inputs import KLD_DEPTHS_EXAMPLE
+    check_depth_values(_ints(s, "--kld-depths", KLD_DEPTHS_EXAMPLE))
 
 
 def _default_depth_pairs() -> str:

@@ -1,0 +1,27 @@
+"""Tryout 28, messages: a refused --kld-depths suggests a value the harness accepts (item 5), a sweep says once that
+it added the baseline pairs (item 6), `verify --build cuda` on a machine without a GPU says a GPU is needed, as
+`--target cuda` does (item 7)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from harness.cli import cli
+
+
+def _line(r) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1, (r.exit_code, r.output)
+    return lines[0]
+
+
+@pytest.mark.parametrize("bad", ["none,256", "-5,256", "256,x"])
+def test_a_refused_kld_depths_suggests_a_value_that_is_accepted(bad):
+    """The old suggestion 'e.g. 0,256' is itself refused ('0 is not a context length')."""
+    line = _line(CliRunner().invoke(cli, ["sweep", f"--kld-depths={bad}"]))
+    example = re.search(r"e\.g\. ([0-9,]+)", line).group(1)
+    r = CliRunner().invoke(cli, ["sweep", "--kld-depths", example, "--model", "/nonexistent.gguf"])
+    assert "--kld-depths" not in r.stderr, (example, r.stderr)  # the suggestion parses; the model is what stops it
+    assert "'none'" in line  # and how to turn it off
