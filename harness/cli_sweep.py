@@ -260,8 +260,8 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         if not no_baselines:
             cfg.pairs, cfg.baselines_added = with_baselines(cfg.pairs)
             if cfg.baselines_added:
-                click.echo(f"note: added the baseline pairs {', '.join(cfg.baselines_added)} that the rules need "
-                           f"(--no-baselines to run only the pairs given)", err=True)
+                from harness.runners.sweep_config import baselines_note
+                click.echo(f"note: {baselines_note(cfg.baselines_added)}", err=True)
         if names:
             from harness.cli_xbackend import CrossOptions, run_cross
             sys.exit(run_cross(cfg, CrossOptions(names, endpoints, target, build_dir, run_dir, strict, not no_progress,
@@ -305,8 +305,11 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     click.echo(sweep_setup_line(run))
     from harness.report.render import sweep_table_text
     click.echo(sweep_table_text(sec))
+    from harness.runners.sweep_config import baselines_note
+    said = {baselines_note(result.config.baselines_added)} if result.config.baselines_added else set()
     for n in sec.get("notes", []):
-        click.echo(f"note: {n}")
+        if n not in said:  # said when the sweep started
+            click.echo(f"note: {n}")
     for name in ("decode", "depth"):  # their tables as summary.md has them
         if isinstance(run.sections.get(name), dict) and run.sections[name].get("markdown"):
             click.echo("\n" + run.sections[name]["markdown"])

@@ -25,3 +25,16 @@ def test_a_refused_kld_depths_suggests_a_value_that_is_accepted(bad):
     r = CliRunner().invoke(cli, ["sweep", "--kld-depths", example, "--model", "/nonexistent.gguf"])
     assert "--kld-depths" not in r.stderr, (example, r.stderr)  # the suggestion parses; the model is what stops it
     assert "'none'" in line  # and how to turn it off
+
+
+from tests.test_new_user import sw  # noqa: E402,F401  (the sweep through the CLI with fake tools)
+
+
+def test_a_sweep_says_once_that_it_added_the_baseline_pairs(sw):
+    """It said it at the start (stderr) and again, worded differently, among the notes at the end."""
+    d = sw.tmp / "r"
+    code, out = sw.run("--pairs", "turbo3", "--no-bench", "--out", str(d))
+    assert (d / "run.json").is_file(), out
+    assert out.count("added the baseline pairs") == 1, out
+    assert "added the baseline pairs f16/f16, q8_0/q8_0" in out
+    assert "added the baseline pairs" in (d / "summary.md").read_text()  # the report keeps it

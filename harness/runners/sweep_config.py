@@ -75,6 +75,13 @@ def with_baselines(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]],
     return missing + [p for p in pairs], [pair_label(k, v) for k, v in missing]
 
 
+def baselines_note(added: list[str]) -> str:
+    """The one sentence that says which baseline pairs :func:`with_baselines` added: printed when the sweep starts
+    and kept among the report's notes (the console's list of notes at the end leaves it out: said once)."""
+    return (f"added the baseline pairs {', '.join(added)} that the rules need (--no-baselines to run only the pairs "
+            f"given)")
+
+
 def parse_pairs(spec: str) -> list[tuple[str, str]]:
     """'f16/f16,q8_0,q8_0/turbo3' -> [('f16','f16'), ('q8_0','q8_0'), ('q8_0','turbo3')].
 
