@@ -32,7 +32,7 @@ LAZY_COMMANDS = {"sweep": ("harness.cli_sweep", "sweep"), "doctor": ("harness.cl
 
 
 class Group(click.Group):
-    """Turns HarnessError into a one-line message and exit code 2; loads the commands of LAZY_COMMANDS when named."""
+    """Turns HarnessError into a one-line message and exit code 2 (a stray KeyboardInterrupt: one line, 130); loads the commands of LAZY_COMMANDS when named."""
 
     def list_commands(self, ctx):
         """Every command name, the lazily loaded ones included (for --help)."""
@@ -61,6 +61,9 @@ class Group(click.Group):
         except HarnessError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:  # Ctrl-C outside a run's own handling: one line and 130, never Click's 'Aborted!' (1)
+            click.echo("interrupted by SIGINT", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=Group)
@@ -287,11 +290,21 @@ def build(backend, targets, fork_dir, jobs, rpc):
     """Build the fork (what verify needs, or --targets) and the native probe, printing progress every 30 s."""
     from harness.fork.locate import locate
     from harness.fork.probe import build_probe
+    from harness.interrupt import Interrupted, interruptible
     found = locate(fork_dir)
     fork = found.path
     click.echo(f"fork: {found.describe()}")
-    res = fb.build(backend, targets.split(",") if targets else None, fork=fork, jobs=jobs, log=click.echo, rpc=rpc)
-    lib = build_probe(res.dir, fork, force=rpc)
+    backend = backend or fb.detect_backend()
+    bdir = fb.build_dir(backend, fork=fork)
+    try:
+        with interruptible():  # Ctrl-C / SIGTERM: the build tool is stopped (harness.fork.progress), one line, 130/143
+            res = fb.build(backend, targets.split(",") if targets else None, fork=fork, bdir=bdir, jobs=jobs,
+                           log=click.echo, rpc=rpc)
+            lib = build_probe(res.dir, fork, force=rpc)
+    except Interrupted as e:
+        click.echo(f"interrupted by {e.name}: the build stopped; {bdir} is kept and the next `turbo-harness build` "
+                   f"goes on from where it stopped", err=True)
+        sys.exit(e.exit_code)
     click.echo(f"built {res.backend} in {res.dir} (fork {res.meta.get('fork_commit', '?')[:12]}"
                f"{' dirty' if res.meta.get('fork_dirty') else ''}{', with RPC' if res.meta.get('rpc') else ''}); probe {lib}")
 

@@ -7,17 +7,23 @@ from pathlib import Path
 
 import click
 
+from harness.cli_types import OutputDir
 from harness.errors import HarnessError
 
 
-def _out_dir(out: str | None, default: str) -> Path:
+# what each command writes (harness/report/diff_render.py DIFF_RENDERERS, scorecard_render.py SCORECARD_RENDERERS):
+# an --out folder may hold these (an earlier run of the same command, replaced) and nothing else
+DIFF_FILES = ("diff.json", "diff.md", "diff.html", "junit.xml")
+SCORECARD_FILES = ("scorecard.json", "scorecard.md", "scorecard.html")
+
+
+def _out_dir(out: str | None, default: str, own: tuple[str, ...], command: str) -> Path:
+    """The folder to write: ``--out`` (checked while parsing, :class:`harness.cli_types.OutputDir`) or
+    ``reports/<default>``, checked the same way (new, empty, or only ``own`` files) and for being writable."""
     from harness import usage
     from harness.cli import REPORTS
-    p = Path(out) if out else REPORTS / default
-    if p.exists() and not p.is_dir():
-        raise HarnessError(f"--out {p} is a file: give a folder for the report")
-    if (p / "run.json").is_file():  # its junit.xml and reports are the run's own: never replaced by a comparison
-        raise HarnessError(f"--out {p} holds a run report (run.json): give another folder, e.g. {p / default.split('-')[0]}")
+    from harness.cli_types import check_output_dir
+    p = check_output_dir(Path(out) if out else REPORTS / default, own, command)
     usage.writable_dir(p, "--out")
     return p
 
@@ -32,7 +38,9 @@ def _run_dir(d: str, what: str) -> Path:
 @click.command("diff")
 @click.argument("base_run", type=click.Path(exists=True, file_okay=False))
 @click.argument("new_run", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="folder for diff.json, diff.md, diff.html, junit.xml (default reports/diff-BASE-NEW)")
+@click.option("--out", default=None, type=OutputDir(DIFF_FILES, "diff"),
+              help="folder for diff.json, diff.md, diff.html, junit.xml: new, empty, or holding only an earlier diff's "
+                   "(default reports/diff-BASE-NEW)")
 @click.option("--fail-on", "fail_on", type=click.Choice(["worse", "changed", "never"]), default="worse", show_default=True,
               help="exit 1 when something got worse (worse, new finding, disappeared) | on any change or other rules/sizes")
 def diff(base_run, new_run, out, fail_on):
@@ -49,7 +57,7 @@ def diff(base_run, new_run, out, fail_on):
         raise HarnessError(f"{b} and {n} are not the same kind of report (one is a sweep): diff a sweep with a sweep, "
                            f"a verify/check report with another")
     d = diff_runs(base, new, str(b), str(n), rules)
-    out_dir = _out_dir(out, f"diff-{base.run_id}-{new.run_id}")
+    out_dir = _out_dir(out, f"diff-{base.run_id}-{new.run_id}", DIFF_FILES, "diff")
     paths = write_diff(d, out_dir)
     click.echo(d.verdict_line())
     for note in d.notes:
@@ -62,7 +70,9 @@ def diff(base_run, new_run, out, fail_on):
 
 @click.command("scorecard")
 @click.argument("run_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="folder for scorecard.json, scorecard.md, scorecard.html (default reports/scorecard)")
+@click.option("--out", default=None, type=OutputDir(SCORECARD_FILES, "scorecard"),
+              help="folder for scorecard.json, scorecard.md, scorecard.html: new, empty, or holding only an earlier "
+                   "scorecard's (default reports/scorecard)")
 def scorecard(run_dirs, out):
     """Several fork builds side by side: a row per run (repository, commit, branch), a column per check x type,
     the layout per type, the backends executed and the root finding per fork."""
@@ -71,8 +81,13 @@ def scorecard(run_dirs, out):
     dirs = [_run_dir(d, "RUN_DIR") for d in run_dirs]
     if not dirs:
         raise HarnessError("give one or more run folders (verify reports of the forks), e.g. reports/samples/cpu-verify")
+    seen: dict[Path, Path] = {}
+    for d in dirs:  # one run twice would be two identical rows (as a trailing slash, another path or a link too)
+        if d.resolve() in seen:
+            raise HarnessError(f"{d} is given twice (as {seen[d.resolve()]} before): give each run folder once")
+        seen[d.resolve()] = d
     sc = load_scorecard(dirs, log=lambda line: click.echo(line, err=True))
-    paths = write_scorecard(sc, _out_dir(out, "scorecard"))
+    paths = write_scorecard(sc, _out_dir(out, "scorecard", SCORECARD_FILES, "scorecard"))
     for r in sc.rows:
         click.echo(f"{r.verdict:<8} {r.fork}: {r.root}")
     click.echo(f"scorecard: {paths[1]} ({paths[2]})")

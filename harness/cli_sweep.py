@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from harness.cli_types import AtLeast, BackendName, CommaList, ModelArg, ReportDir, Seconds
+from harness.cli_types import AtLeast, BackendName, CommaList, ModelArg, OutputDir, ReportDir, Seconds
 from harness.errors import HarnessError
 from harness.fork import backends
 from harness.sweep_inputs import ints as _ints
@@ -43,7 +43,8 @@ def _kld_depths(s: str):
     """--kld-depths checked while parsing: non-negative integers, each once, that the depth runner accepts whatever
     the model (harness.runners.depth.check_depth_values); the rest is checked with the model (sweep_inputs)."""
     from harness.runners.depth import check_depth_values
-    check_depth_values(_ints(s, "--kld-depths"))
+    from harness.sweep_inputs import KLD_DEPTHS_EXAMPLE
+    check_depth_values(_ints(s, "--kld-depths", KLD_DEPTHS_EXAMPLE))
 
 
 def _default_depth_pairs() -> str:
@@ -259,8 +260,8 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         if not no_baselines:
             cfg.pairs, cfg.baselines_added = with_baselines(cfg.pairs)
             if cfg.baselines_added:
-                click.echo(f"note: added the baseline pairs {', '.join(cfg.baselines_added)} that the rules need "
-                           f"(--no-baselines to run only the pairs given)", err=True)
+                from harness.runners.sweep_config import baselines_note
+                click.echo(f"note: {baselines_note(cfg.baselines_added)}", err=True)
         if names:
             from harness.cli_xbackend import CrossOptions, run_cross
             sys.exit(run_cross(cfg, CrossOptions(names, endpoints, target, build_dir, run_dir, strict, not no_progress,
@@ -304,8 +305,11 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     click.echo(sweep_setup_line(run))
     from harness.report.render import sweep_table_text
     click.echo(sweep_table_text(sec))
+    from harness.runners.sweep_config import baselines_note
+    said = {baselines_note(result.config.baselines_added)} if result.config.baselines_added else set()
     for n in sec.get("notes", []):
-        click.echo(f"note: {n}")
+        if n not in said:  # said when the sweep started
+            click.echo(f"note: {n}")
     for name in ("decode", "depth"):  # their tables as summary.md has them
         if isinstance(run.sections.get(name), dict) and run.sections[name].get("markdown"):
             click.echo("\n" + run.sections[name]["markdown"])
@@ -316,10 +320,15 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     sys.exit(code)
 
 
+# what sweep-compare writes (harness/report/compare.py write_compare): an --out folder may hold these and nothing else
+COMPARE_FILES = ("compare.md", "kld_vs_bits_models.png")
+
+
 @click.command("sweep-compare")
 @click.argument("run_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for compare.md and kld_vs_bits_models.png (default: reports/compare-<time>).")
+@click.option("--out", "out_dir", type=OutputDir(COMPARE_FILES, "sweep-compare", path_type=Path), default=None,
+              help="Folder for compare.md and kld_vs_bits_models.png: new, empty, or holding only an earlier "
+                   "sweep-compare's (default: reports/compare-<time>).")
 def sweep_compare(run_dirs, out_dir):
     """Sweeps of several models side by side: one table per model (PPL, KLD, top-1, bits per real value, vs-q4_0
     verdicts, decode agreement) and KLD vs bits per real value with every pair, one line per model. Reads the
@@ -334,11 +343,10 @@ def sweep_compare(run_dirs, out_dir):
                 raise HarnessError(f"{d} is given twice (as {seen[Path(d).resolve()]} before): give each sweep report "
                                    f"folder once")
             seen[Path(d).resolve()] = d
-        if out_dir is not None and (Path(out_dir) / "run.json").is_file():  # a verify or sweep report: never written into
-            raise HarnessError(f"--out {out_dir} holds a turbo-harness run report (run.json): sweep-compare does not "
-                               f"write into report folders; give a new folder, e.g. --out reports/compare")
-        out = usage.writable_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / time.strftime("compare-%Y%m%d-%H%M%S"),
-                                 "--out")
+        from harness.cli_types import check_output_dir  # --out is checked while parsing; the default here
+        out = check_output_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / time.strftime("compare-%Y%m%d-%H%M%S"),
+                               COMPARE_FILES, "sweep-compare")
+        out = usage.writable_dir(out, "--out")
         md, png = write_compare(list(run_dirs), out)
         warns = compare_warnings(list(run_dirs))
     except HarnessError as e:

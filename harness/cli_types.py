@@ -235,3 +235,57 @@ class ReportDir(click.Path):
                           "would overwrite files it did not write; give a new or empty folder, or a report folder "
                           "to add to", param, ctx)
         return value
+
+
+def foreign_output(p: Path, own: Iterable[str]) -> list[str]:
+    """The entries of folder ``p`` that are not a command's own output: anything but a plain file (not a link) named
+    in ``own``. [] for a folder that does not exist or is empty."""
+    own = set(own)
+    if not p.is_dir():
+        return []
+    return sorted(e.name for e in p.iterdir() if not (e.name in own and e.is_file() and not e.is_symlink()))
+
+
+def check_output_dir(path: str | Path, own: Iterable[str], command: str, option: str = "--out") -> Path:
+    """Refuse a folder a comparison (``diff``, ``scorecard``, ``sweep-compare``) did not make: it must be new, empty, or
+    hold only the files the command writes (``own``: its earlier output, replaced). Used for a given ``--out``
+    (:class:`OutputDir`) and for the default folder alike.
+
+    Raises:
+        HarnessError: one line naming the folder, what it holds and the fix (exit 2 at the command line).
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise HarnessError(f"{option} {p} is a file: give a folder for the {command} output")
+    foreign = foreign_output(p, own)
+    if not foreign:
+        return p
+    if (p / "run.json").is_file():
+        held = "a turbo-harness run report (run.json)"
+    else:
+        held = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    raise HarnessError(f"{option} {p} holds {held}, which `{command}` did not write: it would overwrite or mix with "
+                       f"them; give a new or empty folder (or one holding only an earlier {command}'s "
+                       f"{', '.join(sorted(own))})")
+
+
+class OutputDir(click.Path):
+    """``--out`` of a comparison command: a folder that is new, empty, or holds only that command's own files
+    (:func:`check_output_dir`), as :class:`ReportDir` is for the reports of ``verify`` and ``sweep``.
+
+    Args:
+        own: the file names the command writes (e.g. diff.md, diff.html, diff.json, junit.xml).
+        command: its name, for the message.
+    """
+
+    def __init__(self, own: Iterable[str], command: str, **kw):
+        super().__init__(file_okay=False, **kw)
+        self.own, self.command = tuple(own), command
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        try:
+            check_output_dir(value, self.own, self.command, option=(param.opts[0] if param is not None else "--out"))
+        except HarnessError as e:
+            self.fail(_strip_option(str(e)), param, ctx)
+        return value

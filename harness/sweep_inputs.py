@@ -10,15 +10,22 @@ from pathlib import Path
 from harness.errors import HarnessError
 
 
-def ints(s: str, opt: str = "--depths") -> tuple[int, ...]:
-    """Comma-separated non-negative integers of option ``opt`` ('0,256' -> (0, 256)). Raises HarnessError (one line)."""
+def ints(s: str, opt: str = "--depths", example: str = "0,256") -> tuple[int, ...]:
+    """Comma-separated non-negative integers of option ``opt`` ('0,256' -> (0, 256)); ``example`` is the value the
+    message suggests, one the option accepts (--kld-depths refuses 0: :data:`KLD_DEPTHS_EXAMPLE`).
+    Raises HarnessError (one line)."""
     try:
         vals = tuple(int(x) for x in s.split(",") if x.strip())
     except ValueError:
-        raise HarnessError(f"{opt} {s!r}: give comma-separated integers, e.g. 0,256") from None
+        raise HarnessError(f"{opt} {s!r}: give comma-separated integers, e.g. {example}") from None
     if not vals or min(vals) < 0:
-        raise HarnessError(f"{opt} {s!r}: give comma-separated non-negative integers, e.g. 0,256")
+        raise HarnessError(f"{opt} {s!r}: give comma-separated non-negative integers, e.g. {example}")
     return vals
+
+
+# what a bad --kld-depths is told to give: lengths the depth runner accepts (not 0: harness/runners/depth.py
+# check_depth_values), and the word that turns it off, alone
+KLD_DEPTHS_EXAMPLE = "256,1024 (or 'none' alone to turn KLD vs depth off)"
 
 
 def decode_depth_options(cfg, prompts, tokens, prompt_tokens, kld_depths, depth_pairs) -> None:
@@ -34,7 +41,7 @@ def decode_depth_options(cfg, prompts, tokens, prompt_tokens, kld_depths, depth_
     if kld_depths is not None and kld_depths.strip().lower() in ("none", "off"):
         cfg.kld_depths = ()
     else:
-        given = ints(kld_depths, "--kld-depths") if kld_depths is not None else None
+        given = ints(kld_depths, "--kld-depths", KLD_DEPTHS_EXAMPLE) if kld_depths is not None else None
         if given is not None:
             check_depth_values(given)  # a repeat is refused, never dropped; the lengths' arithmetic: check_inputs
         cfg.kld_depths = tuple(sorted(given)) if given is not None else (CPU_DEPTHS if cfg.ngl == 0 else GPU_DEPTHS)

@@ -317,8 +317,8 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
         if sub is not None:
             section[name] = sub  # build_run moves it to run.sections[name] (rendered from its 'markdown')
     if cfg.baselines_added:
-        cr.notes.append(f"added the baseline pairs {', '.join(cfg.baselines_added)} that the rules need "
-                        f"(--no-baselines runs only the pairs asked for)")
+        from harness.runners.sweep_config import baselines_note
+        cr.notes.append(baselines_note(cfg.baselines_added))
     # a rule applied (PASS/PARTIAL/FAIL), or a fork failure found: anything else judged nothing
     judged = [c for c in cr.cells if c.verdict == Verdict.FAIL
               or (c.metric in JUDGED_METRICS and c.verdict in (Verdict.PASS, Verdict.PARTIAL))]

@@ -74,6 +74,21 @@ def detect_backend() -> str:
     return "cpu"
 
 
+def machine_can_build(backend: str) -> bool:
+    """Whether this machine can build and run ``backend`` (as :func:`detect_backend` decides it): the CPU and Vulkan
+    anywhere (Mesa's lavapipe is a software Vulkan device the build installs), CUDA where nvcc exists and
+    nvidia-smi lists a GPU, Metal on macOS, HIP where ROCm's hipcc is installed."""
+    if backend in ("cpu", "vulkan"):
+        return True
+    if backend == "cuda":
+        return bool(shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()) and _nvidia_gpu_present()
+    if backend == "metal":
+        return sys.platform == "darwin"
+    if backend == "hip":
+        return bool(shutil.which("hipcc") or Path("/opt/rocm/bin/hipcc").exists())
+    return False
+
+
 def _nvidia_gpu_present() -> bool:
     """nvcc alone (a toolkit on a machine without a GPU) is not enough to pick CUDA: ask nvidia-smi."""
     try:
@@ -372,5 +387,9 @@ def find_build(backend: str | None = None, fork: Path | None = None) -> Path:
     backend = backend or detect_backend()
     bdir = build_dir(backend, fork=fork)
     if not any((bdir / "bin").glob("libggml-base.*")):
+        if not machine_can_build(backend):  # as --target says it: what the backend needs, where to build it
+            from harness.usage import backend_fix
+            raise HarnessError(f"the fork is not built for {backend} in {bdir}, and this machine cannot build or run "
+                               f"it: {backend_fix(backend)}")
         raise HarnessError(f"the fork is not built for {backend} in {bdir}: run `make build` (BACKEND={backend})")
     return bdir

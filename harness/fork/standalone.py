@@ -46,13 +46,14 @@ def compile_commands(fork: Path, bdir: Path, cxx: str, ccache: bool) -> list[lis
     return [compile_, link]
 
 
-def _step(cmd: list[str], logf: Path, log, env) -> tuple[int, float]:
-    """Run one compile or link command into its own log, with progress every 30 s: (exit code, seconds)."""
+def _step(cmd: list[str], logf: Path, log, env, stop=None) -> tuple[int, float]:
+    """Run one compile or link command into its own log, with progress every 30 s: (exit code, seconds). ``stop``
+    (a threading.Event) set by another thread stops the command (:func:`harness.fork.progress.run_with_progress`)."""
     from harness.fork.progress import run_with_progress
     with open(logf, "a") as lf:
         lf.write("\n=== " + " ".join(cmd) + "\n")
         lf.flush()
-        rc, _, secs = run_with_progress(cmd, "test-backend-ops", lf, log, env=env)
+        rc, _, secs = run_with_progress(cmd, "test-backend-ops", lf, log, env=env, stop=stop)
     return rc, secs
 
 
@@ -77,7 +78,8 @@ def build_backend_ops(fork: Path, bdir: Path, log, env: dict | None = None, cxx:
         ``<bdir>/bin/test-backend-ops``.
     Raises:
         HarnessError: no C++ compiler, or the compile or link failed (its first error quoted, the log named); an
-            error of ``during`` is raised as it is (after the compile has stopped).
+            error of ``during`` is raised as it is (after the compile has finished; an interruption, a
+            BaseException such as KeyboardInterrupt, stops the compile first).
     """
     import threading
     cxx = cxx or os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
@@ -97,15 +99,22 @@ def build_backend_ops(fork: Path, bdir: Path, log, env: dict | None = None, cxx:
         and obj.stat().st_mtime >= max(p.stat().st_mtime for p in inputs)
     result: dict = {}
     worker = None
+    stop = threading.Event()
     if not obj_fresh:
         obj.parent.mkdir(parents=True, exist_ok=True)
         log("compiling test-backend-ops against ggml alone (its CMake target would also build libllama and "
             "llama-common, which it does not use) ...")
-        worker = threading.Thread(target=lambda: result.update(zip(("rc", "secs"), _step(compile_, logf, log, env))))
+        worker = threading.Thread(target=lambda: result.update(zip(("rc", "secs"),
+                                                                   _step(compile_, logf, log, env, stop=stop))))
         worker.start()
     try:
         if during is not None:
             during()
+    except Exception:
+        raise
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): the compile is stopped, not waited for (minutes on 2 cores)
+        stop.set()
+        raise
     finally:
         if worker is not None:
             worker.join()

@@ -9,6 +9,46 @@ SIZE_KEYS = ("rows", "random_rows", "n_kv", "tokens", "ctx", "chunks", "batch", 
              "n_prompt", "n_gen", "outlier_scale")
 
 
+# Sweep settings recorded in the pinned sizes since tryout 28; a report from before has them only in its decode and
+# depth sections (harness/checks/decode.py 'settings', harness/checks/depth.py 'depths'), read by :func:`settings`.
+DECODE_DEPTH_KEYS = ("decode_prompts", "decode_prompt_tokens", "decode_tokens", "kld_depths")
+# pinned entries that say where a side ran from, not what it measured
+NOT_MEASURED = ("build_dir",)
+
+
+def _decode_depth(pinned: dict, sections: dict) -> dict:
+    """The decode-agreement and depth settings of a sweep: from its pinned sizes when recorded there, else from its
+    decode and depth sections (no decode section: decode off, 0 prompts; no depth section: no depths). The decode
+    token counts are left out when decode is off (they then change nothing)."""
+    if all(k in pinned for k in DECODE_DEPTH_KEYS):
+        out = {k: pinned[k] for k in DECODE_DEPTH_KEYS}
+    else:
+        dec_sec, dep = (sections.get(k) if isinstance(sections.get(k), dict) else {} for k in ("decode", "depth"))
+        dec = dec_sec.get("settings") or {}
+        out = {"decode_prompts": dec.get("prompts") or 0, "decode_prompt_tokens": dec.get("prompt_tokens"),
+               "decode_tokens": dec.get("generated_tokens"), "kld_depths": list(dep.get("depths") or [])}
+    out["kld_depths"] = list(out["kld_depths"] or [])
+    if not out["decode_prompts"]:
+        out = {"decode_prompts": 0, "kld_depths": out["kld_depths"]}
+    return out
+
+
+def settings(run: Run) -> dict | None:
+    """Every setting that changes what a sweep's cells measure: its pinned sizes (ctx, chunks, batch, ubatch, reps,
+    bench depths, threads, environment ...) with the decode-agreement and depth settings (:func:`_decode_depth`);
+    for a cross-backend sweep (``meta.sides``) each side's, as ``<backend>.<key>``. None for a verify/check report."""
+    m = run.meta
+    sweep = run.sections.get("sweep") if isinstance(run.sections.get("sweep"), dict) else {}
+    pinned = sweep.get("pinned") or m.get("pinned")
+    if pinned:
+        rest = {k: v for k, v in pinned.items() if k not in DECODE_DEPTH_KEYS and k not in NOT_MEASURED}
+        return {**rest, **_decode_depth(pinned, run.sections)}
+    sides = m.get("sides")
+    if isinstance(sides, dict) and sides:
+        return {b: {k: v for k, v in (side or {}).items() if k not in NOT_MEASURED} for b, side in sides.items()}
+    return None
+
+
 def side(run: Run, run_dir: str) -> dict:
     """What a diff says about one run: folder, id, verdict, fork build, rules and sizes it was made with."""
     m = run.meta
@@ -17,7 +57,7 @@ def side(run: Run, run_dir: str) -> dict:
             "fork_dirty": m.get("fork_dirty"), "fork_describe": m.get("fork_describe"),
             "build_dir": m.get("build_dir"), "target_backend": m.get("target_backend"), "types": m.get("types"),
             "backends_run": m.get("backends_run"), "started": m.get("started"),
-            "rules": m.get("rules") or sweep.get("rules"), "sizes": sweep.get("pinned") or m.get("pinned"),
+            "rules": m.get("rules") or sweep.get("rules"), "sizes": settings(run),
             "model_sha256": m.get("model_sha256"), "corpus_sha256": m.get("corpus_sha256")}
 
 

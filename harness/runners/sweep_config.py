@@ -75,6 +75,13 @@ def with_baselines(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]],
     return missing + [p for p in pairs], [pair_label(k, v) for k, v in missing]
 
 
+def baselines_note(added: list[str]) -> str:
+    """The one sentence that says which baseline pairs :func:`with_baselines` added: printed when the sweep starts
+    and kept among the report's notes (the console's list of notes at the end leaves it out: said once)."""
+    return (f"added the baseline pairs {', '.join(added)} that the rules need (--no-baselines to run only the pairs "
+            f"given)")
+
+
 def parse_pairs(spec: str) -> list[tuple[str, str]]:
     """'f16/f16,q8_0,q8_0/turbo3' -> [('f16','f16'), ('q8_0','q8_0'), ('q8_0','turbo3')].
 
@@ -257,7 +264,11 @@ class SweepConfig:
                 "threads": self.threads, "ngl": self.ngl, "flash_attn": "on", "fit": "off",
                 "depths": list(self.depths), "reps": self.reps, "n_prompt": self.n_prompt, "n_gen": self.n_gen,
                 "env": self.env(), "env_unset": list(self.env_unset()), "fork_defaults": self.fork_defaults,
-                "backend": self.backend, "timeout_s": self.timeout, **({"rpc": list(self.rpc)} if self.rpc else {}),
+                "backend": self.backend, "timeout_s": self.timeout,
+                # the decode-agreement and depth jobs' sizes (their cells measure other samples when these differ)
+                "decode_prompts": self.decode_prompts, "decode_prompt_tokens": self.decode_n_prompt,
+                "decode_tokens": self.decode_n_gen, "kld_depths": list(self.kld_depths),
+                **({"rpc": list(self.rpc)} if self.rpc else {}),
                 **({"devices": self.devices} if self.devices else {}),
                 **({"save_pair_logits": True} if self.save_pair_logits else {})}
 
