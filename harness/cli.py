@@ -167,7 +167,8 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
             click.echo(f"warning: {meta['provenance_warning']}", err=True)
         with interruptible():
             run = pipeline.run_verify(target, meta, check_ids, types, run_dir, previous, target_backend=target_backend,
-                                      backends=backends, registry=registry(), options=options, log=click.echo)
+                                      backends=backends, registry=registry(), options=options, log=click.echo,
+                                      finish_later=True)
     except Interrupted as e:
         click.echo(f"interrupted by {e.name}: partial report marked INTERRUPTED in {run_dir / 'summary.md'}", err=True)
         target.close()

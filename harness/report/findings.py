@@ -185,7 +185,9 @@ def verdict_line(run: Run) -> str:
         text = f"{v}: " + ", ".join(parts) + (" finding" if sum(counts.values()) == 1 else " findings")
     if run.interrupted:
         shown = f"; {', '.join(run.earlier())} shown from the earlier run" if run.earlier() else ""
-        text = f"INTERRUPTED (partial run, not run: {', '.join(run.interrupted.get('not_run') or []) or 'none'}{shown}); " + text
+        yet = " yet" if run.headline == "RUNNING" else ""  # a run still going (harness.unfinished)
+        text = (f"{run.headline} (partial run, not run{yet}: {', '.join(run.interrupted.get('not_run') or []) or 'none'}"
+                f"{shown}); what ran: " + text)  # the verdict of a part, never the run's own
     exam = next((tb for c in run.checks for tb in c.tables if tb.id == "examination" and tb.caption), None)
     if exam is not None:  # which backends ran and which were only read (spec "Every backend, and how it was examined")
         text += f" [{exam.caption[0]}]"

@@ -189,7 +189,9 @@ class Run:
     ``interrupted`` is None for a run that went to its end; for one stopped by a signal it is
     {'signal': 'SIGINT', 'exit_code': 130, 'in_progress': check id or None, 'not_run': [ids]} (the check
     in progress is listed among those not run: its cells were not kept), plus 'earlier': {id: verdict} for checks
-    not run whose results from an earlier run in the same folder the report still holds (:meth:`earlier`).
+    not run whose results from an earlier run in the same folder the report still holds (:meth:`earlier`). While
+    the run is in progress it holds the same with 'state': 'running' ('unfinished' once read back from a run that
+    died without finishing): :mod:`harness.unfinished`.
     """
 
     run_id: str
@@ -219,14 +221,17 @@ class Run:
 
     @property
     def headline(self) -> str:
-        """The run's verdict as reports print it: 'INTERRUPTED' for a run stopped by a signal."""
-        return "INTERRUPTED" if self.interrupted else self.verdict.value
+        """The run's verdict as reports print it: 'INTERRUPTED' for a run stopped by a signal or that died unfinished,
+        'RUNNING' for one still going (:mod:`harness.unfinished`)."""
+        from harness.unfinished import is_running
+        return ("RUNNING" if is_running(self.interrupted) else "INTERRUPTED") if self.interrupted else self.verdict.value
 
     def exit_code(self, strict: bool = False) -> int:
         """130 / 143 (128 + signal) for an interrupted run; else 0 no FAIL and no ERROR; 1 a FAIL;
         2 an ERROR; --strict also fails (1) on PARTIAL."""
-        if self.interrupted:
-            return int(self.interrupted.get("exit_code", 130))
+        if self.interrupted:  # never 0/1/2, whatever an edited report stores: a partial run is not judged
+            code = self.interrupted.get("exit_code")
+            return code if isinstance(code, int) and not isinstance(code, bool) and code > 2 else 130
         vs = {c.verdict for c in self.checks}
         if Verdict.ERROR in vs:
             return 2
