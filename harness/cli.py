@@ -335,7 +335,7 @@ def list_checks():
 def report(run_dir, known_file, strict):
     """Re-judge a run from its run.json (each cell from its value, threshold and op), re-render its
     Markdown/JUnit/HTML and exit as verify would (with --known: and gate it)."""
-    from harness.known import apply_known, gate_exit_code, load_known
+    from harness.known import apply_known, gate_exit_code, load_known, stored_known
     from harness.report.render import write_all
     from harness.pipeline import load_run
     from harness import runlock
@@ -349,6 +349,8 @@ def report(run_dir, known_file, strict):
     except HarnessError:
         raise HarnessError(cannot_write.format("its lock file cannot be created")) from None
     run = load_run(Path(run_dir), log=lambda line: click.echo(line, err=True))  # re-judged from its evidence
+    if known is None and stored_known(run) is not None:  # the gate stored by an earlier --known: judged again on the
+        known, known_file = stored_known(run)           # re-judged cells, never taken as it was stored
     if known is not None:
         apply_known(run, known, known_file)
     try:

@@ -132,7 +132,8 @@ def known_markdown(run: Run) -> list[str]:
     c = known.get("counts", {})
     lines = ["## Known findings", "",
              f"File `{known.get('file')}`: gate **{known.get('gate')}** - {c.get('xfail', 0)} expected (XFAIL), "
-             f"{c.get('grown', 0)} grown, {c.get('new', 0)} new, {c.get('xpass', 0)} fixed (XPASS) cells/paths.", "",
+             f"{c.get('grown', 0)} grown, {c.get('new', 0)} new, {c.get('xpass', 0)} fixed (XPASS), "
+             f"{c.get('unmeasured', 0)} not measured cells/paths.", "",
              "| check | type | path | metric | accepted | status | reason |", "|---|---|---|---|---|---|---|"]
     for e in known["entries"]:
         for pat, st in (e.get("status") or {p: "-" for p in e["paths"]}).items():
@@ -341,6 +342,8 @@ def write_junit(run: Run, run_dir: Path) -> Path:
             elif status == "grown":
                 ET.SubElement(tc, "failure", message=f"{x.verdict.value} worse than the known finding accepted at "
                                                      f"{fmt_num(x.known.get('accepted'))}: {msg}")
+            elif status == "not measured":  # harness.known.not_measured: no value to check the entry on
+                ET.SubElement(tc, "failure", message=f"{x.verdict.value} not measured: the known finding cannot be checked: {msg}")
             elif gated and x.verdict == Verdict.PARTIAL:
                 ET.SubElement(tc, "failure", message=f"new PARTIAL finding (not in the known-findings file): {msg}")
             elif x.verdict == Verdict.FAIL:
