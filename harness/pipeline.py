@@ -19,20 +19,27 @@ from harness.report.model import Run
 KINDS = ("checks", "sweep")
 
 
-def load_run(run_dir: Path, log: Callable[[str], None] | None = None) -> Run:
+def load_run(run_dir: Path, log: Callable[[str], None] | None = None, fix: str | None = None) -> Run:
     """The Run stored in run_dir/run.json, re-judged from its evidence (:func:`harness.report.rejudge.rejudge`: each
     cell from its value, threshold and op, never from the verdict string it carries); a report still marked running
     whose folder no live process holds is marked unfinished (INTERRUPTED, :func:`harness.unfinished.settle`). ``log``
-    gets the one line that says so for each. Raises HarnessError when missing or not a run report."""
+    gets the one line that says so for each. Raises HarnessError when missing or not a run report (one line: what the
+    file is, and ``fix``, default the fix for a folder given to read)."""
     from harness.report.rejudge import rejudge, rejudge_line
     p = Path(run_dir) / "run.json"
     if not p.is_file():
         raise HarnessError(f"{p} not found: give a run folder written by turbo-harness")
+    from harness.report.model import NotAReport
     try:
         run = Run.from_dict(json.loads(p.read_text()))
+    except NotAReport as e:
+        raise HarnessError(f"{p} is not a run report this turbo-harness reads ({e}); it is left as it is: " + (
+            fix or "give a run folder written by turbo-harness (verify, check, sweep), or move that run.json away")) from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise HarnessError(f"{p} is not a readable turbo-harness run report ({type(e).__name__}: {e}): it is left as it "
-                           f"is; restore it from the run's copy, or move it away and give the folder again") from None
+        why = (f"field {e} is missing" if isinstance(e, KeyError) else "not JSON" if isinstance(e, json.JSONDecodeError)
+               else str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+        raise HarnessError(f"{p} is not a readable turbo-harness run report ({why}): it is left as it is; " + (
+            fix or "restore it from the run's copy, or move it away and give the folder again")) from None
     except OSError as e:
         raise HarnessError(f"{p} cannot be read ({e.strerror}): give a run folder you can read") from None
     from harness.unfinished import settle
@@ -85,15 +92,17 @@ def _previous(run_dir: Path, kind: str, option: str) -> Run | None:
     """The earlier checks report in run_dir to add to (None for none or a sweep); HarnessError for a folder holding
     the other kind of report or an unreadable one (see :func:`prepare_run_dir`)."""
     previous = None
+    fix = f"give a new {option} folder (or move {run_dir / 'run.json'} away)"
     if (run_dir / "run.json").is_file():
         ids = _ids_in(run_dir)
         if ids == ["?"]:  # unreadable: never merged into, never overwritten
+            load_run(run_dir, fix=fix)  # raises the one line that says what the file is and the fix
             raise HarnessError(f"{option} {run_dir} holds a run.json that is not a readable turbo-harness report: it is "
                                f"left as it is; give a new {option} folder (or move {run_dir / 'run.json'} away)")
         if kind == "checks":
             if {"SWEEP", "XBACKEND"} & set(ids):
                 raise HarnessError(f"{option} {run_dir} holds a sweep report: give another folder for the checks")
-            previous = load_run(run_dir)
+            previous = load_run(run_dir, fix=fix)
         elif [i for i in ids if i not in SWEEP_IDS]:
             raise HarnessError(f"{option} {run_dir} holds another report ({', '.join(i for i in ids if i not in SWEEP_IDS)}): "
                                f"a sweep would overwrite it; give a new folder")

@@ -256,12 +256,23 @@ class Run:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Run":
-        """Rebuild a run from its JSON form. Raises ValueError on an unknown schema major version."""
+        """Rebuild a run from its JSON form.
+
+        Raises:
+            NotAReport: not a turbo-harness run report at all, or one of another schema major version.
+            ValueError: a run report whose fields have the wrong JSON types (damaged or edited).
+        """
         if not isinstance(d, dict):
-            raise ValueError(f"the file holds a JSON {type(d).__name__}, not a run report object")
+            raise NotAReport(f"it holds a JSON {_json_name(d)}, not a report object")
         ver = str(d.get("schema_version", ""))
-        if d.get("schema") != "turbo-harness/run" or ver.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-            raise ValueError(f"not a turbo-harness run report of schema {SCHEMA_VERSION} (got {d.get('schema')} {ver})")
+        if "schema" not in d:
+            raise NotAReport('it has no "schema": "turbo-harness/run" field')
+        if d.get("schema") != "turbo-harness/run":
+            raise NotAReport(f'its "schema" is {d.get("schema")!r}, not "turbo-harness/run"')
+        if ver.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            by = d.get("meta", {}).get("harness_version") if isinstance(d.get("meta"), dict) else None
+            raise NotAReport(f"its schema version is {ver or '(none)'}, this one reads {SCHEMA_VERSION.split('.')[0]}.x; "
+                             f"read it with the turbo-harness that wrote it ({by or 'see its meta.harness_version'})")
         _check_shape(d)
         run = cls(run_id=d["run_id"], meta=d.get("meta", {}), sections=d.get("sections", {}),
                   interrupted=d.get("interrupted"))
@@ -277,6 +288,15 @@ class Run:
                 cr.cells.append(Cell(**c))
             run.checks.append(cr)
         return run
+
+
+class NotAReport(ValueError):
+    """A JSON file that is not a turbo-harness run report of this schema major version (the message says what it is)."""
+
+
+def _json_name(v) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}.get(
+        type(v), type(v).__name__)
 
 
 _NUM = (int, float)
