@@ -170,7 +170,8 @@ def _run_and_exit(check_ids, types, target_backend, backends, fork_dir, build_ba
             click.echo(f"warning: {meta['provenance_warning']}", err=True)
         with interruptible():
             run = pipeline.run_verify(target, meta, check_ids, types, run_dir, previous, target_backend=target_backend,
-                                      backends=backends, registry=registry(), options=options, log=click.echo)
+                                      backends=backends, registry=registry(), options=options, log=click.echo,
+                                      finish_later=True)
     except Interrupted as e:
         click.echo(f"interrupted by {e.name}: partial report marked INTERRUPTED in {run_dir / 'summary.md'}", err=True)
         target.close()
@@ -343,16 +344,22 @@ def list_checks():
 @click.argument("run_dir", type=existing_dir())
 @click.option("--known", "known_file", default=None, type=existing_file(),
               help="judge the stored run against a known-findings file and exit with the gate's code")
+@click.option("--no-known", "no_known", is_flag=True,
+              help="drop the known-findings gate stored in the folder by an earlier --known (judge the run alone)")
 @click.option("--strict", is_flag=True, help="with no --known: exit 1 on PARTIAL too")
-def report(run_dir, known_file, strict):
+def report(run_dir, known_file, no_known, strict):
     """Re-judge a run from its run.json (each cell from its value, threshold and op), re-render its
-    Markdown/JUnit/HTML and exit as verify would (with --known: and gate it)."""
-    from harness.known import apply_known, gate_exit_code, load_known
+    Markdown/JUnit/HTML and exit as verify would (with --known: and gate it; a gate stored by an earlier --known
+    applies again, judged on the re-judged cells, until --no-known drops it)."""
+    from harness.known import apply_known, clear_known, gate_exit_code, load_known, stored_known
     from harness.report.render import write_all
     from harness.pipeline import load_run
     from harness import runlock
     cannot_write = (f"cannot write the reports into {run_dir} ({{}}): copy the folder somewhere writable and run "
                     f"`turbo-harness report` on the copy")
+    if known_file and no_known:
+        raise HarnessError("--known and --no-known together: give --known FILE to gate the run, or --no-known to drop "
+                           "the gate stored in it")
     known = load_known(known_file) if known_file else None
     try:
         runlock.acquire(Path(run_dir), "RUN_DIR")  # not while a run writes it; read-modify-write under the lock
@@ -361,6 +368,12 @@ def report(run_dir, known_file, strict):
     except HarnessError:
         raise HarnessError(cannot_write.format("its lock file cannot be created")) from None
     run = load_run(Path(run_dir), log=lambda line: click.echo(line, err=True))  # re-judged from its evidence
+    if no_known:
+        clear_known(run)
+    elif known is None and stored_known(run) is not None:  # the gate stored by an earlier --known: judged again on
+        known, known_file = stored_known(run)             # the re-judged cells, never taken as it was stored
+        click.echo(f"applying the known-findings gate stored in run.json (from --known {known_file}); "
+                   f"`turbo-harness report {run_dir} --no-known` drops it", err=True)
     if known is not None:
         apply_known(run, known, known_file)
     try:

@@ -204,6 +204,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     from harness import pipeline, usage
     from harness.known import load_known
 
+    marked = None  # the --out folder whose earlier report this sweep marked RUNNING (harness.unfinished)
     try:
         from harness.fork import rpc as R
         endpoints = R.parse_endpoints(rpc)
@@ -257,6 +258,9 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             click.echo(f"note: {run_dir} holds a sweep of the same model, corpus, ctx, chunks and backend: its pairs "
                        f"{', '.join(kept)} stay in the report (from the job cache; measured again where it lacks them)",
                        err=True)
+        from harness.unfinished import mark_folder_running, unmark_folder
+        if mark_folder_running(run_dir):  # the report is written at the end: until then the folder's says RUNNING
+            marked = run_dir
         if not no_baselines:
             cfg.pairs, cfg.baselines_added = with_baselines(cfg.pairs)
             if cfg.baselines_added:
@@ -276,6 +280,8 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
                 result = getattr(e, "sweep_result", None)
                 code = getattr(e, "exit_code", 130)
                 if result is None:
+                    if marked is not None:  # nothing ran: the folder's earlier report stands as it was
+                        unmark_folder(marked)
                     click.echo(f"interrupted by {getattr(e, 'name', 'SIGINT')} before any job ran; {resume}", err=True)
                     sys.exit(code)
                 run = build_run(result, run_dir.name, sys.argv)
@@ -293,6 +299,9 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             code = pipeline.finish(run, run_dir, known, known_file, strict,
                                    write=lambda r, d: paths.update(write_reports(r, result, d)))
     except HarnessError as e:
+        if marked is not None:  # the sweep wrote nothing of its own: the folder's earlier report stands as it was
+            from harness.unfinished import unmark_folder
+            unmark_folder(marked)
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     from harness.interrupt import hold_until_exit

@@ -215,7 +215,7 @@ def out_dir(**kw) -> click.Path:
 
 class ReportDir(click.Path):
     """A report folder to write: new, empty, or a turbo-harness report (its run.json, or only what a run writes
-    before it: evidence/, plots/, the run lock, sub-reports with their own run.json). A folder holding anything else
+    before it: evidence/, plots/, the run lock, a run.json being written, sub-reports with their own run.json). A folder holding anything else
     is refused, so that a report never overwrites files it did not write (``--out .`` in a checkout, ``--out /``)."""
 
     def __init__(self, **kw):
@@ -226,7 +226,7 @@ class ReportDir(click.Path):
         value = super().convert(value, param, ctx)
         p = Path(value)
         if p.is_dir():
-            mine = {"evidence", "plots", LOCK_NAME}
+            mine = {"evidence", "plots", LOCK_NAME, ".run.json.tmp"}  # the last: run.json being written (render.write_json)
             foreign = sorted(e.name for e in p.iterdir()
                              if e.name not in mine and not (e.is_dir() and (e / "run.json").is_file()))
             if foreign and not (p / "run.json").is_file():

@@ -19,24 +19,33 @@ from harness.report.model import Run
 KINDS = ("checks", "sweep")
 
 
-def load_run(run_dir: Path, log: Callable[[str], None] | None = None) -> Run:
+def load_run(run_dir: Path, log: Callable[[str], None] | None = None, fix: str | None = None) -> Run:
     """The Run stored in run_dir/run.json, re-judged from its evidence (:func:`harness.report.rejudge.rejudge`: each
-    cell from its value, threshold and op, never from the verdict string it carries); ``log`` gets the one line that
-    says so when stored verdicts disagree. Raises HarnessError when missing or not a run report."""
+    cell from its value, threshold and op, never from the verdict string it carries); a report still marked running
+    whose folder no live process holds is marked unfinished (INTERRUPTED, :func:`harness.unfinished.settle`). ``log``
+    gets the one line that says so for each. Raises HarnessError when missing or not a run report (one line: what the
+    file is, and ``fix``, default the fix for a folder given to read)."""
     from harness.report.rejudge import rejudge, rejudge_line
     p = Path(run_dir) / "run.json"
     if not p.is_file():
         raise HarnessError(f"{p} not found: give a run folder written by turbo-harness")
+    from harness.report.model import NotAReport
     try:
         run = Run.from_dict(json.loads(p.read_text()))
+    except NotAReport as e:
+        raise HarnessError(f"{p} is not a run report this turbo-harness reads ({e}); it is left as it is: " + (
+            fix or "give a run folder written by turbo-harness (verify, check, sweep), or move that run.json away")) from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise HarnessError(f"{p} is not a readable turbo-harness run report ({type(e).__name__}: {e}): it is left as it "
-                           f"is; restore it from the run's copy, or move it away and give the folder again") from None
+        why = (f"field {e} is missing" if isinstance(e, KeyError) else "not JSON" if isinstance(e, json.JSONDecodeError)
+               else str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+        raise HarnessError(f"{p} is not a readable turbo-harness run report ({why}): it is left as it is; " + (
+            fix or "restore it from the run's copy, or move it away and give the folder again")) from None
     except OSError as e:
         raise HarnessError(f"{p} cannot be read ({e.strerror}): give a run folder you can read") from None
-    line = rejudge_line(rejudge(run))
-    if line and log is not None:
-        log(line)
+    from harness.unfinished import settle
+    for line in (settle(run, Path(run_dir)), rejudge_line(rejudge(run))):
+        if line and log is not None:
+            log(line)
     return run
 
 
@@ -83,15 +92,17 @@ def _previous(run_dir: Path, kind: str, option: str) -> Run | None:
     """The earlier checks report in run_dir to add to (None for none or a sweep); HarnessError for a folder holding
     the other kind of report or an unreadable one (see :func:`prepare_run_dir`)."""
     previous = None
+    fix = f"give a new {option} folder (or move {run_dir / 'run.json'} away)"
     if (run_dir / "run.json").is_file():
         ids = _ids_in(run_dir)
         if ids == ["?"]:  # unreadable: never merged into, never overwritten
+            load_run(run_dir, fix=fix)  # raises the one line that says what the file is and the fix
             raise HarnessError(f"{option} {run_dir} holds a run.json that is not a readable turbo-harness report: it is "
                                f"left as it is; give a new {option} folder (or move {run_dir / 'run.json'} away)")
         if kind == "checks":
             if {"SWEEP", "XBACKEND"} & set(ids):
                 raise HarnessError(f"{option} {run_dir} holds a sweep report: give another folder for the checks")
-            previous = load_run(run_dir)
+            previous = load_run(run_dir, fix=fix)
         elif [i for i in ids if i not in SWEEP_IDS]:
             raise HarnessError(f"{option} {run_dir} holds another report ({', '.join(i for i in ids if i not in SWEEP_IDS)}): "
                                f"a sweep would overwrite it; give a new folder")
@@ -173,13 +184,16 @@ def finish(run: Run, run_dir: Path, known: list | None = None, known_file: str |
         strict: exit 1 on PARTIAL too (without a known-findings file).
         write: the report writer (default :func:`harness.report.render.write_all`; a sweep also writes its CSVs).
         written: the reports in run_dir are already those of ``run`` (verify writes after every check): they are
-            written again only when the known-findings judgement changed them.
+            written again only when the known-findings judgement changed them, or when they still say RUNNING.
     Returns:
         0 no FAIL/ERROR, 1 a FAIL (or PARTIAL with ``strict``, or a new/grown/fixed finding with a gate), 2 an
         ERROR, 130 / 143 for an interrupted run (:func:`harness.known.gate_exit_code`).
     """
     from harness.known import apply_known, clear_known, gate_exit_code
     from harness.report.render import write_all
+    from harness.unfinished import is_running
+    if is_running(run.interrupted):  # the final write: the run's RUNNING mark (harness.unfinished) goes only now
+        run.interrupted, written = None, False
     changed = known is not None
     if changed:
         apply_known(run, known, known_file)
@@ -192,9 +206,11 @@ def finish(run: Run, run_dir: Path, known: list | None = None, known_file: str |
 
 def run_verify(target, meta: dict, check_ids: list[str], types: list[str], run_dir: Path, previous: Run | None,
                *, target_backend: str | None = None, backends: list[str] | None = None, registry=None,
-               options: dict | None = None, routes: list[str] | None = None, log: Callable[[str], None] = print) -> Run:
+               options: dict | None = None, routes: list[str] | None = None, log: Callable[[str], None] = print,
+               finish_later: bool = False) -> Run:
     """The checks of verify / check / replay on an opened target into run_dir (added to ``previous`` when given);
-    ``routes``: only these quantise routes (a replay of a commit where another route crashes).
+    ``routes``: only these quantise routes (a replay of a commit where another route crashes); ``finish_later``: the
+    caller ends with :func:`finish`, which clears the report's RUNNING mark (see :func:`harness.verify.run_checks`).
 
     Raises:
         HarnessError: ``previous`` is a report of another build; bad check ids or backends.
@@ -204,4 +220,4 @@ def run_verify(target, meta: dict, check_ids: list[str], types: list[str], run_d
     if previous is not None:
         refuse_other_build(previous, meta, target.name, run_dir)
     return run_checks(target, check_ids, types, run_dir, target_backend=target_backend, backends=backends, meta=meta,
-                      log=log, run=previous, registry=registry, options=options, routes=routes)
+                      log=log, run=previous, registry=registry, options=options, routes=routes, finish_later=finish_later)

@@ -116,6 +116,26 @@ def release(run_dir: Path | str) -> None:
         os.close(fd)
 
 
+def held_elsewhere(run_dir: Path | str) -> bool:
+    """True while another live process holds ``run_dir``'s lock (a run still writing it); False when nobody does, or
+    this process does. The test takes a shared lock on the lock file for an instant: the kernel drops a holder's lock
+    however it ended, so a lock file left by a killed run is free (:mod:`harness.unfinished`)."""
+    key = str(Path(run_dir).resolve())
+    if key in _HELD:
+        return False
+    try:
+        fd = os.open(Path(key) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: nobody holds the folder
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)  # closing drops the instant's shared lock
+    return False
+
+
 @atexit.register
 def _release_all() -> None:
     for key in list(_HELD):

@@ -1,6 +1,8 @@
 """Run the PolarQuant checks on a target and write the report, one check at a time.
 
-The report is rewritten after every check, so an interrupted or crashed run keeps what it measured.
+The report is rewritten after every check, so an interrupted or crashed run keeps what it measured; from the start
+it is marked RUNNING with the checks not run yet (:mod:`harness.unfinished`) until its final write, so a run killed
+where no signal handler can act (SIGKILL, out of memory) is never read as finished.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from harness.report.model import CheckResult, Run, merge_previous
 from harness.report.plots import in_background as plots_in_background
 from harness.report.render import write_all
 from harness.targets.base import Target
+from harness.unfinished import running_mark
 
 KNOWN_BACKENDS = backends.names()  # the backend table (harness/fork/backends.py)
 
@@ -95,7 +98,7 @@ def rules_of(thresholds: dict) -> dict:
 def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: Path, target_backend: str | None = None,
                backends: list[str] | None = None, meta: dict | None = None, thresholds: dict | None = None,
                log: Callable[[str], None] = print, run: Run | None = None, routes: list[str] | None = None,
-               options: dict | None = None, registry: Registry | None = None) -> Run:
+               options: dict | None = None, registry: Registry | None = None, finish_later: bool = False) -> Run:
     """Run checks on a target and write reports into run_dir after each check.
 
     Args:
@@ -104,6 +107,8 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         backends: restrict to these backend names (default all the target has).
         options: per-check options {check id: {...}} (e.g. MODEL's pairs, env, flash_attn).
         registry: the checks to choose from (default :data:`harness.checks.registry.REGISTRY`).
+        finish_later: the caller writes the final report (:func:`harness.pipeline.finish`): the reports written here
+            stay marked RUNNING to the end, so a run killed in its teardown is not shown as finished.
     Returns:
         The Run (also written as run.json, summary.md, junit.xml under run_dir).
     Raises:
@@ -128,7 +133,8 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
                   not_available=[b for b in KNOWN_BACKENDS if b not in present], routes_filter=routes,
                   options=dict(options or {}))
     run = run or Run(run_id=run_dir.name)
-    run.interrupted = None  # this invocation's own state; an earlier interrupted run into the same folder is resumed
+    # this invocation's own state (an earlier interrupted run into the same folder is resumed): running until the end
+    run.interrupted = running_mark(check_ids, [], run)
     current, finished = None, []
     try:
         run.meta.update({
@@ -155,6 +161,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
         if layouts.unknown:
             run.meta["layout_notes"] = layouts.notes
         run.meta["rules"] = rules_of(ctx.thresholds)
+        write_all(run, run_dir)  # marked RUNNING before anything is measured: a run killed from here on says so
         ctx.done.update({c.id: c.cells for c in run.checks})  # what ran on which backend: AUDIT's examination table
         for cid in check_ids:  # work that goes on beside the checks before its own (COMPAT's test-backend-ops)
             if checks[cid].prestart is not None:
@@ -200,6 +207,7 @@ def run_checks(target: Target, check_ids: list[str], types: list[str], run_dir: 
             run.checks = sorted([c for c in run.checks if c.id != cid] + [cr],
                                 key=lambda c: order.index(c.id) if c.id in order else len(order))
             finished.append(cid)
+            run.interrupted = running_mark(check_ids, finished, run) if finish_later or cid != check_ids[-1] else None
             ctx.done[cid] = cr.cells
             current = None
             log(f"{cid:6s} {cr.verdict.value:8s} {cr.duration_s:6.1f} s  {check.title}")

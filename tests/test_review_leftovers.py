@@ -310,7 +310,7 @@ def test_an_interrupted_run_marks_the_earlier_verdicts_of_checks_it_did_not_run(
     assert "| **PASS (earlier run, not this one)** |" in md and "## PQ3 " in md
     assert [ln for ln in md.splitlines() if ln.startswith("## PQ3 ")][0].endswith(": PASS (earlier run, not this one)")
     assert "- shown from the earlier run in this folder, not this one (marked \"earlier run\"): PQ3 (PASS)" in md
-    assert "INTERRUPTED (partial run, not run: PQ3; PQ3 shown from the earlier run)" in md  # the headline
+    assert "INTERRUPTED (partial run, not run: PQ3; PQ3 shown from the earlier run); what ran: " in md  # the headline
     page = (out / "report.html").read_text()
     assert ">PASS (earlier run, not this one)</span>" in page and "shown from the earlier run in this folder" in page
     junit = ET.parse(out / "junit.xml").getroot()

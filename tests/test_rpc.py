@@ -362,7 +362,12 @@ def test_server_killed_mid_run_gives_a_clear_cell_and_a_finished_report(rpc_serv
                              "--rpc", rpc_server.endpoint, "--build", bdir.name, "--out", str(out), "--rpc-timeout", "60"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
-    while not (out / "run.json").is_file() and proc.poll() is None and time.time() - t0 < 600:
+    while proc.poll() is None and time.time() - t0 < 600:  # until PQ6 is written (run.json exists from the start)
+        try:
+            if "PQ6" in [c["id"] for c in json.loads((out / "run.json").read_text())["checks"]]:
+                break
+        except (OSError, ValueError):
+            pass
         time.sleep(0.05)
     rpc_server.kill()
     stdout, _ = proc.communicate(timeout=600)

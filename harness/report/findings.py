@@ -96,8 +96,9 @@ class Finding:
         text = f"{head}: {how}{note}."
         if self.known:
             acc = f" accepted at {fmt(self.accepted)}" if self.accepted is not None else ""
-            text += (f" Expected (known finding{acc}: {self.reason})." if self.known == "xfail"
-                     else f" Worse than the known finding{acc} ({self.reason}): a regression.")
+            text += (f" Expected (known finding{acc}: {self.reason})." if self.known == "xfail" else
+                     f" The known finding{acc} ({self.reason}) cannot be checked without a value: not accepted."
+                     if self.known == "not measured" else f" Worse than the known finding{acc} ({self.reason}): a regression.")
         cause = w.details.get("cause") if w is not None and isinstance(w.details, dict) else None
         if cause and load_meanings().get("CAUSE", {}).get(cause):
             mean = load_meanings()["CAUSE"][cause]  # what the evidence shows directly (e.g. all-zero indices)
@@ -166,16 +167,17 @@ def verdict_line(run: Run) -> str:
     fs = findings(run)
     v = run.verdict.value
     counts: dict[str, int] = {}
-    for f in fs:
-        counts[f.label] = counts.get(f.label, 0) + 1
+    for f in fs:  # a known finding whose cells hold no value is counted apart (harness.known.not_measured)
+        key = "UNMEASURED" if f.known == "not measured" else f.label
+        counts[key] = counts.get(key, 0) + 1
     words = {"FAIL": "failing", "ERROR": "not measured (ERROR)", "GROWN": "grown beyond accepted",
-             "PARTIAL": "partial", "XFAIL": "expected (known)"}
+             "PARTIAL": "partial", "XFAIL": "expected (known)", "UNMEASURED": "not measured (known findings not checked)"}
     known = run.sections.get("known")
     gate = known.get("gate") if isinstance(known, dict) else None
     if gate:  # the gate's result first; what it accepted named, never hidden
         accepted = [x for x in ("FAIL", "ERROR", "PARTIAL") if any(f.label == "XFAIL" and f.verdict.value == x for f in fs)]
         words.update(FAIL="new failing", PARTIAL="new partial")  # any finding not in the file is new
-        parts = [f"{counts[k]} {words[k]}" for k in ("FAIL", "GROWN", "ERROR", "PARTIAL") if k in counts]
+        parts = [f"{counts[k]} {words[k]}" for k in ("FAIL", "GROWN", "ERROR", "PARTIAL", "UNMEASURED") if k in counts]
         xpass = int((known.get("counts") or {}).get("xpass") or 0)
         parts += [f"{xpass} fixed (XPASS: remove from the file)"] if xpass else []
         if counts.get("XFAIL"):
@@ -193,7 +195,9 @@ def verdict_line(run: Run) -> str:
         text = f"{v}: " + ", ".join(parts) + (" finding" if sum(counts.values()) == 1 else " findings")
     if run.interrupted:
         shown = f"; {', '.join(run.earlier())} shown from the earlier run" if run.earlier() else ""
-        text = f"INTERRUPTED (partial run, not run: {', '.join(run.interrupted.get('not_run') or []) or 'none'}{shown}); " + text
+        yet = " yet" if run.headline == "RUNNING" else ""  # a run still going (harness.unfinished)
+        text = (f"{run.headline} (partial run, not run{yet}: {', '.join(run.interrupted.get('not_run') or []) or 'none'}"
+                f"{shown}); what ran: " + text)  # the verdict of a part, never the run's own
     exam = next((tb for c in run.checks for tb in c.tables if tb.id == "examination" and tb.caption), None)
     if exam is not None:  # which backends ran and which were only read (spec "Every backend, and how it was examined")
         text += f" [{exam.caption[0]}]"
@@ -213,12 +217,16 @@ def gate_summary(run: Run) -> str:
     if run.interrupted or not isinstance(known, dict) or not known.get("gate"):
         return run.headline
     from harness.known import gate_exit_code
-    word = {0: "PASS", 1: "FAIL"}.get(gate_exit_code(run), "ERROR")
     fs = findings(run)
+    if known.get("gate") == "SKIP" and not fs:
+        return "SKIP (known-findings gate; nothing judged)"
+    word = {0: "PASS", 1: "FAIL"}.get(gate_exit_code(run), "ERROR")
     n = {lab: sum(f.label == lab for f in fs) for lab in ("XFAIL", "GROWN")}
-    new = len(fs) - n["XFAIL"] - n["GROWN"]
+    unmeasured = sum(f.known == "not measured" for f in fs)
+    new = len(fs) - n["XFAIL"] - n["GROWN"] - unmeasured
     xpass = int((known.get("counts") or {}).get("xpass") or 0)
     parts = ([f"{new} new"] if new else []) + ([f"{n['GROWN']} grown"] if n["GROWN"] else []) + (
+        [f"{unmeasured} not measured"] if unmeasured else []) + (
         [f"{xpass} fixed (XPASS)"] if xpass else []) + ([_n(n["XFAIL"], "known finding")] if n["XFAIL"] else [])
     if not judged_anything(run):  # nothing measured is never PASS, whatever the gate accepted
         return f"{run.verdict.value} (nothing judged; known-findings gate {word}" + "".join(f"; {p}" for p in parts) + ")"

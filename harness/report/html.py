@@ -227,7 +227,9 @@ def write_html(run: Run, run_dir: Path) -> Path:
              f"<p class=verdict>{html.escape(verdict_line(run))}</p>"]
     if run.interrupted:
         i = run.interrupted
-        parts.append(f"<p><b>INTERRUPTED</b> by {html.escape(str(i.get('signal')))} (exit code {i.get('exit_code')}): "
+        from harness.unfinished import cause, is_running
+        code = "" if is_running(i) else f" (exit code {i.get('exit_code')})"
+        parts.append(f"<p><b>{run.headline}</b> {html.escape(cause(i))}{code}: "
                      f"partial report; not run: {html.escape(', '.join(i.get('not_run') or []) or 'none')}"
                      + (f"; shown from the earlier run in this folder, not this one: "
                         f"{html.escape(', '.join(f'{k} ({v})' for k, v in run.earlier().items()))}" if run.earlier() else "")

@@ -189,7 +189,9 @@ class Run:
     ``interrupted`` is None for a run that went to its end; for one stopped by a signal it is
     {'signal': 'SIGINT', 'exit_code': 130, 'in_progress': check id or None, 'not_run': [ids]} (the check
     in progress is listed among those not run: its cells were not kept), plus 'earlier': {id: verdict} for checks
-    not run whose results from an earlier run in the same folder the report still holds (:meth:`earlier`).
+    not run whose results from an earlier run in the same folder the report still holds (:meth:`earlier`). While
+    the run is in progress it holds the same with 'state': 'running' ('unfinished' once read back from a run that
+    died without finishing): :mod:`harness.unfinished`.
     """
 
     run_id: str
@@ -219,14 +221,17 @@ class Run:
 
     @property
     def headline(self) -> str:
-        """The run's verdict as reports print it: 'INTERRUPTED' for a run stopped by a signal."""
-        return "INTERRUPTED" if self.interrupted else self.verdict.value
+        """The run's verdict as reports print it: 'INTERRUPTED' for a run stopped by a signal or that died unfinished,
+        'RUNNING' for one still going (:mod:`harness.unfinished`)."""
+        from harness.unfinished import is_running
+        return ("RUNNING" if is_running(self.interrupted) else "INTERRUPTED") if self.interrupted else self.verdict.value
 
     def exit_code(self, strict: bool = False) -> int:
         """130 / 143 (128 + signal) for an interrupted run; else 0 no FAIL and no ERROR; 1 a FAIL;
         2 an ERROR; --strict also fails (1) on PARTIAL."""
-        if self.interrupted:
-            return int(self.interrupted.get("exit_code", 130))
+        if self.interrupted:  # never 0/1/2, whatever an edited report stores: a partial run is not judged
+            code = self.interrupted.get("exit_code")
+            return code if isinstance(code, int) and not isinstance(code, bool) and code > 2 else 130
         vs = {c.verdict for c in self.checks}
         if Verdict.ERROR in vs:
             return 2
@@ -251,12 +256,23 @@ class Run:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Run":
-        """Rebuild a run from its JSON form. Raises ValueError on an unknown schema major version."""
+        """Rebuild a run from its JSON form.
+
+        Raises:
+            NotAReport: not a turbo-harness run report at all, or one of another schema major version.
+            ValueError: a run report whose fields have the wrong JSON types (damaged or edited).
+        """
         if not isinstance(d, dict):
-            raise ValueError(f"the file holds a JSON {type(d).__name__}, not a run report object")
+            raise NotAReport(f"it holds a JSON {_json_name(d)}, not a report object")
         ver = str(d.get("schema_version", ""))
-        if d.get("schema") != "turbo-harness/run" or ver.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-            raise ValueError(f"not a turbo-harness run report of schema {SCHEMA_VERSION} (got {d.get('schema')} {ver})")
+        if "schema" not in d:
+            raise NotAReport('it has no "schema": "turbo-harness/run" field')
+        if d.get("schema") != "turbo-harness/run":
+            raise NotAReport(f'its "schema" is {d.get("schema")!r}, not "turbo-harness/run"')
+        if ver.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            by = d.get("meta", {}).get("harness_version") if isinstance(d.get("meta"), dict) else None
+            raise NotAReport(f"its schema version is {ver or '(none)'}, this one reads {SCHEMA_VERSION.split('.')[0]}.x; "
+                             f"read it with the turbo-harness that wrote it ({by or 'see its meta.harness_version'})")
         _check_shape(d)
         run = cls(run_id=d["run_id"], meta=d.get("meta", {}), sections=d.get("sections", {}),
                   interrupted=d.get("interrupted"))
@@ -272,6 +288,15 @@ class Run:
                 cr.cells.append(Cell(**c))
             run.checks.append(cr)
         return run
+
+
+class NotAReport(ValueError):
+    """A JSON file that is not a turbo-harness run report of this schema major version (the message says what it is)."""
+
+
+def _json_name(v) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}.get(
+        type(v), type(v).__name__)
 
 
 _NUM = (int, float)

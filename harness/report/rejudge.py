@@ -11,7 +11,8 @@ what those numbers allow and corrects a verdict that claims better than its valu
 * a PASS with no measured value (no check writes one; a crash cell's FAIL edited to PASS looks so) is SKIP:
   nothing measured is never PASS;
 * a verdict worse than its numbers (PARTIAL, FAIL, ERROR) is kept: checks judge several criteria, the stored
-  value is the headline one, and a worse verdict never hides a problem.
+  value is the headline one, and a worse verdict never hides a problem; a FAIL/PARTIAL judged by a number it no
+  longer holds is kept too, and its note and the re-judge line say so (:func:`not_measured`).
 
 A check whose rule tolerates a value a little past its threshold (a measurement resolution, a standard error)
 records the limit it really judged against in ``cell.details['rule'] = {'limit': x, 'breach': 'PARTIAL'}``
@@ -38,12 +39,14 @@ LEGACY_RULES = {("SWEEP", "kld_growth_with_depth", "f16/f16"): "none",  # the de
 class Rejudged:
     """One cell whose stored verdict its own numbers do not allow.
 
-    Attributes: check: check id; cell: the cell (its verdict already replaced); stored: the verdict it carried.
+    Attributes: check: check id; cell: the cell (its verdict already replaced); stored: the verdict it carried;
+    kept: the verdict was kept as stored for want of a value (its note says so).
     """
 
     check: str
     cell: Cell
     stored: Verdict
+    kept: bool = False  # a FAIL/PARTIAL with no value to check it by, kept as stored (:func:`rejudge`)
 
 
 def allowed(cell: Cell, check: str = "") -> Verdict | None:
@@ -71,6 +74,13 @@ def allowed(cell: Cell, check: str = "") -> Verdict | None:
     return Verdict(breach) if breach in Verdict.__members__ else Verdict.FAIL
 
 
+def not_measured(cell: Cell) -> bool:
+    """A FAIL or PARTIAL cell judged against a number (it has a threshold) that holds no value (one removed from
+    run.json): its stored verdict is kept, never made better, and a known finding cannot be checked on it
+    (:func:`harness.known.apply_known`). A crash cell is judged by no number (no threshold): measured."""
+    return cell.verdict in (Verdict.PARTIAL, Verdict.FAIL) and cell.value is None and cell.threshold is not None
+
+
 def rejudge(run: Run) -> list[Rejudged]:
     """Recompute each judged cell of ``run`` from its value, threshold, op and recorded rule, in place.
 
@@ -86,6 +96,11 @@ def rejudge(run: Run) -> list[Rejudged]:
                 note = "re-judged: stored PASS, but the cell holds no measured value"
                 c.verdict, c.caveat = Verdict.SKIP, f"{note}; {c.caveat}" if c.caveat else note
                 continue
+            if not_measured(c):  # judged by a number it does not hold: kept (never made better), and said so
+                out.append(Rejudged(cr.id, c, c.verdict, kept=True))
+                note = f"no value stored: the stored {c.verdict.value} is kept (never made better without its number)"
+                c.caveat = c.caveat if c.caveat.startswith(note) else f"{note}; {c.caveat}" if c.caveat else note
+                continue
             want = allowed(c, cr.id)
             if want is None or c.verdict not in (Verdict.PASS, Verdict.SKIP) or want.rank <= c.verdict.rank:
                 continue
@@ -97,11 +112,18 @@ def rejudge(run: Run) -> list[Rejudged]:
     return out
 
 
-def rejudge_line(changed: list[Rejudged]) -> str | None:
-    """The one line ``report`` prints when stored verdicts disagree with their numbers (None when none do)."""
-    if not changed:
-        return None
-    first = changed[0]
-    return (f"cell verdicts were edited or rules changed: re-judged {len(changed)} cell{'s' if len(changed) != 1 else ''} "
-            f"from their values (e.g. {first.check} {first.cell.type} {first.cell.path}: stored {first.stored.value}, "
-            f"now {first.cell.verdict.value})")
+def rejudge_line(out: list[Rejudged]) -> str | None:
+    """The one line ``report`` prints when stored verdicts disagree with their numbers, or FAIL/PARTIAL cells hold no
+    number to check them by (None when neither)."""
+    changed, kept = [r for r in out if not r.kept], [r for r in out if r.kept]
+    parts = []
+    if changed:
+        first = changed[0]
+        parts.append(f"cell verdicts were edited or rules changed: re-judged {len(changed)} cell"
+                     f"{'s' if len(changed) != 1 else ''} from their values (e.g. {first.check} {first.cell.type} "
+                     f"{first.cell.path}: stored {first.stored.value}, now {first.cell.verdict.value})")
+    if kept:
+        k = kept[0]
+        parts.append(f"{len(kept)} FAIL/PARTIAL cell{'s' if len(kept) != 1 else ''} hold no value: kept as stored, "
+                     f"never made better (e.g. {k.check} {k.cell.type} {k.cell.path}: {k.stored.value})")
+    return "; ".join(parts) or None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -30,9 +31,11 @@ KLD_METRICS = ("kld_noise_floor", "noise_floor", "cross_compared", "cross_kld_vs
 
 
 def write_json(run: Run, run_dir: Path) -> Path:
-    """Write run.json (schema turbo-harness/run, versioned) into run_dir; returns its path."""
-    p = Path(run_dir) / "run.json"
-    p.write_text(json.dumps(run.to_dict(), indent=1, default=str))
+    """Write run.json (schema turbo-harness/run, versioned) into run_dir, whole or not at all (a run killed mid-write
+    keeps the previous one; a reader never sees half a file); returns its path."""
+    p, tmp = Path(run_dir) / "run.json", Path(run_dir) / ".run.json.tmp"
+    tmp.write_text(json.dumps(run.to_dict(), indent=1, default=str))
+    os.replace(tmp, p)
     return p
 
 
@@ -129,7 +132,8 @@ def known_markdown(run: Run) -> list[str]:
     c = known.get("counts", {})
     lines = ["## Known findings", "",
              f"File `{known.get('file')}`: gate **{known.get('gate')}** - {c.get('xfail', 0)} expected (XFAIL), "
-             f"{c.get('grown', 0)} grown, {c.get('new', 0)} new, {c.get('xpass', 0)} fixed (XPASS) cells/paths.", "",
+             f"{c.get('grown', 0)} grown, {c.get('new', 0)} new, {c.get('xpass', 0)} fixed (XPASS), "
+             f"{c.get('unmeasured', 0)} not measured cells/paths.", "",
              "| check | type | path | metric | accepted | status | reason |", "|---|---|---|---|---|---|---|"]
     for e in known["entries"]:
         for pat, st in (e.get("status") or {p: "-" for p in e["paths"]}).items():
@@ -270,12 +274,15 @@ def interrupted_lines(info: dict, what: str = "checks") -> list[str]:
         info: a Run's ``interrupted`` dict ({'signal', 'exit_code', 'in_progress', 'not_run'}).
         what: the word for the units that did not run ('checks', 'jobs').
     """
+    from harness.unfinished import cause, is_running
     not_run = info.get("not_run") or []
     cur = info.get("in_progress")
-    lines = [f"**INTERRUPTED** by {info.get('signal', 'a signal')} (exit code {info.get('exit_code', '?')}): "
+    live = is_running(info)
+    code = "" if live else f" (exit code {info.get('exit_code', '?')})"
+    lines = [f"**{'RUNNING' if live else 'INTERRUPTED'}** {cause(info)}{code}: "
              f"a partial report; the verdicts below cover only the {what} that finished.", ""]
-    lines.append(f"- {what} not run: {', '.join(not_run) if not_run else 'none'}"
-                 + (f" ({cur} was running and was stopped; its results were not kept)" if cur else ""))
+    lines.append(f"- {what} not run{' yet' if live else ''}: {', '.join(not_run) if not_run else 'none'}"
+                 + ("" if live or not cur else f" ({cur} was running and was stopped; its results were not kept)"))
     earlier = info.get("earlier") if isinstance(info.get("earlier"), dict) else {}
     if earlier:
         lines.append(f"- shown from the earlier run in this folder, not this one (marked \"earlier run\"): "
@@ -297,13 +304,15 @@ def write_junit(run: Run, run_dir: Path) -> Path:
     PARTIAL are failures, and each entry that no longer occurs (XPASS) is a failure of suite 'known-findings'."""
     suites = ET.Element("testsuites", name=f"turbo-harness {run.run_id}")
     if run.interrupted:  # every check that did not run is an error case: a partial run never reads as green
-        info = run.interrupted
-        s = ET.SubElement(suites, "testsuite", name="INTERRUPTED", tests=str(max(len(info.get("not_run", [])), 1)),
+        from harness.unfinished import cause, is_running
+        info, word = run.interrupted, run.headline  # RUNNING while the run goes (harness.unfinished)
+        s = ET.SubElement(suites, "testsuite", name=word, tests=str(max(len(info.get("not_run", [])), 1)),
                           failures="0", errors=str(max(len(info.get("not_run", [])), 1)), skipped="0")
         for cid in info.get("not_run") or ["run"]:
-            tc = ET.SubElement(s, "testcase", classname="INTERRUPTED", name=f"{cid} not run")
-            ET.SubElement(tc, "error", message=f"INTERRUPTED by {info.get('signal')}: {cid} did not run"
-                          + (" (stopped while running)" if cid == info.get("in_progress") else ""))
+            tc = ET.SubElement(s, "testcase", classname=word, name=f"{cid} not run")
+            ET.SubElement(tc, "error", message=f"{word} {cause(info)}: {cid} "
+                          + ("has not run yet" if is_running(info) else "did not run"
+                             + (" (stopped while running)" if cid == info.get("in_progress") else "")))
     known = run.sections.get("known")
     gated = isinstance(known, dict) and "entries" in known
     for c in run.checks:
@@ -333,6 +342,8 @@ def write_junit(run: Run, run_dir: Path) -> Path:
             elif status == "grown":
                 ET.SubElement(tc, "failure", message=f"{x.verdict.value} worse than the known finding accepted at "
                                                      f"{fmt_num(x.known.get('accepted'))}: {msg}")
+            elif status == "not measured":  # harness.known.not_measured: no value to check the entry on
+                ET.SubElement(tc, "failure", message=f"{x.verdict.value} not measured: the known finding cannot be checked: {msg}")
             elif gated and x.verdict == Verdict.PARTIAL:
                 ET.SubElement(tc, "failure", message=f"new PARTIAL finding (not in the known-findings file): {msg}")
             elif x.verdict == Verdict.FAIL:
