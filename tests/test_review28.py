@@ -23,12 +23,12 @@ def _unmeasured(verdict: Verdict) -> Run:
 
 def test_a_gated_run_that_measured_nothing_is_never_titled_pass(tmp_path):
     code, out, d = _gate(tmp_path / "skip", _unmeasured(Verdict.SKIP))
-    assert code == 0  # the gate accepts it (nothing new), as before
+    assert code == 1  # a gate over nothing judged is SKIP and exits 1 (tests/test_unmeasured_gate.py)
     first = next(ln for ln in out.splitlines() if not ln.startswith("wrote "))
-    assert first.startswith("SKIP: nothing was judged (known-findings gate PASS)"), first
+    assert first.startswith("SKIP: nothing was judged (known-findings gate SKIP)"), first
     title = (d / "summary.md").read_text().splitlines()[0]
-    assert "PASS (" not in title and title.endswith("**SKIP (nothing judged; known-findings gate PASS)**"), title
-    assert ": SKIP (nothing judged; known-findings gate PASS)</title>" in (d / "report.html").read_text()
+    assert "PASS" not in title and title.endswith("**SKIP (known-findings gate; nothing judged)**"), title
+    assert ": SKIP (known-findings gate; nothing judged)</title>" in (d / "report.html").read_text()
     r = CliRunner().invoke(cli, ["scorecard", str(d), "--out", str(tmp_path / "sc")])
     assert r.exit_code == 0, r.output
     row = json.loads((tmp_path / "sc" / "scorecard.json").read_text())["rows"][0]
@@ -65,3 +65,18 @@ def test_a_one_token_graph_fallback_is_not_hidden_by_the_f16_prompt_graphs_count
     assert c.verdict == Verdict.PARTIAL and "graph splits 34 vs 2 for its f16 decode (one-token graph)" in c.caveat, c.caveat
     # a pair placed like f16 in both graphs keeps its verdict
     assert by[("q4_0/q4_0", "decode_prefix_vs_batched")].verdict == Verdict.PASS
+
+
+def test_a_run_of_passed_and_skipped_cells_does_not_say_nothing_was_judged():
+    """A run whose cells passed beside skipped ones is SKIP (not everything was examined), but its headline said
+    'SKIP: nothing was judged', which is false: it names the passed and the skipped cells now; an all-SKIP run keeps
+    'nothing was judged'."""
+    from harness.report.findings import verdict_line
+    run = Run(run_id="r")
+    run.checks.append(CheckResult("PQ1", "PQ1", [
+        Cell("PQ1", "turbo3", "cpu:set_rows", "max_abs_err", 1e-6, 1e-4, Verdict.PASS, op="<="),
+        Cell("PQ1", "turbo3", "cuda:set_rows", "max_abs_err", None, 1e-4, Verdict.SKIP, caveat="backend absent")]))
+    line = verdict_line(run)
+    assert line.startswith("SKIP: every judged cell passed, 1 cell skipped"), line
+    assert "nothing was judged" not in line
+    assert verdict_line(_unmeasured(Verdict.SKIP)).startswith("SKIP: nothing was judged"), verdict_line(_unmeasured(Verdict.SKIP))

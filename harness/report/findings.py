@@ -189,7 +189,13 @@ def verdict_line(run: Run) -> str:
         else:
             text = f"known-findings gate {gate}: " + (", ".join(parts) if parts else "every judged cell passed")
     elif not fs:
-        text = f"{v}: every judged cell passed" if v == "PASS" else f"{v}: nothing was judged"
+        skipped = sum(x.verdict == Verdict.SKIP for c in run.checks for x in c.cells)
+        if v == "PASS":
+            text = f"{v}: every judged cell passed"
+        elif judged_anything(run):  # PASS cells beside SKIP ones: the run is SKIP (not all examined), yet not empty
+            text = f"{v}: every judged cell passed, {_n(skipped, 'cell')} skipped (see their reasons)"
+        else:
+            text = f"{v}: nothing was judged"
     else:
         parts = [f"{counts[k]} {words[k]}" for k in ("FAIL", "GROWN", "ERROR", "PARTIAL", "XFAIL") if k in counts]
         text = f"{v}: " + ", ".join(parts) + (" finding" if sum(counts.values()) == 1 else " findings")
