@@ -57,15 +57,20 @@ def check_inputs(cfg, given: tuple[str, ...] = ("--depths", "--kld-depths")) -> 
     from harness.runners import sweep as sweep_runner
     sweep_runner.check_kld_size(cfg.ctx, cfg.chunks)
     from harness.runners.inputs import check_corpus, read_model_info
+    from harness.runners.kv_cache_types import kv_cache_types
+    kv, where = kv_cache_types(cfg.bdir)  # what -ctk/-ctv accept, from the build's llama-perplexity or its source
     try:
-        known = set(sweep_runner.type_traits(str(cfg.bdir)))
+        known = set(kv) or set(sweep_runner.type_traits(str(cfg.bdir)))
     except HarnessError:
         known = set()  # the build cannot be read here: the sweep reports it
-    bad = [t for k, v in cfg.pairs for t in sweep_runner.split_pair(k, v)[:2] if known and t not in known]
-    bad_d = [t for k, v in cfg.depth_pairs for t in sweep_runner.split_pair(k, v)[:2] if known and t not in known]
-    if bad or bad_d:
-        raise HarnessError(f"{'--pairs' if bad else '--depth-pairs'}: unknown cache type {(bad or bad_d)[0]!r}: this build knows "
-                           f"{', '.join(t for t in sorted(known) if t.startswith(('f1', 'bf', 'q4', 'q5', 'q8', 'iq4', 'turbo')))}")
+    for opt, pairs in (("--pairs", cfg.pairs), ("--depth-pairs", cfg.depth_pairs)):
+        bad = [t for k, v in pairs for t in sweep_runner.split_pair(k, v)[:2] if known and t not in known]
+        if bad and kv:
+            raise HarnessError(f"{opt}: {bad[0]!r} is not a K/V cache type of this build: -ctk/-ctv accept "
+                               f"{', '.join(kv)} ({where})")
+        if bad:
+            shown = ", ".join(t for t in sorted(known) if t.startswith(("f1", "bf", "q4", "q5", "q8", "iq4", "turbo")))
+            raise HarnessError(f"{opt}: unknown cache type {bad[0]!r}: this build knows {shown}")
     info = read_model_info(cfg.model)  # a missing or non-GGUF model: one line, before anything runs
     if info.n_ctx_train:
         if cfg.ctx > info.n_ctx_train:
