@@ -28,6 +28,44 @@ def ints(s: str, opt: str = "--depths", example: str = "0,256") -> tuple[int, ..
 KLD_DEPTHS_EXAMPLE = "256,1024 (or 'none' alone to turn KLD vs depth off)"
 
 
+def check_option_combinations(opts: dict, ctx: int) -> None:
+    """Options that contradict each other or do nothing with the others, refused before anything runs (README "Every
+    command checks its input"; an option that does not apply is refused, as ``check PQ3 --model`` is).
+
+    Args:
+        opts: the sweep's options as given on the command line (None = not given): 'batch', 'ubatch', 'reps',
+            'depths', 'no_bench', 'decode_prompts', 'decode_tokens', 'decode_prompt_tokens', 'kld_depths',
+            'depth_pairs'.
+        ctx: the context (given or default): the batch when --batch is not given.
+    Raises:
+        HarnessError: one line naming the options and the fix:
+        - --ubatch above the batch: llama caps the micro-batch at the batch (src/llama-context.cpp
+          ``n_ubatch = min(n_batch, n_ubatch)``), so the recorded -ub would not be what ran;
+        - --depth-pairs with --kld-depths none; --decode-tokens / --decode-prompt-tokens with --decode-prompts 0;
+          --reps / --depths with --no-bench: they would be accepted and do nothing.
+    """
+    batch = opts.get("batch") or ctx
+    if opts.get("ubatch") and opts["ubatch"] > batch:
+        src = f"--batch {batch}" if opts.get("batch") else f"the batch (--batch, default --ctx {ctx})"
+        raise HarnessError(f"--ubatch {opts['ubatch']} is above {src}: llama requires ubatch <= batch (it would cap "
+                           f"the micro-batch at {batch}); give --ubatch {batch} or less, or a larger --batch")
+    kd = opts.get("kld_depths")
+    idle = []
+    if opts.get("depth_pairs") is not None and kd is not None and kd.strip().lower() in ("none", "off"):
+        idle.append(("--depth-pairs", f"--kld-depths {kd.strip()}", "give --kld-depths lengths or drop --depth-pairs"))
+    if opts.get("decode_prompts") == 0:
+        for o in ("decode_tokens", "decode_prompt_tokens"):
+            if opts.get(o) is not None:
+                idle.append((f"--{o.replace('_', '-')}", "--decode-prompts 0", "drop one of them"))
+    if opts.get("no_bench"):
+        for o in ("reps", "depths"):
+            if opts.get(o) is not None:
+                idle.append((f"--{o}", "--no-bench", f"drop --{o} (llama-bench options) or --no-bench"))
+    if idle:
+        opt, other, fix = idle[0]
+        raise HarnessError(f"{opt} does nothing with {other} (it turns that part off): {fix}")
+
+
 def decode_depth_options(cfg, prompts, tokens, prompt_tokens, kld_depths, depth_pairs) -> None:
     """Set the decode-agreement and depth settings of ``cfg`` from the options (defaults: harness/runners/decode.py
     DECODE_DEFAULTS, harness/runners/depth.py CPU_DEPTHS/GPU_DEPTHS/DEPTH_PAIRS); the numbers' minima were checked
