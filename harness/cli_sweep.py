@@ -216,6 +216,11 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             click.echo(f"warning: {warn}", err=True)
         ngl = ngl if ngl is not None else (0 if backend == "cpu" and not endpoints else 99)
         dflt = CPU_DEFAULTS if ngl == 0 else GPU_DEFAULTS
+        from harness.sweep_inputs import check_option_combinations
+        check_option_combinations(dict(batch=batch, ubatch=ubatch, reps=reps, depths=depths, no_bench=no_bench,
+                                       decode_prompts=decode_prompts, decode_tokens=decode_tokens,
+                                       decode_prompt_tokens=decode_prompt_tokens, kld_depths=kld_depths,
+                                       depth_pairs=depth_pairs), dflt["ctx"] if ctx is None else ctx)
         bdir = build_dir or default_build_dir(backend)
         bdir = rpc_build_dir(names, endpoints, build_dir) or bdir  # --backends with rpcN: the build with ggml RPC
         if build_dir is None and not (bdir / "bin" / "llama-perplexity").is_file() and backend != detect_backend():

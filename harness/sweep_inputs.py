@@ -28,6 +28,44 @@ def ints(s: str, opt: str = "--depths", example: str = "0,256") -> tuple[int, ..
 KLD_DEPTHS_EXAMPLE = "256,1024 (or 'none' alone to turn KLD vs depth off)"
 
 
+def check_option_combinations(opts: dict, ctx: int) -> None:
+    """Options that contradict each other or do nothing with the others, refused before anything runs (README "Every
+    command checks its input"; an option that does not apply is refused, as ``check PQ3 --model`` is).
+
+    Args:
+        opts: the sweep's options as given on the command line (None = not given): 'batch', 'ubatch', 'reps',
+            'depths', 'no_bench', 'decode_prompts', 'decode_tokens', 'decode_prompt_tokens', 'kld_depths',
+            'depth_pairs'.
+        ctx: the context (given or default): the batch when --batch is not given.
+    Raises:
+        HarnessError: one line naming the options and the fix:
+        - --ubatch above the batch: llama caps the micro-batch at the batch (src/llama-context.cpp
+          ``n_ubatch = min(n_batch, n_ubatch)``), so the recorded -ub would not be what ran;
+        - --depth-pairs with --kld-depths none; --decode-tokens / --decode-prompt-tokens with --decode-prompts 0;
+          --reps / --depths with --no-bench: they would be accepted and do nothing.
+    """
+    batch = opts.get("batch") or ctx
+    if opts.get("ubatch") and opts["ubatch"] > batch:
+        src = f"--batch {batch}" if opts.get("batch") else f"the batch (--batch, default --ctx {ctx})"
+        raise HarnessError(f"--ubatch {opts['ubatch']} is above {src}: llama requires ubatch <= batch (it would cap "
+                           f"the micro-batch at {batch}); give --ubatch {batch} or less, or a larger --batch")
+    kd = opts.get("kld_depths")
+    idle = []
+    if opts.get("depth_pairs") is not None and kd is not None and kd.strip().lower() in ("none", "off"):
+        idle.append(("--depth-pairs", f"--kld-depths {kd.strip()}", "give --kld-depths lengths or drop --depth-pairs"))
+    if opts.get("decode_prompts") == 0:
+        for o in ("decode_tokens", "decode_prompt_tokens"):
+            if opts.get(o) is not None:
+                idle.append((f"--{o.replace('_', '-')}", "--decode-prompts 0", "drop one of them"))
+    if opts.get("no_bench"):
+        for o in ("reps", "depths"):
+            if opts.get(o) is not None:
+                idle.append((f"--{o}", "--no-bench", f"drop --{o} (llama-bench options) or --no-bench"))
+    if idle:
+        opt, other, fix = idle[0]
+        raise HarnessError(f"{opt} does nothing with {other} (it turns that part off): {fix}")
+
+
 def decode_depth_options(cfg, prompts, tokens, prompt_tokens, kld_depths, depth_pairs) -> None:
     """Set the decode-agreement and depth settings of ``cfg`` from the options (defaults: harness/runners/decode.py
     DECODE_DEFAULTS, harness/runners/depth.py CPU_DEPTHS/GPU_DEPTHS/DEPTH_PAIRS); the numbers' minima were checked
@@ -57,15 +95,20 @@ def check_inputs(cfg, given: tuple[str, ...] = ("--depths", "--kld-depths")) -> 
     from harness.runners import sweep as sweep_runner
     sweep_runner.check_kld_size(cfg.ctx, cfg.chunks)
     from harness.runners.inputs import check_corpus, read_model_info
+    from harness.runners.kv_cache_types import kv_cache_types
+    kv, where = kv_cache_types(cfg.bdir)  # what -ctk/-ctv accept, from the build's llama-perplexity or its source
     try:
-        known = set(sweep_runner.type_traits(str(cfg.bdir)))
+        known = set(kv) or set(sweep_runner.type_traits(str(cfg.bdir)))
     except HarnessError:
         known = set()  # the build cannot be read here: the sweep reports it
-    bad = [t for k, v in cfg.pairs for t in sweep_runner.split_pair(k, v)[:2] if known and t not in known]
-    bad_d = [t for k, v in cfg.depth_pairs for t in sweep_runner.split_pair(k, v)[:2] if known and t not in known]
-    if bad or bad_d:
-        raise HarnessError(f"{'--pairs' if bad else '--depth-pairs'}: unknown cache type {(bad or bad_d)[0]!r}: this build knows "
-                           f"{', '.join(t for t in sorted(known) if t.startswith(('f1', 'bf', 'q4', 'q5', 'q8', 'iq4', 'turbo')))}")
+    for opt, pairs in (("--pairs", cfg.pairs), ("--depth-pairs", cfg.depth_pairs)):
+        bad = [t for k, v in pairs for t in sweep_runner.split_pair(k, v)[:2] if known and t not in known]
+        if bad and kv:
+            raise HarnessError(f"{opt}: {bad[0]!r} is not a K/V cache type of this build: -ctk/-ctv accept "
+                               f"{', '.join(kv)} ({where})")
+        if bad:
+            shown = ", ".join(t for t in sorted(known) if t.startswith(("f1", "bf", "q4", "q5", "q8", "iq4", "turbo")))
+            raise HarnessError(f"{opt}: unknown cache type {bad[0]!r}: this build knows {shown}")
     info = read_model_info(cfg.model)  # a missing or non-GGUF model: one line, before anything runs
     if info.n_ctx_train:
         if cfg.ctx > info.n_ctx_train:

@@ -112,8 +112,9 @@ def fake(tmp_path):
         return SweepConfig(**base)
 
     def cli_args(pairs, *extra):
+        bench = [] if "--no-bench" in extra else ["--depths", "0", "--reps", "3"]  # refused with --no-bench
         return ["sweep", "--pairs", pairs, "--build-dir", str(bdir), "--model", str(model), "--corpus", str(corpus),
-                "--backend", "cpu", "--ctx", "256", "--chunks", "3", "--depths", "0", "--reps", "3", "--threads", "2",
+                "--backend", "cpu", "--ctx", "256", "--chunks", "3", *bench, "--threads", "2",
                 "--out", str(tmp_path / "reports"), "--no-progress", "--decode-prompts", "0", "--kld-depths", "none", *extra]
 
     return type("Fake", (), {"d": d, "bdir": bdir, "tmp": tmp_path, "cfg": staticmethod(cfg),

@@ -59,6 +59,7 @@ def _speed_table(bench_recs: dict, ref: str = "q8_0/q8_0") -> list[dict]:
             if q and q["avg_ts"] > 0 and r["avg_ts"] > 0:
                 ratio = r["avg_ts"] / q["avg_ts"]
                 nq = max(len(q["samples_ts"]), 1)
+                row["ref_reps"] = nq
                 rel = math.sqrt((r["stddev_ts"] / r["avg_ts"]) ** 2 / n + (q["stddev_ts"] / q["avg_ts"]) ** 2 / nq)
                 row["ratio"], row["ratio_se"] = ratio, ratio * rel
                 # the repetitions' spread: slowest pair run over fastest q8_0 run .. fastest over slowest
@@ -159,17 +160,58 @@ def vs_q4_0_cells(rows: list[dict], rules: dict, backend: str, model: str) -> li
     return out
 
 
+def _cpus(*loads: dict):
+    """The usable CPU count recorded with these loads ('usable_cpus', else 'cpus' of records made before it was)."""
+    return next((x.get("usable_cpus") or x.get("cpus") for x in loads if x.get("usable_cpus") or x.get("cpus")), None)
+
+
 def load_note(meta: dict) -> str:
-    """'' when the machine's load stayed at or below its CPU count during the sweep (``meta['load_start']`` and
+    """'' when the machine's load stayed at or below its usable CPU count during the sweep (``meta['load_start']`` and
     ``['load_end']`` from :func:`harness.runners.sweep.machine_load`), else 'measured at load A (start) / B (end) on
     N CPUs: other work shared them'. Unrecorded loads give ''."""
     a, b = meta.get("load_start") or {}, meta.get("load_end") or {}
-    cpus = a.get("cpus") or b.get("cpus")
+    cpus = _cpus(a, b)
     loads = [x.get("load_1min") for x in (a, b) if x.get("load_1min") is not None]
     if not cpus or not loads or max(loads) <= cpus:
         return ""
     return (f"measured at load {a.get('load_1min', '?')} (start) / {b.get('load_1min', '?')} (end) on {cpus} CPUs: "
             f"other work shared them")
+
+
+def speed_not_judged(row: dict, bench_recs: dict, meta: dict, ref: str = "q8_0/q8_0") -> str:
+    """Why a speed ratio cannot carry a PASS or FAIL, '' when it can. A careful benchmark judges only figures with a
+    measured spread taken on a machine that ran nothing else:
+
+    - one repetition (``row['reps']`` or ``row['ref_reps']`` < 2, rows of :func:`_speed_table`): llama-bench gives no
+      standard deviation, so neither the ratio's standard error nor the repetitions' range exists (ratio_se is 0);
+    - overload: the 1-min load average (runnable processes) above the usable CPU count just before or after the
+      llama-bench run of the pair or of ``ref`` (``bench_recs[label].data['load']`` {'before', 'after'}, recorded by
+      harness.runners.sweep._run_bench; a record made before those existed falls back to the sweep's
+      ``meta['load_start'/'load_end']``): tokens/s then measure the other work as much as the cache type. The 1-min
+      average lags, so a run is judged overloaded when either end is.
+
+    Returns 'not judged: <reasons>; <fixes>' (one line) or ''. Unrecorded loads are no reason."""
+    why, fix = [], []
+    if min(row.get("reps") or 1, row.get("ref_reps") or 1) < 2:
+        why.append(f"{min(row.get('reps') or 1, row.get('ref_reps') or 1)} llama-bench repetition gives no spread "
+                   f"(no standard error) to judge the ratio against")
+        fix.append("with --reps 3 or more")
+    busy = []
+    for label in dict.fromkeys((row["pair"], ref)):
+        rec = bench_recs.get(label)
+        ld = ((rec.data if rec is not None else None) or {}).get("load") or {}
+        a, b = (ld.get("before") or {}, ld.get("after") or {}) if ld else (meta.get("load_start") or {},
+                                                                          meta.get("load_end") or {})
+        cpus = _cpus(a, b)
+        loads = [x.get("load_1min") for x in (a, b) if x.get("load_1min") is not None]
+        if cpus and loads and max(loads) > cpus:
+            when = "before / after its llama-bench run" if ld else "at the sweep's start / end"
+            busy.append(f"{label} at 1-min load {a.get('load_1min', '?')} / {b.get('load_1min', '?')} {when} on {cpus} "
+                        f"usable CPUs")
+    if busy:
+        why.append(f"measured with the machine overloaded ({'; '.join(busy)}): other work shared the CPUs")
+        fix.append("on a quiet machine (1-min load at most the CPU count)")
+    return f"not judged: {'; '.join(why)}; rerun {' '.join(fix)}" if why else ""
 
 
 def ratio_text(r: float | None) -> str:

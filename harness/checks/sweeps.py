@@ -25,7 +25,7 @@ from pathlib import Path
 
 from harness.checks.contract import Check
 from harness.checks.sweep_rules import (MIB, _speed_table, _status, failed_job_cell, kv_type_problem,  # noqa: F401
-                                       load_note, ratio_text, vs_q4_0_cells)
+                                       load_note, ratio_text, speed_not_judged, vs_q4_0_cells)
 from harness.report.model import Cell, CheckResult, Verdict
 
 ID, TITLE = "SWEEP", "Model-level sweep: PPL, KL divergence, top-1, speed and KV memory per K/V pair"
@@ -141,6 +141,7 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
     section["load"] = {k: (result.meta or {}).get(k) for k in ("load_start", "load_end")}
     if busy and cfg.bench:
         cr.notes.append(f"speed {busy}")
+    speed_unjudged: list[str] = []  # pairs whose prefill ratio was not judged (speed_not_judged)
 
     def no_q8_why(what: str) -> str:
         if "q8_0/q8_0" not in labels:
@@ -287,7 +288,11 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
                 if pp and ({k, v} & turbo_rule_types):
                     worst_r = min(pp, key=lambda r: r["ratio"])
                     thr = rules["speed"]["prefill_ratio_min"]
-                    if worst_r["ratio"] >= thr:
+                    not_judged = speed_not_judged(worst_r, result.bench, getattr(result, "meta", {}) or {})
+                    if not_judged:  # one repetition or an overloaded machine: neither PASS nor FAIL
+                        vd, cav = Verdict.PARTIAL, f"{not_judged} (prefill {ratio_text(worst_r['ratio'])} q8_0)"
+                        speed_unjudged.append(lab)
+                    elif worst_r["ratio"] >= thr:
                         vd, cav = Verdict.PASS, ""
                     elif thr - worst_r["ratio"] <= k_sig * (worst_r["ratio_se"] or 0):
                         vd, cav = Verdict.PARTIAL, f"below {thr} within {k_sig:g} se of the repetitions' spread"
@@ -300,14 +305,18 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
                                                  f"{worst_r['depth']} (limit {thr})")
                     if placement and vd != Verdict.PASS:
                         cav += f"; cause: {placement}"
-                    if busy:
+                    if busy and not not_judged:
                         cav = f"{cav}; {busy}" if cav else busy
                     cr.cells.append(Cell("SWEEP", lab, f"{backend}:bench", "prefill_ratio_vs_q8_0", worst_r["ratio"], thr,
                                          vd, op=">=", caveat=cav, evidence=bev,
                                          details={"depth": worst_r["depth"], "ratio_se": worst_r["ratio_se"],
+                                                  "not_judged": not_judged,
                                                   "reason": rules["speed"]["prefill_ratio_min_reason"]}))
         row["caveat"] = "; ".join(caveats)
         section["rows"].append(row)
+    if speed_unjudged:
+        cr.notes.append(f"speed of {', '.join(speed_unjudged)} not judged (PARTIAL): one llama-bench repetition or an "
+                        f"overloaded machine; rerun with --reps 3 or more on a quiet machine")
     cr.cells += vs_q4_0_cells(section["rows"], rules, backend, mi.name if mi is not None else "the model")
     from harness.checks.decode import decode_cells
     from harness.checks.depth import depth_cells

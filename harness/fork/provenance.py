@@ -38,7 +38,8 @@ def git_state(fork: Path) -> dict:
         'dirty': bool, or None when unknown (a copy without .git), 'diff_sha256': SHA-256 of
         ``git diff HEAD --binary`` (tracked changes) when dirty, else None, 'branch': the checked-out branch
         (None when detached or unknown), 'remote': origin's URL without credentials (None when unknown)}.
-        A copy without .git has no 'branch'/'remote' keys.
+        A copy without .git has no 'branch' key, and a 'remote' only when it carries ``.fork-origin`` (written by
+        :func:`harness.fork.snapshot.unpack` from the snapshot's README: e.g. 'TheTom/llama-cpp-turboquant').
     """
     def g(*args):
         r = subprocess.run(["git", "-C", str(fork), *args], capture_output=True, text=True)
@@ -46,8 +47,15 @@ def git_state(fork: Path) -> dict:
     commit = g("rev-parse", "HEAD") if (Path(fork) / ".git").exists() else ""
     marker = Path(fork) / ".fork-commit"  # a copy without .git (e.g. carried to another machine) names its commit here
     if not commit and marker.is_file():
-        return {"commit": marker.read_text().strip(), "describe": "copy without .git (commit from .fork-commit)",
-                "dirty": None, "diff_sha256": None}
+        out = {"commit": marker.read_text().strip(), "describe": "copy without .git (commit from .fork-commit)",
+               "dirty": None, "diff_sha256": None}
+        try:
+            origin = (Path(fork) / ".fork-origin").read_text().splitlines()[:1]
+        except OSError:
+            origin = []
+        if origin and origin[0].strip():
+            out["remote"] = public_url(origin[0])
+        return out
     commit = commit or "unknown"
     dirty = bool(g("status", "--porcelain", "--untracked-files=no", "--ignore-submodules")) if commit != "unknown" else None
     diff = None

@@ -1,8 +1,8 @@
 """Getting the fork without a git host: unpack a source snapshot (``*.tar.xz``) after checking its SHA-256.
 
 The project's shared folder carries ``forks/llama-cpp-turboquant-<commit>.tar.xz`` with a README beside it
-that states ``sha256 <hex>``; the tarball holds one top folder (``llama.cpp/``) with the commit in
-``.fork-commit``. CI (``.ci/run``) and users without network access unpack it with
+that states ``sha256 <hex>`` and names the repository; the tarball holds one top folder (``llama.cpp/``) with the
+commit in ``.fork-commit``, and the unpack adds ``.fork-origin`` beside it (the repository the README names). CI (``.ci/run``) and users without network access unpack it with
 ``turbo-harness unpack-fork FILE`` (or ``python -m harness.fork.snapshot FILE``) and point ``FORK_DIR`` at the
 printed folder.
 """
@@ -20,6 +20,38 @@ from pathlib import Path
 from harness.errors import HarnessError
 
 STAMP = ".turbo-harness-snapshot"
+ORIGIN = ".fork-origin"  # in the unpacked tree, beside the snapshot's own .fork-commit: the repository it came from
+
+
+def stated_origin(snapshot: Path) -> str | None:
+    """The repository a snapshot's README*.md beside it names, or None.
+
+    The snapshot's name without its trailing ``-<commit>`` is the repository name (``llama-cpp-turboquant-69d8e4be4
+    .tar.xz`` -> ``llama-cpp-turboquant``); the README's first mention of ``<owner>/<that name>`` is the origin, as a
+    URL when the README gives one (``https://github.com/TheTom/llama-cpp-turboquant``), else as ``owner/name``
+    ("the source tree of TheTom/llama-cpp-turboquant at commit ..."). Credentials in a URL are dropped."""
+    from harness.fork.provenance import public_url
+    stem = re.sub(r"\.tar\.xz$|\.tar\.gz$|\.tgz$", "", Path(snapshot).name)
+    name = re.sub(r"-[0-9a-f]{7,40}$", "", stem, flags=re.I)
+    if not name:
+        return None
+    pat = re.compile(r"((?:https?://[^\s/`'\"()<>]+/)?[A-Za-z0-9][\w.-]*/" + re.escape(name) + r")(?:\.git)?(?![\w-])")
+    for readme in sorted(Path(snapshot).parent.glob("README*")):
+        m = pat.search(readme.read_text(errors="replace"))
+        if m:
+            return public_url(m.group(1))
+    return None
+
+
+def _record_origin(snapshot: Path, tree: Path) -> None:
+    """Write :data:`ORIGIN` into the unpacked ``tree`` (the origin's line, then where it was read) when the README
+    names one and the tree has none yet; :func:`harness.fork.provenance.git_state` reports it as the copy's remote."""
+    origin = stated_origin(snapshot)
+    if origin and not (tree / ORIGIN).is_file():
+        try:
+            (tree / ORIGIN).write_text(f"{origin}\nfrom the README beside {Path(snapshot).name}\n")
+        except OSError:
+            pass  # a read-only unpack keeps working; its reports say the origin is unknown
 
 
 def expected_sha256(snapshot: Path) -> str | None:
@@ -62,6 +94,7 @@ def unpack(snapshot: str | Path, dest: str | Path, sha256: str | None = None) ->
         raise HarnessError(f"no SHA-256 for {snapshot.name}: state it in a README beside it ('sha256 <hex>') or pass --sha256")
     stamp = dest / STAMP
     if stamp.is_file() and stamp.read_text().split()[:1] == [want]:
+        _record_origin(snapshot, _tree(dest))  # an unpack made before origins were recorded gets it now
         return _tree(dest)
     _refuse_foreign(dest)  # before the (slow) hash: a folder the harness did not make is never touched
     from harness.runners.inputs import sha256_file
@@ -76,7 +109,7 @@ def unpack(snapshot: str | Path, dest: str | Path, sha256: str | None = None) ->
         raise HarnessError(f"--dest {dest}: cannot create a folder beside it ({e.strerror}): give a writable --dest") from None
     try:
         _extract(snapshot, tmp)
-        _tree(tmp)
+        _record_origin(snapshot, _tree(tmp))
         (tmp / STAMP).write_text(f"{want} {snapshot.name}\n")
         _replace(tmp, dest)
     finally:

@@ -7,6 +7,10 @@ includes only ggml's headers. When that holds for the checkout, the harness comp
 (``-O3 -DNDEBUG``, ``GGML_SHARED``, ``GGML_BACKEND_SHARED``) and links it with the build's ggml libraries only, into
 ``<build>/bin/test-backend-ops`` where the CMake target would have put it. A source that includes anything else
 (a later fork version) is built through CMake as before.
+
+ccache: the compile runs in the checkout folder with paths relative to it and ``CCACHE_BASEDIR`` at the checkout, so
+what ccache hashes names no build folder and no folder the harness was started in: a second build folder anywhere
+(``TURBO_BUILD_ROOT=/tmp/x``), or a clone of the same source in another folder, gets the object from the cache.
 """
 from __future__ import annotations
 
@@ -34,26 +38,35 @@ def ggml_only(fork: Path) -> bool:
 
 
 def compile_commands(fork: Path, bdir: Path, cxx: str, ccache: bool) -> list[list[str]]:
-    """The compile command (the CMake build's flags for this file; ``-c``, so that ccache can keep the object) and
-    the link command (the build's ggml libraries only)."""
+    """The compile command (the CMake build's flags for this file; ``-c``, so that ccache can keep the object), to be
+    run in the checkout folder ``fork`` (source and include paths relative to it; the object's path is absolute and
+    ccache does not hash it), and the link command (the build's ggml libraries only)."""
     libdir = (Path(bdir) / "bin").resolve()
     obj = (Path(bdir) / "turbo-probe" / "test-backend-ops.o").resolve()
     compile_ = [*(["ccache"] if ccache else []), cxx, "-O3", "-DNDEBUG", "-std=gnu++17", "-DGGML_SHARED",
-                "-DGGML_BACKEND_SHARED", "-pthread", "-c", str(Path(fork) / SOURCE),
-                f"-I{Path(fork) / 'ggml' / 'include'}", "-o", str(obj)]
+                "-DGGML_BACKEND_SHARED", "-pthread", "-c", str(SOURCE), f"-I{Path('ggml') / 'include'}",
+                "-o", str(obj)]
     link = [cxx, "-pthread", str(obj), f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lggml", "-lggml-base",
             "-o", str(libdir / "test-backend-ops")]
     return [compile_, link]
 
 
-def _step(cmd: list[str], logf: Path, log, env, stop=None) -> tuple[int, float]:
-    """Run one compile or link command into its own log, with progress every 30 s: (exit code, seconds). ``stop``
-    (a threading.Event) set by another thread stops the command (:func:`harness.fork.progress.run_with_progress`)."""
+# runs a command in a folder (the progress runner starts commands where the harness runs): argv[1] folder, argv[2:]
+# (exec: the command keeps the process, so stopping it stops the compiler)
+_IN_FOLDER = "import os, sys; os.chdir(sys.argv[1]); os.execvp(sys.argv[2], sys.argv[2:])"
+
+
+def _step(cmd: list[str], logf: Path, log, env, stop=None, cwd: Path | None = None) -> tuple[int, float]:
+    """Run one compile or link command (in folder ``cwd`` when given) into its own log, with progress every 30 s:
+    (exit code, seconds). ``stop`` (a threading.Event) set by another thread stops the command
+    (:func:`harness.fork.progress.run_with_progress`)."""
+    import sys
     from harness.fork.progress import run_with_progress
     with open(logf, "a") as lf:
-        lf.write("\n=== " + " ".join(cmd) + "\n")
+        lf.write("\n=== " + (f"(in {cwd}) " if cwd else "") + " ".join(cmd) + "\n")
         lf.flush()
-        rc, _, secs = run_with_progress(cmd, "test-backend-ops", lf, log, env=env, stop=stop)
+        run = [sys.executable, "-c", _IN_FOLDER, str(cwd), *cmd] if cwd else cmd
+        rc, _, secs = run_with_progress(run, "test-backend-ops", lf, log, env=env, stop=stop)
     return rc, secs
 
 
@@ -90,7 +103,9 @@ def build_backend_ops(fork: Path, bdir: Path, log, env: dict | None = None, cxx:
     obj, out = Path(compile_[-1]), Path(link[-1])
     logf = Path(bdir) / "turbo-harness-build-test-backend-ops.log"
     stamp = Path(bdir) / "bin" / ".test-backend-ops.cmd"
-    said = "\n".join(" ".join(c[1:] if c[0] == "ccache" else c) for c in (compile_, link))  # ccache or not: the same
+    fork = Path(fork).resolve()
+    # ccache or not: the same; the checkout folder is part of it (the compile's paths are relative to it)
+    said = f"cd {fork}\n" + "\n".join(" ".join(c[1:] if c[0] == "ccache" else c) for c in (compile_, link))
     src = Path(fork) / SOURCE
     # the object depends on the source and on ggml's headers (type ids, op enums, structs): a checkout that moved to
     # a commit changing only a header must not link the old object against the new libraries
@@ -104,8 +119,11 @@ def build_backend_ops(fork: Path, bdir: Path, log, env: dict | None = None, cxx:
         obj.parent.mkdir(parents=True, exist_ok=True)
         log("compiling test-backend-ops against ggml alone (its CMake target would also build libllama and "
             "llama-common, which it does not use) ...")
+        # ccache's base at the checkout, the compile in it: the hashed paths are 'tests/...', 'ggml/include'
+        cenv = {**(env if env is not None else os.environ), "CCACHE_BASEDIR": str(fork), "CCACHE_NOHASHDIR": "1"}
         worker = threading.Thread(target=lambda: result.update(zip(("rc", "secs"),
-                                                                   _step(compile_, logf, log, env, stop=stop))))
+                                                                   _step(compile_, logf, log, cenv, stop=stop,
+                                                                         cwd=fork))))
         worker.start()
     try:
         if during is not None:

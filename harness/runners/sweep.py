@@ -170,6 +170,15 @@ def _run_ppl(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: s
 
 
 def _run_bench(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: str) -> JobRecord:
+    """One llama-bench run of pair k/v; its record's data holds 'load' {'before', 'after'}: :func:`machine_load` just
+    before and after the run (kept in the job cache with the figures), so the judge knows what the speed shared."""
+    before = machine_load()
+    rec = _bench_once(cfg, tool, cache, key, k, v)
+    rec.data = {**(rec.data or {}), "load": {"before": before, "after": machine_load()}}
+    return rec
+
+
+def _bench_once(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v: str) -> JobRecord:
     ev = cache.ev(key)
     kt, vt, rot = split_pair(k, v)
     cmd = [str(tool), "-m", str(cfg.model), *_common_args(cfg), "-fa", "1", "-ctk", kt, "-ctv", vt,
@@ -198,15 +207,32 @@ def _run_bench(cfg: SweepConfig, tool: Path, cache: _Cache, key: str, k: str, v:
 
 
 
+def usable_cpus() -> int | None:
+    """CPUs this process may run on: its affinity set (os.sched_getaffinity, else os.cpu_count()), capped by a cgroup v2
+    CPU quota (/sys/fs/cgroup/cpu.max 'QUOTA PERIOD', rounded up); None when neither is known."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count()
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max" and n:
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
 def machine_load() -> dict:
     """The machine's load now: {'load_1min', 'load_5min', 'load_15min' (os.getloadavg: runnable processes averaged over
-    1/5/15 minutes), 'cpus' (os.cpu_count())}; loads None where the OS has no load average. A speed figure measured
-    at a load above the number of CPUs shared them with other work (spec "Speed verdicts carry their noise")."""
+    1/5/15 minutes), 'cpus' (os.cpu_count()), 'usable_cpus' (:func:`usable_cpus`)}; loads None where the OS has no load
+    average. A speed figure measured at a 1-min load above the usable CPUs shared them with other work: it is not
+    judged (harness.checks.sweep_rules.speed_not_judged)."""
     try:
         l1, l5, l15 = (round(x, 2) for x in os.getloadavg())
     except (OSError, AttributeError):
         l1 = l5 = l15 = None
-    return {"load_1min": l1, "load_5min": l5, "load_15min": l15, "cpus": os.cpu_count()}
+    return {"load_1min": l1, "load_5min": l5, "load_15min": l15, "cpus": os.cpu_count(), "usable_cpus": usable_cpus()}
 
 
 def run_sweep(cfg: SweepConfig, progress: bool = True, log: Callable[[str], None] = print,
