@@ -81,7 +81,7 @@ def test_a_gate_over_nothing_judged_is_not_pass(tmp_path):
     assert r.exit_code == 0 and head[0].startswith("known-findings gate PASS"), r.output
     _null_values(d)  # the one PASS cell holds no value: SKIP; nothing in the run is judged
     r, head = _report(d)
-    assert r.exit_code == 1 and head[0].startswith("known-findings gate SKIP: nothing was judged"), r.output
+    assert r.exit_code == 1 and head[0].startswith("SKIP: nothing was judged (known-findings gate SKIP)"), r.output
     assert json.loads((d / "run.json").read_text())["sections"]["known"]["gate"] == "SKIP"
     assert (d / "summary.md").read_text().splitlines()[0].endswith("**SKIP (known-findings gate; nothing judged)**")
 
