@@ -256,7 +256,8 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         decode_depth_options(cfg, decode_prompts, decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs)
         check_inputs(cfg, given=tuple(o for o, v in (("--depths", depths), ("--kld-depths", kld_depths)) if v is not None))
         run_id = time.strftime("sweep-%Y%m%d-%H%M%S")
-        run_dir, _ = pipeline.prepare_run_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / run_id, "sweep")
+        run_dir, _ = pipeline.prepare_run_dir(Path(out_dir) if out_dir else
+                                             Path(os.environ.get("TURBO_REPORTS", REPO_ROOT / "reports")) / run_id, "sweep")
         from harness.sweep_inputs import keep_earlier_pairs
         kept = keep_earlier_pairs(run_dir, cfg, names)  # the earlier sweep's pairs stay in the report (same settings)
         if kept:
