@@ -313,7 +313,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     from harness.interrupt import hold_until_exit
     hold_until_exit()  # the report is written and its exit code decided: a late signal must not contradict them
     from harness.report.findings import headline
-    from harness.report.render import sweep_setup_line
+    from harness.report.facts import sweep_setup_line
     sec = run.sections["sweep"]
     for ln in headline(run):  # the answer first: the verdict and one line per finding
         click.echo(ln)

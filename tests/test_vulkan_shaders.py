@@ -14,7 +14,7 @@ import pytest
 
 from harness.fork import vulkan
 from harness.fork import vulkan_shaders as vs
-from harness.report.render import shaders_fact
+from harness.report.facts import shaders_fact
 
 SOFT = {"index": 0, "type": vulkan.SOFTWARE_TYPE, "name": "llvmpipe (LLVM 15.0.6, 256 bits)",
         "driver_name": "llvmpipe", "driver_info": "Mesa 22.3.6", "api": "1.3.230"}

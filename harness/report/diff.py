@@ -234,7 +234,7 @@ def _noise(a: Cell, b: Cell, rules: dict) -> tuple[float, str]:
 
 
 def _fmt(v) -> str:
-    from harness.report.render import fmt_num
+    from harness.report.facts import fmt_num
     return fmt_num(v)
 
 

@@ -9,7 +9,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from harness.report.diff import Diff
-from harness.report.render import _md_escape, fmt_num
+from harness.report.facts import fmt_num
+from harness.report.render import _md_escape
 
 
 def _cell_text(c) -> str:
@@ -32,7 +33,7 @@ def side_rows(d: Diff) -> list[tuple[str, str, str]]:
         return "sha256 " + hashlib.sha256(json.dumps(s["rules"], sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def plain(v):
-        from harness.report.render import plain as p
+        from harness.report.facts import plain as p
         return p(v)
     return [("folder", a["dir"], b["dir"]), ("run", a["run_id"], b["run_id"]), ("verdict", a["verdict"], b["verdict"]),
             ("fork build", fork(a), fork(b)), ("build folder", plain(a["build_dir"]), plain(b["build_dir"])),

@@ -118,7 +118,7 @@ def _sweep_html(section: dict) -> str:
     cols = [c for c in cols if c[0] == "pair" or any(r.get(c[0]) not in (None, "") for r in rows)]  # no empty columns
     h = ["<h2>Model-level sweep</h2>"]
     pinned = section.get("pinned") or {}
-    from harness.report.render import plain
+    from harness.report.facts import plain
     from harness.runners.llama_logs import kld_shown
     h.append("<p class=small>pinned: " + html.escape("; ".join(f"{k} {plain(v)}" for k, v in pinned.items())) + "</p>")
     if section.get("base"):
@@ -193,7 +193,7 @@ def _figure(alt: str, image: Path | None, caption: str) -> str:
 def table_html(table: Table, run_dir: Path | None = None) -> str:
     """A check's :class:`Table` as HTML: heading, caption, the rows (numbers via ``fmt_num``, None as '-'), its
     plot (embedded as base64 when the file is in ``run_dir``, else linked) and evidence links; all text escaped."""
-    from harness.report.render import fmt_num
+    from harness.report.facts import fmt_num
     h = [f"<h3>{html.escape(table.title)}</h3>"]
     h += [f"<p class=small>{html.escape(c.replace('`', ''))}</p>" for c in table.caption]
     if table.rows:
@@ -216,7 +216,8 @@ def write_html(run: Run, run_dir: Path) -> Path:
     table of the checks, what was measured with what, and then the details.
     """
     from harness.report.findings import findings, gate_summary, headline, verdict_line
-    from harness.report.render import _detail_table, known_markdown, plain, run_facts, sweep_setup_line
+    from harness.report.facts import plain, run_facts, sweep_setup_line
+    from harness.report.render import _detail_table, known_markdown
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from harness.report.findings import Finding, findings
 from harness.report.model import Cell, Run, Verdict, worst
-from harness.report.render import fmt_num
+from harness.report.facts import fmt_num
 from harness.turbo_types import TURBO_TYPES
 
 TYPES = TURBO_TYPES
@@ -229,7 +229,7 @@ def make_row(run: Run, run_dir: str) -> Row:
     repo, commit, branch = fork_identity(run.meta)
     missing = missing_types(run)
     from harness.report.findings import gate_summary
-    from harness.report.render import plain
+    from harness.report.facts import plain
     # a run gated with --known shows the gate's result as its command exited, with its findings counted
     return Row(run_dir=run_dir, run_id=run.run_id, repository=repo, commit=commit, branch=branch, verdict=gate_summary(run),
                backends=plain(run.meta.get("backends_run")) if run.meta.get("backends_run") else "none recorded",
