@@ -157,7 +157,8 @@ def test_a_stop_event_stops_a_build_run_in_a_worker_thread(tmp_path):
     got = {}
     with open(tmp_path / "build.log", "a") as lf:
         t = threading.Thread(target=lambda: got.update(r=run_with_progress(
-            [sys.executable, "-c", "import time; print('start', flush=True); time.sleep(60)"], "t", lf, print,
+            [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                                  "print('start', flush=True); time.sleep(60)"], "t", lf, print,
             stop=stop)))
         t.start()
         time.sleep(0.5)

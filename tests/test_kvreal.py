@@ -131,6 +131,9 @@ def test_kvreal_skips_without_a_model(make_ctx, monkeypatch, tmp_path):
     class FakeFork(NumpyTarget):
         runs_models = True
     monkeypatch.setenv("TURBO_MODEL", str(tmp_path / "absent.gguf"))
+    corpus = tmp_path / "corpus.txt"  # a corpus present wherever the checkout lies (../shared may be absent)
+    corpus.write_text("The quick brown fox jumps over the lazy dog.\n" * 50)
+    monkeypatch.setenv("TURBO_CORPUS", str(corpus))
     cells = kvreal.run(make_ctx(FakeFork()))
     assert len(cells) == 1 and cells[0].verdict == Verdict.SKIP and "absent.gguf" in cells[0].caveat
 
