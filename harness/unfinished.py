@@ -53,8 +53,9 @@ def mark_folder_running(run_dir: Path) -> bool:
     if not (Path(run_dir) / "run.json").is_file():
         return False
     for d in [Path(run_dir), *sorted(p for p in Path(run_dir).iterdir() if (p / "run.json").is_file())]:
-        run = load_run(d)
-        run.interrupted = running_mark([c.id for c in run.checks], [], run)
+        run = load_run(d)  # an earlier mark of a run that died reads as unfinished here (settle)
+        before = run.interrupted  # a partial report stays partial when unmark_folder puts it back
+        run.interrupted = {**running_mark([c.id for c in run.checks], [], run), "before": before}
         write_all(run, d)
     return True
 
@@ -62,7 +63,8 @@ def mark_folder_running(run_dir: Path) -> bool:
 def unmark_folder(run_dir: Path) -> None:
     """Put back the earlier report that :func:`mark_folder_running` marked in this process, when the command ends
     without writing its own (an error, or a signal before anything ran): the folder's report is the earlier run's
-    again, unchanged. A mark another process wrote is left alone."""
+    again, unchanged (a partial one, interrupted or unfinished, stays so: the mark keeps its entry as 'before').
+    A mark another process wrote is left alone."""
     from harness.pipeline import load_run
     from harness.report.render import write_all
     for d in [Path(run_dir), *(sorted(p for p in Path(run_dir).iterdir() if (p / "run.json").is_file())
@@ -72,7 +74,7 @@ def unmark_folder(run_dir: Path) -> None:
         run = load_run(d)  # a mark of this process's own reads as unfinished here (this process holds the lock)
         if isinstance(run.interrupted, dict) and run.interrupted.get("state") in (RUNNING, UNFINISHED) \
                 and run.interrupted.get("pid") == os.getpid():
-            run.interrupted = None
+            run.interrupted = run.interrupted.get("before")  # None for a finished report; else still partial
             write_all(run, d)
 
 

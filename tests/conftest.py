@@ -140,7 +140,7 @@ def fork_target():
 
 @pytest.fixture(autouse=True)
 def quiet_machine_load(monkeypatch):
-    """In-process sweeps see a quiet machine (1-min load 0.5): a speed figure measured above the usable CPUs is not
+    """In-process sweeps see a quiet machine (1-min load 0.5): a speed figure measured above the CPU count is not
     judged (harness.checks.sweep_rules.speed_not_judged), and the verdicts the tests assert must not depend on how
     busy the machine running the suite is. tests/test_speed_judged.py sets the load it tests."""
     monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))

@@ -33,13 +33,13 @@ print(json.dumps(rows))
 """
 
 
-def _sweep(fake, monkeypatch, samples: dict, reps: int, load: float):  # noqa: F811
+def _sweep(fake, monkeypatch, samples: dict, reps: int, load: float, cpus: int = 2, usable: int = 2):  # noqa: F811
     path = fake.tmp / "samples.json"
     path.write_text(json.dumps(samples))
     _script(fake.tmp / "build" / "bin" / "llama-bench", BENCH.format(samples=str(path)))
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
-    monkeypatch.setattr(S, "usable_cpus", lambda: 2, raising=False)  # raising=False: the test also runs on old code
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(S, "usable_cpus", lambda: usable, raising=False)  # raising=False: the test also runs on old code
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
     cfg = fake.cfg("q8_0/q8_0,turbo3/turbo3", depths=(0,), reps=reps)
     res = S.run_sweep(cfg, progress=False, log=lambda s: None, traits=TRAITS)
     cr, sec = judge_sweep(res, traits=TRAITS)
@@ -68,7 +68,7 @@ def test_one_repetition_or_an_overloaded_machine_is_never_pass_or_fail(fake, mon
     if load == BUSY:  # the load recorded around each llama-bench run names both runs behind the ratio
         ld = res.bench["turbo3/turbo3"].data["load"]
         assert ld["before"]["load_1min"] == BUSY and ld["after"]["usable_cpus"] == 2
-        assert "turbo3/turbo3 at 1-min load 3.8 / 3.8 before / after its llama-bench run on 2 usable CPUs" in c.caveat
+        assert "turbo3/turbo3 at 1-min load 3.8 / 3.8 before / after its llama-bench run on 2 CPUs" in c.caveat
         assert "q8_0/q8_0 at 1-min load 3.8" in c.caveat
     assert c.value == pytest.approx(5.72 if samples is FAST else 0.40, rel=0.01)  # the figure is still shown
     assert any("speed of turbo3/turbo3 not judged" in n for n in cr.notes), cr.notes
@@ -90,10 +90,25 @@ def test_a_cached_record_without_its_own_load_falls_back_to_the_sweeps(fake, mon
     res.meta["load_end"] = {**res.meta["load_end"], "load_1min": 5.0}
     cr, _ = judge_sweep(res, traits=TRAITS)
     c = next(c for c in cr.cells if c.metric == "prefill_ratio_vs_q8_0" and c.type == "turbo3/turbo3")
-    assert c.verdict == Verdict.PARTIAL and "at the sweep's start / end on 2 usable CPUs" in c.caveat, c.caveat
+    assert c.verdict == Verdict.PARTIAL and "at the sweep's start / end on 2 CPUs" in c.caveat, c.caveat
 
 
 def test_usable_cpus_follows_affinity(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert S.usable_cpus() == 1
     assert S.machine_load()["usable_cpus"] == 1
+
+
+def test_a_cgroup_quota_does_not_make_a_quiet_host_overloaded(fake, monkeypatch):  # noqa: F811
+    """/proc/loadavg counts the whole machine (a container's host included): a 2-CPU quota on a 16-CPU host at 1-min
+    load 6 is a quiet host, and its speed is judged (review 28b: compared with the quota, every figure was 'not
+    judged', so a real FAIL read PARTIAL)."""
+    res, cr, c = _sweep(fake, monkeypatch, SLOW, 3, 6.0, cpus=16, usable=2)
+    assert c.verdict == Verdict.FAIL and "not judged" not in c.caveat, c.caveat
+    from harness.checks.sweep_rules import speed_not_judged
+    row = {"pair": "turbo3/turbo3", "reps": 3, "ref_reps": 3}
+    busy = {"before": {"load_1min": 17.0, "cpus": 16, "usable_cpus": 2}, "after": {"load_1min": 6.0, "cpus": 16}}
+    for rec in res.bench.values():  # the host itself overloaded: not judged, the machine's CPUs named
+        rec.data["load"] = busy
+    why = speed_not_judged(row, res.bench, {})
+    assert why.startswith("not judged: measured with the machine overloaded") and "on 16 CPUs" in why, why

@@ -94,5 +94,5 @@ def test_speed_verdict_carries_the_spread_and_the_load(tmp_path, q8, turbo, want
     cr, sec = judge_sweep(res, traits=TRAITS)
     c = next(c for c in cr.cells if c.metric == "prefill_ratio_vs_q8_0" and c.type == "turbo3/turbo3")
     assert c.verdict == Verdict.PARTIAL and c.caveat.startswith("not judged: measured with the machine overloaded")
-    assert "1-min load 8.0 / 7.5 at the sweep's start / end on 2 usable CPUs" in c.caveat, c.caveat
+    assert "1-min load 8.0 / 7.5 at the sweep's start / end on 2 CPUs" in c.caveat, c.caveat
     assert any(n.startswith("speed measured at load 8.0 (start) / 7.5 (end) on 2 CPUs") for n in cr.notes), cr.notes

@@ -161,12 +161,15 @@ def vs_q4_0_cells(rows: list[dict], rules: dict, backend: str, model: str) -> li
 
 
 def _cpus(*loads: dict):
-    """The usable CPU count recorded with these loads ('usable_cpus', else 'cpus' of records made before it was)."""
-    return next((x.get("usable_cpus") or x.get("cpus") for x in loads if x.get("usable_cpus") or x.get("cpus")), None)
+    """The CPU count the recorded load averages are over: the machine's ('cpus', os.cpu_count()), never the CPUs this
+    process may use ('usable_cpus': affinity, cgroup quota). /proc/loadavg counts every runnable task of the kernel
+    (a container's host included), so a quota of 2 CPUs on a 16-CPU host would call a quarter-busy host overloaded
+    and leave every speed figure unjudged (review 28b)."""
+    return next((x.get("cpus") or x.get("usable_cpus") for x in loads if x.get("cpus") or x.get("usable_cpus")), None)
 
 
 def load_note(meta: dict) -> str:
-    """'' when the machine's load stayed at or below its usable CPU count during the sweep (``meta['load_start']`` and
+    """'' when the machine's load stayed at or below its CPU count (:func:`_cpus`) during the sweep (``meta['load_start']`` and
     ``['load_end']`` from :func:`harness.runners.sweep.machine_load`), else 'measured at load A (start) / B (end) on
     N CPUs: other work shared them'. Unrecorded loads give ''."""
     a, b = meta.get("load_start") or {}, meta.get("load_end") or {}
@@ -184,8 +187,8 @@ def speed_not_judged(row: dict, bench_recs: dict, meta: dict, ref: str = "q8_0/q
 
     - one repetition (``row['reps']`` or ``row['ref_reps']`` < 2, rows of :func:`_speed_table`): llama-bench gives no
       standard deviation, so neither the ratio's standard error nor the repetitions' range exists (ratio_se is 0);
-    - overload: the 1-min load average (runnable processes) above the usable CPU count just before or after the
-      llama-bench run of the pair or of ``ref`` (``bench_recs[label].data['load']`` {'before', 'after'}, recorded by
+    - overload: the 1-min load average (runnable processes) above the machine's CPU count (:func:`_cpus`) just
+      before or after the llama-bench run of the pair or of ``ref`` (``bench_recs[label].data['load']`` {'before', 'after'}, recorded by
       harness.runners.sweep._run_bench; a record made before those existed falls back to the sweep's
       ``meta['load_start'/'load_end']``): tokens/s then measure the other work as much as the cache type. The 1-min
       average lags, so a run is judged overloaded when either end is.
@@ -207,7 +210,7 @@ def speed_not_judged(row: dict, bench_recs: dict, meta: dict, ref: str = "q8_0/q
         if cpus and loads and max(loads) > cpus:
             when = "before / after its llama-bench run" if ld else "at the sweep's start / end"
             busy.append(f"{label} at 1-min load {a.get('load_1min', '?')} / {b.get('load_1min', '?')} {when} on {cpus} "
-                        f"usable CPUs")
+                        f"CPUs")
     if busy:
         why.append(f"measured with the machine overloaded ({'; '.join(busy)}): other work shared the CPUs")
         fix.append("on a quiet machine (1-min load at most the CPU count)")

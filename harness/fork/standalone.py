@@ -114,16 +114,20 @@ def build_backend_ops(fork: Path, bdir: Path, log, env: dict | None = None, cxx:
         and obj.stat().st_mtime >= max(p.stat().st_mtime for p in inputs)
     result: dict = {}
     worker = None
-    stop = threading.Event()
+    stop, done = threading.Event(), threading.Event()  # done: the worker's compile has ended (see below)
+
+    def compile_in_worker():
+        try:
+            result.update(zip(("rc", "secs"), _step(compile_, logf, log, cenv, stop=stop, cwd=fork)))
+        finally:
+            done.set()
     if not obj_fresh:
         obj.parent.mkdir(parents=True, exist_ok=True)
         log("compiling test-backend-ops against ggml alone (its CMake target would also build libllama and "
             "llama-common, which it does not use) ...")
         # ccache's base at the checkout, the compile in it: the hashed paths are 'tests/...', 'ggml/include'
         cenv = {**(env if env is not None else os.environ), "CCACHE_BASEDIR": str(fork), "CCACHE_NOHASHDIR": "1"}
-        worker = threading.Thread(target=lambda: result.update(zip(("rc", "secs"),
-                                                                   _step(compile_, logf, log, cenv, stop=stop,
-                                                                         cwd=fork))))
+        worker = threading.Thread(target=compile_in_worker)
         worker.start()
     try:
         if during is not None:
@@ -135,7 +139,12 @@ def build_backend_ops(fork: Path, bdir: Path, log, env: dict | None = None, cxx:
         raise
     finally:
         if worker is not None:
-            worker.join()
+            try:
+                worker.join()
+            except BaseException:  # interrupted while waiting for the compile (``during`` had returned): stop it too.
+                stop.set()        # Not join() again: an interrupted join marks the thread finished though it runs
+                done.wait()       # (CPython bpo-45274's fix), so a second join returns at once and the compile is
+                raise             # left running after the harness exits
     if worker is not None and result.get("rc") != 0:
         raise _failed(logf)
     libs = sorted((Path(bdir) / "bin").glob("libggml*"))
