@@ -1,5 +1,5 @@
 """Speed verdicts only from figures a careful benchmark would judge: one llama-bench repetition (no spread) or a
-machine whose 1-min load exceeded its usable CPUs around a llama-bench run gives PARTIAL "not judged: ..." naming
+machine where other work took over half the CPUs around a llama-bench run gives PARTIAL "not judged: ..." naming
 the fix, never PASS or FAIL; a real FAIL on a quiet machine with reps >= 2 stays a FAIL.
 
 The sweep runs end to end with a fake llama-bench (tokens/s per -ctk from a JSON file, as many samples as -r asks)
@@ -112,3 +112,17 @@ def test_a_cgroup_quota_does_not_make_a_quiet_host_overloaded(fake, monkeypatch)
         rec.data["load"] = busy
     why = speed_not_judged(row, res.bench, {})
     assert why.startswith("not judged: measured with the machine overloaded") and "on 16 CPUs" in why, why
+
+
+def test_the_sweeps_own_threads_do_not_make_a_quiet_machine_overloaded(fake, monkeypatch):  # noqa: F811
+    """The 1-min load counts the sweep's own llama-bench and llama-perplexity threads: on a quiet 2-core machine a
+    sweep with 2 threads runs at load about 2-2.5, which the rule 'load above the CPU count' called overloaded, so
+    every speed figure of a default sweep could read 'not judged' and a real FAIL PARTIAL (review 28b). Only load
+    beyond the sweep's own threads by more than half the CPUs is other work."""
+    res, cr, c = _sweep(fake, monkeypatch, SLOW, 3, 2.6)
+    assert res.config.threads >= 2
+    assert c.verdict == Verdict.FAIL and "not judged" not in c.caveat, c.caveat
+    from harness.checks.sweep_rules import speed_not_judged
+    row = {"pair": "turbo3/turbo3", "reps": 3, "ref_reps": 3}
+    assert speed_not_judged(row, res.bench, {}, own_threads=2) == ""
+    assert "other work took over half the CPUs" in speed_not_judged(row, res.bench, {}, own_threads=0)

@@ -181,17 +181,20 @@ def load_note(meta: dict) -> str:
             f"other work shared them")
 
 
-def speed_not_judged(row: dict, bench_recs: dict, meta: dict, ref: str = "q8_0/q8_0") -> str:
+def speed_not_judged(row: dict, bench_recs: dict, meta: dict, ref: str = "q8_0/q8_0", own_threads: int = 0) -> str:
     """Why a speed ratio cannot carry a PASS or FAIL, '' when it can. A careful benchmark judges only figures with a
     measured spread taken on a machine that ran nothing else:
 
     - one repetition (``row['reps']`` or ``row['ref_reps']`` < 2, rows of :func:`_speed_table`): llama-bench gives no
       standard deviation, so neither the ratio's standard error nor the repetitions' range exists (ratio_se is 0);
-    - overload: the 1-min load average (runnable processes) above the machine's CPU count (:func:`_cpus`) just
-      before or after the llama-bench run of the pair or of ``ref`` (``bench_recs[label].data['load']`` {'before', 'after'}, recorded by
+    - overload: other work took more than half the machine's CPUs (:func:`_cpus`) just before or after the
+      llama-bench run of the pair or of ``ref`` (``bench_recs[label].data['load']`` {'before', 'after'}, recorded by
       harness.runners.sweep._run_bench; a record made before those existed falls back to the sweep's
       ``meta['load_start'/'load_end']``): tokens/s then measure the other work as much as the cache type. The 1-min
-      average lags, so a run is judged overloaded when either end is.
+      load average counts the sweep's own tools too (llama-bench and llama-perplexity run ``own_threads`` threads,
+      at most the CPU count), so other work is the load above those: overloaded when load_1min - min(own_threads,
+      cpus) > cpus / 2. A quiet 2-core machine running the sweep's 2 threads (load about 2-2.5) is judged; the
+      tryout's load 3.4-4.1 there is not. The 1-min average lags, so a run is judged overloaded when either end is.
 
     Returns 'not judged: <reasons>; <fixes>' (one line) or ''. Unrecorded loads are no reason."""
     why, fix = [], []
@@ -207,13 +210,14 @@ def speed_not_judged(row: dict, bench_recs: dict, meta: dict, ref: str = "q8_0/q
                                                                           meta.get("load_end") or {})
         cpus = _cpus(a, b)
         loads = [x.get("load_1min") for x in (a, b) if x.get("load_1min") is not None]
-        if cpus and loads and max(loads) > cpus:
+        if cpus and loads and max(loads) - min(max(own_threads, 0), cpus) > cpus / 2:
             when = "before / after its llama-bench run" if ld else "at the sweep's start / end"
             busy.append(f"{label} at 1-min load {a.get('load_1min', '?')} / {b.get('load_1min', '?')} {when} on {cpus} "
                         f"CPUs")
     if busy:
-        why.append(f"measured with the machine overloaded ({'; '.join(busy)}): other work shared the CPUs")
-        fix.append("on a quiet machine (1-min load at most the CPU count)")
+        why.append(f"measured with the machine overloaded ({'; '.join(busy)}; the sweep's own {own_threads} "
+                   f"threads explain at most {min(max(own_threads, 0), cpus)}): other work took over half the CPUs")
+        fix.append("on a quiet machine")
     return f"not judged: {'; '.join(why)}; rerun {' '.join(fix)}" if why else ""
 
 

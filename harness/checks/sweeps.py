@@ -288,7 +288,10 @@ def judge_sweep(result, rules: dict | None = None, traits: dict | None = None) -
                 if pp and ({k, v} & turbo_rule_types):
                     worst_r = min(pp, key=lambda r: r["ratio"])
                     thr = rules["speed"]["prefill_ratio_min"]
-                    not_judged = speed_not_judged(worst_r, result.bench, getattr(result, "meta", {}) or {})
+                    not_judged = speed_not_judged(worst_r, result.bench, getattr(result, "meta", {}) or {},
+                                                  own_threads=cfg.threads)
+                    if not_judged and placement and worst_r["ratio"] < thr:  # a CPU fallback, not noise: FAIL stays
+                        not_judged = ""
                     if not_judged:  # one repetition or an overloaded machine: neither PASS nor FAIL
                         vd, cav = Verdict.PARTIAL, f"{not_judged} (prefill {ratio_text(worst_r['ratio'])} q8_0)"
                         speed_unjudged.append(lab)

@@ -226,8 +226,8 @@ def usable_cpus() -> int | None:
 def machine_load() -> dict:
     """The machine's load now: {'load_1min', 'load_5min', 'load_15min' (os.getloadavg: runnable processes averaged over
     1/5/15 minutes), 'cpus' (os.cpu_count()), 'usable_cpus' (:func:`usable_cpus`)}; loads None where the OS has no load
-    average. A speed figure measured at a 1-min load above the usable CPUs shared them with other work: it is not
-    judged (harness.checks.sweep_rules.speed_not_judged)."""
+    average. A speed figure measured while other work took over half the CPUs is not judged
+    (harness.checks.sweep_rules.speed_not_judged)."""
     try:
         l1, l5, l15 = (round(x, 2) for x in os.getloadavg())
     except (OSError, AttributeError):
