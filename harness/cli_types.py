@@ -257,7 +257,11 @@ def check_output_dir(path: str | Path, own: Iterable[str], command: str, option:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise HarnessError(f"{option} {p} is a file: give a folder for the {command} output")
-    foreign = foreign_output(p, own)
+    try:
+        foreign = foreign_output(p, own)
+    except OSError as e:  # a folder this user may not list (PermissionError) is not one to write into
+        raise HarnessError(f"{option} {p} cannot be read ({e.strerror or e}): give a folder you can write for the "
+                           f"{command} output") from e
     if not foreign:
         return p
     if (p / "run.json").is_file():

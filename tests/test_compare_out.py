@@ -238,3 +238,17 @@ def test_scorecard_refuses_a_folder_given_twice(tmp_path, monkeypatch, second):
     line = _one_line(CliRunner().invoke(cli, ["scorecard", str(run), again[second], "--out", str(out)]))
     assert "given twice" in line
     assert not out.exists()
+
+
+def test_an_unreadable_out_folder_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """review 28b: foreign_output's PermissionError (a folder the user may not list) came out as a traceback."""
+    from harness import cli_types
+    from harness.errors import HarnessError
+    d = tmp_path / "locked"
+    d.mkdir()
+
+    def denied(p, own):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(cli_types, "foreign_output", denied)
+    with pytest.raises(HarnessError, match=r"--out .*locked cannot be read \(Permission denied\)"):
+        cli_types.check_output_dir(d, {"diff.md"}, "diff")

@@ -50,3 +50,11 @@ def test_the_projects_own_snapshot_readme_names_its_origin(tmp_path):
     text = (found[-1].parent / "README.md").read_text()
     snap = _with_readme(tmp_path, "\n".join(ln for ln in text.splitlines() if "sha256" not in ln))  # our toy's hash
     assert git_state(unpack(snap, tmp_path / "dest"))["remote"] == "TheTom/llama-cpp-turboquant"
+
+
+def test_a_readme_that_is_a_folder_names_no_origin(tmp_path):
+    """review 28b: a README* that is a folder (or unreadable) raised IsADirectoryError as a traceback."""
+    from harness.fork.snapshot import stated_origin
+    (tmp_path / "README.d").mkdir()
+    (tmp_path / "README.md").write_text("The source tree of TheTom/llama-cpp-turboquant at commit 69d8e4be4.\n")
+    assert stated_origin(tmp_path / "llama-cpp-turboquant-69d8e4be4.tar.xz") == "TheTom/llama-cpp-turboquant"

@@ -37,7 +37,11 @@ def stated_origin(snapshot: Path) -> str | None:
         return None
     pat = re.compile(r"((?:https?://[^\s/`'\"()<>]+/)?[A-Za-z0-9][\w.-]*/" + re.escape(name) + r")(?:\.git)?(?![\w-])")
     for readme in sorted(Path(snapshot).parent.glob("README*")):
-        m = pat.search(readme.read_text(errors="replace"))
+        try:
+            text = readme.read_text(errors="replace")
+        except OSError:  # a folder or an unreadable file named README*: it names nothing
+            continue
+        m = pat.search(text)
         if m:
             return public_url(m.group(1))
     return None
