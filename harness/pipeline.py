@@ -28,6 +28,13 @@ def load_run(run_dir: Path, log: Callable[[str], None] | None = None, fix: str |
     from harness.report.rejudge import rejudge, rejudge_line
     p = Path(run_dir) / "run.json"
     if not p.is_file():
+        from harness.runlock import LOCK_NAME, held_elsewhere
+        if (Path(run_dir) / LOCK_NAME).is_file():  # a run started here and has written no report (yet)
+            if held_elsewhere(run_dir):
+                raise HarnessError(f"{p} not found yet: a run is writing {run_dir} now (it holds the folder's lock); "
+                                   f"read it when that run has ended")
+            raise HarnessError(f"{p} not found: a run started in {run_dir} ended before it wrote any result (killed, "
+                               f"or stopped before its first job finished): nothing was measured; rerun the same command")
         raise HarnessError(f"{p} not found: give a run folder written by turbo-harness")
     from harness.report.model import NotAReport
     try:

@@ -45,6 +45,7 @@ done
 d="{d}"
 echo "ppl $ctk/$ctv" >> "$d/calls"
 echo "llama_model_load_from_file_impl: using device CUDA0 (fake) - 1000 MiB free" >&2  # where -ngl 99 put the model
+[ $kld = 0 ] && [ -f "$d/base.sh" ] && . "$d/base.sh"  # the f16 baseline's own snippet (it may signal the harness)
 if [ $kld = 0 ]; then echo logits > "$base"; sed "s/over [0-9]* chunks/over ${{chunks:-3}} chunks/" "{fix}/base_f16.stderr" >&2; exit 0; fi
 [ -f "$d/ppl_${{ctk}}_${{ctv}}.sh" ] && . "$d/ppl_${{ctk}}_${{ctv}}.sh"
 [ -f "$d/sleep_${{ctk}}_${{ctv}}" ] && sleep 30
@@ -298,6 +299,28 @@ def test_interrupted_sweep_writes_a_partial_report_marked_interrupted(fake, cli,
     junit = ET.fromstring((out / "junit.xml").read_text())
     assert any(s.get("name") == "INTERRUPTED" and int(s.get("errors")) == 4 for s in junit.iter("testsuite"))
     assert "SWEEP INTERRUPTED" in r.output
+
+
+def test_a_sweep_interrupted_during_its_f16_baseline_leaves_a_readable_report(fake, cli):
+    """tryout 28b: a Ctrl-C/SIGTERM while 'base f16/f16' ran left run.json with sections.sweep.base = null, which the
+    shape check refused ('is NoneType, not an object'): report, diff, sweep-compare and the rerun itself all exited 2,
+    so the folder could be neither read nor resumed. It now reads INTERRUPTED (exit 130) and the rerun finishes it."""
+    (fake.d / "base.sh").write_text("kill -INT $PPID\nsleep 30\n")
+    r = cli(fake.cli_args("f16/f16,q8_0/q8_0,turbo3/turbo3"))
+    assert r.exit_code == 130, r.output
+    out = _one_report(fake.tmp)
+    assert json.loads((out / "run.json").read_text())["sections"]["sweep"]["base"] is None
+    rep = CliRunner().invoke(cli_group(), ["report", str(out)])
+    assert rep.exit_code == 130 and "INTERRUPTED" in rep.output, rep.output
+    (fake.d / "base.sh").unlink()
+    again = cli(fake.cli_args("f16/f16,q8_0/q8_0,turbo3/turbo3"))
+    assert again.exit_code in (0, 1) and "INTERRUPTED" not in again.output, again.output
+    assert json.loads((out / "run.json").read_text())["interrupted"] is None
+
+
+def cli_group():
+    from harness.cli import cli as group
+    return group
 
 
 # ---------------------------------------------------------------- 5. metadata on a GPU

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from harness.cli import cli
@@ -175,3 +176,27 @@ def test_a_sweep_that_ends_without_its_own_report_puts_the_earlier_one_back(tmp_
     after = json.loads((d / "run.json").read_text())
     assert after["verdict"] == before["verdict"] == "FAIL" and after["interrupted"] is None
     assert load_run(d).exit_code() == 1
+
+
+def test_a_folder_a_killed_run_left_without_a_report_says_so(tmp_path):
+    """tryout 28b: a sweep killed (-9) in a new folder before its first job wrote nothing but the lock file, and
+    `report D` said 'run.json not found: give a run folder written by turbo-harness', as if D were the wrong folder."""
+    from harness import runlock
+    d = tmp_path / "killed"
+    d.mkdir()
+    (d / runlock.LOCK_NAME).write_text("")  # what the killed run left
+    r = CliRunner().invoke(cli, ["report", str(d)])
+    assert r.exit_code == 2 and "ended before it wrote any result" in r.output and "rerun the same command" in r.output
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)",
+                               str(d / runlock.LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:  # another live process holds the folder: a run still going, not a dead one
+        assert holder.stdout.readline().strip() == "held"
+        assert "being written by another turbo-harness run" in CliRunner().invoke(cli, ["report", str(d)]).output
+        from harness.errors import HarnessError
+        from harness.pipeline import load_run
+        with pytest.raises(HarnessError, match="a run is writing"):  # readers without the lock: diff, scorecard
+            load_run(d)
+    finally:
+        holder.kill()
+        holder.wait()

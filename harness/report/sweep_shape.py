@@ -11,6 +11,9 @@ import re
 # the parts of the section that are lists of row objects / plain objects (harness.checks.sweeps writes them)
 _ROW_LISTS = ("rows", "speed")
 _OBJECTS = ("pinned", "rules", "model", "base", "evidence")
+# of those, the ones a sweep stores as null while it has none yet: no model read (model), or a sweep stopped before
+# its f16 baseline finished (base; harness.checks.sweeps.judge_sweep starts both as None)
+_NULLABLE = ("model", "base")
 # row fields that hold numbers (PPL, KLD, their standard errors, percentages, MiB, bits, speed ratios and tokens/s,
 # counts): a number or null, never text; other fields are free
 _NUMERIC = re.compile(r"^(ppl|kld|ln_ppl|d_ln|same_top|dp_|tps|ratio)|(_se|_pct|_mib|_tps_d\d+|_ratio_d\d+|bits_.*|"
@@ -26,7 +29,7 @@ def check_sweep_section(sweep: object) -> None:
     if not isinstance(sweep, dict):
         raise ValueError(f"field 'sections.sweep' is {type(sweep).__name__}, not an object")
     for k in _OBJECTS:
-        if k in sweep and not isinstance(sweep[k], dict):
+        if k in sweep and not isinstance(sweep[k], dict) and not (sweep[k] is None and k in _NULLABLE):
             raise ValueError(f"field 'sections.sweep.{k}' is {type(sweep[k]).__name__}, not an object")
     if "notes" in sweep and not isinstance(sweep["notes"], list):
         raise ValueError(f"field 'sections.sweep.notes' is {type(sweep['notes']).__name__}, not a list")
