@@ -330,7 +330,9 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
             click.echo("\n" + run.sections[name]["markdown"])
     cr = run.checks[0]
     failed = f" ({result.jobs_failed} failed: never cached, a rerun runs them again)" if result.jobs_failed else ""
-    click.echo(f"SWEEP {cr.verdict.value}: {result.jobs_run} jobs run{failed}, {result.jobs_cached} cached, "
+    from harness.report.findings import gate_summary  # with --known, the gate's word as the exit code gives it
+    word = gate_summary(run) if (run.sections.get("known") or {}).get("gate") else cr.verdict.value
+    click.echo(f"SWEEP {word}: {result.jobs_run} jobs run{failed}, {result.jobs_cached} cached, "
                f"{result.seconds:.1f} s; report {paths['report.html']}")
     sys.exit(code)
 

@@ -263,6 +263,8 @@ def test_sweep_known_findings_file_gates_the_sweep(sw, tmp_path):
     known.write_text(accepted)  # the fixed finding is removed from the file: the gate is green
     code, out = sw.run(*args, "--known", str(known))
     assert code == 0 and "known-findings gate PASS" in out.splitlines()[0]
+    last = [ln for ln in out.splitlines() if ln.startswith("SWEEP ")][-1]  # the closing line agrees with the gate
+    assert last.startswith("SWEEP PASS (known-findings gate; 3 known findings)"), last
     md = (out_dir / "summary.md").read_text()
     assert md.count("- XFAIL") == 3 and "## Known findings" in md  # expected findings are shown, not hidden
 
