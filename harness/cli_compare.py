@@ -17,9 +17,10 @@ DIFF_FILES = ("diff.json", "diff.md", "diff.html", "junit.xml")
 SCORECARD_FILES = ("scorecard.json", "scorecard.md", "scorecard.html")
 
 
-def _out_dir(out: str | None, default: str, own: tuple[str, ...], command: str) -> Path:
-    """The folder to write: ``--out`` (checked while parsing, :class:`harness.cli_types.OutputDir`) or
-    ``reports/<default>``, checked the same way (new, empty, or only ``own`` files) and for being writable."""
+def comparison_dir(out: str | None, default: str, own: tuple[str, ...], command: str) -> Path:
+    """The folder a comparison (``diff``, ``scorecard``, ``sweep-compare``) writes: ``--out`` (checked while parsing,
+    :class:`harness.cli_types.OutputDir`) or ``reports/<default>``, checked the same way (new, empty, or only ``own``
+    files) and for being writable. Raises HarnessError (one line) otherwise."""
     from harness import usage
     from harness.cli import REPORTS
     from harness.cli_types import check_output_dir
@@ -57,7 +58,7 @@ def diff(base_run, new_run, out, fail_on):
         raise HarnessError(f"{b} and {n} are not the same kind of report (one is a sweep): diff a sweep with a sweep, "
                            f"a verify/check report with another")
     d = diff_runs(base, new, str(b), str(n), rules)
-    out_dir = _out_dir(out, f"diff-{base.run_id}-{new.run_id}", DIFF_FILES, "diff")
+    out_dir = comparison_dir(out, f"diff-{base.run_id}-{new.run_id}", DIFF_FILES, "diff")
     paths = write_diff(d, out_dir)
     click.echo(d.verdict_line())
     for note in d.notes:
@@ -81,13 +82,10 @@ def scorecard(run_dirs, out):
     dirs = [_run_dir(d, "RUN_DIR") for d in run_dirs]
     if not dirs:
         raise HarnessError("give one or more run folders (verify reports of the forks), e.g. reports/samples/cpu-verify")
-    seen: dict[Path, Path] = {}
-    for d in dirs:  # one run twice would be two identical rows (as a trailing slash, another path or a link too)
-        if d.resolve() in seen:
-            raise HarnessError(f"{d} is given twice (as {seen[d.resolve()]} before): give each run folder once")
-        seen[d.resolve()] = d
+    from harness.cli_types import distinct_folders
+    distinct_folders(dirs, "run folder")  # one run twice would be two identical rows
     sc = load_scorecard(dirs, log=lambda line: click.echo(line, err=True))
-    paths = write_scorecard(sc, _out_dir(out, "scorecard", SCORECARD_FILES, "scorecard"))
+    paths = write_scorecard(sc, comparison_dir(out, "scorecard", SCORECARD_FILES, "scorecard"))
     for r in sc.rows:
         click.echo(f"{r.verdict:<8} {r.fork}: {r.root}")
     click.echo(f"scorecard: {paths[1]} ({paths[2]})")

@@ -16,12 +16,10 @@ import click
 
 from harness.cli_types import CommaList, ReportDir, existing_dir
 from harness.errors import HarnessError
-from harness.fork import build as fb
 from harness.reference.turbo import TURBO_TYPES
 from harness.replay import (bisect_head, build_commit, git_subject, history_dir, load_catalogue, resolve,
                             run_bisect)
 
-REPORTS = Path(os.environ.get("TURBO_REPORTS", fb.REPO_ROOT / "reports"))
 
 
 def _route_names() -> list[str]:
@@ -106,6 +104,7 @@ def replay_commit(fork: Path, rev: str, checks: list[str], types: list[str], rou
     from harness.targets.fork import ForkTarget
     commit = resolve(fork, rev)
     one_tree = os.environ.get("TURBO_REPLAY_ONE_TREE") == "1" if one_tree is None else one_tree
+    from harness.cli import REPORTS  # TURBO_REPORTS, else the checkout's reports/ (as verify's)
     run_dir, previous = pipeline.prepare_run_dir(out or REPORTS / f"replay-{commit[:10]}-{time.strftime('%Y%m%d-%H%M%S')}",
                                                  "checks")
     src, bdir, meta = build_commit(fork, commit, targets=targets_for(checks, options), log=log, sanitize=sanitize,

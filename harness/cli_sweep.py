@@ -194,7 +194,7 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
           decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs, backends_spec, target):
     """Model-level sweep: PPL ± se, KL divergence vs an f16-cache baseline, top-1 agreement, KV memory
     and prefill/decode speed ratio to q8_0 for K/V cache-type pairs, with the fork's own tools."""
-    from harness.fork.build import REPO_ROOT, build_dir as default_build_dir, detect_backend, has_rpc as fb_has_rpc
+    from harness.fork.build import build_dir as default_build_dir, detect_backend, has_rpc as fb_has_rpc
     from harness.runners.inputs import default_corpus
     from harness.runners.models import resolve_model
     from harness.interrupt import Interrupted, acknowledge, interruptible
@@ -256,8 +256,8 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
         decode_depth_options(cfg, decode_prompts, decode_tokens, decode_prompt_tokens, kld_depths, depth_pairs)
         check_inputs(cfg, given=tuple(o for o, v in (("--depths", depths), ("--kld-depths", kld_depths)) if v is not None))
         run_id = time.strftime("sweep-%Y%m%d-%H%M%S")
-        run_dir, _ = pipeline.prepare_run_dir(Path(out_dir) if out_dir else
-                                             Path(os.environ.get("TURBO_REPORTS", REPO_ROOT / "reports")) / run_id, "sweep")
+        from harness.cli import REPORTS  # TURBO_REPORTS, else the checkout's reports/ (as verify's)
+        run_dir, _ = pipeline.prepare_run_dir(Path(out_dir) if out_dir else REPORTS / run_id, "sweep")
         from harness.sweep_inputs import keep_earlier_pairs
         kept = keep_earlier_pairs(run_dir, cfg, names)  # the earlier sweep's pairs stay in the report (same settings)
         if kept:
@@ -328,11 +328,9 @@ def sweep(model, corpus, ctx, chunks, pairs, ngl, depths, threads, reps, batch, 
     for name in ("decode", "depth"):  # their tables as summary.md has them
         if isinstance(run.sections.get(name), dict) and run.sections[name].get("markdown"):
             click.echo("\n" + run.sections[name]["markdown"])
-    cr = run.checks[0]
     failed = f" ({result.jobs_failed} failed: never cached, a rerun runs them again)" if result.jobs_failed else ""
     from harness.report.findings import gate_summary  # with --known, the gate's word as the exit code gives it
-    word = gate_summary(run) if (run.sections.get("known") or {}).get("gate") else cr.verdict.value
-    click.echo(f"SWEEP {word}: {result.jobs_run} jobs run{failed}, {result.jobs_cached} cached, "
+    click.echo(f"SWEEP {gate_summary(run)}: {result.jobs_run} jobs run{failed}, {result.jobs_cached} cached, "
                f"{result.seconds:.1f} s; report {paths['report.html']}")
     sys.exit(code)
 
@@ -350,20 +348,12 @@ def sweep_compare(run_dirs, out_dir):
     """Sweeps of several models side by side: one table per model (PPL, KLD, top-1, bits per real value, vs-q4_0
     verdicts, decode agreement) and KLD vs bits per real value with every pair, one line per model. Reads the
     run.json of each sweep report folder (e.g. reports/samples/sweep-cpu-smollm2 reports/samples/sweep-cpu-gemma3)."""
-    from harness import usage
-    from harness.fork.build import REPO_ROOT
     from harness.report.compare import compare_warnings, write_compare
     try:
-        seen = {}
-        for d in run_dirs:  # the same sweep twice compares nothing: said, not drawn as two models
-            if Path(d).resolve() in seen:
-                raise HarnessError(f"{d} is given twice (as {seen[Path(d).resolve()]} before): give each sweep report "
-                                   f"folder once")
-            seen[Path(d).resolve()] = d
-        from harness.cli_types import check_output_dir  # --out is checked while parsing; the default here
-        out = check_output_dir(Path(out_dir) if out_dir else REPO_ROOT / "reports" / time.strftime("compare-%Y%m%d-%H%M%S"),
-                               COMPARE_FILES, "sweep-compare")
-        out = usage.writable_dir(out, "--out")
+        from harness.cli_compare import comparison_dir
+        from harness.cli_types import distinct_folders
+        distinct_folders(run_dirs, "sweep report folder")  # the same sweep twice compares nothing
+        out = comparison_dir(out_dir, time.strftime("compare-%Y%m%d-%H%M%S"), COMPARE_FILES, "sweep-compare")
         md, png = write_compare(list(run_dirs), out)
         warns = compare_warnings(list(run_dirs))
     except HarnessError as e:

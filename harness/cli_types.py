@@ -293,3 +293,18 @@ class OutputDir(click.Path):
         except HarnessError as e:
             self.fail(_strip_option(str(e)), param, ctx)
         return value
+
+
+def distinct_folders(dirs: Iterable[str | Path], what: str) -> None:
+    """Refuse a folder given twice to a command that compares folders (``scorecard``, ``sweep-compare``): as the same
+    path, with a trailing slash, another relative path or through a link (compared resolved).
+
+    Raises:
+        HarnessError: '<dir> is given twice (as <first> before): give each <what> once' (exit 2 at the command line).
+    """
+    seen: dict[Path, str | Path] = {}
+    for d in dirs:
+        key = Path(d).resolve()
+        if key in seen:
+            raise HarnessError(f"{d} is given twice (as {seen[key]} before): give each {what} once")
+        seen[key] = d

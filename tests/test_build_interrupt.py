@@ -61,20 +61,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _start_build(env: dict, fork: Path, root: Path):
+    """`turbo-harness build` of the fake fork in its own session (so that a test can signal its whole group), once the
+    fake cmake has started (its pid file written, or 60 s): (process, pid file)."""
+    p = subprocess.Popen([sys.executable, "-c", "from harness.cli import main; main()", "build", "--fork-dir", str(fork),
+                          "--backend", "cpu", "--targets", "ggml"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pidfile = root / "cpu" / "fake-cmake.pid"
+    deadline = time.time() + 60
+    while not pidfile.is_file() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    return p, pidfile
+
+
 @pytest.mark.parametrize("sig,code,whom", [(signal.SIGINT, 130, "group"), (signal.SIGINT, 130, "harness"),
                                            (signal.SIGTERM, 143, "harness")])
 def test_signal_during_a_build_is_one_line_and_its_exit_code(fake, sig, code, whom):
     """'group' is Ctrl-C in a terminal (or `timeout -s INT`): the harness and the build tool get the signal;
     'harness' signals the harness alone, which must then stop the build tool itself."""
     env, fork, root = fake
-    p = subprocess.Popen([sys.executable, "-c", "from harness.cli import main; main()", "build", "--fork-dir", str(fork),
-                          "--backend", "cpu", "--targets", "ggml"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    pidfile = root / "cpu" / "fake-cmake.pid"
+    p, pidfile = _start_build(env, fork, root)
     try:
-        deadline = time.time() + 60
-        while not pidfile.is_file() and time.time() < deadline:
-            time.sleep(0.05)
         assert pidfile.is_file(), p.communicate(timeout=30)
         time.sleep(0.6)  # the tool has printed a few lines, the copying thread is writing the log
         os.killpg(p.pid, sig) if whom == "group" else p.send_signal(sig)
@@ -101,14 +108,8 @@ def test_the_folder_of_an_interrupted_build_is_built_again(fake, monkeypatch):
     """The interrupted folder is reused: the next build configures nothing again and finishes."""
     from harness.fork import build as fb
     env, fork, root = fake
-    p = subprocess.Popen([sys.executable, "-c", "from harness.cli import main; main()", "build", "--fork-dir", str(fork),
-                          "--backend", "cpu", "--targets", "ggml"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    pidfile = root / "cpu" / "fake-cmake.pid"
+    p, pidfile = _start_build(env, fork, root)
     try:
-        deadline = time.time() + 60
-        while not pidfile.is_file() and time.time() < deadline:
-            time.sleep(0.05)
         os.killpg(p.pid, signal.SIGINT)
         p.communicate(timeout=60)
     finally:

@@ -3,7 +3,6 @@
 given twice (item 4). Fixture runs are the committed samples (made by the CLI on fork 69d8e4be4) and edited copies."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -116,8 +115,8 @@ def test_own_file_names_are_what_the_commands_write():
 
 # ---- item 3: diff's like-for-like check covers every setting that changes a sweep cell's measurement
 
-def _sweep_copy(tmp: Path, name: str, edit) -> Path:
-    d = json.loads((SWEEP / "run.json").read_text())
+def _sweep_copy(tmp: Path, name: str, edit, src: Path = SWEEP) -> Path:
+    d = json.loads((src / "run.json").read_text())
     edit(d)
     out = tmp / name
     out.mkdir()
@@ -207,19 +206,11 @@ def test_the_recorded_settings_name_decode_and_depth(tmp_path):
 def test_cross_backend_sweeps_compare_their_sides_settings(tmp_path):
     """A cross-backend report keeps its settings per side (meta.sides): other ctx on a side is not like for like."""
     src = SAMPLES / "xbackend-cuda-h100-smollm2"
-
-    def copy_with(name, edit):
-        d = json.loads((src / "run.json").read_text())
-        edit(d)
-        out = tmp_path / name
-        out.mkdir()
-        write_json(Run.from_dict(d), out)
-        return out
-    a = copy_with("a", lambda d: None)
-    b = copy_with("b", lambda d: d["meta"]["sides"]["cuda"].update(ctx=256))
+    a = _sweep_copy(tmp_path, "a", lambda d: None, src)
+    b = _sweep_copy(tmp_path, "b", lambda d: d["meta"]["sides"]["cuda"].update(ctx=256), src)
     r = CliRunner().invoke(cli, ["diff", str(a), str(b), "--out", str(tmp_path / "d")])
     assert "NOT LIKE FOR LIKE" in r.output and "cuda.ctx 512 -> 256" in r.output, r.output
-    same = copy_with("c", lambda d: d["meta"]["sides"]["cuda"].update(build_dir="/elsewhere/cuda"))
+    same = _sweep_copy(tmp_path, "c", lambda d: d["meta"]["sides"]["cuda"].update(build_dir="/elsewhere/cuda"), src)
     r = CliRunner().invoke(cli, ["diff", str(a), str(same), "--out", str(tmp_path / "e")])
     assert "NOT LIKE FOR LIKE" not in r.output, r.output  # where the build lies is not a measurement setting
 

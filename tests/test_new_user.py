@@ -56,8 +56,11 @@ def sw(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog.\n" * 50)
     monkeypatch.setattr(S, "type_traits", lambda bdir: TRAITS)
-    # TURBO_REPORTS: a sweep without --out writes reports/sweep-<time> (here under tmp_path, not into the checkout)
-    env = {"TURBO_SWEEP_CACHE": str(tmp_path / "cache"), "TURBO_REPORTS": str(tmp_path / "reports")}
+    # a sweep without --out writes <REPORTS>/sweep-<time> (TURBO_REPORTS, read when harness.cli is imported):
+    # here under tmp_path, not into the checkout
+    import harness.cli as hc
+    monkeypatch.setattr(hc, "REPORTS", tmp_path / "reports")
+    env = {"TURBO_SWEEP_CACHE": str(tmp_path / "cache")}
 
     def run(*args, model_=model, corpus_=corpus):
         base = ["sweep", "--model", str(model_), "--corpus", str(corpus_), "--build-dir", str(bdir), "--backend", "cpu",
